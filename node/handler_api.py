@@ -1,0 +1,122 @@
+"""The handler interface and registry.
+
+A handler is a class registered by name with ``@register``. It declares what it accepts and
+its version, receives the study's series as loaded volumes (``node.volume.SeriesData``), and
+returns typed results (``node.results``). It never writes DICOM and never opens a socket.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from node.volume import SeriesData
+
+__all__ = [
+    "Handler",
+    "HandlerInput",
+    "HandlerRefusal",
+    "NoParams",
+    "Progress",
+    "register",
+    "get_handler",
+    "handler_names",
+    "discover",
+]
+
+Progress = Callable[[float, str], None]
+
+
+class HandlerRefusal(Exception):
+    """The input is not something this handler can answer for (e.g. a scout, an MR for a CT tool).
+
+    The job fails with this message and nothing is delivered: a clear refusal beats a wrong answer.
+    """
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(eq=False)
+class HandlerInput:
+    study_uid: str
+    series: list[SeriesData]  # a series-level rule gives one; a study-level rule all of the study's
+
+    @property
+    def primary(self) -> SeriesData:
+        return self.series[0]
+
+
+class Handler:
+    """Base class. Subclasses set the ClassVars and implement ``run``."""
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    description: ClassVar[str] = ""
+    modalities: ClassVar[frozenset[str]] = frozenset()  # empty: any modality
+    needs_volume: ClassVar[bool] = False  # True: refuse series that are not regular 3-D volumes
+    needs_pixels: ClassVar[bool] = True
+    Params: ClassVar[type[BaseModel]] = NoParams
+    # Provenance recorded in every result object (model name/version for AI handlers).
+    model_name: ClassVar[str | None] = None
+    model_version: ClassVar[str | None] = None
+
+    def __init__(self, params: BaseModel | dict | None = None) -> None:
+        self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
+
+    def check(self, inp: HandlerInput) -> None:
+        """Refuse input outside the declared scope, before any pixel work."""
+        for s in inp.series:
+            if self.modalities and s.modality not in self.modalities:
+                raise HandlerRefusal(
+                    f"{self.name} accepts {', '.join(sorted(self.modalities))}; series {s.series_uid} is {s.modality or 'unknown'}"
+                )
+            if self.needs_volume and s.volume is None:
+                raise HandlerRefusal(f"{self.name} needs a regular 3-D volume: {s.volume_error or 'no pixel data'}")
+
+    def run(self, inp: HandlerInput, progress: Progress) -> list:
+        raise NotImplementedError  # abstract: every registered handler overrides it
+
+
+_REGISTRY: dict[str, type[Handler]] = {}
+_discovered = False
+
+
+def register(cls: type[Handler]) -> type[Handler]:
+    """Class decorator: make a handler reachable by its ``name`` from rules."""
+    for attr in ("name", "version"):
+        if not isinstance(getattr(cls, attr, None), str):
+            raise TypeError(f"handler {cls.__name__} must define a string '{attr}'")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two handlers are named {cls.name!r}: {_REGISTRY[cls.name].__name__} and {cls.__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def discover() -> None:
+    """Import every module of the ``handlers`` package so their ``@register`` runs."""
+    global _discovered
+    if _discovered:
+        return
+    import handlers
+
+    for mod in pkgutil.iter_modules(handlers.__path__):
+        importlib.import_module(f"handlers.{mod.name}")
+    _discovered = True
+
+
+def get_handler(name: str) -> type[Handler]:
+    discover()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no handler named {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def handler_names() -> list[str]:
+    discover()
+    return sorted(_REGISTRY)

@@ -1,0 +1,257 @@
+"""Typed handler results.
+
+Handlers compute; the node does DICOM. A handler returns instances of the classes below and
+never builds a DICOM object itself. Like highdicom's constructors, each class validates its
+arguments when it is created, so a wrong result cannot reach an encoder: a mis-shaped label
+map, a unit that is not UCUM, an unknown segment label all raise ``ValueError`` naming the field.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from node.volume import Geometry
+
+__all__ = [
+    "Code",
+    "Segment",
+    "LabelMap",
+    "Measurement",
+    "MeasurementGroup",
+    "MeasurementReport",
+    "ImageSeries",
+    "TextFinding",
+    "Result",
+    "SCT",
+]
+
+SCT = "SCT"
+_UCUM_SIMPLE = re.compile(r"^[A-Za-z0-9%\[\]{}/.*^\-]+$")
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (value, scheme designator, meaning), e.g. Code("39607008", "SCT", "Lung")."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def __post_init__(self) -> None:
+        for name in ("value", "scheme", "meaning"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"Code.{name} must be a non-empty string, got {v!r}")
+        if len(self.value) > 64:
+            raise ValueError(f"Code.value longer than 64 characters: {self.value!r}")
+
+
+# RT ROI Interpreted Types (PS3.3 C.8.8.8) a handler may ask for.
+RT_ROI_TYPES = frozenset(
+    {"EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "BOLUS", "AVOIDANCE",
+     "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER", "CONTRAST_AGENT", "CAVITY", "SUPPORT",
+     "FIXATION", "DOSE_REGION", "CONTROL"}
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One labelled structure of a label map."""
+
+    label: int  # value in the label array (1..255)
+    name: str  # human-readable, used as SegmentLabel
+    category: Code  # SNOMED-CT segmented property category
+    type: Code  # SNOMED-CT segmented property type
+    tg263: str | None = None  # AAPM TG-263 structure name for RTSTRUCT, e.g. "Lung_L"
+    color: tuple[int, int, int] = (255, 0, 0)
+    rt_roi_type: str = "ORGAN"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.label, int) or not 1 <= self.label <= 255:
+            raise ValueError(f"Segment.label must be an int in 1..255, got {self.label!r}")
+        if not self.name or len(self.name) > 64:
+            raise ValueError(f"Segment.name must be 1..64 characters, got {self.name!r}")
+        if len(self.color) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.color):
+            raise ValueError(f"Segment.color must be three ints 0..255, got {self.color!r}")
+        if self.rt_roi_type not in RT_ROI_TYPES:
+            raise ValueError(f"Segment.rt_roi_type {self.rt_roi_type!r} is not an RT ROI Interpreted Type")
+        if self.tg263 is not None and not re.fullmatch(r"[A-Za-z0-9_^\-~]{1,16}", self.tg263):
+            raise ValueError(f"Segment.tg263 {self.tg263!r} is not a TG-263 style name (<=16 chars)")
+
+
+@dataclass(frozen=True, eq=False)
+class LabelMap:
+    """A label volume on exactly the source series' voxel grid.
+
+    ``labels`` is (slices, rows, columns), slices in the order of the source geometry
+    (``Volume.geometry``), values 0 (background) or a ``Segment.label``.
+    """
+
+    source_series_uid: str
+    geometry: Geometry
+    labels: np.ndarray
+    segments: tuple[Segment, ...]
+    description: str = "Segmentation"
+    # Which encodings the handler wants; the rule may narrow it.
+    encodings: tuple[str, ...] = ("SEG", "RTSTRUCT")
+    # Fractional (probability) maps: optional (segments, slices, rows, cols) float in [0, 1].
+    fractions: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, np.ndarray) or self.labels.ndim != 3:
+            raise ValueError("LabelMap.labels must be a 3-D numpy array (slices, rows, columns)")
+        if self.labels.shape != self.geometry.shape:
+            raise ValueError(
+                f"LabelMap.labels shape {self.labels.shape} differs from the source grid {self.geometry.shape}"
+            )
+        if not self.segments:
+            raise ValueError("LabelMap.segments is empty")
+        seen = [s.label for s in self.segments]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"LabelMap.segments has duplicate labels: {seen}")
+        if len({s.name for s in self.segments}) != len(self.segments):
+            raise ValueError("LabelMap.segments has duplicate names")
+        present = set(np.unique(self.labels).tolist()) - {0}
+        unknown = present - set(seen)
+        if unknown:
+            raise ValueError(f"LabelMap.labels holds values without a segment: {sorted(unknown)}")
+        bad = set(self.encodings) - {"SEG", "RTSTRUCT"}
+        if bad:
+            raise ValueError(f"LabelMap.encodings has unknown entries {sorted(bad)}")
+        if self.fractions is not None:
+            f = self.fractions
+            if f.shape != (len(self.segments), *self.labels.shape):
+                raise ValueError("LabelMap.fractions must be (segments, slices, rows, columns)")
+            if np.nanmin(f) < 0 or np.nanmax(f) > 1:
+                raise ValueError("LabelMap.fractions must lie in [0, 1]")
+        # Freeze the array: the encoders and the node may share it across threads.
+        self.labels.setflags(write=False)
+
+    def segment(self, label: int) -> Segment:
+        for s in self.segments:
+            if s.label == label:
+                return s
+        raise KeyError(label)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One numeric measurement. ``name`` is looked up in the handler's SR template."""
+
+    name: str
+    value: float
+    unit: str  # UCUM, e.g. "ml", "mm", "mm3", "[hnsf'U]", "1"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("Measurement.name is empty")
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool) or not math.isfinite(self.value):
+            raise ValueError(f"Measurement {self.name!r}: value must be a finite number, got {self.value!r}")
+        if not self.unit or not (_UCUM_SIMPLE.match(self.unit) or self.unit == "[hnsf'U]"):
+            raise ValueError(f"Measurement {self.name!r}: unit {self.unit!r} is not a UCUM code")
+
+
+@dataclass(frozen=True)
+class MeasurementGroup:
+    """Measurements of one finding (a structure or a lesion), TID 1411/1410 style."""
+
+    tracking_id: str  # human-readable tracking identifier, e.g. "Lung_L"
+    finding: str  # template key of the finding (e.g. "lung_left")
+    measurements: tuple[Measurement, ...]
+    segment_label: int | None = None  # references a Segment of a LabelMap in the same result set
+    qualitative: tuple[tuple[str, str], ...] = ()  # (template key of concept, template key of value)
+
+    def __post_init__(self) -> None:
+        if not self.tracking_id or len(self.tracking_id) > 64:
+            raise ValueError(f"MeasurementGroup.tracking_id must be 1..64 characters, got {self.tracking_id!r}")
+        if not self.measurements and not self.qualitative:
+            raise ValueError(f"MeasurementGroup {self.tracking_id!r} has nothing to report")
+
+
+@dataclass(frozen=True)
+class MeasurementReport:
+    """A TID 1500 measurement report; ``template`` names a file in ``sr_templates/``."""
+
+    source_series_uid: str
+    template: str
+    groups: tuple[MeasurementGroup, ...]
+    title: str = "Imaging Measurement Report"
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise ValueError("MeasurementReport.groups is empty")
+        ids = [g.tracking_id for g in self.groups]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"MeasurementReport has duplicate tracking ids: {ids}")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSeries:
+    """Rendered images for a Secondary Capture series.
+
+    ``frames`` is (n, rows, cols) uint8 monochrome or (n, rows, cols, 3) uint8 RGB.
+    ``multiframe`` stores one multi-frame instance (cine); otherwise one instance per frame.
+    """
+
+    source_series_uid: str
+    description: str
+    frames: np.ndarray
+    burned_in_annotation: bool = True
+    multiframe: bool = False
+    pixel_spacing_mm: tuple[float, float] | None = None  # nominal, for scale information
+    frame_labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        f = self.frames
+        if not isinstance(f, np.ndarray) or f.dtype != np.uint8:
+            raise ValueError("ImageSeries.frames must be a uint8 numpy array")
+        if not (f.ndim == 3 or (f.ndim == 4 and f.shape[-1] == 3)):
+            raise ValueError(f"ImageSeries.frames must be (n, rows, cols) or (n, rows, cols, 3), got {f.shape}")
+        if f.shape[0] < 1:
+            raise ValueError("ImageSeries.frames holds no frame")
+        if not self.description or len(self.description) > 64:
+            raise ValueError(f"ImageSeries.description must be 1..64 characters, got {self.description!r}")
+        if self.frame_labels and len(self.frame_labels) != f.shape[0]:
+            raise ValueError("ImageSeries.frame_labels must have one entry per frame")
+
+    @property
+    def rgb(self) -> bool:
+        return self.frames.ndim == 4
+
+
+@dataclass(frozen=True)
+class TextFinding:
+    """A free-text finding, reported in the SR."""
+
+    text: str
+    source_series_uid: str
+
+    def __post_init__(self) -> None:
+        if not self.text.strip():
+            raise ValueError("TextFinding.text is empty")
+
+
+Result = LabelMap | MeasurementReport | ImageSeries | TextFinding
+
+
+@dataclass
+class ResultSet:
+    """What one handler run returned, checked as a whole (references between results)."""
+
+    items: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        labels = {s.label for r in self.items if isinstance(r, LabelMap) for s in r.segments}
+        for r in self.items:
+            if not isinstance(r, (LabelMap, MeasurementReport, ImageSeries, TextFinding)):
+                raise TypeError(f"handler returned {type(r).__name__}, not a node.results type")
+            if isinstance(r, MeasurementReport):
+                for g in r.groups:
+                    if g.segment_label is not None and g.segment_label not in labels:
+                        raise ValueError(
+                            f"MeasurementGroup {g.tracking_id!r} references segment {g.segment_label} "
+                            "that no LabelMap in the result defines"
+                        )

@@ -1,0 +1,233 @@
+"""Series geometry and volume loading.
+
+Slices are sorted by their position along the slice normal (never by file name or
+InstanceNumber), the way a viewer or a TPS does. ``Geometry`` maps voxel indices to patient
+coordinates (DICOM LPS, millimetres); it is what handlers, encoders and renderers share.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+__all__ = ["Geometry", "Volume", "SeriesData", "GeometryError", "sort_by_geometry", "load_series"]
+
+
+class GeometryError(ValueError):
+    """The series is not a regular 3-D volume (missing plane attributes, gaps, mixed orientation)."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a (slices, rows, columns) array.
+
+    ``origin``: patient position (mm) of voxel (0, 0, 0), i.e. ImagePositionPatient of the first slice.
+    ``spacing``: (column spacing, row spacing, slice spacing) in mm, i.e. (x, y, z) of the index axes.
+    ``direction``: 3x3, columns are the patient-space unit vectors of the index axes i (along a row),
+    j (down a column) and k (slice to slice) — the SimpleITK convention.
+    """
+
+    shape: tuple[int, int, int]
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major 3x3
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"Geometry.shape must be three positive ints, got {self.shape}")
+        if min(self.spacing) <= 0:
+            raise ValueError(f"Geometry.spacing must be positive, got {self.spacing}")
+        if len(self.direction) != 9:
+            raise ValueError("Geometry.direction must have 9 values")
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @property
+    def row_direction(self) -> np.ndarray:
+        return self.matrix[:, 0]
+
+    @property
+    def column_direction(self) -> np.ndarray:
+        return self.matrix[:, 1]
+
+    @property
+    def normal(self) -> np.ndarray:
+        return self.matrix[:, 2]
+
+    def index_to_patient(self, kji: np.ndarray | Sequence[float]) -> np.ndarray:
+        """(..., 3) array of (k, j, i) = (slice, row, column) indices → (..., 3) LPS mm."""
+        kji = np.asarray(kji, dtype=float)
+        ijk = kji[..., ::-1] * np.asarray(self.spacing)
+        return np.asarray(self.origin) + ijk @ self.matrix.T
+
+    def patient_to_index(self, xyz: np.ndarray | Sequence[float]) -> np.ndarray:
+        """(..., 3) LPS mm → (..., 3) fractional (k, j, i) indices."""
+        xyz = np.asarray(xyz, dtype=float) - np.asarray(self.origin)
+        ijk = (xyz @ self.matrix) / np.asarray(self.spacing)
+        return ijk[..., ::-1]
+
+    def slice_position(self, k: int) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self.index_to_patient((k, 0, 0)))
+
+    @property
+    def image_orientation(self) -> list[float]:
+        return [float(v) for v in (*self.row_direction, *self.column_direction)]
+
+    def to_sitk(self, array: np.ndarray):
+        """A SimpleITK image of ``array`` (slices, rows, columns) on this grid."""
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(array)
+        img.SetOrigin(self.origin)
+        img.SetSpacing(self.spacing)
+        img.SetDirection(self.direction)
+        return img
+
+
+@dataclass(eq=False)
+class Volume:
+    """Pixel data of a series on its ``geometry``: (slices, rows, columns), rescale applied (HU for CT)."""
+
+    array: np.ndarray
+    geometry: Geometry
+
+    def __post_init__(self) -> None:
+        if self.array.shape != self.geometry.shape:
+            raise ValueError(f"Volume array {self.array.shape} does not match geometry {self.geometry.shape}")
+
+
+@dataclass(eq=False)
+class SeriesData:
+    """One series as a handler sees it: headers sorted by geometry, and the volume where it is one."""
+
+    series_uid: str
+    modality: str
+    datasets: list[Dataset]  # headers only (no PixelData), sorted like the volume's slices
+    volume: Volume | None = None  # None for single images or non-volumetric series
+    images: list[np.ndarray] = field(default_factory=list)  # 2-D frames when not a volume
+    volume_error: str | None = None  # why the series is not a volume, when it is not
+
+    @property
+    def first(self) -> Dataset:
+        return self.datasets[0]
+
+    @property
+    def description(self) -> str:
+        return str(self.first.get("SeriesDescription", "") or "")
+
+
+def _plane(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=float)
+        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=float)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise GeometryError(f"instance {ds.get('SOPInstanceUID', '?')} lacks a usable Image Plane module: {exc}")
+    if iop.shape != (6,) or ipp.shape != (3,):
+        raise GeometryError("ImageOrientationPatient/ImagePositionPatient have the wrong number of values")
+    return iop, ipp
+
+
+def sort_by_geometry(datasets: Sequence[Dataset], tolerance: float = 0.05) -> tuple[list[Dataset], Geometry]:
+    """Sort single-frame slices along their normal and derive the grid.
+
+    Raises GeometryError when the slices do not form a regular volume: mixed orientation or
+    size, duplicate positions, or spacing varying by more than ``tolerance`` (relative).
+    """
+    if len(datasets) < 2:
+        raise GeometryError("fewer than two slices: not a volume")
+    iop0, _ = _plane(datasets[0])
+    row, col = iop0[:3], iop0[3:]
+    normal = np.cross(row, col)
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise GeometryError("ImageOrientationPatient is not two orthonormal vectors")
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    keyed = []
+    for ds in datasets:
+        iop, ipp = _plane(ds)
+        if not np.allclose(iop, iop0, atol=1e-4):
+            raise GeometryError("slices have different orientations")
+        if int(ds.Rows) != rows or int(ds.Columns) != cols:
+            raise GeometryError("slices have different matrix sizes")
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise GeometryError("multi-frame instances are not supported as slices")
+        keyed.append((float(ipp @ normal), ipp, ds))
+    keyed.sort(key=lambda t: t[0])
+    pos = np.array([k[0] for k in keyed])
+    gaps = np.diff(pos)
+    if np.any(gaps < 1e-3):
+        raise GeometryError("two or more slices share a position")
+    dz = float(np.median(gaps))
+    if np.max(np.abs(gaps - dz)) > tolerance * dz:
+        raise GeometryError(
+            f"irregular slice spacing: {gaps.min():.3f}..{gaps.max():.3f} mm (tolerance {tolerance:.0%})"
+        )
+    # Slices must lie along the normal (no gantry tilt / shear).
+    first_ipp = keyed[0][1]
+    for p, ipp, _ in keyed:
+        off = (ipp - first_ipp) - normal * (p - keyed[0][0])
+        if np.linalg.norm(off) > max(0.01, tolerance * dz):
+            raise GeometryError("slice positions are sheared (gantry tilt): not a regular volume")
+    ps = [float(v) for v in datasets[0].PixelSpacing]  # (row spacing, column spacing)
+    direction = np.column_stack([row, col, normal])
+    geom = Geometry(
+        shape=(len(keyed), rows, cols),
+        origin=tuple(float(v) for v in first_ipp),
+        spacing=(ps[1], ps[0], dz),
+        direction=tuple(float(v) for v in direction.ravel()),
+    )
+    return [k[2] for k in keyed], geom
+
+
+def _rescaled(ds: Dataset) -> np.ndarray:
+    arr = ds.pixel_array
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope == 1 and intercept == 0:
+        return arr
+    if slope.is_integer() and intercept.is_integer():
+        return arr.astype(np.int32) * int(slope) + int(intercept)
+    return (arr * slope + intercept).astype(np.float32)
+
+
+def load_series(paths: Sequence[str | Path], with_pixels: bool = True) -> SeriesData:
+    """Load one series from Part 10 files: headers sorted by geometry plus the volume.
+
+    A series that is not a regular volume still loads: ``volume`` is None, ``volume_error``
+    says why, and ``images`` holds its frames, so a handler can refuse with that reason.
+    """
+    full = [pydicom.dcmread(str(p)) for p in paths]
+    if not full:
+        raise ValueError("no instances")
+    uid = str(full[0].SeriesInstanceUID)
+    modality = str(full[0].get("Modality", ""))
+    try:
+        ordered, geom = sort_by_geometry(full)
+        error = None
+    except GeometryError as exc:
+        ordered, geom, error = sorted(full, key=lambda d: int(d.get("InstanceNumber", 0) or 0)), None, str(exc)
+    volume = None
+    images: list[np.ndarray] = []
+    if with_pixels:
+        if geom is not None:
+            slices = [_rescaled(ds) for ds in ordered]
+            integral = all(np.issubdtype(s.dtype, np.integer) for s in slices)
+            dtype = np.int16 if integral and all(s.min() >= -32768 and s.max() <= 32767 for s in slices) else np.float32
+            arr = np.empty(geom.shape, dtype=dtype)
+            for k, s in enumerate(slices):
+                arr[k] = s
+            volume = Volume(arr, geom)
+        else:
+            images = [_rescaled(ds) for ds in ordered if "PixelData" in ds]
+    headers = []
+    for ds in ordered:
+        if "PixelData" in ds:
+            del ds.PixelData
+        headers.append(ds)
+    return SeriesData(series_uid=uid, modality=modality, datasets=headers, volume=volume, images=images,
+                      volume_error=error)
