@@ -1,0 +1,143 @@
+"""Typed node configuration.
+
+Sources, later ones winning: embedded defaults < YAML file (``--config``) < ``HILUM_*``
+environment variables < command-line options. Validated once at start-up; an error names the
+field (``destinations.tps.port: Input should be less than or equal to 65535``).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+def _check_ae(v: str) -> str:
+    if not AE_RE.match(v) or "\\" in v or not v.strip():
+        raise ValueError(f"{v!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return v.strip()
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AllowedCaller(Strict):
+    ae_title: str
+    host: str | None = None  # optional source address the AE must come from
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.ip_address(v)
+        return v
+
+
+class DimseDestination(Strict):
+    """A DICOM peer receiving results by C-STORE (e.g. a treatment planning system)."""
+
+    type: Literal["dimse"] = "dimse"
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None  # defaults to the node's AE title
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+
+class ExternalOrthanc(Strict):
+    url: str
+    username: str | None = None
+    password: str | None = None
+
+
+class Settings(Strict):
+    data_dir: Path = Path("./var")
+    ae_title: str = "HILUM"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(11112, ge=1, le=65535)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(8080, ge=0, le=65535)
+    orthanc_http_port: int = Field(8042, ge=1, le=65535)
+    orthanc_dicom_port: int = Field(4242, ge=1, le=65535)
+    orthanc_dicom_enabled: bool = False  # Orthanc 1.10 cannot bind DICOM to loopback: off unless asked
+    external_orthanc: ExternalOrthanc | None = None
+    rules_dir: Path = Path("./rules")
+    stable_after: float = Field(30.0, gt=0, le=86400)
+    allowed_callers: list[AllowedCaller] = []  # empty: accept any calling AE (logged loudly)
+    destinations: dict[str, DimseDestination] = {}
+    store_originals_in_orthanc: bool = True
+    min_free_disk_mb: int = Field(1024, ge=0)
+    workers: int = Field(1, ge=1, le=64)
+    handler_timeout_s: float = Field(1800.0, gt=0)
+    handler_memory_mb: int = Field(8192, ge=256)
+    delivery_max_attempts: int = Field(6, ge=1, le=100)
+    delivery_backoff_s: float = Field(5.0, gt=0)
+    delivery_backoff_max_s: float = Field(900.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @model_validator(mode="after")
+    def _names(self) -> "Settings":
+        if "orthanc" in self.destinations:
+            raise ValueError("destinations: 'orthanc' is reserved for the node's archive")
+        for name in self.destinations:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+                raise ValueError(f"destinations: name {name!r} must be lowercase letters, digits, '-' or '_'")
+        return self
+
+    @property
+    def destination_names(self) -> set[str]:
+        return {"orthanc", *self.destinations}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_ENV_PREFIX = "HILUM_"
+
+
+def _env_values() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, field in Settings.model_fields.items():
+        raw = os.environ.get(_ENV_PREFIX + key.upper())
+        if raw is None:
+            continue
+        # Structured fields come as YAML/JSON in the variable; scalars as plain strings
+        # (pydantic parses "true"/"false", so no string booleans leak into the code).
+        out[key] = yaml.safe_load(raw) if field.annotation not in (str, Path) else raw
+    return out
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build validated Settings; raises ConfigError whose message names each bad field."""
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file}: top level must be a mapping")
+        values.update(loaded)
+    values.update(_env_values())
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"{loc}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,141 @@
+"""Destinations: where instances go. One class per destination type, registered by config type.
+
+Each ``send`` takes a batch of Part 10 files and returns the set of SOP Instance UIDs the peer
+accepted; anything else raises or is left out, and the delivery loop retries it with backoff.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pynetdicom import AE, build_context
+
+from node.archive.orthanc import ArchiveEndpoint
+from node.config import DimseDestination
+
+log = logging.getLogger("hilum.deliver")
+
+
+@dataclass(frozen=True)
+class Item:
+    sop_uid: str
+    path: str
+    kind: str  # result | original
+
+
+class DeliveryError(Exception):
+    pass
+
+
+class Destination:
+    type: ClassVar[str]
+
+    def send(self, items: list[Item]) -> set[str]:
+        raise NotImplementedError  # abstract
+
+
+_TYPES: dict[str, type[Destination]] = {}
+
+
+def destination_type(name: str) -> Callable[[type[Destination]], type[Destination]]:
+    """``@destination_type("dimse")``: a pluggable destination (mercure's target registry, typed)."""
+
+    def deco(cls: type[Destination]) -> type[Destination]:
+        cls.type = name
+        _TYPES[name] = cls
+        return cls
+
+    return deco
+
+
+@destination_type("orthanc")
+class OrthancDestination(Destination):
+    """The node's archive. Originals: raw bytes to Orthanc's REST API (no re-encoding).
+    Results: DICOMweb STOW-RS into their study."""
+
+    def __init__(self, endpoint: ArchiveEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def _stow_client(self) -> DICOMwebClient:
+        session = requests.Session()
+        if self.endpoint.auth:
+            session.auth = self.endpoint.auth
+        return DICOMwebClient(url=self.endpoint.dicomweb_url, session=session)
+
+    def send(self, items: list[Item]) -> set[str]:
+        ok: set[str] = set()
+        originals = [i for i in items if i.kind == "original"]
+        results = [i for i in items if i.kind != "original"]
+        if originals:
+            with self.endpoint.client(timeout=120) as c:
+                for it in originals:
+                    r = c.post("/instances", content=Path(it.path).read_bytes(),
+                               headers={"Content-Type": "application/dicom"})
+                    if r.status_code != 200:
+                        raise DeliveryError(f"Orthanc refused {it.sop_uid}: HTTP {r.status_code} {r.text[:200]}")
+                    ok.add(it.sop_uid)
+        if results:
+            by_study: dict[str, list[pydicom.Dataset]] = {}
+            for it in results:
+                ds = pydicom.dcmread(it.path)
+                by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
+            client = self._stow_client()
+            for study_uid, datasets in by_study.items():
+                try:
+                    resp = client.store_instances(datasets=datasets, study_instance_uid=study_uid)
+                except requests.RequestException as exc:
+                    raise DeliveryError(f"STOW-RS to Orthanc failed: {exc}") from exc
+                stored = {str(r.ReferencedSOPInstanceUID) for r in resp.get("ReferencedSOPSequence", [])}
+                failed = {str(r.ReferencedSOPInstanceUID) for r in resp.get("FailedSOPSequence", [])}
+                if failed:
+                    log.error("STOW-RS refused %d instance(s) of study %s", len(failed), study_uid)
+                ok |= stored - failed
+        return ok
+
+
+@destination_type("dimse")
+class DimseStoreDestination(Destination):
+    """A DICOM peer (e.g. a TPS) by C-STORE, one association per batch, files sent as stored."""
+
+    def __init__(self, cfg: DimseDestination, local_ae: str) -> None:
+        self.cfg = cfg
+        self.local_ae = cfg.calling_ae_title or local_ae
+
+    def send(self, items: list[Item]) -> set[str]:
+        datasets = [(it, pydicom.dcmread(it.path)) for it in items]
+        contexts: dict[tuple[str, str], None] = {}
+        for _, ds in datasets:
+            contexts[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))] = None
+        ae = AE(ae_title=self.local_ae)
+        # One context per (SOP class, transfer syntax): files go as stored, never transcoded.
+        ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in list(contexts)[:128]]
+        assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title)
+        if not assoc.is_established:
+            raise DeliveryError(f"association to {self.cfg.ae_title}@{self.cfg.host}:{self.cfg.port} failed")
+        ok: set[str] = set()
+        try:
+            for it, ds in datasets:
+                status = assoc.send_c_store(ds)
+                code = getattr(status, "Status", None)
+                if code in (0x0000, 0xB000, 0xB007, 0xB006):
+                    ok.add(it.sop_uid)
+                else:
+                    log.error("C-STORE of %s to %s: status %s", it.sop_uid, self.cfg.ae_title,
+                              f"0x{code:04X}" if code is not None else "none (connection lost)")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return ok
+
+
+def build_destinations(endpoint: ArchiveEndpoint, configured: dict[str, DimseDestination],
+                       local_ae: str) -> dict[str, Destination]:
+    out: dict[str, Destination] = {"orthanc": _TYPES["orthanc"](endpoint)}
+    for name, cfg in configured.items():
+        out[name] = _TYPES[cfg.type](cfg, local_ae)
+    return out

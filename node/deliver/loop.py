@@ -1,0 +1,86 @@
+"""The delivery stage: durable delivery records → destinations, with retries and backoff.
+
+The loop sleeps until the earliest due delivery or until woken (a job finished, an admin
+retried), so nothing polls the file system and nothing is held only in memory: a restart finds
+every pending delivery in the index and resumes it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+
+from node.config import Settings
+from node.deliver.destinations import Destination, Item
+from node.store.index import Index
+
+log = logging.getLogger("hilum.deliver")
+
+
+class DeliveryLoop:
+    def __init__(self, settings: Settings, index: Index, destinations: dict[str, Destination]) -> None:
+        self.settings = settings
+        self.index = index
+        self.destinations = destinations
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - the loop must survive anything; the index keeps the state
+                log.exception("delivery loop error")
+            nxt = self.index.next_delivery_at()
+            delay = 5.0 if nxt is None else max(0.0, min(5.0, nxt - time.time()))
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def run_once(self) -> int:
+        due = self.index.due_deliveries(time.time())
+        groups: dict[str, list] = defaultdict(list)
+        for row in due:
+            groups[row["destination"]].append(row)
+        sent = 0
+        for dest_name, rows in groups.items():
+            if self._stop.is_set():
+                break
+            dest = self.destinations.get(dest_name)
+            ids = [r["id"] for r in rows]
+            if dest is None:
+                self._failed(ids, f"destination {dest_name!r} is not configured")
+                continue
+            items = [Item(r["sop_uid"], r["path"], r["kind"]) for r in rows]
+            try:
+                ok = dest.send(items)
+            except Exception as exc:  # noqa: BLE001 - any peer failure becomes a retry
+                log.warning("delivery to %s failed (%d items): %s", dest_name, len(items), exc)
+                self._failed(ids, str(exc) or type(exc).__name__)
+                continue
+            done = [r["id"] for r in rows if r["sop_uid"] in ok]
+            missing = [r["id"] for r in rows if r["sop_uid"] not in ok]
+            if done:
+                self.index.delivered(done)
+                sent += len(done)
+                log.info("delivered %d instance(s) to %s", len(done), dest_name,
+                         extra={"study_uid": rows[0]["study_uid"]})
+            if missing:
+                self._failed(missing, f"{dest_name} did not accept the instance")
+        return sent
+
+    def _failed(self, ids: list[int], error: str) -> None:
+        s = self.settings
+        self.index.delivery_failed(ids, error, s.delivery_max_attempts, s.delivery_backoff_s, s.delivery_backoff_max_s)

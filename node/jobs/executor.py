@@ -1,0 +1,157 @@
+"""The job stage: durable job records → handler runs in separate worker processes.
+
+``LocalProcessExecutor`` is the embedded default: ``workers`` long-lived processes (spawned,
+never forked from a threaded parent), each with a memory cap. Workers are reused so a model
+session loads once per worker, not once per study. A job that raises fails with the reason;
+one that exceeds its timeout or kills its worker fails too, the worker is replaced, and the
+SCP keeps serving. A distributed backend implements the same ``Executor`` interface.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import threading
+import time
+from typing import Callable
+
+from node.config import Settings
+from node.jobs.worker import JobSpec, worker_main
+from node.store.index import Index
+
+log = logging.getLogger("hilum.jobs")
+
+
+class Executor:
+    def start(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class _Worker:
+    def __init__(self, ctx, memory_mb: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, memory_mb), daemon=True, name="hilum-worker")
+        self.proc.start()
+        child.close()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+
+class LocalProcessExecutor(Executor):
+    def __init__(self, settings: Settings, index: Index, on_done: Callable[[], None]) -> None:
+        self.settings = settings
+        self.index = index
+        self.on_done = on_done
+        self._ctx = mp.get_context("spawn")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._workers: list[_Worker | None] = [None] * settings.workers
+
+    def start(self) -> None:
+        n = self.index.requeue_running()
+        if n:
+            log.warning("%d job(s) were running when the node stopped: queued again", n)
+        for slot in range(self.settings.workers):
+            t = threading.Thread(target=self._slot, args=(slot,), name=f"job-slot-{slot}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for w in self._workers:
+            if w is not None:
+                w.kill()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def _slot(self, slot: int) -> None:
+        while not self._stop.is_set():
+            job = self.index.claim_job()
+            if job is None:
+                self._wake.wait(2.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(slot, job)
+            except Exception as exc:  # noqa: BLE001 - a bookkeeping error fails the job, not the slot
+                log.exception("job %s: executor error", job["id"])
+                self.index.fail_job(job["id"], f"executor error: {exc}")
+
+    def _worker(self, slot: int) -> _Worker:
+        w = self._workers[slot]
+        if w is None or not w.proc.is_alive():
+            w = _Worker(self._ctx, self.settings.handler_memory_mb)
+            self._workers[slot] = w
+        return w
+
+    def _spec(self, job) -> JobSpec:
+        series = {}
+        if job["series_uid"]:
+            series[job["series_uid"]] = self.index.instance_paths(job["series_uid"])
+        else:
+            for s in self.index.series_of_study(job["study_uid"]):
+                series[s["series_uid"]] = self.index.instance_paths(s["series_uid"])
+        return JobSpec(
+            job_id=job["id"], job_key=job["job_key"], study_uid=job["study_uid"], rule=job["rule"],
+            handler=job["handler"], params=json.loads(job["params_json"]), series=series,
+            results_dir=str(self.settings.data_dir / "results"),
+        )
+
+    def _run(self, slot: int, job) -> None:
+        job_id = job["id"]
+        timeout = job["timeout_s"] or self.settings.handler_timeout_s
+        spec = self._spec(job)
+        w = self._worker(slot)
+        log.info("job %d: %s on %s (rule %s)", job_id, job["handler"], job["series_uid"] or "study",
+                 job["rule"], extra={"study_uid": job["study_uid"], "job": job_id})
+        w.conn.send(spec)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                w.kill()
+                self._workers[slot] = None
+                self.index.fail_job(job_id, f"timed out after {timeout:.0f} s (worker killed)")
+                return
+            if self._stop.is_set():
+                return  # left 'running': re-queued at the next start
+            if not w.conn.poll(min(left, 1.0)):
+                if not w.proc.is_alive():
+                    code = w.proc.exitcode
+                    self._workers[slot] = None
+                    why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                    self.index.fail_job(job_id, f"worker process died ({why}); memory cap "
+                                                f"{self.settings.handler_memory_mb} MB")
+                    return
+                continue
+            try:
+                kind, *payload = w.conn.recv()
+            except (EOFError, OSError):
+                continue  # the liveness check above reports the death
+            if kind == "progress":
+                self.index.job_progress(job_id, payload[0], payload[1])
+            elif kind == "error":
+                self.index.fail_job(job_id, payload[0])
+                log.warning("job %d failed: %s", job_id, payload[0].splitlines()[0],
+                            extra={"study_uid": job["study_uid"], "job": job_id})
+                return
+            elif kind == "done":
+                results = payload[0]
+                dests = json.loads(job["destinations_json"])
+                self.index.finish_job(job_id, results, [(r["sop_instance_uid"], d) for r in results for d in dests])
+                log.info("job %d done: %d result(s) → %s", job_id, len(results), ", ".join(dests) or "nowhere",
+                         extra={"study_uid": job["study_uid"], "job": job_id})
+                self.on_done()
+                return

@@ -1,0 +1,128 @@
+"""Stability and routing: complete studies → rule evaluation → durable jobs.
+
+A study is complete when no instance has arrived for ``stable_after`` seconds (persisted
+``last_at``), or when an admin forces it. Completion and routing are two idempotent steps keyed
+on the study's *generation*: a crash between them just routes at the next pass, and a job's key
+(rule, study, series, handler, generation) makes a second pass create nothing twice. Instances
+that arrive after routing bump the generation: the study is routed again once stable, and the
+job history says why.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+from pydicom import Dataset
+
+from node.config import Settings
+from node.rules.facts import SeriesFacts, StudyFacts
+from node.store.index import Index
+
+log = logging.getLogger("hilum.route")
+
+
+def job_key(rule: str, study_uid: str, series_uid: str | None, handler: str, generation: int) -> str:
+    raw = json.dumps([rule, study_uid, series_uid or "", handler, generation])
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def series_facts(row) -> SeriesFacts:
+    """Rule facts of a series from its index row (its first instance's header, arrival data)."""
+    header = json.loads(row["header_json"] or "{}")
+    try:
+        ds = Dataset.from_json(header)
+    except Exception:  # noqa: BLE001 - an unrepresentable header still routes on the indexed columns
+        ds = Dataset()
+    for kw, col in (("Modality", "modality"), ("SeriesDescription", "description")):
+        if kw not in ds and row[col]:
+            setattr(ds, kw, row[col])
+    return SeriesFacts.from_dataset(
+        ds, instance_count=row["instances"], calling_ae=row["calling_ae"] or "", called_ae=row["called_ae"] or "",
+        source_ip=row["source_ip"] or "", arrived_at=datetime.fromtimestamp(row["first_at"], timezone.utc),
+        study_uid=row["study_uid"], series_uid=row["series_uid"],
+    )
+
+
+class Router:
+    def __init__(self, settings: Settings, index: Index, rules: Callable[[], object],
+                 on_jobs: Callable[[], None], on_deliveries: Callable[[], None]) -> None:
+        self.settings = settings
+        self.index = index
+        self.rules = rules  # returns the active RuleSet (hot-reloaded by the rules service)
+        self.on_jobs = on_jobs
+        self.on_deliveries = on_deliveries
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stability-router", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        # The check is a query on an indexed column, once a second: cheap, and it needs no
+        # in-memory timers that a restart would forget.
+        while not self._stop.wait(min(1.0, self.settings.stable_after / 4)):
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - keep routing; the index keeps the state
+                log.exception("stability/routing pass failed")
+
+    def run_once(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        for st in self.index.due_studies(now, self.settings.stable_after):
+            if self.index.mark_stable(st["study_uid"], st["generation"], now):
+                log.info("study complete (%d instances)", st["instances"], extra={"study_uid": st["study_uid"]})
+        created = 0
+        for st in self.index.unrouted_studies():
+            created += self.route_study(st)
+        return created
+
+    def route_study(self, st) -> int:
+        study_uid, gen = st["study_uid"], st["generation"]
+        ruleset = self.rules()
+        series_rows = self.index.series_of_study(study_uid)
+        note = "study complete" if gen == 0 else f"re-run: instances arrived after processing (generation {gen})"
+        created = 0
+        facts = {}
+        for row in series_rows:
+            facts[row["series_uid"]] = series_facts(row)
+            if self.settings.store_originals_in_orthanc:
+                self.index.add_original_deliveries(study_uid, row["series_uid"], ["orthanc"])
+        actions = []
+        for row in series_rows:
+            for a in ruleset.match_series(facts[row["series_uid"]]):
+                actions.append((a, row["series_uid"]))
+        for a in ruleset.match_study(StudyFacts(series=list(facts.values()))):
+            actions.append((a, None))
+        for a, series_uid in actions:
+            if a.forward_originals:
+                for dest in a.destinations:
+                    if dest == "orthanc" and self.settings.store_originals_in_orthanc:
+                        continue
+                    for row in series_rows:
+                        if series_uid is None or row["series_uid"] == series_uid:
+                            self.index.add_original_deliveries(study_uid, row["series_uid"], [dest])
+            if a.handler is None:
+                continue
+            jid = self.index.add_job(
+                job_key=job_key(a.rule, study_uid, series_uid, a.handler, gen), study_uid=study_uid,
+                series_uid=series_uid, level=a.level, rule=a.rule, handler=a.handler, params=dict(a.params),
+                destinations=list(a.destinations), priority=a.priority, timeout_s=a.timeout, generation=gen,
+                note=note,
+            )
+            if jid is not None:
+                created += 1
+                log.info("job %d: rule %s → %s", jid, a.rule, a.handler, extra={"study_uid": study_uid})
+        self.index.mark_routed(study_uid, gen)
+        if created:
+            self.on_jobs()
+        self.on_deliveries()
+        return created

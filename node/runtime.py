@@ -1,0 +1,97 @@
+"""One running node: the stages wired in their one-way order.
+
+SCP → spool/index → stability/router → jobs (worker processes) → encoders → delivery.
+Each stage gets what it needs passed in (no global singletons); the only backward edges are
+wake-ups, so a stage reacts at once instead of waiting for its next pass.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import httpx
+
+from node.archive.orthanc import ArchiveEndpoint, ManagedOrthanc, archive_endpoint
+from node.config import Settings
+from node.deliver.destinations import build_destinations
+from node.deliver.loop import DeliveryLoop
+from node.handler_api import get_handler
+from node.jobs.executor import LocalProcessExecutor
+from node.receive.ingest import Ingest
+from node.receive.scp import StoreSCP
+from node.receive.spool import Spool
+from node.route.router import Router
+from node.rules.service import RulesService
+from node.store.index import Index
+
+log = logging.getLogger("hilum.node")
+
+
+def open_index(settings: Settings) -> Index:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Index(settings.data_dir / "index.db")
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.index = open_index(settings)
+        self.spool = Spool(settings.data_dir)
+        self.managed: ManagedOrthanc | None = None if settings.external_orthanc else ManagedOrthanc(settings)
+        self.archive: ArchiveEndpoint = self.managed.endpoint if self.managed else archive_endpoint(settings)
+        self.rules = RulesService(settings.rules_dir, settings.data_dir / "rules-history",
+                                  handlers=get_handler, destinations=settings.destination_names)
+        self.ingest = Ingest(self.index, self.spool)
+        self.scp = StoreSCP(settings, self.ingest)
+        self.delivery = DeliveryLoop(settings, self.index,
+                                     build_destinations(self.archive, settings.destinations, settings.ae_title))
+        self.executor = LocalProcessExecutor(settings, self.index, on_done=self.delivery.wake)
+        self.router = Router(settings, self.index, rules=self.rules.current, on_jobs=self.executor.wake,
+                             on_deliveries=self.delivery.wake)
+        self.http_client: httpx.AsyncClient | None = None
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        leftovers = self.spool.remove_empty_tmp()
+        if leftovers:
+            log.warning("removed %d partial file(s) left by an interrupted write", leftovers)
+        if self.managed:
+            self.managed.start()
+        self.http_client = httpx.AsyncClient(auth=self.archive.auth, timeout=httpx.Timeout(120, connect=5))
+        self.delivery.start()
+        self.executor.start()
+        self.router.start()
+        self.scp.start()  # last: accept data only once every later stage is ready
+        self._started.set()
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight C-STOREs finish, leave jobs/deliveries durable, stop Orthanc."""
+        log.info("shutting down")
+        self.scp.stop()
+        self.ingest.close()
+        self.router.stop()
+        self.executor.stop()
+        self.delivery.stop()
+        if self.managed:
+            self.managed.stop()
+        self.index.close()
+
+    def archive_alive(self) -> bool:
+        try:
+            with self.archive.client(timeout=2) as c:
+                return c.get("/system").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def retry_job(self, job_id: int, who: str) -> dict:
+        """Re-run a failed job, or re-send the failed deliveries of a finished one."""
+        job = self.index.job(job_id)
+        if job is None:
+            raise KeyError(f"job {job_id} not found")
+        if job["status"] == "failed":
+            self.index.retry_job(job_id, who)
+            self.executor.wake()
+            return {"job": job_id, "action": "job re-queued"}
+        n = self.index.retry_deliveries(job_id=job_id)
+        self.delivery.wake()
+        return {"job": job_id, "action": f"{n} failed deliveries re-queued"}

@@ -1,0 +1,490 @@
+"""The node's index: studies, series, instances, jobs, results, deliveries, tokens.
+
+SQLite in WAL mode. Every SQL statement of the node lives in this module, behind the ``Index``
+methods, so that a PostgreSQL backend for multi-node sites replaces this one file. Each thread
+gets its own connection; SQLite serialises writers, ``busy_timeout`` absorbs contention.
+Timestamps are persisted epoch seconds: stability decisions survive a restart.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE stats (key TEXT PRIMARY KEY, value INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE studies (
+        study_uid TEXT PRIMARY KEY,
+        patient_id TEXT, patient_name TEXT, study_date TEXT, accession TEXT, description TEXT,
+        first_at REAL NOT NULL, last_at REAL NOT NULL,
+        instances INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'receiving',   -- receiving | stable
+        generation INTEGER NOT NULL DEFAULT 0,     -- bumped when instances arrive after routing
+        stable_at REAL, force_complete INTEGER NOT NULL DEFAULT 0,
+        routed_generation INTEGER NOT NULL DEFAULT -1  -- last generation the router has handled
+    );
+    CREATE INDEX studies_state ON studies(state, last_at);
+    CREATE TABLE series (
+        series_uid TEXT PRIMARY KEY,
+        study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+        modality TEXT, description TEXT, number TEXT,
+        header_json TEXT NOT NULL,                 -- DICOM JSON of the first instance, no bulk data
+        calling_ae TEXT, called_ae TEXT, source_ip TEXT,
+        first_at REAL NOT NULL, last_at REAL NOT NULL,
+        instances INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'receiving',
+        generation INTEGER NOT NULL DEFAULT 0,
+        stable_at REAL
+    );
+    CREATE INDEX series_study ON series(study_uid);
+    CREATE INDEX series_state ON series(state, last_at);
+    CREATE TABLE instances (
+        sop_uid TEXT PRIMARY KEY,
+        series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
+        sop_class_uid TEXT, transfer_syntax TEXT,
+        path TEXT NOT NULL, size INTEGER NOT NULL, received_at REAL NOT NULL
+    );
+    CREATE INDEX instances_series ON instances(series_uid);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_key TEXT NOT NULL UNIQUE,
+        study_uid TEXT NOT NULL, series_uid TEXT, level TEXT NOT NULL,
+        rule TEXT NOT NULL, handler TEXT NOT NULL, params_json TEXT NOT NULL,
+        destinations_json TEXT NOT NULL, priority TEXT NOT NULL, timeout_s REAL,
+        generation INTEGER NOT NULL,
+        status TEXT NOT NULL,                      -- pending | running | done | failed | retrying
+        progress REAL NOT NULL DEFAULT 0, message TEXT, error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        history_json TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL, started_at REAL, finished_at REAL
+    );
+    CREATE INDEX jobs_status ON jobs(status, id);
+    CREATE INDEX jobs_study ON jobs(study_uid);
+    CREATE TABLE results (
+        sop_uid TEXT PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        sop_class_uid TEXT NOT NULL, series_uid TEXT NOT NULL, modality TEXT NOT NULL,
+        path TEXT NOT NULL
+    );
+    CREATE INDEX results_job ON results(job_id);
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,                        -- result | original
+        job_id INTEGER, study_uid TEXT NOT NULL, sop_uid TEXT NOT NULL, path TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        status TEXT NOT NULL,                      -- pending | delivered | failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL, last_error TEXT, delivered_at REAL,
+        UNIQUE (kind, sop_uid, destination)
+    );
+    CREATE INDEX deliveries_due ON deliveries(status, next_at);
+    CREATE TABLE tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        token_hash TEXT NOT NULL UNIQUE, role TEXT NOT NULL, label TEXT, created_at REAL NOT NULL
+    );
+    """,
+]
+
+TERMINAL_JOB = ("done", "failed")
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    received_at: float
+    header_json: str  # stored on the series row when this is its first instance
+    modality: str
+    series_description: str
+    series_number: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    accession: str
+    study_description: str
+    calling_ae: str
+    called_ae: str
+    source_ip: str
+
+
+class Index:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._local = threading.local()
+        self.migrate()
+
+    # -- connections -----------------------------------------------------------------------
+    def conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            c.row_factory = sqlite3.Row
+            c.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before C-STORE Success goes back (durability contract).
+            c.execute("PRAGMA synchronous=FULL")
+            c.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = c
+        return c
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
+
+    def tx(self, immediate: bool = False) -> "_Tx":
+        return _Tx(self.conn(), immediate)
+
+    def migrate(self) -> None:
+        c = self.conn()
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.tx():
+                for stmt in script.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(f"PRAGMA user_version={i}")
+
+    # -- stats ----------------------------------------------------------------------------
+    def bump(self, key: str, n: int = 1) -> None:
+        self.conn().execute(
+            "INSERT INTO stats(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + ?",
+            (key, n, n),
+        )
+
+    def stat(self, key: str) -> int:
+        row = self.conn().execute("SELECT value FROM stats WHERE key=?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- ingest ---------------------------------------------------------------------------
+    def has_instance(self, sop_uid: str) -> bool:
+        return self.conn().execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone() is not None
+
+    def add_instances(self, rows: Iterable[InstanceRow]) -> list[bool]:
+        """Insert a batch in ONE transaction (group commit). Returns, per row, False for a duplicate."""
+        out = []
+        c = self.conn()
+        with self.tx():
+            for r in rows:
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?)",
+                    (r.sop_uid, r.series_uid, r.study_uid, r.sop_class_uid, r.transfer_syntax, r.path, r.size,
+                     r.received_at),
+                )
+                if cur.rowcount == 0:
+                    out.append(False)
+                    c.execute(
+                        "INSERT INTO stats(key, value) VALUES ('duplicates', 1) "
+                        "ON CONFLICT(key) DO UPDATE SET value = value + 1"
+                    )
+                    continue
+                out.append(True)
+                # A late instance re-opens a stable study/series: a new generation will be routed.
+                c.execute(
+                    """INSERT INTO studies(study_uid, patient_id, patient_name, study_date, accession, description,
+                                           first_at, last_at, instances)
+                       VALUES (?,?,?,?,?,?,?,?,1)
+                       ON CONFLICT(study_uid) DO UPDATE SET last_at=excluded.last_at, instances=instances+1,
+                           generation = generation + (state='stable'), state='receiving', force_complete=0""",
+                    (r.study_uid, r.patient_id, r.patient_name, r.study_date, r.accession, r.study_description,
+                     r.received_at, r.received_at),
+                )
+                c.execute(
+                    """INSERT INTO series(series_uid, study_uid, modality, description, number, header_json,
+                                          calling_ae, called_ae, source_ip, first_at, last_at, instances)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?,1)
+                       ON CONFLICT(series_uid) DO UPDATE SET last_at=excluded.last_at, instances=instances+1,
+                           generation = generation + (state='stable'), state='receiving'""",
+                    (r.series_uid, r.study_uid, r.modality, r.series_description, r.series_number, r.header_json,
+                     r.calling_ae, r.called_ae, r.source_ip, r.received_at, r.received_at),
+                )
+        return out
+
+    def instance_paths(self, series_uid: str) -> list[str]:
+        rows = self.conn().execute("SELECT path FROM instances WHERE series_uid=? ORDER BY sop_uid", (series_uid,))
+        return [r[0] for r in rows]
+
+    def instances_of_study(self, study_uid: str) -> list[sqlite3.Row]:
+        return self.conn().execute("SELECT * FROM instances WHERE study_uid=?", (study_uid,)).fetchall()
+
+    # -- stability ------------------------------------------------------------------------
+    def due_studies(self, now: float, stable_after: float) -> list[sqlite3.Row]:
+        return self.conn().execute(
+            "SELECT * FROM studies WHERE state='receiving' AND (last_at <= ? OR force_complete=1)",
+            (now - stable_after,),
+        ).fetchall()
+
+    def mark_stable(self, study_uid: str, generation: int, now: float) -> bool:
+        """Mark a study and its series stable, unless an instance arrived meanwhile (generation changed)."""
+        c = self.conn()
+        with self.tx():
+            cur = c.execute(
+                "UPDATE studies SET state='stable', stable_at=? WHERE study_uid=? AND state='receiving' "
+                "AND generation=?",
+                (now, study_uid, generation),
+            )
+            if cur.rowcount == 0:
+                return False
+            c.execute("UPDATE series SET state='stable', stable_at=? WHERE study_uid=? AND state='receiving'",
+                      (now, study_uid))
+        return True
+
+    def unrouted_studies(self) -> list[sqlite3.Row]:
+        return self.conn().execute(
+            "SELECT * FROM studies WHERE state='stable' AND routed_generation < generation"
+        ).fetchall()
+
+    def mark_routed(self, study_uid: str, generation: int) -> None:
+        self.conn().execute("UPDATE studies SET routed_generation=? WHERE study_uid=? AND routed_generation < ?",
+                            (generation, study_uid, generation))
+
+    def force_complete(self, study_uid: str) -> bool:
+        cur = self.conn().execute("UPDATE studies SET force_complete=1 WHERE study_uid=?", (study_uid,))
+        return cur.rowcount > 0
+
+    def study(self, study_uid: str) -> sqlite3.Row | None:
+        return self.conn().execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+
+    def studies(self, limit: int, offset: int) -> list[sqlite3.Row]:
+        return self.conn().execute(
+            "SELECT * FROM studies ORDER BY last_at DESC LIMIT ? OFFSET ?", (limit, offset)
+        ).fetchall()
+
+    def count_studies(self) -> int:
+        return self.conn().execute("SELECT COUNT(*) FROM studies").fetchone()[0]
+
+    def series_of_study(self, study_uid: str) -> list[sqlite3.Row]:
+        return self.conn().execute(
+            "SELECT * FROM series WHERE study_uid=? ORDER BY first_at", (study_uid,)
+        ).fetchall()
+
+    def all_series(self, since: float = 0.0) -> Iterator[sqlite3.Row]:
+        yield from self.conn().execute("SELECT * FROM series WHERE first_at >= ? ORDER BY first_at", (since,))
+
+    # -- jobs -----------------------------------------------------------------------------
+    def add_job(self, *, job_key: str, study_uid: str, series_uid: str | None, level: str, rule: str,
+                handler: str, params: dict, destinations: list[str], priority: str, timeout_s: float | None,
+                generation: int, note: str) -> int | None:
+        """Create a job unless one with the same key exists (idempotent routing). Returns its id or None."""
+        now = time.time()
+        cur = self.conn().execute(
+            """INSERT OR IGNORE INTO jobs(job_key, study_uid, series_uid, level, rule, handler, params_json,
+                   destinations_json, priority, timeout_s, generation, status, history_json, created_at)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,'pending',?,?)""",
+            (job_key, study_uid, series_uid, level, rule, handler, json.dumps(params), json.dumps(destinations),
+             priority, timeout_s, generation, json.dumps([{"at": now, "event": "created", "note": note}]), now),
+        )
+        return cur.lastrowid if cur.rowcount else None
+
+    def claim_job(self) -> sqlite3.Row | None:
+        """Atomically take the next pending job (urgent first, then FIFO)."""
+        c = self.conn()
+        with self.tx(immediate=True):
+            row = c.execute(
+                """SELECT * FROM jobs WHERE status IN ('pending', 'retrying')
+                   ORDER BY CASE priority WHEN 'urgent' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END, id LIMIT 1"""
+            ).fetchone()
+            if row is None:
+                return None
+            c.execute(
+                "UPDATE jobs SET status='running', started_at=?, attempts=attempts+1, progress=0, message=NULL "
+                "WHERE id=?",
+                (time.time(), row["id"]),
+            )
+        return self.job(row["id"])
+
+    def job(self, job_id: int) -> sqlite3.Row | None:
+        return self.conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+
+    def jobs(self, status: str | None = None, study_uid: str | None = None, limit: int = 200) -> list[sqlite3.Row]:
+        q, args = "SELECT * FROM jobs WHERE 1=1", []
+        if status:
+            q += " AND status=?"
+            args.append(status)
+        if study_uid:
+            q += " AND study_uid=?"
+            args.append(study_uid)
+        q += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return self.conn().execute(q, args).fetchall()
+
+    def count_jobs(self, statuses: tuple[str, ...]) -> int:
+        marks = ",".join("?" * len(statuses))
+        return self.conn().execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({marks})", statuses).fetchone()[0]
+
+    def job_progress(self, job_id: int, fraction: float, message: str) -> None:
+        self.conn().execute("UPDATE jobs SET progress=?, message=? WHERE id=?", (fraction, message[:500], job_id))
+
+    def _history(self, job_id: int, event: dict) -> str:
+        row = self.conn().execute("SELECT history_json FROM jobs WHERE id=?", (job_id,)).fetchone()
+        hist = json.loads(row[0]) if row else []
+        hist.append({"at": time.time(), **event})
+        return json.dumps(hist)
+
+    def finish_job(self, job_id: int, results: list[dict], deliveries: list[tuple[str, str]]) -> None:
+        """Record results and their deliveries and mark the job done, in one transaction.
+
+        ``deliveries`` is [(sop_uid, destination)] for the results.
+        """
+        c = self.conn()
+        now = time.time()
+        with self.tx(immediate=True):
+            job = self.job(job_id)
+            for r in results:
+                c.execute(
+                    "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?)",
+                    (r["sop_instance_uid"], job_id, r["sop_class_uid"], r["series_instance_uid"], r["modality"],
+                     r["path"]),
+                )
+            paths = {r["sop_instance_uid"]: r["path"] for r in results}
+            for sop_uid, dest in deliveries:
+                c.execute(
+                    """INSERT INTO deliveries(kind, job_id, study_uid, sop_uid, path, destination, status, next_at)
+                       VALUES ('result', ?, ?, ?, ?, ?, 'pending', ?)
+                       ON CONFLICT(kind, sop_uid, destination) DO UPDATE SET status='pending', attempts=0,
+                           next_at=excluded.next_at, path=excluded.path, job_id=excluded.job_id""",
+                    (job_id, job["study_uid"], sop_uid, paths[sop_uid], dest, now),
+                )
+            c.execute(
+                "UPDATE jobs SET status='done', progress=1, finished_at=?, error=NULL, history_json=? WHERE id=?",
+                (now, self._history(job_id, {"event": "done", "results": len(results)}), job_id),
+            )
+
+    def fail_job(self, job_id: int, error: str) -> None:
+        c = self.conn()
+        with self.tx(immediate=True):
+            c.execute(
+                "UPDATE jobs SET status='failed', finished_at=?, error=?, history_json=? WHERE id=?",
+                (time.time(), error[:4000], self._history(job_id, {"event": "failed", "error": error[:4000]}), job_id),
+            )
+
+    def retry_job(self, job_id: int, who: str) -> bool:
+        c = self.conn()
+        with self.tx(immediate=True):
+            row = self.job(job_id)
+            if row is None or row["status"] not in TERMINAL_JOB:
+                return False
+            c.execute(
+                "UPDATE jobs SET status='retrying', error=NULL, history_json=? WHERE id=?",
+                (self._history(job_id, {"event": "retry", "by": who}), job_id),
+            )
+        return True
+
+    def requeue_running(self) -> int:
+        """Jobs that were running when the node died go back to the queue."""
+        c = self.conn()
+        with self.tx(immediate=True):
+            rows = c.execute("SELECT id FROM jobs WHERE status='running'").fetchall()
+            for r in rows:
+                c.execute(
+                    "UPDATE jobs SET status='retrying', history_json=? WHERE id=?",
+                    (self._history(r[0], {"event": "requeued after restart"}), r[0]),
+                )
+        return len(rows)
+
+    def results_of_job(self, job_id: int) -> list[sqlite3.Row]:
+        return self.conn().execute("SELECT * FROM results WHERE job_id=? ORDER BY sop_uid", (job_id,)).fetchall()
+
+    # -- deliveries -----------------------------------------------------------------------
+    def add_original_deliveries(self, study_uid: str, series_uid: str, destinations: list[str]) -> int:
+        now = time.time()
+        c = self.conn()
+        n = 0
+        with self.tx(immediate=True):
+            for dest in destinations:
+                cur = c.execute(
+                    """INSERT OR IGNORE INTO deliveries(kind, study_uid, sop_uid, path, destination, status, next_at)
+                       SELECT 'original', study_uid, sop_uid, path, ?, 'pending', ? FROM instances
+                       WHERE series_uid=?""",
+                    (dest, now, series_uid),
+                )
+                n += cur.rowcount
+        return n
+
+    def due_deliveries(self, now: float, limit: int = 500) -> list[sqlite3.Row]:
+        return self.conn().execute(
+            "SELECT * FROM deliveries WHERE status='pending' AND next_at <= ? ORDER BY next_at, id LIMIT ?",
+            (now, limit),
+        ).fetchall()
+
+    def next_delivery_at(self) -> float | None:
+        row = self.conn().execute("SELECT MIN(next_at) FROM deliveries WHERE status='pending'").fetchone()
+        return row[0]
+
+    def delivered(self, ids: list[int]) -> None:
+        now = time.time()
+        with self.tx():
+            self.conn().executemany(
+                "UPDATE deliveries SET status='delivered', delivered_at=?, last_error=NULL, attempts=attempts+1 "
+                "WHERE id=?",
+                [(now, i) for i in ids],
+            )
+
+    def delivery_failed(self, ids: list[int], error: str, max_attempts: int, backoff: float, backoff_max: float) -> None:
+        """Schedule a retry with exponential backoff, or mark failed after the last attempt."""
+        now = time.time()
+        c = self.conn()
+        with self.tx():
+            for i in ids:
+                row = c.execute("SELECT attempts FROM deliveries WHERE id=?", (i,)).fetchone()
+                attempts = row[0] + 1
+                if attempts >= max_attempts:
+                    c.execute("UPDATE deliveries SET status='failed', attempts=?, last_error=? WHERE id=?",
+                              (attempts, error[:2000], i))
+                else:
+                    delay = min(backoff_max, backoff * 2 ** (attempts - 1))
+                    c.execute("UPDATE deliveries SET attempts=?, last_error=?, next_at=? WHERE id=?",
+                              (attempts, error[:2000], now + delay, i))
+
+    def retry_deliveries(self, *, job_id: int | None = None, delivery_id: int | None = None) -> int:
+        q = "UPDATE deliveries SET status='pending', attempts=0, next_at=? WHERE status='failed'"
+        args: list[Any] = [time.time()]
+        if job_id is not None:
+            q += " AND job_id=?"
+            args.append(job_id)
+        if delivery_id is not None:
+            q += " AND id=?"
+            args.append(delivery_id)
+        return self.conn().execute(q, args).rowcount
+
+    def deliveries_of_job(self, job_id: int) -> list[sqlite3.Row]:
+        return self.conn().execute("SELECT * FROM deliveries WHERE job_id=?", (job_id,)).fetchall()
+
+    def count_deliveries(self, status: str) -> int:
+        return self.conn().execute("SELECT COUNT(*) FROM deliveries WHERE status=?", (status,)).fetchone()[0]
+
+    # -- tokens ---------------------------------------------------------------------------
+    def add_token(self, token_hash: str, role: str, label: str | None) -> int:
+        return self.conn().execute(
+            "INSERT INTO tokens(token_hash, role, label, created_at) VALUES (?,?,?,?)",
+            (token_hash, role, label, time.time()),
+        ).lastrowid
+
+    def token_role(self, token_hash: str) -> str | None:
+        row = self.conn().execute("SELECT role FROM tokens WHERE token_hash=?", (token_hash,)).fetchone()
+        return row[0] if row else None
+
+
+class _Tx:
+    """BEGIN/COMMIT around a block; ROLLBACK on error. ``immediate`` takes the write lock up front."""
+
+    def __init__(self, conn: sqlite3.Connection, immediate: bool = False) -> None:
+        self.c, self.immediate = conn, immediate
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.c.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+        return self.c
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.c.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,34 @@
+"""JSON views of index rows, shared by the API routers and `hilum status`."""
+from __future__ import annotations
+
+import json
+
+from node.store.index import Index
+
+
+def study_summary(row) -> dict:
+    return {
+        "study_uid": row["study_uid"], "patient_id": row["patient_id"], "patient_name": row["patient_name"],
+        "study_date": row["study_date"], "accession": row["accession"], "description": row["description"],
+        "instances_received": row["instances"], "stable": row["state"] == "stable",
+        "first_received": row["first_at"], "last_received": row["last_at"], "generation": row["generation"],
+    }
+
+
+def job_view(index: Index, job) -> dict:
+    deliveries: dict[str, dict[str, str]] = {}
+    for d in index.deliveries_of_job(job["id"]):
+        deliveries.setdefault(d["sop_uid"], {})[d["destination"]] = d["status"]
+    return {
+        "id": job["id"], "rule": job["rule"], "handler": job["handler"], "status": job["status"],
+        "error": job["error"], "study_uid": job["study_uid"], "series_uid": job["series_uid"],
+        "progress": job["progress"], "message": job["message"], "attempts": job["attempts"],
+        "created_at": job["created_at"], "finished_at": job["finished_at"],
+        "history": json.loads(job["history_json"]),
+        "results": [
+            {"sop_class_uid": r["sop_class_uid"], "sop_instance_uid": r["sop_uid"],
+             "series_instance_uid": r["series_uid"], "modality": r["modality"],
+             "deliveries": deliveries.get(r["sop_uid"], {})}
+            for r in index.results_of_job(job["id"])
+        ],
+    }

@@ -1,0 +1,178 @@
+"""The receive stage with real peers: DCMTK storescu/echoscu and pynetdicom SCUs against the SCP."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from node.config import load_settings
+from node.receive.ingest import Ingest
+from node.receive.scp import StoreSCP
+from node.receive.spool import Spool
+from node.store.index import Index
+from tests.nodeproc import DCMTK_ENV, free_port
+
+
+def make_ct(path: Path | None, rows: int = 64, study: str | None = None, series: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "TEST^RECEIVE", "R1", "CT"
+    ds.Rows = ds.Columns = rows
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = np.random.default_rng(0).integers(0, 4000, (rows, rows), dtype=np.uint16).tobytes()
+    if path is not None:
+        ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+@pytest.fixture
+def scp(tmp_path):
+    def start(data_dir: Path, **kw):
+        settings = load_settings(**{"data_dir": data_dir, "dicom_host": "127.0.0.1", "dicom_port": free_port(),
+                                    "min_free_disk_mb": 0, **kw})
+        data_dir.mkdir(parents=True, exist_ok=True)
+        index = Index(data_dir / "index.db")
+        ingest = Ingest(index, Spool(data_dir))
+        server = StoreSCP(settings, ingest)
+        server.start()
+        started.append((server, ingest))
+        return settings, index
+
+    started: list = []
+    yield start
+    for server, ingest in started:
+        server.stop()
+        ingest.close()
+
+
+def _storescu(port: int, files: list[Path], calling="MOD1", called="HILUM"):
+    return subprocess.run(["storescu", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+                          env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_storescu_instances_are_durable_and_indexed(scp, tmp_path):
+    settings, index = scp(tmp_path / "d")
+    study, series = generate_uid(), generate_uid()
+    files = []
+    for i in range(5):
+        f = tmp_path / f"f{i}.dcm"
+        make_ct(f, study=study, series=series)
+        files.append(f)
+    out = _storescu(settings.dicom_port, files)
+    assert out.returncode == 0, out.stderr
+    rows = index.instances_of_study(study)
+    assert len(rows) == 5
+    for r in rows:  # stored byte-for-byte as sent (no transcoding)
+        sent = next(f for f in files if pydicom.dcmread(f).SOPInstanceUID == r["sop_uid"])
+        assert pydicom.dcmread(r["path"]).PixelData == pydicom.dcmread(sent).PixelData
+    st = index.study(study)
+    assert st["instances"] == 5 and st["state"] == "receiving"
+    assert json.loads(index.series_of_study(study)[0]["header_json"])["00080060"]["Value"] == ["CT"]
+
+
+def test_duplicate_is_stored_once_and_counted(scp, tmp_path):
+    settings, index = scp(tmp_path / "d")
+    f = tmp_path / "a.dcm"
+    ds = make_ct(f)
+    out = _storescu(settings.dicom_port, [f, f, f])
+    assert out.returncode == 0, out.stderr
+    assert len(index.instances_of_study(ds.StudyInstanceUID)) == 1
+    assert index.stat("duplicates") == 2
+    assert len(list((tmp_path / "d" / "spool").rglob("*.dcm"))) == 1
+
+
+def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(scp, tmp_path):
+    settings, index = scp(tmp_path / "d", allowed_callers=[{"ae_title": "CT1"}])
+    f = tmp_path / "a.dcm"
+    make_ct(f)
+    bad = _storescu(settings.dicom_port, [f], calling="INTRUDER")
+    assert bad.returncode != 0 and "Calling AE Title Not Recognized" in bad.stderr
+    wrong = _storescu(settings.dicom_port, [f], calling="CT1", called="NOTME")
+    assert wrong.returncode != 0 and "Called AE Title Not Recognized" in wrong.stderr
+    assert index.count_studies() == 0
+    ok = _storescu(settings.dicom_port, [f], calling="CT1")
+    assert ok.returncode == 0 and index.count_studies() == 1
+    echo = subprocess.run(["echoscu", "-aet", "CT1", "-aec", "HILUM", "127.0.0.1", str(settings.dicom_port)],
+                          env=DCMTK_ENV, capture_output=True, text=True)
+    assert echo.returncode == 0
+
+
+def _send(port: int, datasets: list[Dataset]) -> list[int]:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="HILUM")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("breakage", ["no-study-uid", "hostile-uid"])
+def test_malformed_dataset_gets_failure_status_and_is_quarantined(scp, tmp_path, breakage):
+    settings, index = scp(tmp_path / "d")
+    ds = make_ct(None)
+    if breakage == "no-study-uid":
+        del ds.StudyInstanceUID
+    else:
+        ds.SeriesInstanceUID = "../../../etc/passwd"
+    good = make_ct(None)
+    statuses = _send(settings.dicom_port, [ds, good])  # the association survives the bad one
+    assert statuses[0] == 0xC000 and statuses[1] == 0x0000
+    q = sorted((tmp_path / "d" / "quarantine").glob("*.json"))
+    assert len(q) == 1
+    reason = json.loads(q[0].read_text())["reason"]
+    assert ("StudyInstanceUID" if breakage == "no-study-uid" else "SeriesInstanceUID") in reason
+    assert pydicom.dcmread(q[0].with_suffix(".dcm")).SOPInstanceUID == ds.SOPInstanceUID
+    assert index.stat("quarantined") == 1
+    assert not (tmp_path / "etc").exists()
+
+
+def test_disk_full_returns_out_of_resources_and_leaves_nothing_corrupt(scp, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        settings, index = scp(mnt / "d")
+        study = generate_uid()
+        sent = [make_ct(None, rows=256, study=study) for _ in range(30)]  # ~128 KiB each, 3.8 MiB in all
+        statuses = _send(settings.dicom_port, sent)
+        assert 0xA700 in statuses, [hex(s) for s in statuses]
+        ok = [ds for ds, s in zip(sent, statuses) if s == 0]
+        assert 0 < len(ok) < len(sent)
+        # Every acknowledged instance is indexed and readable with its pixels; nothing else is.
+        rows = {r["sop_uid"]: r["path"] for r in index.instances_of_study(study)}
+        assert set(rows) == {ds.SOPInstanceUID for ds in ok}
+        for ds in ok:
+            assert pydicom.dcmread(rows[ds.SOPInstanceUID]).PixelData == ds.PixelData
+        on_disk = list((mnt / "d" / "spool").rglob("*"))
+        assert not [p for p in on_disk if p.name.endswith(".tmp")], "partial files left behind"
+        assert len([p for p in on_disk if p.suffix == ".dcm"]) == len(ok)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_free_disk_watermark_refuses_new_associations(scp, tmp_path):
+    settings, index = scp(tmp_path / "d", min_free_disk_mb=10**9)
+    f = tmp_path / "a.dcm"
+    make_ct(f)
+    out = _storescu(settings.dicom_port, [f])
+    assert out.returncode != 0 and "Rejected Transient" in out.stderr
+    assert index.count_studies() == 0
