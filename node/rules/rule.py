@@ -1,0 +1,67 @@
+"""A loaded rule and the action it asks of the spine when it matches."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from node.rules.conditions import Condition
+
+__all__ = ["Action", "Rule"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """What one matching rule asks for. The same object is returned on every match: do not mutate ``params``."""
+
+    rule: str
+    level: str  # "series" or "study"
+    handler: str | None  # None: route-only, the originals are forwarded
+    params: dict = field(default_factory=dict, hash=False)  # as validated by the handler's Params
+    destinations: tuple[str, ...] = ()
+    forward_originals: bool = False
+    priority: str = "normal"  # "urgent", "normal" or "offpeak"
+    timeout: float | None = None  # seconds
+    stable_after: float | None = None  # seconds
+
+    def describe(self) -> str:
+        parts = []
+        if self.handler:
+            params = json.dumps(self.params, sort_keys=True, separators=(", ", ": ")) if self.params else ""
+            parts.append(f"run {self.handler}{' ' + params if params else ''}")
+            if self.destinations:
+                parts.append("results to " + ", ".join(self.destinations))
+        if self.forward_originals:
+            parts.append("forward originals to " + ", ".join(self.destinations))
+        extras = [f"priority {self.priority}"] if self.priority != "normal" else []
+        if self.timeout:
+            extras.append(f"timeout {self.timeout:g} s")
+        if self.stable_after:
+            extras.append(f"stable after {self.stable_after:g} s")
+        return "; ".join(parts) + (f" ({', '.join(extras)})" if extras else "")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["destinations"] = list(self.destinations)
+        return d
+
+
+@dataclass(frozen=True, eq=False)
+class Rule:
+    name: str
+    description: str
+    file: str
+    line: int | None
+    index: int  # position in its file
+    enabled: bool
+    order: int
+    exclusive: bool
+    fallback: bool
+    level: str
+    condition: Condition
+    action: Action
+
+    def sort_key(self) -> tuple:
+        return (self.order, self.file, self.index)
+
+    def where(self) -> str:
+        return self.file + (f":{self.line}" if self.line else "")
