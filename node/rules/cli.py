@@ -1,0 +1,95 @@
+"""`hilum rules test|simulate|validate`: explain and replay routing without running anything."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from node.config import ConfigError, load_settings
+from node.handler_api import get_handler
+from node.rules.errors import RuleErrors
+from node.rules.explain import render_text
+from node.rules.facts import StudyFacts
+from node.rules.from_files import facts_from_paths
+from node.rules.ruleset import RuleSet
+from node.rules.simulate import simulate
+
+
+def _duration(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 90m")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _load(rules_dir: Path, settings) -> RuleSet:
+    return RuleSet.load(rules_dir, handlers=get_handler, destinations=settings.destination_names)
+
+
+def _index_studies(settings, since_s: float | None = None, study_uid: str | None = None) -> list[StudyFacts]:
+    from node.route.router import series_facts
+    from node.runtime import open_index
+
+    index = open_index(settings)
+    grouped: dict[str, list] = {}
+    rows = index.series_of_study(study_uid) if study_uid else index.all_series(time.time() - (since_s or 0))
+    for row in rows:
+        grouped.setdefault(row["study_uid"], []).append(series_facts(row))
+    return [StudyFacts(series, uid) for uid, series in grouped.items()]
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="hilum rules")
+    p.add_argument("--config")
+    p.add_argument("--data-dir", dest="data_dir", type=Path)
+    p.add_argument("--rules-dir", dest="rules_dir", type=Path)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("test", help="explain each rule against files/folders or a study in the index")
+    t.add_argument("target", help="a DICOM file or folder, or a StudyInstanceUID known to the node")
+    t.add_argument("--json", action="store_true")
+    s = sub.add_parser("simulate", help="replay a proposed rule set over past studies")
+    s.add_argument("--since", type=_duration, default=_duration("30d"))
+    s.add_argument("--rules", type=Path, required=True, help="the proposed rules directory")
+    s.add_argument("--json", action="store_true")
+    sub.add_parser("validate", help="validate the rules directory")
+    args = p.parse_args(argv)
+    try:
+        settings = load_settings(args.config, data_dir=args.data_dir, rules_dir=args.rules_dir)
+        active = _load(settings.rules_dir, settings)
+        if args.cmd == "validate":
+            print(f"{settings.rules_dir}: {len(active.rules)} rule(s), valid")
+            return 0
+        if args.cmd == "test":
+            target = Path(args.target)
+            if target.exists():
+                read = facts_from_paths([target])
+                studies = read.studies
+                for skipped in read.skipped:
+                    print(f"skipped (not a DICOM instance): {skipped}", file=sys.stderr)
+            else:
+                studies = _index_studies(settings, study_uid=args.target)
+            if not studies:
+                print(f"no DICOM series found for {args.target}", file=sys.stderr)
+                return 1
+            explanations = []
+            for st in studies:
+                explanations.extend(active.explain_series(s) for s in st.series)
+                explanations.append(active.explain_study(st))
+            if args.json:
+                print(json.dumps([e.to_dict() for e in explanations], indent=1, default=str))
+            else:
+                print(render_text(explanations))
+            return 0
+        proposed = _load(args.rules, settings)
+        report = simulate(active, proposed, _index_studies(settings, since_s=args.since))
+        print(json.dumps(report.to_dict(), indent=1) if args.json else report.text())
+        return 0
+    except RuleErrors as exc:
+        print(exc.text(), file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"hilum: {exc}", file=sys.stderr)
+        return 2
