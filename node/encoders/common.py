@@ -1,0 +1,218 @@
+"""What every encoder shares: the source study's identity, provenance, names and checks.
+
+Result objects are placed in the source study: the Patient, General Study, Patient Study and
+Clinical Trial modules are copied from the source header as they are (their text keeps its
+character set), and the Type 2 attributes a careless modality left out are added empty, which is
+what the standard asks for (PS3.3 C.7.1.1, C.7.2.1).
+"""
+from __future__ import annotations
+
+import copy
+import socket
+from functools import lru_cache
+
+import highdicom as hd
+import numpy as np
+from highdicom._standard_utils import get_module_attribute_map
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from node.encoders.context import EncodeContext
+from node.results import Code, LabelMap
+from node.volume import Geometry, GeometryError, SeriesData, sort_by_geometry
+
+__all__ = [
+    "MODEL_NAME",
+    "DEVICE_SERIAL",
+    "source_series",
+    "header_view",
+    "copy_patient_study",
+    "contributing_equipment",
+    "algorithm_identification",
+    "coded",
+    "series_description",
+    "choose_charset",
+    "source_grid",
+]
+
+MODEL_NAME = "Hilum"
+# The node that wrote the object (Enhanced General Equipment needs a Device Serial Number).
+DEVICE_SERIAL = (socket.gethostname() or "hilum")[:64]
+
+_COPIED_MODULES = ("patient", "general-study", "patient-study", "clinical-trial-subject", "clinical-trial-study")
+TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+@lru_cache(maxsize=1)
+def _copied_keywords() -> tuple[str, ...]:
+    table = get_module_attribute_map()
+    return tuple(dict.fromkeys(
+        str(item["keyword"]) for module in _COPIED_MODULES for item in table[module] if not item["path"]
+    ))
+
+
+def source_series(sources: dict[str, SeriesData], uid: str, what: str) -> SeriesData:
+    """The source series ``uid`` of a result, or a ValueError naming the result field."""
+    series = sources.get(uid)
+    if series is None:
+        raise ValueError(f"{what}.source_series_uid {uid!r} is not one of the job's series")
+    if not series.datasets:
+        raise ValueError(f"source series {uid} has no instances")
+    if "StudyInstanceUID" not in series.first:
+        raise ValueError(f"source series {uid} has no StudyInstanceUID")
+    return series
+
+
+def header_view(ds: Dataset) -> Dataset:
+    """A new Dataset sharing ``ds``'s elements, with missing Type 2 patient/study attributes added empty.
+
+    Libraries such as highdicom read ``src.PatientID`` and friends directly; this lets them take
+    sources that lack them, without touching the source header.
+    """
+    view = Dataset()
+    for elem in ds:
+        view.add(elem)
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in view:
+            view.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)
+    return view
+
+
+def copy_patient_study(dst: Dataset, src: Dataset, charset: str | list[str] | None) -> None:
+    """Copy the patient and study modules from ``src`` (deep copies), fill Type 2 gaps, set the charset.
+
+    The charset is set here rather than through highdicom, which rejects the empty first value
+    of ISO 2022 code extensions (e.g. ``['', 'ISO 2022 IR 87']``, Japanese).
+    """
+    if charset:
+        dst.SpecificCharacterSet = charset
+    elif "SpecificCharacterSet" in dst:
+        del dst.SpecificCharacterSet
+    for keyword in _copied_keywords():
+        tag = tag_for_keyword(keyword)
+        if tag in src:
+            dst[tag] = copy.deepcopy(src[tag])
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in dst:
+            dst.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)
+    dst.StudyInstanceUID = src.StudyInstanceUID
+
+
+def contributing_equipment(ctx: EncodeContext) -> hd.ContributingEquipment:
+    """Provenance: which node, rule, handler and model produced the object."""
+    model = f"; model {ctx.model_name} {ctx.model_version or ''}".rstrip() if ctx.model_name else ""
+    versions = [f"{MODEL_NAME} {ctx.software_version}", f"{ctx.handler} {ctx.handler_version}"[:64]]
+    if ctx.model_name:
+        versions.append(f"{ctx.model_name} {ctx.model_version or ''}".strip()[:64])
+    return hd.ContributingEquipment(
+        manufacturer=ctx.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=versions,
+        device_serial_number=DEVICE_SERIAL,
+        contribution_description=(
+            f"{MODEL_NAME} {ctx.software_version}: rule {ctx.rule!r} ran handler {ctx.handler} "
+            f"{ctx.handler_version}{model}"
+        )[:1024],
+    )
+
+
+def algorithm_identification(ctx: EncodeContext) -> hd.AlgorithmIdentificationSequence:
+    family = codes.cid7162.ArtificialIntelligence if ctx.model_name else codes.DCM.ImageProcessing
+    parameters = {"rule": ctx.rule}
+    if ctx.model_name:
+        parameters["model"] = f"{ctx.model_name} {ctx.model_version or ''}".strip()
+    return hd.AlgorithmIdentificationSequence(
+        name=ctx.handler[:64], family=family, version=ctx.handler_version[:64],
+        source=f"{ctx.manufacturer} {ctx.software_version}"[:64], parameters=parameters,
+    )
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def series_description(text: str, kind: str) -> str:
+    """'AI: <text> (<kind>)', shortened to fit LO (64 characters)."""
+    suffix = f" ({kind})"
+    return "AI: " + text[: 64 - 4 - len(suffix)] + suffix
+
+
+def _encodable(char: str, encoding: str) -> bool:
+    try:
+        char.encode(encoding)
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
+def choose_charset(src: Dataset, texts: list[str]) -> str | list[str] | None:
+    """The source's Specific Character Set if it can encode ``texts``, else ISO_IR 192 (UTF-8).
+
+    Copied values are held decoded by pydicom, so switching to UTF-8 re-encodes them correctly.
+    """
+    charset = src.get("SpecificCharacterSet")
+    terms = [charset] if isinstance(charset, str) else list(charset or [])
+    # An empty term (or IR 6) is the default repertoire: ASCII, whatever pydicom decodes it as.
+    codecs = ["ascii" if t in ("", "ISO_IR 6", "ISO 2022 IR 6") else convert_encodings([t])[0] for t in terms]
+    codecs = codecs or ["ascii"]
+    if all(any(_encodable(ch, c) for c in codecs) for ch in set("".join(texts))):
+        return charset or None
+    return "ISO_IR 192"
+
+
+def _single_image_grid(ds: Dataset, claimed: Geometry) -> Geometry:
+    """A single image's plane as a grid (slice spacing taken from ``claimed``); ``claimed`` itself
+    for an image without an Image Plane module (a projection radiograph has no patient grid)."""
+    if not all(k in ds for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
+        if (int(ds.Rows), int(ds.Columns)) != tuple(claimed.shape[1:]):
+            raise ValueError(f"LabelMap is {claimed.shape[1:]}, the source image {int(ds.Rows)}x{int(ds.Columns)}")
+        return claimed
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    return Geometry(
+        shape=(1, int(ds.Rows), int(ds.Columns)),
+        origin=tuple(float(v) for v in ds.ImagePositionPatient),
+        spacing=(col_spacing, row_spacing, claimed.spacing[2]),
+        direction=tuple(float(v) for v in np.column_stack([iop[:3], iop[3:], normal]).ravel()),
+    )
+
+
+def source_grid(series: SeriesData, labelmap: LabelMap, what: str) -> Geometry:
+    """The source's voxel grid, checked against the label map's; ValueError when it has none."""
+    if any(int(ds.get("NumberOfFrames", 1) or 1) != 1 for ds in series.datasets):
+        raise ValueError(
+            f"{what}: source series {series.series_uid} is multi-frame; label maps are encoded on "
+            "single-frame slices only"
+        )
+    if len(series.datasets) != labelmap.labels.shape[0]:
+        raise ValueError(
+            f"{what}: LabelMap has {labelmap.labels.shape[0]} slices, source series {series.series_uid} "
+            f"has {len(series.datasets)} instances"
+        )
+    if series.volume is not None:
+        grid = series.volume.geometry
+    elif len(series.datasets) == 1:
+        grid = _single_image_grid(series.first, labelmap.geometry)
+    else:
+        try:
+            ordered, grid = sort_by_geometry(series.datasets)
+        except GeometryError as exc:
+            raise ValueError(f"{what}: source series {series.series_uid} is not a regular volume: {exc}") from None
+        if [d.SOPInstanceUID for d in ordered] != [d.SOPInstanceUID for d in series.datasets]:
+            raise ValueError(f"{what}: source series {series.series_uid} headers are not in geometric order")
+    same = (
+        tuple(grid.shape) == tuple(labelmap.geometry.shape)
+        and np.allclose(grid.origin, labelmap.geometry.origin, atol=1e-3)
+        and np.allclose(grid.spacing, labelmap.geometry.spacing, rtol=1e-4)
+        and np.allclose(grid.direction, labelmap.geometry.direction, atol=1e-4)
+    )
+    if not same:
+        raise ValueError(f"{what}: LabelMap.geometry is not the voxel grid of source series {series.series_uid}")
+    return grid

@@ -1,0 +1,169 @@
+"""DICOM Segmentation (highdicom): one segment per label, binary or fractional.
+
+Empty slices are left out (omit_empty_frames), which keeps a 10-structure SEG of a 300-slice
+CT small. A segment that is empty everywhere would then have no frame at all, which older OHIF
+releases cannot load (OHIF/Viewers#3991, the loader hangs): such a segment gets one empty frame.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from node.encoders.common import (
+    DEVICE_SERIAL,
+    MODEL_NAME,
+    algorithm_identification,
+    choose_charset,
+    coded,
+    contributing_equipment,
+    copy_patient_study,
+    header_view,
+    series_description,
+    source_grid,
+    source_series,
+)
+from node.encoders.context import EncodeContext
+from node.results import LabelMap
+from node.volume import SeriesData
+
+__all__ = ["SegReference", "encode_seg"]
+
+
+@dataclass(frozen=True, eq=False)
+class SegReference:
+    """What an SR needs to point at the segments of an encoded SEG."""
+
+    dataset: Dataset
+    source_series_uid: str
+    segment_numbers: dict[int, int]  # LabelMap label -> SEG segment number
+
+    def __contains__(self, label: int) -> bool:
+        return label in self.segment_numbers
+
+    def tracking_uid(self, label: int) -> str:
+        return str(self.dataset.SegmentSequence[self.segment_numbers[label] - 1].TrackingUID)
+
+
+def _content_label(handler: str) -> str:
+    # ContentLabel is CS: upper case, digits, space and underscore, at most 16 characters.
+    label = "".join(ch if ch.isalnum() and ch.isascii() else "_" for ch in handler.upper())[:16]
+    return label if label and label[0].isalpha() else "HILUM_SEG"
+
+
+def _segment_descriptions(labelmap: LabelMap, ctx: EncodeContext,
+                          uid_key: tuple) -> list[hd.seg.SegmentDescription]:
+    algorithm = algorithm_identification(ctx)
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=s.name,
+            segmented_property_category=coded(s.category),
+            segmented_property_type=coded(s.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=ctx.uid(*uid_key, "segment", s.label),
+            tracking_id=(s.tg263 or s.name)[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*s.color),
+        )
+        for number, s in enumerate(labelmap.segments, start=1)
+    ]
+
+
+def _segment_number_array(labels: np.ndarray, numbers: dict[int, int]) -> np.ndarray:
+    """Label values -> consecutive segment numbers 1..n (highdicom's label-map input)."""
+    if all(label == number for label, number in numbers.items()):
+        return labels  # already numbered 1..n: no copy of a possibly large volume
+    out = np.zeros_like(labels)
+    for label, number in numbers.items():
+        out[labels == label] = number
+    return out
+
+
+def _add_placeholder_frames(seg: hd.seg.Segmentation, empty: list[int]) -> None:
+    """Give each segment in ``empty`` one all-zero frame, a copy of frame 1's position and references."""
+    frames = int(seg.NumberOfFrames)
+    rows, cols = int(seg.Rows), int(seg.Columns)
+    bits = int(seg.BitsAllocated)
+    template = seg.PerFrameFunctionalGroupsSequence[0]
+    pointers = [int(d.DimensionIndexPointer) for d in seg.DimensionIndexSequence]
+    segment_axis = pointers.index(0x0062000B)  # the ReferencedSegmentNumber dimension
+    for number in empty:
+        item = copy.deepcopy(template)
+        item.SegmentIdentificationSequence[0].ReferencedSegmentNumber = number
+        content = item.FrameContentSequence[0]
+        index = list(content.DimensionIndexValues) if content["DimensionIndexValues"].VM > 1 else [
+            content.DimensionIndexValues]
+        index[segment_axis] = number
+        content.DimensionIndexValues = index
+        seg.PerFrameFunctionalGroupsSequence.append(item)
+    # Native pixel data: frames are packed back to back (1 bit per pixel for BINARY), so the
+    # new frames are zero bits after the existing ones; the data ends on an even byte boundary.
+    total = frames + len(empty)
+    used = (frames * rows * cols * bits + 7) // 8
+    needed = (total * rows * cols * bits + 7) // 8
+    data = bytes(seg.PixelData)[:used] + bytes(needed - used + (needed % 2))
+    seg.PixelData = data
+    seg.NumberOfFrames = total
+
+
+def encode_seg(
+    labelmap: LabelMap,
+    sources: dict[str, SeriesData],
+    ctx: EncodeContext,
+    *,
+    series_number: int,
+    fractional: bool = False,
+) -> tuple[Dataset, SegReference]:
+    """A binary SEG of ``labelmap`` (or a fractional one of ``labelmap.fractions``) on its source series."""
+    what = "LabelMap"
+    series = source_series(sources, labelmap.source_series_uid, what)
+    source_grid(series, labelmap, what)
+    if any("ImagePositionPatient" in ds and "FrameOfReferenceUID" not in ds for ds in series.datasets):
+        raise ValueError(f"{what}: source series {series.series_uid} has patient positions but no FrameOfReferenceUID")
+    kind = "FSEG" if fractional else "SEG"
+    uid_key = (kind, series_number)
+    numbers = {s.label: n for n, s in enumerate(labelmap.segments, start=1)}
+    if fractional:
+        if labelmap.fractions is None:
+            raise ValueError("LabelMap.fractions is None: no fractional SEG to encode")
+        if np.isnan(labelmap.fractions).any():
+            raise ValueError("LabelMap.fractions holds NaN: probabilities must be numbers in [0, 1]")
+        pixels = np.moveaxis(labelmap.fractions, 0, -1)  # (slices, rows, cols, segments), a view
+        present = [bool(np.any(labelmap.fractions[i])) for i in range(len(labelmap.segments))]
+        seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+    else:
+        pixels = _segment_number_array(labelmap.labels, numbers)
+        counts = np.bincount(pixels.ravel(), minlength=len(numbers) + 1)
+        present = [bool(c) for c in counts[1:]]
+        seg_type = hd.seg.SegmentationTypeValues.BINARY
+    description = series_description(labelmap.description, "SEG" if not fractional else "SEG probability")
+    texts = [description, labelmap.description] + [s.name for s in labelmap.segments]
+    seg = hd.seg.Segmentation(
+        source_images=[header_view(ds) for ds in series.datasets],
+        pixel_array=pixels,
+        segmentation_type=seg_type,
+        segment_descriptions=_segment_descriptions(labelmap, ctx, uid_key),
+        series_instance_uid=ctx.uid(*uid_key, "series"),
+        series_number=series_number,
+        sop_instance_uid=ctx.uid(*uid_key, "instance", 1),
+        instance_number=1,
+        manufacturer=ctx.manufacturer,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=ctx.software_version,
+        device_serial_number=DEVICE_SERIAL,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        content_description=labelmap.description[:64],
+        content_label=_content_label(ctx.handler),
+        series_description=description,
+        contributing_equipment=[contributing_equipment(ctx)],
+        omit_empty_frames=True,
+        specific_character_set=None,  # set by copy_patient_study
+    )
+    if any(present) and not all(present):
+        _add_placeholder_frames(seg, [n for n, p in enumerate(present, start=1) if not p])
+    copy_patient_study(seg, series.first, choose_charset(series.first, texts))
+    return seg, SegReference(seg, series.series_uid, numbers)

@@ -1,0 +1,201 @@
+"""TID 1500 SR: every value, unit, code and reference read back equals what the handler returned."""
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from node.encoders import encode_all
+from node.encoders.seg import encode_seg
+from node.encoders.sr import encode_measurement_sr, encode_text_sr
+from node.encoders.sr_templates import TemplateError, load_template
+from node.results import LabelMap, Measurement, MeasurementGroup, MeasurementReport, TextFinding
+from tests.encoder_sources import anatomy_labels, context, ct_series, save_valid, segment_table
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return ct_series(tmp_path_factory.mktemp("src"))
+
+
+def _labelmap(source) -> LabelMap:
+    g = source.volume.geometry
+    return LabelMap(source.series_uid, g, anatomy_labels(g.shape), segment_table(), description="CT anatomy")
+
+
+def _report(source) -> MeasurementReport:
+    return MeasurementReport(source.series_uid, "ct-anatomy", (
+        MeasurementGroup("External", "external", (Measurement("volume", 23456.7, "ml"),), segment_label=1),
+        MeasurementGroup("Lung_L", "lung_left", (
+            Measurement("volume", 2345.25, "ml"),
+            Measurement("hu_mean", -842.5, "[hnsf'U]"),
+            Measurement("hu_sd", 61.0, "[hnsf'U]"),
+        ), segment_label=4),
+        MeasurementGroup("Lungs", "lungs", (Measurement("left_right_ratio", 0.91, "1"),)),
+    ), title="CT anatomy measurements")
+
+
+def _items(ds, code: str):
+    return [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == code]
+
+
+def test_ohif_structure_and_read_back(source, tmp_path):
+    lm, report = _labelmap(source), _report(source)
+    sources = {source.series_uid: source}
+    seg, seg_ref = encode_seg(lm, sources, context(), series_number=9000)
+    sr = encode_measurement_sr(report, sources, context(), series_number=9003, segs=[seg_ref])
+    path = save_valid(sr, tmp_path)
+    raw = pydicom.dcmread(path)
+
+    # The OHIF measurement contract, checked on the raw content tree.
+    assert raw.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert raw.ConceptNameCodeSequence[0].CodeValue == "126000"
+    assert raw.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    (measurements,) = _items(raw, "126010")
+    groups = _items(measurements, "125007")
+    assert len(groups) == 3
+    for group, expected in zip(groups, report.groups):
+        (ident,) = _items(group, "112039")
+        (uid,) = _items(group, "112040")
+        assert ident.TextValue == expected.tracking_id and uid.UID
+
+    template = load_template("ct-anatomy")
+    doc = hd.sr.srread(path)
+    volumetric = doc.content.get_volumetric_roi_measurement_groups()
+    plain = doc.content.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in volumetric] == ["External", "Lung_L"]
+    assert [g.tracking_identifier for g in plain] == ["Lungs"]
+    for got, expected in zip([*volumetric, *plain], report.groups):
+        finding = template.finding(expected.finding)
+        assert (got.finding_type.value, got.finding_type.scheme_designator) == (finding.type.value, "SCT")
+        assert got.finding_category.value == finding.category.value
+        if finding.site:
+            assert got.finding_sites[0].value.value == finding.site.value
+        values = got.get_measurements()
+        assert len(values) == len(expected.measurements)
+        for m, e in zip(values, expected.measurements):
+            concept = template.measurement(e)
+            assert m.value == pytest.approx(e.value, rel=1e-12)
+            assert (m.unit.value, m.unit.scheme_designator) == (e.unit, "UCUM")
+            assert (m.name.value, m.name.scheme_designator) == (concept.concept.value, concept.concept.scheme)
+            if concept.derivation:
+                assert m.derivation.value == concept.derivation.value
+    # Groups about segments point at the SEG instance and segment, and share its tracking UIDs.
+    for got, label in zip(volumetric, (1, 4)):
+        ref = got.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert ref.referenced_segment_numbers == [seg_ref.segment_numbers[label]]
+        assert got.tracking_uid == seg_ref.tracking_uid(label)
+    evidence = {i.ReferencedSOPInstanceUID for s in raw.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence and source.datasets[0].SOPInstanceUID in evidence
+    assert raw.StudyInstanceUID == source.first.StudyInstanceUID
+    assert raw.SeriesDescription == "AI: CT anatomy measurements (SR)"
+    assert raw.PreliminaryFlag == "PRELIMINARY" and raw.VerificationFlag == "UNVERIFIED"
+    assert any(e.Manufacturer == "Hilum" and "chest-ct-anatomy" in e.ContributionDescription
+               for e in raw.ContributingEquipmentSequence)
+
+
+def test_without_seg_groups_are_tid_1501(source, tmp_path):
+    sr = encode_measurement_sr(_report(source), {source.series_uid: source}, context(), series_number=9003)
+    doc = hd.sr.srread(save_valid(sr, tmp_path))
+    groups = doc.content.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["External", "Lung_L", "Lungs"]
+
+
+def test_text_findings_join_the_report(source, tmp_path):
+    lm, report = _labelmap(source), _report(source)
+    texts = [TextFinding("No focal consolidation.", source.series_uid),
+             TextFinding("Lungs symmetric.", source.series_uid)]
+    out = encode_all([texts[0], report, lm, texts[1]], {source.series_uid: source}, context())
+    assert [d.Modality for d in out] == ["SEG", "RTSTRUCT", "SR"]
+    raw = pydicom.dcmread(save_valid(out[2], tmp_path))
+    (container,) = _items(raw, "C0034375")
+    assert [i.TextValue for i in container.ContentSequence] == [t.text for t in texts]
+    assert all(i.ConceptNameCodeSequence[0].CodeValue == "121071" for i in container.ContentSequence)
+
+
+def test_text_only_sr(source, tmp_path):
+    texts = [TextFinding("Motion artefacts; study of limited value.", source.series_uid)]
+    raw = pydicom.dcmread(save_valid(encode_text_sr(texts, {source.series_uid: source}, context(),
+                                                    series_number=9004), tmp_path))
+    assert raw.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert [i.TextValue for i in raw.ContentSequence] == [texts[0].text]
+    assert raw.SeriesDescription == "AI: ct-anatomy findings (SR)"
+
+
+def test_qualitative_evaluations_come_from_the_template(source, tmp_path, monkeypatch):
+    directory = tmp_path / "templates"
+    directory.mkdir()
+    (directory / "nodules.yaml").write_text("""
+findings:
+  nodule: {type: {scheme: SCT, value: "27925004", meaning: Nodule}}
+measurements:
+  diameter: {concept: {scheme: SCT, value: "81827009", meaning: Diameter}, unit: mm}
+qualitative:
+  concepts:
+    shape: {scheme: SCT, value: "300842002", meaning: Shape}
+  values:
+    smooth: {scheme: SCT, value: "82280004", meaning: Smooth}
+""")
+    from node.encoders import sr_templates
+
+    report = MeasurementReport(source.series_uid, "nodules", (
+        MeasurementGroup("Nodule 1", "nodule", (Measurement("diameter", 7.5, "mm"),),
+                         qualitative=(("shape", "smooth"),)),))
+    monkeypatch.setattr(sr_templates, "TEMPLATE_DIR", directory)
+    sr = encode_measurement_sr(report, {source.series_uid: source}, context(), series_number=9003)
+    doc = hd.sr.srread(save_valid(sr, tmp_path))
+    (group,) = doc.content.get_image_measurement_groups()
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert (evaluation.name.value, evaluation.value.value) == ("300842002", "82280004")
+    assert group.get_measurements()[0].value == 7.5
+
+
+def test_unmapped_names_fail_with_file_and_key(source):
+    sources = {source.series_uid: source}
+    unknown = MeasurementReport(source.series_uid, "ct-anatomy", (
+        MeasurementGroup("Lung_L", "lung_left", (Measurement("sphericity", 0.8, "1"),)),))
+    with pytest.raises(TemplateError, match=r"ct-anatomy\.yaml.*measurements.*'sphericity'"):
+        encode_measurement_sr(unknown, sources, context(), series_number=9003)
+    wrong_unit = MeasurementReport(source.series_uid, "ct-anatomy", (
+        MeasurementGroup("Lung_L", "lung_left", (Measurement("volume", 2.3, "l"),)),))
+    with pytest.raises(TemplateError, match=r"measurements\.volume is in 'ml'.*'l'"):
+        encode_measurement_sr(wrong_unit, sources, context(), series_number=9003)
+    bad_finding = MeasurementReport(source.series_uid, "ct-anatomy", (
+        MeasurementGroup("Spleen", "spleen", (Measurement("volume", 200, "ml"),)),))
+    with pytest.raises(TemplateError, match=r"findings.*'spleen'"):
+        encode_measurement_sr(bad_finding, sources, context(), series_number=9003)
+    missing = MeasurementReport(source.series_uid, "no-such-handler", _report(source).groups)
+    with pytest.raises(TemplateError, match="does not exist"):
+        encode_measurement_sr(missing, sources, context(), series_number=9003)
+
+
+def test_ambiguous_segment_reference_is_refused(source):
+    sources = {source.series_uid: source}
+    lm = _labelmap(source)
+    refs = [encode_seg(lm, sources, context(), series_number=n)[1] for n in (9000, 9001)]
+    with pytest.raises(ValueError, match="segment_label 1 is defined by 2 label maps"):
+        encode_measurement_sr(_report(source), sources, context(), series_number=9003, segs=refs)
+
+
+def test_single_image_segmentation_is_referenced(tmp_path):
+    series = ct_series(tmp_path / "one", slices=1, seed="single")
+    from node.volume import Geometry
+
+    ds = series.first
+    geometry = Geometry(shape=(1, 64, 64), origin=tuple(float(v) for v in ds.ImagePositionPatient),
+                        spacing=(0.8, 0.8, 2.5), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    labels = np.zeros((1, 64, 64), dtype=np.uint8)
+    labels[0, 20:30, 20:40] = 4
+    lm = LabelMap(series.series_uid, geometry, labels, segment_table())
+    sources = {series.series_uid: series}
+    seg, ref = encode_seg(lm, sources, context(), series_number=9000)
+    report = MeasurementReport(series.series_uid, "ct-anatomy", (
+        MeasurementGroup("Lung_L", "lung_left", (Measurement("volume", 1.6, "ml"),), segment_label=4),))
+    sr = encode_measurement_sr(report, sources, context(), series_number=9003, segs=[ref])
+    doc = hd.sr.srread(save_valid(sr, tmp_path))
+    (group,) = doc.content.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert group.get_measurements()[0].value == pytest.approx(1.6)
