@@ -61,6 +61,11 @@ class Handler:
     needs_volume: ClassVar[bool] = False  # True: refuse series that are not regular 3-D volumes
     needs_pixels: ClassVar[bool] = True
     Params: ClassVar[type[BaseModel]] = NoParams
+    # SR template (sr_templates/<name>.yaml) and the finding/measurement keys the handler reports:
+    # checked against the template at start-up, so a missing entry never fails a job at run time.
+    sr_template: ClassVar[str | None] = None
+    reports_findings: ClassVar[frozenset[str]] = frozenset()
+    reports_measurements: ClassVar[frozenset[str]] = frozenset()
     # Provenance recorded in every result object (model name/version for AI handlers).
     model_name: ClassVar[str | None] = None
     model_version: ClassVar[str | None] = None
@@ -110,6 +115,11 @@ def discover() -> None:
 
 
 def get_handler(name: str) -> type[Handler]:
+    """A registered handler, or ``model:<name>``: a handler built from ``models/<name>/card.yaml``."""
+    if name.startswith("model:"):
+        from node.models.registry import model_handler  # heavy (onnxruntime): only when asked for
+
+        return model_handler(name)
     discover()
     try:
         return _REGISTRY[name]

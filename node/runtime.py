@@ -15,7 +15,9 @@ from node.archive.orthanc import ArchiveEndpoint, ManagedOrthanc, archive_endpoi
 from node.config import Settings
 from node.deliver.destinations import build_destinations
 from node.deliver.loop import DeliveryLoop
-from node.handler_api import get_handler
+from node.encoders.sr_templates import validate_all
+from node.handler_api import get_handler, handler_names
+from node.jobs.admin import retry
 from node.jobs.executor import LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
@@ -25,6 +27,26 @@ from node.rules.service import RulesService
 from node.store.index import Index
 
 log = logging.getLogger("hilum.node")
+
+
+def check_sr_templates(classes=None, directory=None) -> None:
+    """Every template parses, and every handler's declared findings/measurements have an entry."""
+    templates = validate_all(directory)
+    problems = []
+    for cls in classes if classes is not None else [get_handler(n) for n in handler_names()]:
+        name = cls.name
+        if cls.sr_template is None:
+            continue
+        t = templates.get(cls.sr_template)
+        if t is None:
+            problems.append(f"handler {name}: SR template {cls.sr_template!r} not found in sr_templates/")
+            continue
+        problems += [f"{t.path}: no findings.{k!r} (reported by handler {name})"
+                     for k in sorted(cls.reports_findings - set(t.findings))]
+        problems += [f"{t.path}: no measurements.{k!r} (reported by handler {name})"
+                     for k in sorted(cls.reports_measurements - set(t.measurements))]
+    if problems:
+        raise ValueError("SR templates incomplete:\n  " + "\n  ".join(problems))
 
 
 def open_index(settings: Settings) -> Index:
@@ -52,6 +74,7 @@ class Node:
         self._started = threading.Event()
 
     def start(self) -> None:
+        check_sr_templates()  # a broken or incomplete SR template is a start-up error, not a failed job
         leftovers = self.spool.remove_empty_tmp()
         if leftovers:
             log.warning("removed %d partial file(s) left by an interrupted write", leftovers)
@@ -85,13 +108,7 @@ class Node:
 
     def retry_job(self, job_id: int, who: str) -> dict:
         """Re-run a failed job, or re-send the failed deliveries of a finished one."""
-        job = self.index.job(job_id)
-        if job is None:
-            raise KeyError(f"job {job_id} not found")
-        if job["status"] == "failed":
-            self.index.retry_job(job_id, who)
-            self.executor.wake()
-            return {"job": job_id, "action": "job re-queued"}
-        n = self.index.retry_deliveries(job_id=job_id)
+        action = retry(self.index, job_id, who)
+        self.executor.wake()
         self.delivery.wake()
-        return {"job": job_id, "action": f"{n} failed deliveries re-queued"}
+        return {"job": job_id, "action": action}
