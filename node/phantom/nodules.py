@@ -1,0 +1,154 @@
+"""Lung nodules: placing them inside the lungs, and what happens to them by the follow-up.
+
+Placement uses the painted anatomy itself (a coarse grid), so a nodule is inside the lung by
+construction: its centre is farther from any non-lung voxel than its radius plus a margin, with
+room to grow, and it keeps clear of the other nodules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import numpy as np
+from scipy import ndimage
+
+from node.phantom.canvas import Canvas
+from node.phantom.chest import LUNG_LEFT, LUNG_RIGHT, ChestAnatomy, ChestPainter
+
+NODULE_TYPES = ("solid", "ground_glass")
+DIAMETER_RANGE_MM = (3.0, 30.0)
+ROOM_TO_GROW = 1.4  # placed nodules can grow by this diameter factor and stay inside the lung
+_STEP = 3.0  # mm, coarse grid for the room map
+_MARGIN = 2.0 + _STEP / 2  # mm beyond the radius, covering the coarse grid's error
+
+
+@dataclass(frozen=True)
+class Nodule:
+    id: str
+    center: tuple[float, float, float]  # anatomical frame, mm
+    diameter_mm: float
+    type: str  # "solid" | "ground_glass"
+
+    @property
+    def radius(self) -> float:
+        return self.diameter_mm / 2
+
+    @property
+    def volume_mm3(self) -> float:
+        return 4.0 / 3.0 * math.pi * self.radius**3
+
+    @property
+    def side(self) -> str:
+        return "left" if self.center[0] > 0 else "right"  # +x is the patient's left (LPS)
+
+
+class LungRoom:
+    """Distance (mm) from each point of a coarse anatomical grid to the nearest non-lung point."""
+
+    def __init__(self, arms: str, consolidation: str | None, z_range: tuple[float, float]) -> None:
+        z0, z1 = max(z_range[0], -150.0), min(z_range[1], 135.0)
+        self.xs = np.arange(-150.0, 150.0 + 1e-6, _STEP)
+        self.ys = np.arange(-110.0, 110.0 + 1e-6, _STEP)
+        self.zs = np.arange(z0, z1 + 1e-6, _STEP) if z1 > z0 else np.array([z0])
+        # Consolidated lung gets a code of its own, so it counts as no room.
+        bare = ChestAnatomy(arms=arms, consolidation=consolidation, consolidation_code=255)
+        painter = ChestPainter(bare, Canvas(self.xs, self.ys))
+        codes = np.zeros((len(self.zs), len(self.ys), len(self.xs)), np.uint8)
+        for k, z in enumerate(self.zs):
+            painter.paint(z, codes[k], False)
+        lung = (codes == LUNG_LEFT) | (codes == LUNG_RIGHT)
+        lung[0], lung[-1] = False, False  # the scanned range ends here: no room beyond it
+        self.dist = ndimage.distance_transform_edt(lung, sampling=_STEP) if lung.any() else np.zeros(lung.shape)
+
+    def at(self, point) -> float:
+        """Distance at the grid point nearest ``point`` (0 outside the grid)."""
+        idx = []
+        for v, ax in zip((point[2], point[1], point[0]), (self.zs, self.ys, self.xs)):
+            i = int(round((v - ax[0]) / _STEP)) if len(ax) > 1 else 0
+            if not 0 <= i < len(ax):
+                return 0.0
+            idx.append(i)
+        return float(self.dist[tuple(idx)])
+
+    def candidates(self, need: float) -> np.ndarray:
+        """(N, 3) anatomical points with at least ``need`` mm of lung around them."""
+        k, j, i = np.nonzero(self.dist >= need)
+        return np.column_stack([self.xs[i], self.ys[j], self.zs[k]])
+
+
+@lru_cache(maxsize=8)
+def _cached_room(arms: str, consolidation: str | None, z0: float, z1: float) -> LungRoom:
+    return LungRoom(arms, consolidation, (z0, z1))
+
+
+def lung_room(arms: str, consolidation: str | None, z_range: tuple[float, float]) -> LungRoom:
+    """The room map for this anatomy and scanned range (cached: studies of one run share it)."""
+    return _cached_room(arms, consolidation, round(z_range[0], 1), round(z_range[1], 1))
+
+
+def _clear_of(point: np.ndarray, radius: float, others: list[Nodule]) -> bool:
+    return all(np.linalg.norm(point - np.asarray(o.center)) > ROOM_TO_GROW * (radius + o.radius) + 4.0
+               for o in others)
+
+
+def place_nodules(rng: np.random.Generator, room: LungRoom, count: int, diameter_range: tuple[float, float],
+                  ground_glass_fraction: float, existing: list[Nodule] = (), first_id: int = 1) -> list[Nodule]:
+    """``count`` random nodules inside the lungs, clear of each other and of ``existing``."""
+    diameters = sorted((float(rng.uniform(*diameter_range)) for _ in range(count)), reverse=True)
+    placed: list[Nodule] = []
+    for n, d in enumerate(diameters):
+        r = d / 2
+        pts = room.candidates(ROOM_TO_GROW * r + _MARGIN)
+        order = rng.permutation(len(pts))
+        chosen = next((pts[i] for i in order if _clear_of(pts[i], r, [*existing, *placed])), None)
+        if chosen is None:
+            raise ValueError(
+                f"nodules: no room for a {d:.1f} mm nodule in the scanned lungs (after placing {len(placed)}); "
+                "use fewer or smaller nodules, or scan more of the chest"
+            )
+        kind = "ground_glass" if rng.random() < ground_glass_fraction else "solid"
+        center = tuple(float(round(v, 2)) for v in chosen + rng.uniform(-1.0, 1.0, 3))
+        placed.append(Nodule(f"N{first_id + n}", center, round(d, 2), kind))
+    return placed
+
+
+def check_specified(nodules: list[Nodule], room: LungRoom) -> None:
+    """Explicitly requested nodules must lie inside a lung with their whole sphere."""
+    for n, nod in enumerate(nodules):
+        if room.at(nod.center) < nod.radius + _MARGIN:
+            raise ValueError(
+                f"nodule_specs[{n}]: a {nod.diameter_mm} mm nodule at {list(nod.center)} (anatomical mm) "
+                "does not fit inside a lung in the scanned range"
+            )
+
+
+@dataclass(frozen=True)
+class NoduleChange:
+    id: str
+    status: str  # "grown" | "shrunk" | "stable" | "vanished" | "new"
+    baseline: Nodule | None
+    followup: Nodule | None
+
+
+STATUSES = ("grown", "shrunk", "vanished", "stable")
+
+
+def evolve(rng: np.random.Generator, baseline: list[Nodule], room: LungRoom, new_count: int,
+           diameter_range: tuple[float, float], ground_glass_fraction: float,
+           growth: float, shrinkage: float) -> list[NoduleChange]:
+    """Follow-up fate of each baseline nodule (every status used once before any repeats) plus new ones."""
+    statuses = [STATUSES[i % len(STATUSES)] for i in range(len(baseline))]
+    statuses = [statuses[i] for i in rng.permutation(len(statuses))]
+    changes = []
+    for nod, status in zip(baseline, statuses):
+        if status == "vanished":
+            after = None
+        else:
+            factor = {"grown": growth, "shrunk": shrinkage, "stable": 1.0}[status]
+            after = replace(nod, diameter_mm=round(max(DIAMETER_RANGE_MM[0], nod.diameter_mm * factor), 2))
+        changes.append(NoduleChange(nod.id, status, nod, after))
+    first = 1 + max((int(n.id[1:]) for n in baseline), default=0)
+    for nod in place_nodules(rng, room, new_count, diameter_range, ground_glass_fraction, baseline, first):
+        changes.append(NoduleChange(nod.id, "new", None, nod))
+    return changes
