@@ -61,3 +61,13 @@ def test_multiframe_without_labels_uses_page_numbers(source, tmp_path):
     r = pydicom.dcmread(save_valid(ds, tmp_path))
     assert r.FrameIncrementPointer == pydicom.tag.Tag("PageNumberVector")
     assert list(r.PageNumberVector) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("multiframe", [False, True], ids=["single", "multi"])
+def test_long_pixel_spacing_is_written_as_a_valid_decimal_string(source, tmp_path, multiframe):
+    frames = np.zeros((2, 16, 16), dtype=np.uint8)
+    images = ImageSeries(source.series_uid, "VR", frames, multiframe=multiframe,
+                         pixel_spacing_mm=(0.872392991288903, 1 / 3))
+    (first, *_) = encode_sc(images, {source.series_uid: source}, context(), series_number=9006)
+    read = pydicom.dcmread(save_valid(first, tmp_path, "sc.dcm"))  # dciodvfy: DS of at most 16 characters
+    assert [float(v) for v in read.PixelSpacing] == pytest.approx([0.872392991288903, 1 / 3], abs=1e-12)

@@ -11,6 +11,7 @@ import datetime as _dt
 
 import highdicom as hd
 import numpy as np
+from pydicom.valuerep import format_number_as_ds
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -37,6 +38,13 @@ __all__ = ["encode_sc"]
 
 CONVERSION_TYPE = "WSD"  # workstation: the image was rendered, not digitised
 
+
+
+def _ds_spacing(spacing):
+    """Pixel spacing as DS values of at most 16 characters (PS3.5 6.2), e.g. 0.872392991288903 → 0.87239299128890."""
+    if not spacing:
+        return None
+    return [float(format_number_as_ds(float(v))) for v in spacing]
 
 def _common(ds: Dataset, images: ImageSeries, source: Dataset, ctx: EncodeContext, description: str,
             charset) -> None:
@@ -77,7 +85,7 @@ def _single_frames(images: ImageSeries, source: Dataset, ctx: EncodeContext, ser
             sop_instance_uid=ctx.uid(*uid_key, "instance", n),
             instance_number=n,
             manufacturer=ctx.manufacturer,
-            pixel_spacing=images.pixel_spacing_mm,
+            pixel_spacing=_ds_spacing(images.pixel_spacing_mm),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             specific_character_set=None,  # set by copy_patient_study
         )
@@ -131,7 +139,7 @@ def _multiframe(images: ImageSeries, source: Dataset, ctx: EncodeContext, series
         ds.PageNumberVector = list(range(1, n + 1))
         ds.FrameIncrementPointer = Tag("PageNumberVector")
     if images.pixel_spacing_mm:
-        ds.PixelSpacing = [float(v) for v in images.pixel_spacing_mm]
+        ds.PixelSpacing = _ds_spacing(images.pixel_spacing_mm)
     data = np.ascontiguousarray(frames).tobytes()
     ds.PixelData = data + b"\0" if len(data) % 2 else data
     _common(ds, images, source, ctx, description, charset)

@@ -1,0 +1,1 @@
+"""Handlers: registered analysis and rendering tasks the node runs on received series."""
