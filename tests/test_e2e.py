@@ -92,7 +92,8 @@ def test_study_in_results_out_to_orthanc_and_tps(ct, tmp_path):
 
 def test_sigkill_mid_study_loses_nothing_and_delivers_once(ct, tmp_path):
     rules = write_rules(tmp_path / "rules", destinations="[orthanc]")
-    node = NodeProcess(tmp_path / "data", rules, stable_after=4.0).start()
+    # A quiet period longer than the restart: the study must not complete half-received.
+    node = NodeProcess(tmp_path / "data", rules, stable_after=60.0).start()
     try:
         import subprocess
 
@@ -117,6 +118,7 @@ def test_sigkill_mid_study_loses_nothing_and_delivers_once(ct, tmp_path):
         node.start()
         out = storescu(node.dicom_port, ct.dicom_dir)  # the modality re-sends the whole study
         assert out.returncode == 0, out.stderr
+        assert node.api("POST", f"/api/studies/{ct.study_uid}/complete").status_code == 200
         st = wait_for(lambda: _done(node, ct.study_uid, ("orthanc",)), 120, "results delivered", interval=0.5)
         assert st["instances_received"] == len(files)
         (job,) = st["jobs"]
