@@ -36,7 +36,7 @@ def study(out: Path, slices: int, ts: str) -> Path:
         return PhantomStudy.open(d).dicom_dir
     except FileNotFoundError:
         shutil.rmtree(d, ignore_errors=True)
-        return generate_ct(d, seed=1, slices=slices, transfer_syntax=ts).dicom_dir
+        return generate_ct(d, seed=1, slices=slices, transfer_syntax=ts, nodules=3 if slices >= 100 else 0).dicom_dir
 
 
 def files_of(d: Path) -> list[Path]:
@@ -121,19 +121,25 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--json", type=Path, help="write raw results here")
+    ap.add_argument("--cases", default="single,parallel,rle", help="comma list of: single, parallel, rle")
+    ap.add_argument("--no-warmup", action="store_true")
     args = ap.parse_args()
     cache = REPO / "bench" / "out"
     cache.mkdir(parents=True, exist_ok=True)
-    cases = {
-        "1 assoc": (files_of(study(cache, args.slices, "explicit")), 1),
-        "4 assocs": (files_of(study(cache, args.slices, "explicit")), 4),
-        "1 assoc RLE": (files_of(study(cache, args.slices, "rle")), 1),
-    }
+    wanted = set(args.cases.split(","))
+    cases = {}
+    if "single" in wanted:
+        cases["1 assoc"] = (files_of(study(cache, args.slices, "explicit")), 1)
+    if "parallel" in wanted:
+        cases["4 assocs"] = (files_of(study(cache, args.slices, "explicit")), 4)
+    if "rle" in wanted:
+        cases["1 assoc RLE"] = (files_of(study(cache, args.slices, "rle")), 1)
     receivers = [StoreSCP, Orthanc, Hilum]
     results: dict[str, dict[str, list[float]]] = {c: {r.name: [] for r in receivers} for c in cases}
     for case, (files, assocs) in cases.items():
         mb = sum(f.stat().st_size for f in files) / 1e6
-        for run in range(args.runs + 1):  # run 0 is the warm-up
+        first = 1 if args.no_warmup else 0
+        for run in range(first, args.runs + 1):  # run 0 is the warm-up
             for R in receivers:
                 with R() as rx:
                     dt = send(rx.port, files, rx.called, assocs)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (name, script, full arguments, quick arguments)
 SUITE = [
-    ("ingest", "bench_ingest.py", ["--runs", "5"], ["--runs", "1", "--slices", "40"]),
+    ("ingest", "bench_ingest.py", ["--runs", "5"], ["--runs", "1", "--slices", "12", "--cases", "single", "--no-warmup"]),
     ("phantom", "bench_phantom.py", [], ["--runs", "1"]),
     ("rules", "bench_rules.py", [], []),
     ("encoders", "bench_encoders.py", [], ["--repeat", "1", "--size", "128", "--slices", "40"]),
