@@ -1,0 +1,80 @@
+"""The patient's body outline (External) on the coarse grid.
+
+Tissue is everything denser than ``TISSUE_HU``. The table, blankets, pads and cables are thin
+in the axial plane, so an in-plane opening removes them; what survives and looks like a patient
+(mostly fat and muscle) is kept, then regrown by one voxel to get the skin back. Air enclosed by
+the body in an axial slice (lungs, airway, bowel gas) is filled. A body cut by the edge of a
+small field of view leaves lungs open to that edge: an air region touching exactly one image
+edge and no corner is enclosed by the body and the edge, so it is filled too, while the air
+around the patient always reaches a corner or two edges.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from node.anatomy.grid import Coarse, component_sizes, grow, shrink
+
+TISSUE_HU = -500.0  # half-way between air and fat/soft tissue: the partial-volume boundary
+OPENING_MM = 6.0  # removes objects thinner than about 12 mm in the axial plane (tables, blankets)
+PATIENT_TISSUE_HU = (-200.0, 200.0)  # fat and muscle
+PATIENT_SOFT_FRACTION = 0.5  # a patient part is mostly fat and muscle; tables and pads are not
+PATIENT_MIN_FRACTION = 0.01  # separate parts (an arm) kept when at least 1 % of the largest
+
+
+def body_tissue(coarse: Coarse) -> np.ndarray:
+    """Patient tissue (no table, no air) on the coarse grid."""
+    tissue = coarse.hu > TISSUE_HU
+    rx, ry = coarse.radius(OPENING_MM)
+    # A square opening is as good as a disk at removing plates, and fast (see grid.grow).
+    opened = grow(shrink(tissue, rx, ry, 0, edge_inside=True), rx, ry, 0)
+    labels, n = ndimage.label(opened, structure=ndimage.generate_binary_structure(3, 1))
+    if n == 0:
+        return np.zeros_like(tissue)
+    sizes = component_sizes(labels, n)
+    lo, hi = PATIENT_TISSUE_HU
+    soft_voxels = np.bincount(labels[(coarse.hu > lo) & (coarse.hu < hi)], minlength=n + 1)[1:]
+    soft = soft_voxels / np.maximum(sizes, 1)
+    largest = int(np.argmax(sizes))
+    keep = (sizes >= PATIENT_MIN_FRACTION * sizes[largest]) & (soft >= PATIENT_SOFT_FRACTION)
+    keep[largest] = True
+    kept = np.zeros(n + 1, bool)
+    kept[1:] = keep
+    patient = kept[labels]
+    del labels
+    # Opening rounds off the skin; one voxel of regrowth within tissue restores it.
+    return tissue & grow(patient, 1, 1, 0)
+
+
+def fill_enclosed_air(body: np.ndarray) -> np.ndarray:
+    """``body`` plus the air it encloses in each axial slice (see the module docstring)."""
+    out = body.copy()
+    four = ndimage.generate_binary_structure(2, 1)  # background 4-connected: diagonal gaps stay closed
+    for k in range(body.shape[0]):
+        labels, n = ndimage.label(~body[k], structure=four)
+        if n == 0:
+            continue
+        edges = np.zeros(n + 1, np.int8)
+        for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+            edges[np.unique(edge)] += 1
+        outside = edges >= 2
+        outside[[labels[0, 0], labels[0, -1], labels[-1, 0], labels[-1, -1]]] = True
+        outside[0] = True  # label 0 is the body itself
+        out[k] |= ~outside[labels]
+    return out
+
+
+def trunk_x(coarse: Coarse, external: np.ndarray) -> np.ndarray:
+    """Per coarse slice, the patient x of the centre of its largest body region (the trunk or
+    neck, not an arm beside it); NaN where the slice holds no body."""
+    out = np.full(external.shape[0], np.nan)
+    for k in np.nonzero(external.any(axis=(1, 2)))[0]:
+        labels, n = ndimage.label(external[k])
+        largest = labels == 1 + int(np.argmax(component_sizes(labels, n)))
+        out[k] = float(coarse.x_plane(k)[largest].mean())
+    return out
+
+
+def external(coarse: Coarse) -> np.ndarray:
+    """The body outline on the coarse grid, with the air it encloses."""
+    return fill_enclosed_air(body_tissue(coarse))

@@ -1,0 +1,415 @@
+"""The `ct-anatomy` handler: accuracy against the phantom's ground truth on the variants real CT
+shows (thick slices, arms, contrast, consolidation, small field of view, feet first, low dose,
+touching lungs), refusal of what it cannot answer for, and its results as valid SEG/RTSTRUCT/SR.
+
+Truth per structure, from the phantom's labels: External = every patient label (not the table);
+Lung_L/Lung_R = the lung label plus the nodules and the lobar bronchi on that side (what lies
+inside the lung); Airway = the airway voxels of the trachea and main bronchi (the phantom's first
+seven airway capsules, chest._AIRWAY); Bone = cortical + cancellous bone.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydantic import ValidationError
+from scipy import ndimage
+
+from handlers.ct_anatomy import CTAnatomy
+from node.anatomy import AIRWAY, BONE, EXTERNAL, LUNG_L, LUNG_R
+from node.encoders import encode_all
+from node.handler_api import HandlerInput, HandlerRefusal, get_handler
+from node.phantom import PhantomStudy, generate_ct, generate_followup, generate_mr
+from node.phantom.chest import _AIRWAY
+from node.phantom.grid import Pose
+from node.results import LabelMap, MeasurementReport, ResultSet
+from node.volume import Geometry, SeriesData, Volume, load_series
+from tests.encoder_sources import context, save_valid
+
+TRACHEA_AND_MAIN_BRONCHI = 7  # _AIRWAY: 3 trachea capsules, 2 per main bronchus, then lobar bronchi
+TARGET_DICE = {"External": 0.97, "Lung_L": 0.95, "Lung_R": 0.95, "Airway": 0.85, "Bone": 0.90}
+VOLUME_TOLERANCE = {"External": 0.03, "Lung_L": 0.03, "Lung_R": 0.03}
+LABELS = {"External": None, "Lung_L": LUNG_L, "Lung_R": LUNG_R, "Airway": AIRWAY, "Bone": BONE}
+
+BASE = dict(rows=160, cols=160, slices=64, pixel_spacing=2.4, slice_thickness=2.5)
+VARIANTS = {
+    "default": dict(localizer=True),
+    "thick_5mm": dict(slices=32, slice_thickness=5.0),
+    "arms_up": dict(rows=192, cols=192, pixel_spacing=2.5, z_center_mm=70.0),  # neck, shoulders, arms
+    "arms_down": dict(rows=208, cols=208, pixel_spacing=2.5, arms="down"),  # arms touch the chest
+    "contrast": dict(contrast=True),
+    "small_fov": dict(fov_mm=290.0),  # the body runs off both sides of the image
+    "feet_first": dict(patient_position="FFS"),
+    "low_dose": dict(noise_hu=45.0),
+    "consolidation_left": dict(consolidation="left", z_center_mm=-30.0),
+    "below_carina": dict(z_center_mm=-100.0),  # lung bases and upper abdomen: no trachea in view
+    "rotated": None,  # a follow-up of "default": the patient turned 10 degrees and tilted, shifted 10 mm
+}
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    @functools.cache
+    def make(variant: str) -> tuple[PhantomStudy, SeriesData]:
+        where = tmp_path_factory.mktemp(variant) / "ct"
+        if variant == "rotated":
+            study = generate_followup(make("default")[0], where, rotation_deg=(3.0, 2.0, 10.0),
+                                      shift_mm=(10.0, 5.0, 0.0), new_nodules=0)
+        else:
+            study = generate_ct(where, seed=7, **{**BASE, **VARIANTS[variant]})
+        return study, load_series(study.series_files())
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def segmented(phantom):
+    @functools.cache
+    def run(variant: str):
+        study, series = phantom(variant)
+        handler = CTAnatomy()
+        inp = HandlerInput(study.study_uid, [series])
+        handler.check(inp)
+        results = handler.run(inp, lambda fraction, message: None)
+        ResultSet(results)  # references between the results hold
+        (label_map,) = [r for r in results if isinstance(r, LabelMap)]
+        (report,) = [r for r in results if isinstance(r, MeasurementReport)]
+        return label_map, report, truth(study, series.volume.geometry)
+
+    return run
+
+
+def truth(study: PhantomStudy, geometry: Geometry) -> dict[str, np.ndarray]:
+    labels, lg = study.label_volume()
+    assert np.allclose(lg.matrix[:, :2], geometry.matrix[:, :2]) and lg.shape == geometry.shape
+    # The series' slices in the label volume, matched by position (never by order).
+    order = [int(round(lg.patient_to_index(geometry.slice_position(k))[0])) for k in range(geometry.shape[0])]
+    labels = labels[order]
+    table = study.label_table
+    pose = Pose.from_matrix(study.manifest["pose"]["matrix"])  # the anatomy's place in this study
+
+    def anatomical(k, j, i) -> np.ndarray:
+        return pose.to_anatomy(geometry.index_to_patient(np.stack([k, j, i], axis=1)))
+
+    airway_k, airway_j, airway_i = np.nonzero(labels == study.label("airway"))
+    points = anatomical(airway_k, airway_j, airway_i)
+    surface = np.stack([_capsule_distance(points, a, b) - r for a, b, r in _AIRWAY], axis=1)
+    central = np.argmin(surface, axis=1) < TRACHEA_AND_MAIN_BRONCHI
+    airway = np.zeros(labels.shape, bool)
+    airway[airway_k[central], airway_j[central], airway_i[central]] = True
+    inner = np.isin(labels, table["groups"]["nodules"]) | ((labels == study.label("airway")) & ~airway)
+    k, j, i = np.nonzero(inner)
+    left_side = anatomical(k, j, i)[:, 0] > 0  # LPS: +x = patient left
+    lung_l, lung_r = labels == study.label("lung_left"), labels == study.label("lung_right")
+    lung_l[k[left_side], j[left_side], i[left_side]] = True
+    lung_r[k[~left_side], j[~left_side], i[~left_side]] = True
+    return {"External": np.isin(labels, table["groups"]["patient"]), "Lung_L": lung_l, "Lung_R": lung_r,
+            "Airway": airway, "Bone": np.isin(labels, table["groups"]["bone"])}
+
+
+def _capsule_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ab = b - a
+    t = np.clip((p - a) @ ab / (ab @ ab), 0.0, 1.0)
+    return np.linalg.norm(p - (a + t[:, None] * ab), axis=1)
+
+
+def predicted(label_map: LabelMap, name: str) -> np.ndarray:
+    return label_map.labels > 0 if name == "External" else label_map.labels == LABELS[name]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def centroid_x(geometry: Geometry, mask: np.ndarray) -> float:
+    return float(geometry.index_to_patient(np.mean(np.nonzero(mask), axis=1))[0])
+
+
+@pytest.mark.parametrize("variant", ["default", "thick_5mm", "arms_up", "arms_down", "contrast", "small_fov",
+                                     "feet_first", "low_dose", "rotated"])
+def test_accuracy_on_phantom_variants(segmented, variant):
+    label_map, _, want = segmented(variant)
+    scores = {name: dice(predicted(label_map, name), want[name]) for name in TARGET_DICE}
+    errors = {name: predicted(label_map, name).sum() / want[name].sum() - 1 for name in VOLUME_TOLERANCE}
+    for name, target in TARGET_DICE.items():
+        assert scores[name] >= target, f"{variant}: {name} Dice {scores[name]:.3f} < {target} ({scores})"
+    for name, tolerance in VOLUME_TOLERANCE.items():
+        assert abs(errors[name]) <= tolerance, f"{variant}: {name} volume off by {errors[name]:+.1%}"
+    # Left is left in patient coordinates (LPS +x), whatever the image columns run to.
+    g = label_map.geometry
+    assert centroid_x(g, label_map.labels == LUNG_L) > 50 > -50 > centroid_x(g, label_map.labels == LUNG_R)
+
+
+def test_feet_first_mirrors_the_image_but_not_the_sides(phantom, segmented):
+    head_first, _, _ = segmented("default")
+    feet_first, _, _ = segmented("feet_first")
+    # FFS columns run toward the patient's right: the left lung sits on the other side of the image.
+    cols = head_first.labels.shape[2]
+    ih = np.mean(np.nonzero(head_first.labels == LUNG_L)[2])
+    iff = np.mean(np.nonzero(feet_first.labels == LUNG_L)[2])
+    assert ih > cols / 2 > iff
+
+
+def test_consolidated_lung_spares_the_other_lung_and_the_body(phantom, segmented):
+    """Dense consolidation (35 HU) fills the dependent lower left lung. Where it meets soft tissue
+    (40 HU) no image edge exists, so the handler reports the aerated lung; what it must not do is
+    leak out of the lung, or let the other lung or the body fail."""
+    label_map, _, want = segmented("consolidation_left")
+    study, series = phantom("consolidation_left")
+    (finding,) = study.manifest["findings"]
+    region = finding["region_anatomical"]  # the baseline's anatomical frame is its patient frame
+    g = series.volume.geometry
+    z = np.array([g.slice_position(k)[2] for k in range(g.shape[0])])
+    y = g.index_to_patient(np.stack([np.zeros(g.shape[1]), np.arange(g.shape[1]), np.zeros(g.shape[1])], 1))[:, 1]
+    dense = np.broadcast_to((z < region["z_below_mm"])[:, None, None] & (y > region["y_above_mm"])[None, :, None],
+                            g.shape)
+    aerated = want["Lung_L"] & ~dense
+    left = label_map.labels == LUNG_L
+    assert dense[want["Lung_L"]].mean() > 0.1  # the consolidation is substantial
+    assert dice(left, aerated) >= 0.95
+    assert (left & want["Lung_L"]).sum() / left.sum() >= 0.97  # nothing outside the left lung
+    for name in ("Lung_R", "External"):
+        got = predicted(label_map, name)
+        assert dice(got, want[name]) >= TARGET_DICE[name]
+        assert abs(got.sum() / want[name].sum() - 1) <= VOLUME_TOLERANCE[name]
+
+
+def test_lungs_touching_at_the_anterior_junction_are_split(phantom):
+    study, series = phantom("default")
+    g = series.volume.geometry
+    want = truth(study, g)
+    # Aerated lung across the anterior mediastinum over 4 cm: the two lungs become one region.
+    n, rows, cols = g.shape
+    grid = np.stack(np.meshgrid(np.arange(n), np.arange(rows), np.arange(cols), indexing="ij"), axis=-1)
+    p = g.index_to_patient(grid.reshape(-1, 3)).reshape(n, rows, cols, 3)
+    bridge = (np.abs(p[..., 0]) < 24) & (p[..., 1] > -84) & (p[..., 1] < -70) & (np.abs(p[..., 2] - 10) < 20)
+    array = series.volume.array.copy()
+    array[bridge] = np.random.default_rng(0).normal(-850, 15, int(bridge.sum())).astype(array.dtype)
+    touching = SeriesData(series.series_uid, "CT", series.datasets, Volume(array, g))
+    (label_map, _) = CTAnatomy().run(HandlerInput(study.study_uid, [touching]), lambda f, m: None)
+    left = want["Lung_L"] | (bridge & (p[..., 0] > 0))
+    right = want["Lung_R"] | (bridge & (p[..., 0] <= 0))
+    assert bridge.sum() > 1000
+    assert dice(label_map.labels == LUNG_L, left) >= 0.95
+    assert dice(label_map.labels == LUNG_R, right) >= 0.95
+
+
+def test_no_trachea_in_view_gives_no_airway_and_still_the_rest(segmented):
+    label_map, report, want = segmented("below_carina")
+    assert AIRWAY not in {s.label for s in label_map.segments}
+    assert "Airway" not in {g.tracking_id for g in report.groups}
+    for name in ("External", "Lung_L", "Lung_R", "Bone"):
+        assert dice(predicted(label_map, name), want[name]) >= TARGET_DICE[name], name
+
+
+def test_blanket_and_bowel_gas(phantom):
+    """A blanket over the patient (a 3 mm layer, 6 mm off the skin) is not patient; gas in the bowel
+    is inside the body, and is not lung."""
+    study, series = phantom("below_carina")
+    g = series.volume.geometry
+    want = truth(study, g)
+    body = want["External"]
+    step = g.spacing[0]
+    gap = ndimage.binary_dilation(body, np.ones((1, 3, 3), bool), iterations=round(6 / step))
+    cover = ndimage.binary_dilation(gap, np.ones((1, 3, 3), bool), iterations=max(1, round(3 / step))) & ~gap
+    n, rows, cols = g.shape
+    grid = np.stack(np.meshgrid(np.arange(n), np.arange(rows), np.arange(cols), indexing="ij"), axis=-1)
+    p = g.index_to_patient(grid.reshape(-1, 3)).reshape(n, rows, cols, 3)
+    blanket = cover & (p[..., 1] < 0)  # over the anterior half
+    # Gas in the upper abdomen, midline (the lungs keep 22 mm off it), below the lung bases.
+    gas = (np.linalg.norm(p - np.array([0.0, -40.0, -165.0]), axis=-1) < 13) & body & ~want["Bone"]
+    lung = want["Lung_L"] | want["Lung_R"]
+    assert ndimage.distance_transform_edt(~lung, sampling=g.spacing[::-1])[gas].min() > 10
+    rng = np.random.default_rng(1)
+    array = series.volume.array.copy()
+    array[blanket] = rng.normal(-50, 15, int(blanket.sum())).astype(array.dtype)
+    array[gas] = rng.normal(-1000, 15, int(gas.sum())).astype(array.dtype)
+    # Both substantial: the blanket 2 % of the body, over 5 ml of gas.
+    assert blanket.sum() > 0.02 * body.sum() and gas.sum() * np.prod(g.spacing) > 5_000
+    altered = SeriesData(series.series_uid, "CT", series.datasets, Volume(array, g))
+    (label_map, _) = CTAnatomy().run(HandlerInput(study.study_uid, [altered]), lambda f, m: None)
+    external = label_map.labels > 0
+    assert dice(external, body) >= TARGET_DICE["External"]
+    assert abs(external.sum() / body.sum() - 1) <= VOLUME_TOLERANCE["External"]
+    assert (external & blanket).sum() < 0.02 * blanket.sum()
+    assert external[gas].all() and not np.isin(label_map.labels[gas], [LUNG_L, LUNG_R]).any()
+
+
+def test_report_measures_volumes_and_hu_against_truth(segmented):
+    label_map, report, want = segmented("default")
+    voxel_ml = float(np.prod(label_map.geometry.spacing)) / 1000
+    groups = {g.tracking_id: {m.name: m for m in g.measurements} for g in report.groups}
+    assert list(groups) == ["External", "Lung_L", "Lung_R", "Lungs", "Airway", "Bone"]
+    for name in ("External", "Lung_L", "Lung_R"):
+        assert groups[name]["volume"].unit == "ml"
+        assert groups[name]["volume"].value == pytest.approx(want[name].sum() * voxel_ml, rel=0.03)
+    # The report's volume is exactly what the label map holds (External: all of the body).
+    for name in ("Lung_L", "Lung_R", "Airway", "Bone"):
+        assert groups[name]["volume"].value == pytest.approx(predicted(label_map, name).sum() * voxel_ml, abs=1e-3)
+    assert groups["External"]["volume"].value == pytest.approx((label_map.labels > 0).sum() * voxel_ml, abs=1e-3)
+    left, right = groups["Lung_L"]["volume"].value, groups["Lung_R"]["volume"].value
+    assert groups["Lungs"]["volume"].value == pytest.approx(left + right, abs=1e-2)
+    true_ratio = want["Lung_L"].sum() / want["Lung_R"].sum()
+    assert groups["Lungs"]["left_right_ratio"].value == pytest.approx(true_ratio, rel=0.03)
+    # Phantom HU: aerated lung -850 (with texture, vessels-free), cortex 850 / marrow 300, air -1000.
+    for name in ("Lung_L", "Lung_R"):
+        assert -870 <= groups[name]["hu_mean"].value <= -800
+        assert 0 < groups[name]["hu_sd"].value < 150
+    assert groups["Airway"]["hu_mean"].value < -850
+    assert 300 <= groups["Bone"]["hu_mean"].value <= 850
+    assert {g.segment_label for g in report.groups} == {EXTERNAL, LUNG_L, LUNG_R, AIRWAY, BONE, None}
+
+
+def test_results_encode_as_valid_seg_rtstruct_and_sr(phantom, segmented, tmp_path):
+    study, series = phantom("default")
+    label_map, report, _ = segmented("default")
+    ctx = context(handler=CTAnatomy.name, handler_version=CTAnatomy.version, model_name=None, model_version=None)
+    seg, rtstruct, sr = encode_all([label_map, report], {series.series_uid: series}, ctx)
+    paths = [save_valid(ds, tmp_path) for ds in (seg, rtstruct, sr)]  # dciodvfy: no errors
+    assert {str(ds.StudyInstanceUID) for ds in (seg, rtstruct, sr)} == {study.study_uid}
+
+    segments = pydicom.dcmread(paths[0]).SegmentSequence
+    assert [s.SegmentLabel for s in segments] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
+    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in segments] == \
+        ["38266002", "44029006", "3341006", "110726009", "272673000"]
+
+    rt = pydicom.dcmread(paths[1])
+    assert [r.ROIName for r in rt.StructureSetROISequence] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
+    assert [o.RTROIInterpretedType for o in rt.RTROIObservationsSequence] == \
+        ["EXTERNAL", "ORGAN", "ORGAN", "ORGAN", "ORGAN"]
+    # The External is the outer surface: on a mid-chest slice one contour around the whole chest,
+    # the lungs inside it filled rather than cut out.
+    mid = series.datasets[len(series.datasets) // 2].SOPInstanceUID
+    external = rt.ROIContourSequence[0].ContourSequence
+    assert sum(c.ContourImageSequence[0].ReferencedSOPInstanceUID == mid for c in external) == 1
+
+    groups = hd.sr.srread(paths[2]).content.get_volumetric_roi_measurement_groups()
+    expected = {g.tracking_id: g.measurements[0].value for g in report.groups if g.segment_label is not None}
+    assert {g.tracking_identifier: g.get_measurements()[0].value for g in groups} == pytest.approx(expected)
+
+
+def test_airway_and_bone_can_be_switched_off(phantom):
+    study, series = phantom("default")
+    handler = get_handler("ct-anatomy")({"airway": False, "bone": False})
+    label_map, report = handler.run(HandlerInput(study.study_uid, [series]), lambda f, m: None)
+    assert [s.name for s in label_map.segments] == ["External", "Lung_L", "Lung_R"]
+    assert [g.tracking_id for g in report.groups] == ["External", "Lung_L", "Lung_R", "Lungs"]
+
+
+def test_params_are_validated():
+    with pytest.raises(ValidationError, match="working_resolution_mm"):
+        CTAnatomy({"working_resolution_mm": 0.1})
+    with pytest.raises(ValidationError, match="bogus"):
+        CTAnatomy({"bogus": 1})
+
+
+def _refusal(series: SeriesData, study_uid: str = "1.2.3") -> str:
+    handler = CTAnatomy()
+    inp = HandlerInput(study_uid, [series])
+    with pytest.raises(HandlerRefusal) as exc:
+        handler.check(inp)
+        handler.run(inp, lambda f, m: None)
+    return str(exc.value)
+
+
+def test_refuses_a_localizer(phantom):
+    study, series = phantom("default")
+    scout = load_series(study.series_files(study.localizer_series_uid))
+    assert "volume" in _refusal(scout)  # a single projection image
+    for ds in series.datasets[:3]:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    try:
+        assert "localizer" in _refusal(series)
+    finally:
+        for ds in series.datasets[:3]:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+
+
+def test_refuses_mr(tmp_path):
+    mr = generate_mr(tmp_path / "mr", rows=64, cols=64, slices=12)
+    assert "accepts CT" in _refusal(load_series(mr.series_files()))
+
+
+def test_refuses_irregular_spacing_and_too_few_slices(phantom):
+    study, _ = phantom("default")
+    files = sorted(study.series_files(), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True)
+                                                              .ImagePositionPatient[2]))
+    gap = load_series(files[:20] + files[21:])
+    assert "irregular slice spacing" in _refusal(gap)
+    assert "slices" in _refusal(load_series(files[:3]))
+
+
+def test_refuses_non_axial_volumes(phantom):
+    _, series = phantom("default")
+    g = series.volume.geometry
+    # The same voxels declared sagittal: rows along y, columns along -z, slices along x.
+    sagittal = Geometry(g.shape, g.origin, g.spacing, (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+    fake = SeriesData(series.series_uid, "CT", series.datasets, Volume(series.volume.array, sagittal))
+    assert "not axial" in _refusal(fake)
+
+
+def test_refuses_pixels_that_are_not_hounsfield_units(phantom):
+    _, series = phantom("default")
+    stored = SeriesData(series.series_uid, "CT", series.datasets,
+                        Volume((series.volume.array + 1024).astype(np.int16), series.volume.geometry))
+    assert "Hounsfield" in _refusal(stored)
+    headers = [copy.deepcopy(d) for d in series.datasets]
+    for d in headers:
+        del d.RescaleIntercept
+    no_rescale = SeriesData(series.series_uid, "CT", headers, series.volume)
+    assert "RescaleIntercept" in _refusal(no_rescale)
+
+
+@pytest.mark.slow
+def test_end_to_end_through_the_node_to_orthanc_and_a_tps(tmp_path):
+    """storescu sends a phantom chest CT; the node runs ct-anatomy and delivers SEG, RTSTRUCT and SR
+    into the same study in Orthanc, and to a DCMTK storescp playing the planning system."""
+    import textwrap
+
+    from tests.iod import assert_valid_iod
+    from tests.nodeproc import running_node, storescp, storescu, wait_for
+
+    ct = generate_ct(tmp_path / "ct", seed=11, rows=128, cols=128, slices=40, pixel_spacing=2.8,
+                     slice_thickness=4.0)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "ct.yaml").write_text(textwrap.dedent("""\
+        - name: ct-anatomy
+          level: series
+          match: {Modality: CT, is_volume: true}
+          handler: ct-anatomy
+          destinations: [orthanc, tps]
+        """))
+
+    def delivered(node):
+        jobs = node.study(ct.study_uid).get("jobs", [])
+        if not jobs or any(j["status"] not in ("done", "failed") for j in jobs):
+            return None
+        results = [r for j in jobs for r in j["results"]]
+        done = all(r["deliveries"].get(d) == "delivered" for r in results for d in ("orthanc", "tps"))
+        return jobs if done else None
+
+    with storescp(tmp_path / "tps") as tps_port:
+        tps = {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}}
+        with running_node(tmp_path / "data", rules, destinations=tps) as node:
+            assert storescu(node.dicom_port, ct.dicom_dir).returncode == 0
+            (job,) = wait_for(lambda: delivered(node), 180, "ct-anatomy results delivered", interval=0.5)
+            assert job["status"] == "done", job
+            assert sorted(r["modality"] for r in job["results"]) == ["RTSTRUCT", "SEG", "SR"]
+            with node.orthanc() as orthanc:
+                found = orthanc.post("/tools/find", json={"Level": "Instance", "Expand": True,
+                                                          "Query": {"StudyInstanceUID": ct.study_uid}}).json()
+            in_orthanc = {i["MainDicomTags"]["SOPInstanceUID"] for i in found}
+            assert {r["sop_instance_uid"] for r in job["results"]} <= in_orthanc
+    received = {str(d.Modality): d for d in (pydicom.dcmread(p) for p in (tmp_path / "tps").iterdir())}
+    rt = received["RTSTRUCT"]
+    assert rt.StudyInstanceUID == ct.study_uid
+    assert [r.ROIName for r in rt.StructureSetROISequence] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
+    path = tmp_path / "rtstruct.dcm"
+    rt.save_as(path, enforce_file_format=True)
+    assert_valid_iod(path)
