@@ -106,7 +106,7 @@ class CTAnatomy(Handler):
     needs_volume = True
     Params = CTAnatomyParams
     sr_template = "ct-anatomy"
-    reports_findings = frozenset({"external", "lung_left", "lung_right", "lungs", "airway", "bone"})
+    reports_findings = frozenset({finding for _, finding in SEGMENTS.values()} | {"lungs"})
     reports_measurements = frozenset({"volume", "hu_mean", "hu_sd", "left_right_ratio"})
 
     def check(self, inp: HandlerInput) -> None:
