@@ -15,7 +15,8 @@ COPY models ./models
 COPY sr_templates ./sr_templates
 COPY ohif-config ./ohif-config
 COPY hilum.yaml ./
-ENV TCP_NODELAY=1 HILUM_DATA_DIR=/var/lib/hilum HILUM_WEB_HOST=0.0.0.0
+# Plain HTTP beyond loopback only behind a TLS-terminating proxy; otherwise set web_tls in hilum.yaml.
+ENV TCP_NODELAY=1 HILUM_DATA_DIR=/var/lib/hilum HILUM_WEB_HOST=0.0.0.0 HILUM_WEB_ALLOW_PLAIN_HTTP=true
 VOLUME /var/lib/hilum
 EXPOSE 11112 8080
 ENTRYPOINT ["/opt/hilum/.venv/bin/hilum", "up", "--config", "/opt/hilum/hilum.yaml"]

@@ -27,6 +27,7 @@ SUITE = [
     ("ct-anatomy", "bench_ct_anatomy.py", [], ["--quick"]),
     ("render", "bench_render.py", [], ["--shape", "60", "128", "128", "--size", "128", "--repeat", "1",
                                        "--frames", "3"]),
+    ("security", "bench_security.py", [], ["--instances", "8", "--runs", "1", "--size", "128"]),
     ("models", "bench_models.py", [], ["--repeat", "1", "--size", "128", "--slices", "40"]),
 ]
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -19,11 +21,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", dest="data_dir", type=Path)
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
     from node import logs
     from node.runtime import Node
+    from node.tls import uvicorn_tls_options
     from node.web.app import create_app
 
     settings = _settings(args)
@@ -36,9 +43,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         node.stop()
         return 1
     server = uvicorn.Server(uvicorn.Config(create_app(node), host=settings.web_host, port=settings.web_port,
-                                           log_level="warning", access_log=False))
+                                           log_level="warning", access_log=False,
+                                           **uvicorn_tls_options(settings.web_tls)))
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down; with the default handler that
+    # would kill the process before node.stop() runs, so turn it into an exception here.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         server.run()  # returns on SIGINT/SIGTERM
+    except SystemExit:
+        pass
     finally:
         node.stop()
     return 0
@@ -48,9 +61,45 @@ def cmd_token(args: argparse.Namespace) -> int:
     from node.runtime import open_index
     from node.web.auth import create_token
 
+    from node.audit import open_audit
+
     settings = _settings(args)
     token = create_token(open_index(settings), args.role, args.label)
+    open_audit(settings).token_created(args.role, args.label, by=f"cli {getpass.getuser()}")
     print(token)
+    return 0
+
+
+def _read_password() -> str:
+    """From the terminal (asked twice), or the first line of standard input when it is not one."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from node.runtime import open_index
+    from node.web.users import set_user
+
+    index = open_index(_settings(args))
+    if args.ucmd == "list":
+        for row in index.users():
+            print(f"{row['name']}\t{row['role']}")
+        return 0
+    if args.ucmd == "remove":
+        if not index.delete_user(args.name):
+            print(f"hilum: no user {args.name!r}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        created = set_user(index, args.name, _read_password(), args.role)
+    except ValueError as exc:
+        print(f"hilum: {exc}", file=sys.stderr)
+        return 2
+    print(f"user {args.name} {'created' if created else 'updated'} ({args.role})")
     return 0
 
 
@@ -74,6 +123,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         jobs = ", ".join(f"{j['handler']}:{j['status']}" for j in s["jobs"]) or "-"
         print(f"{s['study_uid'][:48]:<48} {s['instances_received']:>5} {str(s['stable']).lower():<6} {jobs}")
     print(f"duplicates {index.stat('duplicates')}, quarantined {index.stat('quarantined')}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from node.jobs.admin import retry
+    from node.runtime import open_index
+
+    try:
+        print(retry(open_index(_settings(args)), args.job_id, who="cli"))
+    except KeyError as exc:
+        print(f"hilum: {exc.args[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -113,11 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--label")
     create.set_defaults(func=cmd_token)
 
+    usr = sub.add_parser("user", help="console users").add_subparsers(dest="ucmd", required=True)
+    add = usr.add_parser("add", help="create a user or reset its password and role (password from stdin or prompt)")
+    _add_common(add)
+    add.add_argument("name")
+    add.add_argument("--role", choices=("admin", "viewer"), required=True)
+    add.set_defaults(func=cmd_user)
+    for name, text in (("list", "list users"), ("remove", "remove a user")):
+        u = usr.add_parser(name, help=text)
+        _add_common(u)
+        if name == "remove":
+            u.add_argument("name")
+        u.set_defaults(func=cmd_user)
+
     st = sub.add_parser("status", help="studies, jobs and deliveries")
     _add_common(st)
     st.add_argument("--json", action="store_true")
     st.add_argument("--limit", type=int, default=20)
     st.set_defaults(func=cmd_status)
+
+    rt = sub.add_parser("retry", help="re-run a failed job or re-send its failed deliveries")
+    _add_common(rt)
+    rt.add_argument("job_id", type=int)
+    rt.set_defaults(func=cmd_retry)
 
     send = sub.add_parser("send", help="send DICOM files or folders by C-STORE")
     send.add_argument("paths", nargs="+", type=Path)
@@ -130,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("phantom", help="write a synthetic study with ground truth (see `hilum phantom -h`)",
                    add_help=False)
     sub.add_parser("rules", help="test and simulate routing rules (see `hilum rules -h`)", add_help=False)
+    sub.add_parser("audit", help="verify, search and export the audit trail (see `hilum audit -h`)",
+                   add_help=False)
+    sub.add_parser("cert", help="development TLS certificates (see `hilum cert -h`)", add_help=False)
+    sub.add_parser("deid", help="de-identification keys and files (see `hilum deid -h`)", add_help=False)
     return p
 
 
@@ -142,6 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         from node.rules.cli import cli as rules_cli
 
         return rules_cli(argv[1:])
+    if argv and argv[0] == "audit":
+        from node.audit.cli import cli as audit_cli
+
+        return audit_cli(argv[1:])
+    if argv and argv[0] == "cert":
+        from node.tls.certs import cli as cert_cli
+
+        return cert_cli(argv[1:])
+    if argv and argv[0] == "deid":
+        from node.deid.cli import cli as deid_cli
+
+        return deid_cli(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.config_security import AuditSettings, ClientTls, Deidentify, DicomTls, WebTls
+
 AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 
 
@@ -22,6 +24,15 @@ def _check_ae(v: str) -> str:
     if not AE_RE.match(v) or "\\" in v or not v.strip():
         raise ValueError(f"{v!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
     return v.strip()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to anything: not loopback
 
 
 class Strict(BaseModel):
@@ -43,15 +54,26 @@ class AllowedCaller(Strict):
 
 
 class DimseDestination(Strict):
-    """A DICOM peer receiving results by C-STORE (e.g. a treatment planning system)."""
+    """A DICOM peer receiving results by C-STORE (e.g. a treatment planning system). Type ``hilum``:
+    another Hilum node (multi-centre research), which needs both ``tls`` and ``deidentify``."""
 
-    type: Literal["dimse"] = "dimse"
+    type: Literal["dimse", "hilum"] = "dimse"
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None  # defaults to the node's AE title
+    tls: ClientTls | None = None  # DICOM TLS to this peer
+    deidentify: Deidentify | None = None  # send de-identified copies (PS3.15 Annex E profile)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @model_validator(mode="after")
+    def _hilum_peer(self) -> "DimseDestination":
+        missing = [f for f in ("tls", "deidentify") if self.type == "hilum" and getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)}: required for a 'hilum' destination (data leaving the site "
+                             "goes encrypted and de-identified)")
+        return self
 
 
 class ExternalOrthanc(Strict):
@@ -84,6 +106,13 @@ class Settings(Strict):
     delivery_backoff_s: float = Field(5.0, gt=0)
     delivery_backoff_max_s: float = Field(900.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    session_idle_s: float = Field(1800.0, gt=0, le=86400)  # browser sessions end after this much inactivity
+    stow_max_mb: int = Field(2048, ge=1)  # largest STOW-RS request the web gateway accepts
+    audit: AuditSettings = AuditSettings()  # tamper-evident audit trail (node/audit)
+    dicom_tls: DicomTls | None = None  # a second SCP port speaking DICOM over TLS
+    dicom_plain_enabled: bool = True  # the plain (unencrypted) SCP port; off: TLS only
+    web_tls: WebTls | None = None  # HTTPS for the web server (certificate and key, PEM)
+    web_allow_plain_http: bool = False  # plain HTTP on a non-loopback web_host (e.g. behind a TLS proxy)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -94,6 +123,22 @@ class Settings(Strict):
         for name in self.destinations:
             if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
                 raise ValueError(f"destinations: name {name!r} must be lowercase letters, digits, '-' or '_'")
+        return self
+
+    @model_validator(mode="after")
+    def _dicom_ports(self) -> "Settings":
+        if not self.dicom_plain_enabled and self.dicom_tls is None:
+            raise ValueError("dicom_plain_enabled: false leaves no DICOM port; configure dicom_tls")
+        if self.dicom_plain_enabled and self.dicom_tls is not None and self.dicom_tls.port == self.dicom_port:
+            raise ValueError(f"dicom_tls.port: {self.dicom_port} is the plain dicom_port too; give it its own port")
+        return self
+
+    @model_validator(mode="after")
+    def _plain_http_only_on_loopback(self) -> "Settings":
+        if self.web_tls is None and not self.web_allow_plain_http and not _is_loopback(self.web_host):
+            raise ValueError(f"web_allow_plain_http: web_host {self.web_host} is not loopback, so plain HTTP would "
+                             "carry passwords and images over the network; configure web_tls, or set "
+                             "web_allow_plain_http: true (e.g. behind a TLS-terminating proxy)")
         return self
 
     @property

@@ -11,7 +11,9 @@ import threading
 
 import httpx
 
+from node import __version__
 from node.archive.orthanc import ArchiveEndpoint, ManagedOrthanc, archive_endpoint
+from node.audit import open_audit
 from node.config import Settings
 from node.deliver.destinations import build_destinations
 from node.deliver.loop import DeliveryLoop
@@ -58,18 +60,20 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.index = open_index(settings)
+        self.audit = open_audit(settings)
         self.spool = Spool(settings.data_dir)
         self.managed: ManagedOrthanc | None = None if settings.external_orthanc else ManagedOrthanc(settings)
         self.archive: ArchiveEndpoint = self.managed.endpoint if self.managed else archive_endpoint(settings)
         self.rules = RulesService(settings.rules_dir, settings.data_dir / "rules-history",
-                                  handlers=get_handler, destinations=settings.destination_names)
+                                  handlers=get_handler, destinations=settings.destination_names, audit=self.audit)
         self.ingest = Ingest(self.index, self.spool)
-        self.scp = StoreSCP(settings, self.ingest)
+        self.scp = StoreSCP(settings, self.ingest, self.audit)
         self.delivery = DeliveryLoop(settings, self.index,
-                                     build_destinations(self.archive, settings.destinations, settings.ae_title))
-        self.executor = LocalProcessExecutor(settings, self.index, on_done=self.delivery.wake)
+                                     build_destinations(self.archive, settings.destinations, settings.ae_title),
+                                     self.audit)
+        self.executor = LocalProcessExecutor(settings, self.index, on_done=self.delivery.wake, audit=self.audit)
         self.router = Router(settings, self.index, rules=self.rules.current, on_jobs=self.executor.wake,
-                             on_deliveries=self.delivery.wake)
+                             on_deliveries=self.delivery.wake, audit=self.audit)
         self.http_client: httpx.AsyncClient | None = None
         self._started = threading.Event()
 
@@ -86,6 +90,7 @@ class Node:
         self.router.start()
         self.scp.start()  # last: accept data only once every later stage is ready
         self._started.set()
+        self.audit.node_started(__version__)
 
     def stop(self) -> None:
         """Stop accepting, let in-flight C-STOREs finish, leave jobs/deliveries durable, stop Orthanc."""
@@ -97,6 +102,8 @@ class Node:
         self.delivery.stop()
         if self.managed:
             self.managed.stop()
+        if self._started.is_set():
+            self.audit.node_stopped()
         self.index.close()
 
     def archive_alive(self) -> bool:

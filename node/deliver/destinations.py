@@ -17,6 +17,8 @@ from pynetdicom import AE, build_context
 
 from node.archive.orthanc import ArchiveEndpoint
 from node.config import DimseDestination
+from node.deid import deidentify_batch, from_config
+from node.tls import client_tls_args
 
 log = logging.getLogger("hilum.deliver")
 
@@ -34,6 +36,7 @@ class DeliveryError(Exception):
 
 class Destination:
     type: ClassVar[str]
+    deidentifies: bool = False  # sends de-identified copies (an Export in the audit trail)
 
     def send(self, items: list[Item]) -> set[str]:
         raise NotImplementedError  # abstract
@@ -105,16 +108,23 @@ class DimseStoreDestination(Destination):
     def __init__(self, cfg: DimseDestination, local_ae: str) -> None:
         self.cfg = cfg
         self.local_ae = cfg.calling_ae_title or local_ae
+        self.tls_args = client_tls_args(cfg.tls, cfg.host, "tls") if cfg.tls else None
+        self.deid = from_config(cfg.deidentify) if cfg.deidentify else None
+        self.deidentifies = self.deid is not None
 
     def send(self, items: list[Item]) -> set[str]:
         datasets = [(it, pydicom.dcmread(it.path)) for it in items]
+        if self.deid is not None:
+            datasets = deidentify_batch(self.deid, datasets)
+            if not datasets:
+                return set()
         contexts: dict[tuple[str, str], None] = {}
         for _, ds in datasets:
             contexts[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))] = None
         ae = AE(ae_title=self.local_ae)
         # One context per (SOP class, transfer syntax): files go as stored, never transcoded.
         ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in list(contexts)[:128]]
-        assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title)
+        assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title, tls_args=self.tls_args)
         if not assoc.is_established:
             raise DeliveryError(f"association to {self.cfg.ae_title}@{self.cfg.host}:{self.cfg.port} failed")
         ok: set[str] = set()
@@ -133,9 +143,17 @@ class DimseStoreDestination(Destination):
         return ok
 
 
+@destination_type("hilum")
+class HilumNodeDestination(DimseStoreDestination):
+    """Another Hilum node: the same C-STORE, with TLS and de-identification (required by its config)."""
+
+
 def build_destinations(endpoint: ArchiveEndpoint, configured: dict[str, DimseDestination],
                        local_ae: str) -> dict[str, Destination]:
     out: dict[str, Destination] = {"orthanc": _TYPES["orthanc"](endpoint)}
     for name, cfg in configured.items():
-        out[name] = _TYPES[cfg.type](cfg, local_ae)
+        try:
+            out[name] = _TYPES[cfg.type](cfg, local_ae)
+        except ValueError as exc:  # e.g. a certificate that does not load: name the destination
+            raise ValueError(f"destinations.{name}.{exc}") from None
     return out

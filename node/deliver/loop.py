@@ -11,6 +11,7 @@ import threading
 import time
 from collections import defaultdict
 
+from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.deliver.destinations import Destination, Item
 from node.store.index import Index
@@ -19,8 +20,10 @@ log = logging.getLogger("hilum.deliver")
 
 
 class DeliveryLoop:
-    def __init__(self, settings: Settings, index: Index, destinations: dict[str, Destination]) -> None:
+    def __init__(self, settings: Settings, index: Index, destinations: dict[str, Destination],
+                 audit: AuditTrail = NULL_AUDIT) -> None:
         self.settings = settings
+        self.audit = audit
         self.index = index
         self.destinations = destinations
         self._wake = threading.Event()
@@ -68,12 +71,14 @@ class DeliveryLoop:
                 ok = dest.send(items)
             except Exception as exc:  # noqa: BLE001 - any peer failure becomes a retry
                 log.warning("delivery to %s failed (%d items): %s", dest_name, len(items), exc)
+                self.audit.delivery(dest_name, rows, error=str(exc) or type(exc).__name__, deidentified=dest.deidentifies)
                 self._failed(ids, str(exc) or type(exc).__name__)
                 continue
             done = [r["id"] for r in rows if r["sop_uid"] in ok]
             missing = [r["id"] for r in rows if r["sop_uid"] not in ok]
             if done:
                 self.index.delivered(done)
+                self.audit.delivery(dest_name, [r for r in rows if r["sop_uid"] in ok], deidentified=dest.deidentifies)
                 sent += len(done)
                 log.info("delivered %d instance(s) to %s", len(done), dest_name,
                          extra={"study_uid": rows[0]["study_uid"]})

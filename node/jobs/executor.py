@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable
 
+from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.jobs.worker import JobSpec, worker_main
 from node.store.index import Index
@@ -45,8 +46,10 @@ class _Worker:
 
 
 class LocalProcessExecutor(Executor):
-    def __init__(self, settings: Settings, index: Index, on_done: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, index: Index, on_done: Callable[[], None],
+                 audit: AuditTrail = NULL_AUDIT) -> None:
         self.settings = settings
+        self.audit = audit
         self.index = index
         self.on_done = on_done
         self._ctx = mp.get_context("spawn")
@@ -88,6 +91,7 @@ class LocalProcessExecutor(Executor):
             except Exception as exc:  # noqa: BLE001 - a bookkeeping error fails the job, not the slot
                 log.exception("job %s: executor error", job["id"])
                 self.index.fail_job(job["id"], f"executor error: {exc}")
+            self.audit.job_finished(self.index.job(job["id"]))  # records done/failed; a job left running is not
 
     def _worker(self, slot: int) -> _Worker:
         w = self._workers[slot]

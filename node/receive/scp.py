@@ -19,8 +19,10 @@ from pynetdicom.acse import ACSE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.receive.ingest import Ingest, Origin
+from node.tls import binding_violation, peer_identity, server_context
 
 log = logging.getLogger("hilum.scp")
 
@@ -50,14 +52,19 @@ REJECT_CONGESTION = (0x02, 0x03, 0x01)  # transient, service-provider (presentat
 
 
 class AssociationPolicy:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, audit: AuditTrail = NULL_AUDIT) -> None:
         self.settings = settings
+        self.audit = audit
         self.callers = [(c.ae_title, c.host) for c in settings.allowed_callers]
+        self.bindings = settings.dicom_tls.bind_ae_to_cert if settings.dicom_tls else {}
 
-    def check(self, calling_ae: str, called_ae: str, source_ip: str) -> tuple[tuple[int, int, int], str] | None:
+    def check(self, calling_ae: str, called_ae: str, source_ip: str, tls: bool = False,
+              tls_cn: str | None = None) -> tuple[tuple[int, int, int], str] | None:
         """None to accept, else (reject result/source/reason, human reason)."""
         if called_ae.strip() != self.settings.ae_title:
             return REJECT_CALLED_AE, f"called AE {called_ae.strip()!r} is not {self.settings.ae_title!r}"
+        if bound := binding_violation(self.bindings, calling_ae, tls, tls_cn):
+            return REJECT_CALLING_AE, bound
         if self.callers and not any(
             calling_ae.strip() == ae and (host is None or host == source_ip) for ae, host in self.callers
         ):
@@ -78,7 +85,10 @@ class _PolicyACSE(ACSE):
         calling = rq.calling_ae_title
         called = rq.called_ae_title
         ip = self.assoc.requestor.address
-        verdict = self._policy.check(calling, called, ip)
+        tls, cn = peer_identity(self.assoc)
+        verdict = self._policy.check(calling, called, ip, tls, cn)
+        self._policy.audit.association(calling_ae=calling, called_ae=called, source_ip=ip, accepted=verdict is None,
+                                       reason=verdict[1] if verdict else None, tls=tls, tls_identity=cn)
         if verdict is None:
             super()._negotiate_as_acceptor()
             return
@@ -91,11 +101,12 @@ class _PolicyACSE(ACSE):
 
 
 class StoreSCP:
-    def __init__(self, settings: Settings, ingest: Ingest) -> None:
+    def __init__(self, settings: Settings, ingest: Ingest, audit: AuditTrail = NULL_AUDIT) -> None:
         self.settings = settings
         self.ingest = ingest
-        self.policy = AssociationPolicy(settings)
+        self.policy = AssociationPolicy(settings, audit)
         self._server = None
+        self._tls_server = None
         self._lock = threading.Lock()
 
         ae = AE(ae_title=settings.ae_title)
@@ -118,17 +129,26 @@ class StoreSCP:
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server(
-            (self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers
-        )
-        log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, self.settings.dicom_host,
-                 self.settings.dicom_port)
+        if self.settings.dicom_plain_enabled:
+            self._server = self.ae.start_server(
+                (self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers
+            )
+            log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, self.settings.dicom_host,
+                     self.settings.dicom_port)
+        if (tls := self.settings.dicom_tls) is not None:
+            self._tls_server = self.ae.start_server((self.settings.dicom_host, tls.port), block=False,
+                                                    evt_handlers=handlers, ssl_context=server_context(tls))
+            log.info("DICOM TLS SCP %s listening on %s:%d (client certificate %s)", self.settings.ae_title,
+                     self.settings.dicom_host, tls.port, "required" if tls.require_client_cert else "optional")
 
     def stop(self) -> None:
         """Stop accepting; let in-flight associations finish their current C-STORE."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
 
     def _on_open(self, event) -> None:
         assoc = event.assoc

@@ -19,6 +19,7 @@ from typing import Callable
 
 from pydicom import Dataset
 
+from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.rules.facts import SeriesFacts, StudyFacts
 from node.store.index import Index
@@ -50,8 +51,10 @@ def series_facts(row) -> SeriesFacts:
 
 class Router:
     def __init__(self, settings: Settings, index: Index, rules: Callable[[], object],
-                 on_jobs: Callable[[], None], on_deliveries: Callable[[], None]) -> None:
+                 on_jobs: Callable[[], None], on_deliveries: Callable[[], None],
+                 audit: AuditTrail = NULL_AUDIT) -> None:
         self.settings = settings
+        self.audit = audit
         self.index = index
         self.rules = rules  # returns the active RuleSet (hot-reloaded by the rules service)
         self.on_jobs = on_jobs
@@ -80,6 +83,7 @@ class Router:
         for st in self.index.due_studies(now, self.settings.stable_after):
             if self.index.mark_stable(st["study_uid"], st["generation"], now):
                 log.info("study complete (%d instances)", st["instances"], extra={"study_uid": st["study_uid"]})
+                self.audit.study_received(st["study_uid"], st["instances"], self.index.series_of_study(st["study_uid"]))
         created = 0
         for st in self.index.unrouted_studies():
             created += self.route_study(st)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from node.audit import NULL_AUDIT, AuditTrail
 from node.rules.errors import RuleError, RuleErrors
 from node.rules.history import VersionInfo, VersionStore
 from node.rules.loader import files_digest, is_rule_file_name, read_rule_files
@@ -53,7 +54,8 @@ class RulesService:
     def __init__(self, rules_dir: str | os.PathLike, history_dir: str | os.PathLike,
                  handlers: Callable[[str], type], destinations: Iterable[str], *,
                  check_interval: float = 2.0, settle: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, audit: AuditTrail = NULL_AUDIT) -> None:
+        self.audit = audit
         self.rules_dir = Path(rules_dir)
         self.rules_dir.mkdir(parents=True, exist_ok=True)  # no rules yet is a valid, empty rule set
         self.store = VersionStore(history_dir)
@@ -208,5 +210,7 @@ class RulesService:
         if latest is not None and latest.digest == ruleset.digest:
             return latest.version
         info = self.store.record(ruleset.files, author, message)
+        self.audit.rules_changed(author, message, before=latest and {"version": latest.version, "digest": latest.digest},
+                                 after={"version": info.version, "digest": ruleset.digest})
         log.info("rules version %d active (%s: %s)", info.version, author, message)
         return info.version

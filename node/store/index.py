@@ -1,4 +1,4 @@
-"""The node's index: studies, series, instances, jobs, results, deliveries, tokens.
+"""The node's index: studies, series, instances, jobs, results, deliveries, tokens, users.
 
 SQLite in WAL mode. Every SQL statement of the node lives in this module, behind the ``Index``
 methods, so that a PostgreSQL backend for multi-node sites replaces this one file. Each thread
@@ -87,6 +87,13 @@ MIGRATIONS: list[str] = [
     CREATE TABLE tokens (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         token_hash TEXT NOT NULL UNIQUE, role TEXT NOT NULL, label TEXT, created_at REAL NOT NULL
+    );
+    """,
+    # 2: console users (names, argon2 password hashes, roles)
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY, password_hash TEXT NOT NULL, role TEXT NOT NULL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL
     );
     """,
 ]
@@ -461,6 +468,28 @@ class Index:
     def deliveries_of_job(self, job_id: int) -> list[sqlite3.Row]:
         return self.conn().execute("SELECT * FROM deliveries WHERE job_id=?", (job_id,)).fetchall()
 
+    def deliveries(self, status: str | None = None, limit: int = 200) -> list[sqlite3.Row]:
+        q, args = "SELECT * FROM deliveries", []
+        if status:
+            q += " WHERE status=?"
+            args.append(status)
+        q += " ORDER BY id DESC LIMIT ?"
+        return self.conn().execute(q, (*args, limit)).fetchall()
+
+    def delivery(self, delivery_id: int) -> sqlite3.Row | None:
+        return self.conn().execute("SELECT * FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
+
+    def throughput(self, since: float) -> dict[str, int]:
+        """What the node did since ``since`` (epoch seconds), for the dashboard."""
+        c = self.conn()
+        one = lambda q: c.execute(q, (since,)).fetchone()[0]  # noqa: E731
+        return {
+            "instances_received": one("SELECT COUNT(*) FROM instances WHERE received_at >= ?"),
+            "jobs_done": one("SELECT COUNT(*) FROM jobs WHERE status='done' AND finished_at >= ?"),
+            "jobs_failed": one("SELECT COUNT(*) FROM jobs WHERE status='failed' AND finished_at >= ?"),
+            "deliveries_done": one("SELECT COUNT(*) FROM deliveries WHERE status='delivered' AND delivered_at >= ?"),
+        }
+
     def count_deliveries(self, status: str) -> int:
         return self.conn().execute("SELECT COUNT(*) FROM deliveries WHERE status=?", (status,)).fetchone()[0]
 
@@ -474,6 +503,33 @@ class Index:
     def token_role(self, token_hash: str) -> str | None:
         row = self.conn().execute("SELECT role FROM tokens WHERE token_hash=?", (token_hash,)).fetchone()
         return row[0] if row else None
+
+    # -- console users --------------------------------------------------------------------
+    def set_user(self, name: str, password_hash: str, role: str) -> bool:
+        """Create the user or replace its password and role; True when it was created."""
+        now = time.time()
+        with self.tx(immediate=True):
+            existed = self.user(name) is not None
+            self.conn().execute(
+                """INSERT INTO users(name, password_hash, role, created_at, updated_at) VALUES (?,?,?,?,?)
+                   ON CONFLICT(name) DO UPDATE SET password_hash=excluded.password_hash, role=excluded.role,
+                       updated_at=excluded.updated_at""",
+                (name, password_hash, role, now, now),
+            )
+        return not existed
+
+    def user(self, name: str) -> sqlite3.Row | None:
+        return self.conn().execute("SELECT * FROM users WHERE name=?", (name,)).fetchone()
+
+    def update_password_hash(self, name: str, password_hash: str) -> None:
+        self.conn().execute("UPDATE users SET password_hash=?, updated_at=? WHERE name=?",
+                            (password_hash, time.time(), name))
+
+    def delete_user(self, name: str) -> bool:
+        return self.conn().execute("DELETE FROM users WHERE name=?", (name,)).rowcount > 0
+
+    def users(self) -> list[sqlite3.Row]:
+        return self.conn().execute("SELECT name, role, created_at, updated_at FROM users ORDER BY name").fetchall()
 
 
 class _Tx:

@@ -1,0 +1,121 @@
+"""Configuration of the security features: audit trail, DICOM TLS, HTTPS, de-identification.
+
+Kept apart from ``node.config`` (which embeds these models in ``Settings``) so the security
+settings and their checks read as one piece. Files named here must exist when the settings are
+loaded, so a typo is a start-up error naming the field, not a failed handshake later.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+PROFILES_DIR = Path(__file__).resolve().parent / "deid" / "profiles"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _existing_file(v: Path | None) -> Path | None:
+    if v is not None and not Path(v).is_file():
+        raise ValueError(f"file {v} does not exist")
+    return v
+
+
+class AuditSettings(_Strict):
+    log_file: Path | None = None  # default <data_dir>/audit/audit.jsonl
+    # Default <data_dir>/keys/audit.key, created 0600. Keep it outside the data directory in
+    # production: whoever can rewrite the log must not also be able to read the key.
+    key_file: Path | None = None
+
+
+class DicomTls(_Strict):
+    """A second SCP port speaking DICOM over TLS (PS3.15 B.1/B.9)."""
+
+    port: int = Field(ge=1, le=65535)
+    cert: Path  # the node's certificate (PEM, chain allowed)
+    key: Path  # its private key (PEM, unencrypted)
+    ca: Path | None = None  # CA bundle that client certificates must chain to
+    require_client_cert: bool = True  # mutual TLS; False: verify a client certificate only if one is sent
+    bind_ae_to_cert: dict[str, str] = {}  # calling AE title -> certificate subject CN it must present
+
+    _files = field_validator("cert", "key", "ca")(classmethod(lambda cls, v: _existing_file(v)))
+
+    @field_validator("bind_ae_to_cert")
+    @classmethod
+    def _aes(cls, v: dict[str, str]) -> dict[str, str]:
+        for ae, cn in v.items():
+            if not AE_RE.match(ae) or "\\" in ae or not ae.strip():
+                raise ValueError(f"{ae!r} is not a valid AE title")
+            if not cn.strip():
+                raise ValueError(f"{ae}: empty certificate CN")
+        return {ae.strip(): cn.strip() for ae, cn in v.items()}
+
+    @model_validator(mode="after")
+    def _needs_ca(self) -> "DicomTls":
+        if self.ca is None and (self.require_client_cert or self.bind_ae_to_cert):
+            raise ValueError("ca: a client CA bundle is needed to verify client certificates "
+                             "(require_client_cert or bind_ae_to_cert)")
+        return self
+
+
+class ClientTls(_Strict):
+    """TLS for a C-STORE destination: the CA that signed the peer's certificate, and our own."""
+
+    ca: Path
+    cert: Path | None = None  # our client certificate, for peers that require one
+    key: Path | None = None
+    check_hostname: bool = True  # the peer certificate must name the destination's host
+
+    _files = field_validator("ca", "cert", "key")(classmethod(lambda cls, v: _existing_file(v)))
+
+    @model_validator(mode="after")
+    def _pair(self) -> "ClientTls":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key: give both (a client certificate needs its key) or neither")
+        return self
+
+
+class WebTls(_Strict):
+    cert: Path
+    key: Path
+
+    _files = field_validator("cert", "key")(classmethod(lambda cls, v: _existing_file(v)))
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.tsv"))
+
+
+class Deidentify(_Strict):
+    """PS3.15 Annex E de-identification applied to everything a destination sends."""
+
+    profile: str = "basic"  # a profile in node/deid/profiles, or the path of a profile file
+    options: list[str] = []  # option overlays, e.g. retain-longitudinal-modified-dates, clean-descriptors
+    project_key_file: Path  # per-project pseudonym key: same key at every site gives the same pseudonyms
+    allow_burned_in: list[str] = []  # modalities sent even though they may carry burned-in text (e.g. SC)
+
+    _key = field_validator("project_key_file")(classmethod(lambda cls, v: _existing_file(v)))
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str) -> str:
+        if v not in profile_names() and not Path(v).is_file():
+            raise ValueError(f"{v!r} is neither a built-in profile ({', '.join(profile_names())}) nor a file")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in profile_names() and not Path(name).is_file():
+                raise ValueError(f"{name!r} is neither a built-in option ({', '.join(profile_names())}) nor a file")
+        return v
+
+    @field_validator("allow_burned_in")
+    @classmethod
+    def _modalities(cls, v: list[str]) -> list[str]:
+        return [m.strip().upper() for m in v]
