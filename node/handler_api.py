@@ -72,6 +72,8 @@ class Handler:
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
+        # Filled by run() where it matters (model hash, execution providers): kept in the job history.
+        self.provenance: dict[str, object] = {}
 
     def check(self, inp: HandlerInput) -> None:
         """Refuse input outside the declared scope, before any pixel work."""
@@ -128,5 +130,8 @@ def get_handler(name: str) -> type[Handler]:
 
 
 def handler_names() -> list[str]:
+    """Registered handlers and one ``model:<name>`` per model card."""
+    from node.models.registry import model_names
+
     discover()
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY) + model_names()

@@ -20,6 +20,7 @@ from node.deliver.loop import DeliveryLoop
 from node.encoders.sr_templates import validate_all
 from node.handler_api import get_handler, handler_names
 from node.jobs.admin import retry
+from node.models.registry import validate_models
 from node.jobs.executor import LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
@@ -78,6 +79,7 @@ class Node:
         self._started = threading.Event()
 
     def start(self) -> None:
+        validate_models()  # every card parses and its ONNX model loads
         check_sr_templates()  # a broken or incomplete SR template is a start-up error, not a failed job
         leftovers = self.spool.remove_empty_tmp()
         if leftovers:

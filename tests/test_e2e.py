@@ -252,3 +252,31 @@ def test_token_create_before_first_start_and_roles(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith("hlm_")
     bad = node.hilum("token", "create", "--role", "root", "--config", str(node.config_path))
     assert bad.returncode != 0
+
+
+def test_model_handler_results_land_in_orthanc(tmp_path):
+    """A rule routes a phantom CT to the shipped model: its SEG and SR arrive in the study, and the
+    job history records which model (by hash) and which execution provider produced them."""
+    ct = generate_ct(tmp_path / "ct", seed=11, rows=96, cols=96, slices=40, pixel_spacing=4.0, slice_thickness=5.0,
+                     nodules=0)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "model.yaml").write_text(textwrap.dedent("""\
+        name: chest-model
+        match: {Modality: CT}
+        handler: model:hilum-ct-chest
+        destinations: [orthanc]
+        """))
+    with running_node(tmp_path / "data", rules) as node:
+        assert storescu(node.dicom_port, ct.dicom_dir).returncode == 0
+        st = wait_for(lambda: _done(node, ct.study_uid, ("orthanc",)), 240, "model results delivered", interval=1)
+        (job,) = st["jobs"]
+        from node.models.registry import model_handler
+
+        emitted = {r["modality"] for r in job["results"]}
+        assert emitted == set(model_handler("hilum-ct-chest").card.emit) and {"SEG", "SR"} <= emitted
+        prov = job["history"][-1]["provenance"]
+        assert prov["model"] == "hilum-ct-chest" and len(prov["model_sha256"]) == 64
+        assert "CPUExecutionProvider" in str(prov)
+        in_orthanc = {i["MainDicomTags"]["SOPInstanceUID"] for i in _orthanc_instances(node, ct.study_uid)}
+        assert {r["sop_instance_uid"] for r in job["results"]} <= in_orthanc

@@ -152,9 +152,10 @@ class LocalProcessExecutor(Executor):
                             extra={"study_uid": job["study_uid"], "job": job_id})
                 return
             elif kind == "done":
-                results = payload[0]
+                results, provenance = payload
                 dests = json.loads(job["destinations_json"])
-                self.index.finish_job(job_id, results, [(r["sop_instance_uid"], d) for r in results for d in dests])
+                self.index.finish_job(job_id, results, [(r["sop_instance_uid"], d) for r in results for d in dests],
+                                      provenance)
                 log.info("job %d done: %d result(s) → %s", job_id, len(results), ", ".join(dests) or "nowhere",
                          extra={"study_uid": job["study_uid"], "job": job_id})
                 self.on_done()

@@ -34,11 +34,8 @@ class JobSpec:
     extra: dict = field(default_factory=dict)
 
 
-class JobFailure(Exception):
-    pass
-
-
-def run_job(spec: JobSpec, progress) -> list[dict]:
+def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
+    """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…)."""
     from node.encoders import encode_all  # imported here: heavy, and only workers need it
 
     cls = get_handler(spec.handler)
@@ -73,7 +70,7 @@ def run_job(spec: JobSpec, progress) -> list[dict]:
         })
     fsync_dirs({out_dir})
     progress(1.0, f"{len(meta)} result object(s)")
-    return meta
+    return meta, dict(handler.provenance)
 
 
 def worker_main(conn, memory_mb: int) -> None:
@@ -90,8 +87,8 @@ def worker_main(conn, memory_mb: int) -> None:
         if spec is None:
             return
         try:
-            meta = run_job(spec, lambda f, m: conn.send(("progress", float(f), str(m))))
-            conn.send(("done", meta))
+            meta, provenance = run_job(spec, lambda f, m: conn.send(("progress", float(f), str(m))))
+            conn.send(("done", meta, provenance))
         except HandlerRefusal as exc:
             conn.send(("error", f"refused: {exc}"))
         except MemoryError:

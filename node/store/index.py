@@ -339,7 +339,8 @@ class Index:
         hist.append({"at": time.time(), **event})
         return json.dumps(hist)
 
-    def finish_job(self, job_id: int, results: list[dict], deliveries: list[tuple[str, str]]) -> None:
+    def finish_job(self, job_id: int, results: list[dict], deliveries: list[tuple[str, str]],
+                   provenance: dict | None = None) -> None:
         """Record results and their deliveries and mark the job done, in one transaction.
 
         ``deliveries`` is [(sop_uid, destination)] for the results.
@@ -365,7 +366,8 @@ class Index:
                 )
             c.execute(
                 "UPDATE jobs SET status='done', progress=1, finished_at=?, error=NULL, history_json=? WHERE id=?",
-                (now, self._history(job_id, {"event": "done", "results": len(results)}), job_id),
+                (now, self._history(job_id, {"event": "done", "results": len(results), **({"provenance": provenance}
+                                                                                   if provenance else {})}), job_id),
             )
 
     def fail_job(self, job_id: int, error: str) -> None:

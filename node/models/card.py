@@ -1,0 +1,280 @@
+"""Model cards: the declarative description of an exported segmentation model.
+
+``models/<name>/card.yaml`` says what the network expects (modality, grid, intensities), how to
+run it (patches, overlap, blending, flips), what its output channels mean (coded labels) and what
+to emit. Everything is validated when the card is loaded, and every error names the card file and
+the field (``models/x/card.yaml: labels.1.color: ...``), so a broken card stops the node at
+start-up instead of failing a job later.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from node.results import RT_ROI_TYPES, Code, Segment
+
+__all__ = ["CardError", "ModelCard", "LabelSpec", "load_card", "orientation_matrix", "format_validation_error",
+           "CARD_FILE"]
+
+CARD_FILE = "card.yaml"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
+_AXES = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+class CardError(ValueError):
+    """A model card (or its model file) is unusable; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CodeSpec(_Strict):
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = "SCT"
+    meaning: str = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _sct_is_numeric(self) -> "CodeSpec":
+        if self.scheme == "SCT" and not self.value.isdigit():
+            raise ValueError(f"SNOMED CT code value must be digits, got {self.value!r}")
+        return self
+
+    def code(self) -> Code:
+        return Code(self.value, self.scheme, self.meaning)
+
+
+class PostProcess(_Strict):
+    """Applied on the source grid, in this order: min_size_ml, largest_component, fill_holes."""
+
+    min_size_ml: float = Field(0.0, ge=0)
+    largest_component: bool = False
+    fill_holes: bool = False
+
+
+class LabelSpec(_Strict):
+    value: int = Field(ge=1, le=255)  # output channel index (softmax) / channel + 1 (sigmoid)
+    name: str = Field(min_length=1, max_length=64)
+    category: CodeSpec
+    type: CodeSpec
+    tg263: str | None = Field(None, pattern=r"^[A-Za-z0-9_^\-~]{1,16}$")
+    color: tuple[int, int, int]
+    rt_roi_type: str = "ORGAN"
+    finding: str | None = Field(None, pattern=r"^[a-z0-9_]{1,64}$")  # SR template key; default from name
+    postprocess: PostProcess = PostProcess()
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= c <= 255 for c in v):
+            raise ValueError(f"color components must lie in 0..255, got {list(v)}")
+        return v
+
+    @field_validator("rt_roi_type")
+    @classmethod
+    def _roi_type(cls, v: str) -> str:
+        if v not in RT_ROI_TYPES:
+            raise ValueError(f"{v!r} is not an RT ROI Interpreted Type ({', '.join(sorted(RT_ROI_TYPES))})")
+        return v
+
+    @property
+    def finding_key(self) -> str:
+        return self.finding or re.sub(r"[^a-z0-9]+", "_", self.name.lower()).strip("_")
+
+    def segment(self) -> Segment:
+        return Segment(label=self.value, name=self.name, category=self.category.code(), type=self.type.code(),
+                       tg263=self.tg263, color=self.color, rt_roi_type=self.rt_roi_type)
+
+
+class CTWindow(_Strict):
+    """Clip to the window, then (x - mean) / std: the CT normalisation of nnU-Net and MONAI recipes."""
+
+    kind: Literal["ct_window"]
+    clip: tuple[float, float]
+    mean: float
+    std: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CTWindow":
+        if self.clip[0] >= self.clip[1]:
+            raise ValueError(f"clip must be [low, high] with low < high, got {list(self.clip)}")
+        return self
+
+
+class ZScore(_Strict):
+    """Per-image (x - mean) / std, over voxels above ``mask_above`` when given (e.g. MR body)."""
+
+    kind: Literal["zscore"]
+    mask_above: float | None = None
+
+
+class Percentile(_Strict):
+    """MR: clip to the [lower, upper] percentiles of the image, then scale to [0, 1]."""
+
+    kind: Literal["percentile"]
+    lower: float = Field(0.5, ge=0, lt=100)
+    upper: float = Field(99.5, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Percentile":
+        if self.lower >= self.upper:
+            raise ValueError("lower percentile must be below upper")
+        return self
+
+
+Preprocessing = Annotated[CTWindow | ZScore | Percentile, Field(discriminator="kind")]
+
+
+class InputSpec(_Strict):
+    modality: str = Field(pattern=r"^[A-Z]{2,16}$")
+    body_region: str = Field(min_length=1, max_length=64)
+    channels: int = Field(1, ge=1, le=8)  # one series per channel, in the order the rule passes them
+    target_spacing: tuple[float, float, float]  # (x, y, z) mm, like Geometry.spacing
+    orientation: str = "LPS"  # the patient directions the (i, j, k) index axes of the network grid point to
+    # Order of the spatial axes in the network's input array: "zyx" (slices first, as DICOM and
+    # SimpleITK arrays; nnU-Net) or "xyz" (as NIfTI arrays; MONAI). patch_size is in this order.
+    array_axes: Literal["zyx", "xyz"] = "zyx"
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0 or max(v) > 20:
+            raise ValueError(f"target_spacing must be three values in (0, 20] mm, got {list(v)}")
+        return v
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation(cls, v: str) -> str:
+        orientation_matrix(v)
+        return v
+
+
+class InferenceSpec(_Strict):
+    patch_size: tuple[int, int, int]  # voxels of the network grid, in input.array_axes order
+    overlap: float = Field(0.5, ge=0, lt=1)
+    blending: Literal["gaussian", "constant"] = "gaussian"
+    gaussian_sigma_scale: float = Field(0.125, gt=0, le=1)
+    tta_flips: list[list[Literal["x", "y", "z"]]] = []  # each entry: axes flipped together for one extra pass
+    activation: Literal["softmax", "sigmoid"] = "softmax"  # softmax: argmax, channel 0 = background
+    threshold: float = Field(0.5, gt=0, lt=1)  # sigmoid only
+    batch_size: int = Field(1, ge=1, le=64)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(v) < 8 or max(v) > 512:
+            raise ValueError(f"patch_size must be three values in 8..512, got {list(v)}")
+        return v
+
+    @field_validator("tta_flips")
+    @classmethod
+    def _flips(cls, v: list[list[str]]) -> list[list[str]]:
+        for entry in v:
+            if not entry or len(set(entry)) != len(entry):
+                raise ValueError(f"each tta_flips entry must name distinct axes, got {entry}")
+        return v
+
+
+class Validation(_Strict):
+    """Measured by the training pipeline on held-out cases, on their source grids."""
+
+    dataset: str
+    cases: int = Field(ge=1)
+    mean_dice: float = Field(ge=0, le=1)
+    dice: dict[str, float]
+
+
+class ModelCard(_Strict):
+    name: str
+    version: str = Field(pattern=r"^[0-9A-Za-z.+_-]{1,16}$")
+    description: str = Field(min_length=1)
+    intended_use: str = Field(min_length=1)
+    limitations: list[str] = Field(min_length=1)
+    training_data: str = Field(min_length=1)
+    model_file: str = "model.onnx"
+    input: InputSpec
+    preprocessing: Preprocessing
+    inference: InferenceSpec
+    labels: list[LabelSpec] = Field(min_length=1)
+    emit: list[Literal["SEG", "RTSTRUCT", "SR"]] = ["SEG"]
+    validation: Validation | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r}: use 1-48 lower-case letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> "ModelCard":
+        values = [lab.value for lab in self.labels]
+        if len(set(values)) != len(values):
+            raise ValueError(f"labels: duplicate values {values}")
+        for what in ("name", "finding_key"):
+            keys = [getattr(lab, what) for lab in self.labels]
+            if len(set(keys)) != len(keys):
+                raise ValueError(f"labels: duplicate {what}s {keys}")
+        if self.inference.activation == "softmax" and sorted(values) != list(range(1, len(values) + 1)):
+            raise ValueError(f"labels: softmax models need values 1..{len(values)} (channel indices), got {values}")
+        if not self.emit:
+            raise ValueError("emit: name at least one of SEG, RTSTRUCT, SR")
+        if "SR" in self.emit and not ({"SEG", "RTSTRUCT"} & set(self.emit)):
+            raise ValueError("emit: SR volumes reference segments, so SEG or RTSTRUCT must be emitted too")
+        return self
+
+    @property
+    def output_channels(self) -> int:
+        """Channels the network must produce: background + labels (softmax), one per label (sigmoid)."""
+        return len(self.labels) + (1 if self.inference.activation == "softmax" else 0)
+
+
+def orientation_matrix(code: str) -> np.ndarray:
+    """3x3 direction matrix (columns = index axes) of an orientation code such as 'LPS' or 'RAS'."""
+    if len(code) != 3 or any(c not in _AXES for c in code):
+        raise ValueError(f"orientation {code!r} must be three letters from L/R, P/A, S/I, e.g. 'LPS'")
+    m = np.zeros((3, 3))
+    for col, c in enumerate(code):
+        axis, sign = _AXES[c]
+        m[axis, col] = sign
+    if sorted(_AXES[c][0] for c in code) != [0, 1, 2]:
+        raise ValueError(f"orientation {code!r} names one patient axis twice")
+    return m
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """``field.path: message; ...`` — one line per problem, without pydantic's boilerplate."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def load_card(path: str | Path) -> ModelCard:
+    """Read and validate ``card.yaml`` (the file or its folder); CardError names file and field."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CARD_FILE
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CardError(f"{path}: cannot read the card: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise CardError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CardError(f"{path}: a card is a YAML mapping, got {type(raw).__name__}")
+    try:
+        card = ModelCard.model_validate(raw)
+    except ValidationError as exc:
+        raise CardError(f"{path}: {format_validation_error(exc)}") from None
+    model = path.parent / card.model_file
+    if not model.is_file():
+        raise CardError(f"{path}: model_file: {model} does not exist")
+    return card

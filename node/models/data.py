@@ -1,0 +1,190 @@
+"""Training and validation cases: source volumes + ground truth on the same grid.
+
+Two sources: generated phantoms (``node.phantom.ct.generate_ct``, truth from its label volume and
+label table) and a folder of DICOM series with DICOM SEG objects (read with highdicom), which is
+what an annotation workflow produces. Data labels are mapped onto the model's label values by
+name (``TrainLabel.source``), so a data set with more structures than the model trains on is fine.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from node.models.card import CardError
+from node.models.train_config import DataSpec, PhantomSource, TrainLabel
+from node.models.inference import resample
+from node.volume import Geometry, Volume, load_series
+
+__all__ = ["Case", "load_cases", "phantom_cases", "dicom_seg_cases", "label_lookup"]
+
+
+@dataclass(eq=False)
+class Case:
+    name: str
+    volumes: list[Volume]  # one per input channel, the first defines the grid
+    truth: np.ndarray  # uint8 model label values on volumes[0].geometry
+
+
+def label_lookup(labels: Sequence[TrainLabel]) -> dict[str, int]:
+    """Lower-cased data label name → model label value."""
+    out: dict[str, int] = {}
+    for lab in labels:
+        for name in lab.source:
+            key = name.strip().lower()
+            if key in out and out[key] != lab.value:
+                raise CardError(f"labels: data label {name!r} is mapped to two model labels")
+            out[key] = lab.value
+    return out
+
+
+def _map_names(table: dict[int, str], labels: Sequence[TrainLabel], where: str) -> dict[int, int]:
+    """data value → model value, failing when a model label finds no data label at all."""
+    lookup = label_lookup(labels)
+    mapping = {int(v): lookup[n.strip().lower()] for v, n in table.items() if n.strip().lower() in lookup}
+    missing = [lab.name for lab in labels if lab.value not in mapping.values()]
+    if missing:
+        raise CardError(f"labels: {where} has no data label for {missing} (its labels: {sorted(table.values())})")
+    return mapping
+
+
+def _remap(array: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    lut = np.zeros(max(int(array.max()), max(mapping)) + 1, dtype=np.uint8)
+    for src, dst in mapping.items():
+        lut[src] = dst
+    return lut[array]
+
+
+# ---------------------------------------------------------------- phantoms
+
+def _phantom_dir(cache: Path, options: dict, seed: int) -> Path:
+    key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return cache / f"phantom-{seed}-{key}"
+
+
+def phantom_cases(spec: PhantomSource, labels: Sequence[TrainLabel], cache: Path) -> list[Case]:
+    """``spec.count`` phantoms (seeds spec.seed + i), generated once into ``cache`` and read back as DICOM."""
+    from node.phantom.ct import generate_ct
+    from node.phantom.study import PhantomStudy
+
+    cases = []
+    for i in range(spec.count):
+        seed, options = spec.seed + i, spec.options(i)
+        out = _phantom_dir(cache, options, seed)
+        try:
+            study = PhantomStudy.open(out)
+        except FileNotFoundError:  # not generated yet, or an interrupted generation left a partial folder
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                study = generate_ct(out, seed=seed, **options)
+            except (TypeError, ValueError) as exc:  # the generator names the bad option
+                raise CardError(f"data.phantom: {exc}") from None
+        cases.append(read_phantom(study, labels, name=f"phantom-{seed}"))
+    return cases
+
+
+def read_phantom(study, labels: Sequence[TrainLabel], name: str) -> Case:
+    """One phantom study (``PhantomStudy``): its CT series and its truth mapped onto the model's labels."""
+    files = [p for p in Path(study.dicom_dir).iterdir() if p.is_file()]
+    series = load_series([p for p in files if _series_uid(p) == study.series_uid])
+    if series.volume is None:
+        raise CardError(f"data.phantom: {study.dicom_dir} is not a volume: {series.volume_error}")
+    names = _label_table(json.loads(Path(study.label_table_path).read_text()))
+    truth_img = sitk.ReadImage(str(study.labels))
+    # The truth file carries its own geometry: resample it (nearest) onto the sorted series grid
+    # rather than trusting that its slice order matches.
+    tg = Geometry(shape=tuple(reversed(truth_img.GetSize())), origin=truth_img.GetOrigin(),
+                  spacing=truth_img.GetSpacing(), direction=truth_img.GetDirection())
+    truth = resample(sitk.GetArrayFromImage(truth_img), tg, series.volume.geometry, linear=False)
+    return Case(name, [series.volume], _remap(truth, _map_names(names, labels, f"phantom {name}")))
+
+
+def _series_uid(path: Path) -> str:
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+    return str(ds.SeriesInstanceUID)
+
+
+def _label_table(table) -> dict[int, str]:
+    """Accept {name: value}, {value: name} or [{value|label, name}] label tables."""
+    if isinstance(table, dict) and "labels" in table:
+        table = table["labels"]
+    if isinstance(table, list):
+        return {int(e.get("value", e.get("label"))): str(e["name"]) for e in table}
+    if isinstance(table, dict):
+        first = next(iter(table.values()))
+        if isinstance(first, (int, float)):
+            return {int(v): str(k) for k, v in table.items()}
+        if isinstance(first, dict):
+            return {int(v.get("value", v.get("label"))): str(k) for k, v in table.items()}
+        return {int(k): str(v) for k, v in table.items()}
+    raise CardError(f"unrecognised label table {type(table).__name__}")
+
+
+# ---------------------------------------------------------------- DICOM series + SEG
+
+def _segment_names(seg) -> dict[int, list[str]]:
+    out = {}
+    for number in seg.segment_numbers:
+        desc = seg.get_segment_description(number)
+        out[number] = [str(desc.segment_label), str(desc.segmented_property_type.meaning),
+                       str(desc.segmented_property_type.value)]
+    return out
+
+
+def dicom_seg_cases(folder: Path, labels: Sequence[TrainLabel]) -> list[Case]:
+    """Every DICOM SEG under ``folder`` with its referenced series (also under ``folder``) is one case."""
+    import highdicom as hd
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CardError(f"data.dicom_seg: {folder} is not a folder")
+    by_series: dict[str, list[Path]] = defaultdict(list)
+    segs: list[Path] = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality", "SeriesInstanceUID"])
+        except pydicom.errors.InvalidDicomError:
+            continue
+        (segs if ds.get("Modality") == "SEG" else by_series[str(ds.SeriesInstanceUID)]).append(path)
+    if not segs:
+        raise CardError(f"data.dicom_seg: no DICOM SEG object under {folder}")
+    lookup = label_lookup(labels)
+    cases = []
+    for seg_path in segs:
+        seg = hd.seg.segread(str(seg_path))
+        ref_uid = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        if ref_uid not in by_series:
+            raise CardError(f"data.dicom_seg: {seg_path.name} references series {ref_uid}, which is not in {folder}")
+        series = load_series(by_series[ref_uid])
+        if series.volume is None:
+            raise CardError(f"data.dicom_seg: series {ref_uid} is not a volume: {series.volume_error}")
+        uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
+        truth = np.zeros(series.volume.geometry.shape, dtype=np.uint8)
+        found = set()
+        for number, names in _segment_names(seg).items():
+            value = next((lookup[n.lower()] for n in names if n.lower() in lookup), None)
+            if value is None:
+                continue
+            mask = seg.get_pixels_by_source_instance(uids, segment_numbers=[number], combine_segments=False,
+                                                     assert_missing_frames_are_empty=True)[..., 0]
+            truth[mask > 0] = value
+            found.add(value)
+        missing = [lab.name for lab in labels if lab.value not in found]
+        if missing:
+            raise CardError(f"labels: {seg_path.name} has no segment for {missing}")
+        cases.append(Case(f"seg-{seg_path.stem}", [series.volume], truth))
+    return cases
+
+
+def load_cases(data: DataSpec, labels: Sequence[TrainLabel], work_dir: Path) -> list[Case]:
+    if data.phantom is not None:
+        return phantom_cases(data.phantom, labels, Path(data.cache_dir or work_dir / "phantoms"))
+    return dicom_seg_cases(Path(data.dicom_seg), labels)

@@ -1,0 +1,95 @@
+"""The generic handler that runs any model card (``model:<name>``); see ``registry.model_handler``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from node.handler_api import Handler, HandlerInput, HandlerRefusal, Progress
+from node.models.card import ModelCard
+from node.models.inference import load_model, onnx_runner, segment
+from node.results import LabelMap, Measurement, MeasurementGroup, MeasurementReport
+
+__all__ = ["ModelHandler", "SR_TEMPLATE", "VOLUME_MEASUREMENT"]
+
+SR_TEMPLATE = "model"
+VOLUME_MEASUREMENT = "volume"  # measurement name in the SR template; findings are the labels' finding keys
+
+_PROVIDER_SHORT = {"CUDAExecutionProvider": "CUDA", "CPUExecutionProvider": "CPU"}
+
+
+def _volume_ml(voxels: int, voxel_ml: float) -> Measurement:
+    return Measurement(VOLUME_MEASUREMENT, round(float(voxels) * voxel_ml, 2), "ml")
+
+
+class ModelParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    emit: list[Literal["SEG", "RTSTRUCT", "SR"]] | None = None  # narrows the card's emit list
+
+
+class ModelHandler(Handler):
+    """Base of the per-card classes that ``registry.model_handler`` builds (one per card)."""
+
+    card: ClassVar[ModelCard]
+    model_dir: ClassVar[Path]
+    needs_volume = True
+    Params = ModelParams
+
+    def __init__(self, params: BaseModel | dict | None = None) -> None:
+        super().__init__(params)
+        self.provenance: dict[str, object] = {}
+
+    def check(self, inp: HandlerInput) -> None:
+        need = self.card.input.channels
+        if len(inp.series) < need:
+            raise HandlerRefusal(f"{self.name} takes {need} series (one per input channel), got {len(inp.series)}")
+        super().check(HandlerInput(inp.study_uid, inp.series[:need]))
+
+    def _emit(self) -> list[str]:
+        if self.params.emit is None:
+            return list(self.card.emit)
+        extra = set(self.params.emit) - set(self.card.emit)
+        if extra:
+            raise HandlerRefusal(f"{self.name}: emit {sorted(extra)} is not offered by the model card "
+                                 f"(card emits {self.card.emit})")
+        if "SR" in self.params.emit and not {"SEG", "RTSTRUCT"} & set(self.params.emit):
+            raise HandlerRefusal(f"{self.name}: emit SR needs SEG or RTSTRUCT too (the volumes reference segments)")
+        return list(self.params.emit)
+
+    def run(self, inp: HandlerInput, progress: Progress) -> list:
+        card = self.card
+        emit = self._emit()
+        series = inp.series[:card.input.channels]
+        model = load_model(self.model_dir, card, self.params.provider)
+        labels = segment([s.volume for s in series], card, onnx_runner(model), progress)
+        providers = [_PROVIDER_SHORT.get(p, p) for p in model.providers]
+        self.provenance = {"model": card.name, "model_version": card.version, "model_sha256": model.sha256,
+                           "execution_providers": list(model.providers)}
+        counts = np.bincount(labels.ravel(), minlength=256)
+        present = [lab for lab in card.labels if counts[lab.value]]
+        if not present:
+            raise HandlerRefusal(f"{self.name} found none of its structures "
+                                 f"({', '.join(lab.name for lab in card.labels)}) in series {series[0].series_uid}")
+        source = series[0]
+        label_map = LabelMap(
+            source_series_uid=source.series_uid,
+            geometry=source.volume.geometry,
+            labels=labels,
+            segments=tuple(lab.segment() for lab in present),
+            description=f"{card.name} {card.version} {providers[0]}"[:64],
+            encodings=tuple(e for e in emit if e in ("SEG", "RTSTRUCT")),
+        )
+        results: list = [label_map]
+        if "SR" in emit:
+            voxel_ml = float(np.prod(source.volume.geometry.spacing)) / 1000.0
+            groups = tuple(
+                MeasurementGroup(tracking_id=lab.name, finding=lab.finding_key, segment_label=lab.value,
+                                 measurements=(_volume_ml(counts[lab.value], voxel_ml),))
+                for lab in present)
+            results.append(MeasurementReport(source_series_uid=source.series_uid, template=SR_TEMPLATE, groups=groups,
+                                             title="Imaging Measurement Report"))
+        progress(1.0, f"{len(present)} structures")
+        return results

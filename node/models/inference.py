@@ -1,0 +1,408 @@
+"""Run an exported segmentation model the way its card describes, on any source grid.
+
+Pipeline: resample each input series onto the network grid (card spacing + orientation, with
+anti-aliasing when downsampling), normalise, sliding-window inference with Gaussian blending and
+optional flip TTA, then resample the class probabilities back onto the *source* grid one class at
+a time (a running max keeps memory at two source-sized float arrays whatever the class count),
+argmax or threshold there, and post-process per label. The result lies exactly on the source
+geometry, so SEG/RTSTRUCT encoders can reference the source slices one to one.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from node.models.card import (CardError, CTWindow, InferenceSpec, InputSpec, LabelSpec, ModelCard, Percentile,
+                              Preprocessing, ZScore, orientation_matrix)
+from node.volume import Geometry, Volume
+
+__all__ = ["LoadedModel", "load_model", "network_grid", "resample", "normalise", "prepare_input",
+           "sliding_window", "probabilities_to_labels", "postprocess", "segment", "onnx_runner",
+           "choose_providers"]
+
+Progress = Callable[[float, str], None]
+PatchRunner = Callable[[np.ndarray], np.ndarray]  # (B, C, z, y, x) float32 -> (B, K, z, y, x) logits
+_AXIS = {"z": 2, "y": 3, "x": 4}  # flip axes of a (B, C, z, y, x) batch
+
+
+# ---------------------------------------------------------------- ONNX Runtime sessions
+
+@dataclass(frozen=True)
+class LoadedModel:
+    session: object  # onnxruntime.InferenceSession
+    providers: tuple[str, ...]  # what the session really uses (ORT falls back silently otherwise)
+    sha256: str
+    input_name: str
+    path: Path
+
+
+_sessions: dict[tuple[str, str], tuple[tuple[int, int], LoadedModel]] = {}
+_sessions_lock = threading.Lock()
+
+
+def choose_providers(request: str = "auto") -> list[str]:
+    """Execution providers to ask for: CUDA when onnxruntime-gpu offers it (unless 'cpu'), then CPU."""
+    import onnxruntime as ort
+
+    if request not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"provider must be auto, cpu or cuda, got {request!r}")
+    available = ort.get_available_providers()
+    if request != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if request == "cuda":
+        raise RuntimeError("provider 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
+                           f"(available: {', '.join(available)}); install onnxruntime-gpu")
+    return ["CPUExecutionProvider"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(model_dir: str | Path, card: ModelCard, provider: str = "auto") -> LoadedModel:
+    """The ONNX Runtime session of ``model_dir``'s model, created once per process and reused.
+
+    Checked at every call (once per job): when model.onnx's size or mtime changed, its content
+    hash decides whether a new session is built, so a new model version is picked up without a
+    restart and a mere touch costs nothing.
+    """
+    import onnxruntime as ort
+
+    path = (Path(model_dir) / card.model_file).resolve()
+    key = (str(path), provider)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CardError(f"{Path(model_dir) / 'card.yaml'}: model_file: cannot read {path}: {exc.strerror}") from None
+    stamp = (st.st_size, st.st_mtime_ns)
+    with _sessions_lock:
+        cached = _sessions.get(key)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        digest = _sha256(path)
+        if cached and cached[1].sha256 == digest:
+            _sessions[key] = (stamp, cached[1])
+            return cached[1]
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # ORT warns about unused initializers of exported graphs
+        # No busy-waiting worker threads: the node shares its cores with receivers and encoders.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = choose_providers(provider)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for corrupt or unsupported graphs
+            raise CardError(f"{Path(model_dir) / 'card.yaml'}: model_file: {path.name} is not a loadable "
+                            f"ONNX model: {exc}") from None
+        _check_io(session, card, Path(model_dir))
+        used = tuple(session.get_providers())
+        if provider == "cuda" and "CUDAExecutionProvider" not in used:
+            raise RuntimeError(f"CUDA was asked for but the session runs on {', '.join(used)} (no usable GPU)")
+        model = LoadedModel(session, used, digest, session.get_inputs()[0].name, path)
+        _sessions[key] = (stamp, model)
+        return model
+
+
+def _check_io(session, card: ModelCard, model_dir: Path) -> None:
+    where = model_dir / "card.yaml"
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(inputs[0].shape) != 5:
+        raise CardError(f"{where}: model_file: the model must take one (batch, channels, z, y, x) input")
+    in_ch, out_ch = inputs[0].shape[1], outputs[0].shape[1] if len(outputs[0].shape) == 5 else None
+    if isinstance(in_ch, int) and in_ch != card.input.channels:
+        raise CardError(f"{where}: input.channels: card says {card.input.channels}, the model takes {in_ch}")
+    if out_ch is None:
+        raise CardError(f"{where}: model_file: the model's first output must be (batch, classes, z, y, x)")
+    if isinstance(out_ch, int) and out_ch != card.output_channels:
+        raise CardError(f"{where}: labels: the model outputs {out_ch} channels, the card's "
+                        f"{len(card.labels)} labels with {card.inference.activation} need {card.output_channels}")
+
+
+def onnx_runner(model: LoadedModel) -> PatchRunner:
+    def run(batch: np.ndarray) -> np.ndarray:
+        return model.session.run(None, {model.input_name: batch})[0]
+
+    return run
+
+
+# ---------------------------------------------------------------- grids and intensities
+
+def network_grid(source: Geometry, spacing: Sequence[float], orientation: str) -> Geometry:
+    """The grid the network sees: ``orientation`` axes, ``spacing`` mm, covering the whole source."""
+    d = orientation_matrix(orientation)
+    n = np.array(source.shape) - 1
+    corners = np.array([(k, j, i) for k in (0, n[0]) for j in (0, n[1]) for i in (0, n[2])], dtype=float)
+    local = source.index_to_patient(corners) @ d  # coordinates along the network axes
+    lo, hi = local.min(axis=0), local.max(axis=0)
+    sp = np.asarray(spacing, dtype=float)
+    size_xyz = np.ceil((hi - lo) / sp - 1e-6).astype(int) + 1
+    return Geometry(shape=tuple(int(v) for v in size_xyz[::-1]), origin=tuple(float(v) for v in d @ lo),
+                    spacing=tuple(float(v) for v in sp), direction=tuple(float(v) for v in d.ravel()))
+
+
+def _antialias(img: sitk.Image, target: Geometry) -> sitk.Image:
+    """Low-pass ``img`` for sampling at ``target``'s spacing, so fine and coarse sources look alike.
+
+    Bins of whole voxels are averaged first (cheap, and it shrinks a 512x512x300 CT eightfold
+    for a 4 mm grid), then a Gaussian does the rest (skimage's rule: sigma = (factor - 1) / 2 voxels).
+    """
+    step = min(target.spacing)
+    shrink = [max(1, int(step / (2 * s))) for s in img.GetSpacing()]
+    if max(shrink) > 1:
+        img = sitk.BinShrink(img, shrink)
+    img = sitk.Cast(img, sitk.sitkFloat32)
+    for axis, s in enumerate(img.GetSpacing()):
+        sigma_mm = (step - s) / 2
+        if sigma_mm > 0.25 * s:
+            img = sitk.RecursiveGaussian(img, sigma_mm, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    return img
+
+
+def resample(array: np.ndarray, source: Geometry, target: Geometry, *, linear: bool,
+             antialias: bool = False) -> np.ndarray:
+    """``array`` on ``source`` sampled at ``target``'s voxel centres (float32 if linear, else same dtype).
+
+    Points beyond the source take the nearest edge value: a scan cut by its field of view must not
+    grow an artificial air border that the network would read as the body's edge.
+    """
+    img = source.to_sitk(array if linear or array.dtype != bool else array.astype(np.uint8))
+    if linear:
+        img = _antialias(img, target) if antialias else sitk.Cast(img, sitk.sitkFloat32)
+    out = sitk.Resample(img, [int(v) for v in target.shape[::-1]], sitk.Transform(),
+                        sitk.sitkLinear if linear else sitk.sitkNearestNeighbor, target.origin, target.spacing,
+                        target.direction, 0.0, sitk.sitkFloat32 if linear else img.GetPixelID(), True)
+    return sitk.GetArrayFromImage(out)
+
+
+def normalise(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    a = array.astype(np.float32, copy=False)
+    if isinstance(prep, CTWindow):
+        return ((np.clip(a, *prep.clip) - prep.mean) / prep.std).astype(np.float32)
+    if isinstance(prep, ZScore):
+        ref = a[a > prep.mask_above] if prep.mask_above is not None else a
+        ref = ref if ref.size else a
+        return ((a - ref.mean()) / max(float(ref.std()), 1e-6)).astype(np.float32)
+    if isinstance(prep, Percentile):
+        lo, hi = np.percentile(a, [prep.lower, prep.upper])
+        return ((np.clip(a, lo, hi) - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
+    raise TypeError(f"unknown preprocessing {prep!r}")
+
+
+def prepare_input(volumes: Sequence[Volume], spec: InputSpec, prep: Preprocessing) -> tuple[np.ndarray, Geometry]:
+    """(channels, z, y, x) float32 network input and its grid, from the first volume's extent."""
+    if len(volumes) != spec.channels:
+        raise ValueError(f"the model takes {spec.channels} series (channels), got {len(volumes)}")
+    grid = network_grid(volumes[0].geometry, spec.target_spacing, spec.orientation)
+    chans = []
+    for vol in volumes:
+        on_grid = resample(vol.array, vol.geometry, grid, linear=True, antialias=True)
+        chans.append(normalise(on_grid, prep))
+    return np.stack(chans), grid
+
+
+# ---------------------------------------------------------------- sliding window
+
+def _starts(length: int, patch: int, step: int) -> list[int]:
+    if length <= patch:
+        return [0]
+    n = int(np.ceil((length - patch) / step)) + 1
+    return sorted({int(round(i * (length - patch) / (n - 1))) for i in range(n)})
+
+
+def importance_map(patch: Sequence[int], blending: str, sigma_scale: float) -> np.ndarray:
+    if blending == "constant":
+        return np.ones(tuple(patch), dtype=np.float32)
+    axes = []
+    for p in patch:
+        x = np.arange(p, dtype=np.float64) - (p - 1) / 2
+        axes.append(np.exp(-0.5 * (x / (sigma_scale * p)) ** 2))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    # Never zero: a voxel covered only by patch borders must still get a defined average.
+    return np.maximum(w / w.max(), 1e-6).astype(np.float32)
+
+
+def _activate(logits: np.ndarray, activation: str) -> np.ndarray:
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sliding_window(image: np.ndarray, run_patch: PatchRunner, spec: InferenceSpec, n_classes: int,
+                   progress: Progress | None = None) -> np.ndarray:
+    """(K, z, y, x) float32 class probabilities of a (C, z, y, x) image, blended over patches."""
+    patch = spec.patch_size
+    c, *shape = image.shape
+    pads = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for s, p in zip(shape, patch)]
+    if any(sum(p) for p in pads):
+        floor = image.reshape(c, -1).min(axis=1)
+        image = np.stack([np.pad(image[i], pads, constant_values=floor[i]) for i in range(c)])
+    padded = image.shape[1:]
+    steps = [max(1, int(p * (1 - spec.overlap))) for p in patch]
+    starts = [(z, y, x) for z in _starts(padded[0], patch[0], steps[0])
+              for y in _starts(padded[1], patch[1], steps[1]) for x in _starts(padded[2], patch[2], steps[2])]
+    weight = importance_map(patch, spec.blending, spec.gaussian_sigma_scale)
+    probs = np.zeros((n_classes, *padded), dtype=np.float32)
+    norm = np.zeros(padded, dtype=np.float32)
+    flips = [()] + [tuple(_AXIS[a] for a in f) for f in spec.tta_flips]
+    for b0 in range(0, len(starts), spec.batch_size):
+        chunk = starts[b0:b0 + spec.batch_size]
+        sl = [(slice(None), slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+              for z, y, x in chunk]
+        batch = np.stack([image[s] for s in sl]).astype(np.float32, copy=False)
+        acc = np.zeros((len(chunk), n_classes, *patch), dtype=np.float32)
+        for axes in flips:
+            inp = np.ascontiguousarray(np.flip(batch, axes)) if axes else batch
+            out = _activate(run_patch(inp), spec.activation)
+            if out.shape != acc.shape:
+                raise RuntimeError(f"the model returned {out.shape} for a {inp.shape} batch, expected {acc.shape}")
+            acc += np.flip(out, axes) if axes else out
+        acc *= weight / len(flips)
+        for s, a in zip(sl, acc):
+            probs[s] += a
+            norm[s[1:]] += weight
+        if progress:
+            progress(min(1.0, (b0 + len(chunk)) / len(starts)), f"patch {b0 + len(chunk)}/{len(starts)}")
+    probs /= norm
+    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, shape))
+    return np.ascontiguousarray(probs[(slice(None), *crop)])
+
+
+# ---------------------------------------------------------------- back to the source grid
+
+def _source_box(mask: np.ndarray, grid: Geometry, source: Geometry) -> tuple[slice, slice, slice] | None:
+    """Source-grid index box of every point whose interpolation stencil touches ``mask`` (network grid)."""
+    lo, hi = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(max(0, hit[0] - 1))
+        hi.append(min(mask.shape[axis] - 1, hit[-1] + 1))
+    corners = np.array([(k, j, i) for k in (lo[0], hi[0]) for j in (lo[1], hi[1]) for i in (lo[2], hi[2])])
+    idx = source.patient_to_index(grid.index_to_patient(corners))
+    start = np.maximum(0, np.floor(idx.min(axis=0) - 1e-6).astype(int))
+    stop = np.minimum(np.array(source.shape), np.ceil(idx.max(axis=0) + 1e-6).astype(int) + 1)
+    if np.any(stop <= start):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def _sub_grid(source: Geometry, box: tuple[slice, slice, slice]) -> Geometry:
+    """The part of ``source`` inside ``box``: the very same voxel centres."""
+    return Geometry(shape=tuple(b.stop - b.start for b in box),
+                    origin=tuple(float(v) for v in source.index_to_patient([b.start for b in box])),
+                    spacing=source.spacing, direction=source.direction)
+
+
+def probabilities_to_labels(probs: np.ndarray, grid: Geometry, source: Geometry, labels: Sequence[LabelSpec],
+                            activation: str, threshold: float = 0.5) -> np.ndarray:
+    """uint8 label array on ``source``: argmax (softmax) or thresholded max (sigmoid).
+
+    A class can only win where its probability reaches 1/K (softmax: the winner's share is at
+    least that) or the threshold (sigmoid); interpolation never exceeds the grid values around a
+    point, so each class is resampled only inside the source box around its own such voxels, and
+    the background only inside their union. Everywhere else the answer is background.
+    """
+    out = np.zeros(source.shape, dtype=np.uint8)
+    softmax = activation == "softmax"
+    n = probs.shape[0]
+    floor = 1.0 / n if softmax else threshold
+    values = list(range(n)) if softmax else [lab.value for lab in labels]
+    boxes = {}
+    for ch in range(1 if softmax else 0, n):
+        mask = probs[ch] >= floor
+        box = _source_box(mask, grid, source) if mask.any() else None
+        if box is not None:
+            boxes[ch] = box
+    if not boxes:
+        return out
+    union = tuple(slice(min(b[a].start for b in boxes.values()), max(b[a].stop for b in boxes.values()))
+                  for a in range(3))
+    if softmax:
+        best = resample(probs[0], grid, _sub_grid(source, union), linear=True)
+    else:
+        best = np.full(tuple(u.stop - u.start for u in union), np.float32(threshold) - np.float32(1e-6))
+    region = out[union]
+    for ch, box in boxes.items():
+        p = resample(probs[ch], grid, _sub_grid(source, box), linear=True)
+        rel = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
+        b, o = best[rel], region[rel]
+        win = p > b
+        o[win] = values[ch]
+        np.maximum(b, p, out=b)
+        del p, win
+    return out
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background pockets not connected to the box border (binary_fill_holes, without its slow dilation)."""
+    pockets, n = ndimage.label(~mask)
+    if n == 0:
+        return np.zeros_like(mask)
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[0] = True  # the mask itself
+    for face in (pockets[0], pockets[-1], pockets[:, 0], pockets[:, -1], pockets[:, :, 0], pockets[:, :, -1]):
+        outside[np.unique(face)] = True
+    return ~outside[pockets]
+
+
+def postprocess(labels: np.ndarray, specs: Sequence[LabelSpec], voxel_ml: float) -> np.ndarray:
+    """Per-label clean-up on the source grid, each label inside its own bounding box."""
+    full = np.ones((3, 3, 3), dtype=bool)
+    boxes = ndimage.find_objects(labels)
+    for spec in specs:
+        pp = spec.postprocess
+        if not (pp.min_size_ml or pp.largest_component or pp.fill_holes) or spec.value > len(boxes):
+            continue
+        box = boxes[spec.value - 1]
+        if box is None:
+            continue
+        box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, labels.shape))
+        region = labels[box]
+        mask = region == spec.value
+        if pp.min_size_ml or pp.largest_component:
+            comp, n = ndimage.label(mask, structure=full)
+            if n:
+                sizes = np.bincount(comp.ravel())[1:]
+                keep = sizes >= pp.min_size_ml / voxel_ml
+                if pp.largest_component:
+                    keep &= np.arange(n) == int(np.argmax(sizes))
+                drop = mask & ~np.concatenate([[False], keep])[comp]
+                region[drop] = 0
+                mask &= ~drop
+        if pp.fill_holes:
+            holes = _fill_holes(mask) & (region == 0)  # never overwrite another label
+            region[holes] = spec.value
+    return labels
+
+
+def segment(volumes: Sequence[Volume], card: ModelCard, run_patch: PatchRunner,
+            progress: Progress | None = None) -> np.ndarray:
+    """The card's model on ``volumes`` → uint8 labels on the first volume's exact grid."""
+    report = progress or (lambda f, m: None)
+    report(0.0, "resampling to the network grid")
+    image, grid = prepare_input(volumes, card.input, card.preprocessing)
+    xyz = card.input.array_axes == "xyz"
+    if xyz:
+        image = np.ascontiguousarray(image.transpose(0, 3, 2, 1))
+    probs = sliding_window(image, run_patch, card.inference, card.output_channels,
+                           lambda f, m: report(0.1 + 0.7 * f, m))
+    del image
+    if xyz:
+        probs = np.ascontiguousarray(probs.transpose(0, 3, 2, 1))
+    report(0.8, "resampling to the source grid")
+    source = volumes[0].geometry
+    labels = probabilities_to_labels(probs, grid, source, card.labels, card.inference.activation,
+                                     card.inference.threshold)
+    report(0.95, "post-processing")
+    voxel_ml = float(np.prod(source.spacing)) / 1000.0
+    return postprocess(labels, card.labels, voxel_ml)

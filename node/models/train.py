@@ -1,0 +1,406 @@
+"""Train a segmentation model from a config file and deploy it as ``models/<name>/``.
+
+    python -m node.models.train CONFIG.yaml        (``hilum train CONFIG.yaml``)
+
+Cases are put on the network grid with the same code the handler runs (``inference.prepare_input``),
+so training and deployment see identical inputs. The result folder holds model.onnx (dynamic
+spatial axes, checked against torch), card.yaml (validated), train.yaml (this config) and
+metrics.json (per-label validation Dice measured through the deployed ONNX pipeline on the
+held-out cases' own source grids, the number the card reports).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from node.models.card import CardError, InferenceSpec, ModelCard, load_card
+from node.models.data import Case, load_cases
+from node.models.inference import load_model, onnx_runner, prepare_input, resample, segment, sliding_window
+from node.models.train_config import AugmentSpec, TrainConfig, load_train_config
+from node.models.unet import UNet3D
+
+__all__ = ["train", "main", "dice_per_label", "export_onnx", "compare_onnx_torch", "build_network"]
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- data on the network grid
+
+class GridCase:
+    """A case resampled to the network grid, padded to at least the training patch."""
+
+    def __init__(self, case: Case, cfg: TrainConfig) -> None:
+        image, grid = prepare_input(case.volumes, cfg.input, cfg.preprocessing)
+        label = resample(case.truth, case.volumes[0].geometry, grid, linear=False)
+        pads = [(0, max(0, p - s)) for s, p in zip(label.shape, cfg.patch_size)]
+        floor = image.reshape(image.shape[0], -1).min(axis=1)
+        self.image = np.stack([np.pad(image[c], pads, constant_values=floor[c]) for c in range(image.shape[0])])
+        self.label = np.pad(label, pads)
+        self.name = case.name
+        rng = np.random.default_rng(0)
+        self.foreground = {}
+        for value in np.unique(self.label):
+            if value:
+                idx = np.argwhere(self.label == value)
+                self.foreground[int(value)] = idx[rng.choice(len(idx), min(len(idx), 20000), replace=False)]
+
+
+def _sample(cases: list[GridCase], patch: tuple[int, int, int], oversample: float, rng: np.random.Generator):
+    case = cases[rng.integers(len(cases))]
+    shape = np.array(case.label.shape)
+    if case.foreground and rng.random() < oversample:
+        coords = case.foreground[list(case.foreground)[rng.integers(len(case.foreground))]]
+        centre = coords[rng.integers(len(coords))]
+    else:
+        centre = rng.integers(0, shape)
+    start = np.clip(centre - np.array(patch) // 2, 0, shape - np.array(patch))
+    sl = tuple(slice(s, s + p) for s, p in zip(start, patch))
+    return case.image[(slice(None), *sl)], case.label[sl]
+
+
+def _batch(cases, cfg: TrainConfig, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [_sample(cases, cfg.patch_size, cfg.foreground_oversample, rng) for _ in range(cfg.batch_size)]
+    x = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.float32))
+    y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
+    return x, y
+
+
+# ---------------------------------------------------------------- augmentation
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    ax, ay, az = angles
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, aug: AugmentSpec, rng: np.random.Generator):
+    """Small rotations/scaling (physical, not normalised-grid, angles), flips, intensity jitter, noise."""
+    b = x.shape[0]
+    half = np.array(x.shape[2:][::-1], dtype=float) / 2  # (x, y, z) half-extent in voxels
+    thetas = []
+    for _ in range(b):
+        m = np.eye(3)
+        if rng.random() < aug.probability:
+            angles = np.radians(rng.uniform(-aug.rotate_deg, aug.rotate_deg, 3))
+            m = _rotation(angles) / rng.uniform(*aug.scale)
+        # affine_grid works in [-1, 1] per axis: conjugate so a rotation stays a rotation in voxels
+        m = np.diag(1 / half) @ m @ np.diag(half)
+        thetas.append(np.hstack([m, np.zeros((3, 1))]))
+    theta = torch.tensor(np.stack(thetas), dtype=x.dtype, device=x.device)
+    if not torch.allclose(theta, torch.eye(3, 4, dtype=x.dtype, device=x.device).expand_as(theta)):
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        y = F.grid_sample(y[:, None].to(x.dtype), grid, mode="nearest", padding_mode="border",
+                          align_corners=False)[:, 0].round().long()
+    for axis in aug.flip_axes:
+        dim = {"z": 2, "y": 3, "x": 4}[axis]
+        if rng.random() < 0.5:
+            x, y = x.flip(dim), y.flip(dim - 1)
+    scale = torch.tensor(rng.uniform(1 - aug.intensity_scale, 1 + aug.intensity_scale, (b, 1, 1, 1, 1)), dtype=x.dtype)
+    shift = torch.tensor(rng.uniform(-aug.intensity_shift, aug.intensity_shift, (b, 1, 1, 1, 1)), dtype=x.dtype)
+    x = x * scale.to(x.device) + shift.to(x.device)
+    if aug.noise_std:
+        sigma = torch.tensor(rng.uniform(0, aug.noise_std, (b, 1, 1, 1, 1)), dtype=x.dtype, device=x.device)
+        x = x + torch.randn_like(x) * sigma
+    return x, y
+
+
+# ---------------------------------------------------------------- model, loss, metrics
+
+def build_network(cfg: TrainConfig) -> UNet3D:
+    n = cfg.network
+    return UNet3D(cfg.input.channels, len(cfg.labels) + 1, base=n.base_channels, depth=n.depth, blocks=n.blocks,
+                  max_channels=n.max_channels)
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float, ce_weight: float) -> torch.Tensor:
+    """Cross-entropy + (1 - batch soft Dice over the foreground classes)."""
+    loss = ce_weight * F.cross_entropy(logits, target) if ce_weight else logits.new_zeros(())
+    if dice_weight:
+        p = logits.softmax(1)
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3).to(p.dtype)
+        dims = (0, 2, 3, 4)
+        inter = (p * onehot).sum(dims)[1:]
+        denom = (p.sum(dims) + onehot.sum(dims))[1:]
+        loss = loss + dice_weight * (1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean())
+    return loss
+
+
+def dice_per_label(pred: np.ndarray, truth: np.ndarray, values) -> dict[int, float]:
+    """Dice of each label value; NaN where neither prediction nor truth has it."""
+    out = {}
+    for v in values:
+        p, t = pred == v, truth == v
+        denom = int(p.sum()) + int(t.sum())
+        out[v] = 2.0 * int((p & t).sum()) / denom if denom else float("nan")
+    return out
+
+
+def torch_runner(model: torch.nn.Module, device: torch.device):
+    @torch.no_grad()
+    def run(batch: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+
+    return run
+
+
+def _validate(model, cases: list[GridCase], cfg: TrainConfig, device) -> dict[int, float]:
+    model.eval()
+    spec = InferenceSpec(**{**cfg.inference.model_dump(), "tta_flips": []})  # fast: TTA only at deployment
+    run = torch_runner(model, device)
+    scores = {lab.value: [] for lab in cfg.labels}
+    for case in cases:
+        probs = sliding_window(case.image, run, spec, len(cfg.labels) + 1)
+        for v, d in dice_per_label(probs.argmax(0), case.label, scores).items():
+            if not math.isnan(d):
+                scores[v].append(d)
+    model.train()
+    return {v: float(np.mean(s)) if s else float("nan") for v, s in scores.items()}
+
+
+# ---------------------------------------------------------------- export and check
+
+def export_onnx(model: torch.nn.Module, path: Path, in_channels: int, patch: tuple[int, int, int]) -> None:
+    """ONNX with dynamic batch and spatial axes, written atomically (a running node may be reading)."""
+    import onnx
+
+    model = model.eval().cpu()
+    tmp = path.with_suffix(".onnx.tmp")
+    axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/instance-norm notes
+        torch.onnx.export(model, (torch.zeros(1, in_channels, *patch),), str(tmp), dynamo=False,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": axes, "logits": axes}, opset_version=17)
+    onnx.checker.check_model(str(tmp))
+    os.replace(tmp, path)
+
+
+def compare_onnx_torch(model: torch.nn.Module, onnx_path: Path, image: np.ndarray,
+                       sizes: list[tuple[int, int, int]]) -> dict[str, float]:
+    """Run torch and ONNX Runtime on crops of ``image`` of each size; worst logit difference and argmax agreement."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model = model.eval().cpu()
+    worst, agree = 0.0, 1.0
+    for size in sizes:
+        crop = np.zeros((1, image.shape[0], *size), dtype=np.float32)
+        src = tuple(slice(0, min(a, b)) for a, b in zip(image.shape[1:], size))
+        crop[(0, slice(None), *src)] = image[(slice(None), *src)]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(crop)).numpy()
+        out = sess.run(None, {sess.get_inputs()[0].name: crop})[0]
+        scale = max(1.0, float(np.abs(ref).max()))
+        worst = max(worst, float(np.abs(out - ref).max()) / scale)
+        agree = min(agree, float((out.argmax(1) == ref.argmax(1)).mean()))
+    return {"max_relative_logit_difference": worst, "argmax_agreement": agree}
+
+
+# ---------------------------------------------------------------- the loop
+
+def _schedule(cfg: TrainConfig, total_steps: int):
+    warm = cfg.schedule.warmup_epochs * cfg.steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total_steps - warm)
+        if cfg.schedule.kind == "poly":
+            return (1 - t) ** 0.9
+        if cfg.schedule.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    return factor
+
+
+def _optimizer(cfg: TrainConfig, params):
+    o = cfg.optimizer
+    if o.kind == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=True, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise CardError("device: cuda asked for, but torch sees no GPU")
+    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _split(cases: list[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    if len(cases) < 2:
+        raise CardError("data: at least two cases are needed (one to train, one to validate)")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = min(len(cases) - 1, max(1, round(len(cases) * fraction)))
+    return [cases[i] for i in order[n_val:]], [cases[i] for i in order[:n_val]]
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / total)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) -> Path:
+    """Train, export, check and deploy; returns the model folder ``output_dir/<name>``."""
+    t0 = time.time()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg)
+    work = Path(cfg.work_dir) / cfg.name
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.output_dir) / cfg.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    log(f"loading data ({'phantoms' if cfg.data.phantom else cfg.data.dicom_seg})")
+    train_cases, val_cases = _split(load_cases(cfg.data, cfg.labels, work), cfg.data.validation_split, cfg.seed)
+    grid_train = [GridCase(c, cfg) for c in train_cases]
+    grid_val = [GridCase(c, cfg) for c in val_cases]
+    log(f"{len(grid_train)} training, {len(grid_val)} validation cases on a {cfg.input.target_spacing} mm grid; "
+        f"device {device}")
+
+    model = build_network(cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = _optimizer(cfg, model.parameters())
+    total = cfg.epochs * cfg.steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+    names = {lab.value: lab.name for lab in cfg.labels}
+    history, best, best_epoch, stale = [], -1.0, 0, 0
+    tty = sys.stdout.isatty()
+    model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        te, losses = time.time(), []
+        for step in range(cfg.steps_per_epoch):
+            x, y = _batch(grid_train, cfg, rng)
+            x, y = augment(x.to(device), y.to(device), cfg.augmentation, rng)
+            loss = dice_ce_loss(model(x), y, cfg.loss.dice_weight, cfg.loss.ce_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if tty:
+                print(f"\repoch {epoch}/{cfg.epochs} {_bar(step + 1, cfg.steps_per_epoch)} loss {np.mean(losses):.4f}",
+                      end="", flush=True)
+        entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": float(sched.get_last_lr()[0])}
+        line = f"epoch {epoch}/{cfg.epochs} {_bar(epoch, cfg.epochs)} loss {entry['loss']:.4f}"
+        if epoch % cfg.validate_every == 0 or epoch == cfg.epochs:
+            scores = _validate(model, grid_val, cfg, device)
+            mean = float(np.nanmean(list(scores.values())))
+            entry.update(val_dice={names[v]: s for v, s in scores.items()}, val_mean_dice=mean)
+            torch.save({"model": model.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")},
+                       work / "last.pt")
+            if mean > best + cfg.early_stopping.min_delta:
+                best, best_epoch, stale = mean, epoch, 0
+                torch.save({"model": model.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")},
+                           work / "best.pt")
+            else:
+                stale += 1
+            line += f" val Dice {mean:.3f} (best {best:.3f} @ {best_epoch})"
+        history.append(entry)
+        log(("\r" if tty else "") + line + f" {time.time() - te:.1f}s")
+        if stale >= cfg.early_stopping.patience:
+            log(f"early stop: no validation improvement for {stale} validations")
+            break
+
+    model.load_state_dict(torch.load(work / "best.pt", map_location=device)["model"])
+    model = model.cpu().eval()
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(model, onnx_path, cfg.input.channels, cfg.inference.patch_size)
+    div = model.size_divisor
+    check = compare_onnx_torch(model, onnx_path, grid_val[0].image,
+                               [cfg.inference.patch_size, tuple(p + div for p in cfg.inference.patch_size)])
+    log(f"ONNX vs torch: max relative logit difference {check['max_relative_logit_difference']:.2e}, "
+        f"argmax agreement {check['argmax_agreement']:.5f}")
+    # float32 instance norm over large patches differs by ~1e-4 between the two runtimes
+    if check["max_relative_logit_difference"] > 5e-3 or check["argmax_agreement"] < 0.999:
+        raise RuntimeError(f"the ONNX export disagrees with the torch model: {check}")
+
+    log("validating the deployed ONNX pipeline on the held-out cases' source grids")
+    draft = cfg.card_draft()
+    runner = onnx_runner(load_model(out_dir, draft, "cpu"))
+    per_case = {}
+    for case in val_cases:
+        pred = segment(case.volumes, draft, runner)
+        per_case[case.name] = {names[v]: d for v, d in dice_per_label(pred, case.truth, names).items()}
+    dice = {n: float(np.nanmean([pc[n] for pc in per_case.values()])) for n in names.values()}
+    mean_dice = float(np.mean(list(dice.values())))
+    source = "phantom" if cfg.data.phantom else "DICOM SEG"
+    validation = {"dataset": f"{len(val_cases)} held-out {source} cases ({', '.join(per_case)}), Dice on their "
+                              "source grids through the deployed ONNX pipeline",
+                  "cases": len(val_cases), "mean_dice": round(mean_dice, 4),
+                  "dice": {n: round(d, 4) for n, d in dice.items()}}
+    card = cfg.card_draft(validation)
+    metrics = {
+        "model": cfg.name, "version": cfg.version, "parameters": n_params,
+        "model_bytes": onnx_path.stat().st_size, "device": str(device),
+        "training": {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_mean_dice_network_grid": best,
+                     "wall_seconds": round(time.time() - t0, 1), "train_cases": [c.name for c in train_cases],
+                     "history": history},
+        "validation": {"per_case": per_case, "dice": dice, "mean_dice": mean_dice},
+        "onnx_check": check,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "train.yaml").write_text(config_text if config_text is not None else
+                                        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    _write_card(card, out_dir)
+    log("validation Dice on source grids: " + ", ".join(f"{n} {d:.3f}" for n, d in dice.items())
+        + f"; mean {mean_dice:.3f}")
+    log(f"deployed {out_dir} ({onnx_path.stat().st_size / 1e6:.2f} MB, {n_params} parameters) "
+        f"in {time.time() - t0:.0f} s")
+    return out_dir
+
+
+class _CardDumper(yaml.SafeDumper):
+    """Short scalar lists (spacings, colours, codes) on one line: the card stays readable."""
+
+
+_CardDumper.add_representer(list, lambda d, v: d.represent_sequence(
+    "tag:yaml.org,2002:seq", v, flow_style=all(isinstance(i, (int, float)) for i in v) or
+    all(isinstance(i, str) and len(i) <= 8 for i in v)))
+
+
+def _write_card(card: ModelCard, out_dir: Path) -> None:
+    text = "# Written by node.models.train; validation measured on held-out cases.\n" + yaml.dump(
+        card.model_dump(mode="json", exclude_none=True), Dumper=_CardDumper, sort_keys=False, allow_unicode=True)
+    tmp = out_dir / "card.yaml.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out_dir / "card.yaml")
+    load_card(out_dir)  # what was written must validate as a card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hilum train", description="Train a model from a config file and "
+                                     "deploy it as models/<name>/")
+    parser.add_argument("config", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_train_config(args.config)
+        train(cfg, args.config.read_text())
+    except CardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

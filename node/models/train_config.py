@@ -1,0 +1,199 @@
+"""The training configuration file (``hilum train CONFIG.yaml``), validated like a card.
+
+It holds everything the card needs (labels with codes, input grid, preprocessing, inference
+settings, emit) plus the data, network, loss, optimiser, schedule, augmentation and stopping
+rules; ``train.py`` turns it into a deployable ``models/<name>/``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from node.models.card import (CardError, InferenceSpec, InputSpec, LabelSpec, ModelCard, Preprocessing,
+                              format_validation_error)
+
+__all__ = ["TrainConfig", "TrainLabel", "load_train_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainLabel(LabelSpec):
+    """A card label plus the names it has in the training data (phantom label table / SEG SegmentLabel)."""
+
+    source: list[str] = Field(min_length=1)
+
+
+class PhantomSource(BaseModel):
+    """``count`` phantoms from ``node.phantom.ct.generate_ct``; other keys are passed to it.
+
+    ``vary`` maps generator options to lists of values; each phantom draws one value per option
+    (seeded), so the training set covers e.g. contrast, arm position and head/feet-first scans.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    count: int = Field(ge=2, le=1000)
+    seed: int = Field(0, ge=0)  # phantom i uses seed + i
+    vary: dict[str, list[Any]] = {}
+
+    @field_validator("vary")
+    @classmethod
+    def _choices(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [k for k, values in v.items() if not values]
+        if empty:
+            raise ValueError(f"vary: {empty} need at least one value each")
+        return v
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def options(self, i: int) -> dict[str, Any]:
+        """Generator options of phantom i: the fixed ones plus its draw from ``vary``."""
+        rng = np.random.default_rng([self.seed + i, 7])
+        drawn = {k: values[int(rng.integers(len(values)))] for k, values in sorted(self.vary.items())}
+        return {**self.params, **drawn}
+
+
+class DataSpec(_Strict):
+    phantom: PhantomSource | None = None
+    dicom_seg: Path | None = None  # folder of DICOM series + DICOM SEG objects referencing them
+    validation_split: float = Field(0.2, gt=0, lt=1)
+    cache_dir: Path | None = None  # generated phantoms are kept here between runs
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.phantom is None) == (self.dicom_seg is None):
+            raise ValueError("give exactly one data source: phantom or dicom_seg")
+        return self
+
+
+class NetworkSpec(_Strict):
+    base_channels: int = Field(8, ge=2, le=64)
+    depth: int = Field(3, ge=2, le=6)
+    blocks: int = Field(1, ge=1, le=4)
+    max_channels: int = Field(128, ge=4, le=512)
+
+
+class LossSpec(_Strict):
+    dice_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> "LossSpec":
+        if self.dice_weight + self.ce_weight <= 0:
+            raise ValueError("dice_weight + ce_weight must be positive")
+        return self
+
+
+class OptimizerSpec(_Strict):
+    kind: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.99, ge=0, lt=1)  # sgd only (Nesterov)
+
+
+class ScheduleSpec(_Strict):
+    kind: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_epochs: int = Field(0, ge=0)
+
+
+class AugmentSpec(_Strict):
+    probability: float = Field(0.8, ge=0, le=1)  # chance that a patch gets the spatial transform
+    rotate_deg: float = Field(10.0, ge=0, le=45)
+    scale: tuple[float, float] = (0.9, 1.1)
+    flip_axes: list[Literal["x", "y", "z"]] = []  # x swaps left and right: only for lateral-symmetric labels
+    intensity_scale: float = Field(0.1, ge=0, le=1)
+    intensity_shift: float = Field(0.1, ge=0, le=2)
+    noise_std: float = Field(0.05, ge=0, le=1)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.5 <= v[0] <= v[1] <= 2.0:
+            raise ValueError(f"scale must be [low, high] within 0.5..2.0, got {list(v)}")
+        return v
+
+
+class EarlyStopping(_Strict):
+    patience: int = Field(5, ge=1)  # validations without improvement before stopping
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    name: str
+    version: str
+    description: str
+    intended_use: str
+    limitations: list[str]
+    training_data: str
+    seed: int = 0
+    data: DataSpec
+    labels: list[TrainLabel] = Field(min_length=1)
+    input: InputSpec
+    preprocessing: Preprocessing
+    network: NetworkSpec = NetworkSpec()
+    loss: LossSpec = LossSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    batch_size: int = Field(2, ge=1, le=64)
+    patch_size: tuple[int, int, int]  # training patch (z, y, x), network grid voxels
+    foreground_oversample: float = Field(0.33, ge=0, le=1)
+    augmentation: AugmentSpec = AugmentSpec()
+    epochs: int = Field(50, ge=1, le=10000)
+    steps_per_epoch: int = Field(25, ge=1)
+    validate_every: int = Field(1, ge=1)
+    early_stopping: EarlyStopping = EarlyStopping()
+    inference: InferenceSpec
+    emit: list[Literal["SEG", "RTSTRUCT", "SR"]] = ["SEG", "SR"]
+    output_dir: Path = Path("models")  # the model lands in output_dir/<name>/
+    work_dir: Path = Path("var/train")  # checkpoints and cached data: work_dir/<name>/
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.input.array_axes != "zyx":
+            raise ValueError("input.array_axes: training feeds (z, y, x) arrays; 'xyz' is for imported models")
+        if self.inference.activation != "softmax":
+            raise ValueError("inference.activation: training produces softmax models (channel 0 = background)")
+        div = 2 ** (self.network.depth - 1)
+        for field, size in (("patch_size", self.patch_size), ("inference.patch_size", self.inference.patch_size)):
+            if any(s % div for s in size) or min(size) < div:
+                raise ValueError(f"{field} {list(size)} must be multiples of {div} (2^(network.depth-1))")
+        try:  # the card rules (names, label values, emit) hold for the config too
+            self.card_draft()
+        except ValidationError as exc:
+            raise ValueError(f"as a model card: {format_validation_error(exc)}") from None
+        return self
+
+    def card_draft(self, validation: dict | None = None) -> ModelCard:
+        """The card this configuration produces (``validation`` filled in after training)."""
+        return ModelCard(
+            name=self.name, version=self.version, description=self.description, intended_use=self.intended_use,
+            limitations=self.limitations, training_data=self.training_data, input=self.input,
+            preprocessing=self.preprocessing, inference=self.inference,
+            labels=[LabelSpec(**lab.model_dump(exclude={"source"})) for lab in self.labels],
+            emit=self.emit, validation=validation)
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training config; relative paths in it are relative to the working directory."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CardError(f"{path}: cannot read the training config: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise CardError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CardError(f"{path}: a training config is a YAML mapping, got {type(raw).__name__}")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise CardError(f"{path}: {format_validation_error(exc)}") from None

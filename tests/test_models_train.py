@@ -1,0 +1,181 @@
+"""The training pipeline: config validation, data sources, and a two-epoch smoke run to a deployable model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+
+from node.handler_api import HandlerInput
+from node.models.card import CardError, load_card
+from node.models.data import dicom_seg_cases, phantom_cases
+from node.models.registry import model_handler
+from node.models.train import augment, build_network, dice_ce_loss, train
+from node.models.train_config import AugmentSpec, TrainConfig, load_train_config
+from node.results import LabelMap
+from node.volume import SeriesData, load_series
+
+ANAT = {"value": "91723000", "meaning": "Anatomical Structure"}
+TINY_PHANTOM = {"rows": 48, "cols": 48, "slices": 24, "pixel_spacing": 7.5, "slice_thickness": 10.0, "nodules": 0}
+
+
+def tiny_config(tmp_path: Path) -> dict:
+    return {
+        "name": "tiny", "version": "0.1", "description": "smoke test model", "intended_use": "tests",
+        "limitations": ["two epochs on tiny phantoms"], "training_data": "synthetic phantoms only",
+        "seed": 3,
+        "data": {"phantom": {"count": 3, "seed": 500, **TINY_PHANTOM, "vary": {"contrast": [False, True]}},
+                 "validation_split": 0.34, "cache_dir": str(tmp_path / "phantoms")},
+        "labels": [
+            {"value": 1, "name": "Left lung", "source": ["lung_left"], "category": ANAT,
+             "type": {"value": "44029006", "meaning": "Left lung"}, "tg263": "Lung_L", "color": [128, 174, 128]},
+            {"value": 2, "name": "Heart", "source": ["heart_wall", "heart_blood"], "category": ANAT,
+             "type": {"value": "80891009", "meaning": "Heart"}, "tg263": "Heart", "color": [206, 110, 84]},
+        ],
+        "input": {"modality": "CT", "body_region": "CHEST", "target_spacing": [8.0, 8.0, 8.0]},
+        "preprocessing": {"kind": "ct_window", "clip": [-1000, 1000], "mean": -200, "std": 500},
+        "network": {"base_channels": 4, "depth": 2},
+        "batch_size": 2, "patch_size": [16, 32, 32], "epochs": 2, "steps_per_epoch": 2,
+        "inference": {"patch_size": [16, 32, 32], "overlap": 0.25},
+        "emit": ["SEG", "SR"],
+        "output_dir": str(tmp_path / "models"), "work_dir": str(tmp_path / "work"), "threads": 1,
+    }
+
+
+def test_two_epoch_smoke_run_deploys_a_valid_model(tmp_path):
+    cfg = TrainConfig.model_validate(tiny_config(tmp_path))
+    lines: list[str] = []
+    out = train(cfg, log=lines.append)
+    assert out == tmp_path / "models" / "tiny"
+    assert sum(line.startswith("epoch ") for line in lines) == 2 and any("val Dice" in line for line in lines)
+    card = load_card(out)  # written card validates
+    assert card.validation is not None and set(card.validation.dice) == {"Left lung", "Heart"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["validation"]["dice"]) == {"Left lung", "Heart"} and metrics["training"]["epochs_run"] == 2
+    assert metrics["onnx_check"]["argmax_agreement"] >= 0.999
+    assert TrainConfig.model_validate(yaml.safe_load((out / "train.yaml").read_text())) == cfg
+    assert (tmp_path / "work" / "tiny" / "best.pt").is_file() and (tmp_path / "work" / "tiny" / "last.pt").is_file()
+
+    # ONNX and torch agree on a grid size the export never saw (dynamic spatial axes)
+    net = build_network(cfg)
+    net.load_state_dict(torch.load(tmp_path / "work" / "tiny" / "best.pt")["model"])
+    net.eval()
+    x = np.random.default_rng(1).normal(size=(1, 1, 18, 26, 40)).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert got.shape == (1, 3, 18, 26, 40)
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+    # and the deployed folder is directly a handler
+    case = phantom_cases(cfg.data.phantom, cfg.labels, tmp_path / "phantoms")[0]
+    series = SeriesData("1.2.3", "CT", [], case.volumes[0])
+    results = model_handler("model:tiny", tmp_path / "models")({"emit": ["SEG"]}).run(
+        HandlerInput("1", [series]), lambda f, m: None)
+    assert isinstance(results[0], LabelMap) and results[0].geometry == case.volumes[0].geometry
+
+
+def _expect_config_error(tmp_path, change, text):
+    cfg = tiny_config(tmp_path)
+    change(cfg)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CardError) as err:
+        load_train_config(path)
+    assert str(path) in str(err.value) and text in str(err.value)
+
+
+CONFIG_ERRORS = [
+    (lambda c: c.update(patch_size=[15, 32, 32]), "patch_size [15, 32, 32] must be multiples of 2"),
+    (lambda c: c["data"].update(dicom_seg="/tmp"), "give exactly one data source"),
+    (lambda c: c["labels"][0].pop("source"), "labels.0.source: Field required"),
+    (lambda c: c["labels"][1].update(value=5), "as a model card: labels: softmax models need values 1..2"),
+    (lambda c: c.update(augmentation={"scale": [1.5, 1.0]}), "augmentation.scale"),
+    (lambda c: c["inference"].update(activation="sigmoid"), "training produces softmax models"),
+    (lambda c: c["data"]["phantom"].update(vary={"contrast": []}), "data.phantom.vary"),
+    (lambda c: c.update(optimiser="adam"), "optimiser: Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize("change,text", CONFIG_ERRORS, ids=[t for _, t in CONFIG_ERRORS])
+def test_bad_training_config_names_the_field(tmp_path, change, text):
+    _expect_config_error(tmp_path, change, text)
+
+
+def test_data_errors_name_the_problem(tmp_path):
+    cfg = TrainConfig.model_validate(tiny_config(tmp_path))
+    bad_option = cfg.data.phantom.model_copy(update={"vary": {"colour": ["red"]}})
+    with pytest.raises(CardError, match=r"data.phantom: .*unknown option\(s\) \['colour'\]"):
+        phantom_cases(bad_option, cfg.labels, tmp_path / "p1")
+    labels = [cfg.labels[0].model_copy(update={"source": ["spleen"]})]
+    with pytest.raises(CardError, match=r"labels: phantom phantom-500 has no data label for \['Left lung'\]"):
+        phantom_cases(cfg.data.phantom, labels, tmp_path / "p2")
+    with pytest.raises(CardError, match="no DICOM SEG object"):
+        dicom_seg_cases(tmp_path, cfg.labels)
+
+
+def test_dicom_seg_source_reads_the_same_truth_as_the_phantom(tmp_path):
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    cfg = TrainConfig.model_validate(tiny_config(tmp_path))
+    case = phantom_cases(cfg.data.phantom, cfg.labels, tmp_path / "phantoms")[0]
+    study_dir = next((tmp_path / "phantoms").iterdir())
+    folder = tmp_path / "annotated"
+    folder.mkdir()
+    sources = []
+    for p in sorted((study_dir / "dicom").iterdir()):
+        (folder / p.name).write_bytes(p.read_bytes())
+        sources.append(pydicom.dcmread(str(p)))
+    ordered = load_series(sorted(folder.iterdir())).datasets  # geometry order, like the truth array
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    sources = [by_uid[str(ds.SOPInstanceUID)] for ds in ordered]
+    # segment labels as an annotator would type them; the heart matched by its SNOMED meaning instead
+    descriptions = [
+        hd.seg.SegmentDescription(1, "lung_left", codes.SCT.AnatomicalStructure, codes.SCT.Lung,
+                                  hd.seg.SegmentAlgorithmTypeValues.MANUAL),
+        hd.seg.SegmentDescription(2, "Cardiac", codes.SCT.AnatomicalStructure, codes.SCT.Heart,
+                                  hd.seg.SegmentAlgorithmTypeValues.MANUAL),
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=case.truth, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=50,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Hilum", manufacturer_model_name="test",
+        software_versions="0", device_serial_number="0")
+    seg.save_as(folder / "seg.dcm")
+    labels = [cfg.labels[0], cfg.labels[1].model_copy(update={"source": ["heart"]})]
+    cases = dicom_seg_cases(folder, labels)
+    assert len(cases) == 1
+    assert cases[0].volumes[0].geometry == case.volumes[0].geometry
+    assert np.array_equal(cases[0].truth, case.truth) and set(np.unique(case.truth)) == {0, 1, 2}
+
+
+def test_augmentation_moves_image_and_labels_together():
+    rng = np.random.default_rng(0)
+    x = torch.full((2, 1, 32, 48, 48), -1.0)
+    y = torch.zeros((2, 32, 48, 48), dtype=torch.long)
+    x[:, :, 10:22, 14:34, 20:40] = 1.0
+    y[:, 10:22, 14:34, 20:40] = 1
+    aug = AugmentSpec(probability=1.0, rotate_deg=20, scale=(0.8, 1.2), intensity_scale=0, intensity_shift=0,
+                      noise_std=0)
+    xa, ya = augment(x, y, aug, rng)
+    assert xa.shape == x.shape and ya.shape == y.shape and ya.dtype == torch.long
+    assert not torch.equal(ya, y)  # it did move
+    inside = xa[:, 0][ya == 1]
+    assert (inside > 0).float().mean() > 0.95  # labelled voxels are still the bright box
+    none = AugmentSpec(probability=0.0, intensity_scale=0, intensity_shift=0, noise_std=0)
+    xn, yn = augment(x, y, none, rng)
+    assert torch.equal(xn, x) and torch.equal(yn, y)
+
+
+def test_loss_is_lower_for_the_right_answer():
+    target = torch.zeros((1, 8, 8, 8), dtype=torch.long)
+    target[0, 2:6, 2:6, 2:6] = 1
+    right = torch.nn.functional.one_hot(target, 2).permute(0, 4, 1, 2, 3).float() * 10
+    wrong = right.flip(1)
+    assert dice_ce_loss(right, target, 1, 1) < 0.01 < 1.5 < dice_ce_loss(wrong, target, 1, 1)
