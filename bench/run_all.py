@@ -27,6 +27,7 @@ SUITE = [
     ("ct-anatomy", "bench_ct_anatomy.py", [], ["--quick"]),
     ("render", "bench_render.py", [], ["--shape", "60", "128", "128", "--size", "128", "--repeat", "1",
                                        "--frames", "3"]),
+    ("view3d", "bench_view3d.py", [], None),
     ("security", "bench_security.py", [], ["--instances", "8", "--runs", "1", "--size", "128"]),
     ("models", "bench_models.py", [], ["--repeat", "1", "--size", "128", "--slices", "40"]),
 ]
@@ -75,7 +76,7 @@ def main() -> int:
         if wanted and name not in wanted:
             continue
         path = REPO / "bench" / script
-        if not path.exists():
+        if not path.exists() or (args.quick and quick is None):  # None: too slow for a quick run
             continue
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()

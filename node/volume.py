@@ -186,13 +186,39 @@ def sort_by_geometry(datasets: Sequence[Dataset], tolerance: float = 0.05) -> tu
 
 def _rescaled(ds: Dataset) -> np.ndarray:
     arr = ds.pixel_array
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = _rescale_params(ds)
     if slope == 1 and intercept == 0:
         return arr
     if slope.is_integer() and intercept.is_integer():
         return arr.astype(np.int32) * int(slope) + int(intercept)
     return (arr * slope + intercept).astype(np.float32)
+
+
+def _rescale_params(ds: Dataset) -> tuple[float, float]:
+    return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def _fits_int16(ds: Dataset) -> bool:
+    """True when every storable value, rescaled, is an integer in int16 (CT: 12-bit data, HU)."""
+    slope, intercept = _rescale_params(ds)
+    if not (slope.is_integer() and intercept.is_integer()):
+        return False
+    bits = int(ds.get("BitsStored", 16) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    ends = (lo, hi, lo * slope + intercept, hi * slope + intercept)
+    return -32768 <= min(ends) and max(ends) <= 32767
+
+
+def _fill(arr: np.ndarray, ordered: list[Dataset]) -> None:
+    """Rescale each slice straight into ``arr`` (no per-slice temporaries wider than the stored data)."""
+    for k, ds in enumerate(ordered):
+        slope, intercept = _rescale_params(ds)
+        arr[k] = ds.pixel_array
+        if slope != 1:
+            arr[k] *= arr.dtype.type(slope)
+        if intercept != 0:
+            arr[k] += arr.dtype.type(intercept)
 
 
 def load_series(paths: Sequence[str | Path], with_pixels: bool = True) -> SeriesData:
@@ -215,12 +241,8 @@ def load_series(paths: Sequence[str | Path], with_pixels: bool = True) -> Series
     images: list[np.ndarray] = []
     if with_pixels:
         if geom is not None:
-            slices = [_rescaled(ds) for ds in ordered]
-            integral = all(np.issubdtype(s.dtype, np.integer) for s in slices)
-            dtype = np.int16 if integral and all(s.min() >= -32768 and s.max() <= 32767 for s in slices) else np.float32
-            arr = np.empty(geom.shape, dtype=dtype)
-            for k, s in enumerate(slices):
-                arr[k] = s
+            arr = np.empty(geom.shape, dtype=np.int16 if all(_fits_int16(ds) for ds in ordered) else np.float32)
+            _fill(arr, ordered)
             volume = Volume(arr, geom)
         else:
             images = [_rescaled(ds) for ds in ordered if "PixelData" in ds]

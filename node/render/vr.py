@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonCore import vtkUnsignedCharArray
-from vtkmodules.vtkCommonDataModel import vtkImageData, vtkPiecewiseFunction
+from vtkmodules.vtkCommonDataModel import vtkImageData, vtkPiecewiseFunction, vtkPlane
 from vtkmodules.vtkRenderingCore import vtkColorTransferFunction, vtkRenderer, vtkVolume, vtkVolumeProperty
 from vtkmodules.vtkRenderingVolume import vtkFixedPointVolumeRayCastMapper
 from vtkmodules.vtkRenderingVolumeOpenGL2 import vtkOpenGLGPUVolumeRayCastMapper
@@ -86,6 +86,15 @@ class VrPreset:
     shade: bool = True
     relative: bool = False
 
+    def adjusted(self, shift: float = 0.0, opacity_scale: float = 1.0) -> "VrPreset":
+        """The preset moved along the value axis by ``shift`` (its own units) and with every
+        opacity scaled by ``opacity_scale`` (capped at 1): the viewer's window/opacity controls."""
+        if not (math.isfinite(shift) and math.isfinite(opacity_scale) and opacity_scale >= 0):
+            raise ValueError(f"shift must be finite and opacity_scale finite and >= 0, got {shift}, {opacity_scale}")
+        return VrPreset(self.name, tuple((v + shift, r, g, b) for v, r, g, b in self.color),
+                        tuple((v + shift, min(1.0, a * opacity_scale)) for v, a in self.opacity),
+                        self.shade, self.relative)
+
 
 PRESETS: dict[str, VrPreset] = {
     p.name: p
@@ -102,6 +111,13 @@ PRESETS: dict[str, VrPreset] = {
             color=((-1000, 0, 0, 0), (100, 0.55, 0.1, 0.05), (180, 0.85, 0.25, 0.15), (300, 0.95, 0.6, 0.45),
                    (600, 1, 0.95, 0.9), (3000, 1, 1, 1)),
             opacity=((-1000, 0), (100, 0), (160, 0.45), (250, 0.7), (600, 0.8), (3000, 0.85)),
+        ),
+        VrPreset(
+            # Skin and muscle as translucent flesh over white bone; fat faint, air clear.
+            "soft_tissue",
+            color=((-1000, 0, 0, 0), (-150, 0.55, 0.3, 0.2), (0, 0.85, 0.55, 0.45), (80, 0.95, 0.7, 0.6),
+                   (300, 1, 0.95, 0.85), (3000, 1, 1, 1)),
+            opacity=((-1000, 0), (-200, 0), (-80, 0.03), (40, 0.2), (150, 0.35), (400, 0.75), (3000, 0.85)),
         ),
         VrPreset(
             # Parenchyma as a translucent shell; air (airways, outside) and soft tissue clear.
@@ -136,8 +152,9 @@ def _vtk_ready_array(array: np.ndarray) -> np.ndarray:
 class VolumeScene:
     """One volume, one offscreen window; ``render`` returns (rows, cols, 3) uint8 frames.
 
-    Thread-safe by a lock (an OpenGL context is current in one thread at a time); a viewer
-    serving several users runs one scene per series and queues frames through it.
+    Calls are serialised by a lock, but the OpenGL context belongs to the thread that created the
+    scene: render from that thread only (node/render/volume_cache.py gives each series its own
+    render thread; rendering from another thread aborts the process).
     """
 
     def __init__(self, volume: Volume, modality: str = "CT", size: tuple[int, int] = (512, 512)) -> None:
@@ -201,15 +218,14 @@ class VolumeScene:
         lo = self._auto.center - self._auto.width / 2
         return lo + v * self._auto.width
 
-    def _apply(self, preset: str, mode: str, window: Window | None) -> None:
-        state = (preset, mode, window)
+    def _apply(self, p: VrPreset | None, mode: str, window: Window | None) -> None:
+        state = (p, mode, window)
         if state == self._state:
             return
         ctf, otf = vtkColorTransferFunction(), vtkPiecewiseFunction()
         if mode == "vr":
-            p = PRESETS[preset]
             if not p.relative and self.modality != "CT":
-                raise ValueError(f"preset {preset!r} is in Hounsfield units and only fits CT, not {self.modality}")
+                raise ValueError(f"preset {p.name!r} is in Hounsfield units and only fits CT, not {self.modality}")
             for v, r, gg, b in p.color:
                 ctf.AddRGBPoint(self._value(v, p.relative), r, gg, b)
             for v, a in p.opacity:
@@ -253,22 +269,31 @@ class VolumeScene:
         rows, cols = size
         return (rows / 2 - 0.5 - float(rel @ up) / ps, cols / 2 - 0.5 + float(rel @ right) / ps)
 
-    def render(self, camera: Camera = Camera(), preset: str = "bone", mode: str = "vr", quality: str = "full",
-               size: tuple[int, int] = (512, 512), window: Window | None = None) -> np.ndarray:
-        """One frame, (rows, cols, 3) uint8, top row first."""
+    def render(self, camera: Camera = Camera(), preset: str | VrPreset = "bone", mode: str = "vr",
+               quality: str = "full", size: tuple[int, int] = (512, 512), window: Window | None = None,
+               slab: tuple[tuple[float, float, float], float] | None = None) -> np.ndarray:
+        """One frame, (rows, cols, 3) uint8, top row first. ``preset``: a name of ``PRESETS`` or a
+        ``VrPreset`` (e.g. ``PRESETS["bone"].adjusted(...)``). ``slab``: (LPS centre, thickness mm)
+        limits the rays to a slab facing the camera, as a thick-slab MIP/MinIP does (a MinIP of
+        the whole volume would show the air around the patient)."""
         if mode not in MODES:
             raise ValueError(f"unknown render mode {mode!r}; modes: {', '.join(MODES)}")
         if quality not in QUALITIES:
             raise ValueError(f"unknown quality {quality!r}; qualities: {', '.join(QUALITIES)}")
-        if mode == "vr" and preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        if not isinstance(preset, VrPreset):
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+            preset = PRESETS[preset]
+        if slab is not None and not (len(slab[0]) == 3 and np.all(np.isfinite(slab[0]))
+                                     and math.isfinite(slab[1]) and slab[1] > 0):
+            raise ValueError(f"slab must be (three finite LPS coordinates, a positive thickness), got {slab!r}")
         rows, cols = int(size[0]), int(size[1])
         if not (16 <= rows <= 4096 and 16 <= cols <= 4096):
             raise ValueError(f"size must be 16..4096 pixels per side, got {size}")
         with self._lock:
             if self._image is None:
                 raise RuntimeError("this VolumeScene was closed")
-            self._apply(preset, mode, window)
+            self._apply(preset if mode == "vr" else None, mode, window)
             fine = quality == "full"
             self._mapper.SetImageSampleDistance(1.0 if fine else 2.0)
             self._mapper.SetSampleDistance(self._min_spacing * (1.0 if fine else 2.0))
@@ -282,12 +307,24 @@ class VolumeScene:
             cam.SetPosition(*(focal - view * distance))
             cam.SetViewUp(*up)
             cam.SetParallelScale(self.fit_half_height_mm((rows, cols)) / camera.zoom)
+            self._set_slab(view, slab)
             self._renderer.ResetCameraClippingRange()
             self._window.Render()
             buf = vtkUnsignedCharArray()
             self._window.GetPixelData(0, 0, cols - 1, rows - 1, 0, buf, 0)
             rgb = numpy_support.vtk_to_numpy(buf).reshape(rows, cols, 3)
             return np.ascontiguousarray(rgb[::-1])
+
+    def _set_slab(self, view: np.ndarray, slab) -> None:
+        self._mapper.RemoveAllClippingPlanes()
+        if slab is None:
+            return
+        centre, half = np.asarray(slab[0], float), slab[1] / 2
+        for sign in (1.0, -1.0):  # each plane keeps the side its normal points to
+            plane = vtkPlane()
+            plane.SetOrigin(*(centre - sign * half * view))
+            plane.SetNormal(*(sign * view))
+            self._mapper.AddClippingPlane(plane)
 
     def close(self) -> None:
         """Release the OpenGL context and the volume's memory."""
