@@ -59,7 +59,7 @@ class VrOutput(BaseModel):
     """A rotating volume rendering: ``frames`` views ``step_deg`` apart around the long axis."""
 
     model_config = ConfigDict(extra="forbid")
-    preset: Literal["bone", "vascular", "lung", "mr"] | None = None  # None: bone for CT, mr for MR
+    preset: Literal["bone", "vascular", "lung", "soft_tissue", "mr"] | None = None  # None: bone for CT, mr for MR
     frames: int = Field(24, ge=1, le=360)
     step_deg: float = Field(15.0, gt=0, le=360)
     size: int = Field(512, ge=64, le=1024)
@@ -132,7 +132,7 @@ class Renders(Handler):
                 f"renders: {field}.preset {preset!r} is in Hounsfield units; {series.modality} needs 'mr'"
             )
         if series.modality == "CT" and preset == "mr":
-            raise HandlerRefusal(f"renders: {field}.preset 'mr' is for MR; CT presets are bone, vascular, lung")
+            raise HandlerRefusal(f"renders: {field}.preset 'mr' is for MR; CT presets are bone, vascular, lung, soft_tissue")
         return preset
 
     def _window(self, spec, field: str, kind: str, series: SeriesData) -> Window:

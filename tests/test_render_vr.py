@@ -153,7 +153,7 @@ def test_presets_render_and_mr_uses_relative_preset():
     scene.close()  # closing twice is harmless; rendering afterwards is an error, not a crash
     with pytest.raises(RuntimeError, match="closed"):
         scene.render(preset="mr", size=(64, 64))
-    assert set(PRESETS) == {"bone", "vascular", "lung", "mr"}
+    assert set(PRESETS) == {"bone", "vascular", "lung", "soft_tissue", "mr"}
 
 
 def test_bad_render_requests_name_the_problem(scenes):
