@@ -1,15 +1,60 @@
-"""The node's web server: one FastAPI app, one router per resource (MONAI Label's layout)."""
+"""The node's web server: one FastAPI app, one router per resource (MONAI Label's layout).
+
+One door for people and scripts: the JSON API (/api), the DICOMweb gateway to the archive
+(/dicom-web), the admin console (/console, /login) and OHIF at the root. OHIF's router comes
+last: its catch-all serves the viewer's files and client-side routes.
+"""
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
 from node import __version__
-from node.web import dicomweb, health, jobs, studies
+from node.audit import api as audit_api
+from node.web import (
+    console,
+    dashboard,
+    deliveries,
+    destinations,
+    dicomweb,
+    health,
+    jobs,
+    login,
+    ohif,
+    rules_api,
+    studies,
+    view3d,
+)
+from node.web.login import LoginThrottle
+from node.web.security import SecurityHeaders, ohif_csp
+from node.web.sessions import SessionStore
+
+log = logging.getLogger("hilum.web")
 
 
-def create_app(node) -> FastAPI:
-    app = FastAPI(title="Hilum", version=__version__, docs_url="/api/docs", openapi_url="/api/openapi.json")
+@dataclass
+class WebState:
+    sessions: SessionStore
+    ohif: ohif.OhifFiles
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    dicomweb_version: tuple[int, ...] | None = None  # the archive's DICOMweb plugin, once asked
+
+
+def create_app(node, ohif_files: ohif.OhifFiles | None = None) -> FastAPI:
+    # No interactive docs page: it would load its scripts from a CDN. The schema stays.
+    app = FastAPI(title="Hilum", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json")
+    files = ohif_files or ohif.OhifFiles()
     app.state.node = node
-    for module in (health, studies, jobs, dicomweb):
+    app.state.web = WebState(sessions=SessionStore(node.settings.session_idle_s), ohif=files)
+    for module in (health, login, studies, jobs, deliveries, dashboard, rules_api, destinations, audit_api,
+                   dicomweb, console, view3d, ohif):
         app.include_router(module.router)
+    app.add_middleware(SecurityHeaders, ohif_policy=ohif_csp(files.inline_script_hashes()))
+    if not files.installed:
+        log.warning("OHIF is not installed (%s missing): run `make ohif`; the console works without it", files.dist)
+    if not node.index.users():
+        log.warning("no console users yet: create one with `hilum user add NAME --role admin`")
     return app

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
-from node.web.auth import require_admin, require_viewer
+from node.web.auth import Principal, require_admin, require_viewer
 from node.web.views import job_view, study_summary
 
 router = APIRouter(prefix="/api/studies", tags=["studies"])
@@ -15,14 +15,14 @@ router = APIRouter(prefix="/api/studies", tags=["studies"])
 
 @router.get("")
 def list_studies(request: Request, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
-                 _: str = Depends(require_viewer)) -> dict:
+                 _: Principal = Depends(require_viewer)) -> dict:
     index = request.app.state.node.index
     return {"total": index.count_studies(), "limit": limit, "offset": offset,
             "studies": [study_summary(r) for r in index.studies(limit, offset)]}
 
 
 @router.get("/{study_uid}")
-def get_study(study_uid: str, request: Request, _: str = Depends(require_viewer)) -> dict:
+def get_study(study_uid: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
     index = request.app.state.node.index
     row = index.study(study_uid)
     if row is None:
@@ -38,7 +38,7 @@ def get_study(study_uid: str, request: Request, _: str = Depends(require_viewer)
 
 
 @router.post("/{study_uid}/complete")
-def force_complete(study_uid: str, request: Request, _: str = Depends(require_admin)) -> dict:
+def force_complete(study_uid: str, request: Request, _: Principal = Depends(require_admin)) -> dict:
     node = request.app.state.node
     if not node.index.force_complete(study_uid):
         raise HTTPException(404, f"study {study_uid} not found")

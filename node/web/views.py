@@ -32,3 +32,12 @@ def job_view(index: Index, job) -> dict:
             for r in index.results_of_job(job["id"])
         ],
     }
+
+
+def delivery_view(row) -> dict:
+    return {
+        "id": row["id"], "kind": row["kind"], "job_id": row["job_id"], "study_uid": row["study_uid"],
+        "sop_instance_uid": row["sop_uid"], "destination": row["destination"], "status": row["status"],
+        "attempts": row["attempts"], "next_at": row["next_at"], "last_error": row["last_error"],
+        "delivered_at": row["delivered_at"],
+    }

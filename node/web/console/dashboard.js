@@ -1,0 +1,120 @@
+'use strict';
+// The dashboard: queue depth, throughput, studies with their jobs and deliveries, failed
+// deliveries; polled every POLL_MS. Admin buttons call the API, which checks the role itself.
+const {api, el, clear, time, flash} = Hilum;
+const POLL_MS = 2000;
+
+function tile(label, value, id) {
+  return el('div', {class: 'tile', id}, el('b', {}, value), label);
+}
+
+async function act(method, path, what) {
+  const out = document.getElementById('action-result');
+  try {
+    const r = await api(method, path);
+    flash(out, `${what}: ${r.action || 'done'}`, true);
+  } catch (e) {
+    flash(out, `${what} refused: ${e.message}`, false);
+  }
+  refresh();
+}
+
+function deliverySummary(job) {
+  const counts = {};
+  for (const result of job.results) {
+    for (const [dest, status] of Object.entries(result.deliveries)) {
+      const key = `${dest} ${status}`;
+      counts[key] = (counts[key] || 0) + 1;
+    }
+  }
+  return Object.entries(counts).map(([key, n]) => {
+    const status = key.split(' ')[1];
+    return el('span', {class: `status-${status}`}, `${key} ×${n} `);
+  });
+}
+
+function jobRow(job) {
+  const failedDeliveries = job.results.some((r) => Object.values(r.deliveries).includes('failed'));
+  const retry = (job.status === 'failed' || failedDeliveries)
+    ? el('button', {class: 'admin-only retry-job', 'data-job': job.id,
+      onclick: () => act('POST', `/api/jobs/${job.id}/retry`, `retry job ${job.id}`)}, 'Retry')
+    : null;
+  const pct = Math.round((job.progress || 0) * 100);
+  return el('tr', {class: 'job', 'data-job': job.id},
+    el('td', {colspan: 2}, `job ${job.id} · ${job.rule} → ${job.handler}`),
+    el('td', {class: `status-${job.status} job-status`}, job.status),
+    el('td', {}, el('span', {class: 'progress', title: `${pct} %`}, el('span', {style: null})),
+      ` ${pct} % `, job.message || ''),
+    el('td', {}, `attempt ${job.attempts}`),
+    el('td', {class: 'deliveries'}, deliverySummary(job)),
+    el('td', {class: 'error job-error'}, job.error || ''),
+    el('td', {}, retry));
+}
+
+function studyRows(s) {
+  const modalities = [...new Set(s.series.map((x) => x.modality).filter(Boolean))].join(', ');
+  const uid = encodeURIComponent(s.study_uid);
+  const complete = s.stable ? null : el('button', {class: 'admin-only force-complete',
+    onclick: () => act('POST', `/api/studies/${uid}/complete`, 'force complete')}, 'Force complete');
+  // The server-side 3D view opens one series: the largest CT, MR or PET series of the study.
+  const volume = s.series.filter((x) => ['CT', 'MR', 'PT'].includes(x.modality))
+    .sort((a, b) => b.instances - a.instances)[0];
+  const view3d = volume
+    ? [' · ', el('a', {href: `/view3d/${uid}/${encodeURIComponent(volume.series_uid)}`, class: 'view3d'}, '3D (server)')]
+    : [];
+  const row = el('tr', {class: 'study', 'data-study': s.study_uid},
+    el('td', {}, el('span', {class: 'patient-name'}, s.patient_name || '(no name)'), el('br'),
+      el('span', {class: 'uid'}, s.patient_id || '')),
+    el('td', {}, modalities),
+    el('td', {}, s.study_date || ''),
+    el('td', {}, time(s.last_received)),
+    el('td', {class: 'instances'}, s.instances_received),
+    el('td', {class: s.stable ? 'status-done' : 'status-receiving'}, s.stable ? 'stable' : 'receiving'),
+    el('td', {}, el('a', {href: `/viewer?StudyInstanceUIDs=${uid}`, class: 'ohif'}, 'OHIF'), view3d),
+    el('td', {}, complete));
+  return [row, ...s.jobs.map(jobRow)];
+}
+
+function deliveryRow(d) {
+  return el('tr', {'data-delivery': d.id},
+    el('td', {}, d.id), el('td', {}, d.destination), el('td', {}, d.kind), el('td', {}, d.job_id ?? ''),
+    el('td', {}, d.attempts), el('td', {class: 'error'}, d.last_error || ''),
+    el('td', {}, el('button', {class: 'admin-only retry-delivery',
+      onclick: () => act('POST', `/api/deliveries/${d.id}/retry`, `retry delivery ${d.id}`)}, 'Retry')));
+}
+
+function render(data) {
+  const q = data.queue;
+  const h = data.last_hour;
+  clear(document.getElementById('queue'),
+    tile('jobs waiting', q.jobs_pending, 'q-jobs-pending'), tile('jobs running', q.jobs_running, 'q-jobs-running'),
+    tile('deliveries waiting', q.deliveries_pending, 'q-deliveries-pending'),
+    tile('deliveries failed', q.deliveries_failed, 'q-deliveries-failed'),
+    tile('instances / last hour', h.instances_received, 'h-instances'),
+    tile('jobs done / last hour', h.jobs_done, 'h-jobs-done'),
+    tile('deliveries / last hour', h.deliveries_done, 'h-deliveries'));
+  document.getElementById('studies-total').textContent = `(${data.studies_total})`;
+  clear(document.querySelector('#studies tbody'), data.studies.flatMap(studyRows));
+  clear(document.querySelector('#failed-deliveries tbody'),
+    data.failed_deliveries.length ? data.failed_deliveries.map(deliveryRow)
+      : [el('tr', {}, el('td', {colspan: 7, class: 'muted'}, 'none'))]);
+  // Progress bar widths are set as properties, not style attributes: the CSP forbids inline styles.
+  for (const row of document.querySelectorAll('tr.job')) {
+    const job = data.studies.flatMap((s) => s.jobs).find((j) => String(j.id) === row.dataset.job);
+    row.querySelector('.progress > span').style.width = `${Math.round((job.progress || 0) * 100)}%`;
+  }
+  document.getElementById('updated').textContent = new Date().toLocaleTimeString();
+}
+
+async function refresh() {
+  try {
+    render(await api('GET', '/api/dashboard', undefined, {background: true}));
+  } catch (e) {
+    document.getElementById('updated').textContent = `failed: ${e.message}`;
+  }
+}
+
+Hilum.start('/console/').then(() => {
+  refresh();
+  setInterval(refresh, POLL_MS);
+});

@@ -1,0 +1,35 @@
+"""/api/dashboard: everything the console's front page shows, in one request it can poll."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from node.web.auth import Principal, require_viewer
+from node.web.views import delivery_view, job_view, study_summary
+
+router = APIRouter(prefix="/api/dashboard", tags=["dashboard"])
+
+
+@router.get("")
+def dashboard(request: Request, studies: int = Query(25, ge=1, le=200), _: Principal = Depends(require_viewer)) -> dict:
+    index = request.app.state.node.index
+    now = time.time()
+    out_studies = []
+    for row in index.studies(studies, 0):
+        s = study_summary(row)
+        s["series"] = [{"series_uid": r["series_uid"], "modality": r["modality"], "description": r["description"],
+                        "instances": r["instances"]} for r in index.series_of_study(row["study_uid"])]
+        s["jobs"] = [job_view(index, j) for j in reversed(index.jobs(study_uid=row["study_uid"], limit=100))]
+        out_studies.append(s)
+    return {
+        "now": now,
+        "queue": {"jobs_pending": index.count_jobs(("pending", "retrying")),
+                  "jobs_running": index.count_jobs(("running",)),
+                  "deliveries_pending": index.count_deliveries("pending"),
+                  "deliveries_failed": index.count_deliveries("failed")},
+        "last_hour": index.throughput(now - 3600),
+        "studies_total": index.count_studies(),
+        "studies": out_studies,
+        "failed_deliveries": [delivery_view(d) for d in index.deliveries(status="failed", limit=100)],
+    }

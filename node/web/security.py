@@ -1,0 +1,71 @@
+"""Response security headers and request size limits, for every route (pure ASGI middleware).
+
+Two Content-Security-Policies: a strict one for the console, the login page, the server-side
+3D view and the API (scripts and styles only from the node's own files; 'self' covers the 3D
+view's same-origin WebSocket), and OHIF's, which in addition allows the
+hashes of the two inline scripts of OHIF's index.html, WebAssembly compilation (its image
+codecs), blob: workers, inline styles (React sets style attributes) and 'unsafe-eval': OHIF's
+SEG loader builds functions from strings at run time (the ndarray library behind
+@cornerstonejs/adapters), and without it no segmentation opens. Both forbid framing.
+No CORS headers are ever sent: the browser keeps other origins out.
+"""
+from __future__ import annotations
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+STRICT_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+              "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+NODE_PREFIXES = ("/api", "/dicom-web/", "/console", "/login", "/view3d")
+MAX_API_BODY = 1024 * 1024  # JSON requests; STOW-RS has its own limit in the gateway
+
+
+def ohif_csp(script_hashes: list[str]) -> str:
+    hashes = " ".join(f"'sha256-{h}'" for h in script_hashes)
+    return ("default-src 'self'; "
+            f"script-src 'self' {hashes} 'unsafe-eval' 'wasm-unsafe-eval'; "
+            "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
+            "connect-src 'self' data: blob:; worker-src 'self' blob:; media-src 'self' blob:; "
+            "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'")
+
+
+class SecurityHeaders:
+    def __init__(self, app: ASGIApp, ohif_policy: str) -> None:
+        self.app = app
+        self.ohif_policy = ohif_policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        node_route = path.startswith(NODE_PREFIXES)
+        https = scope.get("scheme") == "https"
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                h = MutableHeaders(scope=message)
+                h["Content-Security-Policy"] = STRICT_CSP if node_route else self.ohif_policy
+                h["X-Content-Type-Options"] = "nosniff"
+                h["X-Frame-Options"] = "DENY"
+                h["Referrer-Policy"] = "same-origin"
+                h["Cross-Origin-Opener-Policy"] = "same-origin"
+                h["Cross-Origin-Resource-Policy"] = "same-origin"
+                if path.startswith("/api"):
+                    h["Cache-Control"] = "no-store"
+                if https:
+                    h["Strict-Transport-Security"] = "max-age=31536000"
+            await send(message)
+
+        if path.startswith("/api") and scope["method"] not in ("GET", "HEAD"):
+            size = Headers(scope=scope).get("content-length")
+            if size is not None and size.isdigit() and int(size) > MAX_API_BODY:
+                await _plain(with_headers, 413, b"request body too large")
+                return
+        await self.app(scope, receive, with_headers)
+
+
+async def _plain(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

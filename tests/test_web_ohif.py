@@ -1,0 +1,307 @@
+"""OHIF, served by the node, reading a phantom CT and its SEG, RTSTRUCT and SR through the gateway.
+
+A real node (managed Orthanc 1.10 + DICOMweb plugin 1.7) receives the CT by C-STORE; the lung
+results, made by the node's encoders from the phantom's true lungs, go in by STOW-RS through the
+gateway. Debian's chromium, driven by playwright, signs in as a viewer and uses OHIF as a
+radiologist would. Overlays are checked by pixel colour against where the true lungs are on the
+screen (mapped with cornerstone's own world-to-canvas transform). Screenshots stay under
+test-artifacts/web/.
+"""
+from __future__ import annotations
+
+import io
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.nodeproc import NodeProcess, running_node, storescu, wait_for
+from tests.web_support import (
+    CINE_DESCRIPTION,
+    CINE_PALETTE,
+    LUNG_LEFT_COLOR,
+    LUNG_RIGHT_COLOR,
+    BrowserErrors,
+    LungStudy,
+    add_user,
+    colored,
+    dilate,
+    erode,
+    launch,
+    lung_study,
+    mask_on_screen,
+    screenshot,
+    sign_in,
+    slice_on_screen,
+    stow,
+)
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.slow
+
+# A returning user: OHIF's onboarding tour and investigational-use notice were already seen.
+SEEN_BEFORE = """localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));
+localStorage.setItem('investigationalUseDialog', JSON.stringify({expiryDate: '2999-01-01T00:00:00Z'}));"""
+VIEWPORT = {"width": 1400, "height": 900}
+
+
+@dataclass
+class Site:
+    node: NodeProcess
+    study: LungStudy
+    contexts: dict  # user -> a signed-in browser context (one per user: OHIF's bundles stay cached)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ohif")
+    study = lung_study(tmp / "study")
+    rules = tmp / "rules"
+    rules.mkdir()
+    with running_node(tmp / "node", rules) as node:
+        add_user(node, "rad", "viewer")
+        add_user(node, "ada", "admin")
+        out = storescu(node.dicom_port, study.dicom_dir)
+        assert out.returncode == 0, out.stderr
+        n_ct = len(list(study.dicom_dir.iterdir()))
+        wait_for(lambda: len(node.api("GET", f"/dicom-web/studies/{study.study_uid}/series/{study.series_uid}"
+                                             "/instances").json() or []) == n_ct, 90, "the CT in the archive")
+        r = stow(node, study.results)
+        assert r.status_code == 200, r.text
+        with playwright_api.sync_playwright() as pw:
+            browser = launch(pw)
+            contexts = {}
+            for user in ("rad", "ada"):
+                contexts[user] = browser.new_context(viewport=VIEWPORT)
+                contexts[user].add_init_script(SEEN_BEFORE)
+                first = contexts[user].new_page()
+                sign_in(first, node.web, user)
+                first.close()
+            yield Site(node, study, contexts)
+            browser.close()
+
+
+def _page(ctx):
+    page = ctx.new_page()
+    page.errors = BrowserErrors(page).errors
+    return page
+
+
+@pytest.fixture
+def page(site):
+    """A page of the radiologist (viewer role)."""
+    page = _page(site.contexts["rad"])
+    yield page
+    page.close()
+
+
+@pytest.fixture
+def admin_page(site):
+    page = _page(site.contexts["ada"])
+    yield page
+    page.close()
+
+
+def open_viewer(page, site: Site) -> None:
+    page.goto(f"{site.node.web}/viewer?StudyInstanceUIDs={site.study.study_uid}")
+    page.get_by_text("CHEST 5mm").first.wait_for(timeout=90_000)  # the CT's thumbnail
+    page.wait_for_function("() => window.cornerstone && window.cornerstone.getRenderingEngines().length > 0"
+                           " && window.cornerstone.getRenderingEngines()[0].getViewports().some("
+                           "v => v.getImageIds && v.getImageIds().length > 1)", timeout=90_000)
+
+
+def load_overlay(page, modality: str) -> None:
+    """Double-click the series in the study browser and accept OHIF's offer to overlay it on the CT."""
+    page.get_by_text(modality, exact=True).first.dblclick()
+    page.get_by_role("button", name="Yes").click(timeout=90_000)
+
+
+def lung_slice(study: LungStudy) -> int:
+    return int((study.left | study.right).sum(axis=(1, 2)).argmax())
+
+
+def screen_masks(page, study: LungStudy, k: int, shape) -> tuple[np.ndarray, np.ndarray, tuple]:
+    affine, box = slice_on_screen(page, study.geometry, k)
+    return (mask_on_screen(study.left[k], affine, box, shape), mask_on_screen(study.right[k], affine, box, shape),
+            box)
+
+
+def test_study_list_opens_the_study(site, page):
+    page.goto(site.node.web + "/")
+    row = page.get_by_text(site.study.patient_id)
+    row.wait_for(timeout=90_000)
+    listed = page.inner_text("body")
+    assert "PHANTOM, CHEST" in listed  # PN PHANTOM^CHEST, formatted by OHIF
+    instances = len(list(site.study.dicom_dir.iterdir())) + len(site.study.results)
+    assert re.search(rf"(^|\s){instances}(\s|$)", listed), f"the study's {instances} instances are not listed"
+    screenshot(page, "ohif-study-list")
+    row.click()
+    page.get_by_role("button", name="Basic Viewer").first.click(timeout=30_000)
+    page.wait_for_url(f"**/viewer?*StudyInstanceUIDs={site.study.study_uid}*", timeout=60_000)
+    for label in ("CHEST 5mm", "SEG", "RTSTRUCT", "SR"):
+        page.get_by_text(label, exact=True).first.wait_for(timeout=90_000)
+    screenshot(page, "ohif-study-opened")
+    assert page.errors == []
+
+
+def test_seg_overlay_covers_the_true_lungs(site, page):
+    open_viewer(page, site)
+    load_overlay(page, "SEG")
+    k = lung_slice(site.study)
+    for _ in range(10):  # the labelmap is drawn asynchronously after the slice change
+        left, right, box = screen_masks(page, site.study, k, (VIEWPORT["height"], VIEWPORT["width"]))
+        img = screenshot(page, "ohif-seg-overlay")
+        green, magenta = colored(img, LUNG_LEFT_COLOR), colored(img, LUNG_RIGHT_COLOR)
+        core_left, core_right = erode(left, 4), erode(right, 4)  # ~ half a voxel in from the edge
+        recall = (green[core_left].mean(), magenta[core_right].mean())
+        if min(recall) > 0.95:
+            break
+        page.wait_for_timeout(1000)
+    assert core_left.sum() > 5000 and core_right.sum() > 5000, "the lungs are too small on screen to judge"
+    # Inside each true lung: its segment's colour. Colour anywhere else: only next to that lung.
+    assert recall[0] > 0.95, f"left lung: only {recall[0]:.1%} of its pixels are green"
+    assert recall[1] > 0.95, f"right lung: only {recall[1]:.1%} of its pixels are magenta"
+    precision = (green[dilate(left, 8)].sum() / green.sum(), magenta[dilate(right, 8)].sum() / magenta.sum())
+    assert min(precision) > 0.97, f"segment colour outside the lungs: precision {precision}"
+    # The other lung is not painted in this lung's colour: the segments are not swapped.
+    assert green[core_right].mean() < 0.01 and magenta[core_left].mean() < 0.01
+    assert page.errors == []
+
+
+def test_rtstruct_contours_follow_the_lung_borders(site, page):
+    open_viewer(page, site)
+    load_overlay(page, "RTSTRUCT")
+    k = lung_slice(site.study)
+    study = site.study
+    for _ in range(10):
+        left, right, box = screen_masks(page, study, k, (VIEWPORT["height"], VIEWPORT["width"]))
+        img = screenshot(page, "ohif-rtstruct-contours")
+        green, magenta = colored(img, LUNG_LEFT_COLOR), colored(img, LUNG_RIGHT_COLOR)
+        if green.sum() > 500 and magenta.sum() > 500:
+            break
+        page.wait_for_timeout(1000)
+    scale = box[3] / study.geometry.shape[1]  # screen pixels per voxel (about 6.6)
+    band = int(round(scale))  # one voxel either side of the true border
+    for name, mask, line in (("left", left, green), ("right", right, magenta)):
+        border = dilate(mask, band) & ~erode(mask, band)
+        assert line.sum() > 4 * scale * 20, f"{name} lung: hardly any contour drawn ({line.sum()} pixels)"
+        on_border = line[border].sum() / line.sum()
+        assert on_border > 0.95, f"{name} lung: only {on_border:.1%} of the contour lies on the true border"
+        # Contours, not a fill: the lung's inside stays as the CT shows it.
+        assert line[erode(mask, 2 * band)].mean() < 0.02, f"{name} lung: its inside is painted"
+        # And the contour goes all the way round: most of the true border has a line next to it.
+        near_line = dilate(line, band)
+        edge = mask & ~erode(mask, 1)
+        covered = near_line[edge].mean()
+        assert covered > 0.9, f"{name} lung: only {covered:.1%} of its border has a contour next to it"
+    assert page.errors == []
+
+
+def test_sr_measurements_reach_ohif(site, page):
+    """OHIF reads the TID 1500 report: both lung groups, with tracking ids and the true volumes.
+
+    OHIF's measurement panel lists only measurements it can draw (groups with SCOORD/SCOORD3D);
+    the encoders' groups reference SEG segments (TID 1411) and carry no coordinates, so OHIF
+    parses them but leaves them out of the panel: that part is an expected failure until the
+    SR carries a SCOORD3D per group.
+    """
+    open_viewer(page, site)
+    page.get_by_text("SR", exact=True).first.dblclick()
+    page.wait_for_function("() => window.services.displaySetService.getActiveDisplaySets()"
+                           ".some(d => d.Modality === 'SR' && d.measurements && d.measurements.length)",
+                           timeout=90_000)
+    parsed = page.evaluate("""() => window.services.displaySetService.getActiveDisplaySets()
+        .filter(d => d.Modality === 'SR')
+        .flatMap(d => d.measurements.map(m => ({id: m.TrackingIdentifier, labels: m.labels})))""")
+    by_id = {m["id"]: m["labels"] for m in parsed}
+    assert set(by_id) == set(site.study.volumes_ml)
+    for tracking_id, volume in site.study.volumes_ml.items():
+        assert {"label": "Volume", "value": f"{volume:.2f} ml"} in by_id[tracking_id]
+    page.locator('[data-cy="trackedMeasurements-btn"]').click()
+    page.get_by_text("Measurements").first.wait_for(timeout=30_000)
+    screenshot(page, "ohif-sr-measurements")
+    assert page.errors == []
+    panel = page.inner_text("body")
+    if "No tracked measurements" in panel:
+        pytest.xfail("OHIF's measurement panel lists only SR groups with SCOORD/SCOORD3D; ours reference "
+                     "SEG segments (TID 1411) without coordinates")
+    assert "Lung_L" in panel and "Lung_R" in panel
+
+
+def test_secondary_capture_cine_plays_its_frames(site, page):
+    open_viewer(page, site)
+    page.get_by_text(CINE_DESCRIPTION).first.dblclick()
+    page.wait_for_function("() => window.cornerstone.getRenderingEngines()[0].getViewports()"
+                           f".some(v => v.getImageIds().length === {len(CINE_PALETTE)})", timeout=90_000)
+    box = page.locator('[data-cy="viewport-pane"]').first.bounding_box()
+    centre = {"x": box["x"] + box["width"] / 2 - 10, "y": box["y"] + box["height"] / 2 - 10, "width": 20,
+              "height": 20}
+
+    def shown_frame() -> int | None:
+        """Which frame's colour fills the middle of the viewport (None: none of them)."""
+        rgb = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=centre))).convert("RGB")).reshape(-1, 3)
+        mean = rgb.mean(axis=0)
+        distance = np.abs(np.array(CINE_PALETTE) - mean).sum(axis=1)
+        return int(distance.argmin()) if distance.min() < 30 else None
+
+    deadline = time.monotonic() + 30
+    while shown_frame() != 0 and time.monotonic() < deadline:  # the first frame may still be loading
+        page.wait_for_timeout(250)
+    assert shown_frame() == 0, "the first frame (red) is not what the viewport shows"
+    screenshot(page, "ohif-sc-cine-first-frame")
+    page.locator('[data-cy="cine-player-play-pause"]').click()
+    seen: list[int | None] = []
+    deadline = time.monotonic() + 30
+    while len({f for f in seen if f is not None}) < len(CINE_PALETTE) - 2 and time.monotonic() < deadline:
+        seen.append(shown_frame())
+        page.wait_for_timeout(100)
+    # The loop goes through (nearly) all frames, and the samples are the frames shown whole (a
+    # capture may catch a repaint now and then).
+    assert len({f for f in seen if f is not None}) >= len(CINE_PALETTE) - 2, f"cine showed only {seen}"
+    assert seen.count(None) <= max(2, len(seen) // 10), f"samples that matched no frame's colour: {seen}"
+    assert page.errors == []
+
+
+def test_segmentation_mode_saves_a_new_seg_into_the_study(site, admin_page):
+    """A radiologist-made SEG: painted in OHIF's segmentation mode, stored by STOW-RS through the gateway."""
+    page, study = admin_page, site.study
+    page.goto(f"{site.node.web}/segmentation?StudyInstanceUIDs={study.study_uid}")
+    page.get_by_text("CHEST 5mm").first.wait_for(timeout=90_000)
+    page.wait_for_function("() => window.cornerstone && window.cornerstone.getRenderingEngines().length > 0"
+                           " && window.cornerstone.getRenderingEngines()[0].getViewports().some("
+                           "v => v.getImageIds && v.getImageIds().length > 1)", timeout=90_000)
+    page.click('[data-cy="addSegmentation"]')
+    page.click('[data-cy="Brush-btn"]')
+    box = page.locator('[data-cy="viewport-pane"]').first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 60, y)
+    page.mouse.down()
+    for i in range(30):
+        page.mouse.move(x - 60 + 4 * i, y)
+    page.mouse.up()
+    page.locator('button[role="combobox"]:has-text("Segmentation 1")').locator(
+        "xpath=preceding-sibling::button[1]").click()
+    page.get_by_text("Download & Export").hover()
+    page.locator('[role="menu"]').nth(1).get_by_text("DICOM SEG").nth(1).click()  # Export, not Download
+    page.get_by_placeholder("Report name").fill("Radiologist lungs")
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/dicom-web/studies"),
+                              timeout=60_000) as stored:
+        page.get_by_role("button", name="Save").click()
+    assert stored.value.status == 200
+    screenshot(page, "ohif-segmentation-saved")
+    series = site.node.api("GET", f"/dicom-web/studies/{study.study_uid}/series").json()
+    saved = [s for s in series if s.get("0008103E", {}).get("Value") == ["Radiologist lungs"]]
+    assert len(saved) == 1 and saved[0]["00080060"]["Value"] == ["SEG"]
+    uid = saved[0]["0020000E"]["Value"][0]
+    with site.node.orthanc() as orthanc:
+        (found,) = orthanc.post("/tools/lookup", content=uid).json()
+        (instance,) = orthanc.get(f"/series/{found['ID']}/instances").json()
+        ds = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{instance['ID']}/file").content))
+    assert ds.StudyInstanceUID == study.study_uid
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == study.series_uid
+    assert ds.pixel_array.any(), "the saved SEG has no painted voxel"
+    assert page.errors == []
