@@ -78,18 +78,27 @@ class Router:
             except Exception:  # noqa: BLE001 - keep routing; the index keeps the state
                 log.exception("stability/routing pass failed")
 
+    def quiet_period(self) -> float:
+        """The shortest quiet period any rule asks for: a study is complete for routing after it."""
+        overrides = [r.action.stable_after for r in self.rules().rules if r.enabled and r.action.stable_after]
+        return min([self.settings.stable_after, *overrides])
+
     def run_once(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
-        for st in self.index.due_studies(now, self.settings.stable_after):
+        for st in self.index.due_studies(now, self.quiet_period()):
             if self.index.mark_stable(st["study_uid"], st["generation"], now):
                 log.info("study complete (%d instances)", st["instances"], extra={"study_uid": st["study_uid"]})
                 self.audit.study_received(st["study_uid"], st["instances"], self.index.series_of_study(st["study_uid"]))
         created = 0
-        for st in self.index.unrouted_studies():
-            created += self.route_study(st)
+        for st in self.index.unrouted_studies(now):
+            created += self.route_study(st, now)
         return created
 
-    def route_study(self, st) -> int:
+    def route_study(self, st, now: float | None = None) -> int:
+        """Create the jobs of every rule whose quiet period has passed (all of them when forced);
+        rules that wait longer are looked at again when theirs has passed."""
+        now = time.time() if now is None else now
+        quiet = now - st["last_at"]
         study_uid, gen = st["study_uid"], st["generation"]
         ruleset = self.rules()
         series_rows = self.index.series_of_study(study_uid)
@@ -106,7 +115,12 @@ class Router:
                 actions.append((a, row["series_uid"]))
         for a in ruleset.match_study(StudyFacts(series=list(facts.values()))):
             actions.append((a, None))
+        waiting: list[float] = []
         for a, series_uid in actions:
+            wait = (a.stable_after or self.settings.stable_after) - quiet
+            if wait > 0 and not st["force_complete"]:
+                waiting.append(wait)
+                continue
             if a.forward_originals:
                 for dest in a.destinations:
                     if dest == "orthanc" and self.settings.store_originals_in_orthanc:
@@ -125,7 +139,10 @@ class Router:
             if jid is not None:
                 created += 1
                 log.info("job %d: rule %s → %s", jid, a.rule, a.handler, extra={"study_uid": study_uid})
-        self.index.mark_routed(study_uid, gen)
+        if waiting:
+            self.index.recheck_later(study_uid, now + min(waiting))
+        else:
+            self.index.mark_routed(study_uid, gen)
         if created:
             self.on_jobs()
         self.on_deliveries()

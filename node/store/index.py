@@ -96,6 +96,10 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL, updated_at REAL NOT NULL
     );
     """,
+    # 3: per-rule quiet periods: when to look at a study again for rules that wait longer
+    """
+    ALTER TABLE studies ADD COLUMN recheck_at REAL
+    """,
 ]
 
 TERMINAL_JOB = ("done", "failed")
@@ -247,14 +251,18 @@ class Index:
                       (now, study_uid))
         return True
 
-    def unrouted_studies(self) -> list[sqlite3.Row]:
+    def unrouted_studies(self, now: float) -> list[sqlite3.Row]:
         return self.conn().execute(
-            "SELECT * FROM studies WHERE state='stable' AND routed_generation < generation"
+            "SELECT * FROM studies WHERE state='stable' AND routed_generation < generation "
+            "AND (recheck_at IS NULL OR recheck_at <= ? OR force_complete=1)", (now,)
         ).fetchall()
 
+    def recheck_later(self, study_uid: str, at: float) -> None:
+        self.conn().execute("UPDATE studies SET recheck_at=? WHERE study_uid=?", (at, study_uid))
+
     def mark_routed(self, study_uid: str, generation: int) -> None:
-        self.conn().execute("UPDATE studies SET routed_generation=? WHERE study_uid=? AND routed_generation < ?",
-                            (generation, study_uid, generation))
+        self.conn().execute("UPDATE studies SET routed_generation=?, recheck_at=NULL WHERE study_uid=? "
+                            "AND routed_generation < ?", (generation, study_uid, generation))
 
     def force_complete(self, study_uid: str) -> bool:
         cur = self.conn().execute("UPDATE studies SET force_complete=1 WHERE study_uid=?", (study_uid,))
