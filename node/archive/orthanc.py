@@ -44,6 +44,14 @@ class ArchiveEndpoint:
     def client(self, timeout: float = 30.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, auth=self.auth, timeout=timeout)
 
+    def alive(self) -> bool:
+        """Orthanc answers its REST API with these credentials."""
+        try:
+            with self.client(timeout=2) as c:
+                return c.get("/system").status_code == 200
+        except httpx.HTTPError:
+            return False
+
 
 def _credentials(path: Path) -> tuple[str, str]:
     if path.exists():
@@ -137,11 +145,7 @@ class ManagedOrthanc:
         raise RuntimeError(f"Orthanc did not answer within {timeout:.0f} s ({last})")
 
     def alive(self) -> bool:
-        try:
-            with self.endpoint.client(timeout=2) as c:
-                return c.get("/system").status_code == 200
-        except httpx.HTTPError:
-            return False
+        return self.endpoint.alive()
 
     def _supervise(self) -> None:
         while not self._stop.wait(1.0):
