@@ -43,16 +43,17 @@ def files_of(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file())
 
 
-def send(port: int, files: list[Path], called: str, assocs: int) -> float:
+def send(port: int, files: list[Path], called: str, assocs: int, propose: list[str]) -> float:
     chunks = [files[i::assocs] for i in range(assocs)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", called, "-nh", "127.0.0.1", str(port),
+    procs = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", called, "-nh", *propose, "127.0.0.1", str(port),
                                *map(str, c)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for c in chunks]
     errs = [p.communicate()[1] for p in procs]
     dt = time.perf_counter() - t0
     for p, e in zip(procs, errs):
-        if p.returncode != 0:
+        # storescu exits 0 even when it could not send a file (no accepted context): check its messages too.
+        if p.returncode != 0 or b"E: " in e:
             raise RuntimeError(f"storescu failed: {e.decode()[-500:]}")
     return dt
 
@@ -63,7 +64,7 @@ class StoreSCP:
     def __enter__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="bench-scp-"))
         self.port = free_port()
-        self.proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(self.dir), str(self.port)],
+        self.proc = subprocess.Popen(["storescp", "+xa", "-aet", "STORESCP", "-od", str(self.dir), str(self.port)],
                                      env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: _port_open(self.port), 10, "storescp")
         self.called = "STORESCP"
@@ -129,20 +130,20 @@ def main() -> None:
     wanted = set(args.cases.split(","))
     cases = {}
     if "single" in wanted:
-        cases["1 assoc"] = (files_of(study(cache, args.slices, "explicit")), 1)
+        cases["1 assoc"] = (files_of(study(cache, args.slices, "explicit")), 1, [])
     if "parallel" in wanted:
-        cases["4 assocs"] = (files_of(study(cache, args.slices, "explicit")), 4)
+        cases["4 assocs"] = (files_of(study(cache, args.slices, "explicit")), 4, [])
     if "rle" in wanted:
-        cases["1 assoc RLE"] = (files_of(study(cache, args.slices, "rle")), 1)
+        cases["1 assoc RLE"] = (files_of(study(cache, args.slices, "rle")), 1, ["-xr"])
     receivers = [StoreSCP, Orthanc, Hilum]
     results: dict[str, dict[str, list[float]]] = {c: {r.name: [] for r in receivers} for c in cases}
-    for case, (files, assocs) in cases.items():
+    for case, (files, assocs, propose) in cases.items():
         mb = sum(f.stat().st_size for f in files) / 1e6
         first = 1 if args.no_warmup else 0
         for run in range(first, args.runs + 1):  # run 0 is the warm-up
             for R in receivers:
                 with R() as rx:
-                    dt = send(rx.port, files, rx.called, assocs)
+                    dt = send(rx.port, files, rx.called, assocs, propose)
                 if run:
                     results[case][R.name].append(dt)
         print(f"\n{case}: {len(files)} instances, {mb:.0f} MB, median of {args.runs}")
