@@ -7,6 +7,7 @@ returns typed results (``node.results``). It never writes DICOM and never opens 
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 import pkgutil
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -51,7 +52,7 @@ class HandlerInput:
         return self.series[0]
 
 
-class Handler:
+class Handler(ABC):
     """Base class. Subclasses set the ClassVars and implement ``run``."""
 
     name: ClassVar[str]
@@ -85,8 +86,9 @@ class Handler:
             if self.needs_volume and s.volume is None:
                 raise HandlerRefusal(f"{self.name} needs a regular 3-D volume: {s.volume_error or 'no pixel data'}")
 
+    @abstractmethod
     def run(self, inp: HandlerInput, progress: Progress) -> list:
-        raise NotImplementedError  # abstract: every registered handler overrides it
+        """Compute; return node.results objects (never DICOM)."""
 
 
 _REGISTRY: dict[str, type[Handler]] = {}

@@ -6,6 +6,7 @@ accepted; anything else raises or is left out, and the delivery loop retries it 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -34,12 +35,13 @@ class DeliveryError(Exception):
     pass
 
 
-class Destination:
+class Destination(ABC):
     type: ClassVar[str]
     deidentifies: bool = False  # sends de-identified copies (an Export in the audit trail)
 
+    @abstractmethod
     def send(self, items: list[Item]) -> set[str]:
-        raise NotImplementedError  # abstract
+        """Send the batch; return the SOP Instance UIDs the peer accepted."""
 
 
 _TYPES: dict[str, type[Destination]] = {}
