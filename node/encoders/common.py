@@ -16,7 +16,8 @@ import numpy as np
 from highdicom._standard_utils import get_module_attribute_map
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.sr.codedict import codes
 
 from node.encoders.context import EncodeContext
@@ -81,6 +82,19 @@ def header_view(ds: Dataset) -> Dataset:
         if keyword not in view:
             view.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)
     return view
+
+
+def new_instance(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    """An empty Explicit VR Little Endian Part 10 dataset with its file meta and SOP Common UIDs."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    return ds
 
 
 def copy_patient_study(dst: Dataset, src: Dataset, charset: str | list[str] | None) -> None:

@@ -15,10 +15,10 @@ import datetime as _dt
 import numpy as np
 from scipy import ndimage
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, RTStructureSetStorage
+from pydicom.uid import RTStructureSetStorage
 
 from node.encoders.common import (
     DEVICE_SERIAL,
@@ -26,6 +26,7 @@ from node.encoders.common import (
     choose_charset,
     contributing_equipment,
     copy_patient_study,
+    new_instance,
     series_description,
     source_grid,
     source_series,
@@ -111,17 +112,10 @@ def encode_rtstruct(
 
     uid_key = ("RTSTRUCT", series_number)
     now = _dt.datetime.now()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = ctx.uid(*uid_key, "instance", 1)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = new_instance(RTStructureSetStorage, ctx.uid(*uid_key, "instance", 1))
 
     description = series_description(labelmap.description, "RTSTRUCT")
     names = [(s.tg263 or s.name) for s in labelmap.segments]
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     copy_patient_study(ds, first, choose_charset(first, [description, labelmap.description, *names]))

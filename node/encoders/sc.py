@@ -12,13 +12,12 @@ import datetime as _dt
 import highdicom as hd
 import numpy as np
 from pydicom.valuerep import format_number_as_ds
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
 )
 
 from node.encoders.common import (
@@ -27,6 +26,7 @@ from node.encoders.common import (
     choose_charset,
     contributing_equipment,
     copy_patient_study,
+    new_instance,
     series_description,
     source_series,
 )
@@ -102,14 +102,7 @@ def _multiframe(images: ImageSeries, source: Dataset, ctx: EncodeContext, series
     sop_class = (MultiFrameTrueColorSecondaryCaptureImageStorage if images.rgb
                  else MultiFrameGrayscaleByteSecondaryCaptureImageStorage)
     now = _dt.datetime.now()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = ctx.uid(*uid_key, "instance", 1)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds = new_instance(sop_class, ctx.uid(*uid_key, "instance", 1))
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.Modality = "OT"
