@@ -138,10 +138,10 @@ def storescu(port: int, paths: list[Path] | Path, calling: str = "MODALITY", cal
 
 
 @contextmanager
-def storescp(out_dir: Path, ae_title: str = "TPS"):
-    """A real DCMTK storescp playing the treatment planning system."""
+def storescp(out_dir: Path, ae_title: str = "TPS", port: int | None = None):
+    """A real DCMTK storescp playing the treatment planning system (on ``port``, or a free one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen([shutil.which("storescp"), "-aet", ae_title, "-od", str(out_dir), "+B", str(port)],
                             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:

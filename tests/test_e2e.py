@@ -179,22 +179,11 @@ def test_failed_delivery_is_retried_by_an_admin(ct, tmp_path):
 
         denied = httpx.post(f"{node.web}/api/jobs/{job['id']}/retry", headers={"Authorization": f"Bearer {viewer}"})
         assert denied.status_code == 403
-        import subprocess
-
-        from tests.nodeproc import DCMTK_ENV, _port_open
-
-        (tmp_path / "tps2").mkdir()
-        proc = subprocess.Popen(["storescp", "-aet", "TPS", "-od", str(tmp_path / "tps2"), str(tps_port)],
-                                env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: _port_open(tps_port), 10, "TPS up")
+        with storescp(tmp_path / "tps2", port=tps_port):  # the TPS comes back on its configured port
             r = node.api("POST", f"/api/jobs/{job['id']}/retry")
             assert r.status_code == 200 and "re-queued" in r.json()["action"]
             wait_for(lambda: _done(node, ct.study_uid, ("orthanc", "tps")), 60, "TPS delivery after retry",
                      interval=0.5)
-        finally:
-            proc.terminate()
-            proc.wait()
         assert len(list((tmp_path / "tps2").iterdir())) == 1
 
 
