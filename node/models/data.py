@@ -1,9 +1,11 @@
 """Training and validation cases: source volumes + ground truth on the same grid.
 
-Two sources: generated phantoms (``node.phantom.ct.generate_ct``, truth from its label volume and
-label table) and a folder of DICOM series with DICOM SEG objects (read with highdicom), which is
-what an annotation workflow produces. Data labels are mapped onto the model's label values by
-name (``TrainLabel.source``), so a data set with more structures than the model trains on is fine.
+Three sources: generated phantoms (``node.phantom.ct.generate_ct``, truth from its label volume and
+label table), a folder of DICOM series with DICOM SEG objects (read with highdicom), which is what
+an annotation workflow exports, and the same pulled from a DICOMweb archive
+(``node.models.dicomweb_source``); both SEG sources build their cases with ``seg_case``. Data
+labels are mapped onto the model's label values by name (``TrainLabel.source``), so a data set
+with more structures than the model trains on is fine.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pydicom
@@ -22,9 +24,10 @@ import SimpleITK as sitk
 from node.models.card import CardError
 from node.models.train_config import DataSpec, PhantomSource, TrainLabel
 from node.models.inference import resample
-from node.volume import Geometry, Volume, load_series
+from node.volume import Geometry, SeriesData, Volume, load_series
 
-__all__ = ["Case", "load_cases", "phantom_cases", "dicom_seg_cases", "label_lookup"]
+__all__ = ["Case", "UnusableSeg", "load_cases", "phantom_cases", "dicom_seg_cases", "seg_case", "seg_label_values",
+           "referenced_series_uid", "label_lookup"]
 
 
 @dataclass(eq=False)
@@ -139,6 +142,49 @@ def _segment_names(seg) -> dict[int, list[str]]:
     return out
 
 
+class UnusableSeg(CardError):
+    """A SEG without a segment for every model label (e.g. another model's output in an archive)."""
+
+
+def referenced_series_uid(seg, what: str, field: str) -> str:
+    """The source series a SEG was drawn on (its first ReferencedSeriesSequence item)."""
+    refs = seg.get("ReferencedSeriesSequence")
+    if not refs or "SeriesInstanceUID" not in refs[0]:
+        raise CardError(f"{field}: {what} has no ReferencedSeriesSequence: its source series is unknown")
+    return str(refs[0].SeriesInstanceUID)
+
+
+def seg_label_values(seg, labels: Sequence[TrainLabel], what: str) -> dict[int, int]:
+    """SEG segment number → model label value; ``UnusableSeg`` when a model label has no segment."""
+    lookup = label_lookup(labels)
+    values = {}
+    for number, names in _segment_names(seg).items():
+        value = next((lookup[n.lower()] for n in names if n.lower() in lookup), None)
+        if value is not None:
+            values[number] = value
+    missing = [lab.name for lab in labels if lab.value not in values.values()]
+    if missing:
+        raise UnusableSeg(f"labels: {what} has no segment for {missing}")
+    return values
+
+
+def seg_case(seg, series: SeriesData, labels: Sequence[TrainLabel], name: str, what: str, field: str) -> Case:
+    """The one path from a SEG (highdicom) and its loaded source series to a training case."""
+    values = seg_label_values(seg, labels, what)
+    if series.volume is None:
+        raise CardError(f"{field}: series {series.series_uid} is not a volume: {series.volume_error}")
+    uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
+    truth = np.zeros(series.volume.geometry.shape, dtype=np.uint8)
+    for number, value in values.items():
+        try:
+            mask = seg.get_pixels_by_source_instance(uids, segment_numbers=[number], combine_segments=False,
+                                                     assert_missing_frames_are_empty=True)[..., 0]
+        except (ValueError, KeyError, IndexError) as exc:
+            raise CardError(f"{field}: {what} does not fit its source series {series.series_uid}: {exc}") from None
+        truth[mask > 0] = value
+    return Case(name, [series.volume], truth)
+
+
 def dicom_seg_cases(folder: Path, labels: Sequence[TrainLabel]) -> list[Case]:
     """Every DICOM SEG under ``folder`` with its referenced series (also under ``folder``) is one case."""
     import highdicom as hd
@@ -156,35 +202,23 @@ def dicom_seg_cases(folder: Path, labels: Sequence[TrainLabel]) -> list[Case]:
         (segs if ds.get("Modality") == "SEG" else by_series[str(ds.SeriesInstanceUID)]).append(path)
     if not segs:
         raise CardError(f"data.dicom_seg: no DICOM SEG object under {folder}")
-    lookup = label_lookup(labels)
     cases = []
     for seg_path in segs:
         seg = hd.seg.segread(str(seg_path))
-        ref_uid = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        ref_uid = referenced_series_uid(seg, seg_path.name, "data.dicom_seg")
         if ref_uid not in by_series:
             raise CardError(f"data.dicom_seg: {seg_path.name} references series {ref_uid}, which is not in {folder}")
-        series = load_series(by_series[ref_uid])
-        if series.volume is None:
-            raise CardError(f"data.dicom_seg: series {ref_uid} is not a volume: {series.volume_error}")
-        uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
-        truth = np.zeros(series.volume.geometry.shape, dtype=np.uint8)
-        found = set()
-        for number, names in _segment_names(seg).items():
-            value = next((lookup[n.lower()] for n in names if n.lower() in lookup), None)
-            if value is None:
-                continue
-            mask = seg.get_pixels_by_source_instance(uids, segment_numbers=[number], combine_segments=False,
-                                                     assert_missing_frames_are_empty=True)[..., 0]
-            truth[mask > 0] = value
-            found.add(value)
-        missing = [lab.name for lab in labels if lab.value not in found]
-        if missing:
-            raise CardError(f"labels: {seg_path.name} has no segment for {missing}")
-        cases.append(Case(f"seg-{seg_path.stem}", [series.volume], truth))
+        cases.append(seg_case(seg, load_series(by_series[ref_uid]), labels, f"seg-{seg_path.stem}",
+                              seg_path.name, "data.dicom_seg"))
     return cases
 
 
-def load_cases(data: DataSpec, labels: Sequence[TrainLabel], work_dir: Path) -> list[Case]:
+def load_cases(data: DataSpec, labels: Sequence[TrainLabel], work_dir: Path,
+               log: Callable[[str], None] = print) -> list[Case]:
     if data.phantom is not None:
         return phantom_cases(data.phantom, labels, Path(data.cache_dir or work_dir / "phantoms"))
+    if data.dicomweb is not None:
+        from node.models.dicomweb_source import dicomweb_cases
+
+        return dicomweb_cases(data.dicomweb, labels, work_dir, log)
     return dicom_seg_cases(Path(data.dicom_seg), labels)

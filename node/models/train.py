@@ -271,8 +271,8 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
     out_dir = Path(cfg.output_dir) / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    log(f"loading data ({'phantoms' if cfg.data.phantom else cfg.data.dicom_seg})")
-    train_cases, val_cases = _split(load_cases(cfg.data, cfg.labels, work), cfg.data.validation_split, cfg.seed)
+    log(f"loading data ({cfg.data.source_name})")
+    train_cases, val_cases = _split(load_cases(cfg.data, cfg.labels, work, log), cfg.data.validation_split, cfg.seed)
     grid_train = [GridCase(c, cfg) for c in train_cases]
     grid_val = [GridCase(c, cfg) for c in val_cases]
     log(f"{len(grid_train)} training, {len(grid_val)} validation cases on a {cfg.input.target_spacing} mm grid; "
@@ -344,7 +344,7 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
         per_case[case.name] = {names[v]: d for v, d in dice_per_label(pred, case.truth, names).items()}
     dice = {n: float(np.nanmean([pc[n] for pc in per_case.values()])) for n in names.values()}
     mean_dice = float(np.mean(list(dice.values())))
-    source = "phantom" if cfg.data.phantom else "DICOM SEG"
+    source = "phantom" if cfg.data.phantom else "DICOMweb SEG" if cfg.data.dicomweb else "DICOM SEG"
     validation = {"dataset": f"{len(val_cases)} held-out {source} cases ({', '.join(per_case)}), Dice on their "
                               "source grids through the deployed ONNX pipeline",
                   "cases": len(val_cases), "mean_dice": round(mean_dice, 4),

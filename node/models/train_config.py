@@ -6,8 +6,10 @@ rules; ``train.py`` turns it into a deployable ``models/<name>/``.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 import yaml
@@ -16,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from node.models.card import (CardError, InferenceSpec, InputSpec, LabelSpec, ModelCard, Preprocessing,
                               format_validation_error)
 
-__all__ = ["TrainConfig", "TrainLabel", "load_train_config"]
+__all__ = ["TrainConfig", "TrainLabel", "DataSpec", "DicomwebSource", "DicomwebAuth", "load_train_config"]
 
 
 class _Strict(BaseModel):
@@ -60,17 +62,109 @@ class PhantomSource(BaseModel):
         return {**self.params, **drawn}
 
 
+_SECRETS = ("password", "token")
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class DicomwebAuth(_Strict):
+    """Archive credentials, read when training starts from an environment variable or a file.
+
+    The config is copied next to the model (``train.yaml``) and into version control, so a
+    secret never stands in it.
+    """
+
+    username: str | None = None  # HTTP basic, with password_env or password_file
+    password_env: str | None = None
+    password_file: Path | None = None
+    token_env: str | None = None  # bearer token, e.g. a node API token (`hilum token create`)
+    token_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, raw: Any) -> Any:
+        for key in _SECRETS:
+            if isinstance(raw, dict) and key in raw:
+                raise ValueError(f"{key}: a secret is never written in the config; name the environment variable "
+                                 f"({key}_env) or the file ({key}_file) that holds it")
+        return raw
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> "DicomwebAuth":
+        given = [f for f in ("password_env", "password_file", "token_env", "token_file") if getattr(self, f)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of password_env, password_file (HTTP basic, with username), "
+                             f"token_env, token_file (bearer); got {given or 'none'}")
+        if given[0].startswith("password") and not self.username:
+            raise ValueError(f"username: HTTP basic authentication ({given[0]}) needs a username")
+        if given[0].startswith("token") and self.username:
+            raise ValueError(f"username: goes with password_env/password_file, not with a bearer token ({given[0]})")
+        return self
+
+
+class DicomwebSource(_Strict):
+    """SEG instances (Modality=SEG) found by QIDO-RS, each with the series it references (WADO-RS)."""
+
+    url: str  # the DICOMweb root: the node's https://host:8080/dicom-web or Orthanc's /dicom-web
+    auth: DicomwebAuth | None = None
+    study_uids: list[str] = []  # only these studies (default: the whole archive)
+    query: dict[str, str] = {}  # more QIDO matching keys for the SEG search, e.g. {PatientID: "PHANTOM*"}
+    timeout_s: float = Field(60.0, gt=0, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("credentials in the URL are a secret written in the config: use auth "
+                             "(password_env/password_file or token_env/token_file)")
+        if parts.query or parts.fragment:
+            raise ValueError("the DICOMweb root takes no query or fragment: put QIDO filters in query")
+        return v.rstrip("/")
+
+    @field_validator("study_uids")
+    @classmethod
+    def _uids(cls, v: list[str]) -> list[str]:
+        bad = [u for u in v if len(u) > 64 or not _UID.match(u)]
+        if bad:
+            raise ValueError(f"{bad} are not DICOM UIDs")
+        return v
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: dict[str, str]) -> dict[str, str]:
+        from pydicom.datadict import tag_for_keyword
+
+        unknown = [k for k in v if tag_for_keyword(k) is None and not re.fullmatch(r"[0-9A-Fa-f]{8}", k)]
+        if unknown:
+            raise ValueError(f"{unknown} are not DICOM keywords or 8-digit hex tags")
+        fixed = {"Modality": "the source searches Modality=SEG itself",
+                 "StudyInstanceUID": "list studies in study_uids"}
+        for key, why in fixed.items():
+            if key in v:
+                raise ValueError(f"{key}: {why}")
+        return v
+
+
 class DataSpec(_Strict):
     phantom: PhantomSource | None = None
     dicom_seg: Path | None = None  # folder of DICOM series + DICOM SEG objects referencing them
+    dicomweb: DicomwebSource | None = None  # the same, from an archive (what OHIF annotation leaves there)
     validation_split: float = Field(0.2, gt=0, lt=1)
     cache_dir: Path | None = None  # generated phantoms are kept here between runs
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
-        if (self.phantom is None) == (self.dicom_seg is None):
-            raise ValueError("give exactly one data source: phantom or dicom_seg")
+        if sum(s is not None for s in (self.phantom, self.dicom_seg, self.dicomweb)) != 1:
+            raise ValueError("give exactly one data source: phantom, dicom_seg or dicomweb")
         return self
+
+    @property
+    def source_name(self) -> str:
+        if self.phantom is not None:
+            return "phantoms"
+        return f"DICOM SEG folder {self.dicom_seg}" if self.dicom_seg is not None else f"DICOMweb {self.dicomweb.url}"
 
 
 class NetworkSpec(_Strict):
