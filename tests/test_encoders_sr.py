@@ -5,10 +5,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from node.encoders import encode_all
 from node.encoders.seg import encode_seg
-from node.encoders.sr import encode_measurement_sr, encode_text_sr
+from node.encoders.sr import KEY_SLICE_PREFIX, encode_measurement_sr, encode_text_sr
 from node.encoders.sr_templates import TemplateError, load_template
 from node.results import LabelMap, Measurement, MeasurementGroup, MeasurementReport, TextFinding
 from tests.encoder_sources import anatomy_labels, context, ct_series, save_valid, segment_table
@@ -54,16 +56,17 @@ def test_ohif_structure_and_read_back(source, tmp_path):
     assert raw.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     (measurements,) = _items(raw, "126010")
     groups = _items(measurements, "125007")
-    assert len(groups) == 3
-    for group, expected in zip(groups, report.groups):
-        (ident,) = _items(group, "112039")
-        (uid,) = _items(group, "112040")
-        assert ident.TextValue == expected.tracking_id and uid.UID
+    # A key-slice group (OHIF's outline) precedes each group about a segment; same tracking UID.
+    expected_ids = [KEY_SLICE_PREFIX + "External", "External", KEY_SLICE_PREFIX + "Lung_L", "Lung_L", "Lungs"]
+    assert [_items(g, "112039")[0].TextValue for g in groups] == expected_ids
+    uids = [_items(g, "112040")[0].UID for g in groups]
+    assert all(uids) and uids[0] == uids[1] and uids[2] == uids[3] and len(set(uids)) == 3
 
     template = load_template("ct-anatomy")
     doc = hd.sr.srread(path)
     volumetric = doc.content.get_volumetric_roi_measurement_groups()
-    plain = doc.content.get_image_measurement_groups()
+    plain = [g for g in doc.content.get_image_measurement_groups()
+             if not g.tracking_identifier.startswith(KEY_SLICE_PREFIX)]
     assert [g.tracking_identifier for g in volumetric] == ["External", "Lung_L"]
     assert [g.tracking_identifier for g in plain] == ["Lungs"]
     for got, expected in zip([*volumetric, *plain], report.groups):
@@ -95,6 +98,67 @@ def test_ohif_structure_and_read_back(source, tmp_path):
     assert raw.PreliminaryFlag == "PRELIMINARY" and raw.VerificationFlag == "UNVERIFIED"
     assert any(e.Manufacturer == "Hilum" and "chest-ct-anatomy" in e.ContributionDescription
                for e in raw.ContributingEquipmentSequence)
+
+
+def _key_slice_groups(raw) -> dict[str, Dataset]:
+    (measurements,) = _items(raw, "126010")
+    groups = {_items(g, "112039")[0].TextValue: g for g in _items(measurements, "125007")}
+    return {k[len(KEY_SLICE_PREFIX):]: g for k, g in groups.items() if k.startswith(KEY_SLICE_PREFIX)}
+
+
+def test_key_slice_outline_of_each_segment(source, tmp_path):
+    """Each segment's largest slice: its outer outline, the area it encloses and the mean HU inside."""
+    lm, report = _labelmap(source), _report(source)
+    sources = {source.series_uid: source}
+    _, seg_ref = encode_seg(lm, sources, context(), series_number=9000)
+    raw = pydicom.dcmread(save_valid(encode_measurement_sr(report, sources, context(), series_number=9003,
+                                                           segs=[seg_ref]), tmp_path))
+    key_groups = _key_slice_groups(raw)
+    assert set(key_groups) == {"External", "Lung_L"}  # "Lungs" has no segment: no outline
+    row_mm, col_mm = (float(v) for v in source.first.PixelSpacing)
+    for tracking_id, label in (("External", 1), ("Lung_L", 4)):
+        group = key_groups[tracking_id]
+        area, mean = _items(group, "42798000")[0], _items(group, "112031")[0]
+        assert group.ContentSequence.index(area) < group.ContentSequence.index(mean)  # OHIF reads the first NUM
+        # Both NUMs are inferred from the same closed polyline on one source image.
+        scoords = [i for num in (area, mean) for i in num.ContentSequence if i.ValueType == "SCOORD"]
+        assert len(scoords) == 2 and scoords[0].GraphicData == scoords[1].GraphicData
+        scoord = scoords[0]
+        assert scoord.RelationshipType == "INFERRED FROM" and scoord.GraphicType == "POLYLINE"
+        points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+        assert np.array_equal(points[0], points[-1])
+        sop = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        k = [str(ds.SOPInstanceUID) for ds in source.datasets].index(sop)
+        mask = lm.labels == label
+        per_slice = mask.sum(axis=(1, 2))
+        assert per_slice[k] == per_slice.max(), f"{tracking_id}: slice {k} is not where the segment is largest"
+        # The outline is the border of the slice's largest component: every vertex (SCOORD is
+        # column\row, 0\0 the corner of the first pixel) lies between an inside and an outside pixel.
+        components, _ = ndimage.label(mask[k])
+        largest = components == np.bincount(components[components > 0]).argmax()
+        rc = points[:-1, ::-1] - 0.5
+        lo, hi = np.floor(rc).astype(int), np.ceil(rc).astype(int)
+        padded = np.pad(largest, 1)
+        assert all(padded[a[0] + 1, a[1] + 1] != padded[b[0] + 1, b[1] + 1] for a, b in zip(lo, hi))
+        filled = ndimage.binary_fill_holes(largest)  # what the outline encloses
+        x, y = points[:, 0] * col_mm, points[:, 1] * row_mm
+        shoelace = 0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]))
+        assert area.MeasuredValueSequence[0].NumericValue == pytest.approx(shoelace, abs=0.005)
+        assert shoelace == pytest.approx(filled.sum() * row_mm * col_mm, rel=0.03)
+        hu = source.volume.array[k][filled].mean()
+        assert mean.MeasuredValueSequence[0].NumericValue == pytest.approx(hu, abs=0.005)
+        assert mean.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "[hnsf'U]"
+    # The lung's slice holds two islands and a hole with bone in it: the outline is the ring's.
+    assert ndimage.label(lm.labels[k] == 4)[1] == 2
+
+
+def test_key_slice_groups_are_deterministic(source):
+    lm, report = _labelmap(source), _report(source)
+    sources = {source.series_uid: source}
+    out = [encode_measurement_sr(report, sources, context(), series_number=9003,
+                                 segs=[encode_seg(lm, sources, context(), series_number=9000)[1]])
+           for _ in range(2)]
+    assert out[0].ContentSequence == out[1].ContentSequence
 
 
 def test_without_seg_groups_are_tid_1501(source, tmp_path):

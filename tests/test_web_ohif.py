@@ -2,8 +2,8 @@
 
 A real node (managed Orthanc 1.10 + DICOMweb plugin 1.7) receives the CT by C-STORE; the lung
 results, made by the node's encoders from the phantom's true lungs, go in by STOW-RS through the
-gateway. Debian's chromium, driven by playwright, signs in as a viewer and uses OHIF as a
-radiologist would. Overlays are checked by pixel colour against where the true lungs are on the
+gateway. Debian's chromium, driven by playwright, signs in as a viewer (or, to save a SEG, as an
+annotator) and uses OHIF as a radiologist would. Overlays are checked by pixel colour against where the true lungs are on the
 screen (mapped with cornerstone's own world-to-canvas transform). Screenshots stay under
 test-artifacts/web/.
 """
@@ -18,7 +18,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from scipy import ndimage
 
+from node.encoders.sr import KEY_SLICE_PREFIX
+from node.encoders.sr_templates import load_template
 from tests.nodeproc import NodeProcess, running_node, storescu, wait_for
 from tests.web_support import (
     CINE_DESCRIPTION,
@@ -64,7 +67,7 @@ def site(tmp_path_factory):
     rules.mkdir()
     with running_node(tmp / "node", rules) as node:
         add_user(node, "rad", "viewer")
-        add_user(node, "ada", "admin")
+        add_user(node, "ann", "annotator")
         out = storescu(node.dicom_port, study.dicom_dir)
         assert out.returncode == 0, out.stderr
         n_ct = len(list(study.dicom_dir.iterdir()))
@@ -75,7 +78,7 @@ def site(tmp_path_factory):
         with playwright_api.sync_playwright() as pw:
             browser = launch(pw)
             contexts = {}
-            for user in ("rad", "ada"):
+            for user in ("rad", "ann"):
                 contexts[user] = browser.new_context(viewport=VIEWPORT)
                 contexts[user].add_init_script(SEEN_BEFORE)
                 first = contexts[user].new_page()
@@ -100,8 +103,9 @@ def page(site):
 
 
 @pytest.fixture
-def admin_page(site):
-    page = _page(site.contexts["ada"])
+def annotator_page(site):
+    """A page of a radiologist who may store into the archive (annotator role)."""
+    page = _page(site.contexts["ann"])
     yield page
     page.close()
 
@@ -202,13 +206,14 @@ def test_rtstruct_contours_follow_the_lung_borders(site, page):
 
 
 def test_sr_measurements_reach_ohif(site, page):
-    """OHIF reads the TID 1500 report: both lung groups, with tracking ids and the true volumes.
+    """OHIF reads the TID 1500 report and lists both lungs in its measurement panel.
 
-    OHIF's measurement panel lists only measurements it can draw (groups with SCOORD/SCOORD3D);
-    the encoders' groups reference SEG segments (TID 1411) and carry no coordinates, so OHIF
-    parses them but leaves them out of the panel: that part is an expected failure until the
-    SR carries a SCOORD3D per group.
+    Each lung's key-slice group (its outline where it is largest, with the area it encloses) is
+    merged by tracking UID with its volumetric group: OHIF shows both the volume and the area,
+    and, once the report is tracked, lists the outlines as freehand ROIs on the true key slices.
     """
+    study = site.study
+    template = load_template("ct-anatomy")
     open_viewer(page, site)
     page.get_by_text("SR", exact=True).first.dblclick()
     page.wait_for_function("() => window.services.displaySetService.getActiveDisplaySets()"
@@ -217,19 +222,45 @@ def test_sr_measurements_reach_ohif(site, page):
     parsed = page.evaluate("""() => window.services.displaySetService.getActiveDisplaySets()
         .filter(d => d.Modality === 'SR')
         .flatMap(d => d.measurements.map(m => ({id: m.TrackingIdentifier, labels: m.labels})))""")
-    by_id = {m["id"]: m["labels"] for m in parsed}
-    assert set(by_id) == set(site.study.volumes_ml)
-    for tracking_id, volume in site.study.volumes_ml.items():
-        assert {"label": "Volume", "value": f"{volume:.2f} ml"} in by_id[tracking_id]
+    by_id = {m["id"].removeprefix(KEY_SLICE_PREFIX): {x["label"]: x["value"] for x in m["labels"]} for m in parsed}
+    assert set(by_id) == set(study.volumes_ml)
+    key_slices = {}
+    for tracking_id, volume in study.volumes_ml.items():
+        mask = study.left if tracking_id == "Lung_L" else study.right
+        k = int(mask.sum(axis=(1, 2)).argmax())
+        area = ndimage.binary_fill_holes(mask[k]).sum() * study.geometry.spacing[0] * study.geometry.spacing[1]
+        key_slices[tracking_id] = (k, area)
+        assert by_id[tracking_id]["Volume"] == f"{volume:.2f} ml"
+        sr_area = float(by_id[tracking_id]["Area"].split()[0])
+        assert sr_area == pytest.approx(area, rel=0.03), f"{tracking_id}: key-slice area {sr_area} mm2, truth {area}"
+    screenshot(page, "ohif-sr-outlines")
+
+    # Track the report: OHIF turns its outlines into measurements of its own and lists them.
+    page.get_by_role("button", name="Yes").click(timeout=90_000)
     page.locator('[data-cy="trackedMeasurements-btn"]').click()
-    page.get_by_text("Measurements").first.wait_for(timeout=30_000)
+    panel = page.locator('[data-cy="trackedMeasurements-panel"]')
+    names = {tid: template.finding(study.findings[tid]).type.meaning for tid in study.volumes_ml}
+    for name in names.values():
+        panel.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+    listed = page.evaluate("""() => window.services.measurementService.getMeasurements().map(m => ({
+        name: m.finding && m.finding.text, tool: m.toolName, sop: m.SOPInstanceUID,
+        shown: m.displayText.primary, stats: Object.values(m.data)[0]}))""")
     screenshot(page, "ohif-sr-measurements")
+    assert sorted(m["name"] for m in listed) == sorted(names.values())
+    text = panel.inner_text()
+    restored = 0
+    for tracking_id, name in names.items():
+        (m,) = [m for m in listed if m["name"] == name]
+        k, area = key_slices[tracking_id]
+        assert m["tool"] == "PlanarFreehandROI"
+        assert m["sop"] == study.slice_uids[k], f"{name}: not on the slice where the lung is largest"
+        assert all(line in text for line in m["shown"]), f"{name}: {m['shown']} not in the panel"
+        # Until OHIF draws an outline it shows the report's own numbers; drawn, it recomputes them.
+        if "unit" not in m["stats"]:
+            restored += 1
+            assert m["shown"][0] == f"{round(float(by_id[tracking_id]['Area'].split()[0]))} mm2"
+    assert restored >= 1, "every value in the panel was recomputed by OHIF: none came from the report"
     assert page.errors == []
-    panel = page.inner_text("body")
-    if "No tracked measurements" in panel:
-        pytest.xfail("OHIF's measurement panel lists only SR groups with SCOORD/SCOORD3D; ours reference "
-                     "SEG segments (TID 1411) without coordinates")
-    assert "Lung_L" in panel and "Lung_R" in panel
 
 
 def test_secondary_capture_cine_plays_its_frames(site, page):
@@ -266,9 +297,10 @@ def test_secondary_capture_cine_plays_its_frames(site, page):
     assert page.errors == []
 
 
-def test_segmentation_mode_saves_a_new_seg_into_the_study(site, admin_page):
-    """A radiologist-made SEG: painted in OHIF's segmentation mode, stored by STOW-RS through the gateway."""
-    page, study = admin_page, site.study
+def test_segmentation_mode_saves_a_new_seg_into_the_study(site, annotator_page):
+    """A radiologist-made SEG: painted in OHIF's segmentation mode, stored by STOW-RS through the gateway
+    with the annotator role (no admin rights needed)."""
+    page, study = annotator_page, site.study
     page.goto(f"{site.node.web}/segmentation?StudyInstanceUIDs={study.study_uid}")
     page.get_by_text("CHEST 5mm").first.wait_for(timeout=90_000)
     page.wait_for_function("() => window.cornerstone && window.cornerstone.getRenderingEngines().length > 0"

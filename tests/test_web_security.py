@@ -195,6 +195,43 @@ def test_security_headers_and_no_cors(node):
     assert client.get("/api/docs").status_code == 404  # no docs page loading scripts from a CDN
 
 
+def test_annotators_store_through_the_gateway_and_administer_nothing(node, tmp_path):
+    add_user(node, "ann", "annotator")
+    annotator, acsrf = api_session(node, "ann")
+    viewer, _ = api_session(node, "vic")
+    h = {"X-CSRF-Token": acsrf}
+    # Reads like a viewer...
+    assert annotator.get("/api/dashboard").status_code == 200
+    assert annotator.get("/api/rules").status_code == 200
+    assert annotator.get(f"/dicom-web/studies/{node.study_uid}/series").status_code == 200
+    # ... and stores through the gateway, as OHIF does when it saves a SEG; a viewer may not.
+    mine, theirs = (write_ct_series(tmp_path / who, rows=16, cols=16, slices=1, seed=f"websec-{who}")[0]
+                    for who in ("annotator", "viewer"))
+
+    def stored(path) -> bool:
+        study = pydicom.dcmread(path).StudyInstanceUID
+        return bool(node.api("GET", f"/dicom-web/studies/{study}/instances").json() or [])
+
+    def session_stow(client, path):
+        return stow(node, [path], headers={"Cookie": f"hilum_session={client.cookies['hilum_session']}",
+                                           "Origin": node.web})
+
+    assert session_stow(annotator, mine).status_code == 200
+    assert stored(mine)
+    refused = session_stow(viewer, theirs)
+    assert refused.status_code == 403 and "annotator" in refused.json()["detail"]
+    assert not stored(theirs)
+    # Nothing that changes the node itself.
+    assert annotator.put("/api/rules/files/new.yaml", json={"text": RULE.replace("ct-forward", "x")},
+                         headers=h).status_code == 403
+    assert not (Path(node.config["rules_dir"]) / "new.yaml").exists()
+    for path in ("/api/jobs/1/retry", "/api/deliveries/1/retry", f"/api/studies/{node.study_uid}/complete",
+                 "/api/destinations/tps/echo", "/api/rules/history/1/revert"):
+        assert annotator.post(path, headers=h).status_code == 403, path
+    assert annotator.get("/api/audit").status_code == 403
+    assert annotator.get("/api/session").json()["role"] == "annotator"
+
+
 # -- the DICOMweb gateway ----------------------------------------------------------------------------
 
 def test_stow_is_limited_in_size(node):

@@ -102,6 +102,8 @@ class LungStudy:
     left: np.ndarray  # (slices, rows, cols) bool, patient left lung
     right: np.ndarray
     volumes_ml: dict[str, float]  # tracking id -> volume
+    findings: dict[str, str]  # tracking id -> finding key of the SR template ("ct-anatomy")
+    slice_uids: list[str]  # SOP Instance UIDs of the CT slices, in the order of ``geometry``
     results: list[Path]  # SEG, RTSTRUCT, SR, multi-frame SC (dciodvfy-valid)
 
 
@@ -126,9 +128,10 @@ def lung_study(out: Path) -> LungStudy:
                 color=LUNG_RIGHT_COLOR)))
     voxel_ml = float(np.prod(source.volume.geometry.spacing)) / 1000
     volumes = {"Lung_L": round(float(left.sum()) * voxel_ml, 2), "Lung_R": round(float(right.sum()) * voxel_ml, 2)}
-    report = MeasurementReport(source.series_uid, "ct-anatomy", (
-        MeasurementGroup("Lung_L", "lung_left", (Measurement("volume", volumes["Lung_L"], "ml"),), segment_label=1),
-        MeasurementGroup("Lung_R", "lung_right", (Measurement("volume", volumes["Lung_R"], "ml"),), segment_label=2)))
+    findings = {"Lung_L": "lung_left", "Lung_R": "lung_right"}
+    report = MeasurementReport(source.series_uid, "ct-anatomy", tuple(
+        MeasurementGroup(tracking_id, findings[tracking_id], (Measurement("volume", volumes[tracking_id], "ml"),),
+                         segment_label=label) for label, tracking_id in ((1, "Lung_L"), (2, "Lung_R"))))
     frames = np.zeros((len(CINE_PALETTE), 96, 96, 3), np.uint8)
     frames[:] = np.array(CINE_PALETTE, np.uint8)[:, None, None, :]
     cine = ImageSeries(source.series_uid, CINE_DESCRIPTION, frames, burned_in_annotation=False, multiframe=True)
@@ -140,7 +143,7 @@ def lung_study(out: Path) -> LungStudy:
         assert_valid_iod(path)
         results.append(path)
     return LungStudy(ph.study_uid, ph.series_uid, ph.patient_id, ph.dicom_dir, source.volume.geometry, left, right,
-                     volumes, results)
+                     volumes, findings, [str(ds.SOPInstanceUID) for ds in source.datasets], results)
 
 
 # -- where a label mask lands on the screen ---------------------------------------------------------

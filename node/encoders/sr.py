@@ -2,14 +2,28 @@
 
 A ``MeasurementReport`` becomes a Comprehensive 3D SR with root 126000 "Imaging Measurement
 Report" and one 125007 Measurement Group per handler group, each carrying its tracking UID
-(112040) and identifier (112039), the OHIF contract. A group whose segment was encoded as SEG in
-the same job references that segment (TID 1411); other groups are TID 1501 groups. Names become
-codes through the handler's SR template. Text findings join the report's "Qualitative
-Evaluations" container or, without a report, a Comprehensive SR of their own.
+(112040) and identifier (112039). A group whose segment was encoded as SEG in the same job
+references that segment (TID 1411); other groups are TID 1501 groups. Names become codes through
+the handler's SR template. Text findings join the report's "Qualitative Evaluations" container
+or, without a report, a Comprehensive SR of their own.
+
+A structure with a SEG segment also gets a key-slice group just before its TID 1411 group: the
+outline of the segment on the source image where it is largest (a closed POLYLINE SCOORD), with
+the area it encloses and, for CT, its mean attenuation, each NUM "inferred from" that outline
+(TID 1501 / TID 300, as OHIF itself writes). OHIF's measurement panel lists only what its
+cornerstone adapters can rebuild as a tool, and they pick the tool by the group's Tracking
+Identifier (``Cornerstone3DTools@^0.1.0:PlanarFreehandROI...``) or by a 4-5 point rectangle,
+and they read the outline from the first NUM's INFERRED FROM SCOORD: a TID 1410 group with the
+region at group level is drawn but never listed. So that group's identifier carries OHIF's tool
+prefix followed by the handler's tracking id; it shares the segment's tracking UID, which OHIF
+uses to merge it with the volumetric group (the volume shows with the outline).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -25,17 +39,25 @@ from node.encoders.common import (
     source_series,
 )
 from node.encoders.context import EncodeContext
+from node.encoders.contours import mask_contours
 from node.encoders.seg import SegReference
 from node.encoders.sr_templates import SRTemplate, load_template
 from node.results import MeasurementGroup, MeasurementReport, TextFinding
 from node.uids import derived_uid
 from node.volume import SeriesData
 
-__all__ = ["encode_measurement_sr", "encode_text_sr", "QUALITATIVE_EVALUATIONS", "FINDING"]
+__all__ = ["encode_measurement_sr", "encode_text_sr", "QUALITATIVE_EVALUATIONS", "FINDING", "KEY_SLICE_PREFIX",
+           "AREA", "MEAN_ATTENUATION"]
 
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 FINDING = codes.DCM.Finding  # (121071, DCM, "Finding")
 TEXT_REPORT_TITLE = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic imaging report")
+# OHIF (cornerstone adapters 3.x) rebuilds a group as its freehand contour tool when the Tracking
+# Identifier starts with this; what follows the last colon is the handler's tracking id.
+KEY_SLICE_PREFIX = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI:"
+AREA = hd.sr.CodedConcept("42798000", "SCT", "Area")
+MEAN_ATTENUATION = (hd.sr.CodedConcept("112031", "DCM", "Attenuation Coefficient"),
+                    hd.sr.CodedConcept("373098007", "SCT", "Mean"))
 _PROCEDURES = {
     "CT": codes.LN.CTUnspecifiedBodyRegion,
     "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
@@ -121,6 +143,102 @@ def _group(group: MeasurementGroup, template: SRTemplate, ctx: EncodeContext, ui
         referenced_segment=_segment_reference(seg, group.segment_label), **kwargs)
 
 
+@dataclass(frozen=True)
+class KeySlice:
+    """Where a segment is largest: its source image, the frame there, and its mask."""
+
+    source: Dataset
+    frame_number: int | None  # of a multi-frame source image
+    slice_index: int | None  # into the source series' volume
+    mask: np.ndarray  # (rows, cols) bool
+
+
+def _key_slices(seg: SegReference, sources: dict[str, SeriesData]) -> dict[int, KeySlice]:
+    """Segment number -> the SEG frame with the most pixels of it (the earliest frame on a tie)."""
+    series = sources.get(seg.source_series_uid)
+    if series is None:
+        return {}
+    best: dict[int, tuple[int, int]] = {}  # segment number -> (pixels, frame number)
+    for number, item in enumerate(seg.dataset.PerFrameFunctionalGroupsSequence, start=1):
+        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        pixels = int(np.count_nonzero(seg.dataset.get_stored_frame(number)))
+        if pixels > best.get(segment, (0, 0))[0]:
+            best[segment] = (pixels, number)
+    by_uid = {str(ds.SOPInstanceUID): k for k, ds in enumerate(series.datasets)}
+    out = {}
+    for segment, (_, number) in best.items():
+        ref = seg.dataset.PerFrameFunctionalGroupsSequence[number - 1].DerivationImageSequence[0] \
+            .SourceImageSequence[0]
+        k = by_uid.get(str(ref.ReferencedSOPInstanceUID))
+        if k is None:
+            continue  # the SEG points outside its source series: no outline to draw
+        frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
+        # A slice of the volume only when each dataset is one slice (not frames of one instance).
+        one_per_slice = series.volume is not None and len(series.datasets) == series.volume.array.shape[0]
+        out[segment] = KeySlice(series.datasets[k], frame, k if one_per_slice and frame is None else None,
+                                seg.dataset.get_stored_frame(number).astype(bool))
+    return out
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The largest closed contour of a 2-D mask, (n, 2) (row, col) pixel-index coordinates."""
+    polygons = [poly for _, poly in mask_contours(mask[None])]
+    return max(polygons, key=lambda p: abs(_shoelace(p[:, 1], p[:, 0])))
+
+
+def _shoelace(x: np.ndarray, y: np.ndarray) -> float:
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def _inside(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centre lies inside ``polygon`` (even-odd rule).
+
+    Contour vertices lie half-way between pixel centres, so no centre is ever on an edge: the
+    pixels inside the outline are exactly the outlined component and the holes it encloses.
+    """
+    rows, cols = shape
+    y0, x0 = polygon[:, 0], polygon[:, 1]
+    y1, x1 = np.roll(y0, -1), np.roll(x0, -1)
+    crossings = np.zeros((rows, cols + 1), dtype=np.int32)
+    for a, b, c, d in zip(y0, x0, y1, x1):
+        lo, hi = (a, c) if a < c else (c, a)
+        for r in range(max(int(np.ceil(lo)), 0), min(int(np.ceil(hi)), rows)):  # rows with lo <= r < hi
+            x = b + (r - a) * (d - b) / (c - a)
+            crossings[r, 0] += 1  # every centre left of the crossing sees it
+            crossings[r, min(max(int(np.ceil(x)), 0), cols)] -= 1
+    return (np.cumsum(crossings, axis=1)[:, :cols] % 2).astype(bool)
+
+
+def _key_slice_group(group: MeasurementGroup, finding, ctx: EncodeContext, seg: SegReference, key: KeySlice,
+                     series: SeriesData) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    polygon = _outline(key.mask)
+    row_mm, col_mm = (float(v) for v in key.source.PixelSpacing)
+    area = abs(_shoelace(polygon[:, 1] * col_mm, polygon[:, 0] * row_mm))
+    # SCOORD image coordinates: (column, row), 0\0 the top left corner of the top left pixel.
+    closed = np.vstack([polygon, polygon[:1]])[:, ::-1] + 0.5
+    region = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=closed,
+        source_image=hd.sr.SourceImageForRegion(
+            key.source.SOPClassUID, key.source.SOPInstanceUID,
+            [key.frame_number] if key.frame_number is not None else None))
+    measurements = [hd.sr.Measurement(name=AREA, value=round(area, 2), referenced_coordinates=[region],
+                                      unit=hd.sr.CodedConcept("mm2", "UCUM", "square millimeter"))]
+    if series.modality == "CT" and key.slice_index is not None:
+        hu = series.volume.array[key.slice_index][_inside(polygon, key.mask.shape)]
+        measurements.append(hd.sr.Measurement(
+            name=MEAN_ATTENUATION[0], derivation=MEAN_ATTENUATION[1], value=round(float(hu.mean()), 2),
+            unit=hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit"), referenced_coordinates=[region]))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=seg.tracking_uid(group.segment_label),
+                                                     identifier=KEY_SLICE_PREFIX + group.tracking_id),
+        finding_type=coded(finding.type),
+        finding_category=coded(finding.category) if finding.category else None,
+        finding_sites=[hd.sr.FindingSite(coded(finding.site))] if finding.site else None,
+        algorithm_id=_algorithm(ctx),
+        measurements=measurements,
+    )
+
+
 def _text_container(findings: list[TextFinding]) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
     container.ContentSequence = hd.sr.ContentSequence([
@@ -166,11 +284,16 @@ def encode_measurement_sr(
     template = load_template(report.template)
     template.check(report)  # every name mapped before anything is built: one clear error
     uid_key = ("SR", series_number)
-    groups, used = [], []
+    groups, used, key_slices = [], [], {}
     for g in report.groups:
         seg = _find_segment(g, report, list(segs))
         if seg is not None and seg not in used:
             used.append(seg)
+            key_slices[id(seg)] = _key_slices(seg, sources)
+        key = key_slices[id(seg)].get(seg.segment_numbers[g.segment_label]) if seg is not None else None
+        if key is not None:
+            groups.append(_key_slice_group(g, template.finding(g.finding), ctx, seg, key,
+                                           sources[seg.source_series_uid]))
         groups.append(_group(g, template, ctx, uid_key, seg))
     modality = str(series.first.get("Modality", ""))
     procedure = (coded(template.procedure) if template.procedure

@@ -25,8 +25,12 @@ from fastapi import Depends, HTTPException, Request, status
 from node.store.index import Index
 from node.web.sessions import COOKIE
 
-Role = Literal["admin", "viewer"]
-ROLES: tuple[str, ...] = ("admin", "viewer")
+# viewer: reads everything (console, API, QIDO/WADO). annotator: a viewer who may also store
+# objects into the archive through the gateway (STOW-RS: a SEG or SR made in OHIF). admin: also
+# changes the node (rules, retries, destinations, users' audit search...). Checked per request.
+Role = Literal["admin", "annotator", "viewer"]
+ROLES: tuple[str, ...] = ("admin", "annotator", "viewer")
+STORE_ROLES = frozenset({"admin", "annotator"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PREFLIGHTED_TYPES = ("multipart/related", "application/dicom", "application/json")
 
@@ -85,6 +89,13 @@ def _check_csrf(request: Request, p: Principal) -> None:
     raise HTTPException(status.HTTP_403_FORBIDDEN, "missing CSRF token (X-CSRF-Token header)")
 
 
+def _known_role(p: Principal) -> Principal:
+    # A role this code does not know (a row written by another version) gets nothing, not viewer's rights.
+    if p.role not in ROLES:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"unknown role {p.role!r}")
+    return p
+
+
 def current_principal(request: Request) -> Principal:
     header = request.headers.get("authorization")
     if header:
@@ -102,7 +113,7 @@ def current_principal(request: Request) -> Principal:
                                 headers={"WWW-Authenticate": "Bearer"})
         if request.method not in SAFE_METHODS:
             _check_csrf(request, p)
-    request.state.principal = p
+    request.state.principal = _known_role(p)
     return p
 
 
@@ -117,6 +128,13 @@ def require_viewer(p: Principal = Depends(current_principal)) -> Principal:
 def require_admin(p: Principal = Depends(current_principal)) -> Principal:
     if p.role != "admin":
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin role required")
+    return p
+
+
+def require_store(p: Principal = Depends(current_principal)) -> Principal:
+    """Storing into the archive (STOW-RS through the gateway): annotators and admins."""
+    if p.role not in STORE_ROLES:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "storing objects (STOW-RS) needs the annotator or admin role")
     return p
 
 

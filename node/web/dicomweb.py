@@ -1,7 +1,7 @@
 """/dicom-web/*: the only door to the archive (QIDO-RS, WADO-RS, STOW-RS).
 
-Requests are authenticated here (session cookie or bearer token; reading needs the viewer
-role, STOW-RS the admin role) and forwarded to Orthanc's DICOMweb plugin with the node's own
+Requests are authenticated here (session cookie or bearer token; any role reads, STOW-RS needs
+the annotator or admin role) and forwarded to Orthanc's DICOMweb plugin with the node's own
 credentials, which no user ever sees. Responses are streamed, so a large series never sits in
 the node's memory; a STOW-RS body is counted while it streams and cut off past the limit.
 
@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from node.web.auth import Principal, current_principal
+from node.web.auth import Principal, current_principal, require_store
 
 router = APIRouter(tags=["dicomweb"])
 
@@ -136,8 +136,7 @@ async def proxy(path: str, request: Request, p: Principal = Depends(current_prin
         headers["forwarded"] = f"host={host};proto={request.url.scheme}"
     body = None
     if request.method == "POST":
-        if p.role != "admin":
-            raise HTTPException(403, "storing objects (STOW-RS) needs the admin role")
+        require_store(p)
         limit = node.settings.stow_max_mb * 1024 * 1024
         if int(request.headers.get("content-length") or 0) > limit:
             raise HTTPException(413, f"STOW-RS request larger than {node.settings.stow_max_mb} MB")
