@@ -24,7 +24,7 @@ from node.config import load_settings  # noqa: E402
 from node.deid import Deidentifier, load_profile  # noqa: E402
 from node.receive.ingest import Ingest  # noqa: E402
 from node.receive.scp import StoreSCP  # noqa: E402
-from node.receive.spool import Spool  # noqa: E402
+from node.store.vault import Vault  # noqa: E402
 from node.store.index import Index  # noqa: E402
 from node.tls.certs import make_dev_pki  # noqa: E402
 
@@ -91,7 +91,7 @@ def bench_store(size: int, instances: int, runs: int) -> dict[str, float]:
                                                                 "key": str(pki["server_key"]), "ca": str(pki["ca"])})
         settings.data_dir.mkdir()
         index = Index(settings.data_dir / "index.db")
-        ingest = Ingest(index, Spool(settings.data_dir))
+        ingest = Ingest(index, Vault(settings.data_dir, None, writer=True))
         scp = StoreSCP(settings, ingest)
         scp.start()
         import ssl

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from node.config import ConfigError, Settings, load_settings
+from node.web.auth import ROLES
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="API tokens").add_subparsers(dest="tcmd", required=True)
     create = tok.add_parser("create", help="create a token (printed once)")
     _add_common(create)
-    create.add_argument("--role", choices=("admin", "viewer"), required=True)
+    create.add_argument("--role", choices=ROLES, required=True)
     create.add_argument("--label")
     create.set_defaults(func=cmd_token)
 
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = usr.add_parser("add", help="create a user or reset its password and role (password from stdin or prompt)")
     _add_common(add)
     add.add_argument("name")
-    add.add_argument("--role", choices=("admin", "viewer"), required=True)
+    add.add_argument("--role", choices=ROLES, required=True)
     add.set_defaults(func=cmd_user)
     for name, text in (("list", "list users"), ("remove", "remove a user")):
         u = usr.add_parser(name, help=text)
@@ -215,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("cert", help="development TLS certificates (see `hilum cert -h`)", add_help=False)
     sub.add_parser("deid", help="de-identification keys and files (see `hilum deid -h`)", add_help=False)
+    sub.add_parser("keys", help="spool encryption keys: rotate, rewrap, status, retire (see `hilum keys -h`)",
+                   add_help=False)
+    sub.add_parser("spool", help="read a spooled object, verified and decrypted (`hilum spool read LOCATOR`)",
+                   add_help=False)
     return p
 
 
@@ -243,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         from node.deid.cli import cli as deid_cli
 
         return deid_cli(argv[1:])
+    if argv and argv[0] in ("keys", "spool"):
+        from node.store.cli import cli as store_cli
+
+        return store_cli(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

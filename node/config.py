@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.config_security import AuditSettings, ClientTls, Deidentify, DicomTls, WebTls
+from node.config_security import AuditSettings, ClientTls, Deidentify, DicomTls, Retention, SpoolEncryption, WebTls
 
 AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 
@@ -113,6 +113,9 @@ class Settings(Strict):
     dicom_plain_enabled: bool = True  # the plain (unencrypted) SCP port; off: TLS only
     web_tls: WebTls | None = None  # HTTPS for the web server (certificate and key, PEM)
     web_allow_plain_http: bool = False  # plain HTTP on a non-loopback web_host (e.g. behind a TLS proxy)
+    spool_encryption: SpoolEncryption | None = None  # AES-256-GCM at rest for the spool (node/store)
+    spool_segment_mb: int = Field(512, ge=8, le=65536)  # size of one received-instance log segment
+    retention: Retention = Retention()  # delete spooled copies after delivery + a period
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -139,6 +142,15 @@ class Settings(Strict):
             raise ValueError(f"web_allow_plain_http: web_host {self.web_host} is not loopback, so plain HTTP would "
                              "carry passwords and images over the network; configure web_tls, or set "
                              "web_allow_plain_http: true (e.g. behind a TLS-terminating proxy)")
+        return self
+
+    @model_validator(mode="after")
+    def _spool_key_outside_data(self) -> "Settings":
+        enc = self.spool_encryption
+        if enc is not None and enc.key_file is not None and \
+                enc.key_file.resolve().is_relative_to(self.data_dir.resolve()):
+            raise ValueError(f"spool_encryption.key_file: {enc.key_file} is inside data_dir {self.data_dir}; a key "
+                             "kept beside the data it encrypts protects nothing (a stolen disk or backup has both)")
         return self
 
     @property

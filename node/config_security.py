@@ -119,3 +119,40 @@ class Deidentify(_Strict):
     @classmethod
     def _modalities(cls, v: list[str]) -> list[str]:
         return [m.strip().upper() for m in v]
+
+
+class SpoolEncryption(_Strict):
+    """AES-256-GCM for everything spooled (received instances, results, quarantine).
+
+    Exactly one key source. ``key_file`` holds a keyring (JSON) and is the one ``hilum keys
+    rotate`` can rotate; ``key_env`` (a variable's name) and ``key_command`` (argv, for a KMS/HSM
+    hook printing the keyring on stdout) are rotated by whoever provides them, then applied with
+    ``hilum keys rewrap``. A keyring is ``{"active": id, "keys": {id: base64 32 bytes}}`` or
+    a single base64 key.
+    """
+
+    key_file: Path | None = None
+    key_env: str | None = None
+    key_command: list[str] | None = None
+    create_key_file: bool = True  # first start: create key_file (0600) when it does not exist
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SpoolEncryption":
+        given = [n for n in ("key_file", "key_env", "key_command") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of key_file, key_env, key_command is needed, got {given or 'none'}")
+        if self.key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.key_env):
+            raise ValueError(f"key_env: {self.key_env!r} is not an environment variable name")
+        return self
+
+
+class Retention(_Strict):
+    """How long spooled copies stay after they are safely delivered (None: kept until deleted by hand).
+
+    An original goes when the archive has it, no job of its study is pending or running, and
+    ``originals_days`` have passed since its delivery; a result goes when every destination has it
+    and ``results_days`` have passed. Orthanc's own storage is not touched."""
+
+    originals_days: float | None = Field(None, ge=0)
+    results_days: float | None = Field(None, ge=0)
+    check_every_s: float = Field(600.0, gt=0)

@@ -24,10 +24,12 @@ from node.models.registry import validate_models
 from node.jobs.executor import LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
-from node.receive.spool import Spool
 from node.route.router import Router
 from node.rules.service import RulesService
+from node.store.housekeeping import Housekeeper
 from node.store.index import Index
+from node.store.keys import load_keyring
+from node.store.vault import Vault
 
 log = logging.getLogger("hilum.node")
 
@@ -62,17 +64,20 @@ class Node:
         self.settings = settings
         self.index = open_index(settings)
         self.audit = open_audit(settings)
-        self.spool = Spool(settings.data_dir)
+        self.vault = Vault(settings.data_dir, load_keyring(settings.spool_encryption), writer=True,
+                           segment_mb=settings.spool_segment_mb)
         self.managed: ManagedOrthanc | None = None if settings.external_orthanc else ManagedOrthanc(settings)
         self.archive: ArchiveEndpoint = self.managed.endpoint if self.managed else archive_endpoint(settings)
         self.rules = RulesService(settings.rules_dir, settings.data_dir / "rules-history",
                                   handlers=get_handler, destinations=settings.destination_names, audit=self.audit)
-        self.ingest = Ingest(self.index, self.spool)
+        self.ingest = Ingest(self.index, self.vault)
         self.scp = StoreSCP(settings, self.ingest, self.audit)
         self.delivery = DeliveryLoop(settings, self.index,
                                      build_destinations(self.archive, settings.destinations, settings.ae_title),
-                                     self.audit)
-        self.executor = LocalProcessExecutor(settings, self.index, on_done=self.delivery.wake, audit=self.audit)
+                                     self.vault, self.audit)
+        self.executor = LocalProcessExecutor(settings, self.index, self.vault, on_done=self.delivery.wake,
+                                             audit=self.audit)
+        self.housekeeper = Housekeeper(settings, self.index, self.vault, self.audit)
         self.router = Router(settings, self.index, rules=self.rules.current, on_jobs=self.executor.wake,
                              on_deliveries=self.delivery.wake, audit=self.audit)
         self.http_client: httpx.AsyncClient | None = None
@@ -81,15 +86,17 @@ class Node:
     def start(self) -> None:
         validate_models()  # every card parses and its ONNX model loads
         check_sr_templates()  # a broken or incomplete SR template is a start-up error, not a failed job
-        leftovers = self.spool.remove_empty_tmp()
+        leftovers = self.ingest.quarantine.remove_empty_tmp()
         if leftovers:
             log.warning("removed %d partial file(s) left by an interrupted write", leftovers)
+        self.ingest.recover()  # rows a power cut took from the index come back from the spool log
         if self.managed:
             self.managed.start()
         self.http_client = httpx.AsyncClient(auth=self.archive.auth, timeout=httpx.Timeout(120, connect=5))
         self.delivery.start()
         self.executor.start()
         self.router.start()
+        self.housekeeper.start()
         self.scp.start()  # last: accept data only once every later stage is ready
         self._started.set()
         self.audit.node_started(__version__)
@@ -99,6 +106,7 @@ class Node:
         log.info("shutting down")
         self.scp.stop()
         self.ingest.close()
+        self.housekeeper.stop()
         self.router.stop()
         self.executor.stop()
         self.delivery.stop()
@@ -106,6 +114,7 @@ class Node:
             self.managed.stop()
         if self._started.is_set():
             self.audit.node_stopped()
+        self.vault.close()
         self.index.close()
 
     def archive_alive(self) -> bool:

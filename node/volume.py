@@ -7,8 +7,9 @@ coordinates (DICOM LPS, millimetres); it is what handlers, encoders and renderer
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pydicom
@@ -221,13 +222,15 @@ def _fill(arr: np.ndarray, ordered: list[Dataset]) -> None:
             arr[k] += arr.dtype.type(intercept)
 
 
-def load_series(paths: Sequence[str | Path], with_pixels: bool = True) -> SeriesData:
-    """Load one series from Part 10 files: headers sorted by geometry plus the volume.
+def load_series(paths: Sequence[str | Path], with_pixels: bool = True,
+                read: Callable[[str], bytes] | None = None) -> SeriesData:
+    """Load one series from Part 10 files (or from the spool's locators, through ``read``):
+    headers sorted by geometry plus the volume.
 
     A series that is not a regular volume still loads: ``volume`` is None, ``volume_error``
     says why, and ``images`` holds its frames, so a handler can refuse with that reason.
     """
-    full = [pydicom.dcmread(str(p)) for p in paths]
+    full = [pydicom.dcmread(BytesIO(read(str(p))) if read else str(p)) for p in paths]
     if not full:
         raise ValueError("no instances")
     uid = str(full[0].SeriesInstanceUID)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import textwrap
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -112,8 +113,12 @@ def test_sigkill_mid_study_loses_nothing_and_delivers_once(ct, tmp_path):
         sender.wait(30)
         before = {r["sop_uid"]: r["path"] for r in index.instances_of_study(ct.study_uid)}
         assert 6 <= len(before) < len(files)
-        for path in before.values():  # every acknowledged instance is complete on disk
-            assert pydicom.dcmread(path).pixel_array.shape == (96, 96)
+        from node.store.vault import Vault
+
+        vault = Vault(node.data_dir, None)
+        for locator in before.values():  # every acknowledged instance is complete on disk
+            assert pydicom.dcmread(BytesIO(vault.read(locator))).pixel_array.shape == (96, 96)
+        vault.close()
         index.close()
         node.start()
         out = storescu(node.dicom_port, ct.dicom_dir)  # the modality re-sends the whole study
@@ -153,10 +158,13 @@ def test_results_wait_for_a_stopped_archive(ct, tmp_path):
         try:
             wait_for(lambda: _done(node, ct.study_uid, ("orthanc",)), 90, "delivery after archive came back",
                      interval=0.5)
-            with archive.endpoint.client() as c:
-                found = c.post("/tools/find", json={"Level": "Instance",
-                                                    "Query": {"StudyInstanceUID": ct.study_uid}}).json()
-            assert len(found) == 25
+
+            def in_archive():  # the originals are a delivery batch of their own: they may land a moment later
+                with archive.endpoint.client() as c:
+                    return c.post("/tools/find", json={"Level": "Instance",
+                                                       "Query": {"StudyInstanceUID": ct.study_uid}}).json()
+
+            assert len(wait_for(lambda: len(in_archive()) == 25 and in_archive(), 60, "originals and result")) == 25
         finally:
             archive.stop()
 

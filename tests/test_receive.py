@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from io import BytesIO
 import subprocess
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pynetdicom import AE
 from node.config import load_settings
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
-from node.receive.spool import Spool
+from node.store.vault import Vault
 from node.store.index import Index
 from tests.nodeproc import DCMTK_ENV, free_port
 
@@ -47,7 +48,7 @@ def scp(tmp_path):
                                     "min_free_disk_mb": 0, **kw})
         data_dir.mkdir(parents=True, exist_ok=True)
         index = Index(data_dir / "index.db")
-        ingest = Ingest(index, Spool(data_dir))
+        ingest = Ingest(index, Vault(data_dir, None, writer=True))
         server = StoreSCP(settings, ingest)
         server.start()
         started.append((server, ingest))
@@ -77,12 +78,19 @@ def test_storescu_instances_are_durable_and_indexed(scp, tmp_path):
     assert out.returncode == 0, out.stderr
     rows = index.instances_of_study(study)
     assert len(rows) == 5
+    vault = Vault(settings.data_dir, None)
     for r in rows:  # stored byte-for-byte as sent (no transcoding)
         sent = next(f for f in files if pydicom.dcmread(f).SOPInstanceUID == r["sop_uid"])
-        assert pydicom.dcmread(r["path"]).PixelData == pydicom.dcmread(sent).PixelData
+        assert pydicom.dcmread(BytesIO(vault.read(r["path"]))).PixelData == pydicom.dcmread(sent).PixelData
     st = index.study(study)
     assert st["instances"] == 5 and st["state"] == "receiving"
     assert json.loads(index.series_of_study(study)[0]["header_json"])["00080060"]["Value"] == ["CT"]
+
+
+def _log_records(data_dir: Path) -> int:
+    """Records in the spool log (every one of them verified by its checksum)."""
+    v = Vault(data_dir, None)
+    return sum(1 for seg in v.log.segments() for rec in v.log.scan(seg) if v.read(rec.locator))
 
 
 def test_duplicate_is_stored_once_and_counted(scp, tmp_path):
@@ -93,7 +101,7 @@ def test_duplicate_is_stored_once_and_counted(scp, tmp_path):
     assert out.returncode == 0, out.stderr
     assert len(index.instances_of_study(ds.StudyInstanceUID)) == 1
     assert index.stat("duplicates") == 2
-    assert len(list((tmp_path / "d" / "spool").rglob("*.dcm"))) == 1
+    assert _log_records(tmp_path / "d") == 1
 
 
 def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(scp, tmp_path):
@@ -138,7 +146,8 @@ def test_malformed_dataset_gets_failure_status_and_is_quarantined(scp, tmp_path,
     assert len(q) == 1
     reason = json.loads(q[0].read_text())["reason"]
     assert ("StudyInstanceUID" if breakage == "no-study-uid" else "SeriesInstanceUID") in reason
-    assert pydicom.dcmread(q[0].with_suffix(".dcm")).SOPInstanceUID == ds.SOPInstanceUID
+    kept = Vault(tmp_path / "d", None).read(str(q[0].with_suffix(".dcm")))  # sealed like the rest of the spool
+    assert pydicom.dcmread(BytesIO(kept)).SOPInstanceUID == ds.SOPInstanceUID
     assert index.stat("quarantined") == 1
     assert not (tmp_path / "etc").exists()
 
@@ -160,11 +169,11 @@ def test_disk_full_returns_out_of_resources_and_leaves_nothing_corrupt(scp, tmp_
         # Every acknowledged instance is indexed and readable with its pixels; nothing else is.
         rows = {r["sop_uid"]: r["path"] for r in index.instances_of_study(study)}
         assert set(rows) == {ds.SOPInstanceUID for ds in ok}
+        vault = Vault(mnt / "d", None)
         for ds in ok:
-            assert pydicom.dcmread(rows[ds.SOPInstanceUID]).PixelData == ds.PixelData
-        on_disk = list((mnt / "d" / "spool").rglob("*"))
-        assert not [p for p in on_disk if p.name.endswith(".tmp")], "partial files left behind"
-        assert len([p for p in on_disk if p.suffix == ".dcm"]) == len(ok)
+            assert pydicom.dcmread(BytesIO(vault.read(rows[ds.SOPInstanceUID]))).PixelData == ds.PixelData
+        assert not [p for p in (mnt / "d").rglob("*") if p.name.endswith(".tmp")], "partial files left behind"
+        assert _log_records(mnt / "d") == len(ok)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 

@@ -21,7 +21,7 @@ from node.config import ConfigError, DimseDestination, load_settings
 from node.deliver.destinations import DeliveryError, DimseStoreDestination, Item, build_destinations
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
-from node.receive.spool import Spool
+from node.store.vault import Vault
 from node.store.index import Index
 from node.tls import server_context
 from tests.nodeproc import DCMTK_ENV, REPO, free_port, wait_for
@@ -74,7 +74,7 @@ def tls_scp(tmp_path, pki):
         settings = load_settings(data_dir=data, dicom_host="127.0.0.1", dicom_port=free_port(), min_free_disk_mb=0,
                                  dicom_tls=tls)
         index = Index(data / "index.db")
-        ingest = Ingest(index, Spool(data))
+        ingest = Ingest(index, Vault(data, None, writer=True))
         trail = AuditTrail(ChainedLog(data / "audit.jsonl", b"k" * 32), "HILUM")
         scp = StoreSCP(settings, ingest, trail)
         scp.start()
@@ -212,7 +212,7 @@ def test_plain_port_can_be_disabled(tmp_path, pki):
     settings = load_settings(data_dir=tmp_path, dicom_host="127.0.0.1", dicom_port=free_port(), min_free_disk_mb=0,
                              dicom_tls=tls, dicom_plain_enabled=False)
     index = Index(tmp_path / "index.db")
-    ingest = Ingest(index, Spool(tmp_path))
+    ingest = Ingest(index, Vault(tmp_path, None, writer=True))
     scp = StoreSCP(settings, ingest)
     scp.start()
     try:

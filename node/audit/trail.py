@@ -105,6 +105,17 @@ class AuditTrail:
                             objects=sum(kinds.values()), detail={"kinds": kinds, "deidentified": deidentified})
                 for study, kinds in by_study.items()]
 
+    def spool_purged(self, kind: str, by_study: dict[str, int], detail: dict) -> list[dict]:
+        """Spooled copies deleted by retention (the archive keeps its own): one entry per study."""
+        return [self.record("retention-purge", v.INSTANCES_ACCESSED, action=v.DELETE, user=self.source,
+                            user_is_requestor=False, study_uid=study, objects=n, detail={"kind": kind, **detail})
+                for study, n in sorted(by_study.items())]
+
+    def spool_keys(self, by: str, what: str, detail: dict) -> dict:
+        """Spool encryption keys: rotation requested, rewrap done, key retired (never key material)."""
+        return self.record("spool-keys", v.SECURITY_ALERT, action=v.UPDATE, event_type=v.SOFTWARE_CONFIGURATION,
+                           user=by, detail={"what": what, **detail})
+
     # -- people and configuration --------------------------------------------------------------
     def rules_changed(self, author: str, message: str, *, before: dict | None, after: dict) -> dict:
         """A new rules version: before/after as {version, digest}, the change's message."""

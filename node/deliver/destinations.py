@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -24,11 +25,24 @@ from node.tls import client_tls_args
 log = logging.getLogger("hilum.deliver")
 
 
+def _read_file(locator: str) -> bytes:
+    return Path(locator).read_bytes()
+
+
 @dataclass(frozen=True)
 class Item:
+    """One instance to send: its locator in the spool (or a plain file) and how to read it."""
+
     sop_uid: str
-    path: str
+    locator: str
     kind: str  # result | original
+    read_bytes: Callable[[str], bytes] = _read_file  # the vault's verified read, in the node
+
+    def data(self) -> bytes:
+        return self.read_bytes(self.locator)
+
+    def dataset(self) -> pydicom.Dataset:
+        return pydicom.dcmread(BytesIO(self.data()))
 
 
 class DeliveryError(Exception):
@@ -79,7 +93,7 @@ class OrthancDestination(Destination):
         if originals:
             with self.endpoint.client(timeout=120) as c:
                 for it in originals:
-                    r = c.post("/instances", content=Path(it.path).read_bytes(),
+                    r = c.post("/instances", content=it.data(),
                                headers={"Content-Type": "application/dicom"})
                     if r.status_code != 200:
                         raise DeliveryError(f"Orthanc refused {it.sop_uid}: HTTP {r.status_code} {r.text[:200]}")
@@ -87,7 +101,7 @@ class OrthancDestination(Destination):
         if results:
             by_study: dict[str, list[pydicom.Dataset]] = {}
             for it in results:
-                ds = pydicom.dcmread(it.path)
+                ds = it.dataset()
                 by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
             client = self._stow_client()
             for study_uid, datasets in by_study.items():
@@ -115,7 +129,7 @@ class DimseStoreDestination(Destination):
         self.deidentifies = self.deid is not None
 
     def send(self, items: list[Item]) -> set[str]:
-        datasets = [(it, pydicom.dcmread(it.path)) for it in items]
+        datasets = [(it, it.dataset()) for it in items]
         if self.deid is not None:
             datasets = deidentify_batch(self.deid, datasets)
             if not datasets:

@@ -15,13 +15,16 @@ from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.deliver.destinations import Destination, Item
 from node.store.index import Index
+from node.store.vault import IntegrityError, Vault
 
 log = logging.getLogger("hilum.deliver")
 
 
 class DeliveryLoop:
     def __init__(self, settings: Settings, index: Index, destinations: dict[str, Destination],
-                 audit: AuditTrail = NULL_AUDIT) -> None:
+                 vault: Vault, audit: AuditTrail = NULL_AUDIT) -> None:
+        self.read = vault.read  # verified: a tampered spool object fails its delivery, never reaches a peer
+        self.vault_quarantine = vault.quarantine_damaged
         self.settings = settings
         self.audit = audit
         self.index = index
@@ -66,9 +69,16 @@ class DeliveryLoop:
             if dest is None:
                 self._failed(ids, f"destination {dest_name!r} is not configured")
                 continue
-            items = [Item(r["sop_uid"], r["path"], r["kind"]) for r in rows]
+            items = [Item(r["sop_uid"], r["path"], r["kind"], self.read) for r in rows]
             try:
                 ok = dest.send(items)
+            except IntegrityError as exc:  # the spool copy is damaged: retrying cannot help
+                bad = [r["id"] for r in rows if r["path"] == exc.locator]
+                where = self.vault_quarantine(exc.locator, str(exc))
+                log.error("delivery to %s: spool integrity check failed for %s: %s", dest_name, exc.locator, exc)
+                self.index.delivery_failed(bad, f"spool integrity check failed: {exc} (copy in {where})", 1,
+                                           self.settings.delivery_backoff_s, self.settings.delivery_backoff_max_s)
+                continue
             except Exception as exc:  # noqa: BLE001 - any peer failure becomes a retry
                 log.warning("delivery to %s failed (%d items): %s", dest_name, len(items), exc)
                 self.audit.delivery(dest_name, rows, error=str(exc) or type(exc).__name__, deidentified=dest.deidentifies)

@@ -19,6 +19,7 @@ from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.jobs.worker import JobSpec, worker_main
 from node.store.index import Index
+from node.store.vault import Vault
 
 log = logging.getLogger("hilum.jobs")
 
@@ -45,12 +46,17 @@ class _Worker:
         self.conn.close()
 
 
+class PurgedInput(Exception):
+    """The job's input is no longer in the spool (retention)."""
+
+
 class LocalProcessExecutor(Executor):
-    def __init__(self, settings: Settings, index: Index, on_done: Callable[[], None],
+    def __init__(self, settings: Settings, index: Index, vault: Vault, on_done: Callable[[], None],
                  audit: AuditTrail = NULL_AUDIT) -> None:
         self.settings = settings
         self.audit = audit
         self.index = index
+        self.vault = vault
         self.on_done = on_done
         self._ctx = mp.get_context("spawn")
         self._wake = threading.Event()
@@ -101,22 +107,27 @@ class LocalProcessExecutor(Executor):
         return w
 
     def _spec(self, job) -> JobSpec:
-        series = {}
-        if job["series_uid"]:
-            series[job["series_uid"]] = self.index.instance_paths(job["series_uid"])
-        else:
-            for s in self.index.series_of_study(job["study_uid"]):
-                series[s["series_uid"]] = self.index.instance_paths(s["series_uid"])
+        uids = [job["series_uid"]] if job["series_uid"] else \
+            [s["series_uid"] for s in self.index.series_of_study(job["study_uid"])]
+        purged = {u: n for u in uids if (n := self.index.purged_in_series(u))}
+        if purged:
+            raise PurgedInput(", ".join(f"{n} instance(s) of series {u}" for u, n in purged.items()) +
+                              " were deleted from the spool by retention; send the study again to reprocess it")
         return JobSpec(
             job_id=job["id"], job_key=job["job_key"], study_uid=job["study_uid"], rule=job["rule"],
-            handler=job["handler"], params=json.loads(job["params_json"]), series=series,
-            results_dir=str(self.settings.data_dir / "results"),
+            handler=job["handler"], params=json.loads(job["params_json"]),
+            series={u: self.index.instance_paths(u) for u in uids},
+            results_dir=str(self.settings.data_dir / "results"), vault=self.vault.spec(),
         )
 
     def _run(self, slot: int, job) -> None:
         job_id = job["id"]
         timeout = job["timeout_s"] or self.settings.handler_timeout_s
-        spec = self._spec(job)
+        try:
+            spec = self._spec(job)
+        except PurgedInput as exc:
+            self.index.fail_job(job_id, f"refused: {exc}")
+            return
         w = self._worker(slot)
         log.info("job %d: %s on %s (rule %s)", job_id, job["handler"], job["series_uid"] or "study",
                  job["rule"], extra={"study_uid": job["study_uid"], "job": job_id})

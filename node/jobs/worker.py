@@ -1,4 +1,4 @@
-"""Inside a worker process: load → handler → validate → encode → durable result files.
+"""Inside a worker process: load → handler → validate → encode → durable, sealed result files.
 
 The handler computes, the encoders turn its typed results into DICOM, and the files land in
 ``results/<job id>/`` before the parent records them. Nothing here touches the index or the
@@ -15,8 +15,9 @@ from pathlib import Path
 
 from node.encoders.context import EncodeContext
 from node.handler_api import HandlerInput, HandlerRefusal, get_handler
-from node.receive.spool import fsync_dirs, write_durable
+from node.receive.spool import fsync_dirs
 from node.results import ResultSet
+from node.store.vault import IntegrityError, Vault, VaultSpec
 from node.volume import load_series
 
 
@@ -28,10 +29,28 @@ class JobSpec:
     rule: str
     handler: str
     params: dict
-    series: dict[str, list[str]]  # series UID → instance paths; the first series is the primary one
+    series: dict[str, list[str]]  # series UID → instance locators; the first series is the primary one
     results_dir: str
+    vault: VaultSpec
     series_number: int = 9000
     extra: dict = field(default_factory=dict)
+
+
+class SpoolIntegrityError(Exception):
+    pass
+
+
+_vaults: dict[VaultSpec, Vault] = {}
+
+
+def _vault(spec: VaultSpec) -> Vault:
+    # One per keyring the worker has seen: a rotation hands later jobs a new spec.
+    if spec not in _vaults:
+        for old in _vaults.values():
+            old.close()
+        _vaults.clear()
+        _vaults[spec] = spec.open()
+    return _vaults[spec]
 
 
 def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
@@ -40,8 +59,15 @@ def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
 
     cls = get_handler(spec.handler)
     handler = cls(spec.params)
+    vault = _vault(spec.vault)
     progress(0.0, "loading series")
-    sources = {uid: load_series(paths, with_pixels=cls.needs_pixels) for uid, paths in spec.series.items()}
+    try:
+        sources = {uid: load_series(paths, with_pixels=cls.needs_pixels, read=vault.read)
+                   for uid, paths in spec.series.items()}
+    except IntegrityError as exc:  # never hand a tampered or truncated instance to a handler
+        where = vault.quarantine_damaged(exc.locator, str(exc))
+        raise SpoolIntegrityError(f"spool integrity check failed for {exc.locator}: {exc} "
+                                  f"(copy kept in {where or 'nowhere: quarantine not writable'})") from None
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()))
     handler.check(inp)
     progress(0.05, "running handler")
@@ -63,7 +89,7 @@ def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
         path = out_dir / f"{ds.SOPInstanceUID}.dcm"
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-        write_durable(path, buf.getvalue())
+        vault.write_file(path, buf.getvalue())
         meta.append({
             "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
             "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
@@ -91,6 +117,8 @@ def worker_main(conn, memory_mb: int) -> None:
             conn.send(("done", meta, provenance))
         except HandlerRefusal as exc:
             conn.send(("error", f"refused: {exc}"))
+        except SpoolIntegrityError as exc:
+            conn.send(("error", str(exc)))
         except MemoryError:
             conn.send(("error", f"out of memory (worker cap {memory_mb} MB)"))
         except Exception as exc:  # noqa: BLE001 - report any handler failure to the parent, keep serving

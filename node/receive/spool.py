@@ -1,8 +1,9 @@
-"""Durable files: the spool of received instances, and the quarantine.
+"""Durable files, and the quarantine of rejected instances.
 
 A file is written under a unique temporary name in its final directory, fsync'ed, then renamed
 into place, so a crash or a full disk never leaves a half-written file under a real name. The
-directory entry itself is made durable by ``fsync_dirs`` (batched by the ingest writer).
+directory entry itself is made durable by ``fsync_dirs``. Received instances themselves go to
+the vault's log (node/store/vault.py), not to files.
 """
 from __future__ import annotations
 
@@ -60,22 +61,21 @@ def _unlink_quietly(p: Path) -> None:
         pass
 
 
-class Spool:
-    def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir / "spool"
-        self.quarantine_dir = data_dir / "quarantine"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+class Quarantine:
+    """Rejected instances, sealed like everything spooled, each with a JSON file saying why."""
 
-    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+    def __init__(self, data_dir: Path, seal) -> None:
+        self.root = data_dir
+        self.quarantine_dir = data_dir / "quarantine"
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._seal = seal  # Vault.write_file: durable and sealed
 
     def quarantine(self, data: bytes, reason: str, context: dict) -> Path | None:
         """Keep a rejected instance with its reason. Returns None if even that cannot be written."""
         stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(6)}"
         target = self.quarantine_dir / f"{stem}.dcm"
         try:
-            write_durable(target, data)
+            self._seal(target, data)
             write_durable(target.with_suffix(".json"),
                           json.dumps({"reason": reason, **context}, indent=1).encode())
             fsync_dirs({self.quarantine_dir})
@@ -84,9 +84,9 @@ class Spool:
         return target
 
     def remove_empty_tmp(self) -> int:
-        """Delete leftovers of writes interrupted by a crash (never referenced by the index)."""
+        """Delete leftovers of file writes interrupted by a crash (never referenced by the index)."""
         n = 0
-        for p in self.root.rglob(".*.tmp"):
+        for p in [*self.quarantine_dir.glob(".*.tmp"), *(self.root / "results").rglob(".*.tmp")]:
             _unlink_quietly(p)
             n += 1
         return n

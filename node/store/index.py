@@ -100,6 +100,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE studies ADD COLUMN recheck_at REAL
     """,
+    # 4: retention (what was deleted from the spool, when) and maintenance requests (key rotation)
+    """
+    ALTER TABLE instances ADD COLUMN purged_at REAL;
+    ALTER TABLE results ADD COLUMN purged_at REAL;
+    CREATE TABLE maintenance (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,                        -- rewrap
+        requested_by TEXT NOT NULL, requested_at REAL NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',    -- pending | running | done | failed
+        started_at REAL, finished_at REAL, detail TEXT
+    )
+    """,
 ]
 
 TERMINAL_JOB = ("done", "failed")
@@ -180,7 +192,23 @@ class Index:
 
     # -- ingest ---------------------------------------------------------------------------
     def has_instance(self, sop_uid: str) -> bool:
-        return self.conn().execute("SELECT 1 FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone() is not None
+        """True if the instance is held (a copy deleted by retention does not count)."""
+        return self.conn().execute("SELECT 1 FROM instances WHERE sop_uid=? AND purged_at IS NULL",
+                                   (sop_uid,)).fetchone() is not None
+
+    def forget_purged(self, sop_uid: str) -> bool:
+        """Drop the row of an instance whose spooled copy retention deleted, so that the same instance
+        sent again is stored and routed like a late arrival. False if there was none."""
+        c = self.conn()
+        with self.tx(immediate=True):
+            row = c.execute("SELECT series_uid, study_uid FROM instances WHERE sop_uid=? AND purged_at IS NOT NULL",
+                            (sop_uid,)).fetchone()
+            if row is None:
+                return False
+            c.execute("DELETE FROM instances WHERE sop_uid=?", (sop_uid,))
+            c.execute("UPDATE series SET instances=instances-1 WHERE series_uid=?", (row[0],))
+            c.execute("UPDATE studies SET instances=instances-1 WHERE study_uid=?", (row[1],))
+        return True
 
     def add_instances(self, rows: Iterable[InstanceRow]) -> list[bool]:
         """Insert a batch in ONE transaction (group commit). Returns, per row, False for a duplicate."""
@@ -189,7 +217,8 @@ class Index:
         with self.tx():
             for r in rows:
                 cur = c.execute(
-                    "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?)",
+                    "INSERT OR IGNORE INTO instances(sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, "
+                    "path, size, received_at) VALUES (?,?,?,?,?,?,?,?)",
                     (r.sop_uid, r.series_uid, r.study_uid, r.sop_class_uid, r.transfer_syntax, r.path, r.size,
                      r.received_at),
                 )
@@ -223,8 +252,19 @@ class Index:
         return out
 
     def instance_paths(self, series_uid: str) -> list[str]:
-        rows = self.conn().execute("SELECT path FROM instances WHERE series_uid=? ORDER BY sop_uid", (series_uid,))
+        """Locators of the series' instances still in the spool."""
+        rows = self.conn().execute(
+            "SELECT path FROM instances WHERE series_uid=? AND purged_at IS NULL ORDER BY sop_uid", (series_uid,))
         return [r[0] for r in rows]
+
+    def purged_in_series(self, series_uid: str) -> int:
+        row = self.conn().execute(
+            "SELECT count(*) FROM instances WHERE series_uid=? AND purged_at IS NOT NULL", (series_uid,)).fetchone()
+        return int(row[0])
+
+    def log_locators(self) -> set[str]:
+        """Every spool-log locator the index references (purged ones included: their records are gone)."""
+        return {r[0] for r in self.conn().execute("SELECT path FROM instances WHERE path LIKE 'log:%'")}
 
     def instances_of_study(self, study_uid: str) -> list[sqlite3.Row]:
         return self.conn().execute("SELECT * FROM instances WHERE study_uid=?", (study_uid,)).fetchall()
@@ -359,7 +399,8 @@ class Index:
             job = self.job(job_id)
             for r in results:
                 c.execute(
-                    "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO results(sop_uid, job_id, sop_class_uid, series_uid, modality, path) "
+                    "VALUES (?,?,?,?,?,?)",
                     (r["sop_instance_uid"], job_id, r["sop_class_uid"], r["series_instance_uid"], r["modality"],
                      r["path"]),
                 )
@@ -540,6 +581,83 @@ class Index:
 
     def users(self) -> list[sqlite3.Row]:
         return self.conn().execute("SELECT name, role, created_at, updated_at FROM users ORDER BY name").fetchall()
+
+    # -- retention ------------------------------------------------------------------------
+    def purgeable_segments(self, cutoff: float, require_archive: bool) -> dict[int, list[str]]:
+        """Log segments every referenced instance of which may go: delivered to the archive at or
+        before ``cutoff`` (or, without archive delivery, received before it), and no job of its study
+        pending or running. Returns {segment: [sop_uid, …]}."""
+        rows = self.conn().execute(
+            f"""SELECT i.sop_uid, i.path,
+                       (i.purged_at IS NULL
+                        AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = i.study_uid
+                                        AND j.status IN ('pending','running','retrying'))
+                        AND EXISTS (SELECT 1 FROM studies s WHERE s.study_uid = i.study_uid AND s.state = 'stable')
+                        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='original' AND d.sop_uid=i.sop_uid
+                                        AND (d.status != 'delivered' OR d.delivered_at > :cut))
+                        AND {"EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='original' AND d.sop_uid=i.sop_uid "
+                             "AND d.destination='orthanc')" if require_archive else "i.received_at <= :cut"}) AS ok
+                FROM instances i WHERE i.path LIKE 'log:%' AND i.purged_at IS NULL""",
+            {"cut": cutoff}).fetchall()
+        by_seg: dict[int, list[str]] = {}
+        blocked: set[int] = set()
+        for r in rows:
+            seg = int(r["path"].split(":")[1])
+            if r["ok"]:
+                by_seg.setdefault(seg, []).append(r["sop_uid"])
+            else:
+                blocked.add(seg)
+        return {k: v for k, v in by_seg.items() if k not in blocked}
+
+    def instance_locator(self, sop_uid: str) -> str | None:
+        row = self.conn().execute("SELECT path FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
+        return row[0] if row else None
+
+    def study_of_instances(self, sop_uids: list[str]) -> list[str]:
+        c = self.conn()
+        return [r[0] for u in sop_uids for r in c.execute("SELECT study_uid FROM instances WHERE sop_uid=?", (u,))]
+
+    def mark_instances_purged(self, sop_uids: list[str], now: float) -> None:
+        with self.tx(immediate=True):
+            self.conn().executemany("UPDATE instances SET purged_at=? WHERE sop_uid=?", [(now, u) for u in sop_uids])
+
+    def purgeable_results(self, cutoff: float) -> list[sqlite3.Row]:
+        """Result files every delivery of which succeeded at or before ``cutoff``."""
+        return self.conn().execute(
+            """SELECT r.sop_uid, r.path, j.study_uid FROM results r JOIN jobs j ON j.id = r.job_id
+               WHERE r.purged_at IS NULL
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='result' AND d.sop_uid=r.sop_uid
+                                 AND (d.status != 'delivered' OR d.delivered_at > ?))""", (cutoff,)).fetchall()
+
+    def mark_results_purged(self, sop_uids: list[str], now: float) -> None:
+        with self.tx(immediate=True):
+            self.conn().executemany("UPDATE results SET purged_at=? WHERE sop_uid=?", [(now, u) for u in sop_uids])
+
+    # -- maintenance requests -------------------------------------------------------------
+    def request_maintenance(self, kind: str, by: str) -> int:
+        cur = self.conn().execute("INSERT INTO maintenance(kind, requested_by, requested_at) VALUES (?,?,?)",
+                                  (kind, by, time.time()))
+        return int(cur.lastrowid)
+
+    def next_maintenance(self) -> sqlite3.Row | None:
+        with self.tx(immediate=True):
+            row = self.conn().execute(
+                "SELECT * FROM maintenance WHERE status='pending' ORDER BY id LIMIT 1").fetchone()
+            if row is not None:
+                self.conn().execute("UPDATE maintenance SET status='running', started_at=? WHERE id=?",
+                                    (time.time(), row["id"]))
+        return row
+
+    def finish_maintenance(self, req_id: int, ok: bool, detail: str) -> None:
+        self.conn().execute("UPDATE maintenance SET status=?, finished_at=?, detail=? WHERE id=?",
+                            ("done" if ok else "failed", time.time(), detail[:4000], req_id))
+
+    def maintenance(self, limit: int = 20) -> list[sqlite3.Row]:
+        return self.conn().execute("SELECT * FROM maintenance ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+
+    def requeue_maintenance(self) -> None:
+        """Requests that were running when the node stopped run again."""
+        self.conn().execute("UPDATE maintenance SET status='pending' WHERE status='running'")
 
 
 class _Tx:

@@ -51,6 +51,7 @@ from fastapi.responses import FileResponse, Response
 
 from node.render.live_session import LiveSession, parse_request
 from node.render.volume_cache import ViewerBusy, VolumeCache
+from node.store.vault import IntegrityError
 from node.volume import load_series
 from node.web.auth import Principal, current_principal, hash_token, require_admin, require_viewer, session_principal
 
@@ -88,11 +89,11 @@ def _spool_loader(node):
     def load(series_uid: str):
         paths = node.index.instance_paths(series_uid)
         if not paths:
-            raise LookupError(f"series {series_uid} has no instances on this node")
+            raise LookupError(f"series {series_uid} has no instances in this node's spool")
         try:
-            data = load_series(paths)
-        except FileNotFoundError as exc:
-            raise LookupError(f"series {series_uid}: an instance is no longer in the spool ({exc.filename})") from None
+            data = load_series(paths, read=node.vault.read)
+        except IntegrityError as exc:
+            raise LookupError(f"series {series_uid}: an instance cannot be read from the spool ({exc})") from None
         if data.volume is None:
             raise ValueError(f"series {series_uid} is not a volume: {data.volume_error}")
         return data.modality, data.volume

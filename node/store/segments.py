@@ -1,0 +1,334 @@
+"""The received-instance log: append-only segment files written with O_DSYNC.
+
+Why a log and not a file per instance: a durable new file costs an fsync of the file and of its
+directory (journal commits for the inode, the size, the directory entry). Overwriting space
+that is already allocated, zero-filled and synced needs none of that: a ``pwrite`` with
+O_DSYNC returns when the bytes are on disk. A background thread keeps zero-filled space ahead
+of the writers, so a C-STORE normally pays one data write and nothing else.
+
+Layout: ``log/NNNNNNNN.seg``; the first 4 KiB hold the segment's identity; records start on
+4 KiB boundaries, each an envelope (node/store/envelope.py) whose payload is
+``u32 meta length | meta JSON | DICOM bytes``. The meta (who sent it) lets the index be rebuilt
+from the log alone. A record is addressed by its locator ``log:<segment>:<offset>:<length>``.
+
+Concurrent appends reserve their range under a lock and write outside it. After a crash a
+reserved range may hold nothing; ``scan`` steps over such holes by probing 4 KiB boundaries.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from node.store.envelope import HEADER_SIZE, MAGIC, Header, IntegrityError, Sealer
+
+log = logging.getLogger("hilum.spool")
+
+BLOCK = 4096
+SEGMENT_MAGIC = b"HLMSEG01"
+_LOCATOR = re.compile(r"^log:(\d{1,8}):(\d{1,12}):(\d{1,12})$")
+_META_LEN = struct.Struct("<I")
+_ZEROS = bytes(1 << 20)
+
+
+def _align(n: int) -> int:
+    return (n + BLOCK - 1) // BLOCK * BLOCK
+
+
+def parse_locator(locator: str) -> tuple[int, int, int] | None:
+    m = _LOCATOR.match(locator)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def locator_of(segment: int, offset: int, length: int) -> str:
+    return f"log:{segment}:{offset}:{length}"
+
+
+@dataclass(frozen=True)
+class Record:
+    locator: str
+    segment: int
+    offset: int
+    length: int
+    header: Header
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SegmentReader:
+    """Reads records by locator (any process: the node, job workers)."""
+
+    def __init__(self, root: Path, sealer: Sealer) -> None:
+        self.root = root
+        self.sealer = sealer
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def path(self, segment: int) -> Path:
+        return self.root / f"{segment:08d}.seg"
+
+    def _fd(self, segment: int) -> int:
+        with self._lock:
+            fd = self._fds.get(segment)
+            if fd is None:
+                fd = os.open(self.path(segment), os.O_RDONLY)
+                self._fds[segment] = fd
+            return fd
+
+    def forget(self, segment: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(segment, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for seg in list(self._fds):
+            self.forget(seg)
+
+    def read(self, locator: str) -> tuple[dict, bytes]:
+        """(meta, DICOM bytes) of one record, verified."""
+        where = parse_locator(locator)
+        if where is None:
+            raise ValueError(f"not a log locator: {locator!r}")
+        segment, offset, length = where
+        try:
+            blob = os.pread(self._fd(segment), length, offset)
+        except FileNotFoundError:
+            raise IntegrityError(f"segment {segment} is gone (purged by retention?)") from None
+        if len(blob) != length:
+            raise IntegrityError(f"{locator}: truncated ({len(blob)} of {length} bytes)")
+        return split_payload(self.sealer.open(blob))
+
+    def segments(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.root.glob("*.seg") if p.stem.isdigit())
+
+    def scan(self, segment: int) -> Iterator[Record]:
+        """Every record of a segment, stepping over holes left by a crash."""
+        fd = self._fd(segment)
+        end = os.fstat(fd).st_size
+        off = BLOCK
+        while off + HEADER_SIZE <= end:
+            head = os.pread(fd, HEADER_SIZE, off)
+            try:
+                h = self.sealer.header(head)
+            except IntegrityError:
+                off = self._probe(fd, off + BLOCK, end)
+                continue
+            length = HEADER_SIZE + h.length
+            if off + length > end:
+                break
+            yield Record(locator_of(segment, off, length), segment, off, length, h)
+            off += _align(length)
+
+    def _probe(self, fd: int, off: int, end: int) -> int:
+        """The next 4 KiB boundary at or after ``off`` that starts with this spool's magic + salt."""
+        prefix = MAGIC + self.sealer.salt
+        chunk = 4 << 20
+        while off < end:
+            buf = os.pread(fd, min(chunk, end - off), off)
+            for pos in range(0, len(buf), BLOCK):
+                if buf[pos: pos + len(prefix)] == prefix:
+                    return off + pos
+            off += len(buf)
+        return end
+
+
+def split_payload(payload: bytes) -> tuple[dict, bytes]:
+    (n,) = _META_LEN.unpack_from(payload)
+    meta = json.loads(payload[4: 4 + n]) if n else {}
+    return meta, payload[4 + n:]
+
+
+def join_payload(meta: dict, data: bytes | memoryview) -> bytes:
+    m = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
+    return b"".join((_META_LEN.pack(len(m)), m, data))
+
+
+class _Segment:
+    def __init__(self, number: int, fd: int, fill_fd: int, prepared: int) -> None:
+        self.number = number
+        self.fd = fd  # O_DSYNC: records
+        self.fill_fd = fill_fd  # buffered: zero-fill, then one fsync per chunk
+        self.alloc = BLOCK  # next free offset
+        self.prepared = prepared  # bytes [0, prepared) are allocated, zero-filled and synced
+        self.filling = False  # the preparer is writing through fill_fd: do not close it
+
+
+class SegmentWriter:
+    """Appends records (the node process only). Starts a new segment at every start-up: the tail
+    of an old one is never trusted for new writes."""
+
+    def __init__(self, reader: SegmentReader, max_segment: int = 512 << 20, first_chunk: int = 1 << 20,
+                 max_chunk: int = 64 << 20, headroom: int = 16 << 20) -> None:
+        self.reader = reader
+        self.headroom = headroom
+        self.root = reader.root
+        self.max_segment = max_segment
+        self.first_chunk = first_chunk
+        self.max_chunk = max_chunk
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._cond = threading.Condition()
+        self._cur: _Segment | None = None
+        self._next_number = max(reader.segments(), default=0) + 1
+        self._closed = False
+        self._fill_error: OSError | None = None  # the last zero-fill failed (disk full): fail fast
+        self._inflight: dict[int, int] = {}  # segment → appends reserved but not yet written
+        self._preparer = threading.Thread(target=self._prepare_loop, name="spool-preparer", daemon=True)
+        self._preparer.start()
+
+    # -- appending -------------------------------------------------------------------------
+    def append(self, sealed: bytes) -> str:
+        """Write one sealed envelope durably; returns its locator."""
+        seg, off = self._reserve(len(sealed))
+        try:
+            view = memoryview(sealed)
+            pos = off
+            while view:
+                n = os.pwrite(seg.fd, view, pos)
+                view, pos = view[n:], pos + n
+        finally:
+            with self._cond:
+                self._inflight[seg.number] -= 1
+                self._cond.notify_all()
+        return locator_of(seg.number, off, len(sealed))
+
+    def _reserve(self, n: int, wait_s: float = 30.0) -> tuple[_Segment, int]:
+        need = _align(n)
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise OSError("spool is closed")
+                cur = self._cur
+                if cur is None or cur.alloc + need > max(self.max_segment, BLOCK + need):
+                    cur = self._roll(need)
+                if cur.alloc + need <= cur.prepared:
+                    off = cur.alloc
+                    cur.alloc += need
+                    self._inflight[cur.number] = self._inflight.get(cur.number, 0) + 1
+                    self._cond.notify_all()  # the preparer keeps space ahead
+                    return cur, off
+                self._cond.notify_all()
+                if self._fill_error is not None:
+                    raise OSError(errno.ENOSPC, f"spool space cannot be prepared: {self._fill_error.strerror}")
+                if time.monotonic() > deadline:
+                    raise OSError(errno.ENOSPC, "no spool space could be prepared in time")
+                self._cond.wait(1.0)
+
+    def _roll(self, need: int) -> _Segment:
+        """A new segment (called under the lock; rare: at start-up and every max_segment bytes)."""
+        number = self._next_number
+        self._next_number += 1
+        path = self.reader.path(number)
+        fill_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        head = bytearray(BLOCK)
+        ident = SEGMENT_MAGIC + self.reader.sealer.salt + struct.pack("<Q", number)
+        head[: len(ident)] = ident
+        os.pwrite(fill_fd, bytes(head), 0)
+        size = BLOCK + max(self.first_chunk, _align(need))
+        _zero_fill(fill_fd, BLOCK, size)
+        os.fsync(fill_fd)
+        _fsync_dir(self.root)
+        fd = os.open(path, os.O_RDWR | os.O_DSYNC)
+        old, self._cur = self._cur, _Segment(number, fd, fill_fd, size)
+        if old is not None:
+            threading.Thread(target=self._retire, args=(old,), daemon=True).start()
+        log.debug("spool segment %d started", number)
+        return self._cur
+
+    def _retire(self, seg: _Segment) -> None:
+        with self._cond:
+            while self._inflight.get(seg.number, 0) or seg.filling:
+                self._cond.wait(1.0)
+            self._inflight.pop(seg.number, None)
+        os.close(seg.fd)
+        os.close(seg.fill_fd)
+
+    def current_segment(self) -> int | None:
+        with self._cond:
+            return self._cur.number if self._cur else None
+
+    def close_segment(self, number: int) -> None:
+        """No more appends into segment ``number`` (the next append starts a new one); returns once
+        appends already reserved in it are written."""
+        with self._cond:
+            if self._cur is not None and self._cur.number == number:
+                old, self._cur = self._cur, None
+                threading.Thread(target=self._retire, args=(old,), daemon=True).start()
+            while self._inflight.get(number, 0):
+                self._cond.wait(1.0)
+
+    def quiesce(self) -> None:
+        """Wait until every append reserved so far has been written."""
+        with self._cond:
+            while any(self._inflight.values()):
+                self._cond.wait(1.0)
+
+    # -- keeping zero-filled space ahead ---------------------------------------------------
+    def _prepare_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (self._cur is None or self._ahead_ok(self._cur)):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                seg = self._cur
+                start = seg.prepared
+                chunk = min(self.max_chunk, max(self.first_chunk, start // 2), self.max_segment - start)
+                seg.filling = True
+            failed = None
+            try:
+                # Never take the last free space: the index and the logs need it more than the spool.
+                if shutil.disk_usage(self.root).free - chunk < self.headroom:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                _zero_fill(seg.fill_fd, start, start + chunk)
+                os.fsync(seg.fill_fd)
+            except OSError as exc:  # disk full: writers fail their C-STORE with a status
+                failed = exc
+            with self._cond:
+                seg.filling = False
+                self._fill_error = failed
+                if failed is None and seg is self._cur:
+                    seg.prepared = start + chunk
+                self._cond.notify_all()
+                if failed is not None:
+                    log.error("cannot extend spool segment %d: %s", seg.number, failed)
+                    self._cond.wait(5.0)
+
+    def _ahead_ok(self, seg: _Segment) -> bool:
+        if seg.prepared >= self.max_segment:
+            return True
+        return seg.prepared - seg.alloc >= min(self.max_chunk, max(2 * self.first_chunk, seg.prepared // 4))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._preparer.join(timeout=10)
+        self.quiesce()
+        if self._cur is not None:
+            os.close(self._cur.fd)
+            os.close(self._cur.fill_fd)
+            self._cur = None
+
+
+def _zero_fill(fd: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        n = os.pwrite(fd, memoryview(_ZEROS)[: min(len(_ZEROS), end - pos)], pos)
+        pos += n

@@ -1,0 +1,135 @@
+"""Everything the node keeps of patient data on its own disk, sealed: the received-instance log
+and sealed files (job results, quarantine).
+
+Callers hold locators, never open spool files themselves: ``log:…`` for a record of the log, a
+path for a sealed file. ``read`` verifies (and decrypts) every byte before handing it out, so a
+tampered or truncated object raises IntegrityError instead of reaching a handler or a peer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.receive.spool import write_durable
+from node.store.envelope import MAGIC, IntegrityError, Keyring, Sealer, new_salt
+from node.store.segments import SegmentReader, SegmentWriter, join_payload, parse_locator
+
+__all__ = ["IntegrityError", "Vault", "VaultSpec"]
+
+
+@dataclass(frozen=True)
+class VaultSpec:
+    """What a job worker needs to open the vault (picklable; the keyring travels over a local pipe)."""
+
+    data_dir: str
+    keyring_json: str | None
+
+    def open(self) -> "Vault":
+        return Vault(Path(self.data_dir), Keyring.parse(self.keyring_json) if self.keyring_json else None)
+
+
+class Vault:
+    def __init__(self, data_dir: Path, keyring: Keyring | None, *, writer: bool = False,
+                 segment_mb: int = 512) -> None:
+        self.data_dir = data_dir
+        self.root = data_dir / "spool"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.sealer = Sealer(_spool_salt(self.root / "identity"), keyring)
+        self.log = SegmentReader(self.root / "log", self.sealer)
+        self.writer = SegmentWriter(self.log, max_segment=segment_mb << 20) if writer else None
+
+    @property
+    def keyring(self) -> Keyring | None:
+        return self.sealer.keyring
+
+    def use_keyring(self, keyring: Keyring | None) -> None:
+        """Seal new objects under ``keyring`` from now on (rotation); objects already written stay readable
+        as long as their key is in it."""
+        self.sealer.keyring = keyring
+
+    def spec(self) -> VaultSpec:
+        ring = self.sealer.keyring
+        return VaultSpec(str(self.data_dir), ring.to_json() if ring else None)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.log.close()
+
+    # -- received instances ---------------------------------------------------------------
+    def append(self, data: bytes | memoryview, meta: dict) -> str:
+        """Seal and durably append one received instance; ``meta`` (who sent it) rides along."""
+        if self.writer is None:
+            raise RuntimeError("this vault is read-only")
+        return self.writer.append(self.sealer.seal(join_payload(meta, data)))
+
+    # -- files ----------------------------------------------------------------------------
+    def write_file(self, path: Path, data: bytes | memoryview) -> None:
+        """Seal ``data`` into ``path`` durably (file fsync'ed; the caller fsyncs the directory)."""
+        write_durable(path, self.sealer.seal(data))
+
+    # -- reading --------------------------------------------------------------------------
+    def read(self, locator: str) -> bytes:
+        """The DICOM bytes behind a locator, verified. IntegrityError (with ``.locator``) if not."""
+        try:
+            if locator.startswith("log:"):
+                return self.log.read(locator)[1]
+            return self.read_file(Path(locator))
+        except IntegrityError as exc:
+            exc.locator = locator
+            raise
+
+    def quarantine_damaged(self, locator: str, reason: str) -> Path | None:
+        """Keep a copy of a damaged object as it is on disk, with the reason, for an admin to look at."""
+        qdir = self.data_dir / "quarantine"
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-damaged-{secrets.token_hex(4)}"
+        try:
+            where = parse_locator(locator)
+            if where is not None:
+                seg, off, length = where
+                with open(self.log.path(seg), "rb") as f:
+                    f.seek(off)
+                    blob = f.read(length)
+            else:
+                blob = Path(locator).read_bytes()
+            write_durable(qdir / f"{stem}.bin", blob)
+            write_durable(qdir / f"{stem}.json", json.dumps({"reason": reason, "locator": locator,
+                                                              "at": time.time()}, indent=1).encode())
+        except OSError:
+            return None
+        return qdir / f"{stem}.bin"
+
+    def read_file(self, path: Path) -> bytes:
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"{path} is gone (purged by retention?)") from None
+        if blob[: len(MAGIC)] == MAGIC:
+            return self.sealer.open(blob)
+        if self.sealer.encrypting:
+            # An unsealed file where only sealed ones are written: planted or left from before
+            # encryption was turned on. Never hand it out as if it were ours.
+            raise IntegrityError(f"{path} is not sealed, but the spool is encrypted")
+        return blob
+
+
+def _spool_salt(path: Path) -> bytes:
+    """The spool's random identity, bound into every envelope (created once, durably)."""
+    try:
+        salt = path.read_bytes()
+    except FileNotFoundError:
+        salt = new_salt()
+        write_durable(path, salt)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return salt
+    if len(salt) != 16:
+        raise IntegrityError(f"{path}: spool identity is damaged ({len(salt)} bytes, expected 16)")
+    return salt
