@@ -8,6 +8,7 @@ irregular volumes, and pixel data that is not in Hounsfield units.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -122,12 +123,17 @@ class CTAnatomy(Handler):
         if anatomy.stats[EXTERNAL].voxels == 0:
             raise HandlerRefusal(f"series {series.series_uid}: no body found (is this a CT of a patient?)")
         progress(0.9, "measuring")
-        # One exclusive label map: the External label holds the body voxels no organ took. The
-        # RTSTRUCT encoder fills what an EXTERNAL encloses, so a planning system still gets the
-        # outer surface; the report's External volume and HU are those of the whole body.
+        # One exclusive label map: the External label holds the body voxels no organ took, and the
+        # External segment includes the organs' labels, so it is the whole body (SEG) as its code
+        # says; the RTSTRUCT encoder fills what an EXTERNAL encloses. The report's External
+        # volume and HU are those of the whole body too.
         present = [lab for lab in SEGMENTS if anatomy.stats[lab].voxels > 0]
-        label_map = LabelMap(series.series_uid, series.volume.geometry, anatomy.labels,
-                             tuple(SEGMENTS[lab][0] for lab in present), description="CT anatomy")
+        segments = [SEGMENTS[lab][0] for lab in present]
+        if EXTERNAL in present:
+            organs = tuple(lab for lab in present if lab != EXTERNAL)
+            segments[present.index(EXTERNAL)] = dataclasses.replace(SEGMENTS[EXTERNAL][0], includes=organs)
+        label_map = LabelMap(series.series_uid, series.volume.geometry, anatomy.labels, tuple(segments),
+                             description="CT anatomy")
         groups = [_group(lab, anatomy) for lab in present]
         left, right = anatomy.stats[LUNG_L].volume_ml, anatomy.stats[LUNG_R].volume_ml
         if left > 0 and right > 0:

@@ -68,6 +68,9 @@ class Segment:
     tg263: str | None = None  # AAPM TG-263 structure name for RTSTRUCT, e.g. "Lung_L"
     color: tuple[int, int, int] = (255, 0, 0)
     rt_roi_type: str = "ORGAN"
+    # Labels of other segments this one also covers: a label map cannot overlap, so an External
+    # that contains the organs holds its own label plus theirs (``LabelMap.region``).
+    includes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, int) or not 1 <= self.label <= 255:
@@ -80,6 +83,12 @@ class Segment:
             raise ValueError(f"Segment.rt_roi_type {self.rt_roi_type!r} is not an RT ROI Interpreted Type")
         if self.tg263 is not None and not re.fullmatch(r"[A-Za-z0-9_^\-~]{1,16}", self.tg263):
             raise ValueError(f"Segment.tg263 {self.tg263!r} is not a TG-263 style name (<=16 chars)")
+        if not isinstance(self.includes, tuple) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 255 for v in self.includes):
+            raise ValueError(f"Segment.includes must be a tuple of labels (ints 1..255), got {self.includes!r}")
+        if self.label in self.includes or len(set(self.includes)) != len(self.includes):
+            raise ValueError(f"Segment.includes {self.includes!r} repeats a label or holds the segment's own "
+                             f"({self.label})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +123,13 @@ class LabelMap:
             raise ValueError(f"LabelMap.segments has duplicate labels: {seen}")
         if len({s.name for s in self.segments}) != len(self.segments):
             raise ValueError("LabelMap.segments has duplicate names")
+        for s in self.segments:
+            missing = set(s.includes) - set(seen)
+            if missing:
+                raise ValueError(f"LabelMap.segments: {s.name!r} includes labels without a segment: {sorted(missing)}")
+            nested = [lab for lab in s.includes if self.segment(lab).includes]
+            if nested:
+                raise ValueError(f"LabelMap.segments: {s.name!r} includes segments that include others: {nested}")
         present = set(np.unique(self.labels).tolist()) - {0}
         unknown = present - set(seen)
         if unknown:
@@ -135,6 +151,16 @@ class LabelMap:
             if s.label == label:
                 return s
         raise KeyError(label)
+
+    @property
+    def overlapping(self) -> bool:
+        """Whether some segment covers others' labels (its region is more than its own label)."""
+        return any(s.includes for s in self.segments)
+
+    def region(self, label: int) -> np.ndarray:
+        """Boolean mask of segment ``label``: its own label value plus those it ``includes``."""
+        s = self.segment(label)
+        return np.isin(self.labels, (s.label, *s.includes)) if s.includes else self.labels == s.label
 
 
 @dataclass(frozen=True)

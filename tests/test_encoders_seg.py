@@ -166,3 +166,55 @@ def test_missing_frame_of_reference_is_a_clear_error(tmp_path):
     lm = _labelmap(series)
     with pytest.raises(ValueError, match="no FrameOfReferenceUID"):
         encode_seg(lm, {series.series_uid: series}, context(), series_number=9000)
+
+
+def _overlapping(series, labels=None) -> LabelMap:
+    """The body segment covers the lung and the bone too (``Segment.includes``)."""
+    import dataclasses
+
+    body, lung, bone = segment_table()
+    g = series.volume.geometry
+    return LabelMap(series.series_uid, g, anatomy_labels(g.shape) if labels is None else labels,
+                    (dataclasses.replace(body, includes=(4, 9)), lung, bone), description="CT anatomy")
+
+
+def test_a_segment_including_others_is_written_whole_and_overlapping(source, tmp_path):
+    lm = _overlapping(source)
+    ds, ref = encode_seg(lm, {source.series_uid: source}, context(), series_number=9000)
+    path = save_valid(ds, tmp_path)  # dciodvfy: no errors
+    r = hd.seg.segread(path)
+    assert r.SegmentsOverlap == "YES"
+    stack = r.get_pixels_by_source_instance(
+        source_sop_instance_uids=[d.SOPInstanceUID for d in source.datasets], segment_numbers=[1, 2, 3],
+        combine_segments=False)
+    assert np.array_equal(stack[..., 0] > 0, lm.labels > 0)  # the body, organs included
+    assert np.array_equal(stack[..., 1] > 0, lm.labels == 4)
+    assert np.array_equal(stack[..., 2] > 0, lm.labels == 9)
+    assert ref.segment_numbers == {1: 1, 4: 2, 9: 3}
+
+
+def test_an_included_segment_that_is_empty_keeps_its_placeholder_frame(source, tmp_path):
+    labels = anatomy_labels(source.volume.geometry.shape)
+    labels[labels == 4] = 0
+    ds, _ = encode_seg(_overlapping(source, labels), {source.series_uid: source}, context(), series_number=9000)
+    r = pydicom.dcmread(save_valid(ds, tmp_path))
+    per_segment = [int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                   for f in r.PerFrameFunctionalGroupsSequence]
+    assert per_segment.count(2) == 1
+
+
+def test_includes_are_validated(source):
+    import dataclasses
+
+    body, lung, bone = segment_table()
+    g = source.volume.geometry
+    labels = anatomy_labels(g.shape)
+    with pytest.raises(ValueError, match="includes labels without a segment: \\[7\\]"):
+        LabelMap(source.series_uid, g, labels, (dataclasses.replace(body, includes=(4, 7)), lung, bone))
+    with pytest.raises(ValueError, match="Segment.includes"):
+        dataclasses.replace(body, includes=(1,))
+    with pytest.raises(ValueError, match="Segment.includes"):
+        dataclasses.replace(body, includes=[4])
+    with pytest.raises(ValueError, match="include others"):
+        LabelMap(source.series_uid, g, labels,
+                 (dataclasses.replace(body, includes=(4,)), dataclasses.replace(lung, includes=(9,)), bone))

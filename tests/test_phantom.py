@@ -455,6 +455,45 @@ def test_small_field_of_view_crops_the_body_at_the_border(tmp_path):
     assert pydicom.dcmread(study.series_files()[0], stop_before_pixels=True).ReconstructionDiameter == 260.0
 
 
+def test_reconstruction_circle_is_padding_outside_and_no_truth_there(tmp_path):
+    study = generate_ct(tmp_path / "circle", seed=6, fov_mm=260.0, padding_hu=-3024, **SMALL)
+    vol = volume(study)
+    labels = truth(study, vol)
+    first = pydicom.dcmread(study.series_files()[0])
+    assert (first.PixelPaddingValue, first.RescaleIntercept, first.BitsStored, first.PixelRepresentation) == \
+        (0, -3024, 13, 0)
+    assert_valid(study.series_files()[0])
+    rows, cols = labels.shape[1:]
+    j, i = np.mgrid[:rows, :cols]
+    outside = (j - (rows - 1) / 2) ** 2 + (i - (cols - 1) / 2) ** 2 > (min(rows, cols) / 2) ** 2
+    assert np.all(vol.array[:, outside] == -3024) and np.all(first.pixel_array[outside] == 0)
+    assert np.all(labels[:, outside] == 0)  # not imaged: no truth there
+    assert vol.array[:, ~outside].min() >= -1024  # everything reconstructed is at least air
+    patient = np.isin(labels, study.label_table["groups"]["patient"])
+    assert patient[:, ~outside].any() and vol.array[patient].mean() > -600
+    (finding,) = study.manifest["findings"]
+    assert finding["type"] == "reconstruction_circle" and finding["padding_hu"] == -3024
+
+
+def test_arm_injection_fills_the_veins_with_dense_contrast(tmp_path):
+    study = generate_ct(tmp_path / "inj", seed=6, injection="left", z_center_mm=40.0,
+                        **{**SMALL, "slices": 40, "slice_thickness": 4.0})
+    vol = volume(study)
+    labels = truth(study, vol)
+    vein = ndimage.binary_erosion(labels == study.label("vein"), np.ones((1, 3, 3)))
+    assert vein.sum() > 20
+    xyz = vol.geometry.index_to_patient(np.argwhere(vein))
+    hu = vol.array[vein]
+    svc = xyz[:, 2] < 95  # below the brachiocephalic vein: the superior vena cava
+    assert abs(hu[svc].mean() - 900) < 60 and abs(hu[~svc].mean() - 1500) < 150
+    assert xyz[~svc, 0].max() > 60  # the left arm's veins, patient left (+x)
+    (finding,) = study.manifest["findings"]
+    assert finding["type"] == "dense_contrast" and finding["side"] == "left"
+    plain = truth(generate_ct(tmp_path / "plain", seed=6, z_center_mm=40.0,
+                              **{**SMALL, "slices": 40, "slice_thickness": 4.0}), vol)
+    assert not (plain == study.label("vein")).any()  # no injection, no veins drawn
+
+
 def test_localizer_is_a_single_frontal_ct_localizer(fine):
     (path,) = fine.series_files(fine.localizer_series_uid)
     assert_valid(path)
@@ -580,6 +619,8 @@ def test_cli_reports_bad_input_and_fails(tmp_path, capsys, args, message):
     ({"nodule_specs": [{"center_mm": [0, 0, 0], "diameter_mm": 10}]}, "nodule_specs[0]: a 10.0 mm nodule"),
     ({"nodule_specs": [{"center_mm": [80, 0, 0], "diameter_mm": 10, "kind": "x"}]}, "nodule_specs[0] must be"),
     ({"transfer_syntax": "jpeg"}, "transfer_syntax must be one of"),
+    ({"padding_hu": -1000}, "padding_hu must be an integer in [-4000, -1025]"),
+    ({"injection": "both"}, "injection must be one of"),
     ({"colour": "red"}, "unknown option(s) ['colour']"),
 ])
 def test_bad_options_raise_naming_the_field(tmp_path, options, message):

@@ -53,8 +53,9 @@ def segment_anatomy(volume: Volume, working_mm: float = 2.0, airway: bool = True
     midline_x = float(np.nanmedian(body_x)) if np.isfinite(body_x).any() else 0.0
     lung_hu = parenchyma_hu(coarse, ext)
     way = segment_airway(coarse, ext, body_x, lung_hu) if airway else None
-    lungs = segment_lungs(coarse, ext, way.mask if way else None, midline_x)
-    skeleton = segment_bone(coarse, ext) if bone else None
+    skeleton = segment_bone(coarse, ext)  # the lungs need the chest wall even when bone is not asked for
+    lungs = segment_lungs(coarse, ext, way.mask if way else None, midline_x, skeleton.mask)
+    skeleton = skeleton if bone else None
     lumen = way.lumen_hu if way else -1000.0
     t = Thresholds(
         body=TISSUE_HU,

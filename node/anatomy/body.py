@@ -6,7 +6,12 @@ in the axial plane, so an in-plane opening removes them; what survives and looks
 the body in an axial slice (lungs, airway, bowel gas) is filled. A body cut by the edge of a
 small field of view leaves lungs open to that edge: an air region touching exactly one image
 edge and no corner is enclosed by the body and the edge, so it is filled too, while the air
-around the patient always reaches a corner or two edges.
+around the patient always reaches a corner or two edges. Where the scanner pads the pixels
+outside its reconstruction circle, the circle is that edge, but the rule above does not carry
+over: a body wider than the circle leaves the air in front of it touching one arc of it, like a
+lung the circle cuts, and two lungs joined by the bronchi touch two arcs, like the air around
+the patient. What tells them apart there is the air itself: a region reaching the circle whose
+air voxels are pure air (median below ``OUTSIDE_AIR_HU``) is outside, lung parenchyma is not.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ OPENING_MM = 6.0  # removes objects thinner than about 12 mm in the axial plane 
 PATIENT_TISSUE_HU = (-200.0, 200.0)  # fat and muscle
 PATIENT_SOFT_FRACTION = 0.5  # a patient part is mostly fat and muscle; tables and pads are not
 PATIENT_MIN_FRACTION = 0.01  # separate parts (an arm) kept when at least 1 % of the largest
+OUTSIDE_AIR_HU = -975.0  # air around the patient is darker than aerated lung, even emphysematous lung
 
 
 def body_tissue(coarse: Coarse) -> np.ndarray:
@@ -46,20 +52,47 @@ def body_tissue(coarse: Coarse) -> np.ndarray:
     return tissue & grow(patient, 1, 1, 0)
 
 
-def fill_enclosed_air(body: np.ndarray) -> np.ndarray:
-    """``body`` plus the air it encloses in each axial slice (see the module docstring)."""
+def _field_edge(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the reconstructed ``field``'s edge pixels: beside padding or the image edge."""
+    padded = np.pad(field, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return np.nonzero(field & ~interior)
+
+
+def _outside_by_edges(labels: np.ndarray, n: int) -> np.ndarray:
+    """Per label, whether it reaches two image edges or a corner (the air around the patient)."""
+    edges = np.zeros(n + 1, np.int8)
+    for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+        edges[np.unique(edge)] += 1
+    outside = edges >= 2
+    outside[[labels[0, 0], labels[0, -1], labels[-1, 0], labels[-1, -1]]] = True
+    return outside
+
+
+def _outside_by_air(labels: np.ndarray, n: int, hu: np.ndarray, edge: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per label, whether it reaches the field's edge holding pure air (the air around the patient)."""
+    outside = np.zeros(n + 1, bool)
+    touching = np.unique(labels[edge])
+    touching = touching[touching > 0]
+    if touching.size:
+        air = np.where(hu < TISSUE_HU, labels, 0)  # its air, not a table or pad it holds
+        outside[touching] = np.asarray(ndimage.median(hu, air, touching)) < OUTSIDE_AIR_HU
+    return outside
+
+
+def fill_enclosed_air(body: np.ndarray, field: np.ndarray | None = None, hu: np.ndarray | None = None) -> np.ndarray:
+    """``body`` plus the air it encloses in each axial slice (see the module docstring); ``field``:
+    the reconstructed pixels (J, I), all when None; ``hu``: the image, needed where some are not."""
+    circle = field is not None and not field.all()
+    edge = _field_edge(field) if circle else None
     out = body.copy()
     four = ndimage.generate_binary_structure(2, 1)  # background 4-connected: diagonal gaps stay closed
     for k in range(body.shape[0]):
-        labels, n = ndimage.label(~body[k], structure=four)
+        labels, n = ndimage.label(~body[k] & field if circle else ~body[k], structure=four)
         if n == 0:
             continue
-        edges = np.zeros(n + 1, np.int8)
-        for edge in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
-            edges[np.unique(edge)] += 1
-        outside = edges >= 2
-        outside[[labels[0, 0], labels[0, -1], labels[-1, 0], labels[-1, -1]]] = True
-        outside[0] = True  # label 0 is the body itself
+        outside = _outside_by_air(labels, n, hu[k], edge) if circle else _outside_by_edges(labels, n)
+        outside[0] = True  # label 0 is the body itself (and what lies outside the field)
         out[k] |= ~outside[labels]
     return out
 
@@ -77,4 +110,4 @@ def trunk_x(coarse: Coarse, external: np.ndarray) -> np.ndarray:
 
 def external(coarse: Coarse) -> np.ndarray:
     """The body outline on the coarse grid, with the air it encloses."""
-    return fill_enclosed_air(body_tissue(coarse))
+    return fill_enclosed_air(body_tissue(coarse), coarse.field, coarse.hu)

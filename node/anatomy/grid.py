@@ -15,7 +15,8 @@ import numpy as np
 
 from node.volume import Geometry
 
-AIR_FLOOR_HU = -1024  # padding outside the reconstruction circle (-2000, -3024) counts as air
+AIR_FLOOR_HU = -1024  # padding outside the reconstruction circle (-2048, -3024) counts as air ...
+PADDING_HU = -1500  # ... and marks where the image holds no data: nothing reconstructed is darker
 SOFT_TISSUE_HU = 40.0  # muscle and organs: what most boundaries separate from air, lung or bone
 
 
@@ -35,6 +36,7 @@ class Coarse:
     geometry: Geometry
     factors: tuple[int, int, int]
     full_shape: tuple[int, int, int]
+    field: np.ndarray  # (J, I) bool: reconstructed in-plane, False outside the reconstruction circle
 
     @property
     def voxel_ml(self) -> float:
@@ -52,12 +54,16 @@ class Coarse:
 
     def x_plane(self, k: int) -> np.ndarray:
         """Patient x (mm, patient left positive) of every voxel centre of coarse slice ``k`` (J, I)."""
+        return self.patient_plane(k, 0)
+
+    def patient_plane(self, k: int, axis: int) -> np.ndarray:
+        """Patient coordinate ``axis`` (0 x, 1 y, 2 z; mm) of every voxel centre of coarse slice ``k`` (J, I)."""
         g = self.geometry
         m = g.matrix
         sx, sy, sz = g.spacing
         j = np.arange(self.hu.shape[1])[:, None]
         i = np.arange(self.hu.shape[2])[None, :]
-        return g.origin[0] + i * sx * m[0, 0] + j * sy * m[0, 1] + k * sz * m[0, 2]
+        return g.origin[axis] + i * sx * m[axis, 0] + j * sy * m[axis, 1] + k * sz * m[axis, 2]
 
 
 def _block_reduce(plane: np.ndarray, fy: int, fx: int, combine, fill) -> np.ndarray:
@@ -89,11 +95,14 @@ def coarsen(array: np.ndarray, geometry: Geometry, target_mm: float = 2.0) -> Co
         total = slab.sum(axis=0, dtype=np.float32)
         out[kc] = _block_reduce(total, fy, fx, np.add, 0) / (counts * len(slab))
         peak[kc] = _block_reduce(slab.max(axis=0), fy, fx, np.maximum, AIR_FLOOR_HU)
+    # The reconstruction circle is the same on every slice: padding on the first, middle and last.
+    padding = np.logical_and.reduce([array[k] < PADDING_HU for k in {0, n // 2, n - 1}])
+    field = _block_reduce(padding.astype(np.float32), fy, fx, np.add, 0) < counts / 2
     centre = geometry.index_to_patient([(fz - 1) / 2, (fy - 1) / 2, (fx - 1) / 2])
     sx, sy, sz = geometry.spacing
     coarse_geometry = Geometry(shape=out.shape, origin=tuple(float(v) for v in centre),
                                spacing=(sx * fx, sy * fy, sz * fz), direction=geometry.direction)
-    return Coarse(out, peak, coarse_geometry, f, (n, rows, cols))
+    return Coarse(out, peak, coarse_geometry, f, (n, rows, cols), field)
 
 
 # Morphology with box footprints, as shifted ORs/ANDs: a few passes over the array per voxel of

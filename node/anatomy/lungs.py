@@ -7,6 +7,16 @@ is eroded in-plane until it falls into two cores, and a marker watershed on the 
 along the brightest line between them (the pleura of the junction). Sides are decided in patient
 coordinates (patient left is +x in LPS), never by image columns; a region that will not part is
 cut at the body's midline. Each lung then takes in what it encloses (vessels, nodules).
+
+Dense lung (consolidation: soft-tissue HU, no edge against the heart, the mediastinum or the
+organs under the diaphragm) is recovered from two shape priors, never from its density alone.
+Along the body, from the head down, a lung's footprint in one slice carries to the next: dense
+tissue where the lung was one slice higher is lung again when it forms a region, not a thin
+sliver, that reaches the chest wall (within ``CHEST_WALL_MM`` of the skeleton) and lies above the
+lung base. The heart's or the liver's top, ringed by aerated lung, never reaches the chest wall.
+The lung base is a smooth dome: a quadratic surface z = f(x, y) fitted, as a low quantile, to
+where aerated lung rests on tissue; consolidation hides only the base beneath it, so the points
+it lifts lie above the surface and the quantile fit passes under them.
 """
 from __future__ import annotations
 
@@ -14,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.optimize import linprog
 
 from node.anatomy.grid import Coarse, component_sizes, grow, shrink
 
@@ -25,6 +36,12 @@ MIN_LUNG_FRACTION = 0.02  # of the largest low-density component
 MAIN_PIECE_FRACTION = 0.15  # a piece this big (of all lung) is a whole lung, not a fragment
 MAX_SPLIT_EROSION = 8  # coarse voxels (~16 mm) of in-plane erosion tried to part touching lungs
 THICK_MM = 8.0  # non-lung regions thicker than 2x this (liver dome, heart) are never holes of the lung
+DENSE_HU = (LOW_HU, 200.0)  # consolidated lung: non-aerated, below bone and dense contrast
+CHEST_WALL_MM = 10.0  # a pleural surface lies this close to a rib or the spine
+SLIVER_MM = 3.0  # carried regions thinner than about twice this are edge effects, not consolidation
+BASE_QUANTILE = 0.15  # of the lung-base points the dome runs under (lifted points lie above it)
+MIN_BASE_POINTS = 30  # columns where a lung rests on tissue: fewer and no dome is fitted
+MAX_BASE_POINTS = 800  # per side: a strided subset is fitted beyond this (the programme grows fast)
 
 
 @dataclass(frozen=True)
@@ -108,13 +125,111 @@ def _fill(coarse: Coarse, lung: np.ndarray) -> np.ndarray:
     return out
 
 
+def _base_points(coarse: Coarse, lung: np.ndarray, external: np.ndarray) -> np.ndarray:
+    """(n, 3) patient points where ``lung`` ends caudally on tissue inside the body (its base),
+    one per in-plane column; the surface lies half-way between the two slices."""
+    z = coarse.slice_z()
+    up = np.argsort(z)  # caudal first
+    columns = lung.any(axis=0)
+    first = np.argmax(lung[up], axis=0)  # the lowest lung slice of each column, as a position in ``up``
+    j, i = np.nonzero(columns & (first > 0))  # a lung in the scan's last slice may go on below it
+    pos = first[j, i]
+    k, below = up[pos], up[pos - 1]
+    rests = external[below, j, i] & (coarse.hu[below, j, i] >= LOW_HU)
+    k, below, j, i = k[rests], below[rests], j[rests], i[rests]
+    points = coarse.geometry.index_to_patient(np.stack([k, j, i], axis=1).astype(float))
+    points[:, 2] = (z[k] + z[below]) / 2
+    return points
+
+
+class LungBase:
+    """The lung bases as smooth domes, z = f(x, y) in patient mm, one per side.
+
+    Both hemidiaphragms share their shape front to back (the y terms) and the curvature across;
+    each side has its own height and tilt across (x is mirrored about the midline). A lung whose
+    base dense lung hides then takes the front-to-back shape from the other one.
+    """
+
+    def __init__(self, coefficients: np.ndarray, midline_x: float) -> None:
+        self.c = coefficients
+        self.midline_x = midline_x
+
+    @staticmethod
+    def terms(side: int, x: np.ndarray, y: np.ndarray, midline_x: float) -> np.ndarray:
+        """Design columns (a_left, a_right, b_left, b_right, u^2, v, v^2, uv) for ``side`` (+1 left, -1 right)."""
+        u, v = side * (x - midline_x) / 100.0, y / 100.0  # decimetres: a well-conditioned programme
+        zero, one = np.zeros_like(u), np.ones_like(u)
+        left = side > 0
+        return np.stack([one if left else zero, zero if left else one, u if left else zero, zero if left else u,
+                         u * u, v, v * v, u * v], axis=-1)
+
+    def height(self, side: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.terms(side, x, y, self.midline_x) @ self.c
+
+    @classmethod
+    def fit(cls, points: dict[int, np.ndarray], midline_x: float) -> "LungBase | None":
+        """Quantile regression (a linear programme) under all but BASE_QUANTILE of the base points of
+        each side, the domes concave; None with too few points."""
+        rows, z = [], []
+        for side, p in points.items():
+            p = p[::max(1, len(p) // MAX_BASE_POINTS)]
+            rows.append(cls.terms(side, p[:, 0], p[:, 1], midline_x))
+            z.append(p[:, 2])
+        if sum(len(v) for v in z) < MIN_BASE_POINTS:
+            return None
+        design, z = np.concatenate(rows), np.concatenate(z)
+        used = np.abs(design).sum(axis=0) > 0  # a side without points has no height of its own
+        design = design[:, used]
+        n, m = design.shape
+        eye = sparse.identity(n, format="csr")
+        a_eq = sparse.hstack([sparse.csr_matrix(design), eye, -eye], format="csr")
+        cost = np.concatenate([np.zeros(m), np.full(n, BASE_QUANTILE), np.full(n, 1 - BASE_QUANTILE)])
+        concave = {4: (None, 0.0), 6: (None, 0.0)}  # the u^2 and v^2 terms
+        bounds = [concave.get(c, (None, None)) for c in np.nonzero(used)[0]] + [(0, None)] * (2 * n)
+        result = linprog(cost, A_eq=a_eq, b_eq=z, bounds=bounds, method="highs")
+        if not result.success:
+            return None
+        c = np.zeros(len(used))
+        c[used] = result.x[:m]
+        return cls(c, midline_x)
+
+
+def _recover_dense(coarse: Coarse, aerated: np.ndarray, external: np.ndarray, chest_wall: np.ndarray,
+                   base: LungBase, side: int) -> np.ndarray:
+    """``aerated`` plus the dense lung the footprint carries to (see the module docstring)."""
+    if not aerated.any():
+        return aerated
+    lo, hi = DENSE_HU
+    rx, ry = coarse.radius(SLIVER_MM)
+    z = coarse.slice_z()
+    out = aerated.copy()
+    above = None
+    for k in np.argsort(-z):  # head first
+        if above is not None:
+            carried = above & ~aerated[k] & external[k] & (coarse.hu[k] >= lo) & (coarse.hu[k] < hi)
+            if carried.any():
+                x, y = coarse.patient_plane(k, 0), coarse.patient_plane(k, 1)
+                carried &= base.height(side, x, y) < coarse.patient_plane(k, 2)
+                carried = grow(shrink(carried[None], rx, ry, 0), rx, ry, 0)[0] & carried
+                labels, n = ndimage.label(carried)
+                if n:
+                    at_wall = np.zeros(n + 1, bool)
+                    at_wall[labels[carried & chest_wall[k]]] = True
+                    at_wall[0] = False
+                    out[k] |= at_wall[labels]
+        above = out[k]
+    return out
+
+
 def _centroid_x(coarse: Coarse, mask: np.ndarray) -> float:
     k, j, i = (np.mean(a) for a in np.nonzero(mask))
     return float(coarse.geometry.index_to_patient([k, j, i])[0])
 
 
-def segment_lungs(coarse: Coarse, external: np.ndarray, airway: np.ndarray | None, midline_x: float) -> Lungs:
-    """Left and right lung masks on the coarse grid (empty when the volume shows no lung)."""
+def segment_lungs(coarse: Coarse, external: np.ndarray, airway: np.ndarray | None, midline_x: float,
+                  skeleton: np.ndarray) -> Lungs:
+    """Left and right lung masks on the coarse grid (empty when the volume shows no lung);
+    ``skeleton``: the coarse bone mask, where the chest wall is."""
     low = (coarse.hu < LOW_HU) & external
     if airway is not None:
         # The airway wall's partial-volume rim would bridge the two lungs through the mediastinum.
@@ -146,4 +261,11 @@ def segment_lungs(coarse: Coarse, external: np.ndarray, airway: np.ndarray | Non
             right |= main[0] & (x <= midline_x)
     for p in rest:
         (left if _centroid_x(coarse, p) > split_x else right)[...] |= p
-    return Lungs(_fill(coarse, left), _fill(coarse, right), hu)
+    rx, ry = coarse.radius(CHEST_WALL_MM)
+    chest_wall = grow(skeleton, rx, ry, 0)
+    base = LungBase.fit({side: _base_points(coarse, m, external) for side, m in ((1, left), (-1, right)) if m.any()},
+                        midline_x)
+    if base is not None:  # without a lung base in view nothing bounds dense lung from below
+        left = _recover_dense(coarse, left, external, chest_wall, base, 1)
+        right = _recover_dense(coarse, right & ~left, external, chest_wall, base, -1)
+    return Lungs(_fill(coarse, left), _fill(coarse, right & ~left), hu)

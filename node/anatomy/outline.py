@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.anatomy.bone import Skeleton
-from node.anatomy.grid import Coarse, Slab, grow, shrink
+from node.anatomy.grid import PADDING_HU, Coarse, Slab, grow, shrink
 
 HIST_RANGE = (-1024, 4095)  # HU outside are counted at the nearest end
 
@@ -77,10 +77,14 @@ def _code(coarse: Coarse, external: np.ndarray, lungs: tuple[np.ndarray, np.ndar
     def put(mask: np.ndarray, bit: int) -> None:
         code[mask] |= np.uint16(bit)
 
-    for mask, bit in zip(core_and_band(external, edge_inside=True), (_EXT_CORE, _EXT_BAND)):
+    # Neither the image's edge nor the reconstruction circle is a boundary of the body: what the
+    # field cuts off is not decided by a threshold there (the padding itself never is body).
+    beside_padding = grow(~coarse.field[None], 1, 1, 0)[0]
+    for mask, bit in zip(core_and_band(external, edge_inside=True, solid=external & beside_padding),
+                         (_EXT_CORE, _EXT_BAND)):
         put(mask, bit)
     for lung, bits in zip(lungs, ((_L_CORE, _L_BAND), (_R_CORE, _R_BAND))):
-        for mask, bit in zip(core_and_band(lung, solid=lung & (coarse.hu >= dense_lung_hu)), bits):
+        for mask, bit in zip(core_and_band(lung, solid=lung & ((coarse.hu >= dense_lung_hu) | beside_padding)), bits):
             put(mask, bit)
     if airway is not None:
         for mask, bit in zip(core_and_band(airway), (_AW_CORE, _AW_BAND)):
@@ -111,7 +115,7 @@ def outline(array: np.ndarray, coarse: Coarse, external: np.ndarray, lungs: tupl
         hu = array[k0:k1, rows, cols]
         c = slab.up(code[kc])[rows, cols]
         has = lambda bit: (c & np.uint16(bit)) != 0  # noqa: E731 - one bit of the code, source rows/cols
-        inside = has(_EXT_CORE) | (has(_EXT_BAND) & (hu > t.body))
+        inside = (has(_EXT_CORE) | (has(_EXT_BAND) & (hu > t.body))) & (hu > PADDING_HU)
         org = out[k0:k1, rows, cols]  # a view: written in place
         aerated = hu < t.lung
         np.copyto(org, np.uint8(lung_r), where=has(_R_CORE) | (has(_R_BAND) & aerated))

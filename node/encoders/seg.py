@@ -1,5 +1,9 @@
 """DICOM Segmentation (highdicom): one segment per label, binary or fractional.
 
+A label map whose segments overlap (``Segment.includes``: an External holding the organs it
+contains) is written as one binary mask per segment, SegmentsOverlap YES; otherwise the label
+map goes to highdicom as it is, which needs no per-segment copy of the volume.
+
 Empty slices are left out (omit_empty_frames), which keeps a 10-structure SEG of a 300-slice
 CT small. A segment that is empty everywhere would then have no frame at all, which older OHIF
 releases cannot load (OHIF/Viewers#3991, the loader hangs): such a segment gets one empty frame.
@@ -83,6 +87,14 @@ def _segment_number_array(labels: np.ndarray, numbers: dict[int, int]) -> np.nda
     return out
 
 
+def _segment_stack(labelmap: LabelMap) -> np.ndarray:
+    """(slices, rows, cols, segments) bool masks, one per segment in order: overlapping regions."""
+    stack = np.empty((*labelmap.labels.shape, len(labelmap.segments)), bool)
+    for i, s in enumerate(labelmap.segments):
+        stack[..., i] = labelmap.region(s.label)
+    return stack
+
+
 def _add_placeholder_frames(seg: hd.seg.Segmentation, empty: list[int]) -> None:
     """Give each segment in ``empty`` one all-zero frame, a copy of frame 1's position and references."""
     frames = int(seg.NumberOfFrames)
@@ -135,6 +147,10 @@ def encode_seg(
         pixels = np.moveaxis(labelmap.fractions, 0, -1)  # (slices, rows, cols, segments), a view
         present = [bool(np.any(labelmap.fractions[i])) for i in range(len(labelmap.segments))]
         seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+    elif labelmap.overlapping:
+        pixels = _segment_stack(labelmap)
+        present = [bool(pixels[..., i].any()) for i in range(len(labelmap.segments))]
+        seg_type = hd.seg.SegmentationTypeValues.BINARY
     else:
         pixels = _segment_number_array(labelmap.labels, numbers)
         counts = np.bincount(pixels.ravel(), minlength=len(numbers) + 1)

@@ -18,7 +18,7 @@ from node.phantom.canvas import Canvas, Region
 
 # Truth label values (the label volume's voxel values).
 BACKGROUND, TABLE, SOFT_TISSUE, FAT, LUNG_LEFT, LUNG_RIGHT, AIRWAY, HEART_WALL, HEART_BLOOD, AORTA, LIVER, \
-    CORTICAL_BONE, CANCELLOUS_BONE, NODULE_SOLID, NODULE_GGO, MARKER = range(16)
+    CORTICAL_BONE, CANCELLOUS_BONE, NODULE_SOLID, NODULE_GGO, MARKER, VEIN = range(17)
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ CT_LABELS: tuple[LabelDef, ...] = (
     LabelDef(NODULE_SOLID, "nodule_solid", 40, 40, True, None, "solid lung nodules (see nodules.json)"),
     LabelDef(NODULE_GGO, "nodule_ground_glass", -500, -500, True, None, "ground-glass lung nodules"),
     LabelDef(MARKER, "marker", None, None, False, None, "test markers: bright spheres at requested positions"),
+    LabelDef(VEIN, "vein", None, None, True, None, "subclavian, brachiocephalic vein and superior vena cava, "
+             "drawn only with an arm injection: undiluted contrast, HU in the manifest's findings"),
 )
 
 CT_GROUPS: dict[str, list[int]] = {
@@ -62,6 +64,8 @@ CT_GROUPS: dict[str, list[int]] = {
 NODULE_HU = {"solid": 40.0, "ground_glass": -500.0}
 NODULE_LABEL = {"solid": NODULE_SOLID, "ground_glass": NODULE_GGO}
 CONSOLIDATION_HU = 35.0
+# Undiluted contrast from an arm injection: dense in the arm's veins, less so once blood mixes in the SVC.
+INJECTION_HU = {"arm_veins": 1500.0, "svc": 900.0}
 LUNG_TEXTURE_HU = 25.0  # amplitude of the smooth parenchymal texture
 
 
@@ -90,7 +94,7 @@ def ct_label_table(contrast: bool) -> dict:
 class CodeBook:
     """Paint codes → (truth label, HU, texture amplitude).
 
-    Codes 0..15 are the labels themselves; extra codes mark what the truth volume does not tell
+    Codes 0..16 are the labels themselves; extra codes mark what the truth volume does not tell
     apart but the image does: each nodule, each marker, consolidated lung.
     """
 
@@ -192,6 +196,19 @@ _HEART_SEMI = (60.0, 50.0, 50.0)
 _HEART_WALL = 10.0
 _SEPTUM = np.array([0.8, 0.6])  # normal of the interventricular septum in the axial plane
 
+# The veins an arm injection fills, per arm: subclavian and brachiocephalic vein, then the superior
+# vena cava, anterior to the ascending aorta, down to the heart; (a, b, radius) in the anatomical frame.
+_SVC = ((np.array([-12.0, -55.0, 100.0]), np.array([-12.0, -55.0, 5.0]), 8.0),)
+
+
+def injected_veins(side: str) -> tuple[tuple, tuple]:
+    """(arm veins, SVC) capsules filled by an injection into the ``side`` arm."""
+    s = 1.0 if side == "left" else -1.0
+    arm = ((np.array([s * 125.0, -15.0, 122.0]), np.array([s * 40.0, -45.0, 112.0]), 6.0),
+           (np.array([s * 40.0, -45.0, 112.0]), np.array([-12.0, -55.0, 100.0]), 7.0))
+    return arm, _SVC
+
+
 _RIB_R, _RIB_CORE = 5.0, 3.2
 _VERT_PERIOD, _VERT_BODY = 30.0, 24.0
 
@@ -250,6 +267,8 @@ class ChestAnatomy:
     arms: str = "up"
     consolidation: str | None = None  # "left" | "right"
     consolidation_code: int = 0
+    injection: str | None = None  # "left" | "right": the arm contrast was injected into
+    injection_codes: tuple[int, int] = (0, 0)  # (arm veins, SVC)
     spheres: list[Sphere] = field(default_factory=list)  # nodules and markers, painted last
 
 
@@ -257,6 +276,8 @@ _OVER_AIR_OR_FAT = np.zeros(256, bool)
 _OVER_AIR_OR_FAT[[BACKGROUND, FAT]] = True
 _OVER_AIR = np.zeros(256, bool)
 _OVER_AIR[BACKGROUND] = True
+_OVER_SOFT = np.zeros(256, bool)  # veins run through soft tissue and fat, never through lung or bone
+_OVER_SOFT[[SOFT_TISSUE, FAT]] = True
 
 
 class ChestPainter:
@@ -281,6 +302,10 @@ class ChestPainter:
             self.cv.paint(AORTA, self.cv.capsule(a, b, r))
         for a, b, r in _AIRWAY:
             self.cv.paint(AIRWAY, self.cv.capsule(a, b, r))
+        if self.anat.injection:
+            for capsules, code in zip(injected_veins(self.anat.injection), self.anat.injection_codes):
+                for a, b, r in capsules:
+                    self.cv.paint(code, self.cv.capsule(a, b, r), over=_OVER_SOFT)
         self._sternum(z)
         self._spine(z)
         self._ribs(z)

@@ -19,10 +19,12 @@ import numpy as np
 from node.phantom.chest import (
     CONSOLIDATION_HU,
     CT_LABELS,
+    INJECTION_HU,
     LUNG_LEFT,
     LUNG_RIGHT,
     MARKER,
     NODULE_HU,
+    VEIN,
     NODULE_LABEL,
     ChestAnatomy,
     ChestPainter,
@@ -34,7 +36,7 @@ from node.phantom.chest import (
 from node.phantom.dicom_io import TRANSFER_SYNTAXES, InstanceWriter, SeriesInfo, StudyInfo, set_pixel_format, \
     series_template
 from node.phantom.checks import choice, fail, float_in, int_in, vector
-from node.phantom.ct_pixels import HU_MAX, HU_MIN, Signal, lay_table, stored_values
+from node.phantom.ct_pixels import HU_MAX, HU_MIN, Signal, lay_table, padding_bits, stored_values
 from node.phantom.grid import Pose, axial_geometry, render_codes
 from node.phantom.projection import resample, water_path
 from node.phantom.nodules import (
@@ -53,6 +55,7 @@ from node.volume import Geometry
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 DEFAULT_NODULES = 3
 LOCALIZER_SCALE = 8.0  # stored value per mm of water-equivalent path
+PADDING_HU_RANGE = (-4000, -1025)  # below any reconstructed air, and storable in 13 bits with bone
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,10 @@ class CTOptions:
     patient_position: str = "HFS"  # "FFS": feet first, columns toward patient right, head at k = 0
     fov_mm: float | None = None  # reconstruction diameter; smaller than the body crops it at the border
     fov_center_mm: tuple[float, float] = (0.0, 0.0)
+    # Reconstruction circle: pixels outside the circle inscribed in the image hold this HU (-3024,
+    # -2048 as scanners write), stored as PixelPaddingValue; None: the whole square is reconstructed.
+    padding_hu: int | None = None
+    injection: str | None = None  # "left" | "right": undiluted contrast in that arm's veins and the SVC
     z_center_mm: float = 0.0  # patient z of the middle slice (the carina is at +40)
     markers: tuple = ()  # ((x, y, z) patient mm, radius mm, HU): bright spheres for renderer tests
     localizer: bool = False  # also write a CT localizer (topogram) series
@@ -104,6 +111,9 @@ class CTOptions:
         if self.fov_mm is not None:
             set_("fov_mm", float_in("fov_mm", self.fov_mm, 0.0, 1000.0, lo_open=True))
         set_("fov_center_mm", vector("fov_center_mm", self.fov_center_mm, 2))
+        if self.padding_hu is not None:
+            set_("padding_hu", int_in("padding_hu", self.padding_hu, *PADDING_HU_RANGE))
+        choice("injection", self.injection, (None, "left", "right"))
         set_("z_center_mm", float_in("z_center_mm", self.z_center_mm, -2000.0, 2000.0))
         if len(self.markers) > 100:
             raise fail("markers", "at most 100 markers", f"{len(self.markers)} markers")
@@ -218,7 +228,17 @@ def _anatomy_z_range(geom: Geometry, pose: Pose) -> tuple[float, float]:
 def _bare_anatomy(opts: CTOptions, codebook: CodeBook) -> ChestAnatomy:
     lung = {"left": LUNG_LEFT, "right": LUNG_RIGHT}
     code = codebook.add(lung[opts.consolidation], CONSOLIDATION_HU) if opts.consolidation else 0
-    return ChestAnatomy(arms=opts.arms, consolidation=opts.consolidation, consolidation_code=code)
+    veins = (codebook.add(VEIN, INJECTION_HU["arm_veins"]), codebook.add(VEIN, INJECTION_HU["svc"])) \
+        if opts.injection else (0, 0)
+    return ChestAnatomy(arms=opts.arms, consolidation=opts.consolidation, consolidation_code=code,
+                        injection=opts.injection, injection_codes=veins)
+
+
+def outside_circle(rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) True outside the reconstruction circle: the circle inscribed in the image."""
+    j = np.arange(rows)[:, None] - (rows - 1) / 2
+    i = np.arange(cols)[None, :] - (cols - 1) / 2
+    return j * j + i * i > (min(rows, cols) / 2) ** 2
 
 
 def _n_sub(thickness: float) -> int:
@@ -249,11 +269,14 @@ def _write_study(out: Path, plan: _Plan) -> PhantomStudy:
     signal = Signal(codebook, opts.rows, opts.cols, opts.spacing, opts.noise_hu, opts.blur, (plan.seed, 1))
     n = opts.slices
     labels = np.empty(geom.shape, np.uint8)
+    outside = outside_circle(opts.rows, opts.cols) if opts.padding_hu is not None else None
     for k in range(n):
         np.take(label_lut, codes[k * n_sub + n_sub // 2], out=labels[k])
+        if outside is not None:
+            labels[k][outside] = 0  # not reconstructed: not imaged, so no truth there either
 
     def write_slice(k: int) -> str:
-        pixels = stored_values(signal.hu(codes[k * n_sub:(k + 1) * n_sub], k))
+        pixels = stored_values(signal.hu(codes[k * n_sub:(k + 1) * n_sub], k), opts.padding_hu, outside)
         pos = geom.slice_position(k)
         return writer.write(
             pixels, derived_uid(plan.series_uid, "instance", k),
@@ -289,8 +312,13 @@ def _ct_template(plan: _Plan):
     ds.ConvolutionKernel = "STANDARD"
     ds.PixelSpacing = [opts.spacing, opts.spacing]
     ds.ImageOrientationPatient = geom.image_orientation
-    set_pixel_format(ds, opts.rows, opts.cols, bits_stored=12)
-    ds.RescaleIntercept = HU_MIN
+    if opts.padding_hu is None:
+        set_pixel_format(ds, opts.rows, opts.cols, bits_stored=12)
+        ds.RescaleIntercept = HU_MIN
+    else:  # stored 0 is the padding; everything reconstructed lies above it
+        set_pixel_format(ds, opts.rows, opts.cols, bits_stored=padding_bits(opts.padding_hu))
+        ds.RescaleIntercept = int(opts.padding_hu)
+        ds.add_new(0x00280120, "US", 0)  # PixelPaddingValue: US, the pixels being unsigned
     ds.RescaleSlope = 1
     ds.RescaleType = "HU"
     ds.WindowCenter = [40, -600]
@@ -373,6 +401,15 @@ def _write_truth(out: Path, plan: _Plan, series: dict, table_y: float) -> Phanto
     if plan.changes is not None:
         write_json(out / "changes.json", plan.changes)
     findings = []
+    if opts.injection:
+        findings.append({"type": "dense_contrast", "label_stays": "vein", "side": opts.injection,
+                         "hu": INJECTION_HU,
+                         "note": "undiluted contrast injected into one arm: its subclavian and brachiocephalic "
+                                 "vein and the superior vena cava; not bone"})
+    if opts.padding_hu is not None:
+        findings.append({"type": "reconstruction_circle", "padding_hu": opts.padding_hu, "pixel_padding_value": 0,
+                         "note": "pixels outside the circle inscribed in the image are padding; "
+                                 "their truth label is 0 (background: not imaged)"})
     if opts.consolidation:
         findings.append({"type": "consolidation", "hu": CONSOLIDATION_HU,
                          "label_stays": f"lung_{opts.consolidation}",

@@ -77,8 +77,19 @@ class Signal:
         return acc
 
 
-def stored_values(hu: np.ndarray) -> np.ndarray:
-    return (np.clip(np.rint(hu), HU_MIN, HU_MAX) - HU_MIN).astype(np.uint16)
+def stored_values(hu: np.ndarray, padding_hu: float | None = None, outside: np.ndarray | None = None) -> np.ndarray:
+    """Stored pixel values: HU - HU_MIN; with ``padding_hu``, HU - padding_hu and 0 (the padding)
+    where ``outside`` the reconstruction circle."""
+    if padding_hu is None:
+        return (np.clip(np.rint(hu), HU_MIN, HU_MAX) - HU_MIN).astype(np.uint16)
+    stored = (np.clip(np.rint(hu), HU_MIN, HU_MAX) - padding_hu).astype(np.uint16)
+    stored[outside] = 0
+    return stored
+
+
+def padding_bits(padding_hu: float) -> int:
+    """BitsStored that holds HU_MAX above a padding value."""
+    return int(math.ceil(math.log2(HU_MAX - padding_hu + 1)))
 
 
 def lay_table(codes: np.ndarray, geom: Geometry, patient: np.ndarray, fallback_y: float) -> float:
