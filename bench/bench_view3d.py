@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from websockets.sync.client import connect  # noqa: E402
 
-from bench_ingest import files_of, study  # noqa: E402
+from benchlib import files_of, phantom_ct  # noqa: E402
 from node.render.live_session import unpack_frame  # noqa: E402
 from tests.nodeproc import NodeProcess, storescu, wait_for  # noqa: E402
 
@@ -98,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
 
     t = time.perf_counter()
-    dicom = study(REPO / "bench" / "out", args.slices, "explicit")
+    dicom = phantom_ct(args.slices, "explicit")
     files = files_of(dicom)
     print(f"phantom CT: {len(files)} slices in {time.perf_counter() - t:.1f} s", flush=True)
     import pydicom

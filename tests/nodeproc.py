@@ -138,11 +138,12 @@ def storescu(port: int, paths: list[Path] | Path, calling: str = "MODALITY", cal
 
 
 @contextmanager
-def storescp(out_dir: Path, ae_title: str = "TPS", port: int | None = None):
-    """A real DCMTK storescp playing the treatment planning system (on ``port``, or a free one)."""
+def storescp(out_dir: Path, ae_title: str = "TPS", port: int | None = None, options: tuple[str, ...] = ("+B",)):
+    """A real DCMTK storescp playing the treatment planning system (on ``port``, or a free one).
+    ``options``: its command-line options (the ingest benchmark runs it with ``+xa`` instead)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    proc = subprocess.Popen([shutil.which("storescp"), "-aet", ae_title, "-od", str(out_dir), "+B", str(port)],
+    proc = subprocess.Popen([shutil.which("storescp"), "-aet", ae_title, "-od", str(out_dir), *options, str(port)],
                             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: _port_open(port), 10, "storescp")

@@ -1,6 +1,9 @@
 """The benchmark scripts run (quick sizes). Timings are never asserted: the numbers are for people."""
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +21,51 @@ def test_quick_benchmarks_run_and_report_every_peer(tmp_path):
     for peer in ("storescp", "orthanc", "hilum", "hilum/orthanc"):
         assert peer in out.stdout
     assert "match_series" in out.stdout
+
+
+def _quick(script: str, json_out: Path) -> tuple[str, object]:
+    out = subprocess.run([sys.executable, f"bench/{script}", "--quick", "--json", str(json_out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout, json.loads(json_out.read_text())
+
+
+def test_run_all_includes_the_latency_and_memory_benchmarks():
+    spec = importlib.util.spec_from_file_location("run_all", REPO / "bench" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    suite = {name: (script, quick) for name, script, _, quick in run_all.SUITE}
+    assert suite["latency"] == ("bench_latency.py", ["--quick"])
+    assert suite["receiver-memory"] == ("bench_receiver_memory.py", ["--quick"])
+
+
+def test_quick_latency_follows_each_builtin_handler_to_orthanc(tmp_path):
+    stdout, report = _quick("bench_latency.py", tmp_path / "latency.json")
+    assert [h["handler"] for h in report] == ["ct-anatomy", "renders", "overview", "model:hilum-ct-chest"]
+    for h in report:
+        (run,) = h["runs"]
+        assert h["cold"] is None  # quick mode: no warm-up study
+        phases = [run[k] for k in ("stability_s", "job_s", "deliver_s")]
+        assert all(math.isfinite(v) and v >= 0 for v in [*phases, run["send_s"]])
+        assert run["total_s"] == pytest.approx(sum(phases))
+        assert h["median"]["total_s"] == run["total_s"]
+        # The node delivered results and the originals, and Orthanc holds them all.
+        n_results = sum(run["results"].values())
+        assert n_results >= 1 and run["result_series"] >= 1
+        assert run["orthanc_instances"] == run["instances"] + n_results
+        assert h["handler"] in stdout
+    assert set(report[0]["runs"][0]["results"]) == {"SEG", "RTSTRUCT", "SR"}  # ct-anatomy
+    assert report[2]["runs"][0]["results"] == {"OT": 1}  # overview: one mosaic
+
+
+def test_quick_receiver_memory_samples_every_study(tmp_path):
+    stdout, report = _quick("bench_receiver_memory.py", tmp_path / "memory.json")
+    assert set(report) == {"receiver", "workers", "orthanc"}
+    for proc, s in report.items():
+        assert len(s["samples"]) == 3
+        assert s["first"] == s["samples"][0] and s["last"] == s["samples"][-1] and s["max"] == max(s["samples"])
+        assert isinstance(s["slope"], float) and isinstance(s["slope_after_first"], float)
+        assert proc in stdout
+    assert min(report["receiver"]["samples"]) > 0 and report["receiver"]["idle"] > 0
+    assert min(report["orthanc"]["samples"]) > 0
+    assert min(report["workers"]["samples"]) > 0  # each study ran a job: its worker lives on

@@ -1,0 +1,116 @@
+"""End-to-end latency per built-in handler: last instance acknowledged → all its results in Orthanc.
+
+For each handler, one `hilum up` (managed Orthanc, rules routing every CT series to that handler
+only) receives phantom CTs sent by DCMTK storescu (TCP_NODELAY=1). The first study is a warm-up
+(its figure is reported as "cold": a fresh node's first job starts its worker, imports, loads a
+model); the next ``--runs`` studies are measured, each a new study (another seed), each one
+finished (results and originals delivered) before the next is sent. Times come from the node's
+API (job created/finished, delivery timestamps) on the same clock as the sender; the result
+objects are then looked up in Orthanc.
+
+    .venv/bin/python bench/bench_latency.py [--runs 3] [--slices 300] [--stable-after 2]
+    .venv/bin/python bench/bench_latency.py --quick      # one run, small CT, no warm-up
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from pydicom import dcmread
+
+from benchlib import confirm_in_orthanc, files_of, finished_study, phantom_ct, send, series_rule
+from tests.nodeproc import running_node, wait_for
+
+HANDLERS = ("ct-anatomy", "renders", "overview", "model:hilum-ct-chest")
+PHASES = ("send_s", "stability_s", "job_s", "deliver_s", "total_s")
+
+
+def measure(node, dicom_dir: Path, timeout: float) -> dict:
+    """Send one study and follow it to its last result in Orthanc; seconds per phase."""
+    files = files_of(dicom_dir)
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    send_s = send(node.dicom_port, files, "HILUM")
+    acked = time.time()  # storescu has released the association: every instance is acknowledged
+    st = wait_for(lambda: finished_study(node, study_uid, len(files), jobs=1), timeout,
+                  f"study {study_uid} processed and delivered", interval=0.5)
+    (job,) = st["jobs"]
+    results = job["results"]
+    if not results:
+        raise RuntimeError(f"{job['handler']} made no result for study {study_uid}")
+    delivered = [d["delivered_at"] for d in st["deliveries"] if d["kind"] == "result" and d["job_id"] == job["id"]]
+    orthanc_instances = confirm_in_orthanc(node, study_uid, results)
+    last = max(delivered)
+    return {
+        "send_s": send_s, "stability_s": job["created_at"] - acked, "job_s": job["finished_at"] - job["created_at"],
+        "deliver_s": last - job["finished_at"], "total_s": last - acked,
+        "results": dict(Counter(r["modality"] for r in results)),
+        "result_series": len({r["series_instance_uid"] for r in results}),
+        "orthanc_instances": orthanc_instances, "instances": len(files),
+    }
+
+
+def bench_handler(handler: str, studies: list[Path], stable_after: float, warmup: bool, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-latency-", ignore_cleanup_errors=True) as d:
+        rules = series_rule(Path(d) / "rules", handler)
+        with running_node(Path(d) / "data", rules, stable_after=stable_after, log_level="WARNING") as node:
+            runs = [measure(node, s, timeout) for s in studies]
+    cold = runs.pop(0) if warmup else None
+    return {"handler": handler, "cold": cold, "runs": runs,
+            "median": {k: statistics.median(r[k] for r in runs) for k in PHASES}}
+
+
+def report(out: list[dict], args, instances: int, mb: float) -> None:
+    size = f"{args.size}x{args.size}x{args.slices}"
+    print(f"end-to-end latency, {size} phantom CT ({instances} instances, {mb:.0f} MB) sent by storescu "
+          f"(1 association, TCP_NODELAY=1); stable_after {args.stable_after:g} s; "
+          f"median of {args.runs} run(s){'' if args.no_warmup else ' after a warm-up study'}")
+    print("seconds from the last instance acknowledged (storescu done); each column its own median:")
+    print(f"  stability = until the job is created (stable_after + up to one router pass, "
+          f"{min(1.0, args.stable_after / 4):g} s)")
+    print("  job       = job created -> finished: queue, load series, handler, encode, durable write")
+    print("  deliver   = job finished -> its last result stored in Orthanc (STOW-RS)")
+    print("  total     = last instance acknowledged -> last result in Orthanc (all results checked there)")
+    print("  cold      = total for a fresh node's first study (worker start, imports, model load)")
+    print("  (the originals are forwarded to Orthanc at the same time: store_originals_in_orthanc)")
+    print(f"{'handler':<22}{'send':>6}{'stability':>10}{'job':>7}{'deliver':>8}{'total':>7}{'spread':>13}"
+          f"{'cold':>7}  results")
+    for h in out:
+        m, totals = h["median"], [r["total_s"] for r in h["runs"]]
+        cold = f"{h['cold']['total_s']:7.1f}" if h["cold"] else f"{'-':>7}"
+        objs = ", ".join(f"{n} {mod}" for mod, n in sorted(h["runs"][0]["results"].items()))
+        print(f"{h['handler']:<22}{m['send_s']:6.1f}{m['stability_s']:10.1f}{m['job_s']:7.1f}{m['deliver_s']:8.1f}"
+              f"{m['total_s']:7.1f}{f'{min(totals):.1f}-{max(totals):.1f}':>13}{cold}  {objs} "
+              f"({h['runs'][0]['result_series']} series)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--size", type=int, default=512, help="rows and columns")
+    ap.add_argument("--stable-after", type=float, default=2.0, help="the node's quiet period, s")
+    ap.add_argument("--handlers", default=",".join(HANDLERS), help="comma list of handler names")
+    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--timeout", type=float, default=600, help="per study, s")
+    ap.add_argument("--quick", action="store_true", help="1 run on a 128x128x40 CT, no warm-up")
+    ap.add_argument("--json", type=Path, help="write raw results here")
+    args = ap.parse_args()
+    if args.quick:
+        args.runs, args.slices, args.size, args.no_warmup = 1, 40, 128, True
+    seeds = range(1, args.runs + 1 + (0 if args.no_warmup else 1))
+    studies = [phantom_ct(args.slices, seed=s, size=args.size) for s in seeds]
+    out = [bench_handler(h, studies, args.stable_after, not args.no_warmup, args.timeout)
+           for h in args.handlers.split(",")]
+    files = files_of(studies[0])
+    report(out, args, len(files), sum(f.stat().st_size for f in files) / 1e6)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
