@@ -5,7 +5,13 @@ the annotator or admin role) and forwarded to Orthanc's DICOMweb plugin with the
 credentials, which no user ever sees. Responses are streamed, so a large series never sits in
 the node's memory; a STOW-RS body is counted while it streams and cut off past the limit.
 
-Three things are normalised on the way:
+The path must name a DICOMweb resource (``RESOURCE``): the gateway holds the archive's admin
+credentials, so ``..``, an encoded ``?`` or Orthanc's own ``/dicom-web/servers`` client API must never
+be reachable through it. The query string is passed on as the client sent it (parsing and
+re-encoding it would turn ``*`` into ``%2A`` and drop repeated keys such as ``includefield``), after
+a check of its characters and one normalisation, see ``upstream_query``.
+
+Three more things are normalised on the way:
 - Orthanc writes absolute BulkDataURIs from the request's ``Forwarded`` header; the gateway
   sets it to the browser's own host, so the URIs point back at this gateway, not at Orthanc.
 - DICOMweb plugins before 1.16 answer 400 to a single-part ``Accept: application/octet-stream``
@@ -34,6 +40,21 @@ SAFE_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,
 SINGLE_RESOURCE = re.compile(r"/(frames/\d+|bulk/[0-9A-Fa-f]{8}(/.*)?)$")
 MULTIPART_OCTETS = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 FIXED_IN = (1, 16)  # DICOMweb plugin version that serves single-part octet-stream itself
+# /studies, /series, /instances and what lies under them: UIDs, keywords, frame lists, bulk-data tags.
+# Every segment starts with a letter or digit, so none is '.' or '..'.
+RESOURCE = re.compile(r"(studies|series|instances)(/[A-Za-z0-9][A-Za-z0-9.,_\-]*)*")
+# What a query may hold: RFC 3986 query characters, percent-escapes, and '^' '|' '\\' that DICOM
+# values use and clients send unescaped. No space, '#', quote or control character: nothing that
+# could end the query, start a fragment or break the request line.
+QUERY_CHAR = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/?^|\\]|%[0-9A-Fa-f]{2}")
+QUERY = re.compile(rb"(?:" + QUERY_CHAR.pattern + rb")*")
+ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+# Escapes sent on as the character itself. DICOMweb plugin 1.7 does not decode query values, so
+# '%2A' would be a literal "%2A" to it, not a wildcard, and OHIF's 'includefield=00081030%2C00080060'
+# would name no attribute. Unreserved characters mean the same either way (RFC 3986), and '*', '?',
+# '^' and ',' mean the same to QIDO escaped or not, so an archive that does decode reads both alike.
+# '&', '=', '+', '%' and space stay escaped: decoding them would change how the query splits.
+AS_LITERAL = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~*?^,")
 
 
 class TooLarge(Exception):
@@ -55,6 +76,26 @@ async def plugin_version(request: Request) -> tuple[int, ...]:
         except (httpx.HTTPError, ValueError):
             return (0,)  # ask again next time; meanwhile assume the old behaviour
     return web.dicomweb_version
+
+
+def upstream_path(path: str) -> str:
+    """The resource path checked, or 404: only DICOMweb resources are forwarded."""
+    if RESOURCE.fullmatch(path) is None:
+        raise HTTPException(404, f"path: {path!r} is not a DICOMweb resource (studies, series or instances)")
+    return path
+
+
+def upstream_query(raw: bytes) -> bytes:
+    """The query string as sent, characters checked (400 naming the first bad one), with the
+    escapes of ``AS_LITERAL`` characters decoded."""
+    if QUERY.fullmatch(raw) is None:
+        pos = 0
+        while (m := QUERY_CHAR.match(raw, pos)) is not None:
+            pos = m.end()
+        bad = raw[pos:pos + 3] if raw[pos:pos + 1] == b"%" else raw[pos:pos + 1]
+        raise HTTPException(400, f"query: {ascii(bad.decode('latin-1'))} at position {pos} is not allowed "
+                                 "(percent-encode it)")
+    return ESCAPE.sub(lambda m: bytes([int(m[1], 16)]) if int(m[1], 16) in AS_LITERAL else m[0], raw)
 
 
 def wants_json(accept: str) -> bool:
@@ -124,6 +165,10 @@ def _boundary(content_type: str) -> bytes | None:
 @router.api_route("/dicom-web/{path:path}", methods=["GET", "POST"])
 async def proxy(path: str, request: Request, p: Principal = Depends(current_principal)):
     node = request.app.state.node
+    url = httpx.URL(f"{node.archive.dicomweb_url}/{upstream_path(path)}")
+    query = upstream_query(request.scope.get("query_string", b""))
+    if query:
+        url = url.copy_with(query=query)
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARD_REQUEST}
     # Raw bytes are passed through, so the archive may compress only what the client can read
     # (httpx would otherwise ask for gzip on every request), and only JSON: Orthanc gzips a
@@ -146,8 +191,7 @@ async def proxy(path: str, request: Request, p: Principal = Depends(current_prin
     if unwrap:
         headers["accept"] = MULTIPART_OCTETS
     client: httpx.AsyncClient = node.http_client
-    upstream = client.build_request(request.method, f"{node.archive.dicomweb_url}/{path}",
-                                    params=request.query_params, headers=headers, content=body)
+    upstream = client.build_request(request.method, url, headers=headers, content=body)
     try:
         resp = await client.send(upstream, stream=True)
     except TooLarge:
