@@ -54,15 +54,18 @@ def orthanc_receiver():
 
 
 @contextmanager
-def hilum_receiver():
+def hilum_receiver(encrypted: bool = False):
     with _scratch("bench-hilum-") as d:
         rules = Path(d) / "rules"
         rules.mkdir()
-        with running_node(Path(d) / "data", rules, stable_after=3600, log_level="WARNING") as node:
+        extra = {"spool_encryption": {"key_file": str(Path(d) / "keys" / "spool.json")}} if encrypted else {}
+        with running_node(Path(d) / "data", rules, stable_after=3600, log_level="WARNING", **extra) as node:
             yield Receiver(node.dicom_port, "HILUM")
 
 
-RECEIVERS = {"storescp": storescp_receiver, "orthanc": orthanc_receiver, "hilum": hilum_receiver}
+# hilum: the spool sealed with a CRC only; hilum-enc: sealed with AES-256-GCM (spool_encryption).
+RECEIVERS = {"storescp": storescp_receiver, "orthanc": orthanc_receiver, "hilum": hilum_receiver,
+             "hilum-enc": lambda: hilum_receiver(encrypted=True)}
 
 
 def main() -> None:
@@ -96,8 +99,9 @@ def main() -> None:
         for name, times in results[case].items():
             med = statistics.median(times)
             print(f"{name:<10} {med:7.2f} {min(times):6.2f}-{max(times):<6.2f} {len(files) / med:8.0f} {mb / med:7.0f}")
-        h, o, s = (statistics.median(results[case][n]) for n in ("hilum", "orthanc", "storescp"))
-        print(f"hilum/orthanc {h / o:.2f}   hilum/storescp {h / s:.2f}")
+        h, o, s, e = (statistics.median(results[case][n]) for n in ("hilum", "orthanc", "storescp", "hilum-enc"))
+        print(f"hilum/orthanc {h / o:.2f}   hilum/storescp {h / s:.2f}   "
+              f"hilum-enc/orthanc {e / o:.2f}   encryption cost {100 * (e / h - 1):+.0f} %")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -62,9 +62,9 @@ def test_encode_all_orders_numbers_and_links(source):
     assert len({d.SeriesInstanceUID for d in out}) == 4
     assert {d.StudyInstanceUID for d in out} == {source.first.StudyInstanceUID}
     seg = out[0]
-    group = out[2].ContentSequence[-1].ContentSequence[0]
-    image_refs = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
-    assert image_refs[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    groups = out[2].ContentSequence[-1].ContentSequence  # planar (key slice) and volumetric (SEG segment) groups
+    image_refs = [i for g in groups for i in g.ContentSequence if i.ValueType == "IMAGE"]
+    assert seg.SOPInstanceUID in {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in image_refs}
     assert sum(series_count(r) for r in results[:3]) == len({d.SeriesInstanceUID for d in out})
 
 

@@ -57,11 +57,11 @@ class DeliveryLoop:
 
     def run_once(self) -> int:
         due = self.index.due_deliveries(time.time())
-        groups: dict[str, list] = defaultdict(list)
-        for row in due:
-            groups[row["destination"]].append(row)
+        groups: dict[tuple[str, str], list] = defaultdict(list)
+        for row in due:  # one batch per destination and kind, results' batches first (the query's order)
+            groups[(row["destination"], row["kind"])].append(row)
         sent = 0
-        for dest_name, rows in groups.items():
+        for (dest_name, _), rows in groups.items():
             if self._stop.is_set():
                 break
             dest = self.destinations.get(dest_name)

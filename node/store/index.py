@@ -472,7 +472,9 @@ class Index:
 
     def due_deliveries(self, now: float, limit: int = 500) -> list[sqlite3.Row]:
         return self.conn().execute(
-            "SELECT * FROM deliveries WHERE status='pending' AND next_at <= ? ORDER BY next_at, id LIMIT ?",
+            # Results first: they are what a radiologist or a TPS is waiting for; originals are a copy.
+            "SELECT * FROM deliveries WHERE status='pending' AND next_at <= ? "
+            "ORDER BY kind = 'original', next_at, id LIMIT ?",
             (now, limit),
         ).fetchall()
 

@@ -10,7 +10,7 @@ def study_summary(row) -> dict:
     return {
         "study_uid": row["study_uid"], "patient_id": row["patient_id"], "patient_name": row["patient_name"],
         "study_date": row["study_date"], "accession": row["accession"], "description": row["description"],
-        "instances_received": row["instances"], "stable": row["state"] == "stable",
+        "instances_received": row["instances"], "stable": row["state"] == "stable", "stable_at": row["stable_at"],
         "first_received": row["first_at"], "last_received": row["last_at"], "generation": row["generation"],
     }
 
@@ -23,7 +23,7 @@ def job_view(index: Index, job) -> dict:
         "id": job["id"], "rule": job["rule"], "handler": job["handler"], "status": job["status"],
         "error": job["error"], "study_uid": job["study_uid"], "series_uid": job["series_uid"],
         "progress": job["progress"], "message": job["message"], "attempts": job["attempts"],
-        "created_at": job["created_at"], "finished_at": job["finished_at"],
+        "created_at": job["created_at"], "started_at": job["started_at"], "finished_at": job["finished_at"],
         "history": json.loads(job["history_json"]),
         "results": [
             {"sop_class_uid": r["sop_class_uid"], "sop_instance_uid": r["sop_uid"],
