@@ -5,6 +5,12 @@ model. It returns one label map (SEG, and RTSTRUCT with TG-263 names for a plann
 a TID 1500 measurement report (template ``sr_templates/ct-anatomy.yaml``). It refuses what it
 cannot answer for, before doing any work: localizers, single images, non-axial, too short or
 irregular volumes, and pixel data that is not in Hounsfield units.
+
+Lung_L/Lung_R are the aerated lung with what it encloses and any dense (consolidated) lung within
+its outline, as TG-263 defines the lung organ at risk: free pleural effusion and bowel gas under
+a hemidiaphragm stay out of them (both are in the External). Limitations: fluid lying flat under
+a lung base on thick slices (subpulmonic effusion) can be taken for consolidated lung, and where
+an effusion meets consolidation of its density the boundary between them is not found.
 """
 from __future__ import annotations
 

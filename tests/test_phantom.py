@@ -186,7 +186,8 @@ def test_mean_hu_in_every_label_is_its_intended_hu(sharp):
     labels = truth(sharp, vol)
     hu = intended_hu(sharp)
     present = set(np.unique(labels).tolist())
-    assert present >= set(hu) - {sharp.label("marker")}, "every anatomical label appears"
+    optional = {sharp.label(name) for name in ("marker", "effusion", "bowel_gas")}  # drawn only when asked for
+    assert present >= set(hu) - optional, "every anatomical label appears"
     for value, want in hu.items():
         if value not in present:
             continue
@@ -442,6 +443,44 @@ def test_consolidation_is_dense_but_still_lung(tmp_path):
     for nod in study.nodules:  # never buried in the consolidation: each still shows as a nodule
         core = ball(vol, nod["center_mm"], nod["radius_mm"] / 2)
         assert np.all(labels[core] == nod["label"])
+
+
+def test_effusion_is_fluid_layering_posteriorly_with_a_label_of_its_own(tmp_path):
+    grid = {**SMALL, "pixel_spacing": 3.0, "nodules": 0}
+    study = generate_ct(tmp_path / "eff", seed=6, effusion="left", **grid)
+    plain = generate_ct(tmp_path / "plain", seed=6, **grid)
+    vol = volume(study)
+    labels, before = truth(study, vol), truth(plain, volume(plain))
+    fluid = labels == study.label("effusion")
+    (finding,) = study.manifest["findings"]
+    assert finding["type"] == "effusion" and finding["label"] == study.label("effusion")
+    xyz = vol.geometry.index_to_patient(np.argwhere(fluid))
+    assert (xyz[:, 0] > 0).all() and np.median(xyz[:, 1]) > 40  # left pleural space, at the back
+    assert abs(np.median(vol.array[ndimage.binary_erosion(fluid)]) - finding["hu"]) < 10
+    # It takes the place of the lung behind it (compressed): where it is, the lung was.
+    lung_l = study.label("lung_left")
+    assert (before[fluid] == lung_l).mean() > 0.95
+    assert (labels == lung_l).sum() < (before == lung_l).sum() - 0.9 * fluid.sum()
+    assert (labels == study.label("lung_right")).sum() == (before == plain.label("lung_right")).sum()
+    # Thicker toward the base: more fluid in the lower half of the slices it occupies.
+    z = xyz[:, 2]
+    assert (z < np.median([z.min(), z.max()])).mean() > 0.5
+
+
+def test_bowel_gas_lies_just_under_the_left_lung_base(tmp_path):
+    study = generate_ct(tmp_path / "gas", seed=6, bowel_gas=True, z_center_mm=-60.0,
+                       **{**SMALL, "pixel_spacing": 3.0, "slice_thickness": 2.0, "slices": 60})
+    vol = volume(study)
+    labels = truth(study, vol)
+    gas = labels == study.label("bowel_gas")
+    lung = labels == study.label("lung_left")
+    assert gas.sum() * np.prod(vol.geometry.spacing) > 20_000  # over 20 ml
+    assert np.median(vol.array[ndimage.binary_erosion(gas)]) < -950
+    # Within a voxel of the lung base (the diaphragm between them is thinner than one), never in it.
+    gap = ndimage.distance_transform_edt(~lung, sampling=vol.geometry.spacing[::-1])[gas]
+    assert gap.min() <= max(vol.geometry.spacing) and not (gas & lung).any()
+    xyz = vol.geometry.index_to_patient(np.argwhere(gas))
+    assert (xyz[:, 0] > 0).all() and xyz[:, 2].max() < -70.0  # left, under the dome
 
 
 def test_small_field_of_view_crops_the_body_at_the_border(tmp_path):

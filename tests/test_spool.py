@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from node.config import ConfigError, load_settings
 from node.config_security import SpoolEncryption
 from node.phantom import generate_ct
 from node.store.envelope import HEADER_SIZE, IntegrityError, Keyring, Sealer, new_salt
-from node.store.keys import KeyringError, load_keyring, write_keyring
+from node.store.keys import KeyringError, load_keyring
 from node.store.rewrap import keys_in_use, rewrap_all
 from node.store.segments import SegmentReader, SegmentWriter
 from node.store.vault import Vault

@@ -65,7 +65,7 @@ def segment_anatomy(volume: Volume, working_mm: float = 2.0, airway: bool = True
         marrow=MARROW_HU,
     )
     labels, hist = outline(array, coarse, ext, (lungs.left, lungs.right), way.mask if way else None, skeleton,
-                           (LUNG_L, LUNG_R, AIRWAY, BONE), t)
+                           (LUNG_L, LUNG_R, AIRWAY, BONE), t, lungs.walled_gas)
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
 
     def stats(of: tuple[int, ...]) -> StructureStats:

@@ -17,6 +17,19 @@ lung base. The heart's or the liver's top, ringed by aerated lung, never reaches
 The lung base is a smooth dome: a quadratic surface z = f(x, y) fitted, as a low quantile, to
 where aerated lung rests on tissue; consolidation hides only the base beneath it, so the points
 it lifts lie above the surface and the quantile fit passes under them.
+
+Pleural effusion is left out of the lung, as the TG-263 lung organ at risk requires: free fluid
+layers along the posterior chest wall and the lung surface meets it at a shallow angle, so from
+one slice to the next the footprint carries only onto a sliver of it, never a region. This holds
+while the fluid thickens by less than about ``2 * SLIVER_MM`` per slice; fluid under a lung base
+that lies flatter than that (subpulmonic effusion on thick slices) would be taken as dense lung.
+An effusion and a consolidation of the same density cannot be told apart where they meet.
+
+Bowel gas against a lung base (the splenic flexure under a diaphragm thinner than a voxel) joins
+the lung in the low-density mask. Pure-air pockets are judged by what surrounds them, two voxels
+out: lung around a bulla or a bronchus, tissue around gas in the bowel, which touches the lung
+along one side only. Walled pockets and their rim are taken out, and their air is never lung on
+the source grid either. A pneumothorax walled mostly by the chest wall is left out the same way.
 """
 from __future__ import annotations
 
@@ -42,6 +55,8 @@ SLIVER_MM = 3.0  # carried regions thinner than about twice this are edge effect
 BASE_QUANTILE = 0.15  # of the lung-base points the dome runs under (lifted points lie above it)
 MIN_BASE_POINTS = 30  # columns where a lung rests on tissue: fewer and no dome is fitted
 MAX_BASE_POINTS = 800  # per side: a strided subset is fitted beyond this (the programme grows fast)
+GAS_POCKET_ML = 2.0  # pure-air regions this big inside the low-density mask are judged by their surroundings
+GAS_LUNG_FRACTION = 0.5  # ... and are gas outside the lung when less of their surroundings is lung
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,7 @@ class Lungs:
     left: np.ndarray  # coarse masks
     right: np.ndarray
     parenchyma_hu: float  # median HU of aerated lung (block means)
+    walled_gas: np.ndarray  # coarse voxels of gas pockets judged outside the lung, with their rim
 
 
 def parenchyma_hu(coarse: Coarse, external: np.ndarray) -> float:
@@ -67,6 +83,33 @@ def _lung_components(coarse: Coarse, low: np.ndarray) -> np.ndarray:
     for lab in big:
         keep[lab] = np.median(coarse.hu[labels == lab]) > GAS_MEDIAN_HU
     return keep[labels]
+
+
+def _walled_gas(coarse: Coarse, low: np.ndarray) -> np.ndarray:
+    """The pure-air pockets of ``low`` that tissue, not lung, surrounds, with their rim.
+
+    Bowel gas under a hemidiaphragm thinner than a voxel joins the lung base in the low-density
+    mask. It is pure air, as is a bulla or a bronchus, but the lung surrounds those; a gas pocket
+    is walled by tissue (bowel wall, abdominal organs) and touches the lung only along one side.
+    The surroundings are read two voxels out, beyond the partial volume of the pocket's own edge.
+    """
+    gas = low & (coarse.hu < GAS_MEDIAN_HU)
+    labels, n = ndimage.label(gas)
+    walled = np.zeros_like(low)
+    if n == 0:
+        return walled
+    sizes = component_sizes(labels, n)
+    parenchyma = low & ~gas
+    for lab, box in enumerate(ndimage.find_objects(labels), start=1):
+        if sizes[lab - 1] * coarse.voxel_ml < GAS_POCKET_ML:
+            continue
+        box = tuple(slice(max(s.start - 3, 0), s.stop + 3) for s in box)
+        pocket = labels[box] == lab
+        near = grow(pocket)
+        ring = grow(near) & ~near
+        if parenchyma[box][ring].mean() < GAS_LUNG_FRACTION:
+            walled[box] |= near
+    return walled
 
 
 def _split_touching(coarse: Coarse, piece: np.ndarray) -> list[np.ndarray]:
@@ -234,7 +277,8 @@ def segment_lungs(coarse: Coarse, external: np.ndarray, airway: np.ndarray | Non
     if airway is not None:
         # The airway wall's partial-volume rim would bridge the two lungs through the mediastinum.
         low &= ~grow(airway)
-    lungs = _lung_components(coarse, low)
+    walled_gas = _walled_gas(coarse, low)
+    lungs = _lung_components(coarse, low & ~walled_gas)
     hu = float(np.median(coarse.hu[lungs])) if lungs.any() else -850.0
     labels, n = ndimage.label(lungs)
     pieces = [labels == i for i in range(1, n + 1)]
@@ -268,4 +312,4 @@ def segment_lungs(coarse: Coarse, external: np.ndarray, airway: np.ndarray | Non
     if base is not None:  # without a lung base in view nothing bounds dense lung from below
         left = _recover_dense(coarse, left, external, chest_wall, base, 1)
         right = _recover_dense(coarse, right & ~left, external, chest_wall, base, -1)
-    return Lungs(_fill(coarse, left), _fill(coarse, right & ~left), hu)
+    return Lungs(_fill(coarse, left), _fill(coarse, right & ~left), hu, walled_gas)

@@ -66,12 +66,12 @@ class Histograms:
 
 # Bits of the coarse code array.
 _EXT_CORE, _EXT_BAND, _L_CORE, _L_BAND, _R_CORE, _R_BAND, _AW_CORE, _AW_BAND, _NEAR_LUNG, _BONE_NEAR, \
-    _MARROW = (1 << b for b in range(11))
+    _MARROW, _GAS = (1 << b for b in range(12))
 BODY = 1  # label of body voxels that belong to no organ
 
 
 def _code(coarse: Coarse, external: np.ndarray, lungs: tuple[np.ndarray, np.ndarray], airway: np.ndarray | None,
-          skeleton: Skeleton | None, dense_lung_hu: float) -> np.ndarray:
+          skeleton: Skeleton | None, dense_lung_hu: float, walled_gas: np.ndarray | None) -> np.ndarray:
     code = np.zeros(coarse.hu.shape, np.uint16)
 
     def put(mask: np.ndarray, bit: int) -> None:
@@ -90,6 +90,8 @@ def _code(coarse: Coarse, external: np.ndarray, lungs: tuple[np.ndarray, np.ndar
         for mask, bit in zip(core_and_band(airway), (_AW_CORE, _AW_BAND)):
             put(mask, bit)
     put(grow(lungs[0] | lungs[1]), _NEAR_LUNG)
+    if walled_gas is not None:
+        put(walled_gas, _GAS)
     if skeleton is not None:
         put(skeleton.near, _BONE_NEAR)
         put(skeleton.marrow, _MARROW)
@@ -98,11 +100,12 @@ def _code(coarse: Coarse, external: np.ndarray, lungs: tuple[np.ndarray, np.ndar
 
 def outline(array: np.ndarray, coarse: Coarse, external: np.ndarray, lungs: tuple[np.ndarray, np.ndarray],
             airway: np.ndarray | None, skeleton: Skeleton | None, labels: tuple[int, int, int, int],
-            t: Thresholds) -> tuple[np.ndarray, Histograms]:
+            t: Thresholds, walled_gas: np.ndarray | None = None) -> tuple[np.ndarray, Histograms]:
     """(label volume, histograms) on the source grid: ``labels`` = (left lung, right lung, airway,
-    bone) values, ``BODY`` where the body holds none of them, 0 outside the body."""
+    bone) values, ``BODY`` where the body holds none of them, 0 outside the body. ``walled_gas``:
+    coarse voxels of gas outside the lung (bowel gas at a lung base), whose air is never lung."""
     lung_l, lung_r, airway_label, bone_label = labels
-    code = _code(coarse, external, lungs, airway, skeleton, t.lung)
+    code = _code(coarse, external, lungs, airway, skeleton, t.lung, walled_gas)
     slab = Slab(coarse)
     fz = coarse.factors[0]
     out = np.zeros(array.shape, np.uint8)
@@ -118,6 +121,8 @@ def outline(array: np.ndarray, coarse: Coarse, external: np.ndarray, lungs: tupl
         inside = (has(_EXT_CORE) | (has(_EXT_BAND) & (hu > t.body))) & (hu > PADDING_HU)
         org = out[k0:k1, rows, cols]  # a view: written in place
         aerated = hu < t.lung
+        if walled_gas is not None:
+            aerated &= ~(has(_GAS) & (hu < t.airway_in_lung))  # gas beside the lung base: lumen-dark air
         np.copyto(org, np.uint8(lung_r), where=has(_R_CORE) | (has(_R_BAND) & aerated))
         np.copyto(org, np.uint8(lung_l), where=has(_L_CORE) | (has(_L_BAND) & aerated))
         if airway is not None:

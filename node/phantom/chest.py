@@ -18,7 +18,7 @@ from node.phantom.canvas import Canvas, Region
 
 # Truth label values (the label volume's voxel values).
 BACKGROUND, TABLE, SOFT_TISSUE, FAT, LUNG_LEFT, LUNG_RIGHT, AIRWAY, HEART_WALL, HEART_BLOOD, AORTA, LIVER, \
-    CORTICAL_BONE, CANCELLOUS_BONE, NODULE_SOLID, NODULE_GGO, MARKER, VEIN = range(17)
+    CORTICAL_BONE, CANCELLOUS_BONE, NODULE_SOLID, NODULE_GGO, MARKER, VEIN, EFFUSION, BOWEL_GAS = range(19)
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ CT_LABELS: tuple[LabelDef, ...] = (
     LabelDef(MARKER, "marker", None, None, False, None, "test markers: bright spheres at requested positions"),
     LabelDef(VEIN, "vein", None, None, True, None, "subclavian, brachiocephalic vein and superior vena cava, "
              "drawn only with an arm injection: undiluted contrast, HU in the manifest's findings"),
+    LabelDef(EFFUSION, "effusion", 12, 12, True, None, "free pleural effusion: fluid layering along the posterior "
+             "chest wall of one pleural space, where that lung would otherwise be (not lung)"),
+    LabelDef(BOWEL_GAS, "bowel_gas", -1000, -1000, True, None, "gas in the splenic flexure of the colon, "
+             "under the left hemidiaphragm and within 2 mm of the left lung base (not lung)"),
 )
 
 CT_GROUPS: dict[str, list[int]] = {
@@ -166,6 +170,31 @@ def dome(side: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return DOME_TOP[side] - _DOME_DEPTH * r2
 
 
+def effusion_depth(side: str, z: float) -> float:
+    """Thickness (mm) of a free pleural effusion at the posterior chest wall at height ``z``: supine,
+    the fluid fills the posterior costophrenic recess and thins out up the back of the chest."""
+    top = DOME_TOP[side]
+    return float(np.interp(z, [top - 80.0, top - 20.0, top + 70.0], [70.0, 32.0, 0.0]))
+
+
+def effusion_region(side: str) -> dict:
+    return {"side": side, "depth_mm_at_z": [[DOME_TOP[side] + dz, effusion_depth(side, DOME_TOP[side] + dz)]
+                                            for dz in (-80.0, -20.0, 70.0)],
+            "note": "pleural space voxels posterior to the cage outline moved forward by the depth"}
+
+
+# Splenic flexure of the colon under the left hemidiaphragm: (x, y) of its centre line, lumen radius,
+# and how far (mm, along z) its gas stays under the lung base: a diaphragm thinner than a voxel.
+_FLEXURE_XY = ((52.0, -38.0), (80.0, -12.0), (104.0, 14.0))
+FLEXURE_RADIUS, FLEXURE_GAP_MM = 14.0, 1.5
+
+
+def flexure_capsules() -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """The gas lumen as capsules along the dome, pressed up against it (clipped by ``FLEXURE_GAP_MM``)."""
+    pts = [(x, y, float(dome("left", np.float64(x), np.float64(y))) - 0.5 * FLEXURE_RADIUS) for x, y in _FLEXURE_XY]
+    return _polyline(pts, FLEXURE_RADIUS)
+
+
 def consolidation_region(side: str) -> dict:
     """The dependent lower part of one lung that the consolidation option makes dense."""
     return {"side": side, "z_below_mm": DOME_TOP[side] + 50.0, "y_above_mm": 10.0}
@@ -269,6 +298,8 @@ class ChestAnatomy:
     consolidation_code: int = 0
     injection: str | None = None  # "left" | "right": the arm contrast was injected into
     injection_codes: tuple[int, int] = (0, 0)  # (arm veins, SVC)
+    effusion: str | None = None  # "left" | "right": free pleural fluid in that pleural space
+    bowel_gas: bool = False  # gas in the splenic flexure touching the left lung base
     spheres: list[Sphere] = field(default_factory=list)  # nodules and markers, painted last
 
 
@@ -278,6 +309,14 @@ _OVER_AIR = np.zeros(256, bool)
 _OVER_AIR[BACKGROUND] = True
 _OVER_SOFT = np.zeros(256, bool)  # veins run through soft tissue and fat, never through lung or bone
 _OVER_SOFT[[SOFT_TISSUE, FAT]] = True
+
+
+def _expand(inner: Region, outer: Region) -> np.ndarray:
+    """``inner``'s mask on ``outer``'s box (``inner``'s box lies within ``outer``'s)."""
+    out = np.zeros_like(outer.mask)
+    out[inner.rows.start - outer.rows.start:inner.rows.stop - outer.rows.start,
+        inner.cols.start - outer.cols.start:inner.cols.stop - outer.cols.start] = inner.mask
+    return out
 
 
 class ChestPainter:
@@ -297,6 +336,8 @@ class ChestPainter:
         self._arms()
         self._liver(z)
         self._lungs(z)
+        if self.anat.bowel_gas:
+            self._flexure(z)
         self._heart()
         for a, b, r in _AORTA:
             self.cv.paint(AORTA, self.cv.capsule(a, b, r))
@@ -362,6 +403,23 @@ class ChestPainter:
                 if z < box["z_below_mm"]:
                     cons = m & (ys > box["y_above_mm"])[:, None]
                     self.cv.paint(self.anat.consolidation_code, Region(reg.rows, reg.cols, cons))
+            if self.anat.effusion == side:
+                # The lung floats on the fluid: what lies behind the cage outline moved forward by the
+                # depth is fluid, a crescent thickest at the back and thinning out to the sides.
+                t = effusion_depth(side, z)
+                if t > 0:
+                    kept = self.cv.ellipse(0.0, yc - t / 2, a, b - t / 2, p)
+                    fluid = m & (ys > yc)[:, None]
+                    if kept is not None:
+                        fluid &= ~_expand(kept, reg)
+                    self.cv.paint(EFFUSION, Region(reg.rows, reg.cols, fluid))
+
+    def _flexure(self, z: float) -> None:
+        for a, b, r in flexure_capsules():
+            reg = self.cv.capsule(a, b, r)
+            if reg is not None:
+                reg.mask &= self.dome["left"][reg.rows, reg.cols] - FLEXURE_GAP_MM > z
+                self.cv.paint(BOWEL_GAS, reg, over=_OVER_SOFT)
 
     def _heart(self) -> None:
         self.cv.paint(HEART_WALL, self.cv.ellipsoid(HEART_CENTER, _HEART_SEMI))

@@ -18,7 +18,9 @@ import numpy as np
 
 from node.phantom.chest import (
     CONSOLIDATION_HU,
+    BOWEL_GAS,
     CT_LABELS,
+    EFFUSION,
     INJECTION_HU,
     LUNG_LEFT,
     LUNG_RIGHT,
@@ -31,6 +33,7 @@ from node.phantom.chest import (
     CodeBook,
     Sphere,
     consolidation_region,
+    effusion_region,
     ct_label_table,
 )
 from node.phantom.dicom_io import TRANSFER_SYNTAXES, InstanceWriter, SeriesInfo, StudyInfo, set_pixel_format, \
@@ -74,6 +77,8 @@ class CTOptions:
     contrast: bool = False  # iodinated contrast: blood pools ~300 HU
     arms: str = "up"  # "up": beside the head (above the shoulders only); "down": beside the chest
     consolidation: str | None = None  # "left" | "right": dense (~35 HU) dependent lower lung
+    effusion: str | None = None  # "left" | "right": free pleural fluid (~12 HU) layering at the back
+    bowel_gas: bool = False  # gas in the colon's splenic flexure, within 2 mm of the left lung base
     patient_position: str = "HFS"  # "FFS": feet first, columns toward patient right, head at k = 0
     fov_mm: float | None = None  # reconstruction diameter; smaller than the body crops it at the border
     fov_center_mm: tuple[float, float] = (0.0, 0.0)
@@ -107,6 +112,8 @@ class CTOptions:
         choice("contrast", self.contrast, (True, False))
         choice("arms", self.arms, ("up", "down"))
         choice("consolidation", self.consolidation, (None, "left", "right"))
+        choice("effusion", self.effusion, (None, "left", "right"))
+        choice("bowel_gas", self.bowel_gas, (True, False))
         choice("patient_position", self.patient_position, ("HFS", "FFS"))
         if self.fov_mm is not None:
             set_("fov_mm", float_in("fov_mm", self.fov_mm, 0.0, 1000.0, lo_open=True))
@@ -231,7 +238,8 @@ def _bare_anatomy(opts: CTOptions, codebook: CodeBook) -> ChestAnatomy:
     veins = (codebook.add(VEIN, INJECTION_HU["arm_veins"]), codebook.add(VEIN, INJECTION_HU["svc"])) \
         if opts.injection else (0, 0)
     return ChestAnatomy(arms=opts.arms, consolidation=opts.consolidation, consolidation_code=code,
-                        injection=opts.injection, injection_codes=veins)
+                        injection=opts.injection, injection_codes=veins, effusion=opts.effusion,
+                        bowel_gas=opts.bowel_gas)
 
 
 def outside_circle(rows: int, cols: int) -> np.ndarray:
@@ -415,6 +423,15 @@ def _write_truth(out: Path, plan: _Plan, series: dict, table_y: float) -> Phanto
                          "label_stays": f"lung_{opts.consolidation}",
                          "region_anatomical": consolidation_region(opts.consolidation),
                          "note": "lung voxels with anatomical z < z_below_mm and y > y_above_mm"})
+    if opts.effusion:
+        findings.append({"type": "effusion", "hu": CT_LABELS[EFFUSION].hu, "label": EFFUSION,
+                         "region_anatomical": effusion_region(opts.effusion),
+                         "note": f"free pleural fluid in the {opts.effusion} pleural space, layering posteriorly; "
+                                 f"its own label, not lung_{opts.effusion}"})
+    if opts.bowel_gas:
+        findings.append({"type": "bowel_gas", "label": BOWEL_GAS, "hu": CT_LABELS[BOWEL_GAS].hu,
+                         "note": "gas in the splenic flexure of the colon pressed against the left hemidiaphragm, "
+                                 "within 2 mm of the left lung base; not lung"})
     manifest = {
         "generator": "hilum phantom",
         "modality": "CT",
@@ -448,7 +465,7 @@ def generate_ct(out_dir: str | Path, *, seed: int = 0, rows: int = 512, cols: in
     """Write a chest CT phantom study with its ground truth to the new folder ``out_dir``.
 
     ``options`` are the other fields of ``CTOptions`` (nodules, nodule_specs, nodule_diameter_mm,
-    contrast, arms, consolidation, patient_position, fov_mm, markers, localizer, noise_hu, blur,
+    contrast, arms, consolidation, effusion, bowel_gas, patient_position, fov_mm, markers, localizer, noise_hu, blur,
     transfer_syntax, ...). The same seed and options give the same files, byte for byte.
     """
     seed = int_in("seed", seed, 0, 2**31 - 1)
@@ -456,7 +473,7 @@ def generate_ct(out_dir: str | Path, *, seed: int = 0, rows: int = 512, cols: in
                                     "slice_thickness": slice_thickness, **options})
     out = prepare_out_dir(out_dir)
     geom, pose = _geometry(opts), Pose()
-    room = lung_room(opts.arms, opts.consolidation, _anatomy_z_range(geom, pose))
+    room = lung_room(opts.arms, opts.consolidation, _anatomy_z_range(geom, pose), opts.effusion)
     if opts.nodule_specs:
         specified = [Nodule(f"N{i + 1}", tuple(pose.to_anatomy(s["center_mm"])), s["diameter_mm"], s["type"])
                      for i, s in enumerate(opts.nodule_specs)]
@@ -516,7 +533,7 @@ def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, 
     move = Pose.from_degrees(rotation_deg, shift_mm)
     pose = base_pose.then(move)
     geom = _geometry(opts)
-    room = lung_room(opts.arms, opts.consolidation, _anatomy_z_range(geom, pose))
+    room = lung_room(opts.arms, opts.consolidation, _anatomy_z_range(geom, pose), opts.effusion)
     before = [Nodule(n["id"], tuple(n["center"]), n["diameter_mm"], n["type"]) for n in m["anatomy_nodules"]]
     changes = evolve(rng, before, room, new_nodules, opts.nodule_diameter_mm, opts.ground_glass_fraction,
                      growth, shrinkage)

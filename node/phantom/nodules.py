@@ -46,13 +46,14 @@ class Nodule:
 class LungRoom:
     """Distance (mm) from each point of a coarse anatomical grid to the nearest non-lung point."""
 
-    def __init__(self, arms: str, consolidation: str | None, z_range: tuple[float, float]) -> None:
+    def __init__(self, arms: str, consolidation: str | None, z_range: tuple[float, float],
+                 effusion: str | None = None) -> None:
         z0, z1 = max(z_range[0], -150.0), min(z_range[1], 135.0)
         self.xs = np.arange(-150.0, 150.0 + 1e-6, _STEP)
         self.ys = np.arange(-110.0, 110.0 + 1e-6, _STEP)
         self.zs = np.arange(z0, z1 + 1e-6, _STEP) if z1 > z0 else np.array([z0])
-        # Consolidated lung gets a code of its own, so it counts as no room.
-        bare = ChestAnatomy(arms=arms, consolidation=consolidation, consolidation_code=255)
+        # Consolidated lung gets a code of its own, so it counts as no room; so does effusion.
+        bare = ChestAnatomy(arms=arms, consolidation=consolidation, consolidation_code=255, effusion=effusion)
         painter = ChestPainter(bare, Canvas(self.xs, self.ys))
         codes = np.zeros((len(self.zs), len(self.ys), len(self.xs)), np.uint8)
         for k, z in enumerate(self.zs):
@@ -78,13 +79,14 @@ class LungRoom:
 
 
 @lru_cache(maxsize=8)
-def _cached_room(arms: str, consolidation: str | None, z0: float, z1: float) -> LungRoom:
-    return LungRoom(arms, consolidation, (z0, z1))
+def _cached_room(arms: str, consolidation: str | None, z0: float, z1: float, effusion: str | None) -> LungRoom:
+    return LungRoom(arms, consolidation, (z0, z1), effusion)
 
 
-def lung_room(arms: str, consolidation: str | None, z_range: tuple[float, float]) -> LungRoom:
+def lung_room(arms: str, consolidation: str | None, z_range: tuple[float, float],
+              effusion: str | None = None) -> LungRoom:
     """The room map for this anatomy and scanned range (cached: studies of one run share it)."""
-    return _cached_room(arms, consolidation, round(z_range[0], 1), round(z_range[1], 1))
+    return _cached_room(arms, consolidation, round(z_range[0], 1), round(z_range[1], 1), effusion)
 
 
 def _clear_of(point: np.ndarray, radius: float, others: list[Nodule]) -> bool:
