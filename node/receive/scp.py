@@ -1,28 +1,35 @@
-"""The DICOM SCP: C-ECHO and C-STORE for every storage SOP class (pynetdicom).
+"""The DICOM SCP: C-ECHO and C-STORE for every storage SOP class.
 
-Association policy (calling-AE allow-list with optional source host, free-disk watermark) is
-enforced during negotiation, so a refused peer gets a proper A-ASSOCIATE-RJ with a reason,
-not a dropped connection. pynetdicom has no hook for custom rejection; the documented
-EVT_CONN_OPEN event fires before negotiation, and there we give the association a policy-aware
-ACSE. That is the one place Hilum reaches into pynetdicom.
+Its own acceptor (node/receive/ul.py for the bytes), not pynetdicom's: pynetdicom's per-PDU
+event machinery, polling reactors and pydicom-built command sets cost several milliseconds per
+instance, more than the durable write itself. Here one thread per association reads PDUs,
+reassembles the data set into one buffer, hands it with a Part 10 header to ``Ingest.store``
+and answers with a command set built from bytes. pynetdicom stays the SCU (destinations) and
+the independent peer in the tests, with DCMTK.
+
+Association policy (called AE, calling-AE allow-list with optional source host, AE bound to a
+TLS client certificate, free-disk watermark, association limit) is decided on the A-ASSOCIATE-RQ,
+so a refused peer gets a proper A-ASSOCIATE-RJ with a reason, not a dropped connection.
 """
 from __future__ import annotations
 
 import logging
 import shutil
 import socket
+import ssl
+import struct
 import threading
 import uuid
 
-from pynetdicom import AE, evt
-from pynetdicom.acse import ACSE
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
 
+from node import __version__
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
+from node.receive import ul
 from node.receive.ingest import Ingest, Origin
 from node.tls import binding_violation, peer_identity, server_context
+from node.uids import derived_uid
 
 log = logging.getLogger("hilum.scp")
 
@@ -49,6 +56,16 @@ TRANSFER_SYNTAXES = [
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)  # transient, service-provider (presentation), temporary congestion
+REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
+
+VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+IMPLEMENTATION_UID = derived_uid("hilum", "implementation-class")
+IMPLEMENTATION_VERSION = f"HILUM_{__version__}"[:16]
+MAX_ASSOCIATIONS = 32
+NETWORK_TIMEOUT_S = 60.0  # silence from the peer in the middle of an association
+ACSE_TIMEOUT_S = 30.0  # from connect to the A-ASSOCIATE-RQ
+MAX_PDU_BYTES = 256 << 20  # we advertise no limit; a PDU beyond this is an attack, not an image
 
 
 class AssociationPolicy:
@@ -75,104 +92,224 @@ class AssociationPolicy:
         return None
 
 
-class _PolicyACSE(ACSE):
-    def __init__(self, assoc, policy: AssociationPolicy) -> None:
-        super().__init__(assoc)
-        self._policy = policy
-
-    def _negotiate_as_acceptor(self) -> None:
-        rq = self.requestor.primitive
-        calling = rq.calling_ae_title
-        called = rq.called_ae_title
-        ip = self.assoc.requestor.address
-        tls, cn = peer_identity(self.assoc)
-        verdict = self._policy.check(calling, called, ip, tls, cn)
-        self._policy.audit.association(calling_ae=calling, called_ae=called, source_ip=ip, accepted=verdict is None,
-                                       reason=verdict[1] if verdict else None, tls=tls, tls_identity=cn)
-        if verdict is None:
-            super()._negotiate_as_acceptor()
-            return
-        (result, source, reason), why = verdict
-        log.warning("association rejected: %s", why, extra={"calling_ae": calling, "source_ip": ip})
-        self.requestor.ae_title = calling
-        self.send_reject(result, source, reason)
-        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-        self.assoc.kill()
+class _Aborted(Exception):
+    """The association ends now (peer abort, protocol error, timeout, node stopping)."""
 
 
 class StoreSCP:
     def __init__(self, settings: Settings, ingest: Ingest, audit: AuditTrail = NULL_AUDIT) -> None:
         self.settings = settings
         self.ingest = ingest
+        self.audit = audit
         self.policy = AssociationPolicy(settings, audit)
-        self._server = None
-        self._tls_server = None
+        self.transfer_syntaxes = frozenset(TRANSFER_SYNTAXES)
+        self._listeners: list[socket.socket] = []
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_ASSOCIATIONS)
 
-        ae = AE(ae_title=settings.ae_title)
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs
-        ae.maximum_associations = 32
-        ae.network_timeout = 60
-        ae.dimse_timeout = 60
-        ae.acse_timeout = 30
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
-        self.ae = ae
-
+    # -- listening -------------------------------------------------------------------------
     def start(self) -> None:
         if not self.settings.allowed_callers:
             log.warning("SECURITY: no calling-AE allow-list configured: ANY peer may store to %s",
                         self.settings.ae_title)
-        handlers = [
-            (evt.EVT_CONN_OPEN, self._on_open),
-            (evt.EVT_C_ECHO, lambda event: 0x0000),
-            (evt.EVT_C_STORE, self._on_store),
-        ]
         if self.settings.dicom_plain_enabled:
-            self._server = self.ae.start_server(
-                (self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers
-            )
+            self._listen(self.settings.dicom_port, None)
             log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, self.settings.dicom_host,
                      self.settings.dicom_port)
         if (tls := self.settings.dicom_tls) is not None:
-            self._tls_server = self.ae.start_server((self.settings.dicom_host, tls.port), block=False,
-                                                    evt_handlers=handlers, ssl_context=server_context(tls))
+            self._listen(tls.port, server_context(tls))
             log.info("DICOM TLS SCP %s listening on %s:%d (client certificate %s)", self.settings.ae_title,
                      self.settings.dicom_host, tls.port, "required" if tls.require_client_cert else "optional")
 
-    def stop(self) -> None:
-        """Stop accepting; let in-flight associations finish their current C-STORE."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-        if self._tls_server is not None:
-            self._tls_server.shutdown()
-            self._tls_server = None
+    def _listen(self, port: int, ctx: ssl.SSLContext | None) -> None:
+        srv = socket.create_server((self.settings.dicom_host, port), reuse_port=False, backlog=64)
+        self._listeners.append(srv)
+        threading.Thread(target=self._accept_loop, args=(srv, ctx), name=f"dicom-accept-{port}", daemon=True).start()
 
-    def _on_open(self, event) -> None:
-        assoc = event.assoc
+    def _accept_loop(self, srv: socket.socket, ctx: ssl.SSLContext | None) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, addr = srv.accept()
+            except OSError:
+                return  # closed by stop()
+            t = threading.Thread(target=self._serve, args=(sock, addr[0], ctx), name="dicom-assoc", daemon=True)
+            with self._lock:
+                self._threads.add(t)
+            t.start()
+
+    def stop(self, wait_s: float = 30.0) -> None:
+        """Stop accepting; an association finishes the C-STORE it is in, then is aborted."""
+        self._stopping.set()
+        for srv in self._listeners:
+            srv.close()
+        self._listeners.clear()
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(wait_s)
+
+    # -- one association -------------------------------------------------------------------
+    def _serve(self, sock: socket.socket, ip: str, ctx: ssl.SSLContext | None) -> None:
+        assoc_id = uuid.uuid4().hex[:12]
+        has_slot = self._slots.acquire(blocking=False)
         try:
-            assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (AttributeError, OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(ACSE_TIMEOUT_S)
+            if ctx is not None:
+                sock = ctx.wrap_socket(sock, server_side=True)
+                sock.do_handshake()
+            _Association(self, sock, ip, assoc_id, has_slot).run()
+        except (OSError, ssl.SSLError, _Aborted, ul.ProtocolError) as exc:
+            log.info("association ended: %s", exc or type(exc).__name__, extra={"assoc": assoc_id, "source_ip": ip})
+        except Exception:  # noqa: BLE001 - nothing a peer sends may take the receiver down
+            log.exception("association failed", extra={"assoc": assoc_id, "source_ip": ip})
+        finally:
+            if has_slot:
+                self._slots.release()
+            try:
+                sock.close()
+            except OSError:
+                pass
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+
+class _Association:
+    def __init__(self, scp: StoreSCP, sock: socket.socket, ip: str, assoc_id: str, has_slot: bool) -> None:
+        self.scp = scp
+        self.sock = sock
+        self.ip = ip
+        self.assoc_id = assoc_id
+        self.has_slot = has_slot
+        self.reader = sock.makefile("rb", buffering=256 << 10)
+        self.peer_max_pdu = 0
+        self.contexts: dict[int, tuple[str, str]] = {}  # accepted id → (abstract syntax, transfer syntax)
+        self.origin: Origin | None = None
+
+    def _read_pdu(self) -> tuple[int, bytes]:
+        head = self.reader.read(6)
+        if len(head) < 6:
+            raise _Aborted("connection closed by the peer")
+        kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
+        if length > MAX_PDU_BYTES:
+            raise ul.ProtocolError(f"PDU of {length} bytes")
+        body = self.reader.read(length)
+        if len(body) < length:
+            raise _Aborted("connection closed in the middle of a PDU")
+        return kind, body
+
+    def _abort(self, why: str) -> None:
+        try:
+            self.sock.sendall(ul.abort())
+        except OSError:
             pass
-        assoc.hilum_id = uuid.uuid4().hex[:12]
-        assoc.acse = _PolicyACSE(assoc, self.policy)
+        raise _Aborted(why)
 
-    def _on_store(self, event) -> int:
-        assoc = event.assoc
-        origin = Origin(
-            calling_ae=assoc.requestor.ae_title.strip(),
-            called_ae=assoc.acceptor.ae_title.strip(),
-            source_ip=assoc.requestor.address,
-            assoc_id=getattr(assoc, "hilum_id", ""),
-        )
+    def run(self) -> None:
+        kind, body = self._read_pdu()
+        if kind != ul.ASSOCIATE_RQ:
+            self._abort(f"expected A-ASSOCIATE-RQ, got PDU type {kind}")
         try:
-            raw = event.encoded_dataset(include_meta=True)
-        except Exception as exc:  # noqa: BLE001 - a broken request must not kill the association
-            log.error("cannot read C-STORE request: %s", exc, extra={"assoc": origin.assoc_id})
-            return 0xC001
-        status, reason = self.ingest.store(raw, origin)
+            rq = ul.parse_associate_rq(body)
+        except ul.ProtocolError as exc:
+            self._abort(f"malformed A-ASSOCIATE-RQ: {exc}")
+        if not self._accept(rq):
+            return
+        self.sock.settimeout(NETWORK_TIMEOUT_S)
+        self._messages()
+
+    def _accept(self, rq: ul.AssociateRequest) -> bool:
+        tls, cn = peer_identity(self.sock)
+        verdict = self.scp.policy.check(rq.calling_ae, rq.called_ae, self.ip, tls, cn)
+        if verdict is None and not self.has_slot:
+            verdict = REJECT_LIMIT, f"more than {MAX_ASSOCIATIONS} associations at once"
+        self.scp.audit.association(calling_ae=rq.calling_ae, called_ae=rq.called_ae, source_ip=self.ip,
+                                   accepted=verdict is None, reason=verdict[1] if verdict else None, tls=tls,
+                                   tls_identity=cn)
+        if verdict is not None:
+            (result, source, reason), why = verdict
+            log.warning("association rejected: %s", why, extra={"calling_ae": rq.calling_ae, "source_ip": self.ip})
+            self.sock.sendall(ul.associate_rj(result, source, reason))
+            return False
+        results = []
+        for cid, abstract, tss in rq.contexts:
+            if abstract != VERIFICATION and abstract not in STORAGE_CLASSES:
+                results.append((cid, ul.PC_ABSTRACT_REJECTED, ""))
+                continue
+            ts = next((t for t in tss if t in self.scp.transfer_syntaxes), None)
+            if ts is None:
+                results.append((cid, ul.PC_TS_REJECTED, ""))
+                continue
+            results.append((cid, ul.PC_ACCEPT, ts))
+            self.contexts[cid] = (abstract, ts)
+        self.peer_max_pdu = rq.max_pdu
+        self.origin = Origin(calling_ae=rq.calling_ae, called_ae=rq.called_ae, source_ip=self.ip,
+                             assoc_id=self.assoc_id)
+        self.sock.sendall(ul.associate_ac(rq, results, 0, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION))
+        return True
+
+    def _messages(self) -> None:
+        command = bytearray()
+        dataset = bytearray()
+        cmd: ul.Command | None = None
+        cmd_context = 0
+        while True:
+            if self.scp._stopping.is_set() and cmd is None and not command:
+                self._abort("the node is stopping")
+            kind, body = self._read_pdu()
+            if kind == ul.RELEASE_RQ:
+                self.sock.sendall(ul.release_rp())
+                return
+            if kind == ul.ABORT:
+                raise _Aborted("aborted by the peer")
+            if kind != ul.P_DATA_TF:
+                self._abort(f"unexpected PDU type {kind}")
+            for cid, mch, data in ul.pdvs(body):
+                if cid not in self.contexts:
+                    self._abort(f"PDV on presentation context {cid}, which was not accepted")
+                if mch & 1:  # command fragment
+                    if cmd is not None:
+                        self._abort("a command arrived before the previous data set was complete")
+                    command += data
+                    if mch & 2:
+                        try:
+                            cmd = ul.parse_command(bytes(command))
+                        except ul.ProtocolError as exc:
+                            self._abort(f"malformed command: {exc}")
+                        command.clear()
+                        cmd_context = cid
+                        if not cmd.has_dataset:
+                            self._dispatch(cmd, cid, None)
+                            cmd = None
+                else:  # data set fragment
+                    if cmd is None or cid != cmd_context:
+                        self._abort("a data set fragment without its command")
+                    dataset += data
+                    if mch & 2:
+                        self._dispatch(cmd, cid, dataset)
+                        dataset = bytearray()
+                        cmd = None
+
+    def _dispatch(self, cmd: ul.Command, cid: int, dataset: bytearray | None) -> None:
+        abstract, ts = self.contexts[cid]
+        if cmd.field == ul.C_ECHO_RQ:
+            rsp = ul.response(ul.C_ECHO_RSP, cmd.message_id, 0x0000, cmd.sop_class or abstract)
+        elif cmd.field == ul.C_STORE_RQ and dataset is not None:
+            status, reason = self._store(cmd, ts, dataset)
+            rsp = ul.response(ul.C_STORE_RSP, cmd.message_id, status, cmd.sop_class, cmd.sop_instance,
+                              comment=reason if status else "")
+        else:
+            # 0x0211: unrecognised operation (PS3.7 C.5.4)
+            rsp = ul.response(cmd.field | 0x8000, cmd.message_id, 0x0211, cmd.sop_class or abstract)
+        for pdu in ul.p_data(cid, True, rsp, self.peer_max_pdu):
+            self.sock.sendall(pdu)
+
+    def _store(self, cmd: ul.Command, ts: str, dataset: bytearray) -> tuple[int, str]:
+        raw = ul.part10_header(cmd.sop_class, cmd.sop_instance, ts, self.origin.calling_ae, IMPLEMENTATION_UID,
+                               IMPLEMENTATION_VERSION) + dataset
+        status, reason = self.scp.ingest.store(raw, self.origin)
         if status != 0:
-            log.warning("C-STORE failed 0x%04X: %s", status, reason, extra={"assoc": origin.assoc_id})
-        return status
+            log.warning("C-STORE failed 0x%04X: %s", status, reason, extra={"assoc": self.assoc_id})
+        return status, reason

@@ -67,9 +67,8 @@ def client_tls_args(cfg: ClientTls, host: str, field: str) -> tuple[ssl.SSLConte
     return ctx, host
 
 
-def peer_identity(assoc) -> tuple[bool, str | None]:
-    """(over TLS?, the verified client certificate's subject CN or None) of an association."""
-    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+def peer_identity(sock) -> tuple[bool, str | None]:
+    """(over TLS?, the verified client certificate's subject CN or None) of a connection."""
     if not isinstance(sock, ssl.SSLSocket):
         return False, None
     cert = sock.getpeercert()  # only certificates that verified against the CA bundle are returned

@@ -1,0 +1,229 @@
+"""The DICOM Upper Layer (PS3.8) and DIMSE command sets (PS3.7), as bytes, for the acceptor side.
+
+Only what an archive's receiver needs: A-ASSOCIATE-RQ in, -AC/-RJ out, P-DATA-TF both ways,
+release and abort; C-ECHO and C-STORE command sets. Every parser checks lengths before it reads
+and raises ``ProtocolError`` on anything malformed, so hostile bytes end an association with an
+A-ABORT, never an exception elsewhere.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+# PDU types (PS3.8 9.3)
+ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 1, 2, 3, 4, 5, 6, 7
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+# Presentation context results (PS3.8 9.3.3.2)
+PC_ACCEPT, PC_ABSTRACT_REJECTED, PC_TS_REJECTED = 0, 3, 4
+# DIMSE command fields and statuses
+C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+NO_DATASET = 0x0101
+
+
+class ProtocolError(Exception):
+    """Malformed or unexpected bytes from the peer: the association is aborted."""
+
+
+@dataclass
+class AssociateRequest:
+    called_ae: str
+    calling_ae: str
+    contexts: list[tuple[int, str, list[str]]]  # (id, abstract syntax, transfer syntaxes)
+    max_pdu: int = 0  # the largest PDU the peer accepts (0: no limit)
+    implementation_uid: str = ""
+    raw_called: bytes = b""
+    raw_calling: bytes = b""
+
+
+def _uid(b: bytes) -> str:
+    return b.rstrip(b"\0 ").decode("ascii", "replace")
+
+
+def _items(body: bytes) -> list[tuple[int, bytes]]:
+    """(type, value) of each item/sub-item: 1-byte type, 1 reserved, 2-byte big-endian length."""
+    out, pos = [], 0
+    while pos < len(body):
+        if pos + 4 > len(body):
+            raise ProtocolError("truncated item header")
+        kind, length = body[pos], struct.unpack_from(">H", body, pos + 2)[0]
+        if pos + 4 + length > len(body):
+            raise ProtocolError(f"item 0x{kind:02X} runs past its PDU")
+        out.append((kind, body[pos + 4: pos + 4 + length]))
+        pos += 4 + length
+    return out
+
+
+def parse_associate_rq(body: bytes) -> AssociateRequest:
+    if len(body) < 68:
+        raise ProtocolError("A-ASSOCIATE-RQ too short")
+    version = struct.unpack_from(">H", body, 0)[0]
+    if not version & 1:
+        raise ProtocolError(f"protocol version 0x{version:04X} not supported")
+    raw_called, raw_calling = body[4:20], body[20:36]
+    rq = AssociateRequest(raw_called.decode("ascii", "replace").strip(), raw_calling.decode("ascii", "replace").strip(),
+                          [], raw_called=raw_called, raw_calling=raw_calling)
+    app_context = None
+    for kind, value in _items(body[68:]):
+        if kind == 0x10:
+            app_context = _uid(value)
+        elif kind == 0x20:
+            if len(value) < 4:
+                raise ProtocolError("presentation context item too short")
+            abstract, tss = "", []
+            for sub, sv in _items(value[4:]):
+                if sub == 0x30:
+                    abstract = _uid(sv)
+                elif sub == 0x40:
+                    tss.append(_uid(sv))
+            rq.contexts.append((value[0], abstract, tss))
+        elif kind == 0x50:
+            for sub, sv in _items(value):
+                if sub == 0x51 and len(sv) == 4:
+                    rq.max_pdu = struct.unpack(">I", sv)[0]
+                elif sub == 0x52:
+                    rq.implementation_uid = _uid(sv)
+    if app_context != APPLICATION_CONTEXT:
+        raise ProtocolError(f"application context {app_context!r} is not DICOM's")
+    return rq
+
+
+def _item(kind: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(value)) + value
+
+
+def _pdu(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBI", kind, 0, len(body)) + body
+
+
+def associate_ac(rq: AssociateRequest, results: list[tuple[int, int, str]], max_pdu: int,
+                 implementation_uid: str, implementation_version: str) -> bytes:
+    """``results``: (context id, result, transfer syntax) per proposed context."""
+    items = [_item(0x10, APPLICATION_CONTEXT.encode())]
+    for cid, result, ts in results:
+        items.append(_item(0x21, bytes([cid, 0, result, 0]) + _item(0x40, ts.encode() if result == 0 else b"")))
+    user = (_item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, implementation_uid.encode())
+            + _item(0x55, implementation_version.encode()))
+    items.append(_item(0x50, user))
+    head = struct.pack(">HH", 1, 0) + rq.raw_called + rq.raw_calling + bytes(32)
+    return _pdu(ASSOCIATE_AC, head + b"".join(items))
+
+
+def associate_rj(result: int, source: int, reason: int) -> bytes:
+    return _pdu(ASSOCIATE_RJ, bytes([0, result, source, reason]))
+
+
+def release_rp() -> bytes:
+    return _pdu(RELEASE_RP, bytes(4))
+
+
+def abort(source: int = 2, reason: int = 0) -> bytes:
+    return _pdu(ABORT, bytes([0, 0, source, reason]))
+
+
+def pdvs(body: bytes) -> list[tuple[int, int, memoryview]]:
+    """(context id, message control header, data) of each PDV in a P-DATA-TF body."""
+    out, pos, view = [], 0, memoryview(body)
+    while pos < len(body):
+        if pos + 6 > len(body):
+            raise ProtocolError("truncated PDV")
+        length = struct.unpack_from(">I", body, pos)[0]
+        if length < 2 or pos + 4 + length > len(body):
+            raise ProtocolError("PDV length does not fit its PDU")
+        out.append((body[pos + 4], body[pos + 5], view[pos + 6: pos + 4 + length]))
+        pos += 4 + length
+    return out
+
+
+def p_data(context_id: int, command: bool, data: bytes, max_pdu: int) -> list[bytes]:
+    """P-DATA-TF PDUs carrying one message part, fragmented to the peer's maximum PDU."""
+    room = (max_pdu - 6) if max_pdu else len(data) or 1
+    room = max(room, 1)
+    out = []
+    for start in range(0, max(len(data), 1), room):
+        chunk = data[start: start + room]
+        last = start + room >= len(data)
+        mch = (1 if command else 0) | (2 if last else 0)
+        out.append(_pdu(P_DATA_TF, struct.pack(">IBB", len(chunk) + 2, context_id, mch) + chunk))
+    return out
+
+
+# -- DIMSE command sets: implicit VR little endian, group 0000 ---------------------------------------
+@dataclass
+class Command:
+    field: int
+    message_id: int = 0
+    sop_class: str = ""
+    sop_instance: str = ""
+    has_dataset: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+_CMD_UIDS = {0x0002: "sop_class", 0x1000: "sop_instance"}
+
+
+def parse_command(data: bytes) -> Command:
+    elements: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if pos + 8 > len(data):
+            raise ProtocolError("truncated command element")
+        group, elem, length = struct.unpack_from("<HHI", data, pos)
+        if group != 0x0000 or pos + 8 + length > len(data):
+            raise ProtocolError("malformed command set")
+        elements[elem] = data[pos + 8: pos + 8 + length]
+        pos += 8 + length
+
+    def us(elem: int) -> int:
+        v = elements.get(elem)
+        if v is None or len(v) != 2:
+            raise ProtocolError(f"command element (0000,{elem:04X}) missing or not US")
+        return struct.unpack("<H", v)[0]
+
+    cmd = Command(field=us(0x0100), message_id=us(0x0110), has_dataset=us(0x0800) != NO_DATASET)
+    for elem, attr in _CMD_UIDS.items():
+        if elem in elements:
+            setattr(cmd, attr, _uid(elements[elem]))
+    return cmd
+
+
+def _element(elem: int, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def response(field: int, message_id: int, status: int, sop_class: str, sop_instance: str = "",
+             comment: str = "") -> bytes:
+    body = [_element(0x0002, sop_class.encode()), _element(0x0100, struct.pack("<H", field)),
+            _element(0x0120, struct.pack("<H", message_id)), _element(0x0800, struct.pack("<H", NO_DATASET)),
+            _element(0x0900, struct.pack("<H", status))]
+    if comment:
+        body.append(_element(0x0902, comment.encode("ascii", "replace")[:64]))
+    if sop_instance:
+        body.append(_element(0x1000, sop_instance.encode()))
+    payload = b"".join(body)
+    return _element(0x0000, struct.pack("<I", len(payload))) + payload
+
+
+# -- Part 10 -----------------------------------------------------------------------------------------
+def _explicit(elem: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr in (b"UI", b"OB") else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str,
+                  implementation_uid: str, implementation_version: str) -> bytes:
+    """Preamble, DICM and the file meta group of a received instance (PS3.10 7.1)."""
+    body = b"".join((
+        _explicit(0x0001, b"OB", b"\0\1"),
+        _explicit(0x0002, b"UI", sop_class.encode()),
+        _explicit(0x0003, b"UI", sop_instance.encode()),
+        _explicit(0x0010, b"UI", transfer_syntax.encode()),
+        _explicit(0x0012, b"UI", implementation_uid.encode()),
+        _explicit(0x0013, b"SH", implementation_version.encode()[:16]),
+        _explicit(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16]),
+    ))
+    return bytes(128) + b"DICM" + _explicit(0x0000, b"UL", struct.pack("<I", len(body))) + body
