@@ -156,3 +156,15 @@ def storescp(out_dir: Path, ae_title: str = "TPS", port: int | None = None, opti
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class FlushedIndex:
+    """An in-process SCP's index as a test sees it once every acknowledged instance's row is
+    committed (rows follow the C-STORE response by milliseconds: node/receive/ingest.py)."""
+
+    def __init__(self, index, ingest) -> None:
+        self._index, self._ingest = index, ingest
+
+    def __getattr__(self, name: str):
+        assert self._ingest.writer.flush(30), "index rows not committed within 30 s"
+        return getattr(self._index, name)

@@ -18,7 +18,7 @@ from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
 from node.store.vault import Vault
 from node.store.index import Index
-from tests.nodeproc import DCMTK_ENV, free_port
+from tests.nodeproc import DCMTK_ENV, FlushedIndex, free_port
 
 
 def make_ct(path: Path | None, rows: int = 64, study: str | None = None, series: str | None = None) -> Dataset:
@@ -52,13 +52,14 @@ def scp(tmp_path):
         server = StoreSCP(settings, ingest)
         server.start()
         started.append((server, ingest))
-        return settings, index
+        return settings, FlushedIndex(index, ingest)
 
     started: list = []
     yield start
     for server, ingest in started:
         server.stop()
         ingest.close()
+        ingest.vault.close()
 
 
 def _storescu(port: int, files: list[Path], calling="MOD1", called="HILUM"):

@@ -19,7 +19,7 @@ from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
 from node.store.index import Index
 from node.store.vault import Vault
-from tests.nodeproc import DCMTK_ENV, free_port
+from tests.nodeproc import DCMTK_ENV, FlushedIndex, free_port
 from tests.test_receive import make_ct
 
 
@@ -30,9 +30,10 @@ def node_scp(tmp_path):
     ingest = Ingest(index, Vault(tmp_path, None, writer=True))
     server = StoreSCP(settings, ingest)
     server.start()
-    yield settings, index
+    yield settings, FlushedIndex(index, ingest)
     server.stop(wait_s=5)
     ingest.close()
+    ingest.vault.close()
 
 
 def _raw(port: int, data: bytes) -> bytes:

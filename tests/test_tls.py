@@ -24,7 +24,7 @@ from node.receive.scp import StoreSCP
 from node.store.vault import Vault
 from node.store.index import Index
 from node.tls import server_context
-from tests.nodeproc import DCMTK_ENV, REPO, free_port, wait_for
+from tests.nodeproc import DCMTK_ENV, FlushedIndex, REPO, free_port, wait_for
 from tests.test_receive import make_ct
 
 
@@ -79,7 +79,7 @@ def tls_scp(tmp_path, pki):
         scp = StoreSCP(settings, ingest, trail)
         scp.start()
         started.append((scp, ingest))
-        return settings, index, trail
+        return settings, FlushedIndex(index, ingest), trail
 
     yield start
     for scp, ingest in started:

@@ -4,11 +4,10 @@ The C-STORE path reads only the header (``stop_before_pixels``): pixel data is n
 on receive, and the received bytes are written exactly as they came (no transcoding).
 
 Durability contract: Success goes back only after the instance is on disk — sealed and
-appended to the vault's log with O_DSYNC — and its index row is committed. The log is the
-record of truth: the index commit is not fsync'ed (SQLite WAL, synchronous=NORMAL), because a
-row lost to a power cut is rebuilt from the log at the next start (``recover``). Index commits
-are grouped: concurrent associations hand their rows to one writer thread, which commits the
-whole batch in one transaction, then wakes every waiting C-STORE.
+appended to the vault's log with O_DSYNC. The log is the record of truth; the index is derived
+from it. Its row is committed right after (``IndexWriter``, grouped across associations, not
+fsync'ed: SQLite WAL with synchronous=NORMAL), and a row lost to a crash or a power cut is
+rebuilt from the log at the next start (``recover``).
 """
 from __future__ import annotations
 
@@ -17,13 +16,14 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
 import pydicom.config
 from pydicom.errors import InvalidDicomError
 
+from node.receive.header import WANTED, read_header
 from node.receive.spool import Quarantine, valid_uid
 from node.store.index import Index, InstanceRow
 from node.store.vault import IntegrityError, Vault
@@ -47,28 +47,37 @@ class Origin:
     assoc_id: str = ""
 
 
-@dataclass
-class _Pending:
-    row: InstanceRow
-    done: threading.Event = field(default_factory=threading.Event)
-    new: bool = False
-    error: BaseException | None = None
-
-
 def header_json(ds: pydicom.Dataset) -> str:
     """DICOM JSON of a header without bulk data: what rules and simulation read later."""
     return json.dumps(ds.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=lambda el: ""))
 
 
-def _parse(raw: bytes) -> tuple[pydicom.Dataset, tuple[str, str, str]]:
-    """The header (pixel data never decoded) and the three UIDs, checked (they name things)."""
-    ds = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True)
-    study, series, sop = (ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-    bad = [k for k, v in (("StudyInstanceUID", study), ("SeriesInstanceUID", series),
-                          ("SOPInstanceUID", sop)) if not valid_uid(str(v) if v is not None else None)]
+def _facts(raw: bytes) -> dict[str, str]:
+    """The attributes the index keeps, and the transfer syntax; the three UIDs checked (they name things).
+
+    Read from the bytes directly (node/receive/header.py) when the encoding allows, else by pydicom
+    (header only: pixel data is never decoded on receive)."""
+    fast = read_header(raw)
+    if fast is not None:
+        ts, facts = fast
+        facts["TransferSyntaxUID"] = ts
+    else:
+        ds = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True)
+        facts = {k: _text(ds, k) for k in WANTED.values()}
+        facts["TransferSyntaxUID"] = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
+    bad = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not valid_uid(facts.get(k))]
     if bad:
         raise ValueError(f"missing or invalid {', '.join(bad)}")
-    return ds, (str(study), str(series), str(sop))
+    return facts
+
+
+def _header_json_of(raw: bytes, sop: str) -> str:
+    """DICOM JSON of the header (the first instance of each series: what rules read later)."""
+    try:
+        return header_json(pydicom.dcmread(BytesIO(raw), stop_before_pixels=True))
+    except Exception as exc:  # noqa: BLE001 - a header pydicom cannot express as JSON
+        log.warning("header not representable as DICOM JSON: %s", exc, extra={"sop_uid": sop})
+        return "{}"
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -77,23 +86,42 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
 
 
 class IndexWriter:
-    """One thread that commits instance rows in batches (group commit)."""
+    """One thread that commits instance rows in batches, after their C-STORE has been answered.
+
+    The spool log is where an instance becomes durable; its row follows within milliseconds,
+    grouped with whatever else arrived meanwhile (across associations). A commit that fails is
+    retried every second with its batch kept, and ``failure`` says why, so that ingest refuses
+    new instances until the index works again. A row that never makes it (the process dies
+    first) is rebuilt from the log by ``Ingest.recover`` at the next start.
+    """
 
     def __init__(self, index: Index, max_batch: int = 256) -> None:
         self.index = index
         self.max_batch = max_batch
-        self._q: queue.Queue[_Pending | None] = queue.Queue()
+        self.failure: str | None = None
+        self._q: queue.Queue[InstanceRow | None] = queue.Queue()
+        self._pending: set[str] = set()
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, row: InstanceRow, timeout: float = 60.0) -> bool:
-        p = _Pending(row)
-        self._q.put(p)
-        if not p.done.wait(timeout):
-            raise TimeoutError("index commit did not complete")
-        if p.error is not None:
-            raise p.error
-        return p.new
+    def add(self, row: InstanceRow) -> bool:
+        """Queue a row; False if the same instance is already waiting (a duplicate)."""
+        with self._cond:
+            if row.sop_uid in self._pending:
+                return False
+            self._pending.add(row.sop_uid)
+        self._q.put(row)
+        return True
+
+    def pending(self, sop_uid: str) -> bool:
+        with self._cond:
+            return sop_uid in self._pending
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued row is committed (tests, shutdown)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout)
 
     def close(self) -> None:
         self._q.put(None)
@@ -117,15 +145,21 @@ class IndexWriter:
                     self._q.put(None)
                     break
                 batch.append(nxt)
-            try:
-                flags = self.index.add_instances([p.row for p in batch])
-                for p, new in zip(batch, flags):
-                    p.new = new
-            except BaseException as exc:  # noqa: BLE001 - every waiter must learn of the failure
-                for p in batch:
-                    p.error = exc
-            for p in batch:
-                p.done.set()
+            while True:
+                try:
+                    self.index.add_instances(batch)
+                    break
+                except Exception as exc:  # noqa: BLE001 - disk full, I/O error: keep the rows, retry
+                    if self.failure is None:
+                        log.error("index commit failed, refusing new instances until it works: %s", exc)
+                    self.failure = str(exc) or type(exc).__name__
+                    time.sleep(1.0)
+            if self.failure is not None:
+                log.warning("index commits work again")
+                self.failure = None
+            with self._cond:
+                self._pending.difference_update(r.sop_uid for r in batch)
+                self._cond.notify_all()
 
 
 class Ingest:
@@ -145,13 +179,16 @@ class Ingest:
     def store(self, raw: bytes, origin: Origin) -> tuple[int, str]:
         """Persist one Part 10 byte string. Returns (DIMSE status, reason)."""
         try:
-            ds, (study, series, sop) = _parse(raw)
+            facts = _facts(raw)
         except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError, OSError) as exc:
             return self._reject(raw, origin, f"unparseable or incomplete dataset: {exc}", CANNOT_UNDERSTAND)
         except Exception as exc:  # noqa: BLE001 - hostile input must never kill the association thread
             return self._reject(raw, origin, f"unparseable dataset ({type(exc).__name__}): {exc}", CANNOT_UNDERSTAND)
+        sop, series = facts["SOPInstanceUID"], facts["SeriesInstanceUID"]
+        if (failure := self.writer.failure) is not None:
+            return OUT_OF_RESOURCES, f"index unavailable: {failure}"[:64]
 
-        if self.index.has_instance(sop):
+        if self.index.has_instance(sop) or self.writer.pending(sop):
             self.index.bump("duplicates")
             log.info("duplicate instance ignored", extra={"sop_uid": sop, "assoc": origin.assoc_id})
             return SUCCESS, "duplicate"
@@ -165,36 +202,24 @@ class Ingest:
             log.error("cannot persist instance: %s", exc, extra={"sop_uid": sop, "assoc": origin.assoc_id})
             return OUT_OF_RESOURCES, f"cannot persist: {exc.strerror or exc}"
 
-        row = self._row(ds, locator, len(raw), received_at, origin, with_header=series not in self._known_series)
-        try:
-            new = self.writer.submit(row)
-        except Exception as exc:  # noqa: BLE001 - disk full / I/O error at commit: report, do not crash
-            # The record stays in the log unreferenced; recover() would index it at the next start,
-            # which is harmless: the peer was told to send it again and a duplicate is ignored.
-            log.error("index commit failed: %s", exc, extra={"sop_uid": sop, "assoc": origin.assoc_id})
-            return OUT_OF_RESOURCES, f"cannot index: {exc}"
+        hdr = "{}" if series in self._known_series else _header_json_of(raw, sop)
+        if not self.writer.add(self._row(facts, locator, len(raw), received_at, origin, hdr)):
+            return SUCCESS, "duplicate"  # a concurrent association stored it first; this record stays unreferenced
         self._known_series.add(series)
-        if not new:  # a concurrent association stored the same instance first
-            return SUCCESS, "duplicate"
         return SUCCESS, "stored"
 
-    def _row(self, ds: pydicom.Dataset, locator: str, size: int, received_at: float, origin: Origin,
-             with_header: bool) -> InstanceRow:
-        hdr = "{}"
-        if with_header:
-            try:
-                hdr = header_json(ds)
-            except Exception as exc:  # noqa: BLE001 - a header pydicom cannot express as JSON
-                log.warning("header not representable as DICOM JSON: %s", exc, extra={"sop_uid": ds.SOPInstanceUID})
+    @staticmethod
+    def _row(facts: dict[str, str], locator: str, size: int, received_at: float, origin: Origin,
+             header: str) -> InstanceRow:
+        f = facts.get
         return InstanceRow(
-            sop_uid=str(ds.SOPInstanceUID), series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID),
-            sop_class_uid=_text(ds, "SOPClassUID"),
-            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else "",
-            path=locator, size=size, received_at=received_at, header_json=hdr,
-            modality=_text(ds, "Modality"), series_description=_text(ds, "SeriesDescription")[:128],
-            series_number=_text(ds, "SeriesNumber"), patient_id=_text(ds, "PatientID")[:64],
-            patient_name=_text(ds, "PatientName")[:128], study_date=_text(ds, "StudyDate"),
-            accession=_text(ds, "AccessionNumber")[:64], study_description=_text(ds, "StudyDescription")[:128],
+            sop_uid=f("SOPInstanceUID"), series_uid=f("SeriesInstanceUID"), study_uid=f("StudyInstanceUID"),
+            sop_class_uid=f("SOPClassUID", ""), transfer_syntax=f("TransferSyntaxUID", ""),
+            path=locator, size=size, received_at=received_at, header_json=header,
+            modality=f("Modality", ""), series_description=f("SeriesDescription", "")[:128],
+            series_number=f("SeriesNumber", ""), patient_id=f("PatientID", "")[:64],
+            patient_name=f("PatientName", "")[:128], study_date=f("StudyDate", ""),
+            accession=f("AccessionNumber", "")[:64], study_description=f("StudyDescription", "")[:128],
             calling_ae=origin.calling_ae, called_ae=origin.called_ae, source_ip=origin.source_ip,
         )
 
@@ -209,16 +234,16 @@ class Ingest:
                     continue
                 try:
                     meta, raw = self.vault.log.read(rec.locator)
-                    ds, (_, _, sop) = _parse(raw)
+                    facts = _facts(raw)
                 except (IntegrityError, InvalidDicomError, ValueError, OSError) as exc:
                     log.error("spool record %s cannot be read back: %s", rec.locator, exc)
                     continue
-                if self.index.has_instance(sop):
+                if self.index.has_instance(facts["SOPInstanceUID"]):
                     continue  # a duplicate the peer sent twice, or the loser of a concurrent store
                 origin = Origin(str(meta.get("calling_ae", "")), str(meta.get("called_ae", "")),
                                 str(meta.get("source_ip", "")), "recovered")
-                rows.append(self._row(ds, rec.locator, len(raw), float(meta.get("received_at", time.time())),
-                                      origin, with_header=True))
+                rows.append(self._row(facts, rec.locator, len(raw), float(meta.get("received_at", time.time())),
+                                      origin, _header_json_of(raw, facts["SOPInstanceUID"])))
         for i in range(0, len(rows), 256):
             self.index.add_instances(rows[i: i + 256])
         if rows:
