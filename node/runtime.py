@@ -64,7 +64,7 @@ class Node:
         self.settings = settings
         self.index = open_index(settings)
         self.audit = open_audit(settings)
-        self.vault = Vault(settings.data_dir, load_keyring(settings.spool_encryption), writer=True,
+        self.vault = Vault(settings.data_dir, load_keyring(settings.spool_encryption, settings.data_dir), writer=True,
                            segment_mb=settings.spool_segment_mb)
         self.managed: ManagedOrthanc | None = None if settings.external_orthanc else ManagedOrthanc(settings)
         self.archive: ArchiveEndpoint = self.managed.endpoint if self.managed else archive_endpoint(settings)

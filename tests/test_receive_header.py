@@ -84,6 +84,17 @@ def test_anything_unsure_is_left_to_pydicom(case):
     assert read_header(raw) is None
 
 
+def test_compressed_instances_are_read_too(tmp_path):
+    from node.phantom import generate_ct
+
+    study = generate_ct(tmp_path / "rle", seed=2, rows=32, cols=32, slices=3, transfer_syntax="rle")
+    for f in sorted(study.dicom_dir.iterdir()):
+        raw = f.read_bytes()
+        got = read_header(raw)
+        assert got is not None and got[0] == "1.2.840.10008.1.2.5"
+        assert got[1] == _pydicom_facts(raw)
+
+
 def test_phantom_instances_of_every_kind_match_pydicom(phantom_ct, phantom_mr, phantom_cr):
     for study in (phantom_ct, phantom_mr, phantom_cr):
         for f in sorted(study.dicom_dir.iterdir())[:5]:

@@ -5,6 +5,7 @@ import os
 import socket
 import struct
 import subprocess
+import time
 from io import BytesIO
 
 import pydicom
@@ -87,6 +88,20 @@ def test_hostile_bytes_end_the_connection_and_nothing_else(node_scp, tmp_path, p
     assert assoc.send_c_store(ds).Status == 0
     assoc.release()
     assert index.has_instance(ds.SOPInstanceUID)
+
+
+def test_pdus_beyond_the_advertised_maximum_end_the_association(node_scp):
+    settings, _ = node_scp
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title="HILUM")
+    assert assoc.is_established and assoc.acceptor.maximum_length == scp_module.MAX_PDU
+    sock = assoc.dul.socket.socket
+    sock.sendall(struct.pack(">BBI", 4, 0, scp_module.MAX_PDU + 1000))  # claims more than we accept
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
 
 
 def test_contexts_outside_storage_and_verification_are_refused(node_scp):

@@ -20,8 +20,8 @@ from node.config_security import SpoolEncryption
 from node.phantom import generate_ct
 from node.store.envelope import HEADER_SIZE, IntegrityError, Keyring, Sealer, new_salt
 from node.store.keys import KeyringError, load_keyring
-from node.store.rewrap import keys_in_use, rewrap_all
-from node.store.segments import SegmentReader, SegmentWriter
+from node.store.rewrap import drop_key, keys_in_use, rewrap_all
+from node.store.segments import SegmentReader, SegmentWriter, locator_context
 from node.store.vault import Vault
 from tests.nodeproc import REPO, running_node, storescu, wait_for
 from tests.test_e2e import write_rules
@@ -77,7 +77,9 @@ def test_log_appends_concurrently_and_scan_steps_over_a_hole(tmp_path):
 
     def put(keys):
         for i in keys:
-            locs[i] = writer.append(sealer.seal(b"\0\0\0\0" + payloads[i]))
+            data = b"\0\0\0\0" + payloads[i]  # an empty meta, then the bytes
+            locs[i] = writer.append(sealer.sealed_length(len(data)),
+                                    lambda seg, off, data=data: sealer.seal(data, locator_context(seg, off)))
 
     threads = [threading.Thread(target=put, args=(range(k, 60, 4),)) for k in range(4)]
     [t.start() for t in threads]
@@ -92,6 +94,43 @@ def test_log_appends_concurrently_and_scan_steps_over_a_hole(tmp_path):
         f.write(bytes(HEADER_SIZE))
     found = {r.locator for s in reader.segments() for r in reader.scan(s)}
     assert found == set(locs.values()) - {locs[10]}
+
+
+def test_a_record_only_opens_where_it_was_written(tmp_path):
+    vault = Vault(tmp_path, RING, writer=True, segment_mb=8)
+    a, b = vault.append(b"first" * 100, {}), vault.append(b"second" * 100, {})
+    (seg, off_a, len_a), (_, off_b, _) = (tuple(int(x) for x in loc.split(":")[1:]) for loc in (a, b))
+    path = vault.log.path(seg)
+    with open(path, "r+b") as f:  # a whole, valid envelope copied over another one
+        f.seek(off_a)
+        blob = f.read(len_a)
+        f.seek(off_b)
+        f.write(blob)
+    with pytest.raises(IntegrityError):
+        vault.read(f"log:{seg}:{off_b}:{len_a}")
+    assert vault.read(a) == b"first" * 100
+    vault.close()
+
+
+def test_an_unencrypted_envelope_is_refused_in_an_encrypted_spool(tmp_path):
+    plain = Vault(tmp_path, None, writer=True, segment_mb=8)
+    loc = plain.append(b"written before encryption was turned on", {})
+    plain.close()
+    with pytest.raises(IntegrityError, match="unencrypted object in an encrypted spool"):
+        Vault(tmp_path, RING).read(loc)
+
+
+def test_segment_numbers_are_never_reused_and_big_records_need_no_wait(tmp_path):
+    vault = Vault(tmp_path, None, writer=True, segment_mb=8)
+    loc = vault.append(b"x" * 1000, {})
+    vault.close()
+    seg = int(loc.split(":")[1])
+    vault.log.path(seg).unlink()  # retention deleted the newest segment
+    again = Vault(tmp_path, None, writer=True, segment_mb=8)
+    big = again.append(os.urandom(6 << 20), {})  # more than the space prepared ahead of a new segment
+    assert int(big.split(":")[1]) > seg
+    assert len(again.read(big)) == 6 << 20
+    again.close()
 
 
 def test_rewrap_brings_every_object_under_the_new_key_and_the_old_key_can_go(tmp_path):
@@ -109,8 +148,11 @@ def test_rewrap_brings_every_object_under_the_new_key_and_the_old_key_can_go(tmp
     only_new = Keyring(active=new.active, keys={new.active: new.keys[new.active]})
     reader = Vault(tmp_path, only_new)
     assert all(reader.read(loc) for loc in locs) and reader.read(str(result)) == b"result bytes"
+    assert Vault(tmp_path, RING).read(locs[0])  # a job started before the rotation still reads
+    assert drop_key(vault, "k0") == 21  # retiring k0
     with pytest.raises(IntegrityError):
         Vault(tmp_path, RING).read(locs[0])  # the old key alone no longer opens anything
+    assert reader.read(locs[0])
     vault.close()
 
 
@@ -130,7 +172,7 @@ def test_key_sources_and_their_errors_name_the_field(tmp_path, monkeypatch):
     import base64
 
     monkeypatch.setenv("HILUM_TEST_KEY", base64.b64encode(b"k" * 32).decode())
-    assert load_keyring(SpoolEncryption(key_env="HILUM_TEST_KEY")).keys == {"k0": b"k" * 32}
+    assert list(load_keyring(SpoolEncryption(key_env="HILUM_TEST_KEY")).keys.values()) == [b"k" * 32]
     cmd = [sys.executable, "-c", f"print({RING.to_json()!r})"]
     assert load_keyring(SpoolEncryption(key_command=cmd)) == RING
     with pytest.raises(KeyringError, match="key_command: exit status 3"):
@@ -245,6 +287,7 @@ def test_key_rotation_while_receiving_loses_nothing(tmp_path):
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for(lambda: node.study(big.study_uid).get("instances_received", 0) >= 5, 60, "reception under way",
                  interval=0.05)
+        first_key = json.loads((tmp_path / "keys" / "spool.json").read_text())["active"]
         out = _hilum(node, "keys", "rotate", "--wait")
         assert out.returncode == 0, out.stdout + out.stderr
         assert sender.wait(120) == 0 and b"E: " not in sender.stderr.read()
@@ -252,9 +295,9 @@ def test_key_rotation_while_receiving_loses_nothing(tmp_path):
         out = _hilum(node, "keys", "rewrap", "--wait")  # anything sealed under k0 while the first pass ran
         assert out.returncode == 0, out.stdout + out.stderr
         status = json.loads(_hilum(node, "keys", "status").stdout)
-        assert status["active"] != "k0" and set(status["objects_by_key"]) == {status["active"]}
+        assert status["active"] != first_key and set(status["objects_by_key"]) == {status["active"]}
         assert status["objects_by_key"][status["active"]] >= len(files)
-        out = _hilum(node, "keys", "retire", "k0")
+        out = _hilum(node, "keys", "retire", first_key)
         assert out.returncode == 0, out.stderr
         assert node.api("POST", f"/api/studies/{big.study_uid}/complete").status_code == 200
         wait_for(lambda: _delivered(node, big.study_uid, len(files)), 180, "processed and archived", interval=0.5)

@@ -5,7 +5,9 @@ pydicom Dataset for that costs more than writing the instance durably. This walk
 of a little-endian data set (explicit or implicit VR), steps over sequences (defined or
 undefined length, nested), stops after group 0020, and decodes only what is asked for.
 
-Anything it is not sure about — big endian, deflate, a character set other than the default,
+Compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE) are read like explicit VR
+little endian: only their pixel data differs, and the walk stops before it. Anything it is not
+sure about — big endian, deflate, a character set other than the default,
 Latin-1 or UTF-8, a multi-valued field, a malformed element — returns None, and the caller reads
 the instance with pydicom instead. It never guesses.
 """
@@ -20,7 +22,9 @@ WANTED = {
     0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID", 0x00200011: "SeriesNumber",
 }
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+# Compressed syntaxes encode the data set in explicit VR little endian; only the pixels differ.
+RLE, ENCAPSULATED = "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4."
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO 2022 IR 6": "ascii", "ISO_IR 100": "latin_1",
              "ISO_IR 192": "utf_8"}
 _CHARSET_TAG = 0x00080005
@@ -57,8 +61,8 @@ def _read(raw: bytes) -> tuple[str, dict[str, str]]:
             meta_end = pos + struct.unpack("<I", value)[0]
     if meta_end is not None and meta_end != pos:
         raise _Unsure
-    if ts not in (EXPLICIT_LE, IMPLICIT_LE):
-        raise _Unsure
+    if not (ts in (EXPLICIT_LE, IMPLICIT_LE, RLE) or ts.startswith(ENCAPSULATED)):
+        raise _Unsure  # big endian, deflate, or a syntax we do not know
     implicit = ts == IMPLICIT_LE
     found: dict[int, bytes] = {}
     while pos + 8 <= len(raw):

@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 from node.receive.header import WANTED, read_header
 from node.receive.spool import Quarantine, valid_uid
 from node.store.index import Index, InstanceRow
-from node.store.vault import IntegrityError, Vault
+from node.store.vault import Vault
 
 log = logging.getLogger("hilum.ingest")
 
@@ -34,7 +34,6 @@ log = logging.getLogger("hilum.ingest")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-DATASET_MISMATCH = 0xA900
 
 
 @dataclass(frozen=True)
@@ -235,7 +234,7 @@ class Ingest:
                 try:
                     meta, raw = self.vault.log.read(rec.locator)
                     facts = _facts(raw)
-                except (IntegrityError, InvalidDicomError, ValueError, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001 - one bad record must not keep the node from starting
                     log.error("spool record %s cannot be read back: %s", rec.locator, exc)
                     continue
                 if self.index.has_instance(facts["SOPInstanceUID"]):

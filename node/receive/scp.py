@@ -19,6 +19,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import uuid
 
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -63,9 +64,13 @@ STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresenta
 IMPLEMENTATION_UID = derived_uid("hilum", "implementation-class")
 IMPLEMENTATION_VERSION = f"HILUM_{__version__}"[:16]
 MAX_ASSOCIATIONS = 32
+MAX_CONNECTIONS = 2 * MAX_ASSOCIATIONS  # beyond this a connection is closed before a byte is read
 NETWORK_TIMEOUT_S = 60.0  # silence from the peer in the middle of an association
 ACSE_TIMEOUT_S = 30.0  # from connect to the A-ASSOCIATE-RQ
-MAX_PDU_BYTES = 256 << 20  # we advertise no limit; a PDU beyond this is an attack, not an image
+MAX_PDU = 16 << 20  # advertised in the A-ASSOCIATE-AC and enforced
+MAX_RQ_PDU = 64 << 10  # an A-ASSOCIATE-RQ is a few hundred bytes to a few KiB
+MAX_COMMAND = 64 << 10
+MAX_INSTANCE = (1 << 31) - (2 << 20)  # what the spool seals in one piece (node/store/envelope.py)
 
 
 class AssociationPolicy:
@@ -108,6 +113,8 @@ class StoreSCP:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(MAX_ASSOCIATIONS)
+        self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._sockets: dict[threading.Thread, socket.socket] = {}
 
     # -- listening -------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,21 +141,37 @@ class StoreSCP:
                 sock, addr = srv.accept()
             except OSError:
                 return  # closed by stop()
+            if not self._connections.acquire(blocking=False):
+                log.warning("connection from %s closed: %d connections open already", addr[0], MAX_CONNECTIONS)
+                sock.close()
+                continue
             t = threading.Thread(target=self._serve, args=(sock, addr[0], ctx), name="dicom-assoc", daemon=True)
             with self._lock:
                 self._threads.add(t)
+                self._sockets[t] = sock
             t.start()
 
     def stop(self, wait_s: float = 30.0) -> None:
-        """Stop accepting; an association finishes the C-STORE it is in, then is aborted."""
+        """Stop accepting; an association finishes the C-STORE it is in, then is aborted. One that
+        is idle (waiting for its peer) has its connection shut down."""
         self._stopping.set()
         for srv in self._listeners:
             srv.close()
         self._listeners.clear()
         with self._lock:
             threads = list(self._threads)
+        deadline = time.monotonic() + wait_s
         for t in threads:
-            t.join(wait_s)
+            t.join(max(0.0, min(1.0, deadline - time.monotonic())))
+        with self._lock:
+            idle = [s for t, s in self._sockets.items() if t.is_alive()]
+        for sock in idle:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # -- one association -------------------------------------------------------------------
     def _serve(self, sock: socket.socket, ip: str, ctx: ssl.SSLContext | None) -> None:
@@ -159,7 +182,7 @@ class StoreSCP:
             sock.settimeout(ACSE_TIMEOUT_S)
             if ctx is not None:
                 sock = ctx.wrap_socket(sock, server_side=True)
-                sock.do_handshake()
+                sock.do_handshake()  # the node's context defers it to this thread (node/tls)
             _Association(self, sock, ip, assoc_id, has_slot).run()
         except (OSError, ssl.SSLError, _Aborted, ul.ProtocolError) as exc:
             log.info("association ended: %s", exc or type(exc).__name__, extra={"assoc": assoc_id, "source_ip": ip})
@@ -172,8 +195,10 @@ class StoreSCP:
                 sock.close()
             except OSError:
                 pass
+            self._connections.release()
             with self._lock:
                 self._threads.discard(threading.current_thread())
+                self._sockets.pop(threading.current_thread(), None)
 
 
 class _Association:
@@ -188,13 +213,13 @@ class _Association:
         self.contexts: dict[int, tuple[str, str]] = {}  # accepted id → (abstract syntax, transfer syntax)
         self.origin: Origin | None = None
 
-    def _read_pdu(self) -> tuple[int, bytes]:
+    def _read_pdu(self, limit: int = MAX_PDU + 6) -> tuple[int, bytes]:
         head = self.reader.read(6)
         if len(head) < 6:
             raise _Aborted("connection closed by the peer")
         kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
-        if length > MAX_PDU_BYTES:
-            raise ul.ProtocolError(f"PDU of {length} bytes")
+        if length > limit:
+            self._abort(f"PDU of {length} bytes (the limit is {limit})")
         body = self.reader.read(length)
         if len(body) < length:
             raise _Aborted("connection closed in the middle of a PDU")
@@ -208,7 +233,7 @@ class _Association:
         raise _Aborted(why)
 
     def run(self) -> None:
-        kind, body = self._read_pdu()
+        kind, body = self._read_pdu(MAX_RQ_PDU)
         if kind != ul.ASSOCIATE_RQ:
             self._abort(f"expected A-ASSOCIATE-RQ, got PDU type {kind}")
         try:
@@ -247,7 +272,7 @@ class _Association:
         self.peer_max_pdu = rq.max_pdu
         self.origin = Origin(calling_ae=rq.calling_ae, called_ae=rq.called_ae, source_ip=self.ip,
                              assoc_id=self.assoc_id)
-        self.sock.sendall(ul.associate_ac(rq, results, 0, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION))
+        self.sock.sendall(ul.associate_ac(rq, results, MAX_PDU, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION))
         return True
 
     def _messages(self) -> None:
@@ -273,6 +298,8 @@ class _Association:
                     if cmd is not None:
                         self._abort("a command arrived before the previous data set was complete")
                     command += data
+                    if len(command) > MAX_COMMAND:
+                        self._abort(f"a command set over {MAX_COMMAND} bytes")
                     if mch & 2:
                         try:
                             cmd = ul.parse_command(bytes(command))
@@ -287,6 +314,8 @@ class _Association:
                     if cmd is None or cid != cmd_context:
                         self._abort("a data set fragment without its command")
                     dataset += data
+                    if len(dataset) > MAX_INSTANCE:
+                        self._abort(f"a data set over {MAX_INSTANCE} bytes")
                     if mch & 2:
                         self._dispatch(cmd, cid, dataset)
                         dataset = bytearray()
@@ -297,7 +326,12 @@ class _Association:
         if cmd.field == ul.C_ECHO_RQ:
             rsp = ul.response(ul.C_ECHO_RSP, cmd.message_id, 0x0000, cmd.sop_class or abstract)
         elif cmd.field == ul.C_STORE_RQ and dataset is not None:
-            status, reason = self._store(cmd, ts, dataset)
+            if abstract == VERIFICATION or cmd.sop_class != abstract:
+                status, reason = 0x0122, f"SOP class {cmd.sop_class[:40]} not negotiated on this context"
+            elif not (0 < len(cmd.sop_instance) <= 64 and 0 < len(cmd.sop_class) <= 64):
+                status, reason = ul.CANNOT_UNDERSTAND, "invalid UID in the command"
+            else:
+                status, reason = self._store(cmd, ts, dataset)
             rsp = ul.response(ul.C_STORE_RSP, cmd.message_id, status, cmd.sop_class, cmd.sop_instance,
                               comment=reason if status else "")
         else:

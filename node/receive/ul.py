@@ -18,6 +18,7 @@ PC_ACCEPT, PC_ABSTRACT_REJECTED, PC_TS_REJECTED = 0, 3, 4
 # DIMSE command fields and statuses
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 NO_DATASET = 0x0101
+CANNOT_UNDERSTAND = 0xC000
 
 
 class ProtocolError(Exception):
@@ -30,7 +31,6 @@ class AssociateRequest:
     calling_ae: str
     contexts: list[tuple[int, str, list[str]]]  # (id, abstract syntax, transfer syntaxes)
     max_pdu: int = 0  # the largest PDU the peer accepts (0: no limit)
-    implementation_uid: str = ""
     raw_called: bytes = b""
     raw_calling: bytes = b""
 
@@ -80,8 +80,6 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
             for sub, sv in _items(value):
                 if sub == 0x51 and len(sv) == 4:
                     rq.max_pdu = struct.unpack(">I", sv)[0]
-                elif sub == 0x52:
-                    rq.implementation_uid = _uid(sv)
     if app_context != APPLICATION_CONTEXT:
         raise ProtocolError(f"application context {app_context!r} is not DICOM's")
     return rq
@@ -186,9 +184,9 @@ def parse_command(data: bytes) -> Command:
     return cmd
 
 
-def _element(elem: int, value: bytes) -> bytes:
+def _element(elem: int, value: bytes, pad: bytes = b"\0") -> bytes:
     if len(value) % 2:
-        value += b"\0"
+        value += pad
     return struct.pack("<HHI", 0x0000, elem, len(value)) + value
 
 
@@ -198,7 +196,7 @@ def response(field: int, message_id: int, status: int, sop_class: str, sop_insta
             _element(0x0120, struct.pack("<H", message_id)), _element(0x0800, struct.pack("<H", NO_DATASET)),
             _element(0x0900, struct.pack("<H", status))]
     if comment:
-        body.append(_element(0x0902, comment.encode("ascii", "replace")[:64]))
+        body.append(_element(0x0902, comment.encode("ascii", "replace")[:64], pad=b" "))  # LO: space
     if sop_instance:
         body.append(_element(0x1000, sop_instance.encode()))
     payload = b"".join(body)

@@ -79,19 +79,24 @@ def cmd_status(args) -> int:
 
 
 def cmd_retire(args) -> int:
-    from node.store.rewrap import keys_in_use
+    from node.store.rewrap import drop_key, keys_in_use
 
     settings = _settings(args)
-    used = keys_in_use(_vault(settings)).get(args.key_id, 0)
+    vault = _vault(settings)
+    if args.key_id == vault.keyring.active:
+        print(f"hilum: {args.key_id} is the active key; rotate first", file=sys.stderr)
+        return 1
+    used = keys_in_use(vault).get(args.key_id, 0)
     if used:
-        print(f"hilum: {used} object(s) are still wrapped under {args.key_id}; run `hilum keys rewrap --wait` "
+        print(f"hilum: {used} object(s) can only be opened with {args.key_id}; run `hilum keys rewrap --wait` "
               "with the node running first", file=sys.stderr)
         return 1
+    dropped = drop_key(vault, args.key_id)
     remove_key(settings.spool_encryption, args.key_id)
     from node.audit import open_audit
 
     open_audit(settings).spool_keys(f"cli {getpass.getuser()}", "retire", {"key": args.key_id})
-    print(f"key {args.key_id} removed from {settings.spool_encryption.key_file}")
+    print(f"key {args.key_id} removed from {settings.spool_encryption.key_file} ({dropped} wrap(s) cleared)")
     return 0
 
 

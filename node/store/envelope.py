@@ -19,6 +19,7 @@ crash in the middle leaves the other slot intact.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -38,6 +39,7 @@ _FIXED = struct.Struct("<8s16sB12sQII")
 # key id (ASCII, NUL padded), wrap nonce, wrapped data key (32 bytes + 16-byte tag), slot crc32
 _SLOT = struct.Struct("<32s12s48sI")
 KEY_ID_MAX = 32
+MAX_PAYLOAD = (1 << 31) - (1 << 20)  # one-shot AES-GCM in `cryptography` takes under 2 GiB
 
 
 class IntegrityError(Exception):
@@ -66,7 +68,8 @@ class Keyring:
         text = text.strip()
         if not text.startswith("{"):
             key = _b64(text, "key")
-            return cls(active="k0", keys={"k0": key})
+            kid = key_id_of(key)
+            return cls(active=kid, keys={kid: key})
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -80,8 +83,19 @@ class Keyring:
                            "keys": {k: base64.b64encode(v).decode() for k, v in self.keys.items()}}, indent=1)
 
     def with_new_active(self) -> "Keyring":
-        kid = f"k{len(self.keys)}-{secrets.token_hex(4)}"
-        return Keyring(active=kid, keys={**self.keys, kid: AESGCM.generate_key(256)})
+        key = AESGCM.generate_key(256)
+        return Keyring(active=key_id_of(key), keys={**self.keys, key_id_of(key): key})
+
+    @classmethod
+    def new(cls) -> "Keyring":
+        key = AESGCM.generate_key(256)
+        return cls(active=key_id_of(key), keys={key_id_of(key): key})
+
+
+def key_id_of(key: bytes) -> str:
+    """A key's id from the key itself: two different keys never share an id, so an object sealed
+    under a key this keyring lacks says "no key", not "tampered"."""
+    return "k" + hashlib.sha256(b"hilum-key-id" + key).hexdigest()[:12]
 
 
 def _b64(value: object, where: str) -> bytes:
@@ -120,14 +134,20 @@ class Sealer:
         return self.keyring is not None
 
     # -- writing ---------------------------------------------------------------------------
-    def seal(self, data: bytes | memoryview) -> bytes:
-        """Header + payload, ready to be written in one go."""
+    def sealed_length(self, n: int) -> int:
+        return HEADER_SIZE + n + (16 if self.keyring is not None else 0)
+
+    def seal(self, data: bytes | memoryview, context: bytes = b"") -> bytes:
+        """Header + payload, ready to be written in one go. ``context`` (where the object lives: a
+        log position, a path) is authenticated with it, so an envelope moved elsewhere fails."""
         data = bytes(data) if isinstance(data, memoryview) else data
+        if len(data) > MAX_PAYLOAD:
+            raise ValueError(f"object of {len(data)} bytes exceeds the spool's {MAX_PAYLOAD}-byte limit")
         if self.keyring is None:
-            header = self._header(MODE_PLAIN, bytes(12), len(data), zlib.crc32(data), None)
+            header = self._header(MODE_PLAIN, bytes(12), len(data), zlib.crc32(data, zlib.crc32(context)), None)
             return header + data
         dek, nonce = AESGCM.generate_key(256), secrets.token_bytes(12)
-        fixed_aad = self._fixed(MODE_AES_GCM, nonce, len(data) + 16, 0)
+        fixed_aad = self._fixed(MODE_AES_GCM, nonce, len(data) + 16, 0) + context
         payload = AESGCM(dek).encrypt(nonce, data, fixed_aad)
         slot = self._wrap(dek, self.keyring.active)
         return self._header(MODE_AES_GCM, nonce, len(payload), 0, slot) + payload
@@ -166,23 +186,28 @@ class Sealer:
             raise IntegrityError(f"unknown mode {mode}")
         return Header(mode, nonce, length, crc, (_slot(head, SECTOR), _slot(head, 2 * SECTOR)))
 
-    def open(self, blob: bytes | memoryview) -> bytes:
-        """The payload of a whole envelope, verified (and decrypted)."""
+    def open(self, blob: bytes | memoryview, context: bytes = b"") -> bytes:
+        """The payload of a whole envelope, verified (and decrypted); ``context`` as when sealed."""
         blob = memoryview(blob)
         h = self.header(bytes(blob[:HEADER_SIZE]))
-        return self.open_payload(h, blob[HEADER_SIZE:])
+        return self.open_payload(h, blob[HEADER_SIZE:], context)
 
-    def open_payload(self, h: Header, payload: bytes | memoryview) -> bytes:
+    def open_payload(self, h: Header, payload: bytes | memoryview, context: bytes = b"") -> bytes:
         if len(payload) != h.length:
             raise IntegrityError(f"payload is {len(payload)} bytes, header says {h.length}")
         if h.mode == MODE_PLAIN:
+            if self.keyring is not None:
+                # A CRC protects against accidents, not against whoever can write the disk: in an
+                # encrypted spool an unencrypted envelope is refused, never trusted.
+                raise IntegrityError("unencrypted object in an encrypted spool")
             data = bytes(payload)
-            if zlib.crc32(data) != h.crc:
-                raise IntegrityError("payload checksum mismatch")
+            if zlib.crc32(data, zlib.crc32(context)) != h.crc:
+                raise IntegrityError("payload checksum mismatch (damaged, or not where it was written)")
             return data
         dek = self._unwrap(h)
         try:
-            return AESGCM(dek).decrypt(h.nonce, bytes(payload), self._fixed(h.mode, h.nonce, h.length, h.crc))
+            return AESGCM(dek).decrypt(h.nonce, bytes(payload),
+                                       self._fixed(h.mode, h.nonce, h.length, h.crc) + context)
         except InvalidTag:
             raise IntegrityError("authentication failed (tampered or truncated payload)") from None
 

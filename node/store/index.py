@@ -154,7 +154,8 @@ class Index:
             c = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             c.row_factory = sqlite3.Row
             c.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before C-STORE Success goes back (durability contract).
+            # FULL for jobs, deliveries, users…; the ingest writer's connection lowers it for instance
+            # rows, which the spool log can rebuild (node/receive/ingest.py).
             c.execute("PRAGMA synchronous=FULL")
             c.execute("PRAGMA foreign_keys=ON")
             self._local.conn = c
@@ -200,9 +201,11 @@ class Index:
         """Drop the row of an instance whose spooled copy retention deleted, so that the same instance
         sent again is stored and routed like a late arrival. False if there was none."""
         c = self.conn()
+        purged = "SELECT series_uid, study_uid FROM instances WHERE sop_uid=? AND purged_at IS NOT NULL"
+        if c.execute(purged, (sop_uid,)).fetchone() is None:  # the common case: no write lock taken
+            return False
         with self.tx(immediate=True):
-            row = c.execute("SELECT series_uid, study_uid FROM instances WHERE sop_uid=? AND purged_at IS NOT NULL",
-                            (sop_uid,)).fetchone()
+            row = c.execute(purged, (sop_uid,)).fetchone()
             if row is None:
                 return False
             c.execute("DELETE FROM instances WHERE sop_uid=?", (sop_uid,))
@@ -585,22 +588,27 @@ class Index:
         return self.conn().execute("SELECT name, role, created_at, updated_at FROM users ORDER BY name").fetchall()
 
     # -- retention ------------------------------------------------------------------------
+    @staticmethod
+    def _purgeable_sql(require_archive: bool) -> str:
+        """1 when an instance's spooled copy may go (see ``purgeable_segments``)."""
+        return f"""(i.purged_at IS NULL
+            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = i.study_uid
+                            AND j.status IN ('pending','running','retrying'))
+            AND EXISTS (SELECT 1 FROM studies s WHERE s.study_uid = i.study_uid AND s.state = 'stable'
+                        AND s.routed_generation >= s.generation AND s.recheck_at IS NULL)
+            AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='original' AND d.sop_uid=i.sop_uid
+                            AND (d.status != 'delivered' OR d.delivered_at > :cut))
+            AND {"EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='original' AND d.sop_uid=i.sop_uid "
+                 "AND d.destination='orthanc')" if require_archive else "i.received_at <= :cut"})"""
+
     def purgeable_segments(self, cutoff: float, require_archive: bool) -> dict[int, list[str]]:
-        """Log segments every referenced instance of which may go: delivered to the archive at or
-        before ``cutoff`` (or, without archive delivery, received before it), and no job of its study
-        pending or running. Returns {segment: [sop_uid, …]}."""
+        """Log segments every referenced instance of which may go: its study routed and idle (no job
+        pending or running, no rule still waiting), every original delivery done at or before
+        ``cutoff`` and the archive among them (or, without archive delivery, received before it).
+        Returns {segment: [sop_uid, …]}."""
         rows = self.conn().execute(
-            f"""SELECT i.sop_uid, i.path,
-                       (i.purged_at IS NULL
-                        AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = i.study_uid
-                                        AND j.status IN ('pending','running','retrying'))
-                        AND EXISTS (SELECT 1 FROM studies s WHERE s.study_uid = i.study_uid AND s.state = 'stable')
-                        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='original' AND d.sop_uid=i.sop_uid
-                                        AND (d.status != 'delivered' OR d.delivered_at > :cut))
-                        AND {"EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='original' AND d.sop_uid=i.sop_uid "
-                             "AND d.destination='orthanc')" if require_archive else "i.received_at <= :cut"}) AS ok
-                FROM instances i WHERE i.path LIKE 'log:%' AND i.purged_at IS NULL""",
-            {"cut": cutoff}).fetchall()
+            f"SELECT i.sop_uid, i.path, {self._purgeable_sql(require_archive)} AS ok "
+            "FROM instances i WHERE i.path LIKE 'log:%' AND i.purged_at IS NULL", {"cut": cutoff}).fetchall()
         by_seg: dict[int, list[str]] = {}
         blocked: set[int] = set()
         for r in rows:
@@ -611,25 +619,29 @@ class Index:
                 blocked.add(seg)
         return {k: v for k, v in by_seg.items() if k not in blocked}
 
-    def instance_locator(self, sop_uid: str) -> str | None:
-        row = self.conn().execute("SELECT path FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
-        return row[0] if row else None
-
     def study_of_instances(self, sop_uids: list[str]) -> list[str]:
         c = self.conn()
         return [r[0] for u in sop_uids for r in c.execute("SELECT study_uid FROM instances WHERE sop_uid=?", (u,))]
 
-    def mark_instances_purged(self, sop_uids: list[str], now: float) -> None:
+    def mark_instances_purged(self, sop_uids: list[str], now: float, cutoff: float, require_archive: bool) -> bool:
+        """Mark them purged if, checked again under the write lock, every one still may go (a job or a
+        retry may have come since ``purgeable_segments``); False, and nothing marked, otherwise."""
+        c = self.conn()
         with self.tx(immediate=True):
-            self.conn().executemany("UPDATE instances SET purged_at=? WHERE sop_uid=?", [(now, u) for u in sop_uids])
+            q = f"SELECT count(*) FROM instances i WHERE i.sop_uid=:u AND {self._purgeable_sql(require_archive)}"
+            if any(c.execute(q, {"u": u, "cut": cutoff}).fetchone()[0] != 1 for u in sop_uids):
+                return False
+            c.executemany("UPDATE instances SET purged_at=? WHERE sop_uid=?", [(now, u) for u in sop_uids])
+        return True
 
     def purgeable_results(self, cutoff: float) -> list[sqlite3.Row]:
-        """Result files every delivery of which succeeded at or before ``cutoff``."""
+        """Result files of jobs finished at or before ``cutoff`` every delivery of which succeeded by then."""
         return self.conn().execute(
             """SELECT r.sop_uid, r.path, j.study_uid FROM results r JOIN jobs j ON j.id = r.job_id
-               WHERE r.purged_at IS NULL
+               WHERE r.purged_at IS NULL AND j.finished_at <= :cut
                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='result' AND d.sop_uid=r.sop_uid
-                                 AND (d.status != 'delivered' OR d.delivered_at > ?))""", (cutoff,)).fetchall()
+                                 AND (d.status != 'delivered' OR d.delivered_at > :cut))""",
+            {"cut": cutoff}).fetchall()
 
     def mark_results_purged(self, sop_uids: list[str], now: float) -> None:
         with self.tx(immediate=True):

@@ -21,11 +21,16 @@ class KeyringError(ConfigError):
     pass
 
 
-def load_keyring(enc: SpoolEncryption | None) -> Keyring | None:
-    """The keyring for ``spool_encryption`` (None: the spool is not encrypted)."""
+def load_keyring(enc: SpoolEncryption | None, data_dir: Path | None = None) -> Keyring | None:
+    """The keyring for ``spool_encryption`` (None: the spool is not encrypted). A missing key file
+    is created only while the spool under ``data_dir`` holds nothing sealed under an older key."""
     if enc is None:
         return None
     if enc.key_file is not None:
+        holds_data = data_dir is not None and any((data_dir / "spool" / "log").glob("*.seg"))
+        if holds_data and not enc.key_file.exists():
+            raise KeyringError(f"spool_encryption.key_file: {enc.key_file} does not exist, but the spool in "
+                               f"{data_dir} holds data: restore the key file (a new key cannot read it)")
         return _from_file(enc.key_file, create=enc.create_key_file)
     if enc.key_env is not None:
         text = os.environ.get(enc.key_env)
@@ -56,7 +61,7 @@ def _from_file(path: Path, create: bool) -> Keyring:
     except FileNotFoundError:
         if not create:
             raise KeyringError(f"{field}: {path} does not exist") from None
-        ring = Keyring(active="k0", keys={"k0": secrets.token_bytes(32)})
+        ring = Keyring.new()
         write_keyring(path, ring, exclusive=True)
         return ring
     if not stat.S_ISREG(st.st_mode):

@@ -60,8 +60,8 @@ def _purge_originals(settings: Settings, index: Index, vault: Vault, audit: Audi
         if not _only_purgeable(vault, index, seg, set(sops)):
             continue
         studies = Counter(index.study_of_instances(sops))
-        index.mark_instances_purged(sops, now)
-        vault.log.forget(seg)
+        if not index.mark_instances_purged(sops, now, cutoff, require_archive):
+            continue  # something needs them again since the first look
         try:
             vault.log.path(seg).unlink()
         except FileNotFoundError:

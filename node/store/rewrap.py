@@ -2,8 +2,10 @@
 
 Payloads are never moved or re-encrypted and locators never change, so reception, jobs and
 deliveries go on while this runs. For each object the new wrap goes into the header slot not in
-use and is synced; only then is the old wrap cleared (and synced), so a crash at any point leaves
-at least one valid wrap. Objects written meanwhile are sealed under the active key already.
+use and is synced; the old wrap stays, so a job that started before the rotation (its worker
+holds the old keyring) still reads everything. ``drop_key`` clears the old wraps when the old
+key is retired. Objects written meanwhile are sealed under the active key already; one caught
+half-way is found by the next pass.
 """
 from __future__ import annotations
 
@@ -44,11 +46,11 @@ def _objects(vault: Vault) -> Iterator[tuple[Path, list[int]]]:
                     yield p, [0]
 
 
-def rewrap_all(vault: Vault, drop_old: bool = True) -> RewrapReport:
+def rewrap_all(vault: Vault, drop_old: bool = False) -> RewrapReport:
     """Bring every sealed object under the active key; with ``drop_old``, clear the old wraps."""
     rep = RewrapReport()
     if vault.writer is not None:
-        vault.writer.quiesce()  # appends reserved under the previous key are on disk
+        vault.writer.quiesce()  # appends sealed under the previous key are on disk (else: next pass)
     for path, offsets in _objects(vault):
         try:
             fd = os.open(path, os.O_RDWR)
@@ -96,20 +98,56 @@ def _rewrap_file(vault: Vault, fd: int, path: Path, offsets: list[int], drop_old
         os.fsync(fd)
     for off in offsets:
         try:
-            rep.keys_in_use.update(sealer.header(os.pread(fd, HEADER_SIZE, off)).key_ids())
+            rep.keys_in_use[_needs(sealer.header(os.pread(fd, HEADER_SIZE, off)), sealer)] += 1
         except IntegrityError:
             pass
 
 
+def _needs(h, sealer) -> str:
+    """The key an object needs: the active one if it is wrapped under it, else its (only) other one."""
+    ids = h.key_ids()
+    active = sealer.keyring.active if sealer.keyring else None
+    if not ids:
+        return "none (unencrypted)"
+    return active if active in ids else sorted(ids)[0]
+
+
 def keys_in_use(vault: Vault) -> Counter:
-    """Key id → number of objects wrapped under it (what `hilum keys retire` checks)."""
+    """Key id → number of objects that need it (the active key where they have its wrap): what
+    `hilum keys retire` checks, and what a rotation should bring down to zero for the old key."""
     used: Counter = Counter()
     for path, offsets in _objects(vault):
         with open(path, "rb") as f:
             for off in offsets:
                 f.seek(off)
                 try:
-                    used.update(vault.sealer.header(f.read(HEADER_SIZE)).key_ids())
+                    used[_needs(vault.sealer.header(f.read(HEADER_SIZE)), vault.sealer)] += 1
                 except IntegrityError:
                     pass
     return used
+
+
+def drop_key(vault: Vault, kid: str) -> int:
+    """Clear every wrap under ``kid`` where the active key's wrap is there too; returns how many."""
+    dropped = 0
+    for path, offsets in _objects(vault):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            changed = False
+            for off in offsets:
+                try:
+                    clear = vault.sealer.drop_slot(os.pread(fd, HEADER_SIZE, off), kid)
+                except IntegrityError:
+                    continue
+                if clear is not None:
+                    os.pwrite(fd, clear[1], off + clear[0])
+                    dropped += 1
+                    changed = True
+            if changed:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    return dropped

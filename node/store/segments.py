@@ -27,8 +27,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from node.receive.spool import write_durable
 from node.store.envelope import HEADER_SIZE, MAGIC, Header, IntegrityError, Sealer
 
 log = logging.getLogger("hilum.spool")
@@ -71,34 +72,15 @@ def _fsync_dir(d: Path) -> None:
 
 
 class SegmentReader:
-    """Reads records by locator (any process: the node, job workers)."""
+    """Reads records by locator (any process: the node, job workers). Each read opens the
+    segment afresh: a cached descriptor closed by retention could be reused by another file."""
 
     def __init__(self, root: Path, sealer: Sealer) -> None:
         self.root = root
         self.sealer = sealer
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
 
     def path(self, segment: int) -> Path:
         return self.root / f"{segment:08d}.seg"
-
-    def _fd(self, segment: int) -> int:
-        with self._lock:
-            fd = self._fds.get(segment)
-            if fd is None:
-                fd = os.open(self.path(segment), os.O_RDONLY)
-                self._fds[segment] = fd
-            return fd
-
-    def forget(self, segment: int) -> None:
-        with self._lock:
-            fd = self._fds.pop(segment, None)
-        if fd is not None:
-            os.close(fd)
-
-    def close(self) -> None:
-        for seg in list(self._fds):
-            self.forget(seg)
 
     def read(self, locator: str) -> tuple[dict, bytes]:
         """(meta, DICOM bytes) of one record, verified."""
@@ -107,33 +89,43 @@ class SegmentReader:
             raise ValueError(f"not a log locator: {locator!r}")
         segment, offset, length = where
         try:
-            blob = os.pread(self._fd(segment), length, offset)
+            fd = os.open(self.path(segment), os.O_RDONLY)
         except FileNotFoundError:
             raise IntegrityError(f"segment {segment} is gone (purged by retention?)") from None
+        try:
+            blob = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
         if len(blob) != length:
             raise IntegrityError(f"{locator}: truncated ({len(blob)} of {length} bytes)")
-        return split_payload(self.sealer.open(blob))
+        return split_payload(self.sealer.open(blob, locator_context(segment, offset)))
 
     def segments(self) -> list[int]:
         return sorted(int(p.stem) for p in self.root.glob("*.seg") if p.stem.isdigit())
 
     def scan(self, segment: int) -> Iterator[Record]:
         """Every record of a segment, stepping over holes left by a crash."""
-        fd = self._fd(segment)
-        end = os.fstat(fd).st_size
-        off = BLOCK
-        while off + HEADER_SIZE <= end:
-            head = os.pread(fd, HEADER_SIZE, off)
-            try:
-                h = self.sealer.header(head)
-            except IntegrityError:
-                off = self._probe(fd, off + BLOCK, end)
-                continue
-            length = HEADER_SIZE + h.length
-            if off + length > end:
-                break
-            yield Record(locator_of(segment, off, length), segment, off, length, h)
-            off += _align(length)
+        try:
+            fd = os.open(self.path(segment), os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            end = os.fstat(fd).st_size
+            off = BLOCK
+            while off + HEADER_SIZE <= end:
+                head = os.pread(fd, HEADER_SIZE, off)
+                try:
+                    h = self.sealer.header(head)
+                except IntegrityError:
+                    off = self._probe(fd, off + BLOCK, end)
+                    continue
+                length = HEADER_SIZE + h.length
+                if off + length > end:
+                    break
+                yield Record(locator_of(segment, off, length), segment, off, length, h)
+                off += _align(length)
+        finally:
+            os.close(fd)
 
     def _probe(self, fd: int, off: int, end: int) -> int:
         """The next 4 KiB boundary at or after ``off`` that starts with this spool's magic + salt."""
@@ -146,6 +138,11 @@ class SegmentReader:
                     return off + pos
             off += len(buf)
         return end
+
+
+def locator_context(segment: int, offset: int) -> bytes:
+    """What a log record's envelope is bound to: its place (a record copied elsewhere fails)."""
+    return f"log:{segment}:{offset}".encode()
 
 
 def split_payload(payload: bytes) -> tuple[dict, bytes]:
@@ -184,18 +181,30 @@ class SegmentWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self._cond = threading.Condition()
         self._cur: _Segment | None = None
-        self._next_number = max(reader.segments(), default=0) + 1
+        # Numbers are never reused (a purged segment's locators stay in the index as history):
+        # the high-water mark is kept durably beside the segments.
+        self._mark = self.root / "next-segment"
+        try:
+            marked = int(self._mark.read_text())
+        except (FileNotFoundError, ValueError):
+            marked = 1
+        self._next_number = max(max(reader.segments(), default=0) + 1, marked)
         self._closed = False
         self._fill_error: OSError | None = None  # the last zero-fill failed (disk full): fail fast
+        self._want = 0  # the largest record a writer is waiting to place
         self._inflight: dict[int, int] = {}  # segment → appends reserved but not yet written
         self._preparer = threading.Thread(target=self._prepare_loop, name="spool-preparer", daemon=True)
         self._preparer.start()
 
     # -- appending -------------------------------------------------------------------------
-    def append(self, sealed: bytes) -> str:
-        """Write one sealed envelope durably; returns its locator."""
-        seg, off = self._reserve(len(sealed))
+    def append(self, length: int, build: Callable[[int, int], bytes]) -> str:
+        """Reserve ``length`` bytes, have ``build(segment, offset)`` make the envelope for that place,
+        write it durably; returns its locator."""
+        seg, off = self._reserve(length)
         try:
+            sealed = build(seg.number, off)
+            if len(sealed) != length:
+                raise ValueError(f"envelope is {len(sealed)} bytes, {length} reserved")
             view = memoryview(sealed)
             pos = off
             while view:
@@ -205,7 +214,7 @@ class SegmentWriter:
             with self._cond:
                 self._inflight[seg.number] -= 1
                 self._cond.notify_all()
-        return locator_of(seg.number, off, len(sealed))
+        return locator_of(seg.number, off, length)
 
     def _reserve(self, n: int, wait_s: float = 30.0) -> tuple[_Segment, int]:
         need = _align(n)
@@ -223,6 +232,7 @@ class SegmentWriter:
                     self._inflight[cur.number] = self._inflight.get(cur.number, 0) + 1
                     self._cond.notify_all()  # the preparer keeps space ahead
                     return cur, off
+                self._want = max(self._want, need)  # the preparer sizes its next chunk for this
                 self._cond.notify_all()
                 if self._fill_error is not None:
                     raise OSError(errno.ENOSPC, f"spool space cannot be prepared: {self._fill_error.strerror}")
@@ -234,17 +244,26 @@ class SegmentWriter:
         """A new segment (called under the lock; rare: at start-up and every max_segment bytes)."""
         number = self._next_number
         self._next_number += 1
+        write_durable(self._mark, str(self._next_number).encode())
         path = self.reader.path(number)
-        fill_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        head = bytearray(BLOCK)
-        ident = SEGMENT_MAGIC + self.reader.sealer.salt + struct.pack("<Q", number)
-        head[: len(ident)] = ident
-        os.pwrite(fill_fd, bytes(head), 0)
         size = BLOCK + max(self.first_chunk, _align(need))
-        _zero_fill(fill_fd, BLOCK, size)
-        os.fsync(fill_fd)
-        _fsync_dir(self.root)
-        fd = os.open(path, os.O_RDWR | os.O_DSYNC)
+        fill_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if not self._room_for(size):
+                raise OSError(errno.ENOSPC, "no room for a new spool segment")
+            head = bytearray(BLOCK)
+            ident = SEGMENT_MAGIC + self.reader.sealer.salt + struct.pack("<Q", number)
+            head[: len(ident)] = ident
+            os.pwrite(fill_fd, bytes(head), 0)
+            _zero_fill(fill_fd, BLOCK, size)
+            os.fsync(fill_fd)
+            _fsync_dir(self.root)
+            fd = os.open(path, os.O_RDWR | os.O_DSYNC)
+        except OSError as exc:
+            os.close(fill_fd)
+            path.unlink(missing_ok=True)
+            self._fill_error = exc
+            raise
         old, self._cur = self._cur, _Segment(number, fd, fill_fd, size)
         if old is not None:
             threading.Thread(target=self._retire, args=(old,), daemon=True).start()
@@ -259,10 +278,6 @@ class SegmentWriter:
         os.close(seg.fd)
         os.close(seg.fill_fd)
 
-    def current_segment(self) -> int | None:
-        with self._cond:
-            return self._cur.number if self._cur else None
-
     def close_segment(self, number: int) -> None:
         """No more appends into segment ``number`` (the next append starts a new one); returns once
         appends already reserved in it are written."""
@@ -273,11 +288,10 @@ class SegmentWriter:
             while self._inflight.get(number, 0):
                 self._cond.wait(1.0)
 
-    def quiesce(self) -> None:
-        """Wait until every append reserved so far has been written."""
+    def quiesce(self, timeout: float = 60.0) -> bool:
+        """Wait (at most ``timeout``) until no append is under way; False if it never happened."""
         with self._cond:
-            while any(self._inflight.values()):
-                self._cond.wait(1.0)
+            return self._cond.wait_for(lambda: not any(self._inflight.values()), timeout)
 
     # -- keeping zero-filled space ahead ---------------------------------------------------
     def _prepare_loop(self) -> None:
@@ -290,11 +304,11 @@ class SegmentWriter:
                 seg = self._cur
                 start = seg.prepared
                 chunk = min(self.max_chunk, max(self.first_chunk, start // 2), self.max_segment - start)
+                chunk = max(chunk, _align(self._want - (seg.prepared - seg.alloc)))
                 seg.filling = True
             failed = None
             try:
-                # Never take the last free space: the index and the logs need it more than the spool.
-                if shutil.disk_usage(self.root).free - chunk < self.headroom:
+                if not self._room_for(chunk):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 _zero_fill(seg.fill_fd, start, start + chunk)
                 os.fsync(seg.fill_fd)
@@ -305,12 +319,21 @@ class SegmentWriter:
                 self._fill_error = failed
                 if failed is None and seg is self._cur:
                     seg.prepared = start + chunk
+                    if seg.prepared - seg.alloc >= self._want:
+                        self._want = 0
                 self._cond.notify_all()
                 if failed is not None:
                     log.error("cannot extend spool segment %d: %s", seg.number, failed)
                     self._cond.wait(5.0)
 
+    def _room_for(self, n: int) -> bool:
+        """Never take the last free space: the index and the logs need it more than the spool."""
+        usage = shutil.disk_usage(self.root)
+        return usage.free - n >= min(self.headroom, usage.total // 10)
+
     def _ahead_ok(self, seg: _Segment) -> bool:
+        if seg.prepared - seg.alloc < self._want:
+            return False
         if seg.prepared >= self.max_segment:
             return True
         return seg.prepared - seg.alloc >= min(self.max_chunk, max(2 * self.first_chunk, seg.prepared // 4))
@@ -321,6 +344,9 @@ class SegmentWriter:
             self._cond.notify_all()
         self._preparer.join(timeout=10)
         self.quiesce()
+        with self._cond:
+            while self._cur is not None and self._cur.filling:
+                self._cond.wait(1.0)
         if self._cur is not None:
             os.close(self._cur.fd)
             os.close(self._cur.fill_fd)

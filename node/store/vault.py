@@ -16,7 +16,7 @@ from pathlib import Path
 
 from node.receive.spool import write_durable
 from node.store.envelope import MAGIC, IntegrityError, Keyring, Sealer, new_salt
-from node.store.segments import SegmentReader, SegmentWriter, join_payload, parse_locator
+from node.store.segments import SegmentReader, SegmentWriter, join_payload, locator_context, parse_locator
 
 __all__ = ["IntegrityError", "Vault", "VaultSpec"]
 
@@ -58,19 +58,28 @@ class Vault:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        self.log.close()
 
     # -- received instances ---------------------------------------------------------------
     def append(self, data: bytes | memoryview, meta: dict) -> str:
         """Seal and durably append one received instance; ``meta`` (who sent it) rides along."""
         if self.writer is None:
             raise RuntimeError("this vault is read-only")
-        return self.writer.append(self.sealer.seal(join_payload(meta, data)))
+        payload = join_payload(meta, data)
+        return self.writer.append(self.sealer.sealed_length(len(payload)),
+                                  lambda seg, off: self.sealer.seal(payload, locator_context(seg, off)))
 
     # -- files ----------------------------------------------------------------------------
     def write_file(self, path: Path, data: bytes | memoryview) -> None:
         """Seal ``data`` into ``path`` durably (file fsync'ed; the caller fsyncs the directory)."""
-        write_durable(path, self.sealer.seal(data))
+        write_durable(path, self.sealer.seal(data, self._file_context(path)))
+
+    def _file_context(self, path: Path) -> bytes:
+        """A sealed file is bound to its path under the data directory (moved elsewhere, it fails)."""
+        p = Path(path).absolute()
+        try:
+            return str(p.relative_to(self.data_dir.absolute())).encode()
+        except ValueError:
+            return str(p).encode()
 
     # -- reading --------------------------------------------------------------------------
     def read(self, locator: str) -> bytes:
@@ -109,7 +118,7 @@ class Vault:
         except FileNotFoundError:
             raise IntegrityError(f"{path} is gone (purged by retention?)") from None
         if blob[: len(MAGIC)] == MAGIC:
-            return self.sealer.open(blob)
+            return self.sealer.open(blob, self._file_context(path))
         if self.sealer.encrypting:
             # An unsealed file where only sealed ones are written: planted or left from before
             # encryption was turned on. Never hand it out as if it were ours.
