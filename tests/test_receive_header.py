@@ -87,7 +87,7 @@ def test_anything_unsure_is_left_to_pydicom(case):
 def test_compressed_instances_are_read_too(tmp_path):
     from node.phantom import generate_ct
 
-    study = generate_ct(tmp_path / "rle", seed=2, rows=32, cols=32, slices=3, transfer_syntax="rle")
+    study = generate_ct(tmp_path / "rle", seed=2, rows=32, cols=32, slices=3, nodules=0, transfer_syntax="rle")
     for f in sorted(study.dicom_dir.iterdir()):
         raw = f.read_bytes()
         got = read_header(raw)
