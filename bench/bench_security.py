@@ -6,6 +6,7 @@ Run: .venv/bin/python bench/bench_security.py [--instances 40] [--runs 3] [--siz
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -118,6 +119,23 @@ def bench_store(size: int, instances: int, runs: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def bench_seal(nbytes: int, n: int = 500) -> dict[str, float]:
+    """Sealing one spooled instance (node/store/envelope.py): CRC only, and AES-256-GCM + key wrap."""
+    from node.store.envelope import Keyring, Sealer
+
+    data = os.urandom(nbytes)
+    out = {}
+    for name, ring in (("crc", None), ("aes-gcm", Keyring.new())):
+        sealer = Sealer(os.urandom(16), ring)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            sealer.seal(data, b"log:1:4096")
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times) * 1e3
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--instances", type=int, default=40)
@@ -128,6 +146,7 @@ def main() -> int:
     append_ms, verify_ms = bench_audit(args.audit_entries)
     deid_ms = bench_deid(args.size, 30)
     store = bench_store(args.size, args.instances, args.runs)
+    seal = {n: bench_seal(n) for n in (290_000, 525_000)}
     mb = args.instances * args.size * args.size * 2 / 1e6
     print("| measure | median |")
     print("| --- | --- |")
@@ -139,6 +158,9 @@ def main() -> int:
         print(f"| C-STORE {args.instances} x {args.size}x{args.size} CT, {kind} | {s:.2f} s "
               f"({args.instances / s:.0f} inst/s, {mb / s:.0f} MB/s) |")
     print(f"| TLS / plain time ratio | {store['tls'] / store['plain']:.2f} |")
+    for n, t in seal.items():
+        print(f"| seal one {n // 1000} KB spooled instance: CRC only / AES-256-GCM + key wrap | "
+              f"{t['crc']:.3f} / {t['aes-gcm']:.3f} ms |")
     return 0
 
 
