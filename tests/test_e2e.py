@@ -96,13 +96,15 @@ def test_sigkill_mid_study_loses_nothing_and_delivers_once(ct, tmp_path):
     # A quiet period longer than the restart: the study must not complete half-received.
     node = NodeProcess(tmp_path / "data", rules, stable_after=60.0).start()
     try:
+        import os
         import subprocess
 
-        from tests.nodeproc import DCMTK_ENV
-
         files = sorted(ct.dicom_dir.iterdir())
+        # Without TCP_NODELAY storescu stalls ~40 ms per instance (Nagle + delayed ACK): slow enough
+        # that the kill lands in the middle of the study.
+        slow = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
         sender = subprocess.Popen(["storescu", "-aet", "MOD", "-aec", "HILUM", "127.0.0.1", str(node.dicom_port),
-                                   *map(str, files)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                                   *map(str, files)], env=slow, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         from node.store.index import Index
 

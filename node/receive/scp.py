@@ -230,7 +230,20 @@ class _Association:
             self.sock.sendall(ul.abort())
         except OSError:
             pass
+        self._linger()
         raise _Aborted(why)
+
+    def _linger(self, artim_s: float = 5.0) -> None:
+        """Let the peer close first (PS3.8 ARTIM): closing at once could reset the connection and
+        destroy the last PDU (an RJ, an RP, an A-ABORT) before the peer has read it."""
+        try:
+            self.sock.settimeout(artim_s)
+            if not isinstance(self.sock, ssl.SSLSocket):
+                self.sock.shutdown(socket.SHUT_WR)
+            while self.sock.recv(65536):
+                pass
+        except (OSError, ValueError):
+            pass
 
     def run(self) -> None:
         kind, body = self._read_pdu(MAX_RQ_PDU)
@@ -257,6 +270,7 @@ class _Association:
             (result, source, reason), why = verdict
             log.warning("association rejected: %s", why, extra={"calling_ae": rq.calling_ae, "source_ip": self.ip})
             self.sock.sendall(ul.associate_rj(result, source, reason))
+            self._linger()
             return False
         results = []
         for cid, abstract, tss in rq.contexts:
@@ -286,6 +300,7 @@ class _Association:
             kind, body = self._read_pdu()
             if kind == ul.RELEASE_RQ:
                 self.sock.sendall(ul.release_rp())
+                self._linger()
                 return
             if kind == ul.ABORT:
                 raise _Aborted("aborted by the peer")
