@@ -6,10 +6,11 @@ returns typed results (``node.results``). It never writes DICOM and never opens 
 """
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 from abc import ABC, abstractmethod
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -21,6 +22,7 @@ __all__ = [
     "HandlerInput",
     "HandlerRefusal",
     "NoParams",
+    "PriorStudy",
     "Progress",
     "register",
     "get_handler",
@@ -43,9 +45,28 @@ class NoParams(BaseModel):
 
 
 @dataclass(eq=False)
+class PriorStudy:
+    """An earlier study of the same patient, handed to a job whose rule asks for priors.
+
+    ``source`` says where it came from: ``node`` (already received here) or the name of the
+    PACS source it was retrieved from. ``acquired`` is the study's date and time (StudyDate +
+    StudyTime, falling back to the series' acquisition date), what follow-up intervals use.
+    """
+
+    study_uid: str
+    acquired: dt.datetime | None
+    series: list[SeriesData]
+    source: str = "node"
+
+
+@dataclass(eq=False)
 class HandlerInput:
     study_uid: str
     series: list[SeriesData]  # a series-level rule gives one; a study-level rule all of the study's
+    # The same patient's earlier studies, most recent first (empty unless the rule asks for priors).
+    priors: list[PriorStudy] = field(default_factory=list)
+    # Why priors are missing or incomplete when the rule asked for them (e.g. timed out), else None.
+    priors_note: str | None = None
 
     @property
     def primary(self) -> SeriesData:
