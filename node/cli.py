@@ -121,7 +121,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"{'study':<48} {'inst':>5} {'stable':<6} jobs")
     for s in studies:
-        jobs = ", ".join(f"{j['handler']}:{j['status']}" for j in s["jobs"]) or "-"
+        jobs = ", ".join(f"{j['handler']}:{j['status']}" + (f" ({len(j['quality_warnings'])} quality warning(s))"
+                                                              if j["quality_warnings"] else "")
+                         for j in s["jobs"]) or "-"
         print(f"{s['study_uid'][:48]:<48} {s['instances_received']:>5} {str(s['stable']).lower():<6} {jobs}")
     print(f"duplicates {index.stat('duplicates')}, quarantined {index.stat('quarantined')}")
     return 0

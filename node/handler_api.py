@@ -107,9 +107,17 @@ class Handler(ABC):
             if self.needs_volume and s.volume is None:
                 raise HandlerRefusal(f"{self.name} needs a regular 3-D volume: {s.volume_error or 'no pixel data'}")
 
+    def assess_input(self, inp: HandlerInput) -> list:
+        """Quality flags (``node.results.QualityFlag``, kind ``domain``) for input this handler runs on
+        but was not validated for, e.g. a model's card domain. Called by the node after ``check`` and
+        before ``run``: by the rule's policy the job is refused before any compute, or runs and every
+        result carries the warning. The default has no domain to compare against."""
+        return []
+
     @abstractmethod
     def run(self, inp: HandlerInput, progress: Progress) -> list:
-        """Compute; return node.results objects (never DICOM)."""
+        """Compute; return node.results objects (never DICOM), with a ``QualityFlag`` for every
+        plausibility or confidence check the output failed."""
 
 
 _REGISTRY: dict[str, type[Handler]] = {}

@@ -24,6 +24,8 @@ __all__ = [
     "MeasurementReport",
     "ImageSeries",
     "TextFinding",
+    "QualityFlag",
+    "QUALITY_KINDS",
     "Result",
     "SCT",
 ]
@@ -260,6 +262,41 @@ class TextFinding:
             raise ValueError("TextFinding.text is empty")
 
 
+# What a quality flag is about: the output failed a plausibility check, the input lies outside the
+# domain the method was validated on, or the method's own confidence is below its threshold.
+QUALITY_KINDS = frozenset({"plausibility", "domain", "confidence"})
+
+
+@dataclass(frozen=True)
+class QualityFlag:
+    """A check the result (or its input) failed. Not encoded by itself: the node reads the flags and,
+    by the rule's ``on_quality_failure``, refuses the job (default) or delivers with the warning
+    written into every object (SR text finding, SEG/RTSTRUCT/SC descriptions) and the console.
+
+    ``check`` is a stable identifier (``lung_slice_gap``), ``reason`` a sentence naming what was found
+    and the threshold it broke, ``structure`` the segment or finding concerned, if any.
+    """
+
+    check: str
+    reason: str
+    kind: str = "plausibility"
+    structure: str | None = None
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", self.check or ""):
+            raise ValueError(f"QualityFlag.check must be a lower-case identifier, got {self.check!r}")
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise ValueError("QualityFlag.reason is empty")
+        if self.kind not in QUALITY_KINDS:
+            raise ValueError(f"QualityFlag.kind must be one of {sorted(QUALITY_KINDS)}, got {self.kind!r}")
+
+    @property
+    def text(self) -> str:
+        """One line for people: '<kind> check <check> failed [for <structure>]: <reason>'."""
+        about = f" for {self.structure}" if self.structure else ""
+        return f"{self.kind} check {self.check} failed{about}: {self.reason}"
+
+
 Result = LabelMap | MeasurementReport | ImageSeries | TextFinding
 
 
@@ -272,7 +309,7 @@ class ResultSet:
     def __post_init__(self) -> None:
         labels = {s.label for r in self.items if isinstance(r, LabelMap) for s in r.segments}
         for r in self.items:
-            if not isinstance(r, (LabelMap, MeasurementReport, ImageSeries, TextFinding)):
+            if not isinstance(r, (LabelMap, MeasurementReport, ImageSeries, TextFinding, QualityFlag)):
                 raise TypeError(f"handler returned {type(r).__name__}, not a node.results type")
             if isinstance(r, MeasurementReport):
                 for g in r.groups:
@@ -281,3 +318,12 @@ class ResultSet:
                             f"MeasurementGroup {g.tracking_id!r} references segment {g.segment_label} "
                             "that no LabelMap in the result defines"
                         )
+
+    @property
+    def flags(self) -> list[QualityFlag]:
+        return [r for r in self.items if isinstance(r, QualityFlag)]
+
+    @property
+    def outputs(self) -> list:
+        """What the encoders turn into DICOM (everything but the quality flags)."""
+        return [r for r in self.items if not isinstance(r, QualityFlag)]

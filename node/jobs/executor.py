@@ -118,6 +118,7 @@ class LocalProcessExecutor(Executor):
             handler=job["handler"], params=json.loads(job["params_json"]),
             series={u: self.index.instance_paths(u) for u in uids},
             results_dir=str(self.settings.data_dir / "results"), vault=self.vault.spec(),
+            options=json.loads(job["options_json"]),
         )
 
     def _run(self, slot: int, job) -> None:

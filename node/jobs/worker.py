@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.encoders.context import EncodeContext
+from node.encoders.warnings import mark_warnings
 from node.handler_api import HandlerInput, HandlerRefusal, get_handler
+from node.jobs.quality import QualityPolicy, warning_findings
 from node.receive.spool import fsync_dirs
 from node.results import ResultSet
 from node.store.vault import IntegrityError, Vault, VaultSpec
@@ -34,6 +36,7 @@ class JobSpec:
     vault: VaultSpec
     series_number: int = 9000
     extra: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # from the rule: on_quality_failure
 
 
 class SpoolIntegrityError(Exception):
@@ -59,6 +62,7 @@ def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
 
     cls = get_handler(spec.handler)
     handler = cls(spec.params)
+    policy = QualityPolicy(spec.options)
     vault = _vault(spec.vault)
     progress(0.0, "loading series")
     try:
@@ -70,18 +74,24 @@ def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
                                   f"(copy kept in {where or 'nowhere: quarantine not writable'})") from None
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()))
     handler.check(inp)
+    domain_flags = list(handler.assess_input(inp))
+    policy.enforce(domain_flags, "the input")  # before any compute: refused out of the validated domain
     progress(0.05, "running handler")
 
     def handler_progress(fraction: float, message: str) -> None:
         progress(0.05 + 0.85 * max(0.0, min(1.0, fraction)), message)
 
-    results = ResultSet(list(handler.run(inp, handler_progress)))
+    results = ResultSet(domain_flags + list(handler.run(inp, handler_progress)))
+    flags = results.flags
+    policy.enforce(flags, "the result")
+    warnings = [f.text for f in flags]
     progress(0.9, "encoding DICOM")
     ctx = EncodeContext(
         job_key=spec.job_key, rule=spec.rule, handler=cls.name, handler_version=cls.version,
         model_name=cls.model_name, model_version=cls.model_version, series_number=spec.series_number,
     )
-    datasets = encode_all(results.items, sources, ctx)
+    datasets = encode_all(results.outputs + warning_findings(flags, inp.primary.series_uid), sources, ctx)
+    mark_warnings(datasets, warnings)
     out_dir = Path(spec.results_dir) / str(spec.job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = []
@@ -95,8 +105,11 @@ def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
             "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
         })
     fsync_dirs({out_dir})
-    progress(1.0, f"{len(meta)} result object(s)")
-    return meta, dict(handler.provenance)
+    progress(1.0, f"{len(meta)} result object(s)" + (f", {len(warnings)} quality warning(s)" if warnings else ""))
+    provenance = dict(handler.provenance)
+    if warnings:
+        provenance["quality_warnings"] = warnings
+    return meta, provenance
 
 
 def worker_main(conn, memory_mb: int) -> None:

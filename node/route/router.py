@@ -134,7 +134,7 @@ class Router:
                 job_key=job_key(a.rule, study_uid, series_uid, a.handler, gen), study_uid=study_uid,
                 series_uid=series_uid, level=a.level, rule=a.rule, handler=a.handler, params=dict(a.params),
                 destinations=list(a.destinations), priority=a.priority, timeout_s=a.timeout, generation=gen,
-                note=note,
+                note=note, options={"on_quality_failure": a.on_quality_failure},
             )
             if jid is not None:
                 created += 1

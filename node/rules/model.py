@@ -52,6 +52,9 @@ class RuleSpec(BaseModel):
     stable_after: float | None = None  # seconds without new instances before the series/study counts as complete
     priority: Literal["urgent", "normal", "offpeak"] = "normal"
     timeout: float | None = None  # seconds a job may run
+    # A result that fails a quality check (plausibility, validated domain, confidence): refuse the job
+    # (nothing delivered), or deliver with the warning in every object and on the console.
+    on_quality_failure: Literal["refuse", "deliver_with_warnings"] = "refuse"
 
     @field_validator("handler", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ class Action:
     priority: str = "normal"  # "urgent", "normal" or "offpeak"
     timeout: float | None = None  # seconds
     stable_after: float | None = None  # seconds
+    on_quality_failure: str = "refuse"  # or "deliver_with_warnings"
 
     def describe(self) -> str:
         parts = []
@@ -37,6 +38,8 @@ class Action:
             extras.append(f"timeout {self.timeout:g} s")
         if self.stable_after:
             extras.append(f"stable after {self.stable_after:g} s")
+        if self.handler and self.on_quality_failure != "refuse":
+            extras.append("delivered with warnings when a quality check fails")
         return "; ".join(parts) + (f" ({', '.join(extras)})" if extras else "")
 
     def to_dict(self) -> dict:

@@ -112,6 +112,10 @@ MIGRATIONS: list[str] = [
         started_at REAL, finished_at REAL, detail TEXT
     )
     """,
+    # 5: per-job options taken from the rule (what to do when a quality check fails)
+    """
+    ALTER TABLE jobs ADD COLUMN options_json TEXT NOT NULL DEFAULT '{}'
+    """,
 ]
 
 TERMINAL_JOB = ("done", "failed")
@@ -333,15 +337,17 @@ class Index:
     # -- jobs -----------------------------------------------------------------------------
     def add_job(self, *, job_key: str, study_uid: str, series_uid: str | None, level: str, rule: str,
                 handler: str, params: dict, destinations: list[str], priority: str, timeout_s: float | None,
-                generation: int, note: str) -> int | None:
+                generation: int, note: str, options: dict | None = None) -> int | None:
         """Create a job unless one with the same key exists (idempotent routing). Returns its id or None."""
         now = time.time()
         cur = self.conn().execute(
             """INSERT OR IGNORE INTO jobs(job_key, study_uid, series_uid, level, rule, handler, params_json,
-                   destinations_json, priority, timeout_s, generation, status, history_json, created_at)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?,'pending',?,?)""",
+                   destinations_json, priority, timeout_s, generation, status, history_json, created_at,
+                   options_json)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,'pending',?,?,?)""",
             (job_key, study_uid, series_uid, level, rule, handler, json.dumps(params), json.dumps(destinations),
-             priority, timeout_s, generation, json.dumps([{"at": now, "event": "created", "note": note}]), now),
+             priority, timeout_s, generation, json.dumps([{"at": now, "event": "created", "note": note}]), now,
+             json.dumps(options or {}, sort_keys=True)),
         )
         return cur.lastrowid if cur.rowcount else None
 

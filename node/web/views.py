@@ -15,7 +15,16 @@ def study_summary(row) -> dict:
     }
 
 
+def quality_warnings(history: list[dict]) -> list[str]:
+    """The warnings of the job's latest run (a job delivered despite a failed quality check)."""
+    for event in reversed(history):
+        if event.get("event") == "done":
+            return list((event.get("provenance") or {}).get("quality_warnings", []))
+    return []
+
+
 def job_view(index: Index, job) -> dict:
+    history = json.loads(job["history_json"])
     deliveries: dict[str, dict[str, str]] = {}
     for d in index.deliveries_of_job(job["id"]):
         deliveries.setdefault(d["sop_uid"], {})[d["destination"]] = d["status"]
@@ -24,7 +33,7 @@ def job_view(index: Index, job) -> dict:
         "error": job["error"], "study_uid": job["study_uid"], "series_uid": job["series_uid"],
         "progress": job["progress"], "message": job["message"], "attempts": job["attempts"],
         "created_at": job["created_at"], "started_at": job["started_at"], "finished_at": job["finished_at"],
-        "history": json.loads(job["history_json"]),
+        "history": history, "quality_warnings": quality_warnings(history),
         "results": [
             {"sop_class_uid": r["sop_class_uid"], "sop_instance_uid": r["sop_uid"],
              "series_instance_uid": r["series_uid"], "modality": r["modality"],

@@ -47,7 +47,8 @@ function jobRow(job) {
       ` ${pct} % `, job.message || ''),
     el('td', {}, `attempt ${job.attempts}`),
     el('td', {class: 'deliveries'}, deliverySummary(job)),
-    el('td', {class: 'error job-error'}, job.error || ''),
+    el('td', {class: 'error job-error'}, job.error || '',
+      ...(job.quality_warnings || []).map((w) => el('div', {class: 'job-warning'}, `⚠ ${w}`))),
     el('td', {}, retry));
 }
 
