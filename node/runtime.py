@@ -21,6 +21,7 @@ from node.encoders.sr_templates import validate_all
 from node.handler_api import get_handler, handler_names
 from node.jobs.admin import retry
 from node.models.registry import validate_models
+from node.pacs.retriever import Retriever
 from node.jobs.executor import LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
@@ -29,6 +30,7 @@ from node.rules.service import RulesService
 from node.store.housekeeping import Housekeeper
 from node.store.index import Index
 from node.store.keys import load_keyring
+from node.store.retrieves import RetrieveStore
 from node.store.vault import Vault
 
 log = logging.getLogger("hilum.node")
@@ -78,6 +80,8 @@ class Node:
         self.executor = LocalProcessExecutor(settings, self.index, self.vault, on_done=self.delivery.wake,
                                              audit=self.audit)
         self.housekeeper = Housekeeper(settings, self.index, self.vault, self.audit)
+        self.retrieves = RetrieveStore(self.index)
+        self.retriever = Retriever(settings, self.retrieves, self.ingest, self.audit)  # PACS pulls (node/pacs)
         self.router = Router(settings, self.index, rules=self.rules.current, on_jobs=self.executor.wake,
                              on_deliveries=self.delivery.wake, audit=self.audit)
         self.http_client: httpx.AsyncClient | None = None
@@ -98,12 +102,14 @@ class Node:
         self.router.start()
         self.housekeeper.start()
         self.scp.start()  # last: accept data only once every later stage is ready
+        self.retriever.start()  # after the SCP: C-MOVE sends to it
         self._started.set()
         self.audit.node_started(__version__)
 
     def stop(self) -> None:
         """Stop accepting, let in-flight C-STOREs finish, leave jobs/deliveries durable, stop Orthanc."""
         log.info("shutting down")
+        self.retriever.stop()
         self.scp.stop()
         self.ingest.close()
         self.housekeeper.stop()

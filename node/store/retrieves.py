@@ -1,0 +1,207 @@
+"""Durable retrieve jobs (node/pacs): what to fetch from which PACS source, and how far it got.
+
+The tables live in the node's index database but are created here, beside their statements, so
+that PACS synchronisation adds to the index without touching its migration list. A retrieve is
+
+    queued → querying → retrieving → done | partial | failed | cancelled
+
+with ``attempts`` and ``next_at`` for exponential backoff: a retrieve that failed for a reason a
+retry can fix goes back to ``queued`` with a later ``next_at``; one running when the node died is
+queued again at start-up (the ingest's dedupe makes the repeat harmless).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+from node.store.index import Index
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS retrieves (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL, study_uid TEXT NOT NULL,
+    series_json TEXT,                          -- JSON list of series UIDs, NULL for the whole study
+    requested_by TEXT NOT NULL,                -- 'cli alice', 'api bob', 'rule:chest-ct', 'priors:job 12'
+    status TEXT NOT NULL,                      -- queued|querying|retrieving|done|partial|failed|cancelled
+    method TEXT,                               -- move | get | wado
+    expected INTEGER, received INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, warning INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT, detail_json TEXT NOT NULL DEFAULT '{}',
+    history_json TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS retrieves_due ON retrieves(status, next_at);
+CREATE INDEX IF NOT EXISTS retrieves_study ON retrieves(study_uid)
+"""
+
+ACTIVE = ("queued", "querying", "retrieving")
+TERMINAL = ("done", "partial", "failed", "cancelled")
+
+
+class RetrieveStore:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        c = index.conn()
+        with index.tx(immediate=True):
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+
+    def _c(self) -> sqlite3.Connection:
+        return self.index.conn()
+
+    @staticmethod
+    def _hist(row: sqlite3.Row | None, event: dict) -> str:
+        hist = json.loads(row["history_json"]) if row else []
+        hist.append({"at": time.time(), **event})
+        return json.dumps(hist[-50:])
+
+    def add(self, source: str, study_uid: str, series: list[str] | None, requested_by: str) -> tuple[int, bool]:
+        """Queue a retrieve; an active one for the same study and series is reused. (id, created)."""
+        key = json.dumps(sorted(series)) if series else None
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = c.execute(f"SELECT id FROM retrieves WHERE source=? AND study_uid=? AND series_json IS ? "
+                            f"AND status IN ({','.join('?' * len(ACTIVE))})", (source, study_uid, key, *ACTIVE)
+                            ).fetchone()
+            if row is not None:
+                return row[0], False
+            now = time.time()
+            cur = c.execute("INSERT INTO retrieves(source, study_uid, series_json, requested_by, status, next_at, "
+                            "created_at, history_json) VALUES (?,?,?,?, 'queued', ?, ?, ?)",
+                            (source, study_uid, key, requested_by, now, now,
+                             json.dumps([{"at": now, "event": "queued", "by": requested_by}])))
+            return cur.lastrowid, True
+
+    def get(self, rid: int) -> sqlite3.Row | None:
+        return self._c().execute("SELECT * FROM retrieves WHERE id=?", (rid,)).fetchone()
+
+    def list(self, status: str | None = None, study_uid: str | None = None, limit: int = 200) -> list[sqlite3.Row]:
+        q, args = "SELECT * FROM retrieves WHERE 1=1", []
+        if status:
+            q += " AND status=?"
+            args.append(status)
+        if study_uid:
+            q += " AND study_uid=?"
+            args.append(study_uid)
+        return self._c().execute(q + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+
+    def claim(self, now: float, capacity: dict[str, int]) -> sqlite3.Row | None:
+        """Take the oldest due queued retrieve whose source has a free slot (``capacity``: the
+        per-source limit); it becomes ``querying``."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            running = dict(c.execute("SELECT source, COUNT(*) FROM retrieves WHERE status IN ('querying', "
+                                     "'retrieving') GROUP BY source").fetchall())
+            for row in c.execute("SELECT * FROM retrieves WHERE status='queued' AND next_at<=? ORDER BY next_at, id",
+                                 (now,)).fetchall():
+                if running.get(row["source"], 0) < capacity.get(row["source"], 0):
+                    c.execute("UPDATE retrieves SET status='querying', attempts=attempts+1, started_at=?, "
+                              "history_json=? WHERE id=?",
+                              (now, self._hist(row, {"event": "started", "attempt": row["attempts"] + 1}), row["id"]))
+                    return self.get(row["id"])
+        return None
+
+    def next_due(self) -> float | None:
+        row = self._c().execute("SELECT MIN(next_at) FROM retrieves WHERE status='queued'").fetchone()
+        return row[0] if row else None
+
+    def progress(self, rid: int, *, status: str | None = None, method: str | None = None,
+                 expected: int | None = None, received: int | None = None, completed: int | None = None,
+                 failed: int | None = None, warning: int | None = None, detail: dict | None = None) -> bool:
+        """Update what is given; False when a cancel was asked for (the caller stops)."""
+        sets, args = [], []
+        for col, val in (("status", status), ("method", method), ("expected", expected), ("received", received),
+                         ("completed", completed), ("failed", failed), ("warning", warning)):
+            if val is not None:
+                sets.append(f"{col}=?")
+                args.append(val)
+        if detail is not None:
+            sets.append("detail_json=?")
+            args.append(json.dumps(detail))
+        c = self._c()
+        if sets:
+            c.execute(f"UPDATE retrieves SET {', '.join(sets)} WHERE id=?", (*args, rid))
+        row = c.execute("SELECT cancel_requested FROM retrieves WHERE id=?", (rid,)).fetchone()
+        return not (row and row[0])
+
+    def finish(self, rid: int, status: str, error: str | None = None, detail: dict | None = None) -> None:
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = self.get(rid)
+            c.execute("UPDATE retrieves SET status=?, error=?, finished_at=?, detail_json=?, history_json=? "
+                      "WHERE id=?",
+                      (status, error, time.time(), json.dumps(detail if detail is not None else
+                                                               json.loads(row["detail_json"])),
+                       self._hist(row, {"event": status, **({"error": error[:500]} if error else {})}), rid))
+
+    def backoff(self, rid: int, error: str, max_attempts: int, base: float, cap: float) -> str:
+        """A failure a retry may fix: queued again after base·2^(n-1) s, or failed after max_attempts."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = self.get(rid)
+            if row["attempts"] >= max_attempts:
+                status, next_at = "failed", row["next_at"]
+            else:
+                status, next_at = "queued", time.time() + min(cap, base * 2 ** (row["attempts"] - 1))
+            c.execute("UPDATE retrieves SET status=?, error=?, next_at=?, finished_at=?, history_json=? WHERE id=?",
+                      (status, error, next_at, time.time() if status == "failed" else None,
+                       self._hist(row, {"event": "failed" if status == "failed" else "retry later",
+                                        "error": error[:500], "next_at": next_at}), rid))
+        return status
+
+    def cancel(self, rid: int, who: str) -> bool:
+        """Queued: cancelled at once. Running: asked to stop (the runner aborts at its next response)."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = self.get(rid)
+            if row is None or row["status"] not in ACTIVE:
+                return False
+            if row["status"] == "queued":
+                c.execute("UPDATE retrieves SET status='cancelled', finished_at=?, history_json=? WHERE id=?",
+                          (time.time(), self._hist(row, {"event": "cancelled", "by": who}), rid))
+            else:
+                c.execute("UPDATE retrieves SET cancel_requested=1, history_json=? WHERE id=?",
+                          (self._hist(row, {"event": "cancel requested", "by": who}), rid))
+        return True
+
+    def retry(self, rid: int, who: str) -> bool:
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = self.get(rid)
+            if row is None or row["status"] not in ("failed", "partial", "cancelled"):
+                return False
+            c.execute("UPDATE retrieves SET status='queued', attempts=0, next_at=?, cancel_requested=0, error=NULL, "
+                      "finished_at=NULL, history_json=? WHERE id=?",
+                      (time.time(), self._hist(row, {"event": "retry", "by": who}), rid))
+        return True
+
+    def requeue_running(self) -> int:
+        """Retrieves running when the node stopped go back to the queue (restart resumes them)."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            rows = c.execute("SELECT * FROM retrieves WHERE status IN ('querying', 'retrieving')").fetchall()
+            for r in rows:
+                c.execute("UPDATE retrieves SET status='queued', next_at=?, history_json=? WHERE id=?",
+                          (time.time(), self._hist(r, {"event": "requeued after restart"}), r["id"]))
+        return len(rows)
+
+    def held_instances(self, study_uid: str, series: list[str] | None) -> int:
+        """Instances of the study (or of these series) the node holds: a retrieve's progress."""
+        c = self._c()
+        if series:
+            marks = ",".join("?" * len(series))
+            return c.execute(f"SELECT COUNT(*) FROM instances WHERE series_uid IN ({marks}) AND purged_at IS NULL",
+                             series).fetchone()[0]
+        return c.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND purged_at IS NULL",
+                         (study_uid,)).fetchone()[0]
+
+    def held_studies(self, study_uids: list[str]) -> set[str]:
+        if not study_uids:
+            return set()
+        marks = ",".join("?" * len(study_uids))
+        return {r[0] for r in self._c().execute(f"SELECT study_uid FROM studies WHERE study_uid IN ({marks}) "
+                                                 "AND instances > 0", study_uids)}

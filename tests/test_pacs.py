@@ -1,0 +1,275 @@
+"""PACS synchronisation (node/pacs) against real peers: a second Orthanc as the hospital PACS
+(C-FIND/C-MOVE/C-GET and DICOMweb) and DCMTK dcmqrscp; the node's own SCP and durable ingest."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from node.audit import AuditTrail, ChainedLog
+from node.config import ConfigError, load_settings
+from node.pacs.retriever import Retriever
+from node.receive.ingest import Ingest
+from node.receive.scp import StoreSCP
+from node.store.index import Index
+from node.store.retrieves import RetrieveStore
+from node.store.vault import Vault
+from tests.nodeproc import REPO, free_port, wait_for
+from tests.pacs_peers import dcmqrscp, pacs_orthanc, tiny_study
+
+
+class Local:
+    """A node's receive side in-process: index, vault, durable ingest, SCP; plus the retriever."""
+
+    def __init__(self, root: Path, sources: dict, **kw) -> None:
+        self.settings = load_settings(**{"data_dir": root, "dicom_host": "127.0.0.1", "dicom_port": free_port(),
+                                         "min_free_disk_mb": 0, "sources": sources, "retrieve_backoff_s": 0.3,
+                                         "retrieve_backoff_max_s": 1.0, **kw})
+        root.mkdir(parents=True, exist_ok=True)
+        self.index = Index(root / "index.db")
+        self.ingest = Ingest(self.index, Vault(root, None, writer=True))
+        self.scp = StoreSCP(self.settings, self.ingest)
+        self.scp.start()
+        self.store = RetrieveStore(self.index)
+        self.audit = AuditTrail(ChainedLog(root / "audit.jsonl", b"k" * 32), "HILUM")
+        self.retriever = Retriever(self.settings, self.store, self.ingest, self.audit)
+
+    def held(self, study_uid: str) -> set[str]:
+        assert self.ingest.writer.flush(30)
+        return {r["sop_uid"] for r in self.index.instances_of_study(study_uid)}
+
+    def wait(self, rid: int, timeout: float = 60) -> dict:
+        return dict(wait_for(lambda: (r := self.store.get(rid))["status"] in ("done", "partial", "failed",
+                                                                            "cancelled") and r, timeout,
+                             f"retrieve {rid}"))
+
+    def close(self) -> None:
+        self.retriever.stop()
+        self.scp.stop()
+        self.ingest.close()
+        self.ingest.vault.close()
+
+
+@pytest.fixture
+def local(tmp_path):
+    made: list[Local] = []
+
+    def make(sources: dict, name: str = "node", **kw) -> Local:
+        made.append(Local(tmp_path / name, sources, **kw))
+        return made[-1]
+
+    yield make
+    for n in made:
+        n.close()
+
+
+def dimse(port: int, ae: str = "PACS", **kw) -> dict:
+    return {"ae_title": ae, "host": "127.0.0.1", "port": port, **kw}
+
+
+def test_sources_are_validated_naming_the_field(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"sources\.pacs\.dimse\.port"):
+        load_settings(sources={"pacs": dimse(70000)})
+    with pytest.raises(ConfigError, match=r"sources\.pacs\.dimse\.retrieve"):
+        load_settings(sources={"pacs": dimse(104, retrieve="wado")})
+    with pytest.raises(ConfigError, match=r"sources\.web\.dicomweb\.auth\.password: Extra inputs"):
+        load_settings(sources={"web": {"qido_url": "http://h/dicom-web", "auth": {"username": "u", "password": "x"}}})
+    with pytest.raises(ConfigError, match="environment variable PACS_PW_UNSET is not set"):
+        load_settings(sources={"web": {"qido_url": "http://h/dw", "auth": {"username": "u",
+                                                                           "password_env": "PACS_PW_UNSET"}}})
+    with pytest.raises(ConfigError, match=r"sources\.web\.dicomweb\.qido_url"):
+        load_settings(sources={"web": {"qido_url": "ftp://h"}})
+    monkeypatch.setenv("PACS_PW", "secret")
+    s = load_settings(sources={"pacs": dimse(104, retrieve="get"), "web": {"qido_url": "http://h/dw/", "auth": {
+        "username": "u", "password_env": "PACS_PW"}}}, destinations={"pacs": dimse(104)})
+    assert s.sources["pacs"].retrieve == "get" and s.sources["web"].wado == "http://h/dw"
+    assert s.sources["web"].auth.secret() == "secret"  # read from the variable, never from the YAML
+
+
+def test_echo_and_query_both_pacs(tmp_path):
+    st = tiny_study(tmp_path / "s1", patient_id="P1", accession="ACC1", series=(("AX", 1.0, 3), ("COR", 3.0, 2)))
+    other = tiny_study(tmp_path / "s2", patient_id="P2", study_date="20240301", modality="MR")
+    with pacs_orthanc(tmp_path / "pacs") as pacs, dcmqrscp(tmp_path / "qr", "HILUM", free_port(),
+                                                           st.files + other.files) as qr_port:
+        pacs.upload(st.files + other.files)
+        s = load_settings(sources={"pacs": dimse(pacs.dicom_port), "qr": dimse(qr_port, "DCMQR"),
+                                   "web": {"qido_url": pacs.url + "/dicom-web"}})
+        from node.pacs.sources import source_client
+        from node.pacs.model import StudyQuery
+
+        for name in ("pacs", "qr", "web"):
+            c = source_client(s, name)
+            assert c.echo() > 0
+            found, bad = c.find_studies(StudyQuery(patient_id="P1"))
+            assert [m.study_uid for m in found] == [st.study_uid] and bad == 0, name
+            series, _ = c.find_series(st.study_uid)
+            assert {x.series_uid for x in series} == set(st.series), name
+            assert c.find_studies(StudyQuery(patient_id="NOBODY"))[0] == []  # 0 matches: empty, no error
+        orth = source_client(s, "pacs").find_studies(StudyQuery(study_date="20240201-"))[0]
+        assert [m.study_uid for m in orth] == [other.study_uid]
+        assert orth[0].instances == 4 and orth[0].modalities == ["MR"]
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node.cli", "pacs", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_cli_echo_query_marks_held_studies_and_queues_retrieves(tmp_path, local):
+    st = tiny_study(tmp_path / "s1", patient_id="P1")
+    other = tiny_study(tmp_path / "s2", patient_id="P1", study_date="20230101")
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(st.files + other.files)
+        node = local({"pacs": dimse(pacs.dicom_port, retrieve="get")})
+        for f in st.files:  # one study is already in Hilum
+            assert node.ingest.store(f.read_bytes(), __import__("node.receive.ingest", fromlist=["Origin"]).Origin(
+                "MOD", "HILUM", "127.0.0.1"))[0] == 0
+        node.ingest.writer.flush(30)
+        cfg = tmp_path / "hilum.yaml"
+        cfg.write_text(yaml.safe_dump({"data_dir": str(node.settings.data_dir), "sources": {
+            "pacs": dimse(pacs.dicom_port, retrieve="get")}}))
+        out = _cli("echo", "pacs", "--config", str(cfg))
+        assert out.returncode == 0 and "pacs: ok" in out.stdout, out.stderr
+        out = _cli("query", "pacs", "--patient-id", "P1", "--config", str(cfg))
+        assert out.returncode == 0, out.stderr
+        lines = {ln.split()[-1]: ln for ln in out.stdout.splitlines() if "1.2." in ln}
+        assert lines[st.study_uid].startswith("*") and not lines[other.study_uid].startswith("*")
+        out = _cli("query", "nosuch", "--config", str(cfg))
+        assert out.returncode == 2 and "no source named 'nosuch'" in out.stderr
+        out = _cli("retrieve", "pacs", other.study_uid, "--config", str(cfg))
+        assert out.returncode == 0, out.stderr
+        rid = int(out.stdout.split()[0])
+        assert node.store.get(rid)["status"] == "queued" and node.store.get(rid)["requested_by"].startswith("cli ")
+        node.retriever.start()  # the running node picks up what the CLI queued
+        r = node.wait(rid)
+        assert r["status"] == "done", r
+        assert node.held(other.study_uid) == other.sop_uids
+        out = _cli("jobs", "--json", "--config", str(cfg))
+        assert json.loads(out.stdout)[0]["status"] == "done"
+        audit = [json.loads(ln) for ln in (node.settings.data_dir / "audit" / "audit.jsonl").read_text().splitlines()]
+        q = [a for a in audit if a["event"] == "pacs-query"]
+        assert q and q[0]["detail"]["keys"] == {"PatientID": "P1"} and q[0]["detail"]["matches"] == 2
+
+
+@pytest.mark.parametrize("method", ["get", "move"])
+def test_retrieve_from_orthanc_is_durable_and_deduplicated(tmp_path, local, method):
+    st = tiny_study(tmp_path / "s", series=(("AX", 1.0, 6), ("COR", 3.0, 3)))
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(st.files)
+        node = local({"pacs": dimse(pacs.dicom_port, retrieve=method)})
+        pacs.set_node("HILUM", node.settings.dicom_port)
+        node.retriever.start()
+        rid, created = node.store.add("pacs", st.study_uid, None, "test")
+        assert created and node.store.add("pacs", st.study_uid, None, "test") == (rid, False)  # no double queue
+        node.retriever.wake()
+        r = node.wait(rid)
+        assert (r["status"], r["method"], r["expected"], r["received"], r["completed"], r["failed"]) == \
+            ("done", method, 9, 9, 9, 0)
+        assert node.held(st.study_uid) == st.sop_uids
+        # Again: nothing new stored, the ingest counts duplicates.
+        rid2, _ = node.store.add("pacs", st.study_uid, None, "test")
+        node.retriever.wake()
+        assert node.wait(rid2)["status"] == "done"
+        assert len(node.index.instances_of_study(st.study_uid)) == 9 and node.index.stat("duplicates") == 9
+        ax = next(u for u, v in st.series.items() if len(v) == 6)  # only one series
+        other = tiny_study(tmp_path / "s3", series=(("AX", 1.0, 2), ("COR", 3.0, 2)))
+        pacs.upload(other.files)
+        one = next(iter(other.series))
+        rid3, _ = node.store.add("pacs", other.study_uid, [one], "test")
+        node.retriever.wake()
+        r = node.wait(rid3)
+        assert r["status"] == "done" and r["expected"] == 2 and node.held(other.study_uid) == set(other.series[one])
+        assert ax
+
+
+def test_unknown_move_destination_names_the_ae_title(tmp_path, local):
+    st = tiny_study(tmp_path / "s")
+    with pacs_orthanc(tmp_path / "pacs") as pacs, dcmqrscp(tmp_path / "qr", "HILUM", free_port(), st.files) as qr:
+        pacs.upload(st.files)
+        node = local({"pacs": dimse(pacs.dicom_port, move_destination="HILUMNEW"),
+                      "qr": dimse(qr, "DCMQR", move_destination="HILUMNEW")}, retrieve_max_attempts=2)
+        node.retriever.start()
+        rid, _ = node.store.add("qr", st.study_uid, None, "test")
+        node.retriever.wake()
+        r = node.wait(rid)
+        assert r["status"] == "failed" and r["attempts"] == 1  # 0xA801: not retried, a retry cannot fix it
+        assert "0xA801" in r["error"] and "Configure AE title 'HILUMNEW' on the PACS" in r["error"]
+        # Orthanc answers an unknown destination with a plain failure: the same advice, retried.
+        rid, _ = node.store.add("pacs", st.study_uid, None, "test")
+        node.retriever.wake()
+        r = node.wait(rid)
+        assert r["status"] == "failed" and r["attempts"] == 2
+        assert "Configure AE title 'HILUMNEW' on the PACS" in r["error"]
+        assert node.held(st.study_uid) == set()
+
+
+def test_pacs_down_fails_retries_then_completes(tmp_path, local):
+    st = tiny_study(tmp_path / "s")
+    from tests.pacs_peers import PacsOrthanc
+
+    pacs = PacsOrthanc(tmp_path / "pacs")
+    node = local({"pacs": dimse(pacs.dicom_port, retrieve="get", timeout_s=5)}, retrieve_max_attempts=20)
+    node.retriever.start()
+    rid, _ = node.store.add("pacs", st.study_uid, None, "test")
+    node.retriever.wake()
+    wait_for(lambda: node.store.get(rid)["attempts"] >= 2, 30, "two failed attempts")
+    r = node.store.get(rid)
+    errors = [h.get("error", "") for h in json.loads(r["history_json"])]
+    assert any("connection refused or aborted) (is the PACS up" in e for e in errors), errors
+    pacs.start()
+    try:
+        pacs.upload(st.files)
+        r = node.wait(rid, 60)
+        assert r["status"] == "done" and r["attempts"] >= 3 and node.held(st.study_uid) == st.sop_uids
+    finally:
+        pacs.stop()
+
+
+def test_restart_mid_retrieve_resumes_without_loss_or_duplicates(tmp_path, local):
+    st = tiny_study(tmp_path / "s", series=(("AX", 1.0, 8),))
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(st.files)
+        node = local({"pacs": dimse(pacs.dicom_port, retrieve="get")})
+        # The state a crash leaves: a retrieve marked running, three of its instances already stored.
+        rid, _ = node.store.add("pacs", st.study_uid, None, "test")
+        node.store.claim(time.time(), {"pacs": 1})
+        node.store.progress(rid, status="retrieving", method="get", expected=8)
+        from node.receive.ingest import Origin
+
+        for f in st.files[:3]:
+            node.ingest.store(f.read_bytes(), Origin("PACS", "HILUM", "127.0.0.1"))
+        node.retriever.start()  # the restarted node: requeue, resume
+        r = node.wait(rid)
+        assert r["status"] == "done" and r["received"] == 8
+        assert node.held(st.study_uid) == st.sop_uids and len(node.index.instances_of_study(st.study_uid)) == 8
+        assert any(h["event"] == "requeued after restart" for h in json.loads(r["history_json"]))
+
+
+def test_dcmqrscp_and_dicomweb_sources(tmp_path, local):
+    st = tiny_study(tmp_path / "s", series=(("AX", 1.0, 4), ("COR", 3.0, 2)))
+    web_study = tiny_study(tmp_path / "w", series=(("AX", 1.0, 3),))
+    node_port = free_port()
+    with pacs_orthanc(tmp_path / "pacs") as pacs, dcmqrscp(tmp_path / "qr", "HILUM", node_port, st.files) as qr:
+        pacs.upload(web_study.files)
+        node = local({"qr": dimse(qr, "DCMQR", retrieve="get"), "qrm": dimse(qr, "DCMQR"),
+                      "web": {"qido_url": pacs.url + "/dicom-web"}}, dicom_port=node_port)
+        node.retriever.start()
+        one = next(u for u, v in st.series.items() if len(v) == 2)
+        r1, _ = node.store.add("qr", st.study_uid, [one], "test")  # C-GET, one series
+        r2, _ = node.store.add("web", web_study.study_uid, None, "test")  # WADO-RS
+        node.retriever.wake()
+        assert node.wait(r1)["status"] == "done" and node.held(st.study_uid) == set(st.series[one])
+        r = node.wait(r2)
+        assert r["status"] == "done" and r["method"] == "wado" and node.held(web_study.study_uid) == web_study.sop_uids
+        r3, _ = node.store.add("qrm", st.study_uid, None, "test")  # C-MOVE of the rest from the stricter PACS
+        node.retriever.wake()
+        assert node.wait(r3)["status"] == "done" and node.held(st.study_uid) == st.sop_uids
+        r4, _ = node.store.add("qr", "1.2.3.4.5.6.7.8.9", None, "test")  # not on the PACS: 0 matches
+        node.retriever.wake()
+        r = node.wait(r4)
+        assert r["status"] == "failed" and "not found (0 matches)" in r["error"]
