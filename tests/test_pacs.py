@@ -273,3 +273,42 @@ def test_dcmqrscp_and_dicomweb_sources(tmp_path, local):
         node.retriever.wake()
         r = node.wait(r4)
         assert r["status"] == "failed" and "not found (0 matches)" in r["error"]
+
+
+def test_running_node_api_and_cli_retrieve(tmp_path):
+    """A real `hilum up`: the API queues a C-MOVE retrieve, the CLI a C-GET one with --wait; viewers read only."""
+    from tests.nodeproc import NodeProcess
+
+    a = tiny_study(tmp_path / "a", patient_id="P9", study_date="20240105")
+    b = tiny_study(tmp_path / "b", patient_id="P9", study_date="20240210", series=(("AX", 1.0, 3), ("COR", 3.0, 2)))
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(a.files + b.files)
+        srcs = {"pacs": dimse(pacs.dicom_port), "pacsget": dimse(pacs.dicom_port, retrieve="get")}
+        node = NodeProcess(tmp_path / "node", tmp_path / "rules", sources=srcs, store_originals_in_orthanc=False)
+        (tmp_path / "rules").mkdir()
+        pacs.set_node("HILUM", node.dicom_port)
+        node.start()
+        try:
+            viewer = node.hilum("token", "create", "--role", "viewer", "--config", str(node.config_path)).stdout.strip()
+            vh = {"Authorization": f"Bearer {viewer}"}
+            src = node.api("GET", "/api/pacs/sources", headers=vh).json()["sources"]
+            assert [(s["name"], s["retrieve"]) for s in src] == [("pacs", "move"), ("pacsget", "get")]
+            assert node.api("POST", "/api/pacs/sources/pacs/query", headers=vh, json={}).status_code == 403
+            assert node.api("POST", "/api/pacs/sources/pacs/echo").json()["ok"] is True
+            m = node.api("POST", "/api/pacs/sources/pacs/query", json={"patient_id": "P9"}).json()["matches"]
+            assert {x["study_uid"] for x in m} == {a.study_uid, b.study_uid} and not any(x["in_hilum"] for x in m)
+            rid = node.api("POST", "/api/pacs/retrieves", json={"source": "pacs", "study_uids": [a.study_uid]}
+                           ).json()["ids"][0]
+            r = wait_for(lambda: next((x for x in node.api("GET", "/api/pacs/retrieves", headers=vh).json()[
+                "retrieves"] if x["id"] == rid and x["status"] in ("done", "failed")), None), 60, "API retrieve")
+            assert r["status"] == "done" and r["progress"] == 1.0 and r["requested_by"].startswith("api ")
+            out = node.hilum("pacs", "retrieve", "pacsget", b.study_uid, "--wait", "--timeout", "60",
+                             "--config", str(node.config_path))
+            assert out.returncode == 0 and " done " in out.stdout, out.stdout + out.stderr
+            wait_for(lambda: node.study(b.study_uid).get("instances_received") == 5, 30, "study b indexed")
+            assert node.study(a.study_uid)["instances_received"] == 4
+            m = node.api("POST", "/api/pacs/sources/pacs/query", json={"patient_id": "P9"}).json()["matches"]
+            assert all(x["in_hilum"] for x in m)
+        finally:
+            node.stop()
+            node._kill_orthanc()
