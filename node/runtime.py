@@ -22,6 +22,7 @@ from node.handler_api import get_handler, handler_names
 from node.jobs.admin import retry
 from node.models.registry import validate_models
 from node.pacs.retriever import Retriever
+from node.pacs.scheduler import PullScheduler
 from node.jobs.executor import LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
@@ -71,7 +72,8 @@ class Node:
         self.managed: ManagedOrthanc | None = None if settings.external_orthanc else ManagedOrthanc(settings)
         self.archive: ArchiveEndpoint = self.managed.endpoint if self.managed else archive_endpoint(settings)
         self.rules = RulesService(settings.rules_dir, settings.data_dir / "rules-history",
-                                  handlers=get_handler, destinations=settings.destination_names, audit=self.audit)
+                                  handlers=get_handler, destinations=settings.destination_names, audit=self.audit,
+                                  sources=settings.sources)
         self.ingest = Ingest(self.index, self.vault)
         self.scp = StoreSCP(settings, self.ingest, self.audit)
         self.delivery = DeliveryLoop(settings, self.index,
@@ -82,6 +84,8 @@ class Node:
         self.housekeeper = Housekeeper(settings, self.index, self.vault, self.audit)
         self.retrieves = RetrieveStore(self.index)
         self.retriever = Retriever(settings, self.retrieves, self.ingest, self.audit)  # PACS pulls (node/pacs)
+        self.pulls = PullScheduler(settings, self.rules.current, self.retrieves, on_queued=self.retriever.wake,
+                                   audit=self.audit)
         self.router = Router(settings, self.index, rules=self.rules.current, on_jobs=self.executor.wake,
                              on_deliveries=self.delivery.wake, audit=self.audit)
         self.http_client: httpx.AsyncClient | None = None
@@ -103,12 +107,15 @@ class Node:
         self.housekeeper.start()
         self.scp.start()  # last: accept data only once every later stage is ready
         self.retriever.start()  # after the SCP: C-MOVE sends to it
+        if self.settings.sources:
+            self.pulls.start()
         self._started.set()
         self.audit.node_started(__version__)
 
     def stop(self) -> None:
         """Stop accepting, let in-flight C-STOREs finish, leave jobs/deliveries durable, stop Orthanc."""
         log.info("shutting down")
+        self.pulls.stop()
         self.retriever.stop()
         self.scp.stop()
         self.ingest.close()

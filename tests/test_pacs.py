@@ -312,3 +312,157 @@ def test_running_node_api_and_cli_retrieve(tmp_path):
         finally:
             node.stop()
             node._kill_orthanc()
+
+
+def _pull_rules(tmp_path, text: str, sources=("pacs",)):
+    from node.handler_api import get_handler
+    from node.rules.ruleset import RuleSet
+
+    return RuleSet.from_files({"pull.yaml": text}, handlers=get_handler, destinations={"orthanc"}, sources=sources)
+
+
+def test_pull_rule_series_filter_watch_growth_limits_and_restart(tmp_path, local):
+    import datetime as dt
+
+    from node.pacs.scheduler import PullScheduler
+
+    today = dt.date.today().strftime("%Y%m%d")
+    old = (dt.date.today() - dt.timedelta(days=30)).strftime("%Y%m%d")
+    a = tiny_study(tmp_path / "a", study_date=today, series=(("AX THIN", 1.0, 3), ("COR", 3.0, 2)))
+    mr = tiny_study(tmp_path / "mr", study_date=today, modality="MR")
+    past = tiny_study(tmp_path / "past", study_date=old)
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(a.files + mr.files + past.files)
+        node = local({"pacs": dimse(pacs.dicom_port, retrieve="get")}, rules_dir=tmp_path / "rules")
+        node.retriever.start()
+        rules = _pull_rules(tmp_path, """
+- kind: pull
+  name: thin-ct
+  source: pacs
+  query: {ModalitiesInStudy: CT, StudyDate: {last: 7d}}
+  series: {SliceThickness: {le: 1.5}}
+  schedule: {every: 1h}
+  watch: true
+  limits: {studies_per_run: 2}
+""")
+        rule = rules.pull_rules[0]
+        sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=node.retriever.wake,
+                              audit=node.audit)
+        node.store.ensure_pull_state(rule.name, time.time())
+        res = sched.run(rule)
+        assert (res["matches"], res["queued"], res["skipped_series"], res["error"]) == (1, 1, 1, None)
+        [r] = node.store.list()
+        assert r["requested_by"] == "rule:thin-ct" and json.loads(r["series_json"]) == \
+            [next(u for u, v in a.series.items() if len(v) == 3)]
+        assert node.wait(r["id"])["status"] == "done"
+        thin = next(v for v in a.series.values() if len(v) == 3)
+        assert node.held(a.study_uid) == set(thin)  # only the thin axial series, not the study
+        assert node.held(mr.study_uid) == set() and node.held(past.study_uid) == set()
+        state = node.store.pull_state("thin-ct")
+        hw = (dt.date.today() - dt.timedelta(days=1)).strftime("%Y%m%d")
+        assert state["high_water"] == hw and state["next_at"] > time.time() + 3000
+        # Second poll: the study did not change: looked at, stable, nothing queued.
+        res = sched.run(rule)
+        assert (res["queued"], res["rechecked"], res["stable"]) == (0, 0, 1)
+        # The study grows on the PACS (a new thin series): re-checked and the new series fetched.
+        more = tiny_study(tmp_path / "more", study_uid=a.study_uid, study_date=today, series=(("AX THIN 2", 1.0, 2),))
+        pacs.upload(more.files)
+        # A restarted node (new scheduler, same index) neither repeats nor misses anything.
+        sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=node.retriever.wake)
+        res = sched.run(rule)
+        assert (res["queued"], res["rechecked"]) == (0, 1)
+        [r2] = [x for x in node.store.list() if x["id"] != r["id"]]
+        assert node.wait(r2["id"])["status"] == "done"
+        assert node.held(a.study_uid) == set(thin) | more.sop_uids
+        # Limits: five new studies, two per run.
+        new = [tiny_study(tmp_path / f"n{i}", study_date=today, series=(("AX", 1.0, 1),)) for i in range(5)]
+        pacs.upload([f for s in new for f in s.files])
+        res = sched.run(rule)
+        assert (res["queued"], res["left"]) == (2, 3)
+        assert sched.run(rule)["queued"] == 2 and sched.run(rule)["queued"] == 1
+        assert sched.run(rule)["queued"] == 0
+        assert sorted(x["study_uid"] for x in node.store.list()) == sorted(
+            [a.study_uid, a.study_uid] + [s.study_uid for s in new])  # each new study once; the grown one twice
+        audit = [json.loads(ln) for ln in (node.settings.data_dir / "audit.jsonl").read_text().splitlines()]
+        assert any(e["event"] == "pacs-query" and e["user"] == "rule:thin-ct" for e in audit)
+    # The PACS gone: the run records the error and the next run time, nothing crashes.
+    res = sched.run(rule)
+    assert res["error"] and "connection refused" in res["error"]
+    assert node.store.pull_state("thin-ct")["last_error"] == res["error"]
+
+
+def test_pull_scheduler_thread_picks_up_a_new_study_within_one_poll(tmp_path, local):
+    import datetime as dt
+
+    from node.pacs.scheduler import PullScheduler
+
+    today = dt.date.today().strftime("%Y%m%d")
+    cohort = tmp_path / "rules" / "cohort.csv"
+    cohort.parent.mkdir()
+    cohort.write_text("AccessionNumber,note\nACC-1,x\nACC-3,y\n")
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        node = local({"pacs": dimse(pacs.dicom_port, retrieve="get")}, rules_dir=tmp_path / "rules")
+        node.retriever.start()
+        rules = _pull_rules(tmp_path, """
+- kind: pull
+  name: watch-ct
+  source: pacs
+  query: {ModalitiesInStudy: CT, StudyDate: {last: 24h}}
+  schedule: {every: 1s}
+  watch: true
+- kind: pull
+  name: cohort
+  source: pacs
+  query: {csv: {file: cohort.csv, column: AccessionNumber}, StudyDate: 19000101-}
+  schedule: {every: 1s}
+""")
+        sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=node.retriever.wake)
+        sched.start()
+        try:
+            wait_for(lambda: (s := node.store.pull_state("watch-ct")) and s["last_run_at"], 15, "a first poll")
+            s1 = tiny_study(tmp_path / "s1", study_date=today, accession="ACC-1")
+            s2 = tiny_study(tmp_path / "s2", study_date="20200101", accession="ACC-2")
+            s3 = tiny_study(tmp_path / "s3", study_date="20200101", accession="ACC-3")
+            pacs.upload(s1.files + s2.files + s3.files)
+            wait_for(lambda: node.held(s1.study_uid) == s1.sop_uids, 30, "the new study pulled")
+            wait_for(lambda: node.held(s3.study_uid) == s3.sop_uids, 30, "the cohort study pulled")
+            time.sleep(2.5)  # more polls: nothing repeated
+            assert node.held(s2.study_uid) == set()  # neither new nor in the cohort
+            rows = node.store.list()
+            assert {r["study_uid"] for r in rows} == {s1.study_uid, s3.study_uid}
+            assert len(rows) <= 3  # at most once per rule and study, however many polls ran
+            assert {r["requested_by"] for r in rows if r["study_uid"] == s3.study_uid} == {"rule:cohort"}
+            requesters = {r["requested_by"] for r in rows if r["study_uid"] == s1.study_uid} | {
+                h["by"] for r in rows if r["study_uid"] == s1.study_uid for h in json.loads(r["history_json"])
+                if h["event"] == "also requested"}
+            assert requesters == {"rule:cohort", "rule:watch-ct"}
+            assert len(node.index.instances_of_study(s1.study_uid)) == len(s1.sop_uids)  # nothing stored twice
+        finally:
+            sched.stop()
+
+
+def test_pull_rules_are_validated_with_the_routing_rules(tmp_path):
+    from node.rules.errors import RuleErrors
+
+    with pytest.raises(RuleErrors) as exc:
+        _pull_rules(tmp_path, """
+- kind: pull
+  name: bad
+  source: nope
+  query: {StudyDate: "2024-01", Modality: CT}
+  series: {SliceThicknes: 1}
+  schedule: {every: 15m, window: "25:00-05:00"}
+""")
+    text = exc.value.text()
+    for needle in ("unknown source 'nope'; configured: pacs", "query.StudyDate", "query.Modality",
+                   "did you mean 'SliceThickness'", "schedule.window"):
+        assert needle in text, text
+    rs = _pull_rules(tmp_path, "kind: pull\nname: ok\nsource: pacs\nquery: {ModalitiesInStudy: CT}\n"
+                               "schedule: {every: 15m, window: '22:00-05:00'}\n")
+    sched = rs.pull_rules[0].spec.schedule
+    import datetime as dt
+
+    nxt = sched.next_run(dt.datetime(2025, 1, 1, 12, 0))
+    assert nxt == dt.datetime(2025, 1, 1, 22, 0)  # outside the window: its next opening
+    assert sched.next_run(dt.datetime(2025, 1, 1, 23, 0)) == dt.datetime(2025, 1, 1, 23, 15)
+    assert sched.next_run(dt.datetime(2025, 1, 2, 4, 50)) == dt.datetime(2025, 1, 2, 22, 0)

@@ -286,11 +286,10 @@ def _series(ds: Dataset | None, study_uid: str) -> SeriesMatch | None:
         if not uid:
             return None
         n = ds.get("NumberOfSeriesRelatedInstances", None)
-        attrs = {k: _str(ds, k) for k in SERIES_RETURN_KEYS if k in ds}
         return SeriesMatch(series_uid=uid, study_uid=_str(ds, "StudyInstanceUID") or study_uid,
                            modality=_str(ds, "Modality"), description=_str(ds, "SeriesDescription"),
                            number=_str(ds, "SeriesNumber"), body_part=_str(ds, "BodyPartExamined"),
-                           instances=int(n) if n not in (None, "") else None, attrs=attrs)
+                           instances=int(n) if n not in (None, "") else None, answer=ds)
     except Exception as exc:  # noqa: BLE001
         log.warning("malformed C-FIND series answer skipped: %s", exc)
         return None

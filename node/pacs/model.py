@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class PacsError(Exception):
@@ -79,10 +80,10 @@ class SeriesMatch:
     number: str = ""
     body_part: str = ""
     instances: int | None = None
-    attrs: dict[str, str] = field(default_factory=dict)  # every returned attribute, for series filters
+    answer: Any = None  # the answer as a pydicom Dataset: what a pull rule's series filter reads
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "attrs"}
+        return {k: v for k, v in self.__dict__.items() if k != "answer"}
 
 
 @dataclass

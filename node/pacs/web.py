@@ -145,10 +145,10 @@ def _series(a: dict, study_uid: str) -> SeriesMatch | None:
         if not uid:
             return None
         n = _value(a, "NumberOfSeriesRelatedInstances")
-        attrs = {k: _value(a, k) for k in SERIES_FIELDS}
         return SeriesMatch(series_uid=uid, study_uid=study_uid, modality=_value(a, "Modality"),
                            description=_value(a, "SeriesDescription"), number=_value(a, "SeriesNumber"),
-                           body_part=_value(a, "BodyPartExamined"), instances=int(n) if n else None, attrs=attrs)
+                           body_part=_value(a, "BodyPartExamined"), instances=int(n) if n else None,
+                           answer=pydicom.Dataset.from_json(a))
     except (AttributeError, TypeError, ValueError) as exc:
         log.warning("malformed QIDO-RS series answer skipped: %s", exc)
         return None

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from node.rules.conditions import compile_condition
 from node.rules.errors import RuleError, RuleErrors, format_path
 from node.rules.model import RULE_FIELDS, HandlerSpec, RuleSpec
+from node.rules.pull import load_pull_rule
 from node.rules.rule import Action, Rule
 from node.rules.yamllines import ParsedYaml, parse_yaml
 
@@ -62,9 +63,12 @@ def files_digest(files: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
-def load_rules(files: Mapping[str, str], *, handlers: HandlerLookup, destinations: Iterable[str]) -> list[Rule]:
-    """All rules of all files, or ``RuleErrors`` listing every problem found."""
+def load_rules(files: Mapping[str, str], *, handlers: HandlerLookup, destinations: Iterable[str],
+               sources: Iterable[str] = ()) -> list[Rule]:
+    """All rules of all files, or ``RuleErrors`` listing every problem found. ``sources``: the PACS
+    sources ``kind: pull`` rules may name (node/rules/pull.py)."""
     dests = frozenset(destinations)
+    srcs = frozenset(sources)
     rules: list[Rule] = []
     errors: list[RuleError] = []
     seen: dict[str, Rule] = {}
@@ -72,7 +76,10 @@ def load_rules(files: Mapping[str, str], *, handlers: HandlerLookup, destination
         parsed = parse_yaml(files[name])
         errors.extend(RuleError(name, p.line, format_path(p.path) or None, p.message) for p in parsed.problems)
         for index, prefix, raw in _entries(parsed, name, errors):
-            rule, problems = _load_rule(raw, name, index, parsed.line_of(prefix), handlers, dests)
+            if raw.get("kind") == "pull":
+                rule, problems = load_pull_rule(raw, name, index, parsed.line_of(prefix), srcs, _pydantic_problems)
+            else:
+                rule, problems = _load_rule(raw, name, index, parsed.line_of(prefix), handlers, dests)
             rule_name = raw.get("name") if isinstance(raw.get("name"), str) else None
             for path, message in problems:
                 errors.append(RuleError(name, parsed.line_of(prefix + path), format_path(path) or None,
@@ -115,6 +122,8 @@ def _load_rule(raw: dict, file: str, index: int, line: int | None, handlers: Han
                dests: frozenset[str]) -> tuple[Rule | None, list[tuple[tuple, str]]]:
     problems: list[tuple[tuple, str]] = []
     spec: RuleSpec | None = None
+    if raw.get("kind", "route") == "route":
+        raw = {k: v for k, v in raw.items() if k != "kind"}  # `kind: route` may be written out
     try:
         spec = RuleSpec.model_validate(raw)
     except ValidationError as exc:

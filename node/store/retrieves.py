@@ -34,7 +34,20 @@ CREATE TABLE IF NOT EXISTS retrieves (
     created_at REAL NOT NULL, started_at REAL, finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS retrieves_due ON retrieves(status, next_at);
-CREATE INDEX IF NOT EXISTS retrieves_study ON retrieves(study_uid)
+CREATE INDEX IF NOT EXISTS retrieves_study ON retrieves(study_uid);
+CREATE TABLE IF NOT EXISTS pull_state (
+    rule TEXT PRIMARY KEY,
+    next_at REAL NOT NULL,                     -- when the scheduler runs it next (persisted: no timers)
+    last_run_at REAL, last_result_json TEXT, last_error TEXT,
+    high_water TEXT                            -- watch mode: StudyDate from which the next poll asks
+);
+CREATE TABLE IF NOT EXISTS pull_seen (
+    rule TEXT NOT NULL, study_uid TEXT NOT NULL,
+    instances INTEGER,                         -- NumberOfStudyRelatedInstances at the last look
+    stable INTEGER NOT NULL DEFAULT 0,         -- 1: the count did not change between two looks
+    retrieves INTEGER NOT NULL DEFAULT 0, first_at REAL NOT NULL, last_at REAL NOT NULL,
+    PRIMARY KEY (rule, study_uid)
+)
 """
 
 ACTIVE = ("queued", "querying", "retrieving")
@@ -59,7 +72,8 @@ class RetrieveStore:
         hist.append({"at": time.time(), **event})
         return json.dumps(hist[-50:])
 
-    def add(self, source: str, study_uid: str, series: list[str] | None, requested_by: str) -> tuple[int, bool]:
+    def add(self, source: str, study_uid: str, series: list[str] | None, requested_by: str,
+            expected: int | None = None) -> tuple[int, bool]:
         """Queue a retrieve; an active one for the same study and series is reused. (id, created)."""
         key = json.dumps(sorted(series)) if series else None
         c = self._c()
@@ -67,12 +81,14 @@ class RetrieveStore:
             row = c.execute(f"SELECT id FROM retrieves WHERE source=? AND study_uid=? AND series_json IS ? "
                             f"AND status IN ({','.join('?' * len(ACTIVE))})", (source, study_uid, key, *ACTIVE)
                             ).fetchone()
-            if row is not None:
+            if row is not None:  # the same transfer is already under way: one retrieve serves both
+                c.execute("UPDATE retrieves SET history_json=? WHERE id=?",
+                          (self._hist(self.get(row[0]), {"event": "also requested", "by": requested_by}), row[0]))
                 return row[0], False
             now = time.time()
             cur = c.execute("INSERT INTO retrieves(source, study_uid, series_json, requested_by, status, next_at, "
-                            "created_at, history_json) VALUES (?,?,?,?, 'queued', ?, ?, ?)",
-                            (source, study_uid, key, requested_by, now, now,
+                            "created_at, expected, history_json) VALUES (?,?,?,?, 'queued', ?, ?, ?, ?)",
+                            (source, study_uid, key, requested_by, now, now, expected,
                              json.dumps([{"at": now, "event": "queued", "by": requested_by}])))
             return cur.lastrowid, True
 
@@ -205,3 +221,45 @@ class RetrieveStore:
         marks = ",".join("?" * len(study_uids))
         return {r[0] for r in self._c().execute(f"SELECT study_uid FROM studies WHERE study_uid IN ({marks}) "
                                                  "AND instances > 0", study_uids)}
+
+    # -- pull rules (node/pacs/scheduler.py) ----------------------------------------------------
+    def pull_state(self, rule: str) -> sqlite3.Row | None:
+        return self._c().execute("SELECT * FROM pull_state WHERE rule=?", (rule,)).fetchone()
+
+    def pull_states(self) -> list[sqlite3.Row]:
+        return self._c().execute("SELECT * FROM pull_state ORDER BY rule").fetchall()
+
+    def ensure_pull_state(self, rule: str, next_at: float) -> sqlite3.Row:
+        self._c().execute("INSERT OR IGNORE INTO pull_state(rule, next_at) VALUES (?, ?)", (rule, next_at))
+        return self.pull_state(rule)
+
+    def pull_ran(self, rule: str, *, next_at: float, result: dict, error: str | None,
+                 high_water: str | None) -> None:
+        self._c().execute("UPDATE pull_state SET next_at=?, last_run_at=?, last_result_json=?, last_error=?, "
+                          "high_water=COALESCE(?, high_water) WHERE rule=?",
+                          (next_at, time.time(), json.dumps(result), error, high_water, rule))
+
+    def run_pull_now(self, rule: str) -> bool:
+        return self._c().execute("UPDATE pull_state SET next_at=? WHERE rule=?", (time.time(), rule)).rowcount > 0
+
+    def seen(self, rule: str, study_uid: str) -> sqlite3.Row | None:
+        return self._c().execute("SELECT * FROM pull_seen WHERE rule=? AND study_uid=?", (rule, study_uid)).fetchone()
+
+    def mark_seen(self, rule: str, study_uid: str, instances: int | None, stable: bool, retrieved: bool) -> None:
+        now = time.time()
+        self._c().execute(
+            """INSERT INTO pull_seen(rule, study_uid, instances, stable, retrieves, first_at, last_at)
+               VALUES (?,?,?,?,?,?,?) ON CONFLICT(rule, study_uid) DO UPDATE SET instances=excluded.instances,
+               stable=excluded.stable, retrieves=retrieves+excluded.retrieves, last_at=excluded.last_at""",
+            (rule, study_uid, instances, int(stable), int(retrieved), now, now))
+
+    def unstable_dates(self, rule: str) -> list[str]:
+        """Study UIDs this rule still re-checks (their instance count was still changing)."""
+        return [r[0] for r in self._c().execute("SELECT study_uid FROM pull_seen WHERE rule=? AND stable=0",
+                                                (rule,))]
+
+    def expected_since(self, requested_by: str, since: float) -> int:
+        """Instances the retrieves of one requester created since ``since`` expect (a rate limit)."""
+        row = self._c().execute("SELECT COALESCE(SUM(COALESCE(expected, 0)), 0) FROM retrieves WHERE requested_by=? "
+                                "AND created_at>=?", (requested_by, since)).fetchone()
+        return int(row[0])
