@@ -121,6 +121,7 @@ class Settings(Strict):
     retrieve_max_attempts: int = Field(5, ge=1, le=100)  # a failed PACS retrieve is tried again this often
     retrieve_backoff_s: float = Field(5.0, gt=0)
     retrieve_backoff_max_s: float = Field(600.0, gt=0)
+    priors_wait_s: float = Field(600.0, gt=0, le=86400)  # a job waits this long for its priors, then runs without
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 

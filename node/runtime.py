@@ -21,6 +21,7 @@ from node.encoders.sr_templates import validate_all
 from node.handler_api import get_handler, handler_names
 from node.jobs.admin import retry
 from node.models.registry import validate_models
+from node.pacs.priors import PriorsCoordinator
 from node.pacs.retriever import Retriever
 from node.pacs.scheduler import PullScheduler
 from node.jobs.executor import LocalProcessExecutor
@@ -86,8 +87,10 @@ class Node:
         self.retriever = Retriever(settings, self.retrieves, self.ingest, self.audit)  # PACS pulls (node/pacs)
         self.pulls = PullScheduler(settings, self.rules.current, self.retrieves, on_queued=self.retriever.wake,
                                    audit=self.audit)
+        self.priors = PriorsCoordinator(settings, self.index, self.retrieves, on_retrieves=self.retriever.wake,
+                                        on_released=self.executor.wake, audit=self.audit)
         self.router = Router(settings, self.index, rules=self.rules.current, on_jobs=self.executor.wake,
-                             on_deliveries=self.delivery.wake, audit=self.audit)
+                             on_deliveries=self.delivery.wake, audit=self.audit, on_priors=self.priors.hold)
         self.http_client: httpx.AsyncClient | None = None
         self._started = threading.Event()
 
@@ -107,6 +110,7 @@ class Node:
         self.housekeeper.start()
         self.scp.start()  # last: accept data only once every later stage is ready
         self.retriever.start()  # after the SCP: C-MOVE sends to it
+        self.priors.start()
         if self.settings.sources:
             self.pulls.start()
         self._started.set()
@@ -116,6 +120,7 @@ class Node:
         """Stop accepting, let in-flight C-STOREs finish, leave jobs/deliveries durable, stop Orthanc."""
         log.info("shutting down")
         self.pulls.stop()
+        self.priors.stop()
         self.retriever.stop()
         self.scp.stop()
         self.ingest.close()

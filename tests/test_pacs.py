@@ -466,3 +466,70 @@ def test_pull_rules_are_validated_with_the_routing_rules(tmp_path):
     assert nxt == dt.datetime(2025, 1, 1, 22, 0)  # outside the window: its next opening
     assert sched.next_run(dt.datetime(2025, 1, 1, 23, 0)) == dt.datetime(2025, 1, 1, 23, 15)
     assert sched.next_run(dt.datetime(2025, 1, 2, 4, 50)) == dt.datetime(2025, 1, 2, 22, 0)
+
+
+def test_priors_are_found_retrieved_and_handed_to_the_handler(tmp_path):
+    """A study pushed by a modality: its rule asks for 2 CT CHEST priors; the PACS holds three of them
+    (and an MR, an abdomen CT and another patient's CT); the node already holds one of them."""
+    from node.store.index import Index
+    from tests.nodeproc import NodeProcess, storescu
+
+    def ct(name, date, time_="090000", body="CHEST", patient="P7", modality="CT"):
+        return tiny_study(tmp_path / name, patient_id=patient, study_date=date, study_time=time_, body_part=body,
+                          modality=modality, series=(("AX", 1.0, 3),))
+
+    current = ct("cur", "20240610", "101500")
+    p2023, p2021 = ct("p23", "20230605", "083000"), ct("p21", "20210601")
+    noise = [ct("mr", "20231201", modality="MR"), ct("abd", "20231101", body="ABDOMEN"),
+             ct("other", "20231115", patient="P8")]
+    held = ct("held", "20220601")  # in the node and on the PACS: taken from the node, not fetched again
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "priors.yaml").write_text("""
+- name: with-priors
+  level: study
+  match: {Modality: CT, calling_ae: MODALITY}
+  handler: priors-timeline
+  priors: {source: pacs, max: 2, within: 5y, match: {Modality: CT, BodyPartExamined: CHEST}, wait: 2m}
+- name: mr-priors-pacs-down
+  level: study
+  match: {Modality: MR, calling_ae: MODALITY}
+  handler: priors-timeline
+  priors: {source: down, max: 2}
+""")
+    mr_now = ct("mrnow", "20240610", modality="MR", patient="P9")
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(p2023.files + held.files + p2021.files + [f for s in noise for f in s.files])
+        node = NodeProcess(tmp_path / "node", rules, store_originals_in_orthanc=False, sources={
+            "pacs": dimse(pacs.dicom_port, retrieve="get"), "down": dimse(free_port(), timeout_s=3)})
+        node.start()
+        try:
+            assert storescu(node.dicom_port, held.files, calling="OLDPACS").returncode == 0
+            assert storescu(node.dicom_port, current.files + mr_now.files, calling="MODALITY").returncode == 0
+
+            def finished(study):
+                jobs = [j for j in node.api("GET", "/api/jobs").json()["jobs"] if j["study_uid"] == study]
+                return jobs and all(j["status"] in ("done", "failed") for j in jobs) and jobs
+
+            [job] = wait_for(lambda: finished(current.study_uid), 120, "the job with priors")
+            [mr_job] = wait_for(lambda: finished(mr_now.study_uid), 60, "the MR job")
+        finally:
+            node.stop()
+            node._kill_orthanc()
+    index = Index(node.data_dir / "index.db")
+    row = index.job(job["id"])
+    assert row["status"] == "done", row["error"]
+    hist = json.loads(row["history_json"])
+    prov = next(h for h in hist if h["event"] == "done")["provenance"]
+    # The two most recent CT CHEST priors, most recent first, with their study dates and times.
+    assert [(p["study_uid"], p["acquired"], p["source"]) for p in prov["priors"]] == [
+        (p2023.study_uid, "2023-06-05T08:30:00", "pacs"), (held.study_uid, "2022-06-01T09:00:00", "node")]
+    assert prov["priors_note"] is None
+    retrieves = index.conn().execute("SELECT * FROM retrieves WHERE requested_by=?", (f"priors:job {job['id']}",)
+                                     ).fetchall()
+    assert [r["study_uid"] for r in retrieves] == [p2023.study_uid]
+    assert all(r["status"] == "done" for r in retrieves)
+    # The MR's source is down: the job ran without priors and says why.
+    mr_prov = next(h for h in json.loads(index.job(mr_job["id"])["history_json"]) if h["event"] == "done")["provenance"]
+    assert mr_prov["priors"] == [] and "source down not searched" in mr_prov["priors_note"]
+    assert "no prior studies found" in mr_prov["priors_note"]

@@ -79,7 +79,7 @@ def load_rules(files: Mapping[str, str], *, handlers: HandlerLookup, destination
             if raw.get("kind") == "pull":
                 rule, problems = load_pull_rule(raw, name, index, parsed.line_of(prefix), srcs, _pydantic_problems)
             else:
-                rule, problems = _load_rule(raw, name, index, parsed.line_of(prefix), handlers, dests)
+                rule, problems = _load_rule(raw, name, index, parsed.line_of(prefix), handlers, dests, srcs)
             rule_name = raw.get("name") if isinstance(raw.get("name"), str) else None
             for path, message in problems:
                 errors.append(RuleError(name, parsed.line_of(prefix + path), format_path(path) or None,
@@ -119,7 +119,7 @@ def _entries(parsed: ParsedYaml, file: str, errors: list[RuleError]):
 
 
 def _load_rule(raw: dict, file: str, index: int, line: int | None, handlers: HandlerLookup,
-               dests: frozenset[str]) -> tuple[Rule | None, list[tuple[tuple, str]]]:
+               dests: frozenset[str], srcs: frozenset[str] = frozenset()) -> tuple[Rule | None, list[tuple[tuple, str]]]:
     problems: list[tuple[tuple, str]] = []
     spec: RuleSpec | None = None
     if raw.get("kind", "route") == "route":
@@ -143,6 +143,10 @@ def _load_rule(raw: dict, file: str, index: int, line: int | None, handlers: Han
             if isinstance(d, str) and d not in dests:
                 known = ", ".join(sorted(dests)) or "none"
                 problems.append((("destinations", i), f"unknown destination '{d}'; configured: {known}"))
+    priors = raw.get("priors")
+    if isinstance(priors, dict) and isinstance(priors.get("source"), str) and priors["source"] not in srcs:
+        known = ", ".join(sorted(srcs)) or "none"
+        problems.append((("priors", "source"), f"unknown source '{priors['source']}'; configured: {known}"))
     if problems or spec is None or condition is None:
         return None, problems
     action = Action(
@@ -150,6 +154,7 @@ def _load_rule(raw: dict, file: str, index: int, line: int | None, handlers: Han
         destinations=tuple(spec.destinations),
         forward_originals=spec.forward_originals if spec.forward_originals is not None else spec.handler is None,
         priority=spec.priority, timeout=spec.timeout, stable_after=spec.stable_after,
+        priors=spec.priors.model_dump() if spec.priors else None,
     )
     return Rule(name=spec.name, description=spec.description, file=file, line=line, index=index,
                 enabled=spec.enabled, order=spec.order, exclusive=spec.exclusive, fallback=spec.fallback,

@@ -26,22 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from node.rules.conditions import Condition, compile_condition
 from node.rules.model import parse_duration
 from node.rules.rule import Action
+from node.rules.spans import parse_span_s
 
 _DATE = r"\d{8}"
 _DATE_RANGE = re.compile(rf"^({_DATE})?(-({_DATE})?)?$")
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
-_SPAN = re.compile(r"^\s*(\d+)\s*([mhdwy])\s*$")
-_SPAN_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
-
-
-def parse_span_s(v: Any) -> float:
-    """``30m``, ``24h``, ``7d``, ``2w``, ``5y`` in seconds."""
-    m = _SPAN.match(v) if isinstance(v, str) else None
-    if not m:
-        raise ValueError(f"expected a span like '30m', '24h', '7d', '2w' or '5y', got {v!r}")
-    return int(m.group(1)) * _SPAN_S[m.group(2)]
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

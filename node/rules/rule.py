@@ -22,6 +22,7 @@ class Action:
     priority: str = "normal"  # "urgent", "normal" or "offpeak"
     timeout: float | None = None  # seconds
     stable_after: float | None = None  # seconds
+    priors: dict | None = field(default=None, hash=False)  # PriorsSpec as a dict (node/rules/priors.py)
 
     def describe(self) -> str:
         parts = []
@@ -37,6 +38,8 @@ class Action:
             extras.append(f"timeout {self.timeout:g} s")
         if self.stable_after:
             extras.append(f"stable after {self.stable_after:g} s")
+        if self.priors:
+            extras.append(f"up to {self.priors['max']} prior(s) from {self.priors['source'] or 'the node'}")
         return "; ".join(parts) + (f" ({', '.join(extras)})" if extras else "")
 
     def to_dict(self) -> dict:

@@ -47,6 +47,14 @@ CREATE TABLE IF NOT EXISTS pull_seen (
     stable INTEGER NOT NULL DEFAULT 0,         -- 1: the count did not change between two looks
     retrieves INTEGER NOT NULL DEFAULT 0, first_at REAL NOT NULL, last_at REAL NOT NULL,
     PRIMARY KEY (rule, study_uid)
+);
+CREATE TABLE IF NOT EXISTS prior_waits (
+    job_id INTEGER PRIMARY KEY,                -- a job in status 'waiting-for-priors'
+    spec_json TEXT NOT NULL,                   -- the rule's priors: (node/rules/priors.py)
+    state TEXT NOT NULL,                       -- searching | retrieving | released
+    deadline REAL NOT NULL,                    -- then the job runs with what arrived
+    chosen_json TEXT NOT NULL DEFAULT '[]',    -- [{study_uid, source, retrieve, series}]
+    note TEXT, created_at REAL NOT NULL
 )
 """
 
@@ -263,3 +271,58 @@ class RetrieveStore:
         row = self._c().execute("SELECT COALESCE(SUM(COALESCE(expected, 0)), 0) FROM retrieves WHERE requested_by=? "
                                 "AND created_at>=?", (requested_by, since)).fetchone()
         return int(row[0])
+
+    # -- priors (node/pacs/priors.py) ----------------------------------------------------------
+    def hold_for_priors(self, job_id: int, spec: dict, deadline: float) -> None:
+        """Park a just-created job until its priors are in (call inside the transaction that made it)."""
+        c = self._c()
+        c.execute("UPDATE jobs SET status='waiting-for-priors', message='looking for priors' WHERE id=? "
+                  "AND status='pending'", (job_id,))
+        c.execute("INSERT OR IGNORE INTO prior_waits(job_id, spec_json, state, deadline, created_at) "
+                  "VALUES (?,?, 'searching', ?, ?)", (job_id, json.dumps(spec), deadline, time.time()))
+
+    def prior_waits(self) -> list[sqlite3.Row]:
+        return self._c().execute("SELECT w.*, j.study_uid FROM prior_waits w JOIN jobs j ON j.id=w.job_id "
+                                 "WHERE w.state != 'released' ORDER BY w.job_id").fetchall()
+
+    def priors_chosen(self, job_id: int, chosen: list[dict], note: str | None) -> None:
+        self._c().execute("UPDATE prior_waits SET state='retrieving', chosen_json=?, note=? WHERE job_id=?",
+                          (json.dumps(chosen), note, job_id))
+
+    def release_priors(self, job_id: int, note: str | None) -> None:
+        """The job may run now, with the priors that arrived."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            c.execute("UPDATE prior_waits SET state='released', note=? WHERE job_id=?", (note, job_id))
+            c.execute("UPDATE jobs SET status='pending', message=? WHERE id=? AND status='waiting-for-priors'",
+                      ((note or "priors ready")[:500], job_id))
+
+    def prior_studies(self, patient_id: str, before_date: str, since_date: str, exclude: str) -> list[sqlite3.Row]:
+        """The node's own studies of a patient dated in [since_date, before_date)."""
+        return self._c().execute("SELECT * FROM studies WHERE patient_id=? AND study_uid != ? AND study_date < ? "
+                                 "AND study_date >= ? AND instances > 0 ORDER BY study_date DESC",
+                                 (patient_id, exclude, before_date, since_date)).fetchall()
+
+
+def priors_of_job(index: Index, job_id: int) -> dict:
+    """What a job's JobSpec carries about priors: {"priors": [...], "priors_note": ...}, or {}."""
+    c = index.conn()
+    try:
+        row = c.execute("SELECT * FROM prior_waits WHERE job_id=?", (job_id,)).fetchone()
+    except sqlite3.OperationalError:  # no PACS tables in this index yet: no priors
+        return {}
+    if row is None:
+        return {}
+    priors = []
+    for p in json.loads(row["chosen_json"]):
+        series = p.get("series")
+        rows = index.series_of_study(p["study_uid"])
+        uids = [r["series_uid"] for r in rows if not series or r["series_uid"] in series]
+        paths = {u: index.instance_paths(u) for u in uids}
+        paths = {u: v for u, v in paths.items() if v}
+        if not paths:
+            continue  # not (yet) in the node: the note says so
+        st = index.study(p["study_uid"])
+        priors.append({"study_uid": p["study_uid"], "source": p["source"], "study_date": st["study_date"] or "",
+                       "study_time": p.get("study_time", ""), "series": paths})
+    return {"priors": priors, "priors_note": row["note"]}
