@@ -309,6 +309,19 @@ def test_running_node_api_and_cli_retrieve(tmp_path):
             assert node.study(a.study_uid)["instances_received"] == 4
             m = node.api("POST", "/api/pacs/sources/pacs/query", json={"patient_id": "P9"}).json()["matches"]
             assert all(x["in_hilum"] for x in m)
+            # A pull rule dropped into the rules directory is picked up (hot reload) and shown with its state.
+            (tmp_path / "rules" / "pull.yaml").write_text(
+                "kind: pull\nname: p9\nsource: pacs\nquery: {PatientID: P9}\nschedule: {every: 1h}\nwatch: true\n")
+            pr = wait_for(lambda: [x for x in node.api("GET", "/api/pacs/pull-rules", headers=vh).json()[
+                "pull_rules"] if x["last_run_at"]], 30, "the pull rule's first run")
+            assert pr[0]["name"] == "p9" and pr[0]["last_result"]["matches"] == 2 and pr[0]["high_water"]
+            assert pr[0]["last_result"]["queued"] == 2  # not yet seen by this rule: queued, the ingest dedupes
+            assert node.api("POST", "/api/pacs/pull-rules/p9/run", headers=vh).status_code == 403
+            assert node.api("POST", "/api/pacs/pull-rules/p9/run").status_code == 200
+            wait_for(lambda: node.api("GET", "/api/pacs/pull-rules").json()["pull_rules"][0]["last_run_at"]
+                     > pr[0]["last_run_at"], 15, "the second run")
+            again = node.api("GET", "/api/pacs/pull-rules").json()["pull_rules"][0]["last_result"]
+            assert again["queued"] == 0 and again["rechecked"] == 0
         finally:
             node.stop()
             node._kill_orthanc()

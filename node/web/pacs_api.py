@@ -124,3 +124,32 @@ def _view(r) -> dict:
     exp = d["expected"]
     d["progress"] = round(min(1.0, d["received"] / exp), 3) if exp else None
     return d
+
+
+@router.get("/pull-rules")
+def pull_rules(request: Request, _: Principal = Depends(require_viewer)) -> dict:
+    """Each pull rule with its schedule, last run, outcome, next run and high-water mark."""
+    node = request.app.state.node
+    out = []
+    for r in node.rules.current().pull_rules:
+        st = node.retrieves.pull_state(r.name)
+        s = r.spec
+        out.append({"name": r.name, "file": r.where(), "source": s.source, "watch": s.watch,
+                    "every_s": s.schedule.every, "window": s.schedule.window,
+                    "query": s.query.model_dump(mode="json", exclude_defaults=True),
+                    "series_filter": s.series, "limits": s.limits.model_dump(),
+                    "next_at": st["next_at"] if st else None, "last_run_at": st["last_run_at"] if st else None,
+                    "last_result": json.loads(st["last_result_json"]) if st and st["last_result_json"] else None,
+                    "last_error": st["last_error"] if st else None, "high_water": st["high_water"] if st else None})
+    return {"pull_rules": out}
+
+
+@router.post("/pull-rules/{name}/run")
+def run_pull_now(name: str, request: Request, p: Principal = Depends(require_admin)) -> dict:
+    node = request.app.state.node
+    if name not in {r.name for r in node.rules.current().pull_rules}:
+        raise HTTPException(404, f"no enabled pull rule named {name!r}")
+    node.retrieves.ensure_pull_state(name, 0.0)
+    node.retrieves.run_pull_now(name)
+    node.pulls.wake()
+    return {"rule": name, "action": "run", "by": who(p)}
