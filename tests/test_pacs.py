@@ -546,3 +546,82 @@ def test_priors_are_found_retrieved_and_handed_to_the_handler(tmp_path):
     mr_prov = next(h for h in json.loads(index.job(mr_job["id"])["history_json"]) if h["event"] == "done")["provenance"]
     assert mr_prov["priors"] == [] and "source down not searched" in mr_prov["priors_note"]
     assert "no prior studies found" in mr_prov["priors_note"]
+
+
+@pytest.fixture
+def odd_pacs(tmp_path):
+    """A PACS that misbehaves (pynetdicom as the peer): malformed C-FIND answers, 5 000 matches,
+    and a C-GET that also pushes an instance of a study nobody asked for."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+
+    wanted = tiny_study(tmp_path / "w", patient_id="ODD", series=(("AX", 1.0, 2),))
+    stray = tiny_study(tmp_path / "x", patient_id="ODD")
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    def on_find(event):
+        q = event.identifier
+        if q.get("PatientID") == "MANY":
+            for i in range(5000):
+                d = Dataset()
+                d.QueryRetrieveLevel, d.StudyInstanceUID, d.PatientID = "STUDY", f"1.2.3.{i + 1}", "MANY"
+                d.StudyDate, d.NumberOfStudyRelatedInstances = "20240101", "1"
+                yield 0xFF00, d
+            return
+        good = Dataset()
+        good.QueryRetrieveLevel, good.StudyInstanceUID, good.PatientID = "STUDY", wanted.study_uid, "ODD"
+        good.NumberOfStudyRelatedInstances, good.StudyDate = "2", "20240101"
+        no_uid = Dataset()
+        no_uid.QueryRetrieveLevel, no_uid.PatientID = "STUDY", "ODD"
+        bad_number = Dataset()
+        bad_number.QueryRetrieveLevel, bad_number.StudyInstanceUID = "STUDY", "1.2.3.999"
+        # NumberOfStudyRelatedInstances that is no number, as raw bytes (pydicom would refuse to write it)
+        bad_number[0x00201208] = RawDataElement(Tag(0x00201208), "IS", 4, b"many", 0, False, True)
+        for d in (good, no_uid, bad_number):
+            yield 0xFF00, d
+
+    def on_get(event):
+        files = [pydicom.dcmread(f) for f in wanted.files] + [pydicom.dcmread(stray.files[0])]
+        yield len(files)
+        for ds in files:
+            yield 0xFF00, ds
+
+    ae = AE(ae_title="ODDPACS")
+    ae.add_supported_context(FIND)
+    ae.add_supported_context(GET)
+    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    yield port, wanted, stray
+    server.shutdown()
+
+
+def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs):
+    from node.pacs.scheduler import PullScheduler
+    from node.pacs.sources import source_client
+    from node.pacs.model import StudyQuery
+
+    port, wanted, stray = odd_pacs
+    node = local({"odd": dimse(port, "ODDPACS", retrieve="get")})
+    found, bad = source_client(node.settings, "odd").find_studies(StudyQuery(patient_id="ODD"))
+    assert [m.study_uid for m in found] == [wanted.study_uid] and bad == 2  # malformed answers counted, skipped
+    node.retriever.start()
+    rid, _ = node.store.add("odd", wanted.study_uid, None, "test")
+    node.retriever.wake()
+    r = node.wait(rid)
+    # The stray instance was refused (not stored); the retrieve says so.
+    assert r["status"] == "partial" and (r["completed"], r["failed"]) == (2, 1)
+    assert "of other studies refused (not asked for)" in r["error"]
+    assert node.held(wanted.study_uid) == wanted.sop_uids and node.held(stray.study_uid) == set()
+    # 5 000 matches: the rule's limit applies, the rest waits for later runs.
+    rules = _pull_rules(tmp_path, "kind: pull\nname: many\nsource: odd\nquery: {PatientID: MANY}\n"
+                                  "limits: {studies_per_run: 10}\n", sources=("odd",))
+    sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=lambda: None)
+    res = sched.run(rules.pull_rules[0])
+    assert (res["matches"], res["queued"], res["left"], res["error"]) == (5000, 10, 4990, None)
