@@ -625,3 +625,50 @@ def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs):
     sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=lambda: None)
     res = sched.run(rules.pull_rules[0])
     assert (res["matches"], res["queued"], res["left"], res["error"]) == (5000, 10, 4990, None)
+
+
+def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from tests.nodeproc import NodeProcess
+    from tests.web_support import BrowserErrors, add_user, launch, screenshot, sign_in
+
+    s1 = tiny_study(tmp_path / "s1", patient_id="WEB1", study_date="20240301", description="CT CHEST WEB")
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(s1.files)
+        (tmp_path / "rules").mkdir()
+        (tmp_path / "rules" / "pull.yaml").write_text(
+            "kind: pull\nname: web-watch\nsource: pacs\nquery: {PatientID: NOBODY}\nschedule: {every: 1h}\n")
+        node = NodeProcess(tmp_path / "node", tmp_path / "rules", store_originals_in_orthanc=False,
+                           sources={"pacs": dimse(pacs.dicom_port, retrieve="get")}).start()
+        try:
+            add_user(node, "ada", "admin")
+            add_user(node, "val", "viewer")
+            with sync_playwright() as p:
+                browser = launch(p)
+                page = browser.new_page()
+                errors = BrowserErrors(page)
+                sign_in(page, node.web, "ada", next_path="/console/pacs")
+                page.click("tr[data-source=pacs] button.echo")
+                page.wait_for_selector("tr[data-source=pacs] .echo-result .ok")
+                page.fill("#query input[name=patient_id]", "WEB1")
+                page.click("#query button[type=submit]")
+                page.wait_for_selector(f"#matches tr[data-study='{s1.study_uid}']")
+                page.check(f"#matches tr[data-study='{s1.study_uid}'] input[type=checkbox]")
+                page.click("#retrieve-selected")
+                page.wait_for_selector("#retrieves tr.status-done", timeout=60000)
+                row = page.inner_text("#retrieves tr.status-done")
+                assert "4/4 (100 %)" in row and "ok 4" in row and "ada" in row
+                page.wait_for_selector("#pull-rules tr[data-rule=web-watch]")
+                screenshot(page, "pacs-admin")
+                assert errors.errors == []
+                viewer = browser.new_page()
+                sign_in(viewer, node.web, "val", next_path="/console/pacs")
+                viewer.wait_for_selector("#retrieves tr.status-done")
+                assert not viewer.is_visible("tr[data-source=pacs] button.echo")
+                assert not viewer.is_visible("#query")  # viewers read; querying the PACS is an admin's act
+                browser.close()
+            assert node.study(s1.study_uid)["instances_received"] == 4
+        finally:
+            node.stop()
+            node._kill_orthanc()
