@@ -151,6 +151,16 @@ def test_cli_echo_query_marks_held_studies_and_queues_retrieves(tmp_path, local)
         assert node.held(other.study_uid) == other.sop_uids
         out = _cli("jobs", "--json", "--config", str(cfg))
         assert json.loads(out.stdout)[0]["status"] == "done"
+        out = _cli("query", "pacs", "--since", "36500d", "--modality", "CT", "--json", "--config", str(cfg))
+        assert {m["study_uid"] for m in json.loads(out.stdout)["matches"]} == {st.study_uid, other.study_uid}
+        assert _cli("query", "pacs", "--since", "soon", "--config", str(cfg)).returncode == 2
+        node.retriever.stop()  # no runner: the next one stays queued while we cancel and retry it
+        rid = int(_cli("retrieve", "pacs", "1.2.3.4", "--config", str(cfg)).stdout.split()[0])
+        assert _cli("cancel", str(rid), "--config", str(cfg)).returncode == 0
+        assert node.store.get(rid)["status"] == "cancelled"
+        assert _cli("cancel", str(rid), "--config", str(cfg)).returncode == 1  # not active any more
+        assert _cli("retry", str(rid), "--config", str(cfg)).returncode == 0
+        assert node.store.get(rid)["status"] == "queued"
         audit = [json.loads(ln) for ln in (node.settings.data_dir / "audit" / "audit.jsonl").read_text().splitlines()]
         q = [a for a in audit if a["event"] == "pacs-query"]
         assert q and q[0]["detail"]["keys"] == {"PatientID": "P1"} and q[0]["detail"]["matches"] == 2

@@ -94,6 +94,9 @@ class Retriever:
             log.error("retrieve %d failed: %s", rid, exc)
             return "failed"
         except PacsError as exc:
+            if self._stop.is_set():
+                log.info("retrieve %d interrupted by shutdown: resumed at the next start", rid)
+                return "interrupted"  # left running: requeue_running() queues it again at start
             if self.store.get(rid)["cancel_requested"]:
                 self.store.finish(rid, "cancelled", "cancelled")
                 retrieve_audit(self.audit, row, outcome="cancelled")
