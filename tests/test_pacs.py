@@ -682,3 +682,41 @@ def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tm
         finally:
             node.stop()
             node._kill_orthanc()
+
+
+def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_path):
+    import signal
+
+    from tests.nodeproc import NodeProcess
+
+    st = tiny_study(tmp_path / "big", rows=64, series=(("AX", 1.0, 150),))
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(st.files)
+        (tmp_path / "rules").mkdir()
+        node = NodeProcess(tmp_path / "node", tmp_path / "rules", store_originals_in_orthanc=False,
+                           sources={"pacs": dimse(pacs.dicom_port, retrieve="get")}).start()
+        try:
+            rid = node.api("POST", "/api/pacs/retrieves", json={"source": "pacs", "study_uids": [st.study_uid]}
+                           ).json()["ids"][0]
+
+            def progress():
+                r = next(x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"] if x["id"] == rid)
+                return r if r["received"] >= 10 or r["status"] == "done" else None
+
+            r = wait_for(progress, 60, "the retrieve under way", interval=0.05)
+            assert r["status"] == "retrieving" and r["received"] < 150, "finished before it could be interrupted"
+            node.stop(signal.SIGKILL)  # the host dies mid-retrieve
+            node.start()
+            r = wait_for(lambda: next((x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"]
+                                       if x["id"] == rid and x["status"] in ("done", "failed", "partial")), None),
+                         90, "the resumed retrieve")
+            assert r["status"] == "done" and r["received"] == 150
+            assert any(h["event"] == "requeued after restart" for h in r["history"])
+            wait_for(lambda: node.study(st.study_uid).get("instances_received") == 150, 30, "all indexed")
+        finally:
+            node.stop()
+            node._kill_orthanc()
+    from node.store.index import Index
+
+    rows = Index(node.data_dir / "index.db").instances_of_study(st.study_uid)
+    assert sorted(r["sop_uid"] for r in rows) == sorted(st.sop_uids)  # each instance once, none missing
