@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (
 
 from node.config_pacs import DimseSource
 from node.pacs.model import NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
+from node.receive.header import read_header
 from node.tls import client_tls_args
 
 log = logging.getLogger("hilum.pacs")
@@ -40,6 +41,7 @@ DEFAULT_STORAGE_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.104.1",
 ]
 PENDING = (0xFF00, 0xFF01)
+MOVE_POLL_S = 0.02
 MOVE_DESTINATION_UNKNOWN = 0xA801
 # What the sub-operation status of a C-STORE handler means to the PACS.
 STORE_REFUSED = 0xC000
@@ -162,6 +164,10 @@ class DimseClient:
         ae = self._ae()
         ae.add_requested_context(MOVE)
         assoc = self._associate(ae)
+        # The instances reach the node's SCP in this same process; this association only carries one
+        # small pending response per sub-operation. pynetdicom's reader polls every 1 ms when idle,
+        # which takes the GIL from the SCP thousands of times a second: poll every 20 ms instead.
+        assoc.dul._run_loop_delay = MOVE_POLL_S
         try:
             return self._drain(assoc, assoc.send_c_move(self._identifier(study_uid, series_uids),
                                                         self.move_destination, MOVE), progress, "C-MOVE")
@@ -183,11 +189,12 @@ class DimseClient:
         unrequested: list[str] = []
 
         def on_store(event) -> int:
-            ds = event.dataset
-            if getattr(ds, "StudyInstanceUID", None) != study_uid:
-                unrequested.append(str(getattr(ds, "SOPInstanceUID", "?")))
+            raw = event.encoded_dataset(include_meta=True)
+            study, sop = _uids(raw, event)
+            if study != study_uid:
+                unrequested.append(sop)
                 return STORE_REFUSED  # not what was asked for: refused, counted, never stored
-            status, _reason = store(event.encoded_dataset(include_meta=True))
+            status, _reason = store(raw)
             return status
 
         assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
@@ -236,6 +243,18 @@ class DimseClient:
                 raise PacsError(f"{what} cancelled by the PACS")
             raise PacsError(f"source {self.name}: {what} failed ({_status_text(status)})")
         raise PacsError(f"source {self.name}: {what}: the association ended without a final status")
+
+
+def _uids(raw: bytes, event) -> tuple[str | None, str]:
+    """(StudyInstanceUID, SOPInstanceUID) of a C-GET sub-operation's instance, read from the bytes
+    (node/receive/header.py) rather than by decoding the whole dataset, pixel data included."""
+    fast = read_header(raw)
+    if fast is not None:
+        facts = fast[1]
+    else:
+        ds = event.dataset
+        facts = {k: str(ds.get(k, "")) for k in ("StudyInstanceUID", "SOPInstanceUID")}
+    return facts.get("StudyInstanceUID") or None, facts.get("SOPInstanceUID") or "?"
 
 
 def _counts(out: RetrieveOutcome, status) -> None:
