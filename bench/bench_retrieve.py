@@ -88,6 +88,7 @@ def _register(pacs: PacsOrthanc, name: str, ae: str, port: int) -> None:
 
 def _find(pacs: PacsOrthanc, studies: int, runs: int, scratch: Path) -> dict:
     from node.config import load_settings
+    from node.pacs.dimse import STUDY_RETURN_KEYS  # findscu asks for the same return keys
     from node.pacs.model import StudyQuery
     from node.pacs.sources import source_client
 
@@ -105,8 +106,8 @@ def _find(pacs: PacsOrthanc, studies: int, runs: int, scratch: Path) -> dict:
         assert len(found) == studies, len(found)
         t0 = time.perf_counter()
         _run(["findscu", "-aet", "BENCH", "-aec", pacs.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY",
-              "-k", "PatientID=FINDBENCH", "-k", "StudyInstanceUID", "-k", "StudyDate", "-k", "ModalitiesInStudy",
-              "-k", "NumberOfStudyRelatedInstances", "127.0.0.1", str(pacs.dicom_port)])
+              "-k", "PatientID=FINDBENCH", *[a for k in STUDY_RETURN_KEYS if k != "PatientID" for a in ("-k", k)],
+              "127.0.0.1", str(pacs.dicom_port)])
         dcmtk.append(time.perf_counter() - t0)
     return {"hilum": hilum, "findscu": dcmtk}
 

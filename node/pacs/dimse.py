@@ -118,7 +118,8 @@ class DimseClient:
         ident.QueryRetrieveLevel = "STUDY"
         for k in STUDY_RETURN_KEYS:
             setattr(ident, k, "")
-        ident.SOPClassesInStudy = ""
+        if q.study_uid:  # C-GET's contexts; costly for a PACS to compute, so asked for one study only
+            ident.SOPClassesInStudy = ""
         for k, v in q.keys().items():
             setattr(ident, k, v)
         out, bad = [], 0
