@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--studies", type=int, default=1000, help="studies in the C-FIND answer")
     ap.add_argument("--quick", action="store_true", help="20 slices of 128 px, 100 studies, one run")
+    ap.add_argument("--find-only", action="store_true", help="only the C-FIND round trip")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.quick:
@@ -136,7 +137,7 @@ def main() -> None:
             pacs.upload(files)
             _register(pacs, "bench", "BENCH", free_port())
             times: dict[str, list[float]] = {k: [] for k in ("hilum C-MOVE", "movescu", "hilum C-GET", "getscu")}
-            for _ in range(args.runs):
+            for _ in range(0 if args.find_only else args.runs):
                 times["hilum C-MOVE"].append(_hilum(pacs, study_uid, "move", len(files)))
                 times["movescu"].append(_dcmtk_move(pacs, study_uid, len(files)))
                 times["hilum C-GET"].append(_hilum(pacs, study_uid, "get", len(files)))
@@ -148,12 +149,13 @@ def main() -> None:
     print(f"\nretrieve: {len(files)} instances, {mb:.0f} MB from a PACS Orthanc, median of {args.runs}")
     print(f"{'retriever':<14} {'s':>7} {'spread':>13} {'inst/s':>8} {'MB/s':>7}")
     med = {}
-    for name, ts in results["retrieve"].items():
+    for name, ts in results["retrieve"].items() if not args.find_only else ():
         med[name] = statistics.median(ts)
         print(f"{name:<14} {med[name]:7.2f} {min(ts):6.2f}-{max(ts):<6.2f} {len(files) / med[name]:8.0f} "
               f"{mb / med[name]:7.0f}")
-    print(f"hilum C-MOVE/movescu {med['hilum C-MOVE'] / med['movescu']:.2f}   "
-          f"hilum C-GET/getscu {med['hilum C-GET'] / med['getscu']:.2f}")
+    if not args.find_only:
+        print(f"hilum C-MOVE/movescu {med['hilum C-MOVE'] / med['movescu']:.2f}   "
+              f"hilum C-GET/getscu {med['hilum C-GET'] / med['getscu']:.2f}")
     f = results["find"]
     print(f"\nC-FIND, {args.studies}-study answer, median of {len(f['hilum'])}: hilum {statistics.median(f['hilum']):.2f} s, "
           f"findscu {statistics.median(f['findscu']):.2f} s")
