@@ -80,14 +80,16 @@ class TinyStudy:
 class PacsOrthanc:
     """A second Orthanc, independent of any node: the hospital PACS."""
 
-    def __init__(self, root: Path, node_ae: str = "HILUM", node_port: int | None = None) -> None:
+    def __init__(self, root: Path, node_ae: str = "HILUM", node_port: int | None = None,
+                 users: dict[str, str] | None = None) -> None:
         self.root = root
         self.http_port, self.dicom_port = free_port(), free_port()
         self.ae_title = "PACS"
         modalities = {"hilum": [node_ae, "127.0.0.1", node_port or free_port()]}
         cfg = {
             "Name": "PACS", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
-            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": users or {},
             "DicomServerEnabled": True, "DicomAet": self.ae_title, "DicomPort": self.dicom_port,
             "DicomCheckCalledAet": False, "DicomModalities": modalities, "TcpNoDelay": True,
             "Plugins": [d for d in DICOMWEB_PLUGIN_DIRS if Path(d).is_dir()],
@@ -98,6 +100,7 @@ class PacsOrthanc:
         self.config_path = root / "pacs.json"
         self.config_path.write_text(json.dumps(cfg))
         self.proc: subprocess.Popen | None = None
+        self.auth = next(iter(users.items())) if users else None
 
     @property
     def url(self) -> str:
@@ -117,7 +120,7 @@ class PacsOrthanc:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError("PACS Orthanc exited:\n" + (self.root / "pacs.log").read_text()[-2000:])
         try:
-            return httpx.get(self.url + "/system", timeout=2).status_code == 200
+            return httpx.get(self.url + "/system", auth=self.auth, timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -131,14 +134,14 @@ class PacsOrthanc:
                 self.proc.wait()
 
     def upload(self, files: list[Path]) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as c:
+        with httpx.Client(base_url=self.url, auth=self.auth, timeout=30) as c:
             for f in files:
                 r = c.post("/instances", content=f.read_bytes())
                 assert r.status_code == 200, r.text
 
     def set_node(self, ae: str, port: int) -> None:
         """Tell the PACS where the node's SCP is (its C-MOVE destination)."""
-        with httpx.Client(base_url=self.url, timeout=30) as c:
+        with httpx.Client(base_url=self.url, auth=self.auth, timeout=30) as c:
             r = c.put("/modalities/hilum", json={"AET": ae, "Host": "127.0.0.1", "Port": port})
             assert r.status_code == 200, r.text
 

@@ -720,3 +720,27 @@ def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_pa
 
     rows = Index(node.data_dir / "index.db").instances_of_study(st.study_uid)
     assert sorted(r["sop_uid"] for r in rows) == sorted(st.sop_uids)  # each instance once, none missing
+
+
+def test_dicomweb_source_with_credentials_from_a_file_and_a_variable(tmp_path, local, monkeypatch):
+    st = tiny_study(tmp_path / "s", patient_id="AUTH1")
+    pw = tmp_path / "pacs.pw"
+    pw.write_text("s3cret\n")
+    monkeypatch.setenv("PACS_WRONG_PW", "nope")
+    with pacs_orthanc(tmp_path / "pacs", users={"hilum": "s3cret"}) as pacs:
+        pacs.upload(st.files)
+        web = pacs.url + "/dicom-web"
+        node = local({"web": {"qido_url": web, "auth": {"username": "hilum", "password_file": str(pw)}},
+                      "bad": {"qido_url": web, "auth": {"username": "hilum", "password_env": "PACS_WRONG_PW"}}})
+        from node.pacs.model import PacsError, StudyQuery
+        from node.pacs.sources import source_client
+
+        assert source_client(node.settings, "web").echo() > 0
+        with pytest.raises(PacsError, match="source bad: QIDO-RS ping failed: 401"):
+            source_client(node.settings, "bad").echo()
+        assert [m.study_uid for m in source_client(node.settings, "web").find_studies(
+            StudyQuery(patient_id="AUTH1"))[0]] == [st.study_uid]
+        node.retriever.start()
+        rid, _ = node.store.add("web", st.study_uid, None, "test")
+        node.retriever.wake()
+        assert node.wait(rid)["status"] == "done" and node.held(st.study_uid) == st.sop_uids
