@@ -164,6 +164,10 @@ def test_cli_echo_query_marks_held_studies_and_queues_retrieves(tmp_path, local)
         audit = [json.loads(ln) for ln in (node.settings.data_dir / "audit" / "audit.jsonl").read_text().splitlines()]
         q = [a for a in audit if a["event"] == "pacs-query"]
         assert q and q[0]["detail"]["keys"] == {"PatientID": "P1"} and q[0]["detail"]["matches"] == 2
+        retrieved = [json.loads(ln) for ln in (node.settings.data_dir / "audit.jsonl").read_text().splitlines()]
+        [e] = [a for a in retrieved if a["event"] == "pacs-retrieve"]
+        assert e["user"].startswith("cli ") and e["study_uid"] == other.study_uid and e["objects"] == 4
+        assert e["detail"]["completed"] == 4 and e["destination"] == "pacs" and e["outcome"] == 0
 
 
 @pytest.mark.parametrize("method", ["get", "move"])
