@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("deid", help="de-identification keys and files (see `hilum deid -h`)", add_help=False)
     sub.add_parser("keys", help="spool encryption keys: rotate, rewrap, status, retire (see `hilum keys -h`)",
                    add_help=False)
+    sub.add_parser("pacs", help="PACS sources: echo, query, retrieve, jobs (see `hilum pacs -h`)", add_help=False)
     sub.add_parser("spool", help="read a spooled object, verified and decrypted (`hilum spool read LOCATOR`)",
                    add_help=False)
     return p
@@ -250,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         from node.deid.cli import cli as deid_cli
 
         return deid_cli(argv[1:])
+    if argv and argv[0] == "pacs":
+        from node.pacs.cli import cli as pacs_cli
+
+        return pacs_cli(argv[1:])
     if argv and argv[0] in ("keys", "spool"):
         from node.store.cli import cli as store_cli
 

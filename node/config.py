@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.config_pacs import PacsSource, check_source_names
 from node.config_security import AuditSettings, ClientTls, Deidentify, DicomTls, Retention, SpoolEncryption, WebTls
 
 AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
@@ -116,6 +117,11 @@ class Settings(Strict):
     spool_encryption: SpoolEncryption | None = None  # AES-256-GCM at rest for the spool (node/store)
     spool_segment_mb: int = Field(512, ge=8, le=65536)  # size of one received-instance log segment
     retention: Retention = Retention()  # delete spooled copies after delivery + a period
+    sources: dict[str, PacsSource] = {}  # PACS the node pulls from (node/pacs; node/config_pacs.py)
+    retrieve_max_attempts: int = Field(5, ge=1, le=100)  # a failed PACS retrieve is tried again this often
+    retrieve_backoff_s: float = Field(5.0, gt=0)
+    retrieve_backoff_max_s: float = Field(600.0, gt=0)
+    priors_wait_s: float = Field(600.0, gt=0, le=86400)  # a job waits this long for its priors, then runs without
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -126,6 +132,7 @@ class Settings(Strict):
         for name in self.destinations:
             if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
                 raise ValueError(f"destinations: name {name!r} must be lowercase letters, digits, '-' or '_'")
+        check_source_names(self.sources)  # a source may share a destination's name (the same PACS both ways)
         return self
 
     @model_validator(mode="after")

@@ -21,6 +21,9 @@ from node.encoders.sr_templates import validate_all
 from node.handler_api import get_handler, handler_names
 from node.jobs.admin import retry
 from node.models.registry import validate_models
+from node.pacs.priors import PriorsCoordinator
+from node.pacs.retriever import Retriever
+from node.pacs.scheduler import PullScheduler
 from node.jobs.executor import LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
@@ -29,6 +32,7 @@ from node.rules.service import RulesService
 from node.store.housekeeping import Housekeeper
 from node.store.index import Index
 from node.store.keys import load_keyring
+from node.store.retrieves import RetrieveStore
 from node.store.vault import Vault
 
 log = logging.getLogger("hilum.node")
@@ -69,7 +73,8 @@ class Node:
         self.managed: ManagedOrthanc | None = None if settings.external_orthanc else ManagedOrthanc(settings)
         self.archive: ArchiveEndpoint = self.managed.endpoint if self.managed else archive_endpoint(settings)
         self.rules = RulesService(settings.rules_dir, settings.data_dir / "rules-history",
-                                  handlers=get_handler, destinations=settings.destination_names, audit=self.audit)
+                                  handlers=get_handler, destinations=settings.destination_names, audit=self.audit,
+                                  sources=settings.sources)
         self.ingest = Ingest(self.index, self.vault)
         self.scp = StoreSCP(settings, self.ingest, self.audit)
         self.delivery = DeliveryLoop(settings, self.index,
@@ -78,8 +83,14 @@ class Node:
         self.executor = LocalProcessExecutor(settings, self.index, self.vault, on_done=self.delivery.wake,
                                              audit=self.audit)
         self.housekeeper = Housekeeper(settings, self.index, self.vault, self.audit)
+        self.retrieves = RetrieveStore(self.index)
+        self.retriever = Retriever(settings, self.retrieves, self.ingest, self.audit)  # PACS pulls (node/pacs)
+        self.pulls = PullScheduler(settings, self.rules.current, self.retrieves, on_queued=self.retriever.wake,
+                                   audit=self.audit)
+        self.priors = PriorsCoordinator(settings, self.index, self.retrieves, on_retrieves=self.retriever.wake,
+                                        on_released=self.executor.wake, audit=self.audit)
         self.router = Router(settings, self.index, rules=self.rules.current, on_jobs=self.executor.wake,
-                             on_deliveries=self.delivery.wake, audit=self.audit)
+                             on_deliveries=self.delivery.wake, audit=self.audit, on_priors=self.priors.hold)
         self.http_client: httpx.AsyncClient | None = None
         self._started = threading.Event()
 
@@ -98,12 +109,19 @@ class Node:
         self.router.start()
         self.housekeeper.start()
         self.scp.start()  # last: accept data only once every later stage is ready
+        self.retriever.start()  # after the SCP: C-MOVE sends to it
+        self.priors.start()
+        if self.settings.sources:
+            self.pulls.start()
         self._started.set()
         self.audit.node_started(__version__)
 
     def stop(self) -> None:
         """Stop accepting, let in-flight C-STOREs finish, leave jobs/deliveries durable, stop Orthanc."""
         log.info("shutting down")
+        self.pulls.stop()
+        self.priors.stop()
+        self.retriever.stop()
         self.scp.stop()
         self.ingest.close()
         self.housekeeper.stop()

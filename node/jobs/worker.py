@@ -17,6 +17,7 @@ from node.encoders.context import EncodeContext
 from node.encoders.warnings import mark_warnings
 from node.handler_api import HandlerInput, HandlerRefusal, get_handler
 from node.jobs.quality import QualityPolicy, warning_findings
+from node.jobs.priors_input import load_priors
 from node.receive.spool import fsync_dirs
 from node.results import ResultSet
 from node.store.vault import IntegrityError, Vault, VaultSpec
@@ -68,11 +69,14 @@ def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
     try:
         sources = {uid: load_series(paths, with_pixels=cls.needs_pixels, read=vault.read)
                    for uid, paths in spec.series.items()}
+        priors = load_priors(spec.extra, lambda paths: load_series(paths, with_pixels=cls.needs_pixels,
+                                                                   read=vault.read))
     except IntegrityError as exc:  # never hand a tampered or truncated instance to a handler
         where = vault.quarantine_damaged(exc.locator, str(exc))
         raise SpoolIntegrityError(f"spool integrity check failed for {exc.locator}: {exc} "
                                   f"(copy kept in {where or 'nowhere: quarantine not writable'})") from None
-    inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()))
+    inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()), priors=priors,
+                       priors_note=spec.extra.get("priors_note"))
     handler.check(inp)
     domain_flags = list(handler.assess_input(inp))
     policy.enforce(domain_flags, "the input")  # before any compute: refused out of the validated domain

@@ -52,13 +52,14 @@ def series_facts(row) -> SeriesFacts:
 class Router:
     def __init__(self, settings: Settings, index: Index, rules: Callable[[], object],
                  on_jobs: Callable[[], None], on_deliveries: Callable[[], None],
-                 audit: AuditTrail = NULL_AUDIT) -> None:
+                 audit: AuditTrail = NULL_AUDIT, on_priors: Callable[[int, dict], None] | None = None) -> None:
         self.settings = settings
         self.audit = audit
         self.index = index
         self.rules = rules  # returns the active RuleSet (hot-reloaded by the rules service)
         self.on_jobs = on_jobs
         self.on_deliveries = on_deliveries
+        self.on_priors = on_priors  # parks a job whose rule asks for priors (node/pacs/priors.py)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stability-router", daemon=True)
 
@@ -130,12 +131,16 @@ class Router:
                             self.index.add_original_deliveries(study_uid, row["series_uid"], [dest])
             if a.handler is None:
                 continue
-            jid = self.index.add_job(
-                job_key=job_key(a.rule, study_uid, series_uid, a.handler, gen), study_uid=study_uid,
-                series_uid=series_uid, level=a.level, rule=a.rule, handler=a.handler, params=dict(a.params),
-                destinations=list(a.destinations), priority=a.priority, timeout_s=a.timeout, generation=gen,
-                note=note, options={"on_quality_failure": a.on_quality_failure},
-            )
+            # One transaction with the hold: a job waiting for priors is never claimed before it waits.
+            with self.index.tx(immediate=True):
+                jid = self.index.add_job(
+                    job_key=job_key(a.rule, study_uid, series_uid, a.handler, gen), study_uid=study_uid,
+                    series_uid=series_uid, level=a.level, rule=a.rule, handler=a.handler, params=dict(a.params),
+                    destinations=list(a.destinations), priority=a.priority, timeout_s=a.timeout, generation=gen,
+                    note=note, options={"on_quality_failure": a.on_quality_failure},
+                )
+                if jid is not None and a.priors and self.on_priors is not None:
+                    self.on_priors(jid, a.priors)
             if jid is not None:
                 created += 1
                 log.info("job %d: rule %s → %s", jid, a.rule, a.handler, extra={"study_uid": study_uid})

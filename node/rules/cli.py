@@ -26,7 +26,8 @@ def _duration(text: str) -> float:
 
 
 def _load(rules_dir: Path, settings) -> RuleSet:
-    return RuleSet.load(rules_dir, handlers=get_handler, destinations=settings.destination_names)
+    return RuleSet.load(rules_dir, handlers=get_handler, destinations=settings.destination_names,
+                        sources=settings.sources)
 
 
 def _index_studies(settings, since_s: float | None = None, study_uid: str | None = None) -> list[StudyFacts]:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from node.rules.conditions import compile_condition
 from node.rules.errors import RuleError, RuleErrors, format_path
 from node.rules.model import RULE_FIELDS, HandlerSpec, RuleSpec
+from node.rules.pull import load_pull_rule
 from node.rules.rule import Action, Rule
 from node.rules.yamllines import ParsedYaml, parse_yaml
 
@@ -62,9 +63,12 @@ def files_digest(files: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
-def load_rules(files: Mapping[str, str], *, handlers: HandlerLookup, destinations: Iterable[str]) -> list[Rule]:
-    """All rules of all files, or ``RuleErrors`` listing every problem found."""
+def load_rules(files: Mapping[str, str], *, handlers: HandlerLookup, destinations: Iterable[str],
+               sources: Iterable[str] = ()) -> list[Rule]:
+    """All rules of all files, or ``RuleErrors`` listing every problem found. ``sources``: the PACS
+    sources ``kind: pull`` rules may name (node/rules/pull.py)."""
     dests = frozenset(destinations)
+    srcs = frozenset(sources)
     rules: list[Rule] = []
     errors: list[RuleError] = []
     seen: dict[str, Rule] = {}
@@ -72,7 +76,10 @@ def load_rules(files: Mapping[str, str], *, handlers: HandlerLookup, destination
         parsed = parse_yaml(files[name])
         errors.extend(RuleError(name, p.line, format_path(p.path) or None, p.message) for p in parsed.problems)
         for index, prefix, raw in _entries(parsed, name, errors):
-            rule, problems = _load_rule(raw, name, index, parsed.line_of(prefix), handlers, dests)
+            if raw.get("kind") == "pull":
+                rule, problems = load_pull_rule(raw, name, index, parsed.line_of(prefix), srcs, _pydantic_problems)
+            else:
+                rule, problems = _load_rule(raw, name, index, parsed.line_of(prefix), handlers, dests, srcs)
             rule_name = raw.get("name") if isinstance(raw.get("name"), str) else None
             for path, message in problems:
                 errors.append(RuleError(name, parsed.line_of(prefix + path), format_path(path) or None,
@@ -112,9 +119,11 @@ def _entries(parsed: ParsedYaml, file: str, errors: list[RuleError]):
 
 
 def _load_rule(raw: dict, file: str, index: int, line: int | None, handlers: HandlerLookup,
-               dests: frozenset[str]) -> tuple[Rule | None, list[tuple[tuple, str]]]:
+               dests: frozenset[str], srcs: frozenset[str] = frozenset()) -> tuple[Rule | None, list[tuple[tuple, str]]]:
     problems: list[tuple[tuple, str]] = []
     spec: RuleSpec | None = None
+    if raw.get("kind", "route") == "route":
+        raw = {k: v for k, v in raw.items() if k != "kind"}  # `kind: route` may be written out
     try:
         spec = RuleSpec.model_validate(raw)
     except ValidationError as exc:
@@ -134,6 +143,10 @@ def _load_rule(raw: dict, file: str, index: int, line: int | None, handlers: Han
             if isinstance(d, str) and d not in dests:
                 known = ", ".join(sorted(dests)) or "none"
                 problems.append((("destinations", i), f"unknown destination '{d}'; configured: {known}"))
+    priors = raw.get("priors")
+    if isinstance(priors, dict) and isinstance(priors.get("source"), str) and priors["source"] not in srcs:
+        known = ", ".join(sorted(srcs)) or "none"
+        problems.append((("priors", "source"), f"unknown source '{priors['source']}'; configured: {known}"))
     if problems or spec is None or condition is None:
         return None, problems
     action = Action(
@@ -142,6 +155,7 @@ def _load_rule(raw: dict, file: str, index: int, line: int | None, handlers: Han
         forward_originals=spec.forward_originals if spec.forward_originals is not None else spec.handler is None,
         priority=spec.priority, timeout=spec.timeout, stable_after=spec.stable_after,
         on_quality_failure=spec.on_quality_failure,
+        priors=spec.priors.model_dump() if spec.priors else None,
     )
     return Rule(name=spec.name, description=spec.description, file=file, line=line, index=index,
                 enabled=spec.enabled, order=spec.order, exclusive=spec.exclusive, fallback=spec.fallback,

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from node.rules.priors import PriorsSpec
+
 __all__ = ["RuleSpec", "HandlerSpec", "parse_duration", "RULE_FIELDS"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$")
@@ -55,6 +57,7 @@ class RuleSpec(BaseModel):
     # A result that fails a quality check (plausibility, validated domain, confidence): refuse the job
     # (nothing delivered), or deliver with the warning in every object and on the console.
     on_quality_failure: Literal["refuse", "deliver_with_warnings"] = "refuse"
+    priors: PriorsSpec | None = None  # the patient's earlier studies the job is handed (node/rules/priors.py)
 
     @field_validator("handler", mode="before")
     @classmethod
@@ -81,6 +84,8 @@ class RuleSpec(BaseModel):
         if self.handler is None and self.forward_originals is False:
             raise ValueError("a rule without a handler forwards the originals; forward_originals: false "
                              "leaves it nothing to do")
+        if self.priors is not None and self.handler is None:
+            raise ValueError("priors: only a rule with a handler can use priors")
         if self.forward_originals and not self.destinations:
             raise ValueError("forward_originals needs at least one destination")
         return self

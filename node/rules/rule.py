@@ -23,6 +23,7 @@ class Action:
     timeout: float | None = None  # seconds
     stable_after: float | None = None  # seconds
     on_quality_failure: str = "refuse"  # or "deliver_with_warnings"
+    priors: dict | None = field(default=None, hash=False)  # PriorsSpec as a dict (node/rules/priors.py)
 
     def describe(self) -> str:
         parts = []
@@ -40,6 +41,8 @@ class Action:
             extras.append(f"stable after {self.stable_after:g} s")
         if self.handler and self.on_quality_failure != "refuse":
             extras.append("delivered with warnings when a quality check fails")
+        if self.priors:
+            extras.append(f"up to {self.priors['max']} prior(s) from {self.priors['source'] or 'the node'}")
         return "; ".join(parts) + (f" ({', '.join(extras)})" if extras else "")
 
     def to_dict(self) -> dict:

@@ -34,18 +34,24 @@ class RuleSet:
 
     @classmethod
     def load(cls, rules_dir: str | os.PathLike, *, handlers: Callable[[str], type],
-             destinations: Iterable[str]) -> "RuleSet":
+             destinations: Iterable[str], sources: Iterable[str] = ()) -> "RuleSet":
         """Load every rule file of ``rules_dir``; raises ``RuleErrors`` (never a traceback for an admin)."""
-        return cls.from_files(read_rule_files(rules_dir), handlers=handlers, destinations=destinations)
+        return cls.from_files(read_rule_files(rules_dir), handlers=handlers, destinations=destinations,
+                              sources=sources)
 
     @classmethod
     def from_files(cls, files: Mapping[str, str], *, handlers: Callable[[str], type],
-                   destinations: Iterable[str]) -> "RuleSet":
+                   destinations: Iterable[str], sources: Iterable[str] = ()) -> "RuleSet":
         """Validate rule files given as name -> text (a proposed change, a past version)."""
-        return cls(load_rules(files, handlers=handlers, destinations=destinations), files)
+        return cls(load_rules(files, handlers=handlers, destinations=destinations, sources=sources), files)
 
     def __len__(self) -> int:
         return len(self.rules)
+
+    @property
+    def pull_rules(self) -> list:
+        """The enabled ``kind: pull`` rules (node/rules/pull.py), in order."""
+        return [r for r in self.rules if r.level == "pull" and r.enabled]
 
     def rule(self, name: str) -> Rule:
         for r in self.rules:

@@ -54,13 +54,15 @@ class RulesService:
     def __init__(self, rules_dir: str | os.PathLike, history_dir: str | os.PathLike,
                  handlers: Callable[[str], type], destinations: Iterable[str], *,
                  check_interval: float = 2.0, settle: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic, audit: AuditTrail = NULL_AUDIT) -> None:
+                 clock: Callable[[], float] = time.monotonic, audit: AuditTrail = NULL_AUDIT,
+                 sources: Iterable[str] = ()) -> None:
         self.audit = audit
         self.rules_dir = Path(rules_dir)
         self.rules_dir.mkdir(parents=True, exist_ok=True)  # no rules yet is a valid, empty rule set
         self.store = VersionStore(history_dir)
         self.handlers = handlers
         self.destinations = frozenset(destinations)
+        self.sources = frozenset(sources)  # PACS sources pull rules may name
         self.check_interval = check_interval
         self.settle = settle
         self._clock = clock
@@ -168,7 +170,8 @@ class RulesService:
             log.error("the last recorded rules version %d is no longer valid either:\n%s", latest.version, exc.text())
 
     def _validate(self, files: Mapping[str, str]) -> RuleSet:
-        return RuleSet.from_files(files, handlers=self.handlers, destinations=self.destinations)
+        return RuleSet.from_files(files, handlers=self.handlers, destinations=self.destinations,
+                                  sources=self.sources)
 
     def _proposed(self, changes: Mapping[str, str | None]) -> dict[str, str]:
         bad = [RuleError(name, None, None, "a rule file name is a plain name ending in .yaml or .yml, "

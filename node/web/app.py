@@ -23,6 +23,7 @@ from node.web import (
     jobs,
     login,
     ohif,
+    pacs_api,
     rules_api,
     studies,
     view3d,
@@ -49,7 +50,7 @@ def create_app(node, ohif_files: ohif.OhifFiles | None = None) -> FastAPI:
     files = ohif_files or ohif.OhifFiles()
     app.state.node = node
     app.state.web = WebState(sessions=SessionStore(node.settings.session_idle_s), ohif=files)
-    for module in (health, login, studies, jobs, deliveries, dashboard, rules_api, destinations, audit_api,
+    for module in (health, login, studies, jobs, deliveries, dashboard, rules_api, destinations, pacs_api, audit_api,
                    dicomweb, console, view3d, ohif):
         app.include_router(module.router)
     app.add_middleware(SecurityHeaders, ohif_policy=ohif_csp(files.inline_script_hashes()))

@@ -66,7 +66,8 @@ def _proposed_ruleset(request: Request, files: dict[str, str | None]) -> RuleSet
             merged.pop(name, None)
         else:
             merged[name] = text
-    return RuleSet.from_files(merged, handlers=service.handlers, destinations=service.destinations)
+    return RuleSet.from_files(merged, handlers=service.handlers, destinations=service.destinations,
+                              sources=service.sources)
 
 
 def _check_name(name: str) -> None:

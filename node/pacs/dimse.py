@@ -1,0 +1,323 @@
+"""DIMSE source: C-ECHO, C-FIND (Study Root, study and series level), C-MOVE, C-GET (pynetdicom SCU).
+
+The node's own SCP (node/receive/ul.py) stays narrow; everything here is the SCU side. C-GET's
+sub-operation C-STOREs come back on this association and go to ``store`` (the node's durable
+ingest); C-MOVE's arrive at the node's SCP like any push.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterator
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind as FIND,
+    StudyRootQueryRetrieveInformationModelGet as GET,
+    StudyRootQueryRetrieveInformationModelMove as MOVE,
+    Verification,
+)
+
+from node.config_pacs import DimseSource
+from node.pacs.model import NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
+from node.receive.header import read_header
+from node.tls import client_tls_args
+
+log = logging.getLogger("hilum.pacs")
+
+# Offered for every storage class in C-GET: the PACS sends what it holds, stored as received.
+STORE_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.70",
+                  "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+                  "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90",
+                  "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"]
+# C-GET fallback when the PACS does not say which classes a study holds: images and results Hilum handles.
+DEFAULT_STORAGE_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.4",
+    "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.22",
+    "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.128",
+    "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.6.1",
+    "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.104.1",
+]
+PENDING = (0xFF00, 0xFF01)
+MOVE_POLL_S = 0.02
+MOVE_DESTINATION_UNKNOWN = 0xA801
+# What the sub-operation status of a C-STORE handler means to the PACS.
+STORE_REFUSED = 0xC000
+
+STUDY_RETURN_KEYS = ("PatientID", "PatientName", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription",
+                     "ModalitiesInStudy", "NumberOfStudyRelatedInstances", "StudyInstanceUID")
+SERIES_RETURN_KEYS = ("SeriesInstanceUID", "Modality", "SeriesDescription", "SeriesNumber", "BodyPartExamined",
+                      "NumberOfSeriesRelatedInstances", "SliceThickness", "ImageType", "ProtocolName",
+                      "SeriesDate", "StudyInstanceUID")
+
+
+class DimseClient:
+    def __init__(self, name: str, cfg: DimseSource, local_ae: str) -> None:
+        self.name, self.cfg = name, cfg
+        self.calling = cfg.calling_ae_title or local_ae
+        self.move_destination = cfg.move_destination or local_ae
+        self.tls_args = client_tls_args(cfg.tls, cfg.host, f"sources.{name}.tls") if cfg.tls else None
+
+    # -- associations ------------------------------------------------------------------------
+    def _ae(self) -> AE:
+        ae = AE(ae_title=self.calling)
+        t = self.cfg.timeout_s
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = t
+        ae.connection_timeout = min(t, 10.0)
+        return ae
+
+    def _associate(self, ae: AE, **kw):
+        try:
+            assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title, tls_args=self.tls_args, **kw)
+        except Exception as exc:  # noqa: BLE001 - socket/TLS errors from inside pynetdicom
+            raise PacsError(f"source {self.name}: cannot connect to {self.cfg.host}:{self.cfg.port}: {exc}") from exc
+        if not assoc.is_established:
+            why = "rejected by the PACS" if assoc.is_rejected else "not established (connection refused or aborted)"
+            raise PacsError(f"source {self.name}: association with {self.cfg.ae_title}@{self.cfg.host}:"
+                            f"{self.cfg.port} {why} (is the PACS up, and does it accept calling AE "
+                            f"{self.calling}?)")
+        return assoc
+
+    def echo(self) -> float:
+        """C-ECHO round trip in seconds."""
+        ae = self._ae()
+        ae.add_requested_context(Verification)
+        t0 = time.perf_counter()
+        assoc = self._associate(ae)
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        if not status or status.Status != 0:
+            raise PacsError(f"source {self.name}: C-ECHO failed ({_status_text(status)})")
+        return time.perf_counter() - t0
+
+    # -- C-FIND ------------------------------------------------------------------------------
+    def _find(self, ident: Dataset) -> Iterator[Dataset | None]:
+        ae = self._ae()
+        ae.add_requested_context(FIND)
+        assoc = self._associate(ae)
+        try:
+            for status, answer in assoc.send_c_find(ident, FIND):
+                code = getattr(status, "Status", None)
+                if code in PENDING:
+                    yield answer  # None: an answer pynetdicom could not decode
+                elif code == 0x0000:
+                    return
+                else:
+                    raise PacsError(f"source {self.name}: C-FIND failed ({_status_text(status)})")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def find_studies(self, q: StudyQuery, limit: int = 0) -> tuple[list[StudyMatch], int]:
+        """Matching studies (at most ``limit`` when > 0) and the number of undecodable answers."""
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        for k in STUDY_RETURN_KEYS:
+            setattr(ident, k, "")
+        if q.study_uid:  # C-GET's contexts; costly for a PACS to compute, so asked for one study only
+            ident.SOPClassesInStudy = ""
+        for k, v in q.keys().items():
+            setattr(ident, k, v)
+        out, bad = [], 0
+        for ans in self._find(ident):
+            m = _study(ans)
+            if m is None:
+                bad += 1
+                continue
+            out.append(m)
+            if limit and len(out) >= limit:
+                break
+        return out, bad
+
+    def find_series(self, study_uid: str) -> tuple[list[SeriesMatch], int]:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        for k in SERIES_RETURN_KEYS:
+            setattr(ident, k, "")
+        ident.StudyInstanceUID = study_uid
+        out, bad = [], 0
+        for ans in self._find(ident):
+            m = _series(ans, study_uid)
+            if m is None:
+                bad += 1
+            else:
+                out.append(m)
+        return out, bad
+
+    # -- C-MOVE / C-GET ----------------------------------------------------------------------
+    @staticmethod
+    def _identifier(study_uid: str, series_uids: list[str] | None) -> Dataset:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES" if series_uids else "STUDY"
+        ident.StudyInstanceUID = study_uid
+        if series_uids:
+            ident.SeriesInstanceUID = series_uids if len(series_uids) > 1 else series_uids[0]
+        return ident
+
+    def move(self, study_uid: str, series_uids: list[str] | None, progress: Callable[[RetrieveOutcome, int], bool]
+             ) -> RetrieveOutcome:
+        """C-MOVE to the node's own SCP. ``progress(outcome, remaining)`` is called on every pending
+        response; returning False cancels (the association is aborted)."""
+        ae = self._ae()
+        ae.add_requested_context(MOVE)
+        assoc = self._associate(ae)
+        # The instances reach the node's SCP in this same process; this association only carries one
+        # small pending response per sub-operation. pynetdicom's reader polls every 1 ms when idle,
+        # which takes the GIL from the SCP thousands of times a second: poll every 20 ms instead.
+        assoc.dul._run_loop_delay = MOVE_POLL_S
+        try:
+            return self._drain(assoc, assoc.send_c_move(self._identifier(study_uid, series_uids),
+                                                        self.move_destination, MOVE), progress, "C-MOVE")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def get(self, study_uid: str, series_uids: list[str] | None, sop_classes: list[str],
+            store: Callable[[bytes], tuple[int, str]], progress: Callable[[RetrieveOutcome, int], bool]
+            ) -> RetrieveOutcome:
+        """C-GET with SCP role selection for ``sop_classes``; each sub-operation's instance goes to
+        ``store`` (Part 10 bytes), whose DIMSE status is answered to the PACS."""
+        classes = list(dict.fromkeys(sop_classes or self.cfg.storage_classes or DEFAULT_STORAGE_CLASSES))[:120]
+        ae = self._ae()
+        ae.add_requested_context(GET)
+        for uid in classes:
+            ae.add_requested_context(uid, STORE_SYNTAXES)
+        roles = [build_role(uid, scp_role=True) for uid in classes]
+        unrequested: list[str] = []
+
+        def on_store(event) -> int:
+            raw = event.encoded_dataset(include_meta=True)
+            study, sop = _uids(raw, event)
+            if study != study_uid:
+                unrequested.append(sop)
+                return STORE_REFUSED  # not what was asked for: refused, counted, never stored
+            status, _reason = store(raw)
+            return status
+
+        assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            out = self._drain(assoc, assoc.send_c_get(self._identifier(study_uid, series_uids), GET), progress, "C-GET")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if unrequested:
+            out.note = (out.note + "; " if out.note else "") + \
+                f"{len(unrequested)} instance(s) of other studies refused (not asked for)"
+        return out
+
+    def _configure_hint(self) -> str:
+        return (f"Configure AE title {self.move_destination!r} on the PACS, pointing at this node's DICOM host and "
+                f"port, or set sources.{self.name}.move_destination to the AE title the PACS knows the node by, "
+                "or use retrieve: get")
+
+    def _drain(self, assoc, responses, progress, what: str) -> RetrieveOutcome:
+        out = RetrieveOutcome()
+        for status, ident in responses:
+            code = getattr(status, "Status", None)
+            _counts(out, status)
+            if code in PENDING:
+                remaining = int(getattr(status, "NumberOfRemainingSuboperations", 0) or 0)
+                if not progress(out, remaining):
+                    assoc.abort()
+                    raise PacsError(f"{what} cancelled")
+                continue
+            if code is None:
+                raise PacsError(f"source {self.name}: {what}: no response (association lost or timed out)")
+            if code == MOVE_DESTINATION_UNKNOWN:
+                raise NotRetryable(f"source {self.name}: the PACS {self.cfg.ae_title} does not know the move "
+                                   f"destination {self.move_destination!r} (status 0xA801). {self._configure_hint()}")
+            if what == "C-MOVE" and code >= 0xA000 and out.completed + out.failed + out.warning == 0:
+                # Some PACS (Orthanc) answer an unknown destination with a generic failure before any
+                # sub-operation: say what the likely cause is, keep it retryable.
+                raise PacsError(f"source {self.name}: C-MOVE refused before any sub-operation "
+                                f"({_status_text(status)}); if the PACS does not know the move destination "
+                                f"{self.move_destination!r}: {self._configure_hint()}")
+            if code in (0x0000, 0xB000):  # success; warning = some sub-operations failed
+                if ident is not None and "FailedSOPInstanceUIDList" in ident:
+                    out.failed_uids = _multi(ident.FailedSOPInstanceUIDList)
+                return out
+            if code == 0xFE00:
+                raise PacsError(f"{what} cancelled by the PACS")
+            raise PacsError(f"source {self.name}: {what} failed ({_status_text(status)})")
+        raise PacsError(f"source {self.name}: {what}: the association ended without a final status")
+
+
+def _uids(raw: bytes, event) -> tuple[str | None, str]:
+    """(StudyInstanceUID, SOPInstanceUID) of a C-GET sub-operation's instance, read from the bytes
+    (node/receive/header.py) rather than by decoding the whole dataset, pixel data included."""
+    fast = read_header(raw)
+    if fast is not None:
+        facts = fast[1]
+    else:
+        ds = event.dataset
+        facts = {k: str(ds.get(k, "")) for k in ("StudyInstanceUID", "SOPInstanceUID")}
+    return facts.get("StudyInstanceUID") or None, facts.get("SOPInstanceUID") or "?"
+
+
+def _counts(out: RetrieveOutcome, status) -> None:
+    for attr, key in (("completed", "NumberOfCompletedSuboperations"), ("failed", "NumberOfFailedSuboperations"),
+                      ("warning", "NumberOfWarningSuboperations")):
+        v = getattr(status, key, None)
+        if v is not None:
+            setattr(out, attr, int(v))
+
+
+def _status_text(status) -> str:
+    if status is None or not hasattr(status, "Status"):
+        return "no response: association lost or timed out"
+    text = f"status 0x{status.Status:04X}"
+    comment = getattr(status, "ErrorComment", None)
+    return f"{text}: {comment}" if comment else text
+
+
+def _str(ds: Dataset, key: str) -> str:
+    v = ds.get(key, "")
+    if v is None:
+        return ""
+    return "\\".join(str(p) for p in v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else str(v)
+
+
+def _study(ds: Dataset | None) -> StudyMatch | None:
+    """One study answer, or None if it is malformed (no decodable StudyInstanceUID)."""
+    try:
+        uid = _str(ds, "StudyInstanceUID") if ds is not None else ""
+        if not uid:
+            return None
+        mods = ds.get("ModalitiesInStudy", "")
+        classes = ds.get("SOPClassesInStudy", "")
+        n = ds.get("NumberOfStudyRelatedInstances", None)
+        return StudyMatch(study_uid=uid, patient_id=_str(ds, "PatientID"), patient_name=_str(ds, "PatientName"),
+                          study_date=_str(ds, "StudyDate"), study_time=_str(ds, "StudyTime"),
+                          accession=_str(ds, "AccessionNumber"), description=_str(ds, "StudyDescription"),
+                          modalities=_multi(mods), instances=int(n) if n not in (None, "") else None,
+                          sop_classes=_multi(classes))
+    except Exception as exc:  # noqa: BLE001 - a value pydicom cannot parse: the answer is malformed
+        log.warning("malformed C-FIND study answer skipped: %s", exc)
+        return None
+
+
+def _series(ds: Dataset | None, study_uid: str) -> SeriesMatch | None:
+    try:
+        uid = _str(ds, "SeriesInstanceUID") if ds is not None else ""
+        if not uid:
+            return None
+        n = ds.get("NumberOfSeriesRelatedInstances", None)
+        return SeriesMatch(series_uid=uid, study_uid=_str(ds, "StudyInstanceUID") or study_uid,
+                           modality=_str(ds, "Modality"), description=_str(ds, "SeriesDescription"),
+                           number=_str(ds, "SeriesNumber"), body_part=_str(ds, "BodyPartExamined"),
+                           instances=int(n) if n not in (None, "") else None, answer=ds)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("malformed C-FIND series answer skipped: %s", exc)
+        return None
+
+
+def _multi(v) -> list[str]:
+    if v in (None, ""):
+        return []
+    if isinstance(v, str):
+        return [p for p in v.split("\\") if p]
+    return [str(p) for p in v]

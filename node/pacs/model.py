@@ -1,0 +1,97 @@
+"""What a query asks and what a source answers, independent of the protocol."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class PacsError(Exception):
+    """A source could not be reached or answered with an error; the message says which and why."""
+
+
+class NotRetryable(PacsError):
+    """An error that retrying cannot fix (e.g. the PACS does not know the move destination)."""
+
+
+_SINCE_RE = re.compile(r"^(\d+)([hdwy])$")
+_UNITS = {"h": dt.timedelta(hours=1), "d": dt.timedelta(days=1), "w": dt.timedelta(weeks=1),
+          "y": dt.timedelta(days=365)}
+
+
+def parse_span(text: str) -> dt.timedelta:
+    """``24h``, ``7d``, ``2w``, ``5y``: a length of time (relative windows, priors' ``within``)."""
+    m = _SINCE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a time span like 24h, 7d, 2w or 5y")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def date_range(since: dt.timedelta | None, now: dt.datetime | None = None) -> str | None:
+    """A DICOM StudyDate range from ``now - since`` to today (``YYYYMMDD-``)."""
+    if since is None:
+        return None
+    start = (now or dt.datetime.now()) - since
+    return start.strftime("%Y%m%d") + "-"
+
+
+@dataclass(frozen=True)
+class StudyQuery:
+    """Study-level matching keys; empty ones are not sent as constraints."""
+
+    patient_id: str = ""
+    accession: str = ""
+    modality: str = ""  # ModalitiesInStudy
+    study_date: str = ""  # DICOM date or range: 20240101, 20240101-20240131, 20240101-
+    study_description: str = ""  # may use * and ? wildcards
+    study_uid: str = ""
+
+    def keys(self) -> dict[str, str]:
+        return {k: v for k, v in (("PatientID", self.patient_id), ("AccessionNumber", self.accession),
+                                  ("ModalitiesInStudy", self.modality), ("StudyDate", self.study_date),
+                                  ("StudyDescription", self.study_description),
+                                  ("StudyInstanceUID", self.study_uid)) if v}
+
+
+@dataclass
+class StudyMatch:
+    study_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession: str = ""
+    description: str = ""
+    modalities: list[str] = field(default_factory=list)
+    instances: int | None = None  # NumberOfStudyRelatedInstances, when the PACS answers it
+    sop_classes: list[str] = field(default_factory=list)  # SOPClassesInStudy, when answered
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SeriesMatch:
+    series_uid: str
+    study_uid: str
+    modality: str = ""
+    description: str = ""
+    number: str = ""
+    body_part: str = ""
+    instances: int | None = None
+    answer: Any = None  # the answer as a pydicom Dataset: what a pull rule's series filter reads
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "answer"}
+
+
+@dataclass
+class RetrieveOutcome:
+    """What a retrieve returned: DIMSE sub-operation counts (WADO: instances stored / failed)."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    note: str = ""

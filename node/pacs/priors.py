@@ -1,0 +1,173 @@
+"""Priors for a job: the same patient's earlier studies, from the node first, then from a PACS.
+
+A routing rule with ``priors:`` (node/rules/priors.py) creates its job in status
+``waiting-for-priors`` (``hold``, inside the transaction that created it, so no worker can take
+it first). This thread then looks for the patient's earlier studies — in the node's index, then
+on the source (PatientID, plus IssuerOfPatientID where the PACS gives one back) — picks the
+``max`` most recent that match, queues retrieves for those the node lacks, and follows them
+(the job's message shows the progress). When they end, or at the deadline, the job is released
+to the executor with what arrived and a note saying what is missing (HandlerInput.priors_note).
+Everything is in the index (``prior_waits``): a restart resumes the wait.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from typing import Callable
+
+from pydicom import Dataset
+
+from node.audit import NULL_AUDIT, AuditTrail
+from node.config import Settings
+from node.pacs.audit import query_audit
+from node.pacs.model import PacsError, StudyQuery
+from node.pacs.sources import source_client
+from node.rules.priors import PriorsSpec
+from node.store.index import Index
+from node.store.retrieves import TERMINAL, RetrieveStore
+
+log = logging.getLogger("hilum.pacs")
+
+
+class PriorsCoordinator:
+    def __init__(self, settings: Settings, index: Index, store: RetrieveStore, *, on_retrieves: Callable[[], None],
+                 on_released: Callable[[], None], audit: AuditTrail = NULL_AUDIT) -> None:
+        self.settings, self.index, self.store, self.audit = settings, index, store, audit
+        self.on_retrieves, self.on_released = on_retrieves, on_released
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, job_id: int, priors: dict) -> None:
+        """Called by the router right after it created the job, in the same transaction."""
+        wait = priors.get("wait") or self.settings.priors_wait_s
+        self.store.hold_for_priors(job_id, priors, time.time() + wait)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="priors", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for w in self.store.prior_waits():
+                try:
+                    self.step(w)
+                except Exception as exc:  # noqa: BLE001 - never keep a job waiting because of a bug here
+                    log.exception("priors for job %s", w["job_id"])
+                    self.store.release_priors(w["job_id"], f"priors not available: internal error: {exc}")
+                    self.on_released()
+            self._wake.wait(1.0)  # retrieve progress is read from the index once a second
+            self._wake.clear()
+
+    def step(self, w) -> None:
+        spec = PriorsSpec.model_validate(w["spec_json"] if isinstance(w["spec_json"], dict)
+                                         else json.loads(w["spec_json"]))
+        if w["state"] == "searching":
+            self._search(w, spec)
+            return
+        chosen = json.loads(w["chosen_json"])
+        rows = [self.store.get(p["retrieve"]) for p in chosen if p.get("retrieve")]
+        expected = sum(r["expected"] or 0 for r in rows)
+        received = sum(r["received"] or 0 for r in rows)
+        if all(r["status"] in TERMINAL for r in rows):
+            bad = [f"{r['study_uid']}: {r['status']} ({r['error']})" for r in rows if r["status"] != "done"]
+            note = w["note"]
+            if bad:
+                note = "; ".join(filter(None, [note, "priors not retrieved: " + "; ".join(bad)]))
+            self._release(w["job_id"], note)
+        elif time.time() >= w["deadline"]:
+            waited = w["deadline"] - w["created_at"]
+            self._release(w["job_id"], "; ".join(filter(None, [
+                w["note"], f"ran without some priors: they did not arrive within {waited:.0f} s "
+                           f"({received}/{expected or '?'} instances)"])))
+        else:
+            self.index.job_progress(w["job_id"], 0.0, f"waiting for priors: {received}/{expected or '?'} instances")
+
+    def _release(self, job_id: int, note: str | None) -> None:
+        self.store.release_priors(job_id, note)
+        log.info("job %d released with its priors%s", job_id, f" ({note})" if note else "")
+        self.on_released()
+
+    def _search(self, w, spec: PriorsSpec) -> None:
+        st = self.index.study(w["study_uid"])
+        if st is None or not st["patient_id"] or not st["study_date"]:
+            self._release(w["job_id"], "no priors: the study has no PatientID or StudyDate to search by")
+            return
+        current = dt.datetime.strptime(st["study_date"][:8], "%Y%m%d")
+        since = (current - dt.timedelta(seconds=spec.within)).strftime("%Y%m%d")
+        candidates: dict[str, dict] = {}
+        for row in self.store.prior_studies(st["patient_id"], st["study_date"][:8], since, w["study_uid"]):
+            if self._node_study_matches(row["study_uid"], spec):
+                candidates[row["study_uid"]] = {"study_uid": row["study_uid"], "date": row["study_date"],
+                                                "time": "", "source": "node"}
+        note = None
+        if spec.source is not None:
+            try:
+                self._from_source(spec, st, since, current, candidates)
+            except PacsError as exc:
+                note = f"source {spec.source} not searched: {exc}"
+        best = sorted(candidates.values(), key=lambda c: (c["date"], c["time"]), reverse=True)[:spec.max]
+        chosen = []
+        for c in best:
+            entry = {"study_uid": c["study_uid"], "source": c["source"], "series": c.get("series"),
+                     "study_time": c["time"]}
+            held = self.store.held_instances(c["study_uid"], c.get("series"))
+            if c["source"] != "node" and not held:
+                rid, _ = self.store.add(c["source"], c["study_uid"], c.get("series"), f"priors:job {w['job_id']}",
+                                        c.get("instances"))
+                entry["retrieve"] = rid
+            chosen.append(entry)
+        if not chosen:
+            note = "; ".join(filter(None, [note, "no prior studies found"]))
+        self.store.priors_chosen(w["job_id"], chosen, note)
+        if any("retrieve" in c for c in chosen):
+            self.on_retrieves()
+
+    def _from_source(self, spec: PriorsSpec, st, since: str, current: dt.datetime, candidates: dict) -> None:
+        client = source_client(self.settings, spec.source)
+        before = (current - dt.timedelta(days=1)).strftime("%Y%m%d")
+        sm = spec.study_match()
+        q = StudyQuery(patient_id=st["patient_id"], study_date=f"{since}-{before}",
+                       modality=sm.get("ModalitiesInStudy", ""), study_description=sm.get("StudyDescription", ""))
+        matches, _bad = client.find_studies(q)
+        query_audit(self.audit, who="priors", source=spec.source, keys=q.keys(), matches=len(matches))
+        series_match = spec.series_match()
+        for m in matches:
+            if m.study_uid in candidates or m.study_uid == st["study_uid"] or m.patient_id != st["patient_id"]:
+                continue  # already in the node, the study itself, or an answer for someone else
+            entry = {"study_uid": m.study_uid, "date": m.study_date, "time": m.study_time, "source": spec.source,
+                     "instances": m.instances}
+            if series_match:
+                series, _ = client.find_series(m.study_uid)
+                keep = [s for s in series if all(str(s.answer.get(k, "")).upper() == v.upper()
+                                                 for k, v in series_match.items())]
+                if not keep:
+                    continue
+                entry["series"] = [s.series_uid for s in keep]
+                entry["instances"] = sum(s.instances or 0 for s in keep) or None
+            candidates[m.study_uid] = entry
+
+    def _node_study_matches(self, study_uid: str, spec: PriorsSpec) -> bool:
+        sm, series_match = spec.study_match(), spec.series_match()
+        rows = self.index.series_of_study(study_uid)
+        if "ModalitiesInStudy" in sm and not any((r["modality"] or "").upper() == sm["ModalitiesInStudy"].upper()
+                                                 for r in rows):
+            return False
+        if not series_match:
+            return True
+        for r in rows:
+            header = json.loads(r["header_json"] or "{}")
+            ds = Dataset.from_json(header) if header else Dataset()
+            if all(str(ds.get(k, "")).upper() == v.upper() for k, v in series_match.items()):
+                return True
+        return False

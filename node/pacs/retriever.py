@@ -1,0 +1,164 @@
+"""The retrieve loop: durable retrieve records (node/store/retrieves.py) carried out against their
+sources, feeding the node's normal receive path.
+
+Threads sleep until the earliest due retrieve or until woken (a CLI/API/rule queued one); every
+state change is in the index, so a restart resumes where it stopped. C-GET and WADO-RS instances
+go through ``Ingest.store`` (same sealing, O_DSYNC, dedupe, routing as a push); C-MOVE sends them
+to the node's own SCP, which does the same.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from node.audit import NULL_AUDIT, AuditTrail
+from node.config import Settings
+from node.pacs.audit import retrieve_audit
+from node.pacs.dimse import DimseClient
+from node.pacs.model import NotRetryable, PacsError, RetrieveOutcome, StudyQuery
+from node.pacs.sources import source_client
+from node.receive.ingest import Ingest, Origin
+from node.store.retrieves import RetrieveStore
+
+log = logging.getLogger("hilum.pacs")
+
+
+class Retriever:
+    def __init__(self, settings: Settings, store: RetrieveStore, ingest: Ingest,
+                 audit: AuditTrail = NULL_AUDIT) -> None:
+        self.settings, self.store, self.ingest, self.audit = settings, store, ingest, audit
+        self.capacity = {name: cfg.max_concurrent for name, cfg in settings.sources.items()}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        if not self.settings.sources:
+            return
+        n = self.store.requeue_running()
+        if n:
+            log.warning("%d retrieve(s) interrupted by the last stop queued again", n)
+        for i in range(min(8, sum(self.capacity.values()))):
+            t = threading.Thread(target=self._loop, name=f"retriever-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            row = self.store.claim(time.time(), self.capacity)
+            if row is None:
+                due = self.store.next_due()
+                # Also woken by wake(); the 2 s cap picks up retrieves queued by another process (the CLI).
+                delay = 2.0 if due is None else max(0.05, min(2.0, due - time.time()))
+                self._wake.wait(delay)
+                self._wake.clear()
+                continue
+            self._wake.set()  # another slot may be free for another thread
+            try:
+                self.run_one(row)
+            except Exception as exc:  # noqa: BLE001 - one retrieve's bug must not stop the loop
+                log.exception("retrieve %s crashed", row["id"])
+                self.store.finish(row["id"], "failed", f"internal error: {exc}")
+
+    # -- one retrieve --------------------------------------------------------------------------
+    def run_one(self, row) -> str:
+        rid, name, study = row["id"], row["source"], row["study_uid"]
+        series = json.loads(row["series_json"]) if row["series_json"] else None
+        try:
+            client = source_client(self.settings, name)
+        except KeyError as exc:
+            self.store.finish(rid, "failed", str(exc.args[0]))
+            return "failed"
+        try:
+            expected, classes = self._expect(client, study, series)
+            if expected == 0:
+                raise NotRetryable(f"source {name}: study {study} not found (0 matches)"
+                                   + (f" in series {', '.join(series)}" if series else ""))
+            method = client.cfg.retrieve if isinstance(client, DimseClient) else "wado"
+            self.store.progress(rid, status="retrieving", method=method, expected=expected)
+            out = self._retrieve(rid, client, method, study, series, classes)
+        except NotRetryable as exc:
+            self.store.finish(rid, "failed", str(exc))
+            retrieve_audit(self.audit, row, outcome="failed", error=str(exc))
+            log.error("retrieve %d failed: %s", rid, exc)
+            return "failed"
+        except PacsError as exc:
+            if self._stop.is_set():
+                log.info("retrieve %d interrupted by shutdown: resumed at the next start", rid)
+                return "interrupted"  # left running: requeue_running() queues it again at start
+            if self.store.get(rid)["cancel_requested"]:
+                self.store.finish(rid, "cancelled", "cancelled")
+                retrieve_audit(self.audit, row, outcome="cancelled")
+                return "cancelled"
+            status = self.store.backoff(rid, str(exc), self.settings.retrieve_max_attempts,
+                                        self.settings.retrieve_backoff_s, self.settings.retrieve_backoff_max_s)
+            log.warning("retrieve %d: %s (%s)", rid, exc, "giving up" if status == "failed" else "will retry")
+            if status == "failed":
+                retrieve_audit(self.audit, row, outcome="failed", error=str(exc))
+            return status
+        self.ingest.writer.flush(30)
+        held = self.store.held_instances(study, series)
+        detail = {"failed_uids": out.failed_uids[:200], "note": out.note} if out.failed_uids or out.note else {}
+        self.store.progress(rid, received=held, completed=out.completed, failed=out.failed, warning=out.warning)
+        if out.failed == 0:
+            status, error = "done", None
+        elif out.completed > 0:
+            status, error = "partial", f"{out.failed} of {out.completed + out.failed} sub-operations failed" \
+                + (f": {out.note}" if out.note else "")
+        else:
+            status, error = "failed", f"all {out.failed} sub-operations failed" + (f": {out.note}" if out.note else "")
+        self.store.finish(rid, status, error, detail)
+        retrieve_audit(self.audit, row, outcome=status, error=error, counts=out, held=held)
+        return status
+
+    def _expect(self, client, study: str, series: list[str] | None) -> tuple[int | None, list[str]]:
+        """Instances expected (None: the source does not say) and the study's SOP classes."""
+        matches, _bad = client.find_studies(StudyQuery(study_uid=study))
+        matches = [m for m in matches if m.study_uid == study]
+        if not matches:
+            return 0, []
+        m = matches[0]
+        if not series:
+            return m.instances, m.sop_classes
+        answers, _ = client.find_series(study)
+        wanted = [s for s in answers if s.series_uid in set(series)]
+        if not wanted:
+            return 0, m.sop_classes
+        counts = [s.instances for s in wanted]
+        return (sum(counts) if None not in counts else None), m.sop_classes
+
+    def _retrieve(self, rid: int, client, method: str, study: str, series: list[str] | None,
+                  classes: list[str]) -> RetrieveOutcome:
+        last = [0.0]
+
+        def progress(out: RetrieveOutcome, remaining: int) -> bool:
+            now = time.monotonic()
+            if now - last[0] < 0.5:
+                return not self._stop.is_set()
+            last[0] = now
+            ok = self.store.progress(rid, received=self.store.held_instances(study, series),
+                                     completed=out.completed, failed=out.failed, warning=out.warning)
+            return ok and not self._stop.is_set()
+
+        if method == "move":
+            return client.move(study, series, progress)
+        origin = Origin(calling_ae=getattr(client.cfg, "ae_title", client.name), called_ae=self.settings.ae_title,
+                        source_ip=getattr(client.cfg, "host", ""), assoc_id=f"retrieve:{rid}")
+
+        def store(raw: bytes) -> tuple[int, str]:
+            return self.ingest.store(raw, origin)
+
+        if method == "get":
+            return client.get(study, series, classes, store, progress)
+        return client.get(study, series, store, progress)

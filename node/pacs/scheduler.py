@@ -1,0 +1,195 @@
+"""Runs ``kind: pull`` rules (node/rules/pull.py) on their schedules.
+
+One thread, driven by the next-run times persisted in the index (``pull_state``): nothing is
+held only in memory, so a restart neither skips nor doubles a run. A run queries the source at
+study level, filters series with the rule's condition, and queues durable retrieves (the
+Retriever does the transfer). ``pull_seen`` remembers each study a rule has looked at and its
+instance count: a study is retrieved once, retrieved again when its count changed on the PACS (a
+study still being acquired; the ingest's dedupe stores only the new instances), and counts as
+stable once two looks agree; unstable studies hold the high-water mark back. In watch mode the rule's
+high-water mark (a StudyDate) narrows each poll to what is new.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from node.audit import NULL_AUDIT, AuditTrail
+from node.config import Settings
+from node.pacs.audit import query_audit
+from node.pacs.model import PacsError, StudyMatch, StudyQuery
+from node.pacs.sources import source_client
+from node.rules.facts import SeriesFacts
+from node.rules.pull import PullRule
+from node.store.retrieves import RetrieveStore
+
+log = logging.getLogger("hilum.pacs")
+
+RULE_CHECK_S = 5.0  # a new or edited pull rule is scheduled within this time
+
+
+class PullScheduler:
+    def __init__(self, settings: Settings, rules: Callable, store: RetrieveStore, *, on_queued: Callable[[], None],
+                 audit: AuditTrail = NULL_AUDIT) -> None:
+        self.settings, self.rules, self.store, self.audit = settings, rules, store, audit
+        self.on_queued = on_queued
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="pull-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            now = time.time()
+            nearest = now + RULE_CHECK_S
+            for rule in self.rules().pull_rules:
+                state = self.store.ensure_pull_state(rule.name, self._first_run(rule, now))
+                if state["next_at"] <= now:
+                    self.run(rule)
+                    state = self.store.pull_state(rule.name)
+                nearest = min(nearest, state["next_at"])
+                if self._stop.is_set():
+                    return
+            self._wake.wait(max(0.05, nearest - time.time()))
+            self._wake.clear()
+
+    @staticmethod
+    def _first_run(rule: PullRule, now: float) -> float:
+        sched = rule.spec.schedule
+        t = dt.datetime.fromtimestamp(now)
+        return now if sched.open_now(t) else sched.next_run(t - dt.timedelta(seconds=sched.every)).timestamp()
+
+    # -- one run -----------------------------------------------------------------------------
+    def run(self, rule: PullRule) -> dict:
+        """Query, filter, queue; the outcome is persisted with the next run time."""
+        spec, now = rule.spec, dt.datetime.now()
+        who = f"rule:{rule.name}"
+        state = self.store.pull_state(rule.name)
+        result = {"matches": 0, "queued": 0, "rechecked": 0, "stable": 0, "skipped_series": 0, "left": 0,
+                  "malformed": 0}
+        error, high_water = None, None
+        try:
+            client = source_client(self.settings, spec.source)
+            date = spec.query.study_date(now)
+            if spec.watch and state is not None and state["high_water"]:
+                date = _narrow(date, state["high_water"])
+            matches: dict[str, StudyMatch] = {}
+            for q in self._queries(rule, date):
+                try:
+                    found, bad = client.find_studies(q)
+                except PacsError as exc:
+                    query_audit(self.audit, who=who, source=spec.source, keys=q.keys(), matches=0, error=str(exc))
+                    raise
+                query_audit(self.audit, who=who, source=spec.source, keys=q.keys(), matches=len(found))
+                result["malformed"] += bad
+                matches.update({m.study_uid: m for m in found})
+            result["matches"] = len(matches)
+            ordered = sorted(matches.values(), key=lambda m: (m.study_date, m.study_time, m.study_uid))
+            left_from = self._queue(rule, client, ordered, result)
+            if spec.watch:
+                high_water = self._high_water(rule, now, left_from, matches)
+        except (PacsError, OSError, ValueError, KeyError) as exc:
+            error = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+            log.warning("pull rule %s: %s", rule.name, error)
+        next_at = spec.schedule.next_run(now).timestamp()
+        self.store.pull_ran(rule.name, next_at=next_at, result=result, error=error, high_water=high_water)
+        if result["queued"] or result["rechecked"]:
+            self.on_queued()
+        return result | {"error": error}
+
+    def _queries(self, rule: PullRule, date: str) -> list[StudyQuery]:
+        q = rule.spec.query
+        base = StudyQuery(patient_id=q.PatientID, accession=q.AccessionNumber, modality=q.ModalitiesInStudy,
+                          study_date=date, study_description=q.StudyDescription)
+        if q.csv is None:
+            return [base]
+        path = Path(q.csv.file)
+        path = path if path.is_absolute() else self.settings.rules_dir / path
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if q.csv.column not in (reader.fieldnames or []):
+                raise ValueError(f"pull rule {rule.name}: {path} has no column {q.csv.column!r}")
+            values = list(dict.fromkeys(r[q.csv.column].strip() for r in reader if r[q.csv.column].strip()))
+        key = "patient_id" if q.csv.column == "PatientID" else "accession"
+        return [StudyQuery(**{**base.__dict__, key: v}) for v in values]
+
+    def _queue(self, rule: PullRule, client, ordered: list[StudyMatch], result: dict) -> str | None:
+        """Queue what is new or still growing; returns the StudyDate of the first study left for a later run."""
+        spec, who = rule.spec, f"rule:{rule.name}"
+        hour_used = self.store.expected_since(who, time.time() - 3600)
+        for i, m in enumerate(ordered):
+            seen = self.store.seen(rule.name, m.study_uid)
+            if seen is not None and (m.instances is None or seen["instances"] == m.instances):
+                if not seen["stable"]:  # two looks agree: stable (a later change is still noticed)
+                    self.store.mark_seen(rule.name, m.study_uid, m.instances, stable=True, retrieved=False)
+                    result["stable"] += 1
+                continue
+            per_hour = spec.limits.instances_per_hour
+            if result["queued"] + result["rechecked"] >= spec.limits.studies_per_run or \
+                    (per_hour is not None and hour_used + (m.instances or 0) > per_hour):
+                result["left"] = sum(1 for x in ordered[i:] if self._changed(rule.name, x))
+                return m.study_date or None
+            series = None
+            if rule.series_filter is not None:
+                answers, bad = client.find_series(m.study_uid)
+                result["malformed"] += bad
+                chosen = [s for s in answers if rule.series_filter.test(_facts(s))]
+                result["skipped_series"] += len(answers) - len(chosen)
+                if not chosen:
+                    self.store.mark_seen(rule.name, m.study_uid, m.instances, stable=True, retrieved=False)
+                    continue
+                series = [s.series_uid for s in chosen]
+                expected = sum(s.instances or 0 for s in chosen) or None
+            else:
+                expected = m.instances
+            self.store.add(spec.source, m.study_uid, series, who, expected)
+            self.store.mark_seen(rule.name, m.study_uid, m.instances, stable=False, retrieved=True)
+            hour_used += expected or 0
+            result["rechecked" if seen is not None else "queued"] += 1
+        return None
+
+    def _changed(self, rule: str, m: StudyMatch) -> bool:
+        seen = self.store.seen(rule, m.study_uid)
+        return seen is None or (m.instances is not None and seen["instances"] != m.instances)
+
+    def _high_water(self, rule: PullRule, now: dt.datetime, left_from: str | None,
+                    matches: dict[str, StudyMatch]) -> str:
+        """Where the next poll starts: yesterday (studies arrive late on the PACS; ``pull_seen`` keeps
+        the overlap from repeating anything), or earlier for studies left over or still growing."""
+        marks = [(now - dt.timedelta(days=1)).strftime("%Y%m%d")]
+        if left_from:
+            marks.append(left_from)
+        growing = set(self.store.unstable_dates(rule.name))
+        marks += [m.study_date for uid, m in matches.items() if uid in growing and m.study_date]
+        return min(marks)
+
+
+def _narrow(date: str, high_water: str) -> str:
+    """The rule's StudyDate constraint with its lower end raised to the high-water mark."""
+    lo, sep, hi = date.partition("-")
+    if not sep and lo:  # a single date
+        return date if lo >= high_water else f"{high_water}-{lo}"
+    return f"{max(lo, high_water)}-{hi}"
+
+
+def _facts(s) -> SeriesFacts:
+    return SeriesFacts.from_dataset(s.answer, instance_count=s.instances or 0, calling_ae="", called_ae="",
+                                    source_ip="", arrived_at=dt.datetime.now(), study_uid=s.study_uid,
+                                    series_uid=s.series_uid)

@@ -1,0 +1,328 @@
+"""Durable retrieve jobs (node/pacs): what to fetch from which PACS source, and how far it got.
+
+The tables live in the node's index database but are created here, beside their statements, so
+that PACS synchronisation adds to the index without touching its migration list. A retrieve is
+
+    queued → querying → retrieving → done | partial | failed | cancelled
+
+with ``attempts`` and ``next_at`` for exponential backoff: a retrieve that failed for a reason a
+retry can fix goes back to ``queued`` with a later ``next_at``; one running when the node died is
+queued again at start-up (the ingest's dedupe makes the repeat harmless).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+from node.store.index import Index
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS retrieves (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL, study_uid TEXT NOT NULL,
+    series_json TEXT,                          -- JSON list of series UIDs, NULL for the whole study
+    requested_by TEXT NOT NULL,                -- 'cli alice', 'api bob', 'rule:chest-ct', 'priors:job 12'
+    status TEXT NOT NULL,                      -- queued|querying|retrieving|done|partial|failed|cancelled
+    method TEXT,                               -- move | get | wado
+    expected INTEGER, received INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, warning INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT, detail_json TEXT NOT NULL DEFAULT '{}',
+    history_json TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS retrieves_due ON retrieves(status, next_at);
+CREATE INDEX IF NOT EXISTS retrieves_study ON retrieves(study_uid);
+CREATE TABLE IF NOT EXISTS pull_state (
+    rule TEXT PRIMARY KEY,
+    next_at REAL NOT NULL,                     -- when the scheduler runs it next (persisted: no timers)
+    last_run_at REAL, last_result_json TEXT, last_error TEXT,
+    high_water TEXT                            -- watch mode: StudyDate from which the next poll asks
+);
+CREATE TABLE IF NOT EXISTS pull_seen (
+    rule TEXT NOT NULL, study_uid TEXT NOT NULL,
+    instances INTEGER,                         -- NumberOfStudyRelatedInstances at the last look
+    stable INTEGER NOT NULL DEFAULT 0,         -- 1: the count did not change between two looks
+    retrieves INTEGER NOT NULL DEFAULT 0, first_at REAL NOT NULL, last_at REAL NOT NULL,
+    PRIMARY KEY (rule, study_uid)
+);
+CREATE TABLE IF NOT EXISTS prior_waits (
+    job_id INTEGER PRIMARY KEY,                -- a job in status 'waiting-for-priors'
+    spec_json TEXT NOT NULL,                   -- the rule's priors: (node/rules/priors.py)
+    state TEXT NOT NULL,                       -- searching | retrieving | released
+    deadline REAL NOT NULL,                    -- then the job runs with what arrived
+    chosen_json TEXT NOT NULL DEFAULT '[]',    -- [{study_uid, source, retrieve, series}]
+    note TEXT, created_at REAL NOT NULL
+)
+"""
+
+ACTIVE = ("queued", "querying", "retrieving")
+TERMINAL = ("done", "partial", "failed", "cancelled")
+
+
+class RetrieveStore:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        c = index.conn()
+        with index.tx(immediate=True):
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+
+    def _c(self) -> sqlite3.Connection:
+        return self.index.conn()
+
+    @staticmethod
+    def _hist(row: sqlite3.Row | None, event: dict) -> str:
+        hist = json.loads(row["history_json"]) if row else []
+        hist.append({"at": time.time(), **event})
+        return json.dumps(hist[-50:])
+
+    def add(self, source: str, study_uid: str, series: list[str] | None, requested_by: str,
+            expected: int | None = None) -> tuple[int, bool]:
+        """Queue a retrieve; an active one for the same study and series is reused. (id, created)."""
+        key = json.dumps(sorted(series)) if series else None
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = c.execute(f"SELECT id FROM retrieves WHERE source=? AND study_uid=? AND series_json IS ? "
+                            f"AND status IN ({','.join('?' * len(ACTIVE))})", (source, study_uid, key, *ACTIVE)
+                            ).fetchone()
+            if row is not None:  # the same transfer is already under way: one retrieve serves both
+                c.execute("UPDATE retrieves SET history_json=? WHERE id=?",
+                          (self._hist(self.get(row[0]), {"event": "also requested", "by": requested_by}), row[0]))
+                return row[0], False
+            now = time.time()
+            cur = c.execute("INSERT INTO retrieves(source, study_uid, series_json, requested_by, status, next_at, "
+                            "created_at, expected, history_json) VALUES (?,?,?,?, 'queued', ?, ?, ?, ?)",
+                            (source, study_uid, key, requested_by, now, now, expected,
+                             json.dumps([{"at": now, "event": "queued", "by": requested_by}])))
+            return cur.lastrowid, True
+
+    def get(self, rid: int) -> sqlite3.Row | None:
+        return self._c().execute("SELECT * FROM retrieves WHERE id=?", (rid,)).fetchone()
+
+    def list(self, status: str | None = None, study_uid: str | None = None, limit: int = 200) -> list[sqlite3.Row]:
+        q, args = "SELECT * FROM retrieves WHERE 1=1", []
+        if status:
+            q += " AND status=?"
+            args.append(status)
+        if study_uid:
+            q += " AND study_uid=?"
+            args.append(study_uid)
+        return self._c().execute(q + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+
+    def claim(self, now: float, capacity: dict[str, int]) -> sqlite3.Row | None:
+        """Take the oldest due queued retrieve whose source has a free slot (``capacity``: the
+        per-source limit); it becomes ``querying``."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            running = dict(c.execute("SELECT source, COUNT(*) FROM retrieves WHERE status IN ('querying', "
+                                     "'retrieving') GROUP BY source").fetchall())
+            for row in c.execute("SELECT * FROM retrieves WHERE status='queued' AND next_at<=? ORDER BY next_at, id",
+                                 (now,)).fetchall():
+                if running.get(row["source"], 0) < capacity.get(row["source"], 0):
+                    c.execute("UPDATE retrieves SET status='querying', attempts=attempts+1, started_at=?, "
+                              "history_json=? WHERE id=?",
+                              (now, self._hist(row, {"event": "started", "attempt": row["attempts"] + 1}), row["id"]))
+                    return self.get(row["id"])
+        return None
+
+    def next_due(self) -> float | None:
+        row = self._c().execute("SELECT MIN(next_at) FROM retrieves WHERE status='queued'").fetchone()
+        return row[0] if row else None
+
+    def progress(self, rid: int, *, status: str | None = None, method: str | None = None,
+                 expected: int | None = None, received: int | None = None, completed: int | None = None,
+                 failed: int | None = None, warning: int | None = None, detail: dict | None = None) -> bool:
+        """Update what is given; False when a cancel was asked for (the caller stops)."""
+        sets, args = [], []
+        for col, val in (("status", status), ("method", method), ("expected", expected), ("received", received),
+                         ("completed", completed), ("failed", failed), ("warning", warning)):
+            if val is not None:
+                sets.append(f"{col}=?")
+                args.append(val)
+        if detail is not None:
+            sets.append("detail_json=?")
+            args.append(json.dumps(detail))
+        c = self._c()
+        if sets:
+            c.execute(f"UPDATE retrieves SET {', '.join(sets)} WHERE id=?", (*args, rid))
+        row = c.execute("SELECT cancel_requested FROM retrieves WHERE id=?", (rid,)).fetchone()
+        return not (row and row[0])
+
+    def finish(self, rid: int, status: str, error: str | None = None, detail: dict | None = None) -> None:
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = self.get(rid)
+            c.execute("UPDATE retrieves SET status=?, error=?, finished_at=?, detail_json=?, history_json=? "
+                      "WHERE id=?",
+                      (status, error, time.time(), json.dumps(detail if detail is not None else
+                                                               json.loads(row["detail_json"])),
+                       self._hist(row, {"event": status, **({"error": error[:500]} if error else {})}), rid))
+
+    def backoff(self, rid: int, error: str, max_attempts: int, base: float, cap: float) -> str:
+        """A failure a retry may fix: queued again after base·2^(n-1) s, or failed after max_attempts."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = self.get(rid)
+            if row["attempts"] >= max_attempts:
+                status, next_at = "failed", row["next_at"]
+            else:
+                status, next_at = "queued", time.time() + min(cap, base * 2 ** (row["attempts"] - 1))
+            c.execute("UPDATE retrieves SET status=?, error=?, next_at=?, finished_at=?, history_json=? WHERE id=?",
+                      (status, error, next_at, time.time() if status == "failed" else None,
+                       self._hist(row, {"event": "failed" if status == "failed" else "retry later",
+                                        "error": error[:500], "next_at": next_at}), rid))
+        return status
+
+    def cancel(self, rid: int, who: str) -> bool:
+        """Queued: cancelled at once. Running: asked to stop (the runner aborts at its next response)."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = self.get(rid)
+            if row is None or row["status"] not in ACTIVE:
+                return False
+            if row["status"] == "queued":
+                c.execute("UPDATE retrieves SET status='cancelled', finished_at=?, history_json=? WHERE id=?",
+                          (time.time(), self._hist(row, {"event": "cancelled", "by": who}), rid))
+            else:
+                c.execute("UPDATE retrieves SET cancel_requested=1, history_json=? WHERE id=?",
+                          (self._hist(row, {"event": "cancel requested", "by": who}), rid))
+        return True
+
+    def retry(self, rid: int, who: str) -> bool:
+        c = self._c()
+        with self.index.tx(immediate=True):
+            row = self.get(rid)
+            if row is None or row["status"] not in ("failed", "partial", "cancelled"):
+                return False
+            c.execute("UPDATE retrieves SET status='queued', attempts=0, next_at=?, cancel_requested=0, error=NULL, "
+                      "finished_at=NULL, history_json=? WHERE id=?",
+                      (time.time(), self._hist(row, {"event": "retry", "by": who}), rid))
+        return True
+
+    def requeue_running(self) -> int:
+        """Retrieves running when the node stopped go back to the queue (restart resumes them)."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            rows = c.execute("SELECT * FROM retrieves WHERE status IN ('querying', 'retrieving')").fetchall()
+            for r in rows:
+                c.execute("UPDATE retrieves SET status='queued', next_at=?, history_json=? WHERE id=?",
+                          (time.time(), self._hist(r, {"event": "requeued after restart"}), r["id"]))
+        return len(rows)
+
+    def held_instances(self, study_uid: str, series: list[str] | None) -> int:
+        """Instances of the study (or of these series) the node holds: a retrieve's progress."""
+        c = self._c()
+        if series:
+            marks = ",".join("?" * len(series))
+            return c.execute(f"SELECT COUNT(*) FROM instances WHERE series_uid IN ({marks}) AND purged_at IS NULL",
+                             series).fetchone()[0]
+        return c.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND purged_at IS NULL",
+                         (study_uid,)).fetchone()[0]
+
+    def held_studies(self, study_uids: list[str]) -> set[str]:
+        if not study_uids:
+            return set()
+        marks = ",".join("?" * len(study_uids))
+        return {r[0] for r in self._c().execute(f"SELECT study_uid FROM studies WHERE study_uid IN ({marks}) "
+                                                 "AND instances > 0", study_uids)}
+
+    # -- pull rules (node/pacs/scheduler.py) ----------------------------------------------------
+    def pull_state(self, rule: str) -> sqlite3.Row | None:
+        return self._c().execute("SELECT * FROM pull_state WHERE rule=?", (rule,)).fetchone()
+
+    def pull_states(self) -> list[sqlite3.Row]:
+        return self._c().execute("SELECT * FROM pull_state ORDER BY rule").fetchall()
+
+    def ensure_pull_state(self, rule: str, next_at: float) -> sqlite3.Row:
+        self._c().execute("INSERT OR IGNORE INTO pull_state(rule, next_at) VALUES (?, ?)", (rule, next_at))
+        return self.pull_state(rule)
+
+    def pull_ran(self, rule: str, *, next_at: float, result: dict, error: str | None,
+                 high_water: str | None) -> None:
+        self._c().execute("UPDATE pull_state SET next_at=?, last_run_at=?, last_result_json=?, last_error=?, "
+                          "high_water=COALESCE(?, high_water) WHERE rule=?",
+                          (next_at, time.time(), json.dumps(result), error, high_water, rule))
+
+    def run_pull_now(self, rule: str) -> bool:
+        return self._c().execute("UPDATE pull_state SET next_at=? WHERE rule=?", (time.time(), rule)).rowcount > 0
+
+    def seen(self, rule: str, study_uid: str) -> sqlite3.Row | None:
+        return self._c().execute("SELECT * FROM pull_seen WHERE rule=? AND study_uid=?", (rule, study_uid)).fetchone()
+
+    def mark_seen(self, rule: str, study_uid: str, instances: int | None, stable: bool, retrieved: bool) -> None:
+        now = time.time()
+        self._c().execute(
+            """INSERT INTO pull_seen(rule, study_uid, instances, stable, retrieves, first_at, last_at)
+               VALUES (?,?,?,?,?,?,?) ON CONFLICT(rule, study_uid) DO UPDATE SET instances=excluded.instances,
+               stable=excluded.stable, retrieves=retrieves+excluded.retrieves, last_at=excluded.last_at""",
+            (rule, study_uid, instances, int(stable), int(retrieved), now, now))
+
+    def unstable_dates(self, rule: str) -> list[str]:
+        """Study UIDs this rule still re-checks (their instance count was still changing)."""
+        return [r[0] for r in self._c().execute("SELECT study_uid FROM pull_seen WHERE rule=? AND stable=0",
+                                                (rule,))]
+
+    def expected_since(self, requested_by: str, since: float) -> int:
+        """Instances the retrieves of one requester created since ``since`` expect (a rate limit)."""
+        row = self._c().execute("SELECT COALESCE(SUM(COALESCE(expected, 0)), 0) FROM retrieves WHERE requested_by=? "
+                                "AND created_at>=?", (requested_by, since)).fetchone()
+        return int(row[0])
+
+    # -- priors (node/pacs/priors.py) ----------------------------------------------------------
+    def hold_for_priors(self, job_id: int, spec: dict, deadline: float) -> None:
+        """Park a just-created job until its priors are in (call inside the transaction that made it)."""
+        c = self._c()
+        c.execute("UPDATE jobs SET status='waiting-for-priors', message='looking for priors' WHERE id=? "
+                  "AND status='pending'", (job_id,))
+        c.execute("INSERT OR IGNORE INTO prior_waits(job_id, spec_json, state, deadline, created_at) "
+                  "VALUES (?,?, 'searching', ?, ?)", (job_id, json.dumps(spec), deadline, time.time()))
+
+    def prior_waits(self) -> list[sqlite3.Row]:
+        return self._c().execute("SELECT w.*, j.study_uid FROM prior_waits w JOIN jobs j ON j.id=w.job_id "
+                                 "WHERE w.state != 'released' ORDER BY w.job_id").fetchall()
+
+    def priors_chosen(self, job_id: int, chosen: list[dict], note: str | None) -> None:
+        self._c().execute("UPDATE prior_waits SET state='retrieving', chosen_json=?, note=? WHERE job_id=?",
+                          (json.dumps(chosen), note, job_id))
+
+    def release_priors(self, job_id: int, note: str | None) -> None:
+        """The job may run now, with the priors that arrived."""
+        c = self._c()
+        with self.index.tx(immediate=True):
+            c.execute("UPDATE prior_waits SET state='released', note=? WHERE job_id=?", (note, job_id))
+            c.execute("UPDATE jobs SET status='pending', message=? WHERE id=? AND status='waiting-for-priors'",
+                      ((note or "priors ready")[:500], job_id))
+
+    def prior_studies(self, patient_id: str, before_date: str, since_date: str, exclude: str) -> list[sqlite3.Row]:
+        """The node's own studies of a patient dated in [since_date, before_date)."""
+        return self._c().execute("SELECT * FROM studies WHERE patient_id=? AND study_uid != ? AND study_date < ? "
+                                 "AND study_date >= ? AND instances > 0 ORDER BY study_date DESC",
+                                 (patient_id, exclude, before_date, since_date)).fetchall()
+
+
+def priors_of_job(index: Index, job_id: int) -> dict:
+    """What a job's JobSpec carries about priors: {"priors": [...], "priors_note": ...}, or {}."""
+    c = index.conn()
+    try:
+        row = c.execute("SELECT * FROM prior_waits WHERE job_id=?", (job_id,)).fetchone()
+    except sqlite3.OperationalError:  # no PACS tables in this index yet: no priors
+        return {}
+    if row is None:
+        return {}
+    priors = []
+    for p in json.loads(row["chosen_json"]):
+        series = p.get("series")
+        rows = index.series_of_study(p["study_uid"])
+        uids = [r["series_uid"] for r in rows if not series or r["series_uid"] in series]
+        paths = {u: index.instance_paths(u) for u in uids}
+        paths = {u: v for u, v in paths.items() if v}
+        if not paths:
+            continue  # not (yet) in the node: the note says so
+        st = index.study(p["study_uid"])
+        priors.append({"study_uid": p["study_uid"], "source": p["source"], "study_date": st["study_date"] or "",
+                       "study_time": p.get("study_time", ""), "series": paths})
+    return {"priors": priors, "priors_note": row["note"]}
