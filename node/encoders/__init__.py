@@ -26,7 +26,7 @@ from node.encoders.sr import encode_measurement_sr, encode_text_sr
 from node.results import ImageSeries, LabelMap, MeasurementReport, TextFinding
 from node.volume import SeriesData
 
-__all__ = ["EncodeContext", "encode", "encode_all", "series_count"]
+__all__ = ["EncodeContext", "encode", "encode_all", "encode_iter", "series_count"]
 
 
 def _series_numbers(ctx: EncodeContext, sources: dict[str, SeriesData], offset: int) -> Iterator[int]:
@@ -54,17 +54,17 @@ def series_count(result) -> int:
     raise TypeError(f"cannot encode {type(result).__name__}: not a node.results type")
 
 
-def _encode_labelmap(lm: LabelMap, sources, ctx, numbers: Iterator[int]) -> tuple[list[Dataset], list[SegReference]]:
-    out, refs = [], []
+def _encode_labelmap(lm: LabelMap, sources, ctx, numbers: Iterator[int],
+                     refs: list[SegReference]) -> Iterator[Dataset]:
+    """The label map's objects one by one; each SEG's reference is appended to ``refs`` as it is made."""
     if "SEG" in lm.encodings:
         seg, ref = encode_seg(lm, sources, ctx, series_number=next(numbers))
-        out.append(seg)
         refs.append(ref)
+        yield seg
         if lm.fractions is not None:
-            out.append(encode_seg(lm, sources, ctx, series_number=next(numbers), fractional=True)[0])
+            yield encode_seg(lm, sources, ctx, series_number=next(numbers), fractional=True)[0]
     if "RTSTRUCT" in lm.encodings:
-        out.append(encode_rtstruct(lm, sources, ctx, series_number=next(numbers)))
-    return out, refs
+        yield encode_rtstruct(lm, sources, ctx, series_number=next(numbers))
 
 
 def encode(
@@ -78,7 +78,7 @@ def encode(
     """The DICOM objects for one result; ``segs`` lets a MeasurementReport reference SEG segments."""
     numbers = _series_numbers(ctx, sources, series_offset)
     if isinstance(result, LabelMap):
-        return _encode_labelmap(result, sources, ctx, numbers)[0]
+        return list(_encode_labelmap(result, sources, ctx, numbers, []))
     if isinstance(result, MeasurementReport):
         return [encode_measurement_sr(result, sources, ctx, series_number=next(numbers), segs=list(segs))]
     if isinstance(result, ImageSeries):
@@ -90,23 +90,25 @@ def encode(
 
 def encode_all(results: list, sources: dict[str, SeriesData], ctx: EncodeContext) -> list[Dataset]:
     """Every object for a handler's results, label maps first so reports can point at SEG segments."""
+    return list(encode_iter(results, sources, ctx))
+
+
+def encode_iter(results: list, sources: dict[str, SeriesData], ctx: EncodeContext) -> Iterator[Dataset]:
+    """``encode_all`` one object at a time, each as soon as it is made: a worker writes (and hands
+    to delivery) one object while the next is encoded, and times each encoder."""
     for r in results:
-        series_count(r)  # TypeError for anything that is not a result
+        series_count(r)  # TypeError for anything that is not a result, before any work
     numbers = _series_numbers(ctx, sources, 0)
-    out: list[Dataset] = []
     segs: list[SegReference] = []
     for lm in (r for r in results if isinstance(r, LabelMap)):
-        datasets, refs = _encode_labelmap(lm, sources, ctx, numbers)
-        out += datasets
-        segs += refs
+        yield from _encode_labelmap(lm, sources, ctx, numbers, segs)
     texts = [r for r in results if isinstance(r, TextFinding)]
     for report in (r for r in results if isinstance(r, MeasurementReport)):
         mine = [t for t in texts if t.source_series_uid == report.source_series_uid]
         texts = [t for t in texts if t.source_series_uid != report.source_series_uid]
-        out.append(encode_measurement_sr(report, sources, ctx, series_number=next(numbers), segs=segs, findings=mine))
+        yield encode_measurement_sr(report, sources, ctx, series_number=next(numbers), segs=segs, findings=mine)
     for uid in dict.fromkeys(t.source_series_uid for t in texts):
         group = [t for t in texts if t.source_series_uid == uid]
-        out.append(encode_text_sr(group, sources, ctx, series_number=next(numbers)))
+        yield encode_text_sr(group, sources, ctx, series_number=next(numbers))
     for images in (r for r in results if isinstance(r, ImageSeries)):
-        out += encode_sc(images, sources, ctx, series_number=next(numbers))
-    return out
+        yield from encode_sc(images, sources, ctx, series_number=next(numbers))

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import resource
-from io import BytesIO
+import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 from node.encoders.context import EncodeContext
@@ -53,50 +56,123 @@ def _vault(spec: VaultSpec) -> Vault:
     return _vaults[spec]
 
 
-def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
-    """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…)."""
-    from node.encoders import encode_all  # imported here: heavy, and only workers need it
+class PhaseClock:
+    """Seconds per phase of one job (load, handler, each encoder, each write), for the job history:
+    the latency benchmark reads them back from there, so a slow phase is named, not guessed."""
 
-    cls = get_handler(spec.handler)
-    handler = cls(spec.params)
-    vault = _vault(spec.vault)
-    progress(0.0, "loading series")
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + seconds, 4)
+
+
+def _status_mb(field: str) -> float | None:
     try:
-        sources = {uid: load_series(paths, with_pixels=cls.needs_pixels, read=vault.read)
-                   for uid, paths in spec.series.items()}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float:
+    """Make the peak RSS (VmHWM) the current RSS (Linux), so a reused worker reports this job's peak,
+    not its lifetime's; returns the RSS the job starts from (libraries, a loaded model), MB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS") or 0.0
+
+
+def _peak_rss_mb() -> float:
+    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # else: lifetime peak
+
+
+def _load_sources(spec: JobSpec, needs_pixels: bool, vault: Vault) -> dict:
+    """Every series of the job, read and decoded once; encoders reuse the handler's headers."""
+    try:
+        return {uid: load_series(paths, with_pixels=needs_pixels, read=vault.read)
+                for uid, paths in spec.series.items()}
     except IntegrityError as exc:  # never hand a tampered or truncated instance to a handler
         where = vault.quarantine_damaged(exc.locator, str(exc))
         raise SpoolIntegrityError(f"spool integrity check failed for {exc.locator}: {exc} "
                                   f"(copy kept in {where or 'nowhere: quarantine not writable'})") from None
+
+
+def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
+    """One result object sealed and durable (file and directory fsync'ed); its metadata."""
+    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    vault.write_file(path, buf.getvalue())
+    fsync_dirs({out_dir})
+    return {
+        "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
+        "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
+    }
+
+
+def _timed(objects: Iterator) -> Iterator[tuple[object, float]]:
+    """Each object of an iterator with the seconds it took to make."""
+    t0 = time.perf_counter()
+    for obj in objects:
+        yield obj, time.perf_counter() - t0
+        t0 = time.perf_counter()
+
+
+def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[dict], dict, dict]:
+    """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…,
+    the job's figures: seconds per phase, peak memory). ``on_result`` gets each result object's
+    metadata as soon as it is durable, so the parent can deliver it while the next one is encoded."""
+    from node.encoders import encode_iter  # imported here: heavy, and only workers need it
+
+    start_rss = _reset_peak_rss()
+    clock = PhaseClock()
+    cls = get_handler(spec.handler)
+    handler = cls(spec.params)
+    vault = _vault(spec.vault)
+    progress(0.0, "loading series")
+    with clock("load"):
+        sources = _load_sources(spec, cls.needs_pixels, vault)
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()))
-    handler.check(inp)
+    with clock("check"):
+        handler.check(inp)
     progress(0.05, "running handler")
 
     def handler_progress(fraction: float, message: str) -> None:
         progress(0.05 + 0.85 * max(0.0, min(1.0, fraction)), message)
 
-    results = ResultSet(list(handler.run(inp, handler_progress)))
+    with clock("handler"):
+        results = ResultSet(list(handler.run(inp, handler_progress)))
     progress(0.9, "encoding DICOM")
     ctx = EncodeContext(
         job_key=spec.job_key, rule=spec.rule, handler=cls.name, handler_version=cls.version,
         model_name=cls.model_name, model_version=cls.model_version, series_number=spec.series_number,
     )
-    datasets = encode_all(results.items, sources, ctx)
     out_dir = Path(spec.results_dir) / str(spec.job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = []
-    for ds in datasets:
-        path = out_dir / f"{ds.SOPInstanceUID}.dcm"
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        vault.write_file(path, buf.getvalue())
-        meta.append({
-            "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
-            "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
-        })
-    fsync_dirs({out_dir})
+    for ds, seconds in _timed(encode_iter(results.items, sources, ctx)):
+        clock.add(f"encode {ds.Modality}", seconds)
+        with clock(f"write {ds.Modality}"):
+            meta.append(_write_result(ds, out_dir, vault))
+        on_result(meta[-1])
     progress(1.0, f"{len(meta)} result object(s)")
-    return meta, dict(handler.provenance)
+    volume_mb = sum(s.volume.array.nbytes for s in sources.values() if s.volume is not None) / 2**20
+    figures = {"seconds": clock.seconds, "peak_rss_mb": round(_peak_rss_mb(), 1),
+               "start_rss_mb": round(start_rss, 1), "input_volume_mb": round(volume_mb, 1)}
+    return meta, dict(handler.provenance), figures
 
 
 def worker_main(conn, memory_mb: int) -> None:
@@ -113,8 +189,9 @@ def worker_main(conn, memory_mb: int) -> None:
         if spec is None:
             return
         try:
-            meta, provenance = run_job(spec, lambda f, m: conn.send(("progress", float(f), str(m))))
-            conn.send(("done", meta, provenance))
+            meta, provenance, figures = run_job(spec, lambda f, m: conn.send(("progress", float(f), str(m))),
+                                                lambda result: conn.send(("result", result)))
+            conn.send(("done", meta, provenance, figures))
         except HandlerRefusal as exc:
             conn.send(("error", f"refused: {exc}"))
         except SpoolIntegrityError as exc:

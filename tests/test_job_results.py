@@ -1,0 +1,86 @@
+"""A job's results reach delivery one by one, as each is durable; its figures land in the history;
+a job that fails after handing some results over says so."""
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.jobs.worker import JobSpec, run_job
+from node.phantom import generate_ct
+from node.store.index import Index
+from node.store.vault import VaultSpec
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory):
+    return generate_ct(tmp_path_factory.mktemp("ct") / "study", seed=5, rows=64, cols=64, slices=20,
+                       pixel_spacing=6.0, slice_thickness=8.0, nodules=0)
+
+
+def _job(index: Index, key: str = "k1") -> int:
+    return index.add_job(job_key=key, study_uid="1.2.3", series_uid="1.2.3.4", level="series", rule="r",
+                         handler="ct-anatomy", params={}, destinations=["orthanc"], priority="normal",
+                         timeout_s=None, generation=0, note="test")
+
+
+def test_each_result_is_handed_over_when_durable_and_the_job_reports_its_phases(ct, tmp_path):
+    paths = sorted(str(p) for p in ct.dicom_dir.iterdir())
+    spec = JobSpec(job_id=7, job_key="stream", study_uid=ct.study_uid, rule="r", handler="ct-anatomy", params={},
+                   series={ct.series_uid: paths}, results_dir=str(tmp_path / "results"),
+                   vault=VaultSpec(str(tmp_path), None))
+    vault = spec.vault.open()
+    handed: list[tuple[dict, set[str]]] = []
+
+    def on_result(meta: dict) -> None:
+        # Durable and complete when handed over: the file reads back as the object it claims to be ...
+        ds = pydicom.dcmread(BytesIO(vault.read(meta["path"])))
+        assert str(ds.SOPInstanceUID) == meta["sop_instance_uid"] and ds.Modality == meta["modality"]
+        # ... and handed over before the next object was written.
+        handed.append((meta, {p.name for p in (tmp_path / "results" / "7").iterdir()}))
+
+    meta, _, figures = run_job(spec, lambda f, m: None, on_result)
+    assert [m for m, _ in handed] == meta
+    assert [m["modality"] for m in meta] == ["SEG", "RTSTRUCT", "SR"]
+    assert [len(files) for _, files in handed] == [1, 2, 3]
+    seconds = figures["seconds"]
+    for phase in ("load", "handler", "encode SEG", "write SEG", "encode RTSTRUCT", "write RTSTRUCT",
+                  "encode SR", "write SR"):
+        assert seconds[phase] >= 0, phase
+    assert seconds["handler"] > 0 and seconds["encode SEG"] > 0
+    assert figures["input_volume_mb"] == pytest.approx(64 * 64 * 20 * 2 / 2**20, abs=0.05)  # int16 HU volume
+    assert figures["peak_rss_mb"] >= figures["start_rss_mb"] > 0
+
+
+def test_results_handed_over_early_are_not_queued_again_when_the_job_finishes(tmp_path):
+    index = Index(tmp_path / "index.db")
+    job_id = _job(index)
+    seg = {"sop_instance_uid": "1.9.1", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.66.4", "series_instance_uid": "1.9",
+           "modality": "SEG", "path": "/r/1.9.1.dcm"}
+    sr = {**seg, "sop_instance_uid": "1.9.2", "modality": "SR", "path": "/r/1.9.2.dcm"}
+    index.add_results(job_id, [seg], [("1.9.1", "orthanc")])
+    (row,) = index.due_deliveries(now=1e12)
+    assert row["sop_uid"] == "1.9.1" and row["kind"] == "result"
+    index.delivered([row["id"]])  # the SEG is in the archive before the job ends
+    index.finish_job(job_id, [seg, sr], [("1.9.2", "orthanc")], {"model": "none"}, {"seconds": {"handler": 1.5}})
+    status = {d["sop_uid"]: d["status"] for d in index.deliveries_of_job(job_id)}
+    assert status == {"1.9.1": "delivered", "1.9.2": "pending"}
+    assert [r["sop_uid"] for r in index.results_of_job(job_id)] == ["1.9.1", "1.9.2"]
+    done = json.loads(index.job(job_id)["history_json"])[-1]
+    assert done["event"] == "done" and done["results"] == 2 and done["figures"]["seconds"]["handler"] == 1.5
+
+
+def test_a_job_failing_after_handing_over_results_lists_them_in_its_history(tmp_path):
+    index = Index(tmp_path / "index.db")
+    job_id = _job(index)
+    seg = {"sop_instance_uid": "1.9.1", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.66.4", "series_instance_uid": "1.9",
+           "modality": "SEG", "path": "/r/1.9.1.dcm"}
+    index.add_results(job_id, [seg], [("1.9.1", "orthanc")])
+    index.fail_job(job_id, "encoder failed", [seg])
+    job = index.job(job_id)
+    failed = json.loads(job["history_json"])[-1]
+    assert job["status"] == "failed"
+    assert failed["event"] == "failed" and failed["partial_results"] == [{"sop_uid": "1.9.1", "modality": "SEG"}]
