@@ -3,12 +3,16 @@ a job that fails after handing some results over says so."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 
+from node.encoders import EncodeTask
+from node.jobs.lanes import run_lanes
 from node.jobs.worker import JobSpec, run_job
 from node.phantom import generate_ct
 from node.store.index import Index
@@ -43,8 +47,11 @@ def test_each_result_is_handed_over_when_durable_and_the_job_reports_its_phases(
         handed.append((meta, {p.name for p in (tmp_path / "results" / "7").iterdir()}))
 
     meta, _, figures = run_job(spec, lambda f, m: None, on_result)
-    assert [m for m, _ in handed] == meta
+    # Listed in the plan's order; handed over as each lane made them (the SR after the SEG it cites).
     assert [m["modality"] for m in meta] == ["SEG", "RTSTRUCT", "SR"]
+    order = [m["modality"] for m, _ in handed]
+    assert sorted(order) == sorted(m["modality"] for m in meta) and order.index("SEG") < order.index("SR")
+    assert sorted(m["sop_instance_uid"] for m, _ in handed) == sorted(m["sop_instance_uid"] for m in meta)
     assert [len(files) for _, files in handed] == [1, 2, 3]
     seconds = figures["seconds"]
     for phase in ("load", "handler", "encode SEG", "write SEG", "encode RTSTRUCT", "write RTSTRUCT",
@@ -84,3 +91,31 @@ def test_a_job_failing_after_handing_over_results_lists_them_in_its_history(tmp_
     failed = json.loads(job["history_json"])[-1]
     assert job["status"] == "failed"
     assert failed["event"] == "failed" and failed["partial_results"] == [{"sop_uid": "1.9.1", "modality": "SEG"}]
+
+
+def test_lanes_hand_over_whichever_object_is_ready_first():
+    seg_may_finish = threading.Event()
+    tasks = [EncodeTask(0, "SEG", lambda: seg_may_finish.wait(10) and ["seg"]),
+             EncodeTask(1, "RTSTRUCT", lambda: ["rt"])]
+    made = run_lanes(tasks)
+    first = next(made)
+    assert (first.kind, first.index, first.datasets) == ("RTSTRUCT", 1, ["rt"])  # not held back by the SEG
+    seg_may_finish.set()
+    assert [(m.kind, m.datasets) for m in made] == [("SEG", ["seg"])]
+
+
+def test_a_failing_lane_stops_the_others_and_fails_the_job():
+    failed = threading.Event()
+    later: list[str] = []
+
+    def boom():
+        failed.set()
+        raise ValueError("encoder failed")
+
+    tasks = [EncodeTask(0, "SEG", boom),
+             # still encoding when the SEG fails (and a moment longer: the failure is being reported)
+             EncodeTask(1, "RTSTRUCT", lambda: failed.wait(10) and not time.sleep(0.3) and ["rt"]),
+             EncodeTask(1, "SC", lambda: later.append("sc") or ["sc"])]
+    with pytest.raises(ValueError, match="encoder failed"):
+        list(run_lanes(tasks))
+    assert later == []  # the other lane stopped at its next task

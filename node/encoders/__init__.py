@@ -6,6 +6,10 @@ in the same job. Every result gets series of its own, numbered from ``ctx.series
 upwards, skipping numbers the source series already use; UIDs derive from the job and the
 series number, so encoding the same job again gives the same objects' UIDs.
 
+``encode_plan`` gives the same work as tasks in two lanes (SEGs then the reports that point at
+them; everything else), so a worker can run the lanes side by side and hand each object on as
+soon as it is made.
+
     LabelMap          -> SEG (binary; plus a fractional SEG when it has fractions) and/or RTSTRUCT,
                          per LabelMap.encodings
     MeasurementReport -> TID 1500 Comprehensive 3D SR (text findings of its series included)
@@ -14,7 +18,9 @@ series number, so encoding the same job again gives the same objects' UIDs.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 
 from pydicom.dataset import Dataset
 
@@ -26,7 +32,7 @@ from node.encoders.sr import encode_measurement_sr, encode_text_sr
 from node.results import ImageSeries, LabelMap, MeasurementReport, TextFinding
 from node.volume import SeriesData
 
-__all__ = ["EncodeContext", "encode", "encode_all", "encode_iter", "series_count"]
+__all__ = ["EncodeContext", "EncodeTask", "encode", "encode_all", "encode_iter", "encode_plan", "series_count"]
 
 
 def _series_numbers(ctx: EncodeContext, sources: dict[str, SeriesData], offset: int) -> Iterator[int]:
@@ -94,21 +100,69 @@ def encode_all(results: list, sources: dict[str, SeriesData], ctx: EncodeContext
 
 
 def encode_iter(results: list, sources: dict[str, SeriesData], ctx: EncodeContext) -> Iterator[Dataset]:
-    """``encode_all`` one object at a time, each as soon as it is made: a worker writes (and hands
-    to delivery) one object while the next is encoded, and times each encoder."""
+    """``encode_all`` one object at a time, each as soon as it is made."""
+    for task in encode_plan(results, sources, ctx):
+        yield from task.make()
+
+
+SEG_LANE, OTHER_LANE = 0, 1
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    """One encoder run; ``make()`` gives its objects. The tasks of one lane run in order (a report
+    after the SEGs it references: SEG_LANE); different lanes do not depend on each other, so a
+    worker may run them side by side."""
+
+    lane: int
+    kind: str  # what it makes, for timings: SEG, FSEG, RTSTRUCT, SR, SC
+    make: Callable[[], list[Dataset]]
+
+
+def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContext) -> list[EncodeTask]:
+    """Every encoder run for a handler's results, in ``encode_all``'s order. Series numbers are
+    given out here, up front, so the objects are the same whichever order the tasks run in."""
     for r in results:
         series_count(r)  # TypeError for anything that is not a result, before any work
     numbers = _series_numbers(ctx, sources, 0)
-    segs: list[SegReference] = []
+    segs: list[SegReference] = []  # filled by the SEG tasks, read by the report tasks after them
+    tasks: list[EncodeTask] = []
+
+    def seg(lm: LabelMap, number: int) -> list[Dataset]:
+        made, ref = encode_seg(lm, sources, ctx, series_number=number)
+        segs.append(ref)
+        return [made]
+
+    def fractional_seg(lm: LabelMap, number: int) -> list[Dataset]:
+        return [encode_seg(lm, sources, ctx, series_number=number, fractional=True)[0]]
+
+    def rtstruct(lm: LabelMap, number: int) -> list[Dataset]:
+        return [encode_rtstruct(lm, sources, ctx, series_number=number)]
+
+    def report_sr(report: MeasurementReport, number: int, findings: list[TextFinding]) -> list[Dataset]:
+        return [encode_measurement_sr(report, sources, ctx, series_number=number, segs=segs, findings=findings)]
+
+    def text_sr(group: list[TextFinding], number: int) -> list[Dataset]:
+        return [encode_text_sr(group, sources, ctx, series_number=number)]
+
+    def sc(images: ImageSeries, number: int) -> list[Dataset]:
+        return encode_sc(images, sources, ctx, series_number=number)
+
     for lm in (r for r in results if isinstance(r, LabelMap)):
-        yield from _encode_labelmap(lm, sources, ctx, numbers, segs)
+        if "SEG" in lm.encodings:
+            tasks.append(EncodeTask(SEG_LANE, "SEG", partial(seg, lm, next(numbers))))
+            if lm.fractions is not None:
+                tasks.append(EncodeTask(SEG_LANE, "FSEG", partial(fractional_seg, lm, next(numbers))))
+        if "RTSTRUCT" in lm.encodings:
+            tasks.append(EncodeTask(OTHER_LANE, "RTSTRUCT", partial(rtstruct, lm, next(numbers))))
     texts = [r for r in results if isinstance(r, TextFinding)]
     for report in (r for r in results if isinstance(r, MeasurementReport)):
         mine = [t for t in texts if t.source_series_uid == report.source_series_uid]
         texts = [t for t in texts if t.source_series_uid != report.source_series_uid]
-        yield encode_measurement_sr(report, sources, ctx, series_number=next(numbers), segs=segs, findings=mine)
+        tasks.append(EncodeTask(SEG_LANE, "SR", partial(report_sr, report, next(numbers), mine)))
     for uid in dict.fromkeys(t.source_series_uid for t in texts):
         group = [t for t in texts if t.source_series_uid == uid]
-        yield encode_text_sr(group, sources, ctx, series_number=next(numbers))
+        tasks.append(EncodeTask(OTHER_LANE, "SR", partial(text_sr, group, next(numbers))))
     for images in (r for r in results if isinstance(r, ImageSeries)):
-        yield from encode_sc(images, sources, ctx, series_number=next(numbers))
+        tasks.append(EncodeTask(OTHER_LANE, "SC", partial(sc, images, next(numbers))))
+    return tasks

@@ -88,11 +88,15 @@ def _segment_number_array(labels: np.ndarray, numbers: dict[int, int]) -> np.nda
 
 
 def _segment_stack(labelmap: LabelMap) -> np.ndarray:
-    """(slices, rows, cols, segments) bool masks, one per segment in order: overlapping regions."""
-    stack = np.empty((*labelmap.labels.shape, len(labelmap.segments)), bool)
+    """(slices, rows, cols, segments) bool masks, one per segment in order: overlapping regions.
+
+    A view of a (segments, slices, rows, cols) array: each segment's mask is one contiguous block,
+    so filling it, highdicom's overlap check (a sum over segments) and its frame by frame reads
+    go through memory in order, several times faster than with the segments interleaved."""
+    stack = np.empty((len(labelmap.segments), *labelmap.labels.shape), bool)
     for i, s in enumerate(labelmap.segments):
-        stack[..., i] = labelmap.region(s.label)
-    return stack
+        stack[i] = labelmap.region(s.label)
+    return np.moveaxis(stack, 0, -1)
 
 
 def _add_placeholder_frames(seg: hd.seg.Segmentation, empty: list[int]) -> None:

@@ -10,7 +10,6 @@ import os
 import resource
 import time
 import traceback
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -123,19 +122,12 @@ def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
     }
 
 
-def _timed(objects: Iterator) -> Iterator[tuple[object, float]]:
-    """Each object of an iterator with the seconds it took to make."""
-    t0 = time.perf_counter()
-    for obj in objects:
-        yield obj, time.perf_counter() - t0
-        t0 = time.perf_counter()
-
-
 def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[dict], dict, dict]:
     """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…,
     the job's figures: seconds per phase, peak memory). ``on_result`` gets each result object's
     metadata as soon as it is durable, so the parent can deliver it while the next one is encoded."""
-    from node.encoders import encode_iter  # imported here: heavy, and only workers need it
+    from node.encoders import encode_plan  # imported here: heavy, and only workers need it
+    from node.jobs.lanes import run_lanes
 
     start_rss = _reset_peak_rss()
     clock = PhaseClock()
@@ -162,12 +154,14 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
     )
     out_dir = Path(spec.results_dir) / str(spec.job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = []
-    for ds, seconds in _timed(encode_iter(results.items, sources, ctx)):
-        clock.add(f"encode {ds.Modality}", seconds)
-        with clock(f"write {ds.Modality}"):
-            meta.append(_write_result(ds, out_dir, vault))
-        on_result(meta[-1])
+    written: dict[int, list[dict]] = {}
+    for made in run_lanes(encode_plan(results.items, sources, ctx)):
+        clock.add(f"encode {made.kind}", made.seconds)
+        with clock(f"write {made.kind}"):
+            for ds in made.datasets:
+                written.setdefault(made.index, []).append(_write_result(ds, out_dir, vault))
+                on_result(written[made.index][-1])
+    meta = [m for i in sorted(written) for m in written[i]]  # the plan's order, whichever lane finished first
     progress(1.0, f"{len(meta)} result object(s)")
     volume_mb = sum(s.volume.array.nbytes for s in sources.values() if s.volume is not None) / 2**20
     figures = {"seconds": clock.seconds, "peak_rss_mb": round(_peak_rss_mb(), 1),
