@@ -112,6 +112,10 @@ MIGRATIONS: list[str] = [
         started_at REAL, finished_at REAL, detail TEXT
     )
     """,
+    # 5: rules that matched a study but wait for a longer quiet period (the study view shows them)
+    """
+    ALTER TABLE studies ADD COLUMN pending_json TEXT
+    """,
 ]
 
 TERMINAL_JOB = ("done", "failed")
@@ -300,12 +304,15 @@ class Index:
             "AND (recheck_at IS NULL OR recheck_at <= ? OR force_complete=1)", (now,)
         ).fetchall()
 
-    def recheck_later(self, study_uid: str, at: float) -> None:
-        self.conn().execute("UPDATE studies SET recheck_at=? WHERE study_uid=?", (at, study_uid))
+    def recheck_later(self, study_uid: str, at: float, pending: list[dict] = ()) -> None:
+        """Route the study again at ``at``; ``pending``: the matched rules still waiting (rule,
+        handler, series_uid, stable_after), for the study view."""
+        self.conn().execute("UPDATE studies SET recheck_at=?, pending_json=? WHERE study_uid=?",
+                            (at, json.dumps(list(pending)) if pending else None, study_uid))
 
     def mark_routed(self, study_uid: str, generation: int) -> None:
-        self.conn().execute("UPDATE studies SET routed_generation=?, recheck_at=NULL WHERE study_uid=? "
-                            "AND routed_generation < ?", (generation, study_uid, generation))
+        self.conn().execute("UPDATE studies SET routed_generation=?, recheck_at=NULL, pending_json=NULL "
+                            "WHERE study_uid=? AND routed_generation < ?", (generation, study_uid, generation))
 
     def force_complete(self, study_uid: str) -> bool:
         cur = self.conn().execute("UPDATE studies SET force_complete=1 WHERE study_uid=?", (study_uid,))
