@@ -11,12 +11,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.encoders import EncodeTask
+from node.encoders import OTHER_LANE, REPORT_LANE, SEG_LANE, EncodeTask, encode_all, encode_plan
+from node.encoders.context import EncodeContext
+from node.handler_api import HandlerInput, get_handler
 from node.jobs.lanes import run_lanes
 from node.jobs.worker import JobSpec, run_job
 from node.phantom import generate_ct
 from node.store.index import Index
 from node.store.vault import VaultSpec
+from node.volume import load_series
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,7 @@ def test_each_result_is_handed_over_when_durable_and_the_job_reports_its_phases(
     meta, _, figures = run_job(spec, lambda f, m: None, on_result)
     # Listed in the plan's order; handed over as each lane made them (the SR after the SEG it cites).
     assert [m["modality"] for m in meta] == ["SEG", "RTSTRUCT", "SR"]
-    order = [m["modality"] for m, _ in handed]
-    assert sorted(order) == sorted(m["modality"] for m in meta) and order.index("SEG") < order.index("SR")
+    assert sorted(m["modality"] for m, _ in handed) == sorted(m["modality"] for m in meta)
     assert sorted(m["sop_instance_uid"] for m, _ in handed) == sorted(m["sop_instance_uid"] for m in meta)
     assert [len(files) for _, files in handed] == [1, 2, 3]
     seconds = figures["seconds"]
@@ -119,3 +121,29 @@ def test_a_failing_lane_stops_the_others_and_fails_the_job():
     with pytest.raises(ValueError, match="encoder failed"):
         list(run_lanes(tasks))
     assert later == []  # the other lane stopped at its next task
+
+
+def test_the_report_is_made_without_waiting_for_the_seg_it_cites(ct):
+    series = load_series(sorted(ct.dicom_dir.iterdir()))
+    results = get_handler("ct-anatomy")({}).run(HandlerInput(ct.study_uid, [series]), lambda f, m: None)
+    ctx = EncodeContext(job_key="lanes", rule="r", handler="ct-anatomy", handler_version="1")
+    tasks = encode_plan(results, {series.series_uid: series}, ctx)
+    assert [(t.kind, t.lane) for t in tasks] == [("SEG", SEG_LANE), ("RTSTRUCT", OTHER_LANE), ("SR", REPORT_LANE)]
+    (sr,) = tasks[2].make()  # before any SEG exists
+    (seg,) = tasks[0].make()
+    cited = {str(r.ReferencedSOPInstanceUID) for item in sr.CurrentRequestedProcedureEvidenceSequence
+             for s in item.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+    assert str(seg.SOPInstanceUID) in cited
+    tracking = {str(s.TrackingUID) for s in seg.SegmentSequence}
+    in_report = {str(i.UID) for i in _walk(sr) if "UID" in i and i.get("ConceptNameCodeSequence")
+                 and i.ConceptNameCodeSequence[0].CodeValue == "112040"}  # Tracking Unique Identifier
+    assert tracking <= in_report
+    # The same report as a sequential encode_all makes (the order the tasks ran in changes nothing).
+    in_order = encode_all(results, {series.series_uid: series}, ctx)[2]
+    assert sr.ContentSequence == in_order.ContentSequence
+
+
+def _walk(ds):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _walk(item)

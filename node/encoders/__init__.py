@@ -6,9 +6,8 @@ in the same job. Every result gets series of its own, numbered from ``ctx.series
 upwards, skipping numbers the source series already use; UIDs derive from the job and the
 series number, so encoding the same job again gives the same objects' UIDs.
 
-``encode_plan`` gives the same work as tasks in two lanes (SEGs then the reports that point at
-them; everything else), so a worker can run the lanes side by side and hand each object on as
-soon as it is made.
+``encode_plan`` gives the same work as tasks in three independent lanes (SEGs, reports, the
+rest), so a worker can run the lanes side by side and hand each object on as soon as it is made.
 
     LabelMap          -> SEG (binary; plus a fractional SEG when it has fractions) and/or RTSTRUCT,
                          per LabelMap.encodings
@@ -27,12 +26,13 @@ from pydicom.dataset import Dataset
 from node.encoders.context import EncodeContext
 from node.encoders.rtstruct import encode_rtstruct
 from node.encoders.sc import encode_sc
-from node.encoders.seg import SegReference, encode_seg
+from node.encoders.seg import SegReference, encode_seg, seg_reference
 from node.encoders.sr import encode_measurement_sr, encode_text_sr
 from node.results import ImageSeries, LabelMap, MeasurementReport, TextFinding
 from node.volume import SeriesData
 
-__all__ = ["EncodeContext", "EncodeTask", "encode", "encode_all", "encode_iter", "encode_plan", "series_count"]
+__all__ = ["EncodeContext", "EncodeTask", "OTHER_LANE", "REPORT_LANE", "SEG_LANE", "encode", "encode_all", "encode_iter",
+           "encode_plan", "series_count"]
 
 
 def _series_numbers(ctx: EncodeContext, sources: dict[str, SeriesData], offset: int) -> Iterator[int]:
@@ -105,14 +105,14 @@ def encode_iter(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
         yield from task.make()
 
 
-SEG_LANE, OTHER_LANE = 0, 1
+SEG_LANE, REPORT_LANE, OTHER_LANE = 0, 1, 2
 
 
 @dataclass(frozen=True)
 class EncodeTask:
-    """One encoder run; ``make()`` gives its objects. The tasks of one lane run in order (a report
-    after the SEGs it references: SEG_LANE); different lanes do not depend on each other, so a
-    worker may run them side by side."""
+    """One encoder run; ``make()`` gives its objects. Lanes do not depend on each other (a report
+    names the segments of a SEG by UIDs known before the SEG is made), so a worker may run them
+    side by side: the SEGs, the reports (small, so first in the archive), and the rest."""
 
     lane: int
     kind: str  # what it makes, for timings: SEG, FSEG, RTSTRUCT, SR, SC
@@ -125,13 +125,11 @@ def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
     for r in results:
         series_count(r)  # TypeError for anything that is not a result, before any work
     numbers = _series_numbers(ctx, sources, 0)
-    segs: list[SegReference] = []  # filled by the SEG tasks, read by the report tasks after them
+    segs: list[SegReference] = []  # known before any SEG is made: a report need not wait for one
     tasks: list[EncodeTask] = []
 
     def seg(lm: LabelMap, number: int) -> list[Dataset]:
-        made, ref = encode_seg(lm, sources, ctx, series_number=number)
-        segs.append(ref)
-        return [made]
+        return [encode_seg(lm, sources, ctx, series_number=number)[0]]
 
     def fractional_seg(lm: LabelMap, number: int) -> list[Dataset]:
         return [encode_seg(lm, sources, ctx, series_number=number, fractional=True)[0]]
@@ -150,7 +148,9 @@ def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
 
     for lm in (r for r in results if isinstance(r, LabelMap)):
         if "SEG" in lm.encodings:
-            tasks.append(EncodeTask(SEG_LANE, "SEG", partial(seg, lm, next(numbers))))
+            number = next(numbers)
+            segs.append(seg_reference(lm, sources, ctx, series_number=number))
+            tasks.append(EncodeTask(SEG_LANE, "SEG", partial(seg, lm, number)))
             if lm.fractions is not None:
                 tasks.append(EncodeTask(SEG_LANE, "FSEG", partial(fractional_seg, lm, next(numbers))))
         if "RTSTRUCT" in lm.encodings:
@@ -159,10 +159,10 @@ def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
     for report in (r for r in results if isinstance(r, MeasurementReport)):
         mine = [t for t in texts if t.source_series_uid == report.source_series_uid]
         texts = [t for t in texts if t.source_series_uid != report.source_series_uid]
-        tasks.append(EncodeTask(SEG_LANE, "SR", partial(report_sr, report, next(numbers), mine)))
+        tasks.append(EncodeTask(REPORT_LANE, "SR", partial(report_sr, report, next(numbers), mine)))
     for uid in dict.fromkeys(t.source_series_uid for t in texts):
         group = [t for t in texts if t.source_series_uid == uid]
-        tasks.append(EncodeTask(OTHER_LANE, "SR", partial(text_sr, group, next(numbers))))
+        tasks.append(EncodeTask(REPORT_LANE, "SR", partial(text_sr, group, next(numbers))))
     for images in (r for r in results if isinstance(r, ImageSeries)):
         tasks.append(EncodeTask(OTHER_LANE, "SC", partial(sc, images, next(numbers))))
     return tasks

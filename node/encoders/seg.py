@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import SegmentationStorage
 
 from node.encoders.common import (
     DEVICE_SERIAL,
@@ -34,22 +35,49 @@ from node.encoders.context import EncodeContext
 from node.results import LabelMap
 from node.volume import SeriesData
 
-__all__ = ["SegReference", "encode_seg"]
+__all__ = ["SegReference", "encode_seg", "seg_reference"]
 
 
 @dataclass(frozen=True, eq=False)
 class SegReference:
-    """What an SR needs to point at the segments of an encoded SEG."""
+    """What an SR needs to point at the segments of a SEG made in the same job. All of it is
+    known before the SEG is encoded (its UIDs derive from the job), so a report is made, written
+    and delivered without waiting for a big SEG."""
 
-    dataset: Dataset
+    labelmap: LabelMap
     source_series_uid: str
+    study_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
     segment_numbers: dict[int, int]  # LabelMap label -> SEG segment number
+    tracking_uids: dict[int, str]  # LabelMap label -> the segment's Tracking UID
+    sop_class_uid: str = SegmentationStorage
 
     def __contains__(self, label: int) -> bool:
         return label in self.segment_numbers
 
     def tracking_uid(self, label: int) -> str:
-        return str(self.dataset.SegmentSequence[self.segment_numbers[label] - 1].TrackingUID)
+        return self.tracking_uids[label]
+
+    def evidence(self) -> Dataset:
+        """The SEG as SR evidence lists it (its study, series and SOP identity)."""
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = self.study_uid, self.series_instance_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = self.sop_class_uid, self.sop_instance_uid
+        return ds
+
+
+def seg_reference(labelmap: LabelMap, sources: dict[str, SeriesData], ctx: EncodeContext, *,
+                  series_number: int) -> SegReference:
+    """The reference to the binary SEG ``encode_seg`` makes of ``labelmap`` with ``series_number``."""
+    series = source_series(sources, labelmap.source_series_uid, "LabelMap")
+    uid_key = ("SEG", series_number)
+    return SegReference(
+        labelmap=labelmap, source_series_uid=series.series_uid, study_uid=str(series.first.StudyInstanceUID),
+        series_instance_uid=ctx.uid(*uid_key, "series"), sop_instance_uid=ctx.uid(*uid_key, "instance", 1),
+        segment_numbers={s.label: n for n, s in enumerate(labelmap.segments, start=1)},
+        tracking_uids={s.label: ctx.uid(*uid_key, "segment", s.label) for s in labelmap.segments},
+    )
 
 
 def _content_label(handler: str) -> str:
@@ -186,4 +214,4 @@ def encode_seg(
     if any(present) and not all(present):
         _add_placeholder_frames(seg, [n for n, p in enumerate(present, start=1) if not p])
     copy_patient_study(seg, series.first, choose_charset(series.first, texts))
-    return seg, SegReference(seg, series.series_uid, numbers)
+    return seg, seg_reference(labelmap, sources, ctx, series_number=series_number)
