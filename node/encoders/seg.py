@@ -122,8 +122,12 @@ def _segment_stack(labelmap: LabelMap) -> np.ndarray:
     so filling it, highdicom's overlap check (a sum over segments) and its frame by frame reads
     go through memory in order, several times faster than with the segments interleaved."""
     stack = np.empty((len(labelmap.segments), *labelmap.labels.shape), bool)
+    every_label = {s.label for s in labelmap.segments}  # a LabelMap holds no other non-zero value
     for i, s in enumerate(labelmap.segments):
-        stack[i] = labelmap.region(s.label)
+        if {s.label, *s.includes} == every_label:
+            np.not_equal(labelmap.labels, 0, out=stack[i])  # a body outline holding every organ: one pass
+        else:
+            stack[i] = labelmap.region(s.label)
     return np.moveaxis(stack, 0, -1)
 
 
