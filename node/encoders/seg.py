@@ -131,6 +131,34 @@ def _segment_stack(labelmap: LabelMap) -> np.ndarray:
     return np.moveaxis(stack, 0, -1)
 
 
+def _segments_overlap(labelmap: LabelMap, present: list[bool]) -> bool:
+    """Whether some voxel is in two segments: a segment includes a label that is present. A
+    label's presence is its own segment's (when that segment includes nothing else)."""
+    own = {s.label: (i, not s.includes) for i, s in enumerate(labelmap.segments)}
+    for s in labelmap.segments:
+        for label in s.includes:
+            i, exact = own[label]
+            if present[i] if exact else bool(np.any(labelmap.labels == label)):
+                return True
+    return False
+
+
+def _with_known_overlap(overlap: bool) -> type[hd.seg.Segmentation]:
+    """highdicom's Segmentation, told whether the segment masks overlap instead of finding out: its
+    own check sums the (slices, rows, cols, segments) stack into an int64 volume, 8 bytes a voxel
+    (630 MB and a second or two for a 512x512x300 CT) to learn what the label map says."""
+    value = hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+
+    class KnownOverlap(hd.seg.Segmentation):
+        @classmethod
+        def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type, dtype):
+            if pixel_array.dtype != np.bool_ or pixel_array.shape[-1] != len(segment_numbers):
+                raise ValueError("KnownOverlap takes a (..., segments) bool stack")
+            return pixel_array, value
+
+    return KnownOverlap
+
+
 def _add_placeholder_frames(seg: hd.seg.Segmentation, empty: list[int]) -> None:
     """Give each segment in ``empty`` one all-zero frame, a copy of frame 1's position and references."""
     frames = int(seg.NumberOfFrames)
@@ -175,6 +203,7 @@ def encode_seg(
     kind = "FSEG" if fractional else "SEG"
     uid_key = (kind, series_number)
     numbers = {s.label: n for n, s in enumerate(labelmap.segments, start=1)}
+    segmentation_class = hd.seg.Segmentation
     if fractional:
         if labelmap.fractions is None:
             raise ValueError("LabelMap.fractions is None: no fractional SEG to encode")
@@ -187,6 +216,7 @@ def encode_seg(
         pixels = _segment_stack(labelmap)
         present = [bool(pixels[..., i].any()) for i in range(len(labelmap.segments))]
         seg_type = hd.seg.SegmentationTypeValues.BINARY
+        segmentation_class = _with_known_overlap(_segments_overlap(labelmap, present))
     else:
         pixels = _segment_number_array(labelmap.labels, numbers)
         counts = np.bincount(pixels.ravel(), minlength=len(numbers) + 1)
@@ -194,7 +224,7 @@ def encode_seg(
         seg_type = hd.seg.SegmentationTypeValues.BINARY
     description = series_description(labelmap.description, "SEG" if not fractional else "SEG probability")
     texts = [description, labelmap.description] + [s.name for s in labelmap.segments]
-    seg = hd.seg.Segmentation(
+    seg = segmentation_class(
         source_images=[header_view(ds) for ds in series.datasets],
         pixel_array=pixels,
         segmentation_type=seg_type,
@@ -215,6 +245,11 @@ def encode_seg(
         omit_empty_frames=True,
         specific_character_set=None,  # set by copy_patient_study
     )
+    # highdicom draws a random Dimension Organization UID; one derived from the job keeps a
+    # re-encoded job's SEG the same object, as its other UIDs are.
+    dimension_uid = ctx.uid(*uid_key, "dimension-organization")
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dimension_uid
     if any(present) and not all(present):
         _add_placeholder_frames(seg, [n for n, p in enumerate(present, start=1) if not p])
     copy_patient_study(seg, series.first, choose_charset(series.first, texts))
