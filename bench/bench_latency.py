@@ -57,7 +57,7 @@ def measure(node, dicom_dir: Path, timeout: float) -> dict:
         "job_s": min(job["finished_at"], last) - job["created_at"],
         "deliver_s": max(0.0, last - job["finished_at"]), "total_s": last - acked,
         "first_s": min(delivered.values()) - acked, "in_orthanc_s": in_orthanc,
-        "phases_s": figures["seconds"], "peak_rss_mb": figures["peak_rss_mb"],
+        "phases_s": figures["seconds"], "phases_cpu_s": figures["cpu_seconds"], "peak_rss_mb": figures["peak_rss_mb"],
         "job_rss_mb": figures["peak_rss_mb"] - figures["start_rss_mb"],
         "input_volume_mb": figures["input_volume_mb"],
         "results": dict(Counter(r["modality"] for r in results)),
@@ -80,7 +80,8 @@ def bench_handler(handler: str, studies: list[Path], stable_after: float, warmup
     cold = runs.pop(0) if warmup else None
     return {"handler": handler, "cold": cold, "runs": runs,
             "median": {k: statistics.median(r[k] for r in runs) for k in PHASES + ("first_s", "peak_rss_mb", "job_rss_mb")},
-            "phases": _median_of(runs, "phases_s"), "in_orthanc": _median_of(runs, "in_orthanc_s")}
+            "phases": _median_of(runs, "phases_s"), "phases_cpu": _median_of(runs, "phases_cpu_s"),
+            "in_orthanc": _median_of(runs, "in_orthanc_s")}
 
 
 def report(out: list[dict], args, instances: int, mb: float) -> None:
@@ -110,20 +111,29 @@ def report(out: list[dict], args, instances: int, mb: float) -> None:
     print()
     print("inside the job (the worker's own figures from the job history, medians, s): load = read and decode the")
     print("series once; check = the handler's refusals; encode X / write X = each encoder / its sealed durable file;")
+    print("wall s, and cpu s (the phase's own thread for encoders and writes, which run side by side; steadier")
+    print("than wall time on a shared machine);")
     print("in Orthanc = each kind of result stored there, s after the last instance was acknowledged (each result is")
     print("handed to delivery as soon as it is durable); peak = the worker's peak RSS during the job (VmHWM, reset per")
     print("job), and the job's own share: the peak less the RSS the worker started the job with (libraries, models),")
     print("with its ratio to the input volume's size")
     for h in out:
         phases = "  ".join(f"{k} {v:.2f}" for k, v in h["phases"].items())
+        cpu = "  ".join(f"{k} {v:.2f}" for k, v in h["phases_cpu"].items())
         arrivals = "  ".join(f"{k} {v:.1f}" for k, v in h["in_orthanc"].items())
         handler_s = h["phases"].get("handler", 0.0)
         outside = sum(v for k, v in h["phases"].items() if k != "handler")
         volume = h["runs"][0]["input_volume_mb"]
         own = h["median"]["job_rss_mb"]
         ratio = f"{own:.0f} MB = {own / volume:.1f}x the {volume:.0f} MB volume" if volume else f"{own:.0f} MB"
-        print(f"{h['handler']:<22}{phases}")
-        print(f"{'':<22}outside the handler {outside:.2f} s = {outside / handler_s if handler_s else float('nan'):.2f}x "
+        cpu_handler = h["phases_cpu"].get("handler", 0.0)
+        cpu_outside = sum(v for k, v in h["phases_cpu"].items() if k != "handler")
+        print(f"{h['handler']:<22}wall: {phases}")
+        print(f"{'':<22}cpu:  {cpu}")
+        print(f"{'':<22}outside the handler, cpu: {cpu_outside:.2f} s = "
+              f"{cpu_outside / cpu_handler if cpu_handler else float('nan'):.2f}x the handler's")
+        print(f"{'':<22}outside the handler, wall (encoders overlap) {outside:.2f} s = "
+              f"{outside / handler_s if handler_s else float('nan'):.2f}x "
               f"the handler; in Orthanc: {arrivals}; first result {h['median']['first_s']:.1f}; "
               f"peak {h['median']['peak_rss_mb']:.0f} MB, the job's own {ratio}")
 

@@ -60,6 +60,7 @@ def test_each_result_is_handed_over_when_durable_and_the_job_reports_its_phases(
                   "encode SR", "write SR"):
         assert seconds[phase] >= 0, phase
     assert seconds["handler"] > 0 and seconds["encode SEG"] > 0
+    assert set(figures["cpu_seconds"]) == set(seconds) and figures["cpu_seconds"]["handler"] > 0
     assert figures["input_volume_mb"] == pytest.approx(64 * 64 * 20 * 2 / 2**20, abs=0.05)  # int16 HU volume
     assert figures["peak_rss_mb"] >= figures["start_rss_mb"] > 0
 

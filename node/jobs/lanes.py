@@ -25,6 +25,7 @@ class Made:
     kind: str
     datasets: list[Dataset]
     seconds: float  # wall time of the encoder, in its lane
+    cpu_seconds: float  # CPU time of its lane's thread
 
 
 _LANE_DONE = object()
@@ -44,9 +45,9 @@ def run_lanes(tasks: list[EncodeTask]) -> Iterator[Made]:
             for i, task in lane:
                 if stop.is_set():
                     return
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 datasets = task.make()
-                out.put(Made(i, task.kind, datasets, time.perf_counter() - t0))
+                out.put(Made(i, task.kind, datasets, time.perf_counter() - t0, time.thread_time() - c0))
         except BaseException as exc:  # noqa: BLE001 - handed to the job's thread, which reports it
             stop.set()
             out.put(exc)
