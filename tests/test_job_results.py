@@ -42,7 +42,8 @@ def test_each_result_is_handed_over_when_durable_and_the_job_reports_its_phases(
     vault = spec.vault.open()
     handed: list[tuple[dict, set[str]]] = []
 
-    def on_result(meta: dict) -> None:
+    def on_result(made: list[dict]) -> None:
+        (meta,) = made  # one object per encoder here
         # Durable and complete when handed over: the file reads back as the object it claims to be ...
         ds = pydicom.dcmread(BytesIO(vault.read(meta["path"])))
         assert str(ds.SOPInstanceUID) == meta["sop_instance_uid"] and ds.Modality == meta["modality"]

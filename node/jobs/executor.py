@@ -168,9 +168,9 @@ class LocalProcessExecutor(Executor):
                 continue  # the liveness check above reports the death
             if kind == "progress":
                 self.index.job_progress(job_id, payload[0], payload[1])
-            elif kind == "result":
+            elif kind == "results":
                 self._hand_over(job, payload[0])
-                handed.append(payload[0])
+                handed.extend(payload[0])
             elif kind == "error":
                 fail(payload[0])
                 log.warning("job %d failed: %s", job_id, payload[0].splitlines()[0],
@@ -181,11 +181,11 @@ class LocalProcessExecutor(Executor):
                 self._finish(job, results, {r["sop_instance_uid"] for r in handed}, provenance, figures)
                 return
 
-    def _hand_over(self, job, result: dict) -> None:
-        """A durable result object of a running job: recorded and due for delivery now, so it is
-        on its way while the worker encodes the next one."""
+    def _hand_over(self, job, results: list[dict]) -> None:
+        """Durable result objects of a running job: recorded and due for delivery now, so they are
+        on their way while the worker encodes the next ones."""
         dests = json.loads(job["destinations_json"])
-        self.index.add_results(job["id"], [result], [(result["sop_instance_uid"], d) for d in dests])
+        self.index.add_results(job["id"], results, [(r["sop_instance_uid"], d) for r in results for d in dests])
         self.on_done()
 
     def _finish(self, job, results: list[dict], handed: set[str], provenance: dict, figures: dict) -> None:

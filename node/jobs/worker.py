@@ -114,12 +114,11 @@ def _load_sources(spec: JobSpec, needs_pixels: bool, vault: Vault) -> dict:
 
 
 def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
-    """One result object sealed and durable (file and directory fsync'ed); its metadata."""
+    """One result object sealed (file fsync'ed; the caller fsyncs the directory); its metadata."""
     path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     vault.write_file(path, buf.getvalue())
-    fsync_dirs({out_dir})
     return {
         "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
         "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
@@ -128,8 +127,9 @@ def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
 
 def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[dict], dict, dict]:
     """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…,
-    the job's figures: seconds per phase, peak memory). ``on_result`` gets each result object's
-    metadata as soon as it is durable, so the parent can deliver it while the next one is encoded."""
+    the job's figures: seconds per phase, peak memory). ``on_result`` gets the metadata of each
+    encoder's objects (one SEG, a series of SC images) as soon as they are durable, so the parent
+    can deliver them while the next are encoded."""
     from node.encoders import encode_plan  # imported here: heavy, and only workers need it
     from node.jobs.lanes import run_lanes
 
@@ -162,9 +162,9 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
     for made in run_lanes(encode_plan(results.items, sources, ctx)):
         clock.add(f"encode {made.kind}", made.seconds, made.cpu_seconds)
         with clock(f"write {made.kind}", cpu_clock=time.thread_time):  # the lanes run meanwhile
-            for ds in made.datasets:
-                written.setdefault(made.index, []).append(_write_result(ds, out_dir, vault))
-                on_result(written[made.index][-1])
+            written[made.index] = [_write_result(ds, out_dir, vault) for ds in made.datasets]
+            fsync_dirs({out_dir})  # durable: now it may leave the node
+        on_result(written[made.index])
     meta = [m for i in sorted(written) for m in written[i]]  # the plan's order, whichever lane finished first
     progress(1.0, f"{len(meta)} result object(s)")
     volume_mb = sum(s.volume.array.nbytes for s in sources.values() if s.volume is not None) / 2**20
@@ -188,7 +188,7 @@ def worker_main(conn, memory_mb: int) -> None:
             return
         try:
             meta, provenance, figures = run_job(spec, lambda f, m: conn.send(("progress", float(f), str(m))),
-                                                lambda result: conn.send(("result", result)))
+                                                lambda made: conn.send(("results", made)))
             conn.send(("done", meta, provenance, figures))
         except HandlerRefusal as exc:
             conn.send(("error", f"refused: {exc}"))
