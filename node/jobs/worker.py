@@ -6,6 +6,7 @@ network: the parent process owns both.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import time
@@ -102,6 +103,17 @@ def _peak_rss_mb() -> float:
     return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # else: lifetime peak
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc). Reading a series frees hundreds of
+    half-megabyte Pixel Data buffers (and a handler its temporaries) that glibc would otherwise
+    keep, counted in the worker's memory and peak for the rest of the job: the big arrays
+    allocated later are mapped afresh and do not reuse them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
 def _load_sources(spec: JobSpec, needs_pixels: bool, vault: Vault) -> dict:
     """Every series of the job, read and decoded once; encoders reuse the handler's headers."""
     try:
@@ -141,6 +153,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
     progress(0.0, "loading series")
     with clock("load"):
         sources = _load_sources(spec, cls.needs_pixels, vault)
+        _return_freed_memory()
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()))
     with clock("check"):
         handler.check(inp)
@@ -151,6 +164,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
 
     with clock("handler"):
         results = ResultSet(list(handler.run(inp, handler_progress)))
+        _return_freed_memory()  # the handler's temporaries too, before the encoders allocate theirs
     progress(0.9, "encoding DICOM")
     ctx = EncodeContext(
         job_key=spec.job_key, rule=spec.rule, handler=cls.name, handler_version=cls.version,
