@@ -42,16 +42,34 @@ def measure(node, dicom_dir: Path, timeout: float) -> dict:
     results = job["results"]
     if not results:
         raise RuntimeError(f"{job['handler']} made no result for study {study_uid}")
-    delivered = [d["delivered_at"] for d in st["deliveries"] if d["kind"] == "result" and d["job_id"] == job["id"]]
+    delivered = {d["sop_instance_uid"]: d["delivered_at"] for d in st["deliveries"]
+                 if d["kind"] == "result" and d["job_id"] == job["id"]}
     orthanc_instances = confirm_in_orthanc(node, study_uid, results)
-    last = max(delivered)
+    last = max(delivered.values())
+    in_orthanc: dict[str, float] = {}  # modality -> its last object stored in Orthanc, s after the ack
+    for r in results:
+        at = delivered[r["sop_instance_uid"]] - acked
+        in_orthanc[r["modality"]] = max(at, in_orthanc.get(r["modality"], at))
+    figures = next(e["figures"] for e in reversed(job["history"]) if e["event"] == "done")
     return {
-        "send_s": send_s, "stability_s": job["created_at"] - acked, "job_s": job["finished_at"] - job["created_at"],
-        "deliver_s": last - job["finished_at"], "total_s": last - acked,
+        # Results are delivered as they are made: all of them may be in Orthanc before the job ends.
+        "send_s": send_s, "stability_s": job["created_at"] - acked,
+        "job_s": min(job["finished_at"], last) - job["created_at"],
+        "deliver_s": max(0.0, last - job["finished_at"]), "total_s": last - acked,
+        "first_s": min(delivered.values()) - acked, "in_orthanc_s": in_orthanc,
+        "phases_s": figures["seconds"], "phases_cpu_s": figures["cpu_seconds"], "peak_rss_mb": figures["peak_rss_mb"],
+        "job_rss_mb": figures["peak_rss_mb"] - figures["start_rss_mb"],
+        "input_volume_mb": figures["input_volume_mb"],
         "results": dict(Counter(r["modality"] for r in results)),
         "result_series": len({r["series_instance_uid"] for r in results}),
         "orthanc_instances": orthanc_instances, "instances": len(files),
     }
+
+
+def _median_of(runs: list[dict], key: str) -> dict[str, float]:
+    """Per-name medians of a dict-valued figure (phases, per-modality arrival)."""
+    names = dict.fromkeys(n for r in runs for n in r[key])
+    return {n: statistics.median(r[key].get(n, 0.0) for r in runs) for n in names}
 
 
 def bench_handler(handler: str, studies: list[Path], stable_after: float, warmup: bool, timeout: float) -> dict:
@@ -61,7 +79,9 @@ def bench_handler(handler: str, studies: list[Path], stable_after: float, warmup
             runs = [measure(node, s, timeout) for s in studies]
     cold = runs.pop(0) if warmup else None
     return {"handler": handler, "cold": cold, "runs": runs,
-            "median": {k: statistics.median(r[k] for r in runs) for k in PHASES}}
+            "median": {k: statistics.median(r[k] for r in runs) for k in PHASES + ("first_s", "peak_rss_mb", "job_rss_mb")},
+            "phases": _median_of(runs, "phases_s"), "phases_cpu": _median_of(runs, "phases_cpu_s"),
+            "in_orthanc": _median_of(runs, "in_orthanc_s")}
 
 
 def report(out: list[dict], args, instances: int, mb: float) -> None:
@@ -73,7 +93,9 @@ def report(out: list[dict], args, instances: int, mb: float) -> None:
     print(f"  stability = until the job is created (stable_after + up to one router pass, "
           f"{min(1.0, args.stable_after / 4):g} s)")
     print("  job       = job created -> finished: queue, load series, handler, encode, durable write")
-    print("  deliver   = job finished -> its last result stored in Orthanc (STOW-RS)")
+    print("              (or -> its last result in Orthanc, when that came first: each result is delivered")
+    print("              as soon as it is durable)")
+    print("  deliver   = job finished -> its last result stored in Orthanc (STOW-RS); 0 if already there")
     print("  total     = last instance acknowledged -> last result in Orthanc (all results checked there)")
     print("  cold      = total for a fresh node's first study (worker start, imports, model load)")
     print("  (the originals are forwarded to Orthanc at the same time: store_originals_in_orthanc)")
@@ -86,6 +108,34 @@ def report(out: list[dict], args, instances: int, mb: float) -> None:
         print(f"{h['handler']:<22}{m['send_s']:6.1f}{m['stability_s']:10.1f}{m['job_s']:7.1f}{m['deliver_s']:8.1f}"
               f"{m['total_s']:7.1f}{f'{min(totals):.1f}-{max(totals):.1f}':>13}{cold}  {objs} "
               f"({h['runs'][0]['result_series']} series)")
+    print()
+    print("inside the job (the worker's own figures from the job history, medians, s): load = read and decode the")
+    print("series once; check = the handler's refusals; encode X / write X = each encoder / its sealed durable file;")
+    print("wall s, and cpu s (the phase's own thread for encoders and writes, which run side by side; steadier")
+    print("than wall time on a shared machine);")
+    print("in Orthanc = each kind of result stored there, s after the last instance was acknowledged (each result is")
+    print("handed to delivery as soon as it is durable); peak = the worker's peak RSS during the job (VmHWM, reset per")
+    print("job), and the job's own share: the peak less the RSS the worker started the job with (libraries, models),")
+    print("with its ratio to the input volume's size")
+    for h in out:
+        phases = "  ".join(f"{k} {v:.2f}" for k, v in h["phases"].items())
+        cpu = "  ".join(f"{k} {v:.2f}" for k, v in h["phases_cpu"].items())
+        arrivals = "  ".join(f"{k} {v:.1f}" for k, v in h["in_orthanc"].items())
+        handler_s = h["phases"].get("handler", 0.0)
+        outside = sum(v for k, v in h["phases"].items() if k != "handler")
+        volume = h["runs"][0]["input_volume_mb"]
+        own = h["median"]["job_rss_mb"]
+        ratio = f"{own:.0f} MB = {own / volume:.1f}x the {volume:.0f} MB volume" if volume else f"{own:.0f} MB"
+        cpu_handler = h["phases_cpu"].get("handler", 0.0)
+        cpu_outside = sum(v for k, v in h["phases_cpu"].items() if k != "handler")
+        print(f"{h['handler']:<22}wall: {phases}")
+        print(f"{'':<22}cpu:  {cpu}")
+        print(f"{'':<22}outside the handler, cpu: {cpu_outside:.2f} s = "
+              f"{cpu_outside / cpu_handler if cpu_handler else float('nan'):.2f}x the handler's")
+        print(f"{'':<22}outside the handler, wall (encoders overlap) {outside:.2f} s = "
+              f"{outside / handler_s if handler_s else float('nan'):.2f}x "
+              f"the handler; in Orthanc: {arrivals}; first result {h['median']['first_s']:.1f}; "
+              f"peak {h['median']['peak_rss_mb']:.0f} MB, the job's own {ratio}")
 
 
 def main() -> None:

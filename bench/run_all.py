@@ -24,6 +24,7 @@ SUITE = [
     ("phantom", "bench_phantom.py", [], ["--runs", "1"]),
     ("rules", "bench_rules.py", [], []),
     ("encoders", "bench_encoders.py", [], ["--repeat", "1", "--size", "128", "--slices", "40"]),
+    ("seg-formats", "bench_seg_formats.py", [], ["--size", "128", "--slices", "40"]),
     ("ct-anatomy", "bench_ct_anatomy.py", [], ["--quick"]),
     ("render", "bench_render.py", [], ["--shape", "60", "128", "128", "--size", "128", "--repeat", "1",
                                        "--frames", "3"]),

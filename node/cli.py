@@ -6,6 +6,7 @@ import getpass
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 from node.config import ConfigError, Settings, load_settings
@@ -121,9 +122,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"{'study':<48} {'inst':>5} {'stable':<6} jobs")
     for s in studies:
-        jobs = ", ".join(f"{j['handler']}:{j['status']}" + (f" ({len(j['quality_warnings'])} quality warning(s))"
-                                                              if j["quality_warnings"] else "")
-                         for j in s["jobs"]) or "-"
+        jobs = ", ".join([f"{j['handler']}:{j['status']}" + (f" ({len(j['quality_warnings'])} quality warning(s))"
+                                                               if j["quality_warnings"] else "")
+                          for j in s["jobs"]] + [
+            f"{p['handler'] or p['rule']}:waiting until {time.strftime('%H:%M:%S', time.localtime(p['fires_at']))}"
+            for p in s["pending_rules"]]) or "-"
         print(f"{s['study_uid'][:48]:<48} {s['instances_received']:>5} {str(s['stable']).lower():<6} {jobs}")
     print(f"duplicates {index.stat('duplicates')}, quarantined {index.stat('quarantined')}")
     return 0

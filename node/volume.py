@@ -212,10 +212,14 @@ def _fits_int16(ds: Dataset) -> bool:
 
 
 def _fill(arr: np.ndarray, ordered: list[Dataset]) -> None:
-    """Rescale each slice straight into ``arr`` (no per-slice temporaries wider than the stored data)."""
+    """Rescale each slice straight into ``arr`` (no per-slice temporaries wider than the stored data).
+
+    Each slice's Pixel Data goes as soon as it is in ``arr``: with it goes pydicom's cached decoded
+    copy, which otherwise kept a second volume's worth of memory until the whole series was in."""
     for k, ds in enumerate(ordered):
         slope, intercept = _rescale_params(ds)
         arr[k] = ds.pixel_array
+        del ds.PixelData
         if slope != 1:
             arr[k] *= arr.dtype.type(slope)
         if intercept != 0:

@@ -55,6 +55,12 @@ def test_quick_latency_follows_each_builtin_handler_to_orthanc(tmp_path):
         assert run["orthanc_instances"] == run["instances"] + n_results
         assert h["handler"] in stdout
     assert set(report[0]["runs"][0]["results"]) == {"SEG", "RTSTRUCT", "SR"}  # ct-anatomy
+    # The worker's own figures, read back from the job history: each phase, each result's arrival.
+    ct = report[0]["runs"][0]
+    assert {"load", "handler", "encode SEG", "write SEG", "encode RTSTRUCT", "encode SR"} <= set(ct["phases_s"])
+    assert set(ct["in_orthanc_s"]) == {"SEG", "RTSTRUCT", "SR"}
+    assert max(ct["in_orthanc_s"].values()) == pytest.approx(ct["total_s"])
+    assert ct["peak_rss_mb"] > 0 and ct["input_volume_mb"] > 0
     assert report[2]["runs"][0]["results"] == {"OT": 1}  # overview: one mosaic
 
 

@@ -40,3 +40,21 @@ def test_invalid_config_names_the_field(tmp_path):
     cfg.write_text("dicom_port: 99999\n")
     out = hilum("status", "--config", str(cfg))
     assert out.returncode == 2 and "dicom_port:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_rules_takes_the_config_before_or_after_its_subcommand(tmp_path):
+    rules = tmp_path / "my-rules"
+    rules.mkdir()
+    (rules / "ct.yaml").write_text("- name: ct-overview\n  match: {Modality: CT}\n  handler: overview\n"
+                                   "  destinations: [orthanc]\n")
+    cfg = tmp_path / "hilum.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\nrules_dir: {rules}\n")
+    study = generate_ct(tmp_path / "ct", seed=8, rows=32, cols=32, slices=6, pixel_spacing=10, slice_thickness=10,
+                        nodules=0)
+    for args in (("rules", "validate", "--config", str(cfg)), ("rules", "--config", str(cfg), "validate")):
+        out = hilum(*args)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"{rules}: 1 rule(s), valid"  # the config's rules, not the default ones
+    out = hilum("rules", "test", str(study.dicom_dir), "--json", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "ct-overview" in out.stdout

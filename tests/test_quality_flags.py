@@ -92,7 +92,7 @@ def test_out_of_domain_input_is_refused_before_the_handler_runs(ct, tmp_path):
 
 
 def test_deliver_with_warnings_marks_every_object(ct, tmp_path):
-    meta, provenance = run_job(_spec(ct, tmp_path, {"flag": True, "domain": True},
+    meta, provenance, _ = run_job(_spec(ct, tmp_path, {"flag": True, "domain": True},
                                      {"on_quality_failure": "deliver_with_warnings"}), lambda f, m: None)
     warnings = provenance["quality_warnings"]
     assert len(warnings) == 2 and any("lung_slice_gap" in w for w in warnings)
@@ -120,7 +120,7 @@ def test_deliver_with_warnings_marks_every_object(ct, tmp_path):
 
 
 def test_without_flags_nothing_is_marked(ct, tmp_path):
-    meta, provenance = run_job(_spec(ct, tmp_path, {}, {"on_quality_failure": "deliver_with_warnings"}),
+    meta, provenance, _ = run_job(_spec(ct, tmp_path, {}, {"on_quality_failure": "deliver_with_warnings"}),
                                lambda f, m: None)
     assert "quality_warnings" not in provenance
     assert not any("WARNING" in o.SeriesDescription for o in _read(meta, tmp_path))

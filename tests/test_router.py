@@ -1,6 +1,9 @@
 """Stability and routing on a real index and rule set, with explicit clocks (no sleeping)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import textwrap
 
 import pydicom
@@ -12,6 +15,8 @@ from node.receive.ingest import header_json
 from node.route.router import Router
 from node.rules.ruleset import RuleSet
 from node.store.index import Index, InstanceRow
+from node.web.views import study_summary
+from tests.nodeproc import REPO
 
 T0 = 1_800_000_000.0
 
@@ -91,3 +96,22 @@ def test_late_instance_starts_a_new_generation(router):
     jobs = index.jobs(study_uid="1.2.6")
     assert sorted((j["rule"], j["generation"]) for j in jobs) == [("patient", 0), ("quick", 0), ("quick", 1)]
     assert "re-run" in jobs[0]["history_json"]
+
+
+def test_the_study_view_lists_a_rule_still_waiting_and_when_it_fires(router, tmp_path):
+    r, index = router
+    index.add_instances([_instance("1.2.9", "1.2.9.1", "1.2.9.1.1", T0)])
+    assert study_summary(index.study("1.2.9"))["pending_rules"] == []  # still receiving: nothing decided yet
+    r.run_once(now=T0 + 6)  # "quick" (5 s) fires; "patient" waits for the node's 30 s
+    assert _rules_run(index, "1.2.9") == ["quick"]
+    expected = [{"rule": "patient", "handler": "overview", "series_uid": "1.2.9.1", "fires_at": T0 + 30}]
+    assert study_summary(index.study("1.2.9"))["pending_rules"] == expected
+    # `hilum status --json` shows the same, from the index alone (another process).
+    out = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (study,) = [s for s in json.loads(out.stdout)["studies"] if s["study_uid"] == "1.2.9"]
+    assert study["pending_rules"] == expected
+    r.run_once(now=T0 + 31)
+    assert _rules_run(index, "1.2.9") == ["patient", "quick"]
+    assert study_summary(index.study("1.2.9"))["pending_rules"] == []  # done means done

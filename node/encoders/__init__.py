@@ -6,6 +6,9 @@ in the same job. Every result gets series of its own, numbered from ``ctx.series
 upwards, skipping numbers the source series already use; UIDs derive from the job and the
 series number, so encoding the same job again gives the same objects' UIDs.
 
+``encode_plan`` gives the same work as tasks in three independent lanes (SEGs, reports, the
+rest), so a worker can run the lanes side by side and hand each object on as soon as it is made.
+
     LabelMap          -> SEG (binary; plus a fractional SEG when it has fractions) and/or RTSTRUCT,
                          per LabelMap.encodings
     MeasurementReport -> TID 1500 Comprehensive 3D SR (text findings of its series included)
@@ -14,19 +17,22 @@ series number, so encoding the same job again gives the same objects' UIDs.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 
 from pydicom.dataset import Dataset
 
 from node.encoders.context import EncodeContext
 from node.encoders.rtstruct import encode_rtstruct
 from node.encoders.sc import encode_sc
-from node.encoders.seg import SegReference, encode_seg
+from node.encoders.seg import SegReference, encode_seg, seg_reference
 from node.encoders.sr import encode_measurement_sr, encode_text_sr
 from node.results import ImageSeries, LabelMap, MeasurementReport, TextFinding
 from node.volume import SeriesData
 
-__all__ = ["EncodeContext", "encode", "encode_all", "series_count"]
+__all__ = ["EncodeContext", "EncodeTask", "OTHER_LANE", "REPORT_LANE", "SEG_LANE", "encode", "encode_all", "encode_iter",
+           "encode_plan", "series_count"]
 
 
 def _series_numbers(ctx: EncodeContext, sources: dict[str, SeriesData], offset: int) -> Iterator[int]:
@@ -54,17 +60,17 @@ def series_count(result) -> int:
     raise TypeError(f"cannot encode {type(result).__name__}: not a node.results type")
 
 
-def _encode_labelmap(lm: LabelMap, sources, ctx, numbers: Iterator[int]) -> tuple[list[Dataset], list[SegReference]]:
-    out, refs = [], []
+def _encode_labelmap(lm: LabelMap, sources, ctx, numbers: Iterator[int],
+                     refs: list[SegReference]) -> Iterator[Dataset]:
+    """The label map's objects one by one; each SEG's reference is appended to ``refs`` as it is made."""
     if "SEG" in lm.encodings:
         seg, ref = encode_seg(lm, sources, ctx, series_number=next(numbers))
-        out.append(seg)
         refs.append(ref)
+        yield seg
         if lm.fractions is not None:
-            out.append(encode_seg(lm, sources, ctx, series_number=next(numbers), fractional=True)[0])
+            yield encode_seg(lm, sources, ctx, series_number=next(numbers), fractional=True)[0]
     if "RTSTRUCT" in lm.encodings:
-        out.append(encode_rtstruct(lm, sources, ctx, series_number=next(numbers)))
-    return out, refs
+        yield encode_rtstruct(lm, sources, ctx, series_number=next(numbers))
 
 
 def encode(
@@ -78,7 +84,7 @@ def encode(
     """The DICOM objects for one result; ``segs`` lets a MeasurementReport reference SEG segments."""
     numbers = _series_numbers(ctx, sources, series_offset)
     if isinstance(result, LabelMap):
-        return _encode_labelmap(result, sources, ctx, numbers)[0]
+        return list(_encode_labelmap(result, sources, ctx, numbers, []))
     if isinstance(result, MeasurementReport):
         return [encode_measurement_sr(result, sources, ctx, series_number=next(numbers), segs=list(segs))]
     if isinstance(result, ImageSeries):
@@ -90,23 +96,73 @@ def encode(
 
 def encode_all(results: list, sources: dict[str, SeriesData], ctx: EncodeContext) -> list[Dataset]:
     """Every object for a handler's results, label maps first so reports can point at SEG segments."""
+    return list(encode_iter(results, sources, ctx))
+
+
+def encode_iter(results: list, sources: dict[str, SeriesData], ctx: EncodeContext) -> Iterator[Dataset]:
+    """``encode_all`` one object at a time, each as soon as it is made."""
+    for task in encode_plan(results, sources, ctx):
+        yield from task.make()
+
+
+SEG_LANE, REPORT_LANE, OTHER_LANE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    """One encoder run; ``make()`` gives its objects. Lanes do not depend on each other (a report
+    names the segments of a SEG by UIDs known before the SEG is made), so a worker may run them
+    side by side: the SEGs, the reports (small, so first in the archive), and the rest."""
+
+    lane: int
+    kind: str  # what it makes, for timings: SEG, FSEG, RTSTRUCT, SR, SC
+    make: Callable[[], list[Dataset]]
+
+
+def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContext) -> list[EncodeTask]:
+    """Every encoder run for a handler's results, in ``encode_all``'s order. Series numbers are
+    given out here, up front, so the objects are the same whichever order the tasks run in."""
     for r in results:
-        series_count(r)  # TypeError for anything that is not a result
+        series_count(r)  # TypeError for anything that is not a result, before any work
     numbers = _series_numbers(ctx, sources, 0)
-    out: list[Dataset] = []
-    segs: list[SegReference] = []
+    segs: list[SegReference] = []  # known before any SEG is made: a report need not wait for one
+    tasks: list[EncodeTask] = []
+
+    def seg(lm: LabelMap, number: int) -> list[Dataset]:
+        return [encode_seg(lm, sources, ctx, series_number=number)[0]]
+
+    def fractional_seg(lm: LabelMap, number: int) -> list[Dataset]:
+        return [encode_seg(lm, sources, ctx, series_number=number, fractional=True)[0]]
+
+    def rtstruct(lm: LabelMap, number: int) -> list[Dataset]:
+        return [encode_rtstruct(lm, sources, ctx, series_number=number)]
+
+    def report_sr(report: MeasurementReport, number: int, findings: list[TextFinding]) -> list[Dataset]:
+        return [encode_measurement_sr(report, sources, ctx, series_number=number, segs=segs, findings=findings)]
+
+    def text_sr(group: list[TextFinding], number: int) -> list[Dataset]:
+        return [encode_text_sr(group, sources, ctx, series_number=number)]
+
+    def sc(images: ImageSeries, number: int) -> list[Dataset]:
+        return encode_sc(images, sources, ctx, series_number=number)
+
     for lm in (r for r in results if isinstance(r, LabelMap)):
-        datasets, refs = _encode_labelmap(lm, sources, ctx, numbers)
-        out += datasets
-        segs += refs
+        if "SEG" in lm.encodings:
+            number = next(numbers)
+            segs.append(seg_reference(lm, sources, ctx, series_number=number))
+            tasks.append(EncodeTask(SEG_LANE, "SEG", partial(seg, lm, number)))
+            if lm.fractions is not None:
+                tasks.append(EncodeTask(SEG_LANE, "FSEG", partial(fractional_seg, lm, next(numbers))))
+        if "RTSTRUCT" in lm.encodings:
+            tasks.append(EncodeTask(OTHER_LANE, "RTSTRUCT", partial(rtstruct, lm, next(numbers))))
     texts = [r for r in results if isinstance(r, TextFinding)]
     for report in (r for r in results if isinstance(r, MeasurementReport)):
         mine = [t for t in texts if t.source_series_uid == report.source_series_uid]
         texts = [t for t in texts if t.source_series_uid != report.source_series_uid]
-        out.append(encode_measurement_sr(report, sources, ctx, series_number=next(numbers), segs=segs, findings=mine))
+        tasks.append(EncodeTask(REPORT_LANE, "SR", partial(report_sr, report, next(numbers), mine)))
     for uid in dict.fromkeys(t.source_series_uid for t in texts):
         group = [t for t in texts if t.source_series_uid == uid]
-        out.append(encode_text_sr(group, sources, ctx, series_number=next(numbers)))
+        tasks.append(EncodeTask(REPORT_LANE, "SR", partial(text_sr, group, next(numbers))))
     for images in (r for r in results if isinstance(r, ImageSeries)):
-        out += encode_sc(images, sources, ctx, series_number=next(numbers))
-    return out
+        tasks.append(EncodeTask(OTHER_LANE, "SC", partial(sc, images, next(numbers))))
+    return tasks

@@ -105,7 +105,7 @@ def _segment_reference(seg: SegReference, label: int) -> hd.sr.ReferencedSegment
     # TID 1411 for every segmentation, a single image's included: highdicom's TID 1410 variant
     # names both frame and segment number, which PS3.3 forbids (dciodvfy reports it).
     return hd.sr.ReferencedSegment(
-        sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
+        sop_class_uid=seg.sop_class_uid, sop_instance_uid=seg.sop_instance_uid,
         segment_number=seg.segment_numbers[label],
         source_series=hd.sr.SourceSeriesForSegmentation(seg.source_series_uid),
     )
@@ -154,30 +154,35 @@ class KeySlice:
 
 
 def _key_slices(seg: SegReference, sources: dict[str, SeriesData]) -> dict[int, KeySlice]:
-    """Segment number -> the SEG frame with the most pixels of it (the earliest frame on a tie)."""
+    """Segment number -> the slice with the most pixels of it (the first on a tie), as the SEG
+    has it: found in the label map, so the report does not wait for the SEG to be encoded."""
     series = sources.get(seg.source_series_uid)
     if series is None:
         return {}
-    best: dict[int, tuple[int, int]] = {}  # segment number -> (pixels, frame number)
-    for number, item in enumerate(seg.dataset.PerFrameFunctionalGroupsSequence, start=1):
-        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        pixels = int(np.count_nonzero(seg.dataset.get_stored_frame(number)))
-        if pixels > best.get(segment, (0, 0))[0]:
-            best[segment] = (pixels, number)
-    by_uid = {str(ds.SOPInstanceUID): k for k, ds in enumerate(series.datasets)}
+    labelmap = seg.labelmap
+    counts = _pixels_per_slice(labelmap.labels)
+    # A slice of the volume only when each dataset is one slice (not frames of one instance).
+    one_per_slice = series.volume is not None and len(series.datasets) == series.volume.array.shape[0]
     out = {}
-    for segment, (_, number) in best.items():
-        ref = seg.dataset.PerFrameFunctionalGroupsSequence[number - 1].DerivationImageSequence[0] \
-            .SourceImageSequence[0]
-        k = by_uid.get(str(ref.ReferencedSOPInstanceUID))
-        if k is None:
-            continue  # the SEG points outside its source series: no outline to draw
-        frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
-        # A slice of the volume only when each dataset is one slice (not frames of one instance).
-        one_per_slice = series.volume is not None and len(series.datasets) == series.volume.array.shape[0]
-        out[segment] = KeySlice(series.datasets[k], frame, k if one_per_slice and frame is None else None,
-                                seg.dataset.get_stored_frame(number).astype(bool))
+    for label, number in seg.segment_numbers.items():
+        members = [label, *labelmap.segment(label).includes]  # the segment's region, as the SEG has it
+        pixels = sum(counts.get(m, 0) for m in members)
+        if not np.any(pixels):
+            continue  # an empty segment: no slice to show it on
+        k = int(np.argmax(pixels))
+        out[number] = KeySlice(series.datasets[k], None, k if one_per_slice else None,
+                               np.isin(labelmap.labels[k], members))
     return out
+
+
+def _pixels_per_slice(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Label value -> its pixel count on each slice, in one pass over the volume."""
+    if labels.dtype.kind in "ub" or (labels.dtype.kind == "i" and labels.min() >= 0):
+        top = int(labels.max()) + 1
+        table = np.stack([np.bincount(plane.ravel(), minlength=top) for plane in labels])
+        return {v: table[:, v] for v in range(1, top)}
+    return {int(v): np.count_nonzero((labels == v).reshape(len(labels), -1), axis=1)
+            for v in np.unique(labels).tolist() if v}
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -309,7 +314,7 @@ def encode_measurement_sr(
     texts = [report.title, *(g.tracking_id for g in report.groups), *(f.text for f in findings)]
     return _document(
         hd.sr.Comprehensive3DSR, content, series, ctx, uid_key=uid_key, series_number=series_number,
-        description=series_description(report.title, "SR"), texts=texts, evidence=[s.dataset for s in used],
+        description=series_description(report.title, "SR"), texts=texts, evidence=[s.evidence() for s in used],
     )
 
 

@@ -52,6 +52,9 @@ class PurgedInput(Exception):
 
 
 class LocalProcessExecutor(Executor):
+    """``on_done`` is called whenever results are ready for delivery: each result object as the
+    worker reports it durable (the SR need not wait for a big SEG), and the job's end."""
+
     def __init__(self, settings: Settings, index: Index, vault: Vault, on_done: Callable[[], None],
                  audit: AuditTrail = NULL_AUDIT) -> None:
         self.settings = settings
@@ -135,13 +138,22 @@ class LocalProcessExecutor(Executor):
         log.info("job %d: %s on %s (rule %s)", job_id, job["handler"], job["series_uid"] or "study",
                  job["rule"], extra={"study_uid": job["study_uid"], "job": job_id})
         w.conn.send(spec)
+        handed: list[dict] = []  # results already recorded and handed to delivery by this run
+
+        def fail(error: str) -> None:
+            if handed:
+                kinds = ", ".join(r["modality"] for r in handed)
+                error += (f" [{len(handed)} result object(s) of this job were already handed to delivery "
+                          f"before it failed ({kinds}): an incomplete set, see the job history]")
+            self.index.fail_job(job_id, error, handed)
+
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 w.kill()
                 self._workers[slot] = None
-                self.index.fail_job(job_id, f"timed out after {timeout:.0f} s (worker killed)")
+                fail(f"timed out after {timeout:.0f} s (worker killed)")
                 return
             if self._stop.is_set():
                 return  # left 'running': re-queued at the next start
@@ -150,8 +162,7 @@ class LocalProcessExecutor(Executor):
                     code = w.proc.exitcode
                     self._workers[slot] = None
                     why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                    self.index.fail_job(job_id, f"worker process died ({why}); memory cap "
-                                                f"{self.settings.handler_memory_mb} MB")
+                    fail(f"worker process died ({why}); memory cap {self.settings.handler_memory_mb} MB")
                     return
                 continue
             try:
@@ -160,17 +171,31 @@ class LocalProcessExecutor(Executor):
                 continue  # the liveness check above reports the death
             if kind == "progress":
                 self.index.job_progress(job_id, payload[0], payload[1])
+            elif kind == "results":
+                self._hand_over(job, payload[0])
+                handed.extend(payload[0])
             elif kind == "error":
-                self.index.fail_job(job_id, payload[0])
+                fail(payload[0])
                 log.warning("job %d failed: %s", job_id, payload[0].splitlines()[0],
                             extra={"study_uid": job["study_uid"], "job": job_id})
                 return
             elif kind == "done":
-                results, provenance = payload
-                dests = json.loads(job["destinations_json"])
-                self.index.finish_job(job_id, results, [(r["sop_instance_uid"], d) for r in results for d in dests],
-                                      provenance)
-                log.info("job %d done: %d result(s) → %s", job_id, len(results), ", ".join(dests) or "nowhere",
-                         extra={"study_uid": job["study_uid"], "job": job_id})
-                self.on_done()
+                results, provenance, figures = payload
+                self._finish(job, results, {r["sop_instance_uid"] for r in handed}, provenance, figures)
                 return
+
+    def _hand_over(self, job, results: list[dict]) -> None:
+        """Durable result objects of a running job: recorded and due for delivery now, so they are
+        on their way while the worker encodes the next ones."""
+        dests = json.loads(job["destinations_json"])
+        self.index.add_results(job["id"], results, [(r["sop_instance_uid"], d) for r in results for d in dests])
+        self.on_done()
+
+    def _finish(self, job, results: list[dict], handed: set[str], provenance: dict, figures: dict) -> None:
+        dests = json.loads(job["destinations_json"])
+        self.index.finish_job(job["id"], results, [(r["sop_instance_uid"], d) for r in results
+                                                  if r["sop_instance_uid"] not in handed for d in dests],
+                              provenance, figures)
+        log.info("job %d done: %d result(s) → %s", job["id"], len(results), ", ".join(dests) or "nowhere",
+                 extra={"study_uid": job["study_uid"], "job": job["id"]})
+        self.on_done()

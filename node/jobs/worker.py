@@ -6,11 +6,14 @@ network: the parent process owns both.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
-from io import BytesIO
+import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 from node.encoders.context import EncodeContext
@@ -57,35 +60,133 @@ def _vault(spec: VaultSpec) -> Vault:
     return _vaults[spec]
 
 
-def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
-    """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…)."""
-    from node.encoders import encode_all  # imported here: heavy, and only workers need it
+class PhaseClock:
+    """Seconds per phase of one job (load, handler, each encoder, each write), for the job history:
+    the latency benchmark reads them back from there, so a slow phase is named, not guessed.
+    Wall seconds, and CPU seconds: steadier on a shared machine, and the encoders overlap in wall
+    time (a phase run beside others counts its own thread's CPU only)."""
 
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str, cpu_clock=time.process_time):
+        t0, c0 = time.perf_counter(), cpu_clock()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0, cpu_clock() - c0)
+
+    def add(self, phase: str, seconds: float, cpu_seconds: float) -> None:
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + seconds, 4)
+        self.cpu_seconds[phase] = round(self.cpu_seconds.get(phase, 0.0) + cpu_seconds, 4)
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float:
+    """Make the peak RSS (VmHWM) the current RSS (Linux), so a reused worker reports this job's peak,
+    not its lifetime's; returns the RSS the job starts from (libraries, a loaded model), MB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS") or 0.0
+
+
+def _peak_rss_mb() -> float:
+    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # else: lifetime peak
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc). Reading a series frees hundreds of
+    half-megabyte Pixel Data buffers (and a handler its temporaries) that glibc would otherwise
+    keep, counted in the worker's memory and peak for the rest of the job: the big arrays
+    allocated later are mapped afresh and do not reuse them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+@contextmanager
+def _verified_reads(vault: Vault):
+    """Never hand a tampered or truncated instance to a handler: quarantine it and fail the job."""
+    try:
+        yield
+    except IntegrityError as exc:
+        where = vault.quarantine_damaged(exc.locator, str(exc))
+        raise SpoolIntegrityError(f"spool integrity check failed for {exc.locator}: {exc} "
+                                  f"(copy kept in {where or 'nowhere: quarantine not writable'})") from None
+
+
+def _load_sources(spec: JobSpec, needs_pixels: bool, vault: Vault) -> dict:
+    """Every series of the job, read and decoded once; encoders reuse the handler's headers."""
+    with _verified_reads(vault):
+        return {uid: load_series(paths, with_pixels=needs_pixels, read=vault.read)
+                for uid, paths in spec.series.items()}
+
+
+def _load_priors(spec: JobSpec, needs_pixels: bool, vault: Vault) -> list:
+    """The earlier studies the rule asked for (node/pacs/priors.py), read like the job's own series."""
+    with _verified_reads(vault):
+        return load_priors(spec.extra, lambda paths: load_series(paths, with_pixels=needs_pixels, read=vault.read))
+
+
+def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
+    """One result object sealed (file fsync'ed; the caller fsyncs the directory); its metadata."""
+    path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    vault.write_file(path, buf.getvalue())
+    return {
+        "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
+        "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
+    }
+
+
+def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[dict], dict, dict]:
+    """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…,
+    the job's figures: seconds per phase, peak memory). ``on_result`` gets the metadata of each
+    encoder's objects (one SEG, a series of SC images) as soon as they are durable, so the parent
+    can deliver them while the next are encoded."""
+    from node.encoders import encode_plan  # imported here: heavy, and only workers need it
+    from node.jobs.lanes import run_lanes
+
+    start_rss = _reset_peak_rss()
+    clock = PhaseClock()
     cls = get_handler(spec.handler)
     handler = cls(spec.params)
     policy = QualityPolicy(spec.options)
     vault = _vault(spec.vault)
     progress(0.0, "loading series")
-    try:
-        sources = {uid: load_series(paths, with_pixels=cls.needs_pixels, read=vault.read)
-                   for uid, paths in spec.series.items()}
-        priors = load_priors(spec.extra, lambda paths: load_series(paths, with_pixels=cls.needs_pixels,
-                                                                   read=vault.read))
-    except IntegrityError as exc:  # never hand a tampered or truncated instance to a handler
-        where = vault.quarantine_damaged(exc.locator, str(exc))
-        raise SpoolIntegrityError(f"spool integrity check failed for {exc.locator}: {exc} "
-                                  f"(copy kept in {where or 'nowhere: quarantine not writable'})") from None
+    with clock("load"):
+        sources = _load_sources(spec, cls.needs_pixels, vault)
+        priors = _load_priors(spec, cls.needs_pixels, vault)
+        _return_freed_memory()
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()), priors=priors,
                        priors_note=spec.extra.get("priors_note"))
-    handler.check(inp)
-    domain_flags = list(handler.assess_input(inp))
+    with clock("check"):
+        handler.check(inp)
+        domain_flags = list(handler.assess_input(inp))
     policy.enforce(domain_flags, "the input")  # before any compute: refused out of the validated domain
     progress(0.05, "running handler")
 
     def handler_progress(fraction: float, message: str) -> None:
         progress(0.05 + 0.85 * max(0.0, min(1.0, fraction)), message)
 
-    results = ResultSet(domain_flags + list(handler.run(inp, handler_progress)))
+    with clock("handler"):
+        results = ResultSet(domain_flags + list(handler.run(inp, handler_progress)))
+        _return_freed_memory()  # the handler's temporaries too, before the encoders allocate theirs
     flags = results.flags
     policy.enforce(flags, "the result")
     warnings = [f.text for f in flags]
@@ -94,26 +195,26 @@ def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
         job_key=spec.job_key, rule=spec.rule, handler=cls.name, handler_version=cls.version,
         model_name=cls.model_name, model_version=cls.model_version, series_number=spec.series_number,
     )
-    datasets = encode_all(results.outputs + warning_findings(flags, inp.primary.series_uid), sources, ctx)
-    mark_warnings(datasets, warnings)
     out_dir = Path(spec.results_dir) / str(spec.job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = []
-    for ds in datasets:
-        path = out_dir / f"{ds.SOPInstanceUID}.dcm"
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        vault.write_file(path, buf.getvalue())
-        meta.append({
-            "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
-            "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
-        })
-    fsync_dirs({out_dir})
+    written: dict[int, list[dict]] = {}
+    plan = encode_plan(results.outputs + warning_findings(flags, inp.primary.series_uid), sources, ctx)
+    for made in run_lanes(plan):
+        clock.add(f"encode {made.kind}", made.seconds, made.cpu_seconds)
+        with clock(f"write {made.kind}", cpu_clock=time.thread_time):  # the lanes run meanwhile
+            mark_warnings(made.datasets, warnings)
+            written[made.index] = [_write_result(ds, out_dir, vault) for ds in made.datasets]
+            fsync_dirs({out_dir})  # durable: now it may leave the node
+        on_result(written[made.index])
+    meta = [m for i in sorted(written) for m in written[i]]  # the plan's order, whichever lane finished first
     progress(1.0, f"{len(meta)} result object(s)" + (f", {len(warnings)} quality warning(s)" if warnings else ""))
+    volume_mb = sum(s.volume.array.nbytes for s in sources.values() if s.volume is not None) / 2**20
+    figures = {"seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds, "peak_rss_mb": round(_peak_rss_mb(), 1),
+               "start_rss_mb": round(start_rss, 1), "input_volume_mb": round(volume_mb, 1)}
     provenance = dict(handler.provenance)
     if warnings:
         provenance["quality_warnings"] = warnings
-    return meta, provenance
+    return meta, provenance, figures
 
 
 def worker_main(conn, memory_mb: int) -> None:
@@ -130,8 +231,9 @@ def worker_main(conn, memory_mb: int) -> None:
         if spec is None:
             return
         try:
-            meta, provenance = run_job(spec, lambda f, m: conn.send(("progress", float(f), str(m))))
-            conn.send(("done", meta, provenance))
+            meta, provenance, figures = run_job(spec, lambda f, m: conn.send(("progress", float(f), str(m))),
+                                                lambda made: conn.send(("results", made)))
+            conn.send(("done", meta, provenance, figures))
         except HandlerRefusal as exc:
             conn.send(("error", f"refused: {exc}"))
         except SpoolIntegrityError as exc:

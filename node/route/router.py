@@ -117,10 +117,13 @@ class Router:
         for a in ruleset.match_study(StudyFacts(series=list(facts.values()))):
             actions.append((a, None))
         waiting: list[float] = []
+        pending: list[dict] = []  # what the study view lists as "will run at"
         for a, series_uid in actions:
             wait = (a.stable_after or self.settings.stable_after) - quiet
             if wait > 0 and not st["force_complete"]:
                 waiting.append(wait)
+                pending.append({"rule": a.rule, "handler": a.handler, "series_uid": series_uid,
+                                "stable_after": a.stable_after or self.settings.stable_after})
                 continue
             if a.forward_originals:
                 for dest in a.destinations:
@@ -145,7 +148,7 @@ class Router:
                 created += 1
                 log.info("job %d: rule %s → %s", jid, a.rule, a.handler, extra={"study_uid": study_uid})
         if waiting:
-            self.index.recheck_later(study_uid, now + min(waiting))
+            self.index.recheck_later(study_uid, now + min(waiting), pending)
         else:
             self.index.mark_routed(study_uid, gen)
         if created:

@@ -43,22 +43,27 @@ def _index_studies(settings, since_s: float | None = None, study_uid: str | None
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="hilum rules")
-    p.add_argument("--config")
-    p.add_argument("--data-dir", dest="data_dir", type=Path)
-    p.add_argument("--rules-dir", dest="rules_dir", type=Path)
+    # The node options go before or after the subcommand (`hilum rules test X --config F`, like
+    # every other command): SUPPRESS keeps the one not given from overwriting the one given.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS)
+    common.add_argument("--data-dir", dest="data_dir", type=Path, default=argparse.SUPPRESS)
+    common.add_argument("--rules-dir", dest="rules_dir", type=Path, default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog="hilum rules", parents=[common])
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("test", help="explain each rule against files/folders or a study in the index")
+    t = sub.add_parser("test", parents=[common],
+                       help="explain each rule against files/folders or a study in the index")
     t.add_argument("target", help="a DICOM file or folder, or a StudyInstanceUID known to the node")
     t.add_argument("--json", action="store_true")
-    s = sub.add_parser("simulate", help="replay a proposed rule set over past studies")
+    s = sub.add_parser("simulate", parents=[common], help="replay a proposed rule set over past studies")
     s.add_argument("--since", type=_duration, default=_duration("30d"))
     s.add_argument("--rules", type=Path, required=True, help="the proposed rules directory")
     s.add_argument("--json", action="store_true")
-    sub.add_parser("validate", help="validate the rules directory")
+    sub.add_parser("validate", parents=[common], help="validate the rules directory")
     args = p.parse_args(argv)
     try:
-        settings = load_settings(args.config, data_dir=args.data_dir, rules_dir=args.rules_dir)
+        settings = load_settings(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None),
+                                 rules_dir=getattr(args, "rules_dir", None))
         active = _load(settings.rules_dir, settings)
         if args.cmd == "validate":
             print(f"{settings.rules_dir}: {len(active.rules)} rule(s), valid")

@@ -116,6 +116,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN options_json TEXT NOT NULL DEFAULT '{}'
     """,
+    # 6: rules that matched a study but wait for a longer quiet period (the study view shows them)
+    """
+    ALTER TABLE studies ADD COLUMN pending_json TEXT
+    """,
 ]
 
 TERMINAL_JOB = ("done", "failed")
@@ -304,12 +308,15 @@ class Index:
             "AND (recheck_at IS NULL OR recheck_at <= ? OR force_complete=1)", (now,)
         ).fetchall()
 
-    def recheck_later(self, study_uid: str, at: float) -> None:
-        self.conn().execute("UPDATE studies SET recheck_at=? WHERE study_uid=?", (at, study_uid))
+    def recheck_later(self, study_uid: str, at: float, pending: list[dict] = ()) -> None:
+        """Route the study again at ``at``; ``pending``: the matched rules still waiting (rule,
+        handler, series_uid, stable_after), for the study view."""
+        self.conn().execute("UPDATE studies SET recheck_at=?, pending_json=? WHERE study_uid=?",
+                            (at, json.dumps(list(pending)) if pending else None, study_uid))
 
     def mark_routed(self, study_uid: str, generation: int) -> None:
-        self.conn().execute("UPDATE studies SET routed_generation=?, recheck_at=NULL WHERE study_uid=? "
-                            "AND routed_generation < ?", (generation, study_uid, generation))
+        self.conn().execute("UPDATE studies SET routed_generation=?, recheck_at=NULL, pending_json=NULL "
+                            "WHERE study_uid=? AND routed_generation < ?", (generation, study_uid, generation))
 
     def force_complete(self, study_uid: str) -> bool:
         cur = self.conn().execute("UPDATE studies SET force_complete=1 WHERE study_uid=?", (study_uid,))
@@ -396,44 +403,63 @@ class Index:
         hist.append({"at": time.time(), **event})
         return json.dumps(hist)
 
+    def _insert_results(self, job_id: int, study_uid: str, results: list[dict],
+                        deliveries: list[tuple[str, str]], now: float) -> None:
+        c = self.conn()
+        for r in results:
+            c.execute(
+                "INSERT OR REPLACE INTO results(sop_uid, job_id, sop_class_uid, series_uid, modality, path) "
+                "VALUES (?,?,?,?,?,?)",
+                (r["sop_instance_uid"], job_id, r["sop_class_uid"], r["series_instance_uid"], r["modality"],
+                 r["path"]),
+            )
+        paths = {r["sop_instance_uid"]: r["path"] for r in results}
+        for sop_uid, dest in deliveries:
+            c.execute(
+                """INSERT INTO deliveries(kind, job_id, study_uid, sop_uid, path, destination, status, next_at)
+                   VALUES ('result', ?, ?, ?, ?, ?, 'pending', ?)
+                   ON CONFLICT(kind, sop_uid, destination) DO UPDATE SET status='pending', attempts=0,
+                       next_at=excluded.next_at, path=excluded.path, job_id=excluded.job_id""",
+                (job_id, study_uid, sop_uid, paths[sop_uid], dest, now),
+            )
+
+    def add_results(self, job_id: int, results: list[dict], deliveries: list[tuple[str, str]]) -> None:
+        """Record result objects of a running job and their deliveries, due now: a result is
+        delivered as soon as it is durable, while the job encodes its next one."""
+        with self.tx(immediate=True):
+            self._insert_results(job_id, self.job(job_id)["study_uid"], results, deliveries, time.time())
+
     def finish_job(self, job_id: int, results: list[dict], deliveries: list[tuple[str, str]],
-                   provenance: dict | None = None) -> None:
+                   provenance: dict | None = None, figures: dict | None = None) -> None:
         """Record results and their deliveries and mark the job done, in one transaction.
 
-        ``deliveries`` is [(sop_uid, destination)] for the results.
+        ``deliveries`` is [(sop_uid, destination)] for the results not yet handed to delivery by
+        ``add_results`` (recording a result again is harmless; re-queuing its delivery is not).
+        ``figures``: the worker's seconds per phase and peak memory, kept in the history.
         """
         c = self.conn()
         now = time.time()
         with self.tx(immediate=True):
             job = self.job(job_id)
-            for r in results:
-                c.execute(
-                    "INSERT OR REPLACE INTO results(sop_uid, job_id, sop_class_uid, series_uid, modality, path) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (r["sop_instance_uid"], job_id, r["sop_class_uid"], r["series_instance_uid"], r["modality"],
-                     r["path"]),
-                )
-            paths = {r["sop_instance_uid"]: r["path"] for r in results}
-            for sop_uid, dest in deliveries:
-                c.execute(
-                    """INSERT INTO deliveries(kind, job_id, study_uid, sop_uid, path, destination, status, next_at)
-                       VALUES ('result', ?, ?, ?, ?, ?, 'pending', ?)
-                       ON CONFLICT(kind, sop_uid, destination) DO UPDATE SET status='pending', attempts=0,
-                           next_at=excluded.next_at, path=excluded.path, job_id=excluded.job_id""",
-                    (job_id, job["study_uid"], sop_uid, paths[sop_uid], dest, now),
-                )
+            self._insert_results(job_id, job["study_uid"], results, deliveries, now)
+            event = {"event": "done", "results": len(results), **({"provenance": provenance} if provenance else {}),
+                     **({"figures": figures} if figures else {})}
             c.execute(
                 "UPDATE jobs SET status='done', progress=1, finished_at=?, error=NULL, history_json=? WHERE id=?",
-                (now, self._history(job_id, {"event": "done", "results": len(results), **({"provenance": provenance}
-                                                                                   if provenance else {})}), job_id),
+                (now, self._history(job_id, event), job_id),
             )
 
-    def fail_job(self, job_id: int, error: str) -> None:
+    def fail_job(self, job_id: int, error: str, partial: list[dict] = ()) -> None:
+        """``partial``: result objects this run already handed to delivery before it failed; the
+        history lists them, so an incomplete set is documented, never silent."""
         c = self.conn()
+        event = {"event": "failed", "error": error[:4000]}
+        if partial:
+            event["partial_results"] = [{"sop_uid": r["sop_instance_uid"], "modality": r["modality"]} for r in partial]
         with self.tx(immediate=True):
             c.execute(
                 "UPDATE jobs SET status='failed', finished_at=?, error=?, history_json=? WHERE id=?",
-                (time.time(), error[:4000], self._history(job_id, {"event": "failed", "error": error[:4000]}), job_id),
+                (time.time(), error[:4000], self._history(job_id, event), job_id),
             )
 
     def retry_job(self, job_id: int, who: str) -> bool:

@@ -12,6 +12,7 @@ def study_summary(row) -> dict:
         "study_date": row["study_date"], "accession": row["accession"], "description": row["description"],
         "instances_received": row["instances"], "stable": row["state"] == "stable", "stable_at": row["stable_at"],
         "first_received": row["first_at"], "last_received": row["last_at"], "generation": row["generation"],
+        "pending_rules": pending_rules(row),
     }
 
 
@@ -21,6 +22,13 @@ def quality_warnings(history: list[dict]) -> list[str]:
         if event.get("event") == "done":
             return list((event.get("provenance") or {}).get("quality_warnings", []))
     return []
+def pending_rules(row) -> list[dict]:
+    """Rules that matched the study but have not fired yet, each with when it will: the study's
+    last arrival plus the rule's quiet period (a later instance moves it). Without them a study
+    whose slow rule is still waiting would look finished."""
+    pending = json.loads(row["pending_json"] or "[]")
+    return [{"rule": p["rule"], "handler": p["handler"], "series_uid": p["series_uid"],
+             "fires_at": row["last_at"] + p["stable_after"]} for p in pending]
 
 
 def job_view(index: Index, job) -> dict:

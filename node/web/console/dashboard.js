@@ -73,7 +73,15 @@ function studyRows(s) {
     el('td', {class: s.stable ? 'status-done' : 'status-receiving'}, s.stable ? 'stable' : 'receiving'),
     el('td', {}, el('a', {href: `/viewer?StudyInstanceUIDs=${uid}`, class: 'ohif'}, 'OHIF'), view3d),
     el('td', {}, complete));
-  return [row, ...s.jobs.map(jobRow)];
+  return [row, ...s.jobs.map(jobRow), ...s.pending_rules.map(pendingRow)];
+}
+
+// A rule that matched but waits for its own (longer) quiet period: the study is not done yet.
+function pendingRow(p) {
+  return el('tr', {class: 'pending-rule'},
+    el('td', {colspan: 2}, `rule ${p.rule} → ${p.handler || 'forward'}`),
+    el('td', {class: 'status-pending'}, 'waiting'),
+    el('td', {colspan: 5}, `runs at ${time(p.fires_at)} unless more instances arrive`));
 }
 
 function deliveryRow(d) {

@@ -1,0 +1,97 @@
+"""Benchmark: which SEG representation for ct-anatomy's label map (issue 15's evaluation).
+
+The ct-anatomy label map of a phantom chest CT is written as a Segmentation in each candidate
+representation, by highdicom (the node's SEG encoder for the one in use): file size, encode time
+(CPU seconds, steadier than wall time on a busy machine) and write time. The label map's External
+includes the lungs, airway and bone (the body outline), so its segments overlap; a LABELMAP SEG
+holds one label per pixel and can only carry the exclusive labels (External = body less organs),
+a different meaning, listed here for its size and speed.
+
+    .venv/bin/python bench/bench_seg_formats.py [--slices 300] [--size 512]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from benchlib import files_of, phantom_ct
+
+
+def _inputs(slices: int, size: int):
+    from node.handler_api import HandlerInput, get_handler
+    from node.volume import load_series
+
+    series = load_series(files_of(phantom_ct(slices, size=size)))
+    label_map, _ = get_handler("ct-anatomy")({}).run(HandlerInput(series.first.StudyInstanceUID, [series]),
+                                                     lambda f, m: None)
+    return series, label_map
+
+
+def _variant(series, lm, segmentation_type, pixels, syntax, ctx):
+    from node.encoders.common import header_view
+    from node.encoders.seg import _segment_descriptions
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    seg = hd.seg.Segmentation(
+        source_images=[header_view(ds) for ds in series.datasets], pixel_array=pixels,
+        segmentation_type=segmentation_type, segment_descriptions=_segment_descriptions(lm, ctx, ("bench",)),
+        series_instance_uid=ctx.uid("s"), series_number=9000, sop_instance_uid=ctx.uid("i"), instance_number=1,
+        manufacturer="Hilum", manufacturer_model_name="Hilum", software_versions="bench", device_serial_number="1",
+        omit_empty_frames=True, transfer_syntax_uid=syntax,
+    )
+    encode_s, encode_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t1 = time.perf_counter()
+    buf = BytesIO()
+    seg.save_as(buf)
+    return {"encode_s": encode_s, "encode_cpu_s": encode_cpu, "write_s": time.perf_counter() - t1,
+            "mb": len(buf.getvalue()) / 2**20, "frames": int(seg.NumberOfFrames)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--size", type=int, default=512)
+    args = ap.parse_args()
+    from node.encoders.context import EncodeContext
+    from node.encoders.seg import _segment_stack
+
+    series, lm = _inputs(args.slices, args.size)
+    ctx = EncodeContext(job_key="bench", rule="bench", handler="ct-anatomy", handler_version="1")
+    stack = _segment_stack(lm)
+    numbers = {s.label: n for n, s in enumerate(lm.segments, start=1)}
+    exclusive = np.zeros_like(lm.labels)
+    for label, n in numbers.items():
+        exclusive[lm.labels == label] = n
+    binary, labelmap = hd.seg.SegmentationTypeValues.BINARY, hd.seg.SegmentationTypeValues.LABELMAP
+    variants = [
+        ("BINARY, overlapping (in use)", binary, stack, ExplicitVRLittleEndian),
+        ("BINARY, overlapping, RLE", binary, stack, RLELossless),
+        ("BINARY, overlapping, JPEG 2000 lossless", binary, stack, JPEG2000Lossless),
+        ("LABELMAP, exclusive", labelmap, exclusive, ExplicitVRLittleEndian),
+        ("LABELMAP, exclusive, RLE", labelmap, exclusive, RLELossless),
+        ("LABELMAP, exclusive, JPEG-LS lossless", labelmap, exclusive, JPEGLSLossless),
+    ]
+    print(f"ct-anatomy label map of a {args.size}x{args.size}x{args.slices} phantom CT, "
+          f"{len(lm.segments)} segments (External includes the others)")
+    print(f"{'representation':<42}{'MB':>8}{'frames':>8}{'encode s':>10}{'cpu s':>8}{'write s':>9}")
+    for name, kind, pixels, syntax in variants:
+        try:
+            r = _variant(series, lm, kind, pixels, syntax, ctx)
+        except Exception as exc:  # noqa: BLE001 - a representation highdicom cannot write is a finding
+            print(f"{name:<42}  not written: {type(exc).__name__}: {str(exc)[:80]}")
+            continue
+        print(f"{name:<42}{r['mb']:>8.1f}{r['frames']:>8}{r['encode_s']:>10.2f}{r['encode_cpu_s']:>8.2f}"
+              f"{r['write_s']:>9.2f}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

@@ -1,0 +1,152 @@
+"""A job's results reach delivery one by one, as each is durable; its figures land in the history;
+a job that fails after handing some results over says so."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.encoders import OTHER_LANE, REPORT_LANE, SEG_LANE, EncodeTask, encode_all, encode_plan
+from node.encoders.context import EncodeContext
+from node.handler_api import HandlerInput, get_handler
+from node.jobs.lanes import run_lanes
+from node.jobs.worker import JobSpec, run_job
+from node.phantom import generate_ct
+from node.store.index import Index
+from node.store.vault import VaultSpec
+from node.volume import load_series
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory):
+    return generate_ct(tmp_path_factory.mktemp("ct") / "study", seed=5, rows=64, cols=64, slices=20,
+                       pixel_spacing=6.0, slice_thickness=8.0, nodules=0)
+
+
+def _job(index: Index, key: str = "k1") -> int:
+    return index.add_job(job_key=key, study_uid="1.2.3", series_uid="1.2.3.4", level="series", rule="r",
+                         handler="ct-anatomy", params={}, destinations=["orthanc"], priority="normal",
+                         timeout_s=None, generation=0, note="test")
+
+
+def test_each_result_is_handed_over_when_durable_and_the_job_reports_its_phases(ct, tmp_path):
+    paths = sorted(str(p) for p in ct.dicom_dir.iterdir())
+    spec = JobSpec(job_id=7, job_key="stream", study_uid=ct.study_uid, rule="r", handler="ct-anatomy", params={},
+                   series={ct.series_uid: paths}, results_dir=str(tmp_path / "results"),
+                   vault=VaultSpec(str(tmp_path), None))
+    vault = spec.vault.open()
+    handed: list[tuple[dict, set[str]]] = []
+
+    def on_result(made: list[dict]) -> None:
+        (meta,) = made  # one object per encoder here
+        # Durable and complete when handed over: the file reads back as the object it claims to be ...
+        ds = pydicom.dcmread(BytesIO(vault.read(meta["path"])))
+        assert str(ds.SOPInstanceUID) == meta["sop_instance_uid"] and ds.Modality == meta["modality"]
+        # ... and handed over before the next object was written.
+        handed.append((meta, {p.name for p in (tmp_path / "results" / "7").iterdir()}))
+
+    meta, _, figures = run_job(spec, lambda f, m: None, on_result)
+    # Listed in the plan's order; handed over as each lane made them (the SR after the SEG it cites).
+    assert [m["modality"] for m in meta] == ["SEG", "RTSTRUCT", "SR"]
+    assert sorted(m["modality"] for m, _ in handed) == sorted(m["modality"] for m in meta)
+    assert sorted(m["sop_instance_uid"] for m, _ in handed) == sorted(m["sop_instance_uid"] for m in meta)
+    assert [len(files) for _, files in handed] == [1, 2, 3]
+    seconds = figures["seconds"]
+    for phase in ("load", "handler", "encode SEG", "write SEG", "encode RTSTRUCT", "write RTSTRUCT",
+                  "encode SR", "write SR"):
+        assert seconds[phase] >= 0, phase
+    assert seconds["handler"] > 0 and seconds["encode SEG"] > 0
+    assert set(figures["cpu_seconds"]) == set(seconds) and figures["cpu_seconds"]["handler"] > 0
+    assert figures["input_volume_mb"] == pytest.approx(64 * 64 * 20 * 2 / 2**20, abs=0.05)  # int16 HU volume
+    # Linux updates RSS counters lazily: the peak may read a fraction of a MB under the start figure.
+    assert figures["peak_rss_mb"] >= figures["start_rss_mb"] - 2 and figures["start_rss_mb"] > 0
+
+
+def test_results_handed_over_early_are_not_queued_again_when_the_job_finishes(tmp_path):
+    index = Index(tmp_path / "index.db")
+    job_id = _job(index)
+    seg = {"sop_instance_uid": "1.9.1", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.66.4", "series_instance_uid": "1.9",
+           "modality": "SEG", "path": "/r/1.9.1.dcm"}
+    sr = {**seg, "sop_instance_uid": "1.9.2", "modality": "SR", "path": "/r/1.9.2.dcm"}
+    index.add_results(job_id, [seg], [("1.9.1", "orthanc")])
+    (row,) = index.due_deliveries(now=1e12)
+    assert row["sop_uid"] == "1.9.1" and row["kind"] == "result"
+    index.delivered([row["id"]])  # the SEG is in the archive before the job ends
+    index.finish_job(job_id, [seg, sr], [("1.9.2", "orthanc")], {"model": "none"}, {"seconds": {"handler": 1.5}})
+    status = {d["sop_uid"]: d["status"] for d in index.deliveries_of_job(job_id)}
+    assert status == {"1.9.1": "delivered", "1.9.2": "pending"}
+    assert [r["sop_uid"] for r in index.results_of_job(job_id)] == ["1.9.1", "1.9.2"]
+    done = json.loads(index.job(job_id)["history_json"])[-1]
+    assert done["event"] == "done" and done["results"] == 2 and done["figures"]["seconds"]["handler"] == 1.5
+
+
+def test_a_job_failing_after_handing_over_results_lists_them_in_its_history(tmp_path):
+    index = Index(tmp_path / "index.db")
+    job_id = _job(index)
+    seg = {"sop_instance_uid": "1.9.1", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.66.4", "series_instance_uid": "1.9",
+           "modality": "SEG", "path": "/r/1.9.1.dcm"}
+    index.add_results(job_id, [seg], [("1.9.1", "orthanc")])
+    index.fail_job(job_id, "encoder failed", [seg])
+    job = index.job(job_id)
+    failed = json.loads(job["history_json"])[-1]
+    assert job["status"] == "failed"
+    assert failed["event"] == "failed" and failed["partial_results"] == [{"sop_uid": "1.9.1", "modality": "SEG"}]
+
+
+def test_lanes_hand_over_whichever_object_is_ready_first():
+    seg_may_finish = threading.Event()
+    tasks = [EncodeTask(0, "SEG", lambda: seg_may_finish.wait(10) and ["seg"]),
+             EncodeTask(1, "RTSTRUCT", lambda: ["rt"])]
+    made = run_lanes(tasks)
+    first = next(made)
+    assert (first.kind, first.index, first.datasets) == ("RTSTRUCT", 1, ["rt"])  # not held back by the SEG
+    seg_may_finish.set()
+    assert [(m.kind, m.datasets) for m in made] == [("SEG", ["seg"])]
+
+
+def test_a_failing_lane_stops_the_others_and_fails_the_job():
+    failed = threading.Event()
+    later: list[str] = []
+
+    def boom():
+        failed.set()
+        raise ValueError("encoder failed")
+
+    tasks = [EncodeTask(0, "SEG", boom),
+             # still encoding when the SEG fails (and a moment longer: the failure is being reported)
+             EncodeTask(1, "RTSTRUCT", lambda: failed.wait(10) and not time.sleep(0.3) and ["rt"]),
+             EncodeTask(1, "SC", lambda: later.append("sc") or ["sc"])]
+    with pytest.raises(ValueError, match="encoder failed"):
+        list(run_lanes(tasks))
+    assert later == []  # the other lane stopped at its next task
+
+
+def test_the_report_is_made_without_waiting_for_the_seg_it_cites(ct):
+    series = load_series(sorted(ct.dicom_dir.iterdir()))
+    results = get_handler("ct-anatomy")({}).run(HandlerInput(ct.study_uid, [series]), lambda f, m: None)
+    ctx = EncodeContext(job_key="lanes", rule="r", handler="ct-anatomy", handler_version="1")
+    tasks = encode_plan(results, {series.series_uid: series}, ctx)
+    assert [(t.kind, t.lane) for t in tasks] == [("SEG", SEG_LANE), ("RTSTRUCT", OTHER_LANE), ("SR", REPORT_LANE)]
+    (sr,) = tasks[2].make()  # before any SEG exists
+    (seg,) = tasks[0].make()
+    cited = {str(r.ReferencedSOPInstanceUID) for item in sr.CurrentRequestedProcedureEvidenceSequence
+             for s in item.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+    assert str(seg.SOPInstanceUID) in cited
+    tracking = {str(s.TrackingUID) for s in seg.SegmentSequence}
+    in_report = {str(i.UID) for i in _walk(sr) if "UID" in i and i.get("ConceptNameCodeSequence")
+                 and i.ConceptNameCodeSequence[0].CodeValue == "112040"}  # Tracking Unique Identifier
+    assert tracking <= in_report
+    # The same report as a sequential encode_all makes (the order the tasks ran in changes nothing).
+    in_order = encode_all(results, {series.series_uid: series}, ctx)[2]
+    assert sr.ContentSequence == in_order.ContentSequence
+
+
+def _walk(ds):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _walk(item)
