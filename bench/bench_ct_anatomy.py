@@ -65,7 +65,7 @@ def run_one(size: int, slices: int, with_score: bool) -> dict:
     handler = CTAnatomy()
     inp = HandlerInput(study.study_uid, [series])
     handler.check(inp)
-    label_map, report = handler.run(inp, lambda fraction, message: None)
+    label_map, report, *flags = handler.run(inp, lambda fraction, message: None)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {"wall_s": wall, "cpu_s": cpu, "peak_mb": _status_mb("VmHWM"), "input_mb": input_mb,
            "volumes": {g.tracking_id: g.measurements[0].value for g in report.groups}}

@@ -191,7 +191,10 @@ class FamilyPainter:
         cw, cd = self.cage
         cavity = _superellipse(x, y, 0.0, 5.0 * (1 - taper), cw * a.lung_scale * taper, cd * taper, 2.2)
         # Mediastinal half-width by depth: anterior (y < -25), middle, posterior (y > 25, before the spine).
-        ant = 0.4 if a.junction in ("anterior", "both") else 14.0
+        # The anterior junction lies behind the sternum above the heart's middle; lower down the heart
+        # and the pericardial fat on the diaphragm keep the lungs apart in front.
+        above_heart = z > min(self.base_top.values()) + 0.3 * a.lung_height
+        ant = 0.4 if a.junction in ("anterior", "both") and above_heart else (14.0 if above_heart else 0.3 * cw)
         post = 0.4 if a.junction in ("posterior", "both") else 12.0
         half = np.where(y < -25.0, ant, np.where(y > 25.0, post, 20.0 + 0.05 * cw))
         spine = ((y - cd + 10.0) / 38.0) ** 2 + (x / 30.0) ** 2 <= 1.0
