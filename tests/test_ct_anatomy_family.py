@@ -156,3 +156,56 @@ def test_generic_slice_checks():
     ring[1, 10:20, 10:20] = False  # a 100-voxel hole in one slice
     (flag,) = outline_holes(ring, "External", 0.1)
     assert flag.check == "outline_holes" and "1 slice(s) (1;" in flag.reason
+
+
+@pytest.mark.slow
+def test_through_a_node_a_refused_job_delivers_nothing_and_a_warned_one_says_why(tmp_path):
+    """A family case ct-anatomy gets wrong (its airway grows into a lung) sent to a real node: the rule
+    with the default policy refuses (job failed, the reason names the check, nothing delivered); the rule
+    with deliver_with_warnings delivers SEG/RTSTRUCT/SR and the job view lists the warning."""
+    import textwrap
+
+    from tests.nodeproc import running_node, storescu, wait_for
+
+    study = generate_family_case(tmp_path / "ct", 17, **SIZE)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "ct.yaml").write_text(textwrap.dedent("""\
+        - name: anatomy-strict
+          level: series
+          match: {Modality: CT, is_volume: true}
+          handler: ct-anatomy
+          destinations: [orthanc]
+        - name: anatomy-warn
+          level: series
+          match: {Modality: CT, is_volume: true}
+          handler: ct-anatomy
+          destinations: [orthanc]
+          on_quality_failure: deliver_with_warnings
+        """))
+
+    def finished(node):
+        jobs = node.study(study.study_uid).get("jobs", [])
+        if len(jobs) < 2 or any(j["status"] not in ("done", "failed") for j in jobs):
+            return None
+        done = [j for j in jobs if j["status"] == "done"]
+        if any(r["deliveries"].get("orthanc") != "delivered" for j in done for r in j["results"]):
+            return None
+        return {j["rule"]: j for j in jobs}
+
+    with running_node(tmp_path / "data", rules) as node:
+        assert storescu(node.dicom_port, study.dicom_dir).returncode == 0
+        jobs = wait_for(lambda: finished(node), 240, "both ct-anatomy jobs finished", interval=0.5)
+        strict, warned = jobs["anatomy-strict"], jobs["anatomy-warn"]
+        assert strict["status"] == "failed", strict
+        assert "airway_too_large" in strict["error"] and "nothing delivered" in strict["error"], strict["error"]
+        assert strict["results"] == []
+        assert warned["status"] == "done", warned
+        assert sorted(r["modality"] for r in warned["results"]) == ["RTSTRUCT", "SEG", "SR"]
+        assert any("airway_too_large" in w for w in warned["quality_warnings"]), warned["quality_warnings"]
+        with node.orthanc() as orthanc:
+            found = orthanc.post("/tools/find", json={"Level": "Series", "Expand": True,
+                                                      "Query": {"StudyInstanceUID": study.study_uid}}).json()
+        descriptions = [s["MainDicomTags"].get("SeriesDescription", "") for s in found
+                        if s["MainDicomTags"].get("Modality") in ("SEG", "RTSTRUCT", "SR")]
+        assert len(descriptions) == 3 and all(d.startswith("AI WARNING") for d in descriptions), descriptions
