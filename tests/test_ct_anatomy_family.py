@@ -209,3 +209,22 @@ def test_through_a_node_a_refused_job_delivers_nothing_and_a_warned_one_says_why
         descriptions = [s["MainDicomTags"].get("SeriesDescription", "") for s in found
                         if s["MainDicomTags"].get("Modality") in ("SEG", "RTSTRUCT", "SR")]
         assert len(descriptions) == 3 and all(d.startswith("AI WARNING") for d in descriptions), descriptions
+
+
+def test_min_cut_parts_two_regions_at_their_junction_not_by_size():
+    from node.anatomy.junction import min_cut
+
+    region = np.zeros((30, 60), bool)
+    region[5:25, 2:20] = True  # a small lung
+    region[2:28, 32:58] = True  # a larger one
+    region[12:16, 20:32] = True  # a 4-voxel-wide junction between them, 12 voxels long
+    hu = np.full(region.shape, -850.0)
+    seeds_a, seeds_b = np.zeros_like(region), np.zeros_like(region)
+    seeds_a[10:20, 5:12], seeds_b[10:20, 40:50] = True, True  # markers: the cores of each lung
+    side_a = min_cut(region, hu, seeds_a, seeds_b, -850.0, -200.0)
+    assert side_a[5:25, 2:20].all() and not side_a[2:28, 32:58].any()  # each lung whole, on its own side
+    cut_cols = [i for i in range(19, 32) if side_a[12:16, i].any() and not side_a[12:16, i + 1].any()]
+    assert len(cut_cols) == 1  # one straight cut across the junction
+    hu[12:16, 29] = -300.0  # a visible pleura: the cut follows it
+    side_a = min_cut(region, hu, seeds_a, seeds_b, -850.0, -200.0)
+    assert side_a[12:16, 28].all() and not side_a[12:16, 30].any()
