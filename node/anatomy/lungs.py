@@ -36,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage, sparse
 from scipy.optimize import linprog
 

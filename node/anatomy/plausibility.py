@@ -51,7 +51,8 @@ MAX_AIRWAY_SECTION_MM2 = 1000.0
 
 
 def check_anatomy(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, names: dict[int, str],
-                  external_label: int, lungs: tuple[int, int], airway: int | None, bone: int | None) -> list[QualityFlag]:
+                  external_label: int, lungs: tuple[int, int], airway: int | None,
+                  bone: int | None) -> list[QualityFlag]:
     """Every check above on a ct-anatomy label volume (``names``: label → structure name);
     ``airway``/``bone``: their labels when they were asked for, else None.
 

@@ -63,7 +63,8 @@ def slice_area_jump(mask: np.ndarray, structure: str, pixel_area_mm2: float) -> 
     jumps = []
     for k in range(len(area) - 1):
         a, b = area[k], area[k + 1]
-        if min(a, b) >= JUMP_END_FRACTION * big and max(a, b) >= JUMP_MIN_FRACTION * big and max(a, b) / min(a, b) > MAX_AREA_RATIO:
+        small, large = min(a, b), max(a, b)
+        if small >= JUMP_END_FRACTION * big and large >= JUMP_MIN_FRACTION * big and large / small > MAX_AREA_RATIO:
             jumps.append((k, a, b))
     if not jumps:
         return []
