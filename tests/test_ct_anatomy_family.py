@@ -228,3 +228,17 @@ def test_min_cut_parts_two_regions_at_their_junction_not_by_size():
     hu[12:16, 29] = -300.0  # a visible pleura: the cut follows it
     side_a = min_cut(region, hu, seeds_a, seeds_b, -850.0, -200.0)
     assert side_a[12:16, 28].all() and not side_a[12:16, 30].any()
+
+
+def test_an_airway_cut_off_from_the_lungs_is_flagged(family):
+    from scipy import ndimage
+
+    study, series, label_map, flags, _ = family(7)  # a normal airway, nothing flagged
+    assert not flags and study.manifest["family"]["airway"] == "normal"
+    labels = label_map.labels.copy()
+    assert (labels == 4).any()
+    near = ndimage.binary_dilation(labels == 4, iterations=3) & np.isin(labels, (LUNG_L, LUNG_R))
+    labels[near] = EXTERNAL
+    found = check_anatomy(labels, series.volume.array, series.volume.geometry, NAMES, EXTERNAL, (LUNG_L, LUNG_R),
+                          4, BONE)
+    assert "airway_disconnected" in {f.check for f in found}, found
