@@ -4,7 +4,10 @@ Classical image processing (``node.anatomy``), so it runs on any chest or abdome
 model. It returns one label map (SEG, and RTSTRUCT with TG-263 names for a planning system) and
 a TID 1500 measurement report (template ``sr_templates/ct-anatomy.yaml``). It refuses what it
 cannot answer for, before doing any work: localizers, single images, non-axial, too short or
-irregular volumes, and pixel data that is not in Hounsfield units.
+irregular volumes, and pixel data that is not in Hounsfield units. What it does answer is checked
+as anatomy before it is returned (``node.anatomy.plausibility``: continuity along the body, area
+jumps, lung ratio and share of the chest, lung-density tissue left in no structure, bone, airway);
+each failed check is a ``QualityFlag``, and the rule refuses the job or delivers with the warning.
 
 Lung_L/Lung_R are the aerated lung with what it encloses and any dense (consolidated) lung within
 its outline, as TG-263 defines the lung organ at risk: free pleural effusion and bowel gas under
@@ -21,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from node.anatomy import AIRWAY, BONE, EXTERNAL, LUNG_L, LUNG_R, Anatomy, segment_anatomy
+from node.anatomy.plausibility import check_anatomy
 from node.handler_api import Handler, HandlerInput, HandlerRefusal, register
 from node.results import SCT, Code, LabelMap, Measurement, MeasurementGroup, MeasurementReport, Segment
 from node.volume import SeriesData
@@ -148,5 +152,9 @@ class CTAnatomy(Handler):
                 Measurement("left_right_ratio", round(left / right, 4), "1"),
             )))
         report = MeasurementReport(series.series_uid, "ct-anatomy", tuple(groups), title="CT anatomy measurements")
-        progress(1.0, f"{len(present)} structures")
-        return [label_map, report]
+        progress(0.95, "checking plausibility")
+        flags = check_anatomy(anatomy.labels, series.volume.array, series.volume.geometry,
+                              {lab: seg.name for lab, (seg, _) in SEGMENTS.items()}, EXTERNAL, (LUNG_L, LUNG_R),
+                              AIRWAY if p.airway else None, BONE if p.bone else None)
+        progress(1.0, f"{len(present)} structures" + (f", {len(flags)} failed check(s)" if flags else ""))
+        return [label_map, report, *flags]

@@ -75,3 +75,13 @@ def test_quick_receiver_memory_samples_every_study(tmp_path):
     assert min(report["receiver"]["samples"]) > 0 and report["receiver"]["idle"] > 0
     assert min(report["orthanc"]["samples"]) > 0
     assert min(report["workers"]["samples"]) > 0  # each study ran a job: its worker lives on
+
+
+def test_quick_ct_anatomy_reports_the_family_table_and_the_model():
+    out = subprocess.run([sys.executable, "bench/bench_ct_anatomy.py", "--quick"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ct-anatomy over the phantom family: 4 cases" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) == 4 and all(len(r.split()) >= 14 for r in rows)  # variant, Dice, verdict, model Dice
+    assert "model:hilum-ct-chest: both lungs >= 0.95 on" in out.stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from node.anatomy.grid import Coarse, component_sizes, grow, shrink
 
@@ -48,8 +49,31 @@ def body_tissue(coarse: Coarse) -> np.ndarray:
     kept[1:] = keep
     patient = kept[labels]
     del labels
-    # Opening rounds off the skin; one voxel of regrowth within tissue restores it.
-    return tissue & grow(patient, 1, 1, 0)
+    # Opening rounds off the skin; one voxel of regrowth within tissue restores it. A chest wall
+    # thinner than the opening (a child, a slim patient, coarse pixels) is opened through too:
+    # tissue within the patient's outline (its convex hull, slice by slice) is the patient's, while
+    # a table or pad it lies on stays outside the hull but for where they touch.
+    return tissue & (grow(patient, 1, 1, 0) | convex_hulls(patient))
+
+
+def convex_hulls(mask: np.ndarray) -> np.ndarray:
+    """The convex hull of ``mask`` in each axial slice (K, J, I)."""
+    out = np.zeros_like(mask)
+    for k in np.nonzero(mask.any(axis=(1, 2)))[0]:
+        j, i = np.nonzero(mask[k])
+        points = np.stack([j, i], axis=1).astype(float)
+        try:
+            hull = ConvexHull(points)
+        except QhullError:  # collinear: the mask itself is its hull
+            out[k] = mask[k]
+            continue
+        j0, j1, i0, i1 = j.min(), j.max() + 1, i.min(), i.max() + 1
+        jj, ii = np.mgrid[j0:j1, i0:i1]
+        # Inside every facet's half-plane (with a little slack for the pixels on the hull itself).
+        grid = np.stack([jj.ravel(), ii.ravel(), np.ones(jj.size)], axis=1)
+        inside = (grid @ hull.equations.T <= 1e-6).all(axis=1)
+        out[k, j0:j1, i0:i1] = inside.reshape(jj.shape)
+    return out
 
 
 def _field_edge(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,11 +36,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage, sparse
 from scipy.optimize import linprog
 
 from node.anatomy.grid import Coarse, component_sizes, grow, shrink
+from node.anatomy.junction import min_cut
 
 LOW_HU = -400.0  # aerated lung is darker than this (block means)
 GAS_MEDIAN_HU = -975.0  # a component whose median is darker is gas (bowel, air pockets), not lung
@@ -48,6 +48,12 @@ MIN_LUNG_ML = 15.0
 MIN_LUNG_FRACTION = 0.02  # of the largest low-density component
 MAIN_PIECE_FRACTION = 0.15  # a piece this big (of all lung) is a whole lung, not a fragment
 MAX_SPLIT_EROSION = 8  # coarse voxels (~16 mm) of in-plane erosion tried to part touching lungs
+CORE_SIDE_FRACTION = 0.9  # an eroded core is one lung's when this much of it lies on one side of the midline
+JUNCTION_MARGIN_MM = 10.0  # marker voxels lie at least this far off the midline
+SURELY_SIDE_MM = 30.0  # lung this far off the midline marks its side (junction lines lie nearer)
+JUNCTION_BIAS_MM = 30.0  # a cut this far off the midline costs twice as much per voxel as one on it
+PLEURA_HU = -200.0  # a cut through voxels this bright (the junction's pleura) costs least
+FOUR = ndimage.generate_binary_structure(2, 1)
 THICK_MM = 8.0  # non-lung regions thicker than 2x this (liver dome, heart) are never holes of the lung
 DENSE_HU = (LOW_HU, 200.0)  # consolidated lung: non-aerated, below bone and dense contrast
 CHEST_WALL_MM = 10.0  # a pleural surface lies this close to a rib or the spine
@@ -112,10 +118,21 @@ def _walled_gas(coarse: Coarse, low: np.ndarray) -> np.ndarray:
     return walled
 
 
-def _split_touching(coarse: Coarse, piece: np.ndarray) -> list[np.ndarray]:
-    """Two lungs joined at a junction → the two lungs (or [piece] when it will not part)."""
+def _split_touching(coarse: Coarse, piece: np.ndarray, midline_x: float) -> list[np.ndarray]:
+    """Two lungs joined at a junction → [left, right] (or [piece] when it will not part).
+
+    Markers: the piece eroded in-plane until it falls into two cores that lie on either side of
+    the body's midline (a core that spans both sides, e.g. the lungs joined above the heart and
+    parted below it, is not a lung). Without such cores, the piece's eroded voxels are. Only
+    marker voxels well off the midline count. In each slice a region holding markers of both
+    sides is parted by a minimal cut between them (``junction.min_cut``): the junction line,
+    never by which blob is larger; a region with one side's markers is that side's, one without
+    any goes by its centroid.
+    """
     box = ndimage.find_objects(piece.astype(np.uint8))[0]
     sub = piece[box]
+    x = np.stack([coarse.x_plane(k) for k in range(box[0].start, box[0].stop)])[:, box[1], box[2]]
+    markers = None
     for r in range(1, MAX_SPLIT_EROSION + 1):
         cores, n = ndimage.label(shrink(sub, r, r, 0))
         if n < 2:
@@ -124,18 +141,40 @@ def _split_touching(coarse: Coarse, piece: np.ndarray) -> list[np.ndarray]:
         a, b = np.argsort(sizes)[::-1][:2] + 1
         if sizes[b - 1] < 0.1 * sizes.sum():
             continue
-        markers = np.where(cores == a, 1, 0) + np.where(cores == b, 2, 0)
-        image = sitk.GetImageFromArray(np.ascontiguousarray(coarse.hu[box]))
-        marker_img = sitk.GetImageFromArray(markers.astype(np.uint8))
-        split = sitk.GetArrayFromImage(
-            sitk.MorphologicalWatershedFromMarkers(image, marker_img, markWatershedLine=False, fullyConnected=True))
-        out = []
-        for value in (1, 2):
-            m = np.zeros_like(piece)
-            m[box] = sub & (split == value)
-            out.append(m)
-        return out
-    return [piece]
+        side_a, side_b = (np.mean(x[cores == c] > midline_x) for c in (a, b))
+        if min(max(side_a, side_b), 1 - min(side_a, side_b)) < CORE_SIDE_FRACTION:
+            continue  # not one core per side
+        left, right = (a, b) if side_a > side_b else (b, a)
+        markers = (cores == left, cores == right)
+        break
+    if markers is None:
+        inner = shrink(sub, 1, 1, 0)
+        markers = (inner, inner)
+    # Only well off the midline: where the lungs meet, the flood from each side runs at the same
+    # pace through a junction without a neck, so the cut falls half-way between the markers.
+    markers = np.where((markers[0] | (sub & (x > midline_x + SURELY_SIDE_MM))) & (x > midline_x + JUNCTION_MARGIN_MM),
+                       1, 0) \
+        + np.where((markers[1] | (sub & (x < midline_x - SURELY_SIDE_MM))) & (x < midline_x - JUNCTION_MARGIN_MM), 2, 0)
+    if not (markers == 1).any() or not (markers == 2).any():
+        return [piece]
+    lung_hu = float(np.median(coarse.hu[box][sub]))
+    left = np.zeros_like(sub)
+    for k in range(sub.shape[0]):
+        regions, n = ndimage.label(sub[k], structure=FOUR)
+        for lab in range(1, n + 1):
+            region = regions == lab
+            a, b = (markers[k] == 1) & region, (markers[k] == 2) & region
+            if a.any() and b.any():
+                bias = 1.0 + np.abs(x[k] - midline_x) / JUNCTION_BIAS_MM
+                left[k] |= min_cut(region, coarse.hu[box][k], a, b, lung_hu, PLEURA_HU, bias)
+            elif a.any() or (not b.any() and x[k][region].mean() > midline_x):
+                left[k] |= region
+    out = []
+    for part in (sub & left, sub & ~left):
+        m = np.zeros_like(piece)
+        m[box] = part
+        out.append(m)
+    return out
 
 
 def _fill(coarse: Coarse, lung: np.ndarray) -> np.ndarray:
@@ -286,11 +325,15 @@ def segment_lungs(coarse: Coarse, external: np.ndarray, airway: np.ndarray | Non
     total = float(lungs.sum())
     main = [p for p in pieces if p.sum() >= MAIN_PIECE_FRACTION * total]
     rest = [p for p in pieces if p.sum() < MAIN_PIECE_FRACTION * total]
-    if len(main) == 1:
-        main = _split_touching(coarse, main[0])
     left = np.zeros_like(lungs)
     right = np.zeros_like(lungs)
-    if len(main) >= 2:
+    if len(main) == 1:
+        parts = _split_touching(coarse, main[0], midline_x)
+        if len(parts) == 2:  # [left, right], sides already decided
+            left |= parts[0]
+            right |= parts[1]
+            main = []
+    if not left.any() and len(main) >= 2:
         main.sort(key=lambda p: -int(p.sum()))
         xa, xb = _centroid_x(coarse, main[0]), _centroid_x(coarse, main[1])
         split_x = (xa + xb) / 2

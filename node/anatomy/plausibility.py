@@ -1,0 +1,159 @@
+"""Plausibility of a ct-anatomy result: checks run before anything is delivered.
+
+A classical pipeline is a chain of heuristics (body, airway, gas pockets, junction, dense lung,
+lung base); when one of them misfires on anatomy it was not tuned to, the result can be wrong
+while looking like any other. These checks look at the result as anatomy, not at how it was
+made, and each failure becomes a ``QualityFlag`` naming what was found and the threshold broken.
+
+Generic, per structure (``node.quality.slices``): each lung and the External continuous along the
+body (``slice_gap``), no lung area jump beyond what neighbouring slices allow (``slice_area_jump``),
+no hole in the External (``outline_holes``). Chest-specific (thresholds below):
+
+- ``lung_unlabelled``: lung-density tissue (a region of at least ``UNLABELLED_REGION_ML`` whose
+  median is above ``GAS_MEDIAN_HU``, i.e. parenchyma, not bowel gas or air) inside the body and
+  in no structure, more than ``MAX_UNLABELLED_FRACTION`` of the lungs' volume (and more than
+  ``MIN_UNLABELLED_ML``): a lung, or part of one, that some heuristic dropped.
+- ``lung_missing``: one lung empty while the other holds at least ``MIN_LUNG_ML``.
+- ``lung_ratio``: left/right volume ratio outside ``LUNG_RATIO_RANGE`` (the left lung is about
+  0.8-0.9 of the right; the range leaves room for disease, partial coverage and habitus).
+- ``lung_fraction``: the lungs less than ``MIN_LUNG_FRACTION`` of the body's volume on the slices
+  that show them (a chest's lungs fill far more of it, even in an obese patient).
+- ``bone_absent``: a chest CT (lungs >= ``MIN_LUNG_ML``) with less than ``MIN_BONE_ML`` of bone.
+- ``airway_disconnected``: an airway that runs alongside the lungs for at least
+  ``AIRWAY_OVERLAP_MM`` yet touches neither (the trachea and main bronchi end in them).
+- ``airway_too_large``: airway volume over ``MAX_AIRWAY_FRACTION`` of the lungs' (it is 1-3 %),
+  or a cross-section of it in one slice wider than ``MAX_AIRWAY_SECTION_MM2`` (an adult trachea's
+  largest): the airway grew into a lung.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from node.quality.slices import continuity, outline_holes, slice_gap
+from node.results import QualityFlag
+from node.volume import Geometry
+
+CHECK_MM = 2.0  # in-plane sampling of the checks
+LUNG_HU_BELOW = -400.0  # aerated lung is darker than this
+PARENCHYMA_MEDIAN_HU = (-975.0, -600.0)  # a region's median in here is parenchyma: darker is air or gas,
+# brighter the partial volume of tissue edges (thin fat against air)
+UNLABELLED_REGION_ML = 2.0
+MIN_UNLABELLED_ML = 20.0
+MAX_UNLABELLED_FRACTION = 0.05
+MIN_LUNG_ML = 100.0
+LUNG_RATIO_RANGE = (0.4, 1.6)
+MIN_LUNG_FRACTION = 0.05
+MIN_BONE_ML = 20.0
+AIRWAY_OVERLAP_MM = 40.0
+MAX_AIRWAY_FRACTION = 0.04
+MAX_AIRWAY_SECTION_MM2 = 1000.0
+
+
+def check_anatomy(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, names: dict[int, str],
+                  external_label: int, lungs: tuple[int, int], airway: int | None,
+                  bone: int | None) -> list[QualityFlag]:
+    """Every check above on a ct-anatomy label volume (``names``: label → structure name);
+    ``airway``/``bone``: their labels when they were asked for, else None.
+
+    The checks are about millilitres and whole slices, so they run on every ``step``-th row and
+    column (about ``CHECK_MM`` apart): a 512x512 CT costs a tenth of its full grid.
+    """
+    step = max(1, int(CHECK_MM // max(geometry.spacing[0], geometry.spacing[1])))
+    labels, hu = labels[:, ::step, ::step], hu[:, ::step, ::step]
+    sx, sy, sz = geometry.spacing[0] * step, geometry.spacing[1] * step, geometry.spacing[2]
+    voxel_ml = sx * sy * sz / 1000.0
+    left, right = lungs
+    flags: list[QualityFlag] = []
+    body = labels > 0
+    flags += slice_gap(body, "External") + outline_holes(body, "External", voxel_ml)
+    for lab in lungs:
+        flags += continuity(labels == lab, names[lab], sx * sy)
+    ml = {lab: float((labels == lab).sum()) * voxel_ml for lab in (left, right)}
+    lungs_ml = ml[left] + ml[right]
+    flags += _unlabelled(labels, hu, external_label, voxel_ml, lungs_ml)
+    for lab, other in ((left, right), (right, left)):
+        if ml[lab] == 0 and ml[other] >= MIN_LUNG_ML:
+            flags.append(QualityFlag("lung_missing", f"{names[lab]} is empty while {names[other]} holds "
+                                     f"{ml[other]:.0f} ml (threshold: {MIN_LUNG_ML:g} ml)", structure=names[lab]))
+    if ml[left] > 0 and ml[right] > 0 and lungs_ml >= MIN_LUNG_ML:
+        ratio = ml[left] / ml[right]
+        lo, hi = LUNG_RATIO_RANGE
+        if not lo <= ratio <= hi:
+            flags.append(QualityFlag("lung_ratio", f"left/right lung volume ratio {ratio:.2f} "
+                                     f"({ml[left]:.0f} / {ml[right]:.0f} ml) is outside {lo:g}-{hi:g}",
+                                     structure="Lungs"))
+    if lungs_ml >= MIN_LUNG_ML:
+        ks = np.nonzero(np.isin(labels, lungs).any(axis=(1, 2)))[0]
+        body_ml = float(body[ks[0]:ks[-1] + 1].sum()) * voxel_ml
+        if lungs_ml < MIN_LUNG_FRACTION * body_ml:
+            flags.append(QualityFlag("lung_fraction", f"the lungs ({lungs_ml:.0f} ml) are "
+                                     f"{lungs_ml / body_ml:.1%} of the body on the slices that show them "
+                                     f"(threshold: {MIN_LUNG_FRACTION:.0%})", structure="Lungs"))
+        if bone is not None:
+            bone_ml = float((labels == bone).sum()) * voxel_ml
+            if bone_ml < MIN_BONE_ML:
+                flags.append(QualityFlag("bone_absent", f"{bone_ml:.1f} ml of bone in a chest CT with "
+                                         f"{lungs_ml:.0f} ml of lung (threshold: {MIN_BONE_ML:g} ml)",
+                                         structure=names[bone]))
+    if airway is not None and lungs_ml >= MIN_LUNG_ML:
+        flags += _airway(labels, airway, lungs, (sx, sy, sz), voxel_ml, lungs_ml, names[airway])
+    return flags
+
+
+def _unlabelled(labels: np.ndarray, hu: np.ndarray, external_label: int, voxel_ml: float,
+                lungs_ml: float) -> list[QualityFlag]:
+    candidate = (labels == external_label) & (hu < LUNG_HU_BELOW)
+    regions, n = ndimage.label(candidate)
+    if n == 0:
+        return []
+    sizes = np.bincount(regions.ravel(), minlength=n + 1)[1:]
+    big = np.nonzero(sizes * voxel_ml >= UNLABELLED_REGION_ML)[0] + 1
+    if big.size == 0:
+        return []
+    medians = np.asarray(ndimage.median(hu, regions, big))
+    lo, hi = PARENCHYMA_MEDIAN_HU
+    lung_like = big[(medians > lo) & (medians < hi)]
+    found_ml = float(sizes[lung_like - 1].sum()) * voxel_ml
+    limit = max(MIN_UNLABELLED_ML, MAX_UNLABELLED_FRACTION * lungs_ml)
+    if found_ml <= limit:
+        return []
+    ks = np.nonzero(np.isin(regions, lung_like).any(axis=(1, 2)))[0]
+    return [QualityFlag("lung_unlabelled", f"{found_ml:.0f} ml of lung-density tissue inside the body, on "
+                        f"slices {ks[0]}-{ks[-1]}, is in no structure (the lungs hold {lungs_ml:.0f} ml; "
+                        f"threshold: {MAX_UNLABELLED_FRACTION:.0%} of them, at least {MIN_UNLABELLED_ML:g} ml)",
+                        structure="Lungs")]
+
+
+def _airway(labels: np.ndarray, airway: int, lungs: tuple[int, int], spacing: tuple[float, float, float],
+            voxel_ml: float, lungs_ml: float, name: str) -> list[QualityFlag]:
+    sx, sy, sz = spacing
+    way = labels == airway
+    airway_ml = float(way.sum()) * voxel_ml
+    if airway_ml == 0:
+        return []
+    flags = []
+    widest, at = 0.0, 0
+    for k in np.nonzero(way.any(axis=(1, 2)))[0]:
+        regions, n = ndimage.label(way[k])
+        section = float(np.bincount(regions.ravel())[1:].max()) * sx * sy
+        if section > widest:
+            widest, at = section, int(k)
+    if airway_ml > MAX_AIRWAY_FRACTION * lungs_ml:
+        flags.append(QualityFlag("airway_too_large", f"the airway ({airway_ml:.0f} ml) is "
+                                 f"{airway_ml / lungs_ml:.1%} of the lungs' volume (threshold: "
+                                 f"{MAX_AIRWAY_FRACTION:.0%}); it has grown into lung", structure=name))
+    elif widest > MAX_AIRWAY_SECTION_MM2:
+        flags.append(QualityFlag("airway_too_large", f"the airway's cross-section on slice {at} is "
+                                 f"{widest:.0f} mm2, wider than a trachea (threshold: {MAX_AIRWAY_SECTION_MM2:g} mm2); "
+                                 "it has grown into lung", structure=name))
+    lung = np.isin(labels, lungs)
+    overlap = int((way.any(axis=(1, 2)) & lung.any(axis=(1, 2))).sum()) * sz
+    if overlap >= AIRWAY_OVERLAP_MM:
+        box = ndimage.find_objects(way.astype(np.uint8))[0]
+        box = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in box)
+        if not (ndimage.binary_dilation(way[box], iterations=2) & lung[box]).any():
+            flags.append(QualityFlag("airway_disconnected", f"the airway runs alongside the lungs for "
+                                     f"{overlap:.0f} mm but touches neither (threshold: {AIRWAY_OVERLAP_MM:g} mm)",
+                                     structure=name))
+    return flags
