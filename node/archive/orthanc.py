@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from node.config import Settings
+from node.lifeline import die_with_parent, take_down_stale, write_pid
 
 log = logging.getLogger("hilum.orthanc")
 
@@ -98,6 +99,7 @@ class ManagedOrthanc:
         user, pw = _credentials(settings.data_dir / "orthanc-credentials.json")
         self.endpoint = ArchiveEndpoint(f"http://127.0.0.1:{settings.orthanc_http_port}", user, pw)
         self.config_path = self.root / "orthanc.json"
+        self.pid_file = self.root / "orthanc.pid"
         self._proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
@@ -120,10 +122,13 @@ class ManagedOrthanc:
         self._proc = subprocess.Popen(
             [exe, str(self.config_path)], stdout=logf, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,  # a Ctrl-C on the node's terminal is the node's to handle
+            preexec_fn=die_with_parent(),  # …but a SIGKILL of the node takes Orthanc with it
         )
         logf.close()
+        write_pid(self.pid_file, self._proc.pid)
 
     def start(self, timeout: float = 60.0) -> None:
+        take_down_stale(self.pid_file, str(self.config_path))  # same data dir: same files and ports
         self.write_config()
         self._spawn()
         self.wait_ready(timeout)
@@ -161,8 +166,8 @@ class ManagedOrthanc:
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stop.set()
-        if self._watch is not None:
-            self._watch.join(timeout=5)
+        # Orthanc first, its supervisor after: a child the supervisor thread restarted gets its
+        # parent-death signal when that thread ends, which must not pre-empt the clean stop.
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -171,7 +176,14 @@ class ManagedOrthanc:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._watch is not None:
+            self._watch.join(timeout=5)
+        proc = self._proc  # restarted by the supervisor meanwhile: its thread has ended, stop it too
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         self._proc = None
+        self.pid_file.unlink(missing_ok=True)
 
     @property
     def pid(self) -> int | None:
