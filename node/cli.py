@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import signal
+import tempfile
 import sys
 from pathlib import Path
 
 from node.config import ConfigError, Settings, load_settings
-from node.web.auth import ROLES
+from node.web.auth import ROLES, TOKEN_ROLES
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -147,6 +149,24 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    import socket
+
+    from node import logs
+    from node.jobs.remote import serve, serve_many
+
+    logs.configure("INFO")
+    token = Path(args.token_file).read_text().strip()
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    if args.concurrency > 1:
+        base = ["--node", args.node, "--token-file", str(args.token_file), "--queues", args.queues,
+                "--work-dir", str(args.work_dir)] + (["--ca-file", str(args.ca_file)] if args.ca_file else [])
+        return serve_many(base, name, args.concurrency)
+    serve(args.node, token, queues, name, Path(args.work_dir), verify=str(args.ca_file) if args.ca_file else True)
+    return 0
+
+
 def cmd_phantom(argv: list[str]) -> int:
     from node.phantom import cli
 
@@ -171,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="API tokens").add_subparsers(dest="tcmd", required=True)
     create = tok.add_parser("create", help="create a token (printed once)")
     _add_common(create)
-    create.add_argument("--role", choices=ROLES, required=True)
+    create.add_argument("--role", choices=TOKEN_ROLES, required=True)
     create.add_argument("--label")
     create.set_defaults(func=cmd_token)
 
@@ -206,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--aet", default="HILUM", help="called AE title")
     send.add_argument("--calling-aet", dest="calling_aet", default="HILUMSCU")
     send.set_defaults(func=cmd_send)
+
+    wk = sub.add_parser("worker", help="run jobs for a node from its Celery queues (executor.kind: celery)")
+    wk.add_argument("--node", required=True, help="the node's web URL, e.g. https://node:8443")
+    wk.add_argument("--token-file", dest="token_file", type=Path, required=True, help="a worker-role token")
+    wk.add_argument("--queues", default="cpu", help="comma-separated queues to take jobs from")
+    wk.add_argument("--concurrency", type=int, default=1, help="jobs at once (one process each)")
+    wk.add_argument("--name", help="worker name in job histories (default host-pid)")
+    wk.add_argument("--work-dir", dest="work_dir", type=Path, default=Path(tempfile.gettempdir()) / "hilum-worker",
+                    help="where a job's inputs and results live while it runs")
+    wk.add_argument("--ca-file", dest="ca_file", type=Path, help="CA bundle to verify the node's certificate")
+    wk.set_defaults(func=cmd_worker)
 
     sub.add_parser("phantom", help="write a synthetic study with ground truth (see `hilum phantom -h`)",
                    add_help=False)

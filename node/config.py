@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.config_executor import ExecutorSettings
 from node.config_security import AuditSettings, ClientTls, Deidentify, DicomTls, Retention, SpoolEncryption, WebTls
 
 AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
@@ -116,6 +117,7 @@ class Settings(Strict):
     spool_encryption: SpoolEncryption | None = None  # AES-256-GCM at rest for the spool (node/store)
     spool_segment_mb: int = Field(512, ge=8, le=65536)  # size of one received-instance log segment
     retention: Retention = Retention()  # delete spooled copies after delivery + a period
+    executor: ExecutorSettings = ExecutorSettings()  # local worker processes, or a Celery cluster
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -151,6 +153,14 @@ class Settings(Strict):
                 enc.key_file.resolve().is_relative_to(self.data_dir.resolve()):
             raise ValueError(f"spool_encryption.key_file: {enc.key_file} is inside data_dir {self.data_dir}; a key "
                              "kept beside the data it encrypts protects nothing (a stolen disk or backup has both)")
+        return self
+
+    @model_validator(mode="after")
+    def _visibility_above_timeout(self) -> "Settings":
+        vt = self.executor.visibility_timeout_s
+        if vt is not None and vt <= self.handler_timeout_s:
+            raise ValueError(f"executor.visibility_timeout_s: {vt:g} s is not above handler_timeout_s "
+                             f"({self.handler_timeout_s:g} s); the broker would hand a running job to a second worker")
         return self
 
     @property

@@ -21,7 +21,7 @@ from node.encoders.sr_templates import validate_all
 from node.handler_api import get_handler, handler_names
 from node.jobs.admin import retry
 from node.models.registry import validate_models
-from node.jobs.executor import LocalProcessExecutor
+from node.jobs.executor import Executor, LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
 from node.route.router import Router
@@ -75,13 +75,25 @@ class Node:
         self.delivery = DeliveryLoop(settings, self.index,
                                      build_destinations(self.archive, settings.destinations, settings.ae_title),
                                      self.vault, self.audit)
-        self.executor = LocalProcessExecutor(settings, self.index, self.vault, on_done=self.delivery.wake,
-                                             audit=self.audit)
+        self.executor = self._executor()
         self.housekeeper = Housekeeper(settings, self.index, self.vault, self.audit)
         self.router = Router(settings, self.index, rules=self.rules.current, on_jobs=self.executor.wake,
                              on_deliveries=self.delivery.wake, audit=self.audit)
         self.http_client: httpx.AsyncClient | None = None
         self._started = threading.Event()
+
+    def _executor(self) -> Executor:
+        if self.settings.executor.kind == "celery":
+            from node.jobs.celery_executor import CeleryExecutor  # Celery is imported only where it is used
+
+            return CeleryExecutor(self.settings, self.index, on_done=self.delivery.wake, audit=self.audit,
+                                  rule_queue=self._rule_queue)
+        return LocalProcessExecutor(self.settings, self.index, self.vault, on_done=self.delivery.wake,
+                                    audit=self.audit)
+
+    def _rule_queue(self, rule_name: str) -> str | None:
+        rule = next((r for r in self.rules.current().rules if r.name == rule_name), None)
+        return rule.action.queue if rule is not None else None
 
     def start(self) -> None:
         validate_models()  # every card parses and its ONNX model loads

@@ -52,6 +52,7 @@ class RuleSpec(BaseModel):
     stable_after: float | None = None  # seconds without new instances before the series/study counts as complete
     priority: Literal["urgent", "normal", "offpeak"] = "normal"
     timeout: float | None = None  # seconds a job may run
+    queue: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.\-]{0,63}$")  # executor queue (gpu, cpu…), celery only
 
     @field_validator("handler", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ class Action:
     priority: str = "normal"  # "urgent", "normal" or "offpeak"
     timeout: float | None = None  # seconds
     stable_after: float | None = None  # seconds
+    queue: str | None = None  # the Celery queue its jobs go to (default: by handler, executor.queues)
 
     def describe(self) -> str:
         parts = []
