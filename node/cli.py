@@ -108,25 +108,52 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from node.runtime import open_index
-    from node.web.views import job_view, study_summary
+    from node.web.views import cluster_summary, job_view, study_summary
 
     settings = _settings(args)
     index = open_index(settings)
+    cluster = cluster_summary(index, settings.executor.kind, _queue_lengths(settings, index))
     studies = []
     for row in index.studies(args.limit, 0):
         s = study_summary(row)
         s["jobs"] = [job_view(index, j) for j in index.jobs(study_uid=row["study_uid"])]
         studies.append(s)
     if args.json:
-        print(json.dumps({"studies": studies, "duplicates": index.stat("duplicates"),
-                          "quarantined": index.stat("quarantined")}, indent=1))
+        out = {"studies": studies, "duplicates": index.stat("duplicates"), "quarantined": index.stat("quarantined")}
+        if settings.executor.kind == "celery":
+            out["cluster"] = cluster
+        print(json.dumps(out, indent=1))
         return 0
     print(f"{'study':<48} {'inst':>5} {'stable':<6} jobs")
     for s in studies:
         jobs = ", ".join(f"{j['handler']}:{j['status']}" for j in s["jobs"]) or "-"
         print(f"{s['study_uid'][:48]:<48} {s['instances_received']:>5} {str(s['stable']).lower():<6} {jobs}")
     print(f"duplicates {index.stat('duplicates')}, quarantined {index.stat('quarantined')}")
+    if settings.executor.kind == "celery":
+        import time
+
+        queues = cluster["queues"]
+        print("queues: " + (", ".join(f"{q} {n}" for q, n in sorted(queues.items())) if queues is not None
+                            else "unknown (broker unreachable)"))
+        for w in cluster["workers"]:
+            print(f"worker {w['name']} on {w['host']} [{','.join(w['queues'])}] "
+                  f"{'job ' + str(w['current_job']) if w['current_job'] is not None else 'idle'}, "
+                  f"last heartbeat {time.time() - w['last_seen']:.0f} s ago")
     return 0
+
+
+def _queue_lengths(settings: Settings, index) -> dict[str, int] | None:
+    if settings.executor.kind != "celery":
+        return None
+    from node.jobs.broker import BrokerView
+
+    ex = settings.executor
+    queues = {ex.default_queue, *ex.queues.values(), *(q for w in index.workers() for q in json.loads(w["queues"]))}
+    view = BrokerView(ex.broker_url)
+    try:
+        return view.queue_lengths(sorted(queues))
+    finally:
+        view.close()
 
 
 def cmd_retry(args: argparse.Namespace) -> int:

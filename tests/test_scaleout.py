@@ -180,8 +180,14 @@ def test_two_workers_process_a_batch_like_the_local_executor(cluster, studies, t
         # The workers kept nothing: their working directories hold no job files once done.
         for w in workers:
             assert not [p for p in w.work_dir.rglob("*") if p.is_file()]
-        cl = node.api("GET", "/api/cluster").json()
+        cl = node.api("GET", "/api/dashboard").json()["cluster"]
         assert {w["name"] for w in cl["workers"]} == {"w1", "w2"} and cl["queues"] == {"cpu": 0}
+        assert all(w["queues"] == ["cpu"] and w["current_job"] is None for w in cl["workers"])
+        metrics = node.api("GET", "/metrics").text
+        assert 'hilum_queue_length{queue="cpu"} 0' in metrics and 'hilum_jobs{status="done"} 3' in metrics
+        assert "hilum_workers_alive 2" in metrics and 'hilum_worker_busy{worker="w1"' in metrics
+        status = node.hilum("status", "--config", str(node.config_path)).stdout
+        assert "queues: cpu 0" in status and "worker w1 on" in status and "worker w2 on" in status
 
 
 def test_a_worker_killed_mid_job_loses_it_to_the_other(cluster, studies, tmp_path):
@@ -211,6 +217,24 @@ def test_a_worker_killed_mid_job_loses_it_to_the_other(cluster, studies, tmp_pat
         assert job["attempts"] == 2
         in_orthanc = _orthanc_files(node, study.study_uid)
         assert len(in_orthanc) == 12 + 1  # the originals and the one result: no duplicate
+
+
+def test_a_node_restarted_mid_job_takes_the_running_attempt_back(cluster, studies, tmp_path):
+    make, worker = cluster
+    with redis_server(tmp_path / "redis") as redis:
+        node = make(8.0, redis)
+        worker(node, "w1", node.worker_token())
+        assert storescu(node.dicom_port, studies[0].dicom_dir).returncode == 0
+        index = node.index()
+        wait_for(lambda: index.jobs() and [a["state"] for a in index.attempts_of_job(index.jobs()[0]["id"])]
+                 == ["claimed"], 60, "the worker to take the job", interval=0.1)
+        node.stop()  # SIGTERM: a clean stop while the worker computes
+        node.start()
+        (job,) = wait_for(lambda: _jobs_done(node, 1), 120, "the job done", interval=0.5)
+        # It finished where it ran; it was not also queued again.
+        assert job["attempts"] == 1 and [a["state"] for a in index.attempts_of_job(job["id"])] == ["done"]
+        assert [h["event"] for h in job["history"]] == ["created", "started", "done"]
+        assert len(_orthanc_files(node, studies[0].study_uid)) == 12 + 1
 
 
 @pytest.mark.parametrize("persistent", [True, False], ids=["append-only", "no-persistence"])
@@ -264,6 +288,9 @@ def test_a_worker_reads_only_the_job_it_was_given(cluster, studies, tmp_path):
         for s in studies[:2]:
             assert storescu(node.dicom_port, s.dicom_dir).returncode == 0
         tickets = wait_for(lambda: len(t := _queued_tickets(redis)) == 2 and t, 60, "two tasks in the queue")
+        # What an autoscaler reads: two tasks waiting, no worker.
+        assert 'hilum_queue_length{queue="cpu"} 2' in node.api("GET", "/metrics").text
+        assert "queues: cpu 2" in node.hilum("status", "--config", str(node.config_path)).stdout
         (a, ta), (b, tb) = sorted(tickets.items())
 
         def call(method, path, tok=token, ticket=None):

@@ -14,6 +14,7 @@ attempt's results. One thread here does both:
 """
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -72,7 +73,8 @@ class CeleryExecutor(Executor):
 
     def queues(self) -> list[str]:
         return sorted({self.cfg.default_queue, *self.cfg.queues.values(),
-                       *(a["queue"] for a in self.index.open_attempts())})
+                       *(a["queue"] for a in self.index.open_attempts()),
+                       *(q for w in self.index.workers() for q in json.loads(w["queues"]))})
 
     def queue_lengths(self) -> dict[str, int] | None:
         return self.broker.queue_lengths(self.queues())

@@ -22,6 +22,7 @@ from node.web import (
     health,
     jobs,
     login,
+    metrics,
     ohif,
     rules_api,
     studies,
@@ -51,7 +52,7 @@ def create_app(node, ohif_files: ohif.OhifFiles | None = None) -> FastAPI:
     app.state.node = node
     app.state.web = WebState(sessions=SessionStore(node.settings.session_idle_s), ohif=files)
     for module in (health, login, studies, jobs, deliveries, dashboard, rules_api, destinations, audit_api,
-                   dicomweb, console, view3d, worker_api):
+                   dicomweb, console, view3d, worker_api, metrics):
         app.include_router(module.router)
     app.include_router(worker_api.cluster)
     app.include_router(ohif.router)  # last: its catch-all

@@ -27,6 +27,7 @@ from node.jobs.wire import FRAME, TICKET, WORKER
 from node.receive.spool import fsync_dirs
 from node.store.vault import IntegrityError
 from node.web.auth import WORKER_ROLE, Principal, hash_token, require_viewer
+from node.web.views import cluster_summary
 
 router = APIRouter(prefix="/api/worker", tags=["worker"])
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -255,11 +256,9 @@ cluster = APIRouter(prefix="/api/cluster", tags=["worker"])
 def cluster_view(node) -> dict:
     """Workers (host, queues, current job, last heartbeat) and queue lengths; shared with `hilum status`
     and the metrics endpoint."""
-    workers = [{"name": w["name"], "host": w["host"], "queues": json.loads(w["queues"]), "current_job": w["current_job"],
-                "pid": w["pid"], "last_seen": w["last_seen"]} for w in node.index.workers()]
     ex = node.executor
     lengths = ex.queue_lengths() if hasattr(ex, "queue_lengths") else None
-    return {"executor": node.settings.executor.kind, "workers": workers, "queues": lengths}
+    return cluster_summary(node.index, node.settings.executor.kind, lengths)
 
 
 @cluster.get("")
