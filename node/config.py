@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.config_archive import ArchiveSettings
 from node.config_executor import ExecutorSettings
 from node.config_security import AuditSettings, ClientTls, Deidentify, DicomTls, Retention, SpoolEncryption, WebTls
 
@@ -94,6 +95,7 @@ class Settings(Strict):
     orthanc_dicom_port: int = Field(4242, ge=1, le=65535)
     orthanc_dicom_enabled: bool = False  # Orthanc 1.10 cannot bind DICOM to loopback: off unless asked
     external_orthanc: ExternalOrthanc | None = None
+    archive: ArchiveSettings = ArchiveSettings()  # the managed Orthanc's index: SQLite or PostgreSQL
     rules_dir: Path = Path("./rules")
     stable_after: float = Field(30.0, gt=0, le=86400)
     allowed_callers: list[AllowedCaller] = []  # empty: accept any calling AE (logged loudly)

@@ -44,6 +44,15 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _identity(pid: int) -> str:
+    """Its command line and its working directory (a server that chdirs into its data dir is known by it)."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = ""
+    return f"{_cmdline(pid)} {cwd}"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -57,13 +66,14 @@ def _alive(pid: int) -> bool:
 
 def take_down_stale(pid_file: Path, marker: str, sig: int = signal.SIGTERM, grace: float = 15.0) -> int | None:
     """Stop the process named by ``pid_file`` if it still runs with ``marker`` (e.g. its config path)
-    in its command line; a recycled pid running something else is left alone. Returns the pid stopped."""
+    in its command line or as its working directory; a recycled pid running something else is left
+    alone. Returns the pid stopped."""
     try:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
     stopped = None
-    if pid > 1 and _alive(pid) and marker in _cmdline(pid):
+    if pid > 1 and _alive(pid) and marker in _identity(pid):
         log.warning("a %s left by an earlier node (pid %d) still runs: stopping it", Path(marker).name, pid)
         os.kill(pid, sig)
         deadline = time.monotonic() + grace
