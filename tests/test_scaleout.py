@@ -49,7 +49,7 @@ def write_rules(d: Path, sleep_s: float, queue: str = "cpu") -> Path:
 
 
 class ClusterNode(NodeProcess):
-    def __init__(self, tmp: Path, broker: str, sleep_s: float, worker_lost_s: float = 3.0, **settings) -> None:
+    def __init__(self, tmp: Path, broker: str, sleep_s: float, worker_lost_s: float = 15.0, **settings) -> None:
         executor = {"kind": "celery", "broker_url": broker, "worker_lost_s": worker_lost_s, "lost_task_s": 3.0}
         super().__init__(tmp / "data", write_rules(tmp / "rules", sleep_s), executor=executor, **settings)
         self.launcher = [sys.executable, "-c", PRELOAD]
@@ -154,6 +154,8 @@ def test_two_workers_process_a_batch_like_the_local_executor(cluster, studies, t
         node = make(1.5, redis)
         token = node.worker_token()
         workers = [worker(node, "w1", token), worker(node, "w2", token)]
+        index = node.index()
+        wait_for(lambda: len(index.workers()) == 2, 60, "both workers up")
         for s in studies:
             assert storescu(node.dicom_port, s.dicom_dir).returncode == 0
         jobs = wait_for(lambda: _jobs_done(node, len(studies)), 180, "every job done and delivered", interval=0.5)
@@ -193,7 +195,7 @@ def test_two_workers_process_a_batch_like_the_local_executor(cluster, studies, t
 def test_a_worker_killed_mid_job_loses_it_to_the_other(cluster, studies, tmp_path):
     make, worker = cluster
     with redis_server(tmp_path / "redis") as redis:
-        node = make(8.0, redis)
+        node = make(8.0, redis, worker_lost_s=5.0)  # short, so the test need not wait long for the loss
         token = node.worker_token()
         workers = {n: worker(node, n, token) for n in ("w1", "w2")}
         study = studies[0]

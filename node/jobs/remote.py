@@ -219,6 +219,12 @@ def serve(node_url: str, token: str, queues: list[str], name: str, work_dir: Pat
         log.info("%s", outcome)
         return outcome
 
+    # Heavy imports now, not inside the first job: they hold the interpreter for seconds, which would
+    # starve the heartbeat thread and could make the node take this worker for lost.
+    import node.encoders  # noqa: F401
+    from node.handler_api import discover
+
+    discover()
     worker.start_heartbeat()
     app.worker_main(["worker", "-Q", ",".join(queues), "-c", "1", "-P", "solo", "-n", f"{name}@%h",
                      "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"])
