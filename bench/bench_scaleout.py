@@ -2,7 +2,7 @@
 1, 2 and 4 workers, and the archive's ingest on SQLite against PostgreSQL.
 
 - scheduling overhead: job latency (created → finished, stability window apart) of a near no-op
-  handler (`test-slow-overview` with no sleep, one 64-pixel tile), Celery minus local;
+  handler (`overview` of one 64-pixel tile), Celery minus local;
 - input transfer: a worker's claim + streamed inputs of one CT (the worker API, decrypted from the
   vault), MB/s on loopback;
 - throughput: 8 studies, a handler bound by a fixed sleep, 1/2/4 workers: makespan (first claim → last
@@ -51,17 +51,30 @@ def latencies(node, sts) -> list[float]:
     return out
 
 
-def local_node(tmp: Path, sleep_s: float) -> ClusterNode:
-    node = ClusterNode(tmp, "redis://unused", sleep_s)
-    node.config.pop("executor")
-    node.config_path.write_text(__import__("yaml").safe_dump(node.config))
+NOOP_RULE = """\
+- name: ct-overview
+  level: series
+  match: {Modality: CT}
+  handler: {name: overview, params: {tiles: 1, tile_size: 64}}
+  destinations: [orthanc]
+"""
+
+
+def noop_node(tmp: Path, broker: str | None) -> ClusterNode:
+    """A node whose one rule runs a near no-op handler (the local executor's spawned workers know only
+    the shipped handlers); ``broker`` None: the local executor."""
+    node = ClusterNode(tmp, broker or "redis://unused", 0.0)
+    (tmp / "rules" / "ct.yaml").write_text(NOOP_RULE)
+    if broker is None:
+        node.config.pop("executor")
+        node.config_path.write_text(__import__("yaml").safe_dump(node.config))
     return node
 
 
 def overhead(tmp: Path, n: int) -> str:
     lat = {}
     sts = studies(tmp / "studies", 2 * n, 100)
-    node = local_node(tmp / "local", 0.0).start()
+    node = noop_node(tmp / "local", None).start()
     try:
         latencies(node, sts[:1])  # warm the worker process (imports) before measuring
         lat["local"] = latencies(node, sts[1:n])
@@ -69,7 +82,7 @@ def overhead(tmp: Path, n: int) -> str:
         node.stop()
         node._kill_orthanc()
     with redis_server(tmp / "redis-o") as redis:
-        node = ClusterNode(tmp / "celery", redis.url, 0.0).start()
+        node = noop_node(tmp / "celery", redis.url).start()
         w = Worker(node, "w1", node.worker_token())
         try:
             latencies(node, sts[n:n + 1])
