@@ -89,3 +89,38 @@ def test_core_path_with_the_archive_index_in_postgresql(tmp_path, ct):
         node._kill_orthanc()
         for pid in processes_in(pg_data):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_external_postgresql_by_dsn(tmp_path):
+    """`archive: {index: postgresql, dsn: …}`: Orthanc's index in a PostgreSQL the node does not run
+    (played here by a cluster started on its own)."""
+    from urllib.parse import quote
+
+    from node.archive.orthanc import ManagedOrthanc
+    from node.archive.postgres import ManagedPostgres
+    from node.config import load_settings
+    from tests.nodeproc import free_port
+    from tests.test_receive import make_ct
+
+    (tmp_path / "db-server").mkdir()
+    external = ManagedPostgres(tmp_path / "db-server")
+    external.start()
+    try:
+        dsn = f"postgresql://{SUPERUSER}:{quote(external.password)}@/orthanc?host={quote(str(external.socket_dir))}"
+        settings = load_settings(data_dir=tmp_path / "d", orthanc_http_port=free_port(),
+                                 archive={"index": "postgresql", "dsn": dsn})
+        settings.data_dir.mkdir(parents=True)
+        m = ManagedOrthanc(settings)
+        assert m.pg is None  # nothing of its own to run
+        m.start()
+        try:
+            f = tmp_path / "x.dcm"
+            make_ct(f)
+            with m.endpoint.client() as c:
+                assert "PostgreSQL" in c.get("/system").json()["DatabaseBackendPlugin"]
+                assert c.post("/instances", content=f.read_bytes()).status_code == 200
+        finally:
+            m.stop()
+        assert psql(tmp_path / "db-server", "SELECT count(*) FROM resources WHERE resourcetype = 3") == "1"
+    finally:
+        external.stop()
