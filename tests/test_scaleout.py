@@ -322,3 +322,30 @@ def test_a_worker_reads_only_the_job_it_was_given(cluster, studies, tmp_path):
             f"no attempt of job {b} for this ticket", f"no running attempt of job {b} for this ticket"}
         granted = [e for e in _audit(node) if e["outcome"] == 0]
         assert [(e["detail"]["job"], e["detail"]["request"], e["objects"]) for e in granted] == [(a, "inputs", 12)]
+
+
+def test_worker_concurrency_runs_processes_that_die_with_it(cluster, tmp_path):
+    from tests.test_lifeline import descendants
+
+    make, _ = cluster
+    with redis_server(tmp_path / "redis") as redis:
+        node = make(0.0, redis)
+        token = node.worker_token()
+        parent = subprocess.Popen(
+            [sys.executable, "-c", PRELOAD, "worker", "--node", node.web, "--token-file", str(token),
+             "--queues", "cpu,gpu", "--concurrency", "2", "--name", "multi", "--work-dir", str(tmp_path / "work")],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            index = node.index()
+            wait_for(lambda: {w["name"] for w in index.workers()} == {"multi-1", "multi-2"}, 90, "two worker processes")
+            assert all(json.loads(w["queues"]) == ["cpu", "gpu"] for w in index.workers())
+            children = descendants(parent.pid)
+            assert len(children) >= 2
+            parent.kill()  # kill -9 of `hilum worker`
+            parent.wait(10)
+            wait_for(lambda: not [p for p in children if Path(f"/proc/{p}/cmdline").exists()
+                                  and Path(f"/proc/{p}/cmdline").read_bytes()], 30, "its worker processes to exit")
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.wait()
