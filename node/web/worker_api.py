@@ -117,10 +117,11 @@ def config(request: Request, _: str = Depends(require_worker)) -> dict:
 def heartbeat(body: Heartbeat, request: Request, name: str = Depends(require_worker)) -> dict:
     index = request.app.state.node.index
     index.worker_seen(body.name, body.host, body.queues, body.job_id, body.pid)
-    if body.job_id is not None:
-        a = _attempt(request, body.job_id)
+    ticket = request.headers.get(TICKET, "")
+    a = index.live_attempt(body.job_id, ticket_hash(ticket)) if body.job_id is not None and ticket else None
+    if a is not None:  # a worker still computing an attempt the node gave up is told so by its next upload
         index.attempt_heartbeat(body.job_id, a["attempt"])
-    return {"ok": True}
+    return {"ok": True, "attempt_live": a is not None}
 
 
 @router.post("/jobs/{job_id}/claim")
