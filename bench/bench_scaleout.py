@@ -15,9 +15,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,6 @@ sys.path.insert(0, str(REPO))
 
 from tests.nodeproc import free_port, storescu, wait_for  # noqa: E402
 from tests.redisproc import redis_server  # noqa: E402
-from tests.slow_handler import PRELOAD  # noqa: E402
 from tests.test_scaleout import ClusterNode, Worker, _queued_tickets  # noqa: E402
 
 from node.phantom import generate_ct  # noqa: E402
