@@ -190,7 +190,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         base = ["--node", args.node, "--token-file", str(args.token_file), "--queues", args.queues,
                 "--work-dir", str(args.work_dir)] + (["--ca-file", str(args.ca_file)] if args.ca_file else [])
         return serve_many(base, name, args.concurrency)
-    serve(args.node, token, queues, name, Path(args.work_dir), verify=str(args.ca_file) if args.ca_file else True)
+    import httpx
+
+    try:
+        serve(args.node, token, queues, name, Path(args.work_dir), verify=str(args.ca_file) if args.ca_file else True)
+    except httpx.HTTPError as exc:  # the node unreachable, untrusted, or refusing the token: said plainly
+        print(f"hilum: worker cannot use the node at {args.node}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -67,14 +67,15 @@ class ClusterNode(NodeProcess):
 
 
 class Worker:
-    def __init__(self, node: ClusterNode, name: str, token_file: Path, queues: str = "cpu") -> None:
+    def __init__(self, node: ClusterNode, name: str, token_file: Path, queues: str = "cpu",
+                 extra: tuple[str, ...] = (), env: dict | None = None) -> None:
         self.name = name
         self.work_dir = node.tmp / f"work-{name}"  # its own, empty: nothing of the node's data dir
         self.log = node.tmp / f"worker-{name}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", PRELOAD, "worker", "--node", node.web, "--token-file", str(token_file),
-             "--queues", queues, "--name", name, "--work-dir", str(self.work_dir)],
-            cwd=REPO, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+             "--queues", queues, "--name", name, "--work-dir", str(self.work_dir), *extra],
+            cwd=REPO, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -349,3 +350,36 @@ def test_worker_concurrency_runs_processes_that_die_with_it(cluster, tmp_path):
             if parent.poll() is None:
                 parent.kill()
                 parent.wait()
+
+
+def test_a_worker_over_https_trusts_only_the_given_ca(cluster, studies, tmp_path, monkeypatch):
+    import os
+
+    make, worker = cluster
+    pki = tmp_path / "pki"
+    r = subprocess.run([sys.executable, "-m", "node.cli", "cert", "self-signed", str(pki), "--cn", "localhost"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca.pem"))  # this test's own calls trust the development CA
+
+    class HttpsCluster(ClusterNode):
+        @property
+        def web(self) -> str:
+            return f"https://localhost:{self.config['web_port']}"
+
+    with redis_server(tmp_path / "redis") as redis:
+        node = HttpsCluster(tmp_path, redis.url, 0.0,
+                            web_tls={"cert": str(pki / "server.pem"), "key": str(pki / "server.key")}).start()
+        try:
+            token = node.worker_token()
+            plain_env = {k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"}
+            untrusting = worker(node, "nocert", token, env=plain_env)  # the system CAs only: refuses the node
+            assert untrusting.proc.wait(60) != 0
+            assert "CERTIFICATE_VERIFY_FAILED" in untrusting.log.read_text()
+            worker(node, "tls", token, extra=("--ca-file", str(pki / "ca.pem")), env=plain_env)
+            assert storescu(node.dicom_port, studies[0].dicom_dir).returncode == 0
+            (job,) = wait_for(lambda: _jobs_done(node, 1), 120, "the job done over HTTPS", interval=0.5)
+            assert [h.get("worker") for h in job["history"] if h["event"] == "started"] == ["tls"]
+        finally:
+            node.stop()
+            node._kill_orthanc()

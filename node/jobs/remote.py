@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,8 @@ class AttemptEnded(Exception):
 
 class NodeClient:
     def __init__(self, url: str, token: str, name: str, verify: str | bool = True) -> None:
+        if isinstance(verify, str):  # a CA bundle: the node's certificate is checked against it only
+            verify = ssl.create_default_context(cafile=verify)
         self.http = httpx.Client(base_url=url.rstrip("/"), verify=verify,
                                  headers={"Authorization": f"Bearer {token}", WORKER: name},
                                  timeout=httpx.Timeout(120, connect=10))
