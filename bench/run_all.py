@@ -34,6 +34,7 @@ SUITE = [
     ("latency", "bench_latency.py", [], ["--quick"]),
     ("receiver-memory", "bench_receiver_memory.py", [], ["--quick"]),
     ("retrieve", "bench_retrieve.py", ["--runs", "3"], ["--quick"]),
+    ("scaleout", "bench_scaleout.py", [], ["--quick"]),
 ]
 
 

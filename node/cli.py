@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import signal
+import tempfile
 import sys
 import time
 from pathlib import Path
 
 from node.config import ConfigError, Settings, load_settings
-from node.web.auth import ROLES
+from node.web.auth import ROLES, TOKEN_ROLES
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -107,18 +109,21 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from node.runtime import open_index
-    from node.web.views import job_view, study_summary
+    from node.web.views import cluster_summary, job_view, study_summary
 
     settings = _settings(args)
     index = open_index(settings)
+    cluster = cluster_summary(index, settings.executor.kind, _queue_lengths(settings, index))
     studies = []
     for row in index.studies(args.limit, 0):
         s = study_summary(row)
         s["jobs"] = [job_view(index, j) for j in index.jobs(study_uid=row["study_uid"])]
         studies.append(s)
     if args.json:
-        print(json.dumps({"studies": studies, "duplicates": index.stat("duplicates"),
-                          "quarantined": index.stat("quarantined")}, indent=1))
+        out = {"studies": studies, "duplicates": index.stat("duplicates"), "quarantined": index.stat("quarantined")}
+        if settings.executor.kind == "celery":
+            out["cluster"] = cluster
+        print(json.dumps(out, indent=1))
         return 0
     print(f"{'study':<48} {'inst':>5} {'stable':<6} jobs")
     for s in studies:
@@ -129,7 +134,31 @@ def cmd_status(args: argparse.Namespace) -> int:
             for p in s["pending_rules"]]) or "-"
         print(f"{s['study_uid'][:48]:<48} {s['instances_received']:>5} {str(s['stable']).lower():<6} {jobs}")
     print(f"duplicates {index.stat('duplicates')}, quarantined {index.stat('quarantined')}")
+    if settings.executor.kind == "celery":
+        import time
+
+        queues = cluster["queues"]
+        print("queues: " + (", ".join(f"{q} {n}" for q, n in sorted(queues.items())) if queues is not None
+                            else "unknown (broker unreachable)"))
+        for w in cluster["workers"]:
+            print(f"worker {w['name']} on {w['host']} [{','.join(w['queues'])}] "
+                  f"{'job ' + str(w['current_job']) if w['current_job'] is not None else 'idle'}, "
+                  f"last heartbeat {time.time() - w['last_seen']:.0f} s ago")
     return 0
+
+
+def _queue_lengths(settings: Settings, index) -> dict[str, int] | None:
+    if settings.executor.kind != "celery":
+        return None
+    from node.jobs.broker import BrokerView
+
+    ex = settings.executor
+    queues = {ex.default_queue, *ex.queues.values(), *(q for w in index.workers() for q in json.loads(w["queues"]))}
+    view = BrokerView(ex.broker_url)
+    try:
+        return view.queue_lengths(sorted(queues))
+    finally:
+        view.close()
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -150,6 +179,30 @@ def cmd_send(args: argparse.Namespace) -> int:
     ok, failed = send_paths(args.paths, args.host, args.port, args.aet, args.calling_aet)
     print(f"sent {ok}, failed {failed}")
     return 0 if failed == 0 else 1
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import socket
+
+    from node import logs
+    from node.jobs.remote import serve, serve_many
+
+    logs.configure("INFO")
+    token = Path(args.token_file).read_text().strip()
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    if args.concurrency > 1:
+        base = ["--node", args.node, "--token-file", str(args.token_file), "--queues", args.queues,
+                "--work-dir", str(args.work_dir)] + (["--ca-file", str(args.ca_file)] if args.ca_file else [])
+        return serve_many(base, name, args.concurrency)
+    import httpx
+
+    try:
+        serve(args.node, token, queues, name, Path(args.work_dir), verify=str(args.ca_file) if args.ca_file else True)
+    except httpx.HTTPError as exc:  # the node unreachable, untrusted, or refusing the token: said plainly
+        print(f"hilum: worker cannot use the node at {args.node}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_phantom(argv: list[str]) -> int:
@@ -176,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="API tokens").add_subparsers(dest="tcmd", required=True)
     create = tok.add_parser("create", help="create a token (printed once)")
     _add_common(create)
-    create.add_argument("--role", choices=ROLES, required=True)
+    create.add_argument("--role", choices=TOKEN_ROLES, required=True)
     create.add_argument("--label")
     create.set_defaults(func=cmd_token)
 
@@ -211,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--aet", default="HILUM", help="called AE title")
     send.add_argument("--calling-aet", dest="calling_aet", default="HILUMSCU")
     send.set_defaults(func=cmd_send)
+
+    wk = sub.add_parser("worker", help="run jobs for a node from its Celery queues (executor.kind: celery)")
+    wk.add_argument("--node", required=True, help="the node's web URL, e.g. https://node:8443")
+    wk.add_argument("--token-file", dest="token_file", type=Path, required=True, help="a worker-role token")
+    wk.add_argument("--queues", default="cpu", help="comma-separated queues to take jobs from")
+    wk.add_argument("--concurrency", type=int, default=1, help="jobs at once (one process each)")
+    wk.add_argument("--name", help="worker name in job histories (default host-pid)")
+    wk.add_argument("--work-dir", dest="work_dir", type=Path, default=Path(tempfile.gettempdir()) / "hilum-worker",
+                    help="where a job's inputs and results live while it runs")
+    wk.add_argument("--ca-file", dest="ca_file", type=Path, help="CA bundle to verify the node's certificate")
+    wk.set_defaults(func=cmd_worker)
 
     sub.add_parser("phantom", help="write a synthetic study with ground truth (see `hilum phantom -h`)",
                    add_help=False)

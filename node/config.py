@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from node.config_pacs import PacsSource, check_source_names
+from node.config_archive import ArchiveSettings
+from node.config_executor import ExecutorSettings
 from node.config_security import AuditSettings, ClientTls, Deidentify, DicomTls, Retention, SpoolEncryption, WebTls
 
 AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
@@ -94,6 +96,7 @@ class Settings(Strict):
     orthanc_dicom_port: int = Field(4242, ge=1, le=65535)
     orthanc_dicom_enabled: bool = False  # Orthanc 1.10 cannot bind DICOM to loopback: off unless asked
     external_orthanc: ExternalOrthanc | None = None
+    archive: ArchiveSettings = ArchiveSettings()  # the managed Orthanc's index: SQLite or PostgreSQL
     rules_dir: Path = Path("./rules")
     stable_after: float = Field(30.0, gt=0, le=86400)
     allowed_callers: list[AllowedCaller] = []  # empty: accept any calling AE (logged loudly)
@@ -122,6 +125,7 @@ class Settings(Strict):
     retrieve_backoff_s: float = Field(5.0, gt=0)
     retrieve_backoff_max_s: float = Field(600.0, gt=0)
     priors_wait_s: float = Field(600.0, gt=0, le=86400)  # a job waits this long for its priors, then runs without
+    executor: ExecutorSettings = ExecutorSettings()  # local worker processes, or a Celery cluster
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 
@@ -158,6 +162,14 @@ class Settings(Strict):
                 enc.key_file.resolve().is_relative_to(self.data_dir.resolve()):
             raise ValueError(f"spool_encryption.key_file: {enc.key_file} is inside data_dir {self.data_dir}; a key "
                              "kept beside the data it encrypts protects nothing (a stolen disk or backup has both)")
+        return self
+
+    @model_validator(mode="after")
+    def _visibility_above_timeout(self) -> "Settings":
+        vt = self.executor.visibility_timeout_s
+        if vt is not None and vt <= self.handler_timeout_s:
+            raise ValueError(f"executor.visibility_timeout_s: {vt:g} s is not above handler_timeout_s "
+                             f"({self.handler_timeout_s:g} s); the broker would hand a running job to a second worker")
         return self
 
     @property

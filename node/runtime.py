@@ -24,7 +24,7 @@ from node.models.registry import validate_models
 from node.pacs.priors import PriorsCoordinator
 from node.pacs.retriever import Retriever
 from node.pacs.scheduler import PullScheduler
-from node.jobs.executor import LocalProcessExecutor
+from node.jobs.executor import Executor, LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
 from node.route.router import Router
@@ -80,8 +80,7 @@ class Node:
         self.delivery = DeliveryLoop(settings, self.index,
                                      build_destinations(self.archive, settings.destinations, settings.ae_title),
                                      self.vault, self.audit)
-        self.executor = LocalProcessExecutor(settings, self.index, self.vault, on_done=self.delivery.wake,
-                                             audit=self.audit)
+        self.executor = self._executor()
         self.housekeeper = Housekeeper(settings, self.index, self.vault, self.audit)
         self.retrieves = RetrieveStore(self.index)
         self.retriever = Retriever(settings, self.retrieves, self.ingest, self.audit)  # PACS pulls (node/pacs)
@@ -93,6 +92,19 @@ class Node:
                              on_deliveries=self.delivery.wake, audit=self.audit, on_priors=self.priors.hold)
         self.http_client: httpx.AsyncClient | None = None
         self._started = threading.Event()
+
+    def _executor(self) -> Executor:
+        if self.settings.executor.kind == "celery":
+            from node.jobs.celery_executor import CeleryExecutor  # Celery is imported only where it is used
+
+            return CeleryExecutor(self.settings, self.index, on_done=self.delivery.wake, audit=self.audit,
+                                  rule_queue=self._rule_queue)
+        return LocalProcessExecutor(self.settings, self.index, self.vault, on_done=self.delivery.wake,
+                                    audit=self.audit)
+
+    def _rule_queue(self, rule_name: str) -> str | None:
+        rule = next((r for r in self.rules.current().rules if r.name == rule_name), None)
+        return rule.action.queue if rule is not None else None
 
     def start(self) -> None:
         validate_models()  # every card parses and its ONNX model loads

@@ -49,6 +49,8 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.proc: subprocess.Popen | None = None
         self.token: str | None = None
+        # How `hilum` is run: a test may preload a module first (e.g. a handler it registers).
+        self.launcher: list[str] = [sys.executable, "-m", "node.cli"]
 
     @property
     def dicom_port(self) -> int:
@@ -64,7 +66,7 @@ class NodeProcess:
 
     def start(self, timeout: float = 90, archive_up: bool = True) -> "NodeProcess":
         log = open(self.data_dir.parent / f"{self.data_dir.name}-node.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "up", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([*self.launcher, "up", "--config", str(self.config_path)],
                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 
 from node.config import Settings
+from node.archive.postgres import ManagedPostgres, external_section
+from node.lifeline import die_with_parent, take_down_stale, write_pid
 
 log = logging.getLogger("hilum.orthanc")
 
@@ -98,6 +100,10 @@ class ManagedOrthanc:
         user, pw = _credentials(settings.data_dir / "orthanc-credentials.json")
         self.endpoint = ArchiveEndpoint(f"http://127.0.0.1:{settings.orthanc_http_port}", user, pw)
         self.config_path = self.root / "orthanc.json"
+        self.pid_file = self.root / "orthanc.pid"
+        arch = settings.archive
+        # The index in PostgreSQL: the node's own cluster, unless the site names one (dsn).
+        self.pg = ManagedPostgres(settings.data_dir) if arch.index == "postgresql" and arch.dsn is None else None
         self._proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
@@ -105,6 +111,8 @@ class ManagedOrthanc:
 
     def write_config(self) -> None:
         cfg = orthanc_config(self.settings, self.root, self.endpoint.username, self.endpoint.password)
+        if self.settings.archive.index == "postgresql":
+            cfg["PostgreSQL"] = self.pg.orthanc_section() if self.pg else external_section(self.settings.archive.dsn)
         tmp = self.config_path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -120,10 +128,15 @@ class ManagedOrthanc:
         self._proc = subprocess.Popen(
             [exe, str(self.config_path)], stdout=logf, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,  # a Ctrl-C on the node's terminal is the node's to handle
+            preexec_fn=die_with_parent(),  # …but a SIGKILL of the node takes Orthanc with it
         )
         logf.close()
+        write_pid(self.pid_file, self._proc.pid)
 
     def start(self, timeout: float = 60.0) -> None:
+        take_down_stale(self.pid_file, str(self.config_path))  # same data dir: same files and ports
+        if self.pg:
+            self.pg.start()
         self.write_config()
         self._spawn()
         self.wait_ready(timeout)
@@ -161,8 +174,8 @@ class ManagedOrthanc:
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stop.set()
-        if self._watch is not None:
-            self._watch.join(timeout=5)
+        # Orthanc first, its supervisor after: a child the supervisor thread restarted gets its
+        # parent-death signal when that thread ends, which must not pre-empt the clean stop.
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -171,7 +184,16 @@ class ManagedOrthanc:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._watch is not None:
+            self._watch.join(timeout=5)
+        proc = self._proc  # restarted by the supervisor meanwhile: its thread has ended, stop it too
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         self._proc = None
+        self.pid_file.unlink(missing_ok=True)
+        if self.pg:
+            self.pg.stop()  # after Orthanc: its index connections are closed by then
 
     @property
     def pid(self) -> int | None:

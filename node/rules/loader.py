@@ -153,7 +153,7 @@ def _load_rule(raw: dict, file: str, index: int, line: int | None, handlers: Han
         rule=spec.name, level=spec.level, handler=spec.handler.name if spec.handler else None, params=params,
         destinations=tuple(spec.destinations),
         forward_originals=spec.forward_originals if spec.forward_originals is not None else spec.handler is None,
-        priority=spec.priority, timeout=spec.timeout, stable_after=spec.stable_after,
+        priority=spec.priority, timeout=spec.timeout, stable_after=spec.stable_after, queue=spec.queue,
         on_quality_failure=spec.on_quality_failure,
         priors=spec.priors.model_dump() if spec.priors else None,
     )

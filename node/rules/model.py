@@ -58,6 +58,7 @@ class RuleSpec(BaseModel):
     # (nothing delivered), or deliver with the warning in every object and on the console.
     on_quality_failure: Literal["refuse", "deliver_with_warnings"] = "refuse"
     priors: PriorsSpec | None = None  # the patient's earlier studies the job is handed (node/rules/priors.py)
+    queue: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.\-]{0,63}$")  # executor queue (gpu, cpu…), celery only
 
     @field_validator("handler", mode="before")
     @classmethod

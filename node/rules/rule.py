@@ -24,6 +24,7 @@ class Action:
     stable_after: float | None = None  # seconds
     on_quality_failure: str = "refuse"  # or "deliver_with_warnings"
     priors: dict | None = field(default=None, hash=False)  # PriorsSpec as a dict (node/rules/priors.py)
+    queue: str | None = None  # the Celery queue its jobs go to (default: by handler, executor.queues)
 
     def describe(self) -> str:
         parts = []

@@ -120,6 +120,23 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE studies ADD COLUMN pending_json TEXT
     """,
+    # 7: job attempts run by remote workers (Celery executor) and the workers themselves
+    """
+    CREATE TABLE job_attempts (
+        job_id INTEGER NOT NULL REFERENCES jobs(id), attempt INTEGER NOT NULL,
+        ticket_hash TEXT NOT NULL,                 -- the attempt's secret ticket (hashed), carried by the task
+        task_id TEXT NOT NULL, queue TEXT NOT NULL,
+        state TEXT NOT NULL,                       -- queued | claimed | done | failed | timeout | lost
+        worker TEXT, dispatched_at REAL NOT NULL, claimed_at REAL, heartbeat_at REAL, ended_at REAL,
+        missing INTEGER NOT NULL DEFAULT 0,        -- reconciler passes in a row not finding the task in the broker
+        PRIMARY KEY (job_id, attempt)
+    );
+    CREATE INDEX job_attempts_state ON job_attempts(state);
+    CREATE TABLE workers (
+        name TEXT PRIMARY KEY, host TEXT NOT NULL, queues TEXT NOT NULL, current_job INTEGER, pid INTEGER,
+        started_at REAL NOT NULL, last_seen REAL NOT NULL
+    )
+    """,
 ]
 
 TERMINAL_JOB = ("done", "failed")
@@ -488,6 +505,128 @@ class Index:
 
     def results_of_job(self, job_id: int) -> list[sqlite3.Row]:
         return self.conn().execute("SELECT * FROM results WHERE job_id=? ORDER BY sop_uid", (job_id,)).fetchall()
+
+    # -- remote attempts (Celery executor) ---------------------------------------------------
+    def add_attempt(self, job_id: int, attempt: int, ticket_hash: str, task_id: str, queue: str) -> None:
+        """Record a dispatched attempt; a re-published one (its task lost) replaces its ticket."""
+        self.conn().execute(
+            """INSERT INTO job_attempts(job_id, attempt, ticket_hash, task_id, queue, state, dispatched_at)
+               VALUES (?,?,?,?,?,'queued',?)
+               ON CONFLICT(job_id, attempt) DO UPDATE SET ticket_hash=excluded.ticket_hash, task_id=excluded.task_id,
+                   queue=excluded.queue, dispatched_at=excluded.dispatched_at, missing=0
+               WHERE job_attempts.state='queued'""",
+            (job_id, attempt, ticket_hash, task_id, queue, time.time()))
+
+    def claim_attempt(self, job_id: int, ticket_hash: str, worker: str) -> str:
+        """A worker takes the attempt its task names: 'ok', or why not ('unknown' ticket, 'stale' attempt
+        the node has moved past, 'taken' by a worker already)."""
+        c = self.conn()
+        with self.tx(immediate=True):
+            a = c.execute("SELECT * FROM job_attempts WHERE job_id=? AND ticket_hash=?", (job_id, ticket_hash)).fetchone()
+            if a is None:
+                return "unknown"
+            job = self.job(job_id)
+            if a["state"] == "claimed":
+                return "taken"
+            if a["state"] != "queued" or job["status"] != "running" or job["attempts"] != a["attempt"]:
+                return "stale"
+            now = time.time()
+            c.execute("UPDATE job_attempts SET state='claimed', worker=?, claimed_at=?, heartbeat_at=? "
+                      "WHERE job_id=? AND attempt=?", (worker, now, now, job_id, a["attempt"]))
+            c.execute("UPDATE jobs SET message=?, history_json=? WHERE id=?",
+                      (f"running on {worker}"[:500],
+                       self._history(job_id, {"event": "started", "attempt": a["attempt"], "worker": worker}), job_id))
+        return "ok"
+
+    def live_attempt(self, job_id: int, ticket_hash: str) -> sqlite3.Row | None:
+        """The attempt this ticket names, if it is the job's current one and a worker holds it."""
+        return self.conn().execute(
+            """SELECT a.* FROM job_attempts a JOIN jobs j ON j.id = a.job_id
+               WHERE a.job_id=? AND a.ticket_hash=? AND a.state='claimed' AND j.status='running'
+                 AND j.attempts = a.attempt""", (job_id, ticket_hash)).fetchone()
+
+    def attempt_heartbeat(self, job_id: int, attempt: int) -> None:
+        self.conn().execute("UPDATE job_attempts SET heartbeat_at=? WHERE job_id=? AND attempt=? AND state='claimed'",
+                            (time.time(), job_id, attempt))
+
+    def end_attempt(self, job_id: int, attempt: int, state: str) -> bool:
+        """Close a claimed attempt (done | failed | timeout); False if it was no longer open (one result set per
+        attempt: a second 'done' for it, or one after the node gave it up, is refused)."""
+        return self.conn().execute(
+            "UPDATE job_attempts SET state=?, ended_at=? WHERE job_id=? AND attempt=? AND state='claimed'",
+            (state, time.time(), job_id, attempt)).rowcount == 1
+
+    def open_attempts(self) -> list[sqlite3.Row]:
+        """Current attempts of running jobs still queued or claimed, with their job's timeout."""
+        return self.conn().execute(
+            """SELECT a.*, j.timeout_s FROM job_attempts a JOIN jobs j ON j.id = a.job_id
+               WHERE a.state IN ('queued', 'claimed') AND j.status='running' AND j.attempts = a.attempt""").fetchall()
+
+    def jobs_running_without_attempt(self) -> list[int]:
+        """Running jobs whose current attempt was never dispatched (the node stopped in between, or the
+        executor changed from local)."""
+        return [r[0] for r in self.conn().execute(
+            """SELECT j.id FROM jobs j WHERE j.status='running' AND NOT EXISTS (
+                   SELECT 1 FROM job_attempts a WHERE a.job_id = j.id AND a.attempt = j.attempts
+                   AND a.state IN ('queued', 'claimed'))""")]
+
+    def attempt_missing(self, job_id: int, attempt: int, missing: int) -> None:
+        self.conn().execute("UPDATE job_attempts SET missing=? WHERE job_id=? AND attempt=?", (missing, job_id, attempt))
+
+    def job_note(self, job_id: int, event: dict) -> None:
+        c = self.conn()
+        with self.tx(immediate=True):
+            c.execute("UPDATE jobs SET history_json=? WHERE id=?", (self._history(job_id, event), job_id))
+
+    def requeue_job(self, job_id: int, event: dict) -> None:
+        """A running job goes back to the queue (a new attempt), with why in its history."""
+        c = self.conn()
+        with self.tx(immediate=True):
+            c.execute("UPDATE jobs SET status='retrying', message=NULL, history_json=? WHERE id=? AND status='running'",
+                      (self._history(job_id, event), job_id))
+
+    def lose_attempt(self, job_id: int, attempt: int, reason: str, max_attempts: int) -> str:
+        """The worker of a claimed attempt is gone: the job runs again ('requeued'), or fails once
+        ``max_attempts`` attempts were lost ('failed')."""
+        c = self.conn()
+        now = time.time()
+        with self.tx(immediate=True):
+            a = c.execute("SELECT * FROM job_attempts WHERE job_id=? AND attempt=? AND state IN ('queued','claimed')",
+                          (job_id, attempt)).fetchone()
+            if a is None:
+                return "closed"
+            c.execute("UPDATE job_attempts SET state='lost', ended_at=? WHERE job_id=? AND attempt=?",
+                      (now, job_id, attempt))
+            lost = c.execute("SELECT count(*) FROM job_attempts WHERE job_id=? AND state='lost'", (job_id,)).fetchone()[0]
+            event = {"event": "attempt lost", "attempt": attempt, "worker": a["worker"], "reason": reason}
+            if lost >= max_attempts:
+                error = f"attempts exhausted: {lost} attempt(s) lost with their worker (last: {reason})"
+                c.execute("UPDATE jobs SET status='failed', finished_at=?, error=?, history_json=? WHERE id=?",
+                          (now, error, self._history(job_id, {**event, "then": "failed"}), job_id))
+                return "failed"
+            c.execute("UPDATE jobs SET status='retrying', message=NULL, history_json=? WHERE id=? AND status='running'",
+                      (self._history(job_id, event), job_id))
+        return "requeued"
+
+    def refresh_claimed(self) -> int:
+        """At start: running attempts get a fresh heartbeat, so a worker that kept going while the node was
+        down is not taken for lost before it can report again."""
+        return self.conn().execute("UPDATE job_attempts SET heartbeat_at=? WHERE state='claimed'",
+                                   (time.time(),)).rowcount
+
+    def attempts_of_job(self, job_id: int) -> list[sqlite3.Row]:
+        return self.conn().execute("SELECT * FROM job_attempts WHERE job_id=? ORDER BY attempt", (job_id,)).fetchall()
+
+    def worker_seen(self, name: str, host: str, queues: list[str], current_job: int | None, pid: int | None) -> None:
+        now = time.time()
+        self.conn().execute(
+            """INSERT INTO workers(name, host, queues, current_job, pid, started_at, last_seen) VALUES (?,?,?,?,?,?,?)
+               ON CONFLICT(name) DO UPDATE SET host=excluded.host, queues=excluded.queues,
+                   current_job=excluded.current_job, pid=excluded.pid, last_seen=excluded.last_seen""",
+            (name, host, json.dumps(queues), current_job, pid, now, now))
+
+    def workers(self) -> list[sqlite3.Row]:
+        return self.conn().execute("SELECT * FROM workers ORDER BY name").fetchall()
 
     # -- deliveries -----------------------------------------------------------------------
     def add_original_deliveries(self, study_uid: str, series_uid: str, destinations: list[str]) -> int:

@@ -22,11 +22,13 @@ from node.web import (
     health,
     jobs,
     login,
+    metrics,
     ohif,
     pacs_api,
     rules_api,
     studies,
     view3d,
+    worker_api,
 )
 from node.web.login import LoginThrottle
 from node.web.security import SecurityHeaders, ohif_csp
@@ -51,8 +53,10 @@ def create_app(node, ohif_files: ohif.OhifFiles | None = None) -> FastAPI:
     app.state.node = node
     app.state.web = WebState(sessions=SessionStore(node.settings.session_idle_s), ohif=files)
     for module in (health, login, studies, jobs, deliveries, dashboard, rules_api, destinations, pacs_api, audit_api,
-                   dicomweb, console, view3d, ohif):
+                   dicomweb, console, view3d, worker_api, metrics):
         app.include_router(module.router)
+    app.include_router(worker_api.cluster)
+    app.include_router(ohif.router)  # last: its catch-all
     app.add_middleware(SecurityHeaders, ohif_policy=ohif_csp(files.inline_script_hashes()))
     if not files.installed:
         log.warning("OHIF is not installed (%s missing): run `make ohif`; the console works without it", files.dist)

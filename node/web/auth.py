@@ -30,6 +30,9 @@ from node.web.sessions import COOKIE
 # changes the node (rules, retries, destinations, users' audit search...). Checked per request.
 Role = Literal["admin", "annotator", "viewer"]
 ROLES: tuple[str, ...] = ("admin", "annotator", "viewer")
+# worker: a remote job worker's token (node/web/worker_api.py); it opens nothing else, not even reads.
+WORKER_ROLE = "worker"
+TOKEN_ROLES: tuple[str, ...] = (*ROLES, WORKER_ROLE)
 STORE_ROLES = frozenset({"admin", "annotator"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PREFLIGHTED_TYPES = ("multipart/related", "application/dicom", "application/json")
@@ -48,8 +51,8 @@ def hash_token(token: str) -> str:
 
 
 def create_token(index: Index, role: str, label: str | None = None) -> str:
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if role not in TOKEN_ROLES:
+        raise ValueError(f"role must be one of {', '.join(TOKEN_ROLES)}, got {role!r}")
     token = "hlm_" + secrets.token_urlsafe(32)
     index.add_token(hash_token(token), role, label)
     return token
@@ -91,6 +94,8 @@ def _check_csrf(request: Request, p: Principal) -> None:
 
 def _known_role(p: Principal) -> Principal:
     # A role this code does not know (a row written by another version) gets nothing, not viewer's rights.
+    if p.role == WORKER_ROLE:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "a worker token opens only the job worker API (/api/worker)")
     if p.role not in ROLES:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"unknown role {p.role!r}")
     return p

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from node.web.auth import Principal, require_viewer
 from node.web.views import delivery_view, job_view, study_summary
+from node.web.worker_api import cluster_view
 
 router = APIRouter(prefix="/api/dashboard", tags=["dashboard"])
 
@@ -30,6 +31,7 @@ def dashboard(request: Request, studies: int = Query(25, ge=1, le=200), _: Princ
                   "deliveries_failed": index.count_deliveries("failed")},
         "last_hour": index.throughput(now - 3600),
         "studies_total": index.count_studies(),
+        "cluster": cluster_view(request.app.state.node),  # workers and queue lengths (executor.kind: celery)
         "studies": out_studies,
         "failed_deliveries": [delivery_view(d) for d in index.deliveries(status="failed", limit=100)],
     }

@@ -58,3 +58,10 @@ def delivery_view(row) -> dict:
         "attempts": row["attempts"], "next_at": row["next_at"], "last_error": row["last_error"],
         "delivered_at": row["delivered_at"],
     }
+
+
+def cluster_summary(index: Index, executor: str, queue_lengths: dict[str, int] | None) -> dict:
+    """Remote workers (host, queues, current job, last heartbeat) and broker queue lengths (None: unknown)."""
+    workers = [{"name": w["name"], "host": w["host"], "queues": json.loads(w["queues"]), "current_job": w["current_job"],
+                "pid": w["pid"], "last_seen": w["last_seen"]} for w in index.workers()]
+    return {"executor": executor, "workers": workers, "queues": queue_lengths}

@@ -92,6 +92,22 @@ function deliveryRow(d) {
       onclick: () => act('POST', `/api/deliveries/${d.id}/retry`, `retry delivery ${d.id}`)}, 'Retry')));
 }
 
+function workerRow(w, now) {
+  return el('tr', {'data-worker': w.name},
+    el('td', {}, w.name), el('td', {}, w.host), el('td', {}, w.queues.join(', ')),
+    el('td', {}, w.current_job ?? 'idle'), el('td', {}, `${Math.round(now - w.last_seen)} s ago`));
+}
+
+// Remote workers and their queues (executor.kind: celery); hidden for the local executor.
+function renderCluster(cl, now) {
+  const section = document.getElementById('cluster');
+  section.hidden = cl.executor !== 'celery';
+  if (section.hidden) return;
+  clear(document.querySelector('#workers tbody'),
+    cl.workers.length ? cl.workers.map((w) => workerRow(w, now))
+      : [el('tr', {}, el('td', {colspan: 5, class: 'muted'}, 'no worker has reported yet'))]);
+}
+
 function render(data) {
   const q = data.queue;
   const h = data.last_hour;
@@ -101,7 +117,9 @@ function render(data) {
     tile('deliveries failed', q.deliveries_failed, 'q-deliveries-failed'),
     tile('instances / last hour', h.instances_received, 'h-instances'),
     tile('jobs done / last hour', h.jobs_done, 'h-jobs-done'),
-    tile('deliveries / last hour', h.deliveries_done, 'h-deliveries'));
+    tile('deliveries / last hour', h.deliveries_done, 'h-deliveries'),
+    ...Object.entries(data.cluster.queues || {}).map(([name, n]) => tile(`queue ${name}`, n, `q-broker-${name}`)));
+  renderCluster(data.cluster, data.now);
   document.getElementById('studies-total').textContent = `(${data.studies_total})`;
   clear(document.querySelector('#studies tbody'), data.studies.flatMap(studyRows));
   clear(document.querySelector('#failed-deliveries tbody'),

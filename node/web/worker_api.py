@@ -1,0 +1,279 @@
+"""/api/worker: what a remote job worker (``hilum worker``, node/jobs/remote.py) may do, and nothing more.
+
+A worker authenticates with a worker-role token; every request about a job also carries that
+attempt's ticket (``X-Hilum-Ticket``, from the Celery task). Ticket and token together open only
+the current attempt of that one job: its inputs (streamed from the vault, verified and
+decrypted here, never a path or a key), its progress, its results. A stale attempt (the node gave
+it up: worker lost, timed out) gets 409 and its results are not taken: one result set per attempt.
+Every grant and every refusal is audited.
+
+Inputs are one stream of frames: ``>IQ`` (series position, length) then the instance's bytes.
+"""
+from __future__ import annotations
+
+import json
+import re
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from node.jobs.broker import ticket_hash
+from node.jobs.wire import FRAME, TICKET, WORKER
+from node.receive.spool import fsync_dirs
+from node.store.retrieves import priors_of_job
+from node.store.vault import IntegrityError
+from node.web.auth import WORKER_ROLE, Principal, hash_token, require_viewer
+from node.web.views import cluster_summary
+
+router = APIRouter(prefix="/api/worker", tags=["worker"])
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Heartbeat(_Body):
+    name: str = Field(min_length=1, max_length=128)
+    host: str = Field(max_length=256)
+    queues: list[str]
+    job_id: int | None = None
+    pid: int | None = None
+
+
+class Progress(_Body):
+    fraction: float = Field(ge=0, le=1)
+    message: str = Field(max_length=500)
+
+
+class ResultMeta(_Body):
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    modality: str
+
+
+class Done(_Body):
+    results: list[ResultMeta]
+    provenance: dict = {}
+    figures: dict = {}  # the worker's seconds per phase and peak memory (node.jobs.worker.run_job)
+
+
+class Failed(_Body):
+    error: str = Field(max_length=8000)
+
+
+def _worker_name(request: Request) -> str:
+    return f"worker {request.headers.get(WORKER, '?')[:128]}"
+
+
+def _refuse(request: Request, code: int, reason: str, job_id: int | None = None) -> None:
+    node = request.app.state.node
+    node.audit.worker_access(_worker_name(request), request.client.host if request.client else None,
+                             job_id=job_id, study_uid=None, what=request.url.path, ok=False, reason=reason)
+    raise HTTPException(code, reason, headers={"WWW-Authenticate": "Bearer"} if code == 401 else None)
+
+
+def require_worker(request: Request) -> str:
+    """The worker's name (self-reported, for histories), once its token is a worker-role token."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    role = request.app.state.node.index.token_role(hash_token(token.strip())) \
+        if scheme.lower() == "bearer" and token.strip() else None
+    if role is None:
+        _refuse(request, 401, "invalid or missing worker token")
+    if role != WORKER_ROLE:
+        _refuse(request, 403, f"the worker API needs a worker-role token, not {role}")
+    return request.headers.get(WORKER, "unnamed")[:128]
+
+
+def _attempt(request: Request, job_id: int):
+    ticket = request.headers.get(TICKET, "")
+    a = request.app.state.node.index.live_attempt(job_id, ticket_hash(ticket)) if ticket else None
+    if a is None:
+        _refuse(request, 403, f"no running attempt of job {job_id} for this ticket", job_id)
+    return a
+
+
+def _executor(request: Request):
+    ex = request.app.state.node.executor
+    if not hasattr(ex, "job_ended"):
+        raise HTTPException(404, "this node runs its jobs locally (executor.kind: local)")
+    return ex
+
+
+@router.get("/config")
+def config(request: Request, _: str = Depends(require_worker)) -> dict:
+    s = request.app.state.node.settings
+    _executor(request)
+    return {"broker_url": s.executor.broker_url,
+            "visibility_timeout_s": s.executor.visibility_timeout(s.handler_timeout_s),
+            "heartbeat_s": max(0.5, min(5.0, s.executor.worker_lost_s / 4))}
+
+
+@router.post("/heartbeat")
+def heartbeat(body: Heartbeat, request: Request, name: str = Depends(require_worker)) -> dict:
+    index = request.app.state.node.index
+    index.worker_seen(body.name, body.host, body.queues, body.job_id, body.pid)
+    ticket = request.headers.get(TICKET, "")
+    a = index.live_attempt(body.job_id, ticket_hash(ticket)) if body.job_id is not None and ticket else None
+    if a is not None:  # a worker still computing an attempt the node gave up is told so by its next upload
+        index.attempt_heartbeat(body.job_id, a["attempt"])
+    return {"ok": True, "attempt_live": a is not None}
+
+
+@router.post("/jobs/{job_id}/claim")
+def claim(job_id: int, request: Request, name: str = Depends(require_worker)) -> dict:
+    node = request.app.state.node
+    _executor(request)
+    ticket = request.headers.get(TICKET, "")
+    outcome = node.index.claim_attempt(job_id, ticket_hash(ticket), name) if ticket else "unknown"
+    if outcome == "unknown":
+        _refuse(request, 403, f"no attempt of job {job_id} for this ticket", job_id)
+    if outcome != "ok":
+        raise HTTPException(409, f"attempt {outcome}: the node no longer wants it run")
+    job = node.index.job(job_id)
+    uids = [job["series_uid"]] if job["series_uid"] else [s["series_uid"] for s in node.index.series_of_study(job["study_uid"])]
+    purged = {u: n for u in uids if (n := node.index.purged_in_series(u))}
+    if purged:
+        a = _attempt(request, job_id)
+        node.index.end_attempt(job_id, a["attempt"], "failed")
+        node.index.fail_job(job_id, "refused: " + ", ".join(f"{n} instance(s) of series {u}" for u, n in purged.items())
+                            + " were deleted from the spool by retention; send the study again to reprocess it")
+        node.executor.job_ended(job_id)
+        raise HTTPException(409, "inputs purged by retention: job failed")
+    series = [{"uid": u, "instances": len(node.index.instance_paths(u))} for u in uids]
+    node.audit.worker_access(f"worker {name}", request.client.host if request.client else None, job_id=job_id,
+                             study_uid=job["study_uid"], what="inputs", ok=True,
+                             objects=sum(s["instances"] for s in series))
+    return {"job_id": job_id, "job_key": job["job_key"], "study_uid": job["study_uid"], "rule": job["rule"],
+            "handler": job["handler"], "params": json.loads(job["params_json"]), "series": series,
+            "options": json.loads(job["options_json"]), "priors_note": _priors_note(node.index, job_id),
+            "timeout_s": job["timeout_s"] or node.settings.handler_timeout_s}
+
+
+def _priors_note(index, job_id: int) -> str | None:
+    """Priors are not streamed to remote workers yet: a job whose rule asked for them runs without
+    them there, and its handler is told so (HandlerInput.priors_note), never silently."""
+    extra = priors_of_job(index, job_id)
+    if extra.get("priors"):
+        return "priors were found but are not sent to remote workers: this job ran without them"
+    return extra.get("priors_note")
+
+
+@router.get("/jobs/{job_id}/inputs")
+def inputs(job_id: int, request: Request, _: str = Depends(require_worker)) -> StreamingResponse:
+    node = request.app.state.node
+    attempt = _attempt(request, job_id)["attempt"]
+    job = node.index.job(job_id)
+    uids = [job["series_uid"]] if job["series_uid"] else [s["series_uid"] for s in node.index.series_of_study(job["study_uid"])]
+    locators = [(i, loc) for i, u in enumerate(uids) for loc in node.index.instance_paths(u)]
+
+    def frames():
+        for i, loc in locators:
+            try:
+                data = node.vault.read(loc)
+            except IntegrityError as exc:  # never hand a tampered instance out; the short stream fails the job
+                node.vault.quarantine_damaged(exc.locator, str(exc))
+                node.index.end_attempt(job_id, attempt, "failed")
+                node.index.fail_job(job_id, f"spool integrity check failed for {loc}: {exc}")
+                return
+            yield FRAME.pack(i, len(data))
+            yield data
+
+    return StreamingResponse(frames(), media_type="application/octet-stream")
+
+
+@router.post("/jobs/{job_id}/progress")
+def progress(job_id: int, body: Progress, request: Request, _: str = Depends(require_worker)) -> dict:
+    index = request.app.state.node.index
+    a = _attempt(request, job_id)
+    index.job_progress(job_id, body.fraction, body.message)
+    index.attempt_heartbeat(job_id, a["attempt"])
+    return {"ok": True}
+
+
+def _result_path(node, job_id: int, sop_uid: str) -> Path:
+    return node.settings.data_dir / "results" / str(job_id) / f"{sop_uid}.dcm"
+
+
+@router.put("/jobs/{job_id}/results/{sop_uid}")
+async def put_result(job_id: int, sop_uid: str, request: Request, name: str = Depends(require_worker)) -> dict:
+    node = request.app.state.node
+    a = await run_in_threadpool(_attempt, request, job_id)
+    if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
+        raise HTTPException(422, "sop_uid: not a DICOM UID")
+    data = await request.body()
+    if len(data) > node.settings.stow_max_mb << 20:
+        raise HTTPException(413, f"result larger than stow_max_mb ({node.settings.stow_max_mb} MB)")
+    await run_in_threadpool(_store_result, node, job_id, a, sop_uid, data)
+    return {"stored": sop_uid}
+
+
+def _store_result(node, job_id: int, attempt, sop_uid: str, data: bytes) -> None:
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        uid, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the worker's error, named
+        raise HTTPException(422, f"result is not a DICOM file: {exc}") from None
+    job = node.index.job(job_id)
+    if uid != sop_uid or study != job["study_uid"]:
+        raise HTTPException(422, f"result {uid} of study {study} is not {sop_uid} of the job's study")
+    path = _result_path(node, job_id, sop_uid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    node.vault.write_file(path, data)
+    fsync_dirs({path.parent})
+    node.index.attempt_heartbeat(job_id, attempt["attempt"])
+
+
+@router.post("/jobs/{job_id}/done")
+def done(job_id: int, body: Done, request: Request, name: str = Depends(require_worker)) -> dict:
+    node = request.app.state.node
+    ex = _executor(request)
+    a = _attempt(request, job_id)
+    results = [{**r.model_dump(), "path": str(_result_path(node, job_id, r.sop_instance_uid))} for r in body.results]
+    missing = [r["sop_instance_uid"] for r in results if not Path(r["path"]).exists()]
+    if missing:
+        raise HTTPException(422, f"results not uploaded: {', '.join(missing)}")
+    if not node.index.end_attempt(job_id, a["attempt"], "done"):
+        raise HTTPException(409, "the attempt ended meanwhile: results not taken")
+    job = node.index.job(job_id)
+    dests = json.loads(job["destinations_json"])
+    node.index.finish_job(job_id, results, [(r["sop_instance_uid"], d) for r in results for d in dests],
+                          {**body.provenance, "worker": name, "attempt": a["attempt"]}, body.figures)
+    node.audit.worker_access(f"worker {name}", request.client.host if request.client else None, job_id=job_id,
+                             study_uid=job["study_uid"], what="results", ok=True, objects=len(results))
+    ex.job_ended(job_id)
+    return {"job": job_id, "results": len(results)}
+
+
+@router.post("/jobs/{job_id}/fail")
+def fail(job_id: int, body: Failed, request: Request, name: str = Depends(require_worker)) -> dict:
+    node = request.app.state.node
+    ex = _executor(request)
+    a = _attempt(request, job_id)
+    if not node.index.end_attempt(job_id, a["attempt"], "failed"):
+        raise HTTPException(409, "the attempt ended meanwhile")
+    node.index.fail_job(job_id, f"{body.error} (on worker {name})")
+    ex.job_ended(job_id)
+    return {"job": job_id, "status": "failed"}
+
+
+cluster = APIRouter(prefix="/api/cluster", tags=["worker"])
+
+
+def cluster_view(node) -> dict:
+    """Workers (host, queues, current job, last heartbeat) and queue lengths; shared with `hilum status`
+    and the metrics endpoint."""
+    ex = node.executor
+    lengths = ex.queue_lengths() if hasattr(ex, "queue_lengths") else None
+    return cluster_summary(node.index, node.settings.executor.kind, lengths)
+
+
+@cluster.get("")
+def cluster_status(request: Request, _: Principal = Depends(require_viewer)) -> dict:
+    return cluster_view(request.app.state.node)
