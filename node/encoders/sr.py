@@ -159,8 +159,12 @@ def _key_slices(seg: SegReference, sources: dict[str, SeriesData]) -> dict[int, 
     if series is None:
         return {}
     best: dict[int, tuple[int, int]] = {}  # segment number -> (pixels, frame number)
+    # highdicom moves SegmentIdentificationSequence into the shared groups when every frame has
+    # the same segment (a SEG with one segment)
+    shared = seg.dataset.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg.dataset else None
     for number, item in enumerate(seg.dataset.PerFrameFunctionalGroupsSequence, start=1):
-        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        where = item if "SegmentIdentificationSequence" in item else shared
+        segment = int(where.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         pixels = int(np.count_nonzero(seg.dataset.get_stored_frame(number)))
         if pixels > best.get(segment, (0, 0))[0]:
             best[segment] = (pixels, number)
