@@ -8,7 +8,9 @@ measure accuracy. ``node.phantom.study`` describes the files of a study; ``cli``
 from node.phantom.cli import cli
 from node.phantom.cr import generate_cr
 from node.phantom.ct import CTOptions, generate_ct, generate_followup
+from node.phantom.family import generate_family_case
 from node.phantom.mr import generate_mr
 from node.phantom.study import PhantomStudy
 
-__all__ = ["CTOptions", "PhantomStudy", "cli", "generate_cr", "generate_ct", "generate_followup", "generate_mr"]
+__all__ = ["CTOptions", "PhantomStudy", "cli", "generate_cr", "generate_ct", "generate_family_case",
+           "generate_followup", "generate_mr"]

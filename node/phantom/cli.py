@@ -7,7 +7,7 @@ import sys
 from node.phantom.dicom_io import TRANSFER_SYNTAXES
 
 _CT_ONLY = ("nodules", "contrast", "arms", "consolidation", "position", "fov", "localizer", "no_blur", "marker",
-            "followup_of", "interval_days", "shift", "rotation", "new_nodules")
+            "followup_of", "interval_days", "shift", "rotation", "new_nodules", "family")
 _SIZE = ("rows", "cols", "slices", "spacing", "thickness")
 
 
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, help="pixel spacing, mm")
     p.add_argument("--thickness", type=float, help="CT/MR slice thickness = spacing between slices, mm")
     p.add_argument("--transfer-syntax", choices=sorted(TRANSFER_SYNTAXES), default="explicit")
+    p.add_argument("--family", action="store_true",
+                   help="CT: a case of the randomised phantom family (anatomy drawn from --seed; "
+                        "sized by --rows and --slices only; the drawn anatomy is in phantom.json's 'family')")
     ct = p.add_argument_group("CT options")
     ct.add_argument("--nodules", type=int, help="number of random lung nodules (default 3)")
     ct.add_argument("--contrast", action="store_true", help="iodinated contrast: blood pools ~300 HU")
@@ -82,6 +85,8 @@ def _run(args: argparse.Namespace):
         kw = {k: v for k, v in kw.items() if v is not None}
         gen = generate_mr if args.modality == "MR" else generate_cr
         return gen(args.out_dir, seed=seed, transfer_syntax=args.transfer_syntax, **kw)
+    if args.family:
+        return _family(args, seed, size)
     opts = {"transfer_syntax": args.transfer_syntax}
     for flag, name in (("rows", "rows"), ("cols", "cols"), ("slices", "slices"), ("spacing", "pixel_spacing"),
                        ("thickness", "slice_thickness"), ("nodules", "nodules"), ("arms", "arms"),
@@ -105,6 +110,17 @@ def _run(args: argparse.Namespace):
         if getattr(args, name) is not None:
             raise ValueError(f"--{name.replace('_', '-')} needs --followup-of DIR")
     return generate_ct(args.out_dir, seed=seed, **opts)
+
+
+def _family(args: argparse.Namespace, seed: int, size: dict):
+    from node.phantom.family import generate_family_case
+
+    extra = sorted((set(_given(args, _CT_ONLY)) - {"family"}) | (set(size) - {"rows", "slices"}))
+    if extra:
+        raise ValueError(f"--{extra[0].replace('_', '-')} does not apply to --family "
+                         "(its anatomy is drawn from the seed)")
+    kw = {k: size[k] for k in ("rows", "slices") if k in size}
+    return generate_family_case(args.out_dir, seed, transfer_syntax=args.transfer_syntax, **kw)
 
 
 def cli(argv: list[str]) -> int:
