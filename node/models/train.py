@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from node.models.card import CardError, InferenceSpec, ModelCard, load_card
-from node.models.data import Case, load_cases
-from node.models.inference import load_model, onnx_runner, prepare_input, resample, segment, sliding_window
+from node.models.card import CardError, InferenceSpec, ModelCard, ValidatedDomain, load_card
+from node.models.data import Case, held_out_cases, load_cases
+from node.models.domain import domain_from_facts, measure_input
+from node.models.inference import load_model, onnx_runner, prepare_input, resample, segment_scored, sliding_window
+from node.models.plausibility import plausibility_from_truth
 from node.models.train_config import AugmentSpec, TrainConfig, load_train_config
 from node.models.unet import UNet3D
 
@@ -338,25 +340,40 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
     log("validating the deployed ONNX pipeline on the held-out cases' source grids")
     draft = cfg.card_draft()
     runner = onnx_runner(load_model(out_dir, draft, "cpu"))
-    per_case = {}
-    for case in val_cases:
-        pred = segment(case.volumes, draft, runner)
-        per_case[case.name] = {names[v]: d for v, d in dice_per_label(pred, case.truth, names).items()}
+    per_case, conf = _measure(val_cases, draft, runner, names)
     dice = {n: float(np.nanmean([pc[n] for pc in per_case.values()])) for n in names.values()}
     mean_dice = float(np.mean(list(dice.values())))
-    source = "phantom" if cfg.data.phantom else "DICOMweb SEG" if cfg.data.dicomweb else "DICOM SEG"
+    source = ("phantom family" if cfg.data.family else "phantom" if cfg.data.phantom else
+              "DICOMweb SEG" if cfg.data.dicomweb else "DICOM SEG")
+    held_out, held_out_metrics = {}, {}
+    for spec in cfg.data.held_out:
+        log(f"measuring the held-out kind {spec.name!r} (never trained on)")
+        cases = held_out_cases(spec, cfg.data, cfg.labels, Path(cfg.data.cache_dir or work / "phantoms"))
+        kind_cases, kind_conf = _measure(cases, draft, runner, names)
+        kind_dice = {n: float(np.nanmean([pc[n] for pc in kind_cases.values()])) for n in names.values()}
+        held_out[spec.name] = {"cases": len(cases), "mean_dice": round(float(np.mean(list(kind_dice.values()))), 4),
+                               "dice": {n: round(d, 4) for n, d in kind_dice.items()},
+                               "confidence": round(float(np.mean(list(kind_conf.values()))), 4)}
+        held_out_metrics[spec.name] = {"per_case": kind_cases, "confidence": kind_conf, "dice": kind_dice}
     validation = {"dataset": f"{len(val_cases)} held-out {source} cases ({', '.join(per_case)}), Dice on their "
                               "source grids through the deployed ONNX pipeline",
                   "cases": len(val_cases), "mean_dice": round(mean_dice, 4),
-                  "dice": {n: round(d, 4) for n, d in dice.items()}}
-    card = cfg.card_draft(validation)
+                  "dice": {n: round(d, 4) for n, d in dice.items()},
+                  "confidence": round(float(np.mean(list(conf.values()))), 4), "held_out_kinds": held_out}
+    domain = _domain(cfg, train_cases + val_cases, source, held_out)
+    plausibility = plausibility_from_truth(
+        names, [(c.truth, float(np.prod(c.volumes[0].geometry.spacing)) / 1000) for c in train_cases + val_cases],
+        list(conf.values()))
+    card = cfg.card_draft(validation, validated_domain=domain, plausibility=plausibility,
+                          limitations=cfg.limitations + measured_limitations(validation, domain))
     metrics = {
         "model": cfg.name, "version": cfg.version, "parameters": n_params,
         "model_bytes": onnx_path.stat().st_size, "device": str(device),
         "training": {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_mean_dice_network_grid": best,
                      "wall_seconds": round(time.time() - t0, 1), "train_cases": [c.name for c in train_cases],
                      "history": history},
-        "validation": {"per_case": per_case, "dice": dice, "mean_dice": mean_dice},
+        "validation": {"per_case": per_case, "confidence": conf, "dice": dice, "mean_dice": mean_dice},
+        "held_out_kinds": held_out_metrics,
         "onnx_check": check,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -368,6 +385,47 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
     log(f"deployed {out_dir} ({onnx_path.stat().st_size / 1e6:.2f} MB, {n_params} parameters) "
         f"in {time.time() - t0:.0f} s")
     return out_dir
+
+
+def _measure(cases: list[Case], card: ModelCard, runner, names: dict[int, str]):
+    """Per-case Dice (by label name) and confidence through the deployed pipeline, on source grids."""
+    per_case, conf = {}, {}
+    for case in cases:
+        pred, score = segment_scored(case.volumes, card, runner)
+        per_case[case.name] = {names[v]: d for v, d in dice_per_label(pred, case.truth, names).items()}
+        conf[case.name] = score.overall if score.overall is not None else 0.0
+    return per_case, conf
+
+
+def _domain(cfg: TrainConfig, cases: list[Case], source: str, held_out: dict) -> ValidatedDomain:
+    facts = [measure_input(c.volumes[0], c.header, cfg.input.modality) for c in cases]
+    excluded = cfg.data.family.exclude if cfg.data.family else {}
+    trained = f"{source}: {len(cases)} cases" + (f", without {excluded}" if excluded else "")
+    return domain_from_facts(facts, body_region=cfg.input.body_region, tilt_margin_deg=cfg.augmentation.rotate_deg,
+                             trained_on=[trained],
+                             validated_on=[f"{source}: held-out seeds"] + [f"{k} (never trained on)" for k in held_out])
+
+
+def measured_limitations(validation: dict, domain: ValidatedDomain, good: float = 0.9) -> list[str]:
+    """Limitations the card states from what was measured, not written by hand."""
+    dice = validation["dice"]
+    out = [f"Measured on {validation['cases']} held-out cases: Dice "
+           + ", ".join(f"{n} {d:.2f}" for n, d in dice.items()) + "."]
+    weak = [f"{n} ({d:.2f})" for n, d in dice.items() if d < good]
+    if weak:
+        out.append(f"Below Dice {good} on held-out cases: {', '.join(weak)}.")
+    for kind, m in validation.get("held_out_kinds", {}).items():
+        verdict = ("it carries there" if m["mean_dice"] >= validation["mean_dice"] - 0.05 else
+                   "do not rely on it there")
+        out.append(f"Never trained on {kind}: Dice there " + ", ".join(f"{n} {d:.2f}" for n, d in m["dice"].items())
+                   + f" (mean {m['mean_dice']:.2f} vs {validation['mean_dice']:.2f}): {verdict}.")
+    o = domain.orientation
+    out.append(f"Validated domain: pixel spacing {domain.pixel_spacing_mm.describe('mm')}, slice thickness "
+               f"{domain.slice_thickness_mm.describe('mm')}, coverage {domain.coverage_mm.describe('mm')}, "
+               f"{'/'.join(o.planes)} slices tilted at most {o.max_tilt_deg:g} degrees"
+               + (f", {'/'.join(o.patient_positions)}" if o.patient_positions else "")
+               + "; other inputs are refused or delivered with a warning.")
+    return out
 
 
 class _CardDumper(yaml.SafeDumper):
