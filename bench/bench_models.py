@@ -97,7 +97,7 @@ def family_dice(model: str, n: int) -> list[dict]:
     import numpy as np
 
     from node.handler_api import HandlerInput
-    from node.models.data import family_case, family_seeds, held_out_cases
+    from node.models.data import family_case, family_seeds, held_out_cases, phantom_cases
     from node.models.registry import model_handler
     from node.models.train import dice_per_label
     from node.models.train_config import load_train_config
@@ -108,6 +108,10 @@ def family_dice(model: str, n: int) -> list[dict]:
     cache = ROOT / "var" / "bench" / "model-families"
     names = {lab.value: lab.name for lab in cfg.labels}
     groups = []
+    if cfg.data.phantom is not None:
+        ph = cfg.data.phantom
+        groups.append(("hilum phantom (its training kind), held-out seeds", phantom_cases(
+            ph.model_copy(update={"seed": ph.seed + ph.count + 100, "count": max(2, n)}), cfg.labels, cache)[:n]))
     if cfg.data.family is not None:
         fam = cfg.data.family
         first = fam.seed + 100 * fam.count  # far beyond the training seeds
@@ -174,7 +178,7 @@ def main() -> None:
         print("Dice vs truth: " + ", ".join(f"{n} {d:.3f}" for n, d in first["dice"].items()))
     verdict = "meets" if med("run_s") < 60 and med("peak_rss_mb") < 4096 else "MISSES"
     print(f"{verdict} the targets (< 60 s, < 4096 MB); segments: {', '.join(first['segments'])}")
-    if args.family_cases and (ROOT / "models" / args.model / "train.yaml").is_file():
+    if args.family_cases > 0 and (ROOT / "models" / args.model / "train.yaml").is_file():
         rows = family_dice(args.model, args.family_cases)
         labels = list(rows[0]["dice"])
         print(f"\nDice per phantom family ({args.family_cases} small cases each; flagged: results the domain, "

@@ -250,3 +250,23 @@ def test_family_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(CardError, match=r"data\.held_out\.0: held-out kind 'children': give exactly one of family"):
         load_train_config(path)
+
+
+def test_measure_only_rewrites_the_limits_of_a_trained_model_and_refuses_other_data(tmp_path):
+    from node.models.train import measure_only
+
+    cfg = TrainConfig.model_validate(tiny_config(tmp_path))
+    out = train(cfg, log=lambda line: None)
+    card = yaml.safe_load((out / "card.yaml").read_text())
+    history = json.loads((out / "metrics.json").read_text())["training"]
+    for key in ("validated_domain", "plausibility"):
+        card.pop(key)
+    (out / "card.yaml").write_text(yaml.safe_dump(card))
+    assert load_card(out).validated_domain is None
+    measured = measure_only(cfg, log=lambda line: None)
+    assert measured.validated_domain is not None and load_card(out).plausibility is not None
+    assert json.loads((out / "metrics.json").read_text())["training"] == history  # the training record is kept
+    other = tiny_config(tmp_path)
+    other["data"]["phantom"]["seed"] = 700
+    with pytest.raises(CardError, match="not the cases the model was trained on"):
+        measure_only(TrainConfig.model_validate(other), log=lambda line: None)

@@ -170,9 +170,9 @@ def family_cases(spec: FamilySource, labels: Sequence[TrainLabel], cache: Path) 
 def held_out_cases(spec: HeldOutSpec, data: DataSpec, labels: Sequence[TrainLabel], cache: Path) -> list[Case]:
     """The cases of one held-out kind (never in training)."""
     if spec.family is not None:
-        fam = data.family
-        return [family_case(cache, seed, rows, slices, labels)
-                for seed, rows, slices in family_seeds(spec.seed, spec.count, fam.rows, fam.slices, only=spec.family)]
+        rows, slices = spec.rows or data.family.rows, spec.slices or data.family.slices
+        return [family_case(cache, seed, r, n, labels)
+                for seed, r, n in family_seeds(spec.seed, spec.count, rows, slices, only=spec.family or None)]
     phantoms = PhantomSource(count=max(2, spec.count), seed=spec.seed, **spec.phantom)
     return phantom_cases(phantoms, labels, cache)[:spec.count]
 

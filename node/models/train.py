@@ -34,7 +34,7 @@ from node.models.plausibility import plausibility_from_truth
 from node.models.train_config import AugmentSpec, TrainConfig, load_train_config
 from node.models.unet import UNet3D
 
-__all__ = ["train", "main", "dice_per_label", "export_onnx", "compare_onnx_torch", "build_network"]
+__all__ = ["train", "describe", "measure_only", "measured_limitations", "main", "dice_per_label", "export_onnx", "compare_onnx_torch", "build_network"]
 
 Log = Callable[[str], None]
 
@@ -337,6 +337,25 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
     if check["max_relative_logit_difference"] > 5e-3 or check["argmax_agreement"] < 0.999:
         raise RuntimeError(f"the ONNX export disagrees with the torch model: {check}")
 
+    training = {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_mean_dice_network_grid": best,
+                "wall_seconds": round(time.time() - t0, 1), "train_cases": [c.name for c in train_cases],
+                "history": history}
+    extra = {"parameters": n_params, "device": str(device), "training": training, "onnx_check": check}
+    describe(cfg, out_dir, train_cases, val_cases, extra, log)
+    (out_dir / "train.yaml").write_text(config_text if config_text is not None else
+                                        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    log(f"deployed {out_dir} ({onnx_path.stat().st_size / 1e6:.2f} MB, {n_params} parameters) "
+        f"in {time.time() - t0:.0f} s")
+    return out_dir
+
+
+def describe(cfg: TrainConfig, out_dir: Path, train_cases: list[Case], val_cases: list[Case], extra: dict,
+             log: Log = print) -> ModelCard:
+    """Measure the deployed model in ``out_dir`` and write what it knows about its limits: validation
+    Dice and confidence on the held-out cases, every held-out kind, the validated domain of the
+    training data, plausibility ranges and the limitations these numbers imply (card.yaml, metrics.json)."""
+    names = {lab.value: lab.name for lab in cfg.labels}
+    work = Path(cfg.work_dir) / cfg.name
     log("validating the deployed ONNX pipeline on the held-out cases' source grids")
     draft = cfg.card_draft()
     runner = onnx_runner(load_model(out_dir, draft, "cpu"))
@@ -366,25 +385,29 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
         list(conf.values()))
     card = cfg.card_draft(validation, validated_domain=domain, plausibility=plausibility,
                           limitations=cfg.limitations + measured_limitations(validation, domain))
-    metrics = {
-        "model": cfg.name, "version": cfg.version, "parameters": n_params,
-        "model_bytes": onnx_path.stat().st_size, "device": str(device),
-        "training": {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_mean_dice_network_grid": best,
-                     "wall_seconds": round(time.time() - t0, 1), "train_cases": [c.name for c in train_cases],
-                     "history": history},
-        "validation": {"per_case": per_case, "confidence": conf, "dice": dice, "mean_dice": mean_dice},
-        "held_out_kinds": held_out_metrics,
-        "onnx_check": check,
-    }
+    metrics = {"model": cfg.name, "version": cfg.version, "model_bytes": (out_dir / card.model_file).stat().st_size,
+               **extra,
+               "validation": {"per_case": per_case, "confidence": conf, "dice": dice, "mean_dice": mean_dice},
+               "held_out_kinds": held_out_metrics}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out_dir / "train.yaml").write_text(config_text if config_text is not None else
-                                        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     _write_card(card, out_dir)
     log("validation Dice on source grids: " + ", ".join(f"{n} {d:.3f}" for n, d in dice.items())
         + f"; mean {mean_dice:.3f}")
-    log(f"deployed {out_dir} ({onnx_path.stat().st_size / 1e6:.2f} MB, {n_params} parameters) "
-        f"in {time.time() - t0:.0f} s")
-    return out_dir
+    return card
+
+
+def measure_only(cfg: TrainConfig, log: Log = print) -> ModelCard:
+    """``describe`` an already trained model again (``hilum train CONFIG --measure-only``): the same data and
+    split as its training run, the training record kept, so a card gains its limits without retraining."""
+    work = Path(cfg.work_dir) / cfg.name
+    out_dir = Path(cfg.output_dir) / cfg.name
+    old = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
+    log(f"loading data ({cfg.data.source_name})")
+    train_cases, val_cases = _split(load_cases(cfg.data, cfg.labels, work, log), cfg.data.validation_split, cfg.seed)
+    if old.get("training", {}).get("train_cases") not in (None, [c.name for c in train_cases]):
+        raise CardError("data: these are not the cases the model was trained on (metrics.json training.train_cases)")
+    extra = {k: old[k] for k in ("parameters", "device", "training", "onnx_check") if k in old}
+    return describe(cfg, out_dir, train_cases, val_cases, extra, log)
 
 
 def _measure(cases: list[Case], card: ModelCard, runner, names: dict[int, str]):
@@ -450,10 +473,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hilum train", description="Train a model from a config file and "
                                      "deploy it as models/<name>/")
     parser.add_argument("config", type=Path)
+    parser.add_argument("--measure-only", action="store_true",
+                        help="do not train: measure the deployed model again and rewrite its card's validation, "
+                             "validated_domain, plausibility and limitations")
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config)
-        train(cfg, args.config.read_text())
+        if args.measure_only:
+            measure_only(cfg)
+        else:
+            train(cfg, args.config.read_text())
     except CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

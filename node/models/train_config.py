@@ -98,7 +98,9 @@ class HeldOutSpec(_Strict):
     name: str = Field(min_length=1, max_length=64)
     count: int = Field(2, ge=1, le=100)
     seed: int = Field(0, ge=0)
-    family: dict[str, list[Any]] | None = None  # FamilyAnatomy field -> values; with rows/slices of data.family
+    family: dict[str, list[Any]] | None = None  # FamilyAnatomy field -> values ({} : any family case)
+    rows: list[int] | None = None  # family case sizes; default: data.family's
+    slices: list[int] | None = None
     phantom: dict[str, Any] | None = None  # generate_ct options
 
     @model_validator(mode="after")
@@ -206,8 +208,8 @@ class DataSpec(_Strict):
     def _one_source(self) -> "DataSpec":
         if sum(s is not None for s in (self.phantom, self.family, self.dicom_seg, self.dicomweb)) != 1:
             raise ValueError("give exactly one data source: phantom, family, dicom_seg or dicomweb")
-        if any(h.family is not None for h in self.held_out) and self.family is None:
-            raise ValueError("held_out: family kinds need data.family (their rows and slices)")
+        if any(h.family is not None and not (h.rows and h.slices) for h in self.held_out) and self.family is None:
+            raise ValueError("held_out: family kinds need rows and slices, or data.family's")
         names = [h.name for h in self.held_out]
         if len(set(names)) != len(names):
             raise ValueError(f"held_out: duplicate names {names}")
