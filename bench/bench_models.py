@@ -183,9 +183,10 @@ def main() -> None:
         labels = list(rows[0]["dice"])
         print(f"\nDice per phantom family ({args.family_cases} small cases each; flagged: results the domain, "
               "plausibility or confidence checks mark)")
-        print(f"{'family':<58}" + "".join(f"{n:>12}" for n in labels) + f"{'confidence':>12}{'flagged':>9}")
+        width = max(len(r["family"]) for r in rows) + 2
+        print(f"{'family':<{width}}" + "".join(f"{n:>12}" for n in labels) + f"{'confidence':>12}{'flagged':>9}")
         for r in rows:
-            print(f"{r['family']:<58}" + "".join(f"{r['dice'][n]:>12.3f}" for n in labels)
+            print(f"{r['family']:<{width}}" + "".join(f"{r['dice'][n]:>12.3f}" for n in labels)
                   + f"{r['confidence']:>12.3f}{r['flagged']:>6}/{r['cases']}")
 
 
