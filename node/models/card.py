@@ -249,6 +249,9 @@ class IntensityProfile(_Strict):
     moves them."""
 
     body_above: float = -500.0
+    # Measured on the image resampled (anti-aliased) to this isotropic grid: body-edge partial volume,
+    # and so the low percentiles, would otherwise depend on the input's resolution.
+    grid_mm: float = Field(4.0, gt=0, le=20)
     percentiles: dict[int, Range] = Field(min_length=1)  # percentile (1..99) -> accepted range
 
     @field_validator("percentiles")

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from node.models.card import PLANES, IntensityProfile, ModelCard, OrientationDomain, Range, ValidatedDomain
+from node.models.inference import network_grid, resample
 from node.results import QualityFlag
 from node.volume import Volume
 
@@ -49,8 +50,9 @@ def _header_value(header, keyword: str) -> str | None:
 
 
 def measure_input(volume: Volume, header=None, modality: str | None = None,
-                  body_above: float = -500.0) -> InputFacts:
-    """Facts of ``volume`` (and its first DICOM header, when there is one)."""
+                  body_above: float = -500.0, grid_mm: float = 4.0) -> InputFacts:
+    """Facts of ``volume`` (and its first DICOM header, when there is one); intensities on a
+    ``grid_mm`` isotropic grid, so a 0.7 mm and a 3 mm scan of one body have the same profile."""
     g = volume.geometry
     sx, sy, sz = g.spacing
     thickness = sz
@@ -62,7 +64,7 @@ def measure_input(volume: Volume, header=None, modality: str | None = None,
     normal = np.asarray(g.normal, dtype=float)
     axis = int(np.argmax(np.abs(normal)))  # patient x: sagittal slices, y: coronal, z: axial
     tilt = math.degrees(math.acos(min(1.0, abs(float(normal[axis])) / float(np.linalg.norm(normal)))))
-    arr = volume.array
+    arr = resample(volume.array, g, network_grid(g, (grid_mm,) * 3, "LPS"), linear=True, antialias=True)
     stride = max(1, round((arr.size / _MAX_SAMPLES) ** (1 / 3)))
     sample = arr[::stride, ::stride, ::stride].astype(np.float32, copy=False)
     body = sample[sample > body_above]
@@ -138,7 +140,7 @@ def _widen(values: Iterable[float], digits: int = 2) -> Range:
 
 def domain_from_facts(facts: Sequence[InputFacts], *, body_region: str | None, tilt_margin_deg: float,
                       trained_on: Sequence[str], validated_on: Sequence[str],
-                      body_above: float = -500.0) -> ValidatedDomain:
+                      body_above: float = -500.0, grid_mm: float = 4.0) -> ValidatedDomain:
     """The domain that ``facts`` (every training and validation case) span.
 
     ``tilt_margin_deg``: the training augmentation's rotation, which the model has seen on top of
@@ -165,5 +167,6 @@ def domain_from_facts(facts: Sequence[InputFacts], *, body_region: str | None, t
         orientation=OrientationDomain(planes=planes, max_tilt_deg=round(max(f.tilt_deg for f in facts)
                                                                         + tilt_margin_deg, 1),
                                       patient_positions=positions),
-        intensity=IntensityProfile(body_above=body_above, percentiles=percentiles) if percentiles else None,
+        intensity=(IntensityProfile(body_above=body_above, grid_mm=grid_mm, percentiles=percentiles)
+                   if percentiles else None),
         trained_on=list(trained_on), validated_on=list(validated_on))

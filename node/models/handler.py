@@ -56,9 +56,9 @@ class ModelHandler(Handler):
         if domain is None:
             return []
         source = inp.series[0]
-        body_above = domain.intensity.body_above if domain.intensity else -500.0
+        profile = domain.intensity
         facts = measure_input(source.volume, source.datasets[0] if source.datasets else None, source.modality,
-                              body_above)
+                              *((profile.body_above, profile.grid_mm) if profile else ()))
         return domain_flags(self.card, facts)
 
     def _emit(self) -> list[str]:

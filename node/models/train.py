@@ -421,10 +421,12 @@ def _measure(cases: list[Case], card: ModelCard, runner, names: dict[int, str]):
 
 
 def _domain(cfg: TrainConfig, cases: list[Case], source: str, held_out: dict) -> ValidatedDomain:
-    facts = [measure_input(c.volumes[0], c.header, cfg.input.modality) for c in cases]
+    grid_mm = max(cfg.input.target_spacing)  # intensities as coarse as the network sees them
+    facts = [measure_input(c.volumes[0], c.header, cfg.input.modality, grid_mm=grid_mm) for c in cases]
     excluded = cfg.data.family.exclude if cfg.data.family else {}
     trained = f"{source}: {len(cases)} cases" + (f", without {excluded}" if excluded else "")
     return domain_from_facts(facts, body_region=cfg.input.body_region, tilt_margin_deg=cfg.augmentation.rotate_deg,
+                             grid_mm=grid_mm,
                              trained_on=[trained],
                              validated_on=[f"{source}: held-out seeds"] + [f"{k} (never trained on)" for k in held_out])
 
