@@ -170,3 +170,16 @@ def test_confidence_is_lower_on_a_family_it_never_saw(unseen, family):
         _, _, handler = _flags(case.volumes[0])
         out_of_family.append(handler.provenance["confidence"])
     assert in_family > float(np.mean(out_of_family)), (in_family, out_of_family)
+
+
+def test_a_lung_replaced_by_soft_tissue_is_a_plausibility_failure(unseen):
+    """The unseen phantom with its right lung filled with fluid-like tissue (a white-out, or the lung
+    removed): the model finds no right lung of plausible size, and says so instead of a normal-looking result."""
+    series, case = unseen
+    card = load_card(FOLDER)
+    right = next(lab.value for lab in card.labels if lab.name == "Right lung")
+    image = series.volume.array.copy()
+    image[case.truth == right] = 40
+    results, _ = _run(Volume(image, series.volume.geometry))
+    flags = [r for r in results if isinstance(r, QualityFlag)]
+    assert ("label_volume", "Right lung") in {(f.check, f.structure) for f in flags}, flags
