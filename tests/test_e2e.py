@@ -255,9 +255,10 @@ def test_token_create_before_first_start_and_roles(tmp_path):
 
 def test_model_handler_results_land_in_orthanc(tmp_path):
     """A rule routes a phantom CT to the shipped model: its SEG and SR arrive in the study, and the
-    job history records which model (by hash) and which execution provider produced them."""
-    ct = generate_ct(tmp_path / "ct", seed=11, rows=96, cols=96, slices=40, pixel_spacing=4.0, slice_thickness=5.0,
-                     nodules=0)
+    job history records which model (by hash) and which execution provider produced them. The phantom
+    is drawn like the model's training data (a seed it never saw): inside its validated domain."""
+    ct = generate_ct(tmp_path / "ct", seed=11, rows=160, cols=160, slices=100, pixel_spacing=2.2,
+                     slice_thickness=2.5, nodules=0)
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "model.yaml").write_text(textwrap.dedent("""\
@@ -276,6 +277,7 @@ def test_model_handler_results_land_in_orthanc(tmp_path):
         assert emitted == set(model_handler("hilum-ct-chest").card.emit) and {"SEG", "SR"} <= emitted
         prov = job["history"][-1]["provenance"]
         assert prov["model"] == "hilum-ct-chest" and len(prov["model_sha256"]) == 64
+        assert "quality_warnings" not in prov and 0 < prov["confidence"] <= 1
         assert "CPUExecutionProvider" in str(prov)
         in_orthanc = {i["MainDicomTags"]["SOPInstanceUID"] for i in _orthanc_instances(node, ct.study_uid)}
         assert {r["sop_instance_uid"] for r in job["results"]} <= in_orthanc

@@ -33,6 +33,12 @@ def test_shipped_card_validates_and_resolves_as_a_handler():
     assert "synthetic" in card.training_data.lower()
     assert card.validation is not None and 0.5 < card.validation.mean_dice <= 1
     assert {lab.tg263 for lab in card.labels} >= {"Lung_L", "Lung_R", "Heart", "Liver"}
+    # it knows its limits: a domain from its training data, plausibility, a family it never saw, measured
+    assert card.validated_domain.modality == "CT" and card.validated_domain.intensity is not None
+    assert set(card.validated_domain.orientation.patient_positions) == {"HFS", "FFS"}
+    assert card.plausibility.labels["Left lung"].volume_ml.min > 0 and card.plausibility.min_confidence
+    assert card.validation.held_out_kinds
+    assert all(f"Never trained on {k}" in " ".join(card.limitations) for k in card.validation.held_out_kinds)
     cls = model_handler(f"model:{SHIPPED}")
     assert cls.name == f"model:{SHIPPED}" and cls.model_version == card.version and cls.modalities == {"CT"}
     assert validate_models() == model_names()

@@ -14,7 +14,7 @@ from node.models.inference import resample
 from node.models.registry import DEFAULT_MODELS_DIR, model_handler
 from node.models.train import dice_per_label
 from node.models.train_config import load_train_config
-from node.results import LabelMap, MeasurementReport, ResultSet
+from node.results import LabelMap, MeasurementReport, QualityFlag, ResultSet
 from node.phantom.ct import generate_ct
 from node.volume import Geometry, SeriesData, Volume, load_series
 from tests.iod import assert_valid_iod
@@ -116,3 +116,70 @@ def test_results_encode_to_valid_seg_and_rtstruct(unseen, tmp_path):
         assert_valid_iod(path)
     seg = next(ds for ds in datasets if ds.Modality == "SEG")
     assert [s.SegmentLabel for s in seg.SegmentSequence] == [s.name for s in label_map.segments]
+
+
+# ---------------------------------------------------------------- the model's limits (issue 22)
+
+def _flags(case_volume: Volume, header=None) -> tuple[list, list]:
+    """(domain flags, plausibility/confidence flags and results) of the shipped model on one volume."""
+    series = SeriesData("1.2.826.0.1.3680043.8.498.79", "CT", [header] if header is not None else [], case_volume)
+    handler = model_handler(f"model:{NAME}")({})
+    domain = handler.assess_input(HandlerInput("1.2.3", [series]))
+    results = handler.run(HandlerInput("1.2.3", [series]), lambda f, m: None)
+    return domain, results, handler
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Cases of the randomised phantom family (another painter, varied anatomy), never trained on."""
+    from node.models.data import family_case, family_seeds
+
+    cfg = load_train_config(FOLDER / "train.yaml")
+    spec = next(h for h in cfg.data.held_out if h.family is not None)
+    cache = tmp_path_factory.mktemp("family")
+    return [family_case(cache, s, r, n, cfg.labels)
+            for s, r, n in family_seeds(spec.seed + 100, 3, spec.rows, spec.slices)]
+
+
+def test_an_unseen_phantom_of_its_training_kind_passes_every_check(unseen):
+    series, _ = unseen
+    domain, results, _ = _flags(series.volume, series.datasets[0])
+    assert domain == [] and not [r for r in results if isinstance(r, QualityFlag)], (domain, results[2:])
+
+
+def test_a_family_it_never_saw_is_never_delivered_as_a_good_result(family):
+    """The issue's finding: lung Dice down to 0.00 on independently made phantoms, delivered like a good
+    result. Every such case now fails a check (its domain, a label's plausibility or the confidence)."""
+    card = load_card(FOLDER)
+    names = {lab.value: lab.name for lab in card.labels}
+    for case in family:
+        domain, results, _ = _flags(case.volumes[0], case.header)
+        flags = domain + [r for r in results if isinstance(r, QualityFlag)]
+        dice = dice_per_label(results[0].labels, case.truth, names)
+        if min(dice[1], dice[2]) < 0.9:
+            assert flags, (case.name, dice)
+
+
+def test_confidence_is_lower_on_a_family_it_never_saw(unseen, family):
+    """Measured, asserted as an ordering: the network is less sure on anatomy unlike its training data."""
+    series, _ = unseen
+    _, _, handler = _flags(series.volume)
+    in_family = handler.provenance["confidence"]
+    out_of_family = []
+    for case in family:
+        _, _, handler = _flags(case.volumes[0])
+        out_of_family.append(handler.provenance["confidence"])
+    assert in_family > float(np.mean(out_of_family)), (in_family, out_of_family)
+
+
+def test_a_lung_replaced_by_soft_tissue_is_a_plausibility_failure(unseen):
+    """The unseen phantom with its right lung filled with fluid-like tissue (a white-out, or the lung
+    removed): the model finds no right lung of plausible size, and says so instead of a normal-looking result."""
+    series, case = unseen
+    card = load_card(FOLDER)
+    right = next(lab.value for lab in card.labels if lab.name == "Right lung")
+    image = series.volume.array.copy()
+    image[case.truth == right] = 40
+    results, _ = _run(Volume(image, series.volume.geometry))
+    flags = [r for r in results if isinstance(r, QualityFlag)]
+    assert ("label_volume", "Right lung") in {(f.check, f.structure) for f in flags}, flags

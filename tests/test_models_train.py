@@ -179,3 +179,94 @@ def test_loss_is_lower_for_the_right_answer():
     right = torch.nn.functional.one_hot(target, 2).permute(0, 4, 1, 2, 3).float() * 10
     wrong = right.flip(1)
     assert dice_ce_loss(right, target, 1, 1) < 0.01 < 1.5 < dice_ce_loss(wrong, target, 1, 1)
+
+
+def family_config(tmp_path: Path) -> dict:
+    cfg = tiny_config(tmp_path)
+    cfg["data"] = {"family": {"count": 3, "seed": 40, "rows": [72], "slices": [24], "directions": ["HFS", "FFS"],
+                              "exclude": {"habitus": ["child"]}},
+                   "validation_split": 0.34, "cache_dir": str(tmp_path / "phantoms"),
+                   "held_out": [{"name": "children", "count": 1, "seed": 0, "family": {"habitus": ["child"]}},
+                                {"name": "generate_ct", "count": 1, "seed": 900, "phantom": TINY_PHANTOM}]}
+    return cfg
+
+
+def test_family_training_writes_domain_plausibility_held_out_kinds_and_measured_limitations(tmp_path):
+    from node.models.data import family_seeds
+    from node.phantom.family import draw_anatomy
+
+    cfg = TrainConfig.model_validate(family_config(tmp_path))
+    seeds = family_seeds(40, 3, [72], [24], exclude={"habitus": ["child"]})
+    assert all(draw_anatomy(s, r, n).habitus != "child" for s, r, n in seeds)
+    out = train(cfg, log=lambda line: None)
+    card = load_card(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not set(metrics["training"]["train_cases"]) & {f"family-{s}" for s, _, _ in
+                                                          family_seeds(0, 1, [72], [24], only={"habitus": ["child"]})}
+    # the held-out kinds are measured and recorded in both places
+    assert set(card.validation.held_out_kinds) == {"children", "generate_ct"} == set(metrics["held_out_kinds"])
+    for name, kind in card.validation.held_out_kinds.items():
+        assert kind.cases == 1 and set(kind.dice) == {"Left lung", "Heart"}
+        assert kind.dice["Heart"] == pytest.approx(metrics["held_out_kinds"][name]["dice"]["Heart"], abs=1e-4)
+    # the domain spans the training data (measured by the same code the handler runs)
+    d = card.validated_domain
+    assert d.modality == "CT" and d.body_regions == ["CHEST"] and d.orientation.planes == ["axial"]
+    assert set(d.orientation.patient_positions) <= {"HFS", "FFS"} and d.orientation.patient_positions
+    assert d.pixel_spacing_mm.min < d.pixel_spacing_mm.max and set(d.intensity.percentiles) == {5, 25, 50, 75, 95}
+    assert "children (never trained on)" in d.validated_on
+    # plausibility from the truth, confidence floor under the validation cases
+    assert set(card.plausibility.labels) == {"Left lung", "Heart"}
+    assert card.plausibility.labels["Left lung"].volume_ml.min > 0
+    assert card.plausibility.min_confidence <= min(metrics["validation"]["confidence"].values())
+    # limitations generated from the measured numbers
+    text = " ".join(card.limitations)
+    assert f"Heart {card.validation.dice['Heart']:.2f}" in text and "Never trained on children" in text
+    assert "Validated domain: pixel spacing" in text
+
+
+def test_feet_first_case_is_the_same_anatomy_indexed_the_other_way(tmp_path):
+    from node.models.data import family_case, feet_first
+    from node.models.inference import resample
+    from node.models.train_config import TrainLabel
+
+    labels = [TrainLabel(**lab) for lab in tiny_config(tmp_path)["labels"]]
+    hfs = family_case(tmp_path, 41, 72, 24, labels)
+    ffs = feet_first(hfs)
+    assert ffs.header.PatientPosition == "FFS" and hfs.header.PatientPosition == "HFS"
+    assert not np.array_equal(ffs.volumes[0].array, hfs.volumes[0].array)
+    back = resample(ffs.truth, ffs.volumes[0].geometry, hfs.volumes[0].geometry, linear=False)
+    assert np.array_equal(back, hfs.truth)
+
+
+def test_family_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "train.yaml"
+    bad = family_config(tmp_path)
+    bad["data"]["family"]["exclude"] = {"hair": ["red"]}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(CardError, match=r"data\.family\.exclude: \['hair'\] are not drawn anatomy fields"):
+        load_train_config(path)
+    bad = family_config(tmp_path)
+    bad["data"]["held_out"][0]["phantom"] = {"rows": 32}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(CardError, match=r"data\.held_out\.0: held-out kind 'children': give exactly one of family"):
+        load_train_config(path)
+
+
+def test_measure_only_rewrites_the_limits_of_a_trained_model_and_refuses_other_data(tmp_path):
+    from node.models.train import measure_only
+
+    cfg = TrainConfig.model_validate(tiny_config(tmp_path))
+    out = train(cfg, log=lambda line: None)
+    card = yaml.safe_load((out / "card.yaml").read_text())
+    history = json.loads((out / "metrics.json").read_text())["training"]
+    for key in ("validated_domain", "plausibility"):
+        card.pop(key)
+    (out / "card.yaml").write_text(yaml.safe_dump(card))
+    assert load_card(out).validated_domain is None
+    measured = measure_only(cfg, log=lambda line: None)
+    assert measured.validated_domain is not None and load_card(out).plausibility is not None
+    assert json.loads((out / "metrics.json").read_text())["training"] == history  # the training record is kept
+    other = tiny_config(tmp_path)
+    other["data"]["phantom"]["seed"] = 700
+    with pytest.raises(CardError, match="not the cases the model was trained on"):
+        measure_only(TrainConfig.model_validate(other), log=lambda line: None)

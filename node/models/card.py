@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from node.results import RT_ROI_TYPES, Code, Segment
 
 __all__ = ["CardError", "ModelCard", "LabelSpec", "load_card", "orientation_matrix", "format_validation_error",
-           "CARD_FILE"]
+           "CARD_FILE", "ValidatedDomain", "Range", "IntensityProfile", "OrientationDomain", "Plausibility",
+           "LabelPlausibility", "HeldOutKind", "PLANES"]
 
 CARD_FILE = "card.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
@@ -180,6 +181,16 @@ class InferenceSpec(_Strict):
         return v
 
 
+class HeldOutKind(_Strict):
+    """Dice on a kind of data never seen in training (e.g. a phantom family left out), measured like
+    ``Validation``: it says how far the model carries beyond its domain, not that it may be used there."""
+
+    cases: int = Field(ge=1)
+    mean_dice: float = Field(ge=0, le=1)
+    dice: dict[str, float]
+    confidence: float | None = Field(None, ge=0, le=1)
+
+
 class Validation(_Strict):
     """Measured by the training pipeline on held-out cases, on their source grids."""
 
@@ -187,6 +198,101 @@ class Validation(_Strict):
     cases: int = Field(ge=1)
     mean_dice: float = Field(ge=0, le=1)
     dice: dict[str, float]
+    confidence: float | None = Field(None, ge=0, le=1)  # mean over the cases (see Plausibility.min_confidence)
+    held_out_kinds: dict[str, HeldOutKind] = {}
+
+
+# ---------------------------------------------------------------- the model's limits
+
+PLANES = ("axial", "coronal", "sagittal")
+
+
+class Range(_Strict):
+    """A closed interval [min, max]; written ``{min: 1.5, max: 3.0}``."""
+
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+    def __contains__(self, value: float) -> bool:
+        return self.min <= value <= self.max
+
+    def describe(self, unit: str = "") -> str:
+        return f"{self.min:g}-{self.max:g}{(' ' + unit) if unit else ''}"
+
+
+class OrientationDomain(_Strict):
+    """The slice planes the model was validated on, how far the slices may tilt from that plane,
+    and the patient positions (DICOM PatientPosition, e.g. HFS, FFS) it has seen."""
+
+    planes: list[Literal["axial", "coronal", "sagittal"]] = Field(["axial"], min_length=1)
+    max_tilt_deg: float = Field(10.0, ge=0, le=90)
+    patient_positions: list[str] = []  # empty: any
+
+    @field_validator("patient_positions")
+    @classmethod
+    def _positions(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if not re.fullmatch(r"[A-Z]{2,4}", p)]
+        if bad:
+            raise ValueError(f"{bad} are not DICOM PatientPosition values (HFS, FFS, HFP, ...)")
+        return v
+
+
+class IntensityProfile(_Strict):
+    """Percentiles of the input's body voxels (values above ``body_above``, e.g. HU > -500), each
+    with the range seen in the training data: a wrong rescale, another kernel or another modality
+    moves them."""
+
+    body_above: float = -500.0
+    # Measured on the image resampled (anti-aliased) to this isotropic grid: body-edge partial volume,
+    # and so the low percentiles, would otherwise depend on the input's resolution.
+    grid_mm: float = Field(4.0, gt=0, le=20)
+    percentiles: dict[int, Range] = Field(min_length=1)  # percentile (1..99) -> accepted range
+
+    @field_validator("percentiles")
+    @classmethod
+    def _levels(cls, v: dict[int, Range]) -> dict[int, Range]:
+        bad = [p for p in v if not 1 <= p <= 99]
+        if bad:
+            raise ValueError(f"percentiles must be 1..99, got {bad}")
+        return v
+
+
+class ValidatedDomain(_Strict):
+    """What the model was trained and validated on; the handler compares every input against it
+    before inference (``node.models.domain``). Written by ``hilum train`` from the training data,
+    editable by hand; a field left out is not checked."""
+
+    modality: str | None = Field(None, pattern=r"^[A-Z]{2,16}$")
+    body_regions: list[str] = []  # BodyPartExamined values; checked only when the input names one
+    pixel_spacing_mm: Range | None = None  # in-plane (both row and column spacing)
+    slice_thickness_mm: Range | None = None  # SliceThickness, or the slice spacing where it is absent
+    fov_mm: Range | None = None  # in-plane extent of the image (the larger of width and height)
+    coverage_mm: Range | None = None  # extent along the slice normal
+    orientation: OrientationDomain | None = None
+    intensity: IntensityProfile | None = None
+    trained_on: list[str] = []  # phantom families or data sets, for people (not checked)
+    validated_on: list[str] = []
+
+
+class LabelPlausibility(_Strict):
+    """What a result for one label must look like to be delivered without a warning."""
+
+    volume_ml: Range | None = None  # a min above 0 makes a missing structure a failed check
+    continuous: bool = False  # present on every source slice between its first and last
+
+
+class Plausibility(_Strict):
+    """Post-inference checks: per label (by name) and a confidence floor (mean max-softmax inside
+    the predicted labels, on the network grid; see ``node.models.inference.Confidence``)."""
+
+    labels: dict[str, LabelPlausibility] = {}
+    min_confidence: float | None = Field(None, ge=0, le=1)
 
 
 class ModelCard(_Strict):
@@ -203,6 +309,8 @@ class ModelCard(_Strict):
     labels: list[LabelSpec] = Field(min_length=1)
     emit: list[Literal["SEG", "RTSTRUCT", "SR"]] = ["SEG"]
     validation: Validation | None = None
+    validated_domain: ValidatedDomain | None = None  # None: no domain checks
+    plausibility: Plausibility | None = None  # None: no post-inference checks
 
     @field_validator("name")
     @classmethod
@@ -226,6 +334,11 @@ class ModelCard(_Strict):
             raise ValueError("emit: name at least one of SEG, RTSTRUCT, SR")
         if "SR" in self.emit and not ({"SEG", "RTSTRUCT"} & set(self.emit)):
             raise ValueError("emit: SR volumes reference segments, so SEG or RTSTRUCT must be emitted too")
+        if self.plausibility is not None:
+            names = {lab.name for lab in self.labels}
+            unknown = sorted(set(self.plausibility.labels) - names)
+            if unknown:
+                raise ValueError(f"plausibility.labels: {unknown} are not label names of this card ({sorted(names)})")
         return self
 
     @property

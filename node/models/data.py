@@ -9,6 +9,7 @@ with more structures than the model trains on is fine.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -22,12 +23,12 @@ import pydicom
 import SimpleITK as sitk
 
 from node.models.card import CardError
-from node.models.train_config import DataSpec, PhantomSource, TrainLabel
+from node.models.train_config import DataSpec, FamilySource, HeldOutSpec, PhantomSource, TrainLabel
 from node.models.inference import resample
 from node.volume import Geometry, SeriesData, Volume, load_series
 
 __all__ = ["Case", "UnusableSeg", "load_cases", "phantom_cases", "dicom_seg_cases", "seg_case", "seg_label_values",
-           "referenced_series_uid", "label_lookup"]
+           "referenced_series_uid", "label_lookup", "family_cases", "family_seeds", "held_out_cases", "feet_first", "family_case"]
 
 
 @dataclass(eq=False)
@@ -35,6 +36,7 @@ class Case:
     name: str
     volumes: list[Volume]  # one per input channel, the first defines the grid
     truth: np.ndarray  # uint8 model label values on volumes[0].geometry
+    header: pydicom.Dataset | None = None  # the first source header, for the validated domain
 
 
 def label_lookup(labels: Sequence[TrainLabel]) -> dict[str, int]:
@@ -94,6 +96,87 @@ def phantom_cases(spec: PhantomSource, labels: Sequence[TrainLabel], cache: Path
     return cases
 
 
+# ---------------------------------------------------------------- the randomised phantom family
+
+def _matches(anatomy, kinds: dict[str, list]) -> bool:
+    return any(getattr(anatomy, k) in values for k, values in kinds.items())
+
+
+def family_seeds(seed: int, count: int, rows: list[int], slices: list[int], *, exclude: dict[str, list] | None = None,
+                 only: dict[str, list] | None = None) -> list[tuple[int, int, int]]:
+    """(seed, rows, slices) of ``count`` family cases from ``seed`` upward: those whose drawn anatomy
+    matches ``only`` (when given) and not ``exclude``. Drawing the anatomy is cheap; nothing is painted."""
+    from node.phantom.family import draw_anatomy
+
+    out, s = [], seed
+    while len(out) < count:
+        rng = np.random.default_rng([s, 23])
+        r, n = rows[int(rng.integers(len(rows)))], slices[int(rng.integers(len(slices)))]
+        anatomy = draw_anatomy(s, r, n)
+        if (only is None or _matches(anatomy, only)) and not (exclude and _matches(anatomy, exclude)):
+            out.append((s, r, n))
+        s += 1
+        if s - seed > 200 * count + 1000:
+            raise CardError(f"data.family: no {count} seeds from {seed} match {only or {}} without {exclude or {}}")
+    return out
+
+
+def family_case(cache: Path, seed: int, rows: int, slices: int, labels: Sequence[TrainLabel]) -> Case:
+    from node.phantom.family import generate_family_case
+    from node.phantom.study import PhantomStudy
+
+    out = cache / f"family-{seed}-{rows}x{slices}"
+    try:
+        study = PhantomStudy.open(out)
+    except FileNotFoundError:  # not generated yet, or an interrupted generation left a partial folder
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            study = generate_family_case(out, seed, rows=rows, slices=slices)
+        except ValueError as exc:  # the generator names the bad option (e.g. too few rows for a wide body)
+            raise CardError(f"data.family: case {seed} ({rows} rows, {slices} slices): {exc}") from None
+    return read_phantom(study, labels, name=f"family-{seed}")
+
+
+def feet_first(case: Case) -> Case:
+    """The same anatomy written feet first: slices from the feet, columns toward the patient's right
+    (what a scanner writes for an FFS patient), so the index order differs and patient space does not."""
+    vol = case.volumes[0]
+    g = vol.geometry
+    m = g.matrix.copy()
+    m[:, 0] *= -1
+    m[:, 2] *= -1
+    origin = g.index_to_patient([g.shape[0] - 1, 0, g.shape[2] - 1])
+    geom = Geometry(shape=g.shape, origin=tuple(float(v) for v in origin), spacing=g.spacing,
+                    direction=tuple(float(v) for v in m.ravel()))
+    flip = (slice(None, None, -1), slice(None), slice(None, None, -1))
+    header = None
+    if case.header is not None:
+        header = copy.deepcopy(case.header)  # Dataset.copy shares its elements with the original
+        header.PatientPosition = "FFS"
+    return Case(case.name + "-ffs", [Volume(np.ascontiguousarray(vol.array[flip]), geom)],
+                np.ascontiguousarray(case.truth[flip]), header)
+
+
+def family_cases(spec: FamilySource, labels: Sequence[TrainLabel], cache: Path) -> list[Case]:
+    """``spec.count`` family cases (held-out kinds skipped), each in its drawn acquisition direction."""
+    cases = []
+    for seed, rows, slices in family_seeds(spec.seed, spec.count, spec.rows, spec.slices, exclude=spec.exclude):
+        case = family_case(cache, seed, rows, slices, labels)
+        direction = spec.directions[int(np.random.default_rng([seed, 29]).integers(len(spec.directions)))]
+        cases.append(feet_first(case) if direction == "FFS" else case)
+    return cases
+
+
+def held_out_cases(spec: HeldOutSpec, data: DataSpec, labels: Sequence[TrainLabel], cache: Path) -> list[Case]:
+    """The cases of one held-out kind (never in training)."""
+    if spec.family is not None:
+        rows, slices = spec.rows or data.family.rows, spec.slices or data.family.slices
+        return [family_case(cache, seed, r, n, labels)
+                for seed, r, n in family_seeds(spec.seed, spec.count, rows, slices, only=spec.family or None)]
+    phantoms = PhantomSource(count=max(2, spec.count), seed=spec.seed, **spec.phantom)
+    return phantom_cases(phantoms, labels, cache)[:spec.count]
+
+
 def read_phantom(study, labels: Sequence[TrainLabel], name: str) -> Case:
     """One phantom study (``PhantomStudy``): its CT series and its truth mapped onto the model's labels."""
     files = [p for p in Path(study.dicom_dir).iterdir() if p.is_file()]
@@ -107,7 +190,8 @@ def read_phantom(study, labels: Sequence[TrainLabel], name: str) -> Case:
     tg = Geometry(shape=tuple(reversed(truth_img.GetSize())), origin=truth_img.GetOrigin(),
                   spacing=truth_img.GetSpacing(), direction=truth_img.GetDirection())
     truth = resample(sitk.GetArrayFromImage(truth_img), tg, series.volume.geometry, linear=False)
-    return Case(name, [series.volume], _remap(truth, _map_names(names, labels, f"phantom {name}")))
+    return Case(name, [series.volume], _remap(truth, _map_names(names, labels, f"phantom {name}")),
+                series.datasets[0] if series.datasets else None)
 
 
 def _series_uid(path: Path) -> str:
@@ -182,7 +266,7 @@ def seg_case(seg, series: SeriesData, labels: Sequence[TrainLabel], name: str, w
         except (ValueError, KeyError, IndexError) as exc:
             raise CardError(f"{field}: {what} does not fit its source series {series.series_uid}: {exc}") from None
         truth[mask > 0] = value
-    return Case(name, [series.volume], truth)
+    return Case(name, [series.volume], truth, series.datasets[0] if series.datasets else None)
 
 
 def dicom_seg_cases(folder: Path, labels: Sequence[TrainLabel]) -> list[Case]:
@@ -217,6 +301,8 @@ def load_cases(data: DataSpec, labels: Sequence[TrainLabel], work_dir: Path,
                log: Callable[[str], None] = print) -> list[Case]:
     if data.phantom is not None:
         return phantom_cases(data.phantom, labels, Path(data.cache_dir or work_dir / "phantoms"))
+    if data.family is not None:
+        return family_cases(data.family, labels, Path(data.cache_dir or work_dir / "phantoms"))
     if data.dicomweb is not None:
         from node.models.dicomweb_source import dicomweb_cases
 

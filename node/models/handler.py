@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict
 
 from node.handler_api import Handler, HandlerInput, HandlerRefusal, Progress
 from node.models.card import ModelCard
-from node.models.inference import load_model, onnx_runner, segment
+from node.models.domain import domain_flags, measure_input
+from node.models.inference import load_model, onnx_runner, segment_scored
+from node.models.plausibility import output_flags
 from node.results import LabelMap, Measurement, MeasurementGroup, MeasurementReport
 
 __all__ = ["ModelHandler", "SR_TEMPLATE", "VOLUME_MEASUREMENT"]
@@ -48,6 +50,17 @@ class ModelHandler(Handler):
             raise HandlerRefusal(f"{self.name} takes {need} series (one per input channel), got {len(inp.series)}")
         super().check(HandlerInput(inp.study_uid, inp.series[:need]))
 
+    def assess_input(self, inp: HandlerInput) -> list:
+        """Domain flags: the first input series against the card's ``validated_domain``."""
+        domain = self.card.validated_domain
+        if domain is None:
+            return []
+        source = inp.series[0]
+        profile = domain.intensity
+        facts = measure_input(source.volume, source.datasets[0] if source.datasets else None, source.modality,
+                              *((profile.body_above, profile.grid_mm) if profile else ()))
+        return domain_flags(self.card, facts)
+
     def _emit(self) -> list[str]:
         if self.params.emit is None:
             return list(self.card.emit)
@@ -64,10 +77,11 @@ class ModelHandler(Handler):
         emit = self._emit()
         series = inp.series[:card.input.channels]
         model = load_model(self.model_dir, card, self.params.provider)
-        labels = segment([s.volume for s in series], card, onnx_runner(model), progress)
+        labels, score = segment_scored([s.volume for s in series], card, onnx_runner(model), progress)
         providers = [_PROVIDER_SHORT.get(p, p) for p in model.providers]
         self.provenance = {"model": card.name, "model_version": card.version, "model_sha256": model.sha256,
-                           "execution_providers": list(model.providers)}
+                           "execution_providers": list(model.providers),
+                           "confidence": None if score.overall is None else round(score.overall, 4)}
         counts = np.bincount(labels.ravel(), minlength=256)
         present = [lab for lab in card.labels if counts[lab.value]]
         if not present:
@@ -82,9 +96,9 @@ class ModelHandler(Handler):
             description=f"{card.name} {card.version} {providers[0]}"[:64],
             encodings=tuple(e for e in emit if e in ("SEG", "RTSTRUCT")),
         )
-        results: list = [label_map]
+        voxel_ml = float(np.prod(source.volume.geometry.spacing)) / 1000.0
+        results: list = [label_map, *output_flags(card, labels, voxel_ml, score)]
         if "SR" in emit:
-            voxel_ml = float(np.prod(source.volume.geometry.spacing)) / 1000.0
             groups = tuple(
                 MeasurementGroup(tracking_id=lab.name, finding=lab.finding_key, segment_label=lab.value,
                                  measurements=(_volume_ml(counts[lab.value], voxel_ml),))

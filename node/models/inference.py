@@ -25,7 +25,7 @@ from node.volume import Geometry, Volume
 
 __all__ = ["LoadedModel", "load_model", "network_grid", "resample", "normalise", "prepare_input",
            "sliding_window", "probabilities_to_labels", "postprocess", "segment", "onnx_runner",
-           "choose_providers"]
+           "choose_providers", "Confidence", "confidence", "segment_scored"]
 
 Progress = Callable[[float, str], None]
 PatchRunner = Callable[[np.ndarray], np.ndarray]  # (B, C, z, y, x) float32 -> (B, K, z, y, x) logits
@@ -385,9 +385,43 @@ def postprocess(labels: np.ndarray, specs: Sequence[LabelSpec], voxel_ml: float)
     return labels
 
 
-def segment(volumes: Sequence[Volume], card: ModelCard, run_patch: PatchRunner,
-            progress: Progress | None = None) -> np.ndarray:
-    """The card's model on ``volumes`` → uint8 labels on the first volume's exact grid."""
+@dataclass(frozen=True)
+class Confidence:
+    """Mean max-softmax inside the predicted labels, on the network grid: how sure the network was
+    where it said "structure". Low on inputs unlike its training data, where the classes blur."""
+
+    overall: float | None  # over every voxel of every predicted label; None when nothing was predicted
+    per_label: dict[int, float]  # label value -> mean probability of that label where it won
+
+
+def confidence(probs: np.ndarray, activation: str, threshold: float = 0.5) -> Confidence:
+    """Confidence of (K, z, y, x) class probabilities (softmax: channel 0 background; sigmoid: one per label).
+
+    Summed slab by slab so the temporaries stay small for fine network grids of imported models.
+    """
+    offset = 0 if activation == "softmax" else 1
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    top_sum, top_n = 0.0, 0
+    for z0 in range(0, probs.shape[1], 16):
+        slab = probs[:, z0:z0 + 16]
+        top = slab.max(0)
+        winner = slab.argmax(0).astype(np.int16) + offset
+        if activation != "softmax":
+            winner[top < threshold] = 0
+        inside = winner > 0
+        top_sum += float(top[inside].sum(dtype=np.float64))
+        top_n += int(inside.sum())
+        for v in np.unique(winner[inside]):
+            hit = winner == v
+            sums[int(v)] = sums.get(int(v), 0.0) + float(slab[int(v) - offset][hit].sum(dtype=np.float64))
+            counts[int(v)] = counts.get(int(v), 0) + int(hit.sum())
+    return Confidence(top_sum / top_n if top_n else None, {v: sums[v] / counts[v] for v in sorted(sums)})
+
+
+def segment_scored(volumes: Sequence[Volume], card: ModelCard, run_patch: PatchRunner,
+                   progress: Progress | None = None) -> tuple[np.ndarray, Confidence]:
+    """The card's model on ``volumes`` → uint8 labels on the first volume's exact grid, and its confidence."""
     report = progress or (lambda f, m: None)
     report(0.0, "resampling to the network grid")
     image, grid = prepare_input(volumes, card.input, card.preprocessing)
@@ -399,10 +433,17 @@ def segment(volumes: Sequence[Volume], card: ModelCard, run_patch: PatchRunner,
     del image
     if xyz:
         probs = np.ascontiguousarray(probs.transpose(0, 3, 2, 1))
+    score = confidence(probs, card.inference.activation, card.inference.threshold)
     report(0.8, "resampling to the source grid")
     source = volumes[0].geometry
     labels = probabilities_to_labels(probs, grid, source, card.labels, card.inference.activation,
                                      card.inference.threshold)
     report(0.95, "post-processing")
     voxel_ml = float(np.prod(source.spacing)) / 1000.0
-    return postprocess(labels, card.labels, voxel_ml)
+    return postprocess(labels, card.labels, voxel_ml), score
+
+
+def segment(volumes: Sequence[Volume], card: ModelCard, run_patch: PatchRunner,
+            progress: Progress | None = None) -> np.ndarray:
+    """The card's model on ``volumes`` → uint8 labels on the first volume's exact grid."""
+    return segment_scored(volumes, card, run_patch, progress)[0]

@@ -26,13 +26,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from node.models.card import CardError, InferenceSpec, ModelCard, load_card
-from node.models.data import Case, load_cases
-from node.models.inference import load_model, onnx_runner, prepare_input, resample, segment, sliding_window
+from node.models.card import CardError, InferenceSpec, ModelCard, ValidatedDomain, load_card
+from node.models.data import Case, held_out_cases, load_cases
+from node.models.domain import domain_from_facts, measure_input
+from node.models.inference import load_model, onnx_runner, prepare_input, resample, segment_scored, sliding_window
+from node.models.plausibility import plausibility_from_truth
 from node.models.train_config import AugmentSpec, TrainConfig, load_train_config
 from node.models.unet import UNet3D
 
-__all__ = ["train", "main", "dice_per_label", "export_onnx", "compare_onnx_torch", "build_network"]
+__all__ = ["train", "describe", "measure_only", "measured_limitations", "main", "dice_per_label", "export_onnx", "compare_onnx_torch", "build_network"]
 
 Log = Callable[[str], None]
 
@@ -335,39 +337,120 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
     if check["max_relative_logit_difference"] > 5e-3 or check["argmax_agreement"] < 0.999:
         raise RuntimeError(f"the ONNX export disagrees with the torch model: {check}")
 
-    log("validating the deployed ONNX pipeline on the held-out cases' source grids")
-    draft = cfg.card_draft()
-    runner = onnx_runner(load_model(out_dir, draft, "cpu"))
-    per_case = {}
-    for case in val_cases:
-        pred = segment(case.volumes, draft, runner)
-        per_case[case.name] = {names[v]: d for v, d in dice_per_label(pred, case.truth, names).items()}
-    dice = {n: float(np.nanmean([pc[n] for pc in per_case.values()])) for n in names.values()}
-    mean_dice = float(np.mean(list(dice.values())))
-    source = "phantom" if cfg.data.phantom else "DICOMweb SEG" if cfg.data.dicomweb else "DICOM SEG"
-    validation = {"dataset": f"{len(val_cases)} held-out {source} cases ({', '.join(per_case)}), Dice on their "
-                              "source grids through the deployed ONNX pipeline",
-                  "cases": len(val_cases), "mean_dice": round(mean_dice, 4),
-                  "dice": {n: round(d, 4) for n, d in dice.items()}}
-    card = cfg.card_draft(validation)
-    metrics = {
-        "model": cfg.name, "version": cfg.version, "parameters": n_params,
-        "model_bytes": onnx_path.stat().st_size, "device": str(device),
-        "training": {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_mean_dice_network_grid": best,
-                     "wall_seconds": round(time.time() - t0, 1), "train_cases": [c.name for c in train_cases],
-                     "history": history},
-        "validation": {"per_case": per_case, "dice": dice, "mean_dice": mean_dice},
-        "onnx_check": check,
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    training = {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_mean_dice_network_grid": best,
+                "wall_seconds": round(time.time() - t0, 1), "train_cases": [c.name for c in train_cases],
+                "history": history}
+    extra = {"parameters": n_params, "device": str(device), "training": training, "onnx_check": check}
+    describe(cfg, out_dir, train_cases, val_cases, extra, log)
     (out_dir / "train.yaml").write_text(config_text if config_text is not None else
                                         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    _write_card(card, out_dir)
-    log("validation Dice on source grids: " + ", ".join(f"{n} {d:.3f}" for n, d in dice.items())
-        + f"; mean {mean_dice:.3f}")
     log(f"deployed {out_dir} ({onnx_path.stat().st_size / 1e6:.2f} MB, {n_params} parameters) "
         f"in {time.time() - t0:.0f} s")
     return out_dir
+
+
+def describe(cfg: TrainConfig, out_dir: Path, train_cases: list[Case], val_cases: list[Case], extra: dict,
+             log: Log = print) -> ModelCard:
+    """Measure the deployed model in ``out_dir`` and write what it knows about its limits: validation
+    Dice and confidence on the held-out cases, every held-out kind, the validated domain of the
+    training data, plausibility ranges and the limitations these numbers imply (card.yaml, metrics.json)."""
+    names = {lab.value: lab.name for lab in cfg.labels}
+    work = Path(cfg.work_dir) / cfg.name
+    log("validating the deployed ONNX pipeline on the held-out cases' source grids")
+    draft = cfg.card_draft()
+    runner = onnx_runner(load_model(out_dir, draft, "cpu"))
+    per_case, conf = _measure(val_cases, draft, runner, names)
+    dice = {n: float(np.nanmean([pc[n] for pc in per_case.values()])) for n in names.values()}
+    mean_dice = float(np.mean(list(dice.values())))
+    source = ("phantom family" if cfg.data.family else "phantom" if cfg.data.phantom else
+              "DICOMweb SEG" if cfg.data.dicomweb else "DICOM SEG")
+    held_out, held_out_metrics = {}, {}
+    for spec in cfg.data.held_out:
+        log(f"measuring the held-out kind {spec.name!r} (never trained on)")
+        cases = held_out_cases(spec, cfg.data, cfg.labels, Path(cfg.data.cache_dir or work / "phantoms"))
+        kind_cases, kind_conf = _measure(cases, draft, runner, names)
+        kind_dice = {n: float(np.nanmean([pc[n] for pc in kind_cases.values()])) for n in names.values()}
+        held_out[spec.name] = {"cases": len(cases), "mean_dice": round(float(np.mean(list(kind_dice.values()))), 4),
+                               "dice": {n: round(d, 4) for n, d in kind_dice.items()},
+                               "confidence": round(float(np.mean(list(kind_conf.values()))), 4)}
+        held_out_metrics[spec.name] = {"per_case": kind_cases, "confidence": kind_conf, "dice": kind_dice}
+    validation = {"dataset": f"{len(val_cases)} held-out {source} cases ({', '.join(per_case)}), Dice on their "
+                              "source grids through the deployed ONNX pipeline",
+                  "cases": len(val_cases), "mean_dice": round(mean_dice, 4),
+                  "dice": {n: round(d, 4) for n, d in dice.items()},
+                  "confidence": round(float(np.mean(list(conf.values()))), 4), "held_out_kinds": held_out}
+    domain = _domain(cfg, train_cases + val_cases, source, held_out)
+    plausibility = plausibility_from_truth(
+        names, [(c.truth, float(np.prod(c.volumes[0].geometry.spacing)) / 1000) for c in train_cases + val_cases],
+        list(conf.values()))
+    card = cfg.card_draft(validation, validated_domain=domain, plausibility=plausibility,
+                          limitations=cfg.limitations + measured_limitations(validation, domain))
+    metrics = {"model": cfg.name, "version": cfg.version, "model_bytes": (out_dir / card.model_file).stat().st_size,
+               **extra,
+               "validation": {"per_case": per_case, "confidence": conf, "dice": dice, "mean_dice": mean_dice},
+               "held_out_kinds": held_out_metrics}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_card(card, out_dir)
+    log("validation Dice on source grids: " + ", ".join(f"{n} {d:.3f}" for n, d in dice.items())
+        + f"; mean {mean_dice:.3f}")
+    return card
+
+
+def measure_only(cfg: TrainConfig, log: Log = print) -> ModelCard:
+    """``describe`` an already trained model again (``hilum train CONFIG --measure-only``): the same data and
+    split as its training run, the training record kept, so a card gains its limits without retraining."""
+    work = Path(cfg.work_dir) / cfg.name
+    out_dir = Path(cfg.output_dir) / cfg.name
+    old = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
+    log(f"loading data ({cfg.data.source_name})")
+    train_cases, val_cases = _split(load_cases(cfg.data, cfg.labels, work, log), cfg.data.validation_split, cfg.seed)
+    if old.get("training", {}).get("train_cases") not in (None, [c.name for c in train_cases]):
+        raise CardError("data: these are not the cases the model was trained on (metrics.json training.train_cases)")
+    extra = {k: old[k] for k in ("parameters", "device", "training", "onnx_check") if k in old}
+    return describe(cfg, out_dir, train_cases, val_cases, extra, log)
+
+
+def _measure(cases: list[Case], card: ModelCard, runner, names: dict[int, str]):
+    """Per-case Dice (by label name) and confidence through the deployed pipeline, on source grids."""
+    per_case, conf = {}, {}
+    for case in cases:
+        pred, score = segment_scored(case.volumes, card, runner)
+        per_case[case.name] = {names[v]: d for v, d in dice_per_label(pred, case.truth, names).items()}
+        conf[case.name] = score.overall if score.overall is not None else 0.0
+    return per_case, conf
+
+
+def _domain(cfg: TrainConfig, cases: list[Case], source: str, held_out: dict) -> ValidatedDomain:
+    grid_mm = max(cfg.input.target_spacing)  # intensities as coarse as the network sees them
+    facts = [measure_input(c.volumes[0], c.header, cfg.input.modality, grid_mm=grid_mm) for c in cases]
+    excluded = cfg.data.family.exclude if cfg.data.family else {}
+    trained = f"{source}: {len(cases)} cases" + (f", without {excluded}" if excluded else "")
+    return domain_from_facts(facts, body_region=cfg.input.body_region, tilt_margin_deg=cfg.augmentation.rotate_deg,
+                             grid_mm=grid_mm,
+                             trained_on=[trained],
+                             validated_on=[f"{source}: held-out seeds"] + [f"{k} (never trained on)" for k in held_out])
+
+
+def measured_limitations(validation: dict, domain: ValidatedDomain, good: float = 0.9) -> list[str]:
+    """Limitations the card states from what was measured, not written by hand."""
+    dice = validation["dice"]
+    out = [f"Measured on {validation['cases']} held-out cases: Dice "
+           + ", ".join(f"{n} {d:.2f}" for n, d in dice.items()) + "."]
+    weak = [f"{n} ({d:.2f})" for n, d in dice.items() if d < good]
+    if weak:
+        out.append(f"Below Dice {good} on held-out cases: {', '.join(weak)}.")
+    for kind, m in validation.get("held_out_kinds", {}).items():
+        verdict = ("it carries there" if m["mean_dice"] >= validation["mean_dice"] - 0.05 else
+                   "do not rely on it there")
+        out.append(f"Never trained on {kind}: Dice there " + ", ".join(f"{n} {d:.2f}" for n, d in m["dice"].items())
+                   + f" (mean {m['mean_dice']:.2f} vs {validation['mean_dice']:.2f}): {verdict}.")
+    o = domain.orientation
+    out.append(f"Validated domain: pixel spacing {domain.pixel_spacing_mm.describe('mm')}, slice thickness "
+               f"{domain.slice_thickness_mm.describe('mm')}, coverage {domain.coverage_mm.describe('mm')}, "
+               f"{'/'.join(o.planes)} slices tilted at most {o.max_tilt_deg:g} degrees"
+               + (f", {'/'.join(o.patient_positions)}" if o.patient_positions else "")
+               + "; other inputs are refused or delivered with a warning.")
+    return out
 
 
 class _CardDumper(yaml.SafeDumper):
@@ -392,10 +475,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hilum train", description="Train a model from a config file and "
                                      "deploy it as models/<name>/")
     parser.add_argument("config", type=Path)
+    parser.add_argument("--measure-only", action="store_true",
+                        help="do not train: measure the deployed model again and rewrite its card's validation, "
+                             "validated_domain, plausibility and limitations")
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config)
-        train(cfg, args.config.read_text())
+        if args.measure_only:
+            measure_only(cfg)
+        else:
+            train(cfg, args.config.read_text())
     except CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from node.models.card import (CardError, InferenceSpec, InputSpec, LabelSpec, ModelCard, Preprocessing,
                               format_validation_error)
 
-__all__ = ["TrainConfig", "TrainLabel", "DataSpec", "DicomwebSource", "DicomwebAuth", "load_train_config"]
+__all__ = ["TrainConfig", "TrainLabel", "DataSpec", "DicomwebSource", "DicomwebAuth", "load_train_config",
+           "FamilySource", "HeldOutSpec"]
 
 
 class _Strict(BaseModel):
@@ -60,6 +61,53 @@ class PhantomSource(BaseModel):
         rng = np.random.default_rng([self.seed + i, 7])
         drawn = {k: values[int(rng.integers(len(values)))] for k, values in sorted(self.vary.items())}
         return {**self.params, **drawn}
+
+
+class FamilySource(_Strict):
+    """Cases of the randomised phantom family (``node.phantom.family``): the anatomy is drawn from the seed.
+
+    Seeds run from ``seed`` upward; a seed whose drawn anatomy matches ``exclude`` is skipped (that
+    kind is held out, see ``HeldOutSpec.family``). Each case draws its size from ``rows`` and
+    ``slices`` (so pixel spacing and slice thickness vary) and its acquisition direction from
+    ``directions``: FFS re-indexes the case feet first (slices from the feet, columns toward the
+    patient's right), the way such a scanner writes the same anatomy.
+    """
+
+    count: int = Field(ge=2, le=1000)
+    seed: int = Field(0, ge=0)
+    rows: list[int] = Field([96], min_length=1)
+    slices: list[int] = Field([48], min_length=1)
+    directions: list[Literal["HFS", "FFS"]] = Field(["HFS"], min_length=1)
+    exclude: dict[str, list[Any]] = {}  # FamilyAnatomy field -> values kept out of training
+
+    @field_validator("exclude")
+    @classmethod
+    def _fields(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        from node.phantom.family import FamilyAnatomy
+
+        unknown = sorted(set(v) - set(FamilyAnatomy.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{unknown} are not drawn anatomy fields ({', '.join(FamilyAnatomy.__dataclass_fields__)})")
+        return v
+
+
+class HeldOutSpec(_Strict):
+    """A kind of data never trained on, measured after training: family cases whose anatomy matches
+    ``family`` (seeds from ``seed`` upward), or ``phantom``: generate_ct phantoms (another generator)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    count: int = Field(2, ge=1, le=100)
+    seed: int = Field(0, ge=0)
+    family: dict[str, list[Any]] | None = None  # FamilyAnatomy field -> values ({} : any family case)
+    rows: list[int] | None = None  # family case sizes; default: data.family's
+    slices: list[int] | None = None
+    phantom: dict[str, Any] | None = None  # generate_ct options
+
+    @model_validator(mode="after")
+    def _one(self) -> "HeldOutSpec":
+        if (self.family is None) == (self.phantom is None):
+            raise ValueError(f"held-out kind {self.name!r}: give exactly one of family or phantom")
+        return self
 
 
 _SECRETS = ("password", "token")
@@ -149,21 +197,30 @@ class DicomwebSource(_Strict):
 
 class DataSpec(_Strict):
     phantom: PhantomSource | None = None
+    family: FamilySource | None = None  # the randomised phantom family
     dicom_seg: Path | None = None  # folder of DICOM series + DICOM SEG objects referencing them
     dicomweb: DicomwebSource | None = None  # the same, from an archive (what OHIF annotation leaves there)
     validation_split: float = Field(0.2, gt=0, lt=1)
     cache_dir: Path | None = None  # generated phantoms are kept here between runs
+    held_out: list[HeldOutSpec] = []  # kinds never trained on, measured after training
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
-        if sum(s is not None for s in (self.phantom, self.dicom_seg, self.dicomweb)) != 1:
-            raise ValueError("give exactly one data source: phantom, dicom_seg or dicomweb")
+        if sum(s is not None for s in (self.phantom, self.family, self.dicom_seg, self.dicomweb)) != 1:
+            raise ValueError("give exactly one data source: phantom, family, dicom_seg or dicomweb")
+        if any(h.family is not None and not (h.rows and h.slices) for h in self.held_out) and self.family is None:
+            raise ValueError("held_out: family kinds need rows and slices, or data.family's")
+        names = [h.name for h in self.held_out]
+        if len(set(names)) != len(names):
+            raise ValueError(f"held_out: duplicate names {names}")
         return self
 
     @property
     def source_name(self) -> str:
         if self.phantom is not None:
             return "phantoms"
+        if self.family is not None:
+            return "phantom family"
         return f"DICOM SEG folder {self.dicom_seg}" if self.dicom_seg is not None else f"DICOMweb {self.dicomweb.url}"
 
 
@@ -266,14 +323,16 @@ class TrainConfig(_Strict):
             raise ValueError(f"as a model card: {format_validation_error(exc)}") from None
         return self
 
-    def card_draft(self, validation: dict | None = None) -> ModelCard:
-        """The card this configuration produces (``validation`` filled in after training)."""
-        return ModelCard(
+    def card_draft(self, validation: dict | None = None, **measured: Any) -> ModelCard:
+        """The card this configuration produces (``validation`` and the ``measured`` fields -
+        limitations, validated_domain, plausibility - filled in after training)."""
+        fields = dict(
             name=self.name, version=self.version, description=self.description, intended_use=self.intended_use,
             limitations=self.limitations, training_data=self.training_data, input=self.input,
             preprocessing=self.preprocessing, inference=self.inference,
             labels=[LabelSpec(**lab.model_dump(exclude={"source"})) for lab in self.labels],
             emit=self.emit, validation=validation)
+        return ModelCard(**{**fields, **measured})
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
