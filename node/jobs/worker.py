@@ -56,11 +56,22 @@ def _vault(spec: VaultSpec) -> Vault:
     return _vaults[spec]
 
 
+def _handler_class(spec: JobSpec):
+    """The handler, or for a model job the exact version folder the executor resolved for it."""
+    if spec.extra.get("model_dir"):
+        from node.models.registry import handler_at
+        from node.models.versions import BUILT_IN
+
+        version = spec.extra.get("model_version")
+        return handler_at(spec.extra["model_dir"], None if version == BUILT_IN else version)
+    return get_handler(spec.handler)
+
+
 def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
     """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…)."""
     from node.encoders import encode_all  # imported here: heavy, and only workers need it
 
-    cls = get_handler(spec.handler)
+    cls = _handler_class(spec)
     handler = cls(spec.params)
     policy = QualityPolicy(spec.options)
     vault = _vault(spec.vault)
@@ -104,6 +115,10 @@ def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
             "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
             "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
         })
+    if spec.extra.get("keep_labels"):  # a shadow pair: the label map is compared with the other version's
+        from node.models.shadow import save_labels
+
+        save_labels(out_dir, results.outputs, vault.write_file)
     fsync_dirs({out_dir})
     progress(1.0, f"{len(meta)} result object(s)" + (f", {len(warnings)} quality warning(s)" if warnings else ""))
     provenance = dict(handler.provenance)

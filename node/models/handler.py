@@ -66,7 +66,8 @@ class ModelHandler(Handler):
         model = load_model(self.model_dir, card, self.params.provider)
         labels = segment([s.volume for s in series], card, onnx_runner(model), progress)
         providers = [_PROVIDER_SHORT.get(p, p) for p in model.providers]
-        self.provenance = {"model": card.name, "model_version": card.version, "model_sha256": model.sha256,
+        # model_version: the registry's name for this version (node.models.versions), else the card's
+        self.provenance = {"model": card.name, "model_version": self.model_version, "model_sha256": model.sha256,
                            "execution_providers": list(model.providers)}
         counts = np.bincount(labels.ravel(), minlength=256)
         present = [lab for lab in card.labels if counts[lab.value]]
@@ -79,7 +80,7 @@ class ModelHandler(Handler):
             geometry=source.volume.geometry,
             labels=labels,
             segments=tuple(lab.segment() for lab in present),
-            description=f"{card.name} {card.version} {providers[0]}"[:64],
+            description=f"{card.name} {self.model_version} {providers[0]}"[:64],
             encodings=tuple(e for e in emit if e in ("SEG", "RTSTRUCT")),
         )
         results: list = [label_map]
