@@ -20,12 +20,12 @@ from node.volume import Geometry
 from tests.test_models_inference import GRIDS, ball_series, card_dict, deploy, threshold_model
 
 
-def _version_folder(root: Path, version: str, threshold: float) -> Path:
+def _version_folder(root: Path, version: str, threshold: float, emit: tuple = ("SEG",)) -> Path:
     """A trained-model folder as `hilum train` leaves it: card, ONNX, metrics with the training cases."""
     folder = root / f"ball-{version}"
     folder.mkdir(parents=True)
     threshold_model(folder / "model.onnx", threshold=threshold)
-    (folder / "card.yaml").write_text(yaml.safe_dump(card_dict("ball", version=version)))
+    (folder / "card.yaml").write_text(yaml.safe_dump(card_dict("ball", version=version, emit=list(emit))))
     (folder / "metrics.json").write_text(json.dumps({"training": {"train_cases": ["case-a", "case-b"]},
                                                      "code_version": "0.1.0+abc"}))
     return folder
@@ -83,6 +83,8 @@ def test_registry_refusals_say_why(registry, tmp_path):
     with pytest.raises(ValueError, match="model_file: model.onnx is not a loadable ONNX model"):
         registry.register(broken, by="t")
     assert not (registry.root / "ball" / "4.0").exists()  # nothing half-registered
+    with pytest.raises(RegistryError, match=r"SR template 'model' has no findings \['ball'\]"):
+        registry.register(_version_folder(tmp_path / "t4", "5.0", 0.0, ("SEG", "SR")), by="t")  # card_dict emits SR
 
     # without a shipped model behind it, the active version cannot be retired into nothing
     bare = ModelRegistry(tmp_path / "d2", tmp_path / "no-builtin")

@@ -122,6 +122,21 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _check_sr_findings(card) -> None:
+    """A version that emits SR must have its structures in the SR template (``sr_templates/model.yaml``),
+    as the node checks the shipped models at start-up: otherwise its jobs would fail at encoding."""
+    if "SR" not in card.emit:
+        return
+    from node.encoders.sr_templates import validate_all
+    from node.models.handler import SR_TEMPLATE
+
+    template = validate_all().get(SR_TEMPLATE)
+    missing = sorted({lab.finding_key for lab in card.labels} - set(template.findings if template else ()))
+    if missing:
+        raise RegistryError(f"labels: the SR template {SR_TEMPLATE!r} has no findings {missing}: add them to "
+                            f"sr_templates/{SR_TEMPLATE}.yaml or emit no SR")
+
+
 class ModelRegistry:
     """Versions and states of the models under ``root`` (``<data_dir>/models``); ``builtin_dir`` holds
     the shipped, version-less models (``models/``)."""
@@ -278,6 +293,7 @@ class ModelRegistry:
                         "code_version": metrics.get("code_version") or code_version(), "source": str(src.resolve())}
                 _write_json(tmp / INFO_FILE, info)
                 load_model(tmp, load_card(tmp), "cpu")  # a valid card whose ONNX model loads and fits it
+                _check_sr_findings(card)
                 os.replace(tmp, dest)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
