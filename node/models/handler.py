@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from node.handler_api import Handler, HandlerInput, HandlerRefusal, Progress
 from node.models.card import ModelCard
 from node.models.inference import load_model, onnx_runner, segment
+from node.models.uncertainty import UncertaintyParams, passes_for, segment_with_uncertainty
 from node.results import LabelMap, Measurement, MeasurementGroup, MeasurementReport
 
 __all__ = ["ModelHandler", "SR_TEMPLATE", "VOLUME_MEASUREMENT"]
@@ -28,6 +29,7 @@ class ModelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     emit: list[Literal["SEG", "RTSTRUCT", "SR"]] | None = None  # narrows the card's emit list
+    uncertainty: UncertaintyParams | None = None  # several passes; the case's score goes into the provenance
 
 
 class ModelHandler(Handler):
@@ -64,11 +66,22 @@ class ModelHandler(Handler):
         emit = self._emit()
         series = inp.series[:card.input.channels]
         model = load_model(self.model_dir, card, self.params.provider)
-        labels = segment([s.volume for s in series], card, onnx_runner(model), progress)
+        uncertainty = None
+        if self.params.uncertainty is None:
+            labels = segment([s.volume for s in series], card, onnx_runner(model), progress)
+        else:
+            try:
+                passes_for(card, self.params.uncertainty)
+            except ValueError as exc:  # no pass besides the identity
+                raise HandlerRefusal(f"{self.name}: {exc}") from None
+            labels, uncertainty = segment_with_uncertainty([s.volume for s in series], card, onnx_runner(model),
+                                                           self.params.uncertainty, progress)
         providers = [_PROVIDER_SHORT.get(p, p) for p in model.providers]
         # model_version: the registry's name for this version (node.models.versions), else the card's
         self.provenance = {"model": card.name, "model_version": self.model_version, "model_sha256": model.sha256,
                            "execution_providers": list(model.providers)}
+        if uncertainty is not None:
+            self.provenance["uncertainty"] = uncertainty
         counts = np.bincount(labels.ravel(), minlength=256)
         present = [lab for lab in card.labels if counts[lab.value]]
         if not present:
