@@ -115,3 +115,26 @@ def test_strategies_pick_with_a_reason():
     assert len(rank_cases(CASES, "uncertainty", n=2)) == 2
     with pytest.raises(ValueError, match="strategy must be one of uncertainty, random, diverse"):
         rank_cases(CASES, "hardest")
+
+
+@pytest.mark.slow
+def test_an_unseen_phantom_variant_tops_the_uncertainty_queue(tmp_path):
+    """The shipped model never saw a consolidated lung: that study's score is above the normal ones', and
+    the uncertainty strategy queues it first. (An effusion phantom is *not* reliably above the normals
+    with this model: measured 0.1988 against 0.1998, so it is not asserted.)"""
+    from pathlib import Path
+
+    from node.phantom import generate_ct
+    from node.volume import load_series
+
+    cls = model_handler("model:hilum-ct-chest")
+    cases = []
+    for i, opts in enumerate([{}, {}, {"consolidation": "right"}]):
+        st = generate_ct(tmp_path / f"ct{i}", seed=60 + i, rows=96, cols=96, slices=40, pixel_spacing=4.0,
+                         slice_thickness=5.0, nodules=0, **opts)
+        record = _run(cls, load_series(sorted(Path(st.dicom_dir).iterdir())), {"uncertainty": {}})
+        cases.append(CaseScore("consolidation" if opts else f"normal-{i}", record["score"], tuple(record["features"])))
+    normal = max(c.score for c in cases if c.case.startswith("normal"))
+    assert cases[2].score > normal + 0.01, cases
+    assert rank_cases(cases, "uncertainty")[0].case == "consolidation"
+    assert rank_cases(cases, "diverse")[0].case == "consolidation"
