@@ -20,6 +20,8 @@ from node.config import Settings
 from node.jobs.worker import JobSpec, worker_main
 from node.models.shadow import record_agreement
 from node.models.versions import ModelRegistry, job_model
+from node.projects.intake import note_prediction
+from node.projects.store import ProjectStore
 from node.store.index import Index
 from node.store.vault import Vault
 
@@ -66,6 +68,7 @@ class LocalProcessExecutor(Executor):
         self._threads: list[threading.Thread] = []
         self._workers: list[_Worker | None] = [None] * settings.workers
         self.models = ModelRegistry.for_data_dir(settings.data_dir)
+        self.projects = ProjectStore.for_data_dir(settings.data_dir)
 
     def start(self) -> None:
         n = self.index.requeue_running()
@@ -143,6 +146,12 @@ class LocalProcessExecutor(Executor):
         except Exception:  # noqa: BLE001 - the comparison is evidence for people; it never fails the job
             log.exception("job %d: shadow agreement not recorded", job_id)
 
+    def _project_prediction(self, job, results: list[dict], provenance: dict) -> None:
+        try:
+            note_prediction(self.projects, job, results, provenance)
+        except Exception:  # noqa: BLE001 - bookkeeping of the learning loop never fails the job
+            log.exception("job %d: project prediction not recorded", job["id"])
+
     def _run(self, slot: int, job) -> None:
         job_id = job["id"]
         timeout = job["timeout_s"] or self.settings.handler_timeout_s
@@ -197,5 +206,7 @@ class LocalProcessExecutor(Executor):
                          extra={"study_uid": job["study_uid"], "job": job_id})
                 if spec.extra.get("keep_labels"):
                     self._shadow_agreement(job_id)
+                if spec.extra.get("model_dir"):
+                    self._project_prediction(job, results, provenance)
                 self.on_done()
                 return

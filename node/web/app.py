@@ -24,6 +24,7 @@ from node.web import (
     login,
     models_api,
     ohif,
+    projects_api,
     rules_api,
     studies,
     view3d,
@@ -51,7 +52,7 @@ def create_app(node, ohif_files: ohif.OhifFiles | None = None) -> FastAPI:
     app.state.node = node
     app.state.web = WebState(sessions=SessionStore(node.settings.session_idle_s), ohif=files)
     for module in (health, login, studies, jobs, deliveries, dashboard, rules_api, destinations, audit_api,
-                   models_api, dicomweb, console, view3d, ohif):
+                   models_api, projects_api, dicomweb, console, view3d, ohif):
         app.include_router(module.router)
     app.add_middleware(SecurityHeaders, ohif_policy=ohif_csp(files.inline_script_hashes()))
     if not files.installed:
