@@ -190,3 +190,26 @@ def test_agreement_is_recorded_once_when_both_jobs_are_done(registry, tmp_path):
     assert rec["labels"]["Liver"]["dice"] == round(2 * 72 / 216, 4)  # 3 slabs vs 3 slabs shifted by one
     assert record_agreement(index, results, Path.read_bytes, registry, a_id) == []  # once per pair
     assert len(registry.agreements("ball", "3.0")) == 1
+
+
+def test_early_stopping_exports_the_best_epoch_and_train_registers_a_candidate(tmp_path):
+    """patience 1 with an improvement bar no epoch can clear: training stops at epoch 2, the exported
+    model is epoch 1's checkpoint, and `hilum train --register` makes it a candidate version."""
+    import torch
+
+    from tests.test_models_train import tiny_config
+
+    raw = tiny_config(tmp_path)
+    raw.update(epochs=6, early_stopping={"patience": 1, "min_delta": 0.5})
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    data = tmp_path / "data"
+    assert main(["train", str(path), "--register", "--data-dir", str(data)]) == 0
+    out = tmp_path / "models" / "tiny"
+    training = json.loads((out / "metrics.json").read_text())["training"]
+    assert (training["epochs_run"], training["best_epoch"], training["stopped_early"]) == (2, 1, True)
+    assert torch.load(tmp_path / "work" / "tiny" / "best.pt")["epoch"] == 1
+    assert torch.load(tmp_path / "work" / "tiny" / "last.pt")["epoch"] == 2
+    (info,) = [i for i in ModelRegistry.for_data_dir(data, tmp_path / "none").versions("tiny")]
+    assert (info.version, info.state) == ("0.1", "candidate") and len(info.training_cases) == 2
+    assert info.code_version.startswith("0.1.0") and info.validation["cases"] == 1

@@ -18,7 +18,7 @@ from node.models.card import CardError
 from node.models.shadow import agreement_summary
 from node.models.versions import ModelRegistry, RegistryError, change_state
 
-__all__ = ["cli"]
+__all__ = ["cli", "register_folder", "register_trained"]
 
 
 def _stamp(t: float | None) -> str:
@@ -44,6 +44,29 @@ def _show(registry: ModelRegistry, args) -> int:
            "shadow_agreement": {v: agreement_summary(registry.agreements(args.name, v))
                                 for v in {r.get("shadow_version") for r in registry.agreements(args.name)}}}
     print(json.dumps(out, indent=1))
+    return 0
+
+
+def register_folder(registry: ModelRegistry, audit, folder: Path, by: str, version: str | None = None) -> None:
+    """Register a trained model folder as a candidate version, audited (``hilum model add``, ``hilum train
+    --register``)."""
+    info = registry.register(folder, by, version)
+    audit.model_changed(by, info.name, info.version, before=None, after=info.state,
+                        detail={"sha256": info.sha256, "source": str(folder)})
+    print(f"registered {info.name} {info.version} as candidate (sha256 {info.sha256[:12]})")
+
+
+def register_trained(folder: Path, config: Path | None, data_dir: Path | None) -> int:
+    """``hilum train --register``: the model just trained becomes a candidate version of the node."""
+    from node.audit import open_audit
+
+    try:
+        settings = load_settings(config, data_dir=data_dir)
+        register_folder(ModelRegistry.for_data_dir(settings.data_dir), open_audit(settings), folder,
+                        f"train {getpass.getuser()}")
+    except (ConfigError, RegistryError, CardError) as exc:
+        print(f"hilum: not registered: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -86,10 +109,7 @@ def cli(argv: list[str]) -> int:
 
         audit = open_audit(settings)
         if args.cmd == "add":
-            info = registry.register(args.folder, by, args.version)
-            audit.model_changed(by, info.name, info.version, before=None, after=info.state,
-                                detail={"sha256": info.sha256, "source": str(args.folder)})
-            print(f"registered {info.name} {info.version} as candidate (sha256 {info.sha256[:12]})")
+            register_folder(registry, audit, args.folder, by, args.version)
             return 0
         out = change_state(registry, audit, args.name, args.version, args.cmd, by)
         print(f"{out['model']} {out['version']}: {out['before']} -> {out['after']}"

@@ -31,6 +31,7 @@ from node.models.data import Case, load_cases
 from node.models.inference import load_model, onnx_runner, prepare_input, resample, segment, sliding_window
 from node.models.train_config import AugmentSpec, TrainConfig, load_train_config
 from node.models.unet import UNet3D
+from node.models.versions import code_version
 
 __all__ = ["train", "main", "dice_per_label", "export_onnx", "compare_onnx_torch", "build_network"]
 
@@ -284,7 +285,7 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
     total = cfg.epochs * cfg.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
     names = {lab.value: lab.name for lab in cfg.labels}
-    history, best, best_epoch, stale = [], -1.0, 0, 0
+    history, best, best_epoch, stale, stopped_early = [], -1.0, 0, 0, False
     tty = sys.stdout.isatty()
     model.train()
     for epoch in range(1, cfg.epochs + 1):
@@ -320,6 +321,7 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
         log(("\r" if tty else "") + line + f" {time.time() - te:.1f}s")
         if stale >= cfg.early_stopping.patience:
             log(f"early stop: no validation improvement for {stale} validations")
+            stopped_early = True
             break
 
     model.load_state_dict(torch.load(work / "best.pt", map_location=device)["model"])
@@ -353,11 +355,11 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
     metrics = {
         "model": cfg.name, "version": cfg.version, "parameters": n_params,
         "model_bytes": onnx_path.stat().st_size, "device": str(device),
-        "training": {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_mean_dice_network_grid": best,
+        "training": {"epochs_run": len(history), "best_epoch": best_epoch, "stopped_early": stopped_early, "best_val_mean_dice_network_grid": best,
                      "wall_seconds": round(time.time() - t0, 1), "train_cases": [c.name for c in train_cases],
                      "history": history},
         "validation": {"per_case": per_case, "dice": dice, "mean_dice": mean_dice},
-        "onnx_check": check,
+        "onnx_check": check, "code_version": code_version(),
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "train.yaml").write_text(config_text if config_text is not None else
@@ -392,13 +394,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hilum train", description="Train a model from a config file and "
                                      "deploy it as models/<name>/")
     parser.add_argument("config", type=Path)
+    parser.add_argument("--register", action="store_true",
+                        help="register the trained model as a candidate version in the node's model registry")
+    parser.add_argument("--node-config", dest="node_config", type=Path, help="the node's config (with --register)")
+    parser.add_argument("--data-dir", dest="data_dir", type=Path, help="the node's data directory (with --register)")
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config)
-        train(cfg, args.config.read_text())
+        out = train(cfg, args.config.read_text())
     except CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.register:
+        from node.models.cli import register_trained
+
+        return register_trained(out, args.node_config, args.data_dir)
     return 0
 
 
