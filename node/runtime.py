@@ -21,6 +21,7 @@ from node.encoders.sr_templates import validate_all
 from node.handler_api import get_handler, handler_names
 from node.jobs.admin import retry
 from node.models.registry import validate_models
+from node.models.versions import ModelRegistry, registry_handlers
 from node.jobs.executor import LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
@@ -69,7 +70,8 @@ class Node:
         self.managed: ManagedOrthanc | None = None if settings.external_orthanc else ManagedOrthanc(settings)
         self.archive: ArchiveEndpoint = self.managed.endpoint if self.managed else archive_endpoint(settings)
         self.rules = RulesService(settings.rules_dir, settings.data_dir / "rules-history",
-                                  handlers=get_handler, destinations=settings.destination_names, audit=self.audit)
+                                  handlers=registry_handlers(ModelRegistry.for_data_dir(settings.data_dir)),
+                                  destinations=settings.destination_names, audit=self.audit)
         self.ingest = Ingest(self.index, self.vault)
         self.scp = StoreSCP(settings, self.ingest, self.audit)
         self.delivery = DeliveryLoop(settings, self.index,

@@ -13,7 +13,7 @@ from node.cli import main
 from node.handler_api import HandlerInput
 from node.models.registry import handler_at
 from node.models.shadow import agreement_summary, compare_labels, load_labels, record_agreement, save_labels
-from node.models.versions import BUILT_IN, ModelRegistry, RegistryError, job_model
+from node.models.versions import BUILT_IN, ModelRegistry, RegistryError, job_model, registry_handlers
 from node.results import Code, LabelMap, Segment
 from node.store.index import Index
 from node.volume import Geometry
@@ -91,7 +91,11 @@ def test_registry_refusals_say_why(registry, tmp_path):
     bare.register(folder, by="t")
     with pytest.raises(KeyError, match="no active version"):
         bare.resolve("ball")
+    with pytest.raises(KeyError, match="promote one with `hilum model promote ball VERSION`"):
+        registry_handlers(bare)("model:ball")  # what rule validation sees
     bare.set_state("ball", "2.0", "promote", "t")
+    assert registry_handlers(bare)("model:ball").model_version == "2.0"  # a registry-only model in rules
+    assert registry_handlers(bare)("overview").name == "overview"
     with pytest.raises(RegistryError, match="promote another version first"):
         bare.set_state("ball", "2.0", "retire", "t")
 

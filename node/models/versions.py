@@ -41,7 +41,7 @@ from node.models.card import CARD_FILE, CardError, load_card
 from node.models.inference import load_model
 
 __all__ = ["BUILT_IN", "STATES", "ModelRegistry", "RegistryError", "Resolved", "VersionInfo", "code_version",
-           "job_model"]
+           "job_model", "change_state", "registry_handlers"]
 
 BUILT_IN = "built-in"
 STATES = ("candidate", "shadow", "active", "retired")
@@ -391,3 +391,18 @@ def change_state(registry: ModelRegistry, audit, name: str, version: str, action
                                 detail={"action": f"retired by the promotion of {version}"})
     return {"model": name, "version": version, "before": before, "after": after, "retired": others,
             "active": registry.resolve(name).version if after == "active" or before == "active" else None}
+
+
+def registry_handlers(registry: ModelRegistry):
+    """``get_handler`` for a node with a registry: ``model:<name>`` is the active version's handler, so a
+    rule may name a model that exists only as registered versions (none shipped)."""
+    from node.handler_api import get_handler
+    from node.models.registry import handler_at
+
+    def lookup(name: str):
+        if not name.startswith("model:"):
+            return get_handler(name)
+        resolved = registry.resolve(name)  # KeyError naming the model when nothing is active
+        return handler_at(resolved.folder, None if resolved.version == BUILT_IN else resolved.version)
+
+    return lookup
