@@ -14,7 +14,10 @@ import yaml
 from node.phantom import generate_ct
 from tests.nodeproc import running_node, storescu, wait_for
 from tests.test_models_inference import card_dict, deploy, threshold_model
+from tests.web_support import BrowserErrors, add_user, launch, screenshot, sign_in
 
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
 pytestmark = pytest.mark.slow
 
 FAST = {"patch_size": [32, 32, 32], "overlap": 0.25}  # no flips: the threshold model needs none
@@ -99,12 +102,31 @@ def test_shadow_then_promote_without_restart(tmp_path, monkeypatch):
         assert 0.8 < ball["mean_dice"] < 1.0 and ball["mean_volume_diff_ml"] < 0
         assert view["active"] == "built-in"
 
-        # 3. promotion through the API: admins only, audited; the next study runs 2.0 and says so
+        # 3. promotion: admins only (the API refuses a viewer), from the console's models page, audited;
+        #    the next study runs 2.0 and says so
         viewer = node.hilum("token", "create", "--role", "viewer", *cfg).stdout.strip()
         r = node.api("POST", "/api/models/ball/versions/2.0/promote", headers={"Authorization": f"Bearer {viewer}"})
         assert r.status_code == 403
-        r = node.api("POST", "/api/models/ball/versions/2.0/promote")
-        assert r.status_code == 200 and r.json()["active"] == "2.0", r.text
+        add_user(node, "ada", "admin")
+        with playwright_api.sync_playwright() as pw:
+            browser = launch(pw)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                errors = BrowserErrors(page).errors
+                sign_in(page, node.web, "ada", next_path="/console/models")
+                section = page.locator('section[data-model="ball"]')
+                expect(section.locator('tr[data-version="2.0"] .state')).to_have_text("shadow", timeout=20_000)
+                expect(section.locator('tr[data-version="built-in"] .state')).to_have_text("active")
+                expect(section.locator('div[data-shadow="2.0"] h3')).to_contain_text("1 case(s), mean Dice 0.9")
+                expect(section.locator('div[data-shadow="2.0"] tbody tr')).to_contain_text("Ball")
+                section.locator('tr[data-version="2.0"] button.promote').click()
+                expect(section.locator('tr[data-version="2.0"] .state')).to_have_text("active", timeout=20_000)
+                expect(section.locator('tr[data-version="built-in"] .state')).to_have_text("standby")
+                screenshot(page, "console-models")
+                assert errors == []
+            finally:
+                browser.close()
+        assert node.api("GET", "/api/models/ball").json()["active"] == "2.0"
         assert storescu(node.dicom_port, studies[2].dicom_dir).returncode == 0
         (job,) = wait_for(lambda: _delivered(node, studies[2].study_uid), 120, "study 3 delivered", interval=1)
         assert _model_event(job)["version"] == "2.0"
@@ -116,4 +138,4 @@ def test_shadow_then_promote_without_restart(tmp_path, monkeypatch):
         assert job["history"][-1]["provenance"]["model_version"] == "2.0"
     audit = [json.loads(line) for line in (tmp_path / "data" / "audit" / "audit.jsonl").read_text().splitlines()]
     changes = [(e["user"], e["detail"]["before"], e["detail"]["after"]) for e in audit if e["event"] == "model-change"]
-    assert changes[-1] == ("api token", "shadow", "active") and len(changes) == 3
+    assert changes[-1] == ("admin ada", "shadow", "active") and len(changes) == 3
