@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 from node import __version__
 from node.models.card import CARD_FILE, CardError, load_card
@@ -45,9 +45,8 @@ __all__ = ["BUILT_IN", "STATES", "ModelRegistry", "RegistryError", "Resolved", "
 
 BUILT_IN = "built-in"
 STATES = ("candidate", "shadow", "active", "retired")
-State = Literal["candidate", "shadow", "active", "retired"]
 # What the state changes are called on the command line and in the API.
-ACTIONS = {"promote": "active", "shadow": "shadow", "retire": "retired", "candidate": "candidate"}
+ACTIONS = {"promote": "active", "shadow": "shadow", "retire": "retired"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
 _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,15}$")
 STATE_FILE = "states.json"
@@ -303,7 +302,7 @@ class ModelRegistry:
         return self.version(name, version)
 
     def set_state(self, name: str, version: str, action: str, by: str) -> tuple[str, str, list[str]]:
-        """Apply ``promote`` / ``shadow`` / ``retire`` / ``candidate``; returns (before, after, other changes).
+        """Apply ``promote`` / ``shadow`` / ``retire``; returns (before, after, versions retired by a promotion).
 
         Promoting retires the previously active registered version; promoting ``built-in`` retires
         the active registered version (roll back to the shipped model).

@@ -8,10 +8,10 @@ reason, *before* the archive stores it.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Callable
 
 import pydicom
 
@@ -20,7 +20,6 @@ from node.projects.store import Project, ProjectStore
 
 __all__ = ["CaseLabel", "multipart_parts", "seg_parts", "vet", "note_prediction"]
 
-log = logging.getLogger("hilum.projects")
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
@@ -63,7 +62,7 @@ def seg_parts(parts: list[bytes]) -> list[pydicom.Dataset]:
 
 
 def vet(store: ProjectStore, segs: list[pydicom.Dataset], user: str, role: str,
-        input_series: callable) -> list[CaseLabel]:
+        input_series: Callable[[Project, str], list[str]]) -> list[CaseLabel]:
     """The SEGs that are labels of a project case, checked; LabelRefused (reason) or PermissionError.
 
     ``input_series(project, study_uid) -> list[str]``: the case's series of the project's input

@@ -24,7 +24,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -35,7 +35,6 @@ from node.models.train_config import TrainConfig, TrainLabel, load_train_config
 __all__ = ["CASE_STATES", "Project", "ProjectError", "ProjectStore"]
 
 CASE_STATES = ("unlabeled", "predicted", "in_review", "labeled")
-CaseState = Literal["unlabeled", "predicted", "in_review", "labeled"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
