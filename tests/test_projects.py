@@ -140,3 +140,39 @@ def test_a_seg_is_a_label_only_for_its_case_series_and_labels(tmp_path, study):
     refused(good, "is not a case of project 'lungs'", study_uid="1.2.3")
     ct = pydicom.dcmread(next(Path(study.dicom_dir).iterdir()))
     refused(ct, "Modality is 'CT', not SEG")
+
+
+def _wait_status(run: Path, timeout: float = 300) -> dict:
+    import time
+
+    from node.projects.trainrun import run_status
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run_status(run)
+        if status["state"] != "running":
+            return status
+        time.sleep(1)
+    raise AssertionError(f"run {run} still running after {timeout} s")
+
+
+@pytest.mark.slow
+def test_training_runs_in_its_own_process_and_registers_a_candidate(tmp_path):
+    from node.models.versions import ModelRegistry
+    from node.projects.trainrun import start_run
+
+    card, train = _model_and_config(tmp_path)
+    store = ProjectStore(tmp_path / "data" / "projects")
+    store.create("lungs", model_card=card, train_config=train, study_uids=["1.2.3"], annotators=[], by="t")
+    run_id = start_run(store.root / "lungs", tmp_path / "data", memory_mb=6144, by="admin ada")
+    status = _wait_status(store.root / "lungs" / "runs" / run_id)
+    assert status["state"] == "done", status
+    assert [e["epoch"] for e in status["epochs"]] == [1, 2] and status["epochs"][-1]["val_mean_dice"] is not None
+    (info,) = ModelRegistry.for_data_dir(tmp_path / "data", tmp_path / "none").versions("tiny")
+    assert (info.version, info.state, status["version"]) == ("0.1", "candidate", "0.1")
+    assert info.registered_by == f"training run {run_id} (admin ada)"
+
+    # a run that outgrows its memory cap fails with the reason; the caller is untouched
+    failed = _wait_status(store.root / "lungs" / "runs" / start_run(store.root / "lungs", tmp_path / "data",
+                                                                     memory_mb=400, by="admin ada"))
+    assert failed["state"] == "failed" and failed["error"].startswith("out of memory (run capped at 400 MB)"), failed

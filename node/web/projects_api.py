@@ -12,7 +12,8 @@ from node.models.uncertainty import STRATEGIES, CaseScore, rank_cases
 from node.projects.intake import CaseLabel, multipart_parts, seg_parts, vet
 from node.projects.labels import LabelRefused
 from node.projects.store import Project, ProjectError, ProjectStore
-from node.web.auth import Principal, require_viewer, who
+from node.projects.trainrun import run_status, start_run
+from node.web.auth import Principal, require_admin, require_viewer, who
 
 router = APIRouter(prefix="/api/projects", tags=["projects"])
 SERIES_UID = "0020000E"
@@ -69,6 +70,27 @@ def accept(name: str, study_uid: str, request: Request, p: Principal = Depends(r
         return store.accept(name, study_uid, who(p))
     except ProjectError as exc:
         raise HTTPException(409, str(exc)) from None
+
+
+@router.post("/{name}/runs")
+def start_training(name: str, request: Request, p: Principal = Depends(require_admin)) -> dict:
+    """Train the project's configuration in a separate, memory-capped process; the result becomes a
+    candidate version of the project's model."""
+    node = request.app.state.node
+    store = _store(request)
+    _project(store, name)
+    run_id = start_run(store.root / name, node.settings.data_dir, node.settings.handler_memory_mb, who(p))
+    return {"project": name, "run": run_id}
+
+
+@router.get("/{name}/runs")
+def runs(name: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
+    """Every training run: running (epochs so far: loss, validation Dice), done (the version) or failed (why)."""
+    store = _store(request)
+    _project(store, name)
+    folder = store.root / name / "runs"
+    found = sorted(folder.iterdir()) if folder.is_dir() else []
+    return {"project": name, "runs": [run_status(r) for r in found if (r / "run.json").is_file()]}
 
 
 # ---------------------------------------------------------------- the gateway's STOW-RS
