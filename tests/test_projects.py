@@ -169,7 +169,7 @@ def test_training_runs_in_its_own_process_and_registers_a_candidate(tmp_path):
     assert status["state"] == "done", status
     assert [e["epoch"] for e in status["epochs"]] == [1, 2] and status["epochs"][-1]["val_mean_dice"] is not None
     (info,) = ModelRegistry.for_data_dir(tmp_path / "data", tmp_path / "none").versions("tiny")
-    assert (info.version, info.state, status["version"]) == ("0.1", "candidate", "0.1")
+    assert (info.version, info.state, status["version"]) == ("0.1.r1", "candidate", "0.1.r1")
     assert info.registered_by == f"training run {run_id} (admin ada)"
 
     # a run that outgrows its memory cap fails with the reason; the caller is untouched

@@ -4,6 +4,7 @@ label, while a SEG on the wrong series, with an unknown segment, or from a user 
 the project, is refused with the reason and never reaches the archive."""
 from __future__ import annotations
 
+import json
 import uuid
 
 import httpx
@@ -57,31 +58,33 @@ def test_predicted_case_labelled_through_the_gateway(tmp_path, monkeypatch):
         "name": "tiny", "level": "series", "match": {"Modality": "CT"}, "destinations": ["orthanc"],
         "handler": {"name": "model:tiny", "params": {"uncertainty": {"intensity_scales": [0.9, 1.1]}}}}))
     study = generate_ct(tmp_path / "ct", seed=5, **TINY_PHANTOM)
+    other = generate_ct(tmp_path / "ct2", seed=6, **TINY_PHANTOM)
     with running_node(tmp_path / "data", rules) as node:
         cfg_args = ("--config", str(node.config_path))
         out = node.hilum("project", "create", "lungs", "--model-card", str(builtin), "--train-config",
-                         str(tmp_path / "train.yaml"), "--study", study.study_uid, "--annotator", "alice", *cfg_args)
+                         str(tmp_path / "train.yaml"), "--study", study.study_uid, "--study", other.study_uid, "--annotator", "alice", *cfg_args)
         assert out.returncode == 0, out.stderr
         add_user(node, "alice", "annotator")
         add_user(node, "bob", "annotator")
         assert storescu(node.dicom_port, study.dicom_dir).returncode == 0
+        assert storescu(node.dicom_port, other.dicom_dir).returncode == 0
 
         def predicted():
             view = node.api("GET", "/api/projects/lungs").json()
-            case = view["cases"][study.study_uid]
-            return view if case["state"] == "predicted" else None
+            return view if all(c["state"] == "predicted" for c in view["cases"].values()) else None
 
         view = wait_for(predicted, 120, "the case predicted", interval=1)
         prediction = view["cases"][study.study_uid]["prediction"]
         assert prediction["model_version"] == "0.1" and prediction["seg_sop_uid"]
         assert 0 < prediction["uncertainty"]["score"] < 1 and prediction["uncertainty"]["passes"] == 3
-        (entry,) = node.api("GET", "/api/projects/lungs/queue?strategy=uncertainty").json()["queue"]
-        assert entry["study_uid"] == study.study_uid and entry["reason"].startswith("uncertainty ")
+        queue = node.api("GET", "/api/projects/lungs/queue?strategy=uncertainty").json()["queue"]
+        assert {e["study_uid"] for e in queue} == {study.study_uid, other.study_uid}
+        assert all(e["reason"].startswith("uncertainty ") for e in queue)
 
         def ct_archived():
             with node.orthanc() as c:
-                return c.post("/tools/find", json={"Level": "Series",
-                                                   "Query": {"SeriesInstanceUID": study.series_uid}}).json()
+                return all(c.post("/tools/find", json={"Level": "Series", "Query": {"SeriesInstanceUID": uid}}).json()
+                           for uid in (study.series_uid, other.series_uid))
 
         wait_for(ct_archived, 60, "the CT series in the archive")
 
@@ -107,6 +110,33 @@ def test_predicted_case_labelled_through_the_gateway(tmp_path, monkeypatch):
         (label,) = case["labels"]
         assert label["sop_uid"] == str(good.SOPInstanceUID) and label["by"] == "annotator alice"
         assert label["from_prediction"]["seg_sop_uid"] == prediction["seg_sop_uid"]
-        assert node.api("GET", "/api/projects/lungs/queue").json()["queue"] == []  # no longer waiting
+        queue = node.api("GET", "/api/projects/lungs/queue").json()["queue"]
+        assert [e["study_uid"] for e in queue] == [other.study_uid]  # the labelled case no longer waits
         r = alice.post(f"/api/projects/lungs/cases/{study.study_uid}/accept", headers={"X-CSRF-Token": alice_csrf})
         assert r.status_code == 200 and r.json()["state"] == "labeled"
+
+        # the second case labelled too, then a training run on exactly the accepted label versions
+        second = _seg(other, [("lung_left", codes.SCT.Lung), ("Heart", codes.SCT.Heart)])
+        assert _stow(alice, alice_csrf, node.web, second).status_code == 200
+        assert alice.post(f"/api/projects/lungs/cases/{other.study_uid}/accept",
+                          headers={"X-CSRF-Token": alice_csrf}).status_code == 200
+        r = node.api("POST", "/api/projects/lungs/runs")
+        assert r.status_code == 200 and r.json()["labeled_cases"] == 2, r.text
+        run_id = r.json()["run"]
+
+        def finished():
+            (run,) = node.api("GET", "/api/projects/lungs/runs").json()["runs"]
+            return run if run["state"] != "running" else None
+
+        run = wait_for(finished, 300, "the training run", interval=2)
+        assert run["state"] == "done", run
+        assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+        view = node.api("GET", "/api/models/tiny").json()
+        candidate = next(v for v in view["versions"] if v["version"] == "0.1.r1")
+        assert candidate["state"] == "candidate" and candidate["registered_by"].startswith(f"training run {run_id}")
+        trace = json.loads((tmp_path / "data" / "models" / "tiny" / "0.1.r1" / "version.json").read_text())
+        assert trace["label_versions"] == {study.study_uid: {"version": 1, "sop_uid": str(good.SOPInstanceUID)},
+                                           other.study_uid: {"version": 1, "sop_uid": str(second.SOPInstanceUID)}}
+        metrics = json.loads((tmp_path / "data" / "models" / "tiny" / "0.1.r1" / "metrics.json").read_text())
+        used = metrics["training"]["train_cases"] + list(metrics["validation"]["per_case"])
+        assert sorted(used) == sorted(f"seg-{ds.SOPInstanceUID}" for ds in (good, second))

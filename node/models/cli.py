@@ -47,10 +47,11 @@ def _show(registry: ModelRegistry, args) -> int:
     return 0
 
 
-def register_folder(registry: ModelRegistry, audit, folder: Path, by: str, version: str | None = None) -> None:
+def register_folder(registry: ModelRegistry, audit, folder: Path, by: str, version: str | None = None,
+                    trace: dict | None = None) -> None:
     """Register a trained model folder as a candidate version, audited (``hilum model add``, ``hilum train
-    --register``)."""
-    info = registry.register(folder, by, version)
+    --register``, a project's training run)."""
+    info = registry.register(folder, by, version, trace)
     audit.model_changed(by, info.name, info.version, before=None, after=info.state,
                         detail={"sha256": info.sha256, "source": str(folder)})
     print(f"registered {info.name} {info.version} as candidate (sha256 {info.sha256[:12]})")

@@ -108,6 +108,7 @@ class DicomwebSource(_Strict):
     auth: DicomwebAuth | None = None
     study_uids: list[str] = []  # only these studies (default: the whole archive)
     query: dict[str, str] = {}  # more QIDO matching keys for the SEG search, e.g. {PatientID: "PHANTOM*"}
+    sop_uids: list[str] = []  # only these SEG instances (e.g. a project's accepted label versions)
     timeout_s: float = Field(60.0, gt=0, le=3600)
 
     @field_validator("url")
@@ -123,7 +124,7 @@ class DicomwebSource(_Strict):
             raise ValueError("the DICOMweb root takes no query or fragment: put QIDO filters in query")
         return v.rstrip("/")
 
-    @field_validator("study_uids")
+    @field_validator("study_uids", "sop_uids")
     @classmethod
     def _uids(cls, v: list[str]) -> list[str]:
         bad = [u for u in v if len(u) > 64 or not _UID.match(u)]

@@ -262,10 +262,12 @@ class ModelRegistry:
             yield states
             _write_json(d / STATE_FILE, states)
 
-    def register(self, folder: str | Path, by: str, version: str | None = None) -> VersionInfo:
+    def register(self, folder: str | Path, by: str, version: str | None = None,
+                 trace: dict | None = None) -> VersionInfo:
         """Copy a model folder (a training run's output) in as a ``candidate`` version.
 
-        The version is the card's ``version`` unless given; it must be new for this model.
+        The version is the card's ``version`` unless given; it must be new for this model. ``trace``
+        (e.g. the label versions it was trained on) is kept in ``version.json``.
         """
         src = Path(folder)
         card = load_card(src)  # CardError names the file and field
@@ -289,7 +291,8 @@ class ModelRegistry:
                         shutil.copy2(src / f, tmp / f)
                 now = time.time()
                 info = {"registered_at": now, "registered_by": by, "sha256": _sha256(tmp / card.model_file),
-                        "code_version": metrics.get("code_version") or code_version(), "source": str(src.resolve())}
+                        "code_version": metrics.get("code_version") or code_version(), "source": str(src.resolve()),
+                        **(trace or {})}
                 _write_json(tmp / INFO_FILE, info)
                 load_model(tmp, load_card(tmp), "cpu")  # a valid card whose ONNX model loads and fits it
                 _check_sr_findings(card)

@@ -32,23 +32,46 @@ def _write(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def start_run(project_dir: Path, data_dir: Path, memory_mb: int, by: str) -> str:
-    """Prepare a run of the project's configuration and start it as a separate process; returns its id."""
+PASSWORD_ENV = "HILUM_RUN_ARCHIVE_PASSWORD"  # the archive's password reaches the run by its environment only
+
+
+def start_run(project_dir: Path, data_dir: Path, memory_mb: int, by: str, archive=None,
+              labels: dict[str, dict] | None = None) -> str:
+    """Prepare a run of the project's configuration and start it as a separate process; returns its id.
+
+    ``labels`` (study UID → accepted label version) replaces the configuration's data with those SEGs,
+    read from ``archive`` (``ArchiveEndpoint``) by DICOMweb; the label versions are kept with the model.
+    """
     import yaml
 
     runs = project_dir / "runs"
     runs.mkdir(exist_ok=True)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{len(list(runs.iterdir())) + 1}"
+    number = len(list(runs.iterdir())) + 1
+    run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{number}"
     run = runs / run_id
     run.mkdir()
     cfg = yaml.safe_load((project_dir / "train.yaml").read_text())
     cfg.update(output_dir=str(run / "output"), work_dir=str(run / "work"))
+    env = dict(os.environ)
+    if labels:
+        auth = None
+        if archive.username:
+            auth = {"username": archive.username, "password_env": PASSWORD_ENV}
+            env[PASSWORD_ENV] = archive.password
+        cfg["data"] = {"dicomweb": {"url": archive.dicomweb_url, "auth": auth, "study_uids": sorted(labels),
+                                    "sop_uids": sorted(v["sop_uid"] for v in labels.values())},
+                       "validation_split": cfg["data"].get("validation_split", 0.2)}
+        for lab in cfg["labels"]:  # a corrected AI prediction keeps the label's own name and type meaning
+            lab["source"] = list(dict.fromkeys([*lab["source"], lab["name"], lab["type"]["meaning"]]))
     (run / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    meta = {"data_dir": str(data_dir), "memory_mb": memory_mb, "by": by, "started_at": time.time()}
+    # Each run is its own version of the model: the configuration's version plus the run's number.
+    version = f"{cfg['version']}.r{number}"
+    meta = {"data_dir": str(data_dir), "memory_mb": memory_mb, "by": by, "started_at": time.time(),
+            "label_versions": labels or None, "version": version if len(version) <= 16 else f"r{number}"}
     _write(run / "run.json", meta)
     with open(run / "stderr.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "node.projects.trainrun", str(run)], stdout=subprocess.DEVNULL,
-                                stderr=log, start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+                                stderr=log, start_new_session=True, cwd=Path(__file__).resolve().parents[2], env=env)
     _write(run / "run.json", {**meta, "pid": proc.pid})
     return run_id
 
@@ -105,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         from node.audit import open_audit
 
         registry = ModelRegistry.for_data_dir(settings.data_dir)
-        register_folder(registry, open_audit(settings), out, f"training run {run.name} ({meta['by']})")
+        register_folder(registry, open_audit(settings), out, f"training run {run.name} ({meta['by']})",
+                        meta["version"], trace={"training_run": run.name, "label_versions": meta.get("label_versions")})
         metrics = json.loads((out / "metrics.json").read_text())
         _write(run / "status.json", {"state": "done", "finished_at": time.time(), "model": metrics["model"],
-                                     "version": metrics["version"], "mean_dice": metrics["validation"]["mean_dice"]})
+                                     "version": meta["version"], "mean_dice": metrics["validation"]["mean_dice"]})
         return 0
     except MemoryError:
         _write(run / "status.json", {"state": "failed", "finished_at": time.time(),

@@ -74,13 +74,17 @@ def accept(name: str, study_uid: str, request: Request, p: Principal = Depends(r
 
 @router.post("/{name}/runs")
 def start_training(name: str, request: Request, p: Principal = Depends(require_admin)) -> dict:
-    """Train the project's configuration in a separate, memory-capped process; the result becomes a
-    candidate version of the project's model."""
+    """Train the project's configuration in a separate, memory-capped process, on the accepted labels of
+    its labeled cases (or, before any, the configuration's own data); the result becomes a candidate
+    version of the project's model, with the label versions it learnt from."""
     node = request.app.state.node
     store = _store(request)
     _project(store, name)
-    run_id = start_run(store.root / name, node.settings.data_dir, node.settings.handler_memory_mb, who(p))
-    return {"project": name, "run": run_id}
+    labels = {uid: {"version": c["labels"][-1]["version"], "sop_uid": c["labels"][-1]["sop_uid"]}
+              for uid, c in store.cases(name).items() if c["state"] == "labeled"}
+    run_id = start_run(store.root / name, node.settings.data_dir, node.settings.handler_memory_mb, who(p),
+                       archive=node.archive, labels=labels)
+    return {"project": name, "run": run_id, "labeled_cases": len(labels)}
 
 
 @router.get("/{name}/runs")
