@@ -80,8 +80,9 @@ def test_shadow_then_promote_without_restart(tmp_path, monkeypatch):
         assert storescu(node.dicom_port, studies[1].dicom_dir).returncode == 0
         jobs = wait_for(lambda: _jobs_done(node, studies[1].study_uid, 2), 120, "active and shadow jobs", interval=1)
         assert all(j["status"] == "done" for j in jobs), [j["error"] for j in jobs]
-        shadow = next(j for j in jobs if _model_event(j)["shadow"])
-        active = next(j for j in jobs if not _model_event(j)["shadow"])
+        shadow = next(j for j in jobs if j["shadow"])
+        active = next(j for j in jobs if not j["shadow"])
+        assert (active["model_version"], shadow["model_version"]) == ("built-in", "2.0")
         assert (_model_event(active)["version"], _model_event(shadow)["version"]) == ("built-in", "2.0")
         assert shadow["results"] and all(r["deliveries"] == {} for r in shadow["results"])  # kept, never sent
         wait_for(lambda: _delivered(node, studies[1].study_uid), 60, "study 2's active result delivered")
