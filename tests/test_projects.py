@@ -176,3 +176,36 @@ def test_training_runs_in_its_own_process_and_registers_a_candidate(tmp_path):
     failed = _wait_status(store.root / "lungs" / "runs" / start_run(store.root / "lungs", tmp_path / "data",
                                                                      memory_mb=400, by="admin ada"))
     assert failed["state"] == "failed" and failed["error"].startswith("out of memory (run capped at 400 MB)"), failed
+
+
+def test_gateway_intake_finds_project_segs_in_a_stow_body_and_passes_the_rest(tmp_path, study):
+    from io import BytesIO
+
+    from node.projects.intake import multipart_parts, seg_parts, vet
+
+    card, train = _model_and_config(tmp_path)
+    store = ProjectStore(tmp_path / "projects")
+    store.create("lungs", model_card=card, train_config=train, study_uids=[study.study_uid], annotators=["alice"],
+                 by="t")
+
+    def part(ds) -> bytes:
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+
+    seg = _seg(study, [("lung_left", codes.SCT.Lung), ("Heart", codes.SCT.Heart)])
+    elsewhere = _seg(study, [("Tumour", codes.SCT.Neoplasm)])
+    elsewhere.StudyInstanceUID = "1.2.3.4.5"  # a SEG of a study in no project
+    ct = next(Path(study.dicom_dir).iterdir()).read_bytes()
+    body = b"".join(b"--b0\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                    for p in (ct, part(elsewhere), part(seg))) + b"--b0--\r\n"
+    parts = multipart_parts(body, 'multipart/related; type="application/dicom"; boundary=b0')
+    assert len(parts) == 3 and parts[0] == ct  # bodies exact: no CRLF of the framing kept
+    segs = seg_parts(parts)
+    assert [str(ds.SOPInstanceUID) for ds in segs] == [str(elsewhere.SOPInstanceUID), str(seg.SOPInstanceUID)]
+    (label,) = vet(store, segs, "alice", "annotator", lambda project, uid: [study.series_uid])
+    assert (label.study_uid, label.sop_uid, label.segments) == (study.study_uid, str(seg.SOPInstanceUID),
+                                                                {"lung_left": 1, "Heart": 2})
+    assert vet(store, segs[:1], "bob", "annotator", lambda project, uid: []) == []  # no project: untouched
+    with pytest.raises(PermissionError, match="annotator bob is not an annotator of project 'lungs'"):
+        vet(store, segs, "bob", "annotator", lambda project, uid: [study.series_uid])
