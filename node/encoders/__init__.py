@@ -11,6 +11,9 @@ series number, so encoding the same job again gives the same objects' UIDs.
     MeasurementReport -> TID 1500 Comprehensive 3D SR (text findings of its series included)
     ImageSeries       -> Secondary Capture (one instance per frame, or one multi-frame instance)
     TextFinding       -> Comprehensive SR, or the measurement report of the same series
+    SpatialRegistration / DeformableRegistration -> (Deformable) Spatial Registration Storage
+    ResampledSeries   -> CT or MR Image series on the fixed grid, referencing the registration
+                         encoded in the same job
 """
 from __future__ import annotations
 
@@ -23,7 +26,10 @@ from node.encoders.rtstruct import encode_rtstruct
 from node.encoders.sc import encode_sc
 from node.encoders.seg import SegReference, encode_seg
 from node.encoders.sr import encode_measurement_sr, encode_text_sr
-from node.results import ImageSeries, LabelMap, MeasurementReport, TextFinding
+from node.encoders.registration import encode_deformable_registration, encode_spatial_registration
+from node.encoders.resampled import encode_resampled
+from node.results import (DeformableRegistration, ImageSeries, LabelMap, MeasurementReport, ResampledSeries,
+                          SpatialRegistration, TextFinding)
 from node.volume import SeriesData
 
 __all__ = ["EncodeContext", "encode", "encode_all", "series_count"]
@@ -49,7 +55,8 @@ def series_count(result) -> int:
     if isinstance(result, LabelMap):
         seg = "SEG" in result.encodings
         return int(seg) + int(seg and result.fractions is not None) + int("RTSTRUCT" in result.encodings)
-    if isinstance(result, (MeasurementReport, ImageSeries, TextFinding)):
+    if isinstance(result, (MeasurementReport, ImageSeries, TextFinding, SpatialRegistration,
+                           DeformableRegistration, ResampledSeries)):
         return 1
     raise TypeError(f"cannot encode {type(result).__name__}: not a node.results type")
 
@@ -85,7 +92,17 @@ def encode(
         return encode_sc(result, sources, ctx, series_number=next(numbers))
     if isinstance(result, TextFinding):
         return [encode_text_sr([result], sources, ctx, series_number=next(numbers))]
+    if isinstance(result, (SpatialRegistration, DeformableRegistration)):
+        return [_encode_registration(result, sources, ctx, next(numbers))]
+    if isinstance(result, ResampledSeries):
+        return encode_resampled(result, sources, ctx, series_number=next(numbers), registration=None)
     raise TypeError(f"cannot encode {type(result).__name__}: not a node.results type")
+
+
+def _encode_registration(result, sources, ctx, number: int) -> Dataset:
+    if isinstance(result, SpatialRegistration):
+        return encode_spatial_registration(result, sources, ctx, series_number=number)
+    return encode_deformable_registration(result, sources, ctx, series_number=number)
 
 
 def encode_all(results: list, sources: dict[str, SeriesData], ctx: EncodeContext) -> list[Dataset]:
@@ -109,4 +126,11 @@ def encode_all(results: list, sources: dict[str, SeriesData], ctx: EncodeContext
         out.append(encode_text_sr(group, sources, ctx, series_number=next(numbers)))
     for images in (r for r in results if isinstance(r, ImageSeries)):
         out += encode_sc(images, sources, ctx, series_number=next(numbers))
+    # Registrations before the resampled series that reference them (one registration per job).
+    registrations = [_encode_registration(r, sources, ctx, next(numbers)) for r in results
+                     if isinstance(r, (SpatialRegistration, DeformableRegistration))]
+    out += registrations
+    for res in (r for r in results if isinstance(r, ResampledSeries)):
+        out += encode_resampled(res, sources, ctx, series_number=next(numbers),
+                                registration=registrations[0] if len(registrations) == 1 else None)
     return out

@@ -1,4 +1,4 @@
-"""Image registration (SimpleITK): rigid, affine and B-spline deformable, CT-CT and MR-CT.
+"""Image registration (SimpleITK): rigid, affine and deformable (demons), CT-CT and MR-CT.
 
 The small API other stages use::
 

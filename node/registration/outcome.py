@@ -9,6 +9,7 @@ current study with ``moving_to_fixed``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import SimpleITK as sitk
@@ -66,7 +67,10 @@ class RegistrationOutcome:
     fixed_geometry: Geometry
     moving_geometry: Geometry
     linear: np.ndarray  # 4x4, fixed → moving (for deformable: the rigid/affine part it started from)
-    bspline: sitk.BSplineTransform | None = None  # fixed-space deformation applied before ``linear``
+    # Deformable only: displacement u (slices, rows, cols, 3) mm on ``deformation_grid`` (fixed space),
+    # applied before ``linear``: fixed point x → linear(x + u(x)).
+    deformation: np.ndarray | None = None
+    deformation_grid: Geometry | None = None
     jacobian: JacobianStats | None = None
     overlap: float = 1.0  # fraction of the fixed foreground that maps inside the moving image
     iterations: tuple[int, ...] = ()  # per stage
@@ -76,23 +80,36 @@ class RegistrationOutcome:
     def __post_init__(self) -> None:
         if self.method not in ("rigid", "affine", "deformable"):
             raise ValueError(f"RegistrationOutcome.method {self.method!r} is not rigid, affine or deformable")
-        if (self.bspline is None) != (self.method != "deformable"):
-            raise ValueError("RegistrationOutcome.bspline is required for deformable and only for it")
+        if (self.deformation is None) != (self.method != "deformable"):
+            raise ValueError("RegistrationOutcome.deformation is required for deformable and only for it")
+        if self.deformation is not None and (self.deformation_grid is None
+                                             or self.deformation.shape != (*self.deformation_grid.shape, 3)):
+            raise ValueError("RegistrationOutcome.deformation must be (slices, rows, cols, 3) on deformation_grid")
         m = np.asarray(self.linear, float)
         if m.shape != (4, 4) or not np.allclose(m[3], [0, 0, 0, 1]) or abs(np.linalg.det(m[:3, :3])) < 1e-6:
             raise ValueError("RegistrationOutcome.linear must be an invertible 4x4 homogeneous matrix")
 
     # --- the transform ----------------------------------------------------------------------------
 
+    @cached_property
+    def _field_transform(self) -> sitk.DisplacementFieldTransform | None:
+        if self.deformation is None:
+            return None
+        img = sitk.GetImageFromArray(self.deformation.astype(np.float64), isVector=True)
+        img.SetOrigin(self.deformation_grid.origin)
+        img.SetSpacing(self.deformation_grid.spacing)
+        img.SetDirection(self.deformation_grid.direction)
+        return sitk.DisplacementFieldTransform(img)
+
     @property
     def transform(self) -> sitk.Transform:
-        """SimpleITK transform fixed → moving (the composite of ``linear`` after ``bspline``)."""
+        """SimpleITK transform fixed → moving (``linear`` after the deformation)."""
         lin = sitk.AffineTransform(3)
         lin.SetMatrix(tuple(float(v) for v in self.linear[:3, :3].ravel()))
         lin.SetTranslation(tuple(float(v) for v in self.linear[:3, 3]))
-        if self.bspline is None:
+        if self.deformation is None:
             return lin
-        return sitk.CompositeTransform([lin, self.bspline])
+        return sitk.CompositeTransform([lin, sitk.DisplacementFieldTransform(self._field_transform)])
 
     @property
     def matrix_moving_to_fixed(self) -> np.ndarray:
@@ -100,9 +117,10 @@ class RegistrationOutcome:
         return np.linalg.inv(self.linear)
 
     def _deform(self, points: np.ndarray) -> np.ndarray:
-        if self.bspline is None:
+        tx = self._field_transform
+        if tx is None:
             return points
-        return np.array([self.bspline.TransformPoint(tuple(float(v) for v in p)) for p in points])
+        return np.array([tx.TransformPoint(tuple(float(v) for v in p)) for p in points])
 
     def fixed_to_moving(self, points) -> np.ndarray:
         """(..., 3) fixed-space mm → where the same anatomy lies in the moving image."""
@@ -116,7 +134,7 @@ class RegistrationOutcome:
         p = np.asarray(points, float)
         inv = self.matrix_moving_to_fixed
         y = p.reshape(-1, 3) @ inv[:3, :3].T + inv[:3, 3]
-        if self.bspline is None:
+        if self.deformation is None:
             return y.reshape(p.shape)
         x = y.copy()
         for _ in range(max_iterations):
@@ -151,12 +169,12 @@ class RegistrationOutcome:
         return Volume(arr, geom)
 
     def displacement_field(self, geom: Geometry | None = None) -> np.ndarray:
-        """(slices, rows, cols, 3) mm of the deformation alone (``bspline``) at the voxel centres of
-        ``geom`` (default: the fixed grid); zeros for rigid and affine."""
-        geom = geom or self.fixed_geometry
-        if self.bspline is None:
+        """(slices, rows, cols, 3) mm of the deformation alone at the voxel centres of ``geom``
+        (default: the grid it was computed on); zeros for rigid and affine."""
+        geom = geom or self.deformation_grid or self.fixed_geometry
+        if self.deformation is None:
             return np.zeros((*geom.shape, 3), np.float32)
         field_img = sitk.TransformToDisplacementField(
-            self.bspline, sitk.sitkVectorFloat64, [int(v) for v in geom.shape[::-1]], geom.origin, geom.spacing,
-            geom.direction)
+            self._field_transform, sitk.sitkVectorFloat64, [int(v) for v in geom.shape[::-1]], geom.origin,
+            geom.spacing, geom.direction)
         return sitk.GetArrayFromImage(field_img).astype(np.float32)
