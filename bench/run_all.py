@@ -32,6 +32,7 @@ SUITE = [
     ("models", "bench_models.py", [], ["--repeat", "1", "--size", "128", "--slices", "40"]),
     ("latency", "bench_latency.py", [], ["--quick"]),
     ("receiver-memory", "bench_receiver_memory.py", [], ["--quick"]),
+    ("registration", "bench_registration.py", [], ["--quick", "--no-elastix", "--cases", "rigid"]),
 ]
 
 
