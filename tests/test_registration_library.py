@@ -80,3 +80,20 @@ def test_localizer_is_refused(tmp_path):
     scout = load_series(study.series_files(study.localizer_series_uid))
     with pytest.raises(RegistrationRefusal, match="localizer"):
         check_pair(axial, scout)
+
+
+def test_masks_cover_the_body_or_the_lungs_and_leave_out_the_table(tmp_path):
+    study = generate_ct(tmp_path / "m", seed=6, rows=96, cols=96, slices=40, pixel_spacing=4.0, slice_thickness=7.5,
+                        nodules=0)
+    vol = load_series(study.series_files()).volume
+    truth, _ = study.label_volume()
+    lungs_truth = np.isin(truth, (study.label("lung_left"), study.label("lung_right")))
+    table = truth == study.label("table")
+    body = ct_mask(vol, "body")
+    lungs = ct_mask(vol, "lungs")
+    # At 4 mm voxels the table touches the back over a voxel or two: most of it stays out.
+    assert body[lungs_truth].mean() > 0.98 and body[table].mean() < 0.25
+    assert lungs[lungs_truth].mean() > 0.98 and lungs.sum() < 0.8 * body.sum()
+    assert ct_mask(vol, "none") is None
+    with pytest.raises(ValueError, match="mask 'liver'"):
+        ct_mask(vol, "liver")
