@@ -97,3 +97,20 @@ def test_masks_cover_the_body_or_the_lungs_and_leave_out_the_table(tmp_path):
     assert ct_mask(vol, "none") is None
     with pytest.raises(ValueError, match="mask 'liver'"):
         ct_mask(vol, "liver")
+
+
+def test_affine_recovers_a_rigid_motion_too(pair):
+    fixed, moving, move = pair
+    out = register(fixed.volume, moving.volume, "affine", fixed_mask=ct_mask(fixed.volume, "body"),
+                   moving_mask=ct_mask(moving.volume, "body"))
+    pts = _landmarks(fixed)
+    truth = (pts - move[:3, 3]) @ np.linalg.inv(move[:3, :3]).T
+    tre = np.linalg.norm(out.fixed_to_moving(pts) - truth, axis=1)
+    assert out.method == "affine" and len(out.iterations) == 2
+    assert tre.mean() <= 1.0 and tre.max() <= 2.0, (tre.mean(), tre.max())
+
+
+def test_deformable_across_modalities_is_refused(pair):
+    fixed, moving, _ = pair
+    with pytest.raises(RegistrationRefusal, match="one modality"):
+        register(fixed.volume, moving.volume, "deformable", metric="mattes")

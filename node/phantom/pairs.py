@@ -106,12 +106,23 @@ def generate_breathing_followup(baseline: PhantomStudy | str | Path, out_dir: st
     move = np.asarray(Pose.from_degrees(rotation_deg, shift_mm).matrix())
     series = load_series(base.series_files())
     geom = series.volume.geometry
-    pts = geom.index_to_patient(np.stack(np.meshgrid(*[np.arange(n) for n in geom.shape], indexing="ij"), -1))
-    source = _true_map(pts, move, breathing_mm)
-    hu = _sample(series.volume.array.astype(np.float32), geom, source, 1, float(HU_MIN))
-    hu += np.random.default_rng([seed, 7]).normal(0.0, noise_hu, hu.shape).astype(np.float32)
+    base_hu = series.volume.array.astype(np.float32)
     base_labels, _ = base.label_volume()
-    labels = _sample(base_labels, geom, source, 0, 0.0).astype(np.uint8)
+    hu = np.empty(geom.shape, np.float32)
+    labels = np.empty(geom.shape, np.uint8)
+    # The truth field on every ``step``-th voxel in-plane (a 512x512x300 field would be ~1 GB).
+    step = max(1, geom.shape[1] // 128)
+    field = np.empty((geom.shape[0], len(range(0, geom.shape[1], step)), len(range(0, geom.shape[2], step)), 3),
+                     np.float32)
+    jj, ii = np.meshgrid(np.arange(geom.shape[1]), np.arange(geom.shape[2]), indexing="ij")
+    noise = np.random.default_rng([seed, 7])
+    for k in range(geom.shape[0]):  # slice by slice: the whole grid's points would not fit in memory
+        pts = geom.index_to_patient(np.stack([np.full_like(jj, k), jj, ii], -1))
+        source = _true_map(pts, move, breathing_mm)
+        hu[k] = _sample(base_hu, geom, source, 1, float(HU_MIN))
+        hu[k] += noise.normal(0.0, noise_hu, hu[k].shape).astype(np.float32)
+        labels[k] = _sample(base_labels, geom, source, 0, 0.0)
+        field[k] = (source - pts)[::step, ::step]
 
     identity = ("hilum-phantom", "breathing", base.study_uid, seed, rotation_deg, shift_mm, breathing_mm, noise_hu)
     study_uid, series_uid, frame_uid = (derived_uid(*identity, what) for what in ("study", "series", "frame"))
@@ -136,8 +147,7 @@ def generate_breathing_followup(baseline: PhantomStudy | str | Path, out_dir: st
                                   ImagePositionPatient=[round(v, 4) for v in pos], SliceLocation=round(pos[2], 4)).name)
     write_labels(out / "labels.nii.gz", labels, geom)
     (out / "labels.json").write_text(base.label_table_path.read_text())
-    field = (source - pts).astype(np.float32)
-    np.savez_compressed(out / "displacement.npz", displacement_mm=field)
+    np.savez_compressed(out / "displacement.npz", displacement_mm=field, step=np.array([1, step, step]))
 
     def amount(p):
         return np.linalg.norm(breathing_displacement(_true_map(p, move, 0.0), breathing_mm), axis=-1)
@@ -152,7 +162,8 @@ def generate_breathing_followup(baseline: PhantomStudy | str | Path, out_dir: st
         "rotation_deg": list(rotation_deg), "translation_mm": list(shift_mm),
         "breathing": {"amplitude_mm": breathing_mm, "diaphragm_z_mm": DIAPHRAGM_Z_MM,
                       "model": "node.phantom.pairs.breathing_displacement"},
-        "displacement_file": "displacement.npz (fixed grid, moving_mm - fixed_mm, (slices, rows, cols, 3))",
+        "displacement_file": "displacement.npz: displacement_mm = moving_mm - fixed_mm at the fixed grid's voxels "
+                             "(slices, rows, cols, 3), every step-th voxel per axis (step = (k, j, i))",
         "landmarks": pairs,
     })
     write_json(out / MANIFEST, {
