@@ -17,7 +17,6 @@ own Frame of Reference, the MR rotated and shifted by a known rigid transform; l
 """
 from __future__ import annotations
 
-import json
 from datetime import date, timedelta
 from pathlib import Path
 
