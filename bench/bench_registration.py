@@ -104,6 +104,9 @@ def _elastix(fixed_dir: str, moving_dir: str, method: str, metric: str, masks: b
 
 
 def _child(engine: str, args: tuple, truth: str, queue) -> None:
+    import os
+
+    os.chdir(Path(truth).parent)  # transformix writes deformationField.nii into the working directory
     elapsed, cpu, mapping = (_hilum if engine == "hilum" else _elastix)(*args)
     import numpy as np
 
