@@ -36,6 +36,7 @@ SUITE = [
     ("receiver-memory", "bench_receiver_memory.py", [], ["--quick"]),
     ("retrieve", "bench_retrieve.py", ["--runs", "3"], ["--quick"]),
     ("scaleout", "bench_scaleout.py", [], ["--quick"]),
+    ("registration", "bench_registration.py", [], ["--quick", "--no-elastix", "--cases", "rigid"]),
 ]
 
 

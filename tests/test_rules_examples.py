@@ -11,7 +11,7 @@ from tests.test_rules_support import (BASIC_SR, SHIPPED_HANDLERS, US_IMAGE, ct_h
                                       mr_header, other_header)
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
-SHIPPED_NAMES = ("ct-anatomy", "renders", "overview")
+SHIPPED_NAMES = ("ct-anatomy", "renders", "overview", "registration")
 
 
 @pytest.fixture(scope="module")
@@ -81,4 +81,12 @@ def test_examples_validate_against_the_real_handlers():
         return get_handler(name) if name in real else SHIPPED_HANDLERS[name]
 
     rules = RuleSet.load(RULES_DIR, handlers=handlers, destinations={"orthanc", "tps"})
-    assert len(rules) == 5
+    assert len(rules) == 7
+
+
+def test_mr_and_ct_in_one_study_are_registered_a_ct_alone_is_not(rules):
+    from node.rules.facts import StudyFacts
+
+    both = StudyFacts([facts(ct_header()), facts(mr_header())])
+    assert [a.rule for a in rules.match_study(both)] == ["mr-to-ct-registration"]
+    assert [a.rule for a in rules.match_study(StudyFacts([facts(ct_header())]))] == []
