@@ -113,8 +113,9 @@ class _Followup:
     """The prior's nodules, their identities and their registered positions in the current scan."""
 
     def __init__(self, prior: PriorStudy, series: SeriesData, detection: Detection, mapped: np.ndarray,
-                 interval_days: float | None) -> None:
+                 interval_days: float | None, note: str | None) -> None:
         self.prior, self.series, self.detection = prior, series, detection
+        self.note = note  # how the registration fell short, when it did
         self.mapped = mapped
         self.interval_days = interval_days
         self.ids = [f"Nodule {i + 1}" for i in range(len(detection.nodules))]
@@ -157,20 +158,30 @@ class LungNodules(Handler):
         detection = self._detect(series)
         progress(0.6, "registering prior to current")
         fixed, moving = inp.primary.volume, series.volume
+        masks = dict(fixed_mask=current.region.both, moving_mask=detection.region.both)
+        note = None
         try:
-            outcome = register_images(fixed, moving, method=self.params.registration,
-                                      fixed_mask=current.region.both, moving_mask=detection.region.both)
+            outcome = register_images(fixed, moving, method=self.params.registration, **masks)
         except RegistrationRefusal as exc:
-            # Nodules without a trustworthy mapping would be matched wrongly: report the current
-            # study alone and say why the comparison is missing.
-            flags.append(QualityFlag("followup_registration_failed",
-                                     f"prior study {prior.study_uid} could not be registered: {exc}"))
-            return None
+            if self.params.registration == "rigid":
+                outcome = None
+            else:  # the lungs still move rigidly with the patient: a rigid mapping, said so in the report
+                note = f"deformable registration failed ({exc}); the prior was registered rigidly"
+                try:
+                    outcome = register_images(fixed, moving, method="rigid", **masks)
+                except RegistrationRefusal:
+                    outcome = None
+            if outcome is None:
+                # Nodules without a trustworthy mapping would be matched wrongly: report the current
+                # study alone and say why the comparison is missing.
+                flags.append(QualityFlag("followup_registration_failed",
+                                         f"prior study {prior.study_uid} could not be registered: {exc}"))
+                return None
         centres = np.array([n.center_mm for n in detection.nodules]).reshape(-1, 3)
         mapped = outcome.moving_to_fixed(centres) if len(centres) else centres
         now, then = _acquired(inp.primary), prior.acquired or _acquired(series)
         interval = (now - then).total_seconds() / 86400 if now and then else None
-        return _Followup(prior, series, detection, mapped, interval)
+        return _Followup(prior, series, detection, mapped, interval, note)
 
     def run(self, inp: HandlerInput, progress) -> list:
         p: LungNodulesParams = self.params
@@ -266,5 +277,7 @@ class LungNodules(Handler):
         if fu is not None:
             note += (f" Compared with the prior study of {fu.prior.acquired or 'unknown date'}: volume changes below "
                      "25 % are reported as stable (within repeat-scan variability), without a doubling time.")
+            if fu.note:
+                note += f" Note: {fu.note}."
         out.append(TextFinding(note, series.series_uid))
         return out + flags

@@ -33,6 +33,7 @@ MIN_FLATNESS = 0.45  # shortest / longest ellipsoid axis: below is a vessel, fis
 PART_SOLID_RATIO = 1.6
 MAX_CUT_FRACTION = 0.35  # share of the outline where the bright part crosses the lung's border
 _SMOOTH_MM = 0.6
+NEAR_VOXELS = 1  # partial volume beyond the outline: the scanner's blur, about a voxel
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,12 @@ def measure_candidate(hu: np.ndarray, region: np.ndarray, spacing_kji: tuple[flo
     if comp is None or comp.sum() > 0.85 * reach.sum():
         return None  # nothing there, or no edge within reach: not a blob
     solid = comp & (sm > SOLID_HU)
-    near = ndimage.binary_dilation(comp, iterations=2) & inreg & reach
+    near = ndimage.binary_dilation(comp, iterations=NEAR_VOXELS) & inreg
+    # The lung's HU right around the nodule: lung texture makes it vary across the box, and each
+    # HU of error in it is a 1/900 error over every voxel of the sum.
+    shell = ndimage.binary_dilation(near, iterations=2) & ~near & inreg & (sm < t_outer)
+    if shell.sum() >= 20:
+        bg = float(np.median(sub[shell]))
     vox = float(np.prod(spacing))
     if _cut_fraction(comp, inreg, sm > t_outer) > MAX_CUT_FRACTION:
         return None  # the bright part goes on beyond the lung: mediastinum, heart or wall, not a nodule

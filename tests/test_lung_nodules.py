@@ -1,0 +1,234 @@
+"""The `lung-nodules` handler: detection and measurement accuracy against the phantom's truth over
+several variants, follow-up (matching, new/resolved, VDT, kept Tracking UIDs), quality flags, and
+its results as valid SEG / TID 1500 SR / Secondary Capture.
+
+Phantoms are thin-slice (1.1 mm pixels, 1 mm slices) but short (80 slices), so small nodules are
+resolved and each variant takes seconds. A detection is true when its centre lies within
+max(3 mm, the nodule's radius) of a true nodule's centre; anything else is a false positive.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pydicom
+import pytest
+
+from node.anatomy import segment_anatomy
+from node.encoders import encode_all
+from node.encoders.sr import KEY_SLICE_PREFIX
+from node.handler_api import HandlerInput, HandlerRefusal, PriorStudy, get_handler
+from node.nodules.detect import detect_nodules
+from node.nodules.followup import change, match
+from node.phantom import generate_ct, generate_followup, generate_mr
+from node.results import ImageSeries, LabelMap, MeasurementReport, QualityFlag, ResultSet
+from node.volume import SeriesData, Volume, load_series
+from tests.encoder_sources import context, save_valid
+
+THIN = dict(rows=320, cols=320, slices=80, pixel_spacing=1.1, slice_thickness=1.0)
+VARIANTS = {
+    "upper": dict(seed=2, z_center_mm=20.0),
+    "middle": dict(seed=3, z_center_mm=0.0),
+    "lower": dict(seed=4, z_center_mm=-20.0),
+    "apex": dict(seed=5, z_center_mm=40.0, noise_hu=25.0),
+}
+NODULES = dict(nodules=8, nodule_diameter_mm=(4.5, 14.0), ground_glass_fraction=0.35)
+
+
+def _ctx():
+    return context(handler="lung-nodules", handler_version="1.0.0", model_name=None, model_version=None)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    @functools.cache
+    def make(variant: str):
+        opts = {**THIN, **NODULES, **VARIANTS[variant]}
+        study = generate_ct(tmp_path_factory.mktemp(variant) / "ct", **opts)
+        return study, load_series(study.series_files())
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def detected(phantom):
+    @functools.cache
+    def run(variant: str):
+        study, series = phantom(variant)
+        labels = segment_anatomy(series.volume, bone=False).labels
+        return study, detect_nodules(series.volume, labels)
+
+    return run
+
+
+def _pair(truth: list[dict], found) -> tuple[dict, list]:
+    """truth id -> detected nodule, and the detections matching no truth (false positives)."""
+    hits, fps = {}, []
+    for n in found:
+        dist = [np.linalg.norm(np.subtract(n.center_mm, t["center_mm"])) for t in truth]
+        i = int(np.argmin(dist))
+        if dist[i] <= max(3.0, truth[i]["radius_mm"]) and truth[i]["id"] not in hits:
+            hits[truth[i]["id"]] = n
+        else:
+            fps.append(n)
+    return hits, fps
+
+
+@pytest.fixture(scope="module")
+def evaluation(detected):
+    rows, fps = [], 0
+    for variant in VARIANTS:
+        study, det = detected(variant)
+        hits, false = _pair(study.nodules, det.nodules)
+        fps += len(false)
+        rows += [(variant, t, hits.get(t["id"])) for t in study.nodules]
+    return rows, fps / len(VARIANTS)
+
+
+def test_sensitivity_and_false_positives(evaluation):
+    rows, fp_per_scan = evaluation
+    solid = [n for _, t, n in rows if t["type"] == "solid" and t["diameter_mm"] >= 5.0]
+    ggn = [n for _, t, n in rows if t["type"] == "ground_glass" and t["diameter_mm"] >= 8.0]
+    assert len(solid) >= 10 and len(ggn) >= 4, "the variants must hold enough nodules to measure anything"
+    assert sum(n is not None for n in solid) / len(solid) >= 0.95
+    assert sum(n is not None for n in ggn) / len(ggn) >= 0.85
+    assert fp_per_scan <= 1.0
+
+
+def test_volume_and_diameter_accuracy(evaluation):
+    rows, _ = evaluation
+    checked = 0
+    for variant, t, n in rows:
+        if n is None:
+            continue
+        if t["type"] == "solid" and t["diameter_mm"] >= 6.0:
+            assert abs(n.volume_mm3 / t["volume_mm3"] - 1) <= 0.10, (variant, t, n.volume_mm3)
+            checked += 1
+        if t["diameter_mm"] >= 5.0:
+            # A sphere: long axis = short axis = mean diameter = 3-D maximum = its diameter.
+            assert abs(n.mean_diameter_mm - t["diameter_mm"]) <= 1.0, (variant, t, n.mean_diameter_mm)
+            assert abs(n.long_axis_mm - t["diameter_mm"]) <= 1.5, (variant, t, n.long_axis_mm)
+            assert abs(n.max_diameter_3d_mm - t["diameter_mm"]) <= 1.5, (variant, t, n.max_diameter_3d_mm)
+    assert checked >= 6
+
+
+def test_type_side_and_hu(evaluation):
+    rows, _ = evaluation
+    big = [(t, n) for _, t, n in rows if n is not None and t["diameter_mm"] >= 6.0]
+    assert sum(n.type == t["type"] for t, n in big) / len(big) >= 0.90
+    assert all(n.side == t["side"] for t, n in big)
+    for t, n in big:  # mean HU of the segmentation is near the nodule's intended HU
+        assert (n.hu_mean > -300) == (t["type"] == "solid"), (t, n.hu_mean)
+
+
+def test_size_class_follows_the_thresholds():
+    from node.nodules.categories import size_category, volume_class
+
+    class M:
+        def __init__(self, type_, d, s=0.0):
+            self.type, self.mean_diameter_mm, self.solid_diameter_mm = type_, d, s
+
+    assert [size_category(M("solid", d)) for d in (5.9, 6.0, 7.95, 8.0, 14.9, 15.0)] == \
+        ["lung_rads_2", "lung_rads_3", "lung_rads_4a", "lung_rads_4a", "lung_rads_4a", "lung_rads_4b"]
+    assert size_category(M("ground_glass", 29.9)) == "lung_rads_2"
+    assert size_category(M("ground_glass", 30.0)) == "lung_rads_3"
+    assert [size_category(M("part_solid", 10.0, s)) for s in (5.0, 6.5, 8.0)] == \
+        ["lung_rads_3", "lung_rads_4a", "lung_rads_4b"]
+    assert [volume_class(v) for v in (99.0, 100.0, 250.0, 251.0)] == ["lt_100", "100_250", "100_250", "gt_250"]
+
+
+def test_matching_gate_and_vdt():
+    prior = np.array([[0.0, 0, 0], [30, 0, 0], [60, 0, 0]])
+    current = np.array([[31.0, 0, 0], [2, 1, 0], [100, 0, 0]])
+    pairs = match(prior, np.array([6.0, 6, 6]), current, np.array([6.0, 6, 6]))
+    assert sorted(pairs) == [(0, 1), (1, 0)]  # the third prior is 40 mm from anything: resolved; 100 mm: new
+    c = change(100.0, 5.76, 200.0, 7.26, 90.0)
+    assert c.vdt_days == pytest.approx(90.0) and c.call == "indeterminate"  # diameter up 1.5 mm: not > 1.5
+    assert change(100.0, 5.76, 300.0, 8.31, 180.0).call == "growing"
+    stable = change(100.0, 5.76, 120.0, 6.1, 180.0)
+    assert stable.call == "stable" and stable.vdt_days is None
+
+
+@pytest.fixture(scope="module")
+def handler_run(phantom):
+    study, series = phantom("middle")
+    handler = get_handler("lung-nodules")()
+    inp = HandlerInput(study.study_uid, [series])
+    handler.check(inp)
+    return study, series, handler.run(inp, lambda f, m: None)
+
+
+def test_results_are_valid_dicom(handler_run, tmp_path):
+    study, series, results = handler_run
+    rs = ResultSet(results)
+    assert not rs.flags
+    labelmap = next(r for r in results if isinstance(r, LabelMap))
+    report = next(r for r in results if isinstance(r, MeasurementReport))
+    images = next(r for r in results if isinstance(r, ImageSeries))
+    assert len(labelmap.segments) == len(study.nodules) == images.frames.shape[0]
+    objects = encode_all(rs.outputs, {series.series_uid: series}, _ctx())
+    paths = {}
+    for k, ds in enumerate(objects):
+        paths.setdefault(ds.SOPClassUID.name, []).append(save_valid(ds, tmp_path, f"{k}.dcm"))
+    seg = pydicom.dcmread(paths["Segmentation Storage"][0])
+    sr = pydicom.dcmread(paths["Comprehensive 3D SR Storage"][0])
+    assert len(paths["Secondary Capture Image Storage"]) == len(study.nodules)
+    # SR: per nodule a key-slice outline (OHIF lists it) and a volumetric group, both with the SEG
+    # segment's Tracking UID; the values are the handler's.
+    seg_uids = {s.SegmentLabel: s.TrackingUID for s in seg.SegmentSequence}
+    groups = sr.ContentSequence[-2].ContentSequence if sr.ContentSequence[-1].ConceptNameCodeSequence[0] \
+        .CodeValue == "C0034375" else sr.ContentSequence[-1].ContentSequence
+
+    def text(item, code):
+        return next(str(c.get("TextValue", c.get("UID", ""))) for c in item.ContentSequence
+                    if c.ConceptNameCodeSequence[0].CodeValue == code)
+
+    ids = [text(g, "112039") for g in groups]
+    assert sorted(i for i in ids if i.startswith(KEY_SLICE_PREFIX)) == \
+        sorted(KEY_SLICE_PREFIX + name for name in seg_uids)
+    for g in groups:
+        name = text(g, "112039").removeprefix(KEY_SLICE_PREFIX)
+        assert text(g, "112040") == seg_uids[name]
+    assert sorted(g.tracking_id for g in report.groups) == sorted(seg_uids)
+    hits, fps = _pair(study.nodules, [type("N", (), {"center_mm": _centre(labelmap, s.label, series)})
+                                      for s in labelmap.segments])
+    assert not fps and len(hits) == len(study.nodules)
+
+
+def _centre(labelmap, label, series):
+    kji = np.argwhere(labelmap.labels == label).mean(axis=0)
+    return series.volume.geometry.index_to_patient(kji)
+
+
+def test_refuses_what_it_cannot_answer_for(tmp_path):
+    mr = generate_mr(tmp_path / "mr", seed=1, rows=32, cols=32, slices=8)
+    series = load_series(mr.series_files())
+    with pytest.raises(HandlerRefusal, match="accepts CT"):
+        get_handler("lung-nodules")().check(HandlerInput(mr.study_uid, [series]))
+
+
+def test_no_lungs_is_a_quality_flag(phantom):
+    study, series = phantom("middle")
+    truth, _ = study.label_volume()
+    lungs = np.isin(truth, [study.label("lung_left"), study.label("lung_right")])
+    solid = Volume(np.where(lungs, 40.0, series.volume.array).astype(np.float32), series.volume.geometry)
+    fake = SeriesData(series.series_uid, "CT", series.datasets, solid)
+    results = get_handler("lung-nodules")().run(HandlerInput(study.study_uid, [fake]), lambda f, m: None)
+    flags = ResultSet(results).flags
+    assert [f.check for f in flags] == ["no_lungs"]
+
+
+def test_too_many_nodules_is_a_quality_flag(phantom):
+    study, series = phantom("middle")
+    results = get_handler("lung-nodules")({"max_nodules": 3}).run(HandlerInput(study.study_uid, [series]),
+                                                                   lambda f, m: None)
+    flags = ResultSet(results).flags
+    assert [f.check for f in flags] == ["too_many_nodules"]
+    labelmap = next(r for r in results if isinstance(r, LabelMap))
+    assert len(labelmap.segments) == 3
+    # the largest three are kept
+    largest = sorted(study.nodules, key=lambda t: -t["volume_mm3"])[:3]
+    hits, fps = _pair(largest, [type("N", (), {"center_mm": _centre(labelmap, s.label, series)})
+                                for s in labelmap.segments])
+    assert len(hits) == 3 and not fps
