@@ -232,3 +232,84 @@ def test_too_many_nodules_is_a_quality_flag(phantom):
     hits, fps = _pair(largest, [type("N", (), {"center_mm": _centre(labelmap, s.label, series)})
                                 for s in labelmap.segments])
     assert len(hits) == 3 and not fps
+
+
+@pytest.fixture(scope="module")
+def followup(tmp_path_factory):
+    """A baseline with 6-14 mm nodules and its follow-up 120 days later (moved, rotated; each nodule
+    grown, shrunk, vanished or stable, plus a new one), both run through the handler."""
+    root = tmp_path_factory.mktemp("followup")
+    base = generate_ct(root / "base", seed=11, **THIN, nodules=6, nodule_diameter_mm=(6.0, 14.0),
+                       ground_glass_fraction=0.3)
+    later = generate_followup(base, root / "later", interval_days=120, rotation_deg=(1.0, -1.0, 3.0),
+                              shift_mm=(5.0, -3.0, 6.0), new_nodules=1)
+    base_series, later_series = load_series(base.series_files()), load_series(later.series_files())
+    params = {"registration": "rigid"}
+    first = get_handler("lung-nodules")(params).run(HandlerInput(base.study_uid, [base_series]), lambda f, m: None)
+    prior = PriorStudy(base.study_uid, None, [base_series])
+    second = get_handler("lung-nodules")(params).run(
+        HandlerInput(later.study_uid, [later_series], priors=[prior]), lambda f, m: None)
+    return base, later, (base_series, first), (later_series, second)
+
+
+def _groups(results) -> dict:
+    report = next(r for r in results if isinstance(r, MeasurementReport))
+    return {g.tracking_id: g for g in report.groups}
+
+
+def _value(group, name):
+    return next((m.value for m in group.measurements if m.name == name), None)
+
+
+def test_followup_matches_and_reports_change(followup):
+    base, later, (base_series, first), (later_series, second) = followup
+    assert not ResultSet(second).flags
+    changes = {c["id"]: c for c in later.changes["nodules"]}
+    # Which baseline nodule each first-run tracking id is (by position in the baseline).
+    first_lm = next(r for r in first if isinstance(r, LabelMap))
+    first_ids = {}
+    for s in first_lm.segments:
+        hits, _ = _pair(base.nodules, [type("N", (), {"center_mm": _centre(first_lm, s.label, base_series)})])
+        (truth_id,) = hits
+        first_ids[truth_id] = s
+    second_lm = next(r for r in second if isinstance(r, LabelMap))
+    groups = _groups(second)
+    status = {tid: dict(g.qualitative)["status"] for tid, g in groups.items()}
+    for truth_id, c in changes.items():
+        if c["status"] == "new":
+            hits = [s for s in second_lm.segments
+                    if _pair([{**c["followup"], "id": truth_id, "radius_mm": c["followup"]["diameter_mm"] / 2}],
+                             [type("N", (), {"center_mm": _centre(second_lm, s.label, later_series)})])[0]]
+            assert len(hits) == 1 and status[hits[0].name] == "new", (truth_id, status)
+            assert hits[0].tracking_uid not in {s.tracking_uid for s in first_lm.segments}
+            continue
+        before = first_ids[truth_id]
+        group = groups[before.name]  # the same tracking identifier as in the baseline's report
+        if c["status"] == "vanished":
+            assert status[before.name] == "resolved"
+            assert group.tracking_uid == before.tracking_uid
+            continue
+        assert status[before.name] == "persistent", (truth_id, c["status"])
+        seg = next(s for s in second_lm.segments if s.name == before.name)
+        assert seg.tracking_uid == before.tracking_uid  # one lesion, one Tracking UID over time
+        # it is the right nodule: the segment lies where the truth puts the follow-up nodule
+        assert np.linalg.norm(_centre(second_lm, seg.label, later_series) - c["followup"]["center_mm"]) < 2.0
+        assert _value(group, "interval") == pytest.approx(120.0)
+        pct = 100 * (c["volume_ratio"] - 1)
+        if abs(pct) >= 25:
+            assert _value(group, "volume_doubling_time") == pytest.approx(c["vdt_days"], rel=0.15), truth_id
+            expected = "growing" if c["status"] == "grown" else "shrinking"
+            assert dict(group.qualitative)["change"] == expected
+        else:
+            assert dict(group.qualitative)["change"] == "stable"
+            assert _value(group, "volume_doubling_time") is None
+    assert sum(v == "new" for v in status.values()) == 1
+
+
+def test_followup_results_are_valid_dicom(followup, tmp_path):
+    _, _, _, (later_series, second) = followup
+    objects = encode_all(ResultSet(second).outputs, {later_series.series_uid: later_series}, _ctx())
+    for k, ds in enumerate(objects):
+        save_valid(ds, tmp_path, f"{k}.dcm")
+    sc = [ds for ds in objects if ds.Modality == "OT"]
+    assert sc and all(ds.Columns == 2 * ds.Rows for ds in sc)  # prior and current side by side

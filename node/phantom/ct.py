@@ -494,6 +494,14 @@ def generate_ct(out_dir: str | Path, *, seed: int = 0, rows: int = 512, cols: in
     return _write_study(out, plan)
 
 
+def _vdt(c, interval_days: int) -> float | None:
+    """Expected volume doubling time (days) of a nodule seen at both times whose volume changed;
+    negative for a shrinking one (its halving time)."""
+    if not (c.baseline and c.followup) or c.followup.volume_mm3 == c.baseline.volume_mm3:
+        return None
+    return round(math.log(2) * interval_days / math.log(c.followup.volume_mm3 / c.baseline.volume_mm3), 2)
+
+
 def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, *, seed: int | None = None,
                       interval_days: int = 180, shift_mm=None, rotation_deg=None, new_nodules: int = 1,
                       growth: float = 1.35, shrinkage: float = 0.7, **overrides) -> PhantomStudy:
@@ -558,7 +566,8 @@ def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, 
         "nodules": [
             {"id": c.id, "status": c.status, "baseline": where(c.baseline, base_pose), "followup": where(c.followup, pose),
              "volume_ratio": round(c.followup.volume_mm3 / c.baseline.volume_mm3, 4)
-             if c.baseline and c.followup else None}
+             if c.baseline and c.followup else None,
+             "vdt_days": _vdt(c, interval_days)}
             for c in changes
         ],
     }
