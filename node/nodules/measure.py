@@ -31,7 +31,8 @@ MIN_FLATNESS = 0.45  # shortest / longest ellipsoid axis: below is a vessel, fis
 # Partial-volume sum / half-way voxel count above which a solid core has a ground-glass rim:
 # 1 for a solid nodule, 1 + 0.39 (1/q^3 - 1) for a core of q times the nodule's diameter (q=0.75: 1.6).
 PART_SOLID_RATIO = 1.6
-MAX_CUT_FRACTION = 0.35  # share of the outline where the bright part crosses the lung's border
+MAX_CUT_FRACTION = 0.45
+MAX_EXIT_RATIO = 0.5  # see _exit_ratio  # share of the outline where the bright part crosses the lung's border
 _SMOOTH_MM = 0.6
 NEAR_VOXELS = 1  # partial volume beyond the outline: the scanner's blur, about a voxel
 
@@ -79,6 +80,36 @@ def _component_at(mask: np.ndarray, seed: np.ndarray, within_vox: np.ndarray) ->
     idx = np.argwhere(near)
     d = (((idx - seed) / within_vox) ** 2).sum(axis=1)
     return labels == labels[tuple(idx[int(np.argmin(d))])]
+
+
+def _exit_ratio(comp: np.ndarray, reach: np.ndarray, spacing: np.ndarray) -> float:
+    """Cross-section where ``comp`` leaves the reach ball, over the cross-section of a ball of its
+    volume: ~0 for a nodule (a thin vessel on it leaves through a small hole), large for the bulb
+    where vessels branch, whose trunk and branches all run out of the ball."""
+    exits = comp & ~ndimage.binary_erosion(reach)
+    if not exits.any():
+        return 0.0
+    # One voxel layer of the ball's surface: its area is about the voxel count times a voxel's face.
+    area = float(exits.sum()) * float(np.prod(spacing)) / float(spacing.min())
+    r_eq = (3 * float(comp.sum()) * float(np.prod(spacing)) / (4 * math.pi)) ** (1 / 3)
+    return area / (math.pi * r_eq ** 2)
+
+
+def _ball_and_tubes(comp: np.ndarray, reach: np.ndarray, seed: np.ndarray,
+                    spacing: np.ndarray) -> tuple[float, float]:
+    """(radius of the full ball around ``seed``, radius of the widest tube leaving the reach ball), mm.
+    A nodule on a branch point is clearly wider than its vessels; the bulb of a branch point is not."""
+    exits, n = ndimage.label(comp & ~ndimage.binary_erosion(reach))
+    face = float(np.prod(spacing)) / float(spacing.min())
+    widest = max(math.sqrt(float((exits == i).sum()) * face / math.pi) for i in range(1, n + 1))
+    dist = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(comp.shape), seed, spacing)))
+    filled = 0.0
+    for r in np.arange(0.5, float(dist[reach].max()), 0.5):  # shells of 0.5 mm: the ball is where they are full
+        shell = reach & (dist >= r - 0.5) & (dist < r)
+        if shell.any() and comp[shell].mean() < 0.6:
+            break
+        filled = r
+    return filled, widest
 
 
 def _cut_fraction(comp: np.ndarray, inreg: np.ndarray, bright: np.ndarray) -> float:
@@ -152,6 +183,14 @@ def measure_candidate(hu: np.ndarray, region: np.ndarray, spacing_kji: tuple[flo
     comp = _component_at((sm > t_outer) & inreg & reach, seed, np.maximum(0.5 * r / spacing, 1.0))
     if comp is None or comp.sum() > 0.85 * reach.sum():
         return None  # nothing there, or no edge within reach: not a blob
+    if (comp & ~ndimage.binary_erosion(reach)).any():
+        # Vessels run out of reach: keep the ball they leave from (a juxtavascular nodule), unless
+        # thick tubes leave it in several directions and it is hardly wider: a vessel branch point.
+        filled, widest = _ball_and_tubes(comp, reach, seed, spacing)
+        if filled >= 1.3 * widest:
+            comp &= _ball(sub.shape, seed, (filled + 1.5) / spacing)
+        elif _exit_ratio(comp, reach, spacing) > MAX_EXIT_RATIO:
+            return None
     solid = comp & (sm > SOLID_HU)
     near = ndimage.binary_dilation(comp, iterations=NEAR_VOXELS) & inreg
     # The lung's HU right around the nodule: lung texture makes it vary across the box, and each

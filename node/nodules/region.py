@@ -16,7 +16,7 @@ from node.anatomy import LUNG_L, LUNG_R
 
 __all__ = ["CLOSING_MM", "LungRegion", "lung_region"]
 
-CLOSING_MM = 12.0  # fills a bay up to ~24 mm across: a juxtapleural nodule of up to 20 mm or so
+CLOSING_MM = 9.0  # fills a bay up to ~18 mm across: a juxtapleural nodule of up to ~15 mm
 _COARSE_MM = 3.0
 
 
