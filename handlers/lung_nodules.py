@@ -113,9 +113,10 @@ class _Followup:
     """The prior's nodules, their identities and their registered positions in the current scan."""
 
     def __init__(self, prior: PriorStudy, series: SeriesData, detection: Detection, mapped: np.ndarray,
-                 interval_days: float | None, note: str | None) -> None:
+                 interval_days: float | None, note: str | None, acquired: dt.datetime | None) -> None:
         self.prior, self.series, self.detection = prior, series, detection
         self.note = note  # how the registration fell short, when it did
+        self.acquired = acquired
         self.mapped = mapped
         self.interval_days = interval_days
         self.ids = [f"Nodule {i + 1}" for i in range(len(detection.nodules))]
@@ -181,7 +182,7 @@ class LungNodules(Handler):
         mapped = outcome.moving_to_fixed(centres) if len(centres) else centres
         now, then = _acquired(inp.primary), prior.acquired or _acquired(series)
         interval = (now - then).total_seconds() / 86400 if now and then else None
-        return _Followup(prior, series, detection, mapped, interval, note)
+        return _Followup(prior, series, detection, mapped, interval, note, then)
 
     def run(self, inp: HandlerInput, progress) -> list:
         p: LungNodulesParams = self.params
@@ -275,8 +276,11 @@ class LungNodules(Handler):
         note = ("Size classes are computed from published thresholds (Lung-RADS v2022 size bands, Fleischner 2017 "
                 "volume bands) and are not a diagnosis.")
         if fu is not None:
-            note += (f" Compared with the prior study of {fu.prior.acquired or 'unknown date'}: volume changes below "
+            when = fu.acquired.strftime("%Y-%m-%d") if fu.acquired else "unknown date"
+            note += (f" Compared with the prior study of {when}: volume changes below "
                      "25 % are reported as stable (within repeat-scan variability), without a doubling time.")
+            if fu.interval_days is None:
+                note += " The studies' acquisition dates are missing: no volume change rate or doubling time."
             if fu.note:
                 note += f" Note: {fu.note}."
         out.append(TextFinding(note, series.series_uid))
