@@ -33,6 +33,7 @@ from node.nodules.categories import volume_class
 from node.nodules.detect import Detection, Nodule, detect_nodules
 from node.nodules.followup import Change, change, match
 from node.nodules.keyimage import key_image
+from node.nodules.priorsr import prior_identities
 from node.results import (SCT, Code, ImageSeries, LabelMap, Measurement, MeasurementGroup, MeasurementReport,
                           QualityFlag, Segment, TextFinding)
 from node.uids import derived_uid
@@ -119,8 +120,32 @@ class _Followup:
         self.acquired = acquired
         self.mapped = mapped
         self.interval_days = interval_days
-        self.ids = [f"Nodule {i + 1}" for i in range(len(detection.nodules))]
-        self.uids = [tracking_uid(series.series_uid, t) for t in self.ids]
+        self.ids, self.uids = _identities(prior, series, detection)
+        self.names = {i.tracking_id for i in prior_identities(prior.series, series)} | set(self.ids)
+
+
+def _identities(prior: PriorStudy, series: SeriesData, detection: Detection) -> tuple[list[str], list[str]]:
+    """Tracking id and UID of each prior nodule: from the prior's own lung-nodules report where it
+    has one (the nodule whose outline lies on it), else derived as the prior's first report did."""
+    known = [i for i in prior_identities(prior.series, series) if i.center_mm is not None]
+    ids, uids = [], []
+    used: set[str] = set()
+    number = 1 + max((int(i.tracking_id.split()[-1]) for i in known if i.tracking_id.split()[-1].isdigit()),
+                     default=0)
+    for n in detection.nodules:
+        near = sorted((float(np.linalg.norm(i.center_mm - n.center_mm)), i.tracking_id, i) for i in known
+                      if i.tracking_id not in used)
+        if near and near[0][0] <= max(3.0, n.mean_diameter_mm / 2 + 2.0):
+            identity = near[0][2]
+            used.add(identity.tracking_id)
+            ids.append(identity.tracking_id)
+            uids.append(identity.tracking_uid)
+            continue
+        name = f"Nodule {number if known else len(ids) + 1}"
+        number += 1
+        ids.append(name)
+        uids.append(tracking_uid(series.series_uid, name))
+    return ids, uids
 
 
 @register
@@ -211,8 +236,8 @@ class LungNodules(Handler):
             diam = lambda ns: np.array([n.mean_diameter_mm for n in ns])  # noqa: E731
             cur = np.array([n.center_mm for n in nodules]).reshape(-1, 3)
             pairs = {j: i for i, j in match(fu.mapped, diam(fu.detection.nodules), cur, diam(nodules))}
-        taken = set(fu.ids[i] for i in pairs.values()) if fu else set()
-        next_number = len(fu.ids) + 1 if fu else 1
+        taken = fu.names if fu else set()
+        next_number = 1
         labels = np.zeros(geom.shape, np.uint8)
         segments, groups, images, captions = [], [], [], []
         for j, n in enumerate(nodules):

@@ -337,3 +337,39 @@ def test_followup_results_are_valid_dicom(followup, tmp_path):
         save_valid(ds, tmp_path, f"{k}.dcm")
     sc = [ds for ds in objects if ds.Modality == "OT"]
     assert sc and all(ds.Columns == 2 * ds.Rows for ds in sc)  # prior and current side by side
+
+
+def test_followup_takes_identities_from_the_priors_own_report(followup):
+    """A prior that was itself a follow-up names its nodules after an earlier study: the identities
+    come from its SR (here: made-up Tracking UIDs and shuffled identifiers), not re-derived."""
+    import dataclasses
+
+    from node.uids import derived_uid
+
+    base, later, (base_series, first), _ = followup
+    lm = next(r for r in first if isinstance(r, LabelMap))
+    report = next(r for r in first if isinstance(r, MeasurementReport))
+    rename = {s.name: f"Nodule {40 + k}" for k, s in enumerate(lm.segments)}
+    uids = {s.name: derived_uid("earlier study", s.name) for s in lm.segments}
+    lm2 = dataclasses.replace(lm, labels=lm.labels.copy(), segments=tuple(
+        dataclasses.replace(s, name=rename[s.name], tracking_uid=uids[s.name]) for s in lm.segments))
+    report2 = dataclasses.replace(report, groups=tuple(dataclasses.replace(g, tracking_id=rename[g.tracking_id])
+                                                       for g in report.groups))
+    objects = encode_all([lm2, report2], {base_series.series_uid: base_series}, _ctx())
+    sr = next(ds for ds in objects if ds.Modality == "SR")
+    sr_series = SeriesData(str(sr.SeriesInstanceUID), "SR", [sr])
+    later_series = load_series(later.series_files())
+    prior = PriorStudy(base.study_uid, None, [base_series, sr_series])
+    results = get_handler("lung-nodules")({"registration": "rigid"}).run(
+        HandlerInput(later.study_uid, [later_series], priors=[prior]), lambda f, m: None)
+    groups = _groups(results)
+    by_uid = {uids[name]: rename[name] for name in uids}
+    carried = [g for g in groups.values() if dict(g.qualitative)["status"] in ("persistent", "resolved")]
+    assert carried
+    second_lm = next(r for r in results if isinstance(r, LabelMap))
+    for g in carried:
+        uid = g.tracking_uid or second_lm.segment(g.segment_label).tracking_uid
+        assert by_uid[uid] == g.tracking_id  # the prior report's identifier with its UID
+    new = [g for g in groups.values() if dict(g.qualitative)["status"] == "new"]
+    assert new and all(second_lm.segment(g.segment_label).tracking_uid not in by_uid for g in new)
+    assert all(g.tracking_id not in rename.values() for g in new)
