@@ -9,7 +9,6 @@ max(3 mm, the nodule's radius) of a true nodule's centre; anything else is a fal
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 import pydicom
@@ -22,7 +21,7 @@ from node.handler_api import HandlerInput, HandlerRefusal, PriorStudy, get_handl
 from node.nodules.detect import detect_nodules
 from node.nodules.followup import change, match
 from node.phantom import generate_ct, generate_followup, generate_mr
-from node.results import ImageSeries, LabelMap, MeasurementReport, QualityFlag, ResultSet
+from node.results import ImageSeries, LabelMap, MeasurementReport, ResultSet
 from node.volume import SeriesData, Volume, load_series
 from tests.encoder_sources import context, save_valid
 

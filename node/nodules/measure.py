@@ -31,8 +31,8 @@ MIN_FLATNESS = 0.45  # shortest / longest ellipsoid axis: below is a vessel, fis
 # Partial-volume sum / half-way voxel count above which a solid core has a ground-glass rim:
 # 1 for a solid nodule, 1 + 0.39 (1/q^3 - 1) for a core of q times the nodule's diameter (q=0.75: 1.6).
 PART_SOLID_RATIO = 1.6
-MAX_CUT_FRACTION = 0.45
-MAX_EXIT_RATIO = 0.5  # see _exit_ratio  # share of the outline where the bright part crosses the lung's border
+MAX_CUT_FRACTION = 0.45  # share of the outline where the bright part crosses the lung's border
+MAX_EXIT_RATIO = 0.5  # see _exit_ratio
 _SMOOTH_MM = 0.6
 NEAR_VOXELS = 1  # partial volume beyond the outline: the scanner's blur, about a voxel
 
