@@ -26,6 +26,7 @@ SUITE = [
     ("encoders", "bench_encoders.py", [], ["--repeat", "1", "--size", "128", "--slices", "40"]),
     ("seg-formats", "bench_seg_formats.py", [], ["--size", "128", "--slices", "40"]),
     ("ct-anatomy", "bench_ct_anatomy.py", [], ["--quick"]),
+    ("lung-nodules", "bench_nodules.py", [], ["--quick"]),
     ("render", "bench_render.py", [], ["--shape", "60", "128", "128", "--size", "128", "--repeat", "1",
                                        "--frames", "3"]),
     ("view3d", "bench_view3d.py", [], None),

@@ -36,6 +36,7 @@ __all__ = [
 
 SCT = "SCT"
 _UCUM_SIMPLE = re.compile(r"^[A-Za-z0-9%\[\]{}/.*^\-]+$")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,13 @@ class Segment:
     # Labels of other segments this one also covers: a label map cannot overlap, so an External
     # that contains the organs holds its own label plus theirs (``LabelMap.region``).
     includes: tuple[int, ...] = ()
+    # The finding's Tracking UID when it continues one from an earlier study (a follow-up keeps a
+    # lesion's identity); None: the encoder derives one from the job.
+    tracking_uid: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tracking_uid is not None and not (len(self.tracking_uid) <= 64 and _UID.fullmatch(self.tracking_uid)):
+            raise ValueError(f"Segment.tracking_uid {self.tracking_uid!r} is not a DICOM UID")
         if not isinstance(self.label, int) or not 1 <= self.label <= 255:
             raise ValueError(f"Segment.label must be an int in 1..255, got {self.label!r}")
         if not self.name or len(self.name) > 64:
@@ -195,8 +201,13 @@ class MeasurementGroup:
     measurements: tuple[Measurement, ...]
     segment_label: int | None = None  # references a Segment of a LabelMap in the same result set
     qualitative: tuple[tuple[str, str], ...] = ()  # (template key of concept, template key of value)
+    # Tracking UID continued from an earlier study (a group without a segment, e.g. a resolved
+    # lesion); a group with a segment takes its segment's.
+    tracking_uid: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tracking_uid is not None and not (len(self.tracking_uid) <= 64 and _UID.fullmatch(self.tracking_uid)):
+            raise ValueError(f"MeasurementGroup.tracking_uid {self.tracking_uid!r} is not a DICOM UID")
         if not self.tracking_id or len(self.tracking_id) > 64:
             raise ValueError(f"MeasurementGroup.tracking_id must be 1..64 characters, got {self.tracking_id!r}")
         if not self.measurements and not self.qualitative:

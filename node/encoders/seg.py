@@ -97,7 +97,7 @@ def _segment_descriptions(labelmap: LabelMap, ctx: EncodeContext,
             segmented_property_type=coded(s.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=ctx.uid(*uid_key, "segment", s.label),
+            tracking_uid=s.tracking_uid or ctx.uid(*uid_key, "segment", s.label),
             tracking_id=(s.tg263 or s.name)[:64],
             display_color=hd.color.CIELabColor.from_rgb(*s.color),
         )
