@@ -495,6 +495,32 @@ def test_pull_rules_are_validated_with_the_routing_rules(tmp_path):
     assert sched.next_run(dt.datetime(2025, 1, 2, 4, 50)) == dt.datetime(2025, 1, 2, 22, 0)
 
 
+@pytest.mark.parametrize("content, needle", [
+    (None, "does not exist"),
+    ("PatientID,note\nP1,x\n", "has no column 'AccessionNumber' (columns: PatientID, note)"),
+    ("AccessionNumber\n\n  \n", "no AccessionNumber values under the header"),
+    (b"AccessionNumber\n\xff\xfeACC\n", "is not UTF-8 text"),
+])
+def test_a_missing_or_malformed_cohort_csv_fails_rule_validation_naming_the_field(tmp_path, content, needle):
+    from node.handler_api import get_handler
+    from node.rules.errors import RuleErrors
+    from node.rules.ruleset import RuleSet
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "pull.yaml").write_text("kind: pull\nname: cohort\nsource: pacs\n"
+                                     "query: {csv: {file: cohort.csv, column: AccessionNumber}}\n")
+    if content is not None:
+        (rules / "cohort.csv").write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(RuleErrors) as exc:
+        RuleSet.load(rules, handlers=get_handler, destinations={"orthanc"}, sources={"pacs"})
+    text = exc.value.text()
+    assert "query.csv.file" in text and needle in text and "cohort.csv" in text, text
+    (rules / "cohort.csv").write_text("AccessionNumber\nACC-1\n")  # fixed: the same rule loads
+    assert [r.name for r in RuleSet.load(rules, handlers=get_handler, destinations={"orthanc"},
+                                         sources={"pacs"}).pull_rules] == ["cohort"]
+
+
 def test_priors_are_found_retrieved_and_handed_to_the_handler(tmp_path):
     """A study pushed by a modality: its rule asks for 2 CT CHEST priors; the PACS holds three of them
     (and an MR, an abdomen CT and another patient's CT); the node already holds one of them."""

@@ -11,12 +11,10 @@ high-water mark (a StudyDate) narrows each poll to what is new.
 """
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 from node.audit import NULL_AUDIT, AuditTrail
@@ -25,7 +23,7 @@ from node.pacs.audit import query_audit
 from node.pacs.model import PacsError, StudyMatch, StudyQuery
 from node.pacs.sources import source_client
 from node.rules.facts import SeriesFacts
-from node.rules.pull import PullRule
+from node.rules.pull import PullRule, read_cohort
 from node.store.retrieves import RetrieveStore
 
 log = logging.getLogger("hilum.pacs")
@@ -120,13 +118,10 @@ class PullScheduler:
                           study_date=date, study_description=q.StudyDescription)
         if q.csv is None:
             return [base]
-        path = Path(q.csv.file)
-        path = path if path.is_absolute() else self.settings.rules_dir / path
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if q.csv.column not in (reader.fieldnames or []):
-                raise ValueError(f"pull rule {rule.name}: {path} has no column {q.csv.column!r}")
-            values = list(dict.fromkeys(r[q.csv.column].strip() for r in reader if r[q.csv.column].strip()))
+        try:
+            values = read_cohort(q.csv, self.settings.rules_dir)
+        except ValueError as exc:  # changed on disk since the rule was loaded
+            raise ValueError(f"pull rule {rule.name}: cohort {exc}") from exc
         key = "patient_id" if q.csv.column == "PatientID" else "accession"
         return [StudyQuery(**{**base.__dict__, key: v}) for v in values]
 
