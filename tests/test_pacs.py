@@ -190,6 +190,12 @@ def test_retrieve_from_orthanc_is_durable_and_deduplicated(tmp_path, local, meth
         node.retriever.wake()
         assert node.wait(rid2)["status"] == "done"
         assert len(node.index.instances_of_study(st.study_uid)) == 9 and node.index.stat("duplicates") == 9
+        # Provenance: every instance is recorded as brought by the first retrieve (the second brought nothing).
+        prov = node.store.provenance(st.study_uid)
+        assert [(p["retrieve"], p["requested_by"], p["source"], p["method"], p["instances"]) for p in prov] == \
+            [(rid, "test", "pacs", method, 9)]
+        assert prov[0]["series"] == {u: len(v) for u, v in st.series.items()}
+        assert all(node.store.brought_by(u) == ["test"] for u in st.series)
         ax = next(u for u, v in st.series.items() if len(v) == 6)  # only one series
         other = tiny_study(tmp_path / "s3", series=(("AX", 1.0, 2), ("COR", 3.0, 2)))
         pacs.upload(other.files)
@@ -198,6 +204,11 @@ def test_retrieve_from_orthanc_is_durable_and_deduplicated(tmp_path, local, meth
         node.retriever.wake()
         r = node.wait(rid3)
         assert r["status"] == "done" and r["expected"] == 2 and node.held(other.study_uid) == set(other.series[one])
+        rid4, _ = node.store.add("pacs", other.study_uid, None, "rule:whole")  # then the rest, by a rule
+        node.retriever.wake()
+        assert node.wait(rid4)["status"] == "done"
+        assert {p["retrieve"]: (p["requested_by"], p["series"]) for p in node.store.provenance(other.study_uid)} == \
+            {rid3: ("test", {one: 2}), rid4: ("rule:whole", {u: 2 for u in other.series if u != one})}
         assert ax
 
 
@@ -321,6 +332,9 @@ def test_running_node_api_and_cli_retrieve(tmp_path):
             assert out.returncode == 0 and " done " in out.stdout, out.stdout + out.stderr
             wait_for(lambda: node.study(b.study_uid).get("instances_received") == 5, 30, "study b indexed")
             assert node.study(a.study_uid)["instances_received"] == 4
+            prov = node.api("GET", f"/api/pacs/provenance/{b.study_uid}", headers=vh).json()["retrieves"]
+            assert [(p["requested_by"].split()[0], p["source"], p["method"], p["instances"]) for p in prov] == \
+                [("cli", "pacsget", "get", 5)]
             m = node.api("POST", "/api/pacs/sources/pacs/query", json={"patient_id": "P9"}).json()["matches"]
             assert all(x["in_hilum"] for x in m)
             # A pull rule dropped into the rules directory is picked up (hot reload) and shown with its state.
@@ -521,6 +535,66 @@ def test_a_missing_or_malformed_cohort_csv_fails_rule_validation_naming_the_fiel
                                          sources={"pacs"}).pull_rules] == ["cohort"]
 
 
+def test_rules_test_explains_what_a_pull_rule_would_query_and_when_it_runs_next(tmp_path):
+    import datetime as dt
+
+    from node.runtime import open_index
+    from node.store.retrieves import RetrieveStore
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "cohort.csv").write_text("PatientID\nP7\nP9\nP7\n")
+    (rules / "pull.yaml").write_text("""
+- kind: pull
+  name: chest-watch
+  source: pacs
+  query: {ModalitiesInStudy: CT, StudyDate: {last: 48h}, StudyDescription: "*CHEST*"}
+  series: {SliceThickness: {le: 1.5}}
+  schedule: {every: 10m, window: "01:00-05:00"}
+  watch: true
+  limits: {studies_per_run: 7}
+- kind: pull
+  name: cohort
+  source: pacs
+  query: {csv: {file: cohort.csv, column: PatientID}, StudyDate: 20200101-}
+""")
+    cfg = tmp_path / "hilum.yaml"
+    cfg.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "rules_dir": str(rules),
+                                   "sources": {"pacs": dimse(free_port())}}))
+
+    def explain(name: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "node.cli", "rules", "--config", str(cfg), "test", name,
+                              "--json"], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    now = dt.datetime.now()
+    e = explain("chest-watch")
+    since = (now - dt.timedelta(hours=48)).strftime("%Y%m%d")
+    assert e["queries"] == [{"ModalitiesInStudy": "CT", "StudyDate": f"{since}-", "StudyDescription": "*CHEST*"}]
+    assert e["series_filter"] == {"SliceThickness": {"le": 1.5}} and e["studies_per_run"] == 7
+    nxt = dt.datetime.fromisoformat(e["next_run"])  # never scheduled: the window's next opening, or now inside it
+    assert e["next_run_from"].startswith("first run") and (1 <= nxt.hour < 5 or e["window_open_now"])
+    assert explain("cohort")["queries"] == [{"PatientID": "P7", "StudyDate": "20200101-"},
+                                            {"PatientID": "P9", "StudyDate": "20200101-"}]
+
+    # Once the node has run it: the persisted high-water mark narrows the query, the persisted next run is shown.
+    store = RetrieveStore(open_index(load_settings(str(cfg))))
+    store.ensure_pull_state("chest-watch", 0)
+    hw = (now + dt.timedelta(days=1)).strftime("%Y%m%d")  # later than the rule's own window start
+    at = dt.datetime(2030, 1, 2, 3, 4, 5)
+    store.pull_ran("chest-watch", next_at=at.timestamp(), result={}, error="PACS down", high_water=hw)
+    e = explain("chest-watch")
+    assert e["queries"][0]["StudyDate"] == f"{hw}-" and e["high_water"] == hw
+    assert e["next_run"] == at.isoformat() and e["next_run_from"] == "scheduled by the node"
+    assert e["last_error"] == "PACS down"
+    text = subprocess.run([sys.executable, "-m", "node.cli", "rules", "--config", str(cfg), "test", "chest-watch"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120).stdout
+    for needle in (f"StudyDate={hw}-", "high-water mark " + hw, "next run: 2030-01-02T03:04:05",
+                   "only starting within 01:00-05:00", "7 studies per run"):
+        assert needle in text, text
+
+
 def test_priors_are_found_retrieved_and_handed_to_the_handler(tmp_path):
     """A study pushed by a modality: its rule asks for 2 CT CHEST priors; the PACS holds three of them
     (and an MR, an abdomen CT and another patient's CT); the node already holds one of them."""
@@ -586,6 +660,83 @@ def test_priors_are_found_retrieved_and_handed_to_the_handler(tmp_path):
     mr_prov = next(h for h in json.loads(index.job(mr_job["id"])["history_json"]) if h["event"] == "done")["provenance"]
     assert mr_prov["priors"] == [] and "source down not searched" in mr_prov["priors_note"]
     assert "no prior studies found" in mr_prov["priors_note"]
+
+
+def test_priors_that_do_not_arrive_in_time_release_the_job_without_them_saying_why(tmp_path, local):
+    """The PACS holds a prior, its retrieve is queued but not done by the deadline (the retriever is
+    busy: here not started): the job is released to run without priors, and its note says why."""
+    from node.receive.ingest import Origin
+    from node.pacs.priors import PriorsCoordinator
+    from node.store.retrieves import priors_of_job
+
+    current = tiny_study(tmp_path / "cur", patient_id="P7", study_date="20240610")
+    prior = tiny_study(tmp_path / "old", patient_id="P7", study_date="20230605", series=(("AX", 1.0, 3),))
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(prior.files)
+        node = local({"pacs": dimse(pacs.dicom_port, retrieve="get")})
+        for f in current.files:
+            assert node.ingest.store(f.read_bytes(), Origin("MODALITY", "HILUM", "127.0.0.1"))[0] == 0
+        assert node.ingest.writer.flush(30)
+        series = next(iter(current.series))
+        job = node.index.add_job(job_key="k1", study_uid=current.study_uid, series_uid=series, level="study",
+                                 rule="with-priors", handler="priors-timeline", params={}, destinations=[],
+                                 priority="normal", timeout_s=None, generation=1, note="test")
+        released = []
+        coord = PriorsCoordinator(node.settings, node.index, node.store, on_retrieves=lambda: None,
+                                  on_released=lambda: released.append(1))
+        coord.hold(job, {"source": "pacs", "max": 2, "wait": 1.0})  # as the router hands it: validated
+        [w] = node.store.prior_waits()
+        coord.step(w)  # search: the prior is found on the PACS and its retrieve queued
+        [w] = node.store.prior_waits()
+        chosen = json.loads(w["chosen_json"])
+        assert [(c["study_uid"], c["source"]) for c in chosen] == [(prior.study_uid, "pacs")]
+        assert node.store.get(chosen[0]["retrieve"])["status"] == "queued"
+        coord.step(w)  # before the deadline: still waiting, with progress
+        row = node.index.job(job)
+        assert row["status"] == "waiting-for-priors" and row["message"].startswith("waiting for priors: 0/")
+        time.sleep(1.1)
+        coord.step(node.store.prior_waits()[0])  # past the deadline: released without the prior
+    assert released and node.store.prior_waits() == []
+    row = node.index.job(job)
+    assert row["status"] == "pending"  # the executor may take it now
+    handed = priors_of_job(node.index, job)
+    assert handed["priors"] == []
+    assert "ran without some priors: they did not arrive within 1 s (0/3 instances)" in handed["priors_note"]
+    assert handed["priors_note"] in row["message"]
+
+
+def test_priors_timeline_sr_lists_priors_with_intervals_and_is_a_valid_iod(tmp_path):
+    """The priors-timeline handler's SR (as the node encodes it) passes dciodvfy, with the priors and a note."""
+    import datetime as dt
+
+    import pydicom
+
+    from handlers.priors_timeline import PriorsTimeline
+    from node.encoders import encode_all
+    from node.handler_api import HandlerInput, PriorStudy
+    from node.volume import SeriesData
+    from tests.encoder_sources import context, save_valid
+
+    def series_of(st) -> list[SeriesData]:
+        return [SeriesData(uid, "CT", [pydicom.dcmread(f, stop_before_pixels=True) for f in files])
+                for uid, files in ((u, sorted(f for f in st.files if pydicom.dcmread(
+                    f, stop_before_pixels=True).SeriesInstanceUID == u)) for u in st.series)]
+
+    current = tiny_study(tmp_path / "cur", patient_id="P7", study_date="20240610", study_time="101500")
+    p23 = tiny_study(tmp_path / "p23", patient_id="P7", study_date="20230605", study_time="083000")
+    p21 = tiny_study(tmp_path / "p21", patient_id="P7", study_date="20210601")
+    priors = [PriorStudy(p23.study_uid, dt.datetime(2023, 6, 5, 8, 30), series_of(p23), "pacs"),
+              PriorStudy(p21.study_uid, dt.datetime(2021, 6, 1, 10, 15), series_of(p21), "node")]
+    cur = series_of(current)
+    inp = HandlerInput(current.study_uid, cur, priors=priors, priors_note="1 prior not retrieved: PACS down")
+    results = PriorsTimeline().run(inp, lambda f, m: None)
+    [sr] = encode_all(results, {s.series_uid: s for s in cur}, context(handler="priors-timeline"))
+    path = save_valid(sr, tmp_path / "out")
+    text = " ".join(str(e.value) for e in pydicom.dcmread(path).iterall() if e.keyword == "TextValue")
+    for needle in ("2023-06-05 08:30, 371 days earlier: 1 series from pacs (4 instances)",
+                   "2021-06-01 10:15, 1105 days earlier: 1 series from node", "Note: 1 prior not retrieved: PACS down"):
+        assert needle in text, text
+    assert pydicom.dcmread(path).StudyInstanceUID == current.study_uid
 
 
 @pytest.fixture

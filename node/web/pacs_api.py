@@ -104,6 +104,12 @@ def queue(body: RetrieveBody, request: Request, p: Principal = Depends(require_a
     return {"ids": ids}
 
 
+@router.get("/provenance/{study_uid}")
+def provenance(study_uid: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
+    """Which retrieves (and so which pull rule, priors job or user) brought this study's instances in."""
+    return {"study_uid": study_uid, "retrieves": request.app.state.node.retrieves.provenance(study_uid)}
+
+
 @router.post("/retrieves/{rid}/{action}")
 def act(rid: int, action: str, request: Request, p: Principal = Depends(require_admin)) -> dict:
     node = request.app.state.node
