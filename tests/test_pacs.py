@@ -151,6 +151,11 @@ def test_cli_echo_query_marks_held_studies_and_queues_retrieves(tmp_path, local)
         assert node.held(other.study_uid) == other.sop_uids
         out = _cli("jobs", "--json", "--config", str(cfg))
         assert json.loads(out.stdout)[0]["status"] == "done"
+        out = _cli("provenance", other.study_uid, "--config", str(cfg))
+        assert out.returncode == 0 and out.stdout.startswith(f"retrieve {rid} by cli ") and \
+            "from pacs (get, done): 4 instance(s)" in out.stdout, out.stdout + out.stderr
+        out = _cli("provenance", st.study_uid, "--config", str(cfg))  # pushed, not retrieved
+        assert "no instance of" in out.stdout and "brought by a retrieve" in out.stdout
         out = _cli("query", "pacs", "--since", "36500d", "--modality", "CT", "--json", "--config", str(cfg))
         assert {m["study_uid"] for m in json.loads(out.stdout)["matches"]} == {st.study_uid, other.study_uid}
         assert _cli("query", "pacs", "--since", "soon", "--config", str(cfg)).returncode == 2
