@@ -177,6 +177,8 @@ def test_cli_echo_query_marks_held_studies_and_queues_retrieves(tmp_path, local)
 
 @pytest.mark.parametrize("method", ["get", "move"])
 def test_retrieve_from_orthanc_is_durable_and_deduplicated(tmp_path, local, method):
+    from node.store.retrieves import retrieved_by
+
     st = tiny_study(tmp_path / "s", series=(("AX", 1.0, 6), ("COR", 3.0, 3)))
     with pacs_orthanc(tmp_path / "pacs") as pacs:
         pacs.upload(st.files)
@@ -200,7 +202,7 @@ def test_retrieve_from_orthanc_is_durable_and_deduplicated(tmp_path, local, meth
         assert [(p["retrieve"], p["requested_by"], p["source"], p["method"], p["instances"]) for p in prov] == \
             [(rid, "test", "pacs", method, 9)]
         assert prov[0]["series"] == {u: len(v) for u, v in st.series.items()}
-        assert all(node.store.brought_by(u) == ["test"] for u in st.series)
+        assert retrieved_by(node.index, list(st.series)) == {"retrieved_by": {u: ["test"] for u in st.series}}
         ax = next(u for u, v in st.series.items() if len(v) == 6)  # only one series
         other = tiny_study(tmp_path / "s3", series=(("AX", 1.0, 2), ("COR", 3.0, 2)))
         pacs.upload(other.files)
@@ -316,6 +318,9 @@ def test_running_node_api_and_cli_retrieve(tmp_path):
         srcs = {"pacs": dimse(pacs.dicom_port), "pacsget": dimse(pacs.dicom_port, retrieve="get")}
         node = NodeProcess(tmp_path / "node", tmp_path / "rules", sources=srcs, store_originals_in_orthanc=False)
         (tmp_path / "rules").mkdir()
+        # A routing rule for what is pulled: its job's history says which retrieve request brought the input.
+        (tmp_path / "rules" / "route.yaml").write_text(
+            "name: pulled\nlevel: study\nmatch: {PatientID: P9}\nhandler: priors-timeline\n")
         pacs.set_node("HILUM", node.dicom_port)
         node.start()
         try:
@@ -340,6 +345,11 @@ def test_running_node_api_and_cli_retrieve(tmp_path):
             prov = node.api("GET", f"/api/pacs/provenance/{b.study_uid}", headers=vh).json()["retrieves"]
             assert [(p["requested_by"].split()[0], p["source"], p["method"], p["instances"]) for p in prov] == \
                 [("cli", "pacsget", "get", 5)]
+            [job] = wait_for(lambda: [j for j in node.api("GET", "/api/jobs").json()["jobs"]
+                                      if j["study_uid"] == b.study_uid and j["status"] == "done"], 60, "b's job")
+            done = next(h for h in job["history"] if h["event"] == "done")
+            assert set(done["provenance"]["retrieved_by"]) == set(b.series)
+            assert all(who[0].startswith("cli ") for who in done["provenance"]["retrieved_by"].values())
             m = node.api("POST", "/api/pacs/sources/pacs/query", json={"patient_id": "P9"}).json()["matches"]
             assert all(x["in_hilum"] for x in m)
             # A pull rule dropped into the rules directory is picked up (hot reload) and shown with its state.

@@ -19,7 +19,7 @@ from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.jobs.worker import JobSpec, worker_main
 from node.store.index import Index
-from node.store.retrieves import priors_of_job
+from node.store.retrieves import priors_of_job, retrieved_by
 from node.store.vault import Vault
 
 log = logging.getLogger("hilum.jobs")
@@ -120,7 +120,8 @@ class LocalProcessExecutor(Executor):
             series={u: self.index.instance_paths(u) for u in uids},
             results_dir=str(self.settings.data_dir / "results"), vault=self.vault.spec(),
             options=json.loads(job["options_json"]),
-            extra=priors_of_job(self.index, job["id"]),  # the rule's priors, when it asked (node/pacs/priors.py)
+            # the rule's priors, when it asked (node/pacs/priors.py); which retrieves brought the input
+            extra=priors_of_job(self.index, job["id"]) | retrieved_by(self.index, uids),
         )
 
     def _run(self, slot: int, job) -> None:

@@ -111,6 +111,8 @@ def run_job(spec: JobSpec, progress) -> tuple[list[dict], dict]:
     fsync_dirs({out_dir})
     progress(1.0, f"{len(meta)} result object(s)" + (f", {len(warnings)} quality warning(s)" if warnings else ""))
     provenance = dict(handler.provenance)
+    if spec.extra.get("retrieved_by"):  # input pulled from a PACS: which rule or user asked (node/pacs)
+        provenance["retrieved_by"] = spec.extra["retrieved_by"]
     if warnings:
         provenance["quality_warnings"] = warnings
     return meta, provenance

@@ -261,12 +261,6 @@ class RetrieveStore:
             e["instances"] += r["n"]
         return list(out.values())
 
-    def brought_by(self, series_uid: str) -> list[str]:
-        """Who asked for the retrieves that brought this series' instances (a job's provenance)."""
-        return [r[0] for r in self._c().execute(
-            "SELECT DISTINCT r.requested_by FROM retrieve_instances ri JOIN instances i ON i.sop_uid=ri.sop_uid "
-            "JOIN retrieves r ON r.id=ri.retrieve_id WHERE i.series_uid=? ORDER BY r.id", (series_uid,))]
-
     def held_studies(self, study_uids: list[str]) -> set[str]:
         if not study_uids:
             return set()
@@ -346,6 +340,24 @@ class RetrieveStore:
         return self._c().execute("SELECT * FROM studies WHERE patient_id=? AND study_uid != ? AND study_date < ? "
                                  "AND study_date >= ? AND instances > 0 ORDER BY study_date DESC",
                                  (patient_id, exclude, before_date, since_date)).fetchall()
+
+
+def retrieved_by(index: Index, series_uids: list[str]) -> dict:
+    """A job's input provenance: {"retrieved_by": {series_uid: [who asked for the retrieves that
+    brought its instances: 'rule:NAME', 'api alice', 'priors:job 12']}} for the series a retrieve
+    brought, or {} (all pushed to the node). Recorded in the job's history by the worker."""
+    c = index.conn()
+    out: dict[str, list[str]] = {}
+    try:
+        for uid in series_uids:
+            who = [r[0] for r in c.execute(
+                "SELECT DISTINCT r.requested_by FROM retrieve_instances ri JOIN instances i ON i.sop_uid=ri.sop_uid "
+                "JOIN retrieves r ON r.id=ri.retrieve_id WHERE i.series_uid=? ORDER BY r.id", (uid,))]
+            if who:
+                out[uid] = who
+    except sqlite3.OperationalError:  # no PACS tables in this index yet: nothing was retrieved
+        return {}
+    return {"retrieved_by": out} if out else {}
 
 
 def priors_of_job(index: Index, job_id: int) -> dict:
