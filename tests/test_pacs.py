@@ -359,6 +359,10 @@ def test_running_node_api_and_cli_retrieve(tmp_path):
                 "pull_rules"] if x["last_run_at"]], 30, "the pull rule's first run")
             assert pr[0]["name"] == "p9" and pr[0]["last_result"]["matches"] == 2 and pr[0]["high_water"]
             assert pr[0]["last_result"]["queued"] == 2  # not yet seen by this rule: queued, the ingest dedupes
+            ex = node.api("GET", "/api/pacs/pull-rules/p9/explain", headers=vh).json()
+            assert ex["queries"] == [{"PatientID": "P9", "StudyDate": f"{pr[0]['high_water']}-"}]
+            assert ex["next_run_from"] == "scheduled by the node" and ex["high_water"] == pr[0]["high_water"]
+            assert node.api("GET", "/api/pacs/pull-rules/nope/explain").status_code == 404
             assert node.api("POST", "/api/pacs/pull-rules/p9/run", headers=vh).status_code == 403
             assert node.api("POST", "/api/pacs/pull-rules/p9/run").status_code == 200
             wait_for(lambda: node.api("GET", "/api/pacs/pull-rules").json()["pull_rules"][0]["last_run_at"]
@@ -885,7 +889,8 @@ def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_pa
 
     from tests.nodeproc import NodeProcess
 
-    st = tiny_study(tmp_path / "big", rows=64, series=(("AX", 1.0, 150),))
+    # 256 px slices: big enough that the C-GET is still under way when progress is first seen (every 0.5 s)
+    st = tiny_study(tmp_path / "big", rows=256, series=(("AX", 1.0, 150),))
     with pacs_orthanc(tmp_path / "pacs") as pacs:
         pacs.upload(st.files)
         (tmp_path / "rules").mkdir()
