@@ -889,8 +889,9 @@ def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_pa
 
     from tests.nodeproc import NodeProcess
 
-    # 256 px slices: big enough that the C-GET is still under way when progress is first seen (every 0.5 s)
-    st = tiny_study(tmp_path / "big", rows=256, series=(("AX", 1.0, 150),))
+    # Enough slices that the C-GET is still under way when its progress is first seen (every 0.5 s)
+    slices = 400
+    st = tiny_study(tmp_path / "big", rows=128, series=(("AX", 1.0, slices),))
     with pacs_orthanc(tmp_path / "pacs") as pacs:
         pacs.upload(st.files)
         (tmp_path / "rules").mkdir()
@@ -905,15 +906,15 @@ def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_pa
                 return r if r["received"] >= 10 or r["status"] == "done" else None
 
             r = wait_for(progress, 60, "the retrieve under way", interval=0.05)
-            assert r["status"] == "retrieving" and r["received"] < 150, "finished before it could be interrupted"
+            assert r["status"] == "retrieving" and r["received"] < slices, "finished before it could be interrupted"
             node.stop(signal.SIGKILL)  # the host dies mid-retrieve
             node.start()
             r = wait_for(lambda: next((x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"]
                                        if x["id"] == rid and x["status"] in ("done", "failed", "partial")), None),
                          90, "the resumed retrieve")
-            assert r["status"] == "done" and r["received"] == 150
+            assert r["status"] == "done" and r["received"] == slices
             assert any(h["event"] == "requeued after restart" for h in r["history"])
-            wait_for(lambda: node.study(st.study_uid).get("instances_received") == 150, 30, "all indexed")
+            wait_for(lambda: node.study(st.study_uid).get("instances_received") == slices, 30, "all indexed")
         finally:
             node.stop()
             node._kill_orthanc()
