@@ -23,7 +23,7 @@ from node.models.versions import ModelRegistry, job_model
 from node.projects.intake import note_prediction
 from node.projects.store import ProjectStore
 from node.store.index import Index
-from node.store.retrieves import priors_of_job
+from node.store.retrieves import priors_of_job, retrieved_by
 from node.store.vault import Vault
 
 log = logging.getLogger("hilum.jobs")
@@ -130,8 +130,10 @@ class LocalProcessExecutor(Executor):
             series={u: self.index.instance_paths(u) for u in uids},
             results_dir=str(self.settings.data_dir / "results"), vault=self.vault.spec(),
             options=options,
-            # the rule's priors, when it asked (node/pacs/priors.py); a model job's resolved version
-            extra={**priors_of_job(self.index, job["id"]), **self._model_extra(job, options)},
+            # the rule's priors, when it asked (node/pacs/priors.py); which retrieves brought the input;
+            # a model job's resolved version
+            extra=(priors_of_job(self.index, job["id"]) | retrieved_by(self.index, uids)
+                   | self._model_extra(job, options)),
         )
 
     def _model_extra(self, job, options: dict) -> dict:

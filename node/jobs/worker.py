@@ -228,6 +228,8 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
     figures = {"seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds, "peak_rss_mb": round(_peak_rss_mb(), 1),
                "start_rss_mb": round(start_rss, 1), "input_volume_mb": round(volume_mb, 1)}
     provenance = dict(handler.provenance)
+    if spec.extra.get("retrieved_by"):  # input pulled from a PACS: which rule or user asked (node/pacs)
+        provenance["retrieved_by"] = spec.extra["retrieved_by"]
     if warnings:
         provenance["quality_warnings"] = warnings
     return meta, provenance, figures

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--status")
     j.add_argument("--limit", type=int, default=50)
     j.add_argument("--json", action="store_true")
+    v = common(sub.add_parser("provenance", help="which retrieves (who or which rule) brought a study's instances in"))
+    v.add_argument("study_uid")
+    v.add_argument("--json", action="store_true")
     for name, text in (("cancel", "cancel a retrieve"), ("retry", "retry a failed, partial or cancelled retrieve")):
         c = common(sub.add_parser(name, help=text))
         c.add_argument("retrieve_id", type=int)
@@ -155,6 +158,21 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def cmd_provenance(args) -> int:
+    rows = _store(_settings(args)).provenance(args.study_uid)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no instance of {args.study_uid} was brought by a retrieve (pushed to the node, or not held)")
+        return 0
+    for p in rows:
+        series = ", ".join(f"{uid} ({n})" for uid, n in p["series"].items())
+        print(f"retrieve {p['retrieve']} by {p['requested_by']} from {p['source']} ({p['method']}, {p['status']}): "
+              f"{p['instances']} instance(s): {series}")
+    return 0
+
+
 def cmd_cancel_retry(args) -> int:
     store = _store(_settings(args))
     fn = store.cancel if args.cmd == "cancel" else store.retry
@@ -169,6 +187,7 @@ def cmd_cancel_retry(args) -> int:
 def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     fn = {"echo": cmd_echo, "query": cmd_query, "retrieve": cmd_retrieve, "jobs": cmd_jobs,
+          "provenance": cmd_provenance,
           "cancel": cmd_cancel_retry, "retry": cmd_cancel_retry}[args.cmd]
     try:
         return fn(args)

@@ -108,6 +108,7 @@ class Retriever:
                 retrieve_audit(self.audit, row, outcome="failed", error=str(exc))
             return status
         self.ingest.writer.flush(30)
+        self.store.attribute(rid)
         held = self.store.held_instances(study, series)
         detail = {"failed_uids": out.failed_uids[:200], "note": out.note} if out.failed_uids or out.note else {}
         self.store.progress(rid, received=held, completed=out.completed, failed=out.failed, warning=out.warning)

@@ -11,7 +11,6 @@ high-water mark (a StudyDate) narrows each poll to what is new.
 """
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import logging
 import threading
@@ -25,7 +24,7 @@ from node.pacs.audit import query_audit
 from node.pacs.model import PacsError, StudyMatch, StudyQuery
 from node.pacs.sources import source_client
 from node.rules.facts import SeriesFacts
-from node.rules.pull import PullRule
+from node.rules.pull import PullRule, read_cohort
 from node.store.retrieves import RetrieveStore
 
 log = logging.getLogger("hilum.pacs")
@@ -60,7 +59,7 @@ class PullScheduler:
             now = time.time()
             nearest = now + RULE_CHECK_S
             for rule in self.rules().pull_rules:
-                state = self.store.ensure_pull_state(rule.name, self._first_run(rule, now))
+                state = self.store.ensure_pull_state(rule.name, first_run(rule, now))
                 if state["next_at"] <= now:
                     self.run(rule)
                     state = self.store.pull_state(rule.name)
@@ -69,12 +68,6 @@ class PullScheduler:
                     return
             self._wake.wait(max(0.05, nearest - time.time()))
             self._wake.clear()
-
-    @staticmethod
-    def _first_run(rule: PullRule, now: float) -> float:
-        sched = rule.spec.schedule
-        t = dt.datetime.fromtimestamp(now)
-        return now if sched.open_now(t) else sched.next_run(t - dt.timedelta(seconds=sched.every)).timestamp()
 
     # -- one run -----------------------------------------------------------------------------
     def run(self, rule: PullRule) -> dict:
@@ -87,11 +80,8 @@ class PullScheduler:
         error, high_water = None, None
         try:
             client = source_client(self.settings, spec.source)
-            date = spec.query.study_date(now)
-            if spec.watch and state is not None and state["high_water"]:
-                date = _narrow(date, state["high_water"])
             matches: dict[str, StudyMatch] = {}
-            for q in self._queries(rule, date):
+            for q in rule_queries(rule, poll_date(rule, now, state), self.settings.rules_dir):
                 try:
                     found, bad = client.find_studies(q)
                 except PacsError as exc:
@@ -113,22 +103,6 @@ class PullScheduler:
         if result["queued"] or result["rechecked"]:
             self.on_queued()
         return result | {"error": error}
-
-    def _queries(self, rule: PullRule, date: str) -> list[StudyQuery]:
-        q = rule.spec.query
-        base = StudyQuery(patient_id=q.PatientID, accession=q.AccessionNumber, modality=q.ModalitiesInStudy,
-                          study_date=date, study_description=q.StudyDescription)
-        if q.csv is None:
-            return [base]
-        path = Path(q.csv.file)
-        path = path if path.is_absolute() else self.settings.rules_dir / path
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if q.csv.column not in (reader.fieldnames or []):
-                raise ValueError(f"pull rule {rule.name}: {path} has no column {q.csv.column!r}")
-            values = list(dict.fromkeys(r[q.csv.column].strip() for r in reader if r[q.csv.column].strip()))
-        key = "patient_id" if q.csv.column == "PatientID" else "accession"
-        return [StudyQuery(**{**base.__dict__, key: v}) for v in values]
 
     def _queue(self, rule: PullRule, client, ordered: list[StudyMatch], result: dict) -> str | None:
         """Queue what is new or still growing; returns the StudyDate of the first study left for a later run."""
@@ -179,6 +153,37 @@ class PullScheduler:
         growing = set(self.store.unstable_dates(rule.name))
         marks += [m.study_date for uid, m in matches.items() if uid in growing and m.study_date]
         return min(marks)
+
+
+def poll_date(rule: PullRule, now: dt.datetime, state) -> str:
+    """The StudyDate constraint of a poll at ``now``: the rule's, narrowed to the persisted high-water
+    mark in watch mode (``state``: the rule's pull_state row, or None before its first run)."""
+    date = rule.spec.query.study_date(now)
+    if rule.spec.watch and state is not None and state["high_water"]:
+        date = _narrow(date, state["high_water"])
+    return date
+
+
+def rule_queries(rule: PullRule, date: str, rules_dir: Path) -> list[StudyQuery]:
+    """The study-level C-FIND / QIDO queries of one poll: one, or one per cohort value."""
+    q = rule.spec.query
+    base = StudyQuery(patient_id=q.PatientID, accession=q.AccessionNumber, modality=q.ModalitiesInStudy,
+                      study_date=date, study_description=q.StudyDescription)
+    if q.csv is None:
+        return [base]
+    try:
+        values = read_cohort(q.csv, rules_dir)
+    except ValueError as exc:  # changed on disk since the rule was loaded
+        raise ValueError(f"pull rule {rule.name}: cohort {exc}") from exc
+    key = "patient_id" if q.csv.column == "PatientID" else "accession"
+    return [StudyQuery(**{**base.__dict__, key: v}) for v in values]
+
+
+def first_run(rule: PullRule, now: float) -> float:
+    """When a rule never run before first runs: now, or its window's next opening."""
+    sched = rule.spec.schedule
+    t = dt.datetime.fromtimestamp(now)
+    return now if sched.open_now(t) else sched.next_run(t - dt.timedelta(seconds=sched.every)).timestamp()
 
 
 def _narrow(date: str, high_water: str) -> str:

@@ -42,6 +42,19 @@ def _index_studies(settings, since_s: float | None = None, study_uid: str | None
     return [StudyFacts(series, uid) for uid, series in grouped.items()]
 
 
+def _explain_pull(rule, settings, as_json: bool) -> int:
+    import datetime as dt
+
+    from node.pacs.explain import explain_pull, render_pull
+    from node.runtime import open_index
+    from node.store.retrieves import RetrieveStore
+
+    state = RetrieveStore(open_index(settings)).pull_state(rule.name)  # None until the node has scheduled it
+    e = explain_pull(rule, settings.rules_dir, state, dt.datetime.now())
+    print(json.dumps(e, indent=1) if as_json else render_pull(e))
+    return 0
+
+
 def cli(argv: list[str]) -> int:
     # The node options go before or after the subcommand (`hilum rules test X --config F`, like
     # every other command): SUPPRESS keeps the one not given from overwriting the one given.
@@ -52,8 +65,10 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="hilum rules", parents=[common])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("test", parents=[common],
-                       help="explain each rule against files/folders or a study in the index")
-    t.add_argument("target", help="a DICOM file or folder, or a StudyInstanceUID known to the node")
+                       help="explain each rule against files/folders or a study in the index, "
+                            "or what a pull rule would query and when it runs next")
+    t.add_argument("target", help="a DICOM file or folder, a StudyInstanceUID known to the node, "
+                                  "or the name of a pull rule")
     t.add_argument("--json", action="store_true")
     s = sub.add_parser("simulate", parents=[common], help="replay a proposed rule set over past studies")
     s.add_argument("--since", type=_duration, default=_duration("30d"))
@@ -69,6 +84,9 @@ def cli(argv: list[str]) -> int:
             print(f"{settings.rules_dir}: {len(active.rules)} rule(s), valid")
             return 0
         if args.cmd == "test":
+            pull = next((r for r in active.rules if r.level == "pull" and r.name == args.target), None)
+            if pull is not None:
+                return _explain_pull(pull, settings, args.json)
             target = Path(args.target)
             if target.exists():
                 read = facts_from_paths([target])

@@ -64,9 +64,10 @@ def files_digest(files: Mapping[str, str]) -> str:
 
 
 def load_rules(files: Mapping[str, str], *, handlers: HandlerLookup, destinations: Iterable[str],
-               sources: Iterable[str] = ()) -> list[Rule]:
+               sources: Iterable[str] = (), base_dir: Path | None = None) -> list[Rule]:
     """All rules of all files, or ``RuleErrors`` listing every problem found. ``sources``: the PACS
-    sources ``kind: pull`` rules may name (node/rules/pull.py)."""
+    sources ``kind: pull`` rules may name (node/rules/pull.py); ``base_dir``: the rules directory the
+    files came from, against which their cohort CSV files are checked."""
     dests = frozenset(destinations)
     srcs = frozenset(sources)
     rules: list[Rule] = []
@@ -77,7 +78,8 @@ def load_rules(files: Mapping[str, str], *, handlers: HandlerLookup, destination
         errors.extend(RuleError(name, p.line, format_path(p.path) or None, p.message) for p in parsed.problems)
         for index, prefix, raw in _entries(parsed, name, errors):
             if raw.get("kind") == "pull":
-                rule, problems = load_pull_rule(raw, name, index, parsed.line_of(prefix), srcs, _pydantic_problems)
+                rule, problems = load_pull_rule(raw, name, index, parsed.line_of(prefix), srcs, _pydantic_problems,
+                                                base_dir)
             else:
                 rule, problems = _load_rule(raw, name, index, parsed.line_of(prefix), handlers, dests, srcs)
             rule_name = raw.get("name") if isinstance(raw.get("name"), str) else None

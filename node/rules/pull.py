@@ -16,9 +16,11 @@ answers, so only the matching series are retrieved. node/pacs/scheduler.py carri
 """
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
@@ -163,15 +165,58 @@ class PullRule:
         return self.file + (f":{self.line}" if self.line else "")
 
 
+def cohort_path(c: CsvList, base_dir: Path) -> Path:
+    p = Path(c.file)
+    return p if p.is_absolute() else base_dir / p
+
+
+def read_cohort(c: CsvList, base_dir: Path) -> list[str]:
+    """The distinct non-empty values of the cohort column; ValueError/OSError saying what is wrong."""
+    path = cohort_path(c, base_dir)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if c.column not in (reader.fieldnames or []):
+            have = ", ".join(reader.fieldnames or []) or "none (empty file)"
+            raise ValueError(f"{path} has no column {c.column!r} (columns: {have})")
+        try:
+            values = list(dict.fromkeys((r.get(c.column) or "").strip() for r in reader))
+        except csv.Error as exc:
+            raise ValueError(f"{path}: not a readable CSV: {exc}") from exc
+    values = [v for v in values if v]
+    if not values:
+        raise ValueError(f"{path}: no {c.column} values under the header")
+    return values
+
+
+def cohort_problem(c: CsvList, base_dir: Path) -> str | None:
+    """Why a cohort CSV cannot be used (missing, unreadable, not UTF-8, no such column, empty), or None."""
+    try:
+        read_cohort(c, base_dir)
+    except FileNotFoundError:
+        return f"cohort file {cohort_path(c, base_dir)} does not exist"
+    except UnicodeDecodeError as exc:
+        return f"cohort file {cohort_path(c, base_dir)} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except OSError as exc:
+        return f"cohort file {cohort_path(c, base_dir)} cannot be read: {exc.strerror or exc}"
+    except ValueError as exc:
+        return f"cohort file {exc}"
+    return None
+
+
 def load_pull_rule(raw: dict, file: str, index: int, line: int | None, sources: frozenset[str],
-                   problems_of) -> tuple[PullRule | None, list[tuple[tuple, str]]]:
-    """Validate one ``kind: pull`` entry; ``problems_of`` turns a ValidationError into (path, message)s."""
+                   problems_of, base_dir: Path | None = None) -> tuple[PullRule | None, list[tuple[tuple, str]]]:
+    """Validate one ``kind: pull`` entry; ``problems_of`` turns a ValidationError into (path, message)s.
+    ``base_dir``: the rules directory, against which a cohort CSV is checked (None: rule text judged
+    on its own, e.g. a proposed version, and the CSV is checked when it is loaded from the directory)."""
     problems: list[tuple[tuple, str]] = []
     spec = None
     try:
         spec = PullSpec.model_validate(raw)
     except ValidationError as exc:
         problems.extend(problems_of(exc, (), PULL_FIELDS))
+    if spec is not None and spec.query.csv is not None and base_dir is not None:
+        if (why := cohort_problem(spec.query.csv, base_dir)) is not None:
+            problems.append((("query", "csv", "file"), why))
     if isinstance(raw.get("source"), str) and raw["source"] not in sources:
         known = ", ".join(sorted(sources)) or "none"
         problems.append((("source",), f"unknown source '{raw['source']}'; configured: {known}"))

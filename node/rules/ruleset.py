@@ -11,6 +11,7 @@ independent):
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from node.rules.explain import Explanation, explain_rules
@@ -37,13 +38,15 @@ class RuleSet:
              destinations: Iterable[str], sources: Iterable[str] = ()) -> "RuleSet":
         """Load every rule file of ``rules_dir``; raises ``RuleErrors`` (never a traceback for an admin)."""
         return cls.from_files(read_rule_files(rules_dir), handlers=handlers, destinations=destinations,
-                              sources=sources)
+                              sources=sources, base_dir=Path(rules_dir))
 
     @classmethod
     def from_files(cls, files: Mapping[str, str], *, handlers: Callable[[str], type],
-                   destinations: Iterable[str], sources: Iterable[str] = ()) -> "RuleSet":
+                   destinations: Iterable[str], sources: Iterable[str] = (), base_dir: Path | None = None
+                   ) -> "RuleSet":
         """Validate rule files given as name -> text (a proposed change, a past version)."""
-        return cls(load_rules(files, handlers=handlers, destinations=destinations, sources=sources), files)
+        return cls(load_rules(files, handlers=handlers, destinations=destinations, sources=sources,
+                              base_dir=base_dir), files)
 
     def __len__(self) -> int:
         return len(self.rules)

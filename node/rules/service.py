@@ -171,7 +171,7 @@ class RulesService:
 
     def _validate(self, files: Mapping[str, str]) -> RuleSet:
         return RuleSet.from_files(files, handlers=self.handlers, destinations=self.destinations,
-                                  sources=self.sources)
+                                  sources=self.sources, base_dir=self.rules_dir)
 
     def _proposed(self, changes: Mapping[str, str | None]) -> dict[str, str]:
         bad = [RuleError(name, None, None, "a rule file name is a plain name ending in .yaml or .yml, "

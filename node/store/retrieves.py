@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS pull_seen (
     retrieves INTEGER NOT NULL DEFAULT 0, first_at REAL NOT NULL, last_at REAL NOT NULL,
     PRIMARY KEY (rule, study_uid)
 );
+CREATE TABLE IF NOT EXISTS retrieve_instances (
+    sop_uid TEXT PRIMARY KEY,                  -- provenance: the retrieve that brought this instance in
+    retrieve_id INTEGER NOT NULL               -- (filled when the retrieve ends, not on the receive path)
+);
+CREATE INDEX IF NOT EXISTS retrieve_instances_rid ON retrieve_instances(retrieve_id);
 CREATE TABLE IF NOT EXISTS prior_waits (
     job_id INTEGER PRIMARY KEY,                -- a job in status 'waiting-for-priors'
     spec_json TEXT NOT NULL,                   -- the rule's priors: (node/rules/priors.py)
@@ -223,6 +228,39 @@ class RetrieveStore:
         return c.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND purged_at IS NULL",
                          (study_uid,)).fetchone()[0]
 
+    def attribute(self, rid: int) -> int:
+        """Record this retrieve as the provenance of the instances of its study (or series) that arrived
+        since it was queued and that no earlier retrieve brought: done once when it ends, so the receive
+        path pays nothing. An instance the node already held is not attributed (the retrieve did not
+        bring it); one pushed by a modality into the same study while the retrieve ran would be."""
+        row = self.get(rid)
+        series = json.loads(row["series_json"]) if row["series_json"] else None
+        q = ("INSERT OR IGNORE INTO retrieve_instances(sop_uid, retrieve_id) SELECT sop_uid, ? FROM instances "
+             "WHERE study_uid=? AND received_at>=?")
+        args: list = [rid, row["study_uid"], row["created_at"]]
+        if series:
+            q += f" AND series_uid IN ({','.join('?' * len(series))})"
+            args += series
+        with self.index.tx(immediate=True):
+            return self._c().execute(q, args).rowcount
+
+    def provenance(self, study_uid: str) -> list[dict]:
+        """Per retrieve that brought instances of this study in: who asked (user, ``rule:NAME``,
+        ``priors:job N``), from which source, how, when, and how many instances of which series."""
+        rows = self._c().execute(
+            "SELECT r.id, r.requested_by, r.source, r.method, r.status, r.finished_at, i.series_uid, COUNT(*) AS n "
+            "FROM retrieve_instances ri JOIN instances i ON i.sop_uid=ri.sop_uid JOIN retrieves r ON r.id=ri.retrieve_id "
+            "WHERE i.study_uid=? AND i.purged_at IS NULL GROUP BY r.id, i.series_uid ORDER BY r.id, i.series_uid",
+            (study_uid,)).fetchall()
+        out: dict[int, dict] = {}
+        for r in rows:
+            e = out.setdefault(r["id"], {"retrieve": r["id"], "requested_by": r["requested_by"], "source": r["source"],
+                                         "method": r["method"], "status": r["status"],
+                                         "finished_at": r["finished_at"], "instances": 0, "series": {}})
+            e["series"][r["series_uid"]] = r["n"]
+            e["instances"] += r["n"]
+        return list(out.values())
+
     def held_studies(self, study_uids: list[str]) -> set[str]:
         if not study_uids:
             return set()
@@ -302,6 +340,24 @@ class RetrieveStore:
         return self._c().execute("SELECT * FROM studies WHERE patient_id=? AND study_uid != ? AND study_date < ? "
                                  "AND study_date >= ? AND instances > 0 ORDER BY study_date DESC",
                                  (patient_id, exclude, before_date, since_date)).fetchall()
+
+
+def retrieved_by(index: Index, series_uids: list[str]) -> dict:
+    """A job's input provenance: {"retrieved_by": {series_uid: [who asked for the retrieves that
+    brought its instances: 'rule:NAME', 'api alice', 'priors:job 12']}} for the series a retrieve
+    brought, or {} (all pushed to the node). Recorded in the job's history by the worker."""
+    c = index.conn()
+    out: dict[str, list[str]] = {}
+    try:
+        for uid in series_uids:
+            who = [r[0] for r in c.execute(
+                "SELECT DISTINCT r.requested_by FROM retrieve_instances ri JOIN instances i ON i.sop_uid=ri.sop_uid "
+                "JOIN retrieves r ON r.id=ri.retrieve_id WHERE i.series_uid=? ORDER BY r.id", (uid,))]
+            if who:
+                out[uid] = who
+    except sqlite3.OperationalError:  # no PACS tables in this index yet: nothing was retrieved
+        return {}
+    return {"retrieved_by": out} if out else {}
 
 
 def priors_of_job(index: Index, job_id: int) -> dict:

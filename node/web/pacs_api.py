@@ -6,6 +6,7 @@ FastAPI runs their DIMSE/HTTP round trips in its thread pool, never on the event
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from node.config_pacs import DimseSource
 from node.pacs.audit import query_audit
+from node.pacs.explain import explain_pull
 from node.pacs.model import PacsError, StudyQuery, date_range, parse_span
 from node.pacs.sources import source_client
 from node.web.auth import Principal, require_admin, require_viewer, who
@@ -104,6 +106,12 @@ def queue(body: RetrieveBody, request: Request, p: Principal = Depends(require_a
     return {"ids": ids}
 
 
+@router.get("/provenance/{study_uid}")
+def provenance(study_uid: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
+    """Which retrieves (and so which pull rule, priors job or user) brought this study's instances in."""
+    return {"study_uid": study_uid, "retrieves": request.app.state.node.retrieves.provenance(study_uid)}
+
+
 @router.post("/retrieves/{rid}/{action}")
 def act(rid: int, action: str, request: Request, p: Principal = Depends(require_admin)) -> dict:
     node = request.app.state.node
@@ -142,6 +150,16 @@ def pull_rules(request: Request, _: Principal = Depends(require_viewer)) -> dict
                     "last_result": json.loads(st["last_result_json"]) if st and st["last_result_json"] else None,
                     "last_error": st["last_error"] if st else None, "high_water": st["high_water"] if st else None})
     return {"pull_rules": out}
+
+
+@router.get("/pull-rules/{name}/explain")
+def explain_pull_rule(name: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
+    """What the rule would ask the source now and when it runs next (as `hilum rules test NAME`)."""
+    node = request.app.state.node
+    rule = next((r for r in node.rules.current().rules if r.level == "pull" and r.name == name), None)
+    if rule is None:
+        raise HTTPException(404, f"no pull rule named {name!r}")
+    return explain_pull(rule, node.settings.rules_dir, node.retrieves.pull_state(name), dt.datetime.now())
 
 
 @router.post("/pull-rules/{name}/run")
