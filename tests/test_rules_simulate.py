@@ -62,8 +62,8 @@ def test_simulation_reports_each_difference(proposed):
         ("new", "1.2.826.0.1.3680043.10.2.3.1", 'overview {"size": 512}', (), ("orthanc",)),
     ])
     assert len(report.new_jobs) == 3 and len(report.lost_jobs) == 2 and len(report.changed_destinations) == 2
-    # unchanged: CT renders, and the US fallback overview
-    assert report.unchanged_jobs == 2
+    # unchanged: CT renders, CT lung nodules (thin slices), and the US fallback overview
+    assert report.unchanged_jobs == 3
     scout_lost = next(c for c in report.lost_jobs if c.series_uid == CT_SCOUT)
     assert scout_lost.old_rules == ("fallback-overview",) and scout_lost.study_uid == CT_STUDY
 
@@ -76,14 +76,15 @@ def test_simulation_replays_persisted_facts(proposed):
 
 def test_same_rules_change_nothing():
     report = simulate(shipped(), shipped(), past_series())
-    assert report.changes == [] and report.unchanged_jobs == 6  # CT: anatomy + renders; scout, MR, CR, US: 1 each
+    # CT: anatomy + renders + lung nodules; scout, MR, CR, US: 1 each
+    assert report.changes == [] and report.unchanged_jobs == 7
 
 
 def test_report_text(proposed):
     text = simulate(shipped(), proposed, past_series()).text()
     lines = text.splitlines()
     assert lines[0] == ("Simulated 4 studies (5 series): 3 new jobs, 2 lost jobs, "
-                        "2 with changed destinations, 2 unchanged")
+                        "2 with changed destinations, 3 unchanged")
     assert f"  - lost  overview on series {CT_SCOUT} (CT, Topogram, 2 instances): was to orthanc  " \
            "[rule fallback-overview]" in lines
     assert f"  ~ dest  ct-anatomy on series {CT_VOLUME} (CT, Thorax 1.0 B31f, 240 instances): orthanc, tps -> orthanc" \

@@ -139,7 +139,7 @@ def _local_run(node: ClusterNode, job_id: int, study, out: Path) -> dict[str, py
                    handler=row["handler"], params=json.loads(row["params_json"]),
                    series={row["series_uid"]: [str(p) for p in study.series_files()]},
                    results_dir=str(out / "results"), vault=VaultSpec(str(out), None))
-    meta, _ = run_job(spec, lambda f, m: None)
+    meta, _, _ = run_job(spec, lambda f, m: None)
     vault = Vault(out, None)
     return {m["sop_instance_uid"]: pydicom.dcmread(BytesIO(vault.read_file(Path(m["path"])))) for m in meta}
 
