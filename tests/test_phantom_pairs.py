@@ -70,4 +70,4 @@ def test_head_pair_marker_is_at_the_same_point_of_the_head_in_both(tmp_path):
         bright = np.argwhere(vol.array > 2500)  # only the marker: bone is 1300 HU, MR tissue <= 900
         assert len(bright) > 10
         centre = vol.geometry.index_to_patient(bright.mean(axis=0)[None])[0]
-        assert np.linalg.norm(centre - where) < 1.5, f"{study.manifest["modality"]}: marker at {centre}, truth {where}"
+        assert np.linalg.norm(centre - where) < 1.5, f"{study.manifest['modality']}: marker at {centre}, truth {where}"
