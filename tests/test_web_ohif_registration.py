@@ -184,3 +184,100 @@ def test_resampled_mr_lands_on_the_ct_in_ohif(registered):
     print(f"marker: CT {off_ct / ct_scale:.2f} mm from truth, MR {off_mr:.1f} px = {off_mr / ct_scale:.2f} mm "
           f"from the CT's ({ct_scale:.2f} px/mm)")
     assert errors == []
+
+
+FUSED = """([ctSeries, mrSeries]) => {
+  // One volume viewport with the CT below and the resampled MR above it (50 % opacity): OHIF's
+  // fusion, as its PET-CT mode sets it up, here for an MR that shares the CT's Frame of Reference.
+  const s = window.services;
+  const sets = s.displaySetService.getActiveDisplaySets();
+  const show = [ctSeries, mrSeries].map(uid => sets.find(d => d.SeriesInstanceUID === uid).displaySetInstanceUID);
+  s.viewportGridService.setLayout({numRows: 1, numCols: 1, findOrCreateViewport: () => ({
+    displaySetInstanceUIDs: show, viewportOptions: {viewportType: 'volume', orientation: 'axial'},
+    displaySetOptions: [{}, {colormap: {name: 'hsv', opacity: 0.5}}]})});
+  return show;
+}"""
+
+FUSED_READY = """() => {
+  const cs = window.cornerstone;
+  if (!cs || !cs.getRenderingEngines().length) return 0;
+  const vp = cs.getRenderingEngines()[0].getViewports().find(v => v.getActors().length === 2);
+  return vp ? 2 : 0;
+}"""
+
+FUSED_LAYER = """async ([marker, windows, layer]) => {
+  // The fused viewport on the marker's plane; only one of its two layers (0: CT, 1: MR) visible,
+  // windowed so that only the marker is bright. Where cornerstone draws the marker on the page.
+  const cs = window.cornerstone;
+  const vp = cs.getRenderingEngines()[0].getViewports().find(v => v.getActors().length === 2);
+  const cam = vp.getCamera();
+  const dz = marker[2] - cam.focalPoint[2];
+  vp.setCamera({focalPoint: [cam.focalPoint[0], cam.focalPoint[1], marker[2]],
+                position: [cam.position[0], cam.position[1], cam.position[2] + dz]});
+  vp.getActors().forEach((a, i) => {
+    vp.setProperties({voiRange: {lower: windows[i][0], upper: windows[i][1]},
+                      colormap: {name: 'Grayscale', opacity: 1}}, a.referencedId);
+    a.actor.setVisibility(i === layer);
+  });
+  vp.render();
+  await new Promise(r => setTimeout(r, 1000));
+  const rect = vp.canvas.getBoundingClientRect();
+  const onPage = w => { const c = vp.worldToCanvas(w); return [rect.left + c[0], rect.top + c[1]]; };
+  return {visible: vp.getActors()[layer].referencedId, marker: onPage(marker),
+          beside: onPage([marker[0] + 10, marker[1], marker[2]]), rect: [rect.left, rect.top, rect.width, rect.height]};
+}"""
+
+
+def bright_spot(img: np.ndarray, shown: dict) -> tuple[np.ndarray, float]:
+    """The centre (page px) of the bright spot near where the marker should be, and px per mm."""
+    px_per_mm = float(np.hypot(*np.subtract(shown["beside"], shown["marker"]))) / 10.0
+    x, y, w, h = shown["rect"]
+    r = 30 * px_per_mm  # the viewport's corner texts are white too: look only near the marker
+    ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    near = ((xs + 0.5 - shown["marker"][0]) ** 2 + (ys + 0.5 - shown["marker"][1]) ** 2 < r * r) \
+        & (xs >= x) & (xs < x + w) & (ys >= y) & (ys < y + h)
+    bright = near & (img.mean(axis=2) > 128)
+    assert bright.sum() > 4 * px_per_mm ** 2, f"no bright marker on screen near {shown['marker']}"
+    return np.array([xs[bright].mean() + 0.5, ys[bright].mean() + 0.5]), px_per_mm
+
+
+def test_resampled_mr_fused_over_the_ct_in_ohif(registered):
+    node, ct, resampled_uid = registered
+    with playwright_api.sync_playwright() as pw:
+        browser = launch(pw)
+        ctx = browser.new_context(viewport=VIEWPORT)
+        ctx.add_init_script(SEEN_BEFORE)
+        page = ctx.new_page()
+        errors = BrowserErrors(page).errors
+        sign_in(page, node.web, "rad")
+        page.goto(f"{node.web}/viewer?StudyInstanceUIDs={ct.study_uid}")
+        page.get_by_text("HEAD 3mm").first.wait_for(timeout=90_000)
+        page.wait_for_function("() => window.cornerstone && window.cornerstone.getRenderingEngines().length > 0"
+                               " && window.cornerstone.getRenderingEngines()[0].getViewports().some("
+                               "v => v.getImageIds && v.getImageIds().length > 1)", timeout=90_000)
+        page.wait_for_function("([a, b]) => [a, b].every(uid => window.services.displaySetService"
+                               ".getActiveDisplaySets().some(d => d.SeriesInstanceUID === uid))",
+                               arg=[ct.series_uid, resampled_uid], timeout=90_000)
+        display_sets = page.evaluate(FUSED, [ct.series_uid, resampled_uid])
+        page.wait_for_function(FUSED_READY, timeout=90_000)
+        page.wait_for_timeout(3000)  # the two volumes stream in
+        screenshot(page, "ohif-registration-fused")
+        layers = []
+        for layer in (0, 1):
+            shown = page.evaluate(FUSED_LAYER, [list(MARKER_MM), [CT_WINDOW, MR_WINDOW], layer])
+            layers.append((shown, screenshot(page, f"ohif-registration-fused-layer{layer}")))
+        browser.close()
+    (ct_shown, ct_img), (mr_shown, mr_img) = layers
+    # Each screenshot shows the layer it should: the CT's volume, then the resampled MR's.
+    assert display_sets[0] in ct_shown.pop("visible") and display_sets[1] in mr_shown.pop("visible")
+    assert ct_shown == mr_shown, "the viewport moved between the two layers"
+    ct_spot, scale = bright_spot(ct_img, ct_shown)
+    mr_spot, _ = bright_spot(mr_img, mr_shown)
+    off_ct = float(np.linalg.norm(ct_spot - ct_shown["marker"]))
+    off_mr = float(np.linalg.norm(mr_spot - ct_spot))
+    assert off_ct <= 1.5 * scale, f"CT marker drawn {off_ct / scale:.2f} mm from its true point"
+    assert off_mr <= MR_CT_ERROR_MM * scale, \
+        f"the fused MR's marker is {off_mr:.1f} screen px ({off_mr / scale:.2f} mm) from the CT's"
+    print(f"fused: CT {off_ct / scale:.2f} mm from truth, MR {off_mr:.1f} px = {off_mr / scale:.2f} mm "
+          f"from the CT's ({scale:.2f} px/mm)")
+    assert errors == []
