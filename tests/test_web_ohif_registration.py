@@ -157,16 +157,8 @@ def test_resampled_mr_lands_on_the_ct_in_ohif(registered):
     for key in ("ct", "mr"):
         s = shown[key]
         assert s["distance"] < 2.0, f"{key}: no slice near the marker (z {MARKER_MM[2]})"
-        px_per_mm = float(np.hypot(*np.subtract(s["beside"], s["marker"]))) / 10.0
+        centre, px_per_mm = bright_spot(img, s)
         x, y, w, h = s["rect"]
-        # The bright spot nearest where the marker should be (the viewport's corner texts are white too).
-        r = 30 * px_per_mm
-        ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]]
-        near = ((xs + 0.5 - s["marker"][0]) ** 2 + (ys + 0.5 - s["marker"][1]) ** 2 < r * r) \
-            & (xs >= x) & (xs < x + w) & (ys >= y) & (ys < y + h)
-        bright = near & (img.mean(axis=2) > 128)
-        assert bright.sum() > 4 * px_per_mm ** 2, f"{key}: no bright marker on screen near {s['marker']}"
-        centre = np.array([xs[bright].mean() + 0.5, ys[bright].mean() + 0.5])
         # Relative to its own viewport: the two viewports are the same size, side by side.
         spots[key] = (centre - (x, y), np.subtract(s["marker"], (x, y)), px_per_mm, (w, h))
     (ct_spot, ct_truth, ct_scale, ct_size), (mr_spot, mr_truth, mr_scale, mr_size) = spots["ct"], spots["mr"]
