@@ -57,3 +57,17 @@ def test_head_ct_and_mr_share_patient_and_study_not_frame(tmp_path):
         assert np.allclose(t[:3, :3] @ lm["fixed_mm"] + t[:3, 3], lm["moving_mm"], atol=1e-3)
     assert_valid_iod(ct.series_files()[0])
     assert_valid_iod(mr.series_files()[0])
+
+
+def test_head_pair_marker_is_at_the_same_point_of_the_head_in_both(tmp_path):
+    marker = (25.5, -19.5, 30.0)
+    ct, mr = generate_head_ct_mr(tmp_path / "head", ct_pixel_mm=3.0, mr_pixel_mm=3.0, marker_mm=marker,
+                                 marker_radius_mm=6.0)
+    truth = json.loads((tmp_path / "head" / REGISTRATION_TRUTH).read_text())["marker"]
+    assert truth["fixed_mm"] == list(marker)
+    for study, where in ((ct, truth["fixed_mm"]), (mr, truth["moving_mm"])):
+        vol = load_series(study.series_files()).volume
+        bright = np.argwhere(vol.array > 2500)  # only the marker: bone is 1300 HU, MR tissue <= 900
+        assert len(bright) > 10
+        centre = vol.geometry.index_to_patient(bright.mean(axis=0)[None])[0]
+        assert np.linalg.norm(centre - where) < 1.5, f"{study.manifest['modality']}: marker at {centre}, truth {where}"

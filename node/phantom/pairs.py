@@ -210,11 +210,23 @@ def _rendered(geom: Geometry, pose: Pose, lut: np.ndarray, factor: int = 3) -> n
 
 
 _HEAD_HU = {0: -1000.0, 1: -60.0, 2: 1300.0, 3: 8.0, 4: 40.0, 5: 28.0, 6: 8.0, 7: 15.0}
+MARKER_HU, MARKER_MR = 3000.0, 3000.0  # far above bone (1300 HU) and the brightest MR tissue
 
 
-def _head_ct(out: Path, study: StudyInfo, series_uid: str, frame_uid: str, geom: Geometry, rng) -> list[str]:
+def _add_marker(values: np.ndarray, geom: Geometry, centre, radius_mm: float, value: float) -> None:
+    """A bright sphere at ``centre`` (this series' patient mm): something both modalities show at
+    one known point, so a viewer's alignment of the two can be judged by eye or by pixel."""
+    kji = np.indices(geom.shape).reshape(3, -1).T
+    inside = np.linalg.norm(geom.index_to_patient(kji) - np.asarray(centre, float), axis=1) <= radius_mm
+    values.reshape(-1)[inside] = value
+
+
+def _head_ct(out: Path, study: StudyInfo, series_uid: str, frame_uid: str, geom: Geometry, rng,
+             marker=None) -> list[str]:
     codes = render_codes(_head_and_neck, geom, Pose())
     hu = _rendered(geom, Pose(), np.array([_HEAD_HU[v] for v in range(len(MR_LABELS))], np.float32))
+    if marker is not None:
+        _add_marker(hu, geom, marker[0], marker[1], MARKER_HU)
     hu += rng.normal(0.0, 4.0, hu.shape).astype(np.float32)
     ds = series_template(study, SeriesInfo(modality="CT", sop_class_uid=CT_IMAGE_STORAGE, series_uid=series_uid,
                                            series_number=2, description="HEAD 3mm", body_part="HEAD",
@@ -244,9 +256,11 @@ def _head_ct(out: Path, study: StudyInfo, series_uid: str, frame_uid: str, geom:
 
 
 def _head_mr(out: Path, study: StudyInfo, series_uid: str, frame_uid: str, geom: Geometry, pose: Pose,
-             rng) -> list[str]:
+             rng, marker=None) -> list[str]:
     codes = render_codes(_head_and_neck, geom, pose)
     clean = _rendered(geom, pose, np.array([s for _, _, s, _ in MR_LABELS], np.float32))
+    if marker is not None:
+        _add_marker(clean, geom, pose.to_patient(np.asarray(marker[0], float)[None])[0], marker[1], MARKER_MR)
     ds = mr_series_template(study, series_uid, frame_uid, geom)
     writer = InstanceWriter(ds, out / "dicom", "explicit")
     names = []
@@ -263,14 +277,19 @@ def _head_mr(out: Path, study: StudyInfo, series_uid: str, frame_uid: str, geom:
 
 def generate_head_ct_mr(out_dir: str | Path, *, seed: int = 0, rotation_deg=(4.0, -3.0, 6.0),
                         shift_mm=(7.0, -9.0, 12.0), landmarks: int = 24, ct_pixel_mm: float = 2.0,
-                        mr_pixel_mm: float = 2.5) -> tuple[PhantomStudy, PhantomStudy]:
+                        mr_pixel_mm: float = 2.5, marker_mm=None,
+                        marker_radius_mm: float = 5.0) -> tuple[PhantomStudy, PhantomStudy]:
     """One study, two series: ``out_dir/ct`` (fixed, identity pose) and ``out_dir/mr`` (the head
-    placed by ``rotation_deg``/``shift_mm``: mr_point = R ct_point + t); truth in ``out_dir/registration.json``."""
+    placed by ``rotation_deg``/``shift_mm``: mr_point = R ct_point + t); truth in ``out_dir/registration.json``.
+    ``marker_mm``: a bright sphere at that point of the head (CT patient mm), shown by both series."""
     seed = int_in("seed", seed, 0, 2**31 - 1)
+    marker = None if marker_mm is None else (vector("marker_mm", marker_mm, 3),
+                                             float_in("marker_radius_mm", marker_radius_mm, 1.0, 30.0))
     pose = Pose.from_degrees(vector("rotation_deg", rotation_deg, 3), vector("shift_mm", shift_mm, 3))
     landmarks = int_in("landmarks", landmarks, 20, 500)
     root = Path(out_dir)
-    identity = ("hilum-phantom", "head-ct-mr", seed, tuple(rotation_deg), tuple(shift_mm), ct_pixel_mm, mr_pixel_mm)
+    identity = ("hilum-phantom", "head-ct-mr", seed, tuple(rotation_deg), tuple(shift_mm), ct_pixel_mm, mr_pixel_mm,
+                *(() if marker is None else (tuple(marker[0]), marker[1])))
     study = StudyInfo(patient_name="PHANTOM^HEAD", patient_id=f"PHANTOM-HEAD-{seed:06d}",
                       study_uid=derived_uid(*identity, "study"), study_date="20240412", study_time="101000",
                       accession=f"PHH{seed % 10**8:08d}", study_id="1", description="CT AND MR HEAD")
@@ -285,8 +304,8 @@ def generate_head_ct_mr(out_dir: str | Path, *, seed: int = 0, rotation_deg=(4.0
     for kind, geom in (("ct", ct_geom), ("mr", mr_geom)):
         out = prepare_out_dir(root / kind)
         series_uid, frame_uid = derived_uid(*identity, kind, "series"), derived_uid(*identity, kind, "frame")
-        names = (_head_ct(out, study, series_uid, frame_uid, geom, rng) if kind == "ct"
-                 else _head_mr(out, study, series_uid, frame_uid, geom, pose, rng))
+        names = (_head_ct(out, study, series_uid, frame_uid, geom, rng, marker) if kind == "ct"
+                 else _head_mr(out, study, series_uid, frame_uid, geom, pose, rng, marker))
         write_json(out / "labels.json", mr_label_table())
         write_json(out / MANIFEST, {
             "generator": "hilum phantom", "modality": kind.upper(), "seed": seed, "options": {},
@@ -308,6 +327,9 @@ def generate_head_ct_mr(out_dir: str | Path, *, seed: int = 0, rotation_deg=(4.0
         "note": "fixed = the CT, moving = the MR: moving_mm = R fixed_mm + t",
         "fixed_to_moving": move.tolist(),
         "rigid_moving_to_fixed": np.linalg.inv(move).tolist(),
+        **({} if marker is None else {"marker": {"fixed_mm": list(marker[0]), "radius_mm": marker[1],
+                                                 "moving_mm": [round(float(v), 4) for v in pose.to_patient(
+                                                     np.asarray(marker[0], float)[None])[0]]}}),
         "landmarks": [{"fixed_mm": [round(float(v), 4) for v in p],
                        "moving_mm": [round(float(v), 4) for v in pose.to_patient(p)]} for p in a],
     })
