@@ -315,7 +315,7 @@ def test_bad_dicomweb_config_names_the_field(tmp_path, dicomweb, text):
 
 def test_one_data_source_only(tmp_path):
     both = _config_error(tmp_path, {"url": URL}, {"dicom_seg": str(tmp_path)})
-    assert "give exactly one data source: phantom, dicom_seg or dicomweb" in both
+    assert "give exactly one data source: phantom, family, dicom_seg or dicomweb" in both
 
 
 def test_a_valid_dicomweb_config_round_trips(tmp_path):
