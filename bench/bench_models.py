@@ -116,7 +116,7 @@ def family_dice(model: str, n: int) -> list[dict]:
         fam = cfg.data.family
         first = fam.seed + 100 * fam.count  # far beyond the training seeds
         groups.append(("phantom family, held-out seeds", [
-            family_case(cache, s, r, k, cfg.labels)
+            family_case(cache, s, r, k, cfg.labels, fam.unpainted)
             for s, r, k in family_seeds(first, n, fam.rows, fam.slices, exclude=fam.exclude)]))
     for spec in cfg.data.held_out:
         groups.append((f"{spec.name} (never trained on)",
