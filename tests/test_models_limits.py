@@ -190,7 +190,7 @@ def test_intensity_profile_outside_the_domain_is_flagged(tmp_path, ct, domain):
 def test_deliver_with_warnings_marks_every_object(tmp_path, fine_ct, domain, monkeypatch):
     deploy(tmp_path / "models", lungs_card(validated_domain=domain))
     monkeypatch.setattr(registry, "DEFAULT_MODELS_DIR", tmp_path / "models")
-    meta, provenance = run_job(_spec(fine_ct, tmp_path, {"on_quality_failure": "deliver_with_warnings"}),
+    meta, provenance, _ = run_job(_spec(fine_ct, tmp_path, {"on_quality_failure": "deliver_with_warnings"}),
                                lambda f, m: None)
     assert any("outside the validated domain: pixel spacing" in w for w in provenance["quality_warnings"])
     vault = Vault(tmp_path / "data", None)
