@@ -137,7 +137,9 @@ def family_dice(model: str, n: int) -> list[dict]:
                 dice[v].append(d)
         out.append({"family": family, "cases": len(cases), "flagged": flagged,
                     "confidence": float(np.mean(conf)),
-                    "dice": {names[v]: float(np.nanmean(d)) for v, d in dice.items()}})
+                    # nan: a label neither the truth nor the model has in any case (the family's liver)
+                    "dice": {names[v]: float(np.nanmean(d)) if not np.isnan(d).all() else float("nan")
+                             for v, d in dice.items()}})
     return out
 
 
