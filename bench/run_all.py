@@ -26,15 +26,18 @@ SUITE = [
     ("encoders", "bench_encoders.py", [], ["--repeat", "1", "--size", "128", "--slices", "40"]),
     ("seg-formats", "bench_seg_formats.py", [], ["--size", "128", "--slices", "40"]),
     ("ct-anatomy", "bench_ct_anatomy.py", [], ["--quick"]),
+    ("lung-nodules", "bench_nodules.py", [], ["--quick"]),
     ("render", "bench_render.py", [], ["--shape", "60", "128", "128", "--size", "128", "--repeat", "1",
                                        "--frames", "3"]),
     ("view3d", "bench_view3d.py", [], None),
     ("security", "bench_security.py", [], ["--instances", "8", "--runs", "1", "--size", "128"]),
     ("models", "bench_models.py", [], ["--repeat", "1", "--size", "128", "--slices", "40"]),
+    ("uncertainty", "bench_uncertainty.py", [], ["--size", "128", "--slices", "40"]),
     ("latency", "bench_latency.py", [], ["--quick"]),
     ("receiver-memory", "bench_receiver_memory.py", [], ["--quick"]),
     ("retrieve", "bench_retrieve.py", ["--runs", "3"], ["--quick"]),
     ("scaleout", "bench_scaleout.py", [], ["--quick"]),
+    ("registration", "bench_registration.py", [], ["--quick", "--no-elastix", "--cases", "rigid"]),
 ]
 
 

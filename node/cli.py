@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rules", help="test and simulate routing rules (see `hilum rules -h`)", add_help=False)
     sub.add_parser("train", help="train a segmentation model from a config file (see `hilum train -h`)",
                    add_help=False)
+    sub.add_parser("model", help="model versions: list, add, promote, shadow, retire (see `hilum model -h`)",
+                   add_help=False)
+    sub.add_parser("project", help="learning-loop projects: create, list, show, accept (see `hilum project -h`)",
+                   add_help=False)
     sub.add_parser("audit", help="verify, search and export the audit trail (see `hilum audit -h`)",
                    add_help=False)
     sub.add_parser("cert", help="development TLS certificates (see `hilum cert -h`)", add_help=False)
@@ -302,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         from node.models.train import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "project":
+        from node.projects.cli import cli as project_cli
+
+        return project_cli(argv[1:])
+    if argv and argv[0] == "model":
+        from node.models.cli import cli as model_cli
+
+        return model_cli(argv[1:])
     if argv and argv[0] == "rules":
         from node.rules.cli import cli as rules_cli
 

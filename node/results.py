@@ -28,10 +28,15 @@ __all__ = [
     "QUALITY_KINDS",
     "Result",
     "SCT",
+    "SeriesRef",
+    "SpatialRegistration",
+    "DeformableRegistration",
+    "ResampledSeries",
 ]
 
 SCT = "SCT"
 _UCUM_SIMPLE = re.compile(r"^[A-Za-z0-9%\[\]{}/.*^\-]+$")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,13 @@ class Segment:
     # Labels of other segments this one also covers: a label map cannot overlap, so an External
     # that contains the organs holds its own label plus theirs (``LabelMap.region``).
     includes: tuple[int, ...] = ()
+    # The finding's Tracking UID when it continues one from an earlier study (a follow-up keeps a
+    # lesion's identity); None: the encoder derives one from the job.
+    tracking_uid: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tracking_uid is not None and not (len(self.tracking_uid) <= 64 and _UID.fullmatch(self.tracking_uid)):
+            raise ValueError(f"Segment.tracking_uid {self.tracking_uid!r} is not a DICOM UID")
         if not isinstance(self.label, int) or not 1 <= self.label <= 255:
             raise ValueError(f"Segment.label must be an int in 1..255, got {self.label!r}")
         if not self.name or len(self.name) > 64:
@@ -191,8 +201,13 @@ class MeasurementGroup:
     measurements: tuple[Measurement, ...]
     segment_label: int | None = None  # references a Segment of a LabelMap in the same result set
     qualitative: tuple[tuple[str, str], ...] = ()  # (template key of concept, template key of value)
+    # Tracking UID continued from an earlier study (a group without a segment, e.g. a resolved
+    # lesion); a group with a segment takes its segment's.
+    tracking_uid: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tracking_uid is not None and not (len(self.tracking_uid) <= 64 and _UID.fullmatch(self.tracking_uid)):
+            raise ValueError(f"MeasurementGroup.tracking_uid {self.tracking_uid!r} is not a DICOM UID")
         if not self.tracking_id or len(self.tracking_id) > 64:
             raise ValueError(f"MeasurementGroup.tracking_id must be 1..64 characters, got {self.tracking_id!r}")
         if not self.measurements and not self.qualitative:
@@ -309,7 +324,8 @@ class ResultSet:
     def __post_init__(self) -> None:
         labels = {s.label for r in self.items if isinstance(r, LabelMap) for s in r.segments}
         for r in self.items:
-            if not isinstance(r, (LabelMap, MeasurementReport, ImageSeries, TextFinding, QualityFlag)):
+            if not isinstance(r, (LabelMap, MeasurementReport, ImageSeries, TextFinding, QualityFlag,
+                                  *REGISTRATION_RESULTS)):
                 raise TypeError(f"handler returned {type(r).__name__}, not a node.results type")
             if isinstance(r, MeasurementReport):
                 for g in r.groups:
@@ -327,3 +343,142 @@ class ResultSet:
     def outputs(self) -> list:
         """What the encoders turn into DICOM (everything but the quality flags)."""
         return [r for r in self.items if not isinstance(r, QualityFlag)]
+
+
+# --- Registration results (issue 18: spatial registration, deformable registration, resampled series) ---
+# Kept as one block so that other additions to this module merge without touching it.
+
+REGISTRATION_METHODS = ("rigid", "affine", "deformable")
+
+
+def _uid_ok(value: str) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and re.fullmatch(r"[0-9]+(\.[0-9]+)*", value) is not None
+
+
+def _check_matrix(matrix: np.ndarray, what: str, rigid: bool) -> None:
+    m = np.asarray(matrix, dtype=float)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise ValueError(f"{what} must be a finite 4x4 matrix")
+    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0], atol=1e-9):
+        raise ValueError(f"{what}: last row must be 0 0 0 1 (a homogeneous transform)")
+    a = m[:3, :3]
+    if abs(np.linalg.det(a)) < 1e-6:
+        raise ValueError(f"{what} is singular")
+    if rigid and (not np.allclose(a @ a.T, np.eye(3), atol=1e-4) or np.linalg.det(a) < 0):
+        raise ValueError(f"{what} is not a rigid transform (rotation and translation only)")
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """A series a registration result points at; it may be a prior outside the job's study, so the
+    result carries what a reference needs instead of leaving the encoder to look it up."""
+
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    instances: tuple[tuple[str, str], ...]  # (SOP Class UID, SOP Instance UID), in geometric order
+
+    def __post_init__(self) -> None:
+        for name in ("series_uid", "study_uid", "frame_of_reference_uid"):
+            if not _uid_ok(getattr(self, name)):
+                raise ValueError(f"SeriesRef.{name} {getattr(self, name)!r} is not a UID")
+        if not self.instances or not all(len(i) == 2 and _uid_ok(i[0]) and _uid_ok(i[1]) for i in self.instances):
+            raise ValueError("SeriesRef.instances must be non-empty (SOP Class UID, SOP Instance UID) pairs")
+        if not self.modality:
+            raise ValueError("SeriesRef.modality is empty")
+
+
+@dataclass(frozen=True, eq=False)
+class SpatialRegistration:
+    """A rigid or affine registration: ``matrix`` maps the moving series' Frame of Reference into
+    the fixed one's (PS3.3 C.20.2: Frame of Reference Transformation Matrix)."""
+
+    fixed: SeriesRef
+    moving: SeriesRef
+    matrix: np.ndarray
+    method: str  # rigid | affine
+    description: str = "Registration"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rigid", "affine"):
+            raise ValueError(f"SpatialRegistration.method {self.method!r} must be rigid or affine "
+                             "(a deformable one is a DeformableRegistration)")
+        _check_matrix(self.matrix, "SpatialRegistration.matrix", self.method == "rigid")
+        if not self.description or len(self.description) > 64:
+            raise ValueError("SpatialRegistration.description must be 1..64 characters")
+
+
+@dataclass(frozen=True, eq=False)
+class DeformableRegistration:
+    """A deformable registration of ``moving`` onto ``fixed`` (PS3.3 C.20.3).
+
+    ``pre_matrix`` (4x4) maps the moving Frame of Reference into the fixed one (the rigid/affine
+    part); ``vectors`` (slices, rows, cols, 3) mm on ``grid`` (a grid in the fixed Frame of
+    Reference) is the deformation: the content at a fixed point g came from ``pre_matrix^-1 (g +
+    v(g))`` in the moving series.
+    """
+
+    fixed: SeriesRef
+    moving: SeriesRef
+    pre_matrix: np.ndarray
+    grid: Geometry
+    vectors: np.ndarray
+    description: str = "Deformable registration"
+
+    def __post_init__(self) -> None:
+        _check_matrix(self.pre_matrix, "DeformableRegistration.pre_matrix", False)
+        v = self.vectors
+        if not isinstance(v, np.ndarray) or v.shape != (*self.grid.shape, 3):
+            raise ValueError(f"DeformableRegistration.vectors must be {(*self.grid.shape, 3)}, "
+                             f"got {getattr(v, 'shape', None)}")
+        if not np.all(np.isfinite(v)):
+            raise ValueError("DeformableRegistration.vectors holds non-finite values")
+        if not self.description or len(self.description) > 64:
+            raise ValueError("DeformableRegistration.description must be 1..64 characters")
+
+
+@dataclass(frozen=True, eq=False)
+class ResampledSeries:
+    """The moving series resampled onto the fixed series' grid: a derived image series in the fixed
+    Frame of Reference, so any viewer can show it side by side with, or fused over, the fixed one.
+
+    ``source_series_uid`` is the fixed series (in the job's study: patient, study and Frame of
+    Reference come from it); ``moving`` is where the pixels came from. ``volume`` holds the values
+    in the moving modality's units (HU for CT), on exactly the fixed grid.
+    """
+
+    source_series_uid: str
+    moving: SeriesRef
+    volume: "Volume"
+    description: str
+    window: tuple[float, float]  # (centre, width) for display
+    method: str  # the registration it comes from: rigid | affine | deformable
+    # Per fixed slice, the indices (into moving.instances) of the moving images it draws on;
+    # empty: every slice names all of them.
+    source_slices: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        from node.volume import Volume
+
+        if not isinstance(self.volume, Volume):
+            raise ValueError("ResampledSeries.volume must be a node.volume.Volume")
+        if self.moving.modality not in ("CT", "MR", "PT", "NM"):
+            raise ValueError(f"ResampledSeries.moving.modality {self.moving.modality!r}: only CT, MR, PT, NM")
+        if not np.all(np.isfinite(self.volume.array)):
+            raise ValueError("ResampledSeries.volume holds non-finite values")
+        if len(self.window) != 2 or not self.window[1] > 0:
+            raise ValueError(f"ResampledSeries.window must be (centre, width > 0), got {self.window!r}")
+        if self.method not in REGISTRATION_METHODS:
+            raise ValueError(f"ResampledSeries.method {self.method!r} is not one of {REGISTRATION_METHODS}")
+        if not self.description or len(self.description) > 64:
+            raise ValueError("ResampledSeries.description must be 1..64 characters")
+        if self.source_slices:
+            n = len(self.moving.instances)
+            if len(self.source_slices) != self.volume.array.shape[0]:
+                raise ValueError("ResampledSeries.source_slices must have one entry per slice of the volume")
+            if any(not s or min(s) < 0 or max(s) >= n for s in self.source_slices):
+                raise ValueError(f"ResampledSeries.source_slices: each entry needs indices in 0..{n - 1}")
+
+
+REGISTRATION_RESULTS = (SpatialRegistration, DeformableRegistration, ResampledSeries)

@@ -24,6 +24,7 @@ from node.models.registry import validate_models
 from node.pacs.priors import PriorsCoordinator
 from node.pacs.retriever import Retriever
 from node.pacs.scheduler import PullScheduler
+from node.models.versions import ModelRegistry, registry_handlers
 from node.jobs.executor import Executor, LocalProcessExecutor
 from node.receive.ingest import Ingest
 from node.receive.scp import StoreSCP
@@ -73,7 +74,8 @@ class Node:
         self.managed: ManagedOrthanc | None = None if settings.external_orthanc else ManagedOrthanc(settings)
         self.archive: ArchiveEndpoint = self.managed.endpoint if self.managed else archive_endpoint(settings)
         self.rules = RulesService(settings.rules_dir, settings.data_dir / "rules-history",
-                                  handlers=get_handler, destinations=settings.destination_names, audit=self.audit,
+                                  handlers=registry_handlers(ModelRegistry.for_data_dir(settings.data_dir)),
+                                  destinations=settings.destination_names, audit=self.audit,
                                   sources=settings.sources)
         self.ingest = Ingest(self.index, self.vault)
         self.scp = StoreSCP(settings, self.ingest, self.audit)

@@ -11,7 +11,7 @@ from tests.test_rules_support import (BASIC_SR, SHIPPED_HANDLERS, US_IMAGE, ct_h
                                       mr_header, other_header)
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
-SHIPPED_NAMES = ("ct-anatomy", "renders", "overview")
+SHIPPED_NAMES = ("ct-anatomy", "renders", "overview", "registration", "lung-nodules")
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,7 @@ def test_ct_chest_goes_to_anatomy_and_renders(rules):
     assert plan(rules, facts(ct_header())) == [
         ("ct-chest-anatomy", "ct-anatomy", ("orthanc", "tps"), "normal"),
         ("ct-chest-renders", "renders", ("orthanc",), "normal"),
+        ("ct-chest-lung-nodules", "lung-nodules", ("orthanc",), "normal"),
     ]
     anatomy = rules.match_series(facts(ct_header()))[0]
     assert (anatomy.stable_after, anatomy.timeout) == (30.0, 600.0)
@@ -35,7 +36,7 @@ def test_ct_chest_goes_to_anatomy_and_renders(rules):
 
 def test_ct_chest_recognised_by_description_alone(rules):
     f = facts(ct_header(BodyPartExamined=None, StudyDescription="CT", SeriesDescription="LUNG 1.0 B70f"))
-    assert [p[0] for p in plan(rules, f)] == ["ct-chest-anatomy", "ct-chest-renders"]
+    assert [p[0] for p in plan(rules, f)] == ["ct-chest-anatomy", "ct-chest-renders", "ct-chest-lung-nodules"]
 
 
 def test_thick_ct_chest_gets_renders_only(rules):
@@ -81,4 +82,12 @@ def test_examples_validate_against_the_real_handlers():
         return get_handler(name) if name in real else SHIPPED_HANDLERS[name]
 
     rules = RuleSet.load(RULES_DIR, handlers=handlers, destinations={"orthanc", "tps"})
-    assert len(rules) == 5
+    assert len(rules) == 8
+
+
+def test_mr_and_ct_in_one_study_are_registered_a_ct_alone_is_not(rules):
+    from node.rules.facts import StudyFacts
+
+    both = StudyFacts([facts(ct_header()), facts(mr_header())])
+    assert [a.rule for a in rules.match_study(both)] == ["mr-to-ct-registration"]
+    assert [a.rule for a in rules.match_study(StudyFacts([facts(ct_header())]))] == []

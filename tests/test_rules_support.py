@@ -135,7 +135,8 @@ TEST_HANDLERS = {
     "test-seg": handler_class("test-seg", SegParams),
     "test-overview": handler_class("test-overview", AnyParams),
 }
-SHIPPED_HANDLERS = {n: handler_class(n, AnyParams) for n in ("ct-anatomy", "renders", "overview")}
+SHIPPED_HANDLERS = {n: handler_class(n, AnyParams)
+                    for n in ("ct-anatomy", "renders", "overview", "registration", "lung-nodules")}
 DESTINATIONS = {"orthanc", "tps", "pacs"}
 
 

@@ -122,6 +122,14 @@ class AuditTrail:
         return self.record("rules-change", v.SECURITY_ALERT, action=v.UPDATE, event_type=v.SOFTWARE_CONFIGURATION,
                            user=author, detail={"message": message, "before": before, "after": after})
 
+    def model_changed(self, by: str, model: str, version: str, *, before: str | None, after: str,
+                      detail: dict | None = None) -> dict:
+        """A model version registered (before None), promoted, put in shadow mode or retired."""
+        return self.record("model-change", v.SECURITY_ALERT, action=v.CREATE if before is None else v.UPDATE,
+                           event_type=v.SOFTWARE_CONFIGURATION, user=by,
+                           detail={"model": model, "version": version, "before": before, "after": after,
+                                   **(detail or {})})
+
     def token_created(self, role: str, label: str | None, by: str) -> dict:
         return self.record("token-created", v.SECURITY_ALERT, action=v.CREATE,
                            event_type=v.USER_SECURITY_ATTRIBUTES_CHANGED, user=by,

@@ -14,6 +14,9 @@ rest), so a worker can run the lanes side by side and hand each object on as soo
     MeasurementReport -> TID 1500 Comprehensive 3D SR (text findings of its series included)
     ImageSeries       -> Secondary Capture (one instance per frame, or one multi-frame instance)
     TextFinding       -> Comprehensive SR, or the measurement report of the same series
+    SpatialRegistration / DeformableRegistration -> (Deformable) Spatial Registration Storage
+    ResampledSeries   -> CT or MR Image series on the fixed grid, referencing the registration
+                         encoded in the same job
 """
 from __future__ import annotations
 
@@ -28,7 +31,10 @@ from node.encoders.rtstruct import encode_rtstruct
 from node.encoders.sc import encode_sc
 from node.encoders.seg import SegReference, encode_seg, seg_reference
 from node.encoders.sr import encode_measurement_sr, encode_text_sr
-from node.results import ImageSeries, LabelMap, MeasurementReport, TextFinding
+from node.encoders.registration import encode_deformable_registration, encode_spatial_registration
+from node.encoders.resampled import encode_resampled
+from node.results import (DeformableRegistration, ImageSeries, LabelMap, MeasurementReport, ResampledSeries,
+                          SpatialRegistration, TextFinding)
 from node.volume import SeriesData
 
 __all__ = ["EncodeContext", "EncodeTask", "OTHER_LANE", "REPORT_LANE", "SEG_LANE", "encode", "encode_all", "encode_iter",
@@ -55,7 +61,8 @@ def series_count(result) -> int:
     if isinstance(result, LabelMap):
         seg = "SEG" in result.encodings
         return int(seg) + int(seg and result.fractions is not None) + int("RTSTRUCT" in result.encodings)
-    if isinstance(result, (MeasurementReport, ImageSeries, TextFinding)):
+    if isinstance(result, (MeasurementReport, ImageSeries, TextFinding, SpatialRegistration,
+                           DeformableRegistration, ResampledSeries)):
         return 1
     raise TypeError(f"cannot encode {type(result).__name__}: not a node.results type")
 
@@ -91,7 +98,17 @@ def encode(
         return encode_sc(result, sources, ctx, series_number=next(numbers))
     if isinstance(result, TextFinding):
         return [encode_text_sr([result], sources, ctx, series_number=next(numbers))]
+    if isinstance(result, (SpatialRegistration, DeformableRegistration)):
+        return [_encode_registration(result, sources, ctx, next(numbers))]
+    if isinstance(result, ResampledSeries):
+        return encode_resampled(result, sources, ctx, series_number=next(numbers), registration=None)
     raise TypeError(f"cannot encode {type(result).__name__}: not a node.results type")
+
+
+def _encode_registration(result, sources, ctx, number: int) -> Dataset:
+    if isinstance(result, SpatialRegistration):
+        return encode_spatial_registration(result, sources, ctx, series_number=number)
+    return encode_deformable_registration(result, sources, ctx, series_number=number)
 
 
 def encode_all(results: list, sources: dict[str, SeriesData], ctx: EncodeContext) -> list[Dataset]:
@@ -146,6 +163,13 @@ def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
     def sc(images: ImageSeries, number: int) -> list[Dataset]:
         return encode_sc(images, sources, ctx, series_number=number)
 
+    def registration(regs: list, resampled: list) -> list[Dataset]:
+        done = [_encode_registration(r, sources, ctx, number) for r, number in regs]
+        for res, number in resampled:
+            done += encode_resampled(res, sources, ctx, series_number=number,
+                                     registration=done[0] if len(regs) == 1 else None)
+        return done
+
     for lm in (r for r in results if isinstance(r, LabelMap)):
         if "SEG" in lm.encodings:
             number = next(numbers)
@@ -165,4 +189,10 @@ def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
         tasks.append(EncodeTask(REPORT_LANE, "SR", partial(text_sr, group, next(numbers))))
     for images in (r for r in results if isinstance(r, ImageSeries)):
         tasks.append(EncodeTask(OTHER_LANE, "SC", partial(sc, images, next(numbers))))
+    # Registrations, then the resampled series that reference them (one registration per job): one
+    # task, since a resampled image cites the registration object's UIDs.
+    regs = [(r, next(numbers)) for r in results if isinstance(r, (SpatialRegistration, DeformableRegistration))]
+    resampled = [(r, next(numbers)) for r in results if isinstance(r, ResampledSeries)]
+    if regs or resampled:
+        tasks.append(EncodeTask(OTHER_LANE, "REG", partial(registration, regs, resampled)))
     return tasks

@@ -76,7 +76,7 @@ def seg_reference(labelmap: LabelMap, sources: dict[str, SeriesData], ctx: Encod
         labelmap=labelmap, source_series_uid=series.series_uid, study_uid=str(series.first.StudyInstanceUID),
         series_instance_uid=ctx.uid(*uid_key, "series"), sop_instance_uid=ctx.uid(*uid_key, "instance", 1),
         segment_numbers={s.label: n for n, s in enumerate(labelmap.segments, start=1)},
-        tracking_uids={s.label: ctx.uid(*uid_key, "segment", s.label) for s in labelmap.segments},
+        tracking_uids={s.label: s.tracking_uid or ctx.uid(*uid_key, "segment", s.label) for s in labelmap.segments},
     )
 
 
@@ -97,7 +97,7 @@ def _segment_descriptions(labelmap: LabelMap, ctx: EncodeContext,
             segmented_property_type=coded(s.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=ctx.uid(*uid_key, "segment", s.label),
+            tracking_uid=s.tracking_uid or ctx.uid(*uid_key, "segment", s.label),
             tracking_id=(s.tg263 or s.name)[:64],
             display_color=hd.color.CIELabColor.from_rgb(*s.color),
         )

@@ -127,7 +127,7 @@ def _group(group: MeasurementGroup, template: SRTemplate, ctx: EncodeContext, ui
                    for concept, value in group.qualitative]
     # A group about a SEG segment shares the segment's tracking UID: one finding, two objects.
     tracking_uid = (seg.tracking_uid(group.segment_label) if seg is not None
-                    else ctx.uid(*uid_key, "group", group.tracking_id))
+                    else group.tracking_uid or ctx.uid(*uid_key, "group", group.tracking_id))
     kwargs = dict(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=group.tracking_id),
         finding_type=coded(finding.type),

@@ -18,6 +18,10 @@ from typing import Callable
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.jobs.worker import JobSpec, worker_main
+from node.models.shadow import record_agreement
+from node.models.versions import ModelRegistry, job_model
+from node.projects.intake import note_prediction
+from node.projects.store import ProjectStore
 from node.store.index import Index
 from node.store.retrieves import priors_of_job
 from node.store.vault import Vault
@@ -67,6 +71,8 @@ class LocalProcessExecutor(Executor):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers: list[_Worker | None] = [None] * settings.workers
+        self.models = ModelRegistry.for_data_dir(settings.data_dir)
+        self.projects = ProjectStore.for_data_dir(settings.data_dir)
 
     def start(self) -> None:
         n = self.index.requeue_running()
@@ -117,14 +123,40 @@ class LocalProcessExecutor(Executor):
         if purged:
             raise PurgedInput(", ".join(f"{n} instance(s) of series {u}" for u, n in purged.items()) +
                               " were deleted from the spool by retention; send the study again to reprocess it")
+        options = json.loads(job["options_json"])
         return JobSpec(
             job_id=job["id"], job_key=job["job_key"], study_uid=job["study_uid"], rule=job["rule"],
             handler=job["handler"], params=json.loads(job["params_json"]),
             series={u: self.index.instance_paths(u) for u in uids},
             results_dir=str(self.settings.data_dir / "results"), vault=self.vault.spec(),
-            options=json.loads(job["options_json"]),
-            extra=priors_of_job(self.index, job["id"]),  # the rule's priors, when it asked (node/pacs/priors.py)
+            options=options,
+            # the rule's priors, when it asked (node/pacs/priors.py); a model job's resolved version
+            extra={**priors_of_job(self.index, job["id"]), **self._model_extra(job, options)},
         )
+
+    def _model_extra(self, job, options: dict) -> dict:
+        """A model job runs the version active now (or its pinned shadow version): resolved here, when a
+        worker takes the job, so a promotion reaches the next job without a restart; the version is
+        recorded in the job's history and a running job keeps the folder it was given."""
+        resolved = job_model(self.models, job["handler"], options)
+        if resolved is None:
+            return {}
+        self.index.note_job(job["id"], {"event": "model", "name": resolved.name, "version": resolved.version,
+                                        "state": resolved.state, "shadow": bool(options.get("shadow_of"))})
+        return {"model_dir": str(resolved.folder), "model_version": resolved.version,
+                "keep_labels": bool(options.get("keep_labels"))}
+
+    def _shadow_agreement(self, job_id: int) -> None:
+        try:
+            record_agreement(self.index, self.settings.data_dir / "results", self.vault.read_file, self.models, job_id)
+        except Exception:  # noqa: BLE001 - the comparison is evidence for people; it never fails the job
+            log.exception("job %d: shadow agreement not recorded", job_id)
+
+    def _project_prediction(self, job, results: list[dict], provenance: dict) -> None:
+        try:
+            note_prediction(self.projects, job, results, provenance)
+        except Exception:  # noqa: BLE001 - bookkeeping of the learning loop never fails the job
+            log.exception("job %d: project prediction not recorded", job["id"])
 
     def _run(self, slot: int, job) -> None:
         job_id = job["id"]
@@ -133,6 +165,9 @@ class LocalProcessExecutor(Executor):
             spec = self._spec(job)
         except PurgedInput as exc:
             self.index.fail_job(job_id, f"refused: {exc}")
+            return
+        except KeyError as exc:  # a model with no runnable version (all retired, or removed)
+            self.index.fail_job(job_id, f"refused: {exc.args[0]}")
             return
         w = self._worker(slot)
         log.info("job %d: %s on %s (rule %s)", job_id, job["handler"], job["series_uid"] or "study",
@@ -182,6 +217,10 @@ class LocalProcessExecutor(Executor):
             elif kind == "done":
                 results, provenance, figures = payload
                 self._finish(job, results, {r["sop_instance_uid"] for r in handed}, provenance, figures)
+                if spec.extra.get("keep_labels"):
+                    self._shadow_agreement(job_id)
+                if spec.extra.get("model_dir"):
+                    self._project_prediction(job, results, provenance)
                 return
 
     def _hand_over(self, job, results: list[dict]) -> None:

@@ -154,6 +154,17 @@ def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
     }
 
 
+def _handler_class(spec: JobSpec):
+    """The handler, or for a model job the exact version folder the executor resolved for it."""
+    if spec.extra.get("model_dir"):
+        from node.models.registry import handler_at
+        from node.models.versions import BUILT_IN
+
+        version = spec.extra.get("model_version")
+        return handler_at(spec.extra["model_dir"], None if version == BUILT_IN else version)
+    return get_handler(spec.handler)
+
+
 def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[dict], dict, dict]:
     """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…,
     the job's figures: seconds per phase, peak memory). ``on_result`` gets the metadata of each
@@ -164,7 +175,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
 
     start_rss = _reset_peak_rss()
     clock = PhaseClock()
-    cls = get_handler(spec.handler)
+    cls = _handler_class(spec)
     handler = cls(spec.params)
     policy = QualityPolicy(spec.options)
     vault = _vault(spec.vault)
@@ -207,6 +218,11 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
             fsync_dirs({out_dir})  # durable: now it may leave the node
         on_result(written[made.index])
     meta = [m for i in sorted(written) for m in written[i]]  # the plan's order, whichever lane finished first
+    if spec.extra.get("keep_labels"):  # a shadow pair: the label map is compared with the other version's
+        from node.models.shadow import save_labels
+
+        save_labels(out_dir, results.outputs, vault.write_file)
+        fsync_dirs({out_dir})
     progress(1.0, f"{len(meta)} result object(s)" + (f", {len(warnings)} quality warning(s)" if warnings else ""))
     volume_mb = sum(s.volume.array.nbytes for s in sources.values() if s.volume is not None) / 2**20
     figures = {"seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds, "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -130,6 +130,11 @@ def _find_segs(archive: _Archive, spec: DicomwebSource) -> list[_SegRef]:
         for ds in archive.search("searching for SEG instances", "search_for_instances", study_instance_uid=study,
                                  search_filters=filters):
             found.add(_SegRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)))
+    if spec.sop_uids:
+        found = {r for r in found if r.sop in set(spec.sop_uids)}
+        missing = sorted(set(spec.sop_uids) - {r.sop for r in found})
+        if missing:
+            raise CardError(f"{FIELD}.sop_uids: SEG instance(s) {missing} are not in the archive at {archive.url}")
     # a stable order: the train/validation split is seeded by position
     return sorted(found, key=lambda r: (r.study, r.series, r.sop))
 

@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict
 from node.handler_api import Handler, HandlerInput, HandlerRefusal, Progress
 from node.models.card import ModelCard
 from node.models.domain import domain_flags, measure_input
-from node.models.inference import load_model, onnx_runner, segment_scored
+from node.models.inference import Confidence, load_model, onnx_runner, segment_scored
 from node.models.plausibility import output_flags
+from node.models.uncertainty import UncertaintyParams, passes_for, segment_with_uncertainty
 from node.results import LabelMap, Measurement, MeasurementGroup, MeasurementReport
 
 __all__ = ["ModelHandler", "SR_TEMPLATE", "VOLUME_MEASUREMENT"]
@@ -30,6 +31,7 @@ class ModelParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     emit: list[Literal["SEG", "RTSTRUCT", "SR"]] | None = None  # narrows the card's emit list
+    uncertainty: UncertaintyParams | None = None  # several passes; the case's score goes into the provenance
 
 
 class ModelHandler(Handler):
@@ -77,11 +79,25 @@ class ModelHandler(Handler):
         emit = self._emit()
         series = inp.series[:card.input.channels]
         model = load_model(self.model_dir, card, self.params.provider)
-        labels, score = segment_scored([s.volume for s in series], card, onnx_runner(model), progress)
+        uncertainty = None
+        if self.params.uncertainty is None:
+            labels, score = segment_scored([s.volume for s in series], card, onnx_runner(model), progress)
+        else:
+            try:
+                passes_for(card, self.params.uncertainty)
+            except ValueError as exc:  # no pass besides the identity
+                raise HandlerRefusal(f"{self.name}: {exc}") from None
+            labels, uncertainty = segment_with_uncertainty([s.volume for s in series], card, onnx_runner(model),
+                                                           self.params.uncertainty, progress)
+            score = Confidence(uncertainty.get("confidence"), {})
+        confidence = score.overall
         providers = [_PROVIDER_SHORT.get(p, p) for p in model.providers]
-        self.provenance = {"model": card.name, "model_version": card.version, "model_sha256": model.sha256,
+        # model_version: the registry's name for this version (node.models.versions), else the card's
+        self.provenance = {"model": card.name, "model_version": self.model_version, "model_sha256": model.sha256,
                            "execution_providers": list(model.providers),
-                           "confidence": None if score.overall is None else round(score.overall, 4)}
+                           "confidence": None if confidence is None else round(confidence, 4)}
+        if uncertainty is not None:
+            self.provenance["uncertainty"] = uncertainty
         counts = np.bincount(labels.ravel(), minlength=256)
         present = [lab for lab in card.labels if counts[lab.value]]
         if not present:
@@ -93,7 +109,7 @@ class ModelHandler(Handler):
             geometry=source.volume.geometry,
             labels=labels,
             segments=tuple(lab.segment() for lab in present),
-            description=f"{card.name} {card.version} {providers[0]}"[:64],
+            description=f"{card.name} {self.model_version} {providers[0]}"[:64],
             encodings=tuple(e for e in emit if e in ("SEG", "RTSTRUCT")),
         )
         voxel_ml = float(np.prod(source.volume.geometry.spacing)) / 1000.0

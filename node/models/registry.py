@@ -16,7 +16,7 @@ from node.models.card import CARD_FILE, CardError, load_card
 from node.models.handler import ModelHandler
 from node.models.inference import load_model
 
-__all__ = ["PREFIX", "DEFAULT_MODELS_DIR", "model_handler", "model_names", "validate_models"]
+__all__ = ["PREFIX", "DEFAULT_MODELS_DIR", "handler_at", "model_handler", "model_names", "validate_models"]
 
 PREFIX = "model:"
 DEFAULT_MODELS_DIR = Path(os.environ.get("HILUM_MODELS_DIR", Path(__file__).resolve().parents[2] / "models"))
@@ -56,21 +56,32 @@ def model_handler(name: str, models_dir: str | Path | None = None) -> type[Handl
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", short) or not card_path.is_file():
         known = ", ".join(model_names(root)) or "none"
         raise KeyError(f"no model named {short!r} in {root} (expected {root / short / CARD_FILE}); known: {known}")
+    return handler_at(folder)
+
+
+def handler_at(folder: str | Path, version: str | None = None) -> type[ModelHandler]:
+    """The handler class of the model in ``folder`` (a shipped ``models/<name>/`` or a registered
+    version's folder, see ``node.models.versions``); ``version`` overrides the card's version as the
+    one every result names (a registered version's own name)."""
+    folder = Path(folder).resolve()
+    card_path = folder / CARD_FILE
     with _lock:
         cached = _classes.get(folder)
         if cached and cached[0] == _stamp(card_path, folder / cached[1].card.model_file):
             return cached[1]
         card = load_card(card_path)
-        if card.name != short:
-            raise CardError(f"{card_path}: name: {card.name!r} differs from its folder name {short!r}")
+        short = card.name
+        if version is None and card.name != folder.name:
+            raise CardError(f"{card_path}: name: {card.name!r} differs from its folder name {folder.name!r}")
         stamp = _stamp(card_path, folder / card.model_file)
+        version = version or card.version
         cls = type(f"ModelHandler_{re.sub(r'[^A-Za-z0-9]', '_', short)}", (ModelHandler,), {
             "name": PREFIX + short,
-            "version": card.version,
+            "version": version,
             "description": card.description.strip().splitlines()[0],
             "modalities": frozenset({card.input.modality}),
             "model_name": card.name,
-            "model_version": card.version,
+            "model_version": version,
             "card": card,
             "model_dir": folder,
             # Checked against sr_templates/model.yaml at start-up (node.runtime.check_sr_templates).

@@ -33,10 +33,12 @@ from node.models.inference import load_model, onnx_runner, prepare_input, resamp
 from node.models.plausibility import plausibility_from_truth
 from node.models.train_config import AugmentSpec, TrainConfig, load_train_config
 from node.models.unet import UNet3D
+from node.models.versions import code_version
 
 __all__ = ["train", "describe", "measure_only", "measured_limitations", "main", "dice_per_label", "export_onnx", "compare_onnx_torch", "build_network"]
 
 Log = Callable[[str], None]
+IGNORE = 255  # label value the loss ignores: pseudo-label voxels the model was not confident about
 
 
 # ---------------------------------------------------------------- data on the network grid
@@ -45,11 +47,16 @@ class GridCase:
     """A case resampled to the network grid, padded to at least the training patch."""
 
     def __init__(self, name: str, image: np.ndarray, label: np.ndarray) -> None:
-        self.name, self.image, self.label = name, image, label
+        self.name, self.image = name, image
+        self.set_label(label)
+
+    def set_label(self, label: np.ndarray) -> None:
+        """The (padded) label and the foreground voxels patches are centred on (``IGNORE`` is none)."""
+        self.label = label
         rng = np.random.default_rng(0)
         self.foreground = {}
         for value in np.unique(self.label):
-            if value:
+            if value and value != IGNORE:
                 idx = np.argwhere(self.label == value)
                 self.foreground[int(value)] = idx[rng.choice(len(idx), min(len(idx), 20000), replace=False)]
 
@@ -161,11 +168,13 @@ def build_network(cfg: TrainConfig) -> UNet3D:
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float, ce_weight: float) -> torch.Tensor:
-    """Cross-entropy + (1 - batch soft Dice over the foreground classes)."""
-    loss = ce_weight * F.cross_entropy(logits, target) if ce_weight else logits.new_zeros(())
+    """Cross-entropy + (1 - batch soft Dice over the foreground classes); ``IGNORE`` voxels count in neither."""
+    valid = target != IGNORE
+    loss = ce_weight * F.cross_entropy(logits, target, ignore_index=IGNORE) if ce_weight else logits.new_zeros(())
     if dice_weight:
-        p = logits.softmax(1)
-        onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3).to(p.dtype)
+        p = logits.softmax(1) * valid[:, None]
+        onehot = F.one_hot(torch.where(valid, target, 0), logits.shape[1]).permute(0, 4, 1, 2, 3).to(p.dtype)
+        onehot = onehot * valid[:, None]
         dims = (0, 2, 3, 4)
         inter = (p * onehot).sum(dims)[1:]
         denom = (p.sum(dims) + onehot.sum(dims))[1:]
@@ -203,6 +212,24 @@ def _validate(model, cases: list[GridCase], cfg: TrainConfig, device) -> dict[in
                 scores[v].append(d)
     model.train()
     return {v: float(np.mean(s)) if s else float("nan") for v, s in scores.items()}
+
+
+def _pseudo_label(model, cases: list[GridCase], cfg: TrainConfig, device) -> float:
+    """Label ``cases`` with the current model: argmax where its probability reaches the configured
+    confidence, ``IGNORE`` elsewhere. Returns the fraction of voxels kept."""
+    model.eval()
+    spec = InferenceSpec(**{**cfg.inference.model_dump(), "tta_flips": []})
+    run = torch_runner(model, device)
+    kept = total = 0
+    for case in cases:
+        probs = sliding_window(case.image, run, spec, len(cfg.labels) + 1)
+        label = probs.argmax(0).astype(np.uint8)
+        confident = probs.max(0) >= cfg.strategy.confidence
+        label[~confident] = IGNORE
+        case.set_label(label)
+        kept, total = kept + int(confident.sum()), total + confident.size
+    model.train()
+    return kept / max(1, total)
 
 
 # ---------------------------------------------------------------- export and check
@@ -337,7 +364,8 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print, st
     training = json.loads((work / "training.json").read_text())
     if training["train_cases"] != [c.name for c in train_cases]:
         raise CardError("data: best.pt was not trained on these cases (training.json train_cases)")
-    extra = {"parameters": n_params, "device": training.pop("device"), "training": training, "onnx_check": check}
+    extra = {"parameters": n_params, "device": training.pop("device"), "training": training, "onnx_check": check,
+             "code_version": code_version(), "strategy": training.pop("strategy")}
     describe(cfg, out_dir, train_cases, val_cases, extra, log)
     (out_dir / "train.yaml").write_text(config_text if config_text is not None else
                                         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -358,12 +386,21 @@ def _fit(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase],
     device = _device(cfg)
     log(f"{len(grid_train)} training, {len(grid_val)} validation cases on a {cfg.input.target_spacing} mm grid; "
         f"device {device}")
+
+    semi = cfg.strategy.kind == "semi-supervised"
+    grid_unlabeled = []
+    if semi:
+        unlabeled = load_cases(cfg.strategy.unlabeled, cfg.labels, work / "unlabeled", log)
+        grid_unlabeled = [GridCase.of(c, cfg) for c in unlabeled]
+        log(f"semi-supervised: {len(grid_unlabeled)} unlabeled cases, pseudo-labels from epoch "
+            f"{cfg.strategy.start_epoch} at confidence {cfg.strategy.confidence}")
+    pseudo_rounds: list[dict] = []
     model = build_network(cfg).to(device)
     opt = _optimizer(cfg, model.parameters())
     total = cfg.epochs * cfg.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
     names = {lab.value: lab.name for lab in cfg.labels}
-    history, best, best_epoch, stale = [], -1.0, 0, 0
+    history, best, best_epoch, stale, stopped_early = [], -1.0, 0, 0, False
     tty = sys.stdout.isatty()
     model.train()
     for epoch in range(1, cfg.epochs + 1):
@@ -372,6 +409,10 @@ def _fit(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase],
             x, y = _batch(grid_train, cfg, rng)
             x, y = augment(x.to(device), y.to(device), cfg.augmentation, rng)
             loss = dice_ce_loss(model(x), y, cfg.loss.dice_weight, cfg.loss.ce_weight)
+            if pseudo_rounds:  # semi-supervised, once the model has labelled the unlabeled cases
+                xu, yu = augment(*(t.to(device) for t in _batch(grid_unlabeled, cfg, rng)), cfg.augmentation, rng)
+                loss = loss + cfg.strategy.weight * dice_ce_loss(model(xu), yu, cfg.loss.dice_weight,
+                                                                 cfg.loss.ce_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -395,15 +436,24 @@ def _fit(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase],
             else:
                 stale += 1
             line += f" val Dice {mean:.3f} (best {best:.3f} @ {best_epoch})"
+        if semi and epoch >= cfg.strategy.start_epoch and \
+                (epoch - cfg.strategy.start_epoch) % cfg.strategy.refresh_every == 0:
+            kept = _pseudo_label(model, grid_unlabeled, cfg, device)
+            pseudo_rounds.append({"epoch": epoch, "cases": len(grid_unlabeled), "kept_fraction": kept})
+            entry["pseudo_label_kept_fraction"] = kept
+            line += f" pseudo-labels kept {kept:.1%}"
         history.append(entry)
         log(("\r" if tty else "") + line + f" {time.time() - te:.1f}s")
         if stale >= cfg.early_stopping.patience:
             log(f"early stop: no validation improvement for {stale} validations")
+            stopped_early = True
             break
 
-    training = {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_mean_dice_network_grid": best,
-                "wall_seconds": round(time.time() - t0, 1), "device": str(device),
-                "train_cases": [c.name for c in grid_train], "history": history}
+    training = {"epochs_run": len(history), "best_epoch": best_epoch, "stopped_early": stopped_early,
+                "best_val_mean_dice_network_grid": best, "wall_seconds": round(time.time() - t0, 1),
+                "device": str(device), "train_cases": [c.name for c in grid_train], "history": history,
+                "strategy": {"kind": cfg.strategy.kind, "pseudo_label_rounds": pseudo_rounds,
+                             "unlabeled_cases": [c.name for c in grid_unlabeled]}}
     (work / "training.json").write_text(json.dumps(training, indent=2) + "\n")
 
 
@@ -563,16 +613,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-only", action="store_true",
                         help="do not train: measure the deployed model again and rewrite its card's validation, "
                              "validated_domain, plausibility and limitations")
+    parser.add_argument("--register", action="store_true",
+                        help="register the trained model as a candidate version in the node's model registry")
+    parser.add_argument("--node-config", dest="node_config", type=Path, help="the node's config (with --register)")
+    parser.add_argument("--data-dir", dest="data_dir", type=Path, help="the node's data directory (with --register)")
     args = parser.parse_args(argv)
+    if args.measure_only and args.register:
+        print("error: --measure-only trains nothing to register", file=sys.stderr)
+        return 2
+    if args.register and args.stage and "deploy" not in args.stage:
+        print("error: --register needs the deploy stage (it registers the deployed model)", file=sys.stderr)
+        return 2
     try:
         cfg = load_train_config(args.config)
         if args.measure_only:
             measure_only(cfg)
-        else:
-            train(cfg, args.config.read_text(), stages=tuple(s for s in STAGES if s in (args.stage or STAGES)))
+            return 0
+        out = train(cfg, args.config.read_text(), stages=tuple(s for s in STAGES if s in (args.stage or STAGES)))
     except CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.register:
+        from node.models.cli import register_trained
+
+        return register_trained(out, args.node_config, args.data_dir)
     return 0
 
 

@@ -158,6 +158,7 @@ class DicomwebSource(_Strict):
     auth: DicomwebAuth | None = None
     study_uids: list[str] = []  # only these studies (default: the whole archive)
     query: dict[str, str] = {}  # more QIDO matching keys for the SEG search, e.g. {PatientID: "PHANTOM*"}
+    sop_uids: list[str] = []  # only these SEG instances (e.g. a project's accepted label versions)
     timeout_s: float = Field(60.0, gt=0, le=3600)
 
     @field_validator("url")
@@ -173,7 +174,7 @@ class DicomwebSource(_Strict):
             raise ValueError("the DICOMweb root takes no query or fragment: put QIDO filters in query")
         return v.rstrip("/")
 
-    @field_validator("study_uids")
+    @field_validator("study_uids", "sop_uids")
     @classmethod
     def _uids(cls, v: list[str]) -> list[str]:
         bad = [u for u in v if len(u) > 64 or not _UID.match(u)]
@@ -283,6 +284,28 @@ class EarlyStopping(_Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+class StrategySpec(_Strict):
+    """``supervised`` (labelled cases only) or ``semi-supervised``: after ``start_epoch`` supervised
+    epochs the model labels the ``unlabeled`` cases itself (pseudo-labels), keeping only voxels whose
+    class probability reaches ``confidence`` (the rest are ignored by the loss), refreshed every
+    ``refresh_every`` epochs; each step then adds ``weight`` × the loss on a pseudo-labelled batch."""
+
+    kind: Literal["supervised", "semi-supervised"] = "supervised"
+    unlabeled: DataSpec | None = None  # semi-supervised: the cases without labels (any truth is ignored)
+    confidence: float = Field(0.9, gt=0.5, lt=1)
+    weight: float = Field(0.5, gt=0, le=10)
+    start_epoch: int = Field(1, ge=1)
+    refresh_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _unlabeled(self) -> "StrategySpec":
+        if self.kind == "semi-supervised" and self.unlabeled is None:
+            raise ValueError("unlabeled: semi-supervised training needs the unlabeled cases (a data source)")
+        if self.kind == "supervised" and self.unlabeled is not None:
+            raise ValueError("unlabeled: only used by kind semi-supervised")
+        return self
+
+
 class TrainConfig(_Strict):
     name: str
     version: str
@@ -307,6 +330,7 @@ class TrainConfig(_Strict):
     steps_per_epoch: int = Field(25, ge=1)
     validate_every: int = Field(1, ge=1)
     early_stopping: EarlyStopping = EarlyStopping()
+    strategy: StrategySpec = StrategySpec()
     inference: InferenceSpec
     emit: list[Literal["SEG", "RTSTRUCT", "SR"]] = ["SEG", "SR"]
     output_dir: Path = Path("models")  # the model lands in output_dir/<name>/

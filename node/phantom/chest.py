@@ -11,6 +11,7 @@ painted exactly and quickly; the order of painting decides what lies on top.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -18,7 +19,8 @@ from node.phantom.canvas import Canvas, Region
 
 # Truth label values (the label volume's voxel values).
 BACKGROUND, TABLE, SOFT_TISSUE, FAT, LUNG_LEFT, LUNG_RIGHT, AIRWAY, HEART_WALL, HEART_BLOOD, AORTA, LIVER, \
-    CORTICAL_BONE, CANCELLOUS_BONE, NODULE_SOLID, NODULE_GGO, MARKER, VEIN, EFFUSION, BOWEL_GAS = range(19)
+    CORTICAL_BONE, CANCELLOUS_BONE, NODULE_SOLID, NODULE_GGO, MARKER, VEIN, EFFUSION, BOWEL_GAS, \
+    PULMONARY_VESSEL = range(20)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ CT_LABELS: tuple[LabelDef, ...] = (
              "chest wall of one pleural space, where that lung would otherwise be (not lung)"),
     LabelDef(BOWEL_GAS, "bowel_gas", -1000, -1000, True, None, "gas in the splenic flexure of the colon, "
              "under the left hemidiaphragm and within 2 mm of the left lung base (not lung)"),
+    LabelDef(PULMONARY_VESSEL, "pulmonary_vessel", 40, 300, True, None, "pulmonary vessel tree inside the lungs, "
+             "drawn only with the vessels option: branching tubes whose branch points look like small blobs"),
 )
 
 CT_GROUPS: dict[str, list[int]] = {
@@ -65,8 +69,11 @@ CT_GROUPS: dict[str, list[int]] = {
     "patient": [d.value for d in CT_LABELS if d.patient],
 }
 
-NODULE_HU = {"solid": 40.0, "ground_glass": -500.0}
-NODULE_LABEL = {"solid": NODULE_SOLID, "ground_glass": NODULE_GGO}
+# A part-solid nodule is a ground-glass ball (its HU and label here) around a solid core
+# (PART_SOLID_CORE times its diameter, NODULE_HU["solid"], label NODULE_SOLID).
+NODULE_HU = {"solid": 40.0, "ground_glass": -500.0, "part_solid": -500.0}
+NODULE_LABEL = {"solid": NODULE_SOLID, "ground_glass": NODULE_GGO, "part_solid": NODULE_GGO}
+PART_SOLID_CORE = 0.5
 CONSOLIDATION_HU = 35.0
 # Undiluted contrast from an arm injection: dense in the arm's veins, less so once blood mixes in the SVC.
 INJECTION_HU = {"arm_veins": 1500.0, "svc": 900.0}
@@ -301,6 +308,7 @@ class ChestAnatomy:
     effusion: str | None = None  # "left" | "right": free pleural fluid in that pleural space
     bowel_gas: bool = False  # gas in the splenic flexure touching the left lung base
     spheres: list[Sphere] = field(default_factory=list)  # nodules and markers, painted last
+    vessel_code: int = 0  # > 0: paint the pulmonary vessel tree (vessel_tree()) with this code
 
 
 _OVER_AIR_OR_FAT = np.zeros(256, bool)
@@ -309,6 +317,37 @@ _OVER_AIR = np.zeros(256, bool)
 _OVER_AIR[BACKGROUND] = True
 _OVER_SOFT = np.zeros(256, bool)  # veins run through soft tissue and fat, never through lung or bone
 _OVER_SOFT[[SOFT_TISSUE, FAT]] = True
+
+
+_IN_LUNG = np.zeros(256, bool)  # vessels run inside the lungs only
+_IN_LUNG[[LUNG_LEFT, LUNG_RIGHT]] = True
+
+
+def _branches(start: np.ndarray, direction: np.ndarray, length: float, radius: float, depth: int,
+              spread: np.ndarray, out: list) -> None:
+    end = start + direction * length
+    out.append((start, end, radius))
+    if depth == 0:
+        return
+    for sign in (-1.0, 1.0):  # two children, turned 35 degrees either way about ``spread``
+        turned = np.cos(0.61) * direction + sign * np.sin(0.61) * spread
+        turned /= np.linalg.norm(turned)
+        _branches(end, turned, 0.75 * length, 0.72 * radius, depth - 1, np.cross(turned, spread), out)
+
+
+@lru_cache(maxsize=1)
+def vessel_tree() -> tuple[tuple[np.ndarray, np.ndarray, float], ...]:
+    """Pulmonary vessels: from each hilum, four trunks (up, down, front, back) branching three times
+    (radius 2.5 mm down to 0.9 mm). Where two branches leave a trunk's end the capsules' union is
+    a bulb: a vessel branch point that a blob detector must not take for a nodule."""
+    out: list = []
+    for hilum, s in (((-50.0, 10.0, 5.0), -1.0), ((52.0, 12.0, 0.0), 1.0)):
+        h = np.array(hilum)
+        for d in ((0.3 * s, 0.0, 1.0), (0.4 * s, 0.1, -1.0), (0.8 * s, -0.6, 0.1), (0.8 * s, 0.6, -0.1)):
+            u = np.array(d) / np.linalg.norm(d)
+            spread = np.cross(u, (0.0, 0.0, 1.0)) if abs(u[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
+            _branches(h, u, 30.0, 2.5, 3, spread / np.linalg.norm(spread), out)
+    return tuple(out)
 
 
 def _expand(inner: Region, outer: Region) -> np.ndarray:
@@ -350,6 +389,9 @@ class ChestPainter:
         self._sternum(z)
         self._spine(z)
         self._ribs(z)
+        if self.anat.vessel_code:
+            for a, b, r in vessel_tree():
+                self.cv.paint(self.anat.vessel_code, self.cv.capsule(a, b, r), over=_IN_LUNG)
         for sp in self.anat.spheres:
             self.cv.paint(sp.code, self.cv.sphere(sp.center, sp.radius))
         return codes

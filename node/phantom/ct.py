@@ -28,6 +28,7 @@ from node.phantom.chest import (
     NODULE_HU,
     VEIN,
     NODULE_LABEL,
+    PULMONARY_VESSEL,
     ChestAnatomy,
     ChestPainter,
     CodeBook,
@@ -50,6 +51,7 @@ from node.phantom.nodules import (
     evolve,
     lung_room,
     place_nodules,
+    place_pleural,
 )
 from node.phantom.study import MANIFEST, PhantomStudy, geometry_json, prepare_out_dir, write_json, write_labels
 from node.uids import derived_uid
@@ -74,6 +76,9 @@ class CTOptions:
     nodule_specs: tuple | None = None  # [{"center_mm": [x, y, z], "diameter_mm": d, "type": "solid"}]
     nodule_diameter_mm: tuple[float, float] = (6.0, 20.0)
     ground_glass_fraction: float = 0.3
+    part_solid_fraction: float = 0.0  # of the random nodules: ground glass around a solid core
+    pleural_nodules: int = 0  # solid nodules touching the pleura (juxtapleural), besides the random ones
+    vessels: bool = False  # a pulmonary vessel tree whose branch points look blob-like
     contrast: bool = False  # iodinated contrast: blood pools ~300 HU
     arms: str = "up"  # "up": beside the head (above the shoulders only); "down": beside the chest
     consolidation: str | None = None  # "left" | "right": dense (~35 HU) dependent lower lung
@@ -109,6 +114,10 @@ class CTOptions:
             raise fail("nodule_diameter_mm", f"(min, max) within {list(DIAMETER_RANGE_MM)} mm", self.nodule_diameter_mm)
         set_("nodule_diameter_mm", (lo, hi))
         set_("ground_glass_fraction", float_in("ground_glass_fraction", self.ground_glass_fraction, 0.0, 1.0))
+        set_("part_solid_fraction", float_in("part_solid_fraction", self.part_solid_fraction, 0.0,
+                                             1.0 - self.ground_glass_fraction))
+        set_("pleural_nodules", int_in("pleural_nodules", self.pleural_nodules, 0, 20))
+        choice("vessels", self.vessels, (True, False))
         choice("contrast", self.contrast, (True, False))
         choice("arms", self.arms, ("up", "down"))
         choice("consolidation", self.consolidation, (None, "left", "right"))
@@ -151,7 +160,13 @@ class CTOptions:
         """What distinguishes the content: every option except how the pixels are encoded."""
         d = self.to_json()
         d.pop("transfer_syntax")
+        for name, default in _LATER_DEFAULTS.items():  # options added later: absent, the same studies as before
+            if d[name] == default:
+                d.pop(name)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_LATER_DEFAULTS = {"part_solid_fraction": 0.0, "pleural_nodules": 0, "vessels": False}
 
 
 def _nodule_spec(i: int, spec) -> dict:
@@ -258,9 +273,15 @@ def _write_study(out: Path, plan: _Plan) -> PhantomStudy:
     opts, geom, pose = plan.opts, plan.geom, plan.pose
     codebook = CodeBook(opts.contrast)
     anatomy = _bare_anatomy(opts, codebook)
+    if opts.vessels:
+        anatomy.vessel_code = codebook.add(PULMONARY_VESSEL, CT_LABELS[PULMONARY_VESSEL].hu_contrast
+                                           if opts.contrast else CT_LABELS[PULMONARY_VESSEL].hu)
     for nod in plan.nodules:
         code = codebook.add(NODULE_LABEL[nod.type], NODULE_HU[nod.type])
         anatomy.spheres.append(Sphere(nod.center, nod.radius, code))
+        if nod.type == "part_solid":
+            core = codebook.add(NODULE_LABEL["solid"], NODULE_HU["solid"])
+            anatomy.spheres.append(Sphere(nod.center, nod.solid_diameter_mm / 2, core))
     for center, radius, hu in opts.markers:
         code = codebook.add(MARKER, hu)
         anatomy.spheres.append(Sphere(tuple(pose.to_anatomy(center)), radius, code))
@@ -393,7 +414,9 @@ def _nodule_json(nod: Nodule, pose: Pose, geom: Geometry, status: str | None) ->
         "hu": NODULE_HU[nod.type],
         "label": NODULE_LABEL[nod.type],
         "volume_mm3": round(nod.volume_mm3, 2),
+        "solid_diameter_mm": round(nod.solid_diameter_mm, 3),
         "side": nod.side,
+        "pleural": nod.pleural,
     }
     if status is not None:
         d["change"] = status
@@ -447,7 +470,8 @@ def _write_truth(out: Path, plan: _Plan, series: dict, table_y: float) -> Phanto
         "geometry": geometry_json(geom),
         "pose": {"matrix": pose.matrix(),
                  "note": "anatomical frame → this study's patient coordinates: p = M a"},
-        "anatomy_nodules": [{"id": n.id, "center": list(n.center), "diameter_mm": n.diameter_mm, "type": n.type}
+        "anatomy_nodules": [{"id": n.id, "center": list(n.center), "diameter_mm": n.diameter_mm, "type": n.type,
+                             "pleural": n.pleural}
                             for n in plan.nodules],
         "markers": [{"center_mm": list(c), "radius_mm": r, "hu": hu} for c, r, hu in opts.markers],
         "findings": findings,
@@ -482,7 +506,11 @@ def generate_ct(out_dir: str | Path, *, seed: int = 0, rows: int = 512, cols: in
         specified = []
     rng = np.random.default_rng([seed, 0])
     nodules = specified + place_nodules(rng, room, opts.nodule_count, opts.nodule_diameter_mm,
-                                        opts.ground_glass_fraction, specified, len(specified) + 1)
+                                        opts.ground_glass_fraction, specified, len(specified) + 1,
+                                        opts.part_solid_fraction)
+    if opts.pleural_nodules:
+        nodules += place_pleural(np.random.default_rng([seed, 4]), room, opts.pleural_nodules,
+                                 opts.nodule_diameter_mm, nodules, len(nodules) + 1)
     identity = ("hilum-phantom", "ct", seed, opts.identity())
     plan = _Plan(
         opts=opts, seed=seed, geom=geom, pose=pose, nodules=nodules,
@@ -492,6 +520,14 @@ def generate_ct(out_dir: str | Path, *, seed: int = 0, rows: int = 512, cols: in
         localizer_uid=derived_uid(*identity, "localizer") if opts.localizer else None,
     )
     return _write_study(out, plan)
+
+
+def _vdt(c, interval_days: int) -> float | None:
+    """Expected volume doubling time (days) of a nodule seen at both times whose volume changed;
+    negative for a shrinking one (its halving time)."""
+    if not (c.baseline and c.followup) or c.followup.volume_mm3 == c.baseline.volume_mm3:
+        return None
+    return round(math.log(2) * interval_days / math.log(c.followup.volume_mm3 / c.baseline.volume_mm3), 2)
 
 
 def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, *, seed: int | None = None,
@@ -534,7 +570,8 @@ def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, 
     pose = base_pose.then(move)
     geom = _geometry(opts)
     room = lung_room(opts.arms, opts.consolidation, _anatomy_z_range(geom, pose), opts.effusion)
-    before = [Nodule(n["id"], tuple(n["center"]), n["diameter_mm"], n["type"]) for n in m["anatomy_nodules"]]
+    before = [Nodule(n["id"], tuple(n["center"]), n["diameter_mm"], n["type"], n.get("pleural", False))
+              for n in m["anatomy_nodules"]]
     changes = evolve(rng, before, room, new_nodules, opts.nodule_diameter_mm, opts.ground_glass_fraction,
                      growth, shrinkage)
 
@@ -558,7 +595,8 @@ def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, 
         "nodules": [
             {"id": c.id, "status": c.status, "baseline": where(c.baseline, base_pose), "followup": where(c.followup, pose),
              "volume_ratio": round(c.followup.volume_mm3 / c.baseline.volume_mm3, 4)
-             if c.baseline and c.followup else None}
+             if c.baseline and c.followup else None,
+             "vdt_days": _vdt(c, interval_days)}
             for c in changes
         ],
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from node.phantom.canvas import Canvas, Region
 from node.phantom.checks import fail, float_in, int_in
@@ -17,6 +18,7 @@ from node.phantom.dicom_io import TRANSFER_SYNTAXES, InstanceWriter, SeriesInfo,
 from node.phantom.grid import Pose, axial_geometry, render_codes
 from node.phantom.study import MANIFEST, PhantomStudy, geometry_json, prepare_out_dir, write_json, write_labels
 from node.uids import derived_uid
+from node.volume import Geometry
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 BACKGROUND, SCALP, SKULL, CSF, GREY_MATTER, WHITE_MATTER, VENTRICLES, EYES = range(8)
@@ -64,6 +66,36 @@ def mr_label_table() -> dict:
     }
 
 
+def mr_series_template(study: StudyInfo, series_uid: str, frame_uid: str, geom: Geometry) -> Dataset:
+    """The T1 spin-echo axial series' constant attributes on ``geom`` (12-bit unsigned pixels)."""
+    ds = series_template(study, SeriesInfo(
+        modality="MR", sop_class_uid=MR_IMAGE_STORAGE, series_uid=series_uid, series_number=3,
+        description="T1 SE AXIAL", body_part="HEAD", frame_of_reference_uid=frame_uid, patient_position="HFS",
+    ))
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+    ds.ScanningSequence = "SE"
+    ds.SequenceVariant = "NONE"
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = "2D"
+    ds.SequenceName = "se2d1"
+    ds.SliceThickness = geom.spacing[2]
+    ds.SpacingBetweenSlices = geom.spacing[2]
+    ds.RepetitionTime = 500
+    ds.EchoTime = 15
+    ds.EchoTrainLength = 1
+    ds.NumberOfAverages = 1
+    ds.ImagingFrequency = 63.87
+    ds.ImagedNucleus = "1H"
+    ds.MagneticFieldStrength = 1.5
+    ds.FlipAngle = 90
+    ds.PixelSpacing = [geom.spacing[1], geom.spacing[0]]
+    ds.ImageOrientationPatient = geom.image_orientation
+    set_pixel_format(ds, geom.shape[1], geom.shape[2], bits_stored=12)
+    ds.WindowCenter = 500
+    ds.WindowWidth = 1000
+    return ds
+
+
 def generate_mr(out_dir: str | Path, *, seed: int = 0, rows: int = 256, cols: int = 256, slices: int = 60,
                 pixel_spacing: float = 0.9375, slice_thickness: float = 2.5, noise: float = 12.0,
                 transfer_syntax: str = "explicit") -> PhantomStudy:
@@ -89,31 +121,7 @@ def generate_mr(out_dir: str | Path, *, seed: int = 0, rows: int = 256, cols: in
                       study_date="20240311", study_time="141500", accession=f"PHMR{seed % 10**8:08d}",
                       study_id="1", description="MR BRAIN")
     frame_uid = derived_uid(*identity, "frame-of-reference")
-    ds = series_template(study, SeriesInfo(
-        modality="MR", sop_class_uid=MR_IMAGE_STORAGE, series_uid=series_uid, series_number=3,
-        description="T1 SE AXIAL", body_part="HEAD", frame_of_reference_uid=frame_uid, patient_position="HFS",
-    ))
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-    ds.ScanningSequence = "SE"
-    ds.SequenceVariant = "NONE"
-    ds.ScanOptions = ""
-    ds.MRAcquisitionType = "2D"
-    ds.SequenceName = "se2d1"
-    ds.SliceThickness = slice_thickness
-    ds.SpacingBetweenSlices = slice_thickness
-    ds.RepetitionTime = 500
-    ds.EchoTime = 15
-    ds.EchoTrainLength = 1
-    ds.NumberOfAverages = 1
-    ds.ImagingFrequency = 63.87
-    ds.ImagedNucleus = "1H"
-    ds.MagneticFieldStrength = 1.5
-    ds.FlipAngle = 90
-    ds.PixelSpacing = [pixel_spacing, pixel_spacing]
-    ds.ImageOrientationPatient = geom.image_orientation
-    set_pixel_format(ds, rows, cols, bits_stored=12)
-    ds.WindowCenter = 500
-    ds.WindowWidth = 1000
+    ds = mr_series_template(study, series_uid, frame_uid, geom)
     writer = InstanceWriter(ds, out / "dicom", transfer_syntax)
     names = []
     for k in range(slices):

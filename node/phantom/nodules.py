@@ -14,9 +14,9 @@ import numpy as np
 from scipy import ndimage
 
 from node.phantom.canvas import Canvas
-from node.phantom.chest import LUNG_LEFT, LUNG_RIGHT, ChestAnatomy, ChestPainter
+from node.phantom.chest import LUNG_LEFT, LUNG_RIGHT, PART_SOLID_CORE, ChestAnatomy, ChestPainter
 
-NODULE_TYPES = ("solid", "ground_glass")
+NODULE_TYPES = ("solid", "ground_glass", "part_solid")
 DIAMETER_RANGE_MM = (3.0, 30.0)
 ROOM_TO_GROW = 1.4  # placed nodules can grow by this diameter factor and stay inside the lung
 _STEP = 3.0  # mm, coarse grid for the room map
@@ -28,7 +28,13 @@ class Nodule:
     id: str
     center: tuple[float, float, float]  # anatomical frame, mm
     diameter_mm: float
-    type: str  # "solid" | "ground_glass"
+    type: str  # "solid" | "ground_glass" | "part_solid"
+    pleural: bool = False  # placed touching the pleura
+
+    @property
+    def solid_diameter_mm(self) -> float:
+        """Diameter of the solid part: all of a solid nodule, the core of a part-solid one."""
+        return {"solid": self.diameter_mm, "part_solid": PART_SOLID_CORE * self.diameter_mm}.get(self.type, 0.0)
 
     @property
     def radius(self) -> float:
@@ -61,6 +67,19 @@ class LungRoom:
         lung = (codes == LUNG_LEFT) | (codes == LUNG_RIGHT)
         lung[0], lung[-1] = False, False  # the scanned range ends here: no room beyond it
         self.dist = ndimage.distance_transform_edt(lung, sampling=_STEP) if lung.any() else np.zeros(lung.shape)
+        self.bare = bare
+
+    def fine_distance(self, center: np.ndarray, half_mm: float, step: float = 0.5):
+        """(distance map, xs, ys, zs) to the nearest non-lung point on a fine grid around ``center``;
+        beyond the scanned range counts as non-lung, as on the coarse grid."""
+        xs, ys, zs = (np.arange(c - half_mm, c + half_mm + 1e-6, step) for c in center)
+        painter = ChestPainter(self.bare, Canvas(xs, ys))
+        codes = np.zeros((len(zs), len(ys), len(xs)), np.uint8)
+        for k, z in enumerate(zs):
+            painter.paint(z, codes[k], False)
+        lung = ((codes == LUNG_LEFT) | (codes == LUNG_RIGHT)) & \
+            ((zs > self.zs[0]) & (zs < self.zs[-1]))[:, None, None]
+        return ndimage.distance_transform_edt(lung, sampling=step), xs, ys, zs
 
     def at(self, point) -> float:
         """Distance at the grid point nearest ``point`` (0 outside the grid)."""
@@ -95,7 +114,8 @@ def _clear_of(point: np.ndarray, radius: float, others: list[Nodule]) -> bool:
 
 
 def place_nodules(rng: np.random.Generator, room: LungRoom, count: int, diameter_range: tuple[float, float],
-                  ground_glass_fraction: float, existing: list[Nodule] = (), first_id: int = 1) -> list[Nodule]:
+                  ground_glass_fraction: float, existing: list[Nodule] = (), first_id: int = 1,
+                  part_solid_fraction: float = 0.0) -> list[Nodule]:
     """``count`` random nodules inside the lungs, clear of each other and of ``existing``."""
     diameters = sorted((float(rng.uniform(*diameter_range)) for _ in range(count)), reverse=True)
     placed: list[Nodule] = []
@@ -109,9 +129,42 @@ def place_nodules(rng: np.random.Generator, room: LungRoom, count: int, diameter
                 f"nodules: no room for a {d:.1f} mm nodule in the scanned lungs (after placing {len(placed)}); "
                 "use fewer or smaller nodules, or scan more of the chest"
             )
-        kind = "ground_glass" if rng.random() < ground_glass_fraction else "solid"
+        u = rng.random()
+        kind = "ground_glass" if u < ground_glass_fraction else \
+            "part_solid" if u < ground_glass_fraction + part_solid_fraction else "solid"
         center = tuple(float(round(v, 2)) for v in chosen + rng.uniform(-1.0, 1.0, 3))
         placed.append(Nodule(f"N{first_id + n}", center, round(d, 2), kind))
+    return placed
+
+
+def place_pleural(rng: np.random.Generator, room: LungRoom, count: int, diameter_range: tuple[float, float],
+                  existing: list[Nodule], first_id: int) -> list[Nodule]:
+    """``count`` solid nodules touching the pleura: each centre one radius (within 0.25 mm, on a
+    0.5 mm grid) from the nearest non-lung point, found on a fine local painting of the anatomy."""
+    placed: list[Nodule] = []
+    for n in range(count):
+        d = float(rng.uniform(*diameter_range))
+        r = d / 2
+        near_wall = (room.dist >= r + _STEP) & (room.dist <= r + 2 * _STEP)
+        k, j, i = np.nonzero(near_wall)
+        pts = np.column_stack([room.xs[i], room.ys[j], room.zs[k]])
+        for idx in rng.permutation(len(pts)):
+            p = pts[idx]
+            if not _clear_of(p, r, [*existing, *placed]):
+                continue
+            dist, xs, ys, zs = room.fine_distance(p, r + 3 * _STEP)
+            kk, jj, ii = np.nonzero(np.abs(dist - r) <= 0.25)
+            if len(kk) == 0:
+                continue
+            cand = np.column_stack([xs[ii], ys[jj], zs[kk]])
+            best = cand[np.argmin(np.linalg.norm(cand - p, axis=1))]
+            if _clear_of(best, r, [*existing, *placed]):
+                placed.append(Nodule(f"N{first_id + n}", tuple(float(round(v, 3)) for v in best), round(d, 2),
+                                     "solid", pleural=True))
+                break
+        else:
+            raise ValueError(f"pleural_nodules: no place against the pleura for a {d:.1f} mm nodule; "
+                             "use fewer or smaller nodules, or scan more of the chest")
     return placed
 
 

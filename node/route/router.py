@@ -21,6 +21,8 @@ from pydicom import Dataset
 
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
+from node.models.shadow import shadow_job_options
+from node.models.versions import ModelRegistry
 from node.rules.facts import SeriesFacts, StudyFacts
 from node.store.index import Index
 
@@ -60,6 +62,7 @@ class Router:
         self.on_jobs = on_jobs
         self.on_deliveries = on_deliveries
         self.on_priors = on_priors  # parks a job whose rule asks for priors (node/pacs/priors.py)
+        self.models = ModelRegistry.for_data_dir(settings.data_dir)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stability-router", daemon=True)
 
@@ -134,19 +137,31 @@ class Router:
                             self.index.add_original_deliveries(study_uid, row["series_uid"], [dest])
             if a.handler is None:
                 continue
-            # One transaction with the hold: a job waiting for priors is never claimed before it waits.
-            with self.index.tx(immediate=True):
-                jid = self.index.add_job(
-                    job_key=job_key(a.rule, study_uid, series_uid, a.handler, gen), study_uid=study_uid,
-                    series_uid=series_uid, level=a.level, rule=a.rule, handler=a.handler, params=dict(a.params),
-                    destinations=list(a.destinations), priority=a.priority, timeout_s=a.timeout, generation=gen,
-                    note=note, options={"on_quality_failure": a.on_quality_failure},
-                )
-                if jid is not None and a.priors and self.on_priors is not None:
-                    self.on_priors(jid, a.priors)
-            if jid is not None:
-                created += 1
-                log.info("job %d: rule %s → %s", jid, a.rule, a.handler, extra={"study_uid": study_uid})
+            key = job_key(a.rule, study_uid, series_uid, a.handler, gen)
+            options = {"on_quality_failure": a.on_quality_failure}
+            # Shadow versions of a model run on the same input, pinned, with nowhere to deliver to.
+            shadows = shadow_job_options(self.models, a.handler, options, key)
+            if shadows:
+                options["keep_labels"] = True
+            # Shadow runs are evidence, not care: they queue behind clinical work (offpeak).
+            jobs = [(key, options, list(a.destinations), note, a.priority)] + [
+                (job_key(f"{a.rule}#shadow:{v}", study_uid, series_uid, a.handler, gen), opts, [],
+                 f"{note}; shadow run of {a.handler} version {v} (results kept on the node, never delivered)",
+                 "offpeak")
+                for v, opts in shadows]
+            for k, opts, dests, why, priority in jobs:
+                # One transaction with the hold: a job waiting for priors is never claimed before it waits.
+                with self.index.tx(immediate=True):
+                    jid = self.index.add_job(
+                        job_key=k, study_uid=study_uid, series_uid=series_uid, level=a.level, rule=a.rule,
+                        handler=a.handler, params=dict(a.params), destinations=dests, priority=priority,
+                        timeout_s=a.timeout, generation=gen, note=why, options=opts,
+                    )
+                    if jid is not None and a.priors and self.on_priors is not None:
+                        self.on_priors(jid, a.priors)
+                if jid is not None:
+                    created += 1
+                    log.info("job %d: rule %s → %s", jid, a.rule, a.handler, extra={"study_uid": study_uid})
         if waiting:
             self.index.recheck_later(study_uid, now + min(waiting), pending)
         else:

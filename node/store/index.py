@@ -466,6 +466,12 @@ class Index:
                 (now, self._history(job_id, event), job_id),
             )
 
+    def note_job(self, job_id: int, event: dict) -> None:
+        """Append an event to a job's history (e.g. the model version a worker resolved for it)."""
+        c = self.conn()
+        with self.tx(immediate=True):
+            c.execute("UPDATE jobs SET history_json=? WHERE id=?", (self._history(job_id, event), job_id))
+
     def fail_job(self, job_id: int, error: str, partial: list[dict] = ()) -> None:
         """``partial``: result objects this run already handed to delivery before it failed; the
         history lists them, so an incomplete set is documented, never silent."""

@@ -15,10 +15,11 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from node.web.auth import session_principal
 
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"
-PAGES = {"": "dashboard.html", "rules": "rules.html", "destinations": "destinations.html", "pacs": "pacs.html"}
+PAGES = {"": "dashboard.html", "rules": "rules.html", "destinations": "destinations.html", "pacs": "pacs.html",
+         "models": "models.html"}
 ASSETS = {"console.css": "text/css", "common.js": "text/javascript", "dashboard.js": "text/javascript",
           "rules.js": "text/javascript", "destinations.js": "text/javascript", "login.js": "text/javascript",
-          "pacs.js": "text/javascript"}
+          "pacs.js": "text/javascript", "models.js": "text/javascript"}
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 router = APIRouter(include_in_schema=False)

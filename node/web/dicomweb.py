@@ -29,7 +29,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
+from node.projects.store import ProjectStore
 from node.web.auth import Principal, current_principal, require_store
+from node.web.projects_api import record_labels, stow_labels
 
 router = APIRouter(tags=["dicomweb"])
 
@@ -180,12 +182,20 @@ async def proxy(path: str, request: Request, p: Principal = Depends(current_prin
     if SAFE_HOST.match(host):
         headers["forwarded"] = f"host={host};proto={request.url.scheme}"
     body = None
+    labels = []
     if request.method == "POST":
         require_store(p)
         limit = node.settings.stow_max_mb * 1024 * 1024
         if int(request.headers.get("content-length") or 0) > limit:
             raise HTTPException(413, f"STOW-RS request larger than {node.settings.stow_max_mb} MB")
         body = _limited(request.stream(), limit)
+        if ProjectStore.for_data_dir(node.settings.data_dir).names():
+            # A SEG for a project case is checked before the archive stores it: read the body whole.
+            try:
+                body = b"".join([chunk async for chunk in body])
+            except TooLarge:
+                raise HTTPException(413, f"STOW-RS request larger than {node.settings.stow_max_mb} MB") from None
+            labels = await stow_labels(request, body, p)
     unwrap = (request.method == "GET" and wants_single_part(headers.get("accept", ""))
               and SINGLE_RESOURCE.search("/" + path) is not None and await plugin_version(request) < FIXED_IN)
     if unwrap:
@@ -198,6 +208,8 @@ async def proxy(path: str, request: Request, p: Principal = Depends(current_prin
         raise HTTPException(413, f"STOW-RS request larger than {node.settings.stow_max_mb} MB") from None
     except httpx.HTTPError as exc:
         raise HTTPException(502, f"archive unreachable: {type(exc).__name__}") from None
+    if labels and resp.status_code == 200:  # every instance stored: the SEGs are the cases' labels now
+        await record_labels(request, labels, p)
     out_headers = {k: v for k, v in resp.headers.items() if k.lower() in FORWARD_RESPONSE}
     out_headers["cache-control"] = "private, no-store"
     boundary = _boundary(resp.headers.get("content-type", ""))

@@ -31,8 +31,14 @@ def pending_rules(row) -> list[dict]:
              "fires_at": row["last_at"] + p["stable_after"]} for p in pending]
 
 
+def model_run(history: list[dict]) -> dict | None:
+    """The model version the job's latest run resolved (``node.models.versions``), if it runs a model."""
+    return next((e for e in reversed(history) if e.get("event") == "model"), None)
+
+
 def job_view(index: Index, job) -> dict:
     history = json.loads(job["history_json"])
+    model = model_run(history)
     deliveries: dict[str, dict[str, str]] = {}
     for d in index.deliveries_of_job(job["id"]):
         deliveries.setdefault(d["sop_uid"], {})[d["destination"]] = d["status"]
@@ -42,6 +48,9 @@ def job_view(index: Index, job) -> dict:
         "progress": job["progress"], "message": job["message"], "attempts": job["attempts"],
         "created_at": job["created_at"], "started_at": job["started_at"], "finished_at": job["finished_at"],
         "history": history, "quality_warnings": quality_warnings(history),
+        "model_version": model["version"] if model else None,
+        # a shadow run: results kept on the node, never delivered (node.models.shadow)
+        "shadow": bool(json.loads(job["options_json"] or "{}").get("shadow_of")),
         "results": [
             {"sop_class_uid": r["sop_class_uid"], "sop_instance_uid": r["sop_uid"],
              "series_instance_uid": r["series_uid"], "modality": r["modality"],

@@ -68,7 +68,8 @@ const Hilum = (() => {
 
   function header(active) {
     const links = [['/console/', 'Dashboard'], ['/console/rules', 'Rules'],
-      ['/console/destinations', 'Destinations'], ['/console/pacs', 'PACS'], ['/', 'Viewer (OHIF)']];
+      ['/console/destinations', 'Destinations'], ['/console/pacs', 'PACS'], ['/console/models', 'Models'],
+      ['/', 'Viewer (OHIF)']];
     const nav = el('nav', {}, links.map(([href, text]) =>
       el('a', {href, class: href === active ? 'active' : null}, text)));
     const logout = el('button', {id: 'logout', onclick: async () => {

@@ -1,0 +1,335 @@
+"""`lung-nodules`: detect, measure and follow up lung nodules on a chest CT, without a trained model.
+
+Within the lungs of ``ct-anatomy`` (``segment_anatomy``, not a segmentation of its own; closed so
+nodules on the pleura stay in) it finds candidates by a multi-scale Hessian blob measure and
+measures each (``node.nodules``): a 3-D segmentation, volume, long/short axis and mean diameter in
+the axial plane of maximal area, 3-D maximum diameter, mean/max HU, type (solid, part-solid with
+its solid-part diameter, ground glass), side and zone, and computed size classes (published
+thresholds, not a diagnosis).
+
+With a prior study (``HandlerInput.priors``) it detects the prior's nodules the same way, registers
+prior to current (``node.registration``: rigid, then B-spline on the lungs), maps the prior nodules
+into the current scan and matches them (``node.nodules.followup``): persistent ones report the
+prior volume, change and volume doubling time; new and resolved ones are named. A nodule keeps its
+Tracking UID across studies: UIDs derive from the series where the nodule was first seen and its
+identifier, so the prior's own report (made by this handler) used the same ones.
+
+Results: one SEG (a segment per nodule), a TID 1500 SR (``sr_templates/lung-nodules.yaml``, with a
+key-slice outline per nodule that OHIF lists) and a key-image Secondary Capture per nodule (prior
+and current side by side at follow-up). Quality flags: no lungs found; more nodules than
+``max_nodules`` (reported: the largest ones; such a count means diffuse disease or a wrong input).
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from handlers.ct_anatomy import CTAnatomy
+from node.anatomy import segment_anatomy
+from node.handler_api import Handler, HandlerInput, PriorStudy, register
+from node.nodules.categories import volume_class
+from node.nodules.detect import Detection, Nodule, detect_nodules
+from node.nodules.followup import Change, change, match
+from node.nodules.keyimage import key_image
+from node.nodules.priorsr import prior_identities
+from node.results import (SCT, Code, ImageSeries, LabelMap, Measurement, MeasurementGroup, MeasurementReport,
+                          QualityFlag, Segment, TextFinding)
+from node.uids import derived_uid
+from node.volume import Geometry, SeriesData, Volume
+
+MORPHOLOGICALLY_ALTERED = Code("49755003", SCT, "Morphologically Altered Structure")
+NODULE = Code("27925004", SCT, "Nodule")
+MAX_SEGMENTS = 255
+
+
+class LungNodulesParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_diameter_mm: float = Field(4.0, ge=2.0, le=30.0, description="smallest mean diameter reported")
+    max_nodules: int = Field(30, ge=1, le=MAX_SEGMENTS - 1,
+                             description="nodules reported at most (the largest); more raise a quality flag")
+    follow_up: bool = Field(True, description="compare with the most recent prior chest CT when the job has one")
+    registration: str = Field("deformable", pattern="^(rigid|deformable)$",
+                              description="prior to current: rigid, or rigid then B-spline on the lungs")
+
+
+def tracking_uid(first_series_uid: str, tracking_id: str) -> str:
+    """A nodule's Tracking UID: fixed by the series it was first seen in and its identifier."""
+    return derived_uid("hilum-lung-nodule", first_series_uid, tracking_id)
+
+
+def _acquired(series: SeriesData) -> dt.datetime | None:
+    ds = series.first
+    for date_tag, time_tag in (("AcquisitionDate", "AcquisitionTime"), ("SeriesDate", "SeriesTime"),
+                               ("StudyDate", "StudyTime")):
+        d = str(ds.get(date_tag, "") or "")
+        if len(d) == 8:
+            t = (str(ds.get(time_tag, "") or "").split(".")[0] + "000000")[:6]
+            try:
+                return dt.datetime.strptime(d + t, "%Y%m%d%H%M%S")
+            except ValueError:
+                continue
+    return None
+
+
+REGISTRATION_MM = 2.0  # registration grid: lungs move as a whole, and a 512x512x300 pair stays small
+
+
+def _coarse(volume: Volume, mask: np.ndarray) -> tuple[Volume, np.ndarray]:
+    """``volume`` block-averaged to about REGISTRATION_MM voxels (and ``mask`` by majority), on a grid
+    in the same patient coordinates, so points mapped on it are points of the original."""
+    spacing = np.asarray(volume.geometry.spacing[::-1], float)  # (k, j, i)
+    f = np.maximum(1, np.round(REGISTRATION_MM / spacing).astype(int))
+    shape = np.asarray(volume.array.shape) // f
+    if (f == 1).all() or (shape < 4).any():
+        return volume, mask
+    crop = tuple(slice(0, int(n * b)) for n, b in zip(shape, f))
+    blocks = (shape[0], f[0], shape[1], f[1], shape[2], f[2])
+    array = volume.array[crop].reshape(blocks).mean(axis=(1, 3, 5), dtype=np.float32)
+    coarse_mask = mask[crop].reshape(blocks).mean(axis=(1, 3, 5)) >= 0.5
+    g = volume.geometry
+    origin = g.index_to_patient((f - 1) / 2.0)  # the first block's centre
+    geometry = Geometry(tuple(int(n) for n in shape), tuple(float(v) for v in origin),
+                        tuple(float(v) for v in (spacing * f)[::-1]), g.direction)
+    return Volume(array, geometry), coarse_mask
+
+
+def _prior_ct(priors: list[PriorStudy]) -> tuple[PriorStudy, SeriesData] | None:
+    """The most recent prior with a CT volume (its largest such series)."""
+    for prior in priors:
+        volumes = [s for s in prior.series if s.modality == "CT" and s.volume is not None]
+        if volumes:
+            return prior, max(volumes, key=lambda s: s.volume.array.size)
+    return None
+
+
+def _measurements(n: Nodule) -> list[Measurement]:
+    out = [
+        Measurement("volume", round(n.volume_mm3, 1), "mm3"),
+        Measurement("mean_diameter", round(n.mean_diameter_mm, 1), "mm"),
+        Measurement("long_axis", round(n.long_axis_mm, 1), "mm"),
+        Measurement("short_axis", round(n.short_axis_mm, 1), "mm"),
+        Measurement("max_diameter_3d", round(n.max_diameter_3d_mm, 1), "mm"),
+        Measurement("hu_mean", round(n.hu_mean, 1), "[hnsf'U]"),
+        Measurement("hu_max", round(n.hu_max, 1), "[hnsf'U]"),
+    ]
+    if n.type == "part_solid":
+        out.append(Measurement("solid_diameter", round(n.solid_diameter_mm, 1), "mm"))
+    return out
+
+
+def _change_measurements(prior: Nodule, c: Change) -> list[Measurement]:
+    out = [
+        Measurement("prior_volume", round(prior.volume_mm3, 1), "mm3"),
+        Measurement("prior_mean_diameter", round(prior.mean_diameter_mm, 1), "mm"),
+        Measurement("volume_change", round(c.volume_change_pct, 1), "%"),
+        Measurement("diameter_change", round(c.diameter_change_mm, 1), "mm"),
+        Measurement("interval", round(c.interval_days, 1), "d"),
+    ]
+    if c.vdt_days is not None:
+        out.append(Measurement("volume_doubling_time", round(c.vdt_days, 0), "d"))
+    return out
+
+
+class _Followup:
+    """The prior's nodules, their identities and their registered positions in the current scan."""
+
+    def __init__(self, prior: PriorStudy, series: SeriesData, detection: Detection, mapped: np.ndarray,
+                 interval_days: float | None, note: str | None, acquired: dt.datetime | None) -> None:
+        self.prior, self.series, self.detection = prior, series, detection
+        self.note = note  # how the registration fell short, when it did
+        self.acquired = acquired
+        self.mapped = mapped
+        self.interval_days = interval_days
+        self.ids, self.uids = _identities(prior, series, detection)
+        self.names = {i.tracking_id for i in prior_identities(prior.series, series)} | set(self.ids)
+
+
+def _identities(prior: PriorStudy, series: SeriesData, detection: Detection) -> tuple[list[str], list[str]]:
+    """Tracking id and UID of each prior nodule: from the prior's own lung-nodules report where it
+    has one (the nodule whose outline lies on it), else derived as the prior's first report did."""
+    known = [i for i in prior_identities(prior.series, series) if i.center_mm is not None]
+    ids, uids = [], []
+    used: set[str] = set()
+    number = 1 + max((int(i.tracking_id.split()[-1]) for i in known if i.tracking_id.split()[-1].isdigit()),
+                     default=0)
+    for n in detection.nodules:
+        near = sorted((float(np.linalg.norm(i.center_mm - n.center_mm)), i.tracking_id, i) for i in known
+                      if i.tracking_id not in used)
+        if near and near[0][0] <= max(3.0, n.mean_diameter_mm / 2 + 2.0):
+            identity = near[0][2]
+            used.add(identity.tracking_id)
+            ids.append(identity.tracking_id)
+            uids.append(identity.tracking_uid)
+            continue
+        name = f"Nodule {number if known else len(ids) + 1}"
+        number += 1
+        ids.append(name)
+        uids.append(tracking_uid(series.series_uid, name))
+    return ids, uids
+
+
+@register
+class LungNodules(Handler):
+    name = "lung-nodules"
+    version = "1.0.0"
+    description = ("Lung nodules: detection in the ct-anatomy lungs, volume, diameters, HU, type, size class; "
+                   "follow-up with a prior (matching, volume change, doubling time)")
+    modalities = frozenset({"CT"})
+    needs_volume = True
+    Params = LungNodulesParams
+    sr_template = "lung-nodules"
+    reports_findings = frozenset({"nodule_left", "nodule_right"})
+    reports_measurements = frozenset({
+        "volume", "mean_diameter", "long_axis", "short_axis", "max_diameter_3d", "hu_mean", "hu_max",
+        "solid_diameter", "prior_volume", "prior_mean_diameter", "volume_change", "diameter_change", "interval",
+        "volume_doubling_time"})
+
+    def check(self, inp: HandlerInput) -> None:
+        CTAnatomy().check(inp)  # the same refusals: a localizer, too few slices, not axial, not HU
+
+    def _detect(self, series: SeriesData) -> Detection:
+        p: LungNodulesParams = self.params
+        anatomy = segment_anatomy(series.volume, airway=True, bone=False)
+        return detect_nodules(series.volume, anatomy.labels, min_diameter_mm=p.min_diameter_mm,
+                              max_candidates=10 * p.max_nodules + 50)
+
+    def _followup(self, inp: HandlerInput, current: Detection, progress, flags: list) -> _Followup | None:
+        from node.registration import RegistrationRefusal, register as register_images  # SimpleITK: when needed
+
+        found = _prior_ct(inp.priors)
+        if found is None:
+            return None
+        prior, series = found
+        progress(0.45, "detecting in the prior")
+        detection = self._detect(series)
+        progress(0.6, "registering prior to current")
+        (fixed, fixed_mask), (moving, moving_mask) = (_coarse(inp.primary.volume, current.region.both),
+                                                      _coarse(series.volume, detection.region.both))
+        masks = dict(fixed_mask=fixed_mask, moving_mask=moving_mask)
+        note = None
+        try:
+            outcome = register_images(fixed, moving, method=self.params.registration, **masks)
+        except RegistrationRefusal as exc:
+            if self.params.registration == "rigid":
+                outcome = None
+            else:  # the lungs still move rigidly with the patient: a rigid mapping, said so in the report
+                note = f"deformable registration failed ({exc}); the prior was registered rigidly"
+                try:
+                    outcome = register_images(fixed, moving, method="rigid", **masks)
+                except RegistrationRefusal:
+                    outcome = None
+            if outcome is None:
+                # Nodules without a trustworthy mapping would be matched wrongly: report the current
+                # study alone and say why the comparison is missing.
+                flags.append(QualityFlag("followup_registration_failed",
+                                         f"prior study {prior.study_uid} could not be registered: {exc}"))
+                return None
+        centres = np.array([n.center_mm for n in detection.nodules]).reshape(-1, 3)
+        mapped = outcome.moving_to_fixed(centres) if len(centres) else centres
+        now, then = _acquired(inp.primary), prior.acquired or _acquired(series)
+        interval = (now - then).total_seconds() / 86400 if now and then else None
+        return _Followup(prior, series, detection, mapped, interval, note, then)
+
+    def run(self, inp: HandlerInput, progress) -> list:
+        p: LungNodulesParams = self.params
+        series = inp.primary
+        progress(0.05, "segmenting the lungs")
+        detection = self._detect(series)
+        flags: list[QualityFlag] = []
+        if not detection.region.aerated.any():
+            return [TextFinding("No lungs found: no nodule analysis", series.series_uid),
+                    QualityFlag("no_lungs", f"ct-anatomy found no lung in series {series.series_uid}",
+                                structure="lungs")]
+        nodules = detection.nodules
+        if len(nodules) > p.max_nodules:
+            flags.append(QualityFlag("too_many_nodules", f"{len(nodules)} nodules found, more than max_nodules "
+                                     f"{p.max_nodules}; the {p.max_nodules} largest are reported"))
+            nodules = nodules[:p.max_nodules]
+        fu = self._followup(inp, detection, progress, flags) if p.follow_up and inp.priors else None
+        progress(0.85, "matching and encoding")
+        return self._results(series, nodules, fu, flags)
+
+    def _results(self, series: SeriesData, nodules: list[Nodule], fu: _Followup | None,
+                 flags: list[QualityFlag]) -> list:
+        geom = series.volume.geometry
+        pairs = {}
+        if fu is not None:
+            diam = lambda ns: np.array([n.mean_diameter_mm for n in ns])  # noqa: E731
+            cur = np.array([n.center_mm for n in nodules]).reshape(-1, 3)
+            pairs = {j: i for i, j in match(fu.mapped, diam(fu.detection.nodules), cur, diam(nodules))}
+        taken = fu.names if fu else set()
+        next_number = 1
+        labels = np.zeros(geom.shape, np.uint8)
+        segments, groups, images, captions = [], [], [], []
+        for j, n in enumerate(nodules):
+            label = j + 1
+            if j in pairs:
+                i = pairs[j]
+                tid, uid = fu.ids[i], fu.uids[i]
+            else:
+                while f"Nodule {next_number}" in taken:
+                    next_number += 1
+                tid = f"Nodule {next_number}"
+                next_number += 1
+                uid = tracking_uid(series.series_uid, tid)
+            labels[n.box][n.mask & (labels[n.box] == 0)] = label
+            segments.append(Segment(label, tid, MORPHOLOGICALLY_ALTERED, NODULE, color=(255, 220, 0),
+                                    tracking_uid=uid))
+            qualitative = [("type", n.type), ("zone", n.zone), ("size_class", n.category)]
+            if n.type == "solid":
+                qualitative.append(("volume_class", volume_class(n.volume_mm3)))
+            measurements = _measurements(n)
+            caption = f"{tid} {n.mean_diameter_mm:.1f} mm"
+            image = key_image(series.volume, n.center_kji, n.mean_diameter_mm, caption)
+            if fu is not None:
+                if j in pairs:
+                    prior = fu.detection.nodules[pairs[j]]
+                    qualitative.append(("status", "persistent"))
+                    if fu.interval_days is not None:
+                        c = change(prior.volume_mm3, prior.mean_diameter_mm, n.volume_mm3, n.mean_diameter_mm,
+                                   fu.interval_days)
+                        qualitative.append(("change", c.call))
+                        measurements += _change_measurements(prior, c)
+                    before = key_image(fu.series.volume, prior.center_kji, prior.mean_diameter_mm,
+                                       f"prior {prior.mean_diameter_mm:.1f} mm")
+                else:
+                    qualitative.append(("status", "new"))
+                    before = np.zeros_like(image)
+                image = np.concatenate([before, image], axis=1)
+            images.append(image)
+            captions.append(tid)
+            groups.append(MeasurementGroup(tid, f"nodule_{n.side}", tuple(measurements), segment_label=label,
+                                           qualitative=tuple(qualitative)))
+        if fu is not None:
+            for i, prior in enumerate(fu.detection.nodules):
+                if i not in pairs.values():
+                    groups.append(MeasurementGroup(
+                        fu.ids[i], f"nodule_{prior.side}",
+                        (Measurement("prior_volume", round(prior.volume_mm3, 1), "mm3"),
+                         Measurement("prior_mean_diameter", round(prior.mean_diameter_mm, 1), "mm")),
+                        qualitative=(("status", "resolved"),), tracking_uid=fu.uids[i]))
+        out: list = []
+        if segments:
+            out.append(LabelMap(series.series_uid, geom, labels, tuple(segments), description="Lung nodules",
+                                encodings=("SEG",)))
+            out.append(ImageSeries(series.series_uid, "Lung nodules key images", np.stack(images),
+                                   frame_labels=tuple(captions)))
+        if groups:
+            out.append(MeasurementReport(series.series_uid, "lung-nodules", tuple(groups), title="Lung nodules"))
+        else:
+            out.append(TextFinding(f"No lung nodule of {self.params.min_diameter_mm:g} mm or more found",
+                                   series.series_uid))
+        note = ("Size classes are computed from published thresholds (Lung-RADS v2022 size bands, Fleischner 2017 "
+                "volume bands) and are not a diagnosis.")
+        if fu is not None:
+            when = fu.acquired.strftime("%Y-%m-%d") if fu.acquired else "unknown date"
+            note += (f" Compared with the prior study of {when}: volume changes below "
+                     "25 % are reported as stable (within repeat-scan variability), without a doubling time.")
+            if fu.interval_days is None:
+                note += " The studies' acquisition dates are missing: no volume change rate or doubling time."
+            if fu.note:
+                note += f" Note: {fu.note}."
+        out.append(TextFinding(note, series.series_uid))
+        return out + flags

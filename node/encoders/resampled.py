@@ -1,0 +1,151 @@
+"""The moving series resampled onto the fixed grid, as a derived image series (CT or MR Image).
+
+It lives in the fixed series' study and Frame of Reference, slice for slice on the fixed grid, so a
+viewer shows it side by side with, or fused over, the fixed series without knowing anything about
+registration. Each image names the moving images it was computed from (Source Image Sequence,
+derivation "Spatial resampling") and the registration object that placed them (Referenced
+Instance Sequence). Values keep the moving modality's units (HU for CT), stored as signed 16 bits
+with a rescale when they do not fit as they are.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, MRImageStorage
+from pydicom.valuerep import format_number_as_ds
+
+from node.encoders.common import (
+    DEVICE_SERIAL,
+    MODEL_NAME,
+    choose_charset,
+    contributing_equipment,
+    copy_patient_study,
+    new_instance,
+    series_description,
+    source_series,
+)
+from node.encoders.context import EncodeContext
+from node.results import ResampledSeries
+from node.volume import SeriesData
+
+__all__ = ["encode_resampled"]
+
+SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")  # CID 7202
+SPATIAL_RESAMPLING = ("113085", "DCM", "Spatial resampling")  # CID 7203
+# CID 7013 names the deformable registration a derived image comes from; the rigid one shares it,
+# being the degenerate case (no deformation).
+SOURCE_REGISTRATION = ("125028", "DCM", "Source Deformable Spatial Registration")
+_MR_ACQUISITION = ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime",
+                   "EchoTime", "EchoTrainLength", "InversionTime", "MagneticFieldStrength", "ImagedNucleus",
+                   "SequenceName", "FlipAngle")
+_CT_ACQUISITION = ("KVP", "ConvolutionKernel")
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    ds = Dataset()
+    ds.CodeValue, ds.CodingSchemeDesignator, ds.CodeMeaning = value, scheme, meaning
+    return ds
+
+
+def _ds(v: float) -> str:
+    return format_number_as_ds(float(v))
+
+
+def _storage(array: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(int16 stored values, slope, intercept) holding ``array``."""
+    if np.issubdtype(array.dtype, np.integer) and array.min() >= -32768 and array.max() <= 32767:
+        return array.astype(np.int16), 1.0, 0.0
+    lo, hi = float(array.min()), float(array.max())
+    slope = max((hi - lo) / 65000.0, 1e-6)
+    intercept = lo + 32768 * slope
+    return np.clip(np.rint((array - intercept) / slope), -32768, 32767).astype(np.int16), slope, intercept
+
+
+def encode_resampled(res: ResampledSeries, sources: dict[str, SeriesData], ctx: EncodeContext, *,
+                     series_number: int, registration: Dataset | None) -> list[Dataset]:
+    """One image per fixed slice; ``registration`` is the SRO/DSRO the images reference."""
+    fixed = source_series(sources, res.source_series_uid, "ResampledSeries")
+    src = fixed.first
+    geom = res.volume.geometry
+    if "FrameOfReferenceUID" not in src:
+        raise ValueError(f"ResampledSeries: fixed series {fixed.series_uid} has no Frame of Reference")
+    moving_header = sources[res.moving.series_uid].first if res.moving.series_uid in sources else None
+    modality = res.moving.modality
+    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
+    stored, slope, intercept = _storage(res.volume.array)
+    description = series_description(res.description, "REG")
+    charset = choose_charset(src, [description])
+    uid_key = ("RESAMPLED", series_number)
+    now = _dt.datetime.now()
+    out = []
+    for k in range(geom.shape[0]):
+        ds = new_instance(sop_class, ctx.uid(*uid_key, "instance", k + 1))
+        copy_patient_study(ds, src, charset)
+        ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        ds.Modality = modality
+        ds.SeriesInstanceUID = ctx.uid(*uid_key, "series")
+        ds.SeriesNumber = series_number
+        ds.SeriesDescription = description
+        ds.FrameOfReferenceUID = src.FrameOfReferenceUID
+        ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
+        ds.Manufacturer = ctx.manufacturer
+        ds.ManufacturerModelName = MODEL_NAME
+        ds.DeviceSerialNumber = DEVICE_SERIAL
+        ds.SoftwareVersions = ctx.software_version
+        ds.ContributingEquipmentSequence = [contributing_equipment(ctx)]
+        if "PatientPosition" in src:
+            ds.PatientPosition = src.PatientPosition
+        ds.Laterality = ""
+        ds.InstanceNumber = k + 1
+        ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+        ds.AcquisitionNumber = ""
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if modality == "CT" else "OTHER"]
+        ds.DerivationDescription = (f"{modality} series {res.moving.series_uid} resampled onto series "
+                                    f"{fixed.series_uid} by a {res.method} registration ({ctx.handler})")[:1024]
+        ds.DerivationCodeSequence = [_code(*SPATIAL_RESAMPLING)]
+        picks = res.source_slices[k] if res.source_slices else range(len(res.moving.instances))
+        items = []
+        for i in picks:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = res.moving.instances[i]
+            item.PurposeOfReferenceCodeSequence = [_code(*SOURCE_FOR_PROCESSING)]
+            items.append(item)
+        ds.SourceImageSequence = items
+        if registration is not None:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = registration.SOPClassUID
+            ref.ReferencedSOPInstanceUID = registration.SOPInstanceUID
+            ref.PurposeOfReferenceCodeSequence = [_code(*SOURCE_REGISTRATION)]
+            ds.ReferencedInstanceSequence = [ref]
+        ds.PatientOrientation = ""
+        ds.ImagePositionPatient = [_ds(v) for v in geom.slice_position(k)]
+        ds.ImageOrientationPatient = [_ds(v) for v in geom.image_orientation]
+        ds.PixelSpacing = [_ds(geom.spacing[1]), _ds(geom.spacing[0])]
+        ds.SliceThickness = _ds(geom.spacing[2])
+        ds.SpacingBetweenSlices = _ds(geom.spacing[2])
+        ds.SliceLocation = _ds(geom.slice_position(k)[2])
+        for keyword in (_CT_ACQUISITION if modality == "CT" else _MR_ACQUISITION):
+            if moving_header is not None and keyword in moving_header:
+                ds[keyword] = moving_header[keyword]
+        if modality == "CT":
+            ds.KVP = ds.get("KVP", "")
+            ds.RescaleType = "HU"
+        else:
+            ds.ScanningSequence = ds.get("ScanningSequence", "RM")
+            ds.SequenceVariant = ds.get("SequenceVariant", "NONE")
+            for keyword in ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"):
+                if keyword not in ds:
+                    setattr(ds, keyword, "")
+            if "RepetitionTime" not in ds:
+                ds.RepetitionTime = ""
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = geom.shape[1], geom.shape[2]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = _ds(intercept), _ds(slope)
+        ds.WindowCenter, ds.WindowWidth = _ds(res.window[0]), _ds(res.window[1])
+        ds.PixelData = np.ascontiguousarray(stored[k]).astype("<i2").tobytes()
+        out.append(ds)
+    return out

@@ -1,0 +1,216 @@
+"""Prediction with an uncertainty estimate, and the strategies that pick the next cases to annotate.
+
+Several *passes* of the same model over the same input, each under a perturbation the model is
+expected to be indifferent to: the identity, the flips of the card's ``tta_flips`` (what it was
+trained with) and small intensity scalings of the normalised input (the training augmentation's
+``intensity_scale``). The passes' mean is the prediction; per case:
+
+- ``score``: mean normalised entropy (0..1) of the mean class probabilities inside the predicted
+  foreground: high where the model hesitates between classes;
+- ``disagreement``: the fraction of voxels, among those any pass calls foreground, on which the
+  passes' answers differ: high where the answer depends on the perturbation;
+- per label, the mean entropy inside it; and ``features`` (label volume fractions and intensity
+  statistics) for the ``diverse`` strategy.
+
+Everything is computed on the network grid (the model's own resolution), so the cost is the
+passes themselves. Monte-Carlo dropout is not used: ONNX exports run in inference mode, where
+dropout is off, and Hilum's U-Net has none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from node.models.card import InferenceSpec, ModelCard
+from node.models.inference import PatchRunner, Progress, confidence, postprocess, prepare_input, probabilities_to_labels, \
+    sliding_window
+from node.volume import Volume
+
+__all__ = ["UncertaintyParams", "Pass", "passes_for", "perturbed_runner", "scores", "segment_with_uncertainty",
+           "CaseScore", "Pick", "rank_cases", "STRATEGIES"]
+
+_AXIS = {"z": 2, "y": 3, "x": 4}  # flip axes of a (B, C, z, y, x) batch
+STRATEGIES = ("uncertainty", "random", "diverse")
+
+
+class UncertaintyParams(BaseModel):
+    """A rule's ``params.uncertainty`` for a ``model:`` handler."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    flips: list[list[Literal["x", "y", "z"]]] | None = None  # default: the card's tta_flips
+    intensity_scales: list[float] = Field(default_factory=lambda: [0.9, 1.1])  # normalised input × s
+
+    @field_validator("intensity_scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        bad = [s for s in v if not 0.5 <= s <= 2.0 or s == 1.0]
+        if bad:
+            raise ValueError(f"{bad} must lie in 0.5..2.0 and differ from 1 (the identity pass)")
+        return v
+
+
+@dataclass(frozen=True)
+class Pass:
+    flip: tuple[str, ...] = ()
+    scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        parts = ([f"flip {''.join(self.flip)}"] if self.flip else []) + \
+            ([f"intensity x{self.scale:g}"] if self.scale != 1.0 else [])
+        return ", ".join(parts) or "identity"
+
+
+def passes_for(card: ModelCard, params: UncertaintyParams) -> list[Pass]:
+    """The identity pass, one per flip, one per intensity scale; at least two, or ValueError."""
+    flips = card.inference.tta_flips if params.flips is None else params.flips
+    out = [Pass()] + [Pass(flip=tuple(f)) for f in flips] + [Pass(scale=s) for s in params.intensity_scales]
+    if len(out) < 2:
+        raise ValueError("uncertainty needs at least two passes: the card has no tta_flips and no "
+                         "intensity_scales were given")
+    return out
+
+
+def perturbed_runner(run: PatchRunner, p: Pass) -> PatchRunner:
+    """``run`` on the perturbed batch, with the flip undone on its output (logits, voxel by voxel)."""
+    axes = tuple(_AXIS[a] for a in p.flip)
+
+    def runner(batch: np.ndarray) -> np.ndarray:
+        x = batch * np.float32(p.scale) if p.scale != 1.0 else batch
+        if axes:
+            x = np.ascontiguousarray(np.flip(x, axes))
+        out = run(x)
+        return np.flip(out, axes) if axes else out
+
+    return runner
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    """Normalised Shannon entropy (0..1) per voxel of (K, ...) class probabilities."""
+    p = np.clip(probs, 1e-7, 1.0)
+    return -(p * np.log(p)).sum(axis=0) / np.log(probs.shape[0])
+
+
+def scores(pass_probs: Sequence[np.ndarray], image: np.ndarray, label_names: dict[int, str],
+           activation: str = "softmax", threshold: float = 0.5) -> tuple[np.ndarray, dict]:
+    """(mean probabilities, the case's uncertainty record) from each pass's (K, z, y, x) probabilities."""
+    mean = np.mean(pass_probs, axis=0)
+    if activation == "softmax":
+        answers = [np.argmax(p, axis=0) for p in pass_probs]
+        winner = np.argmax(mean, axis=0)
+        entropy = _entropy(mean)
+    else:  # sigmoid: one binary question per label; the answer is the most probable label above threshold
+        def answer(p):
+            return np.where(p.max(axis=0) >= threshold, p.argmax(axis=0) + 1, 0)
+        answers = [answer(p) for p in pass_probs]
+        winner = answer(mean)
+        entropy = np.mean([_entropy(np.stack([1 - m, m])) for m in mean], axis=0)
+    fg = winner > 0
+    union = np.logical_or.reduce([a > 0 for a in answers])
+    differ = np.zeros(winner.shape, bool)
+    for a, b in combinations(answers, 2):
+        differ |= a != b
+    per_label = {name: round(float(entropy[winner == v].mean()), 5) if (winner == v).any() else None
+                 for v, name in label_names.items()}
+    total = winner.size
+    features = [round(float((winner == v).sum()) / total, 6) for v in label_names] + \
+        [round(float(image.mean()), 4), round(float(image.std()), 4)]
+    record = {
+        "score": round(float(entropy[fg].mean()), 5) if fg.any() else 0.0,
+        "disagreement": round(float((differ & union).sum()) / max(1, int(union.sum())), 5),
+        "passes": len(pass_probs), "per_label_entropy": per_label, "features": features,
+        "method": "entropy of the mean over test-time passes, inside the predicted foreground",
+    }
+    return mean, record
+
+
+def segment_with_uncertainty(volumes: Sequence[Volume], card: ModelCard, run_patch: PatchRunner,
+                             params: UncertaintyParams, progress: Progress | None = None) -> tuple[np.ndarray, dict]:
+    """Like ``inference.segment`` (labels on the first volume's exact grid), over several passes,
+    with the case's uncertainty record (``scores``) and the passes named in it."""
+    report = progress or (lambda f, m: None)
+    plan = passes_for(card, params)
+    report(0.0, "resampling to the network grid")
+    image, grid = prepare_input(volumes, card.input, card.preprocessing)
+    xyz = card.input.array_axes == "xyz"
+    if xyz:
+        image = np.ascontiguousarray(image.transpose(0, 3, 2, 1))
+    single = InferenceSpec(**{**card.inference.model_dump(), "tta_flips": []})
+    probs = []
+    for i, p in enumerate(plan):
+        def step(f, m, i=i):
+            report(0.1 + 0.7 * (i + f) / len(plan), f"pass {i + 1}/{len(plan)} ({p.name}): {m}")
+        probs.append(sliding_window(image, perturbed_runner(run_patch, p), single, card.output_channels, step))
+    names = {lab.value: lab.name for lab in card.labels}
+    mean, record = scores(probs, image, names, card.inference.activation, card.inference.threshold)
+    record["pass_names"] = [p.name for p in plan]
+    # The same confidence a plain run reports (the card's floor applies to it), from the mean of the passes.
+    overall = confidence(mean, card.inference.activation, card.inference.threshold).overall
+    record["confidence"] = None if overall is None else round(overall, 5)
+    del probs, image
+    if xyz:
+        mean = np.ascontiguousarray(mean.transpose(0, 3, 2, 1))
+    report(0.8, "resampling to the source grid")
+    source = volumes[0].geometry
+    labels = probabilities_to_labels(mean, grid, source, card.labels, card.inference.activation,
+                                     card.inference.threshold)
+    report(0.95, "post-processing")
+    return postprocess(labels, card.labels, float(np.prod(source.spacing)) / 1000.0), record
+
+
+# ---------------------------------------------------------------- active learning
+
+@dataclass(frozen=True)
+class CaseScore:
+    case: str  # e.g. a study UID
+    score: float  # the uncertainty score
+    features: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pick:
+    case: str
+    rank: int
+    reason: str
+
+
+def rank_cases(cases: Sequence[CaseScore], strategy: str, n: int | None = None, seed: int = 0) -> list[Pick]:
+    """The next ``n`` cases to annotate (all by default), each with the reason it was picked.
+
+    ``uncertainty``: highest score first. ``random``: a seeded draw (the baseline an effort curve is
+    compared with). ``diverse``: greedy, each pick maximising its score times its distance (in
+    standardised feature space) from the cases already picked, so near-duplicates of a picked
+    uncertain case wait.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    n = len(cases) if n is None else min(n, len(cases))
+    if strategy == "uncertainty":
+        order = sorted(cases, key=lambda c: (-c.score, c.case))[:n]
+        return [Pick(c.case, i + 1, f"uncertainty {c.score:.4f}, the highest left") for i, c in enumerate(order)]
+    if strategy == "random":
+        order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))[:n]]
+        return [Pick(c.case, i + 1, f"random draw (seed {seed})") for i, c in enumerate(order)]
+    feats = np.array([c.features for c in cases], dtype=float)
+    if feats.ndim != 2 or feats.shape[1] == 0:
+        raise ValueError("strategy diverse needs the cases' features")
+    feats = (feats - feats.mean(axis=0)) / np.where(feats.std(axis=0) > 0, feats.std(axis=0), 1.0)
+    left = list(range(len(cases)))
+    picked: list[int] = []
+    out = []
+    for rank in range(1, n + 1):
+        if not picked:
+            best = max(left, key=lambda i: (cases[i].score, cases[i].case))
+            reason = f"uncertainty {cases[best].score:.4f}, the highest"
+        else:
+            dist = {i: float(np.min(np.linalg.norm(feats[picked] - feats[i], axis=1))) for i in left}
+            best = max(left, key=lambda i: (cases[i].score * dist[i], cases[i].case))
+            reason = f"uncertainty {cases[best].score:.4f} at distance {dist[best]:.2f} from the cases picked before"
+        left.remove(best)
+        picked.append(best)
+        out.append(Pick(cases[best].case, rank, reason))
+    return out

@@ -1,0 +1,58 @@
+"""Follow-up: prior nodules matched to current ones after registration, and the change of each.
+
+Matching is a Hungarian assignment on the distance between each prior nodule's registered centre
+and each current nodule's centre; a pair further apart than its gate (GATE_MM plus the larger
+radius, so big nodules whose centre moves as they grow still match) is no match. A matched pair is
+``persistent``, an unmatched current nodule ``new``, an unmatched prior one ``resolved``.
+
+Change: volume change (%) and the volume doubling time VDT = ln 2 * dt / ln(V2 / V1) where the
+volume changed by at least STABLE_PCT (repeat-scan variability of volumetry is about that large, so
+a VDT from a smaller change says nothing; the nodule is reported ``stable`` instead). The growth
+call follows the mean-diameter rule (an increase of more than 1.5 mm, Lung-RADS): ``growing`` or
+``shrinking``; a volume change >= 25 % whose diameter change stays within 1.5 mm is ``indeterminate``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["Change", "match", "change", "GATE_MM", "STABLE_PCT", "GROWTH_MM"]
+
+GATE_MM = 8.0  # registration error allowed beyond the nodules' own size
+STABLE_PCT = 25.0
+GROWTH_MM = 1.5
+
+
+@dataclass(frozen=True)
+class Change:
+    interval_days: float
+    volume_change_pct: float
+    diameter_change_mm: float
+    vdt_days: float | None  # None when stable (|change| < STABLE_PCT); negative: halving time
+    call: str  # growing | shrinking | stable | indeterminate
+
+
+def match(prior_mm: np.ndarray, prior_diam: np.ndarray, current_mm: np.ndarray,
+          current_diam: np.ndarray) -> list[tuple[int, int]]:
+    """(prior index, current index) pairs; ``prior_mm`` already mapped into the current scan."""
+    if len(prior_mm) == 0 or len(current_mm) == 0:
+        return []
+    dist = np.linalg.norm(np.asarray(prior_mm)[:, None, :] - np.asarray(current_mm)[None, :, :], axis=2)
+    gate = GATE_MM + np.maximum(np.asarray(prior_diam)[:, None], np.asarray(current_diam)[None, :]) / 2
+    cost = np.where(dist <= gate, dist, 1e6)  # gated pairs cost more than any admissible assignment
+    rows, cols = linear_sum_assignment(cost)
+    return [(int(i), int(j)) for i, j in zip(rows, cols) if dist[i, j] <= gate[i, j]]
+
+
+def change(v1: float, d1: float, v2: float, d2: float, interval_days: float) -> Change:
+    """The change from a prior (volume v1 mm3, mean diameter d1 mm) to now (v2, d2) over the interval."""
+    pct = 100.0 * (v2 / v1 - 1.0)
+    dd = d2 - d1
+    if abs(pct) < STABLE_PCT:
+        return Change(interval_days, pct, dd, None, "stable")
+    vdt = math.log(2) * interval_days / math.log(v2 / v1) if interval_days > 0 else None
+    call = "growing" if dd > GROWTH_MM else "shrinking" if dd < -GROWTH_MM else "indeterminate"
+    return Change(interval_days, pct, dd, vdt, call)

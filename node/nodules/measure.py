@@ -1,0 +1,249 @@
+"""One nodule from its candidate: a 3-D segmentation and its measurements.
+
+Volume counts partial volume: each voxel near the nodule contributes the fraction
+(HU - lung) / (nodule - lung) of itself, with the lung's HU from around the nodule and the
+nodule's from its own core. The sum is exact for any blur that keeps the mean (scanner point
+spread, thick slices), so a 6 mm nodule on 1.4 mm pixels still has the right volume, where a
+voxel count at any threshold is off by a third. Diameters (Lung-RADS style) come from the axial
+slice where that fractional area is largest: the mean diameter is the diameter of a disc of that
+area, the long and short axes those of the ellipse with the same area and second moments. The
+3-D maximum diameter is the long axis of the ellipsoid with the nodule's volume and moments.
+
+Types by HU: ``solid`` (soft tissue throughout), ``ground_glass`` (no part above SOLID_HU),
+``part_solid`` (a solid core with a ground-glass rim of real thickness around it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from node.nodules.candidates import Candidate
+
+__all__ = ["NoduleMeasurement", "measure_candidate", "SOLID_HU"]
+
+SOLID_HU = -300.0  # above: solid component (soft tissue, blurred); ground glass lies below it
+VISIBLE_HU = 150.0  # the outline: this far above the surrounding lung (half a typical GGN's contrast)
+MIN_CONTRAST_HU = 200.0  # a core this little above the lung is texture, not a nodule
+MIN_FLATNESS = 0.45  # shortest / longest ellipsoid axis: below is a vessel, fissure or wall sliver
+# Partial-volume sum / half-way voxel count above which a solid core has a ground-glass rim:
+# 1 for a solid nodule, 1 + 0.39 (1/q^3 - 1) for a core of q times the nodule's diameter (q=0.75: 1.6).
+PART_SOLID_RATIO = 1.6
+MAX_CUT_FRACTION = 0.45  # share of the outline where the bright part crosses the lung's border
+MAX_EXIT_RATIO = 0.5  # see _exit_ratio
+_SMOOTH_MM = 0.6
+NEAR_VOXELS = 1  # partial volume beyond the outline: the scanner's blur, about a voxel
+
+
+@dataclass(frozen=True)
+class NoduleMeasurement:
+    mask: np.ndarray  # bool on the box
+    box: tuple[slice, slice, slice]
+    center_kji: tuple[float, float, float]
+    type: str  # solid | part_solid | ground_glass
+    volume_mm3: float
+    solid_volume_mm3: float
+    long_axis_mm: float
+    short_axis_mm: float
+    key_slice: int  # source slice index of the axial plane of maximal area
+    max_diameter_3d_mm: float
+    hu_mean: float
+    hu_max: float
+    lung_hu: float
+
+    @property
+    def mean_diameter_mm(self) -> float:
+        return (self.long_axis_mm + self.short_axis_mm) / 2
+
+    @property
+    def solid_diameter_mm(self) -> float:
+        """Mean diameter of the solid part, as the diameter of the sphere of its volume."""
+        return 2 * (3 * self.solid_volume_mm3 / (4 * math.pi)) ** (1 / 3)
+
+
+def _ball(shape, center, radius_vox) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    d2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, center, radius_vox))
+    return d2 <= 1.0
+
+
+def _component_at(mask: np.ndarray, seed: np.ndarray, within_vox: np.ndarray) -> np.ndarray | None:
+    """The connected component of ``mask`` nearest ``seed`` (within ``within_vox`` per axis)."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    near = _ball(mask.shape, seed, within_vox) & (labels > 0)
+    if not near.any():
+        return None
+    idx = np.argwhere(near)
+    d = (((idx - seed) / within_vox) ** 2).sum(axis=1)
+    return labels == labels[tuple(idx[int(np.argmin(d))])]
+
+
+def _exit_ratio(comp: np.ndarray, reach: np.ndarray, spacing: np.ndarray) -> float:
+    """Cross-section where ``comp`` leaves the reach ball, over the cross-section of a ball of its
+    volume: ~0 for a nodule (a thin vessel on it leaves through a small hole), large for the bulb
+    where vessels branch, whose trunk and branches all run out of the ball."""
+    exits = comp & ~ndimage.binary_erosion(reach)
+    if not exits.any():
+        return 0.0
+    # One voxel layer of the ball's surface: its area is about the voxel count times a voxel's face.
+    area = float(exits.sum()) * float(np.prod(spacing)) / float(spacing.min())
+    r_eq = (3 * float(comp.sum()) * float(np.prod(spacing)) / (4 * math.pi)) ** (1 / 3)
+    return area / (math.pi * r_eq ** 2)
+
+
+def _ball_and_tubes(comp: np.ndarray, reach: np.ndarray, seed: np.ndarray,
+                    spacing: np.ndarray) -> tuple[float, float]:
+    """(radius of the full ball around ``seed``, radius of the widest tube leaving the reach ball), mm.
+    A nodule on a branch point is clearly wider than its vessels; the bulb of a branch point is not."""
+    exits, n = ndimage.label(comp & ~ndimage.binary_erosion(reach))
+    face = float(np.prod(spacing)) / float(spacing.min())
+    widest = max(math.sqrt(float((exits == i).sum()) * face / math.pi) for i in range(1, n + 1))
+    dist = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(comp.shape), seed, spacing)))
+    filled = 0.0
+    for r in np.arange(0.5, float(dist[reach].max()), 0.5):  # shells of 0.5 mm: the ball is where they are full
+        shell = reach & (dist >= r - 0.5) & (dist < r)
+        if shell.any() and comp[shell].mean() < 0.6:
+            break
+        filled = r
+    return filled, widest
+
+
+def _cut_fraction(comp: np.ndarray, inreg: np.ndarray, bright: np.ndarray) -> float:
+    """Share of ``comp``'s border voxels next to bright voxels outside the lung region: a juxtapleural
+    nodule touches the wall on a small patch, a bulge of heart or mediastinum all along one side."""
+    border = comp & ~ndimage.binary_erosion(comp)
+    outside = ndimage.binary_dilation(bright & ~inreg)
+    return float((border & outside).sum()) / max(int(border.sum()), 1)
+
+
+def _fraction_sum(hu: np.ndarray, where: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Per-voxel fraction of the high material: clipped to [-1, 1] so noise in the lung averages out."""
+    f = np.zeros(hu.shape, np.float32)
+    f[where] = np.clip((hu[where] - low) / (high - low), -1.0, 1.0)
+    return f
+
+
+def _axes_2d(f: np.ndarray, pixel_mm: tuple[float, float]) -> tuple[float, float]:
+    """(long, short) axis (mm) of the ellipse with ``f``'s area and second moments (f >= 0)."""
+    w = np.clip(f, 0, 1)
+    area = float(w.sum()) * pixel_mm[0] * pixel_mm[1]
+    jj, ii = np.nonzero(w)
+    if area <= 0 or len(jj) < 3:
+        return 0.0, 0.0
+    pts = np.column_stack([jj * pixel_mm[0], ii * pixel_mm[1]])
+    cov = np.cov(pts.T, aweights=w[jj, ii])
+    lo, hi = np.clip(np.linalg.eigvalsh(cov), 1e-6, None)
+    ratio = math.sqrt(hi / lo)  # long / short
+    d2 = 4 * area / math.pi
+    return math.sqrt(d2 * ratio), math.sqrt(d2 / ratio)
+
+
+def _axes_3d(f: np.ndarray, spacing: np.ndarray, volume: float) -> tuple[float, float]:
+    """(longest axis, shortest/longest) of the ellipsoid with the volume and second moments of f."""
+    w = np.clip(f, 0, 1)
+    idx = np.argwhere(w > 0)
+    if len(idx) < 4 or volume <= 0:
+        return 0.0, 0.0
+    cov = np.cov((idx * spacing).T, aweights=w[tuple(idx.T)])
+    ev = np.clip(np.linalg.eigvalsh(cov), 1e-6, None)  # proportional to the squared semi-axes
+    semi = np.sqrt(ev)
+    a = (3 * volume / (4 * math.pi) * semi[2] ** 2 / (semi[0] * semi[1])) ** (1 / 3)
+    return 2 * a, float(semi[0] / semi[2])
+
+
+def measure_candidate(hu: np.ndarray, region: np.ndarray, spacing_kji: tuple[float, float, float],
+                      cand: Candidate) -> NoduleMeasurement | None:
+    """The nodule at ``cand``, or None where the blob is not one (too faint, a sliver, a tube, no lung around)."""
+    spacing = np.asarray(spacing_kji, float)
+    r = cand.radius_mm
+    half = np.ceil((2.5 * r + 4.0) / spacing).astype(int)
+    center = np.asarray(cand.kji)
+    c = np.rint(center).astype(int)
+    box = tuple(slice(max(0, ci - h), min(n, ci + h + 1)) for ci, h, n in zip(c, half, hu.shape))
+    sub = hu[box].astype(np.float32)
+    inreg = region[box]
+    seed = center - np.array([b.start for b in box])
+    if not inreg[tuple(np.clip(np.rint(seed).astype(int), 0, np.array(sub.shape) - 1))]:
+        return None
+    sm = ndimage.gaussian_filter(sub, _SMOOTH_MM / spacing, mode="nearest")
+    lung_vox = inreg & (sm < -650)
+    if lung_vox.sum() < 20:
+        return None
+    bg = float(np.median(sub[lung_vox]))
+    core = _ball(sub.shape, seed, np.maximum(0.5 * r / spacing, 1.0)) & inreg
+    peak = float(sm[core].max()) if core.any() else bg
+    if peak - bg < MIN_CONTRAST_HU:
+        return None
+    reach = _ball(sub.shape, seed, (2.0 * r + 2.0) / spacing)
+    t_outer = bg + min(0.5 * (peak - bg), VISIBLE_HU)
+    comp = _component_at((sm > t_outer) & inreg & reach, seed, np.maximum(0.5 * r / spacing, 1.0))
+    if comp is None or comp.sum() > 0.85 * reach.sum():
+        return None  # nothing there, or no edge within reach: not a blob
+    if (comp & ~ndimage.binary_erosion(reach)).any():
+        # Vessels run out of reach: keep the ball they leave from (a juxtavascular nodule), unless
+        # thick tubes leave it in several directions and it is hardly wider: a vessel branch point.
+        filled, widest = _ball_and_tubes(comp, reach, seed, spacing)
+        if filled >= 1.3 * widest:
+            comp &= _ball(sub.shape, seed, (filled + 1.5) / spacing)
+        elif _exit_ratio(comp, reach, spacing) > MAX_EXIT_RATIO:
+            return None
+    solid = comp & (sm > SOLID_HU)
+    near = ndimage.binary_dilation(comp, iterations=NEAR_VOXELS) & inreg
+    # The lung's HU right around the nodule: lung texture makes it vary across the box, and each
+    # HU of error in it is a 1/900 error over every voxel of the sum.
+    shell = ndimage.binary_dilation(near, iterations=2) & ~near & inreg & (sm < t_outer)
+    if shell.sum() >= 20:
+        bg = float(np.median(sub[shell]))
+    vox = float(np.prod(spacing))
+    if _cut_fraction(comp, inreg, sm > t_outer) > MAX_CUT_FRACTION:
+        return None  # the bright part goes on beyond the lung: mediastinum, heart or wall, not a nodule
+    if solid.sum() >= 2:
+        inner = ndimage.binary_erosion(solid)
+        ref_s = float(np.median(sub[inner])) if inner.sum() >= 5 else float(np.percentile(sub[solid], 90))
+        # A solid nodule's partial-volume sum equals its voxel count at the half-way threshold (blur
+        # keeps the mean); a ground-glass rim adds to the sum but not to that count.
+        as_solid = float(_fraction_sum(sub, near, bg, ref_s).sum())
+        half_count = int((near & (sub > (bg + ref_s) / 2)).sum())
+        kind = "part_solid" if as_solid > PART_SOLID_RATIO * max(half_count, 1) else "solid"
+        rim = comp & ~ndimage.binary_dilation(solid, iterations=max(1, int(round(1.5 / spacing[1:].min()))))
+        if kind == "part_solid" and not rim.any():
+            kind = "solid"
+    else:
+        kind, ref_s, rim = "ground_glass", None, comp
+    if kind == "solid":
+        f = _fraction_sum(sub, near, bg, ref_s)
+        solid_f = f
+        mask = comp & (sm > (bg + ref_s) / 2)
+        if not mask.any():
+            mask = comp
+    else:
+        inner = ndimage.binary_erosion(rim)
+        ref_g = float(np.median(sub[inner])) if inner.sum() >= 5 else float(np.median(sub[rim]))
+        if ref_g - bg < MIN_CONTRAST_HU / 2:
+            return None
+        f = _fraction_sum(sub, near, bg, ref_g)
+        solid_f = (_fraction_sum(sub, ndimage.binary_dilation(solid) & near, ref_g, ref_s).clip(0, 1)
+                   if kind == "part_solid" else np.zeros_like(f))
+        mask = comp
+    volume = float(f.sum()) * vox
+    solid_volume = float(solid_f.sum()) * vox
+    if volume <= 0:
+        return None
+    w = np.clip(f, 0, 1)
+    areas = w.sum(axis=(1, 2))
+    k = int(np.argmax(areas))
+    long_ax, short_ax = _axes_2d(f[k], (spacing[1], spacing[2]))
+    max_3d, flatness = _axes_3d(f, spacing, volume)
+    if flatness < MIN_FLATNESS:
+        return None
+    centroid = np.array([np.average(g, weights=w) for g in np.indices(w.shape)]) + np.array([b.start for b in box])
+    values = sub[mask]
+    return NoduleMeasurement(
+        mask=mask, box=box, center_kji=tuple(float(v) for v in centroid), type=kind, volume_mm3=volume,
+        solid_volume_mm3=solid_volume if kind != "ground_glass" else 0.0,
+        long_axis_mm=long_ax, short_axis_mm=short_ax, key_slice=k + box[0].start, max_diameter_3d_mm=max_3d,
+        hu_mean=float(values.mean()), hu_max=float(values.max()), lung_hu=bg)

@@ -1,0 +1,291 @@
+"""The registration itself: SimpleITK's ImageRegistrationMethod, one stage per transform kind.
+
+Rigid (Euler3D, 6 DOF) starts from identity when both series share a Frame of Reference (the
+scanner already put them in one space) and otherwise from the centres of mass of the foreground
+(Otsu), which works across modalities where raw intensity moments do not (CT air is -1000).
+Affine (12 DOF) continues from the rigid result. Deformable (CT-CT) continues from rigid or
+affine with SimpleITK's diffeomorphic demons, coarse to fine: a B-spline free-form deformation
+through ITK's v4 registration framework was measured at seconds per iteration on a small phantom,
+demons at a fraction of a second.
+
+Every linear stage is multi-resolution. Levels are chosen in millimetres, not shrink factors, so a
+0.7 mm CT and a 3 mm phantom get comparable work; the metric is sampled (a fixed number of points
+per level), which is what keeps a 512x512x300 pair in seconds. The demons field is smoothed
+(regularised) at every iteration; its Jacobian determinant is measured afterwards and folding is
+reported as a warning (the handler refuses to deliver a folded field).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import SimpleITK as sitk
+
+from node.registration.checks import RegistrationRefusal
+from node.registration.outcome import JacobianStats, RegistrationOutcome, affine_to_matrix, reference_image
+from node.volume import Geometry, Volume
+
+__all__ = ["register", "METHODS", "METRICS"]
+
+METHODS = ("rigid", "affine", "deformable")
+METRICS = ("mean_squares", "correlation", "mattes")
+MIN_OVERLAP = 0.25  # below this, the result is refused: most of the fixed anatomy has no partner
+_LINEAR_LEVELS_MM = (8.0, 4.0, 2.0)  # working voxel size per level
+_DEMONS_LEVELS_MM = (8.0, 4.0, 2.5)  # working voxel size per level (never finer than the image)
+_DEMONS_ITERATIONS = 40  # per level
+_LINEAR_SAMPLES = 60_000  # metric points per level
+
+
+def _image(volume: Volume) -> sitk.Image:
+    return volume.geometry.to_sitk(np.ascontiguousarray(volume.array, dtype=np.float32))
+
+
+def _mask(mask: np.ndarray | None, geom: Geometry, what: str) -> sitk.Image | None:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != geom.shape:
+        raise ValueError(f"{what} has shape {mask.shape}, its image {geom.shape}")
+    if not mask.any():
+        raise RegistrationRefusal(f"{what} is empty: nothing to register")
+    return geom.to_sitk(np.ascontiguousarray(mask, dtype=np.uint8))
+
+
+def _foreground(img: sitk.Image) -> sitk.Image:
+    """Otsu foreground (the body in CT, the head in MR): what centres of mass and overlap look at."""
+    return sitk.OtsuThreshold(img, 0, 1)
+
+
+def _centre(fg: sitk.Image) -> np.ndarray:
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(fg)
+    if 1 not in stats.GetLabels():
+        raise RegistrationRefusal("an image has no foreground (blank or constant): nothing to register")
+    return np.asarray(stats.GetCentroid(1), float)
+
+
+def _shrink_factors(geom: Geometry, levels_mm) -> tuple[list[int], list[float]]:
+    """Uniform shrink factor per level reaching about ``levels_mm``, and matching smoothing (voxels)."""
+    finest = min(geom.spacing)
+    shortest = min(geom.shape)
+    factors = []
+    for mm in levels_mm:
+        f = max(1, int(round(mm / finest)))
+        f = min(f, max(1, shortest // 8))  # keep at least ~8 voxels along the thinnest axis
+        factors.append(f)
+    sigmas = [max(0.0, (f - 1) / 2.0) for f in factors]
+    return factors, sigmas
+
+
+def _sampling(geom: Geometry, factors: list[int], samples: int) -> list[float]:
+    voxels = int(np.prod(geom.shape))
+    return [float(min(1.0, samples / max(1, voxels / f**3))) for f in factors]
+
+
+def _method(metric: str, fixed_mask, moving_mask, geom: Geometry, levels_mm, samples: int,
+            seed: int) -> sitk.ImageRegistrationMethod:
+    reg = sitk.ImageRegistrationMethod()
+    if metric == "mean_squares":
+        reg.SetMetricAsMeanSquares()
+    elif metric == "correlation":
+        reg.SetMetricAsCorrelation()
+    elif metric == "mattes":
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=48)
+    else:
+        raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    factors, sigmas = _shrink_factors(geom, levels_mm)
+    reg.SetShrinkFactorsPerLevel(factors)
+    reg.SetSmoothingSigmasPerLevel(sigmas)
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentagePerLevel(_sampling(geom, factors, samples), seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    if fixed_mask is not None:
+        reg.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
+    return reg
+
+
+def _run(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transform, int]:
+    count = [0]
+    reg.AddCommand(sitk.sitkIterationEvent, lambda: count.__setitem__(0, count[0] + 1))
+    try:
+        tx = reg.Execute(fixed, moving)
+    except RuntimeError as exc:  # e.g. "All samples map outside moving image buffer"
+        raise RegistrationRefusal(f"registration failed: the images do not overlap enough "
+                                  f"({str(exc).strip().splitlines()[-1][:200]})") from None
+    return tx, count[0]
+
+
+def _linear_stage(kind: str, fixed, moving, initial: sitk.Transform, metric: str, masks, geom: Geometry,
+                  seed: int) -> tuple[sitk.Transform, float, int]:
+    reg = _method(metric, *masks, geom, _LINEAR_LEVELS_MM, _LINEAR_SAMPLES, seed)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=1e-3, numberOfIterations=200, relaxationFactor=0.6,
+        gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    if kind == "affine":
+        start = sitk.AffineTransform(3)
+        m = affine_to_matrix(initial)
+        start.SetCenter(initial.GetCenter() if hasattr(initial, "GetCenter") else (0, 0, 0))
+        c = np.asarray(start.GetCenter())
+        start.SetMatrix(tuple(m[:3, :3].ravel()))
+        start.SetTranslation(tuple(m[:3, 3] - c + m[:3, :3] @ c))
+    else:
+        start = initial
+    reg.SetInitialTransform(start, inPlace=False)
+    tx, n = _run(reg, fixed, moving)
+    return tx, float(reg.GetMetricValue()), n
+
+
+def _level_grid(geom: Geometry, mm: float) -> Geometry:
+    """``geom`` coarsened to about ``mm`` per voxel (never finer than it is), same extent."""
+    factors = [max(1.0, mm / sp) for sp in geom.spacing]
+    shape = tuple(max(4, int(round(n / f))) for n, f in zip(geom.shape, factors[::-1]))
+    spacing = tuple(sp * n / m for sp, n, m in zip(geom.spacing, geom.shape[::-1], shape[::-1]))
+    # Same physical extent: the first voxel centre moves by half the difference of the spacings.
+    shift = (np.asarray(spacing) - np.asarray(geom.spacing)) / 2
+    origin = tuple(np.asarray(geom.origin) + geom.matrix @ shift)
+    return Geometry(shape=shape, origin=origin, spacing=spacing, direction=geom.direction)
+
+
+def _on(img: sitk.Image, geom: Geometry, tx: sitk.Transform, fill: float, sigma_mm: float) -> sitk.Image:
+    if sigma_mm > 0:
+        img = sitk.SmoothingRecursiveGaussian(img, sigma_mm)
+    return sitk.Resample(img, reference_image(geom), tx, sitk.sitkLinear, fill, sitk.sitkFloat32)
+
+
+def _demons_stage(fixed, moving, linear: sitk.Transform, masks, geom: Geometry,
+                  smoothing_mm: float) -> tuple[np.ndarray, Geometry, float, int]:
+    """Diffeomorphic demons, coarse to fine, on the moving image pre-aligned by ``linear``.
+
+    Demons compares intensities directly, so it is for one modality (CT-CT). Outside the masks
+    both images are set to air, so the table and what lies outside the body exert no force.
+    The displacement field is smoothed at every iteration (``smoothing_mm``), which with the
+    diffeomorphic update keeps it from folding; its Jacobian is still measured afterwards.
+    """
+    fill = -1024.0
+    fixed = sitk.Clamp(fixed, sitk.sitkFloat32, fill, 1500.0)
+    moving = sitk.Clamp(moving, sitk.sitkFloat32, fill, 1500.0)
+    if masks[0] is not None:
+        fixed = sitk.Mask(fixed, masks[0], outsideValue=fill)
+    if masks[1] is not None:
+        moving = sitk.Mask(moving, masks[1], outsideValue=fill)
+    field = None
+    total = 0
+    for mm in _DEMONS_LEVELS_MM:
+        level = _level_grid(geom, mm)
+        sigma = mm / 2 if mm > min(geom.spacing) else 0.0
+        f = _on(fixed, level, sitk.Transform(3, sitk.sitkIdentity), fill, sigma)
+        m = _on(moving, level, linear, fill, sigma)
+        demons = sitk.DiffeomorphicDemonsRegistrationFilter()
+        demons.SetNumberOfIterations(_DEMONS_ITERATIONS)
+        demons.SetSmoothDisplacementField(True)
+        demons.SetStandardDeviations(max(1.0, smoothing_mm / min(level.spacing)))
+        demons.SetMaximumUpdateStepLength(0.5 * min(level.spacing))
+        count = [0]
+        demons.AddCommand(sitk.sitkIterationEvent, lambda: count.__setitem__(0, count[0] + 1))
+        if field is None:
+            field = demons.Execute(f, m)
+        else:
+            start = sitk.Resample(field, reference_image(level), sitk.Transform(3, sitk.sitkIdentity),
+                                  sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+            field = demons.Execute(f, m, start)
+        total += count[0]
+        value = float(demons.GetMetric())
+    # The field is in the working grid's physical space: the fixed image's.
+    return sitk.GetArrayFromImage(field).astype(np.float32), level, value, total
+
+
+def _jacobian(field: np.ndarray, grid: Geometry, linear: np.ndarray) -> JacobianStats:
+    """det of the whole mapping's Jacobian (the field's times the linear part's) on the field's grid."""
+    img = sitk.GetImageFromArray(field.astype(np.float64), isVector=True)
+    img.SetOrigin(grid.origin)
+    img.SetSpacing(grid.spacing)
+    img.SetDirection(grid.direction)
+    det = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(img))
+    det = det * float(np.linalg.det(linear[:3, :3]))
+    return JacobianStats(minimum=float(det.min()), maximum=float(det.max()),
+                         fraction_below_half=float(np.mean(det < 0.5)), fraction_folded=float(np.mean(det <= 0)))
+
+
+def _overlap(fixed_fg: sitk.Image, tx: sitk.Transform, moving: Geometry) -> float:
+    """Fraction of the fixed foreground whose points land inside the moving image."""
+    fg = sitk.GetArrayViewFromImage(fixed_fg)
+    kji = np.argwhere(fg > 0)
+    if len(kji) == 0:
+        return 0.0
+    rng = np.random.default_rng(0)
+    kji = kji[rng.choice(len(kji), size=min(len(kji), 4000), replace=False)]
+    spacing = np.asarray(fixed_fg.GetSpacing())
+    direction = np.asarray(fixed_fg.GetDirection()).reshape(3, 3)
+    pts = np.asarray(fixed_fg.GetOrigin()) + (kji[:, ::-1] * spacing) @ direction.T
+    mapped = np.array([tx.TransformPoint(tuple(float(v) for v in p)) for p in pts])
+    idx = moving.patient_to_index(mapped)
+    inside = np.all((idx > -0.5) & (idx < np.asarray(moving.shape) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def register(fixed: Volume, moving: Volume, method: str = "rigid", *, metric: str = "mean_squares",
+             fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
+             same_frame: bool = False, smoothing_mm: float = 6.0, seed: int = 1) -> RegistrationOutcome:
+    """Register ``moving`` to ``fixed``; the outcome maps points both ways and resamples.
+
+    ``same_frame``: both share a Frame of Reference, so the search starts from identity.
+    ``fixed_mask``/``moving_mask``: boolean arrays on each grid restricting where the metric looks
+    (e.g. the body or the lungs, so that the table and the arms do not drive the result).
+    ``smoothing_mm``: Gaussian regularisation of the demons field (deformable only; CT-CT).
+    Raises RegistrationRefusal when the images do not overlap after registration.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    if method == "deformable" and metric != "mean_squares":
+        raise RegistrationRefusal("deformable registration compares intensities (demons): it is for one modality "
+                                  f"(CT-CT, metric mean_squares), not {metric}")
+    t0 = time.perf_counter()
+    fimg, mimg = _image(fixed), _image(moving)
+    masks = (_mask(fixed_mask, fixed.geometry, "fixed_mask"), _mask(moving_mask, moving.geometry, "moving_mask"))
+    fixed_fg = masks[0] if masks[0] is not None else _foreground(fimg)
+    moving_fg = masks[1] if masks[1] is not None else _foreground(mimg)
+    centre = _centre(fixed_fg)
+    start = sitk.Euler3DTransform()
+    start.SetCenter(tuple(centre))
+    if not same_frame:
+        start.SetTranslation(tuple(_centre(moving_fg) - centre))
+    elif _overlap(fixed_fg, start, moving.geometry) < MIN_OVERLAP:
+        raise RegistrationRefusal("no overlap: the two series share a Frame of Reference but cover different "
+                                  "parts of the patient")
+    rigid, value, n = _linear_stage("rigid", fimg, mimg, start, metric, masks, fixed.geometry, seed)
+    iterations = [n]
+    linear = rigid
+    if method == "affine":
+        linear, value, n = _linear_stage("affine", fimg, mimg, rigid, metric, masks, fixed.geometry, seed)
+        iterations.append(n)
+    matrix = affine_to_matrix(linear)
+    field = grid = jac = None
+    warnings: list[str] = []
+    if method == "deformable":
+        field, grid, _, n = _demons_stage(fimg, mimg, linear, masks, fixed.geometry, smoothing_mm)
+        iterations.append(n)
+        jac = _jacobian(field, grid, matrix)
+        if jac.folded:
+            warnings.append(f"the deformation folds: Jacobian determinant down to {jac.minimum:.3f} "
+                            f"({jac.fraction_folded:.2%} of the grid <= 0)")
+    outcome = RegistrationOutcome(
+        method=method, metric=metric, metric_value=value, fixed_geometry=fixed.geometry,
+        moving_geometry=moving.geometry, linear=matrix, deformation=field, deformation_grid=grid,
+        jacobian=jac, iterations=tuple(iterations), elapsed_s=0.0, warnings=tuple(warnings),
+    )
+    overlap = _overlap(fixed_fg, outcome.transform, moving.geometry)
+    if overlap < MIN_OVERLAP:
+        raise RegistrationRefusal(f"no overlap: after registration only {overlap:.0%} of the fixed image's "
+                                  f"foreground lies inside the moving image (at least {MIN_OVERLAP:.0%} needed)")
+    return RegistrationOutcome(
+        method=method, metric=metric, metric_value=value, fixed_geometry=fixed.geometry,
+        moving_geometry=moving.geometry, linear=matrix, deformation=field, deformation_grid=grid,
+        jacobian=jac, overlap=overlap,
+        iterations=tuple(iterations), elapsed_s=time.perf_counter() - t0, warnings=tuple(warnings),
+    )

@@ -1,0 +1,143 @@
+"""/api/projects: learning-loop projects (cases, states, label versions, the annotation queue), and the
+gateway's side of annotation: a SEG stored through /dicom-web for a project case is checked first
+(refused with the reason, nothing stored) and, once the archive has it, recorded as the case's label."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+
+from node.models.uncertainty import STRATEGIES, CaseScore, rank_cases
+from node.projects.intake import CaseLabel, multipart_parts, seg_parts, vet
+from node.projects.labels import LabelRefused
+from node.projects.store import Project, ProjectError, ProjectStore
+from node.projects.trainrun import run_status, start_run
+from node.web.auth import Principal, require_admin, require_viewer, who
+
+router = APIRouter(prefix="/api/projects", tags=["projects"])
+SERIES_UID = "0020000E"
+
+
+def _store(request: Request) -> ProjectStore:
+    return ProjectStore.for_data_dir(request.app.state.node.settings.data_dir)
+
+
+def _project(store: ProjectStore, name: str) -> Project:
+    try:
+        return store.get(name)
+    except KeyError as exc:
+        raise HTTPException(404, str(exc.args[0])) from None
+
+
+@router.get("")
+def list_projects(request: Request, _: Principal = Depends(require_viewer)) -> dict:
+    store = _store(request)
+    return {"projects": [{"name": n, "model": store.get(n).model, "counts": store.summary(n)["counts"]}
+                         for n in store.names()]}
+
+
+@router.get("/{name}")
+def get_project(name: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
+    store = _store(request)
+    _project(store, name)
+    return store.summary(name)
+
+
+@router.get("/{name}/queue")
+def queue(name: str, request: Request, strategy: str = Query("uncertainty"), n: int = Query(10, ge=1, le=1000),
+          seed: int = Query(0), _: Principal = Depends(require_viewer)) -> dict:
+    """The next predicted cases to annotate, by ``strategy``, each with the reason it is there."""
+    store = _store(request)
+    _project(store, name)
+    if strategy not in STRATEGIES:
+        raise HTTPException(422, f"strategy: must be one of {', '.join(STRATEGIES)}")
+    scored = [CaseScore(uid, c["prediction"]["uncertainty"]["score"],
+                        tuple(c["prediction"]["uncertainty"].get("features", ())))
+              for uid, c in store.cases(name).items()
+              if c["state"] == "predicted" and (c.get("prediction") or {}).get("uncertainty")]
+    picks = rank_cases(scored, strategy, n, seed) if scored else []
+    return {"project": name, "strategy": strategy,
+            "queue": [{"study_uid": pk.case, "rank": pk.rank, "reason": pk.reason} for pk in picks]}
+
+
+@router.post("/{name}/cases/{study_uid}/accept")
+def accept(name: str, study_uid: str, request: Request, p: Principal = Depends(require_viewer)) -> dict:
+    store = _store(request)
+    if not _project(store, name).may_annotate(p.name, p.role):
+        raise HTTPException(403, f"{p.role} {p.name} is not an annotator of project {name!r}")
+    try:
+        return store.accept(name, study_uid, who(p))
+    except ProjectError as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.post("/{name}/runs")
+def start_training(name: str, request: Request, p: Principal = Depends(require_admin)) -> dict:
+    """Train the project's configuration in a separate, memory-capped process, on the accepted labels of
+    its labeled cases (or, before any, the configuration's own data); the result becomes a candidate
+    version of the project's model, with the label versions it learnt from."""
+    node = request.app.state.node
+    store = _store(request)
+    _project(store, name)
+    labels = {uid: {"version": c["labels"][-1]["version"], "sop_uid": c["labels"][-1]["sop_uid"]}
+              for uid, c in store.cases(name).items() if c["state"] == "labeled"}
+    run_id = start_run(store.root / name, node.settings.data_dir, node.settings.handler_memory_mb, who(p),
+                       archive=node.archive, labels=labels)
+    return {"project": name, "run": run_id, "labeled_cases": len(labels)}
+
+
+@router.get("/{name}/runs")
+def runs(name: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
+    """Every training run: running (epochs so far: loss, validation Dice), done (the version) or failed (why)."""
+    store = _store(request)
+    _project(store, name)
+    folder = store.root / name / "runs"
+    found = sorted(folder.iterdir()) if folder.is_dir() else []
+    return {"project": name, "runs": [run_status(r) for r in found if (r / "run.json").is_file()]}
+
+
+# ---------------------------------------------------------------- the gateway's STOW-RS
+
+async def _input_series(node, project: Project, study_uid: str, modality: str) -> list[str]:
+    url = f"{node.archive.dicomweb_url}/studies/{study_uid}/series"
+    try:
+        r = await node.http_client.get(url, params={"Modality": modality}, headers={"Accept": "application/dicom+json"})
+    except httpx.HTTPError as exc:
+        raise HTTPException(502, f"archive unreachable: {type(exc).__name__}") from None
+    if r.status_code == 404 or (r.status_code in (200, 204) and not r.content):
+        return []
+    if r.status_code != 200:
+        raise HTTPException(502, f"archive answered HTTP {r.status_code} to a series search of study {study_uid}")
+    return [s[SERIES_UID]["Value"][0] for s in r.json() if SERIES_UID in s]
+
+
+async def stow_labels(request: Request, body: bytes, p: Principal) -> list[CaseLabel]:
+    """The project-case labels among the SEGs of a STOW-RS body, checked; 409 (reason) or 403 if refused."""
+    node = request.app.state.node
+    store = _store(request)
+    segs = await asyncio.to_thread(lambda: seg_parts(multipart_parts(body, request.headers.get("content-type", ""))))
+    if not segs:
+        return []
+    series: dict[tuple[str, str], list[str]] = {}
+    for name in await asyncio.to_thread(store.names):
+        project = await asyncio.to_thread(store.get, name)
+        modality = (await asyncio.to_thread(store.train_config, name)).input.modality
+        for ds in segs:
+            study = str(ds.get("StudyInstanceUID", ""))
+            if study in project.study_uids and (name, study) not in series:
+                series[(name, study)] = await _input_series(node, project, study, modality)
+    try:
+        return await asyncio.to_thread(vet, store, segs, p.name, p.role,
+                                       lambda project, study: series.get((project.name, study), []))
+    except PermissionError as exc:
+        raise HTTPException(403, str(exc)) from None
+    except LabelRefused as exc:
+        raise HTTPException(409, f"SEG refused as a label: {exc}") from None
+
+
+async def record_labels(request: Request, labels: list[CaseLabel], p: Principal) -> None:
+    store = _store(request)
+    for lab in labels:
+        await asyncio.to_thread(store.add_label, lab.project.name, lab.study_uid, sop_uid=lab.sop_uid,
+                                series_uid=lab.series_uid, segments=lab.segments, by=who(p))

@@ -1,0 +1,168 @@
+"""The registration handler end to end into DICOM: objects valid for their IOD (dciodvfy), the
+Spatial Registration applied by an independent reader (pydicom + NumPy, no Hilum code), refusals."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from pydantic import ValidationError
+
+from node.encoders import EncodeContext, encode_all
+from node.handler_api import HandlerInput, HandlerRefusal, PriorStudy, get_handler
+from node.phantom import generate_ct
+from node.phantom.pairs import REGISTRATION_TRUTH, generate_breathing_followup, generate_head_ct_mr
+from node.registration import register
+from node.results import DeformableRegistration, ResultSet, SeriesRef
+from node.volume import Geometry, load_series
+from tests.iod import assert_valid_iod
+
+SRO = "1.2.840.10008.5.1.4.1.1.66.1"
+DSRO = "1.2.840.10008.5.1.4.1.1.66.3"
+
+
+def _ctx(name: str) -> EncodeContext:
+    return EncodeContext(job_key=f"test-{name}", rule="test", handler="registration", handler_version="1.0.0")
+
+
+def _write(datasets, tmp_path) -> list:
+    paths = []
+    for ds in datasets:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reg_dicom_head")
+    ct, mr = generate_head_ct_mr(root / "pair")
+    return root, load_series(ct.series_files()), load_series(mr.series_files())
+
+
+@pytest.fixture(scope="module")
+def mr_on_ct(head):
+    root, ct, mr = head
+    handler = get_handler("registration")({"pair": "study", "fixed_modality": "CT", "moving_modality": "MR",
+                                           "fixed_mask": "none", "moving_mask": "none"})
+    results = handler.run(HandlerInput(ct.first.StudyInstanceUID, [ct, mr]), lambda f, m: None)
+    ResultSet(results)
+    datasets = encode_all(results, {ct.series_uid: ct, mr.series_uid: mr}, _ctx("mr-ct"))
+    out = root / "out"
+    out.mkdir()
+    return datasets, _write(datasets, out)
+
+
+def test_mr_on_ct_objects_are_valid(mr_on_ct, head):
+    _, ct, mr = head
+    datasets, paths = mr_on_ct
+    by_class = {}
+    for ds, path in zip(datasets, paths):
+        by_class.setdefault(str(ds.SOPClassUID), []).append((ds, path))
+    assert set(by_class) >= {SRO, "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34"}
+    for sop_class, items in by_class.items():
+        for ds, path in items[:2] + items[-1:]:
+            assert_valid_iod(path)
+    resampled = [ds for ds, _ in by_class["1.2.840.10008.5.1.4.1.1.4"]]
+    assert len(resampled) == len(ct.datasets)
+    sro = by_class[SRO][0][0]
+    for ds in resampled:
+        assert ds.FrameOfReferenceUID == ct.first.FrameOfReferenceUID
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert ds.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == sro.SOPInstanceUID
+        mr_uids = {d.SOPInstanceUID for d in mr.datasets}
+        assert ds.SourceImageSequence and all(i.ReferencedSOPInstanceUID in mr_uids for i in ds.SourceImageSequence)
+    # Same grid as the CT, slice for slice.
+    assert np.allclose([[float(v) for v in d.ImagePositionPatient] for d in resampled],
+                       [[float(v) for v in d.ImagePositionPatient] for d in ct.datasets], atol=1e-3)
+
+
+def test_independent_reader_applies_the_spatial_registration(mr_on_ct, head):
+    root, ct, mr = head
+    datasets, _ = mr_on_ct
+    sro = next(ds for ds in datasets if ds.SOPClassUID == SRO)
+    truth = json.loads((root / "pair" / REGISTRATION_TRUTH).read_text())
+    fixed_pts = np.array([p["fixed_mm"] for p in truth["landmarks"]])
+    moving_pts = np.array([p["moving_mm"] for p in truth["landmarks"]])
+    # The reader: find the MR's Frame of Reference in the Registration Sequence, apply its matrix.
+    item = next(i for i in sro.RegistrationSequence if i.FrameOfReferenceUID == mr.first.FrameOfReferenceUID)
+    m = np.array([float(v) for v in item.MatrixRegistrationSequence[0].MatrixSequence[0]
+                  .FrameOfReferenceTransformationMatrix]).reshape(4, 4)
+    mapped = moving_pts @ m[:3, :3].T + m[:3, 3]
+    hilum = register(ct.volume, mr.volume, "rigid", metric="mattes").moving_to_fixed(moving_pts)
+    assert np.abs(mapped - hilum).max() <= 0.1
+    assert np.linalg.norm(mapped - fixed_pts, axis=1).mean() <= 2.0
+    identity = next(i for i in sro.RegistrationSequence if i.FrameOfReferenceUID == ct.first.FrameOfReferenceUID)
+    assert np.allclose([float(v) for v in identity.MatrixRegistrationSequence[0].MatrixSequence[0]
+                        .FrameOfReferenceTransformationMatrix], np.eye(4).ravel())
+
+
+def test_sr_reports_the_metric(mr_on_ct):
+    datasets, _ = mr_on_ct
+    sr = next(ds for ds in datasets if ds.Modality == "SR")
+    text = " ".join(str(e.value) for e in sr.iterall() if e.keyword in ("CodeMeaning", "TextValue"))
+    assert "Final registration metric value" in text and "rigid registration of MR" in text
+
+
+@pytest.fixture(scope="module")
+def chest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reg_dicom_chest")
+    base = generate_ct(root / "base", seed=4, rows=96, cols=96, slices=40, pixel_spacing=4.0, slice_thickness=7.5,
+                       nodules=0)
+    fu = generate_breathing_followup(base, root / "fu", breathing_mm=0.0)
+    return root, load_series(fu.series_files()), PriorStudy(base.study_uid, None, [load_series(base.series_files())])
+
+
+def test_prior_ct_rigid_objects_are_valid_and_reference_the_prior_study(chest, tmp_path):
+    _, current, prior = chest
+    handler = get_handler("registration")({"pair": "prior"})
+    results = handler.run(HandlerInput(current.first.StudyInstanceUID, [current], priors=[prior]), lambda f, m: None)
+    datasets = encode_all(results, {current.series_uid: current}, _ctx("prior"))
+    paths = _write(datasets, tmp_path)
+    sro = next(ds for ds in datasets if ds.SOPClassUID == SRO)
+    assert sro.StudiesContainingOtherReferencedInstancesSequence[0].StudyInstanceUID == prior.study_uid
+    for ds, path in zip(datasets, paths):
+        if ds.SOPClassUID != "1.2.840.10008.5.1.4.1.1.2" or ds.InstanceNumber in (1, len(current.datasets)):
+            assert_valid_iod(path)
+
+
+def test_without_a_prior_the_handler_refuses_and_says_why(chest):
+    _, current, _ = chest
+    handler = get_handler("registration")({"pair": "prior"})
+    with pytest.raises(HandlerRefusal, match="no prior study"):
+        handler.run(HandlerInput(current.first.StudyInstanceUID, [current], priors_note="source timed out"),
+                    lambda f, m: None)
+
+
+def test_params_are_validated_naming_the_field():
+    cls = get_handler("registration")
+    with pytest.raises(ValidationError, match="fixed_mask"):
+        cls({"pair": "study", "fixed_modality": "MR", "moving_modality": "CT", "fixed_mask": "body"})
+    with pytest.raises(ValidationError, match="deformable"):
+        cls({"pair": "study", "moving_modality": "MR", "moving_mask": "none", "method": "deformable"})
+    with pytest.raises(ValidationError, match="extra"):
+        cls({"pairs": "prior"})
+
+
+def test_deformable_registration_object_is_valid_and_readable(chest, tmp_path):
+    _, current, prior = chest
+    g = current.volume.geometry
+    grid = Geometry(shape=(6, 8, 8), origin=g.origin, spacing=(g.spacing[0] * 12, g.spacing[1] * 12, g.spacing[2] * 6),
+                    direction=g.direction)
+    vectors = np.random.default_rng(0).normal(0, 2, (*grid.shape, 3)).astype(np.float32)
+    pre = np.eye(4)
+    pre[:3, 3] = (3.0, -2.0, 5.0)
+    ref = lambda s: SeriesRef(s.series_uid, str(s.first.StudyInstanceUID), str(s.first.FrameOfReferenceUID), s.modality,
+                              tuple((str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in s.datasets))
+    reg = DeformableRegistration(ref(current), ref(prior.series[0]), pre, grid, vectors)
+    ds = encode_all([reg], {current.series_uid: current}, _ctx("dreg"))[0]
+    path = _write([ds], tmp_path)[0]
+    assert_valid_iod(path)
+    back = pydicom.dcmread(path)
+    item = back.DeformableRegistrationSequence[0]
+    assert item.SourceFrameOfReferenceUID == prior.series[0].first.FrameOfReferenceUID
+    g_item = item.DeformableRegistrationGridSequence[0]
+    data = np.frombuffer(g_item.VectorGridData, "<f4").reshape(*[int(v) for v in g_item.GridDimensions][::-1], 3)
+    assert np.array_equal(data, vectors)
