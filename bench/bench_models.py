@@ -116,7 +116,7 @@ def family_dice(model: str, n: int) -> list[dict]:
         fam = cfg.data.family
         first = fam.seed + 100 * fam.count  # far beyond the training seeds
         groups.append(("phantom family, held-out seeds", [
-            family_case(cache, s, r, k, cfg.labels)
+            family_case(cache, s, r, k, cfg.labels, fam.unpainted)
             for s, r, k in family_seeds(first, n, fam.rows, fam.slices, exclude=fam.exclude)]))
     for spec in cfg.data.held_out:
         groups.append((f"{spec.name} (never trained on)",
@@ -137,7 +137,9 @@ def family_dice(model: str, n: int) -> list[dict]:
                 dice[v].append(d)
         out.append({"family": family, "cases": len(cases), "flagged": flagged,
                     "confidence": float(np.mean(conf)),
-                    "dice": {names[v]: float(np.nanmean(d)) for v, d in dice.items()}})
+                    # nan: a label neither the truth nor the model has in any case (the family's liver)
+                    "dice": {names[v]: float(np.nanmean(d)) if not np.isnan(d).all() else float("nan")
+                             for v, d in dice.items()}})
     return out
 
 

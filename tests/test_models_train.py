@@ -270,3 +270,51 @@ def test_measure_only_rewrites_the_limits_of_a_trained_model_and_refuses_other_d
     other["data"]["phantom"]["seed"] = 700
     with pytest.raises(CardError, match="not the cases the model was trained on"):
         measure_only(TrainConfig.model_validate(other), log=lambda line: None)
+
+
+def test_mixed_sources_in_stages_keep_a_label_the_family_does_not_paint(tmp_path):
+    """generate_ct phantoms (with a liver) and family cases (none) in one data set, trained in three stages
+    as on a GPU machine: the fit stage runs in a process where SimpleITK cannot even be imported."""
+    import subprocess
+    import sys
+
+    raw = tiny_config(tmp_path)
+    raw["labels"][1] = {"value": 2, "name": "Liver", "source": ["liver"], "category": ANAT,
+                        "type": {"value": "10200004", "meaning": "Liver"}, "tg263": "Liver", "color": [221, 130, 101]}
+    raw["data"] = {"phantom": {"count": 2, "seed": 500, **TINY_PHANTOM},
+                   "family": {"count": 2, "seed": 40, "rows": [72], "slices": [24], "exclude": {"habitus": ["child"]},
+                              "unpainted": ["Liver"]},
+                   "validation_split": 0.5, "cache_dir": str(tmp_path / "phantoms")}
+    raw["seed"] = 4  # a split with a case of each source on each side
+    cfg = TrainConfig.model_validate(raw)
+    config = tmp_path / "mixed.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    work = train(cfg, log=lambda line: None, stages=("prepare",))
+    grid = sorted((work / "grid").glob("*/*.npz"))
+    assert len(grid) == 4
+    for path in grid:  # the family's cases teach the liver as background; the phantoms' have one
+        with np.load(path) as z:
+            assert (2 in z["label"]) == str(z["name"]).startswith("phantom"), str(z["name"])
+    fit = ("import sys; sys.modules['SimpleITK'] = None; from node.models.train import main; "
+           f"sys.exit(main([{str(config)!r}, '--stage', 'fit']))")
+    subprocess.run([sys.executable, "-c", fit], check=True, cwd=Path(__file__).parents[1], capture_output=True)
+    assert not (tmp_path / "models" / "tiny").exists() and (work / "best.pt").is_file()
+    out = train(cfg, log=lambda line: None, stages=("deploy",))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {n.split("-")[0] for n in metrics["training"]["train_cases"]} == {"phantom", "family"}
+    assert metrics["device"] in ("cpu", "cuda")  # where the fit stage ran
+    card = load_card(out)
+    assert [lab.name for lab in card.labels] == ["Left lung", "Liver"] and set(card.validation.dice) == {"Left lung", "Liver"}
+    # the validation of each source is reported apart, and the card says it in words
+    by_source = metrics["validation"]["by_source"]
+    assert set(by_source) == {"phantom family (node.phantom.family)", "hilum phantom (generate_ct)"}
+    assert any("held-out seeds of the phantom family" in line for line in card.limitations)
+
+
+def test_a_mix_is_phantom_and_family_only(tmp_path):
+    raw = tiny_config(tmp_path)
+    raw["data"]["dicom_seg"] = str(tmp_path)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CardError, match=r"data: .*give exactly one data source.*\(or phantom and family together\)"):
+        load_train_config(path)

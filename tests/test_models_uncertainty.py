@@ -121,7 +121,9 @@ def test_strategies_pick_with_a_reason():
 def test_an_unseen_phantom_variant_tops_the_uncertainty_queue(tmp_path):
     """The shipped model never saw a consolidated lung: that study's score is above the normal ones', and
     the uncertainty strategy queues it first. (An effusion phantom is *not* reliably above the normals
-    with this model: measured 0.1988 against 0.1998, so it is not asserted.)"""
+    with the first model: measured 0.1988 against 0.1998, so it is not asserted.) The margin is relative:
+    the model retrained on the phantom family (issue 22) is surer everywhere, its scores five times
+    lower (measured 0.0400 against 0.0374 for the normals)."""
     from pathlib import Path
 
     from node.phantom import generate_ct
@@ -135,6 +137,6 @@ def test_an_unseen_phantom_variant_tops_the_uncertainty_queue(tmp_path):
         record = _run(cls, load_series(sorted(Path(st.dicom_dir).iterdir())), {"uncertainty": {}})
         cases.append(CaseScore("consolidation" if opts else f"normal-{i}", record["score"], tuple(record["features"])))
     normal = max(c.score for c in cases if c.case.startswith("normal"))
-    assert cases[2].score > normal + 0.01, cases
+    assert cases[2].score > normal * 1.05, cases
     assert rank_cases(cases, "uncertainty")[0].case == "consolidation"
     assert rank_cases(cases, "diverse")[0].case == "consolidation"

@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 
 from node.models.card import CardError
 from node.models.train_config import DataSpec, FamilySource, HeldOutSpec, PhantomSource, TrainLabel
@@ -51,11 +50,12 @@ def label_lookup(labels: Sequence[TrainLabel]) -> dict[str, int]:
     return out
 
 
-def _map_names(table: dict[int, str], labels: Sequence[TrainLabel], where: str) -> dict[int, int]:
-    """data value → model value, failing when a model label finds no data label at all."""
+def _map_names(table: dict[int, str], labels: Sequence[TrainLabel], where: str,
+               unpainted: Sequence[str] = ()) -> dict[int, int]:
+    """data value → model value, failing when a model label (other than ``unpainted`` ones) finds no data label."""
     lookup = label_lookup(labels)
     mapping = {int(v): lookup[n.strip().lower()] for v, n in table.items() if n.strip().lower() in lookup}
-    missing = [lab.name for lab in labels if lab.value not in mapping.values()]
+    missing = [lab.name for lab in labels if lab.value not in mapping.values() and lab.name not in unpainted]
     if missing:
         raise CardError(f"labels: {where} has no data label for {missing} (its labels: {sorted(table.values())})")
     return mapping
@@ -121,7 +121,8 @@ def family_seeds(seed: int, count: int, rows: list[int], slices: list[int], *, e
     return out
 
 
-def family_case(cache: Path, seed: int, rows: int, slices: int, labels: Sequence[TrainLabel]) -> Case:
+def family_case(cache: Path, seed: int, rows: int, slices: int, labels: Sequence[TrainLabel],
+                unpainted: Sequence[str] = ()) -> Case:
     from node.phantom.family import generate_family_case
     from node.phantom.study import PhantomStudy
 
@@ -134,7 +135,7 @@ def family_case(cache: Path, seed: int, rows: int, slices: int, labels: Sequence
             study = generate_family_case(out, seed, rows=rows, slices=slices)
         except ValueError as exc:  # the generator names the bad option (e.g. too few rows for a wide body)
             raise CardError(f"data.family: case {seed} ({rows} rows, {slices} slices): {exc}") from None
-    return read_phantom(study, labels, name=f"family-{seed}")
+    return read_phantom(study, labels, name=f"family-{seed}", unpainted=unpainted)
 
 
 def feet_first(case: Case) -> Case:
@@ -161,7 +162,7 @@ def family_cases(spec: FamilySource, labels: Sequence[TrainLabel], cache: Path) 
     """``spec.count`` family cases (held-out kinds skipped), each in its drawn acquisition direction."""
     cases = []
     for seed, rows, slices in family_seeds(spec.seed, spec.count, spec.rows, spec.slices, exclude=spec.exclude):
-        case = family_case(cache, seed, rows, slices, labels)
+        case = family_case(cache, seed, rows, slices, labels, spec.unpainted)
         direction = spec.directions[int(np.random.default_rng([seed, 29]).integers(len(spec.directions)))]
         cases.append(feet_first(case) if direction == "FFS" else case)
     return cases
@@ -171,14 +172,17 @@ def held_out_cases(spec: HeldOutSpec, data: DataSpec, labels: Sequence[TrainLabe
     """The cases of one held-out kind (never in training)."""
     if spec.family is not None:
         rows, slices = spec.rows or data.family.rows, spec.slices or data.family.slices
-        return [family_case(cache, seed, r, n, labels)
+        unpainted = data.family.unpainted if data.family else []
+        return [family_case(cache, seed, r, n, labels, unpainted)
                 for seed, r, n in family_seeds(spec.seed, spec.count, rows, slices, only=spec.family or None)]
     phantoms = PhantomSource(count=max(2, spec.count), seed=spec.seed, **spec.phantom)
     return phantom_cases(phantoms, labels, cache)[:spec.count]
 
 
-def read_phantom(study, labels: Sequence[TrainLabel], name: str) -> Case:
+def read_phantom(study, labels: Sequence[TrainLabel], name: str, unpainted: Sequence[str] = ()) -> Case:
     """One phantom study (``PhantomStudy``): its CT series and its truth mapped onto the model's labels."""
+    import SimpleITK as sitk  # here, not at the top: training on a GPU machine imports this module without it
+
     files = [p for p in Path(study.dicom_dir).iterdir() if p.is_file()]
     series = load_series([p for p in files if _series_uid(p) == study.series_uid])
     if series.volume is None:
@@ -190,7 +194,7 @@ def read_phantom(study, labels: Sequence[TrainLabel], name: str) -> Case:
     tg = Geometry(shape=tuple(reversed(truth_img.GetSize())), origin=truth_img.GetOrigin(),
                   spacing=truth_img.GetSpacing(), direction=truth_img.GetDirection())
     truth = resample(sitk.GetArrayFromImage(truth_img), tg, series.volume.geometry, linear=False)
-    return Case(name, [series.volume], _remap(truth, _map_names(names, labels, f"phantom {name}")),
+    return Case(name, [series.volume], _remap(truth, _map_names(names, labels, f"phantom {name}", unpainted)),
                 series.datasets[0] if series.datasets else None)
 
 
@@ -299,10 +303,10 @@ def dicom_seg_cases(folder: Path, labels: Sequence[TrainLabel]) -> list[Case]:
 
 def load_cases(data: DataSpec, labels: Sequence[TrainLabel], work_dir: Path,
                log: Callable[[str], None] = print) -> list[Case]:
-    if data.phantom is not None:
-        return phantom_cases(data.phantom, labels, Path(data.cache_dir or work_dir / "phantoms"))
-    if data.family is not None:
-        return family_cases(data.family, labels, Path(data.cache_dir or work_dir / "phantoms"))
+    cache = Path(data.cache_dir or work_dir / "phantoms")
+    if data.phantom is not None or data.family is not None:
+        return ((phantom_cases(data.phantom, labels, cache) if data.phantom else [])
+                + (family_cases(data.family, labels, cache) if data.family else []))
     if data.dicomweb is not None:
         from node.models.dicomweb_source import dicomweb_cases
 

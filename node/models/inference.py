@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from node.models.card import (CardError, CTWindow, InferenceSpec, InputSpec, LabelSpec, ModelCard, Percentile,
@@ -156,6 +155,8 @@ def _antialias(img: sitk.Image, target: Geometry) -> sitk.Image:
     Bins of whole voxels are averaged first (cheap, and it shrinks a 512x512x300 CT eightfold
     for a 4 mm grid), then a Gaussian does the rest (skimage's rule: sigma = (factor - 1) / 2 voxels).
     """
+    import SimpleITK as sitk
+
     step = min(target.spacing)
     shrink = [max(1, int(step / (2 * s))) for s in img.GetSpacing()]
     if max(shrink) > 1:
@@ -175,6 +176,8 @@ def resample(array: np.ndarray, source: Geometry, target: Geometry, *, linear: b
     Points beyond the source take the nearest edge value: a scan cut by its field of view must not
     grow an artificial air border that the network would read as the body's edge.
     """
+    import SimpleITK as sitk  # here, not at the top: training on a GPU machine imports this module without it
+
     img = source.to_sitk(array if linear or array.dtype != bool else array.astype(np.uint8))
     if linear:
         img = _antialias(img, target) if antialias else sitk.Cast(img, sitk.sitkFloat32)

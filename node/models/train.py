@@ -46,14 +46,9 @@ IGNORE = 255  # label value the loss ignores: pseudo-label voxels the model was 
 class GridCase:
     """A case resampled to the network grid, padded to at least the training patch."""
 
-    def __init__(self, case: Case, cfg: TrainConfig) -> None:
-        image, grid = prepare_input(case.volumes, cfg.input, cfg.preprocessing)
-        label = resample(case.truth, case.volumes[0].geometry, grid, linear=False)
-        pads = [(0, max(0, p - s)) for s, p in zip(label.shape, cfg.patch_size)]
-        floor = image.reshape(image.shape[0], -1).min(axis=1)
-        self.image = np.stack([np.pad(image[c], pads, constant_values=floor[c]) for c in range(image.shape[0])])
-        self.name = case.name
-        self.set_label(np.pad(label, pads))
+    def __init__(self, name: str, image: np.ndarray, label: np.ndarray) -> None:
+        self.name, self.image = name, image
+        self.set_label(label)
 
     def set_label(self, label: np.ndarray) -> None:
         """The (padded) label and the foreground voxels patches are centred on (``IGNORE`` is none)."""
@@ -64,6 +59,42 @@ class GridCase:
             if value and value != IGNORE:
                 idx = np.argwhere(self.label == value)
                 self.foreground[int(value)] = idx[rng.choice(len(idx), min(len(idx), 20000), replace=False)]
+
+    @classmethod
+    def of(cls, case: Case, cfg: TrainConfig) -> "GridCase":
+        image, grid = prepare_input(case.volumes, cfg.input, cfg.preprocessing)
+        label = resample(case.truth, case.volumes[0].geometry, grid, linear=False)
+        pads = [(0, max(0, p - s)) for s, p in zip(label.shape, cfg.patch_size)]
+        floor = image.reshape(image.shape[0], -1).min(axis=1)
+        image = np.stack([np.pad(image[c], pads, constant_values=floor[c]) for c in range(image.shape[0])])
+        return cls(case.name, image, np.pad(label, pads))
+
+
+GRID_STEPS = 250
+
+
+def save_grid(cases: list[GridCase], folder: Path) -> None:
+    """The network-grid arrays of a split, so the loop can run where the source data cannot be read
+    (a GPU machine without SimpleITK or the phantom cache: ``hilum train --stage fit``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.npz"):
+        old.unlink()
+    for i, c in enumerate(cases):
+        # int16 in steps of 1/GRID_STEPS of a normalised unit (2 HU for a std of 500): far below the
+        # intensity augmentation, and half the bytes of float16 once compressed, so the set travels
+        np.savez_compressed(folder / f"{i:03d}.npz", name=c.name, label=c.label,
+                            image=np.rint(np.clip(c.image * GRID_STEPS, -32768, 32767)).astype(np.int16))
+
+
+def load_grid(folder: Path) -> list[GridCase]:
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise CardError(f"{folder}: no network-grid cases (run hilum train --stage prepare first)")
+    out = []
+    for f in files:
+        with np.load(f) as z:
+            out.append(GridCase(str(z["name"]), z["image"].astype(np.float32) / GRID_STEPS, z["label"]))
+    return out
 
 
 def _sample(cases: list[GridCase], patch: tuple[int, int, int], oversample: float, rng: np.random.Generator):
@@ -284,8 +315,67 @@ def _bar(done: int, total: int, width: int = 20) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
-def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) -> Path:
-    """Train, export, check and deploy; returns the model folder ``output_dir/<name>``."""
+STAGES = ("prepare", "fit", "deploy")
+
+
+def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print, stages=STAGES) -> Path:
+    """Train, export, check and deploy; returns the model folder ``output_dir/<name>``.
+
+    ``stages`` splits the run where the data and the accelerator live on different machines:
+    ``prepare`` writes the network-grid arrays to ``work_dir/<name>/grid``, ``fit`` trains from them
+    (torch only) and leaves best.pt + training.json there, ``deploy`` exports, checks and measures."""
+    t0 = time.time()
+    work = Path(cfg.work_dir) / cfg.name
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.output_dir) / cfg.name
+    train_cases = val_cases = grid_val = None
+    if "prepare" in stages or "deploy" in stages:
+        log(f"loading data ({cfg.data.source_name})")
+        train_cases, val_cases = _split(load_cases(cfg.data, cfg.labels, work, log), cfg.data.validation_split,
+                                        cfg.seed)
+        grid_val = [GridCase.of(c, cfg) for c in val_cases]
+    if "prepare" in stages:
+        grid_train = [GridCase.of(c, cfg) for c in train_cases]
+        if stages != STAGES:  # another process (machine) runs the loop
+            save_grid(grid_train, work / "grid" / "train")
+            save_grid(grid_val, work / "grid" / "val")
+            log(f"{len(grid_train)} training, {len(grid_val)} validation cases written to {work / 'grid'}")
+    if "fit" in stages:
+        if "prepare" not in stages:
+            grid_train, grid_val = load_grid(work / "grid" / "train"), load_grid(work / "grid" / "val")
+        _fit(cfg, grid_train, grid_val, work, log)
+    if "deploy" not in stages:
+        return work
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = build_network(cfg)
+    model.load_state_dict(torch.load(work / "best.pt", map_location="cpu")["model"])
+    model = model.cpu().eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(model, onnx_path, cfg.input.channels, cfg.inference.patch_size)
+    div = model.size_divisor
+    check = compare_onnx_torch(model, onnx_path, grid_val[0].image,
+                               [cfg.inference.patch_size, tuple(p + div for p in cfg.inference.patch_size)])
+    log(f"ONNX vs torch: max relative logit difference {check['max_relative_logit_difference']:.2e}, "
+        f"argmax agreement {check['argmax_agreement']:.5f}")
+    # float32 instance norm over large patches differs by ~1e-4 between the two runtimes
+    if check["max_relative_logit_difference"] > 5e-3 or check["argmax_agreement"] < 0.999:
+        raise RuntimeError(f"the ONNX export disagrees with the torch model: {check}")
+    training = json.loads((work / "training.json").read_text())
+    if training["train_cases"] != [c.name for c in train_cases]:
+        raise CardError("data: best.pt was not trained on these cases (training.json train_cases)")
+    extra = {"parameters": n_params, "device": training.pop("device"), "training": training, "onnx_check": check,
+             "code_version": code_version(), "strategy": training.pop("strategy")}
+    describe(cfg, out_dir, train_cases, val_cases, extra, log)
+    (out_dir / "train.yaml").write_text(config_text if config_text is not None else
+                                        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    log(f"deployed {out_dir} ({onnx_path.stat().st_size / 1e6:.2f} MB, {n_params} parameters) "
+        f"in {time.time() - t0:.0f} s")
+    return out_dir
+
+
+def _fit(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase], work: Path, log: Log) -> None:
+    """The training loop: best.pt (best validation Dice on the network grid) and training.json in ``work``."""
     t0 = time.time()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -294,15 +384,6 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg)
-    work = Path(cfg.work_dir) / cfg.name
-    work.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(cfg.output_dir) / cfg.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    log(f"loading data ({cfg.data.source_name})")
-    train_cases, val_cases = _split(load_cases(cfg.data, cfg.labels, work, log), cfg.data.validation_split, cfg.seed)
-    grid_train = [GridCase(c, cfg) for c in train_cases]
-    grid_val = [GridCase(c, cfg) for c in val_cases]
     log(f"{len(grid_train)} training, {len(grid_val)} validation cases on a {cfg.input.target_spacing} mm grid; "
         f"device {device}")
 
@@ -310,12 +391,11 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
     grid_unlabeled = []
     if semi:
         unlabeled = load_cases(cfg.strategy.unlabeled, cfg.labels, work / "unlabeled", log)
-        grid_unlabeled = [GridCase(c, cfg) for c in unlabeled]
+        grid_unlabeled = [GridCase.of(c, cfg) for c in unlabeled]
         log(f"semi-supervised: {len(grid_unlabeled)} unlabeled cases, pseudo-labels from epoch "
             f"{cfg.strategy.start_epoch} at confidence {cfg.strategy.confidence}")
     pseudo_rounds: list[dict] = []
     model = build_network(cfg).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
     opt = _optimizer(cfg, model.parameters())
     total = cfg.epochs * cfg.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
@@ -369,32 +449,12 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print) ->
             stopped_early = True
             break
 
-    model.load_state_dict(torch.load(work / "best.pt", map_location=device)["model"])
-    model = model.cpu().eval()
-    onnx_path = out_dir / "model.onnx"
-    export_onnx(model, onnx_path, cfg.input.channels, cfg.inference.patch_size)
-    div = model.size_divisor
-    check = compare_onnx_torch(model, onnx_path, grid_val[0].image,
-                               [cfg.inference.patch_size, tuple(p + div for p in cfg.inference.patch_size)])
-    log(f"ONNX vs torch: max relative logit difference {check['max_relative_logit_difference']:.2e}, "
-        f"argmax agreement {check['argmax_agreement']:.5f}")
-    # float32 instance norm over large patches differs by ~1e-4 between the two runtimes
-    if check["max_relative_logit_difference"] > 5e-3 or check["argmax_agreement"] < 0.999:
-        raise RuntimeError(f"the ONNX export disagrees with the torch model: {check}")
-
     training = {"epochs_run": len(history), "best_epoch": best_epoch, "stopped_early": stopped_early,
                 "best_val_mean_dice_network_grid": best, "wall_seconds": round(time.time() - t0, 1),
-                "train_cases": [c.name for c in train_cases], "history": history}
-    extra = {"parameters": n_params, "device": str(device), "training": training, "onnx_check": check,
-             "code_version": code_version(),
-             "strategy": {"kind": cfg.strategy.kind, "pseudo_label_rounds": pseudo_rounds,
-                          "unlabeled_cases": [c.name for c in grid_unlabeled]}}
-    describe(cfg, out_dir, train_cases, val_cases, extra, log)
-    (out_dir / "train.yaml").write_text(config_text if config_text is not None else
-                                        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    log(f"deployed {out_dir} ({onnx_path.stat().st_size / 1e6:.2f} MB, {n_params} parameters) "
-        f"in {time.time() - t0:.0f} s")
-    return out_dir
+                "device": str(device), "train_cases": [c.name for c in grid_train], "history": history,
+                "strategy": {"kind": cfg.strategy.kind, "pseudo_label_rounds": pseudo_rounds,
+                             "unlabeled_cases": [c.name for c in grid_unlabeled]}}
+    (work / "training.json").write_text(json.dumps(training, indent=2) + "\n")
 
 
 def describe(cfg: TrainConfig, out_dir: Path, train_cases: list[Case], val_cases: list[Case], extra: dict,
@@ -410,7 +470,8 @@ def describe(cfg: TrainConfig, out_dir: Path, train_cases: list[Case], val_cases
     per_case, conf = _measure(val_cases, draft, runner, names)
     dice = {n: float(np.nanmean([pc[n] for pc in per_case.values()])) for n in names.values()}
     mean_dice = float(np.mean(list(dice.values())))
-    source = ("phantom family" if cfg.data.family else "phantom" if cfg.data.phantom else
+    source = ("phantom and phantom family" if cfg.data.family and cfg.data.phantom else
+              "phantom family" if cfg.data.family else "phantom" if cfg.data.phantom else
               "DICOMweb SEG" if cfg.data.dicomweb else "DICOM SEG")
     held_out, held_out_metrics = {}, {}
     for spec in cfg.data.held_out:
@@ -427,15 +488,17 @@ def describe(cfg: TrainConfig, out_dir: Path, train_cases: list[Case], val_cases
                   "cases": len(val_cases), "mean_dice": round(mean_dice, 4),
                   "dice": {n: round(d, 4) for n, d in dice.items()},
                   "confidence": round(float(np.mean(list(conf.values()))), 4), "held_out_kinds": held_out}
+    by_source = _by_source(per_case, conf, names) if cfg.data.family and cfg.data.phantom else {}
     domain = _domain(cfg, train_cases + val_cases, source, held_out)
     plausibility = plausibility_from_truth(
         names, [(c.truth, float(np.prod(c.volumes[0].geometry.spacing)) / 1000) for c in train_cases + val_cases],
         list(conf.values()))
     card = cfg.card_draft(validation, validated_domain=domain, plausibility=plausibility,
-                          limitations=cfg.limitations + measured_limitations(validation, domain))
+                          limitations=cfg.limitations + measured_limitations(validation, domain, by_source))
     metrics = {"model": cfg.name, "version": cfg.version, "model_bytes": (out_dir / card.model_file).stat().st_size,
                **extra,
-               "validation": {"per_case": per_case, "confidence": conf, "dice": dice, "mean_dice": mean_dice},
+               "validation": {"per_case": per_case, "confidence": conf, "dice": dice, "mean_dice": mean_dice,
+                              **({"by_source": by_source} if by_source else {})},
                "held_out_kinds": held_out_metrics}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_card(card, out_dir)
@@ -468,6 +531,23 @@ def _measure(cases: list[Case], card: ModelCard, runner, names: dict[int, str]):
     return per_case, conf
 
 
+_SOURCES = {"family": "phantom family (node.phantom.family)", "phantom": "hilum phantom (generate_ct)"}
+
+
+def _by_source(per_case: dict, conf: dict, names: dict[int, str]) -> dict[str, dict]:
+    """Validation of a mixed data set per source (case names start with it): the family's held-out seeds
+    are the figure its goal is stated in, not hidden in a mean with the other painter's cases."""
+    out = {}
+    for prefix, title in _SOURCES.items():
+        cases = [c for c in per_case if c.split("-")[0] == prefix]
+        if cases:
+            dice = {n: float(np.nanmean([per_case[c][n] for c in cases])) for n in names.values()
+                    if not all(math.isnan(per_case[c][n]) for c in cases)}
+            out[title] = {"cases": len(cases), "dice": dice, "mean_dice": float(np.mean(list(dice.values()))),
+                          "confidence": float(np.mean([conf[c] for c in cases]))}
+    return out
+
+
 def _domain(cfg: TrainConfig, cases: list[Case], source: str, held_out: dict) -> ValidatedDomain:
     grid_mm = max(cfg.input.target_spacing)  # intensities as coarse as the network sees them
     facts = [measure_input(c.volumes[0], c.header, cfg.input.modality, grid_mm=grid_mm) for c in cases]
@@ -479,11 +559,15 @@ def _domain(cfg: TrainConfig, cases: list[Case], source: str, held_out: dict) ->
                              validated_on=[f"{source}: held-out seeds"] + [f"{k} (never trained on)" for k in held_out])
 
 
-def measured_limitations(validation: dict, domain: ValidatedDomain, good: float = 0.9) -> list[str]:
+def measured_limitations(validation: dict, domain: ValidatedDomain, by_source: dict | None = None,
+                         good: float = 0.9) -> list[str]:
     """Limitations the card states from what was measured, not written by hand."""
     dice = validation["dice"]
     out = [f"Measured on {validation['cases']} held-out cases: Dice "
            + ", ".join(f"{n} {d:.2f}" for n, d in dice.items()) + "."]
+    for title, m in (by_source or {}).items():
+        out.append(f"Of these, {m['cases']} held-out seeds of the {title}: Dice "
+                   + ", ".join(f"{n} {d:.2f}" for n, d in m["dice"].items()) + ".")
     weak = [f"{n} ({d:.2f})" for n, d in dice.items() if d < good]
     if weak:
         out.append(f"Below Dice {good} on held-out cases: {', '.join(weak)}.")
@@ -523,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hilum train", description="Train a model from a config file and "
                                      "deploy it as models/<name>/")
     parser.add_argument("config", type=Path)
+    parser.add_argument("--stage", choices=STAGES, action="append",
+                        help="run only this stage (repeatable): prepare the network-grid arrays, fit from them "
+                             "(e.g. on a GPU machine), deploy best.pt; default: all three in one process")
     parser.add_argument("--measure-only", action="store_true",
                         help="do not train: measure the deployed model again and rewrite its card's validation, "
                              "validated_domain, plausibility and limitations")
@@ -534,12 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure_only and args.register:
         print("error: --measure-only trains nothing to register", file=sys.stderr)
         return 2
+    if args.register and args.stage and "deploy" not in args.stage:
+        print("error: --register needs the deploy stage (it registers the deployed model)", file=sys.stderr)
+        return 2
     try:
         cfg = load_train_config(args.config)
         if args.measure_only:
             measure_only(cfg)
             return 0
-        out = train(cfg, args.config.read_text())
+        out = train(cfg, args.config.read_text(), stages=tuple(s for s in STAGES if s in (args.stage or STAGES)))
     except CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -79,6 +79,8 @@ class FamilySource(_Strict):
     slices: list[int] = Field([48], min_length=1)
     directions: list[Literal["HFS", "FFS"]] = Field(["HFS"], min_length=1)
     exclude: dict[str, list[Any]] = {}  # FamilyAnatomy field -> values kept out of training
+    # model labels the family does not paint (the liver): background in its cases, not a missing-label error
+    unpainted: list[str] = []
 
     @field_validator("exclude")
     @classmethod
@@ -207,8 +209,11 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
-        if sum(s is not None for s in (self.phantom, self.family, self.dicom_seg, self.dicomweb)) != 1:
-            raise ValueError("give exactly one data source: phantom, family, dicom_seg or dicomweb")
+        given = [s is not None for s in (self.phantom, self.family, self.dicom_seg, self.dicomweb)]
+        # phantom + family is the one mix: generate_ct's labels (a liver) with the family's varied anatomy
+        if sum(given) != 1 and given != [True, True, False, False]:
+            raise ValueError("give exactly one data source: phantom, family, dicom_seg or dicomweb "
+                             "(or phantom and family together)")
         if any(h.family is not None and not (h.rows and h.slices) for h in self.held_out) and self.family is None:
             raise ValueError("held_out: family kinds need rows and slices, or data.family's")
         names = [h.name for h in self.held_out]
@@ -218,6 +223,8 @@ class DataSpec(_Strict):
 
     @property
     def source_name(self) -> str:
+        if self.phantom is not None and self.family is not None:
+            return "phantoms and phantom family"
         if self.phantom is not None:
             return "phantoms"
         if self.family is not None:
