@@ -64,3 +64,29 @@ def test_config_from_environment_and_file(tmp_path, monkeypatch):
     s = load_settings(cfg)
     assert (s.ae_title, s.dicom_port, s.store_originals_in_orthanc) == ("FROMFILE", 11300, False)
     assert load_settings(cfg, dicom_port=11400).dicom_port == 11400  # CLI beats environment
+
+
+def test_a_start_that_fails_says_why_and_shuts_down_cleanly(tmp_path):
+    """The managed archive's port is taken, so the start fails before the later stages start: `hilum up`
+    exits 1 naming the cause, and its shutdown does not trip over the stages it never started."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.nodeproc import REPO, free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = {"data_dir": str(tmp_path / "data"), "rules_dir": str(REPO / "rules"), "dicom_host": "127.0.0.1",
+               "dicom_port": free_port(), "web_port": free_port(), "orthanc_http_port": taken.getsockname()[1],
+               "orthanc_dicom_port": free_port(), "min_free_disk_mb": 0,
+               "destinations": {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": free_port()}}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        r = subprocess.run([sys.executable, "-m", "node.cli", "up", "--config", str(tmp_path / "c.yaml")],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 1
+    assert "cannot start" in r.stderr and "Orthanc" in r.stderr
+    assert "Traceback" not in r.stderr and "cannot join thread" not in r.stderr

@@ -42,7 +42,8 @@ class DeliveryLoop:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():  # a start that failed early never started it
+            self._thread.join(timeout=60)
 
     def _run(self) -> None:
         while not self._stop.is_set():

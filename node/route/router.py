@@ -71,7 +71,8 @@ class Router:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():  # a start that failed early never started it
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         # The check is a query on an indexed column, once a second: cheap, and it needs no

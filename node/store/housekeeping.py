@@ -41,7 +41,8 @@ class Housekeeper:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():  # a start that failed early never started it
+            self._thread.join(timeout=60)
 
     def wake(self) -> None:
         self._wake.set()
