@@ -174,11 +174,13 @@ def test_two_epochs_from_dicomweb_deploy_a_valid_model(archive, tmp_path):
         ref = net(torch.from_numpy(x)).numpy()
     got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
-    # nothing but the model in its folder, nothing but checkpoints in the work folder, no secret anywhere
+    # nothing but the model in its folder; in the work folder the checkpoints and the training record the
+    # deploy stage reads (hilum train --stage); no secret anywhere
     assert sorted(p.name for p in out.iterdir()) == ["card.yaml", "metrics.json", "model.onnx", "train.yaml"]
-    assert sorted(p.name for p in (tmp_path / "work" / "tiny").iterdir()) == ["best.pt", "last.pt"]
+    work = tmp_path / "work" / "tiny"
+    assert sorted(p.name for p in work.iterdir()) == ["best.pt", "last.pt", "training.json"]
     password = archive.orthanc.endpoint.password.encode()
-    assert not any(password in p.read_bytes() for p in out.iterdir())
+    assert not any(password in p.read_bytes() for p in [*out.iterdir(), *work.iterdir()])
 
 
 def test_study_and_query_filters(archive, tmp_path):
