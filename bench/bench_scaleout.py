@@ -159,7 +159,34 @@ def throughput(tmp: Path, sleep_s: float, counts: list[int]) -> str:
     return "\n".join(lines)
 
 
-def ingest(tmp: Path, n_studies: int, per_study: int, size: int) -> str:
+def _prefill(c, n: int, template: bytes, per_series: int = 100) -> float:
+    """POST ``n`` distinct small instances (``per_series`` a series, one series a study), 4 clients at once:
+    the archive already holding many instances is what slows an SQLite index down. Returns seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+    from io import BytesIO
+
+    import pydicom
+
+    base = pydicom.dcmread(BytesIO(template))
+
+    def one(i: int) -> None:
+        ds = base.copy()
+        study, k = divmod(i, per_series)
+        ds.StudyInstanceUID = f"2.25.9{study:012d}"
+        ds.SeriesInstanceUID = f"2.25.8{study:012d}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"2.25.7{i:012d}"
+        ds.InstanceNumber = k + 1
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        c.post("/instances", content=buf.getvalue()).raise_for_status()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(n)))
+    return time.perf_counter() - t0
+
+
+def ingest(tmp: Path, n_studies: int, per_study: int, size: int, prefill: int) -> str:
     import httpx
 
     from node.archive.orthanc import ManagedOrthanc
@@ -167,8 +194,10 @@ def ingest(tmp: Path, n_studies: int, per_study: int, size: int) -> str:
 
     sts = studies(tmp / "ingest-studies", n_studies, 5000, size=size, slices=per_study)
     files = [p.read_bytes() for s in sts for p in s.series_files()]
+    small = studies(tmp / "prefill-template", 1, 6000, size=64, slices=1)[0].series_files()[0].read_bytes()
     out = [f"archive ingest: {n_studies} × {per_study} instances ({size}x{size}) POSTed to a managed Orthanc, "
-           "one client:"]
+           "one client" + (f"; again (fresh UIDs) after a pre-fill of the archive with {prefill} other instances "
+                           "(64x64, 100 a study, 4 clients)" if prefill else "")]
     for index in ("sqlite", "postgresql"):
         settings = load_settings(data_dir=tmp / f"orthanc-{index}", orthanc_http_port=free_port(),
                                  archive={"index": index})
@@ -177,22 +206,55 @@ def ingest(tmp: Path, n_studies: int, per_study: int, size: int) -> str:
         m.start()
         try:
             with httpx.Client(base_url=m.endpoint.url, auth=m.endpoint.auth, timeout=60) as c:
-                t0 = time.perf_counter()
-                for b in files:
-                    c.post("/instances", content=b).raise_for_status()
-                dt = time.perf_counter() - t0
-                assert len(c.get("/instances").json()) == len(files)
+                rounds = [("empty", files)]
+                for label, batch in rounds:
+                    t0 = time.perf_counter()
+                    for b in batch:
+                        c.post("/instances", content=b).raise_for_status()
+                    dt = time.perf_counter() - t0
+                    out.append(f"  {index:10s} {label:>18s} {dt:6.1f} s  {len(batch) / dt:6.0f} instances/s")
+                    if prefill and label == "empty":
+                        fill_s = _prefill(c, prefill, small)
+                        out.append(f"  {index:10s} {'pre-fill':>18s} {fill_s:6.1f} s  {prefill / fill_s:6.0f} "
+                                   "instances/s (4 clients)")
+                        # the same instances again would be duplicates: the second round sends fresh copies
+                        rounds.append((f"after {prefill // 1000}k", _fresh(files)))
+                stats = c.get("/statistics").json()
+                assert int(stats["CountInstances"]) == len(files) * len(rounds) + prefill, stats
         finally:
             m.stop()
-        out.append(f"  {index:10s} {dt:6.1f} s  {len(files) / dt:6.0f} instances/s")
-    out.append("  (after a 50 000-instance pre-fill: not measured; the pre-fill alone takes hours here)")
+    if not prefill:
+        out.append("  (after a 50 000-instance pre-fill: not measured in this run; --prefill 50000)")
     return "\n".join(out)
+
+
+def _fresh(files: list[bytes]) -> list[bytes]:
+    """The same instances under new UIDs (a second study of the same size)."""
+    from io import BytesIO
+
+    import pydicom
+
+    out, uid_map = [], {}
+    for b in files:
+        ds = pydicom.dcmread(BytesIO(b))
+        for tag in ("StudyInstanceUID", "SeriesInstanceUID"):
+            old = str(ds[tag].value)
+            uid_map.setdefault(old, old[:50] + ".99")
+            setattr(ds, tag, uid_map[old])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = str(ds.SOPInstanceUID)[:50] + ".99"
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", default="overhead,transfer,throughput,ingest")
+    ap.add_argument("--prefill", type=int, default=None,
+                    help="instances already in the archive before the second ingest round (default: 50000, "
+                         "0 with --quick)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as d:
@@ -205,8 +267,9 @@ def main() -> int:
         if "throughput" in parts:
             print(throughput(tmp, 1.0 if args.quick else 3.0, [1, 2] if args.quick else [1, 2, 4]), flush=True)
         if "ingest" in parts:
-            print(ingest(tmp, 2 if args.quick else 5, 40 if args.quick else 300, 64 if args.quick else 128),
-                  flush=True)
+            prefill = args.prefill if args.prefill is not None else (0 if args.quick else 50000)
+            print(ingest(tmp, 2 if args.quick else 5, 40 if args.quick else 300, 64 if args.quick else 128,
+                         prefill), flush=True)
     return 0
 
 
