@@ -36,6 +36,7 @@ __all__ = [
     "series_description",
     "choose_charset",
     "source_grid",
+    "job_time",
 ]
 
 MODEL_NAME = "Hilum"
@@ -115,6 +116,24 @@ def copy_patient_study(dst: Dataset, src: Dataset, charset: str | list[str] | No
         if keyword not in dst:
             dst.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)
     dst.StudyInstanceUID = src.StudyInstanceUID
+
+
+# Date/time pairs highdicom takes from the clock when it builds an object.
+_CLOCK_STAMPED = (("InstanceCreationDate", "InstanceCreationTime"), ("ContentDate", "ContentTime"),
+                  ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"))
+
+
+def job_time(ds: Dataset, ctx: EncodeContext) -> None:
+    """Replace the times highdicom stamped from the clock with the job's (``ctx.created``), so the
+    object is the same bytes however often the job is encoded. Its own equipment item in the
+    Contributing Equipment Sequence carries a ContributionDateTime of "now" too."""
+    for date, time in _CLOCK_STAMPED:
+        if date in ds:
+            setattr(ds, date, ctx.date)
+            setattr(ds, time, ctx.time)
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
+            item.ContributionDateTime = ctx.created.strftime("%Y%m%d%H%M%S")
 
 
 def contributing_equipment(ctx: EncodeContext) -> hd.ContributingEquipment:

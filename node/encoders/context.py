@@ -1,7 +1,8 @@
 """What every encoder needs besides the result: where it goes and where it came from."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime as _dt
+from dataclasses import dataclass, field
 
 from node import __version__
 from node.uids import derived_uid
@@ -18,6 +19,19 @@ class EncodeContext:
     series_number: int = 9000  # SeriesNumber of the first result series; modality series rarely reach it
     manufacturer: str = "Hilum"
     software_version: str = __version__
+    # The one time every object of the job carries (creation, content, series dates): the job's own
+    # creation time, so the same job encoded twice - again, or on another worker - gives the same bytes.
+    created: _dt.datetime = field(default_factory=_dt.datetime.now)
+
+    @property
+    def date(self) -> str:
+        """``created`` as a DICOM DA value."""
+        return self.created.strftime("%Y%m%d")
+
+    @property
+    def time(self) -> str:
+        """``created`` as a DICOM TM value, to the second."""
+        return self.created.strftime("%H%M%S")
 
     def uid(self, *purpose: object) -> str:
         """Deterministic UID for one object of this job, e.g. ctx.uid("seg", "series")."""

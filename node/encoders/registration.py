@@ -13,7 +13,6 @@ field convention); Post Deformation Matrix = identity.
 """
 from __future__ import annotations
 
-import datetime as _dt
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -97,7 +96,7 @@ def _base(sop_class: str, fixed: SeriesRef, moving: SeriesRef, sources: dict[str
     src = series.first
     uid_key = (kind, series_number)
     ds = new_instance(sop_class, ctx.uid(*uid_key, "instance", 1))
-    now = _dt.datetime.now()
+    now = ctx.created
     description = series_description(text, "REG")
     copy_patient_study(ds, src, choose_charset(src, [description]))
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")

@@ -9,7 +9,6 @@ with a rescale when they do not fit as they are.
 """
 from __future__ import annotations
 
-import datetime as _dt
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -78,7 +77,7 @@ def encode_resampled(res: ResampledSeries, sources: dict[str, SeriesData], ctx: 
     description = series_description(res.description, "REG")
     charset = choose_charset(src, [description])
     uid_key = ("RESAMPLED", series_number)
-    now = _dt.datetime.now()
+    now = ctx.created
     out = []
     for k in range(geom.shape[0]):
         ds = new_instance(sop_class, ctx.uid(*uid_key, "instance", k + 1))

@@ -10,7 +10,6 @@ series → every image.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import struct
 
 import numpy as np
@@ -154,7 +153,7 @@ def encode_rtstruct(
         raise ValueError(f"RTSTRUCT: source series {series.series_uid} lacks ImagePositionPatient")
 
     uid_key = ("RTSTRUCT", series_number)
-    now = _dt.datetime.now()
+    now = ctx.created
     ds = new_instance(RTStructureSetStorage, ctx.uid(*uid_key, "instance", 1))
 
     description = series_description(labelmap.description, "RTSTRUCT")

@@ -7,8 +7,6 @@ Orientation is left empty (Type 2C, "unknown").
 """
 from __future__ import annotations
 
-import datetime as _dt
-
 import highdicom as hd
 import numpy as np
 from pydicom.valuerep import format_number_as_ds
@@ -26,6 +24,7 @@ from node.encoders.common import (
     choose_charset,
     contributing_equipment,
     copy_patient_study,
+    job_time,
     new_instance,
     series_description,
     source_series,
@@ -65,6 +64,7 @@ def _common(ds: Dataset, images: ImageSeries, source: Dataset, ctx: EncodeContex
         f"Rendered by {ctx.handler} {ctx.handler_version} (rule {ctx.rule}) from series {images.source_series_uid}"
     )[:1024]
     ds.ContributingEquipmentSequence = [contributing_equipment(ctx)]
+    job_time(ds, ctx)  # highdicom's SCImage stamps the clock
 
 
 def _single_frames(images: ImageSeries, source: Dataset, ctx: EncodeContext, series_number: int,
@@ -101,7 +101,7 @@ def _multiframe(images: ImageSeries, source: Dataset, ctx: EncodeContext, series
     uid_key = ("SC", series_number)
     sop_class = (MultiFrameTrueColorSecondaryCaptureImageStorage if images.rgb
                  else MultiFrameGrayscaleByteSecondaryCaptureImageStorage)
-    now = _dt.datetime.now()
+    now = ctx.created
     ds = new_instance(sop_class, ctx.uid(*uid_key, "instance", 1))
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")

@@ -27,6 +27,7 @@ from node.encoders.common import (
     contributing_equipment,
     copy_patient_study,
     header_view,
+    job_time,
     series_description,
     source_grid,
     source_series,
@@ -253,4 +254,5 @@ def encode_seg(
     if any(present) and not all(present):
         _add_placeholder_frames(seg, [n for n, p in enumerate(present, start=1) if not p])
     copy_patient_study(seg, series.first, choose_charset(series.first, texts))
+    job_time(seg, ctx)
     return seg, seg_reference(labelmap, sources, ctx, series_number=series_number)

@@ -35,6 +35,7 @@ from node.encoders.common import (
     contributing_equipment,
     copy_patient_study,
     header_view,
+    job_time,
     series_description,
     source_series,
 )
@@ -272,6 +273,7 @@ def _document(cls, content, series: SeriesData, ctx: EncodeContext, *, uid_key: 
         specific_character_set=None,  # set by copy_patient_study
     )
     copy_patient_study(sr, series.first, choose_charset(series.first, [description, *texts]))
+    job_time(sr, ctx)
     return sr
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
-from node.jobs.worker import JobSpec, worker_main
+from node.jobs.worker import JobSpec, job_created, worker_main
 from node.models.shadow import record_agreement
 from node.models.versions import ModelRegistry, job_model
 from node.projects.intake import note_prediction
@@ -129,7 +129,7 @@ class LocalProcessExecutor(Executor):
             handler=job["handler"], params=json.loads(job["params_json"]),
             series={u: self.index.instance_paths(u) for u in uids},
             results_dir=str(self.settings.data_dir / "results"), vault=self.vault.spec(),
-            options=options,
+            options=options, created=job_created(job["created_at"]),
             # the rule's priors, when it asked (node/pacs/priors.py); which retrieves brought the input;
             # a model job's resolved version
             extra=(priors_of_job(self.index, job["id"]) | retrieved_by(self.index, uids)

@@ -194,7 +194,7 @@ class RemoteWorker:
                 spec = JobSpec(job_id=job_id, job_key=job["job_key"], study_uid=job["study_uid"], rule=job["rule"],
                                handler=job["handler"], params=job["params"], series=series,
                                results_dir=str(d / "results"), vault=VaultSpec(str(d), None),
-                               options=job.get("options") or {},
+                               options=job.get("options") or {}, created=job["created"],
                                extra={"priors_note": job["priors_note"]} if job.get("priors_note") else {})
                 meta, provenance, figures = run_job(spec, lambda f, m: self.client.progress(job_id, ticket, float(f),
                                                                                               str(m)))

@@ -7,6 +7,7 @@ network: the parent process owns both.
 from __future__ import annotations
 
 import ctypes
+import datetime as _dt
 import os
 import resource
 import time
@@ -41,6 +42,14 @@ class JobSpec:
     series_number: int = 9000
     extra: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)  # from the rule: on_quality_failure
+    # When the node created the job (its local time, ISO): the time every result object carries, so
+    # the job gives the same bytes wherever and however often it runs. Empty: now (a one-off run).
+    created: str = ""
+
+
+def job_created(created_at: float) -> str:
+    """The ``JobSpec.created`` of a job row's ``created_at`` (epoch seconds), in the node's local time."""
+    return _dt.datetime.fromtimestamp(created_at).isoformat()
 
 
 class SpoolIntegrityError(Exception):
@@ -205,6 +214,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
     ctx = EncodeContext(
         job_key=spec.job_key, rule=spec.rule, handler=cls.name, handler_version=cls.version,
         model_name=cls.model_name, model_version=cls.model_version, series_number=spec.series_number,
+        **({"created": _dt.datetime.fromisoformat(spec.created)} if spec.created else {}),
     )
     out_dir = Path(spec.results_dir) / str(spec.job_id)
     out_dir.mkdir(parents=True, exist_ok=True)

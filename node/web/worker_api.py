@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from node.jobs.broker import ticket_hash
+from node.jobs.worker import job_created
 from node.jobs.wire import FRAME, TICKET, WORKER
 from node.receive.spool import fsync_dirs
 from node.store.retrieves import priors_of_job
@@ -153,7 +154,8 @@ def claim(job_id: int, request: Request, name: str = Depends(require_worker)) ->
     return {"job_id": job_id, "job_key": job["job_key"], "study_uid": job["study_uid"], "rule": job["rule"],
             "handler": job["handler"], "params": json.loads(job["params_json"]), "series": series,
             "options": json.loads(job["options_json"]), "priors_note": _priors_note(node.index, job_id),
-            "timeout_s": job["timeout_s"] or node.settings.handler_timeout_s}
+            "timeout_s": job["timeout_s"] or node.settings.handler_timeout_s,
+            "created": job_created(job["created_at"])}  # the time the results carry: the same bytes as a local run
 
 
 def _priors_note(index, job_id: int) -> str | None:

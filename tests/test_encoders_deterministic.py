@@ -1,0 +1,116 @@
+"""The same job encoded twice gives the same bytes, for every kind of object Hilum writes.
+
+Every time an object carries is the job's (``EncodeContext.created``), never the clock's: the two
+encodings below run in different wall-clock seconds, so any clock stamp (Hilum's or highdicom's)
+shows up as a byte difference, and the job's time, a fixed day years ago, is the only date of
+the encoder's own making in them.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from io import BytesIO
+
+import numpy as np
+import pytest
+
+from node.encoders import encode_all
+from node.results import (DeformableRegistration, ImageSeries, LabelMap, Measurement, MeasurementGroup,
+                          MeasurementReport, ResampledSeries, SeriesRef, SpatialRegistration, TextFinding)
+from node.volume import Geometry, Volume
+from tests.encoder_sources import anatomy_labels, context, ct_series, segment_table
+
+JOB_CREATED = dt.datetime(2021, 3, 4, 5, 6, 7, 890123)
+KINDS = {  # SOP Class UID -> object kind, every one of which must appear
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+    "1.2.840.10008.5.1.4.1.1.7": "SC",
+    "1.2.840.10008.5.1.4.1.1.7.2": "multi-frame SC",
+    "1.2.840.10008.5.1.4.1.1.66.1": "Spatial Registration",
+    "1.2.840.10008.5.1.4.1.1.66.3": "Deformable Spatial Registration",
+    "1.2.840.10008.5.1.4.1.1.2": "resampled CT",
+}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Results of every kind on a fixed and a moving series (as one job's handlers would return)."""
+    root = tmp_path_factory.mktemp("determinism")
+    fixed = ct_series(root / "fixed", rows=32, cols=32, slices=12, seed="fixed")
+    moving = ct_series(root / "moving", rows=32, cols=32, slices=12, seed="moving")
+    g = fixed.volume.geometry
+    labels = anatomy_labels(g.shape)
+    fractions = np.stack([(labels == s.label).astype(np.float32) * 0.75 for s in segment_table()])
+    ref = lambda s: SeriesRef(s.series_uid, str(s.first.StudyInstanceUID), str(s.first.FrameOfReferenceUID),  # noqa: E731
+                              s.modality, tuple((str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in s.datasets))
+    shift = np.eye(4)
+    shift[:3, 3] = (1.0, -2.0, 0.5)
+    grid = Geometry(shape=(3, 4, 4), origin=g.origin, spacing=(8.0, 8.0, 10.0), direction=g.direction)
+    frames = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16).astype(np.uint8)
+    results = [
+        LabelMap(fixed.series_uid, g, labels, segment_table(), description="CT anatomy", fractions=fractions),
+        MeasurementReport(fixed.series_uid, "ct-anatomy", (
+            MeasurementGroup("Lung_L", "lung_left", (Measurement("volume", 12.5, "ml"),), segment_label=4),)),
+        TextFinding("the moving series was read too", moving.series_uid),
+        ImageSeries(fixed.series_uid, "Key images", frames),
+        ImageSeries(fixed.series_uid, "Cine", frames, multiframe=True),
+        SpatialRegistration(ref(fixed), ref(moving), shift, "rigid"),
+        DeformableRegistration(ref(fixed), ref(moving), shift, grid,
+                               np.random.default_rng(1).normal(0, 1, (*grid.shape, 3)).astype(np.float32)),
+        ResampledSeries(fixed.series_uid, ref(moving), Volume(moving.volume.array.copy(), g), "Moving on fixed",
+                        (40.0, 400.0), "rigid"),
+    ]
+    return results, {fixed.series_uid: fixed, moving.series_uid: moving}
+
+
+def _bytes(ds) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)  # as the worker writes result files
+    return buf.getvalue()
+
+
+def _next_second() -> None:
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.02)
+
+
+def _dates(ds):
+    """Every DA/DT value anywhere in the dataset (sequences included), with its keyword."""
+    for elem in ds.iterall():
+        if elem.VR in ("DA", "DT") and elem.value:
+            yield elem.keyword, str(elem.value)
+
+
+def test_same_job_encoded_twice_gives_identical_bytes(job):
+    results, sources = job
+    first = encode_all(results, sources, context(created=JOB_CREATED))
+    _next_second()  # a clock stamp, to the second or finer, now differs
+    second = encode_all(results, sources, context(created=JOB_CREATED))
+
+    assert {KINDS.get(str(ds.SOPClassUID), str(ds.SOPClassUID)) for ds in first} == set(KINDS.values())
+    assert [ds.SOPInstanceUID for ds in first] == [ds.SOPInstanceUID for ds in second]
+    for a, b in zip(first, second):
+        assert _bytes(a) == _bytes(b), f"{KINDS[str(a.SOPClassUID)]} {a.SOPInstanceUID} differs between encodings"
+
+
+def test_objects_carry_the_jobs_time_not_the_clock(job):
+    results, sources = job
+    today = dt.date.today().strftime("%Y%m%d")
+    for ds in encode_all(results, sources, context(created=JOB_CREATED)):
+        kind = KINDS[str(ds.SOPClassUID)]
+        assert (ds.InstanceCreationDate, ds.InstanceCreationTime) == ("20210304", "050607"), kind
+        if "ContentDate" in ds:
+            assert (ds.ContentDate, ds.ContentTime) == ("20210304", "050607"), kind
+        stamped = [(k, v) for k, v in _dates(ds) if v.startswith(today)]
+        assert not stamped, f"{kind} carries the clock's date in {stamped}"
+
+
+def test_a_later_job_gets_its_own_time(job):
+    """The time is the job's, not a constant: another job's objects say when that job was made."""
+    results, sources = job
+    later = JOB_CREATED + dt.timedelta(days=1, hours=2)
+    sr = next(ds for ds in encode_all(results[1:2], sources, context(created=later)))
+    assert (sr.ContentDate, sr.ContentTime) == ("20210305", "070607")
