@@ -126,29 +126,30 @@ def _orthanc_files(node: ClusterNode, study_uid: str) -> dict[str, bytes]:
         return {pydicom.dcmread(BytesIO(b := c.get(f"/instances/{i}/file").content)).SOPInstanceUID: b for i in found}
 
 
-def _local_run(node: ClusterNode, job_id: int, study, out: Path) -> dict[str, bytes]:
+def _local_run(node: NodeProcess, job_id: int, study, out: Path, extra: dict | None = None) -> dict[str, bytes]:
     """The same job through the local executor's code path (run_job on the node's machine): each
     result object's file, by SOP Instance UID."""
     from node.jobs.worker import JobSpec, job_created, run_job
     from node.store.vault import Vault, VaultSpec
 
-    row = node.index().job(job_id)
+    row = Index(node.data_dir / "index.db").job(job_id)
     spec = JobSpec(job_id=job_id, job_key=row["job_key"], study_uid=row["study_uid"], rule=row["rule"],
                    handler=row["handler"], params=json.loads(row["params_json"]),
                    series={row["series_uid"]: [str(p) for p in study.series_files()]},
                    results_dir=str(out / "results"), vault=VaultSpec(str(out), None),
-                   created=job_created(row["created_at"]))
+                   created=job_created(row["created_at"]), extra=extra or {})
     meta, _, _ = run_job(spec, lambda f, m: None)
     vault = Vault(out, None)
     return {m["sop_instance_uid"]: vault.read_file(Path(m["path"])) for m in meta}
 
 
-def _node_results(node: ClusterNode, job_id: int) -> dict[str, bytes]:
+def _node_results(node: NodeProcess, job_id: int) -> dict[str, bytes]:
     """The result files the node recorded for a job (what a worker uploaded), by SOP Instance UID."""
     from node.store.vault import Vault
 
     vault = Vault(node.data_dir, None)  # the test node's spool is not encrypted
-    return {r["sop_uid"]: vault.read_file(Path(r["path"])) for r in node.index().results_of_job(job_id)}
+    return {r["sop_uid"]: vault.read_file(Path(r["path"]))
+            for r in Index(node.data_dir / "index.db").results_of_job(job_id)}
 
 
 def _data_set(part10: bytes) -> bytes:

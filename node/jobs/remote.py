@@ -22,11 +22,13 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
 from node.jobs.broker import TASK, make_celery
+from node.jobs.remote_models import model_folder
 from node.jobs.worker import JobSpec, SpoolIntegrityError, run_job
 from node.store.vault import Vault, VaultSpec
 from node.jobs.wire import FRAME, TICKET, WORKER
@@ -110,6 +112,14 @@ class NodeClient:
         if got != expected or buf:
             raise RuntimeError(f"input stream incomplete: got {got}, expected {expected}")
         return paths
+
+    def model_file(self, job_id: int, ticket: str, name: str) -> Iterator[bytes]:
+        """One file of the model version the node resolved for this attempt, in chunks."""
+        with self.http.stream("GET", f"/api/worker/jobs/{job_id}/model/{name}", headers={TICKET: ticket}) as r:
+            if r.status_code == 409:
+                raise AttemptEnded("attempt ended")
+            r.raise_for_status()
+            yield from r.iter_bytes(1 << 20)
 
     def progress(self, job_id: int, ticket: str, fraction: float, message: str) -> None:
         try:
@@ -195,7 +205,8 @@ class RemoteWorker:
                                handler=job["handler"], params=job["params"], series=series,
                                results_dir=str(d / "results"), vault=VaultSpec(str(d), None),
                                options=job.get("options") or {}, created=job["created"],
-                               extra={"priors_note": job["priors_note"]} if job.get("priors_note") else {})
+                               extra=({"priors_note": job["priors_note"]} if job.get("priors_note") else {})
+                               | self._model(job, ticket))
                 meta, provenance, figures = run_job(spec, lambda f, m: self.client.progress(job_id, ticket, float(f),
                                                                                               str(m)))
             except AttemptEnded:
@@ -208,6 +219,16 @@ class RemoteWorker:
                 self.client.put_result(job_id, ticket, m["sop_instance_uid"], vault.read_file(Path(m["path"])))
             self.client.done(job_id, ticket, meta, provenance, figures)
         return f"job {job_id}: {len(meta)} result(s)"
+
+    def _model(self, job: dict, ticket: str) -> dict:
+        """A model job runs the version the node resolved (its files from the node, cached by hash),
+        never one from this host's own models/ folder."""
+        manifest = job.get("model")
+        if not manifest:
+            return {}
+        folder = model_folder(manifest, self.work_dir / "models",
+                              lambda name: self.client.model_file(job["job_id"], ticket, name))
+        return {"model_dir": str(folder), "model_version": manifest["version"]}
 
 
 def serve(node_url: str, token: str, queues: list[str], name: str, work_dir: Path, verify: str | bool = True) -> None:

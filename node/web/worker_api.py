@@ -19,12 +19,15 @@ from pathlib import Path
 import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from node.jobs.broker import ticket_hash
+from node.jobs.remote_models import ModelIntegrityError, claim_model, served_file
 from node.jobs.worker import job_created
 from node.jobs.wire import FRAME, TICKET, WORKER
+from node.models.card import CardError
+from node.models.versions import ModelRegistry
 from node.receive.spool import fsync_dirs
 from node.store.retrieves import priors_of_job
 from node.store.vault import IntegrityError
@@ -148,6 +151,7 @@ def claim(job_id: int, request: Request, name: str = Depends(require_worker)) ->
         node.executor.job_ended(job_id)
         raise HTTPException(409, "inputs purged by retention: job failed")
     series = [{"uid": u, "instances": len(node.index.instance_paths(u))} for u in uids]
+    model = _claim_model(request, job)
     node.audit.worker_access(f"worker {name}", request.client.host if request.client else None, job_id=job_id,
                              study_uid=job["study_uid"], what="inputs", ok=True,
                              objects=sum(s["instances"] for s in series))
@@ -155,7 +159,23 @@ def claim(job_id: int, request: Request, name: str = Depends(require_worker)) ->
             "handler": job["handler"], "params": json.loads(job["params_json"]), "series": series,
             "options": json.loads(job["options_json"]), "priors_note": _priors_note(node.index, job_id),
             "timeout_s": job["timeout_s"] or node.settings.handler_timeout_s,
-            "created": job_created(job["created_at"])}  # the time the results carry: the same bytes as a local run
+            "created": job_created(job["created_at"]),  # the time the results carry: the same bytes as a local run
+            "model": model}
+
+
+def _claim_model(request: Request, job) -> dict | None:
+    """The manifest of the registry version a ``model:`` job runs, resolved now, as a local run would;
+    a model without a usable version fails the job, with the reason."""
+    node = request.app.state.node
+    try:
+        return claim_model(ModelRegistry.for_data_dir(node.settings.data_dir), node.index, job)
+    except (KeyError, CardError, ModelIntegrityError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+        a = _attempt(request, job["id"])
+        node.index.end_attempt(job["id"], a["attempt"], "failed")
+        node.index.fail_job(job["id"], f"model: {reason}")
+        node.executor.job_ended(job["id"])
+        raise HTTPException(409, f"model: {reason}: job failed") from None
 
 
 def _priors_note(index, job_id: int) -> str | None:
@@ -188,6 +208,21 @@ def inputs(job_id: int, request: Request, _: str = Depends(require_worker)) -> S
             yield data
 
     return StreamingResponse(frames(), media_type="application/octet-stream")
+
+
+@router.get("/jobs/{job_id}/model/{name:path}")
+def model_file(job_id: int, name: str, request: Request, worker: str = Depends(require_worker)) -> FileResponse:
+    """One file (card or ONNX) of the model version this job's attempt was given at its claim."""
+    node = request.app.state.node
+    _attempt(request, job_id)
+    job = node.index.job(job_id)
+    try:
+        path = served_file(ModelRegistry.for_data_dir(node.settings.data_dir), json.loads(job["history_json"]), name)
+    except KeyError as exc:
+        _refuse(request, 404, f"job {job_id}: {exc.args[0]}", job_id)
+    node.audit.worker_access(f"worker {worker}", request.client.host if request.client else None, job_id=job_id,
+                             study_uid=job["study_uid"], what=f"model file {name}", ok=True, objects=1)
+    return FileResponse(path, media_type="application/octet-stream")
 
 
 @router.post("/jobs/{job_id}/progress")
