@@ -20,6 +20,17 @@ log = logging.getLogger("hilum.broker")
 TASK = "hilum.run_job"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue key of a priority step is NAME + SEP + step
+PRIORITY_STEPS = [0, 3, 6, 9]  # kombu's Redis transport: one list per step, drained lowest step first
+# A rule's priority as a broker priority. Redis serves the lowest number first, AMQP (RabbitMQ) the
+# highest, so the two get mirrored numbers; either way an urgent job queued behind offpeak ones
+# is the next one a free worker takes.
+REDIS_PRIORITY = {"urgent": 0, "normal": 3, "offpeak": 6}
+AMQP_PRIORITY = {"urgent": 9, "normal": 5, "offpeak": 0}
+
+
+def broker_priority(broker_url: str, priority: str) -> int:
+    table = REDIS_PRIORITY if broker_url.startswith(REDIS_SCHEMES) else AMQP_PRIORITY
+    return table[priority]
 
 
 def ticket_hash(ticket: str) -> str:
@@ -32,7 +43,9 @@ def make_celery(broker_url: str, visibility_timeout_s: float) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": int(visibility_timeout_s)},
+        # Redis: priority lists per queue, served in step order; AMQP: queues declared with a max priority.
+        broker_transport_options={"visibility_timeout": int(visibility_timeout_s), "priority_steps": PRIORITY_STEPS},
+        task_queue_max_priority=max(AMQP_PRIORITY.values()),
         task_serializer="json", accept_content=["json"], task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -53,7 +66,7 @@ class BrokerView:
             self.redis = redis.Redis.from_url(broker_url, socket_timeout=3, socket_connect_timeout=3)
 
     def _keys(self, queue: str) -> list[str]:
-        return [queue, *(f"{queue}{PRIORITY_SEP}{p}" for p in (3, 6, 9))]
+        return [queue, *(f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS if p)]
 
     def queue_lengths(self, queues: list[str]) -> dict[str, int] | None:
         if self.redis is None:

@@ -23,7 +23,7 @@ from typing import Callable
 
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
-from node.jobs.broker import TASK, BrokerView, make_celery, ticket_hash
+from node.jobs.broker import TASK, BrokerView, broker_priority, make_celery, ticket_hash
 from node.jobs.executor import Executor
 from node.store.index import Index
 
@@ -99,15 +99,16 @@ class CeleryExecutor(Executor):
             if job is None:
                 return
             queue = self.cfg.queue_for(job["handler"], self.rule_queue(job["rule"]))
-            self._publish(job["id"], job["attempts"], queue)
+            self._publish(job["id"], job["attempts"], queue, job["priority"])
 
-    def _publish(self, job_id: int, attempt: int, queue: str) -> None:
+    def _publish(self, job_id: int, attempt: int, queue: str, priority: str) -> None:
         ticket = secrets.token_urlsafe(32)
         task_id = f"hilum-job-{job_id}-{attempt}-{secrets.token_hex(4)}"
         self.index.add_attempt(job_id, attempt, ticket_hash(ticket), task_id, queue)
         self.index.job_progress(job_id, 0.0, f"queued on {queue}")
         try:
             self.app.send_task(TASK, args=[job_id, ticket], queue=queue, task_id=task_id,
+                               priority=broker_priority(self.cfg.broker_url, priority),
                                retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
             log.info("job %d attempt %d → queue %s", job_id, attempt, queue, extra={"job": job_id})
         except Exception as exc:  # noqa: BLE001 - broker down: the reconciler publishes it again later
@@ -148,7 +149,7 @@ class CeleryExecutor(Executor):
                 continue
             log.warning("job %d attempt %d: task no longer in the broker; publishing it again", job_id, attempt)
             self.index.job_note(job_id, {"event": "task lost by the broker: published again", "attempt": attempt})
-            self._publish(job_id, attempt, a["queue"])
+            self._publish(job_id, attempt, a["queue"], self.index.job(job_id)["priority"])
         for job_id in self.index.jobs_running_without_attempt():
             self.index.requeue_job(job_id, {"event": "requeued", "note": "running, but no attempt was dispatched"})
             self._wake.set()
