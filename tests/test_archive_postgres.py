@@ -124,3 +124,42 @@ def test_external_postgresql_by_dsn(tmp_path):
         assert psql(tmp_path / "db-server", "SELECT count(*) FROM resources WHERE resourcetype = 3") == "1"
     finally:
         external.stop()
+
+
+def _postmaster(data_dir) -> int | None:
+    """The live postmaster of the node's cluster (first line of its postmaster.pid), if any."""
+    try:
+        pid = int((data_dir / "orthanc" / "pg" / "data" / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_a_killed_postgresql_is_restarted_and_the_archive_takes_a_new_study(tmp_path, ct):
+    node = NodeProcess(tmp_path / "data", write_rules(tmp_path / "rules", destinations="[orthanc]"),
+                       archive={"index": "postgresql"}).start()
+    pg_data = (node.data_dir / "orthanc" / "pg" / "data").resolve()
+    try:
+        first = _postmaster(node.data_dir)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        second = wait_for(lambda: (p := _postmaster(node.data_dir)) not in (None, first) and p, 90,
+                          "the postmaster started again", interval=0.5)
+        assert second != first
+        log = node.log_tail(20000)
+        assert "managed PostgreSQL died (exit -9)" in log and "restarting in 1 s" in log
+        wait_for(lambda: "managed PostgreSQL restarted" in node.log_tail(20000), 60, "the restart logged")
+        # The archive, its index in the restarted cluster, takes a new study end to end.
+        assert storescu(node.dicom_port, ct.dicom_dir).returncode == 0
+        st = wait_for(lambda: _done(node, ct.study_uid, ("orthanc",)), 180, "overview delivered", interval=0.5)
+        (result,) = st["jobs"][0]["results"]
+        sops = {i["MainDicomTags"]["SOPInstanceUID"] for i in _orthanc_instances(node, ct.study_uid)}
+        assert result["sop_instance_uid"] in sops and len(sops) == 13
+        assert psql(node.data_dir, "SELECT count(*) FROM resources WHERE resourcetype = 3") == "13"
+        assert _postmaster(node.data_dir) == second  # one restart, no restart loop
+    finally:
+        node.stop()
+        node._kill_orthanc()
+        for pid in processes_in(pg_data):
+            os.kill(pid, signal.SIGKILL)

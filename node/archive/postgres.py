@@ -20,6 +20,7 @@ import pwd
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ log = logging.getLogger("hilum.postgres")
 PG_PORT = 5432  # only names the socket file (.s.PGSQL.5432): there is no TCP listener
 SUPERUSER = "hilum"
 DATABASE = "orthanc"
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # waits before each restart try; reset after 30 s up
 
 
 def pg_bin(tool: str) -> str:
@@ -68,6 +70,10 @@ class ManagedPostgres:
         self.user = _run_as()
         self._proc: subprocess.Popen | None = None
         self._dirfd: int | None = None  # the cluster directory, open: PostgreSQL's way in (see above)
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+        self._since = time.monotonic()  # when the running postmaster came up
+        self.restarts = 0
 
     def _pg_path(self, *parts: str) -> str:
         """A path inside the cluster directory as PostgreSQL's processes reach it."""
@@ -122,6 +128,16 @@ class ManagedPostgres:
             self._dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
+        self._spawn()
+        self._wait_ready(timeout)
+        self._create_database()
+        log.info("managed PostgreSQL up on %s (pid %d)", self.socket_dir, self._proc.pid)
+        self._since = time.monotonic()
+        self._stop.clear()
+        self._watch = threading.Thread(target=self._supervise, name="postgres-supervisor", daemon=True)
+        self._watch.start()
+
+    def _spawn(self) -> None:
         logf = open(self.root / "postgres.log", "ab")
         self._proc = subprocess.Popen(
             [pg_bin("postgres"), "-D", self._pg_path("data"), "-c", "listen_addresses=", "-c", f"port={PG_PORT}",
@@ -129,6 +145,8 @@ class ManagedPostgres:
             stdout=logf, stderr=subprocess.STDOUT, env=self._env(), cwd="/", start_new_session=True,
             pass_fds=[self._dirfd], preexec_fn=self._as_user(pdeathsig=signal.SIGINT))
         logf.close()
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self._ready():
             if self._proc.poll() is not None:
@@ -137,8 +155,34 @@ class ManagedPostgres:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"PostgreSQL did not answer within {timeout:.0f} s")
             time.sleep(0.2)
-        self._create_database()
-        log.info("managed PostgreSQL up on %s (pid %d)", self.socket_dir, self._proc.pid)
+
+    def _supervise(self) -> None:
+        """Start the postmaster again when it dies (killed, out of memory), waiting longer after each
+        death that follows a short life: a freshly killed postmaster's backends may hold its shared
+        memory for a moment, so a first try can fail. Orthanc's index calls fail meanwhile; the
+        node's deliveries retry them."""
+        delay = 0.0
+        while not self._stop.wait(1.0):
+            proc = self._proc
+            if proc is None or proc.poll() is None:
+                continue
+            up = time.monotonic() - self._since
+            if delay == 0.0 or up > RESTART_BACKOFF_S[-1]:
+                delay = RESTART_BACKOFF_S[0]
+            else:
+                delay = next((d for d in RESTART_BACKOFF_S if d > delay), RESTART_BACKOFF_S[-1])
+            log.error("managed PostgreSQL died (exit %s) after %.0f s up: restarting in %.0f s",
+                      proc.returncode, up, delay)
+            if self._stop.wait(delay):
+                return
+            self.restarts += 1
+            self._since = time.monotonic()
+            try:
+                self._spawn()
+                self._wait_ready(60)
+                log.warning("managed PostgreSQL restarted (pid %d, restart %d)", self._proc.pid, self.restarts)
+            except Exception as exc:  # noqa: BLE001 - keep supervising: the next try waits longer
+                log.error("PostgreSQL restart %d failed: %s", self.restarts, (str(exc).splitlines() or [exc])[0])
 
     def _ready(self) -> bool:
         return subprocess.run([pg_bin("pg_isready"), "-q", "-h", str(self.socket_dir), "-p", str(PG_PORT)],
@@ -162,7 +206,21 @@ class ManagedPostgres:
                 "Lock": True}
 
     def stop(self, timeout: float = 30.0) -> None:
-        proc = self._proc
+        self._stop.set()
+        # The postmaster first, its supervisor after: one the supervisor thread restarted gets its
+        # parent-death signal when that thread ends, which must not pre-empt the clean shutdown.
+        self._shutdown(self._proc, timeout)
+        if self._watch is not None:
+            self._watch.join(timeout=65)
+            self._watch = None
+        self._shutdown(self._proc, timeout)  # restarted by the supervisor meanwhile
+        self._proc = None
+        if self._dirfd is not None:
+            os.close(self._dirfd)
+            self._dirfd = None
+
+    @staticmethod
+    def _shutdown(proc: subprocess.Popen | None, timeout: float) -> None:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # fast shutdown: clients disconnected, data checkpointed
             try:
@@ -170,10 +228,6 @@ class ManagedPostgres:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self._proc = None
-        if self._dirfd is not None:
-            os.close(self._dirfd)
-            self._dirfd = None
 
     @property
     def pid(self) -> int | None:
