@@ -15,6 +15,7 @@ import httpx
 import pydicom
 import pytest
 
+from node.jobs.broker import redis_keys
 from node.phantom import generate_ct
 from node.store.index import Index
 from tests.nodeproc import REPO, NodeProcess, storescu, wait_for
@@ -266,12 +267,12 @@ def test_jobs_queued_across_a_redis_restart_are_not_lost(cluster, studies, tmp_p
             [a["state"] for a in index.attempts_of_job(j["id"])] == ["queued"] for j in index.jobs()),
             60, "two jobs queued in the broker")
         with redis.client() as c:
-            assert c.llen("cpu") == 2
+            assert _waiting(c) == 2
         redis.stop()
         redis.start()  # same directory and port
         with redis.client() as c:
             # With its append-only file the queue comes back; without, the node must notice the loss.
-            assert c.llen("cpu") == (2 if persistent else 0)
+            assert _waiting(c) == (2 if persistent else 0)
         worker(node, "w1", token)
         jobs = wait_for(lambda: _jobs_done(node, 2), 120, "both jobs done", interval=0.5)
         for job in jobs:
@@ -283,9 +284,14 @@ def test_jobs_queued_across_a_redis_restart_are_not_lost(cluster, studies, tmp_p
         redis.stop()
 
 
+def _waiting(c) -> int:
+    """Tasks waiting in queue cpu, in all of its priority lists."""
+    return sum(c.llen(k) for k in redis_keys("cpu"))
+
+
 def _queued_tickets(redis: RedisServer) -> dict[int, str]:
     with redis.client() as c:
-        msgs = [json.loads(m) for m in c.lrange("cpu", 0, -1)]
+        msgs = [json.loads(m) for k in redis_keys("cpu") for m in c.lrange(k, 0, -1)]
     args = [json.loads(base64.b64decode(m["body"]))[0] for m in msgs]
     return {job_id: ticket for job_id, ticket in args}
 

@@ -33,6 +33,11 @@ def broker_priority(broker_url: str, priority: str) -> int:
     return table[priority]
 
 
+def redis_keys(queue: str) -> list[str]:
+    """The Redis lists a queue's waiting tasks are in: one per priority step."""
+    return [queue, *(f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS if p)]
+
+
 def ticket_hash(ticket: str) -> str:
     return hashlib.sha256(ticket.encode()).hexdigest()
 
@@ -65,14 +70,11 @@ class BrokerView:
 
             self.redis = redis.Redis.from_url(broker_url, socket_timeout=3, socket_connect_timeout=3)
 
-    def _keys(self, queue: str) -> list[str]:
-        return [queue, *(f"{queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS if p)]
-
     def queue_lengths(self, queues: list[str]) -> dict[str, int] | None:
         if self.redis is None:
             return None
         try:
-            return {q: sum(self.redis.llen(k) for k in self._keys(q)) for q in queues}
+            return {q: sum(self.redis.llen(k) for k in redis_keys(q)) for q in queues}
         except Exception as exc:  # noqa: BLE001 - broker down: unknown, not zero
             log.debug("broker unreachable: %s", exc)
             return None
@@ -82,7 +84,7 @@ class BrokerView:
         if self.redis is None:
             return None
         try:
-            raw = [m for q in queues for k in self._keys(q) for m in self.redis.lrange(k, 0, -1)]
+            raw = [m for q in queues for k in redis_keys(q) for m in self.redis.lrange(k, 0, -1)]
             unacked = [json.loads(v)[0] for v in self.redis.hvals("unacked")]
         except Exception as exc:  # noqa: BLE001
             log.debug("broker unreachable: %s", exc)
