@@ -8,8 +8,14 @@ the encoder's own making in them.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
+import sys
 import time
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +42,11 @@ KINDS = {  # SOP Class UID -> object kind, every one of which must appear
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
+    return build_job(tmp_path_factory.mktemp("determinism"))
+
+
+def build_job(root: Path):
     """Results of every kind on a fixed and a moving series (as one job's handlers would return)."""
-    root = tmp_path_factory.mktemp("determinism")
     fixed = ct_series(root / "fixed", rows=32, cols=32, slices=12, seed="fixed")
     moving = ct_series(root / "moving", rows=32, cols=32, slices=12, seed="moving")
     g = fixed.volume.geometry
@@ -114,3 +123,22 @@ def test_a_later_job_gets_its_own_time(job):
     later = JOB_CREATED + dt.timedelta(days=1, hours=2)
     sr = next(ds for ds in encode_all(results[1:2], sources, context(created=later)))
     assert (sr.ContentDate, sr.ContentTime) == ("20210305", "070607")
+
+
+def digests(root: Path) -> list[str]:
+    """SHA-256 of every object of the job built under ``root``, in encoding order."""
+    results, sources = build_job(root)
+    return [hashlib.sha256(_bytes(ds)).hexdigest() for ds in encode_all(results, sources, context(created=JOB_CREATED))]
+
+
+def test_another_process_encodes_the_same_bytes(tmp_path):
+    """A re-run on another worker is another interpreter: other string hashes (set order), other
+    memory addresses. The objects must not depend on either."""
+    here = digests(tmp_path / "here")
+    code = ("import json, sys; from pathlib import Path; from tests.test_encoders_deterministic import digests; "
+            "print(json.dumps(digests(Path(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "PYTHONHASHSEED": "4242"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == here
