@@ -7,6 +7,7 @@ network: the parent process owns both.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import resource
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from node.encoders.context import EncodeContext
 from node.encoders.warnings import mark_warnings
 from node.handler_api import HandlerInput, HandlerRefusal, get_handler
+from node.jobs.artefacts import ArtefactCache, instance_set_key
 from node.jobs.quality import QualityPolicy, warning_findings
 from node.jobs.priors_input import load_priors
 from node.receive.spool import fsync_dirs
@@ -41,6 +43,9 @@ class JobSpec:
     series_number: int = 9000
     extra: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)  # from the rule: on_quality_failure
+
+
+log = logging.getLogger(__name__)
 
 
 class SpoolIntegrityError(Exception):
@@ -154,6 +159,22 @@ def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
     }
 
 
+def _keep_artefacts(handler, inp: HandlerInput, outputs: list, kept: ArtefactCache, series_key: str | None,
+                    clock: PhaseClock) -> None:
+    """What the handler offers later jobs on this series, once its results are accepted. A cache
+    that cannot be written costs those jobs time, not this job its results."""
+    offered = handler.artefacts(inp, outputs) if series_key else {}
+    if not offered:
+        return
+    with clock("store artefacts"):
+        _return_freed_memory()  # the encoders' buffers, before a volume-sized array is made
+        for key, array in offered.items():
+            try:
+                kept.save(series_key, key, array)
+            except OSError as exc:
+                log.warning("artefact %s of %s not kept: %s", key.name, key.producer, exc)
+
+
 def _handler_class(spec: JobSpec):
     """The handler, or for a model job the exact version folder the executor resolved for it."""
     if spec.extra.get("model_dir"):
@@ -186,6 +207,12 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
         _return_freed_memory()
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()), priors=priors,
                        priors_note=spec.extra.get("priors_note"))
+    kept = ArtefactCache(Path(spec.vault.data_dir) / "artefacts", vault)
+    series_key = instance_set_key(inp.primary) if inp.series and inp.primary.datasets else None
+    if cls.wants_artefacts and series_key:
+        with clock("artefacts"):
+            found = {key: kept.load(series_key, key) for key in cls.wants_artefacts}
+            inp.artefacts = {key: array for key, array in found.items() if array is not None}
     with clock("check"):
         handler.check(inp)
         domain_flags = list(handler.assess_input(inp))
@@ -218,6 +245,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
             fsync_dirs({out_dir})  # durable: now it may leave the node
         on_result(written[made.index])
     meta = [m for i in sorted(written) for m in written[i]]  # the plan's order, whichever lane finished first
+    _keep_artefacts(handler, inp, results.outputs, kept, series_key, clock)  # after delivery is under way
     if spec.extra.get("keep_labels"):  # a shadow pair: the label map is compared with the other version's
         from node.models.shadow import save_labels
 
