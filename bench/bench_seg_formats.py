@@ -59,11 +59,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     args = ap.parse_args()
     from node.encoders.context import EncodeContext
-    from node.encoders.seg import _segment_stack
 
     series, lm = _inputs(args.slices, args.size)
     ctx = EncodeContext(job_key="bench", rule="bench", handler="ct-anatomy", handler_version="1")
-    stack = _segment_stack(lm)
+    stack = np.stack([lm.region(s.label) for s in lm.segments], axis=-1)  # highdicom's overlapping input
     numbers = {s.label: n for n, s in enumerate(lm.segments, start=1)}
     exclusive = np.zeros_like(lm.labels)
     for label, n in numbers.items():

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from node.anatomy import AIRWAY, BONE, EXTERNAL, LUNG_L, LUNG_R, Anatomy, segment_anatomy
 from node.anatomy.plausibility import check_anatomy
-from node.handler_api import Handler, HandlerInput, HandlerRefusal, register
+from node.handler_api import ArtefactKey, Handler, HandlerInput, HandlerRefusal, register
 from node.results import SCT, Code, LabelMap, Measurement, MeasurementGroup, MeasurementReport, Segment
 from node.volume import SeriesData
 
@@ -60,6 +60,14 @@ class CTAnatomyParams(BaseModel):
     bone: bool = Field(True, description="segment the skeleton")
     working_resolution_mm: float = Field(2.0, ge=1.0, le=4.0,
                                          description="voxel size (mm) of the grid the topology is decided on")
+
+
+def lung_artefact(working_resolution_mm: float = 2.0, airway: bool = True) -> ArtefactKey:
+    """The key of ct-anatomy's lungs (LUNG_L/LUNG_R labels, 0 elsewhere) of a series, for other
+    handlers (lung-nodules) to reuse: the lungs depend on the working grid and on whether the
+    airway was carved out of them (not on the bone, segmented for the chest wall either way)."""
+    return ArtefactKey("ct-anatomy", CTAnatomy.version, "lung-labels",
+                       f"working_resolution_mm={working_resolution_mm:g};airway={airway}")
 
 
 def _refuse_header(series: SeriesData) -> None:
@@ -124,6 +132,17 @@ class CTAnatomy(Handler):
         super().check(inp)
         _refuse_header(inp.primary)
         _refuse_pixels(inp.primary)  # a strided sample: cheap next to the work it spares
+
+    def artefacts(self, inp: HandlerInput, outputs: list) -> dict:
+        p: CTAnatomyParams = self.params
+        label_map = next((o for o in outputs if isinstance(o, LabelMap)), None)
+        if label_map is None:
+            return {}
+        lungs = np.zeros(label_map.labels.shape, dtype=np.uint8)
+        for k in range(0, len(lungs), 16):  # a few slices at a time: no volume-sized temporaries
+            part = label_map.labels[k:k + 16]
+            np.copyto(lungs[k:k + 16], part, where=(part == LUNG_L) | (part == LUNG_R), casting="unsafe")
+        return {lung_artefact(p.working_resolution_mm, p.airway): lungs}
 
     def run(self, inp: HandlerInput, progress) -> list:
         p: CTAnatomyParams = self.params

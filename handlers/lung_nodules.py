@@ -26,7 +26,7 @@ import datetime as dt
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from handlers.ct_anatomy import CTAnatomy
+from handlers.ct_anatomy import CTAnatomy, lung_artefact
 from node.anatomy import segment_anatomy
 from node.handler_api import Handler, HandlerInput, PriorStudy, register
 from node.nodules.categories import volume_class
@@ -186,13 +186,16 @@ class LungNodules(Handler):
         "solid_diameter", "prior_volume", "prior_mean_diameter", "volume_change", "diameter_change", "interval",
         "volume_doubling_time"})
 
+    wants_artefacts = (lung_artefact(),)  # the lungs of a ct-anatomy job on the series, if the node has them
+
     def check(self, inp: HandlerInput) -> None:
         CTAnatomy().check(inp)  # the same refusals: a localizer, too few slices, not axial, not HU
 
-    def _detect(self, series: SeriesData) -> Detection:
+    def _detect(self, series: SeriesData, lungs: np.ndarray | None = None) -> Detection:
         p: LungNodulesParams = self.params
-        anatomy = segment_anatomy(series.volume, airway=True, bone=False)
-        return detect_nodules(series.volume, anatomy.labels, min_diameter_mm=p.min_diameter_mm,
+        if lungs is None:  # nothing kept from a ct-anatomy job (the same segmentation: lung_artefact())
+            lungs = segment_anatomy(series.volume, airway=True, bone=False).labels
+        return detect_nodules(series.volume, lungs, min_diameter_mm=p.min_diameter_mm,
                               max_candidates=10 * p.max_nodules + 50)
 
     def _followup(self, inp: HandlerInput, current: Detection, progress, flags: list) -> _Followup | None:
@@ -235,8 +238,12 @@ class LungNodules(Handler):
     def run(self, inp: HandlerInput, progress) -> list:
         p: LungNodulesParams = self.params
         series = inp.primary
-        progress(0.05, "segmenting the lungs")
-        detection = self._detect(series)
+        lungs = inp.artefacts.get(lung_artefact())
+        if lungs is not None and lungs.shape != series.volume.array.shape:
+            lungs = None  # not this volume's: never trusted
+        self.provenance["lungs"] = "kept from a ct-anatomy job" if lungs is not None else "segmented"
+        progress(0.05, "segmenting the lungs" if lungs is None else "lungs kept from ct-anatomy")
+        detection = self._detect(series, lungs)
         flags: list[QualityFlag] = []
         if not detection.region.aerated.any():
             return [TextFinding("No lungs found: no nodule analysis", series.series_uid),

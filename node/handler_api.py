@@ -13,6 +13,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from node.volume import SeriesData
@@ -59,6 +60,18 @@ class PriorStudy:
     source: str = "node"
 
 
+@dataclass(frozen=True)
+class ArtefactKey:
+    """An intermediate array one handler computes and another may reuse on the same series (e.g.
+    ct-anatomy's lungs, which lung-nodules would otherwise segment again). ``variant`` names the
+    producer's parameters the array depends on; the node adds the series and its instance set."""
+
+    producer: str  # the handler's name
+    version: str  # the handler's version: a new version never reuses an older one's arrays
+    name: str
+    variant: str = ""
+
+
 @dataclass(eq=False)
 class HandlerInput:
     study_uid: str
@@ -67,6 +80,9 @@ class HandlerInput:
     priors: list[PriorStudy] = field(default_factory=list)
     # Why priors are missing or incomplete when the rule asked for them (e.g. timed out), else None.
     priors_note: str | None = None
+    # Arrays of the primary series the node kept from an earlier job (``Handler.wants_artefacts``),
+    # for exactly this series and instance set; a handler computes what is missing itself.
+    artefacts: dict[ArtefactKey, np.ndarray] = field(default_factory=dict)
 
     @property
     def primary(self) -> SeriesData:
@@ -91,6 +107,8 @@ class Handler(ABC):
     # Provenance recorded in every result object (model name/version for AI handlers).
     model_name: ClassVar[str | None] = None
     model_version: ClassVar[str | None] = None
+    # Artefacts of other handlers' jobs on the same series this handler can use (HandlerInput.artefacts).
+    wants_artefacts: ClassVar[tuple[ArtefactKey, ...]] = ()
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
@@ -113,6 +131,11 @@ class Handler(ABC):
         before ``run``: by the rule's policy the job is refused before any compute, or runs and every
         result carries the warning. The default has no domain to compare against."""
         return []
+
+    def artefacts(self, inp: HandlerInput, outputs: list) -> dict[ArtefactKey, np.ndarray]:
+        """Arrays of the primary series worth keeping for later jobs, from this job's ``outputs``;
+        the node stores them once the results are accepted. None by default."""
+        return {}
 
     @abstractmethod
     def run(self, inp: HandlerInput, progress: Progress) -> list:

@@ -29,6 +29,18 @@ def _labelmap(source, labels=None, includes=(4, 9)) -> LabelMap:
     return LabelMap(source.series_uid, g, anatomy_labels(g.shape) if labels is None else labels, segments)
 
 
+def _highdicom_by_itself(overlap: bool, members: dict[int, tuple[int, ...]]) -> type:
+    """Plain highdicom, given overlapping segments as it documents them: a (..., segments) bool
+    stack built from the segment-numbered label map; it finds the overlap itself."""
+
+    class ByItself(hd.seg.Segmentation):
+        def __init__(self, *, pixel_array, **kwargs):
+            stack = np.stack([np.isin(pixel_array, members[n]) for n in sorted(members)], axis=-1)
+            super().__init__(pixel_array=stack, **kwargs)
+
+    return ByItself
+
+
 @pytest.mark.parametrize("case", ["organs present", "organs absent"])
 def test_known_overlap_seg_is_the_seg_highdicom_makes_by_itself(source, monkeypatch, case):
     labels = anatomy_labels(source.volume.geometry.shape)
@@ -36,7 +48,7 @@ def test_known_overlap_seg_is_the_seg_highdicom_makes_by_itself(source, monkeypa
         labels = np.where(labels == 1, 1, 0).astype(np.uint8)  # the body holds nothing it includes
     lm = _labelmap(source, labels)
     fast, _ = encode_seg(lm, {source.series_uid: source}, context(), series_number=9000)
-    monkeypatch.setattr(seg_module, "_with_known_overlap", lambda overlap: hd.seg.Segmentation)
+    monkeypatch.setattr(seg_module, "_with_known_overlap", _highdicom_by_itself)
     slow, _ = encode_seg(lm, {source.series_uid: source}, context(), series_number=9000)
     assert fast.SegmentsOverlap == slow.SegmentsOverlap == ("YES" if case == "organs present" else "NO")
     assert fast.PixelData == slow.PixelData and int(fast.NumberOfFrames) == int(slow.NumberOfFrames)

@@ -75,19 +75,34 @@ def label_contours(labels: np.ndarray, chunk: int = 32,
         label = index + 1
         if box is None or label in skip:
             continue
-        ks, js, is_ = box
-        polygons = out.setdefault(label, [])
-        for k0 in range(ks.start, ks.stop, chunk):
-            crop = labels[k0:min(k0 + chunk, ks.stop), js, is_] == label
-            for k, poly in _trace(crop):
-                poly += (js.start, is_.start)
-                polygons.append((k0 + k, poly))
+        out[label] = _box_contours(lambda ks, js, is_, label=label: labels[ks, js, is_] == label, box, chunk)
     return out
 
 
-def mask_contours(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def mask_contours(mask: np.ndarray, chunk: int = 32) -> list[tuple[int, np.ndarray]]:
     """Contours of a (slices, rows, cols) boolean mask (see ``label_contours``)."""
-    return label_contours(np.asarray(mask, dtype=np.uint8)).get(1, [])
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be 3-D (slices, rows, cols), got shape {mask.shape}")
+    mask = np.asarray(mask, dtype=bool)  # no copy of a bool mask (a uint8 copy and a labelling pass cost
+    # as much as a body outline's tracing); its bounding box from three projections instead
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        if present.size == 0:
+            return []
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return _box_contours(lambda ks, js, is_: mask[ks, js, is_], tuple(box), chunk)
+
+
+def _box_contours(crop_of, box: tuple[slice, slice, slice], chunk: int) -> list[tuple[int, np.ndarray]]:
+    """Contours of the mask ``crop_of(slices, rows, cols)`` inside ``box``, ``chunk`` slices at a time."""
+    ks, js, is_ = box
+    polygons = []
+    for k0 in range(ks.start, ks.stop, chunk):
+        for k, poly in _trace(crop_of(slice(k0, min(k0 + chunk, ks.stop)), js, is_)):
+            poly += (js.start, is_.start)
+            polygons.append((k0 + k, poly))
+    return polygons
 
 
 def _trace(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:

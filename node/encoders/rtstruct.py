@@ -36,7 +36,7 @@ from node.encoders.contours import label_contours, mask_contours
 from node.results import LabelMap
 from node.volume import Geometry, SeriesData
 
-__all__ = ["encode_rtstruct", "format_ds_values"]
+__all__ = ["encode_rtstruct", "format_ds_runs", "format_ds_values"]
 
 # RT Referenced Study Sequence items reference the study through this (retired, still
 # universally used) SOP Class: Detached Study Management.
@@ -46,11 +46,23 @@ _CONTOUR_SEQUENCE = Tag(0x3006, 0x0040)
 
 def format_ds_values(values: np.ndarray) -> bytes:
     """Backslash-separated DS text with 4 decimals (0.1 µm), at most 16 characters per value."""
+    return format_ds_runs(values, [np.asarray(values).size])[0]
+
+
+def format_ds_runs(values: np.ndarray, counts: list[int]) -> list[bytes]:
+    """``format_ds_values`` of consecutive runs of ``values`` (``counts`` values each), rounded and
+    range-checked in one pass: a structure set has tens of thousands of contours, and the NumPy
+    calls per contour cost as much as the formatting itself."""
     flat = np.round(np.asarray(values, dtype=float).ravel(), 4) + 0.0  # + 0.0 turns -0.0 into 0.0
     if flat.size and np.max(np.abs(flat)) >= 1e10:
         raise ValueError("contour coordinate beyond 1e10 mm: cannot be written as DS")
-    text = ("\\".join(["%.4f"] * flat.size) % tuple(flat.tolist())).encode("ascii")
-    return text + b" " if len(text) % 2 else text
+    numbers = flat.tolist()
+    out, start = [], 0
+    for count in counts:
+        text = ("\\".join(["%.4f"] * count) % tuple(numbers[start:start + count])).encode("ascii")
+        out.append(text + b" " if len(text) % 2 else text)
+        start += count
+    return out
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -72,21 +84,23 @@ def _text(value: str, pad: bytes = b" ") -> bytes:
     return data + pad if len(data) % 2 else data
 
 
-def _contour_sequence(contours: list[tuple[tuple[str, str], np.ndarray]]) -> RawDataElement:
+def _contour_sequence(images: list[tuple[str, str]], points: np.ndarray, counts: list[int]) -> RawDataElement:
     """The Contour Sequence of one ROI, encoded here: a big structure set has tens of thousands of
     contours and millions of coordinates, and building them as pydicom items (then serialising
-    them element by element) took most of the encoder's time. Every value is ASCII, so the bytes
-    are the same in any character set."""
+    them element by element) took most of the encoder's time. Contour i lies on ``images[i]``
+    and has the next ``counts[i]`` rows of ``points`` (x, y, z). Every value is ASCII, so the
+    bytes are the same in any character set."""
     items = []
-    for number, ((sop_class, sop_uid), xyz) in enumerate(contours, start=1):
+    data = format_ds_runs(points, [3 * n for n in counts])
+    for number, ((sop_class, sop_uid), n, xyz) in enumerate(zip(images, counts, data), start=1):
         image = _item(_element(0x00081150, b"UI", _text(sop_class, b"\0")) +
                       _element(0x00081155, b"UI", _text(sop_uid, b"\0")))
         items.append(_item(
             _element(0x30060016, b"SQ", image)
             + _element(0x30060042, b"CS", b"CLOSED_PLANAR ")
-            + _element(0x30060046, b"IS", _text(str(len(xyz))))
+            + _element(0x30060046, b"IS", _text(str(n)))
             + _element(0x30060048, b"IS", _text(str(number)))
-            + _element(0x30060050, b"DS", format_ds_values(xyz))
+            + _element(0x30060050, b"DS", xyz)
         ))
     value = b"".join(items)
     return RawDataElement(_CONTOUR_SEQUENCE, "SQ", len(value), value, 0, False, True)
@@ -211,14 +225,14 @@ def encode_rtstruct(
             ROIGenerationAlgorithm="AUTOMATIC",
             ROIGenerationDescription=f"{ctx.handler} {ctx.handler_version}"[:64],
         ))
-        contours = [
-            # polygon rows are (row, col) pixel indices on slice k
-            (image_uids[k], origins[k] + polygon[:, 1:2] * row_step + polygon[:, 0:1] * col_step)
-            for k, polygon in polygons.get(segment.label, [])
-        ]
+        mine = polygons.get(segment.label, [])
         roi_contour = _dataset(ROIDisplayColor=list(segment.color), ReferencedROINumber=number)
-        if contours:  # an empty structure is an ROI without contours (TPS show it as empty)
-            roi_contour[_CONTOUR_SEQUENCE] = _contour_sequence(contours)
+        if mine:  # an empty structure is an ROI without contours (TPS show it as empty)
+            counts = [len(polygon) for _, polygon in mine]
+            slices = np.repeat([k for k, _ in mine], counts)
+            pixels = np.concatenate([polygon for _, polygon in mine])  # (row, col) pixel indices
+            points = origins[slices] + pixels[:, 1:2] * row_step + pixels[:, 0:1] * col_step
+            roi_contour[_CONTOUR_SEQUENCE] = _contour_sequence([image_uids[k] for k, _ in mine], points, counts)
         contour_seq.append(roi_contour)
         obs_seq.append(_dataset(
             ObservationNumber=number,

@@ -116,46 +116,51 @@ def _segment_number_array(labels: np.ndarray, numbers: dict[int, int]) -> np.nda
     return out
 
 
-def _segment_stack(labelmap: LabelMap) -> np.ndarray:
-    """(slices, rows, cols, segments) bool masks, one per segment in order: overlapping regions.
-
-    A view of a (segments, slices, rows, cols) array: each segment's mask is one contiguous block,
-    so filling it, highdicom's overlap check (a sum over segments) and its frame by frame reads
-    go through memory in order, several times faster than with the segments interleaved."""
-    stack = np.empty((len(labelmap.segments), *labelmap.labels.shape), bool)
-    every_label = {s.label for s in labelmap.segments}  # a LabelMap holds no other non-zero value
-    for i, s in enumerate(labelmap.segments):
-        if {s.label, *s.includes} == every_label:
-            np.not_equal(labelmap.labels, 0, out=stack[i])  # a body outline holding every organ: one pass
-        else:
-            stack[i] = labelmap.region(s.label)
-    return np.moveaxis(stack, 0, -1)
+def _value_counts(labels: np.ndarray, length: int, chunk: int = 16) -> np.ndarray:
+    """How many voxels hold each value 0..length-1, a few slices at a time: np.bincount takes its
+    input as 8-byte integers, a 630 MB copy of a 512x512x300 uint8 label map in one go."""
+    counts = np.zeros(length, dtype=np.int64)
+    for k in range(0, len(labels), chunk):
+        counts += np.bincount(labels[k:k + chunk].ravel(), minlength=length)[:length]
+    return counts
 
 
-def _segments_overlap(labelmap: LabelMap, present: list[bool]) -> bool:
-    """Whether some voxel is in two segments: a segment includes a label that is present. A
-    label's presence is its own segment's (when that segment includes nothing else)."""
-    own = {s.label: (i, not s.includes) for i, s in enumerate(labelmap.segments)}
-    for s in labelmap.segments:
-        for label in s.includes:
-            i, exact = own[label]
-            if present[i] if exact else bool(np.any(labelmap.labels == label)):
-                return True
-    return False
+def _segment_members(labelmap: LabelMap, numbers: dict[int, int]) -> dict[int, tuple[int, ...]]:
+    """Segment number -> the segment numbers of the label-map values it covers (its own, plus
+    those it ``includes``)."""
+    return {numbers[s.label]: tuple(sorted(numbers[lab] for lab in {s.label, *s.includes}))
+            for s in labelmap.segments}
 
 
-def _with_known_overlap(overlap: bool) -> type[hd.seg.Segmentation]:
-    """highdicom's Segmentation, told whether the segment masks overlap instead of finding out: its
-    own check sums the (slices, rows, cols, segments) stack into an int64 volume, 8 bytes a voxel
-    (630 MB and a second or two for a 512x512x300 CT) to learn what the label map says."""
+def _with_known_overlap(overlap: bool, members: dict[int, tuple[int, ...]]) -> type[hd.seg.Segmentation]:
+    """highdicom's Segmentation taking the segment-numbered label map of overlapping segments.
+
+    highdicom wants overlapping segments as a (slices, rows, cols, segments) bool stack: 5 bytes a
+    voxel for a five-structure CT (390 MB at 512x512x300, and a second to fill), then sums it into
+    an int64 volume to learn whether the segments overlap. Here it keeps the label map, told the
+    overlap up front, and each frame's mask is made from the label map's plane as highdicom
+    encodes that frame: the same frames, bit for bit, with no volume-sized copy."""
     value = hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+    everything = tuple(sorted(members))
 
     class KnownOverlap(hd.seg.Segmentation):
         @classmethod
         def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type, dtype):
-            if pixel_array.dtype != np.bool_ or pixel_array.shape[-1] != len(segment_numbers):
-                raise ValueError("KnownOverlap takes a (..., segments) bool stack")
+            if pixel_array.ndim != 3 or pixel_array.dtype.kind != "u":
+                raise ValueError("KnownOverlap takes a (slices, rows, cols) segment-numbered label map")
             return pixel_array, value
+
+        @staticmethod
+        def _get_segment_pixel_array(pixel_array, segment_number, described_segment_numbers, segmentation_type,
+                                     max_fractional_value, dtype):
+            wanted = members[segment_number]
+            if len(wanted) == 1:
+                mask = pixel_array == wanted[0]
+            elif wanted == everything:  # a body outline holding every organ
+                mask = pixel_array != 0
+            else:
+                mask = np.isin(pixel_array, wanted)
+            return mask.astype(dtype)
 
     return KnownOverlap
 
@@ -213,16 +218,16 @@ def encode_seg(
         pixels = np.moveaxis(labelmap.fractions, 0, -1)  # (slices, rows, cols, segments), a view
         present = [bool(np.any(labelmap.fractions[i])) for i in range(len(labelmap.segments))]
         seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
-    elif labelmap.overlapping:
-        pixels = _segment_stack(labelmap)
-        present = [bool(pixels[..., i].any()) for i in range(len(labelmap.segments))]
-        seg_type = hd.seg.SegmentationTypeValues.BINARY
-        segmentation_class = _with_known_overlap(_segments_overlap(labelmap, present))
     else:
         pixels = _segment_number_array(labelmap.labels, numbers)
-        counts = np.bincount(pixels.ravel(), minlength=len(numbers) + 1)
-        present = [bool(c) for c in counts[1:]]
+        counts = _value_counts(pixels, len(numbers) + 1)
         seg_type = hd.seg.SegmentationTypeValues.BINARY
+        members = _segment_members(labelmap, numbers)
+        present = [any(counts[m] for m in members[n]) for n in range(1, len(numbers) + 1)]
+        if labelmap.overlapping:
+            # Two segments share a voxel when one includes a label that is present.
+            overlap = any(counts[m] for n, covered in members.items() for m in covered if m != n)
+            segmentation_class = _with_known_overlap(overlap, members)
     description = series_description(labelmap.description, "SEG" if not fractional else "SEG probability")
     texts = [description, labelmap.description] + [s.name for s in labelmap.segments]
     seg = segmentation_class(

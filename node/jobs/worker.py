@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
+import logging
 import os
 import resource
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from node.encoders.context import EncodeContext
 from node.encoders.warnings import mark_warnings
 from node.handler_api import HandlerInput, HandlerRefusal, get_handler
+from node.jobs.artefacts import ArtefactCache, instance_set_key
 from node.jobs.quality import QualityPolicy, warning_findings
 from node.jobs.priors_input import load_priors
 from node.receive.spool import fsync_dirs
@@ -50,6 +52,9 @@ class JobSpec:
 def job_created(created_at: float) -> str:
     """The ``JobSpec.created`` of a job row's ``created_at`` (epoch seconds), in the node's local time."""
     return _dt.datetime.fromtimestamp(created_at).isoformat()
+
+
+log = logging.getLogger(__name__)
 
 
 class SpoolIntegrityError(Exception):
@@ -163,6 +168,22 @@ def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
     }
 
 
+def _keep_artefacts(handler, inp: HandlerInput, outputs: list, kept: ArtefactCache, series_key: str | None,
+                    clock: PhaseClock) -> None:
+    """What the handler offers later jobs on this series, once its results are accepted. A cache
+    that cannot be written costs those jobs time, not this job its results."""
+    offered = handler.artefacts(inp, outputs) if series_key else {}
+    if not offered:
+        return
+    with clock("store artefacts"):
+        _return_freed_memory()  # the encoders' buffers, before a volume-sized array is made
+        for key, array in offered.items():
+            try:
+                kept.save(series_key, key, array)
+            except OSError as exc:
+                log.warning("artefact %s of %s not kept: %s", key.name, key.producer, exc)
+
+
 def _handler_class(spec: JobSpec):
     """The handler, or for a model job the exact version folder the executor resolved for it."""
     if spec.extra.get("model_dir"):
@@ -195,6 +216,12 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
         _return_freed_memory()
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()), priors=priors,
                        priors_note=spec.extra.get("priors_note"))
+    kept = ArtefactCache(Path(spec.vault.data_dir) / "artefacts", vault)
+    series_key = instance_set_key(inp.primary) if inp.series and inp.primary.datasets else None
+    if cls.wants_artefacts and series_key:
+        with clock("artefacts"):
+            found = {key: kept.load(series_key, key) for key in cls.wants_artefacts}
+            inp.artefacts = {key: array for key, array in found.items() if array is not None}
     with clock("check"):
         handler.check(inp)
         domain_flags = list(handler.assess_input(inp))
@@ -228,6 +255,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
             fsync_dirs({out_dir})  # durable: now it may leave the node
         on_result(written[made.index])
     meta = [m for i in sorted(written) for m in written[i]]  # the plan's order, whichever lane finished first
+    _keep_artefacts(handler, inp, results.outputs, kept, series_key, clock)  # after delivery is under way
     if spec.extra.get("keep_labels"):  # a shadow pair: the label map is compared with the other version's
         from node.models.shadow import save_labels
 
