@@ -2,7 +2,8 @@
 
 Phantoms (generated once, outside the timed runs): a baseline with random solid, ground-glass and
 part-solid nodules, nodules touching the pleura and the pulmonary vessel tree, and its follow-up
-120 days later (moved, nodules grown/shrunk/vanished/stable, one new). Each timed run is a fresh
+120 days later (moved, breathing in by 15 mm at the lung bases, nodules grown/shrunk/vanished/stable,
+one new). Each timed run is a fresh
 subprocess that loads the series (not timed), resets the peak resident set (Linux clear_refs), runs
 the handler (check + run, encoding excluded) and reads the peak (VmHWM, input volume included):
 detection + measurement on the baseline alone, then the follow-up with the baseline as its prior
@@ -27,19 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SPACING_MM = {512: 0.7}  # other sizes keep the same field of view
+BREATHING_MM = 15.0  # the follow-up's deformation (node.phantom.breathing), as the registration pairs use
 
 
 def phantoms(size: int, slices: int):
     from node.phantom import PhantomStudy, generate_ct, generate_followup
 
-    where = Path(tempfile.gettempdir()) / f"hilum-bench-nodules-{size}x{slices}"
+    where = Path(tempfile.gettempdir()) / f"hilum-bench-nodules-{size}x{slices}-breathing{BREATHING_MM:g}"
     if (where / "later" / "phantom.json").is_file():
         return PhantomStudy.open(where / "base"), PhantomStudy.open(where / "later")
     spacing = SPACING_MM.get(size, round(0.7 * 512 / size, 3))
     base = generate_ct(where / "base", seed=19, rows=size, cols=size, slices=slices, pixel_spacing=spacing,
                        slice_thickness=1.0, nodules=10, nodule_diameter_mm=(5.0, 16.0), ground_glass_fraction=0.3,
                        part_solid_fraction=0.2, pleural_nodules=2, vessels=True)
-    later = generate_followup(base, where / "later", interval_days=120, new_nodules=1)
+    later = generate_followup(base, where / "later", interval_days=120, new_nodules=1, breathing_mm=BREATHING_MM)
     return base, later
 
 

@@ -21,7 +21,7 @@ from node.handler_api import HandlerInput, HandlerRefusal, PriorStudy, get_handl
 from node.nodules.detect import detect_nodules
 from node.nodules.followup import change, match
 from node.phantom import generate_ct, generate_followup, generate_mr
-from node.results import ImageSeries, LabelMap, MeasurementReport, ResultSet
+from node.results import ImageSeries, LabelMap, MeasurementReport, ResultSet, TextFinding
 from node.volume import SeriesData, Volume, load_series
 from tests.encoder_sources import context, save_valid
 
@@ -257,20 +257,25 @@ def test_too_many_nodules_is_a_quality_flag(phantom):
     assert len(hits) == 3 and not fps
 
 
+BASES_Z_MM = -30.0  # the follow-up phantoms span z -70..10 mm: the lower lungs, where breathing moves most
+BREATHING_MM = 15.0  # node.phantom.breathing's amplitude, as the registration pairs use it
+
+
 @pytest.fixture(scope="module")
 def followup(tmp_path_factory):
-    """A baseline with 6-14 mm nodules and its follow-up 120 days later (moved, rotated; each nodule
-    grown, shrunk, vanished or stable, plus a new one), both run through the handler."""
+    """A baseline with 6-14 mm nodules of the lower lungs and its follow-up 120 days later (moved,
+    rotated and breathing in: the nodules move 1-7 mm against each other besides the rigid move; each
+    grown, shrunk, vanished or stable, plus a new one), both run through the handler with its default
+    (deformable) registration."""
     root = tmp_path_factory.mktemp("followup")
-    base = generate_ct(root / "base", seed=11, **THIN, nodules=6, nodule_diameter_mm=(6.0, 14.0),
-                       ground_glass_fraction=0.3)
+    base = generate_ct(root / "base", seed=11, **{**THIN, "z_center_mm": BASES_Z_MM}, nodules=6,
+                       nodule_diameter_mm=(6.0, 14.0), ground_glass_fraction=0.3)
     later = generate_followup(base, root / "later", interval_days=120, rotation_deg=(1.0, -1.0, 3.0),
-                              shift_mm=(5.0, -3.0, 6.0), new_nodules=1)
+                              shift_mm=(5.0, -3.0, 6.0), new_nodules=1, breathing_mm=BREATHING_MM)
     base_series, later_series = load_series(base.series_files()), load_series(later.series_files())
-    params = {"registration": "rigid"}
-    first = get_handler("lung-nodules")(params).run(HandlerInput(base.study_uid, [base_series]), lambda f, m: None)
+    first = get_handler("lung-nodules")().run(HandlerInput(base.study_uid, [base_series]), lambda f, m: None)
     prior = PriorStudy(base.study_uid, None, [base_series])
-    second = get_handler("lung-nodules")(params).run(
+    second = get_handler("lung-nodules")().run(
         HandlerInput(later.study_uid, [later_series], priors=[prior]), lambda f, m: None)
     return base, later, (base_series, first), (later_series, second)
 
@@ -287,6 +292,8 @@ def _value(group, name):
 def test_followup_matches_and_reports_change(followup):
     base, later, (base_series, first), (later_series, second) = followup
     assert not ResultSet(second).flags
+    texts = " ".join(r.text for r in second if isinstance(r, TextFinding))
+    assert "Compared with the prior study" in texts and "registered rigidly" not in texts  # deformable, no fallback
     changes = {c["id"]: c for c in later.changes["nodules"]}
     # Which baseline nodule each first-run tracking id is (by position in the baseline).
     first_lm = next(r for r in first if isinstance(r, LabelMap))
@@ -359,7 +366,7 @@ def test_followup_takes_identities_from_the_priors_own_report(followup):
     sr_series = SeriesData(str(sr.SeriesInstanceUID), "SR", [sr])
     later_series = load_series(later.series_files())
     prior = PriorStudy(base.study_uid, None, [base_series, sr_series])
-    results = get_handler("lung-nodules")({"registration": "rigid"}).run(
+    results = get_handler("lung-nodules")().run(
         HandlerInput(later.study_uid, [later_series], priors=[prior]), lambda f, m: None)
     groups = _groups(results)
     by_uid = {uids[name]: rename[name] for name in uids}

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from node.phantom.chest import (
 )
 from node.phantom.dicom_io import TRANSFER_SYNTAXES, InstanceWriter, SeriesInfo, StudyInfo, set_pixel_format, \
     series_template
+from node.phantom.breathing import MODEL as BREATHING_MODEL, deform_codes, moved_to, padded
 from node.phantom.checks import choice, fail, float_in, int_in, vector
 from node.phantom.ct_pixels import HU_MAX, HU_MIN, Signal, lay_table, padding_bits, stored_values
 from node.phantom.grid import Pose, axial_geometry, render_codes
@@ -232,6 +233,7 @@ class _Plan:
     changes: dict | None = None  # follow-up truth, written as changes.json
     nodule_status: dict | None = None  # nodule id → change status (follow-up)
     followup_of: str | None = None
+    breathing_mm: float = 0.0  # > 0: the anatomy drawn breathing (node.phantom.breathing), nodules as spheres
 
 
 def _geometry(opts: CTOptions) -> Geometry:
@@ -286,7 +288,10 @@ def _write_study(out: Path, plan: _Plan) -> PhantomStudy:
         code = codebook.add(MARKER, hu)
         anatomy.spheres.append(Sphere(tuple(pose.to_anatomy(center)), radius, code))
     n_sub = _n_sub(opts.slice_thickness)
-    codes = render_codes(lambda cv: ChestPainter(anatomy, cv).paint, geom, pose, n_sub)
+    if plan.breathing_mm > 0:
+        codes = _breathing_codes(anatomy, geom, pose, n_sub, plan.breathing_mm)
+    else:
+        codes = render_codes(lambda cv: ChestPainter(anatomy, cv).paint, geom, pose, n_sub)
     label_lut, _, _ = codebook.luts()
     patient = np.zeros(256, bool)
     patient[: len(codebook.label)] = [CT_LABELS[v].patient for v in codebook.label]
@@ -323,6 +328,30 @@ def _write_study(out: Path, plan: _Plan) -> PhantomStudy:
     if plan.localizer_uid:
         series[plan.localizer_uid] = [_write_localizer(dicom, plan, anatomy, codebook)]
     return _write_truth(out, plan, series, table_y)
+
+
+def _breathing_codes(anatomy: ChestAnatomy, geom: Geometry, pose: Pose, n_sub: int, amplitude_mm: float):
+    """The anatomy drawn breathing, its spheres (nodules, markers) drawn afterwards undeformed where
+    the plan put them: a warp would stretch a nodule by the deformation's local volume change."""
+    spheres, anatomy.spheres = anatomy.spheres, []
+    try:
+        big, _ = padded(geom, amplitude_mm)
+        rigid = render_codes(lambda cv: ChestPainter(anatomy, cv).paint, big, pose, n_sub)
+        codes = deform_codes(rigid, big, geom, pose, n_sub, amplitude_mm)
+    finally:
+        anatomy.spheres = spheres
+    del rigid
+
+    def spheres_only(cv):
+        def paint(z, into, clear=True):
+            cv.start(z, into, clear)
+            for sp in spheres:
+                cv.paint(sp.code, cv.sphere(sp.center, sp.radius))
+        return paint
+
+    drawn = render_codes(spheres_only, geom, pose, n_sub)
+    np.copyto(codes, drawn, where=drawn > 0)
+    return codes
 
 
 def _ct_template(plan: _Plan):
@@ -532,13 +561,17 @@ def _vdt(c, interval_days: int) -> float | None:
 
 def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, *, seed: int | None = None,
                       interval_days: int = 180, shift_mm=None, rotation_deg=None, new_nodules: int = 1,
-                      growth: float = 1.35, shrinkage: float = 0.7, **overrides) -> PhantomStudy:
+                      growth: float = 1.35, shrinkage: float = 0.7, breathing_mm: float = 0.0,
+                      **overrides) -> PhantomStudy:
     """A later CT study of the baseline's patient: moved a little, nodules changed, truth of each change.
 
     The patient is moved rigidly by ``rotation_deg`` (about x, y, z) and ``shift_mm`` (defaults:
     small, drawn from the seed); every baseline nodule is grown, shrunk, vanished or stable (each
-    status used before any repeats) and ``new_nodules`` appear. ``overrides`` change CTOptions
-    of the baseline (e.g. slice_thickness, contrast, transfer_syntax); nodule options cannot.
+    status used before any repeats) and ``new_nodules`` appear. ``breathing_mm`` > 0 also deforms
+    the anatomy as breathing in does (node.phantom.breathing, the registration pairs' model): the
+    lower lungs move most; each nodule moves with its tissue but stays a sphere of its stated size,
+    so its truth (centre, volume, doubling time) stays exact. ``overrides`` change CTOptions of the
+    baseline (e.g. slice_thickness, contrast, transfer_syntax); nodule options cannot.
     """
     base = baseline if isinstance(baseline, PhantomStudy) else PhantomStudy.open(baseline)
     m = base.manifest
@@ -574,6 +607,11 @@ def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, 
               for n in m["anatomy_nodules"]]
     changes = evolve(rng, before, room, new_nodules, opts.nodule_diameter_mm, opts.ground_glass_fraction,
                      growth, shrinkage)
+    breathing_mm = float_in("breathing_mm", breathing_mm, 0.0, 30.0)
+    if breathing_mm > 0:  # each follow-up nodule drawn where breathing moved its tissue
+        changes = [replace(c, followup=c.followup and replace(
+            c.followup, center=tuple(float(round(v, 3)) for v in moved_to(c.followup.center, breathing_mm))))
+            for c in changes]
 
     def where(nod: Nodule | None, p: Pose) -> dict | None:
         if nod is None:
@@ -591,6 +629,10 @@ def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, 
             "rotation_deg": list(rotation_deg),
             "rotation_order": "about x, then y, then z (patient axes)",
             "translation_mm": list(shift_mm),
+            **({"breathing": {"amplitude_mm": breathing_mm, "model": BREATHING_MODEL,
+                              "note": "besides M, the anatomy is deformed: the follow-up shows at p the anatomy at "
+                                      "u + d(u), u = M^-1 p; nodules stay spheres, centred where their tissue "
+                                      "moved to (followup.center_mm)"}} if breathing_mm > 0 else {}),
         },
         "nodules": [
             {"id": c.id, "status": c.status, "baseline": where(c.baseline, base_pose), "followup": where(c.followup, pose),
@@ -601,7 +643,7 @@ def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, 
         ],
     }
     identity = ("hilum-phantom", "followup", base.study_uid, seed, opts.identity(), interval_days,
-                rotation_deg, shift_mm, new_nodules, growth, shrinkage)
+                rotation_deg, shift_mm, new_nodules, growth, shrinkage, *((breathing_mm,) if breathing_mm else ()))
     when = date.fromisoformat(f"{m['study_date'][:4]}-{m['study_date'][4:6]}-{m['study_date'][6:]}")
     plan = _Plan(
         opts=opts, seed=seed, geom=geom, pose=pose, nodules=[c.followup for c in changes if c.followup],
@@ -610,5 +652,6 @@ def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, 
         series_uid=derived_uid(*identity, "series"), frame_uid=derived_uid(*identity, "frame-of-reference"),
         localizer_uid=derived_uid(*identity, "localizer") if opts.localizer else None,
         changes=change_json, nodule_status={c.id: c.status for c in changes}, followup_of=base.study_uid,
+        breathing_mm=breathing_mm,
     )
     return _write_study(out, plan)

@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 from scipy import ndimage
 
+from node.phantom.breathing import DIAPHRAGM_Z_MM, MODEL, breathing_displacement
 from node.phantom.checks import float_in, int_in, vector
 from node.phantom.ct import CT_IMAGE_STORAGE, ct_acquisition
 from node.phantom.ct_pixels import HU_MIN
@@ -37,23 +38,6 @@ from node.volume import Geometry, load_series
 __all__ = ["generate_breathing_followup", "generate_head_ct_mr", "breathing_displacement", "REGISTRATION_TRUTH"]
 
 REGISTRATION_TRUTH = "registration.json"
-DIAPHRAGM_Z_MM = -85.0  # where the breathing displacement peaks (the domes and the lower lobes)
-_Z_WIDTH_MM, _X_LUNG_MM, _X_WIDTH_MM, _Y_WIDTH_MM = 50.0, 72.0, 45.0, 90.0
-
-
-def breathing_displacement(points, amplitude_mm: float) -> np.ndarray:
-    """(..., 3) baseline mm → (..., 3) displacement: mostly along z (the diaphragm descends), a
-    third of it forward/back; Gaussian bumps over each lung's base, ~6 % of it at the spine."""
-    p = np.asarray(points, float)
-    x, y, z = p[..., 0], p[..., 1], p[..., 2]
-    w = (np.exp(-(((np.abs(x) - _X_LUNG_MM) / _X_WIDTH_MM) ** 2)) * np.exp(-((y / _Y_WIDTH_MM) ** 2))
-         * np.exp(-(((z - DIAPHRAGM_Z_MM) / _Z_WIDTH_MM) ** 2)))
-    d = np.zeros_like(p)
-    d[..., 1] = -amplitude_mm / 3.0 * w
-    d[..., 2] = amplitude_mm * w
-    return d
-
-
 def _true_map(points, move: np.ndarray, amplitude_mm: float) -> np.ndarray:
     """Follow-up mm → baseline mm (see the module docstring)."""
     q = (np.asarray(points, float) - move[:3, 3]) @ np.linalg.inv(move[:3, :3]).T
@@ -160,7 +144,7 @@ def generate_breathing_followup(baseline: PhantomStudy | str | Path, out_dir: st
         "rigid_moving_to_fixed": move.tolist(),
         "rotation_deg": list(rotation_deg), "translation_mm": list(shift_mm),
         "breathing": {"amplitude_mm": breathing_mm, "diaphragm_z_mm": DIAPHRAGM_Z_MM,
-                      "model": "node.phantom.pairs.breathing_displacement"},
+                      "model": MODEL},
         "displacement_file": "displacement.npz: displacement_mm = moving_mm - fixed_mm at the fixed grid's voxels "
                              "(slices, rows, cols, 3), every step-th voxel per axis (step = (k, j, i))",
         "landmarks": pairs,
