@@ -126,6 +126,20 @@ def test_prior_ct_rigid_objects_are_valid_and_reference_the_prior_study(chest, t
     for ds, path in zip(datasets, paths):
         if ds.SOPClassUID != "1.2.840.10008.5.1.4.1.1.2" or ds.InstanceNumber in (1, len(current.datasets)):
             assert_valid_iod(path)
+    # Without landmarks the SR reports the residual distance between the body surfaces, in mm: the
+    # pair only moved rigidly, so what is left is about a voxel (4 mm here) at most.
+    sr = next(ds for ds in datasets if ds.Modality == "SR")
+    values = {}
+    for e in sr.iterall():
+        if e.keyword == "MeasuredValueSequence" and e.value:
+            item = e.value[0]
+            values.setdefault(item.MeasurementUnitsCodeSequence[0].CodeValue, []).append(float(item.NumericValue))
+    text = " ".join(str(e.value) for e in sr.iterall() if e.keyword == "CodeMeaning")
+    assert "Mean mask surface distance after registration" in text
+    assert "95th percentile mask surface distance after registration" in text
+    assert len(values.get("mm", [])) == 2, values
+    mean, p95 = values["mm"]
+    assert 0.0 <= mean <= 2.0 and mean <= p95 <= 4.5, values
 
 
 def test_without_a_prior_the_handler_refuses_and_says_why(chest):
