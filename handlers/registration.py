@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from node.handler_api import Handler, HandlerInput, HandlerRefusal, register
-from node.registration import RegistrationRefusal, check_pair, ct_mask, metric_for
+from node.registration import RegistrationRefusal, check_pair, ct_mask, metric_for, surface_distance
 from node.registration import register as register_images
 from node.results import (
     DeformableRegistration,
@@ -199,6 +199,13 @@ class Registration(Handler):
                                        labels=True).array > 0
             dice = 2 * np.sum(carried & fixed_mask) / max(1, carried.sum() + fixed_mask.sum())
             measurements.append(Measurement("mask_overlap", round(100 * float(dice), 2), "%"))
+            # No landmarks in clinical data: the residual distance is that between the mask surfaces.
+            seen = outcome.resample(type(moving.volume)(np.ones(moving.volume.array.shape, np.uint8),
+                                                        moving.volume.geometry), labels=True, default=0).array > 0
+            residual = surface_distance(carried, fixed_mask, fixed.volume.geometry, within=seen)
+            if residual is not None:
+                measurements += [Measurement("mask_surface_distance_mean", round(residual.mean_mm, 2), "mm"),
+                                 Measurement("mask_surface_distance_p95", round(residual.p95_mm, 2), "mm")]
         results.append(MeasurementReport(fixed.series_uid, "registration", (
             MeasurementGroup("Registration", "registration", tuple(measurements)),), title="Registration report"))
         results.append(TextFinding(

@@ -413,21 +413,21 @@ class SpatialRegistration:
 class DeformableRegistration:
     """A deformable registration of ``moving`` onto ``fixed`` (PS3.3 C.20.3).
 
-    ``pre_matrix`` (4x4) maps the moving Frame of Reference into the fixed one (the rigid/affine
-    part); ``vectors`` (slices, rows, cols, 3) mm on ``grid`` (a grid in the fixed Frame of
-    Reference) is the deformation: the content at a fixed point g came from ``pre_matrix^-1 (g +
-    v(g))`` in the moving series.
+    ``matrix`` (4x4) maps the moving Frame of Reference into the fixed one (the rigid/affine
+    part, as in ``SpatialRegistration``); ``vectors`` (slices, rows, cols, 3) mm on ``grid`` (a
+    grid in the fixed Frame of Reference) is the deformation: the content at a fixed point g came
+    from ``matrix^-1 (g + v(g))`` in the moving series.
     """
 
     fixed: SeriesRef
     moving: SeriesRef
-    pre_matrix: np.ndarray
+    matrix: np.ndarray
     grid: Geometry
     vectors: np.ndarray
     description: str = "Deformable registration"
 
     def __post_init__(self) -> None:
-        _check_matrix(self.pre_matrix, "DeformableRegistration.pre_matrix", False)
+        _check_matrix(self.matrix, "DeformableRegistration.matrix", False)
         v = self.vectors
         if not isinstance(v, np.ndarray) or v.shape != (*self.grid.shape, 3):
             raise ValueError(f"DeformableRegistration.vectors must be {(*self.grid.shape, 3)}, "

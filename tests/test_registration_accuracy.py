@@ -62,7 +62,7 @@ def test_mr_ct_rigid_mutual_information_tre(tmp_path):
     assert tre.mean() <= 2.0, tre.mean()
 
 
-def test_ct_ct_deformable_on_breathing(breathing):
+def test_ct_ct_deformable_on_breathing(breathing, tmp_path):
     fu, fixed, base, moving = breathing
     f, m, region = _truth(fu.root / REGISTRATION_TRUTH)
     lungs = region == "lung_base"
@@ -87,16 +87,17 @@ def test_ct_ct_deformable_on_breathing(breathing):
     # Points go back: a prior landmark maps into the current study where the truth says.
     back = out.moving_to_fixed(m[lungs])
     assert np.linalg.norm(back - f[lungs], axis=1).mean() <= 2.0
-    _independent_reader_agrees(out, fixed, moving, f)
+    _independent_reader_agrees(out, fixed, moving, f, tmp_path)
 
 
-def _independent_reader_agrees(out, fixed, moving, points):
-    """The Deformable Spatial Registration object, read with pydicom + NumPy only, maps the fixed
-    landmarks into the prior as Hilum's own transform does (<= 0.1 mm)."""
-    from scipy import ndimage
-
+def _independent_reader_agrees(out, fixed, moving, points, tmp_path):
+    """The Deformable Spatial Registration object, written to a file and read back by a reader built
+    from PS3.3 C.20.3.1 with pydicom + NumPy only (tests/dreg_reader.py), maps the fixed landmarks
+    into the prior as Hilum's own transform does. Tolerance 0.1 mm: both interpolate the same grid
+    trilinearly; they differ only by float32 storage of the vectors."""
     from node.encoders import EncodeContext, encode_all
     from node.results import DeformableRegistration, SeriesRef
+    from tests.dreg_reader import map_registered_to_source
 
     def ref(s):
         return SeriesRef(s.series_uid, str(s.first.StudyInstanceUID), str(s.first.FrameOfReferenceUID), s.modality,
@@ -106,19 +107,7 @@ def _independent_reader_agrees(out, fixed, moving, points):
                                  out.deformation)
     ctx = EncodeContext(job_key="reader", rule="test", handler="registration", handler_version="1.0.0")
     ds = encode_all([reg], {fixed.series_uid: fixed}, ctx)[0]
-    item = ds.DeformableRegistrationSequence[0]
-    pre = np.array([float(v) for v in item.PreDeformationMatrixRegistrationSequence[0]
-                    .FrameOfReferenceTransformationMatrix]).reshape(4, 4)
-    grid = item.DeformableRegistrationGridSequence[0]
-    dims = [int(v) for v in grid.GridDimensions]  # columns, rows, slices
-    vectors = np.frombuffer(grid.VectorGridData, "<f4").reshape(dims[2], dims[1], dims[0], 3)
-    origin = np.array([float(v) for v in grid.ImagePositionPatient])
-    iop = np.array([float(v) for v in grid.ImageOrientationPatient])
-    axes = np.column_stack([iop[:3], iop[3:], np.cross(iop[:3], iop[3:])])
-    spacing = np.array([float(v) for v in grid.GridResolution])
-    ijk = ((points - origin) @ axes) / spacing
-    v = np.stack([ndimage.map_coordinates(vectors[..., c], ijk[:, ::-1].T, order=1, mode="nearest")
-                  for c in range(3)], axis=1)
-    inv = np.linalg.inv(pre)
-    mapped = (points + v) @ inv[:3, :3].T + inv[:3, 3]
+    path = tmp_path / "dreg.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    mapped = map_registered_to_source(path, str(moving.first.FrameOfReferenceUID), points)
     assert np.abs(mapped - out.fixed_to_moving(points)).max() <= 0.1

@@ -126,6 +126,20 @@ def test_prior_ct_rigid_objects_are_valid_and_reference_the_prior_study(chest, t
     for ds, path in zip(datasets, paths):
         if ds.SOPClassUID != "1.2.840.10008.5.1.4.1.1.2" or ds.InstanceNumber in (1, len(current.datasets)):
             assert_valid_iod(path)
+    # Without landmarks the SR reports the residual distance between the body surfaces, in mm: the
+    # pair only moved rigidly, so what is left is about a voxel (4 mm here) at most.
+    sr = next(ds for ds in datasets if ds.Modality == "SR")
+    values = {}
+    for e in sr.iterall():
+        if e.keyword == "MeasuredValueSequence" and e.value:
+            item = e.value[0]
+            values.setdefault(item.MeasurementUnitsCodeSequence[0].CodeValue, []).append(float(item.NumericValue))
+    text = " ".join(str(e.value) for e in sr.iterall() if e.keyword == "CodeMeaning")
+    assert "Mean mask surface distance after registration" in text
+    assert "95th percentile mask surface distance after registration" in text
+    assert len(values.get("mm", [])) == 2, values
+    mean, p95 = values["mm"]
+    assert 0.0 <= mean <= 2.0 and mean <= p95 <= 4.5, values
 
 
 def test_without_a_prior_the_handler_refuses_and_says_why(chest):
@@ -166,3 +180,38 @@ def test_deformable_registration_object_is_valid_and_readable(chest, tmp_path):
     g_item = item.DeformableRegistrationGridSequence[0]
     data = np.frombuffer(g_item.VectorGridData, "<f4").reshape(*[int(v) for v in g_item.GridDimensions][::-1], 3)
     assert np.array_equal(data, vectors)
+
+
+def test_deformation_grid_convention_read_per_the_standard(chest, tmp_path):
+    """A known rotation + translation and a known displacement field, linear in space (so trilinear
+    interpolation is exact), encoded and read back by the PS3.3 C.20.3.1 reader (pydicom + NumPy):
+    every point maps to matrix^-1 (p + u(p)) in the moving Frame of Reference, Hilum's convention."""
+    from tests.dreg_reader import map_registered_to_source
+
+    _, current, prior = chest
+    g = current.volume.geometry
+    grid = Geometry(shape=(5, 7, 6), origin=g.origin, spacing=(g.spacing[0] * 20, g.spacing[1] * 16,
+                                                               g.spacing[2] * 12), direction=g.direction)
+    a = np.array([[0.02, -0.01, 0.03], [0.0, 0.015, -0.02], [0.01, 0.02, 0.025]])
+    b = np.array([1.5, -2.0, 4.0])
+
+    def u(points):
+        return (points - np.asarray(g.origin)) @ a.T + b
+
+    k, j, i = np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij")
+    centres = grid.index_to_patient(np.stack([k, j, i], axis=-1).reshape(-1, 3)).reshape(*grid.shape, 3)
+    vectors = u(centres.reshape(-1, 3)).reshape(*grid.shape, 3).astype(np.float32)
+    c, s = np.cos(np.radians(7.0)), np.sin(np.radians(7.0))
+    matrix = np.eye(4)  # moving → fixed: a rotation about z and a shift
+    matrix[:3, :3] = [[c, -s, 0], [s, c, 0], [0, 0, 1]]
+    matrix[:3, 3] = (12.0, -8.0, 20.0)
+    ref = lambda s_: SeriesRef(s_.series_uid, str(s_.first.StudyInstanceUID), str(s_.first.FrameOfReferenceUID),
+                               s_.modality, tuple((str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in s_.datasets))
+    reg = DeformableRegistration(ref(current), ref(prior.series[0]), matrix, grid, vectors)
+    path = _write(encode_all([reg], {current.series_uid: current}, _ctx("dreg-convention")), tmp_path)[0]
+    assert_valid_iod(path)
+    rng = np.random.default_rng(1)
+    inside = grid.index_to_patient(rng.uniform(0, 1, (50, 3)) * (np.asarray(grid.shape) - 1))
+    expected = (inside + u(inside)) @ np.linalg.inv(matrix)[:3, :3].T + np.linalg.inv(matrix)[:3, 3]
+    mapped = map_registered_to_source(path, str(prior.series[0].first.FrameOfReferenceUID), inside)
+    assert np.abs(mapped - expected).max() <= 1e-3

@@ -114,3 +114,21 @@ def test_deformable_across_modalities_is_refused(pair):
     fixed, moving, _ = pair
     with pytest.raises(RegistrationRefusal, match="one modality"):
         register(fixed.volume, moving.volume, "deformable", metric="mattes")
+
+
+def test_surface_distance_between_masks_is_in_millimetres():
+    """Concentric spheres of radius 20 and 23 mm on an anisotropic grid: every surface point is 3 mm
+    from the other surface (up to half a voxel of quantisation); identical masks read 0."""
+    from node.registration import surface_distance
+    from node.volume import Geometry
+
+    geom = Geometry(shape=(40, 64, 64), origin=(-64.0, -64.0, -50.0), spacing=(2.0, 2.0, 2.5),
+                    direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    kji = np.stack(np.meshgrid(*[np.arange(n) for n in geom.shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    r = np.linalg.norm(geom.index_to_patient(kji), axis=1).reshape(geom.shape)
+    small, large = r <= 20.0, r <= 23.0
+    d = surface_distance(small, large, geom)
+    assert 2.5 <= d.mean_mm <= 3.5 and d.p95_mm <= 4.5, d
+    same = surface_distance(small, small, geom)
+    assert same.mean_mm == 0.0 and same.p95_mm == 0.0
+    assert surface_distance(small, np.zeros_like(small), geom) is None

@@ -6,10 +6,12 @@ registered RCS itself) and the moving one with its matrix into the fixed RCS. Th
 Reference module names every image of both series; a moving series from a prior study goes under
 Studies Containing Other Referenced Instances.
 
-Deformable: Pre Deformation Matrix = the rigid/affine part (moving RCS → fixed RCS), then the
-Deformable Registration Grid in the fixed RCS; the vector at grid point g is the displacement u(g)
-such that the content at g came from pre^-1 (g + u(g)) in the moving series (ITK's displacement
-field convention); Post Deformation Matrix = identity.
+Deformable (PS3.3 C.20.3.1.1): a reader maps a point P of the registered (fixed) RCS to the source
+(moving) RCS as M_post (M_pre P + D(P)), D interpolated on the grid, which lies in the registered
+RCS. Hilum's mapping is linear(g + u(g)) (ITK's displacement field, then the rigid/affine part
+fixed → moving), so: Pre Deformation Matrix = identity, grid vectors = u, Post Deformation Matrix
+= the rigid/affine part from the fixed RCS into the moving one (the inverse of the Spatial
+Registration's matrix, whose direction is moving → fixed).
 """
 from __future__ import annotations
 
@@ -149,9 +151,10 @@ def encode_deformable_registration(reg: DeformableRegistration, sources: dict[st
     item.SourceFrameOfReferenceUID = reg.moving.frame_of_reference_uid
     item.ReferencedImageSequence = _instances(reg.moving)
     item.RegistrationTypeCodeSequence = [_code(*IMAGE_CONTENT_ALIGNMENT)]
-    item.FrameOfReferenceTransformationComment = "pre: rigid/affine part, then the deformation grid"
-    item.PreDeformationMatrixRegistrationSequence = [_matrix_item(reg.pre_matrix, _matrix_type(reg.pre_matrix))]
-    item.PostDeformationMatrixRegistrationSequence = [_matrix_item(np.eye(4), "RIGID")]
+    item.FrameOfReferenceTransformationComment = "deformation grid, then post: rigid/affine part"
+    post = np.linalg.inv(reg.matrix)  # registered (fixed) RCS → source (moving) RCS, after the deformation
+    item.PreDeformationMatrixRegistrationSequence = [_matrix_item(np.eye(4), "RIGID")]
+    item.PostDeformationMatrixRegistrationSequence = [_matrix_item(post, _matrix_type(post))]
     grid = Dataset()
     g = reg.grid
     grid.ImagePositionPatient = _ds_values(g.origin)

@@ -229,13 +229,15 @@ def _overlap(fixed_fg: sitk.Image, tx: sitk.Transform, moving: Geometry) -> floa
 
 def register(fixed: Volume, moving: Volume, method: str = "rigid", *, metric: str = "mean_squares",
              fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
-             same_frame: bool = False, smoothing_mm: float = 6.0, seed: int = 1) -> RegistrationOutcome:
+             same_frame: bool = False, smoothing_mm: float = 4.0, seed: int = 1) -> RegistrationOutcome:
     """Register ``moving`` to ``fixed``; the outcome maps points both ways and resamples.
 
     ``same_frame``: both share a Frame of Reference, so the search starts from identity.
     ``fixed_mask``/``moving_mask``: boolean arrays on each grid restricting where the metric looks
     (e.g. the body or the lungs, so that the table and the arms do not drive the result).
-    ``smoothing_mm``: Gaussian regularisation of the demons field (deformable only; CT-CT).
+    ``smoothing_mm``: Gaussian regularisation of the demons field (deformable only; CT-CT). 4 mm
+    was chosen on the breathing phantom against elastix: 6 mm left 0.3 mm (0.5 mm in the lung
+    bases) of TRE to it, 3 mm squeezed the field towards folding (Jacobian min 0.46 against 0.57).
     Raises RegistrationRefusal when the images do not overlap after registration.
     """
     if method not in METHODS:
