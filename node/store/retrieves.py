@@ -382,3 +382,71 @@ def priors_of_job(index: Index, job_id: int) -> dict:
         priors.append({"study_uid": p["study_uid"], "source": p["source"], "study_date": st["study_date"] or "",
                        "study_time": p.get("study_time", ""), "series": paths})
     return {"priors": priors, "priors_note": row["note"]}
+
+
+def who_asked(requested_by: str) -> dict:
+    """A retrieve's requester split into what a reader wants: a pull rule (``rule:NAME``), the
+    priors of a job (``priors:job N``) or a user through the CLI or the API (``cli alice``)."""
+    if requested_by.startswith("rule:"):
+        return {"by": "rule", "rule": requested_by[5:]}
+    if requested_by.startswith("priors:job "):
+        job = requested_by[len("priors:job "):]
+        return {"by": "priors", "job": int(job) if job.isdigit() else job}
+    via, _, user = requested_by.partition(" ")
+    return {"by": "user", "via": via, "user": user or None}
+
+
+def series_origins(index: Index, study_uid: str) -> dict[str, dict]:
+    """Where each series of a study came from, for the study view: {series_uid: {"retrieved": [per
+    retrieve that brought instances of it: id, source, method, who asked, when it ended, how many],
+    "pushed": {instances, calling AE, called AE, source IP, first/last arrival} or None, "arriving":
+    [retrieves still running that may be bringing it]}}.
+
+    Instances are attributed to a retrieve when it ends (RetrieveStore.attribute), so while one runs
+    its instances are counted under ``unattributed`` with the running retrieve named, never shown as
+    pushed. The calling AE is kept per series (from its first instance), not per instance: a series
+    whose first instance was retrieved and that also holds pushed instances shows no calling AE."""
+    c = index.conn()
+    series = index.series_of_study(study_uid)
+    counts = dict(c.execute("SELECT series_uid, COUNT(*) FROM instances WHERE study_uid=? GROUP BY series_uid",
+                            (study_uid,)).fetchall())
+    out = {s["series_uid"]: {"retrieved": [], "pushed": None, "arriving": [], "unattributed": 0} for s in series}
+    retrieved: dict[str, int] = {}
+    first_retrieved: set[str] = set()
+    try:
+        for r in c.execute(
+                "SELECT r.id, r.requested_by, r.source, r.method, r.status, r.finished_at, i.series_uid, COUNT(*) AS n "
+                "FROM retrieve_instances ri JOIN instances i ON i.sop_uid=ri.sop_uid JOIN retrieves r "
+                "ON r.id=ri.retrieve_id WHERE i.study_uid=? GROUP BY r.id, i.series_uid ORDER BY r.id", (study_uid,)):
+            if r["series_uid"] not in out:
+                continue
+            out[r["series_uid"]]["retrieved"].append(
+                {"retrieve": r["id"], "source": r["source"], "method": r["method"], "status": r["status"],
+                 "requested_by": r["requested_by"], **who_asked(r["requested_by"]), "at": r["finished_at"],
+                 "instances": r["n"]})
+            retrieved[r["series_uid"]] = retrieved.get(r["series_uid"], 0) + r["n"]
+        first_retrieved = {r[0] for r in c.execute(
+            "SELECT i.series_uid FROM instances i JOIN retrieve_instances ri ON ri.sop_uid=i.sop_uid "
+            "WHERE i.study_uid=? AND i.received_at=(SELECT MIN(received_at) FROM instances j "
+            "WHERE j.series_uid=i.series_uid)", (study_uid,))}
+        active = c.execute(f"SELECT * FROM retrieves WHERE study_uid=? AND status IN ({','.join('?' * len(ACTIVE))}) "
+                           "ORDER BY id", (study_uid, *ACTIVE)).fetchall()
+    except sqlite3.OperationalError:  # no PACS tables in this index: everything was pushed
+        active = []
+    for s in series:
+        uid, o = s["series_uid"], out[s["series_uid"]]
+        for r in active:
+            wanted = json.loads(r["series_json"]) if r["series_json"] else None
+            if wanted is None or uid in wanted:
+                o["arriving"].append({"retrieve": r["id"], "source": r["source"], "status": r["status"],
+                                      "requested_by": r["requested_by"], **who_asked(r["requested_by"])})
+        rest = counts.get(uid, 0) - retrieved.get(uid, 0)
+        if rest <= 0:
+            continue
+        if o["arriving"]:  # may be the running retrieve's: said so rather than called pushed
+            o["unattributed"] = rest
+            continue
+        o["pushed"] = {"instances": rest, "calling_ae": None if uid in first_retrieved else s["calling_ae"],
+                       "called_ae": s["called_ae"], "source_ip": None if uid in first_retrieved else s["source_ip"],
+                       "first_at": s["first_at"], "last_at": s["last_at"]}
+    return out
