@@ -21,7 +21,7 @@ from tests.nodeproc import DCMTK_ENV, _port_open, free_port, wait_for
 def tiny_study(out_dir: Path, *, patient_id: str = "P1", study_date: str = "20240101", study_time: str = "101500",
                accession: str = "", description: str = "CT CHEST", body_part: str = "CHEST",
                series: tuple[tuple[str, float, int], ...] = (("AX THIN", 1.0, 4),), rows: int = 32,
-               modality: str = "CT", study_uid: str | None = None) -> "TinyStudy":
+               modality: str = "CT", study_uid: str | None = None, issuer: str = "") -> "TinyStudy":
     """A small CT study: ``series`` = (description, slice thickness, slices) each. Written as files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
@@ -41,6 +41,8 @@ def tiny_study(out_dir: Path, *, patient_id: str = "P1", study_date: str = "2024
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
             ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "PACS^TEST", patient_id, "", "O"
+            if issuer:
+                ds.IssuerOfPatientID = issuer
             ds.StudyDate, ds.StudyTime, ds.AccessionNumber = study_date, study_time, accession
             ds.StudyDescription, ds.SeriesDescription = description, desc
             ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", n, i + 1

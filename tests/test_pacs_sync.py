@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from tests.nodeproc import NodeProcess, storescu, wait_for
+import pytest
+
+from tests.nodeproc import NodeProcess, free_port, storescu, wait_for
 from tests.pacs_peers import pacs_orthanc, tiny_study
 
 
@@ -90,3 +92,107 @@ def test_study_view_says_which_rule_user_or_modality_brought_each_series(tmp_pat
         finally:
             node.stop()
             node._kill_orthanc()
+
+
+@pytest.fixture
+def local(tmp_path):
+    from tests.test_pacs import Local
+
+    made: list = []
+
+    def make(sources: dict, name: str = "node", **kw):
+        made.append(Local(tmp_path / name, sources, **kw))
+        return made[-1]
+
+    yield make
+    for n in made:
+        n.close()
+
+
+def _priors_of(node, study, spec: dict, key: str) -> tuple[list[tuple[str, str]], str | None]:
+    """Hold a job of ``study`` for priors and run the coordinator's search: (chosen (study, source), note)."""
+    from node.pacs.priors import PriorsCoordinator
+    from node.receive.ingest import Origin
+
+    for f in study.files:
+        assert node.ingest.store(f.read_bytes(), Origin("MODALITY", "HILUM", "127.0.0.1"))[0] == 0
+    assert node.ingest.writer.flush(30)
+    job = node.index.add_job(job_key=key, study_uid=study.study_uid, series_uid=next(iter(study.series)),
+                             level="study", rule="with-priors", handler="priors-timeline", params={},
+                             destinations=[], priority="normal", timeout_s=None, generation=1, note="test")
+    coord = PriorsCoordinator(node.settings, node.index, node.store, on_retrieves=lambda: None,
+                              on_released=lambda: None, audit=node.audit)
+    coord.hold(job, spec)
+    [w] = [x for x in node.store.prior_waits() if x["job_id"] == job]
+    coord.step(w)
+    w = node.index.conn().execute("SELECT * FROM prior_waits WHERE job_id=?", (job,)).fetchone()
+    return [(c["study_uid"], c["source"]) for c in json.loads(w["chosen_json"])], w["note"]
+
+
+def test_priors_match_the_issuer_of_patient_id_and_say_what_they_left_out(tmp_path, local):
+    """Two patients share PatientID P7, one from HOSP_A, one from HOSP_B. The PACS (a second Orthanc)
+    holds a study of each, the node another of HOSP_B. A HOSP_A study's priors: the query carries
+    the issuer, HOSP_B's studies are not taken and the note says why; without an issuer, all are."""
+    cur = tiny_study(tmp_path / "cur", patient_id="P7", study_date="20240610", issuer="HOSP_A")
+    a1 = tiny_study(tmp_path / "a1", patient_id="P7", study_date="20230605", issuer="HOSP_A")
+    b1 = tiny_study(tmp_path / "b1", patient_id="P7", study_date="20231201", issuer="HOSP_B")
+    b_node = tiny_study(tmp_path / "bn", patient_id="P7", study_date="20220101", issuer="HOSP_B")
+    plain = tiny_study(tmp_path / "plain", patient_id="P7", study_date="20240101")  # no issuer
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(a1.files + b1.files)
+        node = local({"pacs": dimse(pacs.dicom_port, retrieve="get")})
+        from node.receive.ingest import Origin
+
+        for f in b_node.files:
+            assert node.ingest.store(f.read_bytes(), Origin("OLDPACS", "HILUM", "127.0.0.1"))[0] == 0
+        chosen, note = _priors_of(node, cur, {"source": "pacs", "max": 2}, "k1")
+        assert chosen == [(a1.study_uid, "pacs")]
+        assert note == ("not taken as priors (same PatientID, another patient): "
+                        f"study {b_node.study_uid} (node) has IssuerOfPatientID 'HOSP_B', the current study 'HOSP_A'")
+        audit = [json.loads(ln) for ln in (node.settings.data_dir / "audit.jsonl").read_text().splitlines()]
+        [q] = [e for e in audit if e["event"] == "pacs-query"]
+        assert "HOSP_A" in json.dumps(q)  # the issuer went to the PACS: it answered HOSP_A's study only
+        # No issuer on the current study: PatientID alone decides, as before (the two most recent).
+        chosen, note = _priors_of(node, plain, {"source": "pacs", "max": 2}, "k2")
+        assert chosen == [(b1.study_uid, "pacs"), (a1.study_uid, "pacs")] and note is None
+
+
+@pytest.fixture
+def issuer_blind_pacs(tmp_path):
+    """A PACS that ignores IssuerOfPatientID as a matching key but answers it (pynetdicom as the
+    peer): both patients' studies come back, each with its own issuer."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    studies = [("1.2.826.0.1.3680043.10.1.1", "20230605", "HOSP_A"), ("1.2.826.0.1.3680043.10.1.2", "20231201",
+                                                                        "HOSP_B"), ("1.2.826.0.1.3680043.10.1.3",
+                                                                                    "20221201", "")]
+    asked: list[Dataset] = []
+
+    def on_find(event):
+        asked.append(event.identifier)
+        for uid, date, issuer in studies:
+            d = Dataset()
+            d.QueryRetrieveLevel, d.StudyInstanceUID, d.PatientID, d.StudyDate = "STUDY", uid, "P7", date
+            d.IssuerOfPatientID, d.NumberOfStudyRelatedInstances, d.StudyTime = issuer, "3", "090000"
+            yield 0xFF00, d
+
+    ae = AE(ae_title="BLIND")
+    ae.add_supported_context(FIND)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    yield port, studies, asked
+    server.shutdown()
+
+
+def test_a_pacs_ignoring_the_issuer_key_still_gets_its_other_patient_left_out(tmp_path, local, issuer_blind_pacs):
+    port, (a, b, unknown), asked = issuer_blind_pacs
+    cur = tiny_study(tmp_path / "cur", patient_id="P7", study_date="20240610", issuer="HOSP_A")
+    node = local({"blind": dimse(port, "BLIND", retrieve="get")})
+    chosen, note = _priors_of(node, cur, {"source": "blind", "max": 3}, "k1")
+    assert asked[0].IssuerOfPatientID == "HOSP_A"
+    # HOSP_A's study, and the one whose issuer the PACS does not know (both must be present to differ).
+    assert chosen == [(a[0], "blind"), (unknown[0], "blind")]
+    assert note == ("not taken as priors (same PatientID, another patient): "
+                    f"study {b[0]} (blind) has IssuerOfPatientID 'HOSP_B', the current study 'HOSP_A'")

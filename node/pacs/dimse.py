@@ -314,7 +314,7 @@ def _study(ds: Dataset | None) -> StudyMatch | None:
                           study_date=_str(ds, "StudyDate"), study_time=_str(ds, "StudyTime"),
                           accession=_str(ds, "AccessionNumber"), description=_str(ds, "StudyDescription"),
                           modalities=_multi(mods), instances=int(n) if n not in (None, "") else None,
-                          sop_classes=_multi(classes))
+                          sop_classes=_multi(classes), issuer=_str(ds, "IssuerOfPatientID"))
     except Exception as exc:  # noqa: BLE001 - a value pydicom cannot parse: the answer is malformed
         log.warning("malformed C-FIND study answer skipped: %s", exc)
         return None
