@@ -196,3 +196,54 @@ def test_a_pacs_ignoring_the_issuer_key_still_gets_its_other_patient_left_out(tm
     assert chosen == [(a[0], "blind"), (unknown[0], "blind")]
     assert note == ("not taken as priors (same PatientID, another patient): "
                     f"study {b[0]} (blind) has IssuerOfPatientID 'HOSP_B', the current study 'HOSP_A'")
+
+
+def test_a_remote_worker_gets_the_priors_a_local_job_would(tmp_path):
+    """`executor.kind: celery`, real Redis, a `hilum worker` in an empty directory: a job whose rule
+    asks for priors gets them streamed through the worker API (worker token + the attempt's ticket),
+    and its handler sees the same typed, dated priors as on the node."""
+    import httpx
+
+    from tests.redisproc import redis_server
+    from tests.test_scaleout import ClusterNode, Worker, _audit
+
+    cur = tiny_study(tmp_path / "cur", patient_id="P7", study_date="20240610", study_time="101500")
+    p23 = tiny_study(tmp_path / "p23", patient_id="P7", study_date="20230605", study_time="083000",
+                     series=(("AX", 1.0, 3), ("COR", 3.0, 2)))
+    p21 = tiny_study(tmp_path / "p21", patient_id="P7", study_date="20210601", study_time="090000")
+    p19 = tiny_study(tmp_path / "p19", patient_id="P7", study_date="20190601")  # third: beyond max 2
+    started: list = []
+    with redis_server(tmp_path / "redis") as redis:
+        try:
+            node = ClusterNode(tmp_path, redis.url, 0.0, worker_lost_s=60.0)
+            (tmp_path / "rules" / "ct.yaml").write_text(
+                "name: with-priors\nlevel: study\nmatch: {Modality: CT, calling_ae: MODALITY}\n"
+                "handler: priors-timeline\npriors: {max: 2, within: 10y}\nqueue: cpu\n")
+            started.append(node.start())
+            for s in (p23, p21, p19):
+                assert storescu(node.dicom_port, s.files, calling="OLDPACS").returncode == 0
+            wait_for(lambda: node.study(p19.study_uid).get("stable"), 60, "the priors stable")
+            assert storescu(node.dicom_port, cur.files, calling="MODALITY").returncode == 0
+            token = node.worker_token()
+            started.append(Worker(node, "w1", token))
+            [job] = wait_for(lambda: [j for j in node.api("GET", "/api/jobs").json()["jobs"]
+                                      if j["status"] in ("done", "failed")], 120, "the job")
+            assert job["status"] == "done", job["error"]
+            done = next(h for h in job["history"] if h["event"] == "done")
+            assert done["provenance"]["worker"] == "w1"
+            assert done["provenance"]["priors"] == [
+                {"study_uid": p23.study_uid, "acquired": "2023-06-05T08:30:00", "source": "node", "series": 2},
+                {"study_uid": p21.study_uid, "acquired": "2021-06-01T09:00:00", "source": "node", "series": 1}]
+            assert done["provenance"]["priors_note"] is None
+            granted = [(e["detail"]["request"], e["objects"]) for e in _audit(node)
+                       if e["outcome"] == 0 and e["detail"].get("job") == job["id"]]
+            assert ("priors", 5 + 4) in granted and ("inputs", 4) in granted
+            # Without the attempt's ticket the priors stay closed, even to a worker token.
+            r = httpx.get(f"{node.web}/api/worker/jobs/{job['id']}/priors", timeout=30,
+                          headers={"Authorization": f"Bearer {token.read_text().strip()}", "X-Hilum-Worker": "probe"})
+            assert r.status_code == 403
+        finally:
+            for thing in reversed(started):
+                thing.stop()
+                if isinstance(thing, NodeProcess):
+                    thing._kill_orthanc()
