@@ -83,7 +83,7 @@ class PacsOrthanc:
     """A second Orthanc, independent of any node: the hospital PACS."""
 
     def __init__(self, root: Path, node_ae: str = "HILUM", node_port: int | None = None,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, tls: dict[str, Path] | None = None) -> None:
         self.root = root
         self.http_port, self.dicom_port = free_port(), free_port()
         self.ae_title = "PACS"
@@ -98,6 +98,10 @@ class PacsOrthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Ssl": False},
             "StableAge": 1, "LimitFindResults": 0, "ConcurrentJobs": 2, "DicomScuTimeout": 10,
         }
+        if tls:  # DICOM TLS on its DICOM port: its certificate, and the CAs whose clients it accepts
+            cfg.update({"DicomTlsEnabled": True, "DicomTlsCertificate": str(tls["cert"]),
+                        "DicomTlsPrivateKey": str(tls["key"]), "DicomTlsTrustedCertificates": str(tls["trusted"]),
+                        "DicomTlsRemoteCertificateRequired": tls.get("client_cert_required", True)})
         root.mkdir(parents=True, exist_ok=True)
         self.config_path = root / "pacs.json"
         self.config_path.write_text(json.dumps(cfg))

@@ -247,3 +247,67 @@ def test_a_remote_worker_gets_the_priors_a_local_job_would(tmp_path):
                 thing.stop()
                 if isinstance(thing, NodeProcess):
                     thing._kill_orthanc()
+
+
+def _pki(root, name: str) -> dict:
+    import subprocess
+    import sys
+
+    from tests.nodeproc import REPO
+
+    d = root / name
+    out = subprocess.run([sys.executable, "-m", "node.cli", "cert", "self-signed", str(d), "--cn", "localhost",
+                          "--client-cn", "hilum"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return {"ca": d / "ca.pem", "server": d / "server.pem", "server_key": d / "server.key",
+            "client": d / "client.pem", "client_key": d / "client.key"}
+
+
+def test_a_tls_source_echoes_queries_and_retrieves_and_a_wrong_ca_says_so(tmp_path, local):
+    """The PACS Orthanc speaks DICOM TLS only, requiring a client certificate from the site CA. A
+    source with `tls:` (the destination TLS settings) echoes, queries, and retrieves by C-GET (the
+    instances come back on the TLS association) and by C-MOVE (the control association over TLS).
+    A wrong CA, a client certificate the PACS does not trust, and no TLS fail with errors saying which."""
+    from node.pacs.model import PacsError, StudyQuery
+    from node.pacs.sources import source_client
+
+    site, other = _pki(tmp_path, "site"), _pki(tmp_path, "other")
+    good = {"ca": str(site["ca"]), "cert": str(site["client"]), "key": str(site["client_key"])}
+    a = tiny_study(tmp_path / "a", patient_id="T1", study_date="20240101")
+    b = tiny_study(tmp_path / "b", patient_id="T1", study_date="20240201", series=(("AX", 1.0, 2),))
+    tls = {"cert": site["server"], "key": site["server_key"], "trusted": site["ca"]}
+    with pacs_orthanc(tmp_path / "pacs", tls=tls) as pacs:
+        pacs.upload(a.files + b.files)
+        port = pacs.dicom_port
+        node = local({
+            "get": dimse(port, host="localhost", retrieve="get", tls=good),
+            "move": dimse(port, host="localhost", tls=good),
+            "wrongca": dimse(port, host="localhost", timeout_s=5, tls={**good, "ca": str(other["ca"])}),
+            "strange": dimse(port, host="localhost", timeout_s=5, tls={
+                "ca": str(site["ca"]), "cert": str(other["client"]), "key": str(other["client_key"])}),
+            "plain": dimse(port, host="localhost", timeout_s=5)})
+        pacs.set_node("HILUM", node.settings.dicom_port)
+        assert source_client(node.settings, "get").echo() > 0
+        found, bad = source_client(node.settings, "move").find_studies(StudyQuery(patient_id="T1"))
+        assert {m.study_uid for m in found} == {a.study_uid, b.study_uid} and bad == 0
+        node.retriever.start()
+        r1, _ = node.store.add("get", a.study_uid, None, "test")
+        r2, _ = node.store.add("move", b.study_uid, None, "test")
+        node.retriever.wake()
+        assert node.wait(r1)["status"] == "done" and node.held(a.study_uid) == a.sop_uids
+        r = node.wait(r2)
+        assert (r["status"], r["method"], r["completed"]) == ("done", "move", 2) and node.held(b.study_uid) == b.sop_uids
+        with pytest.raises(PacsError) as wrong:
+            source_client(node.settings, "wrongca").echo()
+        assert str(wrong.value).startswith(f"source wrongca: DICOM TLS with PACS@localhost:{port} failed: the peer's "
+                                           "certificate was not accepted: self-signed certificate in certificate chain")
+        assert "(is tls.ca the CA that signed it?) (sources.wrongca.tls)" in str(wrong.value)
+        with pytest.raises(PacsError, match="the peer refused our client certificate .*check tls.cert and tls.key"):
+            source_client(node.settings, "strange").find_studies(StudyQuery(patient_id="T1"))
+        with pytest.raises(PacsError, match="not established"):  # the PACS speaks TLS only
+            source_client(node.settings, "plain").echo()
+        # A retrieve from the source with the wrong CA: the error on its record names the cause.
+        r3, _ = node.store.add("wrongca", a.study_uid, None, "test")
+        node.retriever.wake()
+        err = wait_for(lambda: node.store.get(r3)["error"], 60, "the retrieve's error")
+        assert "the peer's certificate was not accepted" in err
