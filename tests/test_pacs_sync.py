@@ -311,3 +311,33 @@ def test_a_tls_source_echoes_queries_and_retrieves_and_a_wrong_ca_says_so(tmp_pa
         node.retriever.wake()
         err = wait_for(lambda: node.store.get(r3)["error"], 60, "the retrieve's error")
         assert "the peer's certificate was not accepted" in err
+
+
+def test_instances_arriving_while_a_retrieve_runs_are_not_called_pushed(tmp_path, local):
+    """Two instances pushed by a modality, then a retrieve of the study is queued and a third instance
+    arrives: until the retrieve ends the third is 'not yet attributed' (the running retrieve named),
+    never counted as pushed; when it ends, it is the retrieve's."""
+    from node.receive.ingest import Origin
+    from node.store.retrieves import series_origins
+    from node.web.views import origin_lines
+
+    st = tiny_study(tmp_path / "s", patient_id="P1", series=(("AX", 1.0, 3),))
+    [series] = st.series
+    node = local({"pacs": dimse(free_port())})
+    files = sorted(st.files)
+    for f in files[:2]:
+        assert node.ingest.store(f.read_bytes(), Origin("MODALITY", "HILUM", "10.0.0.7"))[0] == 0
+    assert node.ingest.writer.flush(30)
+    rid, _ = node.store.add("pacs", st.study_uid, None, "rule:nightly")
+    assert node.ingest.store(files[2].read_bytes(), Origin("PACS", "HILUM", "10.0.0.9"))[0] == 0
+    assert node.ingest.writer.flush(30)
+    o = series_origins(node.index, st.study_uid)[series]
+    assert o["pushed"]["instances"] == 2 and o["pushed"]["calling_ae"] == "MODALITY" and o["unattributed"] == 1
+    assert [(r["retrieve"], r["status"], r["by"], r["rule"]) for r in o["arriving"]] == [(rid, "queued", "rule", "nightly")]
+    assert origin_lines(o)[-1] == f"retrieve {rid} from pacs by pull rule nightly still queued: " \
+                                  "1 instance(s) not yet attributed"
+    node.store.finish(rid, "done")
+    assert node.store.attribute(rid) == 1
+    o = series_origins(node.index, st.study_uid)[series]
+    assert o["pushed"]["instances"] == 2 and o["unattributed"] == 0 and o["arriving"] == []
+    assert [(r["retrieve"], r["instances"], r["by"]) for r in o["retrieved"]] == [(rid, 1, "rule")]

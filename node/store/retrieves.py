@@ -403,8 +403,8 @@ def series_origins(index: Index, study_uid: str) -> dict[str, dict]:
     [retrieves still running that may be bringing it]}}.
 
     Instances are attributed to a retrieve when it ends (RetrieveStore.attribute), so while one runs
-    its instances are counted under ``unattributed`` with the running retrieve named, never shown as
-    pushed. The calling AE is kept per series (from its first instance), not per instance: a series
+    the instances that arrived since it was queued are counted under ``unattributed`` with the
+    running retrieve named, never shown as pushed. The calling AE is kept per series (from its first instance), not per instance: a series
     whose first instance was retrieved and that also holds pushed instances shows no calling AE."""
     c = index.conn()
     series = index.series_of_study(study_uid)
@@ -435,16 +435,19 @@ def series_origins(index: Index, study_uid: str) -> dict[str, dict]:
         active = []
     for s in series:
         uid, o = s["series_uid"], out[s["series_uid"]]
+        since = None
         for r in active:
             wanted = json.loads(r["series_json"]) if r["series_json"] else None
             if wanted is None or uid in wanted:
                 o["arriving"].append({"retrieve": r["id"], "source": r["source"], "status": r["status"],
                                       "requested_by": r["requested_by"], **who_asked(r["requested_by"])})
-        rest = counts.get(uid, 0) - retrieved.get(uid, 0)
+                since = r["created_at"] if since is None else min(since, r["created_at"])
+        if since is not None:  # what arrived since a running retrieve was queued may be its: said so
+            o["unattributed"] = c.execute(
+                "SELECT COUNT(*) FROM instances i WHERE i.series_uid=? AND i.received_at>=? AND NOT EXISTS "
+                "(SELECT 1 FROM retrieve_instances ri WHERE ri.sop_uid=i.sop_uid)", (uid, since)).fetchone()[0]
+        rest = counts.get(uid, 0) - retrieved.get(uid, 0) - o["unattributed"]
         if rest <= 0:
-            continue
-        if o["arriving"]:  # may be the running retrieve's: said so rather than called pushed
-            o["unattributed"] = rest
             continue
         o["pushed"] = {"instances": rest, "calling_ae": None if uid in first_retrieved else s["calling_ae"],
                        "called_ae": s["called_ae"], "source_ip": None if uid in first_retrieved else s["source_ip"],
