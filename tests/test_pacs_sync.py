@@ -199,9 +199,11 @@ def test_a_pacs_ignoring_the_issuer_key_still_gets_its_other_patient_left_out(tm
 
 
 def test_a_remote_worker_gets_the_priors_a_local_job_would(tmp_path):
-    """`executor.kind: celery`, real Redis, a `hilum worker` in an empty directory: a job whose rule
-    asks for priors gets them streamed through the worker API (worker token + the attempt's ticket),
-    and its handler sees the same typed, dated priors as on the node."""
+    """`executor.kind: celery`, real Redis, a `hilum worker` in an empty directory. The current study
+    is retrieved from the PACS (a second Orthanc) by a user; its rule asks for two priors: one the node
+    holds, one it retrieves from the PACS. The worker gets them streamed through the worker API
+    (worker token + the attempt's ticket), its handler sees the same typed, dated priors as on the
+    node, and the job's provenance says which retrieve brought its input, as for a local job."""
     import httpx
 
     from tests.redisproc import redis_server
@@ -210,31 +212,39 @@ def test_a_remote_worker_gets_the_priors_a_local_job_would(tmp_path):
     cur = tiny_study(tmp_path / "cur", patient_id="P7", study_date="20240610", study_time="101500")
     p23 = tiny_study(tmp_path / "p23", patient_id="P7", study_date="20230605", study_time="083000",
                      series=(("AX", 1.0, 3), ("COR", 3.0, 2)))
-    p21 = tiny_study(tmp_path / "p21", patient_id="P7", study_date="20210601", study_time="090000")
-    p19 = tiny_study(tmp_path / "p19", patient_id="P7", study_date="20190601")  # third: beyond max 2
+    p21 = tiny_study(tmp_path / "p21", patient_id="P7", study_date="20210601", study_time="090000")  # on the PACS
+    p19 = tiny_study(tmp_path / "p19", patient_id="P7", study_date="20190601")  # in the node, beyond max 2
     started: list = []
-    with redis_server(tmp_path / "redis") as redis:
+    with redis_server(tmp_path / "redis") as redis, pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload(cur.files + p21.files)
         try:
-            node = ClusterNode(tmp_path, redis.url, 0.0, worker_lost_s=60.0)
+            node = ClusterNode(tmp_path, redis.url, 0.0, worker_lost_s=60.0, store_originals_in_orthanc=False,
+                               sources={"pacs": dimse(pacs.dicom_port, retrieve="get")})
             (tmp_path / "rules" / "ct.yaml").write_text(
-                "name: with-priors\nlevel: study\nmatch: {Modality: CT, calling_ae: MODALITY}\n"
-                "handler: priors-timeline\npriors: {max: 2, within: 10y}\nqueue: cpu\n")
+                "name: with-priors\nlevel: study\nmatch: {Modality: CT, calling_ae: PACS}\n"
+                "handler: priors-timeline\npriors: {source: pacs, max: 2, within: 10y}\nqueue: cpu\n")
             started.append(node.start())
-            for s in (p23, p21, p19):
+            for s in (p23, p19):
                 assert storescu(node.dicom_port, s.files, calling="OLDPACS").returncode == 0
-            wait_for(lambda: node.study(p19.study_uid).get("stable"), 60, "the priors stable")
-            assert storescu(node.dicom_port, cur.files, calling="MODALITY").returncode == 0
+            wait_for(lambda: node.study(p19.study_uid).get("stable"), 60, "the node's priors stable")
+            rid = node.api("POST", "/api/pacs/retrieves", json={"source": "pacs", "study_uids": [cur.study_uid]}
+                           ).json()["ids"][0]
             token = node.worker_token()
             started.append(Worker(node, "w1", token))
             [job] = wait_for(lambda: [j for j in node.api("GET", "/api/jobs").json()["jobs"]
-                                      if j["status"] in ("done", "failed")], 120, "the job")
+                                      if j["status"] in ("done", "failed")], 180, "the job")
             assert job["status"] == "done", job["error"]
             done = next(h for h in job["history"] if h["event"] == "done")
             assert done["provenance"]["worker"] == "w1"
             assert done["provenance"]["priors"] == [
                 {"study_uid": p23.study_uid, "acquired": "2023-06-05T08:30:00", "source": "node", "series": 2},
-                {"study_uid": p21.study_uid, "acquired": "2021-06-01T09:00:00", "source": "node", "series": 1}]
+                {"study_uid": p21.study_uid, "acquired": "2021-06-01T09:00:00", "source": "pacs", "series": 1}]
             assert done["provenance"]["priors_note"] is None
+            [who] = done["provenance"]["retrieved_by"].values()
+            assert who[0].startswith("api ")
+            retrieves = node.api("GET", "/api/pacs/retrieves").json()["retrieves"]
+            assert {(r["study_uid"], r["requested_by"].split()[0]) for r in retrieves if r["id"] != rid} == \
+                {(p21.study_uid, "priors:job")}
             granted = [(e["detail"]["request"], e["objects"]) for e in _audit(node)
                        if e["outcome"] == 0 and e["detail"].get("job") == job["id"]]
             assert ("priors", 5 + 4) in granted and ("inputs", 4) in granted

@@ -206,8 +206,7 @@ class RemoteWorker:
             try:
                 series = self.client.fetch_inputs(job, ticket, d / "inputs")
                 extra = {"priors": self.client.fetch_priors(job, ticket, d / "priors")} if job.get("priors") else {}
-                if job.get("priors_note"):
-                    extra["priors_note"] = job["priors_note"]
+                extra |= {k: job[k] for k in ("priors_note", "retrieved_by") if job.get(k)}
                 spec = JobSpec(job_id=job_id, job_key=job["job_key"], study_uid=job["study_uid"], rule=job["rule"],
                                handler=job["handler"], params=job["params"], series=series,
                                results_dir=str(d / "results"), vault=VaultSpec(str(d), None),

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from node.jobs.broker import ticket_hash
 from node.jobs.wire import FRAME, TICKET, WORKER
 from node.receive.spool import fsync_dirs
-from node.store.retrieves import priors_of_job
+from node.store.retrieves import priors_of_job, retrieved_by
 from node.store.vault import IntegrityError
 from node.web.auth import WORKER_ROLE, Principal, hash_token, require_viewer
 from node.web.views import cluster_summary
@@ -152,19 +152,20 @@ def claim(job_id: int, request: Request, name: str = Depends(require_worker)) ->
                              objects=sum(s["instances"] for s in series))
     return {"job_id": job_id, "job_key": job["job_key"], "study_uid": job["study_uid"], "rule": job["rule"],
             "handler": job["handler"], "params": json.loads(job["params_json"]), "series": series,
-            "options": json.loads(job["options_json"]), **_priors_claim(node.index, job_id),
+            "options": json.loads(job["options_json"]), **_priors_claim(node.index, job_id, uids),
             "timeout_s": job["timeout_s"] or node.settings.handler_timeout_s}
 
 
-def _priors_claim(index, job_id: int) -> dict:
+def _priors_claim(index, job_id: int, uids: list[str]) -> dict:
     """What the worker needs to fetch the job's priors (GET .../priors) and hand them to the handler
     as the local executor would: each prior study's date, time, source and series with their
-    instance counts, in the order of the stream; and the note on what is missing."""
+    instance counts, in the order of the stream; the note on what is missing; and which retrieves
+    brought the job's own series (its provenance's ``retrieved_by``)."""
     extra = priors_of_job(index, job_id)
     priors = [{"study_uid": p["study_uid"], "source": p["source"], "study_date": p["study_date"],
                "study_time": p["study_time"], "series": [{"uid": u, "instances": len(v)} for u, v in p["series"].items()]}
               for p in extra.get("priors", [])]
-    return {"priors": priors, "priors_note": extra.get("priors_note")}
+    return {"priors": priors, "priors_note": extra.get("priors_note"), **retrieved_by(index, uids)}
 
 
 @router.get("/jobs/{job_id}/inputs")
