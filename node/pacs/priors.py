@@ -110,11 +110,11 @@ class PriorsCoordinator:
         since = (current - dt.timedelta(seconds=spec.within)).strftime("%Y%m%d")
         issuer = study_issuer(self.index, w["study_uid"])
         candidates: dict[str, dict] = {}
-        other_issuer: list[str] = []  # why studies with the same PatientID were not taken (the job's note)
+        other_issuer: dict[str, str] = {}  # study -> why, though its PatientID is the same (the job's note)
         for row in self.store.prior_studies(st["patient_id"], st["study_date"][:8], since, w["study_uid"]):
             theirs = study_issuer(self.index, row["study_uid"])
             if issuer and theirs and theirs != issuer:
-                other_issuer.append(_other_patient(row["study_uid"], "node", theirs, issuer))
+                other_issuer[row["study_uid"]] = _other_patient(row["study_uid"], "node", theirs, issuer)
             elif self._node_study_matches(row["study_uid"], spec):
                 candidates[row["study_uid"]] = {"study_uid": row["study_uid"], "date": row["study_date"],
                                                 "time": "", "source": "node"}
@@ -126,7 +126,7 @@ class PriorsCoordinator:
                 note = f"source {spec.source} not searched: {exc}"
         if other_issuer:
             note = "; ".join(filter(None, [note, "not taken as priors (same PatientID, another patient): "
-                                           + "; ".join(other_issuer)]))
+                                           + "; ".join(other_issuer.values())]))
         best = sorted(candidates.values(), key=lambda c: (c["date"], c["time"]), reverse=True)[:spec.max]
         chosen = []
         for c in best:
@@ -145,7 +145,7 @@ class PriorsCoordinator:
             self.on_retrieves()
 
     def _from_source(self, spec: PriorsSpec, st, issuer: str, since: str, current: dt.datetime, candidates: dict,
-                     other_issuer: list[str]) -> None:
+                     other_issuer: dict[str, str]) -> None:
         client = source_client(self.settings, spec.source)
         before = (current - dt.timedelta(days=1)).strftime("%Y%m%d")
         sm = spec.study_match()
@@ -155,10 +155,11 @@ class PriorsCoordinator:
         query_audit(self.audit, who="priors", source=spec.source, keys=q.keys(), matches=len(matches))
         series_match = spec.series_match()
         for m in matches:
-            if m.study_uid in candidates or m.study_uid == st["study_uid"] or m.patient_id != st["patient_id"]:
-                continue  # already in the node, the study itself, or an answer for someone else
+            if m.study_uid in candidates or m.study_uid in other_issuer or m.study_uid == st["study_uid"] \
+                    or m.patient_id != st["patient_id"]:
+                continue  # already in the node (taken or left out), the study itself, or someone else's
             if issuer and m.issuer and m.issuer != issuer:  # a PACS that ignored the issuer key
-                other_issuer.append(_other_patient(m.study_uid, spec.source, m.issuer, issuer))
+                other_issuer[m.study_uid] = _other_patient(m.study_uid, spec.source, m.issuer, issuer)
                 continue
             entry = {"study_uid": m.study_uid, "date": m.study_date, "time": m.study_time, "source": spec.source,
                      "instances": m.instances}
