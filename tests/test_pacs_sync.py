@@ -85,7 +85,8 @@ def test_study_view_says_which_rule_user_or_modality_brought_each_series(tmp_pat
                 row = f"tr.origin[data-study='{s.study_uid}']"
                 assert "retrieved from pacs by pull rule thin" in page.inner_text(f"{row} [data-series='{ax}']")
                 assert "pushed by MODALITY from 127.0.0.1" in page.inner_text(f"{row} [data-series='{cor}']")
-                assert f" via api (retrieve {rid}, C-MOVE, " in page.inner_text(f"tr.origin[data-study='{t.study_uid}']")
+                t_row = page.inner_text(f"tr.origin[data-study='{t.study_uid}']")
+                assert f" via api (retrieve {rid}, C-MOVE, " in t_row
                 screenshot(page, "dashboard-origin")
                 assert errors.errors == []
                 browser.close()
@@ -306,7 +307,8 @@ def test_a_tls_source_echoes_queries_and_retrieves_and_a_wrong_ca_says_so(tmp_pa
         node.retriever.wake()
         assert node.wait(r1)["status"] == "done" and node.held(a.study_uid) == a.sop_uids
         r = node.wait(r2)
-        assert (r["status"], r["method"], r["completed"]) == ("done", "move", 2) and node.held(b.study_uid) == b.sop_uids
+        assert (r["status"], r["method"], r["completed"]) == ("done", "move", 2)
+        assert node.held(b.study_uid) == b.sop_uids
         with pytest.raises(PacsError) as wrong:
             source_client(node.settings, "wrongca").echo()
         assert str(wrong.value).startswith(f"source wrongca: DICOM TLS with PACS@localhost:{port} failed: the peer's "
@@ -343,7 +345,8 @@ def test_instances_arriving_while_a_retrieve_runs_are_not_called_pushed(tmp_path
     assert node.ingest.writer.flush(30)
     o = series_origins(node.index, st.study_uid)[series]
     assert o["pushed"]["instances"] == 2 and o["pushed"]["calling_ae"] == "MODALITY" and o["unattributed"] == 1
-    assert [(r["retrieve"], r["status"], r["by"], r["rule"]) for r in o["arriving"]] == [(rid, "queued", "rule", "nightly")]
+    assert [(r["retrieve"], r["status"], r["by"], r["rule"]) for r in o["arriving"]] == \
+        [(rid, "queued", "rule", "nightly")]
     assert origin_lines(o)[-1] == f"retrieve {rid} from pacs by pull rule nightly still queued: " \
                                   "1 instance(s) not yet attributed"
     node.store.finish(rid, "done")

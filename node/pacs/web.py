@@ -55,7 +55,8 @@ class DicomwebSourceClient:
 
     def find_studies(self, q: StudyQuery, limit: int = 0) -> tuple[list[StudyMatch], int]:
         answers = self._call("QIDO-RS study search", lambda: self._client(self.cfg.qido_url).search_for_studies(
-            fields=STUDY_FIELDS + (["IssuerOfPatientID"] if q.issuer else []), search_filters=q.keys(), limit=limit or None, get_remaining=not limit))
+            fields=STUDY_FIELDS + (["IssuerOfPatientID"] if q.issuer else []), search_filters=q.keys(),
+            limit=limit or None, get_remaining=not limit))
         out, bad = [], 0
         for a in answers:
             m = _study(a)

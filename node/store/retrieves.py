@@ -404,8 +404,9 @@ def series_origins(index: Index, study_uid: str) -> dict[str, dict]:
 
     Instances are attributed to a retrieve when it ends (RetrieveStore.attribute), so while one runs
     the instances that arrived since it was queued are counted under ``unattributed`` with the
-    running retrieve named, never shown as pushed. The calling AE is kept per series (from its first instance), not per instance: a series
-    whose first instance was retrieved and that also holds pushed instances shows no calling AE."""
+    running retrieve named, never shown as pushed. The calling AE is kept per series (from its first
+    instance), not per instance: a series whose first instance was retrieved and that also holds
+    pushed instances shows no calling AE."""
     c = index.conn()
     series = index.series_of_study(study_uid)
     counts = dict(c.execute("SELECT series_uid, COUNT(*) FROM instances WHERE study_uid=? GROUP BY series_uid",

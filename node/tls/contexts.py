@@ -117,7 +117,8 @@ def handshake_problem(tls_args: tuple[ssl.SSLContext, str], host: str, port: int
             tls.settimeout(min(timeout, 1.0))
             try:
                 if tls.recv(1) == b"":
-                    return "the peer closed the TLS connection after the handshake (does it accept our client certificate?)"
+                    return ("the peer closed the TLS connection after the handshake "
+                            "(does it accept our client certificate?)")
             except TimeoutError:
                 return None  # the peer waits for the association request: TLS is fine
     except ssl.SSLCertVerificationError as exc:

@@ -163,7 +163,8 @@ def _priors_claim(index, job_id: int, uids: list[str]) -> dict:
     brought the job's own series (its provenance's ``retrieved_by``)."""
     extra = priors_of_job(index, job_id)
     priors = [{"study_uid": p["study_uid"], "source": p["source"], "study_date": p["study_date"],
-               "study_time": p["study_time"], "series": [{"uid": u, "instances": len(v)} for u, v in p["series"].items()]}
+               "study_time": p["study_time"],
+               "series": [{"uid": u, "instances": len(v)} for u, v in p["series"].items()]}
               for p in extra.get("priors", [])]
     return {"priors": priors, "priors_note": extra.get("priors_note"), **retrieved_by(index, uids)}
 
