@@ -396,6 +396,14 @@ def who_asked(requested_by: str) -> dict:
     return {"by": "user", "via": via, "user": user or None}
 
 
+def _pushed(series, instances: int, first_pushed: bool) -> dict:
+    """The pushed part of a series: the sender is known when its first instance was pushed (the
+    series row keeps the first instance's calling AE and address)."""
+    return {"instances": instances, "calling_ae": series["calling_ae"] if first_pushed else None,
+            "called_ae": series["called_ae"], "source_ip": series["source_ip"] if first_pushed else None,
+            "first_at": series["first_at"], "last_at": series["last_at"]}
+
+
 def series_origins(index: Index, study_uid: str) -> dict[str, dict]:
     """Where each series of a study came from, for the study view: {series_uid: {"retrieved": [per
     retrieve that brought instances of it: id, source, method, who asked, when it ended, how many],
@@ -409,33 +417,22 @@ def series_origins(index: Index, study_uid: str) -> dict[str, dict]:
     pushed instances shows no calling AE."""
     c = index.conn()
     series = index.series_of_study(study_uid)
-    counts = dict(c.execute("SELECT series_uid, COUNT(*) FROM instances WHERE study_uid=? GROUP BY series_uid",
-                            (study_uid,)).fetchall())
+    # Per series, through the series index: the dashboard asks this for every study it shows.
     out = {s["series_uid"]: {"retrieved": [], "pushed": None, "arriving": [], "unattributed": 0} for s in series}
-    retrieved: dict[str, int] = {}
-    first_retrieved: set[str] = set()
     try:
-        for r in c.execute(
-                "SELECT r.id, r.requested_by, r.source, r.method, r.status, r.finished_at, i.series_uid, COUNT(*) AS n "
-                "FROM retrieve_instances ri JOIN instances i ON i.sop_uid=ri.sop_uid JOIN retrieves r "
-                "ON r.id=ri.retrieve_id WHERE i.study_uid=? GROUP BY r.id, i.series_uid ORDER BY r.id", (study_uid,)):
-            if r["series_uid"] not in out:
-                continue
-            out[r["series_uid"]]["retrieved"].append(
-                {"retrieve": r["id"], "source": r["source"], "method": r["method"], "status": r["status"],
-                 "requested_by": r["requested_by"], **who_asked(r["requested_by"]), "at": r["finished_at"],
-                 "instances": r["n"]})
-            retrieved[r["series_uid"]] = retrieved.get(r["series_uid"], 0) + r["n"]
-        first_retrieved = {r[0] for r in c.execute(
-            "SELECT i.series_uid FROM instances i JOIN retrieve_instances ri ON ri.sop_uid=i.sop_uid "
-            "WHERE i.study_uid=? AND i.received_at=(SELECT MIN(received_at) FROM instances j "
-            "WHERE j.series_uid=i.series_uid)", (study_uid,))}
         active = c.execute(f"SELECT * FROM retrieves WHERE study_uid=? AND status IN ({','.join('?' * len(ACTIVE))}) "
                            "ORDER BY id", (study_uid, *ACTIVE)).fetchall()
     except sqlite3.OperationalError:  # no PACS tables in this index: everything was pushed
-        active = []
+        return {s["series_uid"]: {**out[s["series_uid"]], "pushed": _pushed(s, s["instances"], True)} for s in series}
     for s in series:
         uid, o = s["series_uid"], out[s["series_uid"]]
+        for r in c.execute(
+                "SELECT r.id, r.requested_by, r.source, r.method, r.status, r.finished_at, COUNT(*) AS n "
+                "FROM instances i JOIN retrieve_instances ri ON ri.sop_uid=i.sop_uid JOIN retrieves r "
+                "ON r.id=ri.retrieve_id WHERE i.series_uid=? GROUP BY r.id ORDER BY r.id", (uid,)):
+            o["retrieved"].append({"retrieve": r["id"], "source": r["source"], "method": r["method"],
+                                   "status": r["status"], "requested_by": r["requested_by"],
+                                   **who_asked(r["requested_by"]), "at": r["finished_at"], "instances": r["n"]})
         since = None
         for r in active:
             wanted = json.loads(r["series_json"]) if r["series_json"] else None
@@ -447,10 +444,11 @@ def series_origins(index: Index, study_uid: str) -> dict[str, dict]:
             o["unattributed"] = c.execute(
                 "SELECT COUNT(*) FROM instances i WHERE i.series_uid=? AND i.received_at>=? AND NOT EXISTS "
                 "(SELECT 1 FROM retrieve_instances ri WHERE ri.sop_uid=i.sop_uid)", (uid, since)).fetchone()[0]
-        rest = counts.get(uid, 0) - retrieved.get(uid, 0) - o["unattributed"]
-        if rest <= 0:
-            continue
-        o["pushed"] = {"instances": rest, "calling_ae": None if uid in first_retrieved else s["calling_ae"],
-                       "called_ae": s["called_ae"], "source_ip": None if uid in first_retrieved else s["source_ip"],
-                       "first_at": s["first_at"], "last_at": s["last_at"]}
+        rest = s["instances"] - sum(r["instances"] for r in o["retrieved"]) - o["unattributed"]
+        if rest > 0:
+            # SQLite takes the bare column from the row holding the MIN: the series' first instance.
+            first = c.execute("SELECT sop_uid, MIN(received_at) FROM instances WHERE series_uid=?", (uid,)).fetchone()
+            first_pushed = first is None or c.execute("SELECT 1 FROM retrieve_instances WHERE sop_uid=?",
+                                                      (first[0],)).fetchone() is None
+            o["pushed"] = _pushed(s, rest, first_pushed)
     return out
