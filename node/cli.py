@@ -113,6 +113,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     index = open_index(settings)
+    if args.study:
+        return _study_status(index, args.study, args.json)
     cluster = cluster_summary(index, settings.executor.kind, _queue_lengths(settings, index))
     studies = []
     for row in index.studies(args.limit, 0):
@@ -144,6 +146,31 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"worker {w['name']} on {w['host']} [{','.join(w['queues'])}] "
                   f"{'job ' + str(w['current_job']) if w['current_job'] is not None else 'idle'}, "
                   f"last heartbeat {time.time() - w['last_seen']:.0f} s ago")
+    return 0
+
+
+def _study_status(index, study_uid: str, as_json: bool) -> int:
+    """One study: its series, where each came from (pushed by which AE, or retrieved by which pull
+    rule or user from which source), and its jobs."""
+    from node.web.views import job_view, origin_lines, series_views, study_summary
+
+    row = index.study(study_uid)
+    if row is None:
+        print(f"hilum: study {study_uid} not found", file=sys.stderr)
+        return 1
+    s = study_summary(row)
+    s["series"] = series_views(index, study_uid)
+    s["jobs"] = [job_view(index, j) for j in index.jobs(study_uid=study_uid)]
+    if as_json:
+        print(json.dumps(s, indent=1))
+        return 0
+    print(f"study {study_uid}: {s['instances_received']} instance(s), {'stable' if s['stable'] else 'receiving'}")
+    for x in s["series"]:
+        print(f"  series {x['series_uid']} {x['modality'] or ''} {x['description'] or ''} ({x['instances']})")
+        for line in origin_lines(x["origin"]):
+            print(f"    {line}")
+    for j in s["jobs"]:
+        print(f"  job {j['id']} {j['rule']} -> {j['handler']}: {j['status']}")
     return 0
 
 
@@ -250,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(st)
     st.add_argument("--json", action="store_true")
     st.add_argument("--limit", type=int, default=20)
+    st.add_argument("--study", metavar="STUDY_UID", help="one study: its series, where each came from, its jobs")
     st.set_defaults(func=cmd_status)
 
     rt = sub.add_parser("retry", help="re-run a failed job or re-send its failed deliveries")

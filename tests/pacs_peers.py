@@ -21,7 +21,7 @@ from tests.nodeproc import DCMTK_ENV, _port_open, free_port, wait_for
 def tiny_study(out_dir: Path, *, patient_id: str = "P1", study_date: str = "20240101", study_time: str = "101500",
                accession: str = "", description: str = "CT CHEST", body_part: str = "CHEST",
                series: tuple[tuple[str, float, int], ...] = (("AX THIN", 1.0, 4),), rows: int = 32,
-               modality: str = "CT", study_uid: str | None = None) -> "TinyStudy":
+               modality: str = "CT", study_uid: str | None = None, issuer: str = "") -> "TinyStudy":
     """A small CT study: ``series`` = (description, slice thickness, slices) each. Written as files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
@@ -41,6 +41,8 @@ def tiny_study(out_dir: Path, *, patient_id: str = "P1", study_date: str = "2024
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
             ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "PACS^TEST", patient_id, "", "O"
+            if issuer:
+                ds.IssuerOfPatientID = issuer
             ds.StudyDate, ds.StudyTime, ds.AccessionNumber = study_date, study_time, accession
             ds.StudyDescription, ds.SeriesDescription = description, desc
             ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", n, i + 1
@@ -81,7 +83,7 @@ class PacsOrthanc:
     """A second Orthanc, independent of any node: the hospital PACS."""
 
     def __init__(self, root: Path, node_ae: str = "HILUM", node_port: int | None = None,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, tls: dict[str, Path] | None = None) -> None:
         self.root = root
         self.http_port, self.dicom_port = free_port(), free_port()
         self.ae_title = "PACS"
@@ -96,6 +98,10 @@ class PacsOrthanc:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Ssl": False},
             "StableAge": 1, "LimitFindResults": 0, "ConcurrentJobs": 2, "DicomScuTimeout": 10,
         }
+        if tls:  # DICOM TLS on its DICOM port: its certificate, and the CAs whose clients it accepts
+            cfg.update({"DicomTlsEnabled": True, "DicomTlsCertificate": str(tls["cert"]),
+                        "DicomTlsPrivateKey": str(tls["key"]), "DicomTlsTrustedCertificates": str(tls["trusted"]),
+                        "DicomTlsRemoteCertificateRequired": tls.get("client_cert_required", True)})
         root.mkdir(parents=True, exist_ok=True)
         self.config_path = root / "pacs.json"
         self.config_path.write_text(json.dumps(cfg))

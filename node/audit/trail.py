@@ -155,9 +155,10 @@ class AuditTrail:
 
     def worker_access(self, user: str, source_ip: str | None, *, job_id: int | None, study_uid: str | None,
                       what: str, ok: bool, reason: str | None = None, objects: int | None = None) -> dict:
-        """A remote job worker reading a job's inputs or storing its results, or refused (401/403)."""
+        """A remote job worker reading a job's inputs or priors or storing its results, or refused (401/403)."""
         return self.record("worker-access", v.INSTANCES_ACCESSED if ok else v.SECURITY_ALERT,
-                           action=v.READ if what == "inputs" else v.CREATE if what == "results" else v.EXECUTE,
+                           action=v.READ if what in ("inputs", "priors") else
+                           v.CREATE if what == "results" else v.EXECUTE,
                            outcome=v.SUCCESS if ok else v.MINOR_FAILURE, outcome_description=reason, user=user,
                            user_is_requestor=True, source_ip=source_ip, study_uid=study_uid, objects=objects,
                            event_type=None if ok else v.NODE_AUTHENTICATION, detail={"job": job_id, "request": what})

@@ -1,7 +1,8 @@
 """`hilum worker`: a job worker on any host, fed by Celery, talking to the node over HTTP(S).
 
 It needs no access to the node's disk or keys. For each task ("run attempt T of job J") it claims
-the attempt from the node, streams that job's instances into a private temporary directory, runs
+the attempt from the node, streams that job's instances (and its priors, when its rule asked for
+them) into a private temporary directory, runs
 the same ``run_job`` as the node's local executor (handler → encoders, into that directory, sealed
 with a keyless local vault), uploads the result objects and reports done, or the failure with its
 reason. A heartbeat thread tells the node it is alive and what it runs; a worker that stops
@@ -80,11 +81,25 @@ class NodeClient:
 
     def fetch_inputs(self, job: dict, ticket: str, into: Path) -> dict[str, list[str]]:
         """The job's instances, written as files under ``into``: {series UID: [paths]} in the node's order."""
-        uids = [s["uid"] for s in job["series"]]
-        paths: dict[str, list[str]] = {u: [] for u in uids}
-        for i, u in enumerate(uids):
+        got = self._fetch_series(f"/api/worker/jobs/{job['job_id']}/inputs", ticket, job["series"], into)
+        return dict(zip([s["uid"] for s in job["series"]], got))
+
+    def fetch_priors(self, job: dict, ticket: str, into: Path) -> list[dict]:
+        """The job's priors (JobSpec.extra["priors"], as the local executor gives them), their
+        instances written as files under ``into``."""
+        series = [s for p in job["priors"] for s in p["series"]]
+        got = iter(self._fetch_series(f"/api/worker/jobs/{job['job_id']}/priors", ticket, series, into))
+        return [{**{k: p[k] for k in ("study_uid", "source", "study_date", "study_time")},
+                 "series": {s["uid"]: next(got) for s in p["series"]}} for p in job["priors"]]
+
+    def _fetch_series(self, path: str, ticket: str, series: list[dict], into: Path) -> list[list[str]]:
+        """One stream of frames (series position, length, bytes) into files, checked against the
+        counts the claim announced ({"uid", "instances"} per series): the paths per series."""
+        uids = [s["uid"] for s in series]
+        paths: dict[int, list[str]] = {i: [] for i in range(len(uids))}
+        for i in range(len(uids)):
             (into / str(i)).mkdir(parents=True)
-        with self.http.stream("GET", f"/api/worker/jobs/{job['job_id']}/inputs", headers={TICKET: ticket}) as r:
+        with self.http.stream("GET", path, headers={TICKET: ticket}) as r:
             if r.status_code == 409:
                 raise AttemptEnded("attempt ended")
             r.raise_for_status()
@@ -98,20 +113,19 @@ class NodeClient:
                             break
                         want = FRAME.unpack_from(buf)
                         del buf[:FRAME.size]
-                    series, length = want
+                    pos, length = want
                     if len(buf) < length:
                         break
-                    u = uids[series]
-                    p = into / str(series) / f"{len(paths[u]):06d}.dcm"
+                    p = into / str(pos) / f"{len(paths[pos]):06d}.dcm"
                     p.write_bytes(buf[:length])
-                    paths[u].append(str(p))
+                    paths[pos].append(str(p))
                     del buf[:length]
                     want = None
-        got = {u: len(v) for u, v in paths.items()}
-        expected = {s["uid"]: s["instances"] for s in job["series"]}
+        got = {uids[i]: len(v) for i, v in paths.items()}
+        expected = {s["uid"]: s["instances"] for s in series}
         if got != expected or buf:
-            raise RuntimeError(f"input stream incomplete: got {got}, expected {expected}")
-        return paths
+            raise RuntimeError(f"{path.rsplit('/', 1)[-1]} stream incomplete: got {got}, expected {expected}")
+        return [paths[i] for i in range(len(uids))]
 
     def model_file(self, job_id: int, ticket: str, name: str) -> Iterator[bytes]:
         """One file of the model version the node resolved for this attempt, in chunks."""
@@ -201,12 +215,13 @@ class RemoteWorker:
             d = Path(tmp)
             try:
                 series = self.client.fetch_inputs(job, ticket, d / "inputs")
+                extra = {"priors": self.client.fetch_priors(job, ticket, d / "priors")} if job.get("priors") else {}
+                extra |= {k: job[k] for k in ("priors_note", "retrieved_by") if job.get(k)}
                 spec = JobSpec(job_id=job_id, job_key=job["job_key"], study_uid=job["study_uid"], rule=job["rule"],
                                handler=job["handler"], params=job["params"], series=series,
                                results_dir=str(d / "results"), vault=VaultSpec(str(d), None),
                                options=job.get("options") or {}, created=job["created"],
-                               extra=({"priors_note": job["priors_note"]} if job.get("priors_note") else {})
-                               | self._model(job, ticket))
+                               extra=extra | self._model(job, ticket))
                 meta, provenance, figures = run_job(spec, lambda f, m: self.client.progress(job_id, ticket, float(f),
                                                                                               str(m)))
             except AttemptEnded:

@@ -26,6 +26,7 @@ from node.config_pacs import DimseSource
 from node.pacs.model import NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
 from node.receive.header import read_header
 from node.tls import client_tls_args
+from node.tls.contexts import handshake_problem
 
 log = logging.getLogger("hilum.pacs")
 
@@ -78,6 +79,11 @@ class DimseClient:
         except Exception as exc:  # noqa: BLE001 - socket/TLS errors from inside pynetdicom
             raise PacsError(f"source {self.name}: cannot connect to {self.cfg.host}:{self.cfg.port}: {exc}") from exc
         if not assoc.is_established:
+            problem = None if assoc.is_rejected or not self.tls_args else \
+                handshake_problem(self.tls_args, self.cfg.host, self.cfg.port, min(self.cfg.timeout_s, 10.0))
+            if problem:
+                raise PacsError(f"source {self.name}: DICOM TLS with {self.cfg.ae_title}@{self.cfg.host}:"
+                                f"{self.cfg.port} failed: {problem} (sources.{self.name}.tls)")
             why = "rejected by the PACS" if assoc.is_rejected else "not established (connection refused or aborted)"
             raise PacsError(f"source {self.name}: association with {self.cfg.ae_title}@{self.cfg.host}:"
                             f"{self.cfg.port} {why} (is the PACS up, and does it accept calling AE "
@@ -314,7 +320,7 @@ def _study(ds: Dataset | None) -> StudyMatch | None:
                           study_date=_str(ds, "StudyDate"), study_time=_str(ds, "StudyTime"),
                           accession=_str(ds, "AccessionNumber"), description=_str(ds, "StudyDescription"),
                           modalities=_multi(mods), instances=int(n) if n not in (None, "") else None,
-                          sop_classes=_multi(classes))
+                          sop_classes=_multi(classes), issuer=_str(ds, "IssuerOfPatientID"))
     except Exception as exc:  # noqa: BLE001 - a value pydicom cannot parse: the answer is malformed
         log.warning("malformed C-FIND study answer skipped: %s", exc)
         return None

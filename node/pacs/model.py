@@ -46,9 +46,11 @@ class StudyQuery:
     study_date: str = ""  # DICOM date or range: 20240101, 20240101-20240131, 20240101-
     study_description: str = ""  # may use * and ? wildcards
     study_uid: str = ""
+    issuer: str = ""  # IssuerOfPatientID: which authority's PatientID (priors send it when the study has one)
 
     def keys(self) -> dict[str, str]:
-        return {k: v for k, v in (("PatientID", self.patient_id), ("AccessionNumber", self.accession),
+        return {k: v for k, v in (("PatientID", self.patient_id), ("IssuerOfPatientID", self.issuer),
+                                  ("AccessionNumber", self.accession),
                                   ("ModalitiesInStudy", self.modality), ("StudyDate", self.study_date),
                                   ("StudyDescription", self.study_description),
                                   ("StudyInstanceUID", self.study_uid)) if v}
@@ -66,6 +68,7 @@ class StudyMatch:
     modalities: list[str] = field(default_factory=list)
     instances: int | None = None  # NumberOfStudyRelatedInstances, when the PACS answers it
     sop_classes: list[str] = field(default_factory=list)  # SOPClassesInStudy, when answered
+    issuer: str = ""  # IssuerOfPatientID, when asked for and answered
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -3,10 +3,13 @@
 A routing rule with ``priors:`` (node/rules/priors.py) creates its job in status
 ``waiting-for-priors`` (``hold``, inside the transaction that created it, so no worker can take
 it first). This thread then looks for the patient's earlier studies — in the node's index, then
-on the source (PatientID, plus IssuerOfPatientID where the PACS gives one back) — picks the
+on the source (PatientID, plus IssuerOfPatientID when the current study has one) — picks the
 ``max`` most recent that match, queues retrieves for those the node lacks, and follows them
 (the job's message shows the progress). When they end, or at the deadline, the job is released
 to the executor with what arrived and a note saying what is missing (HandlerInput.priors_note).
+The same PatientID from two issuers is two patients: a study whose issuer differs from the current
+study's (both known) is not a prior, whether the node holds it or a PACS that ignored the issuer key
+answered it, and the note names it.
 Everything is in the index (``prior_waits``): a restart resumes the wait.
 """
 from __future__ import annotations
@@ -105,17 +108,25 @@ class PriorsCoordinator:
             return
         current = dt.datetime.strptime(st["study_date"][:8], "%Y%m%d")
         since = (current - dt.timedelta(seconds=spec.within)).strftime("%Y%m%d")
+        issuer = study_issuer(self.index, w["study_uid"])
         candidates: dict[str, dict] = {}
+        other_issuer: dict[str, str] = {}  # study -> why, though its PatientID is the same (the job's note)
         for row in self.store.prior_studies(st["patient_id"], st["study_date"][:8], since, w["study_uid"]):
-            if self._node_study_matches(row["study_uid"], spec):
+            theirs = study_issuer(self.index, row["study_uid"])
+            if issuer and theirs and theirs != issuer:
+                other_issuer[row["study_uid"]] = _other_patient(row["study_uid"], "node", theirs, issuer)
+            elif self._node_study_matches(row["study_uid"], spec):
                 candidates[row["study_uid"]] = {"study_uid": row["study_uid"], "date": row["study_date"],
                                                 "time": "", "source": "node"}
         note = None
         if spec.source is not None:
             try:
-                self._from_source(spec, st, since, current, candidates)
+                self._from_source(spec, st, issuer, since, current, candidates, other_issuer)
             except PacsError as exc:
                 note = f"source {spec.source} not searched: {exc}"
+        if other_issuer:
+            note = "; ".join(filter(None, [note, "not taken as priors (same PatientID, another patient): "
+                                           + "; ".join(other_issuer.values())]))
         best = sorted(candidates.values(), key=lambda c: (c["date"], c["time"]), reverse=True)[:spec.max]
         chosen = []
         for c in best:
@@ -133,18 +144,23 @@ class PriorsCoordinator:
         if any("retrieve" in c for c in chosen):
             self.on_retrieves()
 
-    def _from_source(self, spec: PriorsSpec, st, since: str, current: dt.datetime, candidates: dict) -> None:
+    def _from_source(self, spec: PriorsSpec, st, issuer: str, since: str, current: dt.datetime, candidates: dict,
+                     other_issuer: dict[str, str]) -> None:
         client = source_client(self.settings, spec.source)
         before = (current - dt.timedelta(days=1)).strftime("%Y%m%d")
         sm = spec.study_match()
-        q = StudyQuery(patient_id=st["patient_id"], study_date=f"{since}-{before}",
+        q = StudyQuery(patient_id=st["patient_id"], issuer=issuer, study_date=f"{since}-{before}",
                        modality=sm.get("ModalitiesInStudy", ""), study_description=sm.get("StudyDescription", ""))
         matches, _bad = client.find_studies(q)
         query_audit(self.audit, who="priors", source=spec.source, keys=q.keys(), matches=len(matches))
         series_match = spec.series_match()
         for m in matches:
-            if m.study_uid in candidates or m.study_uid == st["study_uid"] or m.patient_id != st["patient_id"]:
-                continue  # already in the node, the study itself, or an answer for someone else
+            if m.study_uid in candidates or m.study_uid in other_issuer or m.study_uid == st["study_uid"] \
+                    or m.patient_id != st["patient_id"]:
+                continue  # already in the node (taken or left out), the study itself, or someone else's
+            if issuer and m.issuer and m.issuer != issuer:  # a PACS that ignored the issuer key
+                other_issuer[m.study_uid] = _other_patient(m.study_uid, spec.source, m.issuer, issuer)
+                continue
             entry = {"study_uid": m.study_uid, "date": m.study_date, "time": m.study_time, "source": spec.source,
                      "instances": m.instances}
             if series_match:
@@ -171,3 +187,17 @@ class PriorsCoordinator:
             if all(str(ds.get(k, "")).upper() == v.upper() for k, v in series_match.items()):
                 return True
         return False
+
+
+def study_issuer(index: Index, study_uid: str) -> str:
+    """The study's IssuerOfPatientID (from its series' first-instance headers), or "" when none says.
+    The same PatientID from two issuers is two patients: priors are matched on both when both are known."""
+    for r in index.series_of_study(study_uid):
+        el = json.loads(r["header_json"] or "{}").get("00100021", {})
+        if el.get("Value") and str(el["Value"][0]).strip():
+            return str(el["Value"][0]).strip()
+    return ""
+
+
+def _other_patient(study_uid: str, where: str, theirs: str, ours: str) -> str:
+    return f"study {study_uid} ({where}) has IssuerOfPatientID {theirs!r}, the current study {ours!r}"

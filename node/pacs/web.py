@@ -55,7 +55,8 @@ class DicomwebSourceClient:
 
     def find_studies(self, q: StudyQuery, limit: int = 0) -> tuple[list[StudyMatch], int]:
         answers = self._call("QIDO-RS study search", lambda: self._client(self.cfg.qido_url).search_for_studies(
-            fields=STUDY_FIELDS, search_filters=q.keys(), limit=limit or None, get_remaining=not limit))
+            fields=STUDY_FIELDS + (["IssuerOfPatientID"] if q.issuer else []), search_filters=q.keys(),
+            limit=limit or None, get_remaining=not limit))
         out, bad = [], 0
         for a in answers:
             m = _study(a)
@@ -133,7 +134,7 @@ def _study(a: dict) -> StudyMatch | None:
                           study_date=_value(a, "StudyDate"), study_time=_value(a, "StudyTime"),
                           accession=_value(a, "AccessionNumber"), description=_value(a, "StudyDescription"),
                           modalities=[m for m in _value(a, "ModalitiesInStudy").split("\\") if m],
-                          instances=int(n) if n else None)
+                          instances=int(n) if n else None, issuer=_value(a, "IssuerOfPatientID"))
     except (AttributeError, TypeError, ValueError) as exc:
         log.warning("malformed QIDO-RS study answer skipped: %s", exc)
         return None

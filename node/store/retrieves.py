@@ -382,3 +382,73 @@ def priors_of_job(index: Index, job_id: int) -> dict:
         priors.append({"study_uid": p["study_uid"], "source": p["source"], "study_date": st["study_date"] or "",
                        "study_time": p.get("study_time", ""), "series": paths})
     return {"priors": priors, "priors_note": row["note"]}
+
+
+def who_asked(requested_by: str) -> dict:
+    """A retrieve's requester split into what a reader wants: a pull rule (``rule:NAME``), the
+    priors of a job (``priors:job N``) or a user through the CLI or the API (``cli alice``)."""
+    if requested_by.startswith("rule:"):
+        return {"by": "rule", "rule": requested_by[5:]}
+    if requested_by.startswith("priors:job "):
+        job = requested_by[len("priors:job "):]
+        return {"by": "priors", "job": int(job) if job.isdigit() else job}
+    via, _, user = requested_by.partition(" ")
+    return {"by": "user", "via": via, "user": user or None}
+
+
+def _pushed(series, instances: int, first_pushed: bool) -> dict:
+    """The pushed part of a series: the sender is known when its first instance was pushed (the
+    series row keeps the first instance's calling AE and address)."""
+    return {"instances": instances, "calling_ae": series["calling_ae"] if first_pushed else None,
+            "called_ae": series["called_ae"], "source_ip": series["source_ip"] if first_pushed else None,
+            "first_at": series["first_at"], "last_at": series["last_at"]}
+
+
+def series_origins(index: Index, study_uid: str) -> dict[str, dict]:
+    """Where each series of a study came from, for the study view: {series_uid: {"retrieved": [per
+    retrieve that brought instances of it: id, source, method, who asked, when it ended, how many],
+    "pushed": {instances, calling AE, called AE, source IP, first/last arrival} or None, "arriving":
+    [retrieves still running that may be bringing it]}}.
+
+    Instances are attributed to a retrieve when it ends (RetrieveStore.attribute), so while one runs
+    the instances that arrived since it was queued are counted under ``unattributed`` with the
+    running retrieve named, never shown as pushed. The calling AE is kept per series (from its first
+    instance), not per instance: a series whose first instance was retrieved and that also holds
+    pushed instances shows no calling AE."""
+    c = index.conn()
+    series = index.series_of_study(study_uid)
+    # Per series, through the series index: the dashboard asks this for every study it shows.
+    out = {s["series_uid"]: {"retrieved": [], "pushed": None, "arriving": [], "unattributed": 0} for s in series}
+    try:
+        active = c.execute(f"SELECT * FROM retrieves WHERE study_uid=? AND status IN ({','.join('?' * len(ACTIVE))}) "
+                           "ORDER BY id", (study_uid, *ACTIVE)).fetchall()
+    except sqlite3.OperationalError:  # no PACS tables in this index: everything was pushed
+        return {s["series_uid"]: {**out[s["series_uid"]], "pushed": _pushed(s, s["instances"], True)} for s in series}
+    for s in series:
+        uid, o = s["series_uid"], out[s["series_uid"]]
+        for r in c.execute(
+                "SELECT r.id, r.requested_by, r.source, r.method, r.status, r.finished_at, COUNT(*) AS n "
+                "FROM instances i JOIN retrieve_instances ri ON ri.sop_uid=i.sop_uid JOIN retrieves r "
+                "ON r.id=ri.retrieve_id WHERE i.series_uid=? GROUP BY r.id ORDER BY r.id", (uid,)):
+            o["retrieved"].append({"retrieve": r["id"], "source": r["source"], "method": r["method"],
+                                   "status": r["status"], "requested_by": r["requested_by"],
+                                   **who_asked(r["requested_by"]), "at": r["finished_at"], "instances": r["n"]})
+        since = None
+        for r in active:
+            wanted = json.loads(r["series_json"]) if r["series_json"] else None
+            if wanted is None or uid in wanted:
+                o["arriving"].append({"retrieve": r["id"], "source": r["source"], "status": r["status"],
+                                      "requested_by": r["requested_by"], **who_asked(r["requested_by"])})
+                since = r["created_at"] if since is None else min(since, r["created_at"])
+        if since is not None:  # what arrived since a running retrieve was queued may be its: said so
+            o["unattributed"] = c.execute(
+                "SELECT COUNT(*) FROM instances i WHERE i.series_uid=? AND i.received_at>=? AND NOT EXISTS "
+                "(SELECT 1 FROM retrieve_instances ri WHERE ri.sop_uid=i.sop_uid)", (uid, since)).fetchone()[0]
+        rest = s["instances"] - sum(r["instances"] for r in o["retrieved"]) - o["unattributed"]
+        if rest > 0:
+            # SQLite takes the bare column from the row holding the MIN: the series' first instance.
+            first = c.execute("SELECT sop_uid, MIN(received_at) FROM instances WHERE series_uid=?", (uid,)).fetchone()
+            first_pushed = first is None or c.execute("SELECT 1 FROM retrieve_instances WHERE sop_uid=?",
+                                                      (first[0],)).fetchone() is None
+            o["pushed"] = _pushed(s, rest, first_pushed)
+    return out

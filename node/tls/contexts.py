@@ -99,3 +99,35 @@ def uvicorn_tls_options(web_tls) -> dict:
     if web_tls is None:
         return {}
     return {"ssl_certfile": str(web_tls.cert), "ssl_keyfile": str(web_tls.key), "ssl_ciphers": CIPHERS_TLS12}
+
+
+def handshake_problem(tls_args: tuple[ssl.SSLContext, str], host: str, port: int, timeout: float) -> str | None:
+    """Why TLS to ``host:port`` fails, in words (the peer's certificate not trusted or not naming the
+    host, our client certificate refused, no TLS at all), or None when a handshake succeeds.
+
+    pynetdicom reports any of these as an association that was not established; a second, bare
+    handshake tells the admin which setting to fix. With TLS 1.3 a refused client certificate is
+    only reported after the handshake, so a short read follows it."""
+    import socket
+
+    ctx, server_name = tls_args
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            tls.settimeout(min(timeout, 1.0))
+            try:
+                if tls.recv(1) == b"":
+                    return ("the peer closed the TLS connection after the handshake "
+                            "(does it accept our client certificate?)")
+            except TimeoutError:
+                return None  # the peer waits for the association request: TLS is fine
+    except ssl.SSLCertVerificationError as exc:
+        return f"the peer's certificate was not accepted: {exc.verify_message} (is tls.ca the CA that signed it?)"
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if "ALERT" in reason.upper() and ("CERTIFICATE" in reason.upper() or "UNKNOWN_CA" in reason.upper()):
+            return f"the peer refused our client certificate ({reason}): check tls.cert and tls.key"
+        return f"TLS handshake failed: {reason} (does the peer speak DICOM TLS on this port?)"
+    except OSError:
+        return None  # not reachable at all: the caller's own message says so
+    return None

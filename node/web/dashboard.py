@@ -6,7 +6,7 @@ import time
 from fastapi import APIRouter, Depends, Query, Request
 
 from node.web.auth import Principal, require_viewer
-from node.web.views import delivery_view, job_view, study_summary
+from node.web.views import delivery_view, job_view, series_views, study_summary
 from node.web.worker_api import cluster_view
 
 router = APIRouter(prefix="/api/dashboard", tags=["dashboard"])
@@ -19,8 +19,7 @@ def dashboard(request: Request, studies: int = Query(25, ge=1, le=200), _: Princ
     out_studies = []
     for row in index.studies(studies, 0):
         s = study_summary(row)
-        s["series"] = [{"series_uid": r["series_uid"], "modality": r["modality"], "description": r["description"],
-                        "instances": r["instances"]} for r in index.series_of_study(row["study_uid"])]
+        s["series"] = series_views(index, row["study_uid"])
         s["jobs"] = [job_view(index, j) for j in reversed(index.jobs(study_uid=row["study_uid"], limit=100))]
         out_studies.append(s)
     return {

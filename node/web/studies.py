@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from node.web.auth import Principal, require_admin, require_viewer
-from node.web.views import job_view, study_summary
+from node.web.views import job_view, series_views, study_summary
 
 router = APIRouter(prefix="/api/studies", tags=["studies"])
 
@@ -28,11 +28,7 @@ def get_study(study_uid: str, request: Request, _: Principal = Depends(require_v
     if row is None:
         raise HTTPException(404, f"study {study_uid} not found")
     out = study_summary(row)
-    out["series"] = [
-        {"series_uid": s["series_uid"], "modality": s["modality"], "description": s["description"],
-         "instances": s["instances"], "stable": s["state"] == "stable"}
-        for s in index.series_of_study(study_uid)
-    ]
+    out["series"] = series_views(index, study_uid)
     out["jobs"] = [job_view(index, j) for j in reversed(index.jobs(study_uid=study_uid, limit=1000))]
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from node.store.index import Index
+from node.store.retrieves import series_origins
 
 
 def study_summary(row) -> dict:
@@ -14,6 +15,15 @@ def study_summary(row) -> dict:
         "first_received": row["first_at"], "last_received": row["last_at"], "generation": row["generation"],
         "pending_rules": pending_rules(row),
     }
+
+
+def series_views(index: Index, study_uid: str) -> list[dict]:
+    """The study's series, each with its origin: pushed by which AE, or retrieved by which pull rule,
+    user or job's priors from which source (node.store.retrieves.series_origins)."""
+    origins = series_origins(index, study_uid)
+    return [{"series_uid": s["series_uid"], "modality": s["modality"], "description": s["description"],
+             "instances": s["instances"], "stable": s["state"] == "stable", "origin": origins[s["series_uid"]]}
+            for s in index.series_of_study(study_uid)]
 
 
 def quality_warnings(history: list[dict]) -> list[str]:
@@ -74,3 +84,34 @@ def cluster_summary(index: Index, executor: str, queue_lengths: dict[str, int] |
     workers = [{"name": w["name"], "host": w["host"], "queues": json.loads(w["queues"]), "current_job": w["current_job"],
                 "pid": w["pid"], "last_seen": w["last_seen"]} for w in index.workers()]
     return {"executor": executor, "workers": workers, "queues": queue_lengths}
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "not finished"
+
+
+def _asker(r: dict) -> str:
+    if r["by"] == "rule":
+        return f"pull rule {r['rule']}"
+    if r["by"] == "priors":
+        return f"priors of job {r['job']}"
+    return f"{r['user'] or '?'} via {r['via']}"
+
+
+def origin_lines(origin: dict) -> list[str]:
+    """A series' origin (node.store.retrieves.series_origins) as lines of text: `hilum status --study`."""
+    methods = {"move": "C-MOVE", "get": "C-GET", "wado": "WADO-RS"}
+    out = [f"retrieved from {r['source']} by {_asker(r)} (retrieve {r['retrieve']}, "
+           f"{methods.get(r['method'], r['method'])}, {_when(r['at'])}): {r['instances']} instance(s)"
+           for r in origin["retrieved"]]
+    p = origin["pushed"]
+    if p:
+        sender = f"pushed by {p['calling_ae']} from {p['source_ip']}" if p["calling_ae"] else \
+            "pushed (calling AE not recorded per instance)"
+        out.append(f"{sender} to {p['called_ae']} ({_when(p['first_at'])}): {p['instances']} instance(s)")
+    for r in origin["arriving"]:
+        out.append(f"retrieve {r['retrieve']} from {r['source']} by {_asker(r)} still {r['status']}"
+                   + (f": {origin['unattributed']} instance(s) not yet attributed" if origin["unattributed"] else ""))
+    return out

@@ -2,8 +2,8 @@
 
 A worker authenticates with a worker-role token; every request about a job also carries that
 attempt's ticket (``X-Hilum-Ticket``, from the Celery task). Ticket and token together open only
-the current attempt of that one job: its inputs (streamed from the vault, verified and
-decrypted here, never a path or a key), its progress, its results. A stale attempt (the node gave
+the current attempt of that one job: its inputs and its priors (streamed from the vault, verified
+and decrypted here, never a path or a key), its progress, its results. A stale attempt (the node gave
 it up: worker lost, timed out) gets 409 and its results are not taken: one result set per attempt.
 Every grant and every refusal is audited.
 
@@ -29,7 +29,7 @@ from node.jobs.wire import FRAME, TICKET, WORKER
 from node.models.card import CardError
 from node.models.versions import ModelRegistry
 from node.receive.spool import fsync_dirs
-from node.store.retrieves import priors_of_job
+from node.store.retrieves import priors_of_job, retrieved_by
 from node.store.vault import IntegrityError
 from node.web.auth import WORKER_ROLE, Principal, hash_token, require_viewer
 from node.web.views import cluster_summary
@@ -157,7 +157,7 @@ def claim(job_id: int, request: Request, name: str = Depends(require_worker)) ->
                              objects=sum(s["instances"] for s in series))
     return {"job_id": job_id, "job_key": job["job_key"], "study_uid": job["study_uid"], "rule": job["rule"],
             "handler": job["handler"], "params": json.loads(job["params_json"]), "series": series,
-            "options": json.loads(job["options_json"]), "priors_note": _priors_note(node.index, job_id),
+            "options": json.loads(job["options_json"]), **_priors_claim(node.index, job_id, uids),
             "timeout_s": job["timeout_s"] or node.settings.handler_timeout_s,
             "created": job_created(job["created_at"]),  # the time the results carry: the same bytes as a local run
             "model": model}
@@ -178,13 +178,17 @@ def _claim_model(request: Request, job) -> dict | None:
         raise HTTPException(409, f"model: {reason}: job failed") from None
 
 
-def _priors_note(index, job_id: int) -> str | None:
-    """Priors are not streamed to remote workers yet: a job whose rule asked for them runs without
-    them there, and its handler is told so (HandlerInput.priors_note), never silently."""
+def _priors_claim(index, job_id: int, uids: list[str]) -> dict:
+    """What the worker needs to fetch the job's priors (GET .../priors) and hand them to the handler
+    as the local executor would: each prior study's date, time, source and series with their
+    instance counts, in the order of the stream; the note on what is missing; and which retrieves
+    brought the job's own series (its provenance's ``retrieved_by``)."""
     extra = priors_of_job(index, job_id)
-    if extra.get("priors"):
-        return "priors were found but are not sent to remote workers: this job ran without them"
-    return extra.get("priors_note")
+    priors = [{"study_uid": p["study_uid"], "source": p["source"], "study_date": p["study_date"],
+               "study_time": p["study_time"],
+               "series": [{"uid": u, "instances": len(v)} for u, v in p["series"].items()]}
+              for p in extra.get("priors", [])]
+    return {"priors": priors, "priors_note": extra.get("priors_note"), **retrieved_by(index, uids)}
 
 
 @router.get("/jobs/{job_id}/inputs")
@@ -194,20 +198,35 @@ def inputs(job_id: int, request: Request, _: str = Depends(require_worker)) -> S
     job = node.index.job(job_id)
     uids = [job["series_uid"]] if job["series_uid"] else [s["series_uid"] for s in node.index.series_of_study(job["study_uid"])]
     locators = [(i, loc) for i, u in enumerate(uids) for loc in node.index.instance_paths(u)]
+    return StreamingResponse(_stream(node, job_id, attempt, locators), media_type="application/octet-stream")
 
-    def frames():
-        for i, loc in locators:
-            try:
-                data = node.vault.read(loc)
-            except IntegrityError as exc:  # never hand a tampered instance out; the short stream fails the job
-                node.vault.quarantine_damaged(exc.locator, str(exc))
-                node.index.end_attempt(job_id, attempt, "failed")
-                node.index.fail_job(job_id, f"spool integrity check failed for {loc}: {exc}")
-                return
-            yield FRAME.pack(i, len(data))
-            yield data
 
-    return StreamingResponse(frames(), media_type="application/octet-stream")
+def _stream(node, job_id: int, attempt: int, locators: list[tuple[int, str]]):
+    """Frames of (series position, length) + bytes, read from the vault and verified on the way."""
+    for i, loc in locators:
+        try:
+            data = node.vault.read(loc)
+        except IntegrityError as exc:  # never hand a tampered instance out; the short stream fails the job
+            node.vault.quarantine_damaged(exc.locator, str(exc))
+            node.index.end_attempt(job_id, attempt, "failed")
+            node.index.fail_job(job_id, f"spool integrity check failed for {loc}: {exc}")
+            return
+        yield FRAME.pack(i, len(data))
+        yield data
+
+
+@router.get("/jobs/{job_id}/priors")
+def priors(job_id: int, request: Request, name: str = Depends(require_worker)) -> StreamingResponse:
+    """The job's priors (the same patient's earlier studies its rule asked for), streamed like its
+    inputs; the series position counts through the priors' series in the order of the claim."""
+    node = request.app.state.node
+    attempt = _attempt(request, job_id)["attempt"]
+    job = node.index.job(job_id)
+    series = [paths for p in priors_of_job(node.index, job_id).get("priors", []) for paths in p["series"].values()]
+    locators = [(i, loc) for i, paths in enumerate(series) for loc in paths]
+    node.audit.worker_access(f"worker {name}", request.client.host if request.client else None, job_id=job_id,
+                             study_uid=job["study_uid"], what="priors", ok=True, objects=len(locators))
+    return StreamingResponse(_stream(node, job_id, attempt, locators), media_type="application/octet-stream")
 
 
 @router.get("/jobs/{job_id}/model/{name:path}")

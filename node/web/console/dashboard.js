@@ -73,7 +73,37 @@ function studyRows(s) {
     el('td', {class: s.stable ? 'status-done' : 'status-receiving'}, s.stable ? 'stable' : 'receiving'),
     el('td', {}, el('a', {href: `/viewer?StudyInstanceUIDs=${uid}`, class: 'ohif'}, 'OHIF'), view3d),
     el('td', {}, complete));
-  return [row, ...s.jobs.map(jobRow), ...s.pending_rules.map(pendingRow)];
+  return [row, originRow(s), ...s.jobs.map(jobRow), ...s.pending_rules.map(pendingRow)];
+}
+
+const METHODS = {move: 'C-MOVE', get: 'C-GET', wado: 'WADO-RS'};
+
+function asker(r) {
+  if (r.by === 'rule') return `pull rule ${r.rule}`;
+  if (r.by === 'priors') return `priors of job ${r.job}`;
+  return `${r.user || '?'} via ${r.via}`;
+}
+
+// Where each series came from: pushed by which AE, or retrieved by which pull rule or user from
+// which source (the same words as `hilum status --study`).
+function originText(o) {
+  const parts = o.retrieved.map((r) => `retrieved from ${r.source} by ${asker(r)} (retrieve ${r.retrieve}, `
+    + `${METHODS[r.method] || r.method}, ${r.at ? time(r.at) : 'not finished'}): ${r.instances}`);
+  if (o.pushed) {
+    const p = o.pushed;
+    parts.push(`${p.calling_ae ? `pushed by ${p.calling_ae} from ${p.source_ip}` : 'pushed'} (${time(p.first_at)}): `
+      + `${p.instances}`);
+  }
+  for (const r of o.arriving) {
+    parts.push(`retrieve ${r.retrieve} from ${r.source} by ${asker(r)} still ${r.status}`);
+  }
+  return parts.join('; ');
+}
+
+function originRow(s) {
+  return el('tr', {class: 'origin', 'data-study': s.study_uid},
+    el('td', {colspan: 8}, ...s.series.map((x) => el('div', {class: 'series-origin', 'data-series': x.series_uid},
+      `${x.modality || ''} ${x.description || x.series_uid}: ${originText(x.origin)}`))));
 }
 
 // A rule that matched but waits for its own (longer) quiet period: the study is not done yet.
