@@ -26,6 +26,7 @@ from node.web import (
     models_api,
     ohif,
     pacs_api,
+    project_next,
     projects_api,
     rules_api,
     studies,
@@ -55,7 +56,7 @@ def create_app(node, ohif_files: ohif.OhifFiles | None = None) -> FastAPI:
     app.state.node = node
     app.state.web = WebState(sessions=SessionStore(node.settings.session_idle_s), ohif=files)
     for module in (health, login, studies, jobs, deliveries, dashboard, rules_api, destinations, pacs_api, audit_api,
-                   models_api, projects_api, dicomweb, console, view3d, worker_api, metrics):
+                   models_api, projects_api, project_next, dicomweb, console, view3d, worker_api, metrics):
         app.include_router(module.router)
     app.include_router(worker_api.cluster)
     app.include_router(ohif.router)  # last: its catch-all

@@ -16,10 +16,10 @@ from node.web.auth import session_principal
 
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 PAGES = {"": "dashboard.html", "rules": "rules.html", "destinations": "destinations.html", "pacs": "pacs.html",
-         "models": "models.html"}
+         "models": "models.html", "projects": "projects.html"}
 ASSETS = {"console.css": "text/css", "common.js": "text/javascript", "dashboard.js": "text/javascript",
           "rules.js": "text/javascript", "destinations.js": "text/javascript", "login.js": "text/javascript",
-          "pacs.js": "text/javascript", "models.js": "text/javascript"}
+          "pacs.js": "text/javascript", "models.js": "text/javascript", "projects.js": "text/javascript"}
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 router = APIRouter(include_in_schema=False)

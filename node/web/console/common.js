@@ -69,6 +69,7 @@ const Hilum = (() => {
   function header(active) {
     const links = [['/console/', 'Dashboard'], ['/console/rules', 'Rules'],
       ['/console/destinations', 'Destinations'], ['/console/pacs', 'PACS'], ['/console/models', 'Models'],
+      ['/console/projects', 'Projects'],
       ['/', 'Viewer (OHIF)']];
     const nav = el('nav', {}, links.map(([href, text]) =>
       el('a', {href, class: href === active ? 'active' : null}, text)));
