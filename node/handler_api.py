@@ -21,6 +21,7 @@ __all__ = [
     "Handler",
     "HandlerInput",
     "HandlerRefusal",
+    "ModelRef",
     "NoParams",
     "PriorStudy",
     "Progress",
@@ -59,6 +60,17 @@ class PriorStudy:
     source: str = "node"
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A model that one of a handler's params names (``Handler.model_params``, e.g. lung-nodules'
+    ``detector``), resolved by the node through its model registry when a worker takes the job:
+    the version active then (``built-in`` for the shipped ``models/<name>/``) and its folder."""
+
+    name: str
+    version: str
+    folder: str
+
+
 @dataclass(eq=False)
 class HandlerInput:
     study_uid: str
@@ -67,6 +79,8 @@ class HandlerInput:
     priors: list[PriorStudy] = field(default_factory=list)
     # Why priors are missing or incomplete when the rule asked for them (e.g. timed out), else None.
     priors_note: str | None = None
+    # Param name -> the model it names, resolved by the node (see Handler.model_params).
+    models: dict[str, ModelRef] = field(default_factory=dict)
 
     @property
     def primary(self) -> SeriesData:
@@ -91,6 +105,10 @@ class Handler(ABC):
     # Provenance recorded in every result object (model name/version for AI handlers).
     model_name: ClassVar[str | None] = None
     model_version: ClassVar[str | None] = None
+    # Params whose value names a model (e.g. "detector"): the node resolves each through its registry
+    # and hands it over in HandlerInput.models. A handler using one sets model_name/model_version on
+    # itself, so its results name that model.
+    model_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
@@ -161,8 +179,8 @@ def get_handler(name: str) -> type[Handler]:
 
 
 def handler_names() -> list[str]:
-    """Registered handlers and one ``model:<name>`` per model card."""
+    """Registered handlers and one ``model:<name>`` per segmentation model card (detectors are no handlers)."""
     from node.models.registry import model_names
 
     discover()
-    return sorted(_REGISTRY) + model_names()
+    return sorted(_REGISTRY) + model_names(handlers_only=True)
