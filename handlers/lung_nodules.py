@@ -18,10 +18,16 @@ Results: one SEG (a segment per nodule), a TID 1500 SR (``sr_templates/lung-nodu
 key-slice outline per nodule that OHIF lists) and a key-image Secondary Capture per nodule (prior
 and current side by side at follow-up). Quality flags: no lungs found; more nodules than
 ``max_nodules`` (reported: the largest ones; such a count means diffuse disease or a wrong input).
+
+``detector: <model>`` replaces the blob measure by a site's detection model (card ``task: detection``,
+resolved through the model registry like a ``model:`` rule): its detections in the lungs are the
+candidates, measured, followed up and encoded the same way, and every result names the model and
+version (``node.nodules.model_candidates``); input outside the detector's validated domain is flagged.
 """
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,9 +36,11 @@ from handlers.ct_anatomy import CTAnatomy, lung_artefact
 from node.anatomy import segment_anatomy
 from node.handler_api import Handler, HandlerInput, PriorStudy, register
 from node.nodules.categories import volume_class
-from node.nodules.detect import Detection, Nodule, detect_nodules
+from node.models.domain import domain_flags, measure_input
+from node.nodules.detect import CandidateSource, Detection, Nodule, detect_nodules
 from node.nodules.followup import Change, change, match
 from node.nodules.keyimage import key_image
+from node.nodules.model_candidates import Detector, load_detector
 from node.nodules.priorsr import prior_identities
 from node.results import (SCT, Code, ImageSeries, LabelMap, Measurement, MeasurementGroup, MeasurementReport,
                           QualityFlag, Segment, TextFinding)
@@ -52,6 +60,9 @@ class LungNodulesParams(BaseModel):
     follow_up: bool = Field(True, description="compare with the most recent prior chest CT when the job has one")
     registration: str = Field("deformable", pattern="^(rigid|deformable)$",
                               description="prior to current: rigid, or rigid then B-spline on the lungs")
+    detector: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,47}$",
+                                 description="a detection model (card task: detection) whose detections are "
+                                             "the candidates instead of the built-in blob measure")
 
 
 def tracking_uid(first_series_uid: str, tracking_id: str) -> str:
@@ -181,6 +192,7 @@ class LungNodules(Handler):
     Params = LungNodulesParams
     sr_template = "lung-nodules"
     reports_findings = frozenset({"nodule_left", "nodule_right"})
+    model_params = frozenset({"detector"})
     reports_measurements = frozenset({
         "volume", "mean_diameter", "long_axis", "short_axis", "max_diameter_3d", "hu_mean", "hu_max",
         "solid_diameter", "prior_volume", "prior_mean_diameter", "volume_change", "diameter_change", "interval",
@@ -191,12 +203,37 @@ class LungNodules(Handler):
     def check(self, inp: HandlerInput) -> None:
         CTAnatomy().check(inp)  # the same refusals: a localizer, too few slices, not axial, not HU
 
+    _detector: Detector | None = None
+    _source: CandidateSource | None = None
+
+    def _candidate_source(self, inp: HandlerInput) -> CandidateSource | None:
+        """None: the blob measure. Else the detector's detections; the results then name its model."""
+        if self.params.detector is None:
+            return None
+        if self._detector is None:
+            self._detector = load_detector(inp.models.get("detector"), self.params.detector)
+            self.model_name, self.model_version = self._detector.card.name, self._detector.version
+            self.provenance.update(self._detector.provenance())
+        return self._detector.source
+
+    def assess_input(self, inp: HandlerInput) -> list:
+        """The detector's validated domain (none without a detector: the blob measure has no training data)."""
+        if self._candidate_source(inp) is None:
+            return []
+        card = self._detector.card
+        profile = card.validated_domain.intensity if card.validated_domain else None
+        source = inp.primary
+        facts = measure_input(source.volume, source.datasets[0] if source.datasets else None, source.modality,
+                              *((profile.body_above, profile.grid_mm) if profile else ()))
+        return [replace(f, reason=f"detector {card.name} {self._detector.version}: {f.reason}")
+                for f in domain_flags(card, facts)]
+
     def _detect(self, series: SeriesData, lungs: np.ndarray | None = None) -> Detection:
         p: LungNodulesParams = self.params
         if lungs is None:  # nothing kept from a ct-anatomy job (the same segmentation: lung_artefact())
             lungs = segment_anatomy(series.volume, airway=True, bone=False).labels
         return detect_nodules(series.volume, lungs, min_diameter_mm=p.min_diameter_mm,
-                              max_candidates=10 * p.max_nodules + 50)
+                              max_candidates=10 * p.max_nodules + 50, source=self._source)
 
     def _followup(self, inp: HandlerInput, current: Detection, progress, flags: list) -> _Followup | None:
         from node.registration import RegistrationRefusal, register as register_images  # SimpleITK: when needed
@@ -238,6 +275,7 @@ class LungNodules(Handler):
     def run(self, inp: HandlerInput, progress) -> list:
         p: LungNodulesParams = self.params
         series = inp.primary
+        self._source = self._candidate_source(inp)
         lungs = inp.artefacts.get(lung_artefact())
         if lungs is not None and lungs.shape != series.volume.array.shape:
             lungs = None  # not this volume's: never trusted
@@ -330,6 +368,9 @@ class LungNodules(Handler):
                                    series.series_uid))
         note = ("Size classes are computed from published thresholds (Lung-RADS v2022 size bands, Fleischner 2017 "
                 "volume bands) and are not a diagnosis.")
+        if self._detector is not None:
+            note += (f" Candidates from the detection model {self._detector.card.name} {self._detector.version} "
+                     "(not the built-in blob measure); each was measured as usual.")
         if fu is not None:
             when = fu.acquired.strftime("%Y-%m-%d") if fu.acquired else "unknown date"
             note += (f" Compared with the prior study of {when}: volume changes below "

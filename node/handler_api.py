@@ -22,6 +22,7 @@ __all__ = [
     "Handler",
     "HandlerInput",
     "HandlerRefusal",
+    "ModelRef",
     "NoParams",
     "PriorStudy",
     "Progress",
@@ -72,6 +73,17 @@ class ArtefactKey:
     variant: str = ""
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A model that one of a handler's params names (``Handler.model_params``, e.g. lung-nodules'
+    ``detector``), resolved by the node through its model registry when a worker takes the job:
+    the version active then (``built-in`` for the shipped ``models/<name>/``) and its folder."""
+
+    name: str
+    version: str
+    folder: str
+
+
 @dataclass(eq=False)
 class HandlerInput:
     study_uid: str
@@ -83,6 +95,8 @@ class HandlerInput:
     # Arrays of the primary series the node kept from an earlier job (``Handler.wants_artefacts``),
     # for exactly this series and instance set; a handler computes what is missing itself.
     artefacts: dict[ArtefactKey, np.ndarray] = field(default_factory=dict)
+    # Param name -> the model it names, resolved by the node (see Handler.model_params).
+    models: dict[str, ModelRef] = field(default_factory=dict)
 
     @property
     def primary(self) -> SeriesData:
@@ -109,6 +123,10 @@ class Handler(ABC):
     model_version: ClassVar[str | None] = None
     # Artefacts of other handlers' jobs on the same series this handler can use (HandlerInput.artefacts).
     wants_artefacts: ClassVar[tuple[ArtefactKey, ...]] = ()
+    # Params whose value names a model (e.g. "detector"): the node resolves each through its registry
+    # and hands it over in HandlerInput.models. A handler using one sets model_name/model_version on
+    # itself, so its results name that model.
+    model_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
@@ -184,8 +202,8 @@ def get_handler(name: str) -> type[Handler]:
 
 
 def handler_names() -> list[str]:
-    """Registered handlers and one ``model:<name>`` per model card."""
+    """Registered handlers and one ``model:<name>`` per segmentation model card (detectors are no handlers)."""
     from node.models.registry import model_names
 
     discover()
-    return sorted(_REGISTRY) + model_names()
+    return sorted(_REGISTRY) + model_names(handlers_only=True)

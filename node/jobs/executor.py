@@ -19,7 +19,7 @@ from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.jobs.worker import JobSpec, job_created, worker_main
 from node.models.shadow import record_agreement
-from node.models.versions import ModelRegistry, job_model
+from node.models.versions import ModelRegistry, job_model, param_models
 from node.projects.intake import note_prediction
 from node.projects.store import ProjectStore
 from node.store.index import Index
@@ -133,8 +133,17 @@ class LocalProcessExecutor(Executor):
             # the rule's priors, when it asked (node/pacs/priors.py); which retrieves brought the input;
             # a model job's resolved version
             extra=(priors_of_job(self.index, job["id"]) | retrieved_by(self.index, uids)
-                   | self._model_extra(job, options)),
+                   | self._model_extra(job, options) | self._param_models(job)),
         )
+
+    def _param_models(self, job) -> dict:
+        """Models the job's params name (a detector), resolved like a model job's version, noted in its history."""
+        refs = param_models(self.models, job["handler"], json.loads(job["params_json"]))
+        for param, r in refs.items():
+            self.index.note_job(job["id"], {"event": "model", "param": param, "name": r.name, "version": r.version,
+                                            "state": r.state})
+        return {"param_models": {p: {"name": r.name, "version": r.version, "folder": str(r.folder)}
+                                 for p, r in refs.items()}} if refs else {}
 
     def _model_extra(self, job, options: dict) -> dict:
         """A model job runs the version active now (or its pinned shadow version): resolved here, when a

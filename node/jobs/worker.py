@@ -20,7 +20,7 @@ from pathlib import Path
 
 from node.encoders.context import EncodeContext
 from node.encoders.warnings import mark_warnings
-from node.handler_api import HandlerInput, HandlerRefusal, get_handler
+from node.handler_api import HandlerInput, HandlerRefusal, ModelRef, get_handler
 from node.jobs.artefacts import ArtefactCache, instance_set_key
 from node.jobs.quality import QualityPolicy, warning_findings
 from node.jobs.priors_input import load_priors
@@ -215,7 +215,8 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
         priors = _load_priors(spec, cls.needs_pixels, vault)
         _return_freed_memory()
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()), priors=priors,
-                       priors_note=spec.extra.get("priors_note"))
+                       priors_note=spec.extra.get("priors_note"),
+                       models={p: ModelRef(**m) for p, m in spec.extra.get("param_models", {}).items()})
     kept = ArtefactCache(Path(spec.vault.data_dir) / "artefacts", vault)
     series_key = instance_set_key(inp.primary) if inp.series and inp.primary.datasets else None
     if cls.wants_artefacts and series_key:
@@ -240,7 +241,8 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
     progress(0.9, "encoding DICOM")
     ctx = EncodeContext(
         job_key=spec.job_key, rule=spec.rule, handler=cls.name, handler_version=cls.version,
-        model_name=cls.model_name, model_version=cls.model_version, series_number=spec.series_number,
+        # the instance's: a handler running a model its params name (a detector) sets them on itself
+        model_name=handler.model_name, model_version=handler.model_version, series_number=spec.series_number,
         **({"created": _dt.datetime.fromisoformat(spec.created)} if spec.created else {}),
     )
     out_dir = Path(spec.results_dir) / str(spec.job_id)

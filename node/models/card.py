@@ -1,8 +1,10 @@
-"""Model cards: the declarative description of an exported segmentation model.
+"""Model cards: the declarative description of an exported segmentation or detection model.
 
 ``models/<name>/card.yaml`` says what the network expects (modality, grid, intensities), how to
 run it (patches, overlap, blending, flips), what its output channels mean (coded labels) and what
-to emit. Everything is validated when the card is loaded, and every error names the card file and
+to emit. ``task`` says what the model is for: ``segmentation`` (the default; run as a
+``model:<name>`` handler) or ``detection`` (a heat map or boxes that a handler takes as its
+candidates, e.g. ``lung-nodules`` with ``detector: <name>``); the two are never interchangeable. Everything is validated when the card is loaded, and every error names the card file and
 the field (``models/x/card.yaml: labels.1.color: ...``), so a broken card stops the node at
 start-up instead of failing a job later.
 """
@@ -20,7 +22,7 @@ from node.results import RT_ROI_TYPES, Code, Segment
 
 __all__ = ["CardError", "ModelCard", "LabelSpec", "load_card", "orientation_matrix", "format_validation_error",
            "CARD_FILE", "ValidatedDomain", "Range", "IntensityProfile", "OrientationDomain", "Plausibility",
-           "LabelPlausibility", "HeldOutKind", "PLANES"]
+           "LabelPlausibility", "HeldOutKind", "PLANES", "DetectionSpec", "TASKS"]
 
 CARD_FILE = "card.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
@@ -295,8 +297,28 @@ class Plausibility(_Strict):
     min_confidence: float | None = Field(None, ge=0, le=1)
 
 
+TASKS = ("segmentation", "detection")
+
+
+class DetectionSpec(_Strict):
+    """How a detection model's output becomes candidates (``task: detection``).
+
+    ``heatmap``: the model is run like a segmentation model (same grid, patches, blending); its one
+    label's probability is the heat map, and every connected region at or above ``threshold`` is one
+    candidate, centred on its probability-weighted centroid. ``boxes``: the model maps one patch
+    (B, C, z, y, x) to (B, N, 7) rows ``z0, y0, x0, z1, y1, x1, score`` in patch voxels (network grid);
+    boxes scoring at least ``threshold`` are candidates, overlapping ones merged (the stronger kept).
+    """
+
+    output: Literal["heatmap", "boxes"]
+    threshold: float = Field(0.5, gt=0, lt=1)
+    min_distance_mm: float = Field(4.0, ge=0, le=50)  # two candidates closer than this are one
+    max_candidates: int = Field(200, ge=1, le=5000)
+
+
 class ModelCard(_Strict):
     name: str
+    task: Literal["segmentation", "detection"] = "segmentation"
     version: str = Field(pattern=r"^[0-9A-Za-z.+_-]{1,16}$")
     description: str = Field(min_length=1)
     intended_use: str = Field(min_length=1)
@@ -311,6 +333,7 @@ class ModelCard(_Strict):
     validation: Validation | None = None
     validated_domain: ValidatedDomain | None = None  # None: no domain checks
     plausibility: Plausibility | None = None  # None: no post-inference checks
+    detection: DetectionSpec | None = None  # task detection only
 
     @field_validator("name")
     @classmethod
@@ -334,12 +357,26 @@ class ModelCard(_Strict):
             raise ValueError("emit: name at least one of SEG, RTSTRUCT, SR")
         if "SR" in self.emit and not ({"SEG", "RTSTRUCT"} & set(self.emit)):
             raise ValueError("emit: SR volumes reference segments, so SEG or RTSTRUCT must be emitted too")
+        self._task_consistent()
         if self.plausibility is not None:
             names = {lab.name for lab in self.labels}
             unknown = sorted(set(self.plausibility.labels) - names)
             if unknown:
                 raise ValueError(f"plausibility.labels: {unknown} are not label names of this card ({sorted(names)})")
         return self
+
+    def _task_consistent(self) -> None:
+        if self.task == "segmentation":
+            if self.detection is not None:
+                raise ValueError("detection: only a task: detection card has a detection section")
+            return
+        if self.detection is None:
+            raise ValueError("detection: a task: detection card needs a detection section "
+                             "(output: heatmap or boxes, threshold)")
+        if self.detection.output == "heatmap" and len(self.labels) != 1:
+            raise ValueError(f"labels: a heat-map detector has one label (what it detects), got {len(self.labels)}")
+        if self.plausibility is not None and self.plausibility.labels:
+            raise ValueError("plausibility.labels: volume checks are for segmentation models, not detectors")
 
     @property
     def output_channels(self) -> int:

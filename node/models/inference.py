@@ -24,11 +24,12 @@ from node.volume import Geometry, Volume
 
 __all__ = ["LoadedModel", "load_model", "network_grid", "resample", "normalise", "prepare_input",
            "sliding_window", "probabilities_to_labels", "postprocess", "segment", "onnx_runner",
-           "choose_providers", "Confidence", "confidence", "segment_scored"]
+           "choose_providers", "Confidence", "confidence", "segment_scored", "BOX_COLUMNS", "patch_starts"]
 
 Progress = Callable[[float, str], None]
 PatchRunner = Callable[[np.ndarray], np.ndarray]  # (B, C, z, y, x) float32 -> (B, K, z, y, x) logits
 _AXIS = {"z": 2, "y": 3, "x": 4}  # flip axes of a (B, C, z, y, x) batch
+BOX_COLUMNS = 7  # a box detector's rows: z0, y0, x0, z1, y1, x1, score (patch voxels)
 
 
 # ---------------------------------------------------------------- ONNX Runtime sessions
@@ -120,6 +121,12 @@ def _check_io(session, card: ModelCard, model_dir: Path) -> None:
     in_ch, out_ch = inputs[0].shape[1], outputs[0].shape[1] if len(outputs[0].shape) == 5 else None
     if isinstance(in_ch, int) and in_ch != card.input.channels:
         raise CardError(f"{where}: input.channels: card says {card.input.channels}, the model takes {in_ch}")
+    if card.task == "detection" and card.detection.output == "boxes":
+        shape = outputs[0].shape
+        if len(shape) != 3 or (isinstance(shape[2], int) and shape[2] != BOX_COLUMNS):
+            raise CardError(f"{where}: detection.output: a boxes model returns (batch, boxes, {BOX_COLUMNS}) rows "
+                            f"z0 y0 x0 z1 y1 x1 score; this one returns {list(shape)}")
+        return
     if out_ch is None:
         raise CardError(f"{where}: model_file: the model's first output must be (batch, classes, z, y, x)")
     if isinstance(out_ch, int) and out_ch != card.output_channels:
@@ -215,7 +222,7 @@ def prepare_input(volumes: Sequence[Volume], spec: InputSpec, prep: Preprocessin
 
 # ---------------------------------------------------------------- sliding window
 
-def _starts(length: int, patch: int, step: int) -> list[int]:
+def patch_starts(length: int, patch: int, step: int) -> list[int]:
     if length <= patch:
         return [0]
     n = int(np.ceil((length - patch) / step)) + 1
@@ -252,8 +259,8 @@ def sliding_window(image: np.ndarray, run_patch: PatchRunner, spec: InferenceSpe
         image = np.stack([np.pad(image[i], pads, constant_values=floor[i]) for i in range(c)])
     padded = image.shape[1:]
     steps = [max(1, int(p * (1 - spec.overlap))) for p in patch]
-    starts = [(z, y, x) for z in _starts(padded[0], patch[0], steps[0])
-              for y in _starts(padded[1], patch[1], steps[1]) for x in _starts(padded[2], patch[2], steps[2])]
+    starts = [(z, y, x) for z in patch_starts(padded[0], patch[0], steps[0])
+              for y in patch_starts(padded[1], patch[1], steps[1]) for x in patch_starts(padded[2], patch[2], steps[2])]
     weight = importance_map(patch, spec.blending, spec.gaussian_sigma_scale)
     probs = np.zeros((n_classes, *padded), dtype=np.float32)
     norm = np.zeros(padded, dtype=np.float32)

@@ -11,15 +11,25 @@ import re
 import threading
 from pathlib import Path
 
+import yaml
+
 from node.handler_api import Handler
 from node.models.card import CARD_FILE, CardError, load_card
 from node.models.handler import ModelHandler
 from node.models.inference import load_model
 
-__all__ = ["PREFIX", "DEFAULT_MODELS_DIR", "handler_at", "model_handler", "model_names", "validate_models"]
+__all__ = ["NotAHandler", "PREFIX", "DEFAULT_MODELS_DIR", "handler_at", "model_handler", "model_names", "validate_models"]
 
 PREFIX = "model:"
 DEFAULT_MODELS_DIR = Path(os.environ.get("HILUM_MODELS_DIR", Path(__file__).resolve().parents[2] / "models"))
+
+class NotAHandler(CardError, KeyError):
+    """A valid card whose model is no ``model:`` handler (a detector): a rule naming it is refused
+    like an unknown handler (KeyError), with the card's task as the reason."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
 
 _classes: dict[Path, tuple[tuple, type[ModelHandler]]] = {}
 _lock = threading.Lock()
@@ -36,12 +46,24 @@ def _stamp(*paths: Path) -> tuple:
     return tuple(out)
 
 
-def model_names(models_dir: str | Path | None = None) -> list[str]:
-    """Handler names (``model:<name>``) of every folder holding a card."""
+def _task(card_path: Path) -> str | None:
+    """The ``task`` a card declares (default segmentation), None when the file is no readable mapping."""
+    try:
+        raw = yaml.safe_load(card_path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return str(raw.get("task", "segmentation")) if isinstance(raw, dict) else None
+
+
+def model_names(models_dir: str | Path | None = None, *, handlers_only: bool = False) -> list[str]:
+    """``model:<name>`` of every folder holding a card; with ``handlers_only`` not the detectors
+    (``task: detection``), which live beside the segmentation models and are checked with them but
+    are no handlers. An unreadable card counts as a handler, so its errors are reported where it is used."""
     root = Path(models_dir or DEFAULT_MODELS_DIR)
     if not root.is_dir():
         return []
-    return sorted(PREFIX + d.name for d in root.iterdir() if (d / CARD_FILE).is_file())
+    cards = [d / CARD_FILE for d in root.iterdir() if (d / CARD_FILE).is_file()]
+    return sorted(PREFIX + c.parent.name for c in cards if not handlers_only or _task(c) in (None, "segmentation"))
 
 
 def model_handler(name: str, models_dir: str | Path | None = None) -> type[Handler]:
@@ -54,7 +76,7 @@ def model_handler(name: str, models_dir: str | Path | None = None) -> type[Handl
     folder = (root / short).resolve()
     card_path = folder / CARD_FILE
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", short) or not card_path.is_file():
-        known = ", ".join(model_names(root)) or "none"
+        known = ", ".join(model_names(root, handlers_only=True)) or "none"
         raise KeyError(f"no model named {short!r} in {root} (expected {root / short / CARD_FILE}); known: {known}")
     return handler_at(folder)
 
@@ -70,6 +92,9 @@ def handler_at(folder: str | Path, version: str | None = None) -> type[ModelHand
         if cached and cached[0] == _stamp(card_path, folder / cached[1].card.model_file):
             return cached[1]
         card = load_card(card_path)
+        if card.task != "segmentation":
+            raise NotAHandler(f"{card_path}: task: {card.task}: this model gives candidates to a handler (e.g. "
+                            f"lung-nodules with detector: {card.name}); it is not a model: handler")
         short = card.name
         if version is None and card.name != folder.name:
             raise CardError(f"{card_path}: name: {card.name!r} differs from its folder name {folder.name!r}")
@@ -96,10 +121,14 @@ def handler_at(folder: str | Path, version: str | None = None) -> type[ModelHand
 def validate_models(models_dir: str | Path | None = None, provider: str = "auto") -> list[str]:
     """Load every card and its ONNX session (start-up check); one CardError listing all problems."""
     names, errors = model_names(models_dir), []
+    root = Path(models_dir or DEFAULT_MODELS_DIR)
     for name in names:
+        folder = root / name.removeprefix(PREFIX)
         try:
-            cls = model_handler(name, models_dir)
-            load_model(cls.model_dir, cls.card, provider)
+            card = load_card(folder)
+            if card.task == "segmentation":
+                card = model_handler(name, models_dir).card
+            load_model(folder, card, provider)
         except CardError as exc:
             errors.append(str(exc))
     if errors:

@@ -490,7 +490,8 @@ def describe(cfg: TrainConfig, out_dir: Path, train_cases: list[Case], val_cases
                   "confidence": round(float(np.mean(list(conf.values()))), 4), "held_out_kinds": held_out}
     by_source = _by_source(per_case, conf, names) if cfg.data.family and cfg.data.phantom else {}
     domain = _domain(cfg, train_cases + val_cases, source, held_out)
-    plausibility = plausibility_from_truth(
+    # a detector's output is where to look, not a structure with a volume: no plausibility ranges
+    plausibility = None if cfg.task == "detection" else plausibility_from_truth(
         names, [(c.truth, float(np.prod(c.volumes[0].geometry.spacing)) / 1000) for c in train_cases + val_cases],
         list(conf.values()))
     card = cfg.card_draft(validation, validated_domain=domain, plausibility=plausibility,

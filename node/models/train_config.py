@@ -15,8 +15,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.models.card import (CardError, InferenceSpec, InputSpec, LabelSpec, ModelCard, Preprocessing,
-                              format_validation_error)
+from node.models.card import (CardError, DetectionSpec, InferenceSpec, InputSpec, LabelSpec, ModelCard,
+                              Preprocessing, format_validation_error)
 
 __all__ = ["TrainConfig", "TrainLabel", "DataSpec", "DicomwebSource", "DicomwebAuth", "load_train_config",
            "FamilySource", "HeldOutSpec"]
@@ -308,6 +308,10 @@ class StrategySpec(_Strict):
 
 class TrainConfig(_Strict):
     name: str
+    # detection: the network learns the one label's mask (e.g. the phantom's nodules) and is deployed
+    # as a heat-map detector (card task: detection, with this detection section)
+    task: Literal["segmentation", "detection"] = "segmentation"
+    detection: DetectionSpec | None = None
     version: str
     description: str
     intended_use: str
@@ -344,6 +348,8 @@ class TrainConfig(_Strict):
             raise ValueError("input.array_axes: training feeds (z, y, x) arrays; 'xyz' is for imported models")
         if self.inference.activation != "softmax":
             raise ValueError("inference.activation: training produces softmax models (channel 0 = background)")
+        if self.detection is not None and self.detection.output != "heatmap":
+            raise ValueError("detection.output: training produces heat-map detectors (the label's probability)")
         div = 2 ** (self.network.depth - 1)
         for field, size in (("patch_size", self.patch_size), ("inference.patch_size", self.inference.patch_size)):
             if any(s % div for s in size) or min(size) < div:
@@ -358,7 +364,7 @@ class TrainConfig(_Strict):
         """The card this configuration produces (``validation`` and the ``measured`` fields -
         limitations, validated_domain, plausibility - filled in after training)."""
         fields = dict(
-            name=self.name, version=self.version, description=self.description, intended_use=self.intended_use,
+            name=self.name, task=self.task, detection=self.detection, version=self.version, description=self.description, intended_use=self.intended_use,
             limitations=self.limitations, training_data=self.training_data, input=self.input,
             preprocessing=self.preprocessing, inference=self.inference,
             labels=[LabelSpec(**lab.model_dump(exclude={"source"})) for lab in self.labels],

@@ -41,7 +41,7 @@ from node.models.card import CARD_FILE, CardError, load_card
 from node.models.inference import load_model
 
 __all__ = ["BUILT_IN", "STATES", "ModelRegistry", "RegistryError", "Resolved", "VersionInfo", "code_version",
-           "job_model", "change_state", "registry_handlers"]
+           "job_model", "param_models", "change_state", "registry_handlers"]
 
 BUILT_IN = "built-in"
 STATES = ("candidate", "shadow", "active", "retired")
@@ -380,6 +380,17 @@ def job_model(registry: ModelRegistry, handler: str, options: dict) -> Resolved 
         return None
     pinned = options.get("model_version")
     return registry.pinned(handler, pinned) if pinned else registry.resolve(handler)
+
+
+def param_models(registry: ModelRegistry, handler: str, params: dict) -> dict[str, Resolved]:
+    """The versions the models named by a job's params run now (``Handler.model_params``, e.g.
+    lung-nodules' ``detector``): the active one of each, like ``model:`` jobs; KeyError when one has none."""
+    if handler.startswith("model:"):
+        return {}
+    from node.handler_api import get_handler
+
+    cls = get_handler(handler)
+    return {p: registry.resolve(params[p]) for p in sorted(cls.model_params) if params.get(p)}
 
 
 def change_state(registry: ModelRegistry, audit, name: str, version: str, action: str, by: str) -> dict:

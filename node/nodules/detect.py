@@ -1,17 +1,26 @@
-"""Nodules of a chest CT: candidates in the closed lungs, each measured, located and categorised."""
+"""Nodules of a chest CT: candidates in the closed lungs, each measured, located and categorised.
+
+Candidates come from the built-in multi-scale blob measure (``candidates.py``) or from another
+``CandidateSource``, e.g. a site's detection model (``model_candidates.py``); either way each is
+measured the same, so the measurement decides what is a nodule and how big it is.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from node.nodules.candidates import find_candidates
+from node.nodules.candidates import Candidate, find_candidates
 from node.nodules.categories import size_category
 from node.nodules.measure import NoduleMeasurement, measure_candidate
 from node.nodules.region import LungRegion, lung_region
 from node.volume import Volume
 
-__all__ = ["Nodule", "Detection", "detect_nodules", "MIN_STRENGTH_HU"]
+__all__ = ["Nodule", "Detection", "detect_nodules", "MIN_STRENGTH_HU", "CandidateSource"]
+
+# (volume in HU, the closed lungs) -> candidates, strongest first
+CandidateSource = Callable[[Volume, "LungRegion"], list[Candidate]]
 
 # Blob measure a candidate needs: a ground-glass ball of 350 HU contrast gives about 60, a solid
 # one about 150; lung texture and noise stay below 30.
@@ -47,11 +56,15 @@ def _zone(z_mm: float, lung: np.ndarray, volume: Volume) -> str:
 
 
 def detect_nodules(volume: Volume, anatomy_labels: np.ndarray, *, min_diameter_mm: float = 4.0,
-                   max_candidates: int = 200) -> Detection:
-    """Nodules of ``volume`` (HU) within the lungs of ct-anatomy's ``anatomy_labels``."""
+                   max_candidates: int = 200, source: CandidateSource | None = None) -> Detection:
+    """Nodules of ``volume`` (HU) within the lungs of ct-anatomy's ``anatomy_labels``, from the
+    candidates of ``source`` (default: the blob measure)."""
     spacing = tuple(float(s) for s in volume.geometry.spacing[::-1])  # (k, j, i)
     region = lung_region(anatomy_labels, spacing)
-    candidates = find_candidates(volume.array, spacing, region.both, MIN_STRENGTH_HU, max_candidates)
+    if source is None:
+        candidates = find_candidates(volume.array, spacing, region.both, MIN_STRENGTH_HU, max_candidates)
+    else:
+        candidates = source(volume, region)[:max_candidates] if region.both.any() else []
     found: list[Nodule] = []
     taken = np.zeros(volume.array.shape, bool)
     for cand in candidates:
