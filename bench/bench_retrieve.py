@@ -7,12 +7,18 @@ written, sealed and indexed, not deduplicated); the time is from queuing the ret
 API to its record saying done. Also: the C-FIND round trip of a 1 000-study answer, Hilum's query
 client vs DCMTK findscu.
 
+CPU seconds per retrieve are reported beside the times (less noisy on a shared machine): Hilum's node
+process (all its threads; its own Orthanc is a separate process and idle here) against DCMTK's
+processes (movescu + storescp, or getscu), and the PACS Orthanc's own CPU in each case (its pace).
+
     .venv/bin/python bench/bench_retrieve.py [--runs 3] [--slices 300] [--size 512] [--studies 1000]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -24,7 +30,18 @@ from tests.nodeproc import DCMTK_ENV, NodeProcess, free_port, storescp, wait_for
 from tests.pacs_peers import PacsOrthanc, tiny_study
 
 
-def _hilum(pacs: PacsOrthanc, study_uid: str, method: str, n: int) -> float:
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a running process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _hilum(pacs: PacsOrthanc, study_uid: str, method: str, n: int, cpu: dict) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-retrieve-", ignore_cleanup_errors=True) as d:
         (Path(d) / "rules").mkdir()
         src = {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port, "retrieve": method}
@@ -33,6 +50,7 @@ def _hilum(pacs: PacsOrthanc, study_uid: str, method: str, n: int) -> float:
         pacs.set_node("HILUM", node.dicom_port)
         node.start()
         try:
+            c0, p0 = _cpu(node.proc.pid), _cpu(pacs.proc.pid)
             t0 = time.perf_counter()
             rid = node.api("POST", "/api/pacs/retrieves", json={"source": "pacs", "study_uids": [study_uid]}
                            ).json()["ids"][0]
@@ -40,6 +58,8 @@ def _hilum(pacs: PacsOrthanc, study_uid: str, method: str, n: int) -> float:
                                          if r["id"] == rid and r["status"] in ("done", "failed", "partial")), None),
                            600, "the retrieve", interval=0.02)
             dt = time.perf_counter() - t0
+            cpu[f"hilum C-{method.upper()}"].append(_cpu(node.proc.pid) - c0)
+            cpu[f"PACS for hilum C-{method.upper()}"].append(_cpu(pacs.proc.pid) - p0)
             if row["status"] != "done" or row["received"] != n:
                 raise RuntimeError(f"hilum {method}: {row}")
             return dt
@@ -48,26 +68,33 @@ def _hilum(pacs: PacsOrthanc, study_uid: str, method: str, n: int) -> float:
             node._kill_orthanc()
 
 
-def _dcmtk_move(pacs: PacsOrthanc, study_uid: str, n: int) -> float:
+def _dcmtk_move(pacs: PacsOrthanc, study_uid: str, n: int, cpu: dict) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-movescp-") as d:
+        c0 = _children_cpu()
         with storescp(Path(d), "STORESCP", options=("+xa",)) as port:
             _register(pacs, "storescp", "STORESCP", port)
+            p0 = _cpu(pacs.proc.pid)
             t0 = time.perf_counter()
             _run(["movescu", "-aet", "BENCH", "-aec", pacs.ae_title, "-aem", "STORESCP", "-S",
                   "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1",
                   str(pacs.dicom_port)])
             dt = time.perf_counter() - t0
+            cpu["PACS for movescu"].append(_cpu(pacs.proc.pid) - p0)
+        cpu["movescu"].append(_children_cpu() - c0)  # movescu + storescp (waited for on leaving)
         if len(list(Path(d).iterdir())) != n:
             raise RuntimeError("movescu: not every instance arrived")
         return dt
 
 
-def _dcmtk_get(pacs: PacsOrthanc, study_uid: str, n: int) -> float:
+def _dcmtk_get(pacs: PacsOrthanc, study_uid: str, n: int, cpu: dict) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-getscu-") as d:
+        c0, p0 = _children_cpu(), _cpu(pacs.proc.pid)
         t0 = time.perf_counter()
         _run(["getscu", "-aet", "BENCH", "-aec", pacs.ae_title, "-S", "-od", d, "-k", "QueryRetrieveLevel=STUDY",
               "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(pacs.dicom_port)])
         dt = time.perf_counter() - t0
+        cpu["getscu"].append(_children_cpu() - c0)
+        cpu["PACS for getscu"].append(_cpu(pacs.proc.pid) - p0)
         if len(list(Path(d).iterdir())) != n:
             raise RuntimeError("getscu: not every instance arrived")
         return dt
@@ -136,26 +163,30 @@ def main() -> None:
         try:
             pacs.upload(files)
             _register(pacs, "bench", "BENCH", free_port())
-            times: dict[str, list[float]] = {k: [] for k in ("hilum C-MOVE", "movescu", "hilum C-GET", "getscu")}
+            names = ("hilum C-MOVE", "movescu", "hilum C-GET", "getscu")
+            times: dict[str, list[float]] = {k: [] for k in names}
+            cpu: dict[str, list[float]] = {k: [] for n in names for k in (n, f"PACS for {n}")}
             for _ in range(0 if args.find_only else args.runs):
-                times["hilum C-MOVE"].append(_hilum(pacs, study_uid, "move", len(files)))
-                times["movescu"].append(_dcmtk_move(pacs, study_uid, len(files)))
-                times["hilum C-GET"].append(_hilum(pacs, study_uid, "get", len(files)))
-                times["getscu"].append(_dcmtk_get(pacs, study_uid, len(files)))
-            results["retrieve"] = times
+                times["hilum C-MOVE"].append(_hilum(pacs, study_uid, "move", len(files), cpu))
+                times["movescu"].append(_dcmtk_move(pacs, study_uid, len(files), cpu))
+                times["hilum C-GET"].append(_hilum(pacs, study_uid, "get", len(files), cpu))
+                times["getscu"].append(_dcmtk_get(pacs, study_uid, len(files), cpu))
+            results["retrieve"], results["cpu"] = times, cpu
             results["find"] = _find(pacs, args.studies, max(args.runs, 3), Path(d) / "find")
         finally:
             pacs.stop()
     print(f"\nretrieve: {len(files)} instances, {mb:.0f} MB from a PACS Orthanc, median of {args.runs}")
-    print(f"{'retriever':<14} {'s':>7} {'spread':>13} {'inst/s':>8} {'MB/s':>7}")
-    med = {}
+    print(f"{'retriever':<14} {'s':>7} {'spread':>13} {'inst/s':>8} {'MB/s':>7} {'CPU s':>7} {'PACS CPU s':>10}")
+    med, cpu_med = {}, {}
     for name, ts in results["retrieve"].items() if not args.find_only else ():
         med[name] = statistics.median(ts)
+        cpu_med[name] = statistics.median(results["cpu"][name])
         print(f"{name:<14} {med[name]:7.2f} {min(ts):6.2f}-{max(ts):<6.2f} {len(files) / med[name]:8.0f} "
-              f"{mb / med[name]:7.0f}")
+              f"{mb / med[name]:7.0f} {cpu_med[name]:7.2f} {statistics.median(results['cpu']['PACS for ' + name]):10.2f}")
     if not args.find_only:
-        print(f"hilum C-MOVE/movescu {med['hilum C-MOVE'] / med['movescu']:.2f}   "
-              f"hilum C-GET/getscu {med['hilum C-GET'] / med['getscu']:.2f}")
+        print(f"hilum C-MOVE/movescu {med['hilum C-MOVE'] / med['movescu']:.2f} (CPU "
+              f"{cpu_med['hilum C-MOVE'] / cpu_med['movescu']:.2f})   hilum C-GET/getscu "
+              f"{med['hilum C-GET'] / med['getscu']:.2f} (CPU {cpu_med['hilum C-GET'] / cpu_med['getscu']:.2f})")
     f = results["find"]
     print(f"\nC-FIND, {args.studies}-study answer, median of {len(f['hilum'])}: hilum {statistics.median(f['hilum']):.2f} s, "
           f"findscu {statistics.median(f['findscu']):.2f} s")

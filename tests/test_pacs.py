@@ -253,9 +253,15 @@ def test_pacs_down_fails_retries_then_completes(tmp_path, local):
     r = node.store.get(rid)
     errors = [h.get("error", "") for h in json.loads(r["history_json"])]
     assert any("connection refused or aborted) (is the PACS up" in e for e in errors), errors
+    # Hold the next attempt until the study is on the PACS: one between its start and the upload
+    # would rightly fail for good (0 matches). Only a queued record is held, never one in flight.
+    park = "UPDATE retrieves SET next_at=? WHERE id=? AND status='queued'"
+    wait_for(lambda: node.index.conn().execute(park, (time.time() + 3600, rid)).rowcount == 1, 30, "a queued retry")
     pacs.start()
     try:
         pacs.upload(st.files)
+        node.index.conn().execute("UPDATE retrieves SET next_at=? WHERE id=?", (time.time(), rid))
+        node.retriever.wake()
         r = node.wait(rid, 60)
         assert r["status"] == "done" and r["attempts"] >= 3 and node.held(st.study_uid) == st.sop_uids
     finally:

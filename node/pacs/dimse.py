@@ -12,9 +12,6 @@ from typing import Callable, Iterator
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom._handlers import (
-    standard_dimse_recv_handler, standard_dimse_sent_handler, standard_pdu_recv_handler, standard_pdu_sent_handler,
-)
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind as FIND,
     StudyRootQueryRetrieveInformationModelGet as GET,
@@ -24,7 +21,9 @@ from pynetdicom.sop_class import (
 
 from node.config_pacs import DimseSource
 from node.pacs.model import NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
+from node.receive import ul
 from node.receive.header import read_header
+from node.receive.scp import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from node.tls import client_tls_args
 from node.tls.contexts import handshake_problem
 
@@ -168,10 +167,11 @@ class DimseClient:
             ident.SeriesInstanceUID = series_uids if len(series_uids) > 1 else series_uids[0]
         return ident
 
-    def move(self, study_uid: str, series_uids: list[str] | None, progress: Callable[[RetrieveOutcome, int], bool]
-             ) -> RetrieveOutcome:
+    def move(self, study_uid: str, series_uids: list[str] | None, progress: Callable[[RetrieveOutcome, int], bool],
+             message_id: int = 1) -> RetrieveOutcome:
         """C-MOVE to the node's own SCP. ``progress(outcome, remaining)`` is called on every pending
-        response; returning False cancels (the association is aborted)."""
+        response; returning False cancels (the association is aborted). The PACS names ``message_id``
+        (and our calling AE) in every sub-operation's C-STORE, as Move Originator."""
         ae = self._ae()
         ae.add_requested_context(MOVE)
         assoc = self._associate(ae)
@@ -181,7 +181,8 @@ class DimseClient:
         assoc.dul._run_loop_delay = MOVE_POLL_S
         try:
             return self._drain(assoc, assoc.send_c_move(self._identifier(study_uid, series_uids),
-                                                        self.move_destination, MOVE), progress, "C-MOVE")
+                                                        self.move_destination, MOVE, msg_id=message_id),
+                               progress, "C-MOVE")
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -200,7 +201,7 @@ class DimseClient:
         unrequested: list[str] = []
 
         def on_store(event) -> int:
-            raw = event.encoded_dataset(include_meta=True)
+            raw = _part10(event)
             study, sop = _uids(raw, event)
             if study != study_uid:
                 unrequested.append(sop)
@@ -257,6 +258,17 @@ class DimseClient:
         raise PacsError(f"source {self.name}: {what}: the association ended without a final status")
 
 
+def _part10(event) -> bytes:
+    """The sub-operation's instance as Part 10 bytes, its file meta written by the node's SCP code
+    (node/receive/ul.py) from the C-STORE request, as for a pushed instance: pynetdicom's own
+    ``encoded_dataset(include_meta=True)`` builds the file meta through pydicom, a millisecond or so
+    per instance while the PACS waits."""
+    rq = event.request
+    return ul.part10_header(str(rq.AffectedSOPClassUID), str(rq.AffectedSOPInstanceUID),
+                            str(event.context.transfer_syntax), event.assoc.acceptor.ae_title, IMPLEMENTATION_UID,
+                            IMPLEMENTATION_VERSION) + event.encoded_dataset(include_meta=False)
+
+
 def _lean_receiver(assoc) -> None:
     """Trim pynetdicom's per-PDU work on an association that receives a whole study.
 
@@ -264,11 +276,13 @@ def _lean_receiver(assoc) -> None:
     size we offer), and each PDU costs pynetdicom Python time in its reader thread while the PACS waits
     for the C-STORE response before sending the next instance. Two costs are avoidable: the standard
     debug-log handlers, which build an Event for every PDU even when nothing is logged, and the
-    reader's 1 ms idle sleep, paid whenever the next PDU has not quite arrived."""
-    for event, handler in ((evt.EVT_PDU_RECV, standard_pdu_recv_handler), (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
-                           (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
-                           (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)):
-        assoc.unbind(event, handler)
+    reader's 1 ms idle sleep, paid whenever the next PDU has not quite arrived. The handlers are found
+    through the public ``get_handlers`` (the node binds none of these events on this association);
+    the sleep has no public setting, and an attribute that a later pynetdicom renamed would only
+    cost speed, never correctness."""
+    for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+        for handler, _args in list(assoc.get_handlers(event)):
+            assoc.unbind(event, handler)
     assoc.dul._run_loop_delay = GET_POLL_S
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 
@@ -19,6 +20,7 @@ from node.pacs.audit import retrieve_audit
 from node.pacs.dimse import DimseClient
 from node.pacs.model import NotRetryable, PacsError, RetrieveOutcome, StudyQuery
 from node.pacs.sources import source_client
+from node.receive.batch import Pipeline, RetrieveBatch
 from node.receive.ingest import Ingest, Origin
 from node.store.retrieves import RetrieveStore
 
@@ -141,6 +143,20 @@ class Retriever:
 
     def _retrieve(self, rid: int, client, method: str, study: str, series: list[str] | None,
                   classes: list[str]) -> RetrieveOutcome:
+        # C-MOVE's sub-operations reach the node's SCP naming this C-MOVE (calling AE, message ID): a
+        # random ID keeps concurrent retrieves, and anyone guessing, apart.
+        move = (client.calling, secrets.randbelow(0xFFFE) + 1) if method == "move" else None
+        try:
+            with self.ingest.retrieve_batch(move) as batch:
+                out = self._run_retrieve(rid, client, method, study, series, classes, batch, move)
+                batch.wait_idle(60)
+                _count_failed_stores(out, batch.failures)
+                return out
+        except OSError as exc:  # the batch's sync failed: nothing of it is indexed, so retry
+            raise PacsError(f"the retrieved instances could not be made durable: {exc}") from exc
+
+    def _run_retrieve(self, rid: int, client, method: str, study: str, series: list[str] | None,
+                      classes: list[str], batch: RetrieveBatch, move: tuple[str, int] | None) -> RetrieveOutcome:
         last = [0.0]
 
         def progress(out: RetrieveOutcome, remaining: int) -> bool:
@@ -148,18 +164,33 @@ class Retriever:
             if now - last[0] < 0.5:
                 return not self._stop.is_set()
             last[0] = now
+            self.ingest.commit(batch)  # what arrived so far becomes durable and counted
             ok = self.store.progress(rid, received=self.store.held_instances(study, series),
                                      completed=out.completed, failed=out.failed, warning=out.warning)
             return ok and not self._stop.is_set()
 
-        if method == "move":
-            return client.move(study, series, progress)
+        if move is not None:
+            return client.move(study, series, progress, message_id=move[1])
         origin = Origin(calling_ae=getattr(client.cfg, "ae_title", client.name), called_ae=self.settings.ae_title,
                         source_ip=getattr(client.cfg, "host", ""), assoc_id=f"retrieve:{rid}")
 
-        def store(raw: bytes) -> tuple[int, str]:
-            return self.ingest.store(raw, origin)
+        # Each instance is answered once queued and stored in the pipeline's thread meanwhile.
+        pipeline = Pipeline(batch, lambda raw: self.ingest.store(raw, origin, batch))
+        try:
+            if method == "get":
+                return client.get(study, series, classes, pipeline.submit, progress)
+            return client.get(study, series, pipeline.submit, progress)
+        finally:
+            pipeline.close()
 
-        if method == "get":
-            return client.get(study, series, classes, store, progress)
-        return client.get(study, series, store, progress)
+
+def _count_failed_stores(out: RetrieveOutcome, failures: list[tuple[str, str]]) -> None:
+    """Instances answered Success before they were stored, whose store then failed (node/receive/batch.py):
+    failed sub-operations with their reasons, as if the PACS had reported them."""
+    if not failures:
+        return
+    out.failed += len(failures)
+    out.completed = max(0, out.completed - len(failures))
+    out.failed_uids = [*out.failed_uids, *(sop for sop, _ in failures)]
+    reasons = "; ".join(sorted({reason for _, reason in failures}))
+    out.note = (out.note + "; " if out.note else "") + f"{len(failures)} received but not stored: {reasons}"[:300]

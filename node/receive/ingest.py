@@ -8,6 +8,10 @@ appended to the vault's log with O_DSYNC. The log is the record of truth; the in
 from it. Its row is committed right after (``IndexWriter``, grouped across associations, not
 fsync'ed: SQLite WAL with synchronous=NORMAL), and a row lost to a crash or a power cut is
 rebuilt from the log at the next start (``recover``).
+
+The one exception is an instance the node retrieved from a PACS (node/receive/batch.py): the PACS
+keeps its copy, so it is answered at once and made durable with the rest of its retrieve by one
+sync, before its row is committed and before the retrieve says done.
 """
 from __future__ import annotations
 
@@ -16,13 +20,16 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Iterator
 
 import pydicom
 import pydicom.config
 from pydicom.errors import InvalidDicomError
 
+from node.receive.batch import RetrieveBatch
 from node.receive.header import WANTED, read_header
 from node.receive.spool import Quarantine, valid_uid
 from node.store.index import Index, InstanceRow
@@ -100,27 +107,46 @@ class IndexWriter:
         self.failure: str | None = None
         self._q: queue.Queue[InstanceRow | None] = queue.Queue()
         self._pending: set[str] = set()
+        self._held: set[str] = set()  # pending, but released only after their retrieve's sync
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
 
-    def add(self, row: InstanceRow) -> bool:
-        """Queue a row; False if the same instance is already waiting (a duplicate)."""
+    def add(self, row: InstanceRow, hold: bool = False) -> bool:
+        """Queue a row; False if the same instance is already waiting (a duplicate). ``hold``: count it
+        as waiting (duplicates see it) but commit it only when ``release``d (its bytes are not yet synced)."""
         with self._cond:
             if row.sop_uid in self._pending:
                 return False
             self._pending.add(row.sop_uid)
-        self._q.put(row)
+            if hold:
+                self._held.add(row.sop_uid)
+        if not hold:
+            self._q.put(row)
         return True
+
+    def release(self, rows: list[InstanceRow]) -> None:
+        with self._cond:
+            self._held.difference_update(r.sop_uid for r in rows)
+        for row in rows:
+            self._q.put(row)
+
+    def drop(self, rows: list[InstanceRow]) -> None:
+        """Held rows that will never be committed (their bytes could not be made durable)."""
+        with self._cond:
+            uids = {r.sop_uid for r in rows}
+            self._pending -= uids
+            self._held -= uids
+            self._cond.notify_all()
 
     def pending(self, sop_uid: str) -> bool:
         with self._cond:
             return sop_uid in self._pending
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued row is committed (tests, shutdown)."""
+        """Wait until every queued row is committed (tests, shutdown); held rows are not queued yet."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._pending, timeout)
+            return self._cond.wait_for(lambda: len(self._pending) == len(self._held), timeout)
 
     def close(self) -> None:
         self._q.put(None)
@@ -171,12 +197,52 @@ class Ingest:
         self.quarantine = Quarantine(vault.data_dir, vault.write_file)
         self.writer = IndexWriter(index)
         self._known_series: set[str] = set()
+        # C-MOVE retrieves in flight: (calling AE of the C-MOVE, its message ID) → batch. The C-STOREs
+        # of its sub-operations name both (Move Originator, PS3.7 9.1.1.1), which is how the SCP finds it.
+        self._moves: dict[tuple[str, int], RetrieveBatch] = {}
+        self._moves_lock = threading.Lock()
 
     def close(self) -> None:
         self.writer.close()
 
-    def store(self, raw: bytes, origin: Origin) -> tuple[int, str]:
-        """Persist one Part 10 byte string. Returns (DIMSE status, reason)."""
+    @contextmanager
+    def retrieve_batch(self, move: tuple[str, int] | None = None) -> Iterator[RetrieveBatch]:
+        """A batch for one retrieve (``move``: the C-MOVE's calling AE and message ID, so that the SCP
+        routes its sub-operations here); committed and closed on the way out, whatever happened."""
+        batch = RetrieveBatch()
+        if move is not None:
+            with self._moves_lock:
+                self._moves[move] = batch
+        try:
+            yield batch
+        finally:
+            if move is not None:
+                with self._moves_lock:
+                    self._moves.pop(move, None)
+            if not batch.wait_idle(60):
+                log.error("a retrieve's instances are still being stored after 60 s: each becomes durable on its own")
+            self.commit(batch, close=True)
+
+    def move_batch(self, originator_ae: str, message_id: int) -> RetrieveBatch | None:
+        with self._moves_lock:
+            return self._moves.get((originator_ae.strip(), message_id))
+
+    def commit(self, batch: RetrieveBatch, close: bool = False) -> None:
+        """Sync the log once for every instance of ``batch`` so far, then let their rows be indexed.
+        OSError if the sync fails: those rows are dropped (never indexed) and the retrieve must retry."""
+        rows = batch.take(close)
+        if not rows:
+            return
+        try:
+            self.vault.sync()
+        except OSError:
+            self.writer.drop(rows)
+            raise
+        self.writer.release(rows)
+
+    def store(self, raw: bytes, origin: Origin, batch: RetrieveBatch | None = None) -> tuple[int, str]:
+        """Persist one Part 10 byte string. Returns (DIMSE status, reason). With ``batch`` (a retrieve),
+        durable at the batch's next commit rather than before returning."""
         try:
             facts = _facts(raw)
         except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError, OSError) as exc:
@@ -196,15 +262,24 @@ class Ingest:
         received_at = time.time()
         try:
             locator = self.vault.append(raw, {"calling_ae": origin.calling_ae, "called_ae": origin.called_ae,
-                                              "source_ip": origin.source_ip, "received_at": received_at})
+                                              "source_ip": origin.source_ip, "received_at": received_at},
+                                        durable=batch is None)
         except OSError as exc:
             log.error("cannot persist instance: %s", exc, extra={"sop_uid": sop, "assoc": origin.assoc_id})
             return OUT_OF_RESOURCES, f"cannot persist: {exc.strerror or exc}"
 
         hdr = "{}" if series in self._known_series else _header_json_of(raw, sop)
-        if not self.writer.add(self._row(facts, locator, len(raw), received_at, origin, hdr)):
+        row = self._row(facts, locator, len(raw), received_at, origin, hdr)
+        if not self.writer.add(row, hold=batch is not None):
             return SUCCESS, "duplicate"  # a concurrent association stored it first; this record stays unreferenced
         self._known_series.add(series)
+        if batch is not None and not batch.add(row):  # the retrieve ended meanwhile: durable on its own
+            try:
+                self.vault.sync()
+            except OSError as exc:
+                self.writer.drop([row])
+                return OUT_OF_RESOURCES, f"cannot persist: {exc.strerror or exc}"
+            self.writer.release([row])
         return SUCCESS, "stored"
 
     @staticmethod

@@ -345,20 +345,50 @@ class _Association:
                 status, reason = 0x0122, f"SOP class {cmd.sop_class[:40]} not negotiated on this context"
             elif not (0 < len(cmd.sop_instance) <= 64 and 0 < len(cmd.sop_class) <= 64):
                 status, reason = ul.CANNOT_UNDERSTAND, "invalid UID in the command"
+            elif (batch := self._retrieve_batch(cmd)) is not None:
+                # A sub-operation of one of the node's own C-MOVE retrieves: answered now, stored while
+                # the PACS sends the next one, durable when the retrieve commits its batch
+                # (node/receive/batch.py); a failure is reported by the retrieve, not to the PACS.
+                try:
+                    self._respond(cid, ul.response(ul.C_STORE_RSP, cmd.message_id, 0x0000, cmd.sop_class,
+                                                   cmd.sop_instance))
+                except BaseException:
+                    batch.end(b"", 0x0000, "")  # never answered: the PACS counts it as failed itself
+                    raise
+                raw = self._part10(cmd, ts, dataset)
+                status, reason = 0xA700, "not stored"
+                try:
+                    status, reason = self._store(raw, batch)
+                finally:
+                    batch.end(raw, status, reason)
+                return
             else:
-                status, reason = self._store(cmd, ts, dataset)
+                status, reason = self._store(self._part10(cmd, ts, dataset), None)
             rsp = ul.response(ul.C_STORE_RSP, cmd.message_id, status, cmd.sop_class, cmd.sop_instance,
                               comment=reason if status else "")
         else:
             # 0x0211: unrecognised operation (PS3.7 C.5.4)
             rsp = ul.response(cmd.field | 0x8000, cmd.message_id, 0x0211, cmd.sop_class or abstract)
+        self._respond(cid, rsp)
+
+    def _respond(self, cid: int, rsp: bytes) -> None:
         for pdu in ul.p_data(cid, True, rsp, self.peer_max_pdu):
             self.sock.sendall(pdu)
 
-    def _store(self, cmd: ul.Command, ts: str, dataset: bytearray) -> tuple[int, str]:
-        raw = ul.part10_header(cmd.sop_class, cmd.sop_instance, ts, self.origin.calling_ae, IMPLEMENTATION_UID,
-                               IMPLEMENTATION_VERSION) + dataset
-        status, reason = self.scp.ingest.store(raw, self.origin)
+    def _retrieve_batch(self, cmd: ul.Command):
+        """The batch of the node's own retrieve this C-STORE belongs to (its Move Originator names
+        it), with a store begun in it; None for anything else, which is stored before it is answered."""
+        if cmd.move_originator is None:
+            return None
+        batch = self.scp.ingest.move_batch(*cmd.move_originator)
+        return batch if batch is not None and batch.begin() else None
+
+    def _part10(self, cmd: ul.Command, ts: str, dataset: bytearray) -> bytes:
+        return ul.part10_header(cmd.sop_class, cmd.sop_instance, ts, self.origin.calling_ae, IMPLEMENTATION_UID,
+                                IMPLEMENTATION_VERSION) + dataset
+
+    def _store(self, raw: bytes, batch) -> tuple[int, str]:
+        status, reason = self.scp.ingest.store(raw, self.origin, batch)
         if status != 0:
             log.warning("C-STORE failed 0x%04X: %s", status, reason, extra={"assoc": self.assoc_id})
         return status, reason

@@ -154,6 +154,8 @@ class Command:
     sop_instance: str = ""
     has_dataset: bool = False
     extra: dict = field(default_factory=dict)
+    # C-STORE sub-operation of a C-MOVE: (Move Originator AE title, its Message ID), PS3.7 9.3.1.1
+    move_originator: tuple[str, int] | None = None
 
 
 _CMD_UIDS = {0x0002: "sop_class", 0x1000: "sop_instance"}
@@ -181,6 +183,8 @@ def parse_command(data: bytes) -> Command:
     for elem, attr in _CMD_UIDS.items():
         if elem in elements:
             setattr(cmd, attr, _uid(elements[elem]))
+    if 0x1030 in elements and len(elements.get(0x1031, b"")) == 2:
+        cmd.move_originator = (elements[0x1030].decode("ascii", "replace").strip(" \0"), us(0x1031))
     return cmd
 
 

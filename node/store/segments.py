@@ -193,13 +193,16 @@ class SegmentWriter:
         self._fill_error: OSError | None = None  # the last zero-fill failed (disk full): fail fast
         self._want = 0  # the largest record a writer is waiting to place
         self._inflight: dict[int, int] = {}  # segment → appends reserved but not yet written
+        self._unsynced: dict[int, _Segment] = {}  # segments with durable=False appends not yet synced
+        self._sync_lock = threading.Lock()
         self._preparer = threading.Thread(target=self._prepare_loop, name="spool-preparer", daemon=True)
         self._preparer.start()
 
     # -- appending -------------------------------------------------------------------------
-    def append(self, length: int, build: Callable[[int, int], bytes]) -> str:
+    def append(self, length: int, build: Callable[[int, int], bytes], durable: bool = True) -> str:
         """Reserve ``length`` bytes, have ``build(segment, offset)`` make the envelope for that place,
-        write it durably; returns its locator."""
+        write it durably; returns its locator. With ``durable=False`` the write returns before the bytes
+        are on disk: durable only after the next ``sync()`` (a retrieve's instances, one sync for many)."""
         seg, off = self._reserve(length)
         try:
             sealed = build(seg.number, off)
@@ -207,14 +210,28 @@ class SegmentWriter:
                 raise ValueError(f"envelope is {len(sealed)} bytes, {length} reserved")
             view = memoryview(sealed)
             pos = off
+            fd = seg.fd if durable else seg.fill_fd
             while view:
-                n = os.pwrite(seg.fd, view, pos)
+                n = os.pwrite(fd, view, pos)
                 view, pos = view[n:], pos + n
         finally:
             with self._cond:
                 self._inflight[seg.number] -= 1
+                if not durable:
+                    self._unsynced[seg.number] = seg
                 self._cond.notify_all()
         return locator_of(seg.number, off, length)
+
+    def sync(self) -> None:
+        """Every ``durable=False`` append that returned before this call is on disk when it returns.
+        The space was allocated and synced beforehand, so one fdatasync per segment is enough (no
+        metadata changes). Serialised: a caller that finds another sync under way waits for it, as
+        that sync may be the one covering its writes."""
+        with self._sync_lock:
+            with self._cond:
+                segs, self._unsynced = list(self._unsynced.values()), {}
+            for seg in segs:
+                os.fdatasync(seg.fill_fd)
 
     def _reserve(self, n: int, wait_s: float = 30.0) -> tuple[_Segment, int]:
         need = _align(n)
@@ -275,6 +292,7 @@ class SegmentWriter:
             while self._inflight.get(seg.number, 0) or seg.filling:
                 self._cond.wait(1.0)
             self._inflight.pop(seg.number, None)
+        self.sync()  # its deferred appends are made durable before its descriptors close
         os.close(seg.fd)
         os.close(seg.fill_fd)
 
@@ -347,6 +365,7 @@ class SegmentWriter:
         with self._cond:
             while self._cur is not None and self._cur.filling:
                 self._cond.wait(1.0)
+        self.sync()
         if self._cur is not None:
             os.close(self._cur.fd)
             os.close(self._cur.fill_fd)

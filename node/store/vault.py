@@ -60,13 +60,19 @@ class Vault:
             self.writer.close()
 
     # -- received instances ---------------------------------------------------------------
-    def append(self, data: bytes | memoryview, meta: dict) -> str:
-        """Seal and durably append one received instance; ``meta`` (who sent it) rides along."""
+    def append(self, data: bytes | memoryview, meta: dict, durable: bool = True) -> str:
+        """Seal and durably append one received instance; ``meta`` (who sent it) rides along.
+        ``durable=False``: on disk only after the next ``sync()`` (node/store/segments.py)."""
         if self.writer is None:
             raise RuntimeError("this vault is read-only")
         payload = join_payload(meta, data)
         return self.writer.append(self.sealer.sealed_length(len(payload)),
-                                  lambda seg, off: self.sealer.seal(payload, locator_context(seg, off)))
+                                  lambda seg, off: self.sealer.seal(payload, locator_context(seg, off)), durable)
+
+    def sync(self) -> None:
+        """Make every ``durable=False`` append so far durable."""
+        if self.writer is not None:
+            self.writer.sync()
 
     # -- files ----------------------------------------------------------------------------
     def write_file(self, path: Path, data: bytes | memoryview) -> None:

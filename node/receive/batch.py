@@ -1,0 +1,108 @@
+"""A retrieve's instances: made durable together, and stored while the next one is being received.
+
+A push must not be answered Success before its instance is on disk: the modality may delete its
+copy. A retrieved instance stays on the PACS, and the retrieve is done only once its batch is
+committed, so for a retrieve two things are safe that are not for a push:
+
+- each instance is written without a sync of its own, and one sync of the log covers many of them
+  (``Ingest.commit``: at every progress report and at the end). Their index rows wait until then, so
+  the index never names bytes that a power cut could take; a crash before the commit leaves the
+  retrieve running in the index, and the next start retrieves again what did not become durable
+  (the rest is deduplicated);
+- its C-STORE is answered as soon as it has arrived, and it is stored while the PACS sends the next
+  one (``begin``/``end`` around the store, ``Pipeline`` for C-GET). A store that fails after its
+  Success went out is kept in ``failures``, and the retrieve counts it as a failed sub-operation
+  with the reason (partial or failed), never as done.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable
+
+from node.receive.header import read_header
+from node.store.index import InstanceRow
+
+log = logging.getLogger("hilum.ingest")
+
+
+class RetrieveBatch:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._rows: list[InstanceRow] = []
+        self._busy = 0  # stores answered but not finished
+        self.failures: list[tuple[str, str]] = []  # (SOP Instance UID, reason) of stores that failed after Success
+        self.closed = False
+
+    def add(self, row: InstanceRow) -> bool:
+        """False once the batch is closed: the caller makes this one durable itself."""
+        with self._cond:
+            if self.closed:
+                return False
+            self._rows.append(row)
+            return True
+
+    def take(self, close: bool = False) -> list[InstanceRow]:
+        with self._cond:
+            rows, self._rows = self._rows, []
+            self.closed = self.closed or close
+            return rows
+
+    def begin(self) -> bool:
+        """A store is about to be answered before it is done; False if the batch is closed (then
+        the caller stores first and answers with the real status)."""
+        with self._cond:
+            if self.closed:
+                return False
+            self._busy += 1
+            return True
+
+    def end(self, raw: bytes, status: int, reason: str) -> None:
+        with self._cond:
+            self._busy -= 1
+            if status != 0x0000:
+                self.failures.append((_sop_of(raw), reason))
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every store answered early has finished (before the retrieve says how it went)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy == 0, timeout)
+
+
+class Pipeline:
+    """Stores a C-GET's (or WADO-RS's) instances in a thread of its own, so that pynetdicom receives
+    the next one meanwhile. At most ``depth`` instances wait (memory stays bounded: the PACS is
+    answered only once one is queued)."""
+
+    def __init__(self, batch: RetrieveBatch, store: Callable[[bytes], tuple[int, str]], depth: int = 4) -> None:
+        self.batch, self.store = batch, store
+        self._q: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="retrieve-store", daemon=True)
+        self._thread.start()
+
+    def submit(self, raw: bytes) -> tuple[int, str]:
+        """The status to answer now: Success once queued; the real one if the batch is closed."""
+        if not self.batch.begin():
+            return self.store(raw)
+        self._q.put(raw)
+        return 0x0000, "queued"
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (raw := self._q.get()) is not None:
+            try:
+                status, reason = self.store(raw)
+            except Exception as exc:  # noqa: BLE001 - recorded as a failed sub-operation, never lost
+                log.exception("storing a retrieved instance failed")
+                status, reason = 0xA700, f"internal error: {exc}"
+            self.batch.end(raw, status, reason)
+
+
+def _sop_of(raw: bytes) -> str:
+    fast = read_header(raw)
+    return (fast[1].get("SOPInstanceUID") if fast else None) or "?"
