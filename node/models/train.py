@@ -32,10 +32,11 @@ from node.models.domain import domain_from_facts, measure_input
 from node.models.inference import load_model, onnx_runner, prepare_input, resample, segment_scored, sliding_window
 from node.models.plausibility import plausibility_from_truth
 from node.models.train_config import AugmentSpec, TrainConfig, load_train_config
-from node.models.unet import UNet3D
+from node.models.unet import MaskedUNet, UNet3D
 from node.models.versions import code_version
 
-__all__ = ["train", "describe", "measure_only", "measured_limitations", "main", "dice_per_label", "export_onnx", "compare_onnx_torch", "build_network"]
+__all__ = ["train", "describe", "measure_only", "measured_limitations", "main", "dice_per_label", "export_onnx", "export_mc_onnx", "compare_onnx_torch",
+           "build_network"]
 
 Log = Callable[[str], None]
 IGNORE = 255  # label value the loss ignores: pseudo-label voxels the model was not confident about
@@ -164,7 +165,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, aug: AugmentSpec, rng: np.random.G
 def build_network(cfg: TrainConfig) -> UNet3D:
     n = cfg.network
     return UNet3D(cfg.input.channels, len(cfg.labels) + 1, base=n.base_channels, depth=n.depth, blocks=n.blocks,
-                  max_channels=n.max_channels)
+                  max_channels=n.max_channels, dropout=n.dropout)
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float, ce_weight: float) -> torch.Tensor:
@@ -245,6 +246,25 @@ def export_onnx(model: torch.nn.Module, path: Path, in_channels: int, patch: tup
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/instance-norm notes
         torch.onnx.export(model, (torch.zeros(1, in_channels, *patch),), str(tmp), dynamo=False,
                           input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": axes, "logits": axes}, opset_version=17)
+    onnx.checker.check_model(str(tmp))
+    os.replace(tmp, path)
+
+
+def export_mc_onnx(model: UNet3D, path: Path, in_channels: int, patch: tuple[int, int, int]) -> None:
+    """The Monte-Carlo dropout graph: ``image`` then ``mask0..`` (one (1, C, 1, 1, 1) channel mask per
+    dropout site), written atomically; with all-ones masks it computes exactly ``model``."""
+    import onnx
+
+    net = MaskedUNet(model.eval().cpu())
+    masks = tuple(torch.ones(1, c, 1, 1, 1) for c in model.dropout_sites)
+    names = [f"mask{i}" for i in range(len(masks))]
+    tmp = path.with_suffix(".onnx.tmp")
+    axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, in_channels, *patch), *masks), str(tmp), dynamo=False,
+                          input_names=["image", *names], output_names=["logits"],
                           dynamic_axes={"image": axes, "logits": axes}, opset_version=17)
     onnx.checker.check_model(str(tmp))
     os.replace(tmp, path)
@@ -361,6 +381,10 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print, st
     # float32 instance norm over large patches differs by ~1e-4 between the two runtimes
     if check["max_relative_logit_difference"] > 5e-3 or check["argmax_agreement"] < 0.999:
         raise RuntimeError(f"the ONNX export disagrees with the torch model: {check}")
+    if model.dropout_sites:
+        export_mc_onnx(model, out_dir / cfg.card_draft().mc_dropout.model_file, cfg.input.channels,
+                       cfg.inference.patch_size)
+        log(f"Monte-Carlo dropout graph written ({len(model.dropout_sites)} dropout sites, rate {model.dropout_rate})")
     training = json.loads((work / "training.json").read_text())
     if training["train_cases"] != [c.name for c in train_cases]:
         raise CardError("data: best.pt was not trained on these cases (training.json train_cases)")

@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.models.card import (CardError, InferenceSpec, InputSpec, LabelSpec, ModelCard, Preprocessing,
+from node.models.card import (CardError, InferenceSpec, InputSpec, LabelSpec, MCDropout, ModelCard, Preprocessing,
                               format_validation_error)
 
 __all__ = ["TrainConfig", "TrainLabel", "DataSpec", "DicomwebSource", "DicomwebAuth", "load_train_config",
@@ -237,6 +237,10 @@ class NetworkSpec(_Strict):
     depth: int = Field(3, ge=2, le=6)
     blocks: int = Field(1, ge=1, le=4)
     max_channels: int = Field(128, ge=4, le=512)
+    # channel dropout after the bottleneck and each decoder stage; > 0 also deploys the Monte-Carlo
+    # dropout graph (card mc_dropout), so predictions can sample it for their uncertainty
+    dropout: float = Field(0.0, ge=0, le=0.5)
+    mc_samples: int = Field(4, ge=2, le=32)  # the card's default number of MC dropout passes
 
 
 class LossSpec(_Strict):
@@ -362,7 +366,9 @@ class TrainConfig(_Strict):
             limitations=self.limitations, training_data=self.training_data, input=self.input,
             preprocessing=self.preprocessing, inference=self.inference,
             labels=[LabelSpec(**lab.model_dump(exclude={"source"})) for lab in self.labels],
-            emit=self.emit, validation=validation)
+            emit=self.emit, validation=validation,
+            mc_dropout=(MCDropout(rate=self.network.dropout, samples=self.network.mc_samples)
+                        if self.network.dropout else None))
         return ModelCard(**{**fields, **measured})
 
 
