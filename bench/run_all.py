@@ -33,6 +33,7 @@ SUITE = [
     ("security", "bench_security.py", [], ["--instances", "8", "--runs", "1", "--size", "128"]),
     ("models", "bench_models.py", [], ["--repeat", "1", "--size", "128", "--slices", "40"]),
     ("uncertainty", "bench_uncertainty.py", [], ["--size", "128", "--slices", "40"]),
+    ("learning-loop", "bench_learning_loop.py", [], ["--quick"]),
     ("latency", "bench_latency.py", [], ["--quick"]),
     ("receiver-memory", "bench_receiver_memory.py", [], ["--quick"]),
     ("retrieve", "bench_retrieve.py", ["--runs", "3"], ["--quick"]),

@@ -32,6 +32,7 @@ __all__ = [
     "SpatialRegistration",
     "DeformableRegistration",
     "ResampledSeries",
+    "QuantityMap",
 ]
 
 SCT = "SCT"
@@ -325,7 +326,7 @@ class ResultSet:
         labels = {s.label for r in self.items if isinstance(r, LabelMap) for s in r.segments}
         for r in self.items:
             if not isinstance(r, (LabelMap, MeasurementReport, ImageSeries, TextFinding, QualityFlag,
-                                  *REGISTRATION_RESULTS)):
+                                  *REGISTRATION_RESULTS, QuantityMap)):
                 raise TypeError(f"handler returned {type(r).__name__}, not a node.results type")
             if isinstance(r, MeasurementReport):
                 for g in r.groups:
@@ -482,3 +483,43 @@ class ResampledSeries:
 
 
 REGISTRATION_RESULTS = (SpatialRegistration, DeformableRegistration, ResampledSeries)
+
+
+# --- Quantity maps (issue 21: a model's uncertainty as a DICOM Parametric Map) ---
+
+@dataclass(frozen=True, eq=False)
+class QuantityMap:
+    """A float32 map of one quantity (e.g. a prediction's voxel entropy) on its own grid in the source
+    series' Frame of Reference, delivered as a Parametric Map that references the source series.
+
+    ``geometry`` need not be the source's: a model's map lies on the network grid. ``quantity`` and
+    ``unit`` (a UCUM code) say what the values mean; ``value_range`` is their possible range (the
+    display window and the Real World Value Mapping cover it).
+    """
+
+    source_series_uid: str
+    geometry: Geometry
+    values: np.ndarray  # float32 (slices, rows, columns) on ``geometry``
+    quantity: Code
+    unit: Code
+    description: str
+    value_range: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.values, np.ndarray) or self.values.dtype != np.float32:
+            raise ValueError("QuantityMap.values must be a float32 array")
+        if tuple(self.values.shape) != tuple(self.geometry.shape):
+            raise ValueError(f"QuantityMap.values shape {self.values.shape} differs from geometry.shape "
+                             f"{self.geometry.shape}")
+        if not np.all(np.isfinite(self.values)):
+            raise ValueError("QuantityMap.values holds non-finite values")
+        lo, hi = self.value_range
+        if not lo < hi:
+            raise ValueError(f"QuantityMap.value_range must be (low, high) with low < high, got {self.value_range}")
+        if self.values.min() < lo or self.values.max() > hi:
+            raise ValueError(f"QuantityMap.values lie in {self.values.min():g}..{self.values.max():g}, "
+                             f"outside value_range {self.value_range}")
+        if self.unit.scheme != "UCUM":
+            raise ValueError(f"QuantityMap.unit must be a UCUM code, got scheme {self.unit.scheme!r}")
+        if not self.description or len(self.description) > 64:
+            raise ValueError("QuantityMap.description must be 1..64 characters")

@@ -163,6 +163,14 @@ class AuditTrail:
                            user_is_requestor=True, source_ip=source_ip, study_uid=study_uid, objects=objects,
                            event_type=None if ok else v.NODE_AUTHENTICATION, detail={"job": job_id, "request": what})
 
+    def project_access(self, user: str, source_ip: str | None, *, project: str | None, what: str, ok: bool,
+                       reason: str | None = None) -> dict:
+        """A learning-loop project seen, annotated or trained, or refused (403) to a user without that role in it."""
+        return self.record("project-access", v.INSTANCES_ACCESSED if ok else v.SECURITY_ALERT,
+                           action=v.READ if what == "view" else v.UPDATE, user=user, user_is_requestor=True,
+                           outcome=v.SUCCESS if ok else v.MINOR_FAILURE, outcome_description=reason,
+                           source_ip=source_ip, detail={"project": project, "request": what})
+
     def audit_log_used(self, user: str, query: dict) -> dict:
         return self.record("audit-read", v.AUDIT_LOG_USED, action=v.READ, user=user, user_is_requestor=True,
                            detail={"query": query})

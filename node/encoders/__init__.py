@@ -17,6 +17,7 @@ rest), so a worker can run the lanes side by side and hand each object on as soo
     SpatialRegistration / DeformableRegistration -> (Deformable) Spatial Registration Storage
     ResampledSeries   -> CT or MR Image series on the fixed grid, referencing the registration
                          encoded in the same job
+    QuantityMap       -> Parametric Map (float32, on the map's own grid) referencing the source series
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ from node.encoders.seg import SegReference, encode_seg, seg_reference
 from node.encoders.sr import encode_measurement_sr, encode_text_sr
 from node.encoders.registration import encode_deformable_registration, encode_spatial_registration
 from node.encoders.resampled import encode_resampled
-from node.results import (DeformableRegistration, ImageSeries, LabelMap, MeasurementReport, ResampledSeries,
-                          SpatialRegistration, TextFinding)
+from node.encoders.pmap import encode_quantity_map
+from node.results import (DeformableRegistration, ImageSeries, LabelMap, MeasurementReport, QuantityMap,
+                          ResampledSeries, SpatialRegistration, TextFinding)
 from node.volume import SeriesData
 
 __all__ = ["EncodeContext", "EncodeTask", "OTHER_LANE", "REPORT_LANE", "SEG_LANE", "encode", "encode_all", "encode_iter",
@@ -62,7 +64,7 @@ def series_count(result) -> int:
         seg = "SEG" in result.encodings
         return int(seg) + int(seg and result.fractions is not None) + int("RTSTRUCT" in result.encodings)
     if isinstance(result, (MeasurementReport, ImageSeries, TextFinding, SpatialRegistration,
-                           DeformableRegistration, ResampledSeries)):
+                           DeformableRegistration, ResampledSeries, QuantityMap)):
         return 1
     raise TypeError(f"cannot encode {type(result).__name__}: not a node.results type")
 
@@ -102,6 +104,8 @@ def encode(
         return [_encode_registration(result, sources, ctx, next(numbers))]
     if isinstance(result, ResampledSeries):
         return encode_resampled(result, sources, ctx, series_number=next(numbers), registration=None)
+    if isinstance(result, QuantityMap):
+        return [encode_quantity_map(result, sources, ctx, series_number=next(numbers))]
     raise TypeError(f"cannot encode {type(result).__name__}: not a node.results type")
 
 
@@ -132,7 +136,7 @@ class EncodeTask:
     side by side: the SEGs, the reports (small, so first in the archive), and the rest."""
 
     lane: int
-    kind: str  # what it makes, for timings: SEG, FSEG, RTSTRUCT, SR, SC
+    kind: str  # what it makes, for timings: SEG, FSEG, RTSTRUCT, SR, SC, REG, PMAP
     make: Callable[[], list[Dataset]]
 
 
@@ -163,6 +167,9 @@ def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
     def sc(images: ImageSeries, number: int) -> list[Dataset]:
         return encode_sc(images, sources, ctx, series_number=number)
 
+    def quantity_map(qmap: QuantityMap, number: int) -> list[Dataset]:
+        return [encode_quantity_map(qmap, sources, ctx, series_number=number)]
+
     def registration(regs: list, resampled: list) -> list[Dataset]:
         done = [_encode_registration(r, sources, ctx, number) for r, number in regs]
         for res, number in resampled:
@@ -189,6 +196,8 @@ def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
         tasks.append(EncodeTask(REPORT_LANE, "SR", partial(text_sr, group, next(numbers))))
     for images in (r for r in results if isinstance(r, ImageSeries)):
         tasks.append(EncodeTask(OTHER_LANE, "SC", partial(sc, images, next(numbers))))
+    for qmap in (r for r in results if isinstance(r, QuantityMap)):
+        tasks.append(EncodeTask(OTHER_LANE, "PMAP", partial(quantity_map, qmap, next(numbers))))
     # Registrations, then the resampled series that reference them (one registration per job): one
     # task, since a resampled image cites the registration object's UIDs.
     regs = [(r, next(numbers)) for r in results if isinstance(r, (SpatialRegistration, DeformableRegistration))]

@@ -22,7 +22,7 @@ from node.results import RT_ROI_TYPES, Code, Segment
 
 __all__ = ["CardError", "ModelCard", "LabelSpec", "load_card", "orientation_matrix", "format_validation_error",
            "CARD_FILE", "ValidatedDomain", "Range", "IntensityProfile", "OrientationDomain", "Plausibility",
-           "LabelPlausibility", "HeldOutKind", "PLANES", "DetectionSpec", "TASKS"]
+           "LabelPlausibility", "HeldOutKind", "PLANES", "DetectionSpec", "TASKS", "MCDropout"]
 
 CARD_FILE = "card.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
@@ -183,6 +183,16 @@ class InferenceSpec(_Strict):
         return v
 
 
+class MCDropout(_Strict):
+    """The network has dropout: ``model_file`` is a second export of it that takes one channel mask
+    per dropout site as inputs after the image (``mask0``, ``mask1``, ...; shape (1, C, 1, 1, 1)),
+    so Monte-Carlo dropout passes can run in ONNX Runtime, where dropout is otherwise off."""
+
+    model_file: str = "model_mc.onnx"
+    rate: float = Field(gt=0, lt=1)  # the training dropout probability the masks are drawn with
+    samples: int = Field(4, ge=2, le=32)  # MC passes an uncertainty run adds unless the rule says otherwise
+
+
 class HeldOutKind(_Strict):
     """Dice on a kind of data never seen in training (e.g. a phantom family left out), measured like
     ``Validation``: it says how far the model carries beyond its domain, not that it may be used there."""
@@ -334,6 +344,7 @@ class ModelCard(_Strict):
     validated_domain: ValidatedDomain | None = None  # None: no domain checks
     plausibility: Plausibility | None = None  # None: no post-inference checks
     detection: DetectionSpec | None = None  # task detection only
+    mc_dropout: MCDropout | None = None  # None: no dropout, no Monte-Carlo passes
 
     @field_validator("name")
     @classmethod
@@ -427,4 +438,6 @@ def load_card(path: str | Path) -> ModelCard:
     model = path.parent / card.model_file
     if not model.is_file():
         raise CardError(f"{path}: model_file: {model} does not exist")
+    if card.mc_dropout is not None and not (path.parent / card.mc_dropout.model_file).is_file():
+        raise CardError(f"{path}: mc_dropout.model_file: {path.parent / card.mc_dropout.model_file} does not exist")
     return card

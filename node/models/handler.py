@@ -12,8 +12,9 @@ from node.models.card import ModelCard
 from node.models.domain import domain_flags, measure_input
 from node.models.inference import Confidence, load_model, onnx_runner, segment_scored
 from node.models.plausibility import output_flags
-from node.models.uncertainty import UncertaintyParams, passes_for, segment_with_uncertainty
-from node.results import LabelMap, Measurement, MeasurementGroup, MeasurementReport
+from node.models.uncertainty import (UncertaintyParams, dropout_masks, masked_runner, passes_for,
+                                     predict_with_uncertainty)
+from node.results import Code, LabelMap, Measurement, MeasurementGroup, MeasurementReport, QuantityMap
 
 __all__ = ["ModelHandler", "SR_TEMPLATE", "VOLUME_MEASUREMENT"]
 
@@ -21,6 +22,9 @@ SR_TEMPLATE = "model"
 VOLUME_MEASUREMENT = "volume"  # measurement name in the SR template; findings are the labels' finding keys
 
 _PROVIDER_SHORT = {"CUDAExecutionProvider": "CUDA", "CPUExecutionProvider": "CPU"}
+# No standard code names a prediction's entropy (DICOM has texture entropies only): a private scheme.
+ENTROPY = Code("ENTROPY", "99HILUM", "Normalized predictive entropy")
+NO_UNITS = Code("1", "UCUM", "no units")
 
 
 def _volume_ml(voxels: int, voxel_ml: float) -> Measurement:
@@ -79,16 +83,12 @@ class ModelHandler(Handler):
         emit = self._emit()
         series = inp.series[:card.input.channels]
         model = load_model(self.model_dir, card, self.params.provider)
-        uncertainty = None
+        uncertainty = uncertain = None
         if self.params.uncertainty is None:
             labels, score = segment_scored([s.volume for s in series], card, onnx_runner(model), progress)
         else:
-            try:
-                passes_for(card, self.params.uncertainty)
-            except ValueError as exc:  # no pass besides the identity
-                raise HandlerRefusal(f"{self.name}: {exc}") from None
-            labels, uncertainty = segment_with_uncertainty([s.volume for s in series], card, onnx_runner(model),
-                                                           self.params.uncertainty, progress)
+            uncertain = self._with_uncertainty(series, model, progress)
+            labels, uncertainty = uncertain.labels, uncertain.record
             score = Confidence(uncertainty.get("confidence"), {})
         confidence = score.overall
         providers = [_PROVIDER_SHORT.get(p, p) for p in model.providers]
@@ -114,6 +114,11 @@ class ModelHandler(Handler):
         )
         voxel_ml = float(np.prod(source.volume.geometry.spacing)) / 1000.0
         results: list = [label_map, *output_flags(card, labels, voxel_ml, score)]
+        if uncertain is not None and self.params.uncertainty.parametric_map:
+            results.append(QuantityMap(source_series_uid=source.series_uid, geometry=uncertain.grid,
+                                       values=uncertain.entropy, quantity=ENTROPY, unit=NO_UNITS,
+                                       description=f"{card.name} {self.model_version} uncertainty"[:64],
+                                       value_range=(0.0, 1.0)))
         if "SR" in emit:
             groups = tuple(
                 MeasurementGroup(tracking_id=lab.name, finding=lab.finding_key, segment_label=lab.value,
@@ -123,3 +128,19 @@ class ModelHandler(Handler):
                                              title="Imaging Measurement Report"))
         progress(1.0, f"{len(present)} structures")
         return results
+
+    def _with_uncertainty(self, series, model, progress: Progress):
+        """The prediction over the uncertainty passes, Monte-Carlo dropout ones from the card's second graph."""
+        card, params = self.card, self.params.uncertainty
+        try:
+            plan = passes_for(card, params)
+        except ValueError as exc:  # no pass besides the identity, or MC samples of a network without dropout
+            raise HandlerRefusal(f"{self.name}: {exc}") from None
+        sample_runner = None
+        if any(p.sample is not None for p in plan):
+            mc = load_model(self.model_dir, card, self.params.provider, mc_dropout=True)
+
+            def sample_runner(sample: int):
+                return masked_runner(mc, dropout_masks(mc, card.mc_dropout.rate, params.seed, sample))
+        return predict_with_uncertainty([s.volume for s in series], card, onnx_runner(model), params, progress,
+                                        sample_runner)

@@ -70,16 +70,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_model(model_dir: str | Path, card: ModelCard, provider: str = "auto") -> LoadedModel:
+def load_model(model_dir: str | Path, card: ModelCard, provider: str = "auto", *,
+               mc_dropout: bool = False) -> LoadedModel:
     """The ONNX Runtime session of ``model_dir``'s model, created once per process and reused.
 
     Checked at every call (once per job): when model.onnx's size or mtime changed, its content
     hash decides whether a new session is built, so a new model version is picked up without a
-    restart and a mere touch costs nothing.
+    restart and a mere touch costs nothing. ``mc_dropout``: the card's second graph, with the
+    dropout masks as inputs (``card.mc_dropout``).
     """
     import onnxruntime as ort
 
-    path = (Path(model_dir) / card.model_file).resolve()
+    if mc_dropout and card.mc_dropout is None:
+        raise CardError(f"{Path(model_dir) / 'card.yaml'}: mc_dropout: the model has no dropout graph")
+    path = (Path(model_dir) / (card.mc_dropout.model_file if mc_dropout else card.model_file)).resolve()
     key = (str(path), provider)
     try:
         st = path.stat()
@@ -104,7 +108,7 @@ def load_model(model_dir: str | Path, card: ModelCard, provider: str = "auto") -
         except Exception as exc:  # ORT raises its own exception types for corrupt or unsupported graphs
             raise CardError(f"{Path(model_dir) / 'card.yaml'}: model_file: {path.name} is not a loadable "
                             f"ONNX model: {exc}") from None
-        _check_io(session, card, Path(model_dir))
+        _check_io(session, card, Path(model_dir), masks=mc_dropout)
         used = tuple(session.get_providers())
         if provider == "cuda" and "CUDAExecutionProvider" not in used:
             raise RuntimeError(f"CUDA was asked for but the session runs on {', '.join(used)} (no usable GPU)")
@@ -113,9 +117,13 @@ def load_model(model_dir: str | Path, card: ModelCard, provider: str = "auto") -
         return model
 
 
-def _check_io(session, card: ModelCard, model_dir: Path) -> None:
+def _check_io(session, card: ModelCard, model_dir: Path, masks: bool = False) -> None:
     where = model_dir / "card.yaml"
     inputs, outputs = session.get_inputs(), session.get_outputs()
+    if masks:  # the image, then one (1, C, 1, 1, 1) dropout mask per site
+        if len(inputs) < 2 or any(len(i.shape) != 5 for i in inputs):
+            raise CardError(f"{where}: mc_dropout.model_file: the graph must take the image and its dropout masks")
+        inputs = inputs[:1]
     if len(inputs) != 1 or len(inputs[0].shape) != 5:
         raise CardError(f"{where}: model_file: the model must take one (batch, channels, z, y, x) input")
     in_ch, out_ch = inputs[0].shape[1], outputs[0].shape[1] if len(outputs[0].shape) == 5 else None

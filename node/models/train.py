@@ -11,6 +11,7 @@ held-out cases' own source grids, the number the card reports).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -31,11 +32,12 @@ from node.models.data import Case, held_out_cases, load_cases
 from node.models.domain import domain_from_facts, measure_input
 from node.models.inference import load_model, onnx_runner, prepare_input, resample, segment_scored, sliding_window
 from node.models.plausibility import plausibility_from_truth
-from node.models.train_config import AugmentSpec, TrainConfig, load_train_config
-from node.models.unet import UNet3D
+from node.models.train_config import BASELINE_PREFIX, AugmentSpec, TrainConfig, load_train_config
+from node.models.unet import MaskedUNet, UNet3D
 from node.models.versions import code_version
 
-__all__ = ["train", "describe", "measure_only", "measured_limitations", "main", "dice_per_label", "export_onnx", "compare_onnx_torch", "build_network"]
+__all__ = ["train", "describe", "measure_only", "measured_limitations", "main", "dice_per_label", "export_onnx", "export_mc_onnx", "compare_onnx_torch",
+           "build_network"]
 
 Log = Callable[[str], None]
 IGNORE = 255  # label value the loss ignores: pseudo-label voxels the model was not confident about
@@ -164,7 +166,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, aug: AugmentSpec, rng: np.random.G
 def build_network(cfg: TrainConfig) -> UNet3D:
     n = cfg.network
     return UNet3D(cfg.input.channels, len(cfg.labels) + 1, base=n.base_channels, depth=n.depth, blocks=n.blocks,
-                  max_channels=n.max_channels)
+                  max_channels=n.max_channels, dropout=n.dropout)
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float, ce_weight: float) -> torch.Tensor:
@@ -245,6 +247,25 @@ def export_onnx(model: torch.nn.Module, path: Path, in_channels: int, patch: tup
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/instance-norm notes
         torch.onnx.export(model, (torch.zeros(1, in_channels, *patch),), str(tmp), dynamo=False,
                           input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": axes, "logits": axes}, opset_version=17)
+    onnx.checker.check_model(str(tmp))
+    os.replace(tmp, path)
+
+
+def export_mc_onnx(model: UNet3D, path: Path, in_channels: int, patch: tuple[int, int, int]) -> None:
+    """The Monte-Carlo dropout graph: ``image`` then ``mask0..`` (one (1, C, 1, 1, 1) channel mask per
+    dropout site), written atomically; with all-ones masks it computes exactly ``model``."""
+    import onnx
+
+    net = MaskedUNet(model.eval().cpu())
+    masks = tuple(torch.ones(1, c, 1, 1, 1) for c in model.dropout_sites)
+    names = [f"mask{i}" for i in range(len(masks))]
+    tmp = path.with_suffix(".onnx.tmp")
+    axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, in_channels, *patch), *masks), str(tmp), dynamo=False,
+                          input_names=["image", *names], output_names=["logits"],
                           dynamic_axes={"image": axes, "logits": axes}, opset_version=17)
     onnx.checker.check_model(str(tmp))
     os.replace(tmp, path)
@@ -361,6 +382,10 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print, st
     # float32 instance norm over large patches differs by ~1e-4 between the two runtimes
     if check["max_relative_logit_difference"] > 5e-3 or check["argmax_agreement"] < 0.999:
         raise RuntimeError(f"the ONNX export disagrees with the torch model: {check}")
+    if model.dropout_sites:
+        export_mc_onnx(model, out_dir / cfg.card_draft().mc_dropout.model_file, cfg.input.channels,
+                       cfg.inference.patch_size)
+        log(f"Monte-Carlo dropout graph written ({len(model.dropout_sites)} dropout sites, rate {model.dropout_rate})")
     training = json.loads((work / "training.json").read_text())
     if training["train_cases"] != [c.name for c in train_cases]:
         raise CardError("data: best.pt was not trained on these cases (training.json train_cases)")
@@ -375,27 +400,91 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print, st
 
 
 def _fit(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase], work: Path, log: Log) -> None:
-    """The training loop: best.pt (best validation Dice on the network grid) and training.json in ``work``."""
+    """The training loop: best.pt (best validation Dice on the network grid) and training.json in ``work``.
+
+    With ``strategy.compare_supervised`` the supervised baseline runs first on the same labelled and
+    validation cases (``work/supervised-baseline``), and training.json's ``comparison`` holds both."""
     t0 = time.time()
+    device = _device(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    log(f"{len(grid_train)} training, {len(grid_val)} validation cases on a {cfg.input.target_spacing} mm grid; "
+        f"device {device}")
+    s = cfg.strategy
+    semi = s.kind == "semi-supervised"
+    baseline = None
+    if semi and s.compare_supervised:
+        log("supervised baseline on the same labelled cases (strategy.compare_supervised)")
+        supervised = cfg.model_copy(update={"strategy": type(s)()})
+        baseline = _loop(supervised, grid_train, grid_val, [], work / "supervised-baseline", device,
+                         lambda line: log(BASELINE_PREFIX + line))
+        (work / "supervised-baseline" / "training.json").write_text(json.dumps(baseline, indent=2) + "\n")
+        log(f"supervised baseline: best validation Dice {baseline['best_val_mean_dice_network_grid']:.3f} "
+            f"@ epoch {baseline['best_epoch']}")
+    grid_unlabeled = []
+    if semi:
+        unlabeled = load_cases(s.unlabeled, cfg.labels, work / "unlabeled", log)
+        grid_unlabeled = [GridCase.of(c, cfg) for c in unlabeled]
+        log(f"semi-supervised ({s.method}): {len(grid_unlabeled)} unlabeled cases"
+            + (f", pseudo-labels from epoch {s.start_epoch} at confidence {s.confidence}" if s.method == "pseudo-label"
+               else f", teacher EMA decay {s.ema_decay}, consistency weight {s.weight} ramped up over "
+                    f"{s.rampup_epochs} epochs"))
+    training = _loop(cfg, grid_train, grid_val, grid_unlabeled, work, device, log)
+    if baseline is not None:
+        semi_dice, sup_dice = training["best_val_mean_dice_network_grid"], baseline["best_val_mean_dice_network_grid"]
+        training["comparison"] = {
+            "measure": "best validation mean Dice on the network grid, same validation cases",
+            "supervised": {"best_val_mean_dice": sup_dice, "best_epoch": baseline["best_epoch"],
+                           "epochs_run": baseline["epochs_run"], "stopped_early": baseline["stopped_early"],
+                           "wall_seconds": baseline["wall_seconds"]},
+            "semi_supervised": {"method": s.method, "best_val_mean_dice": semi_dice,
+                                "best_epoch": training["best_epoch"], "epochs_run": training["epochs_run"],
+                                "stopped_early": training["stopped_early"], "wall_seconds": training["wall_seconds"]},
+            "difference": semi_dice - sup_dice}
+        log(f"semi-supervised {semi_dice:.3f} vs supervised {sup_dice:.3f} validation Dice "
+            f"({semi_dice - sup_dice:+.3f})")
+    training["wall_seconds"] = round(time.time() - t0, 1)
+    (work / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+
+
+def _consistency_rampup(step: int, rampup_steps: int) -> float:
+    """Laine & Aila's sigmoid-shaped ramp-up, exp(-5 (1 - t)^2) for t = step / rampup_steps < 1, then 1."""
+    if step >= rampup_steps:
+        return 1.0
+    t = step / rampup_steps
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def _ema(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+        for t, s in zip(teacher.buffers(), student.buffers()):
+            t.copy_(s)
+
+
+def _loop(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase], grid_unlabeled: list[GridCase],
+          work: Path, device, log: Log) -> dict:
+    """One training run from seed ``cfg.seed``: best.pt and last.pt in ``work``; returns its record."""
+    t0 = time.time()
+    work.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = _device(cfg)
-    log(f"{len(grid_train)} training, {len(grid_val)} validation cases on a {cfg.input.target_spacing} mm grid; "
-        f"device {device}")
-
-    semi = cfg.strategy.kind == "semi-supervised"
-    grid_unlabeled = []
-    if semi:
-        unlabeled = load_cases(cfg.strategy.unlabeled, cfg.labels, work / "unlabeled", log)
-        grid_unlabeled = [GridCase.of(c, cfg) for c in unlabeled]
-        log(f"semi-supervised: {len(grid_unlabeled)} unlabeled cases, pseudo-labels from epoch "
-            f"{cfg.strategy.start_epoch} at confidence {cfg.strategy.confidence}")
+    s = cfg.strategy
+    pseudo = s.kind == "semi-supervised" and s.method == "pseudo-label"
+    teacher_mode = s.kind == "semi-supervised" and s.method == "mean-teacher"
     pseudo_rounds: list[dict] = []
     model = build_network(cfg).to(device)
+    teacher = None
+    if teacher_mode:
+        teacher = copy.deepcopy(model)
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        teacher.eval()  # deterministic targets: the teacher's noise is its input's, not dropout's
+        # the consistency pair differs by intensity noise only: a spatial transform would move the answers apart
+        noise_only = cfg.augmentation.model_copy(update={"probability": 0.0, "flip_axes": []})
     opt = _optimizer(cfg, model.parameters())
     total = cfg.epochs * cfg.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
@@ -403,41 +492,59 @@ def _fit(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase],
     history, best, best_epoch, stale, stopped_early = [], -1.0, 0, 0, False
     tty = sys.stdout.isatty()
     model.train()
+    step_no = 0
     for epoch in range(1, cfg.epochs + 1):
-        te, losses = time.time(), []
+        te, losses, consistency = time.time(), [], []
         for step in range(cfg.steps_per_epoch):
             x, y = _batch(grid_train, cfg, rng)
             x, y = augment(x.to(device), y.to(device), cfg.augmentation, rng)
             loss = dice_ce_loss(model(x), y, cfg.loss.dice_weight, cfg.loss.ce_weight)
-            if pseudo_rounds:  # semi-supervised, once the model has labelled the unlabeled cases
+            if pseudo_rounds:  # pseudo-labels, once the model has labelled the unlabeled cases
                 xu, yu = augment(*(t.to(device) for t in _batch(grid_unlabeled, cfg, rng)), cfg.augmentation, rng)
-                loss = loss + cfg.strategy.weight * dice_ce_loss(model(xu), yu, cfg.loss.dice_weight,
-                                                                 cfg.loss.ce_weight)
+                loss = loss + s.weight * dice_ce_loss(model(xu), yu, cfg.loss.dice_weight, cfg.loss.ce_weight)
+            if teacher is not None:
+                xu, yu = _batch(grid_unlabeled, cfg, rng)  # yu: whatever truth the cases have, never used
+                xs, _ = augment(xu.to(device), yu.to(device), noise_only, rng)
+                xt, _ = augment(xu.to(device), yu.to(device), noise_only, rng)
+                with torch.no_grad():
+                    target = teacher(xt).softmax(1)
+                cons = F.mse_loss(model(xs).softmax(1), target)
+                ramp = _consistency_rampup(step_no, s.rampup_epochs * cfg.steps_per_epoch)
+                loss = loss + s.weight * ramp * cons
+                consistency.append(float(cons.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            step_no += 1
+            if teacher is not None:
+                # Tarvainen & Valpola: a lower decay early, so the teacher is not stuck near the random start
+                _ema(teacher, model, min(s.ema_decay, 1.0 - 1.0 / (step_no + 1)))
             losses.append(float(loss.detach()))
             if tty:
                 print(f"\repoch {epoch}/{cfg.epochs} {_bar(step + 1, cfg.steps_per_epoch)} loss {np.mean(losses):.4f}",
                       end="", flush=True)
         entry = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": float(sched.get_last_lr()[0])}
+        if consistency:
+            entry["consistency_loss"] = float(np.mean(consistency))
         line = f"epoch {epoch}/{cfg.epochs} {_bar(epoch, cfg.epochs)} loss {entry['loss']:.4f}"
         if epoch % cfg.validate_every == 0 or epoch == cfg.epochs:
-            scores = _validate(model, grid_val, cfg, device)
+            product = teacher if teacher is not None else model  # what would be deployed
+            scores = _validate(product, grid_val, cfg, device)
+            if teacher is not None:
+                teacher.eval()  # _validate leaves its model in train mode
             mean = float(np.nanmean(list(scores.values())))
             entry.update(val_dice={names[v]: s for v, s in scores.items()}, val_mean_dice=mean)
-            torch.save({"model": model.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")},
+            torch.save({"model": product.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")},
                        work / "last.pt")
             if mean > best + cfg.early_stopping.min_delta:
                 best, best_epoch, stale = mean, epoch, 0
-                torch.save({"model": model.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")},
+                torch.save({"model": product.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")},
                            work / "best.pt")
             else:
                 stale += 1
             line += f" val Dice {mean:.3f} (best {best:.3f} @ {best_epoch})"
-        if semi and epoch >= cfg.strategy.start_epoch and \
-                (epoch - cfg.strategy.start_epoch) % cfg.strategy.refresh_every == 0:
+        if pseudo and epoch >= s.start_epoch and (epoch - s.start_epoch) % s.refresh_every == 0:
             kept = _pseudo_label(model, grid_unlabeled, cfg, device)
             pseudo_rounds.append({"epoch": epoch, "cases": len(grid_unlabeled), "kept_fraction": kept})
             entry["pseudo_label_kept_fraction"] = kept
@@ -449,12 +556,18 @@ def _fit(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase],
             stopped_early = True
             break
 
-    training = {"epochs_run": len(history), "best_epoch": best_epoch, "stopped_early": stopped_early,
-                "best_val_mean_dice_network_grid": best, "wall_seconds": round(time.time() - t0, 1),
-                "device": str(device), "train_cases": [c.name for c in grid_train], "history": history,
-                "strategy": {"kind": cfg.strategy.kind, "pseudo_label_rounds": pseudo_rounds,
-                             "unlabeled_cases": [c.name for c in grid_unlabeled]}}
-    (work / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    strategy = {"kind": s.kind, "unlabeled_cases": [c.name for c in grid_unlabeled]}
+    if s.kind == "semi-supervised":
+        strategy["method"] = s.method
+        if pseudo:
+            strategy["pseudo_label_rounds"] = pseudo_rounds
+        else:
+            strategy.update(ema_decay=s.ema_decay, consistency_weight=s.weight, rampup_epochs=s.rampup_epochs,
+                            deployed="the teacher (the EMA of the student's weights)")
+    return {"epochs_run": len(history), "best_epoch": best_epoch, "stopped_early": stopped_early,
+            "best_val_mean_dice_network_grid": best, "wall_seconds": round(time.time() - t0, 1),
+            "device": str(device), "train_cases": [c.name for c in grid_train], "history": history,
+            "strategy": strategy}
 
 
 def describe(cfg: TrainConfig, out_dir: Path, train_cases: list[Case], val_cases: list[Case], extra: dict,

@@ -15,11 +15,13 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.models.card import (CardError, DetectionSpec, InferenceSpec, InputSpec, LabelSpec, ModelCard,
+from node.models.card import (CardError, DetectionSpec, InferenceSpec, InputSpec, LabelSpec, MCDropout, ModelCard,
                               Preprocessing, format_validation_error)
 
 __all__ = ["TrainConfig", "TrainLabel", "DataSpec", "DicomwebSource", "DicomwebAuth", "load_train_config",
-           "FamilySource", "HeldOutSpec"]
+           "FamilySource", "HeldOutSpec", "BASELINE_PREFIX"]
+
+BASELINE_PREFIX = "[supervised baseline] "  # its log lines (epochs) are not the run's own progress
 
 
 class _Strict(BaseModel):
@@ -237,6 +239,10 @@ class NetworkSpec(_Strict):
     depth: int = Field(3, ge=2, le=6)
     blocks: int = Field(1, ge=1, le=4)
     max_channels: int = Field(128, ge=4, le=512)
+    # channel dropout after the bottleneck and each decoder stage; > 0 also deploys the Monte-Carlo
+    # dropout graph (card mc_dropout), so predictions can sample it for their uncertainty
+    dropout: float = Field(0.0, ge=0, le=0.5)
+    mc_samples: int = Field(4, ge=2, le=32)  # the card's default number of MC dropout passes
 
 
 class LossSpec(_Strict):
@@ -285,25 +291,56 @@ class EarlyStopping(_Strict):
 
 
 class StrategySpec(_Strict):
-    """``supervised`` (labelled cases only) or ``semi-supervised``: after ``start_epoch`` supervised
-    epochs the model labels the ``unlabeled`` cases itself (pseudo-labels), keeping only voxels whose
-    class probability reaches ``confidence`` (the rest are ignored by the loss), refreshed every
-    ``refresh_every`` epochs; each step then adds ``weight`` × the loss on a pseudo-labelled batch."""
+    """``supervised`` (labelled cases only) or ``semi-supervised``, which also learns from the
+    ``unlabeled`` cases by one of two methods:
+
+    - ``pseudo-label``: after ``start_epoch`` supervised epochs the model labels the unlabeled cases
+      itself, keeping only voxels whose class probability reaches ``confidence`` (the rest are
+      ignored by the loss), refreshed every ``refresh_every`` epochs; each step then adds ``weight``
+      × the loss on a pseudo-labelled batch.
+    - ``mean-teacher``: a teacher network is the exponential moving average (``ema_decay``) of the
+      trained (student) network's weights; each step adds ``weight`` × a ramp-up (0 to 1 over
+      ``rampup_epochs``, Laine & Aila's exp(-5(1-t)^2)) × the consistency loss, the mean squared
+      difference of the two networks' class probabilities on an unlabeled batch seen under
+      different intensity noise. The teacher is what is validated, checkpointed and deployed.
+
+    ``compare_supervised`` also trains the supervised baseline on the same labelled cases (same
+    seed, epochs and validation cases) and stores both validation Dice figures side by side.
+    """
 
     kind: Literal["supervised", "semi-supervised"] = "supervised"
+    method: Literal["pseudo-label", "mean-teacher"] = "pseudo-label"  # semi-supervised only
     unlabeled: DataSpec | None = None  # semi-supervised: the cases without labels (any truth is ignored)
-    confidence: float = Field(0.9, gt=0.5, lt=1)
-    weight: float = Field(0.5, gt=0, le=10)
-    start_epoch: int = Field(1, ge=1)
-    refresh_every: int = Field(1, ge=1)
+    weight: float = Field(0.5, gt=0, le=100)  # of the unlabeled loss (pseudo-label loss or consistency)
+    confidence: float = Field(0.9, gt=0.5, lt=1)  # pseudo-label
+    start_epoch: int = Field(1, ge=1)  # pseudo-label
+    refresh_every: int = Field(1, ge=1)  # pseudo-label
+    ema_decay: float = Field(0.99, gt=0, lt=1)  # mean-teacher
+    rampup_epochs: int = Field(5, ge=0)  # mean-teacher; 0: full weight from the first step
+    compare_supervised: bool = False  # semi-supervised: also train the supervised baseline
 
     @model_validator(mode="after")
     def _unlabeled(self) -> "StrategySpec":
         if self.kind == "semi-supervised" and self.unlabeled is None:
             raise ValueError("unlabeled: semi-supervised training needs the unlabeled cases (a data source)")
-        if self.kind == "supervised" and self.unlabeled is not None:
-            raise ValueError("unlabeled: only used by kind semi-supervised")
+        # a field set away from its default where it does nothing is a mistake worth naming (and
+        # comparing with the default, not with "was it written", keeps a dumped config loadable)
+        changed = [f for f, info in StrategySpec.model_fields.items() if getattr(self, f) != info.default]
+        if self.kind == "supervised":
+            unused = [f for f in changed if f != "kind"]
+            if unused:
+                raise ValueError(f"{unused[0]}: only used by kind semi-supervised")
+            return self
+        for method, fields in _METHOD_FIELDS.items():
+            unused = [f for f in fields if f in changed]
+            if method != self.method and unused:
+                raise ValueError(f"{unused[0]}: only used by method {method} (this strategy's method is "
+                                 f"{self.method})")
         return self
+
+
+_METHOD_FIELDS = {"pseudo-label": ("confidence", "start_epoch", "refresh_every"),
+                  "mean-teacher": ("ema_decay", "rampup_epochs")}
 
 
 class TrainConfig(_Strict):
@@ -368,7 +405,9 @@ class TrainConfig(_Strict):
             limitations=self.limitations, training_data=self.training_data, input=self.input,
             preprocessing=self.preprocessing, inference=self.inference,
             labels=[LabelSpec(**lab.model_dump(exclude={"source"})) for lab in self.labels],
-            emit=self.emit, validation=validation)
+            emit=self.emit, validation=validation,
+            mc_dropout=(MCDropout(rate=self.network.dropout, samples=self.network.mc_samples)
+                        if self.network.dropout else None))
         return ModelCard(**{**fields, **measured})
 
 

@@ -1,10 +1,17 @@
-"""A compact 3-D U-Net with residual blocks (torch; training only, inference runs its ONNX export)."""
+"""A compact 3-D U-Net with residual blocks (torch; training only, inference runs its ONNX export).
+
+With ``dropout`` > 0 it has channel dropout (``Dropout3d``) at its *sites*: after the bottleneck
+and after each decoder stage. Monte-Carlo dropout needs those masks at inference, where an ONNX
+graph has dropout off, so ``MaskedUNet`` exports a second graph that takes one channel mask per
+site as an input: the caller draws the masks (seeded, reproducible) and every patch of one pass
+uses the same sub-network.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["ResBlock", "UNet3D"]
+__all__ = ["ResBlock", "UNet3D", "MaskedUNet"]
 
 
 class ResBlock(nn.Module):
@@ -35,8 +42,10 @@ class UNet3D(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, base: int = 8, depth: int = 3, blocks: int = 1,
-                 max_channels: int = 128) -> None:
+                 max_channels: int = 128, dropout: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         widths = [min(base * 2 ** i, max_channels) for i in range(depth)]
         self.encoders = nn.ModuleList()
         cin = in_channels
@@ -53,12 +62,37 @@ class UNet3D(nn.Module):
             self.decoders.append(nn.Sequential(*stage))
         self.head = nn.Conv3d(widths[0], out_channels, 1)
         self.size_divisor = 2 ** (depth - 1)
+        self.dropout_rate = dropout
+        self.drop = nn.Dropout3d(dropout) if dropout else nn.Identity()
+        # channels at each dropout site: the bottleneck, then each decoder stage's output
+        self.dropout_sites = [widths[-1]] + [widths[level - 1] for level in range(depth - 1, 0, -1)] \
+            if dropout else []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits; ``masks`` (one (1, C, 1, 1, 1) tensor per site, already scaled by 1/(1-p)) replace
+        the random dropout by these fixed sub-networks."""
+        def site(t: torch.Tensor, i: int) -> torch.Tensor:
+            return t * masks[i] if masks is not None else self.drop(t)
+
         skips = []
         for enc in self.encoders:
             x = enc(x)
             skips.append(x)
-        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips[:-1])):
-            x = dec(torch.cat([up(x), skip], dim=1))
+        x = site(x, 0)
+        for i, (up, dec, skip) in enumerate(zip(self.ups, self.decoders, reversed(skips[:-1])), start=1):
+            x = site(dec(torch.cat([up(x), skip], dim=1)), i)
         return self.head(x)
+
+
+class MaskedUNet(nn.Module):
+    """``net`` with its dropout masks as explicit inputs (``image, mask0, mask1, ...``): the graph
+    exported for Monte-Carlo dropout passes. All-ones masks give exactly the plain network."""
+
+    def __init__(self, net: UNet3D) -> None:
+        super().__init__()
+        if not net.dropout_sites:
+            raise ValueError("the network has no dropout: nothing to sample")
+        self.net = net
+
+    def forward(self, x: torch.Tensor, *masks: torch.Tensor) -> torch.Tensor:
+        return self.net(x, list(masks))

@@ -286,7 +286,8 @@ class ModelRegistry:
                 raise RegistryError(f"model {name!r} already has a version {version!r}; versions never change")
             tmp = Path(tempfile.mkdtemp(dir=self.root / name, prefix=f".{version}."))
             try:
-                for f in (CARD_FILE, card.model_file, *TRACE_FILES):
+                mc_graph = (card.mc_dropout.model_file,) if card.mc_dropout else ()
+                for f in (CARD_FILE, card.model_file, *mc_graph, *TRACE_FILES):
                     if (src / f).is_file():
                         shutil.copy2(src / f, tmp / f)
                 now = time.time()

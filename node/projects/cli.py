@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from node.config import ConfigError, load_settings
 from node.projects.store import ProjectError, ProjectStore
 
@@ -29,9 +31,14 @@ def cli(argv: list[str]) -> int:
                         help="card.yaml (or its folder) of the model the project trains")
     create.add_argument("--train-config", dest="train_config", type=Path, required=True,
                         help="training configuration (labels with codes and data names)")
-    create.add_argument("--study", dest="studies", action="append", default=[], required=True,
+    create.add_argument("--study", dest="studies", action="append", default=[],
                         help="a case's StudyInstanceUID (repeat)")
+    create.add_argument("--select", type=yaml.safe_load, default=None,
+                        help="a study-level rule condition (YAML, e.g. '{Modality: CT, BodyPartExamined: CHEST}'): "
+                             "studies completing from now on that match become cases")
     create.add_argument("--annotator", dest="annotators", action="append", default=[], help="user name (repeat)")
+    create.add_argument("--viewer", dest="viewers", action="append", default=None,
+                        help="user who may only view the project (repeat); without any, every signed-in user may")
     common(sub.add_parser("list", help="projects and their case counts"))
     common(sub.add_parser("show", help="one project: labels, cases, states, label versions")).add_argument("name")
     acc = common(sub.add_parser("accept", help="accept a case's latest label as final"))
@@ -47,8 +54,10 @@ def cli(argv: list[str]) -> int:
     try:
         if args.cmd == "create":
             project = store.create(args.name, model_card=args.model_card, train_config=args.train_config,
-                                   study_uids=args.studies, annotators=args.annotators, by=by)
-            print(f"project {project.name}: model {project.model}, {len(project.study_uids)} case(s), "
+                                   study_uids=args.studies, annotators=args.annotators, by=by,
+                                   select=args.select, viewers=args.viewers)
+            print(f"project {project.name}: model {project.model}, {len(project.study_uids)} case(s)"
+                  + (f" and the studies matching {args.select}" if args.select else "") + ", "
                   f"labels {', '.join(lab.name for lab in project.labels)}")
         elif args.cmd == "list":
             for name in store.names():

@@ -73,12 +73,13 @@ def vet(store: ProjectStore, segs: list[pydicom.Dataset], user: str, role: str,
         study = str(ds.get("StudyInstanceUID", ""))
         for name in store.names():
             project = store.get(name)
-            if study not in project.study_uids:
+            cases = store.cases(name)
+            if study not in cases:
                 continue
             if not project.may_annotate(user, role):
-                raise PermissionError(f"{role} {user} is not an annotator of project {name!r}")
+                raise PermissionError(project.why_not(user, role, "annotate"))
             try:
-                segments = check_seg(project, ds, study, input_series(project, study))
+                segments = check_seg(project, ds, study, input_series(project, study), cases)
             except LabelRefused as exc:
                 raise LabelRefused(f"project {name!r}, case {study}: {exc}") from None
             accepted.append(CaseLabel(project, study, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), segments))
@@ -98,7 +99,7 @@ def note_prediction(store: ProjectStore, job, results: list[dict], provenance: d
     done = []
     for name in store.names():
         project = store.get(name)
-        if project.model == model and job["study_uid"] in project.study_uids:
+        if project.model == model and store.has_case(name, job["study_uid"]):
             store.record_prediction(name, job["study_uid"], job_id=job["id"],
                                     model_version=str(provenance.get("model_version")), seg_sop_uid=seg,
                                     uncertainty=provenance.get("uncertainty"))

@@ -8,6 +8,8 @@ train on the wrong images, is worse than none.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import pydicom
 
 from node.models.data import label_lookup
@@ -37,14 +39,17 @@ def project_lookup(project: Project) -> dict[str, int]:
     return lookup
 
 
-def check_seg(project: Project, ds: pydicom.Dataset, study_uid: str, input_series: list[str]) -> dict[str, int]:
+def check_seg(project: Project, ds: pydicom.Dataset, study_uid: str, input_series: list[str],
+              cases: Collection[str] | None = None) -> dict[str, int]:
     """The SEG's segment labels → project label values, or LabelRefused naming the problem.
 
-    ``input_series``: the case's series the model reads (the archive's series of the input modality).
+    ``input_series``: the case's series the model reads (the archive's series of the input modality);
+    ``cases``: the project's case studies (default: those it was created with; the store also knows
+    the ones its select condition added since).
     """
     if ds.get("Modality") != "SEG":
         raise LabelRefused(f"not a segmentation: Modality is {ds.get('Modality')!r}, not SEG")
-    if study_uid not in project.study_uids:
+    if study_uid not in (project.study_uids if cases is None else cases):
         raise LabelRefused(f"study {study_uid} is not a case of project {project.name!r}")
     if str(ds.get("StudyInstanceUID", "")) != study_uid:
         raise LabelRefused(f"the SEG belongs to study {ds.get('StudyInstanceUID')}, not to case {study_uid}")

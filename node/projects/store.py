@@ -4,7 +4,9 @@ state and label history, written atomically under a lock: the CLI and the node b
 
 A project names the model it trains (``model:<name>``, whose versions the registry keeps), its
 task labels (those of the training configuration, with their codes and the names they may have in
-a SEG), its cases (studies in the archive) and who may annotate them. Case states:
+a SEG), its cases (studies in the archive: a list, and/or ``select``, a study-level condition in the
+rules' language that makes every arriving study it matches a case), who may annotate it and who may
+view it. Case states:
 
     unlabeled → predicted → in_review → labeled
 
@@ -27,10 +29,12 @@ from pathlib import Path
 from typing import Iterator
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from node.models.card import CardError, format_validation_error, load_card
 from node.models.train_config import TrainConfig, TrainLabel, load_train_config
+from node.rules.conditions import Condition, compile_condition
+from node.rules.errors import format_path
 
 __all__ = ["CASE_STATES", "Project", "ProjectError", "ProjectStore"]
 
@@ -48,8 +52,12 @@ class Project(BaseModel):
     name: str
     model: str  # the model (registry name) the project trains and predicts with
     labels: list[TrainLabel] = Field(min_length=1)  # from the training configuration
-    study_uids: list[str] = Field(min_length=1)  # the cases
-    annotators: list[str] = []  # users who may save labels (admins always may)
+    study_uids: list[str] = []  # the cases it starts with
+    # a study-level rule condition (docs/rules.md): each study that completes and matches becomes a case
+    select: dict | None = None
+    annotators: list[str] = []  # users who may save labels and accept them (admins always may)
+    # users who may see the project (its annotators and admins always may); None: every signed-in user
+    viewers: list[str] | None = None
     created_at: float
     created_by: str
 
@@ -70,8 +78,35 @@ class Project(BaseModel):
             raise ValueError("a study is listed twice")
         return v
 
+    @field_validator("select")
+    @classmethod
+    def _select(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            _, problems = compile_condition(v, level="study", path=("select",))
+            if problems:
+                raise ValueError("; ".join(f"{format_path(path)}: {msg}" for path, msg in problems))
+        return v
+
+    @model_validator(mode="after")
+    def _some_cases(self) -> "Project":
+        if not self.study_uids and self.select is None:
+            raise ValueError("study_uids: give the project's studies, a select condition, or both")
+        return self
+
+    def condition(self) -> Condition | None:
+        return None if self.select is None else compile_condition(self.select, level="study", path=("select",))[0]
+
     def may_annotate(self, user: str, role: str) -> bool:
         return role == "admin" or (role in ("admin", "annotator") and user in self.annotators)
+
+    def may_view(self, user: str, role: str) -> bool:
+        return self.may_annotate(user, role) or self.viewers is None or user in self.viewers
+
+    def why_not(self, user: str, role: str, what: str) -> str:
+        """The reason a user is refused ``what`` ("annotate", "view"), for the 403 and the audit trail."""
+        if what == "annotate" and role not in ("admin", "annotator"):
+            return f"{role} {user} may not annotate: the {role} role never annotates (project {self.name!r})"
+        return f"{role} {user} is not {'an annotator' if what == 'annotate' else 'a viewer'} of project {self.name!r}"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -106,7 +141,8 @@ class ProjectStore:
         return load_train_config(self.root / name / "train.yaml")
 
     def create(self, name: str, *, model_card: Path, train_config: Path, study_uids: list[str],
-               annotators: list[str], by: str) -> Project:
+               annotators: list[str], by: str, select: dict | None = None,
+               viewers: list[str] | None = None) -> Project:
         """A new project from a model card (the model it trains) and a training configuration (its labels)."""
         try:
             card = load_card(model_card)
@@ -122,8 +158,8 @@ class ProjectStore:
         if {(lab.value, lab.name) for lab in cfg.labels} != card_labels:
             raise ProjectError("--train-config: labels differ from the model card's (value and name of each)")
         try:
-            project = Project(name=name, model=card.name, labels=cfg.labels, study_uids=study_uids,
-                              annotators=annotators, created_at=time.time(), created_by=by)
+            project = Project(name=name, model=card.name, labels=cfg.labels, study_uids=study_uids, select=select,
+                              annotators=annotators, viewers=viewers, created_at=time.time(), created_by=by)
         except ValidationError as exc:
             raise ProjectError(format_validation_error(exc)) from None
         folder = self.root / name
@@ -156,6 +192,29 @@ class ProjectStore:
             cases = json.loads((self.root / name / "cases.json").read_text())
             yield cases
             _write_atomic(self.root / name / "cases.json", json.dumps(cases, indent=1))
+
+    def has_case(self, name: str, study_uid: str) -> bool:
+        """Whether the study is a case: listed at creation, or selected since by the project's condition."""
+        return study_uid in self.cases(name)
+
+    def select_study(self, facts) -> list[str]:
+        """A study completed: it becomes a case of every project whose ``select`` condition it matches
+        (``facts``: its ``node.rules.facts.StudyFacts``). Returns those projects."""
+        added = []
+        for name in self.names():
+            condition = self.get(name).condition()
+            if condition is None or not condition.test(facts):
+                continue
+            with self._cases_locked(name) as cases:
+                if facts.study_uid in cases:
+                    continue
+                cases[facts.study_uid] = {"state": "unlabeled", "labels": [], "prediction": None, "history": [],
+                                          "selected_by": condition.evidence(facts)[:500]}
+                cases[facts.study_uid]["history"].append(
+                    {"at": time.time(), "by": "select", "from": None, "to": "unlabeled",
+                     "why": f"matched the project's condition: {condition.describe()}"[:500]})
+            added.append(name)
+        return added
 
     def _case(self, cases: dict, name: str, study_uid: str) -> dict:
         if study_uid not in cases:

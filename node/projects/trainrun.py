@@ -21,6 +21,8 @@ import time
 import traceback
 from pathlib import Path
 
+from node.models.train_config import BASELINE_PREFIX
+
 __all__ = ["start_run", "run_status", "main"]
 
 EPOCH = re.compile(r"epoch (\d+)/(\d+) .*?loss ([0-9.]+)(?: val Dice ([0-9.]+))?")
@@ -91,7 +93,7 @@ def run_status(run: Path) -> dict:
         for line in (run / "progress.jsonl").read_text().splitlines():
             entry = json.loads(line)
             lines.append(entry["msg"])
-            m = EPOCH.search(entry["msg"])
+            m = None if entry["msg"].startswith(BASELINE_PREFIX) else EPOCH.search(entry["msg"])
             if m:
                 epochs.append({"epoch": int(m[1]), "of": int(m[2]), "loss": float(m[3]),
                                "val_mean_dice": float(m[4]) if m[4] else None})

@@ -23,6 +23,7 @@ from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.models.shadow import shadow_job_options
 from node.models.versions import ModelRegistry
+from node.projects.store import ProjectStore
 from node.rules.facts import SeriesFacts, StudyFacts
 from node.store.index import Index
 
@@ -63,6 +64,7 @@ class Router:
         self.on_deliveries = on_deliveries
         self.on_priors = on_priors  # parks a job whose rule asks for priors (node/pacs/priors.py)
         self.models = ModelRegistry.for_data_dir(settings.data_dir)
+        self.projects = ProjectStore.for_data_dir(settings.data_dir)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stability-router", daemon=True)
 
@@ -99,6 +101,15 @@ class Router:
             created += self.route_study(st, now)
         return created
 
+    def _select_for_projects(self, facts: StudyFacts) -> None:
+        """A complete study becomes a case of every project whose select condition it matches (before
+        its jobs run, so the project's model job finds it a case). A broken project never stops routing."""
+        try:
+            for name in self.projects.select_study(facts):
+                log.info("study selected as a case of project %s", name, extra={"study_uid": facts.study_uid})
+        except Exception:  # noqa: BLE001 - a project is the loop's business; routing goes on
+            log.exception("project selection failed", extra={"study_uid": facts.study_uid})
+
     def route_study(self, st, now: float | None = None) -> int:
         """Create the jobs of every rule whose quiet period has passed (all of them when forced);
         rules that wait longer are looked at again when theirs has passed."""
@@ -118,8 +129,10 @@ class Router:
         for row in series_rows:
             for a in ruleset.match_series(facts[row["series_uid"]]):
                 actions.append((a, row["series_uid"]))
-        for a in ruleset.match_study(StudyFacts(series=list(facts.values()))):
+        study_facts = StudyFacts(series=list(facts.values()), study_uid=study_uid)
+        for a in ruleset.match_study(study_facts):
             actions.append((a, None))
+        self._select_for_projects(study_facts)
         waiting: list[float] = []
         pending: list[dict] = []  # what the study view lists as "will run at"
         for a, series_uid in actions:

@@ -4,6 +4,7 @@ gateway's side of annotation: a SEG stored through /dicom-web for a project case
 from __future__ import annotations
 
 import asyncio
+from typing import NoReturn
 
 import httpx
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -30,26 +31,42 @@ def _project(store: ProjectStore, name: str) -> Project:
         raise HTTPException(404, str(exc.args[0])) from None
 
 
+def _refused(request: Request, p: Principal, project: str | None, what: str, reason: str) -> NoReturn:
+    """403 with the reason, and the refusal in the audit trail."""
+    request.app.state.node.audit.project_access(who(p), request.client.host if request.client else None,
+                                                project=project, what=what, ok=False, reason=reason)
+    raise HTTPException(403, reason)
+
+
+def _visible(request: Request, store: ProjectStore, name: str, p: Principal) -> Project:
+    """The project, if ``p`` may see it (admins, its annotators, its viewers; anyone when it names none)."""
+    project = _project(store, name)
+    if not project.may_view(p.name, p.role):
+        _refused(request, p, name, "view", project.why_not(p.name, p.role, "view"))
+    return project
+
+
 @router.get("")
-def list_projects(request: Request, _: Principal = Depends(require_viewer)) -> dict:
+def list_projects(request: Request, p: Principal = Depends(require_viewer)) -> dict:
+    """The projects this user may see (the others are not named)."""
     store = _store(request)
     return {"projects": [{"name": n, "model": store.get(n).model, "counts": store.summary(n)["counts"]}
-                         for n in store.names()]}
+                         for n in store.names() if store.get(n).may_view(p.name, p.role)]}
 
 
 @router.get("/{name}")
-def get_project(name: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
+def get_project(name: str, request: Request, p: Principal = Depends(require_viewer)) -> dict:
     store = _store(request)
-    _project(store, name)
+    _visible(request, store, name, p)
     return store.summary(name)
 
 
 @router.get("/{name}/queue")
 def queue(name: str, request: Request, strategy: str = Query("uncertainty"), n: int = Query(10, ge=1, le=1000),
-          seed: int = Query(0), _: Principal = Depends(require_viewer)) -> dict:
+          seed: int = Query(0), p: Principal = Depends(require_viewer)) -> dict:
     """The next predicted cases to annotate, by ``strategy``, each with the reason it is there."""
     store = _store(request)
-    _project(store, name)
+    _visible(request, store, name, p)
     if strategy not in STRATEGIES:
         raise HTTPException(422, f"strategy: must be one of {', '.join(STRATEGIES)}")
     scored = [CaseScore(uid, c["prediction"]["uncertainty"]["score"],
@@ -64,8 +81,9 @@ def queue(name: str, request: Request, strategy: str = Query("uncertainty"), n: 
 @router.post("/{name}/cases/{study_uid}/accept")
 def accept(name: str, study_uid: str, request: Request, p: Principal = Depends(require_viewer)) -> dict:
     store = _store(request)
-    if not _project(store, name).may_annotate(p.name, p.role):
-        raise HTTPException(403, f"{p.role} {p.name} is not an annotator of project {name!r}")
+    project = _project(store, name)
+    if not project.may_annotate(p.name, p.role):
+        _refused(request, p, name, "accept a label", project.why_not(p.name, p.role, "annotate"))
     try:
         return store.accept(name, study_uid, who(p))
     except ProjectError as exc:
@@ -88,10 +106,10 @@ def start_training(name: str, request: Request, p: Principal = Depends(require_a
 
 
 @router.get("/{name}/runs")
-def runs(name: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
+def runs(name: str, request: Request, p: Principal = Depends(require_viewer)) -> dict:
     """Every training run: running (epochs so far: loss, validation Dice), done (the version) or failed (why)."""
     store = _store(request)
-    _project(store, name)
+    _visible(request, store, name, p)
     folder = store.root / name / "runs"
     found = sorted(folder.iterdir()) if folder.is_dir() else []
     return {"project": name, "runs": [run_status(r) for r in found if (r / "run.json").is_file()]}
@@ -125,13 +143,13 @@ async def stow_labels(request: Request, body: bytes, p: Principal) -> list[CaseL
         modality = (await asyncio.to_thread(store.train_config, name)).input.modality
         for ds in segs:
             study = str(ds.get("StudyInstanceUID", ""))
-            if study in project.study_uids and (name, study) not in series:
+            if (name, study) not in series and await asyncio.to_thread(store.has_case, name, study):
                 series[(name, study)] = await _input_series(node, project, study, modality)
     try:
         return await asyncio.to_thread(vet, store, segs, p.name, p.role,
                                        lambda project, study: series.get((project.name, study), []))
     except PermissionError as exc:
-        raise HTTPException(403, str(exc)) from None
+        _refused(request, p, None, "store a label", str(exc))
     except LabelRefused as exc:
         raise HTTPException(409, f"SEG refused as a label: {exc}") from None
 

@@ -1,0 +1,86 @@
+"""A quantity map (e.g. a model's voxel entropy) as a DICOM Parametric Map (highdicom).
+
+The map keeps its own grid (a model's network grid, coarser than the source) and is placed in the
+source series' Frame of Reference through its plane positions, so a viewer overlays it on the
+source slices without resampling it to the source's 512x512 grid first. The source series' images
+are its Referenced Series (the derivation source); float32 values are stored as they are (Float
+Pixel Data) with an identity Real World Value Mapping that names the quantity and its unit.
+"""
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from node.encoders.common import (
+    DEVICE_SERIAL,
+    MODEL_NAME,
+    choose_charset,
+    coded,
+    contributing_equipment,
+    copy_patient_study,
+    header_view,
+    series_description,
+    source_series,
+)
+from node.encoders.context import EncodeContext
+from node.results import QuantityMap
+from node.volume import Geometry, SeriesData
+
+__all__ = ["encode_quantity_map"]
+
+
+def _affine(geom: Geometry) -> np.ndarray:
+    """4x4 from (slice, row, column) array indices to patient mm: highdicom's Volume convention."""
+    origin = np.asarray(geom.origin, dtype=float)
+    affine = np.eye(4)
+    for axis in range(3):
+        step = [0, 0, 0]
+        step[axis] = 1
+        affine[:3, axis] = geom.index_to_patient(step) - origin
+    affine[:3, 3] = origin
+    return affine
+
+
+def encode_quantity_map(qmap: QuantityMap, sources: dict[str, SeriesData], ctx: EncodeContext, *,
+                        series_number: int) -> Dataset:
+    """One multi-frame Parametric Map of ``qmap``, one frame per slice of its grid."""
+    series = source_series(sources, qmap.source_series_uid, "QuantityMap")
+    src = series.first
+    if "FrameOfReferenceUID" not in src:
+        raise ValueError(f"QuantityMap: source series {series.series_uid} has no Frame of Reference")
+    volume = hd.Volume(qmap.values, _affine(qmap.geometry), "PATIENT", frame_of_reference_uid=src.FrameOfReferenceUID)
+    lo, hi = (float(v) for v in qmap.value_range)
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=qmap.quantity.value[:16], lut_explanation=qmap.quantity.meaning[:64], unit=coded(qmap.unit),
+        value_range=(lo, hi), slope=1.0, intercept=0.0, quantity_definition=coded(qmap.quantity))
+    description = series_description(qmap.description, "MAP")
+    uid_key = ("PMAP", series_number)
+    pm = hd.pm.ParametricMap(
+        source_images=[header_view(ds) for ds in series.datasets],
+        pixel_array=volume,
+        series_instance_uid=ctx.uid(*uid_key, "series"),
+        series_number=series_number,
+        sop_instance_uid=ctx.uid(*uid_key, "instance", 1),
+        instance_number=1,
+        manufacturer=ctx.manufacturer,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=ctx.software_version,
+        device_serial_number=DEVICE_SERIAL,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2, window_width=hi - lo,
+                                                         window_explanation="full range")],
+        content_description=qmap.description[:64],
+        content_label="UNCERTAINTY" if "ntropy" in qmap.quantity.meaning else "MAP",
+        contributing_equipment=[contributing_equipment(ctx)],
+        specific_character_set=None,  # set by copy_patient_study
+    )
+    pm.SeriesDescription = description
+    pm.Laterality = ""  # Type 2C: the map's laterality is its source's, which a chest series does not state
+    # highdicom draws a random Dimension Organization UID; one from the job keeps re-encoding stable
+    dimension_uid = ctx.uid(*uid_key, "dimension-organization")
+    for item in (*pm.DimensionOrganizationSequence, *pm.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dimension_uid
+    copy_patient_study(pm, src, choose_charset(src, [description, qmap.description]))
+    return pm
