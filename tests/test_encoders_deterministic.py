@@ -7,6 +7,7 @@ the encoder's own making in them.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -142,3 +143,14 @@ def test_another_process_encodes_the_same_bytes(tmp_path):
                          env={**os.environ, "PYTHONHASHSEED": "4242"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == here
+
+
+def test_objects_name_the_nodes_device_whichever_host_encodes_them(job):
+    """A remote worker encodes with the node's device serial (handed over at its claim): every Device
+    Serial Number in every object is the node's, so the bytes do not depend on the worker's host name."""
+    results, sources = job
+    ctx = dataclasses.replace(context(created=JOB_CREATED), device_serial="hilum-node-7")
+    for ds in encode_all(results, sources, ctx):
+        kind = KINDS[str(ds.SOPClassUID)]
+        serials = {str(e.value) for e in ds.iterall() if e.keyword in ("DeviceSerialNumber",) and e.value}
+        assert serials == {"hilum-node-7"}, f"{kind}: {serials}"

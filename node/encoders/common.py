@@ -8,7 +8,6 @@ what the standard asks for (PS3.3 C.7.1.1, C.7.2.1).
 from __future__ import annotations
 
 import copy
-import socket
 from functools import lru_cache
 
 import highdicom as hd
@@ -26,7 +25,6 @@ from node.volume import Geometry, GeometryError, SeriesData, sort_by_geometry
 
 __all__ = [
     "MODEL_NAME",
-    "DEVICE_SERIAL",
     "source_series",
     "header_view",
     "copy_patient_study",
@@ -40,8 +38,6 @@ __all__ = [
 ]
 
 MODEL_NAME = "Hilum"
-# The node that wrote the object (Enhanced General Equipment needs a Device Serial Number).
-DEVICE_SERIAL = (socket.gethostname() or "hilum")[:64]
 
 _COPIED_MODULES = ("patient", "general-study", "patient-study", "clinical-trial-subject", "clinical-trial-study")
 TYPE2_PATIENT_STUDY = (
@@ -147,7 +143,7 @@ def contributing_equipment(ctx: EncodeContext) -> hd.ContributingEquipment:
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=MODEL_NAME,
         software_versions=versions,
-        device_serial_number=DEVICE_SERIAL,
+        device_serial_number=ctx.device_serial,
         contribution_description=(
             f"{MODEL_NAME} {ctx.software_version}: rule {ctx.rule!r} ran handler {ctx.handler} "
             f"{ctx.handler_version}{model}"

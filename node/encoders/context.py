@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import datetime as _dt
+import socket
 from dataclasses import dataclass, field
 
 from node import __version__
 from node.uids import derived_uid
+
+# The node that wrote the object (Enhanced General Equipment needs a Device Serial Number): its host.
+NODE_DEVICE_SERIAL = (socket.gethostname() or "hilum")[:64]
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,9 @@ class EncodeContext:
     # The one time every object of the job carries (creation, content, series dates): the job's own
     # creation time, so the same job encoded twice - again, or on another worker - gives the same bytes.
     created: _dt.datetime = field(default_factory=_dt.datetime.now)
+    # The node's device serial, also when a remote worker encodes: the objects name the node that
+    # answers for them, and a job's bytes do not depend on which host ran it.
+    device_serial: str = NODE_DEVICE_SERIAL
 
     @property
     def date(self) -> str:

@@ -13,7 +13,6 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from node.encoders.common import (
-    DEVICE_SERIAL,
     MODEL_NAME,
     choose_charset,
     coded,
@@ -66,7 +65,7 @@ def encode_quantity_map(qmap: QuantityMap, sources: dict[str, SeriesData], ctx: 
         manufacturer=ctx.manufacturer,
         manufacturer_model_name=MODEL_NAME,
         software_versions=ctx.software_version,
-        device_serial_number=DEVICE_SERIAL,
+        device_serial_number=ctx.device_serial,
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2, window_width=hi - lo,

@@ -22,7 +22,6 @@ from pydicom.uid import DeformableSpatialRegistrationStorage, SpatialRegistratio
 from pydicom.valuerep import format_number_as_ds
 
 from node.encoders.common import (
-    DEVICE_SERIAL,
     MODEL_NAME,
     choose_charset,
     contributing_equipment,
@@ -111,7 +110,7 @@ def _base(sop_class: str, fixed: SeriesRef, moving: SeriesRef, sources: dict[str
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = ctx.manufacturer
     ds.ManufacturerModelName = MODEL_NAME
-    ds.DeviceSerialNumber = DEVICE_SERIAL
+    ds.DeviceSerialNumber = ctx.device_serial
     ds.SoftwareVersions = ctx.software_version
     ds.ContributingEquipmentSequence = [contributing_equipment(ctx)]
     ds.InstanceNumber = 1

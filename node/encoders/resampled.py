@@ -16,7 +16,6 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 from pydicom.valuerep import format_number_as_ds
 
 from node.encoders.common import (
-    DEVICE_SERIAL,
     MODEL_NAME,
     choose_charset,
     contributing_equipment,
@@ -91,7 +90,7 @@ def encode_resampled(res: ResampledSeries, sources: dict[str, SeriesData], ctx: 
         ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
         ds.Manufacturer = ctx.manufacturer
         ds.ManufacturerModelName = MODEL_NAME
-        ds.DeviceSerialNumber = DEVICE_SERIAL
+        ds.DeviceSerialNumber = ctx.device_serial
         ds.SoftwareVersions = ctx.software_version
         ds.ContributingEquipmentSequence = [contributing_equipment(ctx)]
         if "PatientPosition" in src:

@@ -21,7 +21,6 @@ from pydicom.tag import Tag
 from pydicom.uid import RTStructureSetStorage
 
 from node.encoders.common import (
-    DEVICE_SERIAL,
     MODEL_NAME,
     choose_charset,
     contributing_equipment,
@@ -188,7 +187,7 @@ def encode_rtstruct(
     # General Equipment
     ds.Manufacturer = ctx.manufacturer
     ds.ManufacturerModelName = MODEL_NAME
-    ds.DeviceSerialNumber = DEVICE_SERIAL
+    ds.DeviceSerialNumber = ctx.device_serial
     ds.SoftwareVersions = ctx.software_version
     ds.ContributingEquipmentSequence = [contributing_equipment(ctx)]
     # Structure Set

@@ -19,7 +19,6 @@ from pydicom.uid import (
 )
 
 from node.encoders.common import (
-    DEVICE_SERIAL,
     MODEL_NAME,
     choose_charset,
     contributing_equipment,
@@ -55,7 +54,7 @@ def _common(ds: Dataset, images: ImageSeries, source: Dataset, ctx: EncodeContex
     ds.SecondaryCaptureDeviceManufacturerModelName = MODEL_NAME
     ds.SecondaryCaptureDeviceSoftwareVersions = ctx.software_version
     ds.ManufacturerModelName = MODEL_NAME
-    ds.DeviceSerialNumber = DEVICE_SERIAL
+    ds.DeviceSerialNumber = ctx.device_serial
     ds.SoftwareVersions = ctx.software_version
     ds.BurnedInAnnotation = "YES" if images.burned_in_annotation else "NO"
     ds.PatientOrientation = ""

@@ -19,7 +19,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
 
 from node.encoders.common import (
-    DEVICE_SERIAL,
     MODEL_NAME,
     algorithm_identification,
     choose_charset,
@@ -242,7 +241,7 @@ def encode_seg(
         manufacturer=ctx.manufacturer,
         manufacturer_model_name=MODEL_NAME,
         software_versions=ctx.software_version,
-        device_serial_number=DEVICE_SERIAL,
+        device_serial_number=ctx.device_serial,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         content_description=labelmap.description[:64],
         content_label=_content_label(ctx.handler),

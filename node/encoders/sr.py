@@ -28,7 +28,6 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from node.encoders.common import (
-    DEVICE_SERIAL,
     MODEL_NAME,
     choose_charset,
     coded,
@@ -67,11 +66,11 @@ _PROCEDURES = {
 
 def _observation_context(ctx: EncodeContext) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid(MODEL_NAME, "device", DEVICE_SERIAL),
+        uid=derived_uid(MODEL_NAME, "device", ctx.device_serial),
         name=MODEL_NAME,
         manufacturer_name=ctx.manufacturer,
         model_name=f"{ctx.handler} {ctx.handler_version}"[:64],
-        serial_number=DEVICE_SERIAL,
+        serial_number=ctx.device_serial,
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -268,7 +267,7 @@ def _document(cls, content, series: SeriesData, ctx: EncodeContext, *, uid_key: 
         series_description=description,
         manufacturer_model_name=MODEL_NAME,
         software_versions=ctx.software_version,
-        device_serial_number=DEVICE_SERIAL,
+        device_serial_number=ctx.device_serial,
         contributing_equipment=[contributing_equipment(ctx)],
         specific_character_set=None,  # set by copy_patient_study
     )

@@ -221,6 +221,7 @@ class RemoteWorker:
                                handler=job["handler"], params=job["params"], series=series,
                                results_dir=str(d / "results"), vault=VaultSpec(str(d), None),
                                options=job.get("options") or {}, created=job["created"],
+                               device_serial=job.get("device_serial", ""),
                                extra=extra | self._model(job, ticket))
                 meta, provenance, figures = run_job(spec, lambda f, m: self.client.progress(job_id, ticket, float(f),
                                                                                               str(m)))

@@ -47,6 +47,8 @@ class JobSpec:
     # When the node created the job (its local time, ISO): the time every result object carries, so
     # the job gives the same bytes wherever and however often it runs. Empty: now (a one-off run).
     created: str = ""
+    # The node's device serial (EncodeContext.device_serial) when a remote worker runs it; empty: this host's.
+    device_serial: str = ""
 
 
 def job_created(created_at: float) -> str:
@@ -244,6 +246,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
         # the instance's: a handler running a model its params name (a detector) sets them on itself
         model_name=handler.model_name, model_version=handler.model_version, series_number=spec.series_number,
         **({"created": _dt.datetime.fromisoformat(spec.created)} if spec.created else {}),
+        **({"device_serial": spec.device_serial} if spec.device_serial else {}),
     )
     out_dir = Path(spec.results_dir) / str(spec.job_id)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from node.encoders.context import NODE_DEVICE_SERIAL
 from node.jobs.broker import ticket_hash
 from node.jobs.remote_models import ModelIntegrityError, claim_model, served_file
 from node.jobs.worker import job_created
@@ -160,7 +161,7 @@ def claim(job_id: int, request: Request, name: str = Depends(require_worker)) ->
             "options": json.loads(job["options_json"]), **_priors_claim(node.index, job_id, uids),
             "timeout_s": job["timeout_s"] or node.settings.handler_timeout_s,
             "created": job_created(job["created_at"]),  # the time the results carry: the same bytes as a local run
-            "model": model}
+            "model": model, "device_serial": NODE_DEVICE_SERIAL}  # the objects name the node, not the worker's host
 
 
 def _claim_model(request: Request, job) -> dict | None:
