@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from node.models.card import CARD_FILE, CardError, load_card
+from node.models.digest import file_sha256
 from node.models.versions import BUILT_IN, INFO_FILE, ModelRegistry, Resolved, job_model
 
 __all__ = ["ModelIntegrityError", "claim_model", "served_file", "model_folder"]
@@ -30,14 +31,6 @@ MODEL_EVENT = "model"  # the job-history event naming the version a job runs (al
 
 class ModelIntegrityError(Exception):
     """A model file whose bytes are not the ones the node resolved (damaged, changed or substituted)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(resolved: Resolved) -> dict[str, Path]:
@@ -52,7 +45,7 @@ def _files(resolved: Resolved) -> dict[str, Path]:
 
 def _manifest(resolved: Resolved) -> dict:
     files = _files(resolved)
-    entries = [{"name": n, "sha256": _sha256(p), "size": p.stat().st_size} for n, p in files.items()]
+    entries = [{"name": n, "sha256": file_sha256(p), "size": p.stat().st_size} for n, p in files.items()]
     if resolved.version != BUILT_IN:  # a registered version is immutable: its ONNX hash was taken at registration
         registered = json.loads((resolved.folder / INFO_FILE).read_text()).get("sha256")
         model = entries[1]

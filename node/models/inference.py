@@ -9,7 +9,6 @@ geometry, so SEG/RTSTRUCT encoders can reference the source slices one to one.
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from scipy import ndimage
 
 from node.models.card import (CardError, CTWindow, InferenceSpec, InputSpec, LabelSpec, ModelCard, Percentile,
                               Preprocessing, ZScore, orientation_matrix)
+from node.models.digest import file_sha256
 from node.volume import Geometry, Volume
 
 __all__ = ["LoadedModel", "load_model", "network_grid", "resample", "normalise", "prepare_input",
@@ -62,14 +62,6 @@ def choose_providers(request: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_model(model_dir: str | Path, card: ModelCard, provider: str = "auto", *,
                mc_dropout: bool = False) -> LoadedModel:
     """The ONNX Runtime session of ``model_dir``'s model, created once per process and reused.
@@ -94,7 +86,7 @@ def load_model(model_dir: str | Path, card: ModelCard, provider: str = "auto", *
         cached = _sessions.get(key)
         if cached and cached[0] == stamp:
             return cached[1]
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if cached and cached[1].sha256 == digest:
             _sessions[key] = (stamp, cached[1])
             return cached[1]

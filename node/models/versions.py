@@ -23,7 +23,6 @@ The shipped ``models/<name>/`` folder is the version-less default, the implicit 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,7 @@ from typing import Iterator
 
 from node import __version__
 from node.models.card import CARD_FILE, CardError, load_card
+from node.models.digest import file_sha256
 from node.models.inference import load_model
 
 __all__ = ["BUILT_IN", "STATES", "ModelRegistry", "RegistryError", "Resolved", "VersionInfo", "code_version",
@@ -101,14 +101,6 @@ def code_version() -> str:
     except (OSError, subprocess.TimeoutExpired):
         commit = ""
     return f"{__version__}+{commit}" if commit else __version__
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, data) -> None:
@@ -291,7 +283,7 @@ class ModelRegistry:
                     if (src / f).is_file():
                         shutil.copy2(src / f, tmp / f)
                 now = time.time()
-                info = {"registered_at": now, "registered_by": by, "sha256": _sha256(tmp / card.model_file),
+                info = {"registered_at": now, "registered_by": by, "sha256": file_sha256(tmp / card.model_file),
                         "code_version": metrics.get("code_version") or code_version(), "source": str(src.resolve()),
                         **(trace or {})}
                 _write_json(tmp / INFO_FILE, info)
