@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,9 @@ def test_search_by_user_study_and_time(tmp_path):
     trail = AuditTrail(ChainedLog(tmp_path / "a.jsonl", KEY), "HILUM")
     rows = [{"calling_ae": "CT1", "source_ip": "10.0.0.5"}, {"calling_ae": "MR1", "source_ip": "10.0.0.6"}]
     first = trail.study_received("1.2.3", 40, rows)
+    time.sleep(0.002)  # stamps have millisecond resolution; `since` is inclusive, so keep them apart
     trail.login("alice", "10.0.0.7", ok=False, reason="wrong password")
+    time.sleep(0.002)
     trail.study_received("1.2.4", 2, rows[:1])
     entries = list(trail.log.entries())
     assert [e["study_uid"] for e in search(entries, user="CT1")] == ["1.2.4", "1.2.3"]  # newest first
