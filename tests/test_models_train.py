@@ -153,6 +153,32 @@ def test_dicom_seg_source_reads_the_same_truth_as_the_phantom(tmp_path):
     assert len(cases) == 1
     assert cases[0].volumes[0].geometry == case.volumes[0].geometry
     assert np.array_equal(cases[0].truth, case.truth) and set(np.unique(case.truth)) == {0, 1, 2}
+    # OHIF 3.12's SEG export (dcmjs) leaves the Pixel Measures item empty, which highdicom refuses: the
+    # annotator's label is still read, the spacing taken from the source series it was drawn on.
+    # It also omits SpatialLocationsPreserved: each frame is then checked to lie on the source image it names.
+    ohif_like = pydicom.dcmread(folder / "seg.dcm")
+    ohif_like.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence = [pydicom.Dataset()]
+    for frame in ohif_like.PerFrameFunctionalGroupsSequence:
+        del frame.DerivationImageSequence[0].SourceImageSequence[0].SpatialLocationsPreserved
+    ohif_like.save_as(folder / "seg.dcm")
+    with pytest.raises(AttributeError, match="Pixel Measures"):
+        hd.seg.Segmentation.from_dataset(pydicom.dcmread(folder / "seg.dcm"))
+    (again,) = dicom_seg_cases(folder, labels)
+    assert np.array_equal(again.truth, case.truth)
+    moved = pydicom.dcmread(folder / "seg.dcm")
+    moved.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence[0].ImagePositionPatient[2] += 0.5
+    moved.save_as(folder / "moved.dcm")
+    (folder / "seg.dcm").rename(tmp_path / "seg.dcm")
+    with pytest.raises(CardError, match=r"moved.dcm frame 4 does not lie on its source image"):
+        dicom_seg_cases(folder, labels)
+    (folder / "moved.dcm").unlink()
+    (tmp_path / "seg.dcm").rename(folder / "seg.dcm")
+    # without its source series the SEG cannot be repaired, and the message says which object and why
+    for p in folder.iterdir():
+        if p.name != "seg.dcm":
+            p.unlink()
+    with pytest.raises(CardError, match="seg.dcm references series .* which is not in"):
+        dicom_seg_cases(folder, labels)
 
 
 def test_augmentation_moves_image_and_labels_together():

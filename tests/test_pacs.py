@@ -895,9 +895,10 @@ def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_pa
 
     from tests.nodeproc import NodeProcess
 
-    # Enough slices that the C-GET is still under way when its progress is first seen (every 0.5 s)
+    # Progress is first recorded at the first instance, then every 0.5 s: the node is killed as soon as the
+    # first is seen, and the study is big enough (400 × 256², 50 MB) that the C-GET is then still under way.
     slices = 400
-    st = tiny_study(tmp_path / "big", rows=128, series=(("AX", 1.0, slices),))
+    st = tiny_study(tmp_path / "big", rows=256, series=(("AX", 1.0, slices),))
     with pacs_orthanc(tmp_path / "pacs") as pacs:
         pacs.upload(st.files)
         (tmp_path / "rules").mkdir()
@@ -909,9 +910,9 @@ def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_pa
 
             def progress():
                 r = next(x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"] if x["id"] == rid)
-                return r if r["received"] >= 10 or r["status"] == "done" else None
+                return r if r["received"] >= 1 or r["status"] == "done" else None
 
-            r = wait_for(progress, 60, "the retrieve under way", interval=0.05)
+            r = wait_for(progress, 60, "the retrieve under way", interval=0.01)
             assert r["status"] == "retrieving" and r["received"] < slices, "finished before it could be interrupted"
             node.stop(signal.SIGKILL)  # the host dies mid-retrieve
             node.start()

@@ -27,7 +27,7 @@ from node.models.inference import resample
 from node.volume import Geometry, SeriesData, Volume, load_series
 
 __all__ = ["Case", "UnusableSeg", "load_cases", "phantom_cases", "dicom_seg_cases", "seg_case", "seg_label_values",
-           "referenced_series_uid", "label_lookup", "family_cases", "family_seeds", "held_out_cases", "feet_first", "family_case"]
+           "referenced_series_uid", "read_seg", "label_lookup", "family_cases", "family_seeds", "held_out_cases", "feet_first", "family_case"]
 
 
 @dataclass(eq=False)
@@ -242,6 +242,51 @@ def referenced_series_uid(seg, what: str, field: str) -> str:
     return str(refs[0].SeriesInstanceUID)
 
 
+def read_seg(ds: pydicom.Dataset, what: str, field: str, source: Callable[[], SeriesData]):
+    """A highdicom Segmentation from ``ds``; ``source`` loads the SEG's source series when needed.
+
+    OHIF's SEG export (dcmjs, OHIF 3.12) writes an empty Pixel Measures item, which highdicom refuses.
+    Frames are mapped to the source by their Source Image references (``seg_case``), never by this
+    geometry, so filling the missing pixel spacing and slice thickness from the source series the SEG
+    was drawn on loses nothing: the label its annotator saved is used rather than refused.
+    """
+    import highdicom as hd
+
+    try:
+        return hd.seg.Segmentation.from_dataset(ds, copy=False)
+    except (AttributeError, KeyError, ValueError, TypeError) as exc:
+        first = exc
+    if _complete_pixel_measures(ds, source):
+        try:
+            return hd.seg.Segmentation.from_dataset(ds, copy=False)
+        except (AttributeError, KeyError, ValueError, TypeError) as exc:
+            first = exc
+    raise CardError(f"{field}: {what} is not a readable DICOM SEG: {first}") from None
+
+
+def _complete_pixel_measures(ds: pydicom.Dataset, source: Callable[[], SeriesData]) -> bool:
+    """Fill missing PixelSpacing/SliceThickness of the SEG's Pixel Measures items from its source series;
+    False when nothing was missing (the SEG is unreadable for another reason) or the source lacks them."""
+    items = [group.PixelMeasuresSequence[0] for seq in ("SharedFunctionalGroupsSequence",
+                                                         "PerFrameFunctionalGroupsSequence")
+             for group in ds.get(seq) or [] if group.get("PixelMeasuresSequence")]
+    lacking = [item for item in items if "PixelSpacing" not in item or "SliceThickness" not in item]
+    if not lacking:
+        return False
+    series = source()
+    first = series.datasets[0] if series.datasets else None
+    if first is None or "PixelSpacing" not in first or int(first.get("Rows", 0)) != int(ds.Rows) \
+            or int(first.get("Columns", 0)) != int(ds.Columns):
+        return False
+    thickness = first.get("SliceThickness") or (series.volume.geometry.spacing[2] if series.volume else None)
+    if not thickness:
+        return False
+    for item in lacking:
+        item.PixelSpacing = item.get("PixelSpacing") or list(first.PixelSpacing)
+        item.SliceThickness = item.get("SliceThickness") or thickness
+    return True
+
+
 def seg_label_values(seg, labels: Sequence[TrainLabel], what: str) -> dict[int, int]:
     """SEG segment number → model label value; ``UnusableSeg`` when a model label has no segment."""
     lookup = label_lookup(labels)
@@ -263,20 +308,53 @@ def seg_case(seg, series: SeriesData, labels: Sequence[TrainLabel], name: str, w
         raise CardError(f"{field}: series {series.series_uid} is not a volume: {series.volume_error}")
     uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
     truth = np.zeros(series.volume.geometry.shape, dtype=np.uint8)
+    # SEGs that omit SpatialLocationsPreserved (OHIF's export does) are read by their source references only
+    # once every frame is checked to lie exactly on the source image it names.
+    ignore_locations = "SpatialLocationsPreserved" not in _first_source_item(seg) and \
+        _frames_lie_on_their_sources(seg, series, what, field)
     for number, value in values.items():
         try:
             mask = seg.get_pixels_by_source_instance(uids, segment_numbers=[number], combine_segments=False,
-                                                     assert_missing_frames_are_empty=True)[..., 0]
-        except (ValueError, KeyError, IndexError) as exc:
+                                                     assert_missing_frames_are_empty=True,
+                                                     ignore_spatial_locations=ignore_locations)[..., 0]
+        except (ValueError, KeyError, IndexError, RuntimeError) as exc:
             raise CardError(f"{field}: {what} does not fit its source series {series.series_uid}: {exc}") from None
         truth[mask > 0] = value
     return Case(name, [series.volume], truth, series.datasets[0] if series.datasets else None)
 
 
+def _first_source_item(seg) -> pydicom.Dataset:
+    try:
+        return seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    except (AttributeError, IndexError):
+        return pydicom.Dataset()
+
+
+def _frames_lie_on_their_sources(seg, series: SeriesData, what: str, field: str) -> bool:
+    """Every frame's position and the orientation equal those of the source image it references (0.01 mm):
+    what SpatialLocationsPreserved YES asserts, checked instead of trusted."""
+    sources = {str(ds.SOPInstanceUID): ds for ds in series.datasets}
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else pydicom.Dataset()
+    for n, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        try:
+            ref = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+            orientation = (frame.get("PlaneOrientationSequence") or shared.PlaneOrientationSequence)[0]
+            iop = [float(v) for v in orientation.ImageOrientationPatient]
+        except (AttributeError, IndexError, TypeError, ValueError) as exc:
+            raise CardError(f"{field}: {what} frame {n} lacks its source reference or plane: {exc}") from None
+        source = sources.get(ref)
+        if source is None:
+            raise CardError(f"{field}: {what} frame {n} references instance {ref}, not in series {series.series_uid}")
+        if not (np.allclose(position, [float(v) for v in source.ImagePositionPatient], atol=0.01)
+                and np.allclose(iop, [float(v) for v in source.ImageOrientationPatient], atol=1e-4)):
+            raise CardError(f"{field}: {what} frame {n} does not lie on its source image {ref} "
+                            "(resampled segmentations are not used for training)")
+    return True
+
+
 def dicom_seg_cases(folder: Path, labels: Sequence[TrainLabel]) -> list[Case]:
     """Every DICOM SEG under ``folder`` with its referenced series (also under ``folder``) is one case."""
-    import highdicom as hd
-
     folder = Path(folder)
     if not folder.is_dir():
         raise CardError(f"data.dicom_seg: {folder} is not a folder")
@@ -292,13 +370,20 @@ def dicom_seg_cases(folder: Path, labels: Sequence[TrainLabel]) -> list[Case]:
         raise CardError(f"data.dicom_seg: no DICOM SEG object under {folder}")
     cases = []
     for seg_path in segs:
-        seg = hd.seg.segread(str(seg_path))
-        ref_uid = referenced_series_uid(seg, seg_path.name, "data.dicom_seg")
+        ds = pydicom.dcmread(str(seg_path))
+        ref_uid = referenced_series_uid(ds, seg_path.name, "data.dicom_seg")
         if ref_uid not in by_series:
             raise CardError(f"data.dicom_seg: {seg_path.name} references series {ref_uid}, which is not in {folder}")
-        cases.append(seg_case(seg, load_series(by_series[ref_uid]), labels, f"seg-{seg_path.stem}",
-                              seg_path.name, "data.dicom_seg"))
+        series = _once(lambda uid=ref_uid: load_series(by_series[uid]))
+        seg = read_seg(ds, seg_path.name, "data.dicom_seg", series)
+        cases.append(seg_case(seg, series(), labels, f"seg-{seg_path.stem}", seg_path.name, "data.dicom_seg"))
     return cases
+
+
+def _once(load: Callable[[], SeriesData]) -> Callable[[], SeriesData]:
+    """``load`` called at most once (the series is wanted by ``read_seg`` and by ``seg_case``)."""
+    kept: list[SeriesData] = []
+    return lambda: kept[0] if kept else (kept.append(load()) or kept[0])
 
 
 def load_cases(data: DataSpec, labels: Sequence[TrainLabel], work_dir: Path,

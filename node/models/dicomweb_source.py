@@ -27,7 +27,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
 from node.models.card import CardError
-from node.models.data import Case, UnusableSeg, referenced_series_uid, seg_case, seg_label_values
+from node.models.data import Case, UnusableSeg, read_seg, referenced_series_uid, seg_case, seg_label_values
 from node.models.train_config import DicomwebAuth, DicomwebSource, TrainLabel
 from node.volume import SeriesData, load_series
 
@@ -139,15 +139,6 @@ def _find_segs(archive: _Archive, spec: DicomwebSource) -> list[_SegRef]:
     return sorted(found, key=lambda r: (r.study, r.series, r.sop))
 
 
-def _read_seg(archive: _Archive, ref: _SegRef):
-    import highdicom as hd
-
-    ds = archive.call(f"retrieving {ref.what}", "retrieve_instance", ref.study, ref.series, ref.sop,
-                      media_types=ANY_TRANSFER_SYNTAX)
-    try:
-        return hd.seg.Segmentation.from_dataset(ds, copy=False)
-    except (AttributeError, KeyError, ValueError, TypeError) as exc:
-        raise CardError(f"{FIELD}: {ref.what} is not a readable DICOM SEG: {exc}") from None
 
 
 def _source_study(archive: _Archive, ref: _SegRef, series_uid: str) -> str:
@@ -192,17 +183,23 @@ def dicomweb_cases(spec: DicomwebSource, labels: Sequence[TrainLabel], work_dir:
     skipped: list[str] = []
     try:
         for ref in refs:
-            seg = _read_seg(archive, ref)
+            ds = archive.call(f"retrieving {ref.what}", "retrieve_instance", ref.study, ref.series, ref.sop,
+                              media_types=ANY_TRANSFER_SYNTAX)
+            source = referenced_series_uid(ds, ref.what, FIELD)
+
+            def source_series(ref=ref, source=source) -> SeriesData:
+                if source not in series:
+                    series[source] = _load_series(archive, _source_study(archive, ref, source), source, download)
+                return series[source]
+
+            seg = read_seg(ds, ref.what, FIELD, source_series)
             try:
                 seg_label_values(seg, labels, ref.what)
             except UnusableSeg as exc:
                 skipped.append(str(exc))
                 log(f"DICOMweb: skipped {exc}")
                 continue
-            source = referenced_series_uid(seg, ref.what, FIELD)
-            if source not in series:
-                series[source] = _load_series(archive, _source_study(archive, ref, source), source, download)
-            cases.append(seg_case(seg, series[source], labels, f"seg-{ref.sop}", ref.what, FIELD))
+            cases.append(seg_case(seg, source_series(), labels, f"seg-{ref.sop}", ref.what, FIELD))
     finally:
         shutil.rmtree(download, ignore_errors=True)
     log(f"DICOMweb: {len(cases)} SEG(s) used, {len(skipped)} skipped")
