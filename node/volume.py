@@ -226,6 +226,15 @@ def _fill(arr: np.ndarray, ordered: list[Dataset]) -> None:
             arr[k] += arr.dtype.type(intercept)
 
 
+def _read_instance(path: str | Path, read: Callable[[str], bytes] | None) -> Dataset:
+    """One Part 10 instance. pydicom keeps the buffer it read from on the data set (``buffer``):
+    dropped here, or every header the job holds would keep its whole file, Pixel Data included,
+    alive until the job ends (a second copy of the volume beside the decoded one)."""
+    ds = pydicom.dcmread(BytesIO(read(str(path))) if read else str(path))
+    ds.buffer = None
+    return ds
+
+
 def load_series(paths: Sequence[str | Path], with_pixels: bool = True,
                 read: Callable[[str], bytes] | None = None) -> SeriesData:
     """Load one series from Part 10 files (or from the spool's locators, through ``read``):
@@ -234,7 +243,7 @@ def load_series(paths: Sequence[str | Path], with_pixels: bool = True,
     A series that is not a regular volume still loads: ``volume`` is None, ``volume_error``
     says why, and ``images`` holds its frames, so a handler can refuse with that reason.
     """
-    full = [pydicom.dcmread(BytesIO(read(str(p))) if read else str(p)) for p in paths]
+    full = [_read_instance(p, read) for p in paths]
     if not full:
         raise ValueError("no instances")
     uid = str(full[0].SeriesInstanceUID)

@@ -111,14 +111,22 @@ def _unlabelled(labels: np.ndarray, hu: np.ndarray, external_label: int, voxel_m
     big = np.nonzero(sizes * voxel_ml >= UNLABELLED_REGION_ML)[0] + 1
     if big.size == 0:
         return []
-    medians = np.asarray(ndimage.median(hu, regions, big))
+    # Medians over the candidate voxels alone: given whole volumes, scipy copies and sorts every
+    # voxel (an index and copies as large as the label volume, several times its size), while the
+    # candidates are a small part of the body. The same voxels per region: the same medians.
+    del candidate
+    inside = regions > 0
+    members, values = regions[inside], hu[inside]
+    slice_of = np.nonzero(inside)[0]
+    del regions, inside
+    medians = np.asarray(ndimage.median(values, members, big))
     lo, hi = PARENCHYMA_MEDIAN_HU
     lung_like = big[(medians > lo) & (medians < hi)]
     found_ml = float(sizes[lung_like - 1].sum()) * voxel_ml
     limit = max(MIN_UNLABELLED_ML, MAX_UNLABELLED_FRACTION * lungs_ml)
     if found_ml <= limit:
         return []
-    ks = np.nonzero(np.isin(regions, lung_like).any(axis=(1, 2)))[0]
+    ks = np.unique(slice_of[np.isin(members, lung_like)])
     return [QualityFlag("lung_unlabelled", f"{found_ml:.0f} ml of lung-density tissue inside the body, on "
                         f"slices {ks[0]}-{ks[-1]}, is in no structure (the lungs hold {lungs_ml:.0f} ml; "
                         f"threshold: {MAX_UNLABELLED_FRACTION:.0%} of them, at least {MIN_UNLABELLED_ML:g} ml)",

@@ -134,6 +134,17 @@ def _return_freed_memory() -> None:
         pass  # not glibc: nothing to do
 
 
+def _map_big_allocations() -> None:
+    """Give every allocation of 1 MB or more its own mapping (glibc), returned to the system the
+    moment it is freed. glibc's default threshold rises (up to 32 MB) each time such a block is
+    freed, after which the segmentation's many few-megabyte temporaries stay on the heap as free
+    memory the next, larger array cannot use: the job's peak grew by a third of the volume."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; a fixed value stops the rise
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
 @contextmanager
 def _verified_reads(vault: Vault):
     """Never hand a tampered or truncated instance to a handler: quarantine it and fail the job."""
@@ -170,7 +181,7 @@ def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
     }
 
 
-def _keep_artefacts(handler, inp: HandlerInput, outputs: list, kept: ArtefactCache, series_key: str | None,
+def _keep_artefacts(handler, inp: HandlerInput, outputs: list, kept, series_key: str | None,
                     clock: PhaseClock) -> None:
     """What the handler offers later jobs on this series, once its results are accepted. A cache
     that cannot be written costs those jobs time, not this job its results."""
@@ -197,14 +208,17 @@ def _handler_class(spec: JobSpec):
     return get_handler(spec.handler)
 
 
-def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[dict], dict, dict]:
+def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None) -> tuple[list[dict], dict, dict]:
     """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…,
     the job's figures: seconds per phase, peak memory). ``on_result`` gets the metadata of each
     encoder's objects (one SEG, a series of SC images) as soon as they are durable, so the parent
-    can deliver them while the next are encoded."""
+    can deliver them while the next are encoded. ``artefacts``: where arrays kept for later jobs
+    are found and left (``load``/``save`` as ``ArtefactCache``); by default the node's cache under
+    its data directory, for a remote worker the node over its API."""
     from node.encoders import encode_plan  # imported here: heavy, and only workers need it
     from node.jobs.lanes import run_lanes
 
+    _map_big_allocations()
     start_rss = _reset_peak_rss()
     clock = PhaseClock()
     cls = _handler_class(spec)
@@ -219,7 +233,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()), priors=priors,
                        priors_note=spec.extra.get("priors_note"),
                        models={p: ModelRef(**m) for p, m in spec.extra.get("param_models", {}).items()})
-    kept = ArtefactCache(Path(spec.vault.data_dir) / "artefacts", vault)
+    kept = artefacts or ArtefactCache(Path(spec.vault.data_dir) / "artefacts", vault)
     series_key = instance_set_key(inp.primary) if inp.series and inp.primary.datasets else None
     if cls.wants_artefacts and series_key:
         with clock("artefacts"):
