@@ -174,7 +174,8 @@ def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
     path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    vault.write_file(path, buf.getvalue())
+    with buf.getbuffer() as view:  # not getvalue(): a large SEG is not copied once more to be sealed
+        vault.write_file(path, view)
     return {
         "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
         "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
@@ -272,6 +273,8 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None
             mark_warnings(made.datasets, warnings)
             written[made.index] = [_write_result(ds, out_dir, vault) for ds in made.datasets]
             fsync_dirs({out_dir})  # durable: now it may leave the node
+        # Written: a SEG's frames (tens of MB) need not wait in memory for the next lane to finish.
+        made.datasets.clear()
         on_result(written[made.index])
     meta = [m for i in sorted(written) for m in written[i]]  # the plan's order, whichever lane finished first
     _keep_artefacts(handler, inp, results.outputs, kept, series_key, clock)  # after delivery is under way
