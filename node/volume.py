@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-__all__ = ["Geometry", "Volume", "SeriesData", "GeometryError", "sort_by_geometry", "load_series"]
+__all__ = ["Geometry", "Volume", "SeriesData", "GeometryError", "ReleasedPixels", "sort_by_geometry", "load_series"]
 
 
 class GeometryError(ValueError):
@@ -101,6 +101,21 @@ class Volume:
     def __post_init__(self) -> None:
         if self.array.shape != self.geometry.shape:
             raise ValueError(f"Volume array {self.array.shape} does not match geometry {self.geometry.shape}")
+
+
+class ReleasedPixels:
+    """Stands in for a volume's pixel array once a job no longer needs it (node/jobs/worker.py):
+    its shape, dtype and size stay readable, reading a voxel raises and says why, so a stage that
+    did need them fails loudly instead of computing on something else."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.shape, self.dtype, self.nbytes, self.ndim = array.shape, array.dtype, array.nbytes, array.ndim
+
+    def _gone(self, *args, **kwargs):
+        raise RuntimeError("the source volume's pixels were released once the handler and the reports "
+                           "were done with them: an encoder that reads them must run in the reports' lane")
+
+    __getitem__ = __array__ = __iter__ = _gone
 
 
 @dataclass(eq=False)

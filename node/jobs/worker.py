@@ -27,7 +27,7 @@ from node.jobs.priors_input import load_priors
 from node.receive.spool import fsync_dirs
 from node.results import ResultSet
 from node.store.vault import IntegrityError, Vault, VaultSpec
-from node.volume import load_series
+from node.volume import ReleasedPixels, Volume, load_series
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,16 @@ def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
     }
 
 
+def _release_pixels(sources: dict) -> None:
+    """Let the source volumes' pixels go once the handler and the reports (whose key-slice HU
+    statistics read them) are done: the SEG and RTSTRUCT still encoding need only the label map
+    and the grid, and a CT volume is the largest thing the job holds while they do."""
+    for series in sources.values():
+        if series.volume is not None and not isinstance(series.volume.array, ReleasedPixels):
+            series.volume = Volume(ReleasedPixels(series.volume.array), series.volume.geometry)
+    _return_freed_memory()
+
+
 def _keep_artefacts(handler, inp: HandlerInput, outputs: list, kept, series_key: str | None,
                     clock: PhaseClock) -> None:
     """What the handler offers later jobs on this series, once its results are accepted. A cache
@@ -216,7 +226,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None
     can deliver them while the next are encoded. ``artefacts``: where arrays kept for later jobs
     are found and left (``load``/``save`` as ``ArtefactCache``); by default the node's cache under
     its data directory, for a remote worker the node over its API."""
-    from node.encoders import encode_plan  # imported here: heavy, and only workers need it
+    from node.encoders import REPORT_LANE, encode_plan  # imported here: heavy, and only workers need it
     from node.jobs.lanes import run_lanes
 
     _map_big_allocations()
@@ -267,7 +277,15 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[int, list[dict]] = {}
     plan = encode_plan(results.outputs + warning_findings(flags, inp.primary.series_uid), sources, ctx)
+    volume_mb = sum(s.volume.array.nbytes for s in sources.values() if s.volume is not None) / 2**20
+    reports_left = sum(task.lane == REPORT_LANE for task in plan)
+    if not reports_left:
+        _release_pixels(sources)
     for made in run_lanes(plan):
+        if plan[made.index].lane == REPORT_LANE:
+            reports_left -= 1
+            if not reports_left:
+                _release_pixels(sources)
         clock.add(f"encode {made.kind}", made.seconds, made.cpu_seconds)
         with clock(f"write {made.kind}", cpu_clock=time.thread_time):  # the lanes run meanwhile
             mark_warnings(made.datasets, warnings)
@@ -284,7 +302,6 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None
         save_labels(out_dir, results.outputs, vault.write_file)
         fsync_dirs({out_dir})
     progress(1.0, f"{len(meta)} result object(s)" + (f", {len(warnings)} quality warning(s)" if warnings else ""))
-    volume_mb = sum(s.volume.array.nbytes for s in sources.values() if s.volume is not None) / 2**20
     figures = {"seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds, "peak_rss_mb": round(_peak_rss_mb(), 1),
                "start_rss_mb": round(start_rss, 1), "input_volume_mb": round(volume_mb, 1)}
     provenance = dict(handler.provenance)
