@@ -61,7 +61,8 @@ def _variant(series, lm, segmentation_type, pixels, syntax, ctx, stow_url: str |
     seg = hd.seg.Segmentation(
         source_images=[header_view(ds) for ds in series.datasets], pixel_array=pixels,
         segmentation_type=segmentation_type, segment_descriptions=_segment_descriptions(lm, ctx, ("bench",)),
-        series_instance_uid=ctx.uid("s", name), series_number=9000, sop_instance_uid=ctx.uid("i", name), instance_number=1,
+        series_instance_uid=ctx.uid("s", name), series_number=9000, sop_instance_uid=ctx.uid("i", name),
+        instance_number=1,
         manufacturer="Hilum", manufacturer_model_name="Hilum", software_versions="bench", device_serial_number="1",
         omit_empty_frames=True, transfer_syntax_uid=syntax,
     )
@@ -117,7 +118,7 @@ def run(args, stow_url: str | None) -> None:
     for name, kind, pixels, syntax in variants:
         try:
             r = _variant(series, lm, kind, pixels, syntax, ctx, stow_url, name)
-        except Exception as exc:  # noqa: BLE001 - a representation highdicom cannot write (or Orthanc refuses) is a finding
+        except Exception as exc:  # noqa: BLE001 - one highdicom cannot write or Orthanc refuses is a finding
             print(f"{name:<42}  not written or not stored: {type(exc).__name__}: {str(exc)[:80]}")
             continue
         stow = f"{r['stow_s']:>8.2f}" if r["stow_s"] is not None else f"{'-':>8}"
