@@ -7,7 +7,12 @@ includes the lungs, airway and bone (the body outline), so its segments overlap;
 holds one label per pixel and can only carry the exclusive labels (External = body less organs),
 a different meaning, listed here for its size and speed.
 
-    .venv/bin/python bench/bench_seg_formats.py [--slices 300] [--size 512]
+Each object is then stored by STOW-RS (the node's delivery path: dicomweb-client's
+store_instances) into a real Orthanc with its DICOMweb plugin (tests/pacs_peers.py), one object
+per request as delivery sends a job's SEG; "stow s" is that request's wall time, until Orthanc
+answered that it stored the object (one measurement per representation, each its own instance).
+
+    .venv/bin/python bench/bench_seg_formats.py [--slices 300] [--size 512] [--no-stow]
 """
 from __future__ import annotations
 
@@ -33,7 +38,22 @@ def _inputs(slices: int, size: int):
     return series, label_map
 
 
-def _variant(series, lm, segmentation_type, pixels, syntax, ctx):
+def _stow(url: str, seg) -> float:
+    """Seconds to store ``seg`` by STOW-RS, as node/deliver/destinations.py does; raises if refused."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=url + "/dicom-web", session=requests.Session())
+    t0 = time.perf_counter()
+    resp = client.store_instances(datasets=[seg], study_instance_uid=str(seg.StudyInstanceUID))
+    seconds = time.perf_counter() - t0
+    stored = {str(r.ReferencedSOPInstanceUID) for r in resp.get("ReferencedSOPSequence", [])}
+    if str(seg.SOPInstanceUID) not in stored:
+        raise RuntimeError(f"Orthanc did not store the SEG: {resp}")
+    return seconds
+
+
+def _variant(series, lm, segmentation_type, pixels, syntax, ctx, stow_url: str | None = None, name: str = ""):
     from node.encoders.common import header_view
     from node.encoders.seg import _segment_descriptions
 
@@ -41,7 +61,8 @@ def _variant(series, lm, segmentation_type, pixels, syntax, ctx):
     seg = hd.seg.Segmentation(
         source_images=[header_view(ds) for ds in series.datasets], pixel_array=pixels,
         segmentation_type=segmentation_type, segment_descriptions=_segment_descriptions(lm, ctx, ("bench",)),
-        series_instance_uid=ctx.uid("s"), series_number=9000, sop_instance_uid=ctx.uid("i"), instance_number=1,
+        series_instance_uid=ctx.uid("s", name), series_number=9000, sop_instance_uid=ctx.uid("i", name),
+        instance_number=1,
         manufacturer="Hilum", manufacturer_model_name="Hilum", software_versions="bench", device_serial_number="1",
         omit_empty_frames=True, transfer_syntax_uid=syntax,
     )
@@ -49,15 +70,30 @@ def _variant(series, lm, segmentation_type, pixels, syntax, ctx):
     t1 = time.perf_counter()
     buf = BytesIO()
     seg.save_as(buf)
-    return {"encode_s": encode_s, "encode_cpu_s": encode_cpu, "write_s": time.perf_counter() - t1,
-            "mb": len(buf.getvalue()) / 2**20, "frames": int(seg.NumberOfFrames)}
+    write_s = time.perf_counter() - t1
+    return {"encode_s": encode_s, "encode_cpu_s": encode_cpu, "write_s": write_s,
+            "mb": len(buf.getvalue()) / 2**20, "frames": int(seg.NumberOfFrames),
+            "stow_s": _stow(stow_url, seg) if stow_url else None}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--no-stow", action="store_true", help="sizes and encode times only, no Orthanc")
     args = ap.parse_args()
+    if args.no_stow:
+        run(args, None)
+        return
+    import tempfile
+
+    from tests.pacs_peers import pacs_orthanc
+
+    with tempfile.TemporaryDirectory(prefix="bench-seg-formats-") as d, pacs_orthanc(Path(d) / "orthanc") as orthanc:
+        run(args, orthanc.url)
+
+
+def run(args, stow_url: str | None) -> None:
     from node.encoders.context import EncodeContext
 
     series, lm = _inputs(args.slices, args.size)
@@ -78,15 +114,18 @@ def main() -> None:
     ]
     print(f"ct-anatomy label map of a {args.size}x{args.size}x{args.slices} phantom CT, "
           f"{len(lm.segments)} segments (External includes the others)")
-    print(f"{'representation':<42}{'MB':>8}{'frames':>8}{'encode s':>10}{'cpu s':>8}{'write s':>9}")
+    print(f"{'representation':<42}{'MB':>8}{'frames':>8}{'encode s':>10}{'cpu s':>8}{'write s':>9}{'stow s':>8}")
     for name, kind, pixels, syntax in variants:
         try:
-            r = _variant(series, lm, kind, pixels, syntax, ctx)
-        except Exception as exc:  # noqa: BLE001 - a representation highdicom cannot write is a finding
-            print(f"{name:<42}  not written: {type(exc).__name__}: {str(exc)[:80]}")
+            r = _variant(series, lm, kind, pixels, syntax, ctx, stow_url, name)
+        except Exception as exc:  # noqa: BLE001 - one highdicom cannot write or Orthanc refuses is a finding
+            print(f"{name:<42}  not written or not stored: {type(exc).__name__}: {str(exc)[:80]}")
             continue
+        stow = f"{r['stow_s']:>8.2f}" if r["stow_s"] is not None else f"{'-':>8}"
         print(f"{name:<42}{r['mb']:>8.1f}{r['frames']:>8}{r['encode_s']:>10.2f}{r['encode_cpu_s']:>8.2f}"
-              f"{r['write_s']:>9.2f}")
+              f"{r['write_s']:>9.2f}{stow}")
+    if stow_url:
+        print("stow s: one STOW-RS request per object into a local Orthanc (DICOMweb plugin), until it answered")
 
 
 if __name__ == "__main__":

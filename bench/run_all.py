@@ -36,6 +36,7 @@ SUITE = [
     ("learning-loop", "bench_learning_loop.py", [], ["--quick"]),
     ("latency", "bench_latency.py", [], ["--quick"]),
     ("receiver-memory", "bench_receiver_memory.py", [], ["--quick"]),
+    ("job-memory", "bench_job_memory.py", [], ["--quick"]),
     ("retrieve", "bench_retrieve.py", ["--runs", "3"], ["--quick"]),
     ("scaleout", "bench_scaleout.py", [], ["--quick"]),
     ("registration", "bench_registration.py", [], ["--quick", "--no-elastix", "--cases", "rigid"]),

@@ -152,7 +152,9 @@ class Handler(ABC):
 
     def artefacts(self, inp: HandlerInput, outputs: list) -> dict[ArtefactKey, np.ndarray]:
         """Arrays of the primary series worth keeping for later jobs, from this job's ``outputs``;
-        the node stores them once the results are accepted. None by default."""
+        the node stores them once the results are accepted. None by default. By then the source
+        volumes' pixels are released (``ReleasedPixels``: reading them raises): what is kept is made
+        from the outputs."""
         return {}
 
     @abstractmethod

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-__all__ = ["Geometry", "Volume", "SeriesData", "GeometryError", "sort_by_geometry", "load_series"]
+__all__ = ["Geometry", "Volume", "SeriesData", "GeometryError", "ReleasedPixels", "sort_by_geometry", "load_series"]
 
 
 class GeometryError(ValueError):
@@ -101,6 +101,21 @@ class Volume:
     def __post_init__(self) -> None:
         if self.array.shape != self.geometry.shape:
             raise ValueError(f"Volume array {self.array.shape} does not match geometry {self.geometry.shape}")
+
+
+class ReleasedPixels:
+    """Stands in for a volume's pixel array once a job no longer needs it (node/jobs/worker.py):
+    its shape, dtype and size stay readable, reading a voxel raises and says why, so a stage that
+    did need them fails loudly instead of computing on something else."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.shape, self.dtype, self.nbytes, self.ndim = array.shape, array.dtype, array.nbytes, array.ndim
+
+    def _gone(self, *args, **kwargs):
+        raise RuntimeError("the source volume's pixels were released once the handler and the reports "
+                           "were done with them: an encoder that reads them must run in the reports' lane")
+
+    __getitem__ = __array__ = __iter__ = _gone
 
 
 @dataclass(eq=False)
@@ -226,6 +241,15 @@ def _fill(arr: np.ndarray, ordered: list[Dataset]) -> None:
             arr[k] += arr.dtype.type(intercept)
 
 
+def _read_instance(path: str | Path, read: Callable[[str], bytes] | None) -> Dataset:
+    """One Part 10 instance. pydicom keeps the buffer it read from on the data set (``buffer``):
+    dropped here, or every header the job holds would keep its whole file, Pixel Data included,
+    alive until the job ends (a second copy of the volume beside the decoded one)."""
+    ds = pydicom.dcmread(BytesIO(read(str(path))) if read else str(path))
+    ds.buffer = None
+    return ds
+
+
 def load_series(paths: Sequence[str | Path], with_pixels: bool = True,
                 read: Callable[[str], bytes] | None = None) -> SeriesData:
     """Load one series from Part 10 files (or from the spool's locators, through ``read``):
@@ -234,7 +258,7 @@ def load_series(paths: Sequence[str | Path], with_pixels: bool = True,
     A series that is not a regular volume still loads: ``volume`` is None, ``volume_error``
     says why, and ``images`` holds its frames, so a handler can refuse with that reason.
     """
-    full = [pydicom.dcmread(BytesIO(read(str(p))) if read else str(p)) for p in paths]
+    full = [_read_instance(p, read) for p in paths]
     if not full:
         raise ValueError("no instances")
     uid = str(full[0].SeriesInstanceUID)

@@ -37,6 +37,19 @@ def test_run_all_includes_the_latency_and_memory_benchmarks():
     suite = {name: (script, quick) for name, script, _, quick in run_all.SUITE}
     assert suite["latency"] == ("bench_latency.py", ["--quick"])
     assert suite["receiver-memory"] == ("bench_receiver_memory.py", ["--quick"])
+    assert suite["job-memory"] == ("bench_job_memory.py", ["--quick"])
+
+
+def test_quick_job_memory_reports_each_phase_against_the_volume(tmp_path):
+    stdout, report = _quick("bench_job_memory.py", tmp_path / "memory.json")
+    assert [r["handler"] for r in report] == ["ct-anatomy", "lung-nodules"]
+    for r in report:
+        f = r["figures"]
+        assert f["input_volume_mb"] > 0 and f["peak_rss_mb"] >= f["start_rss_mb"] > 0
+        phases = dict(r["phases"])
+        assert "loading series" in phases and "encoding DICOM" in phases, phases
+        assert all(mb >= 0 for mb in phases.values())
+        assert f"{r['handler']:<16}volume" in stdout
 
 
 def test_quick_latency_follows_each_builtin_handler_to_orthanc(tmp_path):

@@ -150,3 +150,40 @@ def _walk(ds):
     for item in ds.get("ContentSequence", []):
         yield item
         yield from _walk(item)
+
+
+def test_the_source_pixels_go_once_the_reports_are_made_and_the_results_are_unchanged(ct, tmp_path, monkeypatch):
+    """The SR reads the CT's HU on its key slices; the SEG and RTSTRUCT only the label map. The
+    worker lets the volume's pixels go once the report is made (the largest thing a job holds while
+    a big SEG encodes), and every object is what a job that kept them makes."""
+    import numpy as np
+
+    import node.jobs.worker as worker
+    from node.volume import ReleasedPixels
+
+    paths = sorted(str(p) for p in ct.dicom_dir.iterdir())
+
+    def run(out: Path) -> dict[str, bytes]:
+        spec = JobSpec(job_id=9, job_key="release", study_uid=ct.study_uid, rule="r", handler="ct-anatomy",
+                       params={}, series={ct.series_uid: paths}, results_dir=str(out / "results"),
+                       vault=VaultSpec(str(out), None), created="2026-01-02T03:04:05")
+        meta, _, _ = run_job(spec, lambda f, m: None, lambda made: events.append(made[0]["modality"]))
+        vault = spec.vault.open()
+        return {m["modality"]: vault.read(m["path"]) for m in meta}
+
+    real = worker._release_pixels
+    events: list[str] = []
+
+    def release(sources):
+        real(sources)
+        events.append("released")
+        assert all(isinstance(s.volume.array, ReleasedPixels) for s in sources.values())
+
+    monkeypatch.setattr(worker, "_release_pixels", release)
+    released = run(tmp_path / "released")
+    # Once, as the SR was made: just before it was written and handed over.
+    assert events.count("released") == 1 and events.index("released") == events.index("SR") - 1
+    monkeypatch.setattr(worker, "_release_pixels", lambda sources: None)  # the pixels kept to the end
+    kept = run(tmp_path / "kept")
+    assert released == kept and set(kept) == {"SEG", "RTSTRUCT", "SR"}
+    assert np.any(pydicom.dcmread(BytesIO(kept["SR"])).ContentSequence)

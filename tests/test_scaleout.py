@@ -12,6 +12,7 @@ from io import BytesIO
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 
@@ -334,13 +335,34 @@ def test_a_worker_reads_only_the_job_it_was_given(cluster, studies, tmp_path):
         sop = "1.2.3.4"
         assert call("PUT", f"/api/worker/jobs/{b}/results/{sop}", ticket=ta).status_code == 403
         assert call("POST", f"/api/worker/jobs/{a}/claim", ticket=ta).status_code == 409  # one claim per attempt
+        # Artefacts (node/jobs/artefacts.py): of the job's own series and instance set only, and only
+        # the job's own handler's, and only an array.
+        from node.jobs.artefacts import pack, set_key
+
+        index = node.index()
+        series_a, series_b = index.job(a)["series_uid"], index.job(b)["series_uid"]
+        own, other = (set_key(u, index.instance_uids(u)) for u in (series_a, series_b))
+        query = "?producer=test-slow-overview&version=1&name=tiles"
+        assert call("GET", f"/api/worker/jobs/{a}/artefacts/{other}{query}", ticket=ta).status_code == 403
+        assert call("GET", f"/api/worker/jobs/{a}/artefacts/{own}{query}", ticket=ta).status_code == 404  # none kept
+
+        def put(data: bytes, q: str = query) -> int:
+            return httpx.put(node.web + f"/api/worker/jobs/{a}/artefacts/{own}{q}", content=data, timeout=30,
+                             headers={"Authorization": f"Bearer {token}", "X-Hilum-Ticket": ta}).status_code
+
+        assert put(pack(np.ones((2, 3, 3), np.uint8)), query.replace("test-slow-overview", "ct-anatomy")) == 422
+        assert put(b"not an array") == 422 and put(pack(np.ones((2, 3, 3), np.uint8))[:-4]) == 422
+        assert put(pack(np.ones((2, 3, 3), np.uint8))) == 200
+        got = call("GET", f"/api/worker/jobs/{a}/artefacts/{own}{query}", ticket=ta)
+        assert got.status_code == 200 and got.content == pack(np.ones((2, 3, 3), np.uint8))
         refused = [e for e in _audit(node) if e["outcome"] != 0]
-        assert len(refused) == 7 and all(e["user"] == "worker probe" for e in refused)
+        assert len(refused) == 8 and all(e["user"] == "worker probe" for e in refused)
         assert {e["outcome_description"] for e in refused} >= {
             "invalid or missing worker token", "the worker API needs a worker-role token, not admin",
             f"no attempt of job {b} for this ticket", f"no running attempt of job {b} for this ticket"}
         granted = [e for e in _audit(node) if e["outcome"] == 0]
-        assert [(e["detail"]["job"], e["detail"]["request"], e["objects"]) for e in granted] == [(a, "inputs", 12)]
+        assert [(e["detail"]["job"], e["detail"]["request"], e["objects"]) for e in granted] == [
+            (a, "inputs", 12), (a, "artefact test-slow-overview tiles", 1)]
 
 
 def test_worker_concurrency_runs_processes_that_die_with_it(cluster, tmp_path):
@@ -398,6 +420,72 @@ def test_a_worker_over_https_trusts_only_the_given_ca(cluster, studies, tmp_path
             assert storescu(node.dicom_port, studies[0].dicom_dir).returncode == 0
             (job,) = wait_for(lambda: _jobs_done(node, 1), 120, "the job done over HTTPS", interval=0.5)
             assert [h.get("worker") for h in job["history"] if h["event"] == "started"] == ["tls"]
+        finally:
+            node.stop()
+            node._kill_orthanc()
+
+
+def test_remote_workers_reuse_ct_anatomys_lungs_through_the_node(cluster, tmp_path):
+    """The lung mask ct-anatomy keeps (node/jobs/artefacts.py) reaches a lung-nodules job on another
+    worker: the first worker hands it to the node, the second has it from the node, and finds exactly
+    what a run that segments the lungs itself finds. The lung-nodules rule's queue has no worker until
+    ct-anatomy is done, so the order is certain."""
+    from handlers.ct_anatomy import lung_artefact
+    from node.jobs.artefacts import set_key
+
+    ct = generate_ct(tmp_path / "ct", seed=3, rows=160, cols=160, slices=40, pixel_spacing=2.2, slice_thickness=1.0,
+                     nodules=4, nodule_diameter_mm=(6.0, 12.0))
+    _, worker = cluster
+    with redis_server(tmp_path / "redis") as redis:
+        node = ClusterNode(tmp_path, redis.url, 0.0)
+        (node.tmp / "rules" / "ct.yaml").write_text(textwrap.dedent("""\
+            - name: anatomy
+              level: series
+              match: {Modality: CT}
+              handler: {name: ct-anatomy}
+              destinations: [orthanc]
+              queue: cpu
+            - name: nodules
+              level: series
+              match: {Modality: CT}
+              handler: {name: lung-nodules}
+              destinations: [orthanc]
+              queue: later
+            """))
+        node.start()
+        try:
+            token = node.worker_token()
+            worker(node, "w1", token, queues="cpu")
+            assert storescu(node.dicom_port, ct.dicom_dir).returncode == 0
+
+            def job_of(handler: str):
+                jobs = [j for j in node.api("GET", "/api/jobs").json()["jobs"] if j["handler"] == handler]
+                assert not [j for j in jobs if j["status"] == "failed"], jobs[0]["error"]
+                return jobs[0] if jobs and jobs[0]["status"] == "done" else None
+
+            anatomy = wait_for(lambda: job_of("ct-anatomy"), 240, "ct-anatomy done on worker w1", interval=0.5)
+            assert anatomy["history"][-1]["provenance"]["worker"] == "w1"
+            # The node keeps it under its data directory, for this series and instance set.
+            index = node.index()
+            key = set_key(ct.series_uid, index.instance_uids(ct.series_uid))
+            from node.jobs.artefacts import ArtefactCache
+            from node.store.vault import Vault
+
+            kept = ArtefactCache(node.data_dir / "artefacts", Vault(node.data_dir, None)).load(key, lung_artefact())
+            assert kept is not None and kept.shape == (40, 160, 160) and set(np.unique(kept)) == {0, 2, 3}
+
+            worker(node, "w2", token, queues="later")
+            nodules = wait_for(lambda: job_of("lung-nodules"), 240, "lung-nodules done on worker w2", interval=0.5)
+            provenance = nodules["history"][-1]["provenance"]
+            assert provenance["worker"] == "w2" and provenance["lungs"] == "kept from a ct-anatomy job"
+            granted = [e for e in _audit(node) if e["outcome"] == 0 and e["detail"]["job"] == nodules["id"]]
+            assert "artefact ct-anatomy lung-labels" in [e["detail"]["request"] for e in granted]
+
+            # The same findings as segmenting the lungs itself (a local run, in an empty directory).
+            alone = _local_run(node, nodules["id"], ct, tmp_path / "alone")
+            remote = _node_results(node, nodules["id"])
+            assert set(remote) == set(alone) and len(alone) >= 2  # an SR and the nodules' SEG: found some
+            assert remote == alone
         finally:
             node.stop()
             node._kill_orthanc()

@@ -57,3 +57,30 @@ def test_irregular_spacing_is_not_a_volume(ct):
     assert s.volume is None and "irregular" in s.volume_error
     with pytest.raises(GeometryError):
         sort_by_geometry(s.datasets[:1])
+
+
+def test_headers_keep_no_file_bytes_or_pixels(ct):
+    """A job holds its series' headers until its last result is written: they must not keep each
+    instance's file (pydicom's read buffer) or its Pixel Data, a second copy of the volume."""
+    files = {str(p): p.read_bytes() for p in ct.series_files()}
+    read = []
+
+    def reader(locator: str) -> bytes:
+        read.append(locator)
+        return files[locator]
+
+    s = load_series(list(files), read=reader)
+    assert sorted(read) == sorted(files)
+    assert all(ds.buffer is None and "PixelData" not in ds for ds in s.datasets)
+    assert s.volume.array.shape == (12, 48, 40)
+
+
+def test_released_pixels_keep_the_grid_and_refuse_to_be_read(ct):
+    from node.volume import ReleasedPixels, Volume
+
+    s = load_series(ct.series_files())
+    gone = Volume(ReleasedPixels(s.volume.array), s.volume.geometry)
+    assert gone.array.shape == (12, 48, 40) and gone.array.nbytes == s.volume.array.nbytes
+    for read in (lambda a: a[3], lambda a: np.asarray(a), lambda a: list(a)):
+        with pytest.raises(RuntimeError, match="released"):
+            read(gone.array)

@@ -84,7 +84,7 @@ def check_anatomy(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, names:
                                      f"({ml[left]:.0f} / {ml[right]:.0f} ml) is outside {lo:g}-{hi:g}",
                                      structure="Lungs"))
     if lungs_ml >= MIN_LUNG_ML:
-        ks = np.nonzero(np.isin(labels, lungs).any(axis=(1, 2)))[0]
+        ks = np.nonzero(_either(labels, lungs).any(axis=(1, 2)))[0]
         body_ml = float(body[ks[0]:ks[-1] + 1].sum()) * voxel_ml
         if lungs_ml < MIN_LUNG_FRACTION * body_ml:
             flags.append(QualityFlag("lung_fraction", f"the lungs ({lungs_ml:.0f} ml) are "
@@ -101,26 +101,40 @@ def check_anatomy(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, names:
     return flags
 
 
+def _either(labels: np.ndarray, values: tuple[int, int]) -> np.ndarray:
+    """``np.isin(labels, values)`` for two values, without isin's volume-sized index temporaries."""
+    out = labels == values[0]
+    out |= labels == values[1]
+    return out
+
+
 def _unlabelled(labels: np.ndarray, hu: np.ndarray, external_label: int, voxel_ml: float,
                 lungs_ml: float) -> list[QualityFlag]:
     candidate = (labels == external_label) & (hu < LUNG_HU_BELOW)
     regions, n = ndimage.label(candidate)
     if n == 0:
         return []
-    sizes = np.bincount(regions.ravel(), minlength=n + 1)[1:]
+    # Sizes and medians from the candidate voxels alone (every one of them is in a region): given
+    # whole volumes, np.bincount takes the label volume as 8-byte integers and scipy's median
+    # copies and sorts every voxel, several times the label volume's size between them.
+    members, values = regions[candidate], hu[candidate]
+    del candidate
+    sizes = np.bincount(members, minlength=n + 1)[1:]
     big = np.nonzero(sizes * voxel_ml >= UNLABELLED_REGION_ML)[0] + 1
     if big.size == 0:
         return []
-    medians = np.asarray(ndimage.median(hu, regions, big))
+    medians = np.asarray(ndimage.median(values, members, big))
     lo, hi = PARENCHYMA_MEDIAN_HU
     lung_like = big[(medians > lo) & (medians < hi)]
     found_ml = float(sizes[lung_like - 1].sum()) * voxel_ml
     limit = max(MIN_UNLABELLED_ML, MAX_UNLABELLED_FRACTION * lungs_ml)
     if found_ml <= limit:
         return []
-    ks = np.nonzero(np.isin(regions, lung_like).any(axis=(1, 2)))[0]
+    boxes = ndimage.find_objects(regions)  # a region is connected: its slices are one run
+    first = min(boxes[lab - 1][0].start for lab in lung_like)
+    last = max(boxes[lab - 1][0].stop for lab in lung_like) - 1
     return [QualityFlag("lung_unlabelled", f"{found_ml:.0f} ml of lung-density tissue inside the body, on "
-                        f"slices {ks[0]}-{ks[-1]}, is in no structure (the lungs hold {lungs_ml:.0f} ml; "
+                        f"slices {first}-{last}, is in no structure (the lungs hold {lungs_ml:.0f} ml; "
                         f"threshold: {MAX_UNLABELLED_FRACTION:.0%} of them, at least {MIN_UNLABELLED_ML:g} ml)",
                         structure="Lungs")]
 
@@ -147,7 +161,7 @@ def _airway(labels: np.ndarray, airway: int, lungs: tuple[int, int], spacing: tu
         flags.append(QualityFlag("airway_too_large", f"the airway's cross-section on slice {at} is "
                                  f"{widest:.0f} mm2, wider than a trachea (threshold: {MAX_AIRWAY_SECTION_MM2:g} mm2); "
                                  "it has grown into lung", structure=name))
-    lung = np.isin(labels, lungs)
+    lung = _either(labels, lungs)
     overlap = int((way.any(axis=(1, 2)) & lung.any(axis=(1, 2))).sum()) * sz
     if overlap >= AIRWAY_OVERLAP_MM:
         box = ndimage.find_objects(way.astype(np.uint8))[0]

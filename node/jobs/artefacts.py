@@ -11,6 +11,11 @@ is another input) and to the producer's name, version and parameters; sealed thr
 like every other file under the data directory. A damaged or unreadable entry is a miss, never
 an error: the handler computes the array as if nothing had been kept. Only the newest
 ``max_entries`` are kept: a handful of series in flight is all it is for.
+
+A remote worker (``hilum worker``) has no access to this directory: it asks the node for an
+entry and hands the node what its job offers (``RemoteArtefacts`` in node/jobs/remote.py,
+``/api/worker/jobs/{id}/artefacts``), as the entry's bytes (``pack``); the node serves and takes
+only entries of that job's own primary series and instance set.
 """
 from __future__ import annotations
 
@@ -34,10 +39,70 @@ log = logging.getLogger(__name__)
 
 def instance_set_key(series: SeriesData) -> str:
     """The series UID and every SOP Instance UID in it, hashed: one instance more or less is another key."""
-    h = hashlib.sha256(series.series_uid.encode())
-    for uid in sorted(str(ds.SOPInstanceUID) for ds in series.datasets):
+    return set_key(series.series_uid, (str(ds.SOPInstanceUID) for ds in series.datasets))
+
+
+def set_key(series_uid: str, sop_uids) -> str:
+    """``instance_set_key`` from the UIDs alone: the node computes it from its index (a remote
+    worker's artefacts are accepted and served for its job's own series only)."""
+    h = hashlib.sha256(series_uid.encode())
+    for uid in sorted(sop_uids):
         h.update(b"\0" + uid.encode())
     return h.hexdigest()
+
+
+def pack(array: np.ndarray, chunk: int = 16) -> bytes:
+    """An array as an entry's bytes: a JSON head (dtype, shape), a newline, the zlib-compressed
+    data. Compressed a few slices at a time (level 1: a label map is mostly runs of zeros, and a
+    higher level costs the producing job time), so keeping a volume costs no copy of it."""
+    array = np.asarray(array)
+    head = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape)}).encode()
+    packer = zlib.compressobj(1)
+    parts = [head, b"\n"]
+    for k in range(0, max(len(array), 1), chunk):
+        parts.append(packer.compress(np.ascontiguousarray(array[k:k + chunk]).tobytes()))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+def _head(data: bytes) -> tuple[np.dtype, list[int], bytes]:
+    head, _, body = data.partition(b"\n")
+    meta = json.loads(head)
+    dtype = np.dtype(meta["dtype"])
+    if dtype.kind not in "biuf":
+        raise ValueError(f"artefact dtype {dtype} is not numeric")
+    return dtype, [int(n) for n in meta["shape"]], body
+
+
+def _check_length(raw: int, dtype: np.dtype, shape: list[int]) -> None:
+    if raw != dtype.itemsize * int(np.prod(shape)):
+        raise ValueError(f"artefact holds {raw} bytes, not the {shape} {dtype} its head says")
+
+
+def unpack(data: bytes) -> np.ndarray:
+    """The array of ``pack``'s bytes; ValueError (or zlib.error, KeyError, TypeError) when they are
+    not one: numbers only, and exactly as many bytes as the head says."""
+    dtype, shape, body = _head(data)
+    raw = zlib.decompress(body)
+    _check_length(len(raw), dtype, shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def check_packed(data: bytes, chunk: int = 1 << 22) -> None:
+    """``unpack``'s checks without the array: the node takes a worker's entry without holding a
+    volume's worth of memory for it."""
+    dtype, shape, body = _head(data)
+    inflate, raw = zlib.decompressobj(), 0
+    while body:
+        raw += len(inflate.decompress(body, chunk))
+        body = inflate.unconsumed_tail
+    raw += len(inflate.flush())
+    if not inflate.eof:
+        raise ValueError("artefact data is truncated")
+    _check_length(raw, dtype, shape)
+
+
+UNUSABLE = (IntegrityError, OSError, ValueError, KeyError, TypeError, zlib.error)
 
 
 class ArtefactCache:
@@ -51,31 +116,30 @@ class ArtefactCache:
         return self.directory / f"{hashlib.sha256(name.encode()).hexdigest()[:40]}.z"
 
     def load(self, series_key: str, key: ArtefactKey) -> np.ndarray | None:
+        data = self.load_packed(series_key, key)
+        try:
+            return None if data is None else unpack(data)
+        except UNUSABLE as exc:
+            log.warning("artefact %s of %s %s unusable, computed again: %s", key.name, key.producer, key.version, exc)
+            return None
+
+    def load_packed(self, series_key: str, key: ArtefactKey) -> bytes | None:
+        """The entry's bytes (``pack``), its seal checked; None when there is none or it is damaged."""
         path = self._path(series_key, key)
         if not path.exists():
             return None
         try:
-            sealed = self.vault.read_file(path)
-            head, _, body = sealed.partition(b"\n")
-            meta = json.loads(head)
-            array = np.frombuffer(zlib.decompress(body), dtype=np.dtype(meta["dtype"]))
-            return array.reshape(meta["shape"])
-        except (IntegrityError, OSError, ValueError, KeyError, TypeError, zlib.error) as exc:
+            return self.vault.read_file(path)
+        except (IntegrityError, OSError) as exc:
             log.warning("artefact %s of %s %s unusable, computed again: %s", key.name, key.producer, key.version, exc)
             return None
 
-    def save(self, series_key: str, key: ArtefactKey, array: np.ndarray, chunk: int = 16) -> None:
-        """Compressed a few slices at a time (level 1: a label map is mostly runs of zeros, and a
-        higher level costs the producing job time), so keeping a volume costs no copy of it."""
-        array = np.asarray(array)
-        head = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape)}).encode()
-        packer = zlib.compressobj(1)
-        parts = [head, b"\n"]
-        for k in range(0, max(len(array), 1), chunk):
-            parts.append(packer.compress(np.ascontiguousarray(array[k:k + chunk]).tobytes()))
-        parts.append(packer.flush())
+    def save(self, series_key: str, key: ArtefactKey, array: np.ndarray) -> None:
+        self.save_packed(series_key, key, pack(array))
+
+    def save_packed(self, series_key: str, key: ArtefactKey, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.vault.write_file(self._path(series_key, key), b"".join(parts))
+        self.vault.write_file(self._path(series_key, key), data)
         fsync_dirs({self.directory})
         self._prune()
 

@@ -69,6 +69,7 @@ def run_lanes(tasks: list[EncodeTask]) -> Iterator[Made]:
                 failure = failure or item
             elif failure is None:
                 yield item
+                item = None  # not held while the next lane's object is awaited
     finally:
         stop.set()  # also when the consumer stops early (a write failed)
         for t in threads:

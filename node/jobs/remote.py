@@ -135,6 +135,23 @@ class NodeClient:
             r.raise_for_status()
             yield from r.iter_bytes(1 << 20)
 
+    def artefact(self, job_id: int, ticket: str, series_key: str, key, data: bytes | None = None) -> bytes | None:
+        """GET (``data`` None: the entry's bytes, None when the node keeps none) or PUT one artefact
+        of the job's series (node/jobs/artefacts.py)."""
+        params = {"producer": key.producer, "version": key.version, "name": key.name, "variant": key.variant}
+        path = f"/api/worker/jobs/{job_id}/artefacts/{series_key}"
+        if data is not None:
+            self._call("PUT", path, ticket, params=params, content=data,
+                       headers={"Content-Type": "application/octet-stream"})
+            return None
+        r = self.http.get(path, params=params, headers={TICKET: ticket})
+        if r.status_code == 404:
+            return None
+        if r.status_code == 409:
+            raise AttemptEnded(r.json().get("detail", "attempt ended"))
+        r.raise_for_status()
+        return r.content
+
     def progress(self, job_id: int, ticket: str, fraction: float, message: str) -> None:
         try:
             self._call("POST", f"/api/worker/jobs/{job_id}/progress", ticket,
@@ -167,6 +184,35 @@ def failure_text(exc: BaseException) -> str:
     if isinstance(exc, MemoryError):
         return "out of memory"
     return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+
+
+class RemoteArtefacts:
+    """The node's artefact cache as ``run_job`` uses it (``load``/``save``), over the worker API: a
+    job on this worker reuses what a job on any worker (or the node) kept, and keeps what it offers
+    for the next. The node is a cache here too: failing to reach it costs the job time, never its
+    results, so a transport or HTTP error is a miss (load) or an entry not kept (save)."""
+
+    def __init__(self, client: NodeClient, job_id: int, ticket: str) -> None:
+        self.client, self.job_id, self.ticket = client, job_id, ticket
+
+    def load(self, series_key: str, key):
+        from node.jobs.artefacts import UNUSABLE, unpack
+
+        try:
+            data = self.client.artefact(self.job_id, self.ticket, series_key, key)
+            return None if data is None else unpack(data)
+        except (httpx.HTTPError, *UNUSABLE) as exc:
+            log.warning("job %d: artefact %s of %s not had from the node (%s): computed here", self.job_id,
+                        key.name, key.producer, exc)
+            return None
+
+    def save(self, series_key: str, key, array) -> None:
+        from node.jobs.artefacts import pack
+
+        try:
+            self.client.artefact(self.job_id, self.ticket, series_key, key, pack(array))
+        except httpx.HTTPError as exc:
+            log.warning("job %d: artefact %s of %s not kept by the node: %s", self.job_id, key.name, key.producer, exc)
 
 
 class RemoteWorker:
@@ -224,7 +270,8 @@ class RemoteWorker:
                                device_serial=job.get("device_serial", ""),
                                extra=extra | self._model(job, ticket))
                 meta, provenance, figures = run_job(spec, lambda f, m: self.client.progress(job_id, ticket, float(f),
-                                                                                              str(m)))
+                                                                                              str(m)),
+                                                    artefacts=RemoteArtefacts(self.client, job_id, ticket))
             except AttemptEnded:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure goes to the node with its reason

@@ -27,7 +27,7 @@ from node.jobs.priors_input import load_priors
 from node.receive.spool import fsync_dirs
 from node.results import ResultSet
 from node.store.vault import IntegrityError, Vault, VaultSpec
-from node.volume import load_series
+from node.volume import ReleasedPixels, Volume, load_series
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,17 @@ def _return_freed_memory() -> None:
         pass  # not glibc: nothing to do
 
 
+def _map_big_allocations() -> None:
+    """Give every allocation of 1 MB or more its own mapping (glibc), returned to the system the
+    moment it is freed. glibc's default threshold rises (up to 32 MB) each time such a block is
+    freed, after which the segmentation's many few-megabyte temporaries stay on the heap as free
+    memory the next, larger array cannot use: the job's peak grew by a third of the volume."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; a fixed value stops the rise
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
 @contextmanager
 def _verified_reads(vault: Vault):
     """Never hand a tampered or truncated instance to a handler: quarantine it and fail the job."""
@@ -163,14 +174,25 @@ def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
     path = out_dir / f"{ds.SOPInstanceUID}.dcm"
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    vault.write_file(path, buf.getvalue())
+    with buf.getbuffer() as view:  # not getvalue(): a large SEG is not copied once more to be sealed
+        vault.write_file(path, view)
     return {
         "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID),
         "series_instance_uid": str(ds.SeriesInstanceUID), "modality": str(ds.Modality), "path": str(path),
     }
 
 
-def _keep_artefacts(handler, inp: HandlerInput, outputs: list, kept: ArtefactCache, series_key: str | None,
+def _release_pixels(sources: dict) -> None:
+    """Let the source volumes' pixels go once the handler and the reports (whose key-slice HU
+    statistics read them) are done: the SEG and RTSTRUCT still encoding need only the label map
+    and the grid, and a CT volume is the largest thing the job holds while they do."""
+    for series in sources.values():
+        if series.volume is not None and not isinstance(series.volume.array, ReleasedPixels):
+            series.volume = Volume(ReleasedPixels(series.volume.array), series.volume.geometry)
+    _return_freed_memory()
+
+
+def _keep_artefacts(handler, inp: HandlerInput, outputs: list, kept, series_key: str | None,
                     clock: PhaseClock) -> None:
     """What the handler offers later jobs on this series, once its results are accepted. A cache
     that cannot be written costs those jobs time, not this job its results."""
@@ -197,14 +219,17 @@ def _handler_class(spec: JobSpec):
     return get_handler(spec.handler)
 
 
-def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[dict], dict, dict]:
+def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None) -> tuple[list[dict], dict, dict]:
     """Returns (result objects' metadata, the handler's provenance: model hash, execution providers…,
     the job's figures: seconds per phase, peak memory). ``on_result`` gets the metadata of each
     encoder's objects (one SEG, a series of SC images) as soon as they are durable, so the parent
-    can deliver them while the next are encoded."""
-    from node.encoders import encode_plan  # imported here: heavy, and only workers need it
+    can deliver them while the next are encoded. ``artefacts``: where arrays kept for later jobs
+    are found and left (``load``/``save`` as ``ArtefactCache``); by default the node's cache under
+    its data directory, for a remote worker the node over its API."""
+    from node.encoders import REPORT_LANE, encode_plan  # imported here: heavy, and only workers need it
     from node.jobs.lanes import run_lanes
 
+    _map_big_allocations()
     start_rss = _reset_peak_rss()
     clock = PhaseClock()
     cls = _handler_class(spec)
@@ -219,7 +244,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
     inp = HandlerInput(study_uid=spec.study_uid, series=list(sources.values()), priors=priors,
                        priors_note=spec.extra.get("priors_note"),
                        models={p: ModelRef(**m) for p, m in spec.extra.get("param_models", {}).items()})
-    kept = ArtefactCache(Path(spec.vault.data_dir) / "artefacts", vault)
+    kept = artefacts or ArtefactCache(Path(spec.vault.data_dir) / "artefacts", vault)
     series_key = instance_set_key(inp.primary) if inp.series and inp.primary.datasets else None
     if cls.wants_artefacts and series_key:
         with clock("artefacts"):
@@ -252,12 +277,22 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[int, list[dict]] = {}
     plan = encode_plan(results.outputs + warning_findings(flags, inp.primary.series_uid), sources, ctx)
+    volume_mb = sum(s.volume.array.nbytes for s in sources.values() if s.volume is not None) / 2**20
+    reports_left = sum(task.lane == REPORT_LANE for task in plan)
+    if not reports_left:
+        _release_pixels(sources)
     for made in run_lanes(plan):
+        if plan[made.index].lane == REPORT_LANE:
+            reports_left -= 1
+            if not reports_left:
+                _release_pixels(sources)
         clock.add(f"encode {made.kind}", made.seconds, made.cpu_seconds)
         with clock(f"write {made.kind}", cpu_clock=time.thread_time):  # the lanes run meanwhile
             mark_warnings(made.datasets, warnings)
             written[made.index] = [_write_result(ds, out_dir, vault) for ds in made.datasets]
             fsync_dirs({out_dir})  # durable: now it may leave the node
+        # Written: a SEG's frames (tens of MB) need not wait in memory for the next lane to finish.
+        made.datasets.clear()
         on_result(written[made.index])
     meta = [m for i in sorted(written) for m in written[i]]  # the plan's order, whichever lane finished first
     _keep_artefacts(handler, inp, results.outputs, kept, series_key, clock)  # after delivery is under way
@@ -267,7 +302,6 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None) -> tuple[list[
         save_labels(out_dir, results.outputs, vault.write_file)
         fsync_dirs({out_dir})
     progress(1.0, f"{len(meta)} result object(s)" + (f", {len(warnings)} quality warning(s)" if warnings else ""))
-    volume_mb = sum(s.volume.array.nbytes for s in sources.values() if s.volume is not None) / 2**20
     figures = {"seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds, "peak_rss_mb": round(_peak_rss_mb(), 1),
                "start_rss_mb": round(start_rss, 1), "input_volume_mb": round(volume_mb, 1)}
     provenance = dict(handler.provenance)

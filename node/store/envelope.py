@@ -140,12 +140,12 @@ class Sealer:
     def seal(self, data: bytes | memoryview, context: bytes = b"") -> bytes:
         """Header + payload, ready to be written in one go. ``context`` (where the object lives: a
         log position, a path) is authenticated with it, so an envelope moved elsewhere fails."""
-        data = bytes(data) if isinstance(data, memoryview) else data
         if len(data) > MAX_PAYLOAD:
             raise ValueError(f"object of {len(data)} bytes exceeds the spool's {MAX_PAYLOAD}-byte limit")
-        if self.keyring is None:
+        if self.keyring is None:  # a view is read as it is: one copy of a large object (the sealed one), not two
             header = self._header(MODE_PLAIN, bytes(12), len(data), zlib.crc32(data, zlib.crc32(context)), None)
             return header + data
+        data = bytes(data) if isinstance(data, memoryview) else data
         dek, nonce = AESGCM.generate_key(256), secrets.token_bytes(12)
         fixed_aad = self._fixed(MODE_AES_GCM, nonce, len(data) + 16, 0) + context
         payload = AESGCM(dek).encrypt(nonce, data, fixed_aad)

@@ -285,6 +285,12 @@ class Index:
             "SELECT path FROM instances WHERE series_uid=? AND purged_at IS NULL ORDER BY sop_uid", (series_uid,))
         return [r[0] for r in rows]
 
+    def instance_uids(self, series_uid: str) -> list[str]:
+        """SOP Instance UIDs of the series' instances still in the spool (those a job on it reads)."""
+        rows = self.conn().execute(
+            "SELECT sop_uid FROM instances WHERE series_uid=? AND purged_at IS NULL ORDER BY sop_uid", (series_uid,))
+        return [r[0] for r in rows]
+
     def purged_in_series(self, series_uid: str) -> int:
         row = self.conn().execute(
             "SELECT count(*) FROM instances WHERE series_uid=? AND purged_at IS NOT NULL", (series_uid,)).fetchone()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from node.encoders.context import NODE_DEVICE_SERIAL
@@ -243,6 +243,60 @@ def model_file(job_id: int, name: str, request: Request, worker: str = Depends(r
     node.audit.worker_access(f"worker {worker}", request.client.host if request.client else None, job_id=job_id,
                              study_uid=job["study_uid"], what=f"model file {name}", ok=True, objects=1)
     return FileResponse(path, media_type="application/octet-stream")
+
+
+def _artefact_entry(request: Request, job_id: int, series_key: str, producer: str, version: str, name: str,
+                    variant: str):
+    """The node's artefact cache and the entry's key, once ``series_key`` is the job's own primary
+    series and instance set: a worker reads and leaves arrays of the input it was given, no other."""
+    from node.handler_api import ArtefactKey
+    from node.jobs.artefacts import ArtefactCache, set_key
+
+    node = request.app.state.node
+    attempt = _attempt(request, job_id)
+    job = node.index.job(job_id)
+    uid = job["series_uid"] or next((s["series_uid"] for s in node.index.series_of_study(job["study_uid"])), None)
+    if uid is None or series_key != set_key(uid, node.index.instance_uids(uid)):
+        _refuse(request, 403, f"artefact of another series than job {job_id}'s", job_id)
+    cache = ArtefactCache(node.settings.data_dir / "artefacts", node.vault)
+    return node, job, attempt, cache, ArtefactKey(producer, version, name, variant)
+
+
+@router.get("/jobs/{job_id}/artefacts/{series_key}")
+def get_artefact(job_id: int, series_key: str, request: Request, producer: str, version: str, name: str,
+                 variant: str = "", worker: str = Depends(require_worker)) -> Response:
+    """An array kept from an earlier job on this job's series (node/jobs/artefacts.py), as the
+    entry's bytes; 404 when the node has none (the handler computes it)."""
+    node, job, _, cache, key = _artefact_entry(request, job_id, series_key, producer, version, name, variant)
+    data = cache.load_packed(series_key, key)
+    if data is None:
+        raise HTTPException(404, f"no {producer} {version} {name} kept for this series")
+    node.audit.worker_access(f"worker {worker}", request.client.host if request.client else None, job_id=job_id,
+                             study_uid=job["study_uid"], what=f"artefact {producer} {name}", ok=True, objects=1)
+    return Response(data, media_type="application/octet-stream")
+
+
+@router.put("/jobs/{job_id}/artefacts/{series_key}")
+async def put_artefact(job_id: int, series_key: str, request: Request, producer: str, version: str, name: str,
+                       variant: str = "", worker: str = Depends(require_worker)) -> dict:
+    """What the job's handler offers later jobs on its series (``Handler.artefacts``): kept as a
+    local worker's would be. Only the job's own handler's, and only bytes that are an array."""
+    from node.jobs.artefacts import UNUSABLE, check_packed
+
+    node, job, attempt, cache, key = await run_in_threadpool(
+        _artefact_entry, request, job_id, series_key, producer, version, name, variant)
+    if producer != job["handler"]:
+        raise HTTPException(422, f"producer: job {job_id} runs {job['handler']}, not {producer}")
+    data = await request.body()
+    if len(data) > node.settings.stow_max_mb << 20:
+        raise HTTPException(413, f"artefact larger than stow_max_mb ({node.settings.stow_max_mb} MB)")
+    try:
+        await run_in_threadpool(check_packed, data)
+    except UNUSABLE as exc:
+        raise HTTPException(422, f"artefact: not an array entry ({exc})") from None
+    await run_in_threadpool(cache.save_packed, series_key, key, data)
+    node.index.attempt_heartbeat(job_id, attempt["attempt"])
+    return {"kept": name}
 
 
 @router.post("/jobs/{job_id}/progress")
