@@ -81,8 +81,11 @@ class DimseClient:
             problem = None if assoc.is_rejected or not self.tls_args else \
                 handshake_problem(self.tls_args, self.cfg.host, self.cfg.port, min(self.cfg.timeout_s, 10.0))
             if problem:
-                raise PacsError(f"source {self.name}: DICOM TLS with {self.cfg.ae_title}@{self.cfg.host}:"
-                                f"{self.cfg.port} failed: {problem} (sources.{self.name}.tls)")
+                # A certificate that does not verify will not verify on the next attempt either: the
+                # retrieve fails at once, naming the setting, instead of backing off for nothing.
+                kind = NotRetryable if problem.permanent else PacsError
+                raise kind(f"source {self.name}: DICOM TLS with {self.cfg.ae_title}@{self.cfg.host}:"
+                           f"{self.cfg.port} failed: {problem.text} (sources.{self.name}.tls)")
             why = "rejected by the PACS" if assoc.is_rejected else "not established (connection refused or aborted)"
             raise PacsError(f"source {self.name}: association with {self.cfg.ae_title}@{self.cfg.host}:"
                             f"{self.cfg.port} {why} (is the PACS up, and does it accept calling AE "
