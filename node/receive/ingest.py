@@ -253,11 +253,13 @@ class Ingest:
         if (failure := self.writer.failure) is not None:
             return OUT_OF_RESOURCES, f"index unavailable: {failure}"[:64]
 
-        if self.index.has_instance(sop) or self.writer.pending(sop):
+        state = self.index.instance_state(sop)
+        if state == "held" or self.writer.pending(sop):
             self.index.bump("duplicates")
             log.info("duplicate instance ignored", extra={"sop_uid": sop, "assoc": origin.assoc_id})
             return SUCCESS, "duplicate"
-        self.index.forget_purged(sop)  # sent again after retention deleted our copy: keep it anew
+        if state == "purged":
+            self.index.forget_purged(sop)  # sent again after retention deleted our copy: keep it anew
 
         received_at = time.time()
         try:
