@@ -24,6 +24,8 @@ from typing import Callable
 from node.receive.header import read_header
 from node.store.index import InstanceRow
 
+Header = tuple[str, dict[str, str]]  # what read_header returns: (transfer syntax, attributes)
+
 log = logging.getLogger("hilum.ingest")
 
 
@@ -76,17 +78,19 @@ class Pipeline:
     the next one meanwhile. At most ``depth`` instances wait (memory stays bounded: the PACS is
     answered only once one is queued)."""
 
-    def __init__(self, batch: RetrieveBatch, store: Callable[[bytes], tuple[int, str]], depth: int = 4) -> None:
+    def __init__(self, batch: RetrieveBatch, store: Callable[[bytes, Header | None], tuple[int, str]],
+                 depth: int = 4) -> None:
         self.batch, self.store = batch, store
-        self._q: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._q: queue.Queue[tuple[bytes, Header | None] | None] = queue.Queue(depth)
         self._thread = threading.Thread(target=self._run, name="retrieve-store", daemon=True)
         self._thread.start()
 
-    def submit(self, raw: bytes) -> tuple[int, str]:
-        """The status to answer now: Success once queued; the real one if the batch is closed."""
+    def submit(self, raw: bytes, header: Header | None = None) -> tuple[int, str]:
+        """The status to answer now: Success once queued; the real one if the batch is closed.
+        ``header``: ``read_header(raw)`` if the caller has read it (passed on, not read again)."""
         if not self.batch.begin():
-            return self.store(raw)
-        self._q.put(raw)
+            return self.store(raw, header)
+        self._q.put((raw, header))
         return 0x0000, "queued"
 
     def close(self) -> None:
@@ -94,9 +98,10 @@ class Pipeline:
         self._thread.join()
 
     def _run(self) -> None:
-        while (raw := self._q.get()) is not None:
+        while (item := self._q.get()) is not None:
+            raw, header = item
             try:
-                status, reason = self.store(raw)
+                status, reason = self.store(raw, header)
             except Exception as exc:  # noqa: BLE001 - recorded as a failed sub-operation, never lost
                 log.exception("storing a retrieved instance failed")
                 status, reason = 0xA700, f"internal error: {exc}"
