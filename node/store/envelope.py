@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from node.store.crc import crc32
+
 HEADER_SIZE = 2048
 SECTOR = 512
 MAGIC = b"HLMENV01"
@@ -144,7 +146,7 @@ class Sealer:
         if len(data) > MAX_PAYLOAD:
             raise ValueError(f"object of {len(data)} bytes exceeds the spool's {MAX_PAYLOAD}-byte limit")
         if self.keyring is None:
-            header = self._header(MODE_PLAIN, bytes(12), len(data), zlib.crc32(data, zlib.crc32(context)), None)
+            header = self._header(MODE_PLAIN, bytes(12), len(data), crc32(data, zlib.crc32(context)), None)
             return header + data
         dek, nonce = AESGCM.generate_key(256), secrets.token_bytes(12)
         fixed_aad = self._fixed(MODE_AES_GCM, nonce, len(data) + 16, 0) + context
@@ -161,7 +163,7 @@ class Sealer:
         length, crc = 0, zlib.crc32(context)
         for part in parts:
             length += len(part)
-            crc = zlib.crc32(part, crc)
+            crc = crc32(part, crc)
         if length > MAX_PAYLOAD:
             raise ValueError(f"object of {length} bytes exceeds the spool's {MAX_PAYLOAD}-byte limit")
         return [self._header(MODE_PLAIN, bytes(12), length, crc, None), *parts]
@@ -215,7 +217,7 @@ class Sealer:
                 # encrypted spool an unencrypted envelope is refused, never trusted.
                 raise IntegrityError("unencrypted object in an encrypted spool")
             data = bytes(payload)
-            if zlib.crc32(data, zlib.crc32(context)) != h.crc:
+            if crc32(data, zlib.crc32(context)) != h.crc:
                 raise IntegrityError("payload checksum mismatch (damaged, or not where it was written)")
             return data
         dek = self._unwrap(h)
