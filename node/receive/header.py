@@ -96,6 +96,10 @@ def _read(raw: bytes) -> tuple[str, dict[str, str]]:
             raise _Unsure
         if tag in WANTED or tag == _CHARSET_TAG:
             found[tag] = raw[value_at: pos]
+    else:
+        # The bytes ended before anything after group 0020: a truncated instance (cut on an element
+        # boundary) or one that has nothing more; either way pydicom decides, this does not guess.
+        raise _Unsure
     encoding = _CHARSETS.get(found.pop(_CHARSET_TAG, b"").decode("ascii").strip())
     if encoding is None:
         raise _Unsure
