@@ -3,7 +3,7 @@
 FROM debian:bookworm-slim
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-venv orthanc orthanc-dicomweb dcmtk dicom3tools ca-certificates \
+      python3 python3-venv orthanc orthanc-dicomweb dcmtk dicom3tools ca-certificates libdeflate0 \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/hilum
 COPY pyproject.toml README.md ./

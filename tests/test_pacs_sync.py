@@ -318,11 +318,19 @@ def test_a_tls_source_echoes_queries_and_retrieves_and_a_wrong_ca_says_so(tmp_pa
             source_client(node.settings, "strange").find_studies(StudyQuery(patient_id="T1"))
         with pytest.raises(PacsError, match="not established"):  # the PACS speaks TLS only
             source_client(node.settings, "plain").echo()
-        # A retrieve from the source with the wrong CA: the error on its record names the cause.
+        # A retrieve from the source with the wrong CA, or with a client certificate the PACS refuses:
+        # a certificate that does not verify is not transient, so each fails at its first attempt
+        # (no backoff, no retries) with the error naming the source and the cause.
         r3, _ = node.store.add("wrongca", a.study_uid, None, "test")
+        r4, _ = node.store.add("strange", a.study_uid, None, "test")
         node.retriever.wake()
-        err = wait_for(lambda: node.store.get(r3)["error"], 60, "the retrieve's error")
-        assert "the peer's certificate was not accepted" in err
+        for rid, source, cause in ((r3, "wrongca", "the peer's certificate was not accepted"),
+                                   (r4, "strange", "the peer refused our client certificate")):
+            r = node.wait(rid)
+            assert (r["status"], r["attempts"]) == ("failed", 1), r
+            assert r["error"].startswith(f"source {source}: DICOM TLS with PACS@localhost:{port} failed: {cause}")
+            assert r["error"].endswith(f"(sources.{source}.tls)")
+            assert [e["event"] for e in json.loads(r["history_json"])].count("started") == 1
 
 
 def test_instances_arriving_while_a_retrieve_runs_are_not_called_pushed(tmp_path, local):

@@ -103,6 +103,14 @@ def test_duplicate_is_stored_once_and_counted(scp, tmp_path):
     assert len(index.instances_of_study(ds.StudyInstanceUID)) == 1
     assert index.stat("duplicates") == 2
     assert _log_records(tmp_path / "d") == 1
+    # Once retention has deleted our copy, the same instance sent again is stored anew, not a duplicate.
+    import sqlite3
+    with sqlite3.connect(tmp_path / "d" / "index.db") as db:
+        db.execute("UPDATE instances SET purged_at=1 WHERE sop_uid=?", (str(ds.SOPInstanceUID),))
+    assert _storescu(settings.dicom_port, [f]).returncode == 0
+    [row] = index.instances_of_study(ds.StudyInstanceUID)
+    assert row["purged_at"] is None and index.stat("duplicates") == 2
+    assert _log_records(tmp_path / "d") == 2
 
 
 def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(scp, tmp_path):

@@ -49,6 +49,51 @@ def test_envelope_round_trip_and_every_kind_of_damage_is_detected(ring):
         Sealer(new_salt(), ring).open(blob)
 
 
+def test_the_seal_crc_is_zlibs_crc32_whichever_library_computes_it(monkeypatch):
+    """node/store/crc.py uses the system's libdeflate where it is installed (it is here: checked, so
+    the fast path is the one under test), else zlib; the values must be zlib's for every kind of
+    buffer and running value, or records written by one could not be read by the other."""
+    import zlib
+
+    from node.store import crc
+
+    assert crc._fn is not None, "libdeflate is installed on this machine: the fast path must be taken"
+    big = os.urandom(300_001)
+    cases = [(big, 0), (big, 0xDEADBEEF), (bytearray(big), 7), (memoryview(big)[5:], 1),
+             (memoryview(bytearray(big))[3:200_000], 0), (b"tiny", 0), (b"", 5)]
+    for data, value in cases:
+        assert crc.crc32(data, value) == zlib.crc32(data, value)
+    monkeypatch.setattr(crc, "_fn", None)  # a machine without libdeflate
+    for data, value in cases:
+        assert crc.crc32(data, value) == zlib.crc32(data, value)
+
+
+@pytest.mark.parametrize("ring", [None, RING], ids=["plain", "aes-gcm"])
+def test_an_envelope_sealed_in_parts_opens_like_one_sealed_whole(ring, tmp_path):
+    """Ingest seals a received instance as a list of buffers (meta, then the instance, written with
+    one pwritev, never joined): the record opens to the same payload, bound to its place, and an
+    unencrypted one is byte for byte what sealing the joined payload gives."""
+    from node.store.vault import Vault
+
+    sealer = Sealer(new_salt(), ring)
+    parts = [b"m" * 37, bytearray(os.urandom(70_001)), memoryview(os.urandom(3))]
+    joined = b"".join(parts)
+    blob = b"".join(bytes(p) for p in sealer.seal_parts(parts, b"log:1:4096"))
+    assert sealer.open(blob, b"log:1:4096") == joined
+    if ring is None:
+        assert blob == sealer.seal(joined, b"log:1:4096")
+    with pytest.raises(IntegrityError):
+        sealer.open(blob, b"log:1:8192")  # moved elsewhere
+    vault = Vault(tmp_path, ring, writer=True)
+    try:
+        locators = [vault.append(bytes(p) * 3, {"calling_ae": "PACS"}, durable=False) for p in parts]
+        vault.sync()
+        for p, loc in zip(parts, locators):
+            assert vault.log.read(loc) == ({"calling_ae": "PACS"}, bytes(p) * 3)
+    finally:
+        vault.close()
+
+
 def test_an_encrypted_object_needs_its_key():
     blob = Sealer(b"s" * 16, RING).seal(b"x" * 100)
     with pytest.raises(IntegrityError, match="no keyring"):

@@ -81,8 +81,11 @@ class DimseClient:
             problem = None if assoc.is_rejected or not self.tls_args else \
                 handshake_problem(self.tls_args, self.cfg.host, self.cfg.port, min(self.cfg.timeout_s, 10.0))
             if problem:
-                raise PacsError(f"source {self.name}: DICOM TLS with {self.cfg.ae_title}@{self.cfg.host}:"
-                                f"{self.cfg.port} failed: {problem} (sources.{self.name}.tls)")
+                # A certificate that does not verify will not verify on the next attempt either: the
+                # retrieve fails at once, naming the setting, instead of backing off for nothing.
+                kind = NotRetryable if problem.permanent else PacsError
+                raise kind(f"source {self.name}: DICOM TLS with {self.cfg.ae_title}@{self.cfg.host}:"
+                           f"{self.cfg.port} failed: {problem.text} (sources.{self.name}.tls)")
             why = "rejected by the PACS" if assoc.is_rejected else "not established (connection refused or aborted)"
             raise PacsError(f"source {self.name}: association with {self.cfg.ae_title}@{self.cfg.host}:"
                             f"{self.cfg.port} {why} (is the PACS up, and does it accept calling AE "
@@ -188,10 +191,11 @@ class DimseClient:
                 assoc.release()
 
     def get(self, study_uid: str, series_uids: list[str] | None, sop_classes: list[str],
-            store: Callable[[bytes], tuple[int, str]], progress: Callable[[RetrieveOutcome, int], bool]
-            ) -> RetrieveOutcome:
+            store: Callable[[bytes, tuple | None], tuple[int, str]],
+            progress: Callable[[RetrieveOutcome, int], bool]) -> RetrieveOutcome:
         """C-GET with SCP role selection for ``sop_classes``; each sub-operation's instance goes to
-        ``store`` (Part 10 bytes), whose DIMSE status is answered to the PACS."""
+        ``store`` (Part 10 bytes and what ``read_header`` read of them, or None), whose DIMSE status
+        is answered to the PACS."""
         classes = list(dict.fromkeys(sop_classes or self.cfg.storage_classes or DEFAULT_STORAGE_CLASSES))[:120]
         ae = self._ae()
         ae.add_requested_context(GET)
@@ -202,11 +206,12 @@ class DimseClient:
 
         def on_store(event) -> int:
             raw = _part10(event)
-            study, sop = _uids(raw, event)
+            header = read_header(raw)  # read once: the ingest reuses it
+            study, sop = _uids(header, event)
             if study != study_uid:
                 unrequested.append(sop)
                 return STORE_REFUSED  # not what was asked for: refused, counted, never stored
-            status, _reason = store(raw)
+            status, _reason = store(raw, header)
             return status
 
         assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
@@ -286,10 +291,9 @@ def _lean_receiver(assoc) -> None:
     assoc.dul._run_loop_delay = GET_POLL_S
 
 
-def _uids(raw: bytes, event) -> tuple[str | None, str]:
-    """(StudyInstanceUID, SOPInstanceUID) of a C-GET sub-operation's instance, read from the bytes
-    (node/receive/header.py) rather than by decoding the whole dataset, pixel data included."""
-    fast = read_header(raw)
+def _uids(fast, event) -> tuple[str | None, str]:
+    """(StudyInstanceUID, SOPInstanceUID) of a C-GET sub-operation's instance, from ``read_header``'s
+    answer (``fast``) rather than by decoding the whole dataset, pixel data included."""
     if fast is not None:
         facts = fast[1]
     else:

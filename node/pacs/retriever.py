@@ -175,7 +175,7 @@ class Retriever:
                         source_ip=getattr(client.cfg, "host", ""), assoc_id=f"retrieve:{rid}")
 
         # Each instance is answered once queued and stored in the pipeline's thread meanwhile.
-        pipeline = Pipeline(batch, lambda raw: self.ingest.store(raw, origin, batch))
+        pipeline = Pipeline(batch, lambda raw, header: self.ingest.store(raw, origin, batch, header))
         try:
             if method == "get":
                 return client.get(study, series, classes, pipeline.submit, progress)

@@ -10,7 +10,8 @@ committed, so for a retrieve two things are safe that are not for a push:
   retrieve running in the index, and the next start retrieves again what did not become durable
   (the rest is deduplicated);
 - its C-STORE is answered as soon as it has arrived, and it is stored while the PACS sends the next
-  one (``begin``/``end`` around the store, ``Pipeline`` for C-GET). A store that fails after its
+  one (``begin``/``end`` around the store, in a ``StoreThread``: the SCP's for C-MOVE, a
+  ``Pipeline``'s for C-GET). A store that fails after its
   Success went out is kept in ``failures``, and the retrieve counts it as a failed sub-operation
   with the reason (partial or failed), never as done.
 """
@@ -23,6 +24,8 @@ from typing import Callable
 
 from node.receive.header import read_header
 from node.store.index import InstanceRow
+
+Header = tuple[str, dict[str, str]]  # what read_header returns: (transfer syntax, attributes)
 
 log = logging.getLogger("hilum.ingest")
 
@@ -71,36 +74,55 @@ class RetrieveBatch:
             return self._cond.wait_for(lambda: self._busy == 0, timeout)
 
 
-class Pipeline:
-    """Stores a C-GET's (or WADO-RS's) instances in a thread of its own, so that pynetdicom receives
-    the next one meanwhile. At most ``depth`` instances wait (memory stays bounded: the PACS is
-    answered only once one is queued)."""
+class StoreThread:
+    """Stores instances that were already answered Success (each begun in its batch) in a thread of
+    its own, so that the receiving thread reads the next one meanwhile; each ends in its batch with
+    the real status. At most ``depth`` wait (memory stays bounded: the receiving thread blocks)."""
 
-    def __init__(self, batch: RetrieveBatch, store: Callable[[bytes], tuple[int, str]], depth: int = 4) -> None:
-        self.batch, self.store = batch, store
-        self._q: queue.Queue[bytes | None] = queue.Queue(depth)
+    def __init__(self, depth: int = 4) -> None:
+        self._q: queue.Queue[tuple[bytes, RetrieveBatch, Callable[[], tuple[int, str]]] | None] = queue.Queue(depth)
         self._thread = threading.Thread(target=self._run, name="retrieve-store", daemon=True)
         self._thread.start()
 
-    def submit(self, raw: bytes) -> tuple[int, str]:
-        """The status to answer now: Success once queued; the real one if the batch is closed."""
-        if not self.batch.begin():
-            return self.store(raw)
-        self._q.put(raw)
-        return 0x0000, "queued"
+    def put(self, raw: bytes, batch: RetrieveBatch, store: Callable[[], tuple[int, str]]) -> None:
+        self._q.put((raw, batch, store))
 
     def close(self) -> None:
+        """Store what is queued, then stop."""
         self._q.put(None)
         self._thread.join()
 
     def _run(self) -> None:
-        while (raw := self._q.get()) is not None:
+        while (item := self._q.get()) is not None:
+            raw, batch, store = item
+            status, reason = 0xA700, "not stored"
             try:
-                status, reason = self.store(raw)
+                status, reason = store()
             except Exception as exc:  # noqa: BLE001 - recorded as a failed sub-operation, never lost
                 log.exception("storing a retrieved instance failed")
                 status, reason = 0xA700, f"internal error: {exc}"
-            self.batch.end(raw, status, reason)
+            finally:
+                batch.end(raw, status, reason)
+
+
+class Pipeline:
+    """A C-GET's (or WADO-RS's) instances, answered once queued and stored in a ``StoreThread``."""
+
+    def __init__(self, batch: RetrieveBatch, store: Callable[[bytes, Header | None], tuple[int, str]],
+                 depth: int = 4) -> None:
+        self.batch, self.store = batch, store
+        self._thread = StoreThread(depth)
+
+    def submit(self, raw: bytes, header: Header | None = None) -> tuple[int, str]:
+        """The status to answer now: Success once queued; the real one if the batch is closed.
+        ``header``: ``read_header(raw)`` if the caller has read it (passed on, not read again)."""
+        if not self.batch.begin():
+            return self.store(raw, header)
+        self._thread.put(raw, self.batch, lambda: self.store(raw, header))
+        return 0x0000, "queued"
+
+    def close(self) -> None:
+        self._thread.close()
 
 
 def _sop_of(raw: bytes) -> str:

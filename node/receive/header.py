@@ -30,6 +30,8 @@ _CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO 2022 IR 6": "ascii", "ISO_IR
 _CHARSET_TAG = 0x00080005
 _LAST_GROUP = 0x0020FFFF
 UNDEFINED = 0xFFFFFFFF
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length (explicit VR short form)
+_U32 = struct.Struct("<I")
 ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
@@ -65,22 +67,39 @@ def _read(raw: bytes) -> tuple[str, dict[str, str]]:
         raise _Unsure  # big endian, deflate, or a syntax we do not know
     implicit = ts == IMPLICIT_LE
     found: dict[int, bytes] = {}
-    while pos + 8 <= len(raw):
-        tag = (struct.unpack_from("<H", raw, pos)[0] << 16) | struct.unpack_from("<H", raw, pos + 2)[0]
+    # The loop below runs for every element of every received instance (the hot path of ingest):
+    # element headers are unpacked inline with precompiled structs rather than through
+    # ``_element_header`` (same rules, checked by tests/test_receive_header.py).
+    end = len(raw)
+    while pos + 8 <= end:
+        group, elem, vr, short = _EXPLICIT_HEAD.unpack_from(raw, pos)
+        tag = (group << 16) | elem
         if tag > _LAST_GROUP:
             break
-        start = pos
-        pos, length, vr = _element_header(raw, pos, implicit)
+        if implicit or group == 0xFFFE:
+            vr, length, value_at = None, _U32.unpack_from(raw, pos + 4)[0], pos + 8
+        elif vr in _LONG_VRS:
+            if pos + 12 > end:
+                raise _Unsure
+            length, value_at = _U32.unpack_from(raw, pos + 8)[0], pos + 12
+        elif vr.isalpha() and vr.isupper():
+            length, value_at = short, pos + 8
+        else:
+            raise _Unsure
         if length == UNDEFINED:
             if vr not in (b"SQ", None):
                 raise _Unsure  # undefined-length non-sequence (encapsulated) this early: not ours to guess
-            pos = _skip_sequence(raw, pos, implicit)
+            pos = _skip_sequence(raw, value_at, implicit)
             continue
-        if pos + length > len(raw) or pos <= start:
+        pos = value_at + length
+        if pos > end:
             raise _Unsure
         if tag in WANTED or tag == _CHARSET_TAG:
-            found[tag] = raw[pos: pos + length]
-        pos += length
+            found[tag] = raw[value_at: pos]
+    else:
+        # The bytes ended before anything after group 0020: a truncated instance (cut on an element
+        # boundary) or one that has nothing more; either way pydicom decides, this does not guess.
+        raise _Unsure
     encoding = _CHARSETS.get(found.pop(_CHARSET_TAG, b"").decode("ascii").strip())
     if encoding is None:
         raise _Unsure

@@ -58,12 +58,13 @@ def header_json(ds: pydicom.Dataset) -> str:
     return json.dumps(ds.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=lambda el: ""))
 
 
-def _facts(raw: bytes) -> dict[str, str]:
+def _facts(raw: bytes, header: tuple[str, dict[str, str]] | None = None) -> dict[str, str]:
     """The attributes the index keeps, and the transfer syntax; the three UIDs checked (they name things).
 
     Read from the bytes directly (node/receive/header.py) when the encoding allows, else by pydicom
-    (header only: pixel data is never decoded on receive)."""
-    fast = read_header(raw)
+    (header only: pixel data is never decoded on receive). ``header``: ``read_header(raw)`` when the
+    caller has it already (a C-GET's handler reads it to check the study), not read twice."""
+    fast = header if header is not None else read_header(raw)
     if fast is not None:
         ts, facts = fast
         facts["TransferSyntaxUID"] = ts
@@ -240,11 +241,13 @@ class Ingest:
             raise
         self.writer.release(rows)
 
-    def store(self, raw: bytes, origin: Origin, batch: RetrieveBatch | None = None) -> tuple[int, str]:
+    def store(self, raw: bytes, origin: Origin, batch: RetrieveBatch | None = None,
+              header: tuple[str, dict[str, str]] | None = None) -> tuple[int, str]:
         """Persist one Part 10 byte string. Returns (DIMSE status, reason). With ``batch`` (a retrieve),
-        durable at the batch's next commit rather than before returning."""
+        durable at the batch's next commit rather than before returning. ``header``: what
+        ``read_header(raw)`` returned, if the caller read it already."""
         try:
-            facts = _facts(raw)
+            facts = _facts(raw, header)
         except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError, OSError) as exc:
             return self._reject(raw, origin, f"unparseable or incomplete dataset: {exc}", CANNOT_UNDERSTAND)
         except Exception as exc:  # noqa: BLE001 - hostile input must never kill the association thread
@@ -253,11 +256,13 @@ class Ingest:
         if (failure := self.writer.failure) is not None:
             return OUT_OF_RESOURCES, f"index unavailable: {failure}"[:64]
 
-        if self.index.has_instance(sop) or self.writer.pending(sop):
+        state = self.index.instance_state(sop)
+        if state == "held" or self.writer.pending(sop):
             self.index.bump("duplicates")
             log.info("duplicate instance ignored", extra={"sop_uid": sop, "assoc": origin.assoc_id})
             return SUCCESS, "duplicate"
-        self.index.forget_purged(sop)  # sent again after retention deleted our copy: keep it anew
+        if state == "purged":
+            self.index.forget_purged(sop)  # sent again after retention deleted our copy: keep it anew
 
         received_at = time.time()
         try:

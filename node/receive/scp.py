@@ -28,6 +28,7 @@ from node import __version__
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.receive import ul
+from node.receive.batch import StoreThread
 from node.receive.ingest import Ingest, Origin
 from node.tls import binding_violation, peer_identity, server_context
 from node.uids import derived_uid
@@ -212,6 +213,9 @@ class _Association:
         self.peer_max_pdu = 0
         self.contexts: dict[int, tuple[str, str]] = {}  # accepted id → (abstract syntax, transfer syntax)
         self.origin: Origin | None = None
+        # Stores the node's own C-MOVE sub-operations while this thread reads the next one (started
+        # at the first; drained and stopped when the association ends, whichever way).
+        self.later: StoreThread | None = None
 
     def _read_pdu(self, limit: int = MAX_PDU + 6) -> tuple[int, bytes]:
         head = self.reader.read(6)
@@ -256,7 +260,11 @@ class _Association:
         if not self._accept(rq):
             return
         self.sock.settimeout(NETWORK_TIMEOUT_S)
-        self._messages()
+        try:
+            self._messages()
+        finally:
+            if self.later is not None:
+                self.later.close()
 
     def _accept(self, rq: ul.AssociateRequest) -> bool:
         tls, cn = peer_identity(self.sock)
@@ -346,8 +354,9 @@ class _Association:
             elif not (0 < len(cmd.sop_instance) <= 64 and 0 < len(cmd.sop_class) <= 64):
                 status, reason = ul.CANNOT_UNDERSTAND, "invalid UID in the command"
             elif (batch := self._retrieve_batch(cmd)) is not None:
-                # A sub-operation of one of the node's own C-MOVE retrieves: answered now, stored while
-                # the PACS sends the next one, durable when the retrieve commits its batch
+                # A sub-operation of one of the node's own C-MOVE retrieves: answered now, stored in
+                # the association's store thread while this one reads the next, durable when the
+                # retrieve commits its batch
                 # (node/receive/batch.py); a failure is reported by the retrieve, not to the PACS.
                 try:
                     self._respond(cid, ul.response(ul.C_STORE_RSP, cmd.message_id, 0x0000, cmd.sop_class,
@@ -356,11 +365,9 @@ class _Association:
                     batch.end(b"", 0x0000, "")  # never answered: the PACS counts it as failed itself
                     raise
                 raw = self._part10(cmd, ts, dataset)
-                status, reason = 0xA700, "not stored"
-                try:
-                    status, reason = self._store(raw, batch)
-                finally:
-                    batch.end(raw, status, reason)
+                if self.later is None:
+                    self.later = StoreThread()
+                self.later.put(raw, batch, lambda: self._store(raw, batch))
                 return
             else:
                 status, reason = self._store(self._part10(cmd, ts, dataset), None)

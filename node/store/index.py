@@ -222,6 +222,12 @@ class Index:
         return self.conn().execute("SELECT 1 FROM instances WHERE sop_uid=? AND purged_at IS NULL",
                                    (sop_uid,)).fetchone() is not None
 
+    def instance_state(self, sop_uid: str) -> str | None:
+        """"held", "purged" (retention deleted our copy) or None (never stored): one query, for
+        ingest, which asks this of every instance it receives."""
+        row = self.conn().execute("SELECT purged_at IS NULL FROM instances WHERE sop_uid=?", (sop_uid,)).fetchone()
+        return None if row is None else ("held" if row[0] else "purged")
+
     def forget_purged(self, sop_uid: str) -> bool:
         """Drop the row of an instance whose spooled copy retention deleted, so that the same instance
         sent again is stored and routed like a late arrival. False if there was none."""

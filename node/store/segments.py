@@ -151,9 +151,28 @@ def split_payload(payload: bytes) -> tuple[dict, bytes]:
     return meta, payload[4 + n:]
 
 
-def join_payload(meta: dict, data: bytes | memoryview) -> bytes:
+def payload_parts(meta: dict, data: bytes | bytearray | memoryview) -> list:
+    """A record's payload (what ``split_payload`` reads) as two buffers, meta and ``data``, so that
+    ``data`` is written without being copied."""
     m = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
-    return b"".join((_META_LEN.pack(len(m)), m, data))
+    return [_META_LEN.pack(len(m)) + m, data]
+
+
+def _pwrite_all(fd: int, views: list[memoryview], pos: int) -> None:
+    """Write the buffers at ``pos`` in one ``pwritev`` call where the kernel takes them all (one
+    syscall, no joined copy), continuing after a short write."""
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], pos)
+        pos += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+_IOV_MAX = 512  # well under Linux's 1024 buffers per call
 
 
 class _Segment:
@@ -199,21 +218,18 @@ class SegmentWriter:
         self._preparer.start()
 
     # -- appending -------------------------------------------------------------------------
-    def append(self, length: int, build: Callable[[int, int], bytes], durable: bool = True) -> str:
-        """Reserve ``length`` bytes, have ``build(segment, offset)`` make the envelope for that place,
-        write it durably; returns its locator. With ``durable=False`` the write returns before the bytes
-        are on disk: durable only after the next ``sync()`` (a retrieve's instances, one sync for many)."""
+    def append(self, length: int, build: Callable[[int, int], bytes | list], durable: bool = True) -> str:
+        """Reserve ``length`` bytes, have ``build(segment, offset)`` make the envelope for that place
+        (one buffer, or a list of buffers written in order), write it durably; returns its locator.
+        With ``durable=False`` the write returns before the bytes are on disk: durable only after the
+        next ``sync()`` (a retrieve's instances, one sync for many)."""
         seg, off = self._reserve(length)
         try:
             sealed = build(seg.number, off)
-            if len(sealed) != length:
-                raise ValueError(f"envelope is {len(sealed)} bytes, {length} reserved")
-            view = memoryview(sealed)
-            pos = off
-            fd = seg.fd if durable else seg.fill_fd
-            while view:
-                n = os.pwrite(fd, view, pos)
-                view, pos = view[n:], pos + n
+            views = [memoryview(b).cast("B") for b in (sealed if isinstance(sealed, list) else [sealed])]
+            if sum(len(v) for v in views) != length:
+                raise ValueError(f"envelope is {sum(len(v) for v in views)} bytes, {length} reserved")
+            _pwrite_all(seg.fd if durable else seg.fill_fd, views, off)
         finally:
             with self._cond:
                 self._inflight[seg.number] -= 1

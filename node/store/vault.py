@@ -16,7 +16,7 @@ from pathlib import Path
 
 from node.receive.spool import write_durable
 from node.store.envelope import MAGIC, IntegrityError, Keyring, Sealer, new_salt
-from node.store.segments import SegmentReader, SegmentWriter, join_payload, locator_context, parse_locator
+from node.store.segments import SegmentReader, SegmentWriter, locator_context, parse_locator, payload_parts
 
 __all__ = ["IntegrityError", "Vault", "VaultSpec"]
 
@@ -65,9 +65,9 @@ class Vault:
         ``durable=False``: on disk only after the next ``sync()`` (node/store/segments.py)."""
         if self.writer is None:
             raise RuntimeError("this vault is read-only")
-        payload = join_payload(meta, data)
-        return self.writer.append(self.sealer.sealed_length(len(payload)),
-                                  lambda seg, off: self.sealer.seal(payload, locator_context(seg, off)), durable)
+        parts = payload_parts(meta, data)
+        return self.writer.append(self.sealer.sealed_length(sum(len(p) for p in parts)),
+                                  lambda seg, off: self.sealer.seal_parts(parts, locator_context(seg, off)), durable)
 
     def sync(self) -> None:
         """Make every ``durable=False`` append so far durable."""

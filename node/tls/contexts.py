@@ -11,6 +11,7 @@ never completes the handshake would otherwise stall every other connection.
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 
 from node.config_security import ClientTls, DicomTls
 
@@ -101,13 +102,24 @@ def uvicorn_tls_options(web_tls) -> dict:
     return {"ssl_certfile": str(web_tls.cert), "ssl_keyfile": str(web_tls.key), "ssl_ciphers": CIPHERS_TLS12}
 
 
-def handshake_problem(tls_args: tuple[ssl.SSLContext, str], host: str, port: int, timeout: float) -> str | None:
-    """Why TLS to ``host:port`` fails, in words (the peer's certificate not trusted or not naming the
-    host, our client certificate refused, no TLS at all), or None when a handshake succeeds.
+@dataclass(frozen=True)
+class HandshakeProblem:
+    """Why a TLS handshake failed, in words, and whether retrying can help: a certificate that does
+    not verify (either way) is a setting to fix, not a transient fault, so it is ``permanent``."""
+
+    text: str
+    permanent: bool
+
+
+def handshake_problem(tls_args: tuple[ssl.SSLContext, str], host: str, port: int,
+                      timeout: float) -> HandshakeProblem | None:
+    """Why TLS to ``host:port`` fails (the peer's certificate not trusted or not naming the host, our
+    client certificate refused, no TLS at all), or None when a handshake succeeds.
 
     pynetdicom reports any of these as an association that was not established; a second, bare
     handshake tells the admin which setting to fix. With TLS 1.3 a refused client certificate is
-    only reported after the handshake, so a short read follows it."""
+    only reported after the handshake, so a short read follows it; a peer that closes there is not
+    certainly refusing the certificate (it may be restarting), so that case stays retryable."""
     import socket
 
     ctx, server_name = tls_args
@@ -117,17 +129,20 @@ def handshake_problem(tls_args: tuple[ssl.SSLContext, str], host: str, port: int
             tls.settimeout(min(timeout, 1.0))
             try:
                 if tls.recv(1) == b"":
-                    return ("the peer closed the TLS connection after the handshake "
-                            "(does it accept our client certificate?)")
+                    return HandshakeProblem("the peer closed the TLS connection after the handshake "
+                                            "(does it accept our client certificate?)", permanent=False)
             except TimeoutError:
                 return None  # the peer waits for the association request: TLS is fine
     except ssl.SSLCertVerificationError as exc:
-        return f"the peer's certificate was not accepted: {exc.verify_message} (is tls.ca the CA that signed it?)"
+        return HandshakeProblem(f"the peer's certificate was not accepted: {exc.verify_message} "
+                                "(is tls.ca the CA that signed it?)", permanent=True)
     except ssl.SSLError as exc:
         reason = exc.reason or str(exc)
         if "ALERT" in reason.upper() and ("CERTIFICATE" in reason.upper() or "UNKNOWN_CA" in reason.upper()):
-            return f"the peer refused our client certificate ({reason}): check tls.cert and tls.key"
-        return f"TLS handshake failed: {reason} (does the peer speak DICOM TLS on this port?)"
+            return HandshakeProblem(f"the peer refused our client certificate ({reason}): check tls.cert and "
+                                    "tls.key", permanent=True)
+        return HandshakeProblem(f"TLS handshake failed: {reason} (does the peer speak DICOM TLS on this port?)",
+                                permanent=False)
     except OSError:
         return None  # not reachable at all: the caller's own message says so
     return None
