@@ -62,6 +62,19 @@ def test_mr_ct_rigid_mutual_information_tre(tmp_path):
     assert tre.mean() <= 2.0, tre.mean()
 
 
+def test_body_mask_leaves_the_table_out(breathing):
+    """The External can take in the table under a rotated patient's back (759 table voxels here
+    before); the registration mask drops it and keeps the patient."""
+    fu, fixed, base, moving = breathing
+    for study, series in ((fu, fixed), (base, moving)):
+        labels, _ = study.label_volume()
+        mask = ct_mask(series.volume, "body")
+        table = labels == study.label("table")
+        patient = ~np.isin(labels, (study.label("background"), study.label("table"), study.label("marker")))
+        assert table.sum() > 1000 and (mask & table).sum() <= 0.002 * table.sum(), (mask & table).sum()
+        assert (mask & patient).sum() >= 0.99 * patient.sum(), (mask & patient).sum() / patient.sum()
+
+
 def test_ct_ct_deformable_on_breathing(breathing, tmp_path):
     fu, fixed, base, moving = breathing
     f, m, region = _truth(fu.root / REGISTRATION_TRUTH)
