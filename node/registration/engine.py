@@ -32,7 +32,9 @@ METRICS = ("mean_squares", "correlation", "mattes")
 MIN_OVERLAP = 0.25  # below this, the result is refused: most of the fixed anatomy has no partner
 _LINEAR_LEVELS_MM = (8.0, 4.0, 2.0)  # working voxel size per level
 _DEMONS_LEVELS_MM = (8.0, 4.0, 2.5)  # working voxel size per level (never finer than the image)
-_DEMONS_ITERATIONS = 40  # per level
+_DEMONS_ITERATIONS = (40, 40, 40)  # per level
+_DEMONS_UPDATE_SIGMA = 0.0  # fluid regularisation of each update (voxels; 0: off)
+_DEMONS_COARSE_SMOOTHING = 0.0  # extra field smoothing (mm) at the coarse levels
 _LINEAR_SAMPLES = 60_000  # metric points per level
 
 
@@ -174,15 +176,19 @@ def _demons_stage(fixed, moving, linear: sitk.Transform, masks, geom: Geometry,
         moving = sitk.Mask(moving, masks[1], outsideValue=fill)
     field = None
     total = 0
-    for mm in _DEMONS_LEVELS_MM:
+    for li, (mm, iterations) in enumerate(zip(_DEMONS_LEVELS_MM, _DEMONS_ITERATIONS)):
         level = _level_grid(geom, mm)
         sigma = mm / 2 if mm > min(geom.spacing) else 0.0
         f = _on(fixed, level, sitk.Transform(3, sitk.sitkIdentity), fill, sigma)
         m = _on(moving, level, linear, fill, sigma)
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
-        demons.SetNumberOfIterations(_DEMONS_ITERATIONS)
+        demons.SetNumberOfIterations(iterations)
         demons.SetSmoothDisplacementField(True)
-        demons.SetStandardDeviations(max(1.0, smoothing_mm / min(level.spacing)))
+        sm = smoothing_mm + (_DEMONS_COARSE_SMOOTHING if li < len(_DEMONS_LEVELS_MM) - 1 else 0.0)
+        demons.SetStandardDeviations(max(1.0, sm / min(level.spacing)))
+        if _DEMONS_UPDATE_SIGMA > 0:
+            demons.SetSmoothUpdateField(True)
+            demons.SetUpdateFieldStandardDeviations(_DEMONS_UPDATE_SIGMA)
         demons.SetMaximumUpdateStepLength(0.5 * min(level.spacing))
         count = [0]
         demons.AddCommand(sitk.sitkIterationEvent, lambda: count.__setitem__(0, count[0] + 1))

@@ -53,9 +53,20 @@ def _without_table(body: np.ndarray, volume: Volume) -> np.ndarray:
     dense, n = ndimage.label(body & (volume.array > _DENSE_HU), structure=in_plane)
     if n == 0:
         return body
-    surface = dense[ndimage.binary_dilation(~body, structure=in_plane) & (dense > 0)]
+    surface = dense[_grown_in_plane(~body) & (dense > 0)]
     drop = np.zeros(n + 1, bool)
     drop[np.unique(surface)] = True
     drop[0] = False
     # With their partial-volume rim (a voxel of skin where the patient lies on the table).
-    return body & ~ndimage.binary_dilation(drop[dense], structure=in_plane)
+    return body & ~_grown_in_plane(drop[dense])
+
+
+def _grown_in_plane(mask: np.ndarray) -> np.ndarray:
+    """``mask`` grown by one voxel along rows and columns (slices kept apart). Shifted copies:
+    several times faster than a binary dilation on a 512x512x300 volume."""
+    out = mask.copy()
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    out[:, :, 1:] |= mask[:, :, :-1]
+    out[:, :, :-1] |= mask[:, :, 1:]
+    return out
