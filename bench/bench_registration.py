@@ -4,11 +4,12 @@ Run: .venv/bin/python bench/bench_registration.py [--size 512 --slices 300] [--q
 
 Pairs come from the phantom generator with their truth (node.phantom.pairs): a chest CT and its
 follow-up moved rigidly (CT-CT rigid), the same with breathing (CT-CT deformable), a head CT and MR
-in two Frames of Reference (MR-CT rigid, mutual information). Each engine runs in its own process
-(spawned), which gives its peak resident memory; time includes the body masks (CT pairs), and CPU
-time (all threads) is printed beside it because the build machine is shared; TRE is the mean distance between where the
-result and the truth put the fixed landmarks in the moving image (lung: the landmarks in the lung bases, where
-the breathing moves most); jac min is the smallest Jacobian determinant of Hilum's deformable field (> 0: no
+in two Frames of Reference (MR-CT rigid, mutual information). Each engine runs in its own spawned
+process and reports that process's own peak resident memory (VmHWM; loading the pair included).
+Time includes the body masks (CT pairs); CPU time (all threads) is printed beside it because the
+build machine is shared. TRE is the mean distance between where the result and the truth put the
+fixed landmarks in the moving image (lung: the landmarks in the lung bases, where the breathing
+moves most); jac min is the smallest Jacobian determinant of Hilum's deformable field (> 0: no
 folding).
 
 Targets (issue 18): rigid <= 10 s, deformable <= 60 s on 2 cores; Hilum's TRE <= elastix's + 0.2 mm
@@ -106,6 +107,16 @@ def _elastix(fixed_dir: str, moving_dir: str, method: str, metric: str, masks: b
     return elapsed, cpu, mapping, None  # its Jacobian is not computed: 9 gradients of a full-size field
 
 
+def _peak_mb() -> float:
+    """This process's own peak resident memory (VmHWM, MB). Not ru_maxrss: Linux carries a parent's
+    maxrss across fork and exec, so a spawned child would report at least the parent's (here the
+    bench's, with the full-size phantoms it generated) instead of its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
+
+
 def _child(engine: str, args: tuple, truth: str, queue) -> None:
     import os
 
@@ -116,7 +127,7 @@ def _child(engine: str, args: tuple, truth: str, queue) -> None:
     f, m, region = _landmarks(Path(truth))
     tre = np.linalg.norm(mapping(f) - m, axis=1)
     lung = region == "lung_base"
-    queue.put({"time_s": elapsed, "cpu_s": cpu, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    queue.put({"time_s": elapsed, "cpu_s": cpu, "peak_mb": _peak_mb(),
                "tre_mm": float(tre.mean()), "tre_max_mm": float(tre.max()),
                "tre_lung_mm": float(tre[lung].mean()) if lung.any() else None, "jac_min": jac_min})
 
