@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import shutil
 from io import BytesIO
 from pathlib import Path
@@ -276,8 +277,9 @@ def test_the_shipped_detector_is_a_small_trained_detection_model():
 
     cfg = load_train_config(folder / "train.yaml")
     assert (cfg.name, cfg.task, cfg.detection, cfg.version) == (card.name, card.task, card.detection, card.version)
-    metrics = __import__("json").loads((folder / "metrics.json").read_text())
-    assert metrics["model"] == SHIPPED and metrics["validation"]["dice"]["Nodule"] == card.validation.dice["Nodule"]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["model"] == SHIPPED
+    assert metrics["validation"]["dice"]["Nodule"] == pytest.approx(card.validation.dice["Nodule"], abs=5e-5)
     assert card.validated_domain is not None
 
 
