@@ -631,7 +631,7 @@ def measure_only(cfg: TrainConfig, log: Log = print) -> ModelCard:
     train_cases, val_cases = _split(load_cases(cfg.data, cfg.labels, work, log), cfg.data.validation_split, cfg.seed)
     if old.get("training", {}).get("train_cases") not in (None, [c.name for c in train_cases]):
         raise CardError("data: these are not the cases the model was trained on (metrics.json training.train_cases)")
-    extra = {k: old[k] for k in ("parameters", "device", "training", "onnx_check") if k in old}
+    extra = {k: old[k] for k in ("parameters", "device", "training", "onnx_check", "code_version", "strategy") if k in old}
     return describe(cfg, out_dir, train_cases, val_cases, extra, log)
 
 
