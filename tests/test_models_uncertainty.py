@@ -83,6 +83,40 @@ def test_disagreement_finds_what_the_flips_expose(tmp_path):
     assert 0.15 < along_z["disagreement"] < 0.6
 
 
+def test_stacked_passes_give_what_the_passes_one_by_one_give(tmp_path):
+    """The test-time passes run as one batch per patch (the default) or pass after pass (a network with
+    a fixed batch size): the same probabilities, the same record. The probe model is not flip-equivariant,
+    so a flip undone on the wrong slice of the stacked answer would show."""
+    from node.models.uncertainty import predict_with_uncertainty
+
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    threshold_model(folder / "model.onnx", mean=-1000.0, shift=2)
+    card = card_dict("probe", inference={"patch_size": [16, 16, 16], "overlap": 0.5, "batch_size": 3})
+    card["preprocessing"].update(mean=-1000.0)
+    (folder / "card.yaml").write_text(yaml.safe_dump(card))
+    cls = model_handler("model:probe", tmp_path)
+    run = onnx_runner(load_model(folder, cls.card, "cpu"))
+    params = UncertaintyParams(flips=[["z"], ["x", "y"]], intensity_scales=[0.8, 1.25])
+    calls = []
+
+    def counted(batch):
+        calls.append(len(batch))
+        return run(batch)
+
+    volume = ball(-100).volume
+    stacked = predict_with_uncertainty([volume], cls.card, counted, params, stack_passes=True)
+    n_stacked, calls[:] = list(calls), []
+    one_by_one = predict_with_uncertainty([volume], cls.card, counted, params, stack_passes=False)
+    assert len(calls) == 5 * len(n_stacked) and max(n_stacked) == 5 * max(calls)  # 5 passes, 1 call per patch
+    assert np.allclose(stacked.entropy, one_by_one.entropy, atol=1e-5)
+    assert (stacked.labels != one_by_one.labels).mean() < 0.001
+    assert stacked.record["pass_names"] == one_by_one.record["pass_names"]
+    assert stacked.record["disagreement"] == pytest.approx(one_by_one.record["disagreement"], abs=1e-3)
+    assert stacked.record["disagreement"] > 0.1  # the z flip moves the probe's answer: the check has teeth
+    assert stacked.record["score"] == pytest.approx(one_by_one.record["score"], abs=1e-4)
+
+
 def test_no_second_pass_is_refused_and_bad_params_name_the_field(tmp_path):
     folder = tmp_path / "noflip"
     folder.mkdir()

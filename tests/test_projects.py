@@ -66,7 +66,7 @@ def test_create_from_card_and_config_and_walk_a_case_through_its_states(tmp_path
     assert main(["project", "create", "lungs", "--model-card", str(card), "--train-config", str(train),
                  "--study", study.study_uid, "--study", "1.2.3.4", "--annotator", "alice",
                  "--data-dir", str(data)]) == 0
-    assert "project lungs: model tiny, 2 case(s), labels Left lung, Heart" in capsys.readouterr().out
+    assert "project lungs: model tiny, 2 listed case(s), labels Left lung, Heart" in capsys.readouterr().out
     store = ProjectStore.for_data_dir(data)
     project = store.get("lungs")
     assert project.may_annotate("alice", "annotator") and not project.may_annotate("bob", "annotator")

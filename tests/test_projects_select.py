@@ -157,3 +157,50 @@ def test_selected_cases_and_roles_through_a_node(tmp_path, monkeypatch):
         assert "annotator carol is not a viewer of project 'a'" in reasons
         assert "annotator alice is not an annotator of project 'b'" in reasons
         assert {e["detail"]["request"] for e in refusals} >= {"view", "store a label", "accept a label"}
+
+
+def test_a_select_condition_takes_the_matching_studies_already_in_the_node(tmp_path):
+    card, train = _model_and_config(tmp_path)
+    store = ProjectStore(tmp_path / "projects")
+    one = generate_ct(tmp_path / "one", seed=13, **TINY_PHANTOM)
+    two = generate_ct(tmp_path / "two", seed=14, **TINY_PHANTOM)
+    store.create("chest", model_card=card, train_config=train, study_uids=[], annotators=[], by="t",
+                 select={"PatientID": _patient(one)}, existing=[_facts(one), _facts(two)])
+    cases = store.cases("chest")
+    assert list(cases) == [one.study_uid]  # the other patient's study does not match
+    assert cases[one.study_uid]["history"][0]["why"].endswith("(in the node before the project was created)")
+    assert store.select_study(_facts(one)) == []  # completing again later adds nothing twice
+    # without a condition, the studies in the node are not looked at: the project has its listed cases only
+    store.create("listed", model_card=card, train_config=train, study_uids=[two.study_uid], annotators=[], by="t",
+                 existing=[_facts(one)])
+    assert list(store.cases("listed")) == [two.study_uid]
+
+
+@pytest.mark.slow
+def test_project_create_selects_the_complete_studies_of_a_running_node(tmp_path, monkeypatch):
+    """`hilum project create --select` against a node that already holds studies: the matching complete
+    ones become cases at once (the output says how many); `--new-only` leaves them out."""
+    from tests.nodeproc import running_node, storescu, wait_for
+
+    card, train = _model_and_config(tmp_path)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    one = generate_ct(tmp_path / "one", seed=31, **TINY_PHANTOM)
+    two = generate_ct(tmp_path / "two", seed=32, **TINY_PHANTOM)
+    with running_node(tmp_path / "data", rules) as node:
+        for s in (one, two):
+            assert storescu(node.dicom_port, s.dicom_dir).returncode == 0
+        wait_for(lambda: all(node.study(s.study_uid).get("stable") for s in (one, two)), 60,
+                 "both studies complete", interval=0.5)
+        common = ("--model-card", str(card.parent), "--train-config", str(train), "--config", str(node.config_path))
+        select = json.dumps({"Modality": "CT", "PatientID": _patient(one)})
+        out = node.hilum("project", "create", "now", "--select", select, *common)
+        assert out.returncode == 0, out.stderr
+        assert "1 of the 2 complete studies in the node match" in out.stdout, out.stdout
+        later = node.hilum("project", "create", "later", "--select", select, "--new-only", *common)
+        assert later.returncode == 0 and "completing from now on" in later.stdout, later.stderr
+        bad = node.hilum("project", "create", "bad", "--study", one.study_uid, "--new-only", *common)
+        assert bad.returncode == 1 and "--new-only: goes with --select" in bad.stderr
+        now = node.api("GET", "/api/projects/now").json()
+        assert list(now["cases"]) == [one.study_uid] and now["counts"]["unlabeled"] == 1
+        assert node.api("GET", "/api/projects/later").json()["cases"] == {}

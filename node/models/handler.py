@@ -142,5 +142,7 @@ class ModelHandler(Handler):
 
             def sample_runner(sample: int):
                 return masked_runner(mc, dropout_masks(mc, card.mc_dropout.rate, params.seed, sample))
+        # a network exported with a fixed batch size cannot take the passes stacked into one batch
+        fixed_batch = isinstance(model.session.get_inputs()[0].shape[0], int)
         return predict_with_uncertainty([s.volume for s in series], card, onnx_runner(model), params, progress,
-                                        sample_runner)
+                                        sample_runner, stack_passes=not fixed_batch)

@@ -249,8 +249,13 @@ def _activate(logits: np.ndarray, activation: str) -> np.ndarray:
 
 
 def sliding_window(image: np.ndarray, run_patch: PatchRunner, spec: InferenceSpec, n_classes: int,
-                   progress: Progress | None = None) -> np.ndarray:
-    """(K, z, y, x) float32 class probabilities of a (C, z, y, x) image, blended over patches."""
+                   progress: Progress | None = None, passes: int = 1) -> np.ndarray:
+    """(K, z, y, x) float32 class probabilities of a (C, z, y, x) image, blended over patches.
+
+    ``passes`` > 1: ``run_patch`` answers a (B, C, ...) batch with (passes * B, K, ...) logits, pass
+    after pass (e.g. several perturbations of the batch in one call, see ``uncertainty``), and the
+    result is (passes, K, z, y, x): each pass blended on its own.
+    """
     patch = spec.patch_size
     c, *shape = image.shape
     pads = [(max(0, p - s) // 2, max(0, p - s) - max(0, p - s) // 2) for s, p in zip(shape, patch)]
@@ -262,7 +267,7 @@ def sliding_window(image: np.ndarray, run_patch: PatchRunner, spec: InferenceSpe
     starts = [(z, y, x) for z in patch_starts(padded[0], patch[0], steps[0])
               for y in patch_starts(padded[1], patch[1], steps[1]) for x in patch_starts(padded[2], patch[2], steps[2])]
     weight = importance_map(patch, spec.blending, spec.gaussian_sigma_scale)
-    probs = np.zeros((n_classes, *padded), dtype=np.float32)
+    probs = np.zeros((passes, n_classes, *padded), dtype=np.float32)
     norm = np.zeros(padded, dtype=np.float32)
     flips = [()] + [tuple(_AXIS[a] for a in f) for f in spec.tta_flips]
     for b0 in range(0, len(starts), spec.batch_size):
@@ -270,7 +275,7 @@ def sliding_window(image: np.ndarray, run_patch: PatchRunner, spec: InferenceSpe
         sl = [(slice(None), slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
               for z, y, x in chunk]
         batch = np.stack([image[s] for s in sl]).astype(np.float32, copy=False)
-        acc = np.zeros((len(chunk), n_classes, *patch), dtype=np.float32)
+        acc = np.zeros((passes * len(chunk), n_classes, *patch), dtype=np.float32)
         for axes in flips:
             inp = np.ascontiguousarray(np.flip(batch, axes)) if axes else batch
             out = _activate(run_patch(inp), spec.activation)
@@ -278,14 +283,16 @@ def sliding_window(image: np.ndarray, run_patch: PatchRunner, spec: InferenceSpe
                 raise RuntimeError(f"the model returned {out.shape} for a {inp.shape} batch, expected {acc.shape}")
             acc += np.flip(out, axes) if axes else out
         acc *= weight / len(flips)
-        for s, a in zip(sl, acc):
-            probs[s] += a
+        acc = acc.reshape(passes, len(chunk), n_classes, *patch)
+        for i, s in enumerate(sl):
+            probs[(slice(None), *s)] += acc[:, i]
             norm[s[1:]] += weight
         if progress:
             progress(min(1.0, (b0 + len(chunk)) / len(starts)), f"patch {b0 + len(chunk)}/{len(starts)}")
     probs /= norm
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, shape))
-    return np.ascontiguousarray(probs[(slice(None), *crop)])
+    out = np.ascontiguousarray(probs[(slice(None), slice(None), *crop)])
+    return out if passes > 1 else out[0]
 
 
 # ---------------------------------------------------------------- back to the source grid

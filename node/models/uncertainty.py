@@ -37,9 +37,9 @@ from node.models.inference import LoadedModel, PatchRunner, Progress, confidence
     probabilities_to_labels, sliding_window
 from node.volume import Geometry, Volume
 
-__all__ = ["UncertaintyParams", "Pass", "passes_for", "perturbed_runner", "scores", "segment_with_uncertainty",
-           "predict_with_uncertainty", "Uncertain", "dropout_masks", "masked_runner", "CaseScore", "Pick",
-           "rank_cases", "STRATEGIES"]
+__all__ = ["UncertaintyParams", "Pass", "passes_for", "perturbed_runner", "stacked_runner", "scores",
+           "segment_with_uncertainty", "predict_with_uncertainty", "Uncertain", "dropout_masks", "masked_runner",
+           "CaseScore", "Pick", "rank_cases", "STRATEGIES"]
 
 _AXIS = {"z": 2, "y": 3, "x": 4}  # flip axes of a (B, C, z, y, x) batch
 STRATEGIES = ("uncertainty", "random", "diverse")
@@ -117,14 +117,30 @@ def masked_runner(model: LoadedModel, masks: dict[str, np.ndarray]) -> PatchRunn
 
 def perturbed_runner(run: PatchRunner, p: Pass) -> PatchRunner:
     """``run`` on the perturbed batch, with the flip undone on its output (logits, voxel by voxel)."""
-    axes = tuple(_AXIS[a] for a in p.flip)
+    return lambda batch: _unflip(run(_perturb(batch, p)), p)
 
+
+def _perturb(batch: np.ndarray, p: Pass) -> np.ndarray:
+    x = batch * np.float32(p.scale) if p.scale != 1.0 else batch
+    axes = tuple(_AXIS[a] for a in p.flip)
+    return np.ascontiguousarray(np.flip(x, axes)) if axes else x
+
+
+def _unflip(out: np.ndarray, p: Pass) -> np.ndarray:
+    axes = tuple(_AXIS[a] for a in p.flip)
+    return np.flip(out, axes) if axes else out
+
+
+def stacked_runner(run: PatchRunner, passes: Sequence[Pass]) -> PatchRunner:
+    """``run`` once on every pass's perturbation of the batch stacked together: a (B, ...) batch gives
+    (len(passes) * B, ...) logits, pass after pass, each with its flip undone. One call per patch
+    instead of one per pass, each patch cut out once. On CPU this saves little (ONNX Runtime runs a
+    batch of 4 in about the time of 4 batches of 1: docs/models.md); a bigger batch is what keeps an
+    accelerator busy (not measured here). The call needs len(passes) times the memory."""
     def runner(batch: np.ndarray) -> np.ndarray:
-        x = batch * np.float32(p.scale) if p.scale != 1.0 else batch
-        if axes:
-            x = np.ascontiguousarray(np.flip(x, axes))
-        out = run(x)
-        return np.flip(out, axes) if axes else out
+        n = len(batch)
+        out = run(np.concatenate([_perturb(batch, p) for p in passes]))
+        return np.concatenate([_unflip(out[i * n:(i + 1) * n], p) for i, p in enumerate(passes)])
 
     return runner
 
@@ -204,10 +220,13 @@ SampleRunners = Callable[[int], PatchRunner]  # MC dropout draw -> the runner of
 
 def predict_with_uncertainty(volumes: Sequence[Volume], card: ModelCard, run_patch: PatchRunner,
                              params: UncertaintyParams, progress: Progress | None = None,
-                             sample_runner: SampleRunners | None = None) -> Uncertain:
+                             sample_runner: SampleRunners | None = None, stack_passes: bool = True) -> Uncertain:
     """Like ``inference.segment`` (labels on the first volume's exact grid), over several passes,
     with the case's uncertainty record (``scores``) and the passes named in it. ``sample_runner``
-    gives the Monte-Carlo dropout passes' runners (needed when the plan has such passes)."""
+    gives the Monte-Carlo dropout passes' runners (needed when the plan has such passes).
+
+    ``stack_passes``: run the test-time passes as one batch per patch (``stacked_runner``); False
+    for a network whose batch size is fixed (then pass after pass, as many calls)."""
     report = progress or (lambda f, m: None)
     plan = passes_for(card, params)
     mc = [p.sample is not None for p in plan]
@@ -220,7 +239,14 @@ def predict_with_uncertainty(volumes: Sequence[Volume], card: ModelCard, run_pat
         image = np.ascontiguousarray(image.transpose(0, 3, 2, 1))
     single = InferenceSpec(**{**card.inference.model_dump(), "tta_flips": []})
     probs = []
-    for i, p in enumerate(plan):
+    tta = [p for p in plan if p.sample is None]  # the plan's first passes; the dropout samples follow
+    if stack_passes and len(tta) > 1:
+        def stacked(f, m):
+            report(0.1 + 0.7 * f * len(tta) / len(plan), f"passes 1-{len(tta)}/{len(plan)} "
+                                                         f"({', '.join(p.name for p in tta)}): {m}")
+        probs.extend(sliding_window(image, stacked_runner(run_patch, tta), single, card.output_channels, stacked,
+                                    passes=len(tta)))
+    for i, p in enumerate(plan[len(probs):], start=len(probs)):
         def step(f, m, i=i, p=p):
             report(0.1 + 0.7 * (i + f) / len(plan), f"pass {i + 1}/{len(plan)} ({p.name}): {m}")
         base = run_patch if p.sample is None else sample_runner(p.sample)
@@ -248,9 +274,10 @@ def predict_with_uncertainty(volumes: Sequence[Volume], card: ModelCard, run_pat
 
 def segment_with_uncertainty(volumes: Sequence[Volume], card: ModelCard, run_patch: PatchRunner,
                              params: UncertaintyParams, progress: Progress | None = None,
-                             sample_runner: SampleRunners | None = None) -> tuple[np.ndarray, dict]:
+                             sample_runner: SampleRunners | None = None,
+                             stack_passes: bool = True) -> tuple[np.ndarray, dict]:
     """``predict_with_uncertainty``'s labels and record."""
-    out = predict_with_uncertainty(volumes, card, run_patch, params, progress, sample_runner)
+    out = predict_with_uncertainty(volumes, card, run_patch, params, progress, sample_runner, stack_passes)
     return out.labels, out.record
 
 

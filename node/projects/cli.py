@@ -10,9 +10,19 @@ from pathlib import Path
 import yaml
 
 from node.config import ConfigError, load_settings
+from node.projects.intake import complete_studies
 from node.projects.store import ProjectError, ProjectStore
 
 __all__ = ["cli"]
+
+
+def _complete_studies(settings) -> list:
+    """The studies complete in the node (none where no node has run on this data folder yet)."""
+    if not (settings.data_dir / "index.db").is_file():
+        return []
+    from node.runtime import open_index  # the node's index: only when there is one to read
+
+    return complete_studies(open_index(settings))
 
 
 def cli(argv: list[str]) -> int:
@@ -35,7 +45,10 @@ def cli(argv: list[str]) -> int:
                         help="a case's StudyInstanceUID (repeat)")
     create.add_argument("--select", type=yaml.safe_load, default=None,
                         help="a study-level rule condition (YAML, e.g. '{Modality: CT, BodyPartExamined: CHEST}'): "
-                             "studies completing from now on that match become cases")
+                             "the studies complete in the node that match become cases now, and those "
+                             "completing later as they complete")
+    create.add_argument("--new-only", dest="new_only", action="store_true",
+                        help="with --select: only studies completing from now on, not those already in the node")
     create.add_argument("--annotator", dest="annotators", action="append", default=[], help="user name (repeat)")
     create.add_argument("--viewer", dest="viewers", action="append", default=None,
                         help="user who may only view the project (repeat); without any, every signed-in user may")
@@ -46,19 +59,26 @@ def cli(argv: list[str]) -> int:
     acc.add_argument("study")
     args = p.parse_args(argv)
     try:
-        store = ProjectStore.for_data_dir(load_settings(args.config, data_dir=args.data_dir).data_dir)
+        settings = load_settings(args.config, data_dir=args.data_dir)
+        store = ProjectStore.for_data_dir(settings.data_dir)
     except ConfigError as exc:
         print(f"hilum: {exc}", file=sys.stderr)
         return 2
     by = f"cli {getpass.getuser()}"
     try:
         if args.cmd == "create":
+            if args.new_only and args.select is None:
+                raise ProjectError("--new-only: goes with --select (it says which studies the condition looks at)")
+            existing = [] if args.select is None or args.new_only else _complete_studies(settings)
             project = store.create(args.name, model_card=args.model_card, train_config=args.train_config,
                                    study_uids=args.studies, annotators=args.annotators, by=by,
-                                   select=args.select, viewers=args.viewers)
-            print(f"project {project.name}: model {project.model}, {len(project.study_uids)} case(s)"
-                  + (f" and the studies matching {args.select}" if args.select else "") + ", "
-                  f"labels {', '.join(lab.name for lab in project.labels)}")
+                                   select=args.select, viewers=args.viewers, existing=existing)
+            selected = len(set(store.cases(project.name)) - set(project.study_uids))
+            print(f"project {project.name}: model {project.model}, {len(project.study_uids)} listed case(s)"
+                  + (f", {selected} of the {len(existing)} complete studies in the node match {args.select} "
+                     "and studies completing later that match will be added" if args.select and not args.new_only
+                     else f", the studies completing from now on that match {args.select}" if args.select else "")
+                  + f", labels {', '.join(lab.name for lab in project.labels)}")
         elif args.cmd == "list":
             for name in store.names():
                 counts = store.summary(name)["counts"]

@@ -18,7 +18,7 @@ import pydicom
 from node.projects.labels import LabelRefused, check_seg
 from node.projects.store import Project, ProjectStore
 
-__all__ = ["CaseLabel", "multipart_parts", "seg_parts", "vet", "note_prediction"]
+__all__ = ["CaseLabel", "multipart_parts", "seg_parts", "vet", "note_prediction", "complete_studies"]
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -105,3 +105,15 @@ def note_prediction(store: ProjectStore, job, results: list[dict], provenance: d
                                     uncertainty=provenance.get("uncertainty"))
             done.append(name)
     return done
+
+
+def complete_studies(index) -> list:
+    """The ``StudyFacts`` of every study complete in the node's index (what a new project's ``select``
+    condition is tested on, as the router tests each study completing later)."""
+    from node.route.router import series_facts
+    from node.rules.facts import StudyFacts
+
+    grouped: dict[str, list] = {}
+    for row in index.series_of_complete_studies():
+        grouped.setdefault(row["study_uid"], []).append(series_facts(row))
+    return [StudyFacts(series, uid) for uid, series in grouped.items()]

@@ -26,7 +26,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,6 +41,7 @@ __all__ = ["CASE_STATES", "Project", "ProjectError", "ProjectStore"]
 CASE_STATES = ("unlabeled", "predicted", "in_review", "labeled")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+EXISTING = " (in the node before the project was created)"  # how a retroactively selected case's history says so
 
 
 class ProjectError(ValueError):
@@ -142,8 +143,13 @@ class ProjectStore:
 
     def create(self, name: str, *, model_card: Path, train_config: Path, study_uids: list[str],
                annotators: list[str], by: str, select: dict | None = None,
-               viewers: list[str] | None = None) -> Project:
-        """A new project from a model card (the model it trains) and a training configuration (its labels)."""
+               viewers: list[str] | None = None, existing: Iterable = ()) -> Project:
+        """A new project from a model card (the model it trains) and a training configuration (its labels).
+
+        ``existing``: the ``StudyFacts`` of the studies already complete in the node; those matching
+        ``select`` become cases now (the router adds the ones completing later), so a condition means
+        the same whether a study came before or after the project.
+        """
         try:
             card = load_card(model_card)
         except CardError as exc:
@@ -177,6 +183,10 @@ class ProjectStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        condition = project.condition()
+        if condition is not None:
+            for facts in existing:
+                self._select_case(name, condition, facts, EXISTING)
         return project
 
     # -- cases ----------------------------------------------------------------------------
@@ -203,18 +213,23 @@ class ProjectStore:
         added = []
         for name in self.names():
             condition = self.get(name).condition()
-            if condition is None or not condition.test(facts):
-                continue
-            with self._cases_locked(name) as cases:
-                if facts.study_uid in cases:
-                    continue
-                cases[facts.study_uid] = {"state": "unlabeled", "labels": [], "prediction": None, "history": [],
-                                          "selected_by": condition.evidence(facts)[:500]}
-                cases[facts.study_uid]["history"].append(
-                    {"at": time.time(), "by": "select", "from": None, "to": "unlabeled",
-                     "why": f"matched the project's condition: {condition.describe()}"[:500]})
-            added.append(name)
+            if condition is not None and self._select_case(name, condition, facts, ""):
+                added.append(name)
         return added
+
+    def _select_case(self, name: str, condition: Condition, facts, when: str) -> bool:
+        """The study becomes a case of project ``name`` if it matches and is not one yet; whether it did."""
+        if not condition.test(facts):
+            return False
+        with self._cases_locked(name) as cases:
+            if facts.study_uid in cases:
+                return False
+            cases[facts.study_uid] = {"state": "unlabeled", "labels": [], "prediction": None, "history": [],
+                                      "selected_by": condition.evidence(facts)[:500]}
+            cases[facts.study_uid]["history"].append(
+                {"at": time.time(), "by": "select", "from": None, "to": "unlabeled",
+                 "why": f"matched the project's condition: {condition.describe()}{when}"[:500]})
+        return True
 
     def _case(self, cases: dict, name: str, study_uid: str) -> dict:
         if study_uid not in cases:

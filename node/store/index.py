@@ -367,6 +367,12 @@ class Index:
             "SELECT * FROM series WHERE study_uid=? ORDER BY first_at", (study_uid,)
         ).fetchall()
 
+    def series_of_complete_studies(self) -> Iterator[sqlite3.Row]:
+        """Every series of the studies that have completed (state stable), study by study."""
+        yield from self.conn().execute(
+            "SELECT s.* FROM series s JOIN studies t ON t.study_uid = s.study_uid WHERE t.state = 'stable' "
+            "ORDER BY s.study_uid, s.first_at")
+
     def all_series(self, since: float = 0.0) -> Iterator[sqlite3.Row]:
         yield from self.conn().execute("SELECT * FROM series WHERE first_at >= ? ORDER BY first_at", (since,))
 
