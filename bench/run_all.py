@@ -3,6 +3,10 @@
 Each bench/bench_*.py script prints its own table (medians, spread, ratios against the peers
 it measures); this runner adds the machine's description so numbers are never read without it.
     .venv/bin/python bench/run_all.py [--quick] [--only ingest,rules]
+
+A section's run output (its code block and the timing line under it) is replaced by the new run;
+whatever else an engineer wrote in the section (quiet-machine runs, analysis) is kept below it, and
+with --only the other sections stay as they are - a rerun must not erase the record of earlier ones.
 """
 from __future__ import annotations
 
@@ -74,6 +78,27 @@ def machine() -> str:
     ])
 
 
+# The block this runner writes for a section: its output in a code block, then "(N s; run ...)".
+_RUN_BLOCK = re.compile(r"^```\n(?:(?!```).*\n)*?```\n\n\(\d+ s[^)\n]*\)\n", re.MULTILINE)
+
+
+def split_report(text: str) -> tuple[str, dict[str, str]]:
+    """The report's preamble and its sections (name -> body after the '## name' line), in order."""
+    parts = re.split(r"^## (\S+)[ \t]*\n", text, flags=re.MULTILINE)
+    return parts[0], dict(zip(parts[1::2], parts[2::2]))
+
+
+def merge_report(old: str, preamble: str | None, runs: dict[str, str]) -> str:
+    """``old`` with each section in ``runs`` given its new run block (the old run block dropped, the
+    engineers' notes kept under it); ``preamble`` replaces the old one unless None."""
+    old_preamble, sections = split_report(old) if old else ("", {})
+    for name, block in runs.items():
+        notes = _RUN_BLOCK.sub("", sections.get(name, ""), count=1).strip()
+        sections[name] = "\n" + block + ("\n" + notes + "\n" if notes else "") + "\n"
+    head = preamble if preamble is not None else old_preamble
+    return head.rstrip("\n") + "\n\n" + "".join(f"## {n}\n{b}" for n, b in sections.items()).rstrip("\n") + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes, one run: checks the scripts work")
@@ -81,7 +106,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = ap.parse_args()
     wanted = set(args.only.split(",")) if args.only else None
-    sections, failed = [], []
+    runs, failed = {}, []
     for name, script, full, quick in SUITE:
         if wanted and name not in wanted:
             continue
@@ -98,11 +123,14 @@ def main() -> int:
             failed.append(name)
             text += "\n\nFAILED:\n" + out.stderr[-3000:]
             print(out.stderr[-3000:], file=sys.stderr)
-        sections.append(f"## {name}\n\n```\n{text}\n```\n\n({time.perf_counter() - t0:.0f} s)\n")
-    report = (f"# Benchmarks\n\nRun {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `make bench`"
-              f"{' --quick' if args.quick else ''}.\n\n{machine()}\n\n" + "\n".join(sections))
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        runs[name] = f"```\n{text}\n```\n\n({time.perf_counter() - t0:.0f} s; run {stamp})\n"
     if not args.quick:
-        args.out.write_text(report)
+        # A full run describes the machine anew; a partial one leaves the preamble to the run it describes.
+        preamble = None if wanted else (f"# Benchmarks\n\nRun {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+                                        f" by `make bench`.\n\n{machine()}\n")
+        old = args.out.read_text() if args.out.exists() else ""
+        args.out.write_text(merge_report(old, preamble, runs))
         print(f"written to {args.out}")
     return 1 if failed else 0
 

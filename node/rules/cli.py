@@ -36,7 +36,7 @@ def _index_studies(settings, since_s: float | None = None, study_uid: str | None
 
     index = open_index(settings)
     grouped: dict[str, list] = {}
-    rows = index.series_of_study(study_uid) if study_uid else index.all_series(time.time() - (since_s or 0))
+    rows = index.series_of_study(study_uid) if study_uid else index.all_series(time.time() - since_s if since_s else 0.0)
     for row in rows:
         grouped.setdefault(row["study_uid"], []).append(series_facts(row))
     return [StudyFacts(series, uid) for uid, series in grouped.items()]
