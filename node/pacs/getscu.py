@@ -19,6 +19,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+from io import BytesIO
 from types import SimpleNamespace
 from typing import Callable, Iterator
 
@@ -236,6 +237,6 @@ def _status(cmd: ul.Command) -> SimpleNamespace:
 def _identifier(data: bytearray) -> Dataset | None:
     """The identifier of a C-GET response (Failed SOP Instance UID List), or None if undecodable."""
     try:
-        return decode(bytes(data), True, True)
+        return decode(BytesIO(data), True, True)
     except Exception:  # noqa: BLE001 - a malformed identifier: the counts still say what failed
         return None
