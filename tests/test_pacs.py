@@ -890,41 +890,84 @@ def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tm
             node._kill_orthanc()
 
 
-def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_path):
+@pytest.fixture
+def paused_pacs(tmp_path):
+    """A PACS (pynetdicom as the peer) whose first C-GET stops after ``PAUSE_AFTER`` instances until
+    ``resume`` is set; later C-GETs send everything. Orthanc sends a study faster than a test can
+    reliably catch it in the middle (the node's C-GET takes well under a second for 50 MB)."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+    import threading
+
+    st = tiny_study(tmp_path / "big", rows=64, series=(("AX", 1.0, 60),))
+    paused, resume, gets = threading.Event(), threading.Event(), []
+
+    def on_find(event):
+        if event.identifier.get("StudyInstanceUID") in ("", None, st.study_uid):
+            d = Dataset()
+            d.QueryRetrieveLevel, d.StudyInstanceUID, d.PatientID = "STUDY", st.study_uid, "P1"
+            d.NumberOfStudyRelatedInstances, d.SOPClassesInStudy = str(len(st.files)), CTImageStorage
+            yield 0xFF00, d
+
+    def on_get(event):
+        gets.append(event.assoc.requestor.ae_title)
+        first = len(gets) == 1
+        yield len(st.files)
+        for i, f in enumerate(st.files):
+            if first and i == PAUSE_AFTER:  # every earlier C-STORE has been answered by the node
+                paused.set()
+                resume.wait(60)  # the node is killed meanwhile
+            yield 0xFF00, pydicom.dcmread(f)
+
+    ae = AE(ae_title="PAUSED")
+    ae.add_supported_context(FIND)
+    ae.add_supported_context(GET)
+    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    yield port, st, paused, resume, gets
+    resume.set()
+    server.shutdown()
+
+
+PAUSE_AFTER = 20
+
+
+def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_path, paused_pacs):
+    """The host dies (SIGKILL) while a C-GET is under way: 20 instances received and answered, some
+    perhaps durable and indexed (a progress report), the rest written to the spool log without their
+    sync. After the restart the retrieve runs again and every instance is in the index exactly once."""
     import signal
 
     from tests.nodeproc import NodeProcess
 
-    # Progress is first recorded at the first instance, then every 0.5 s: the node is killed as soon as the
-    # first is seen, and the study is big enough (400 × 256², 50 MB) that the C-GET is then still under way.
-    slices = 400
-    st = tiny_study(tmp_path / "big", rows=256, series=(("AX", 1.0, slices),))
-    with pacs_orthanc(tmp_path / "pacs") as pacs:
-        pacs.upload(st.files)
-        (tmp_path / "rules").mkdir()
-        node = NodeProcess(tmp_path / "node", tmp_path / "rules", store_originals_in_orthanc=False,
-                           sources={"pacs": dimse(pacs.dicom_port, retrieve="get")}).start()
-        try:
-            rid = node.api("POST", "/api/pacs/retrieves", json={"source": "pacs", "study_uids": [st.study_uid]}
-                           ).json()["ids"][0]
-
-            def progress():
-                r = next(x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"] if x["id"] == rid)
-                return r if r["received"] >= 1 or r["status"] == "done" else None
-
-            r = wait_for(progress, 60, "the retrieve under way", interval=0.01)
-            assert r["status"] == "retrieving" and r["received"] < slices, "finished before it could be interrupted"
-            node.stop(signal.SIGKILL)  # the host dies mid-retrieve
-            node.start()
-            r = wait_for(lambda: next((x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"]
-                                       if x["id"] == rid and x["status"] in ("done", "failed", "partial")), None),
-                         90, "the resumed retrieve")
-            assert r["status"] == "done" and r["received"] == slices
-            assert any(h["event"] == "requeued after restart" for h in r["history"])
-            wait_for(lambda: node.study(st.study_uid).get("instances_received") == slices, 30, "all indexed")
-        finally:
-            node.stop()
-            node._kill_orthanc()
+    port, st, paused, resume, gets = paused_pacs
+    (tmp_path / "rules").mkdir()
+    node = NodeProcess(tmp_path / "node", tmp_path / "rules", store_originals_in_orthanc=False,
+                       sources={"pacs": dimse(port, "PAUSED", retrieve="get")}).start()
+    try:
+        rid = node.api("POST", "/api/pacs/retrieves", json={"source": "pacs", "study_uids": [st.study_uid]}
+                       ).json()["ids"][0]
+        assert paused.wait(60), "the C-GET did not start"
+        r = next(x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"] if x["id"] == rid)
+        assert r["status"] == "retrieving" and r["received"] <= PAUSE_AFTER
+        node.stop(signal.SIGKILL)  # the host dies mid-retrieve
+        resume.set()
+        node.start()
+        r = wait_for(lambda: next((x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"]
+                                   if x["id"] == rid and x["status"] in ("done", "failed", "partial")), None),
+                     90, "the resumed retrieve")
+        assert r["status"] == "done" and r["received"] == len(st.files) and len(gets) == 2
+        assert any(h["event"] == "requeued after restart" for h in r["history"])
+        wait_for(lambda: node.study(st.study_uid).get("instances_received") == len(st.files), 30, "all indexed")
+    finally:
+        node.stop()
+        node._kill_orthanc()
     from node.store.index import Index
 
     rows = Index(node.data_dir / "index.db").instances_of_study(st.study_uid)
