@@ -457,6 +457,43 @@ def test_pull_rule_series_filter_watch_growth_limits_and_restart(tmp_path, local
     assert node.store.pull_state("thin-ct")["last_error"] == res["error"]
 
 
+def test_instances_per_hour_holds_studies_back_until_the_hour_has_passed(tmp_path, local):
+    """limits.instances_per_hour: 10. Studies of 4, 4, 4 and 12 instances on the PACS: the first run
+    queues two (8), the second in the same hour none; an hour later the third, and the study larger
+    than the limit goes alone in the hour after that, instead of never."""
+    from node.pacs.scheduler import PullScheduler
+
+    studies = [tiny_study(tmp_path / f"s{i}", patient_id="HOUR", study_date=f"2024010{i + 1}",
+                          series=(("AX", 1.0, n),)) for i, n in enumerate((4, 4, 4, 12))]
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload([f for s in studies for f in s.files])
+        node = local({"pacs": dimse(pacs.dicom_port)})
+        rules = _pull_rules(tmp_path, "kind: pull\nname: hourly\nsource: pacs\nquery: {PatientID: HOUR}\n"
+                                      "limits: {instances_per_hour: 10}\n")
+        sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=lambda: None)
+        rule = rules.pull_rules[0]
+
+        def queued() -> list[str]:
+            return sorted(r["study_uid"] for r in node.store.list())
+
+        def an_hour_passes() -> None:  # the rate window looks at when each retrieve was queued
+            node.index.conn().execute("UPDATE retrieves SET created_at = created_at - 3601")
+
+        res = sched.run(rule)
+        assert (res["matches"], res["queued"], res["left"], res["error"]) == (4, 2, 2, None)
+        assert queued() == sorted(s.study_uid for s in studies[:2])  # oldest first
+        res = sched.run(rule)
+        assert (res["queued"], res["left"]) == (0, 2)
+        an_hour_passes()
+        assert (sched.run(rule)["queued"], len(queued())) == (1, 3)
+        assert sched.run(rule)["queued"] == 0  # 4 used, the 12-instance study does not fit this hour
+        an_hour_passes()
+        res = sched.run(rule)
+        assert (res["queued"], res["left"]) == (1, 0)
+        assert queued() == sorted(s.study_uid for s in studies)
+        assert [r["expected"] for r in node.store.list() if r["study_uid"] == studies[3].study_uid] == [12]
+
+
 def test_pull_scheduler_thread_picks_up_a_new_study_within_one_poll(tmp_path, local):
     import datetime as dt
 
