@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -878,6 +879,70 @@ def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs):
     sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=lambda: None)
     res = sched.run(rules.pull_rules[0])
     assert (res["matches"], res["queued"], res["left"], res["error"]) == (5000, 10, 4990, None)
+
+
+@pytest.fixture
+def broken_dicomweb(tmp_path):
+    """A DICOMweb archive (a real HTTP server) whose WADO-RS multipart answer holds one instance of
+    the study and then a part that is not DICOM; QIDO answers HTML for patient HTML."""
+    import http.server
+
+    st = tiny_study(tmp_path / "w", patient_id="WEB", series=(("AX", 1.0, 2),))
+    good = st.files[0].read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _send(self, ctype: str, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path.startswith("/studies?") and "PatientID=HTML" in self.path:
+                self._send("text/html", b"<html>Service temporarily unavailable</html>")
+            elif self.path.startswith("/studies?") and "offset=" in self.path and "offset=0" not in self.path:
+                self._send("application/dicom+json", b"[]")  # the next page (dicomweb-client asks for it)
+            elif self.path.startswith("/studies?"):
+                self._send("application/dicom+json", json.dumps([{
+                    "0020000D": {"vr": "UI", "Value": [st.study_uid]}, "00100020": {"vr": "LO", "Value": ["WEB"]},
+                    "00201208": {"vr": "IS", "Value": [2]}}]).encode())
+            elif self.path.startswith(f"/studies/{st.study_uid}"):
+                b = b"hilumboundary"
+                body = b"".join(b"--" + b + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
+                                for part in (good, b"this is not a DICOM file at all" * 8)) + b"--" + b + b"--"
+                self._send(f'multipart/related; type="application/dicom"; boundary={b.decode()}', body)
+            else:
+                self.send_error(404)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", st
+    srv.shutdown()
+
+
+def test_a_broken_dicomweb_answer_fails_the_retrieve_clearly_keeping_what_came_before(tmp_path, local,
+                                                                                       broken_dicomweb):
+    from node.pacs.model import StudyQuery
+    from node.pacs.sources import source_client
+
+    url, st = broken_dicomweb
+    node = local({"web": {"qido_url": url}}, retrieve_max_attempts=2)
+    with pytest.raises(Exception, match="QIDO-RS study search: malformed answer") as exc:
+        source_client(node.settings, "web").find_studies(StudyQuery(patient_id="HTML"))
+    assert type(exc.value).__name__ == "PacsError"
+    node.retriever.start()
+    rid, _ = node.store.add("web", st.study_uid, None, "test")
+    node.retriever.wake()
+    r = node.wait(rid)
+    assert r["status"] == "failed" and r["attempts"] == 2, r
+    assert "WADO-RS retrieve: malformed answer" in r["error"] and "internal error" not in r["error"]
+    import pydicom
+
+    assert node.held(st.study_uid) == {pydicom.dcmread(st.files[0]).SOPInstanceUID}  # the good part is kept
 
 
 def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tmp_path):
