@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -457,6 +458,43 @@ def test_pull_rule_series_filter_watch_growth_limits_and_restart(tmp_path, local
     assert node.store.pull_state("thin-ct")["last_error"] == res["error"]
 
 
+def test_instances_per_hour_holds_studies_back_until_the_hour_has_passed(tmp_path, local):
+    """limits.instances_per_hour: 10. Studies of 4, 4, 4 and 12 instances on the PACS: the first run
+    queues two (8), the second in the same hour none; an hour later the third, and the study larger
+    than the limit goes alone in the hour after that, instead of never."""
+    from node.pacs.scheduler import PullScheduler
+
+    studies = [tiny_study(tmp_path / f"s{i}", patient_id="HOUR", study_date=f"2024010{i + 1}",
+                          series=(("AX", 1.0, n),)) for i, n in enumerate((4, 4, 4, 12))]
+    with pacs_orthanc(tmp_path / "pacs") as pacs:
+        pacs.upload([f for s in studies for f in s.files])
+        node = local({"pacs": dimse(pacs.dicom_port)})
+        rules = _pull_rules(tmp_path, "kind: pull\nname: hourly\nsource: pacs\nquery: {PatientID: HOUR}\n"
+                                      "limits: {instances_per_hour: 10}\n")
+        sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=lambda: None)
+        rule = rules.pull_rules[0]
+
+        def queued() -> list[str]:
+            return sorted(r["study_uid"] for r in node.store.list())
+
+        def an_hour_passes() -> None:  # the rate window looks at when each retrieve was queued
+            node.index.conn().execute("UPDATE retrieves SET created_at = created_at - 3601")
+
+        res = sched.run(rule)
+        assert (res["matches"], res["queued"], res["left"], res["error"]) == (4, 2, 2, None)
+        assert queued() == sorted(s.study_uid for s in studies[:2])  # oldest first
+        res = sched.run(rule)
+        assert (res["queued"], res["left"]) == (0, 2)
+        an_hour_passes()
+        assert (sched.run(rule)["queued"], len(queued())) == (1, 3)
+        assert sched.run(rule)["queued"] == 0  # 4 used, the 12-instance study does not fit this hour
+        an_hour_passes()
+        res = sched.run(rule)
+        assert (res["queued"], res["left"]) == (1, 0)
+        assert queued() == sorted(s.study_uid for s in studies)
+        assert [r["expected"] for r in node.store.list() if r["study_uid"] == studies[3].study_uid] == [12]
+
+
 def test_pull_scheduler_thread_picks_up_a_new_study_within_one_poll(tmp_path, local):
     import datetime as dt
 
@@ -843,6 +881,70 @@ def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs):
     assert (res["matches"], res["queued"], res["left"], res["error"]) == (5000, 10, 4990, None)
 
 
+@pytest.fixture
+def broken_dicomweb(tmp_path):
+    """A DICOMweb archive (a real HTTP server) whose WADO-RS multipart answer holds one instance of
+    the study and then a part that is not DICOM; QIDO answers HTML for patient HTML."""
+    import http.server
+
+    st = tiny_study(tmp_path / "w", patient_id="WEB", series=(("AX", 1.0, 2),))
+    good = st.files[0].read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _send(self, ctype: str, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path.startswith("/studies?") and "PatientID=HTML" in self.path:
+                self._send("text/html", b"<html>Service temporarily unavailable</html>")
+            elif self.path.startswith("/studies?") and "offset=" in self.path and "offset=0" not in self.path:
+                self._send("application/dicom+json", b"[]")  # the next page (dicomweb-client asks for it)
+            elif self.path.startswith("/studies?"):
+                self._send("application/dicom+json", json.dumps([{
+                    "0020000D": {"vr": "UI", "Value": [st.study_uid]}, "00100020": {"vr": "LO", "Value": ["WEB"]},
+                    "00201208": {"vr": "IS", "Value": [2]}}]).encode())
+            elif self.path.startswith(f"/studies/{st.study_uid}"):
+                b = b"hilumboundary"
+                body = b"".join(b"--" + b + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
+                                for part in (good, b"this is not a DICOM file at all" * 8)) + b"--" + b + b"--"
+                self._send(f'multipart/related; type="application/dicom"; boundary={b.decode()}', body)
+            else:
+                self.send_error(404)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", st
+    srv.shutdown()
+
+
+def test_a_broken_dicomweb_answer_fails_the_retrieve_clearly_keeping_what_came_before(tmp_path, local,
+                                                                                       broken_dicomweb):
+    from node.pacs.model import StudyQuery
+    from node.pacs.sources import source_client
+
+    url, st = broken_dicomweb
+    node = local({"web": {"qido_url": url}}, retrieve_max_attempts=2)
+    with pytest.raises(Exception, match="QIDO-RS study search: malformed answer") as exc:
+        source_client(node.settings, "web").find_studies(StudyQuery(patient_id="HTML"))
+    assert type(exc.value).__name__ == "PacsError"
+    node.retriever.start()
+    rid, _ = node.store.add("web", st.study_uid, None, "test")
+    node.retriever.wake()
+    r = node.wait(rid)
+    assert r["status"] == "failed" and r["attempts"] == 2, r
+    assert "WADO-RS retrieve: malformed answer" in r["error"] and "internal error" not in r["error"]
+    import pydicom
+
+    assert node.held(st.study_uid) == {pydicom.dcmread(st.files[0]).SOPInstanceUID}  # the good part is kept
+
+
 def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -890,41 +992,84 @@ def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tm
             node._kill_orthanc()
 
 
-def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_path):
+@pytest.fixture
+def paused_pacs(tmp_path):
+    """A PACS (pynetdicom as the peer) whose first C-GET stops after ``PAUSE_AFTER`` instances until
+    ``resume`` is set; later C-GETs send everything. Orthanc sends a study faster than a test can
+    reliably catch it in the middle (the node's C-GET takes well under a second for 50 MB)."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+    import threading
+
+    st = tiny_study(tmp_path / "big", rows=64, series=(("AX", 1.0, 60),))
+    paused, resume, gets = threading.Event(), threading.Event(), []
+
+    def on_find(event):
+        if event.identifier.get("StudyInstanceUID") in ("", None, st.study_uid):
+            d = Dataset()
+            d.QueryRetrieveLevel, d.StudyInstanceUID, d.PatientID = "STUDY", st.study_uid, "P1"
+            d.NumberOfStudyRelatedInstances, d.SOPClassesInStudy = str(len(st.files)), CTImageStorage
+            yield 0xFF00, d
+
+    def on_get(event):
+        gets.append(event.assoc.requestor.ae_title)
+        first = len(gets) == 1
+        yield len(st.files)
+        for i, f in enumerate(st.files):
+            if first and i == PAUSE_AFTER:  # every earlier C-STORE has been answered by the node
+                paused.set()
+                resume.wait(60)  # the node is killed meanwhile
+            yield 0xFF00, pydicom.dcmread(f)
+
+    ae = AE(ae_title="PAUSED")
+    ae.add_supported_context(FIND)
+    ae.add_supported_context(GET)
+    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    yield port, st, paused, resume, gets
+    resume.set()
+    server.shutdown()
+
+
+PAUSE_AFTER = 20
+
+
+def test_node_killed_mid_retrieve_resumes_with_nothing_lost_or_duplicated(tmp_path, paused_pacs):
+    """The host dies (SIGKILL) while a C-GET is under way: 20 instances received and answered, some
+    perhaps durable and indexed (a progress report), the rest written to the spool log without their
+    sync. After the restart the retrieve runs again and every instance is in the index exactly once."""
     import signal
 
     from tests.nodeproc import NodeProcess
 
-    # Progress is first recorded at the first instance, then every 0.5 s: the node is killed as soon as the
-    # first is seen, and the study is big enough (400 × 256², 50 MB) that the C-GET is then still under way.
-    slices = 400
-    st = tiny_study(tmp_path / "big", rows=256, series=(("AX", 1.0, slices),))
-    with pacs_orthanc(tmp_path / "pacs") as pacs:
-        pacs.upload(st.files)
-        (tmp_path / "rules").mkdir()
-        node = NodeProcess(tmp_path / "node", tmp_path / "rules", store_originals_in_orthanc=False,
-                           sources={"pacs": dimse(pacs.dicom_port, retrieve="get")}).start()
-        try:
-            rid = node.api("POST", "/api/pacs/retrieves", json={"source": "pacs", "study_uids": [st.study_uid]}
-                           ).json()["ids"][0]
-
-            def progress():
-                r = next(x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"] if x["id"] == rid)
-                return r if r["received"] >= 1 or r["status"] == "done" else None
-
-            r = wait_for(progress, 60, "the retrieve under way", interval=0.01)
-            assert r["status"] == "retrieving" and r["received"] < slices, "finished before it could be interrupted"
-            node.stop(signal.SIGKILL)  # the host dies mid-retrieve
-            node.start()
-            r = wait_for(lambda: next((x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"]
-                                       if x["id"] == rid and x["status"] in ("done", "failed", "partial")), None),
-                         90, "the resumed retrieve")
-            assert r["status"] == "done" and r["received"] == slices
-            assert any(h["event"] == "requeued after restart" for h in r["history"])
-            wait_for(lambda: node.study(st.study_uid).get("instances_received") == slices, 30, "all indexed")
-        finally:
-            node.stop()
-            node._kill_orthanc()
+    port, st, paused, resume, gets = paused_pacs
+    (tmp_path / "rules").mkdir()
+    node = NodeProcess(tmp_path / "node", tmp_path / "rules", store_originals_in_orthanc=False,
+                       sources={"pacs": dimse(port, "PAUSED", retrieve="get")}).start()
+    try:
+        rid = node.api("POST", "/api/pacs/retrieves", json={"source": "pacs", "study_uids": [st.study_uid]}
+                       ).json()["ids"][0]
+        assert paused.wait(60), "the C-GET did not start"
+        r = next(x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"] if x["id"] == rid)
+        assert r["status"] == "retrieving" and r["received"] <= PAUSE_AFTER
+        node.stop(signal.SIGKILL)  # the host dies mid-retrieve
+        resume.set()
+        node.start()
+        r = wait_for(lambda: next((x for x in node.api("GET", "/api/pacs/retrieves").json()["retrieves"]
+                                   if x["id"] == rid and x["status"] in ("done", "failed", "partial")), None),
+                     90, "the resumed retrieve")
+        assert r["status"] == "done" and r["received"] == len(st.files) and len(gets) == 2
+        assert any(h["event"] == "requeued after restart" for h in r["history"])
+        wait_for(lambda: node.study(st.study_uid).get("instances_received") == len(st.files), 30, "all indexed")
+    finally:
+        node.stop()
+        node._kill_orthanc()
     from node.store.index import Index
 
     rows = Index(node.data_dir / "index.db").instances_of_study(st.study_uid)

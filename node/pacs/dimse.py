@@ -1,25 +1,29 @@
-"""DIMSE source: C-ECHO, C-FIND (Study Root, study and series level), C-MOVE, C-GET (pynetdicom SCU).
+"""DIMSE source: C-ECHO, C-FIND (Study Root, study and series level), C-MOVE, C-GET.
 
-The node's own SCP (node/receive/ul.py) stays narrow; everything here is the SCU side. C-GET's
-sub-operation C-STOREs come back on this association and go to ``store`` (the node's durable
+Everything here is the SCU side: pynetdicom for C-ECHO, C-FIND and C-MOVE (small messages), the
+node's own upper layer for C-GET (node/pacs/getscu.py), which receives a whole study. C-GET's
+sub-operation C-STOREs come back on that association and go to ``store`` (the node's durable
 ingest); C-MOVE's arrive at the node's SCP like any push.
 """
 from __future__ import annotations
 
 import logging
+import ssl
 import time
+from io import BytesIO
 from typing import Callable, Iterator
 
+import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind as FIND,
-    StudyRootQueryRetrieveInformationModelGet as GET,
     StudyRootQueryRetrieveInformationModelMove as MOVE,
     Verification,
 )
 
 from node.config_pacs import DimseSource
+from node.pacs.getscu import GetAssociation
 from node.pacs.model import NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
 from node.receive import ul
 from node.receive.header import read_header
@@ -45,7 +49,6 @@ DEFAULT_STORAGE_CLASSES = [
 ]
 PENDING = (0xFF00, 0xFF01)
 MOVE_POLL_S = 0.02
-GET_POLL_S = 0.0001
 MOVE_DESTINATION_UNKNOWN = 0xA801
 # What the sub-operation status of a C-STORE handler means to the PACS.
 STORE_REFUSED = 0xC000
@@ -78,19 +81,24 @@ class DimseClient:
         except Exception as exc:  # noqa: BLE001 - socket/TLS errors from inside pynetdicom
             raise PacsError(f"source {self.name}: cannot connect to {self.cfg.host}:{self.cfg.port}: {exc}") from exc
         if not assoc.is_established:
-            problem = None if assoc.is_rejected or not self.tls_args else \
-                handshake_problem(self.tls_args, self.cfg.host, self.cfg.port, min(self.cfg.timeout_s, 10.0))
-            if problem:
-                # A certificate that does not verify will not verify on the next attempt either: the
-                # retrieve fails at once, naming the setting, instead of backing off for nothing.
-                kind = NotRetryable if problem.permanent else PacsError
-                raise kind(f"source {self.name}: DICOM TLS with {self.cfg.ae_title}@{self.cfg.host}:"
-                           f"{self.cfg.port} failed: {problem.text} (sources.{self.name}.tls)")
-            why = "rejected by the PACS" if assoc.is_rejected else "not established (connection refused or aborted)"
-            raise PacsError(f"source {self.name}: association with {self.cfg.ae_title}@{self.cfg.host}:"
-                            f"{self.cfg.port} {why} (is the PACS up, and does it accept calling AE "
-                            f"{self.calling}?)")
+            self._not_established(assoc.is_rejected)
         return assoc
+
+    def _not_established(self, rejected: bool) -> None:
+        """Raise why an association was not established: a TLS setting to fix (not retryable when a
+        certificate does not verify), or a rejection / refusal to retry later."""
+        problem = None if rejected or not self.tls_args else \
+            handshake_problem(self.tls_args, self.cfg.host, self.cfg.port, min(self.cfg.timeout_s, 10.0))
+        if problem:
+            # A certificate that does not verify will not verify on the next attempt either: the
+            # retrieve fails at once, naming the setting, instead of backing off for nothing.
+            kind = NotRetryable if problem.permanent else PacsError
+            raise kind(f"source {self.name}: DICOM TLS with {self.cfg.ae_title}@{self.cfg.host}:"
+                       f"{self.cfg.port} failed: {problem.text} (sources.{self.name}.tls)")
+        why = "rejected by the PACS" if rejected else "not established (connection refused or aborted)"
+        raise PacsError(f"source {self.name}: association with {self.cfg.ae_title}@{self.cfg.host}:"
+                        f"{self.cfg.port} {why} (is the PACS up, and does it accept calling AE "
+                        f"{self.calling}?)")
 
     def echo(self) -> float:
         """C-ECHO round trip in seconds."""
@@ -195,32 +203,39 @@ class DimseClient:
             progress: Callable[[RetrieveOutcome, int], bool]) -> RetrieveOutcome:
         """C-GET with SCP role selection for ``sop_classes``; each sub-operation's instance goes to
         ``store`` (Part 10 bytes and what ``read_header`` read of them, or None), whose DIMSE status
-        is answered to the PACS."""
+        is answered to the PACS. On the node's own upper layer (node/pacs/getscu.py: pynetdicom's
+        per-PDU work made a retrieve 2-3x slower than DCMTK's getscu)."""
         classes = list(dict.fromkeys(sop_classes or self.cfg.storage_classes or DEFAULT_STORAGE_CLASSES))[:120]
-        ae = self._ae()
-        ae.add_requested_context(GET)
-        for uid in classes:
-            ae.add_requested_context(uid, STORE_SYNTAXES)
-        roles = [build_role(uid, scp_role=True) for uid in classes]
+        assoc = GetAssociation(self.cfg.host, self.cfg.port, self.cfg.ae_title, self.calling, self.cfg.timeout_s,
+                               self.tls_args, (IMPLEMENTATION_UID, IMPLEMENTATION_VERSION))
         unrequested: list[str] = []
 
-        def on_store(event) -> int:
-            raw = _part10(event)
+        def on_store(sop_class: str, sop_instance: str, ts: str, dataset: bytearray) -> int:
+            # The file meta written from the C-STORE request, as the node's SCP does for a push.
+            raw = ul.part10_header(sop_class, sop_instance, ts, self.cfg.ae_title, IMPLEMENTATION_UID,
+                                   IMPLEMENTATION_VERSION) + dataset
             header = read_header(raw)  # read once: the ingest reuses it
-            study, sop = _uids(header, event)
+            study, sop = _uids(header, raw)
             if study != study_uid:
                 unrequested.append(sop)
                 return STORE_REFUSED  # not what was asked for: refused, counted, never stored
             status, _reason = store(raw, header)
             return status
 
-        assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        _lean_receiver(assoc)
         try:
-            out = self._drain(assoc, assoc.send_c_get(self._identifier(study_uid, series_uids), GET), progress, "C-GET")
+            assoc.open([(uid, STORE_SYNTAXES) for uid in classes])
+        except (OSError, ssl.SSLError) as exc:
+            if self.tls_args:
+                self._not_established(False)
+            raise PacsError(f"source {self.name}: cannot connect to {self.cfg.host}:{self.cfg.port}: {exc}") from exc
+        except ul.ProtocolError as exc:
+            raise PacsError(f"source {self.name}: malformed association answer from the PACS: {exc}") from exc
+        if not assoc.is_established:
+            self._not_established(assoc.rejected)
+        try:
+            out = self._drain(assoc, assoc.get(self._identifier(study_uid, series_uids), on_store), progress, "C-GET")
         finally:
-            if assoc.is_established:
-                assoc.release()
+            assoc.release()
         if unrequested:
             out.note = (out.note + "; " if out.note else "") + \
                 f"{len(unrequested)} instance(s) of other studies refused (not asked for)"
@@ -263,42 +278,17 @@ class DimseClient:
         raise PacsError(f"source {self.name}: {what}: the association ended without a final status")
 
 
-def _part10(event) -> bytes:
-    """The sub-operation's instance as Part 10 bytes, its file meta written by the node's SCP code
-    (node/receive/ul.py) from the C-STORE request, as for a pushed instance: pynetdicom's own
-    ``encoded_dataset(include_meta=True)`` builds the file meta through pydicom, a millisecond or so
-    per instance while the PACS waits."""
-    rq = event.request
-    return ul.part10_header(str(rq.AffectedSOPClassUID), str(rq.AffectedSOPInstanceUID),
-                            str(event.context.transfer_syntax), event.assoc.acceptor.ae_title, IMPLEMENTATION_UID,
-                            IMPLEMENTATION_VERSION) + event.encoded_dataset(include_meta=False)
-
-
-def _lean_receiver(assoc) -> None:
-    """Trim pynetdicom's per-PDU work on an association that receives a whole study.
-
-    A PACS sends each instance as ~16 KB PDUs (Orthanc: 35 per 512x512 slice, whatever maximum PDU
-    size we offer), and each PDU costs pynetdicom Python time in its reader thread while the PACS waits
-    for the C-STORE response before sending the next instance. Two costs are avoidable: the standard
-    debug-log handlers, which build an Event for every PDU even when nothing is logged, and the
-    reader's 1 ms idle sleep, paid whenever the next PDU has not quite arrived. The handlers are found
-    through the public ``get_handlers`` (the node binds none of these events on this association);
-    the sleep has no public setting, and an attribute that a later pynetdicom renamed would only
-    cost speed, never correctness."""
-    for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
-        for handler, _args in list(assoc.get_handlers(event)):
-            assoc.unbind(event, handler)
-    assoc.dul._run_loop_delay = GET_POLL_S
-
-
-def _uids(fast, event) -> tuple[str | None, str]:
+def _uids(fast, raw: bytes) -> tuple[str | None, str]:
     """(StudyInstanceUID, SOPInstanceUID) of a C-GET sub-operation's instance, from ``read_header``'s
     answer (``fast``) rather than by decoding the whole dataset, pixel data included."""
     if fast is not None:
         facts = fast[1]
     else:
-        ds = event.dataset
-        facts = {k: str(ds.get(k, "")) for k in ("StudyInstanceUID", "SOPInstanceUID")}
+        try:
+            ds = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True)
+            facts = {k: str(ds.get(k, "")) for k in ("StudyInstanceUID", "SOPInstanceUID")}
+        except Exception:  # noqa: BLE001 - unreadable: the ingest refuses and quarantines it
+            return None, "?"
     return facts.get("StudyInstanceUID") or None, facts.get("SOPInstanceUID") or "?"
 
 

@@ -116,8 +116,10 @@ class PullScheduler:
                     result["stable"] += 1
                 continue
             per_hour = spec.limits.instances_per_hour
+            # A study larger than the hourly limit itself goes alone, in an hour with nothing else
+            # queued: held back, it would never be retrieved.
             if result["queued"] + result["rechecked"] >= spec.limits.studies_per_run or \
-                    (per_hour is not None and hour_used + (m.instances or 0) > per_hour):
+                    (per_hour is not None and hour_used > 0 and hour_used + (m.instances or 0) > per_hour):
                 result["left"] = sum(1 for x in ordered[i:] if self._changed(rule.name, x))
                 return m.study_date or None
             series = None

@@ -42,6 +42,8 @@ class DicomwebSourceClient:
     def _call(self, what: str, fn):
         try:
             return fn()
+        except requests.exceptions.JSONDecodeError as exc:  # a 200 whose body is not JSON (an HTML error page)
+            raise PacsError(f"source {self.name}: {what}: malformed answer: not JSON ({exc})") from exc
         except requests.RequestException as exc:
             raise PacsError(f"source {self.name}: {what} failed: {exc}") from exc
         except ValueError as exc:  # a body that is not the JSON/multipart DICOMweb promises
@@ -86,7 +88,7 @@ class DicomwebSourceClient:
             [client.iter_study(study_uid)]
         try:
             for stream in streams:
-                for ds in stream:
+                for ds in _parts(stream, self.name):
                     if getattr(ds, "StudyInstanceUID", None) != study_uid:
                         out.failed += 1
                         out.note = "instances of other studies refused (not asked for)"
@@ -102,6 +104,24 @@ class DicomwebSourceClient:
         except requests.RequestException as exc:
             raise PacsError(f"source {self.name}: WADO-RS retrieve failed: {exc}") from exc
         return out
+
+
+def _parts(stream, source: str):
+    """The instances of a WADO-RS multipart stream; a part that is not DICOM, or a body that is not
+    the multipart it should be, ends the retrieve with a PacsError saying so (what came before it
+    is kept), not with an exception from inside dicomweb-client or pydicom."""
+    it = iter(stream)
+    while True:
+        try:
+            ds = next(it)
+        except StopIteration:
+            return
+        except requests.RequestException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ValueError from the multipart decoder, pydicom's errors
+            raise PacsError(f"source {source}: WADO-RS retrieve: malformed answer: {type(exc).__name__}: {exc}"
+                            [:300]) from exc
+        yield ds
 
 
 def _part10(ds: pydicom.Dataset) -> bytes:

@@ -1,9 +1,11 @@
-"""The DICOM Upper Layer (PS3.8) and DIMSE command sets (PS3.7), as bytes, for the acceptor side.
+"""The DICOM Upper Layer (PS3.8) and DIMSE command sets (PS3.7), as bytes.
 
-Only what an archive's receiver needs: A-ASSOCIATE-RQ in, -AC/-RJ out, P-DATA-TF both ways,
-release and abort; C-ECHO and C-STORE command sets. Every parser checks lengths before it reads
-and raises ``ProtocolError`` on anything malformed, so hostile bytes end an association with an
-A-ABORT, never an exception elsewhere.
+Only what the node's receivers need. As acceptor (the SCP): A-ASSOCIATE-RQ in, -AC/-RJ out,
+P-DATA-TF both ways, release and abort; C-ECHO and C-STORE command sets. As requestor of a C-GET
+(node/pacs/getscu.py, which receives a whole study): A-ASSOCIATE-RQ with SCP role selection out,
+-AC/-RJ in, the C-GET request, its responses and the C-STOREs of its sub-operations. Every parser
+checks lengths before it reads and raises ``ProtocolError`` on anything malformed, so hostile bytes
+end an association with an A-ABORT, never an exception elsewhere.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 PC_ACCEPT, PC_ABSTRACT_REJECTED, PC_TS_REJECTED = 0, 3, 4
 # DIMSE command fields and statuses
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+C_GET_RQ, C_GET_RSP = 0x0010, 0x8010
 NO_DATASET = 0x0101
 CANNOT_UNDERSTAND = 0xC000
 
@@ -118,6 +121,48 @@ def abort(source: int = 2, reason: int = 0) -> bytes:
     return _pdu(ABORT, bytes([0, 0, source, reason]))
 
 
+def release_rq() -> bytes:
+    return _pdu(RELEASE_RQ, bytes(4))
+
+
+def associate_rq(called_ae: str, calling_ae: str, contexts: list[tuple[int, str, list[str]]], max_pdu: int,
+                 implementation_uid: str, implementation_version: str, scp_roles: list[str] = ()) -> bytes:
+    """An A-ASSOCIATE-RQ proposing ``contexts`` (id, abstract syntax, transfer syntaxes); ``scp_roles``:
+    the SOP classes for which we ask to be the SCP (role selection, PS3.7 D.3.3.4: a C-GET's C-STOREs)."""
+    items = [_item(0x10, APPLICATION_CONTEXT.encode())]
+    for cid, abstract, tss in contexts:
+        subs = _item(0x30, abstract.encode()) + b"".join(_item(0x40, ts.encode()) for ts in tss)
+        items.append(_item(0x20, bytes([cid, 0, 0, 0]) + subs))
+    user = _item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, implementation_uid.encode())
+    for uid in scp_roles:  # SCU role: no, SCP role: yes
+        u = uid.encode()
+        user += _item(0x54, struct.pack(">H", len(u)) + u + bytes([0, 1]))
+    user += _item(0x55, implementation_version.encode())
+    items.append(_item(0x50, user))
+    head = (struct.pack(">HH", 1, 0) + called_ae.encode("ascii").ljust(16)[:16]
+            + calling_ae.encode("ascii").ljust(16)[:16] + bytes(32))
+    return _pdu(ASSOCIATE_RQ, head + b"".join(items))
+
+
+def parse_associate_ac(body: bytes) -> tuple[dict[int, tuple[int, str]], int]:
+    """({context id: (result, transfer syntax)}, the peer's maximum PDU length, 0: none) of an A-ASSOCIATE-AC."""
+    if len(body) < 68:
+        raise ProtocolError("A-ASSOCIATE-AC too short")
+    results: dict[int, tuple[int, str]] = {}
+    max_pdu = 0
+    for kind, value in _items(body[68:]):
+        if kind == 0x21:
+            if len(value) < 4:
+                raise ProtocolError("presentation context result too short")
+            ts = next((_uid(sv) for sub, sv in _items(value[4:]) if sub == 0x40), "")
+            results[value[0]] = (value[2], ts)
+        elif kind == 0x50:
+            for sub, sv in _items(value):
+                if sub == 0x51 and len(sv) == 4:
+                    max_pdu = struct.unpack(">I", sv)[0]
+    return results, max_pdu
+
+
 def pdvs(body: bytes) -> list[tuple[int, int, memoryview]]:
     """(context id, message control header, data) of each PDV in a P-DATA-TF body."""
     out, pos, view = [], 0, memoryview(body)
@@ -153,12 +198,17 @@ class Command:
     sop_class: str = ""
     sop_instance: str = ""
     has_dataset: bool = False
-    extra: dict = field(default_factory=dict)
+    # Responses: Status, Error Comment, and a C-GET's sub-operation counts (remaining, completed,
+    # failed, warning: PS3.7 C.4.3.1.3), where present.
+    status: int | None = None
+    comment: str = ""
+    subops: dict[str, int] = field(default_factory=dict)
     # C-STORE sub-operation of a C-MOVE: (Move Originator AE title, its Message ID), PS3.7 9.3.1.1
     move_originator: tuple[str, int] | None = None
 
 
 _CMD_UIDS = {0x0002: "sop_class", 0x1000: "sop_instance"}
+_SUBOPS = {0x1020: "remaining", 0x1021: "completed", 0x1022: "failed", 0x1023: "warning"}
 
 
 def parse_command(data: bytes) -> Command:
@@ -179,12 +229,21 @@ def parse_command(data: bytes) -> Command:
             raise ProtocolError(f"command element (0000,{elem:04X}) missing or not US")
         return struct.unpack("<H", v)[0]
 
-    cmd = Command(field=us(0x0100), message_id=us(0x0110), has_dataset=us(0x0800) != NO_DATASET)
+    # A response names the request's Message ID as Message ID Being Responded To (0000,0120).
+    field = us(0x0100)
+    cmd = Command(field=field, message_id=us(0x0110 if 0x0110 in elements or not field & 0x8000 else 0x0120),
+                  has_dataset=us(0x0800) != NO_DATASET)
     for elem, attr in _CMD_UIDS.items():
         if elem in elements:
             setattr(cmd, attr, _uid(elements[elem]))
     if 0x1030 in elements and len(elements.get(0x1031, b"")) == 2:
         cmd.move_originator = (elements[0x1030].decode("ascii", "replace").strip(" \0"), us(0x1031))
+    if 0x0900 in elements:
+        cmd.status = us(0x0900)
+        cmd.comment = elements.get(0x0902, b"").decode("ascii", "replace").strip(" \0")
+    for elem, name in _SUBOPS.items():
+        if len(elements.get(elem, b"")) == 2:
+            cmd.subops[name] = us(elem)
     return cmd
 
 
@@ -204,6 +263,14 @@ def response(field: int, message_id: int, status: int, sop_class: str, sop_insta
     if sop_instance:
         body.append(_element(0x1000, sop_instance.encode()))
     payload = b"".join(body)
+    return _element(0x0000, struct.pack("<I", len(payload))) + payload
+
+
+def request(field: int, message_id: int, sop_class: str, priority: int = 0) -> bytes:
+    """The command set of a request that carries a data set (a C-GET's identifier)."""
+    payload = b"".join((_element(0x0002, sop_class.encode()), _element(0x0100, struct.pack("<H", field)),
+                        _element(0x0110, struct.pack("<H", message_id)),
+                        _element(0x0700, struct.pack("<H", priority)), _element(0x0800, struct.pack("<H", 0x0000))))
     return _element(0x0000, struct.pack("<I", len(payload))) + payload
 
 

@@ -1,0 +1,242 @@
+"""C-GET as the requestor, on the node's own upper layer (node/receive/ul.py), not pynetdicom's.
+
+A C-GET receives a whole study on the association it opened: a PACS sends each instance as PDUs of
+its own maximum size (Orthanc: 16 KB, 35 per 512x512 slice) and waits for the C-STORE response
+before it sends the next. pynetdicom spends Python time on every PDU (a reader thread polling the
+socket, a PDU object, a state-machine event, DIMSE reassembly) and builds every command set
+through pydicom: with it a retrieve took 2-3x DCMTK's getscu. Here the calling thread reads the
+socket itself, as the node's SCP does for a push: a PDU is a header and one read, its PDVs are
+appended to one buffer, and command sets are bytes.
+
+What it does: A-ASSOCIATE-RQ with the C-GET context and the storage classes (SCP role selection),
+one C-GET request, then C-STOREs (each handed to ``on_store``, answered with its status) and C-GET
+responses (yielded to ``DimseClient._drain``, which decides what they mean) until the final one,
+then A-RELEASE. Anything malformed or unexpected aborts the association with a ``PacsError``;
+pynetdicom stays the C-ECHO / C-FIND / C-MOVE client and the independent peer in the tests.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+from io import BytesIO
+from types import SimpleNamespace
+from typing import Callable, Iterator
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import decode, encode
+
+from node.pacs.model import PacsError
+from node.receive import ul
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
+MAX_PDU = 16 << 20  # what we accept; a PACS sends PDUs up to min(this, its own limit)
+MAX_COMMAND = 64 << 10
+MAX_INSTANCE = (1 << 31) - (2 << 20)  # what the spool seals in one piece (node/store/envelope.py)
+
+
+class GetAssociation:
+    """One association with a PACS that carries one C-GET. ``open`` raises ``PacsError`` (or returns
+    the A-ASSOCIATE-RJ's reason via ``rejected``); ``get`` yields (status, identifier) per C-GET response."""
+
+    def __init__(self, host: str, port: int, called_ae: str, calling_ae: str, timeout_s: float,
+                 tls: tuple[ssl.SSLContext, str] | None, implementation: tuple[str, str]) -> None:
+        self.host, self.port, self.called, self.calling = host, port, called_ae, calling_ae
+        self.timeout_s, self.tls, self.implementation = timeout_s, tls, implementation
+        self.sock: socket.socket | None = None
+        self.reader = None
+        self.contexts: dict[int, tuple[str, str]] = {}  # accepted id -> (abstract syntax, transfer syntax)
+        self.peer_max_pdu = 0
+        self.is_established = False
+        self.rejected = False
+
+    # -- association --------------------------------------------------------------------------
+    def open(self, storage: list[tuple[str, list[str]]]) -> None:
+        """Connect and associate; False in ``is_established`` (and ``rejected``) when the PACS said no.
+        OSError / ssl.SSLError when the connection or the TLS handshake fails."""
+        sock = socket.create_connection((self.host, self.port), timeout=min(self.timeout_s, 10.0))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                ctx, server_name = self.tls
+                sock = ctx.wrap_socket(sock, server_hostname=server_name)
+            sock.settimeout(self.timeout_s)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.reader = sock.makefile("rb", buffering=256 << 10)
+        proposed = [(1, GET_MODEL, [IMPLICIT_LE])]
+        proposed += [(3 + 2 * i, uid, tss) for i, (uid, tss) in enumerate(storage)]  # odd ids, PS3.8 9.3.2.2
+        by_id = {cid: (abstract, tss) for cid, abstract, tss in proposed}
+        uid, version = self.implementation
+        self.sock.sendall(ul.associate_rq(self.called, self.calling, proposed, MAX_PDU, uid, version,
+                                          scp_roles=[u for u, _ in storage]))
+        kind, body = self._read_pdu(1 << 20)
+        if kind == ul.ASSOCIATE_RJ:
+            self.rejected = True
+            self.close()
+            return
+        if kind != ul.ASSOCIATE_AC:
+            self.close()
+            return  # an A-ABORT or anything else: not established
+        results, self.peer_max_pdu = ul.parse_associate_ac(body)
+        for cid, (result, ts) in results.items():
+            if result == ul.PC_ACCEPT and cid in by_id and ts in by_id[cid][1]:
+                self.contexts[cid] = (by_id[cid][0], ts)
+        self.is_established = True
+        if 1 not in self.contexts:
+            self.abort()
+            raise PacsError("the PACS did not accept Study Root C-GET")
+
+    def release(self) -> None:
+        """A-RELEASE; a peer that does not answer within the timeout is simply disconnected."""
+        if not self.is_established:
+            return
+        self.is_established = False
+        try:
+            self.sock.sendall(ul.release_rq())
+            while (kind := self._read_pdu()[0]) not in (ul.RELEASE_RP, ul.ABORT):
+                if kind == ul.RELEASE_RQ:  # both released at once (PS3.8 7.2.2)
+                    self.sock.sendall(ul.release_rp())
+        except (OSError, PacsError, ul.ProtocolError):
+            pass
+        finally:
+            self.close()
+
+    def abort(self) -> None:
+        self.is_established = False
+        try:
+            self.sock.sendall(ul.abort(0, 0))
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        for f in (self.reader, self.sock):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+
+    def _read_pdu(self, limit: int = MAX_PDU + 6) -> tuple[int, bytes]:
+        try:
+            head = self.reader.read(6)
+            if len(head) < 6:
+                raise PacsError("the PACS closed the connection")
+            kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
+            if length > limit:
+                raise ul.ProtocolError(f"a PDU of {length} bytes (the limit is {limit})")
+            body = self.reader.read(length)
+        except TimeoutError as exc:
+            raise PacsError(f"no answer from the PACS within {self.timeout_s:g} s") from exc
+        if len(body) < length:
+            raise PacsError("the PACS closed the connection in the middle of a PDU")
+        return kind, body
+
+    def _send(self, cid: int, command: bytes, dataset: bytes | None = None) -> None:
+        for pdu in ul.p_data(cid, True, command, self.peer_max_pdu):
+            self.sock.sendall(pdu)
+        if dataset is not None:
+            for pdu in ul.p_data(cid, False, dataset, self.peer_max_pdu):
+                self.sock.sendall(pdu)
+
+    # -- the C-GET ----------------------------------------------------------------------------
+    def get(self, identifier: Dataset, on_store: Callable[[str, str, str, bytearray], int],
+            message_id: int = 1) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
+        """Send the C-GET; yield (status, identifier or None) for each C-GET response, pending ones
+        included, until the final one. Each C-STORE in between goes to ``on_store(sop_class,
+        sop_instance, transfer_syntax, dataset)``, whose status is answered at once."""
+        self._send(1, ul.request(ul.C_GET_RQ, message_id, GET_MODEL), encode(identifier, True, True))
+        for cmd, cid, data in self._messages():
+            if cmd.field == ul.C_STORE_RQ and data is not None and cid != 1:
+                abstract, ts = self.contexts[cid]
+                if cmd.sop_class != abstract or not (0 < len(cmd.sop_instance) <= 64):
+                    status = 0x0122 if cmd.sop_class != abstract else ul.CANNOT_UNDERSTAND
+                else:
+                    status = on_store(cmd.sop_class, cmd.sop_instance, ts, data)
+                self._send(cid, ul.response(ul.C_STORE_RSP, cmd.message_id, status, cmd.sop_class, cmd.sop_instance))
+            elif cmd.field == ul.C_GET_RSP and cid == 1 and cmd.status is not None:
+                if cmd.message_id != message_id and cmd.message_id != 0:
+                    self.abort()
+                    raise PacsError(f"a C-GET response to message {cmd.message_id}, not {message_id}")
+                ident = _identifier(data) if data else None
+                yield _status(cmd), ident
+                if cmd.status not in (0xFF00, 0xFF01):
+                    return
+            else:
+                self.abort()
+                raise PacsError(f"unexpected DIMSE message 0x{cmd.field:04X} on context {cid} during C-GET")
+        raise PacsError("the association ended without a final C-GET status")
+
+    def _messages(self) -> Iterator[tuple[ul.Command, int, bytearray | None]]:
+        """(command, context id, data set or None) of each message the PACS sends, reassembled from
+        its PDVs; ends when the PACS releases or aborts."""
+        command, dataset = bytearray(), bytearray()
+        cmd: ul.Command | None = None
+        cmd_cid = 0
+        try:
+            while True:
+                kind, body = self._read_pdu()
+                if kind == ul.ABORT:
+                    self.is_established = False
+                    self.close()
+                    raise PacsError("the PACS aborted the association")
+                if kind == ul.RELEASE_RQ:
+                    self.sock.sendall(ul.release_rp())
+                    self.is_established = False
+                    self.close()
+                    return
+                if kind != ul.P_DATA_TF:
+                    raise ul.ProtocolError(f"unexpected PDU type {kind}")
+                for cid, mch, data in ul.pdvs(body):
+                    if cid not in self.contexts:
+                        raise ul.ProtocolError(f"a PDV on presentation context {cid}, which was not accepted")
+                    if mch & 1:  # a command fragment
+                        if cmd is not None:
+                            raise ul.ProtocolError("a command before the previous data set was complete")
+                        command += data
+                        if len(command) > MAX_COMMAND:
+                            raise ul.ProtocolError(f"a command set over {MAX_COMMAND} bytes")
+                        if mch & 2:
+                            cmd, cmd_cid = ul.parse_command(bytes(command)), cid
+                            command.clear()
+                            if not cmd.has_dataset:
+                                yield cmd, cid, None
+                                cmd = None
+                    else:
+                        if cmd is None or cid != cmd_cid:
+                            raise ul.ProtocolError("a data set fragment without its command")
+                        dataset += data
+                        if len(dataset) > MAX_INSTANCE:
+                            raise ul.ProtocolError(f"a data set over {MAX_INSTANCE} bytes")
+                        if mch & 2:
+                            done, dataset = dataset, bytearray()
+                            yield cmd, cid, done
+                            cmd = None
+        except ul.ProtocolError as exc:
+            self.abort()
+            raise PacsError(f"the PACS sent malformed DICOM: {exc}") from exc
+        except OSError as exc:
+            self.is_established = False
+            self.close()
+            raise PacsError(f"the connection to the PACS failed: {exc}") from exc
+
+
+def _status(cmd: ul.Command) -> SimpleNamespace:
+    """A C-GET response as the attributes ``DimseClient._drain`` reads (pynetdicom's names)."""
+    s = cmd.subops
+    return SimpleNamespace(Status=cmd.status, ErrorComment=cmd.comment or None,
+                           NumberOfRemainingSuboperations=s.get("remaining"),
+                           NumberOfCompletedSuboperations=s.get("completed"),
+                           NumberOfFailedSuboperations=s.get("failed"), NumberOfWarningSuboperations=s.get("warning"))
+
+
+def _identifier(data: bytearray) -> Dataset | None:
+    """The identifier of a C-GET response (Failed SOP Instance UID List), or None if undecodable."""
+    try:
+        return decode(BytesIO(data), True, True)
+    except Exception:  # noqa: BLE001 - a malformed identifier: the counts still say what failed
+        return None
