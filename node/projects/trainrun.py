@@ -23,7 +23,7 @@ from pathlib import Path
 
 from node.models.train_config import BASELINE_PREFIX
 
-__all__ = ["start_run", "run_status", "main"]
+__all__ = ["start_run", "run_status", "recent_runs", "main"]
 
 EPOCH = re.compile(r"epoch (\d+)/(\d+) .*?loss ([0-9.]+)(?: val Dice ([0-9.]+))?")
 
@@ -130,6 +130,26 @@ def run_status(run: Path) -> dict:
         tail = (run / "stderr.log").read_text(errors="replace")[-500:] if (run / "stderr.log").is_file() else ""
         status = {"state": "failed", "error": f"the run's process ended without a result: {tail.strip() or 'killed'}"}
     return {"run": run.name, **status, "epochs": epochs, "log_tail": lines[-5:]}
+
+
+def recent_runs(project_dir: Path, since: float) -> list[dict]:
+    """The project's runs still going or ended after ``since`` (the dashboard's training panel), newest first:
+    each run's state and its last epoch (loss, validation Dice), without the whole curve."""
+    folder = project_dir / "runs"
+    out = []
+    for run in sorted(folder.iterdir(), reverse=True) if folder.is_dir() else []:
+        if not (run / "run.json").is_file():
+            continue
+        status = run_status(run)
+        if status["state"] != "running" and (status.get("finished_at") or 0) < since:
+            continue
+        epochs = status.pop("epochs")
+        status.pop("log_tail", None)
+        status.pop("traceback", None)
+        out.append({**status, "last_epoch": epochs[-1] if epochs else None,
+                    "best_val_mean_dice": max((e["val_mean_dice"] for e in epochs
+                                               if e["val_mean_dice"] is not None), default=None)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
