@@ -7,14 +7,15 @@ consolidation, left pleural effusion) and a fixed validation set holding every k
 ``--start`` normal chests; each round then predicts the unlabelled pool with uncertainty (identity +
 three intensity passes: 4 passes, stacked into one network call per patch; the table also
 gives them one call each, as a comparison), the strategy picks ``--per-round`` cases, their truth is "annotated",
-and the next round trains from scratch on all labels so far. The network is the shipped model's
+and the next round trains on all labels so far: from scratch, or with ``--fine-tune`` from the previous
+round's best epoch (``init_from``, what a project's ``init_from: previous`` does). The network is the shipped model's
 (``models/hilum-ct-chest/train.yaml``: base 8, depth 4, 48x64x64 patches at 4 mm, batch 4); the
 phantoms are small (default 96x96x48 at 3.5 mm / 5 mm) and the rounds short (``--epochs`` x
 ``--steps``), so the Dice figures are a small-size curve, not the shipped model's quality. Dice is
 measured on the validation cases' network grids.
 
     .venv/bin/python bench/bench_learning_loop.py [--rounds 3] [--start 4] [--per-round 4] [--epochs 6]
-        [--steps 10] [--size 96] [--slices 48] [--json out.json]
+        [--steps 10] [--size 96] [--slices 48] [--fine-tune] [--json out.json]
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--slices", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fine-tune", dest="fine_tune", action="store_true",
+                   help="each round starts from the previous round's best epoch instead of from scratch")
     p.add_argument("--quick", action="store_true", help="2 rounds of 2 epochs x 3 steps on 64x64x32 phantoms")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -104,14 +107,17 @@ def main() -> int:
     params = UncertaintyParams(flips=[], intensity_scales=[0.9, 0.95, 1.1])  # 4 passes
     device = torch.device("cpu")
     report: dict = {"size": [args.size, args.size, args.slices], "epochs": args.epochs, "steps": args.steps,
+                    "fine_tune": args.fine_tune,
                     "pool": len(pool), "validation": [c.name for c in val], "strategies": {}}
     for strategy in ("uncertainty", "random"):
         labelled = [c.name for c in pool if c.name.startswith("normal")][:args.start]
         rounds = []
         for r in range(1, args.rounds + 1):
             t0 = time.perf_counter()
-            record = _loop(cfg, [grids[n] for n in labelled], [grids[c.name] for c in val], [],
-                           work / "train" / f"{strategy}-{r}", device, lambda line: None)
+            start = work / "train" / f"{strategy}-{r - 1}" / "best.pt" if args.fine_tune and r > 1 else None
+            record = _loop(cfg.model_copy(update={"init_from": start}), [grids[n] for n in labelled],
+                           [grids[c.name] for c in val], [], work / "train" / f"{strategy}-{r}", device,
+                           lambda line: None)
             train_s = time.perf_counter() - t0
             net = build_network(cfg)
             net.load_state_dict(torch.load(work / "train" / f"{strategy}-{r}" / "best.pt")["model"])
@@ -146,7 +152,9 @@ def main() -> int:
     assert all(n in by_name for s in report["strategies"].values() for r in s for n in r["picked"])
 
     print(f"## Learning loop ({args.size}x{args.size}x{args.slices} CT phantoms, shipped network, "
-          f"{args.epochs} epochs x {args.steps} steps per round, CPU {args.threads} threads)\n")
+          f"{args.epochs} epochs x {args.steps} steps per round, "
+          f"{'each round fine-tuning the last' if args.fine_tune else 'each round from scratch'}, "
+          f"CPU {args.threads} threads)\n")
     print(f"Pool {len(pool)} cases (normal, right consolidation, left effusion); validation "
           f"{', '.join(c.name for c in val)}; uncertainty with 4 passes.\n")
     print("| strategy | round | labelled cases | train s | val Dice | plain s/case | +uncertainty s/case | x plain "

@@ -16,6 +16,7 @@ import yaml
 from node.encoders import encode_all
 from node.handler_api import HandlerInput, HandlerRefusal
 from node.models.card import load_card
+from node.models.inference import resample
 from node.models.registry import model_handler
 from node.models.train import export_mc_onnx, export_onnx, train
 from node.models.train_config import TrainConfig
@@ -175,6 +176,20 @@ def test_mc_dropout_uncertainty_and_its_parametric_map(dropout_model, tmp_path):
     # the SEG of the same run sits in the same study and frame of reference
     seg = next(ds for ds in datasets if ds.Modality == "SEG")
     assert seg.FrameOfReferenceUID == back.FrameOfReferenceUID and label_map.source_series_uid == series.series_uid
+
+    # on the source grid (what OHIF's viewer needs): one frame per source slice, of its rows and columns,
+    # holding the network-grid map sampled at the source voxels, 0 dciodvfy errors
+    _, on_source = run({"parametric_map": True, "parametric_map_grid": "source"})
+    fine = next(r for r in on_source if isinstance(r, QuantityMap))
+    assert fine.geometry == series.volume.geometry and fine.values.dtype == np.float32
+    np.testing.assert_allclose(fine.values, resample(qmap.values, qmap.geometry, fine.geometry, linear=True),
+                               atol=1e-6)
+    assert 0 <= fine.values.min() and fine.values.max() <= 1
+    (pm,) = [ds for ds in encode_all(on_source, {series.series_uid: series},
+                                     context(model_name="tiny", model_version="0.1"))
+             if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"]
+    back = pydicom.dcmread(save_valid(pm, tmp_path / "out-source"))
+    assert (back.Rows, back.Columns, int(back.NumberOfFrames)) == (src.Rows, src.Columns, len(series.datasets))
 
 
 def test_mc_samples_of_a_model_without_dropout_are_refused(tmp_path):

@@ -344,3 +344,33 @@ def test_a_mix_is_phantom_and_family_only(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(CardError, match=r"data: .*give exactly one data source.*\(or phantom and family together\)"):
         load_train_config(path)
+
+
+def test_fine_tuning_starts_from_the_checkpoint_and_refuses_another_network(tmp_path):
+    cfg = TrainConfig.model_validate(tiny_config(tmp_path))
+    torch.manual_seed(99)  # not the run's seed: the checkpoint's weights are not what the run would draw
+    start = build_network(cfg)
+    ckpt = tmp_path / "start.pt"
+    torch.save({"model": start.state_dict(), "epoch": 7, "config": cfg.model_dump(mode="json")}, ckpt)
+    torch.manual_seed(cfg.seed)
+    fresh = build_network(cfg).state_dict()
+    assert max(float((fresh[k] - v).abs().max()) for k, v in start.state_dict().items()) > 1e-2
+    # a learning rate too small to move anything: what the run saves is where it started
+    still = {"epochs": 1, "steps_per_epoch": 1, "optimizer": cfg.optimizer.model_copy(update={"lr": 1e-12,
+                                                                                          "weight_decay": 0.0})}
+    work = train(cfg.model_copy(update={**still, "init_from": ckpt}), log=lambda line: None, stages=("prepare", "fit"))
+    saved = torch.load(work / "best.pt")["model"]
+    assert all(torch.allclose(saved[k], v, atol=1e-6) for k, v in start.state_dict().items())
+    assert json.loads((work / "training.json").read_text())["init_from"] == {"checkpoint": str(ckpt), "epoch": 7}
+
+    def refused(init_from, text, **update):
+        with pytest.raises(CardError) as err:
+            train(cfg.model_copy(update={**still, "init_from": init_from, **update}), log=lambda line: None)
+        assert str(err.value).startswith("init_from: ") and text in str(err.value), err.value
+
+    refused("previous", "only a project's training run resolves it")
+    refused(tmp_path / "missing.pt", "cannot read the checkpoint")
+    refused(ckpt, "holds another network", network=cfg.network.model_copy(update={"base_channels": 6}))
+    renamed = [lab.model_copy(update={"name": "Right lung"}) if lab.value == 1 else lab for lab in cfg.labels]
+    refused(ckpt, "was trained for labels ['Left lung', 'Heart'], this configuration has ['Right lung', 'Heart']",
+            labels=renamed)

@@ -162,20 +162,38 @@ def test_training_runs_in_its_own_process_and_registers_a_candidate(tmp_path):
     from node.projects.trainrun import start_run
 
     card, train = _model_and_config(tmp_path)
+    raw = yaml.safe_load(train.read_text())
+    train.write_text(yaml.safe_dump({**raw, "init_from": "previous"}))  # each run carries on from the last one
     store = ProjectStore(tmp_path / "data" / "projects")
     store.create("lungs", model_card=card, train_config=train, study_uids=["1.2.3"], annotators=[], by="t")
+    runs = store.root / "lungs" / "runs"
     run_id = start_run(store.root / "lungs", tmp_path / "data", memory_mb=6144, by="admin ada")
-    status = _wait_status(store.root / "lungs" / "runs" / run_id)
+    status = _wait_status(runs / run_id)
     assert status["state"] == "done", status
     assert [e["epoch"] for e in status["epochs"]] == [1, 2] and status["epochs"][-1]["val_mean_dice"] is not None
-    (info,) = ModelRegistry.for_data_dir(tmp_path / "data", tmp_path / "none").versions("tiny")
+    registry = ModelRegistry.for_data_dir(tmp_path / "data", tmp_path / "none")
+    (info,) = registry.versions("tiny")
     assert (info.version, info.state, status["version"]) == ("0.1.r1", "candidate", "0.1.r1")
     assert info.registered_by == f"training run {run_id} (admin ada)"
+    # the first run had nothing to carry on from: a fresh start, and its record says so
+    assert "init_from" not in yaml.safe_load((runs / run_id / "train.yaml").read_text())
+    first = json.loads((registry.root / "tiny" / "0.1.r1" / "metrics.json").read_text())["training"]
+    assert first["init_from"] is None
 
     # a run that outgrows its memory cap fails with the reason; the caller is untouched
-    failed = _wait_status(store.root / "lungs" / "runs" / start_run(store.root / "lungs", tmp_path / "data",
-                                                                     memory_mb=400, by="admin ada"))
+    failed = _wait_status(runs / start_run(store.root / "lungs", tmp_path / "data", memory_mb=400, by="admin ada"))
     assert failed["state"] == "failed" and failed["error"].startswith("out of memory (run capped at 400 MB)"), failed
+
+    # the next run starts from the latest *finished* run's best epoch (the failed one has none)
+    third = start_run(store.root / "lungs", tmp_path / "data", memory_mb=6144, by="admin ada")
+    assert _wait_status(runs / third)["state"] == "done"
+    checkpoint = str(runs / run_id / "work" / "tiny" / "best.pt")
+    assert yaml.safe_load((runs / third / "train.yaml").read_text())["init_from"] == checkpoint
+    v3 = registry.root / "tiny" / "0.1.r3"
+    assert json.loads((v3 / "metrics.json").read_text())["training"]["init_from"] == {
+        "checkpoint": checkpoint, "epoch": first["best_epoch"]}
+    assert json.loads((v3 / "version.json").read_text())["fine_tuned_from"] == {
+        "run": run_id, "version": "0.1.r1", "checkpoint": checkpoint}
 
 
 def test_gateway_intake_finds_project_segs_in_a_stow_body_and_passes_the_rest(tmp_path, study):

@@ -10,11 +10,12 @@ v2 goes into shadow mode: on the next study its result is kept on the node, neve
 agreement with v1 is shown. v2 is promoted: the study after that is segmented by v2 and its SEG says so.
 
 Is v2 better? Each run's validation Dice is on its own split of its own labels (v1 validates on a normal
-chest, v2 also on variants), so the two figures are stored and printed, and the comparison is made on
-common ground: both registered models on the two held-out variant studies (neither trained on them),
-Dice against their truth. At this test's size (a 4-channel network, 40 steps a run) v2 does not beat v1
-there, so the test asserts that both are working models and prints the comparison; it does not assert
-the issue's "v2 beats v1", which these runs do not show.
+chest, v2 also on variants); both are stored and v2's must beat v1's. As that compares different cases,
+the comparison is also made on common ground: both registered models on the two held-out variant
+studies (neither trained on them), Dice against their truth, where v2 must beat v1 too; a held-out
+normal chest shows v2 did not get worse on what v1 knew. The project's training config says
+``init_from: previous``: v2 fine-tunes v1 on all eight labels. Trained from scratch with the same 40
+steps, v2 did not beat v1 (held-out variants 0.759 against 0.844): the steps spread over harder cases.
 
 Real components throughout (the node, Orthanc, the training subprocess, DICOMweb); the phantoms are tiny
 and the runs short (a few epochs on 2 CPU cores), so the figures say the loop works, not how good a model
@@ -52,6 +53,7 @@ KINDS = {"normal": {}, "consolidation": {"consolidation": "left"}, "effusion": {
 CASES = [("normal", 100 + i) for i in range(8)] + [("consolidation", 300), ("consolidation", 301),
                                                      ("effusion", 500), ("effusion", 501)]
 HELD_OUT = [("consolidation", 302), ("effusion", 502)]
+HELD_OUT_NORMAL = ("normal", 108)  # never sent to the node: the versions compared on a normal chest
 FIRST = 4  # normal chests labelled before v1
 
 
@@ -101,6 +103,8 @@ def test_the_whole_loop(tmp_path, monkeypatch):
     # long enough to learn the lungs' outline, short enough for 2 CPU cores
     raw.update(epochs=10, steps_per_epoch=4, early_stopping={"patience": 10}, optimizer={"lr": 0.01},
                augmentation={"probability": 0.0})
+    # each run carries on from the project's previous one (v2 fine-tunes v1 on all eight labels)
+    raw["init_from"] = "previous"
     raw["data"]["validation_split"] = 0.25  # v1 validates on 1 of its 4 labels, v2 on 2 of its 8
     cfg = TrainConfig.model_validate(raw)
     builtin = tmp_path / "builtin" / "tiny"
@@ -121,6 +125,7 @@ def test_the_whole_loop(tmp_path, monkeypatch):
         "handler": {"name": "model:tiny", "params": {"uncertainty": {"intensity_scales": [0.9, 1.1]}}}}))
     studies = [generate_ct(tmp_path / f"{kind}-{seed}", seed=seed, **TINY_PHANTOM, **KINDS[kind])
                for kind, seed in CASES + HELD_OUT]
+    normal = generate_ct(tmp_path / "held-out-normal", seed=HELD_OUT_NORMAL[1], **TINY_PHANTOM)
     kind_of = {s.study_uid: kind for s, (kind, _) in zip(studies, CASES + HELD_OUT)}
     cases, held_out = studies[:len(CASES)], studies[len(CASES):]
     variants = {s.study_uid for s in cases if kind_of[s.study_uid] != "normal"}
@@ -201,14 +206,21 @@ def test_the_whole_loop(tmp_path, monkeypatch):
         assert v1_val is not None and v2_val is not None  # each run's own validation, stored with the version
         d1 = held_out_dice(models / "0.1.r1", held_out, cfg.labels)
         d2 = held_out_dice(models / "0.1.r2", held_out, cfg.labels)
+        n1 = held_out_dice(models / "0.1.r1", [normal], cfg.labels)
+        n2 = held_out_dice(models / "0.1.r2", [normal], cfg.labels)
         print(f"validation mean Dice v1 {v1_val:.3f} ({len(m1['validation']['per_case'])} normal case(s)), "
-              f"v2 {v2_val:.3f} ({len(m2['validation']['per_case'])} case(s)); held-out variants v1 {d1:.3f} v2 {d2:.3f}")
-        # Both versions are working lung models (a broken run, or labels read wrong, gives far less) ...
-        assert d1 > 0.6 and d2 > 0.6, (d1, d2)
-        # ... but at this size v2 does NOT beat v1 on the held-out variants (measured: v1 0.844, v2 0.759
-        # with 10 x 4 steps; v1 0.480, v2 0.485 with 8 x 3): the same few steps spread over harder cases.
-        # Whether more labels help is the bench's question (bench/bench_learning_loop.py); here the
-        # comparison is computed, printed and kept with each version (metrics.json), not asserted.
+              f"v2 {v2_val:.3f} ({len(m2['validation']['per_case'])} case(s)); held-out variants v1 {d1:.3f} "
+              f"v2 {d2:.3f}; held-out normal v1 {n1:.3f} v2 {n2:.3f}")
+        # v2 carried on from v1 (init_from: previous), and its record says so
+        assert m1["training"]["init_from"] is None
+        assert m2["training"]["init_from"]["checkpoint"].endswith("/work/tiny/best.pt")
+        assert json.loads((models / "0.1.r2" / "version.json").read_text())["fine_tuned_from"]["version"] == "0.1.r1"
+        # The loop improved the model: v2's validation Dice beats v1's (the issue's words; different cases) ...
+        assert v2_val > v1_val, (v1_val, v2_val)
+        # ... and on common ground, the variants neither saw (measured: v1 0.844, v2 0.923), without losing
+        # the normal chest v1 knew (a margin for the few steps' noise)
+        assert d2 > d1 > 0.6, (d1, d2)
+        assert n2 > n1 - 0.03, (n1, n2)
 
         # 5. v2 in shadow: on the next study its result is kept, never delivered, and the agreement shown
         assert node.api("POST", "/api/models/tiny/versions/0.1.r2/shadow").status_code == 200

@@ -337,3 +337,67 @@ def test_segmentation_mode_saves_a_new_seg_into_the_study(site, annotator_page):
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == study.series_uid
     assert ds.pixel_array.any(), "the saved SEG has no painted voxel"
     assert page.errors == []
+
+
+PMAP_SAMPLES = """([uid, points]) => {
+  const ds = window.services.displaySetService.getDisplaySetByUID(uid);
+  const vol = window.cornerstone.cache.getVolume(uid);
+  if (!ds || !ds.isLoaded || !vol) return null;
+  const ct = ds.getReferenceDisplaySet();
+  return {dimensions: Array.from(vol.dimensions), origin: Array.from(vol.origin), spacing: Array.from(vol.spacing),
+          direction: Array.from(vol.direction), ct: ct.SeriesInstanceUID,
+          values: points.map(([i, j, k]) => vol.voxelManager.getAtIJK(i, j, k))};
+}"""
+
+
+def test_uncertainty_parametric_map_overlays_the_ct(site, page, tmp_path):
+    """The node's Parametric Map on the source grid (``parametric_map_grid: source``) opens in OHIF's
+    parametric-map viewport over its CT, every value at its place: a known map (it grows along each
+    patient axis) is read back from OHIF's volume at random voxels, through OHIF's own geometry.
+    (Last in this module: it adds a series to the study the tests above count.)"""
+    from node.encoders import EncodeContext, encode_all
+    from node.models.handler import ENTROPY, NO_UNITS
+    from node.results import QuantityMap
+    from node.volume import load_series
+    from tests.iod import assert_valid_iod
+
+    study = site.study
+    geom = study.geometry
+    source = load_series(sorted(study.dicom_dir.iterdir()))
+    nz, ny, nx = geom.shape
+    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    values = (0.05 + 0.5 * k / (nz - 1) + 0.3 * i / (nx - 1) + 0.15 * j / (ny - 1)).astype(np.float32)
+    qmap = QuantityMap(source_series_uid=study.series_uid, geometry=geom, values=values,
+                       quantity=ENTROPY, unit=NO_UNITS,
+                       description="test uncertainty", value_range=(0.0, 1.0))
+    ctx = EncodeContext(job_key="web-test-pmap", rule="web-test", handler="web-test", handler_version="1")
+    (pm,) = encode_all([qmap], {source.series_uid: source}, ctx)
+    path = tmp_path / "PMAP.dcm"
+    pm.save_as(path, enforce_file_format=True)
+    assert_valid_iod(path)
+    r = stow(site.node, [path])
+    assert r.status_code == 200, r.text
+
+    open_viewer(page, site)
+    page.get_by_text("PMAP", exact=True).first.dblclick()
+    uid = page.wait_for_function("() => (window.services.displaySetService.getActiveDisplaySets()"
+                                 ".find(d => d.Modality === 'PMAP') || {}).displaySetInstanceUID",
+                                 timeout=90_000).json_value()
+    rng = np.random.default_rng(0)
+    points = [[int(rng.integers(nx)), int(rng.integers(ny)), int(rng.integers(nz))] for _ in range(400)]
+    got = wait_for(lambda: page.evaluate(PMAP_SAMPLES, [uid, points]), 90, "the parametric map loaded", interval=1)
+    assert got["ct"] == study.series_uid  # laid over the CT it was made from
+    # OHIF's volume index -> patient mm (its own origin, spacing, direction) -> the value the node wrote there
+    direction = np.asarray(got["direction"]).reshape(3, 3)  # rows: the i, j, k axes
+    origin, spacing = np.asarray(got["origin"]), np.asarray(got["spacing"])
+    expected = []
+    for p in points:
+        world = origin + (np.asarray(p) * spacing) @ direction
+        kk, jj, ii = (int(round(v)) for v in geom.patient_to_index(world))
+        expected.append(float(values[kk, jj, ii]) * 100)  # OHIF shows the values x100
+    np.testing.assert_allclose(got["values"], expected, rtol=1e-5, atol=1e-4)
+    # and it is drawn: the viewport fuses the CT and the map
+    page.wait_for_function("() => window.cornerstone.getRenderingEngines()[0].getViewports()"
+                           ".some(v => v.getActors && v.getActors().length === 2)", timeout=60_000)
+    screenshot(page, "ohif-uncertainty-pmap")
+    assert [e for e in page.errors if "favicon" not in e] == []

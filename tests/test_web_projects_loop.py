@@ -10,6 +10,9 @@ the run's epochs while it goes and once it is done.
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
 
 import pydicom
 import pytest
@@ -31,6 +34,7 @@ SEEN_BEFORE = """localStorage.setItem('shownTours', JSON.stringify(['basicViewer
 localStorage.setItem('investigationalUseDialog', JSON.stringify({expiryDate: '2999-01-01T00:00:00Z'}));"""
 VIEWPORT = {"width": 1400, "height": 900}
 PHANTOM = {**TINY_PHANTOM, "rows": 64, "cols": 64, "pixel_spacing": 5.6}
+EPOCHS = 4  # of the project's training run: enough to hold it mid-way and see the curves so far
 
 SEGMENTATIONS = """() => {
   const s = window.services && window.services.segmentationService;
@@ -65,7 +69,7 @@ def two_threshold_model(path) -> None:
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loop")
-    raw = tiny_config(tmp)
+    raw = {**tiny_config(tmp), "epochs": EPOCHS}
     cfg = TrainConfig.model_validate(raw)
     builtin = tmp / "builtin" / "tiny"
     builtin.mkdir(parents=True)
@@ -195,6 +199,29 @@ def test_project_page_opens_the_next_case_in_ohif_with_the_prediction_preloaded_
     ctx.close()
 
 
+def _first_epochs_of_a_stopped_run(node, project: str) -> tuple[str, int, int]:
+    """Wait for the project's run to finish an epoch, then SIGSTOP its process (the real training run):
+    the page can then be checked mid-run without racing it. Returns (run id, pid, epochs written)."""
+    def started():
+        runs = node.api("GET", f"/api/projects/{project}/runs").json()["runs"]
+        return runs[0]["run"] if runs else None
+
+    run_id = wait_for(started, 30, "the training run", interval=0.2)
+    run_dir = node.data_dir / "projects" / project / "runs" / run_id
+
+    def one_epoch():
+        progress = run_dir / "progress.jsonl"
+        if not progress.is_file() or "epoch 1/" not in progress.read_text():
+            return None
+        return json.loads((run_dir / "run.json").read_text())["pid"]
+
+    pid = wait_for(one_epoch, 120, "the run's first epoch", interval=0.02)
+    os.kill(pid, signal.SIGSTOP)
+    (run,) = node.api("GET", f"/api/projects/{project}/runs").json()["runs"]
+    assert run["state"] == "running" and 1 <= len(run["epochs"]) < run["epochs"][0]["of"], run
+    return run_id, pid, len(run["epochs"])
+
+
 def test_train_button_draws_the_runs_curves(loop):
     node, studies, browser = loop
     alice, csrf = api_session(node, "alice")
@@ -208,24 +235,51 @@ def test_train_button_draws_the_runs_curves(loop):
             assert r.status_code == 200, r.text
     ctx, page = _context(browser, node, "root")
     errors = BrowserErrors(page).errors
+    dashboard = ctx.new_page()
+    dashboard_errors = BrowserErrors(dashboard).errors
+    dashboard.goto(f"{node.web}/console/")
+    dashboard.wait_for_selector("#studies tr.study")
+    assert dashboard.locator("#training").is_hidden()  # no run yet: no training panel
     page.wait_for_selector('#counts [data-count="labeled"] b')
     assert page.inner_text('#counts [data-count="labeled"] b') == "2"
     page.click("#train")
     page.wait_for_selector("#runs .run")
-    # Live: the page polls while the run goes; when done, the plot has one point per epoch.
+    # Live: mid-run (its process held after an epoch), the page's polling has drawn the epochs so far ...
+    run_id, pid, k = _first_epochs_of_a_stopped_run(node, "lungs")
+    try:
+        page.wait_for_selector(f'#runs .run[data-state="running"] svg.curves[data-points="{k}"]', timeout=30_000)
+        assert page.locator("svg.curves polyline.loss").get_attribute("points").count(",") == k
+        assert f"epoch {k}/{EPOCHS}" in page.inner_text("#runs")
+        screenshot(page, "project-run-curves-live")
+        # ... and the dashboard shows the run going, with its last epoch's loss and validation Dice
+        row = dashboard.locator(f'#training tr.training-run[data-run="{run_id}"][data-state="running"]')
+        row.wait_for(timeout=30_000)
+        (live,) = node.api("GET", "/api/dashboard").json()["training"]
+        assert live["last_epoch"]["epoch"] == k and row.locator("td.epoch").inner_text() == f"{k}/{EPOCHS}"
+        assert row.locator("td.loss").inner_text() == f"{live['last_epoch']['loss']:.4f}"
+        assert row.locator("td.dice").inner_text().startswith(f"{live['last_epoch']['val_mean_dice']:.3f}")
+        screenshot(dashboard, "dashboard-training-live")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # When done, the plot has one point per epoch.
     page.wait_for_selector('#runs .run:not([data-state="running"])', timeout=300_000)
     (run,) = node.api("GET", "/api/projects/lungs/runs").json()["runs"]
     screenshot(page, "project-run-curves")
     assert run["state"] == "done", run
     svg = page.locator('#runs .run[data-state="done"] svg.curves')
-    assert int(svg.get_attribute("data-points")) == len(run["epochs"]) == 2
+    assert int(svg.get_attribute("data-points")) == len(run["epochs"]) == EPOCHS
     loss_points = page.get_attribute("svg.curves polyline.loss", "points").split()
-    assert len(loss_points) == 2
+    assert len(loss_points) == EPOCHS
     ys = [float(p.split(",")[1]) for p in loss_points]
-    # The drawn loss goes the way the run's loss went (SVG y grows downwards).
-    assert (ys[1] > ys[0]) == (run["epochs"][1]["loss"] < run["epochs"][0]["loss"])
+    losses = [e["loss"] for e in run["epochs"]]
+    # The drawn loss goes the way the run's loss went, epoch to epoch (SVG y grows downwards).
+    assert all((y1 > y0) == (l1 < l0) for y0, y1, l0, l1 in zip(ys, ys[1:], losses, losses[1:]) if l1 != l0)
     assert page.locator("svg.curves circle.dice").count() == sum(e["val_mean_dice"] is not None for e in run["epochs"])
     assert f"version {run['version']}" in page.inner_text("#runs")
+    # the dashboard keeps the ended run for a while, with the version it made
+    done = dashboard.locator(f'#training tr.training-run[data-run="{run_id}"][data-state="done"]')
+    done.wait_for(timeout=30_000)
+    assert f"version {run['version']}" in done.inner_text()
     screenshot(page, "project-run-curves")
-    assert errors == []
+    assert errors == [] and dashboard_errors == []
     ctx.close()

@@ -82,4 +82,28 @@ def encode_quantity_map(qmap: QuantityMap, sources: dict[str, SeriesData], ctx: 
     for item in (*pm.DimensionOrganizationSequence, *pm.DimensionIndexSequence):
         item.DimensionOrganizationUID = dimension_uid
     copy_patient_study(pm, src, choose_charset(src, [description, qmap.description]))
+    _frames_along_the_normal(pm)
     return pm
+
+
+def _frames_along_the_normal(pm: Dataset) -> None:
+    """Store the frames in ascending order along row x column direction (each keeps its own position).
+
+    highdicom writes them the other way round. Both are valid DICOM, but OHIF's parametric-map viewer
+    (OHIF 3.12, @cornerstonejs/adapters) ignores the frames' positions and lays them onto its volume of
+    the source series in file order, which ascends along that normal: the other order shows the map
+    upside down (tests/test_web_ohif.py reads the values back from OHIF)."""
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    orientation = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    frames = pm.PerFrameFunctionalGroupsSequence
+    along = [float(np.dot(normal, np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, dtype=float)))
+             for f in frames]
+    order = np.argsort(along, kind="stable")
+    if (order == np.arange(len(order))).all():
+        return
+    size = int(pm.Rows) * int(pm.Columns) * int(pm.BitsAllocated) // 8
+    keyword = next(k for k in ("FloatPixelData", "DoubleFloatPixelData", "PixelData") if k in pm)
+    data = bytes(pm[keyword].value)
+    pm[keyword].value = b"".join(data[i * size:(i + 1) * size] for i in order)
+    pm.PerFrameFunctionalGroupsSequence = [frames[i] for i in order]

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from node.handler_api import Handler, HandlerInput, HandlerRefusal, Progress
 from node.models.card import ModelCard
 from node.models.domain import domain_flags, measure_input
-from node.models.inference import Confidence, load_model, onnx_runner, segment_scored
+from node.models.inference import Confidence, load_model, onnx_runner, resample, segment_scored
 from node.models.plausibility import output_flags
 from node.models.uncertainty import (UncertaintyParams, dropout_masks, masked_runner, passes_for,
                                      predict_with_uncertainty)
@@ -115,8 +115,12 @@ class ModelHandler(Handler):
         voxel_ml = float(np.prod(source.volume.geometry.spacing)) / 1000.0
         results: list = [label_map, *output_flags(card, labels, voxel_ml, score)]
         if uncertain is not None and self.params.uncertainty.parametric_map:
-            results.append(QuantityMap(source_series_uid=source.series_uid, geometry=uncertain.grid,
-                                       values=uncertain.entropy, quantity=ENTROPY, unit=NO_UNITS,
+            grid, entropy = uncertain.grid, uncertain.entropy
+            if self.params.uncertainty.parametric_map_grid == "source":
+                grid = source.volume.geometry
+                entropy = np.clip(resample(uncertain.entropy, uncertain.grid, grid, linear=True), 0.0, 1.0)
+            results.append(QuantityMap(source_series_uid=source.series_uid, geometry=grid,
+                                       values=entropy, quantity=ENTROPY, unit=NO_UNITS,
                                        description=f"{card.name} {self.model_version} uncertainty"[:64],
                                        value_range=(0.0, 1.0)))
         if "SR" in emit:

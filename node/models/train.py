@@ -169,6 +169,35 @@ def build_network(cfg: TrainConfig) -> UNet3D:
                   max_channels=n.max_channels, dropout=n.dropout)
 
 
+def initial_weights(model: UNet3D, cfg: TrainConfig) -> dict | None:
+    """Load ``cfg.init_from``'s weights into ``model`` (fine-tuning); returns what it started from, for the
+    training record. The checkpoint must hold the same network for the same labels: a network of another
+    shape cannot load, and one trained for other structures would start each output on the wrong one."""
+    if cfg.init_from is None:
+        return None
+    if cfg.init_from == "previous":
+        raise CardError("init_from: 'previous' means a project's latest finished run; only a project's training "
+                        "run resolves it (give a best.pt path to fine-tune outside a project)")
+    path = Path(cfg.init_from)
+    try:
+        ckpt = torch.load(path, map_location="cpu")
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CardError(f"init_from: cannot read the checkpoint {path}: {exc}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CardError(f"init_from: {path} is not a checkpoint written by hilum train (no 'model' weights)")
+    theirs = [lab.get("name") for lab in (ckpt.get("config") or {}).get("labels", [])]
+    ours = [lab.name for lab in cfg.labels]
+    if theirs and theirs != ours:
+        raise CardError(f"init_from: {path} was trained for labels {theirs}, this configuration has {ours}")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:  # missing or unexpected keys, or a tensor of another shape
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise CardError(f"init_from: {path} holds another network than this configuration's "
+                        f"(network, input.channels, labels): {first}") from None
+    return {"checkpoint": str(path), "epoch": ckpt.get("epoch")}
+
+
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float, ce_weight: float) -> torch.Tensor:
     """Cross-entropy + (1 - batch soft Dice over the foreground classes); ``IGNORE`` voxels count in neither."""
     valid = target != IGNORE
@@ -349,6 +378,8 @@ def train(cfg: TrainConfig, config_text: str | None = None, log: Log = print, st
     work = Path(cfg.work_dir) / cfg.name
     work.mkdir(parents=True, exist_ok=True)
     out_dir = Path(cfg.output_dir) / cfg.name
+    if "fit" in stages and cfg.init_from is not None:
+        initial_weights(build_network(cfg), cfg)  # a wrong init_from fails before the data are loaded
     train_cases = val_cases = grid_val = None
     if "prepare" in stages or "deploy" in stages:
         log(f"loading data ({cfg.data.source_name})")
@@ -476,7 +507,9 @@ def _loop(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase]
     pseudo = s.kind == "semi-supervised" and s.method == "pseudo-label"
     teacher_mode = s.kind == "semi-supervised" and s.method == "mean-teacher"
     pseudo_rounds: list[dict] = []
-    model = build_network(cfg).to(device)
+    model = build_network(cfg)
+    started_from = initial_weights(model, cfg)
+    model = model.to(device)
     teacher = None
     if teacher_mode:
         teacher = copy.deepcopy(model)
@@ -565,7 +598,7 @@ def _loop(cfg: TrainConfig, grid_train: list[GridCase], grid_val: list[GridCase]
             strategy.update(ema_decay=s.ema_decay, consistency_weight=s.weight, rampup_epochs=s.rampup_epochs,
                             deployed="the teacher (the EMA of the student's weights)")
     return {"epochs_run": len(history), "best_epoch": best_epoch, "stopped_early": stopped_early,
-            "best_val_mean_dice_network_grid": best, "wall_seconds": round(time.time() - t0, 1),
+            "init_from": started_from, "best_val_mean_dice_network_grid": best, "wall_seconds": round(time.time() - t0, 1),
             "device": str(device), "train_cases": [c.name for c in grid_train], "history": history,
             "strategy": strategy}
 

@@ -372,6 +372,11 @@ class TrainConfig(_Strict):
     validate_every: int = Field(1, ge=1)
     early_stopping: EarlyStopping = EarlyStopping()
     strategy: StrategySpec = StrategySpec()
+    # Fine-tuning: the network starts from this checkpoint's weights (a ``best.pt`` that `hilum train`
+    # wrote for the same network) instead of the seed's random start. In a project's training
+    # configuration, ``previous`` names the project's latest finished run, so each round of the loop
+    # carries on from the last model instead of relearning the anatomy from scratch.
+    init_from: Literal["previous"] | Path | None = None
     inference: InferenceSpec
     emit: list[Literal["SEG", "RTSTRUCT", "SR"]] = ["SEG", "SR"]
     output_dir: Path = Path("models")  # the model lands in output_dir/<name>/

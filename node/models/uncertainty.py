@@ -55,6 +55,9 @@ class UncertaintyParams(BaseModel):
     mc_samples: int | None = Field(None, ge=0, le=32)
     seed: int = Field(0, ge=0)  # the dropout masks' draw: the same seed gives the same passes
     parametric_map: bool = False  # also deliver the entropy map as a DICOM Parametric Map
+    # its grid: the network's (small), or the source series' (one frame per source slice, of its rows and
+    # columns: what OHIF's parametric-map viewer needs, at 4 bytes per source voxel)
+    parametric_map_grid: Literal["network", "source"] = "network"
 
     @field_validator("intensity_scales")
     @classmethod

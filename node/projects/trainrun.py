@@ -23,7 +23,7 @@ from pathlib import Path
 
 from node.models.train_config import BASELINE_PREFIX
 
-__all__ = ["start_run", "run_status", "main"]
+__all__ = ["start_run", "run_status", "recent_runs", "main"]
 
 EPOCH = re.compile(r"epoch (\d+)/(\d+) .*?loss ([0-9.]+)(?: val Dice ([0-9.]+))?")
 
@@ -49,10 +49,17 @@ def start_run(project_dir: Path, data_dir: Path, memory_mb: int, by: str, archiv
     runs = project_dir / "runs"
     runs.mkdir(exist_ok=True)
     number = len(list(runs.iterdir())) + 1
+    cfg = yaml.safe_load((project_dir / "train.yaml").read_text())
+    init_from = None
+    if cfg.get("init_from") == "previous":  # carry on from the latest finished run, or start afresh
+        init_from = _previous_run(runs, cfg["name"])
+        if init_from is None:
+            cfg.pop("init_from")
+        else:
+            cfg["init_from"] = init_from["checkpoint"]
     run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{number}"
     run = runs / run_id
     run.mkdir()
-    cfg = yaml.safe_load((project_dir / "train.yaml").read_text())
     cfg.update(output_dir=str(run / "output"), work_dir=str(run / "work"))
     env = dict(os.environ)
     if labels:
@@ -69,13 +76,31 @@ def start_run(project_dir: Path, data_dir: Path, memory_mb: int, by: str, archiv
     # Each run is its own version of the model: the configuration's version plus the run's number.
     version = f"{cfg['version']}.r{number}"
     meta = {"data_dir": str(data_dir), "memory_mb": memory_mb, "by": by, "started_at": time.time(),
-            "label_versions": labels or None, "version": version if len(version) <= 16 else f"r{number}"}
+            "label_versions": labels or None, "version": version if len(version) <= 16 else f"r{number}",
+            "init_from": init_from}
     _write(run / "run.json", meta)
     with open(run / "stderr.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "node.projects.trainrun", str(run)], stdout=subprocess.DEVNULL,
                                 stderr=log, start_new_session=True, cwd=Path(__file__).resolve().parents[2], env=env)
     _write(run / "run.json", {**meta, "pid": proc.pid})
     return run_id
+
+
+def _previous_run(runs: Path, model_name: str) -> dict | None:
+    """The project's latest finished run (by run number): its best checkpoint and registered version."""
+    def number(run: Path) -> int:
+        tail = run.name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    for run in sorted(runs.iterdir(), key=number, reverse=True):
+        checkpoint = run / "work" / model_name / "best.pt"
+        try:
+            status = json.loads((run / "status.json").read_text())
+        except (OSError, ValueError):
+            continue  # running, or ended without a result
+        if status.get("state") == "done" and checkpoint.is_file():
+            return {"run": run.name, "version": status.get("version"), "checkpoint": str(checkpoint)}
+    return None
 
 
 def _alive(pid: int | None) -> bool:
@@ -107,6 +132,26 @@ def run_status(run: Path) -> dict:
     return {"run": run.name, **status, "epochs": epochs, "log_tail": lines[-5:]}
 
 
+def recent_runs(project_dir: Path, since: float) -> list[dict]:
+    """The project's runs still going or ended after ``since`` (the dashboard's training panel), newest first:
+    each run's state and its last epoch (loss, validation Dice), without the whole curve."""
+    folder = project_dir / "runs"
+    out = []
+    for run in sorted(folder.iterdir(), reverse=True) if folder.is_dir() else []:
+        if not (run / "run.json").is_file():
+            continue
+        status = run_status(run)
+        if status["state"] != "running" and (status.get("finished_at") or 0) < since:
+            continue
+        epochs = status.pop("epochs")
+        status.pop("log_tail", None)
+        status.pop("traceback", None)
+        out.append({**status, "last_epoch": epochs[-1] if epochs else None,
+                    "best_val_mean_dice": max((e["val_mean_dice"] for e in epochs
+                                               if e["val_mean_dice"] is not None), default=None)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     run = Path((argv or sys.argv[1:])[0])
     meta = json.loads((run / "run.json").read_text())
@@ -131,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
         registry = ModelRegistry.for_data_dir(settings.data_dir)
         register_folder(registry, open_audit(settings), out, f"training run {run.name} ({meta['by']})",
-                        meta["version"], trace={"training_run": run.name, "label_versions": meta.get("label_versions")})
+                        meta["version"], trace={"training_run": run.name, "label_versions": meta.get("label_versions"),
+                                                "fine_tuned_from": meta.get("init_from")})
         metrics = json.loads((out / "metrics.json").read_text())
         _write(run / "status.json", {"state": "done", "finished_at": time.time(), "model": metrics["model"],
                                      "version": meta["version"], "mean_dice": metrics["validation"]["mean_dice"]})

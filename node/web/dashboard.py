@@ -5,6 +5,8 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from node.projects.store import ProjectStore
+from node.projects.trainrun import recent_runs
 from node.web.auth import Principal, require_viewer
 from node.web.views import delivery_view, job_view, series_views, study_summary
 from node.web.worker_api import cluster_view
@@ -13,7 +15,7 @@ router = APIRouter(prefix="/api/dashboard", tags=["dashboard"])
 
 
 @router.get("")
-def dashboard(request: Request, studies: int = Query(25, ge=1, le=200), _: Principal = Depends(require_viewer)) -> dict:
+def dashboard(request: Request, studies: int = Query(25, ge=1, le=200), p: Principal = Depends(require_viewer)) -> dict:
     index = request.app.state.node.index
     now = time.time()
     out_studies = []
@@ -33,4 +35,15 @@ def dashboard(request: Request, studies: int = Query(25, ge=1, le=200), _: Princ
         "cluster": cluster_view(request.app.state.node),  # workers and queue lengths (executor.kind: celery)
         "studies": out_studies,
         "failed_deliveries": [delivery_view(d) for d in index.deliveries(status="failed", limit=100)],
+        "training": _training(request, p, now - TRAINING_SHOWN_S),
     }
+
+
+TRAINING_SHOWN_S = 3600  # a finished training run stays on the dashboard this long
+
+
+def _training(request: Request, p: Principal, since: float) -> list[dict]:
+    """Training runs going or recently ended, of the projects this user may see (the project page has the curves)."""
+    store = ProjectStore.for_data_dir(request.app.state.node.settings.data_dir)
+    return [{"project": name, **run} for name in store.names() if store.get(name).may_view(p.name, p.role)
+            for run in recent_runs(store.root / name, since)]

@@ -1,6 +1,6 @@
 'use strict';
-// The dashboard: queue depth, throughput, studies with their jobs and deliveries, failed
-// deliveries; polled every POLL_MS. Admin buttons call the API, which checks the role itself.
+// The dashboard: queue depth, throughput, training runs going (or just ended), studies with their jobs
+// and deliveries, failed deliveries; polled every POLL_MS. Admin buttons call the API, which checks the role itself.
 const {api, el, clear, time, flash} = Hilum;
 const POLL_MS = 2000;
 
@@ -138,6 +138,29 @@ function renderCluster(cl, now) {
       : [el('tr', {}, el('td', {colspan: 5, class: 'muted'}, 'no worker has reported yet'))]);
 }
 
+const fixed = (v, digits) => (v === null || v === undefined ? '–' : Number(v).toFixed(digits));
+
+// A project's training run: its last epoch (loss, validation Dice) while it goes, its outcome once ended;
+// the project page draws the whole curves.
+function trainingRow(r) {
+  const e = r.last_epoch;
+  const outcome = r.state === 'done' ? `version ${r.version}` : r.state === 'failed' ? r.error : '';
+  return el('tr', {class: 'training-run', 'data-project': r.project, 'data-run': r.run, 'data-state': r.state},
+    el('td', {}, el('a', {href: `/console/projects#${encodeURIComponent(r.project)}`}, r.project)),
+    el('td', {class: 'uid'}, r.run),
+    el('td', {class: `status-${r.state}`}, r.state),
+    el('td', {class: 'epoch'}, e ? `${e.epoch}/${e.of}` : 'starting'),
+    el('td', {class: 'loss'}, e ? fixed(e.loss, 4) : '–'),
+    el('td', {class: 'dice'}, e ? `${fixed(e.val_mean_dice, 3)} (best ${fixed(r.best_val_mean_dice, 3)})` : '–'),
+    el('td', {class: r.state === 'failed' ? 'error' : ''}, outcome));
+}
+
+function renderTraining(runs) {
+  const section = document.getElementById('training');
+  section.hidden = !runs.length;
+  clear(document.querySelector('#training-runs tbody'), runs.map(trainingRow));
+}
+
 function render(data) {
   const q = data.queue;
   const h = data.last_hour;
@@ -150,6 +173,7 @@ function render(data) {
     tile('deliveries / last hour', h.deliveries_done, 'h-deliveries'),
     ...Object.entries(data.cluster.queues || {}).map(([name, n]) => tile(`queue ${name}`, n, `q-broker-${name}`)));
   renderCluster(data.cluster, data.now);
+  renderTraining(data.training);
   document.getElementById('studies-total').textContent = `(${data.studies_total})`;
   clear(document.querySelector('#studies tbody'), data.studies.flatMap(studyRows));
   clear(document.querySelector('#failed-deliveries tbody'),
