@@ -90,8 +90,8 @@ def report(out: list[dict], args, instances: int, mb: float) -> None:
           f"(1 association, TCP_NODELAY=1); stable_after {args.stable_after:g} s; "
           f"median of {args.runs} run(s){'' if args.no_warmup else ' after a warm-up study'}")
     print("seconds from the last instance acknowledged (storescu done); each column its own median:")
-    print(f"  stability = until the job is created (stable_after + up to one router pass, "
-          f"{min(1.0, args.stable_after / 4):g} s)")
+    print("  stability = until the job is created (stable_after; the router wakes when a study's quiet period "
+          "ends)")
     print("  job       = job created -> finished: queue, load series, handler, encode, durable write")
     print("              (or -> its last result in Orthanc, when that came first: each result is delivered")
     print("              as soon as it is durable)")

@@ -76,6 +76,45 @@ def _variant(series, lm, segmentation_type, pixels, syntax, ctx, stow_url: str |
             "stow_s": _stow(stow_url, seg) if stow_url else None}
 
 
+def _node_seg(series, lm, ctx, stow_url: str | None, number: int):
+    """The node's own SEG encoder (node/encoders/seg.py), as a job runs it: encode, write, STOW."""
+    from node.encoders.seg import encode_seg
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    seg, _ = encode_seg(lm, {series.series_uid: series}, ctx, series_number=number)
+    encode_s, encode_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t1 = time.perf_counter()
+    buf = BytesIO()
+    seg.save_as(buf)
+    return {"encode_s": encode_s, "encode_cpu_s": encode_cpu, "write_s": time.perf_counter() - t1,
+            "mb": len(buf.getvalue()) / 2**20, "frames": int(seg.NumberOfFrames),
+            "stow_s": _stow(stow_url, seg) if stow_url else None}
+
+
+def _split(lm):
+    """The label map as two: the exclusive organs (External left out) and the External alone (the
+    whole body, what the organs' SEG cannot carry)."""
+    import dataclasses
+
+    from node.results import LabelMap
+
+    external = [s for s in lm.segments if s.includes]
+    organs = tuple(s for s in lm.segments if not s.includes)
+    inside = np.isin(lm.labels, [s.label for s in organs])
+    organ_map = LabelMap(lm.source_series_uid, lm.geometry, np.where(inside, lm.labels, 0).astype(lm.labels.dtype),
+                         organs, description=lm.description)
+    body = tuple(dataclasses.replace(s, includes=()) for s in external)
+    body_map = LabelMap(lm.source_series_uid, lm.geometry,
+                        ((lm.labels != 0) * body[0].label).astype(lm.labels.dtype), body, description=lm.description)
+    return organ_map, body_map
+
+
+def _sum(*parts: dict) -> dict:
+    out = {k: sum(p[k] for p in parts) for k in ("encode_s", "encode_cpu_s", "write_s", "mb", "frames")}
+    out["stow_s"] = None if parts[0]["stow_s"] is None else sum(p["stow_s"] for p in parts)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=300)
@@ -115,9 +154,25 @@ def run(args, stow_url: str | None) -> None:
     print(f"ct-anatomy label map of a {args.size}x{args.size}x{args.slices} phantom CT, "
           f"{len(lm.segments)} segments (External includes the others)")
     print(f"{'representation':<42}{'MB':>8}{'frames':>8}{'encode s':>10}{'cpu s':>8}{'write s':>9}{'stow s':>8}")
-    for name, kind, pixels, syntax in variants:
+    organ_map, body_map = _split(lm)
+    organ_numbers = {s.label: n for n, s in enumerate(organ_map.segments, start=1)}
+    organ_pixels = np.zeros_like(lm.labels)
+    for label, n in organ_numbers.items():
+        organ_pixels[organ_map.labels == label] = n
+    combined = [
+        ("node's BINARY SEG encoder (in use)", lambda: _node_seg(series, lm, ctx, stow_url, 9100)),
+        ("LABELMAP organs + BINARY External: 2 SEGs", lambda: _sum(
+            _variant(series, organ_map, labelmap, organ_pixels, ExplicitVRLittleEndian, ctx, stow_url, "o1"),
+            _node_seg(series, body_map, ctx, stow_url, 9101))),
+        ("LABELMAP organs JPEG-LS + BINARY External", lambda: _sum(
+            _variant(series, organ_map, labelmap, organ_pixels, JPEGLSLossless, ctx, stow_url, "o2"),
+            _node_seg(series, body_map, ctx, stow_url, 9102))),
+    ]
+    runs = [(name, lambda kind=kind, pixels=pixels, syntax=syntax, name=name: _variant(
+        series, lm, kind, pixels, syntax, ctx, stow_url, name)) for name, kind, pixels, syntax in variants] + combined
+    for name, make in runs:
         try:
-            r = _variant(series, lm, kind, pixels, syntax, ctx, stow_url, name)
+            r = make()
         except Exception as exc:  # noqa: BLE001 - one highdicom cannot write or Orthanc refuses is a finding
             print(f"{name:<42}  not written or not stored: {type(exc).__name__}: {str(exc)[:80]}")
             continue

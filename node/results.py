@@ -104,6 +104,18 @@ class Segment:
                              f"({self.label})")
 
 
+def _unknown_values(labels: np.ndarray, known: set[int]) -> list[int]:
+    """Values of ``labels`` other than 0 that are not in ``known``. For labels numbered 1..n, the
+    usual case, one pass for the maximum and one per gap below it: np.unique sorts or hashes the
+    whole volume (0.4 CPU s at 512x512x300, on the way to every result)."""
+    if labels.dtype.kind in "ub" and labels.size:
+        top = int(labels.max())
+        gaps = [v for v in range(1, top + 1) if v not in known]
+        if len(gaps) <= 8:
+            return [v for v in gaps if np.any(labels == v)]
+    return sorted(set(np.unique(labels).tolist()) - {0} - known)
+
+
 @dataclass(frozen=True, eq=False)
 class LabelMap:
     """A label volume on exactly the source series' voxel grid.
@@ -143,8 +155,7 @@ class LabelMap:
             nested = [lab for lab in s.includes if self.segment(lab).includes]
             if nested:
                 raise ValueError(f"LabelMap.segments: {s.name!r} includes segments that include others: {nested}")
-        present = set(np.unique(self.labels).tolist()) - {0}
-        unknown = present - set(seen)
+        unknown = _unknown_values(self.labels, set(seen))
         if unknown:
             raise ValueError(f"LabelMap.labels holds values without a segment: {sorted(unknown)}")
         bad = set(self.encodings) - {"SEG", "RTSTRUCT"}

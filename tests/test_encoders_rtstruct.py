@@ -195,3 +195,25 @@ def test_prepared_contour_data_survives_implicit_vr(source, tmp_path):
     points = lambda rt: [[float(v) for v in c.ContourData] for r in rt.ROIContourSequence  # noqa: E731
                          for c in r.get("ContourSequence", [])]
     assert points(implicit) == points(explicit) and len(points(explicit)) > 10
+
+
+def test_label_boxes_are_find_objects_boxes():
+    """The plane-by-plane boxes of a few-label map (and find_objects' own for many labels) are the
+    boxes the contours are traced in: the same as ndimage.find_objects, skipped labels left out."""
+    import numpy as np
+    from scipy import ndimage
+
+    from node.encoders.contours import _label_boxes
+
+    rng = np.random.default_rng(4)
+    for n in range(40):
+        top = 5 if n % 4 else 30  # 30: find_objects' own path
+        labels = (rng.integers(0, top, size=(6, 9, 11)) * (rng.random((6, 9, 11)) < 0.15)).astype(np.uint8)
+        if n % 3 == 0:
+            labels[:] = 0
+            labels[2, 3, 4] = 3  # one voxel
+        skip = frozenset({n % 5})
+        expected = {i + 1: box for i, box in enumerate(ndimage.find_objects(labels))
+                    if box is not None and i + 1 not in skip}
+        assert _label_boxes(labels, skip) == expected, n
+    assert _label_boxes(np.zeros((2, 3, 4), np.uint8), frozenset()) == {}

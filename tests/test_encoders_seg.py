@@ -218,3 +218,17 @@ def test_includes_are_validated(source):
     with pytest.raises(ValueError, match="include others"):
         LabelMap(source.series_uid, g, labels,
                  (dataclasses.replace(body, includes=(4,)), dataclasses.replace(lung, includes=(9,)), bone))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_label_values_without_a_segment_are_refused_by_name(source, dtype):
+    """The few-gaps path (labels 1..n) and np.unique's agree: a value no segment has is named."""
+    g = source.volume.geometry
+    labels = anatomy_labels(g.shape).astype(dtype)
+    known = sorted(s.label for s in segment_table())
+    LabelMap(source.series_uid, g, labels, segment_table())  # only known values: accepted
+    for stray in (max(known) + 1, max(known) + 40):
+        bad = labels.copy()
+        bad[0, 0, 0] = stray
+        with pytest.raises(ValueError, match=rf"without a segment: \[{stray}\]"):
+            LabelMap(source.series_uid, g, bad, segment_table())

@@ -263,3 +263,21 @@ def test_single_image_segmentation_is_referenced(tmp_path):
     (group,) = doc.content.get_volumetric_roi_measurement_groups()
     assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
     assert group.get_measurements()[0].value == pytest.approx(1.6)
+
+
+def test_pixels_per_slice_counts_every_label_on_every_slice():
+    """The key slices come from these counts: the few-label path (a count per label and plane) and
+    the many-label one (bincounts) agree with a direct count."""
+    import numpy as np
+
+    from node.encoders.sr import _pixels_per_slice
+
+    rng = np.random.default_rng(3)
+    for top in (2, 6, 17, 40):
+        labels = rng.integers(0, top, size=(7, 19, 23), dtype=np.uint8)
+        counts = _pixels_per_slice(labels)
+        assert set(counts) == set(range(1, top))
+        for v, per_slice in counts.items():
+            assert per_slice.tolist() == [(plane == v).sum() for plane in labels], (top, v)
+    flags = rng.random((4, 5, 6)) < 0.3
+    assert _pixels_per_slice(flags)[1].tolist() == flags.sum(axis=(1, 2)).tolist()

@@ -109,6 +109,31 @@ def test_lanes_hand_over_whichever_object_is_ready_first():
     assert [(m.kind, m.datasets) for m in made] == [("SEG", ["seg"])]
 
 
+def test_the_first_lane_is_made_before_the_others_start():
+    """The reports go first: a SEG and an RTSTRUCT encoding beside the SR took most of two cores
+    (and the GIL) from it. The others start once the first lane's objects are made."""
+    started: list[str] = []
+
+    def report():
+        time.sleep(0.3)  # room for another lane to start, were it allowed to
+        return [f"sr (while {sorted(started)})"]
+
+    tasks = [EncodeTask(SEG_LANE, "SEG", lambda: started.append("SEG") or ["seg"]),
+             EncodeTask(OTHER_LANE, "RTSTRUCT", lambda: started.append("RTSTRUCT") or ["rt"]),
+             EncodeTask(REPORT_LANE, "SR", report)]
+    made = list(run_lanes(tasks, first=REPORT_LANE))
+    assert (made[0].kind, made[0].datasets) == ("SR", ["sr (while [])"])
+    assert sorted(m.kind for m in made[1:]) == ["RTSTRUCT", "SEG"]
+    # A first lane that fails stops the others before they start.
+    started.clear()
+    with pytest.raises(ValueError, match="report failed"):
+        list(run_lanes([tasks[0], EncodeTask(REPORT_LANE, "SR", lambda: (_ for _ in ()).throw(
+            ValueError("report failed")))], first=REPORT_LANE))
+    assert started == []
+    # Without reports, nothing waits.
+    assert [m.kind for m in run_lanes(tasks[:1], first=REPORT_LANE)] == ["SEG"]
+
+
 def test_a_failing_lane_stops_the_others_and_fails_the_job():
     failed = threading.Event()
     later: list[str] = []

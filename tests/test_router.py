@@ -115,3 +115,18 @@ def test_the_study_view_lists_a_rule_still_waiting_and_when_it_fires(router, tmp
     r.run_once(now=T0 + 31)
     assert _rules_run(index, "1.2.9") == ["patient", "quick"]
     assert study_summary(index.study("1.2.9"))["pending_rules"] == []  # done means done
+
+
+def test_the_router_knows_when_it_next_has_work(router):
+    """It sleeps until then (at most its usual pass): a study's jobs are created when its quiet
+    period ends, not up to a pass later."""
+    r, index = router
+    assert index.next_routing_at(5) is None  # nothing received
+    index.add_instances([_instance("1.3.1", "1.3.1.1", "1.3.1.1.1", T0)])
+    index.add_instances([_instance("1.3.2", "1.3.2.1", "1.3.2.1.1", T0 + 2)])
+    assert index.next_routing_at(5) == T0 + 5  # the earlier study's quiet period ends
+    r.run_once(now=T0 + 6)  # 1.3.1 complete: "quick" runs, "patient" waits until T0 + 30
+    assert index.next_routing_at(5) == T0 + 2 + 5  # 1.3.2 still receiving
+    r.run_once(now=T0 + 8)
+    assert index.next_routing_at(5) == T0 + 30  # both complete; the slower rule's re-check of 1.3.1
+    assert r._until_next() <= min(1.0, 30 / 4)

@@ -112,16 +112,21 @@ def external_mask(labels: np.ndarray, label: int) -> np.ndarray:
     those holes would count as outside the patient."""
     # Slice by slice, a hole is a piece of background that does not reach the edge of its slice:
     # one labelling pass per slice finds them all (binary_fill_holes gets there by repeated
-    # dilation, about three times slower on a 512x512x300 volume, with the same result).
+    # dilation, about three times slower on a 512x512x300 volume, with the same result). Only
+    # the body's bounding box is labelled, with a ring of background around it: everything
+    # outside the box is background joined to the image's edge, and the ring joins whatever
+    # reaches the box's edge to it, so the piece holding the ring's corner is all that is outside.
     four_connected = ndimage.generate_binary_structure(2, 1)
-    out = np.empty(labels.shape, dtype=bool)
+    out = np.zeros(labels.shape, dtype=bool)
     for k, plane in enumerate(labels):
-        background, count = ndimage.label(plane != label, structure=four_connected)
-        outside = np.zeros(count + 1, dtype=bool)
-        for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
-            outside[edge] = True
-        outside[0] = False  # label 0 of ``background``: the body itself
-        out[k] = ~outside[background]
+        body = plane == label
+        rows = np.flatnonzero(body.any(axis=1))
+        if rows.size == 0:
+            continue
+        cols = np.flatnonzero(body.any(axis=0))
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        background, _ = ndimage.label(np.pad(~body[box], 1, constant_values=True), structure=four_connected)
+        out[k][box] = background[1:-1, 1:-1] != background[0, 0]
     return out
 
 

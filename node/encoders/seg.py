@@ -28,6 +28,7 @@ from node.encoders.common import (
     header_view,
     job_time,
     series_description,
+    settle_encoding,
     source_grid,
     source_series,
 )
@@ -117,7 +118,17 @@ def _segment_number_array(labels: np.ndarray, numbers: dict[int, int]) -> np.nda
 
 def _value_counts(labels: np.ndarray, length: int, chunk: int = 16) -> np.ndarray:
     """How many voxels hold each value 0..length-1, a few slices at a time: np.bincount takes its
-    input as 8-byte integers, a 630 MB copy of a 512x512x300 uint8 label map in one go."""
+    input as 8-byte integers, a 630 MB copy of a 512x512x300 uint8 label map in one go. For a few
+    values, a comparison and a count each is faster still (0.03 s a value at 512x512x300, against
+    0.4 s of bincounts)."""
+    if length <= 17:
+        counts = np.zeros(length, dtype=np.int64)
+        same = np.empty(labels.shape[1:], dtype=bool)
+        for k in range(len(labels)):
+            for v in range(1, length):
+                counts[v] += np.count_nonzero(np.equal(labels[k], v, out=same))
+        counts[0] = labels.size - counts[1:].sum()  # no value beyond: a LabelMap refuses them
+        return counts
     counts = np.zeros(length, dtype=np.int64)
     for k in range(0, len(labels), chunk):
         counts += np.bincount(labels[k:k + chunk].ravel(), minlength=length)[:length]
@@ -259,4 +270,4 @@ def encode_seg(
         _add_placeholder_frames(seg, [n for n, p in enumerate(present, start=1) if not p])
     copy_patient_study(seg, series.first, choose_charset(series.first, texts))
     job_time(seg, ctx)
-    return seg, seg_reference(labelmap, sources, ctx, series_number=series_number)
+    return settle_encoding(seg), seg_reference(labelmap, sources, ctx, series_number=series_number)

@@ -281,7 +281,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None
     reports_left = sum(task.lane == REPORT_LANE for task in plan)
     if not reports_left:
         _release_pixels(sources)
-    for made in run_lanes(plan):
+    for made in run_lanes(plan, first=REPORT_LANE):  # the reports first: small, and read first
         if plan[made.index].lane == REPORT_LANE:
             reports_left -= 1
             if not reports_left:

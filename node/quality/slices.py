@@ -76,15 +76,27 @@ def slice_area_jump(mask: np.ndarray, structure: str, pixel_area_mm2: float) -> 
                         "of its largest", structure=structure)]
 
 
+def _enclosed_pixels(plane: np.ndarray) -> int:
+    """How many pixels ``plane`` encloses and leaves out: background not 4-connected to the
+    image's edge (what binary_fill_holes would add). One labelling pass of the outline's bounding
+    box with a ring of background around it, where everything outside is one piece: a third of
+    binary_fill_holes' time, whose repeated dilations were a sixth of the ct-anatomy handler."""
+    rows, cols = np.nonzero(plane.any(axis=1))[0], np.nonzero(plane.any(axis=0))[0]
+    box = plane[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    background, _ = ndimage.label(np.pad(~box, 1, constant_values=True), structure=_FOUR)
+    return int(np.count_nonzero(background) - np.count_nonzero(background == background[0, 0]))
+
+
+_FOUR = ndimage.generate_binary_structure(2, 1)  # background 4-connected: a diagonal gap keeps a hole closed
+
+
 def outline_holes(outline: np.ndarray, structure: str, voxel_ml: float) -> list[QualityFlag]:
     """Regions an outline (e.g. External) encloses in a slice but leaves out."""
     holed = []
-    four = ndimage.generate_binary_structure(2, 1)
     for k in np.nonzero(outline.any(axis=(1, 2)))[0]:
-        filled = ndimage.binary_fill_holes(outline[k], structure=four)
-        holes = filled & ~outline[k]
-        if holes.sum() * voxel_ml >= MAX_HOLE_ML:
-            holed.append((k, holes.sum() * voxel_ml))
+        size = _enclosed_pixels(outline[k]) * voxel_ml
+        if size >= MAX_HOLE_ML:
+            holed.append((k, size))
     if not holed:
         return []
     ks = np.array([k for k, _ in holed])

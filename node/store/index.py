@@ -316,6 +316,16 @@ class Index:
             (now - stable_after,),
         ).fetchall()
 
+    def next_routing_at(self, stable_after: float) -> float | None:
+        """When the router next has something to do: the earliest receiving study's quiet period
+        ends, or a study's re-check for a slower rule is due (None: nothing waits)."""
+        c = self.conn()
+        quiet = c.execute("SELECT MIN(last_at) FROM studies WHERE state='receiving'").fetchone()[0]
+        recheck = c.execute("SELECT MIN(recheck_at) FROM studies WHERE state='stable' "
+                            "AND routed_generation < generation").fetchone()[0]
+        due = [t for t in (None if quiet is None else quiet + stable_after, recheck) if t is not None]
+        return min(due) if due else None
+
     def mark_stable(self, study_uid: str, generation: int, now: float) -> bool:
         """Mark a study and its series stable, unless an instance arrived meanwhile (generation changed)."""
         c = self.conn()
