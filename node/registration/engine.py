@@ -42,6 +42,10 @@ _DEMONS_ITERATIONS = (30, 30, 30)  # per level
 # took the lung-base TRE from 0.97 / 0.95 mm (field at 4 mm alone, 40 iterations) to 0.71 /
 # 0.73 mm, Jacobian min 0.59 / 0.68, with a little less CPU (33 s against 36 s).
 _DEMONS_UPDATE_SIGMA = 2.0
+# Each update exponentiated to first order (the update itself) instead of by scaling and squaring:
+# the steps are capped at half a voxel, where the two agree. Full-size breathing pair (2.5 mm field):
+# demons CPU 64 -> 34 s, lung-base TRE 0.517 mm both, Jacobian min 0.42 -> 0.43.
+_DEMONS_FIRST_ORDER_EXP = True
 _LINEAR_SAMPLES = 60_000  # metric points per level
 
 
@@ -198,6 +202,7 @@ def _demons_stage(fixed, moving, linear: sitk.Transform, masks, geom: Geometry,
         f = _on(fixed, level, sitk.Transform(3, sitk.sitkIdentity), fill, sigma)
         m = _on(moving, level, linear, fill, sigma)
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
+        demons.SetUseFirstOrderExp(_DEMONS_FIRST_ORDER_EXP)
         demons.SetNumberOfIterations(iterations)
         demons.SetSmoothDisplacementField(True)
         demons.SetStandardDeviations(max(1.0, smoothing_mm / min(level.spacing)))
