@@ -46,7 +46,10 @@ _DEMONS_UPDATE_SIGMA = 2.0
 # the steps are capped at half a voxel, where the two agree. Full-size breathing pair (2.5 mm field):
 # demons CPU 64 -> 34 s, lung-base TRE 0.517 mm both, Jacobian min 0.42 -> 0.43.
 _DEMONS_FIRST_ORDER_EXP = True
-_LINEAR_SAMPLES = 60_000  # metric points per level
+# Metric points per level. Mutual information estimates a joint histogram and needs more: with
+# 20 000 the full-size MR-CT TRE rose from 0.10 to 0.32 mm, while the CT-CT rigid one stayed
+# 0.06-0.07 mm at half the CPU (2.1 against 4.0 s on the 512x512x300 pair's 2 mm working grid).
+_LINEAR_SAMPLES = {"mean_squares": 20_000, "correlation": 20_000, "mattes": 60_000}
 
 
 def _image(volume: Volume) -> sitk.Image:
@@ -142,7 +145,7 @@ def _run(reg: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Imag
 
 def _linear_stage(kind: str, fixed, moving, initial: sitk.Transform, metric: str, masks, geom: Geometry,
                   seed: int) -> tuple[sitk.Transform, float, int]:
-    reg = _method(metric, *masks, geom, _LINEAR_LEVELS_MM, _LINEAR_SAMPLES, seed)
+    reg = _method(metric, *masks, geom, _LINEAR_LEVELS_MM, _LINEAR_SAMPLES[metric], seed)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-3, numberOfIterations=200, relaxationFactor=0.6,
         gradientMagnitudeTolerance=1e-8)
