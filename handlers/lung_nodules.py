@@ -45,7 +45,7 @@ from node.nodules.priorsr import prior_identities
 from node.results import (SCT, Code, ImageSeries, LabelMap, Measurement, MeasurementGroup, MeasurementReport,
                           QualityFlag, Segment, TextFinding)
 from node.uids import derived_uid
-from node.volume import Geometry, SeriesData, Volume
+from node.volume import SeriesData
 
 MORPHOLOGICALLY_ALTERED = Code("49755003", SCT, "Morphologically Altered Structure")
 NODULE = Code("27925004", SCT, "Nodule")
@@ -82,28 +82,6 @@ def _acquired(series: SeriesData) -> dt.datetime | None:
             except ValueError:
                 continue
     return None
-
-
-REGISTRATION_MM = 2.0  # registration grid: lungs move as a whole, and a 512x512x300 pair stays small
-
-
-def _coarse(volume: Volume, mask: np.ndarray) -> tuple[Volume, np.ndarray]:
-    """``volume`` block-averaged to about REGISTRATION_MM voxels (and ``mask`` by majority), on a grid
-    in the same patient coordinates, so points mapped on it are points of the original."""
-    spacing = np.asarray(volume.geometry.spacing[::-1], float)  # (k, j, i)
-    f = np.maximum(1, np.round(REGISTRATION_MM / spacing).astype(int))
-    shape = np.asarray(volume.array.shape) // f
-    if (f == 1).all() or (shape < 4).any():
-        return volume, mask
-    crop = tuple(slice(0, int(n * b)) for n, b in zip(shape, f))
-    blocks = (shape[0], f[0], shape[1], f[1], shape[2], f[2])
-    array = volume.array[crop].reshape(blocks).mean(axis=(1, 3, 5), dtype=np.float32)
-    coarse_mask = mask[crop].reshape(blocks).mean(axis=(1, 3, 5)) >= 0.5
-    g = volume.geometry
-    origin = g.index_to_patient((f - 1) / 2.0)  # the first block's centre
-    geometry = Geometry(tuple(int(n) for n in shape), tuple(float(v) for v in origin),
-                        tuple(float(v) for v in (spacing * f)[::-1]), g.direction)
-    return Volume(array, geometry), coarse_mask
 
 
 def _prior_ct(priors: list[PriorStudy]) -> tuple[PriorStudy, SeriesData] | None:
@@ -245,9 +223,10 @@ class LungNodules(Handler):
         progress(0.45, "detecting in the prior")
         detection = self._detect(series)
         progress(0.6, "registering prior to current")
-        (fixed, fixed_mask), (moving, moving_mask) = (_coarse(inp.primary.volume, current.region.both),
-                                                      _coarse(series.volume, detection.region.both))
-        masks = dict(fixed_mask=fixed_mask, moving_mask=moving_mask)
+        # The library registers on ~2 mm working grids (node.registration.working): the lungs move
+        # as a whole, and a 512x512x300 pair stays small.
+        fixed, moving = inp.primary.volume, series.volume
+        masks = dict(fixed_mask=current.region.both, moving_mask=detection.region.both)
         note = None
         try:
             outcome = register_images(fixed, moving, method=self.params.registration, **masks)

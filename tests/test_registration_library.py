@@ -132,3 +132,31 @@ def test_surface_distance_between_masks_is_in_millimetres():
     same = surface_distance(small, small, geom)
     assert same.mean_mm == 0.0 and same.p95_mm == 0.0
     assert surface_distance(small, np.zeros_like(small), geom) is None
+
+
+def test_working_grid_keeps_patient_coordinates():
+    """Block means of a field linear in patient space equal the field at each block's centre, so the
+    working grid (origin at the first block's centre) puts every value where it was; the partial
+    blocks at the far edge are dropped; already-coarse volumes and masks come back as they were."""
+    from node.registration import working_mask, working_volume
+    from node.volume import Geometry, Volume
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    geom = Geometry(shape=(41, 70, 65), origin=(-30.0, 12.0, 80.0), spacing=(0.7, 0.7, 1.0),
+                    direction=(c, 0, s, 0, 1, 0, -s, 0, c))
+    kji = np.stack(np.meshgrid(*[np.arange(n) for n in geom.shape], indexing="ij"), axis=-1)
+    xyz = geom.index_to_patient(kji)
+    field = xyz @ np.array([1.0, -2.0, 3.0]) + 5.0
+    work = working_volume(Volume(field.astype(np.float32), geom))
+    assert work.geometry.shape == (20, 23, 21) and np.allclose(work.geometry.spacing, (2.1, 2.1, 2.0))
+    centres = work.geometry.index_to_patient(np.stack(np.meshgrid(*[np.arange(n) for n in work.geometry.shape],
+                                                                  indexing="ij"), axis=-1))
+    assert np.abs(work.array - (centres @ np.array([1.0, -2.0, 3.0]) + 5.0)).max() < 1e-3
+    assert working_volume(work) is work
+    # Masks: a block is in when at least half of it is.
+    half = xyz[..., 0] < np.median(xyz[..., 0])
+    coarse = working_mask(half, geom)
+    assert coarse.shape == work.geometry.shape
+    x, middle = centres[..., 0], np.median(xyz[..., 0])
+    assert coarse[x < middle - 2].all() and not coarse[x > middle + 2].any()
+    assert np.array_equal(working_mask(coarse, work.geometry), coarse)

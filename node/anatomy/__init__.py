@@ -18,7 +18,7 @@ from node.anatomy.lungs import parenchyma_hu, segment_lungs
 from node.anatomy.outline import BODY, Thresholds, outline
 from node.volume import Volume
 
-__all__ = ["EXTERNAL", "LUNG_L", "LUNG_R", "AIRWAY", "BONE", "Anatomy", "segment_anatomy"]
+__all__ = ["EXTERNAL", "LUNG_L", "LUNG_R", "AIRWAY", "BONE", "Anatomy", "segment_anatomy", "body_outline"]
 
 EXTERNAL = BODY  # body voxels of no other structure; the External is every labelled voxel
 LUNG_L, LUNG_R, AIRWAY, BONE = 2, 3, 4, 5
@@ -76,3 +76,16 @@ def segment_anatomy(volume: Volume, working_mm: float = 2.0, airway: bool = True
     for label in (LUNG_L, LUNG_R, AIRWAY, BONE):
         result[label] = stats((label,))
     return Anatomy(labels, result)
+
+
+def body_outline(volume: Volume, working_mm: float = 2.0) -> np.ndarray:
+    """The External alone (``segment_anatomy(volume).labels > 0``, voxel for voxel) without finding
+    the lungs, airway and bone first: none of them moves the body's outline, and they are most of
+    the work. Registration masks use it."""
+    coarse = coarsen(volume.array, volume.geometry, working_mm)
+    ext = external(coarse)
+    none = np.zeros_like(ext)
+    thresholds = Thresholds(body=TISSUE_HU, lung=0.0, airway_in_lung=0.0, airway_in_wall=0.0, marrow=MARROW_HU)
+    labels, _ = outline(volume.array, coarse, ext, (none, none), None, None, (LUNG_L, LUNG_R, AIRWAY, BONE),
+                        thresholds)
+    return labels > 0

@@ -57,7 +57,10 @@ def body_tissue(coarse: Coarse) -> np.ndarray:
 
 
 def convex_hulls(mask: np.ndarray) -> np.ndarray:
-    """The convex hull of ``mask`` in each axial slice (K, J, I)."""
+    """The convex hull of ``mask`` in each axial slice (K, J, I).
+
+    The hull of a slice is that of each row's first and last pixel (a few hundred points, not the
+    whole mask), and a convex polygon covers one interval per row (see ``_inside_hull``)."""
     out = np.zeros_like(mask)
     for k in np.nonzero(mask.any(axis=(1, 2)))[0]:
         plane = mask[k]

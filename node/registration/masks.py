@@ -21,11 +21,11 @@ def ct_mask(volume: Volume, which: str) -> np.ndarray | None:
         raise ValueError(f"mask {which!r} is not one of {', '.join(MASKS)}")
     if which == "none":
         return None
-    from node.anatomy import LUNG_L, LUNG_R, segment_anatomy  # heavy: only when a mask is asked for
+    from node.anatomy import LUNG_L, LUNG_R, body_outline, segment_anatomy  # heavy: only when asked for
 
-    labels = segment_anatomy(volume, airway=False, bone=False).labels
     if which == "body":
-        return _without_table(labels > 0, volume)
+        return _without_table(body_outline(volume), volume)
+    labels = segment_anatomy(volume, airway=False, bone=False).labels
     lungs = np.isin(labels, (LUNG_L, LUNG_R))
     if not lungs.any():
         return lungs
