@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from node.nodules.region import LungRegion
+
 __all__ = ["Candidate", "find_candidates", "SCALES_MM"]
 
 SCALES_MM = (1.4, 2.0, 2.8, 4.0, 5.6)  # ball radii ~2.4 .. 9.7 mm: nodules of ~4 .. 20 mm and more
@@ -51,46 +53,69 @@ def _eig_min_abs(h: list[np.ndarray]) -> np.ndarray:
 
 def _blob_measure(image: np.ndarray, voxel_mm: float, scale_mm: float, where: np.ndarray,
                   min_strength: float) -> np.ndarray:
-    """s^2 |l3| on ``image`` (isotropic ``voxel_mm``), computed only at voxels of ``where``."""
+    """s^2 |l3| on ``image`` (isotropic ``voxel_mm``), computed only at voxels of ``where``.
+
+    Memory: the Hessian's six components are never held whole. The trace (a sum of three second
+    derivatives, one at a time) picks the few voxels that can reach ``min_strength``, and each
+    component is kept only there; at most four float32 arrays of the working grid live at once
+    (the smoothed image, the trace, a first and a second derivative), where the six components
+    and three first derivatives took ten."""
     sigma = scale_mm / voxel_mm
-    smooth = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=3.0)
-    out = np.zeros(image.shape, np.float32)
-    dk, dj, di = np.gradient(smooth)
-    hkk, hkj, hki = np.gradient(dk)
-    hjj, hji = np.gradient(dj)[1:]
-    hii = np.gradient(di, axis=2)
-    norm = sigma ** 2  # derivatives per voxel: times sigma^2 (in voxels) is scale-normalised
+    smooth = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=3.0, output=np.float32)
+    norm = np.float32(sigma ** 2)  # derivatives per voxel: times sigma^2 (in voxels) is scale-normalised
+
+    def second(a: int, b: int) -> np.ndarray:  # d2/da db as np.gradient twice (the same stencil)
+        return np.gradient(np.gradient(smooth, axis=a), axis=b)
+
+    trace = second(0, 0)
+    trace += second(1, 1)
+    trace += second(2, 2)
     # l3 <= trace / 3: a voxel can reach min_strength only where the trace is at least 3 times it.
-    sel = where & (norm * (hkk + hjj + hii) <= -3 * min_strength)
-    if sel.any():
-        out[sel] = norm * _eig_min_abs([a[sel] for a in (hkk, hjj, hii, hkj, hki, hji)])
+    sel = np.nonzero(where & (trace <= np.float32(-3 * min_strength / norm)))
+    del trace
+    out = np.zeros(image.shape, np.float32)
+    if len(sel[0]):
+        part = {}
+        for a in range(3):
+            first = np.gradient(smooth, axis=a)
+            for b in range(a, 3):
+                part[a, b] = np.gradient(first, axis=b)[sel]
+            del first
+        out[sel] = norm * _eig_min_abs([part[a, b] for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))])
     return out
 
 
 def _resample(a: np.ndarray, factors: np.ndarray, order: int) -> np.ndarray:
-    return ndimage.zoom(a, factors, order=order, mode="nearest", grid_mode=True)
+    out = np.float32 if order else a.dtype  # linear: float32 whatever the source type
+    return ndimage.zoom(a, factors, order=order, mode="nearest", grid_mode=True, output=out)
 
 
-def find_candidates(hu: np.ndarray, spacing_kji: tuple[float, float, float], region: np.ndarray,
+def find_candidates(hu: np.ndarray, spacing_kji: tuple[float, float, float], region: LungRegion,
                     min_strength: float, max_count: int) -> list[Candidate]:
-    """Blob centres inside ``region`` (bool, source grid), strongest first, at most ``max_count``."""
-    if not region.any():
+    """Blob centres inside the closed lungs of ``region``, strongest first, at most ``max_count``."""
+    inside = region.inside
+    if not inside.any():
         return []
-    box = ndimage.find_objects(region.astype(np.uint8))[0]
+    # The image around the region's box, by enough for the largest scale's smoothing.
     pad = [int(np.ceil(2 * SCALES_MM[-1] * 3 ** 0.5 / s)) for s in spacing_kji]
-    box = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, hu.shape))
+    box = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(region.box, pad, hu.shape))
     origin = np.array([b.start for b in box], float)
-    image = np.clip(hu[box], *HU_RANGE).astype(np.float32)
-    inside = region[box]
+    # Clipped in the source's own type (int16 for most CT: half the bytes of float32); resampling
+    # turns it into float32 on each (smaller) working grid.
+    image = np.clip(hu[box], *(np.asarray(HU_RANGE).astype(hu.dtype)))
+    where_box = np.zeros(image.shape, np.uint8)
+    where_box[tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region.box, box))] = inside
     spacing = np.asarray(spacing_kji, float)
     found: list[Candidate] = []
     for scale in SCALES_MM:
         voxel = float(np.clip(scale / 1.2, spacing.min(), 3.0))  # >= 1.2 voxels per sigma
         factors = spacing / voxel
         img = _resample(image, factors, 1)
-        where = _resample(inside.astype(np.uint8), factors, 0).astype(bool)
+        where = _resample(where_box, factors, 0).astype(bool)
         b = _blob_measure(img, voxel, scale, where, min_strength)
-        peaks = (b == ndimage.maximum_filter(b, size=3)) & (b >= min_strength)
+        del img, where
+        peaks = (b >= min_strength)
+        peaks &= b == ndimage.maximum_filter(b, size=3)
         for p in np.argwhere(peaks):
             kji = origin + (p + 0.5) / factors - 0.5  # working-grid voxel centre -> source index
             found.append(Candidate(tuple(float(v) for v in kji), scale, float(b[tuple(p)])))
