@@ -130,6 +130,10 @@ def main() -> None:
     print(f"solid >= 5 mm: {sum(solid)}/{len(solid)} = {sum(solid) / max(len(solid), 1):.3f} (target >= 0.95); "
           f"ground glass >= 8 mm: {sum(ggn)}/{len(ggn)} = {sum(ggn) / max(len(ggn), 1):.3f} (>= 0.85); "
           f"false positives {fp_total / len(names):.2f} per scan (<= 1)")
+    for name, t, n in rows:
+        if n is not None and t["type"] == "solid" and t["diameter_mm"] >= 6.0 and abs(n.volume_mm3 / t["volume_mm3"] - 1) > 0.1:
+            print(f"    volume off by {n.volume_mm3 / t['volume_mm3'] - 1:+.1%}: {name} {t['id']} {band(t)} "
+                  f"{t['diameter_mm']:.1f} mm")
     print(f"solid >= 6 mm |volume error| median {np.median(vol):.1%} max {np.max(vol):.1%} (<= 10 %); "
           f"|mean-diameter error| max {np.max(diam):.2f} mm (<= 1); type right {sum(typed)}/{len(typed)} (>= 90 %)")
 

@@ -98,7 +98,8 @@ def _coarse(volume: Volume, mask: np.ndarray) -> tuple[Volume, np.ndarray]:
     crop = tuple(slice(0, int(n * b)) for n, b in zip(shape, f))
     blocks = (shape[0], f[0], shape[1], f[1], shape[2], f[2])
     array = volume.array[crop].reshape(blocks).mean(axis=(1, 3, 5), dtype=np.float32)
-    coarse_mask = mask[crop].reshape(blocks).mean(axis=(1, 3, 5)) >= 0.5
+    # Counted in uint16 (a float mean would convert the whole mask to float64 first).
+    coarse_mask = 2 * mask[crop].reshape(blocks).sum(axis=(1, 3, 5), dtype=np.uint16) >= int(np.prod(f))
     g = volume.geometry
     origin = g.index_to_patient((f - 1) / 2.0)  # the first block's centre
     geometry = Geometry(tuple(int(n) for n in shape), tuple(float(v) for v in origin),

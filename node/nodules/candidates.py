@@ -51,43 +51,63 @@ def _eig_min_abs(h: list[np.ndarray]) -> np.ndarray:
     return np.where(top < 0, -top, 0.0).astype(np.float32)
 
 
+def _second(smooth: np.ndarray, pts: tuple[np.ndarray, ...], a: int, b: int) -> np.ndarray:
+    """d2 smooth / da db at the voxels ``pts``, as np.gradient twice gives it inside the array
+    (central differences over two voxels; indices clipped at the border, which the lungs never reach)."""
+    def at(da: int, db: int) -> np.ndarray:
+        idx = [p.copy() for p in pts]
+        idx[a] += da
+        idx[b] += db
+        return smooth[tuple(np.clip(i, 0, n - 1) for i, n in zip(idx, smooth.shape))]
+
+    return (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1)) / 4
+
+
+_D2 = np.array([0.25, 0.0, -0.5, 0.0, 0.25], np.float32)  # np.gradient twice along one axis
+
+
 def _blob_measure(image: np.ndarray, voxel_mm: float, scale_mm: float, where: np.ndarray,
                   min_strength: float) -> np.ndarray:
-    """s^2 |l3| on ``image`` (isotropic ``voxel_mm``), computed only at voxels of ``where``.
+    """s^2 |l3| on ``image`` (isotropic ``voxel_mm``; smoothed in place), computed only at ``where``.
 
-    Memory: the Hessian's six components are never held whole. The trace (a sum of three second
-    derivatives, one at a time) picks the few voxels that can reach ``min_strength``, and each
-    component is kept only there; at most four float32 arrays of the working grid live at once
-    (the smoothed image, the trace, a first and a second derivative), where the six components
-    and three first derivatives took ten."""
+    Memory: three float32 arrays of the working grid at most (the smoothed image, the Hessian's
+    trace, one second derivative), where holding the six Hessian components and three first
+    derivatives took ten. The trace picks the voxels that can reach ``min_strength``, and the
+    components are computed at those voxels only."""
     sigma = scale_mm / voxel_mm
-    smooth = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=3.0, output=np.float32)
+    smooth = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=3.0, output=image)
     norm = np.float32(sigma ** 2)  # derivatives per voxel: times sigma^2 (in voxels) is scale-normalised
-
-    def second(a: int, b: int) -> np.ndarray:  # d2/da db as np.gradient twice (the same stencil)
-        return np.gradient(np.gradient(smooth, axis=a), axis=b)
-
-    trace = second(0, 0)
-    trace += second(1, 1)
-    trace += second(2, 2)
+    trace = ndimage.correlate1d(smooth, _D2, axis=0, mode="nearest", output=np.float32)
+    part = np.empty_like(trace)
+    for axis in (1, 2):
+        trace += ndimage.correlate1d(smooth, _D2, axis=axis, mode="nearest", output=part)
+    del part
     # l3 <= trace / 3: a voxel can reach min_strength only where the trace is at least 3 times it.
     sel = np.nonzero(where & (trace <= np.float32(-3 * min_strength / norm)))
     del trace
+    h = [_second(smooth, sel, a, b) for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))] \
+        if len(sel[0]) else None
     out = np.zeros(image.shape, np.float32)
-    if len(sel[0]):
-        part = {}
-        for a in range(3):
-            first = np.gradient(smooth, axis=a)
-            for b in range(a, 3):
-                part[a, b] = np.gradient(first, axis=b)[sel]
-            del first
-        out[sel] = norm * _eig_min_abs([part[a, b] for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))])
+    if h is not None:
+        out[sel] = norm * _eig_min_abs(h)
     return out
 
 
-def _resample(a: np.ndarray, factors: np.ndarray, order: int) -> np.ndarray:
-    out = np.float32 if order else a.dtype  # linear: float32 whatever the source type
-    return ndimage.zoom(a, factors, order=order, mode="nearest", grid_mode=True, output=out)
+def _resample(a: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Linear, to float32 whatever the source type."""
+    return ndimage.zoom(a, factors, order=1, mode="nearest", grid_mode=True, output=np.float32)
+
+
+def _nearest(inside: np.ndarray, at: tuple[slice, ...], shape: tuple[int, ...], grid: tuple[int, ...]) -> np.ndarray:
+    """``inside`` (bool on the box ``at`` of a ``shape`` array) on ``grid``, the whole array resampled
+    to that many voxels per axis: what ndimage.zoom(order=0, grid_mode=True) gives, without the
+    whole array's copy."""
+    idx = [np.minimum(np.floor((np.arange(m) + 0.5) * n / m).astype(np.intp), n - 1) - b.start
+           for n, m, b in zip(shape, grid, at)]
+    keep = [(i >= 0) & (i < b.stop - b.start) for i, b in zip(idx, at)]
+    out = np.zeros(grid, bool)
+    out[np.ix_(*keep)] = inside[np.ix_(*(i[k] for i, k in zip(idx, keep)))]
+    return out
 
 
 def find_candidates(hu: np.ndarray, spacing_kji: tuple[float, float, float], region: LungRegion,
@@ -103,18 +123,17 @@ def find_candidates(hu: np.ndarray, spacing_kji: tuple[float, float, float], reg
     # Clipped in the source's own type (int16 for most CT: half the bytes of float32); resampling
     # turns it into float32 on each (smaller) working grid.
     image = np.clip(hu[box], *(np.asarray(HU_RANGE).astype(hu.dtype)))
-    where_box = np.zeros(image.shape, np.uint8)
-    where_box[tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region.box, box))] = inside
+    at = tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region.box, box))
     spacing = np.asarray(spacing_kji, float)
     found: list[Candidate] = []
     for scale in SCALES_MM:
         voxel = float(np.clip(scale / 1.2, spacing.min(), 3.0))  # >= 1.2 voxels per sigma
         factors = spacing / voxel
-        img = _resample(image, factors, 1)
-        where = _resample(where_box, factors, 0).astype(bool)
+        img = _resample(image, factors)
+        where = _nearest(inside, at, image.shape, img.shape)
         b = _blob_measure(img, voxel, scale, where, min_strength)
         del img, where
-        peaks = (b >= min_strength)
+        peaks = b >= min_strength
         peaks &= b == ndimage.maximum_filter(b, size=3)
         for p in np.argwhere(peaks):
             kji = origin + (p + 0.5) / factors - 0.5  # working-grid voxel centre -> source index

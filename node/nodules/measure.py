@@ -241,6 +241,13 @@ def measure_candidate(hu: np.ndarray, region: LungRegion, spacing_kji: tuple[flo
         solid_f = (_fraction_sum(sub, ndimage.binary_dilation(solid) & near, ref_g, ref_s).clip(0, 1)
                    if kind == "part_solid" else np.zeros_like(f))
         mask = comp
+    # Where the nodule touches the wall, heart or mediastinum (beyond the closed lungs), the blur of
+    # that tissue reads as partial volume of the nodule: there each voxel counts whole or not at all,
+    # by the half-way threshold, as a voxel count would.
+    contact = near & ndimage.binary_dilation((sm > t_outer) & ~inreg, iterations=2)
+    if contact.any():
+        ref = ref_s if kind == "solid" else ref_g
+        f[contact] = sub[contact] > (bg + ref) / 2
     volume = float(f.sum()) * vox
     solid_volume = float(solid_f.sum()) * vox
     if volume <= 0:

@@ -55,9 +55,10 @@ class LungRegion:
         """Either closed lung, on ``box``."""
         return (self.sides & (_LEFT | _RIGHT)) > 0
 
-    @cached_property
+    @property
     def both(self) -> np.ndarray:
-        """Either closed lung on the whole grid (for the registration's mask, a detection model's ``where``)."""
+        """Either closed lung on the whole grid (for the registration's mask, a detection model's
+        ``where``): made on each call and not kept, as it is a byte per voxel of the whole volume."""
         out = np.zeros(self.shape, bool)
         out[self.box] = self.inside
         return out
