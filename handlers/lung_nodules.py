@@ -262,7 +262,7 @@ class LungNodules(Handler):
         progress(0.05, "segmenting the lungs" if lungs is None else "lungs kept from ct-anatomy")
         detection = self._detect(series, lungs)
         flags: list[QualityFlag] = []
-        if not detection.region.aerated.any():
+        if not detection.region.aerated_found:
             return [TextFinding("No lungs found: no nodule analysis", series.series_uid),
                     QualityFlag("no_lungs", f"ct-anatomy found no lung in series {series.series_uid}",
                                 structure="lungs")]

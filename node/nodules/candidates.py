@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from node.nodules.region import LungRegion
+
 __all__ = ["Candidate", "find_candidates", "SCALES_MM"]
 
 SCALES_MM = (1.4, 2.0, 2.8, 4.0, 5.6)  # ball radii ~2.4 .. 9.7 mm: nodules of ~4 .. 20 mm and more
@@ -49,48 +51,90 @@ def _eig_min_abs(h: list[np.ndarray]) -> np.ndarray:
     return np.where(top < 0, -top, 0.0).astype(np.float32)
 
 
+def _second(smooth: np.ndarray, pts: tuple[np.ndarray, ...], a: int, b: int) -> np.ndarray:
+    """d2 smooth / da db at the voxels ``pts``, as np.gradient twice gives it inside the array
+    (central differences over two voxels; indices clipped at the border, which the lungs never reach)."""
+    def at(da: int, db: int) -> np.ndarray:
+        idx = [p.copy() for p in pts]
+        idx[a] += da
+        idx[b] += db
+        return smooth[tuple(np.clip(i, 0, n - 1) for i, n in zip(idx, smooth.shape))]
+
+    return (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1)) / 4
+
+
+_D2 = np.array([0.25, 0.0, -0.5, 0.0, 0.25], np.float32)  # np.gradient twice along one axis
+
+
 def _blob_measure(image: np.ndarray, voxel_mm: float, scale_mm: float, where: np.ndarray,
                   min_strength: float) -> np.ndarray:
-    """s^2 |l3| on ``image`` (isotropic ``voxel_mm``), computed only at voxels of ``where``."""
+    """s^2 |l3| on ``image`` (isotropic ``voxel_mm``; smoothed in place), computed only at ``where``.
+
+    Memory: three float32 arrays of the working grid at most (the smoothed image, the Hessian's
+    trace, one second derivative), where holding the six Hessian components and three first
+    derivatives took ten. The trace picks the voxels that can reach ``min_strength``, and the
+    components are computed at those voxels only."""
     sigma = scale_mm / voxel_mm
-    smooth = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=3.0)
-    out = np.zeros(image.shape, np.float32)
-    dk, dj, di = np.gradient(smooth)
-    hkk, hkj, hki = np.gradient(dk)
-    hjj, hji = np.gradient(dj)[1:]
-    hii = np.gradient(di, axis=2)
-    norm = sigma ** 2  # derivatives per voxel: times sigma^2 (in voxels) is scale-normalised
+    smooth = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=3.0, output=image)
+    norm = np.float32(sigma ** 2)  # derivatives per voxel: times sigma^2 (in voxels) is scale-normalised
+    trace = ndimage.correlate1d(smooth, _D2, axis=0, mode="nearest", output=np.float32)
+    part = np.empty_like(trace)
+    for axis in (1, 2):
+        trace += ndimage.correlate1d(smooth, _D2, axis=axis, mode="nearest", output=part)
+    del part
     # l3 <= trace / 3: a voxel can reach min_strength only where the trace is at least 3 times it.
-    sel = where & (norm * (hkk + hjj + hii) <= -3 * min_strength)
-    if sel.any():
-        out[sel] = norm * _eig_min_abs([a[sel] for a in (hkk, hjj, hii, hkj, hki, hji)])
+    sel = np.nonzero(where & (trace <= np.float32(-3 * min_strength / norm)))
+    del trace
+    h = [_second(smooth, sel, a, b) for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))] \
+        if len(sel[0]) else None
+    out = np.zeros(image.shape, np.float32)
+    if h is not None:
+        out[sel] = norm * _eig_min_abs(h)
     return out
 
 
-def _resample(a: np.ndarray, factors: np.ndarray, order: int) -> np.ndarray:
-    return ndimage.zoom(a, factors, order=order, mode="nearest", grid_mode=True)
+def _resample(a: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Linear, to float32 whatever the source type."""
+    return ndimage.zoom(a, factors, order=1, mode="nearest", grid_mode=True, output=np.float32)
 
 
-def find_candidates(hu: np.ndarray, spacing_kji: tuple[float, float, float], region: np.ndarray,
+def _nearest(inside: np.ndarray, at: tuple[slice, ...], shape: tuple[int, ...], grid: tuple[int, ...]) -> np.ndarray:
+    """``inside`` (bool on the box ``at`` of a ``shape`` array) on ``grid``, the whole array resampled
+    to that many voxels per axis: what ndimage.zoom(order=0, grid_mode=True) gives, without the
+    whole array's copy."""
+    idx = [np.minimum(np.floor((np.arange(m) + 0.5) * n / m).astype(np.intp), n - 1) - b.start
+           for n, m, b in zip(shape, grid, at)]
+    keep = [(i >= 0) & (i < b.stop - b.start) for i, b in zip(idx, at)]
+    out = np.zeros(grid, bool)
+    out[np.ix_(*keep)] = inside[np.ix_(*(i[k] for i, k in zip(idx, keep)))]
+    return out
+
+
+def find_candidates(hu: np.ndarray, spacing_kji: tuple[float, float, float], region: LungRegion,
                     min_strength: float, max_count: int) -> list[Candidate]:
-    """Blob centres inside ``region`` (bool, source grid), strongest first, at most ``max_count``."""
-    if not region.any():
+    """Blob centres inside the closed lungs of ``region``, strongest first, at most ``max_count``."""
+    inside = region.inside
+    if not inside.any():
         return []
-    box = ndimage.find_objects(region.astype(np.uint8))[0]
+    # The image around the region's box, by enough for the largest scale's smoothing.
     pad = [int(np.ceil(2 * SCALES_MM[-1] * 3 ** 0.5 / s)) for s in spacing_kji]
-    box = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, hu.shape))
+    box = tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(region.box, pad, hu.shape))
     origin = np.array([b.start for b in box], float)
-    image = np.clip(hu[box], *HU_RANGE).astype(np.float32)
-    inside = region[box]
+    # Clipped in the source's own type (int16 for most CT: half the bytes of float32); resampling
+    # turns it into float32 on each (smaller) working grid.
+    image = np.clip(hu[box], *(np.asarray(HU_RANGE).astype(hu.dtype)))
+    at = tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region.box, box))
     spacing = np.asarray(spacing_kji, float)
     found: list[Candidate] = []
     for scale in SCALES_MM:
         voxel = float(np.clip(scale / 1.2, spacing.min(), 3.0))  # >= 1.2 voxels per sigma
         factors = spacing / voxel
-        img = _resample(image, factors, 1)
-        where = _resample(inside.astype(np.uint8), factors, 0).astype(bool)
+        img = _resample(image, factors)
+        where = _nearest(inside, at, image.shape, img.shape)
         b = _blob_measure(img, voxel, scale, where, min_strength)
-        peaks = (b == ndimage.maximum_filter(b, size=3)) & (b >= min_strength)
+        del img, where
+        peaks = b >= min_strength
+        peaks &= b == ndimage.maximum_filter(b, size=3)
         for p in np.argwhere(peaks):
             kji = origin + (p + 0.5) / factors - 0.5  # working-grid voxel centre -> source index
             found.append(Candidate(tuple(float(v) for v in kji), scale, float(b[tuple(p)])))

@@ -46,13 +46,23 @@ class Detection:
     region: LungRegion
 
 
-def _zone(z_mm: float, lung: np.ndarray, volume: Volume) -> str:
-    """Third of the lung's extent along the patient's z (head up) the point lies in."""
-    ks = np.nonzero(lung.any(axis=(1, 2)))[0]
-    zs = [volume.geometry.index_to_patient((k, 0, 0))[2] for k in (ks.min(), ks.max())]
+def _zone(z_mm: float, side: str, region: LungRegion, volume: Volume) -> str:
+    """Third of that lung's extent along the patient's z (head up) the point lies in."""
+    zs = [volume.geometry.index_to_patient((k, 0, 0))[2] for k in region.slice_range(side)]
     lo, hi = min(zs), max(zs)
     t = (z_mm - lo) / (hi - lo) if hi > lo else 0.5
     return "upper" if t > 2 / 3 else "lower" if t < 1 / 3 else "middle"
+
+
+def _overlap(m: NoduleMeasurement, box: tuple[slice, ...], mask) -> bool:
+    """Whether ``m``'s segmentation meets ``mask`` (bool on ``box``, or True: all of it)."""
+    common = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(m.box, box))
+    if any(c.stop <= c.start for c in common):
+        return False
+    mine = m.mask[tuple(slice(c.start - a.start, c.stop - a.start) for c, a in zip(common, m.box))]
+    if mask is True:
+        return bool(mine.any())
+    return bool((mine & mask[tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(common, box))]).any())
 
 
 def detect_nodules(volume: Volume, anatomy_labels: np.ndarray, *, min_diameter_mm: float = 4.0,
@@ -62,25 +72,25 @@ def detect_nodules(volume: Volume, anatomy_labels: np.ndarray, *, min_diameter_m
     spacing = tuple(float(s) for s in volume.geometry.spacing[::-1])  # (k, j, i)
     region = lung_region(anatomy_labels, spacing)
     if source is None:
-        candidates = find_candidates(volume.array, spacing, region.both, MIN_STRENGTH_HU, max_candidates)
+        candidates = find_candidates(volume.array, spacing, region, MIN_STRENGTH_HU, max_candidates)
     else:
-        candidates = source(volume, region)[:max_candidates] if region.both.any() else []
+        candidates = source(volume, region)[:max_candidates] if region.inside.any() else []
     found: list[Nodule] = []
-    taken = np.zeros(volume.array.shape, bool)
+    taken: list[NoduleMeasurement] = []  # each on its own box: no full-size mask
     for cand in candidates:
-        if taken[tuple(int(round(v)) for v in cand.kji)]:
+        point = tuple(slice(int(round(v)), int(round(v)) + 1) for v in cand.kji)
+        if any(_overlap(t, point, True) for t in taken):
             continue  # inside a nodule already measured (a weaker peak of the same one)
-        m = measure_candidate(volume.array, region.both, spacing, cand)
+        m = measure_candidate(volume.array, region, spacing, cand)
         if m is None or m.mean_diameter_mm < min_diameter_mm:
             continue
-        if (taken[m.box] & m.mask).any():
+        if any(_overlap(t, m.box, m.mask) for t in taken):
             continue
-        taken[m.box] |= m.mask
+        taken.append(m)
         side = region.side_at(m.center_kji) or region.side_at(cand.kji)
         if side is None:
             continue
         center = tuple(float(v) for v in volume.geometry.index_to_patient(m.center_kji))
-        lung = region.left if side == "left" else region.right
-        found.append(Nodule(m, center, side, _zone(center[2], lung, volume), size_category(m)))
+        found.append(Nodule(m, center, side, _zone(center[2], side, region, volume), size_category(m)))
     found.sort(key=lambda n: -n.volume_mm3)
     return Detection(found, len(candidates), region)
