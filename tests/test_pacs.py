@@ -856,7 +856,7 @@ def odd_pacs(tmp_path):
     server.shutdown()
 
 
-def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs):
+def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs, monkeypatch):
     from node.pacs.scheduler import PullScheduler
     from node.pacs.sources import source_client
     from node.pacs.model import StudyQuery
@@ -879,6 +879,14 @@ def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs):
     sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=lambda: None)
     res = sched.run(rules.pull_rules[0])
     assert (res["matches"], res["queued"], res["left"], res["error"]) == (5000, 10, 4990, None)
+    assert "warnings" not in res
+    # Past the node's own cap on matches (lowered here from 10 000): the first ones are kept, the
+    # C-FIND is ended there (the association released: the next query works) with a warning.
+    monkeypatch.setattr("node.pacs.dimse.MAX_MATCHES", 3000)
+    client = source_client(node.settings, "odd")
+    assert len(client.find_studies(StudyQuery(patient_id="MANY"))[0]) == 3000
+    assert client.warnings == ["source odd: C-FIND: 3000 matches or more: the first 3000 kept (narrow the query)"]
+    assert [m.study_uid for m in client.find_studies(StudyQuery(patient_id="ODD"))[0]] == [wanted.study_uid]
 
 
 @pytest.fixture
@@ -943,6 +951,113 @@ def test_a_broken_dicomweb_answer_fails_the_retrieve_clearly_keeping_what_came_b
     import pydicom
 
     assert node.held(st.study_uid) == {pydicom.dcmread(st.files[0]).SOPInstanceUID}  # the good part is kept
+
+
+@pytest.fixture
+def paging_dicomweb(tmp_path):
+    """A DICOMweb archive (a real HTTP server) with 1 500 studies, the first a real one (WADO-RS serves
+    it). It ignores every search key. ``mode``: ``ignore-offset`` answers the first ``limit`` studies
+    whatever the offset (dicomweb-client's ``get_remaining`` asks again for ever); ``capped`` answers
+    at most 300 per request with PS3.18's Warning header while more remain, and honours offset."""
+    import http.server
+    from urllib.parse import parse_qs, urlparse
+
+    st = tiny_study(tmp_path / "w", patient_id="PAGE", series=(("AX", 1.0, 2),))
+    uids = [st.study_uid] + [f"1.2.826.0.1.3680043.10.1{i:05d}" for i in range(1, 1500)]
+    state = {"mode": "ignore-offset", "requests": []}
+
+    def answer(uid: str) -> dict:
+        return {"0020000D": {"vr": "UI", "Value": [uid]}, "00100020": {"vr": "LO", "Value": ["PAGE"]},
+                "00080020": {"vr": "DA", "Value": ["20240101"]},
+                "00201208": {"vr": "IS", "Value": [2 if uid == st.study_uid else 1]}}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            url = urlparse(self.path)
+            if url.path == "/studies":
+                q = {k: int(v[0]) for k, v in parse_qs(url.query).items() if k in ("limit", "offset")}
+                state["requests"].append(q)
+                limit = q.get("limit", len(uids))
+                if state["mode"] == "ignore-offset":
+                    page, more = uids[:limit], False
+                else:
+                    start = q.get("offset", 0)
+                    page = uids[start:start + min(limit, 300)]
+                    more = start + len(page) < len(uids) and len(page) < limit
+                body = json.dumps([answer(u) for u in page]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                if more:
+                    self.send_header("Warning", "299 archive: The number of results exceeded the maximum "
+                                                "supported by the server. Additional results can be requested.")
+            elif url.path.startswith(f"/studies/{st.study_uid}"):
+                b = b"hilumboundary"
+                body = b"".join(b"--" + b + b"\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes()
+                                + b"\r\n" for f in st.files) + b"--" + b + b"--"
+                self.send_response(200)
+                self.send_header("Content-Type", f'multipart/related; type="application/dicom"; boundary={b.decode()}')
+            else:
+                return self.send_error(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", st, uids, state
+    srv.shutdown()
+
+
+def test_a_dicomweb_archive_ignoring_offset_gives_what_it_sent_and_a_warning_never_a_hang(tmp_path, local,
+                                                                                       paging_dicomweb):
+    from node.pacs.model import StudyQuery
+    from node.pacs.scheduler import PullScheduler
+    from node.pacs.sources import source_client
+
+    url, st, uids, state = paging_dicomweb
+    node = local({"web": {"qido_url": url}})
+    client = source_client(node.settings, "web")
+    t0 = time.monotonic()
+    found, bad = client.find_studies(StudyQuery(patient_id="PAGE"))
+    # The first page (1 000 asked for), then the same page again: the search stops there.
+    assert [m.study_uid for m in found] == uids[:1000] and bad == 0 and time.monotonic() - t0 < 30
+    assert [q.get("offset") for q in state["requests"]] == [0, 1000]
+    [warning] = client.warnings
+    assert "ignores 'offset'" in warning and "1000 result(s) kept, more may exist" in warning
+    # A caller's own limit is a limit, not a warning; a short page is the last one.
+    client = source_client(node.settings, "web")
+    assert len(client.find_studies(StudyQuery(patient_id="PAGE"), 10)[0]) == 10 and client.warnings == []
+
+    # A pull rule's run keeps what came, says so in its record, and leaves its high-water mark alone.
+    rules = _pull_rules(tmp_path, "kind: pull\nname: web\nsource: web\nquery: {PatientID: PAGE}\nwatch: true\n"
+                                  "limits: {studies_per_run: 2}\n", sources=("web",))
+    sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=lambda: None, audit=node.audit)
+    node.store.ensure_pull_state("web", time.time())
+    res = sched.run(rules.pull_rules[0])
+    assert (res["matches"], res["queued"], res["error"]) == (1000, 2, None)
+    assert "ignores 'offset'" in res["warnings"][0]
+    row = node.store.pull_state("web")
+    assert "ignores 'offset'" in json.loads(row["last_result_json"])["warnings"][0] and row["high_water"] is None
+
+    # A retrieve whose study search met the same archive (it ignores the StudyInstanceUID key too):
+    # done, with the warning in its record.
+    other = local({"web": {"qido_url": url}}, name="other")
+    other.retriever.start()
+    rid, _ = other.store.add("web", st.study_uid, None, "test")
+    other.retriever.wake()
+    r = other.wait(rid)
+    assert r["status"] == "done" and other.held(st.study_uid) == st.sop_uids
+    assert "ignores 'offset'" in json.loads(r["detail_json"])["warnings"][0]
+
+    # An archive that pages itself (300 a request, Warning header while more remain): every study, no warning.
+    state["mode"], state["requests"] = "capped", []
+    client = source_client(node.settings, "web")
+    found, _ = client.find_studies(StudyQuery(patient_id="PAGE"))
+    assert [m.study_uid for m in found] == uids[:1500] and client.warnings == []
+    assert [q["offset"] for q in state["requests"]] == [0, 300, 600, 900, 1200]
 
 
 def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tmp_path):

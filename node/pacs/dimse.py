@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (
 
 from node.config_pacs import DimseSource
 from node.pacs.getscu import GetAssociation
-from node.pacs.model import NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
+from node.pacs.model import MAX_MATCHES, NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
 from node.receive import ul
 from node.receive.header import read_header
 from node.receive.scp import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
@@ -66,6 +66,7 @@ class DimseClient:
         self.calling = cfg.calling_ae_title or local_ae
         self.move_destination = cfg.move_destination or local_ae
         self.tls_args = client_tls_args(cfg.tls, cfg.host, f"sources.{name}.tls") if cfg.tls else None
+        self.warnings: list[str] = []  # what this client's queries could not do in full (results kept)
 
     # -- associations ------------------------------------------------------------------------
     def _ae(self) -> AE:
@@ -133,7 +134,8 @@ class DimseClient:
                 assoc.release()
 
     def find_studies(self, q: StudyQuery, limit: int = 0) -> tuple[list[StudyMatch], int]:
-        """Matching studies (at most ``limit`` when > 0) and the number of undecodable answers."""
+        """Matching studies (at most ``limit`` when > 0, else at most ``MAX_MATCHES``, with a warning)
+        and the number of undecodable answers."""
         ident = Dataset()
         ident.QueryRetrieveLevel = "STUDY"
         for k in STUDY_RETURN_KEYS:
@@ -149,8 +151,13 @@ class DimseClient:
                 bad += 1
                 continue
             out.append(m)
-            if limit and len(out) >= limit:
-                break
+            if len(out) >= (limit or MAX_MATCHES):
+                break  # closing the generator releases the association: the PACS stops answering
+        else:
+            return out, bad
+        if not limit:
+            self.warnings.append(f"source {self.name}: C-FIND: {MAX_MATCHES} matches or more: the first "
+                                 f"{MAX_MATCHES} kept (narrow the query)")
         return out, bad
 
     def find_series(self, study_uid: str) -> tuple[list[SeriesMatch], int]:

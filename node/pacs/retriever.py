@@ -113,6 +113,8 @@ class Retriever:
         self.store.attribute(rid)
         held = self.store.held_instances(study, series)
         detail = {"failed_uids": out.failed_uids[:200], "note": out.note} if out.failed_uids or out.note else {}
+        if client.warnings:  # the source's queries were cut short (e.g. a QIDO-RS archive ignoring offset)
+            detail["warnings"] = client.warnings[:20]
         self.store.progress(rid, received=held, completed=out.completed, failed=out.failed, warning=out.warning)
         if out.failed == 0:
             status, error = "done", None
