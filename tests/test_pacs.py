@@ -253,7 +253,8 @@ def test_pacs_down_fails_retries_then_completes(tmp_path, local):
     wait_for(lambda: node.store.get(rid)["attempts"] >= 2, 30, "two failed attempts")
     r = node.store.get(rid)
     errors = [h.get("error", "") for h in json.loads(r["history_json"])]
-    assert any("connection refused or aborted) (is the PACS up" in e for e in errors), errors
+    assert any("cannot connect to PACS@127.0.0.1" in e and "Connection refused (is the PACS up?)" in e
+               for e in errors), errors
     # Hold the next attempt until the study is on the PACS: one between its start and the upload
     # would rightly fail for good (0 matches). Only a queued record is held, never one in flight.
     park = "UPDATE retrieves SET next_at=? WHERE id=? AND status='queued'"
