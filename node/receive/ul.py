@@ -1,9 +1,9 @@
 """The DICOM Upper Layer (PS3.8) and DIMSE command sets (PS3.7), as bytes.
 
 Only what the node's receivers need. As acceptor (the SCP): A-ASSOCIATE-RQ in, -AC/-RJ out,
-P-DATA-TF both ways, release and abort; C-ECHO and C-STORE command sets. As requestor of a C-GET
-(node/pacs/getscu.py, which receives a whole study): A-ASSOCIATE-RQ with SCP role selection out,
--AC/-RJ in, the C-GET request, its responses and the C-STOREs of its sub-operations. Every parser
+P-DATA-TF both ways, release and abort; C-ECHO and C-STORE command sets. As requestor
+(node/pacs/qrscu.py): A-ASSOCIATE-RQ (with SCP role selection for a C-GET) out, -AC/-RJ in, the
+C-GET / C-MOVE / C-FIND request, its responses and a C-GET's sub-operation C-STOREs. Every parser
 checks lengths before it reads and raises ``ProtocolError`` on anything malformed, so hostile bytes
 end an association with an A-ABORT, never an exception elsewhere.
 """
