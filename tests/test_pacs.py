@@ -890,6 +890,57 @@ def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs, monkey
     assert [m.study_uid for m in client.find_studies(StudyQuery(patient_id="ODD"))[0]] == [wanted.study_uid]
 
 
+def test_a_c_move_that_also_sends_another_study_stores_only_what_was_asked_for(tmp_path, local):
+    """A PACS (pynetdicom) whose C-MOVE sends, besides the study, an instance of a study nobody asked
+    for to the node's SCP. The sub-operations are answered before they are read; the stray instance is
+    then not stored, and the retrieve is partial, saying why. pynetdicom names its own AE title as
+    the sub-operations' Move Originator (the standard says: the C-MOVE's requestor), so this PACS is
+    called HILUM, the node's calling AE, for the node to know them as its retrieve's."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    wanted = tiny_study(tmp_path / "w", patient_id="ODD", series=(("AX", 1.0, 2),))
+    stray = tiny_study(tmp_path / "x", patient_id="ODD")
+    dest: dict[str, int] = {}
+
+    def on_find(event):
+        d = Dataset()
+        d.QueryRetrieveLevel, d.StudyInstanceUID, d.NumberOfStudyRelatedInstances = "STUDY", wanted.study_uid, "2"
+        yield 0xFF00, d
+
+    def on_move(event):
+        yield "127.0.0.1", dest["port"]
+        files = [pydicom.dcmread(f) for f in wanted.files] + [pydicom.dcmread(stray.files[0])]
+        yield len(files)
+        for ds in files:
+            yield 0xFF00, ds
+
+    ae = AE(ae_title="HILUM")
+    ae.add_supported_context(FIND)
+    ae.add_supported_context(MOVE)
+    ae.add_requested_context(CTImageStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move)])
+    try:
+        node = local({"odd": dimse(port, "HILUM", retrieve="move")})
+        dest["port"] = node.settings.dicom_port
+        node.retriever.start()
+        rid, _ = node.store.add("odd", wanted.study_uid, None, "test")
+        node.retriever.wake()
+        r = node.wait(rid)
+    finally:
+        server.shutdown()
+    assert r["status"] == "partial" and (r["completed"], r["failed"]) == (2, 1), r
+    assert "1 received but not stored: instance of another study, not asked for" in r["error"]
+    assert json.loads(r["detail_json"])["failed_uids"] == [pydicom.dcmread(stray.files[0]).SOPInstanceUID]
+    assert node.held(wanted.study_uid) == wanted.sop_uids and node.held(stray.study_uid) == set()
+
+
 @pytest.fixture
 def broken_dicomweb(tmp_path):
     """A DICOMweb archive (a real HTTP server) whose WADO-RS multipart answer holds one instance of

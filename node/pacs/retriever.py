@@ -150,7 +150,7 @@ class Retriever:
         # random ID keeps concurrent retrieves, and anyone guessing, apart.
         move = (client.calling, secrets.randbelow(0xFFFE) + 1) if method == "move" else None
         try:
-            with self.ingest.retrieve_batch(move) as batch:
+            with self.ingest.retrieve_batch(move, study) as batch:
                 out = self._run_retrieve(rid, client, method, study, series, classes, batch, move)
                 batch.wait_idle(60)
                 _count_failed_stores(out, batch.failures)
