@@ -77,7 +77,6 @@ class QrAssociation:
             raise
         self.sock = sock
         self.reader = sock.makefile("rb", buffering=256 << 10)
-        self.model = model
         proposed = [(1, model, [IMPLICIT_LE])]
         proposed += [(3 + 2 * i, uid, tss) for i, (uid, tss) in enumerate(storage)]  # odd ids, PS3.8 9.3.2.2
         by_id = {cid: (abstract, tss) for cid, abstract, tss in proposed}
