@@ -455,7 +455,7 @@ def test_pull_rule_series_filter_watch_growth_limits_and_restart(tmp_path, local
         assert any(e["event"] == "pacs-query" and e["user"] == "rule:thin-ct" for e in audit)
     # The PACS gone: the run records the error and the next run time, nothing crashes.
     res = sched.run(rule)
-    assert res["error"] and "connection refused" in res["error"]
+    assert res["error"] and "connection refused (is the pacs up?)" in res["error"].lower()
     assert node.store.pull_state("thin-ct")["last_error"] == res["error"]
 
 
