@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from node.nodules.candidates import Candidate
+from node.nodules.candidates import Candidate, hessian_shape
 from node.nodules.region import LungRegion
 
 __all__ = ["NoduleMeasurement", "measure_candidate", "SOLID_HU"]
@@ -29,10 +29,12 @@ SOLID_HU = -300.0  # above: solid component (soft tissue, blurred); ground glass
 VISIBLE_HU = 150.0  # the outline: this far above the surrounding lung (half a typical GGN's contrast)
 MIN_CONTRAST_HU = 200.0  # a core this little above the lung is texture, not a nodule
 MIN_FLATNESS = 0.45  # shortest / longest ellipsoid axis: below is a vessel, fissure or wall sliver
-# The same for a blob vessels leave from, after cutting it to the ball they leave (its stubs are a
-# voxel or two): a nodule on a vessel stays round (0.86 and more on the phantoms), a stretch of
-# vessel where branches meet (the hilum) or where one vessel crosses another does not (0.57 and less).
-MIN_FLATNESS_ON_VESSELS = 0.7
+# Hessian shape (l3 / l1 at the candidate's scale) a blob that vessels run out of needs: a nodule on
+# a vessel stays ball-like (0.80 and more on the phantoms), a stretch of vessel where branches meet
+# (the hilum) or one vessel crosses another does not (0.62 and less); the exit tests below cannot
+# tell these apart, as the vessels leave both alike.
+MIN_SHAPE_ON_VESSELS = 0.7
+_INSIDE_VOXELS = 2  # vessels leave a blob this far inside the closed lungs, not along their border
 # Partial-volume sum / half-way voxel count above which a solid core has a ground-glass rim:
 # 1 for a solid nodule, 1 + 0.39 (1/q^3 - 1) for a core of q times the nodule's diameter (q=0.75: 1.6).
 PART_SOLID_RATIO = 1.6
@@ -194,12 +196,17 @@ def measure_candidate(hu: np.ndarray, region: LungRegion, spacing_kji: tuple[flo
         inreg = region.crop(box, exact=True)
     if comp is None or comp.sum() > 0.85 * reach.sum():
         return None  # nothing there, or no edge within reach: not a blob
-    on_vessels = bool((comp & ~ndimage.binary_erosion(reach)).any())
-    if on_vessels:
-        # Vessels run out of reach: keep the ball they leave from (a juxtavascular nodule), unless
-        # thick tubes leave it in several directions and it is hardly wider: a vessel branch point.
+    exits = comp & ~ndimage.binary_erosion(reach)
+    if exits.any():
+        # Something bright runs on out of reach: vessels, through the lung, or along the chest wall
+        # or diaphragm, where the lungs' border meets it (not counted as vessels). Vessels leave a nodule ball-like
+        # (the Hessian shape) and clearly wider than themselves, and the nodule is the ball they
+        # leave from; a vessel branch point's bulb is hardly wider than its tubes.
+        vessels = bool((exits & ndimage.binary_erosion(inreg, iterations=_INSIDE_VOXELS)).any())
+        if vessels and hessian_shape(hu, cand.kji, cand.scale_mm, spacing) < MIN_SHAPE_ON_VESSELS:
+            return None
         filled, widest = _ball_and_tubes(comp, reach, seed, spacing)
-        if filled >= 1.3 * widest:
+        if not vessels or filled >= 1.3 * widest:
             comp &= _ball(sub.shape, seed, (filled + 1.5) / spacing)
         elif _exit_ratio(comp, reach, spacing) > MAX_EXIT_RATIO:
             return None
@@ -257,7 +264,7 @@ def measure_candidate(hu: np.ndarray, region: LungRegion, spacing_kji: tuple[flo
     k = int(np.argmax(areas))
     long_ax, short_ax = _axes_2d(f[k], (spacing[1], spacing[2]))
     max_3d, flatness = _axes_3d(f, spacing, volume)
-    if flatness < (MIN_FLATNESS_ON_VESSELS if on_vessels else MIN_FLATNESS):
+    if flatness < MIN_FLATNESS:
         return None
     centroid = np.array([np.average(g, weights=w) for g in np.indices(w.shape)]) + np.array([b.start for b in box])
     values = sub[mask]
