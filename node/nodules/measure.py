@@ -35,6 +35,14 @@ MIN_FLATNESS = 0.45  # shortest / longest ellipsoid axis: below is a vessel, fis
 # tell these apart, as the vessels leave both alike.
 MIN_SHAPE_ON_VESSELS = 0.7
 _INSIDE_VOXELS = 2  # vessels leave a blob this far inside the closed lungs, not along their border
+# A blob that runs on along the wall is cut to the full ball it leaves from only where that ball is
+# a nodule's (4 mm across at least): a candidate on the border of the heart or the chest wall, where
+# the closed lungs take in a sliver of that tissue, leaves a ball of 1 mm or less (a 4-5 mm false
+# positive once cut, with a dense-tissue detector proposing such places).
+MIN_BALL_MM = 2.0
+# A blob kept whole though something runs out of reach (neither cut nor refused by its exits) must be
+# rounder than a blob without exits: a vessel stretch or a wall sliver that passes is elongated.
+MIN_FLATNESS_KEPT_WHOLE = 0.7
 # Partial-volume sum / half-way voxel count above which a solid core has a ground-glass rim:
 # 1 for a solid nodule, 1 + 0.39 (1/q^3 - 1) for a core of q times the nodule's diameter (q=0.75: 1.6).
 PART_SOLID_RATIO = 1.6
@@ -197,6 +205,7 @@ def measure_candidate(hu: np.ndarray, region: LungRegion, spacing_kji: tuple[flo
     if comp is None or comp.sum() > 0.85 * reach.sum():
         return None  # nothing there, or no edge within reach: not a blob
     exits = comp & ~ndimage.binary_erosion(reach)
+    cut = False  # cut to the ball the vessels or the wall leave from
     if exits.any():
         # Something bright runs on out of reach: vessels, through the lung, or along the chest wall
         # or diaphragm, where the lungs' border meets it (not counted as vessels). Vessels leave a nodule ball-like
@@ -206,8 +215,9 @@ def measure_candidate(hu: np.ndarray, region: LungRegion, spacing_kji: tuple[flo
         if vessels and hessian_shape(hu, cand.kji, cand.scale_mm, spacing) < MIN_SHAPE_ON_VESSELS:
             return None
         filled, widest = _ball_and_tubes(comp, reach, seed, spacing)
-        if not vessels or filled >= 1.3 * widest:
+        if filled >= 1.3 * widest or (not vessels and filled >= MIN_BALL_MM):
             comp &= _ball(sub.shape, seed, (filled + 1.5) / spacing)
+            cut = True
         elif _exit_ratio(comp, reach, spacing) > MAX_EXIT_RATIO:
             return None
     solid = comp & (sm > SOLID_HU)
@@ -264,7 +274,7 @@ def measure_candidate(hu: np.ndarray, region: LungRegion, spacing_kji: tuple[flo
     k = int(np.argmax(areas))
     long_ax, short_ax = _axes_2d(f[k], (spacing[1], spacing[2]))
     max_3d, flatness = _axes_3d(f, spacing, volume)
-    if flatness < MIN_FLATNESS:
+    if flatness < (MIN_FLATNESS_KEPT_WHOLE if exits.any() and not cut else MIN_FLATNESS):
         return None
     centroid = np.array([np.average(g, weights=w) for g in np.indices(w.shape)]) + np.array([b.start for b in box])
     values = sub[mask]
