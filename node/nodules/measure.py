@@ -43,6 +43,13 @@ MIN_BALL_MM = 2.0
 # A blob kept whole though something runs out of reach (neither cut nor refused by its exits) must be
 # rounder than a blob without exits: a vessel stretch or a wall sliver that passes is elongated.
 MIN_FLATNESS_KEPT_WHOLE = 0.7
+CUT_MARGIN_MM = 1.5  # beyond the full ball a blob is cut to: the blur of its edge
+# A nodule vessels leave (or pass along) is opened by a ball this many times the widest vessel's
+# radius (on the half-way mask, where a vessel has its own calibre), and keeps what of it lies
+# within OPEN_MARGIN_MM of what remains: on the phantoms a 7.6 mm nodule at a junction of three
+# vessels measures +8 % (cut to a ball instead: +50 %).
+OPEN_FACTOR = 1.6
+OPEN_MARGIN_MM = 1.0
 # Partial-volume sum / half-way voxel count above which a solid core has a ground-glass rim:
 # 1 for a solid nodule, 1 + 0.39 (1/q^3 - 1) for a core of q times the nodule's diameter (q=0.75: 1.6).
 PART_SOLID_RATIO = 1.6
@@ -110,21 +117,50 @@ def _exit_ratio(comp: np.ndarray, reach: np.ndarray, spacing: np.ndarray) -> flo
     return area / (math.pi * r_eq ** 2)
 
 
-def _ball_and_tubes(comp: np.ndarray, reach: np.ndarray, seed: np.ndarray,
-                    spacing: np.ndarray) -> tuple[float, float]:
-    """(radius of the full ball around ``seed``, radius of the widest tube leaving the reach ball), mm.
-    A nodule on a branch point is clearly wider than its vessels; the bulb of a branch point is not."""
+def _widest_tube(comp: np.ndarray, reach: np.ndarray, spacing: np.ndarray) -> float:
+    """Radius (mm) of the widest tube leaving the reach ball. A nodule on a branch point is clearly
+    wider than its vessels; the bulb of a branch point is not."""
     exits, n = ndimage.label(comp & ~ndimage.binary_erosion(reach))
     face = float(np.prod(spacing)) / float(spacing.min())
-    widest = max(math.sqrt(float((exits == i).sum()) * face / math.pi) for i in range(1, n + 1))
-    dist = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(comp.shape), seed, spacing)))
+    return max(math.sqrt(float((exits == i).sum()) * face / math.pi) for i in range(1, n + 1))
+
+
+def _filled(comp: np.ndarray, reach: np.ndarray, centre: np.ndarray, spacing: np.ndarray) -> float:
+    """Radius (mm) of the full ball of ``comp`` around ``centre``: shells of 0.5 mm out to the first
+    one less than 60 % full."""
+    dist = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(comp.shape), centre, spacing)))
     filled = 0.0
-    for r in np.arange(0.5, float(dist[reach].max()), 0.5):  # shells of 0.5 mm: the ball is where they are full
+    for r in np.arange(0.5, float(dist[reach].max()), 0.5):
         shell = reach & (dist >= r - 0.5) & (dist < r)
         if shell.any() and comp[shell].mean() < 0.6:
             break
         filled = r
-    return filled, widest
+    return filled
+
+
+def _cut_to_ball(comp: np.ndarray, reach: np.ndarray, seed: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """``comp`` cut to the full ball it has around ``seed``, plus CUT_MARGIN_MM for the blur at its edge."""
+    return comp & _ball(comp.shape, seed, (_filled(comp, reach, seed, spacing) + CUT_MARGIN_MM) / spacing)
+
+
+def _open_tubes(comp: np.ndarray, dense: np.ndarray, reach: np.ndarray, seed: np.ndarray,
+                spacing: np.ndarray) -> np.ndarray | None:
+    """``comp`` without the tubes running through, along or out of it, or None where ``dense`` (its
+    half-way mask, where a vessel has its own calibre, not widened by the blur) has no tube leaving.
+    The tubes are opened away on ``dense`` by a ball OPEN_FACTOR times the widest of them (a ball
+    wider than that survives an opening whole), the part at the seed kept, and ``comp`` cut to within
+    OPEN_MARGIN_MM of it (the blur of the nodule's edge). A ball cut around the candidate instead keeps
+    whatever of the vessels lies within the ball."""
+    if not (dense & ~ndimage.binary_erosion(reach)).any():
+        return None
+    tube = _widest_tube(dense, reach, spacing)
+    radius = OPEN_FACTOR * tube / spacing
+    half = np.ceil(radius).astype(int)
+    ball = _ball(tuple(2 * h + 1 for h in half), half, radius)
+    core = _component_at(ndimage.binary_opening(dense, structure=ball), seed, np.maximum(0.5 * tube / spacing, 1.0))
+    if core is None:
+        return None
+    return comp & (ndimage.distance_transform_edt(~core, sampling=spacing) <= OPEN_MARGIN_MM)
 
 
 def _cut_fraction(comp: np.ndarray, inreg: np.ndarray, bright: np.ndarray) -> float:
@@ -208,15 +244,20 @@ def measure_candidate(hu: np.ndarray, region: LungRegion, spacing_kji: tuple[flo
     cut = False  # cut to the ball the vessels or the wall leave from
     if exits.any():
         # Something bright runs on out of reach: vessels, through the lung, or along the chest wall
-        # or diaphragm, where the lungs' border meets it (not counted as vessels). Vessels leave a nodule ball-like
-        # (the Hessian shape) and clearly wider than themselves, and the nodule is the ball they
-        # leave from; a vessel branch point's bulb is hardly wider than its tubes.
+        # or diaphragm, where the lungs' border meets it (not counted as vessels). Vessels leave a
+        # nodule ball-like (the Hessian shape) and clearly wider than themselves, and the nodule is
+        # what remains with the vessels opened away; a vessel branch point's bulb is hardly wider
+        # than its tubes. Along the wall, the nodule is the ball the sliver of wall leaves from.
         vessels = bool((exits & ndimage.binary_erosion(inreg, iterations=_INSIDE_VOXELS)).any())
         if vessels and hessian_shape(hu, cand.kji, cand.scale_mm, spacing) < MIN_SHAPE_ON_VESSELS:
             return None
-        filled, widest = _ball_and_tubes(comp, reach, seed, spacing)
-        if filled >= 1.3 * widest or (not vessels and filled >= MIN_BALL_MM):
-            comp &= _ball(sub.shape, seed, (filled + 1.5) / spacing)
+        filled, widest = _filled(comp, reach, seed, spacing), _widest_tube(comp, reach, spacing)
+        if vessels and filled >= 1.3 * widest:
+            opened = _open_tubes(comp, comp & (sm > (bg + peak) / 2), reach, seed, spacing)
+            comp = opened if opened is not None else _cut_to_ball(comp, reach, seed, spacing)
+            cut = True
+        elif (not vessels and filled >= MIN_BALL_MM) or filled >= 1.3 * widest:
+            comp = _cut_to_ball(comp, reach, seed, spacing)
             cut = True
         elif _exit_ratio(comp, reach, spacing) > MAX_EXIT_RATIO:
             return None
