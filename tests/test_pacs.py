@@ -803,15 +803,35 @@ def test_priors_timeline_sr_lists_priors_with_intervals_and_is_a_valid_iod(tmp_p
     assert pydicom.dcmread(path).StudyInstanceUID == current.study_uid
 
 
+def _scripted_pacs(title: str, on_find, *, on_get=None, on_move=None):
+    """A pynetdicom PACS answering C-FIND and either C-GET (CT storage in the SCP role) or C-MOVE with the
+    test's own generators: (port, server)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    ae = AE(ae_title=title)
+    ae.add_supported_context(FIND)
+    handlers = [(evt.EVT_C_FIND, on_find)]
+    if on_get is not None:
+        ae.add_supported_context(GET)
+        ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+        handlers.append((evt.EVT_C_GET, on_get))
+    if on_move is not None:
+        ae.add_supported_context(MOVE)
+        ae.add_requested_context(CTImageStorage)
+        handlers.append((evt.EVT_C_MOVE, on_move))
+    port = free_port()
+    return port, ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+
+
 @pytest.fixture
 def odd_pacs(tmp_path):
     """A PACS that misbehaves (pynetdicom as the peer): malformed C-FIND answers, 5 000 matches,
     and a C-GET that also pushes an instance of a study nobody asked for."""
     from pydicom.dataset import Dataset
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
     wanted = tiny_study(tmp_path / "w", patient_id="ODD", series=(("AX", 1.0, 2),))
     stray = tiny_study(tmp_path / "x", patient_id="ODD")
@@ -846,13 +866,7 @@ def odd_pacs(tmp_path):
         for ds in files:
             yield 0xFF00, ds
 
-    ae = AE(ae_title="ODDPACS")
-    ae.add_supported_context(FIND)
-    ae.add_supported_context(GET)
-    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    port, server = _scripted_pacs("ODDPACS", on_find, on_get=on_get)
     yield port, wanted, stray
     server.shutdown()
 
@@ -898,10 +912,6 @@ def test_a_c_move_that_also_sends_another_study_stores_only_what_was_asked_for(t
     called HILUM, the node's calling AE, for the node to know them as its retrieve's."""
     import pydicom
     from pydicom.dataset import Dataset
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
     wanted = tiny_study(tmp_path / "w", patient_id="ODD", series=(("AX", 1.0, 2),))
     stray = tiny_study(tmp_path / "x", patient_id="ODD")
@@ -919,13 +929,7 @@ def test_a_c_move_that_also_sends_another_study_stores_only_what_was_asked_for(t
         for ds in files:
             yield 0xFF00, ds
 
-    ae = AE(ae_title="HILUM")
-    ae.add_supported_context(FIND)
-    ae.add_supported_context(MOVE)
-    ae.add_requested_context(CTImageStorage)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move)])
+    port, server = _scripted_pacs("HILUM", on_find, on_move=on_move)
     try:
         node = local({"odd": dimse(port, "HILUM", retrieve="move")})
         dest["port"] = node.settings.dicom_port
@@ -1166,10 +1170,7 @@ def paused_pacs(tmp_path):
     reliably catch it in the middle (the node's C-GET takes well under a second for 50 MB)."""
     import pydicom
     from pydicom.dataset import Dataset
-    from pynetdicom import AE, evt
     from pynetdicom.sop_class import CTImageStorage
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
     import threading
 
     st = tiny_study(tmp_path / "big", rows=64, series=(("AX", 1.0, 60),))
@@ -1192,13 +1193,7 @@ def paused_pacs(tmp_path):
                 resume.wait(60)  # the node is killed meanwhile
             yield 0xFF00, pydicom.dcmread(f)
 
-    ae = AE(ae_title="PAUSED")
-    ae.add_supported_context(FIND)
-    ae.add_supported_context(GET)
-    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    port, server = _scripted_pacs("PAUSED", on_find, on_get=on_get)
     yield port, st, paused, resume, gets
     resume.set()
     server.shutdown()
