@@ -188,9 +188,10 @@ def _wall(bright: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarr
 
 
 def _nodule_core(dense: np.ndarray, bright: np.ndarray, reach: np.ndarray, seed: np.ndarray,
-                 filled_mm: float, tubes: bool, spacing: np.ndarray) -> np.ndarray | None:
+                 filled_mm: float, tubes: bool, spacing: np.ndarray) -> tuple[np.ndarray | None, bool]:
     """The nodule's own part of ``dense`` (its half-way mask in the closed lungs, where a vessel has its
-    own calibre, not widened by the blur), or None where nothing of it remains at the seed.
+    own calibre, not widened by the blur), or None where nothing of it remains at the seed; and
+    whether tubes were opened away from it.
 
     - The wall (chest wall, diaphragm, mediastinum) is wider than the nodule: what of ``bright`` (the
       half-way mask of the whole box, beyond the lungs too) holds a ball WALL_BALL_FACTOR times the
@@ -200,17 +201,20 @@ def _nodule_core(dense: np.ndarray, bright: np.ndarray, reach: np.ndarray, seed:
       times the widest of them that leave the reach ball (a ball wider than a tube survives an
       opening whole). Without tubes, what a sliver of wall left is opened away at half the nodule's
       full ball."""
+    shell = ~ndimage.binary_erosion(reach)
+    if tubes and not (dense & shell).any():
+        return None, False  # the vessels leave its outline only (a ground-glass rim): cut to its ball
     own = dense & ~_wall(bright, WALL_BALL_FACTOR * filled_mm + 0.5, spacing)
-    if tubes:
-        if not (own & ~ndimage.binary_erosion(reach)).any():
-            return None  # the vessels leave its outline only (a ground-glass rim): cut to its ball
+    if tubes and (own & shell).any():
         area, short = _widest_tube(own, reach, spacing, slant=False), _widest_tube(own, reach, spacing)
         for radius in [f * area for f in OPEN_FACTORS] + [OPEN_FACTORS[-1] * short]:
             core = _component_at(_opened(own, radius, spacing), seed, np.maximum(0.5 * short / spacing, 1.0))
             if core is not None:
-                return core
-        return None
-    return _component_at(_opened(own, 0.5 * filled_mm, spacing), seed, np.maximum(0.5 * filled_mm / spacing, 1.0))
+                return core, True
+        return None, True
+    # No tubes, or what left like one was the wall (along a curving pleura, deep in the closed lungs)
+    core = _component_at(_opened(own, 0.5 * filled_mm, spacing), seed, np.maximum(0.5 * filled_mm / spacing, 1.0))
+    return core, False
 
 
 def _own_share(core: np.ndarray, bright: np.ndarray, reach: np.ndarray, inreg: np.ndarray,
@@ -326,13 +330,13 @@ def measure_candidate(hu: np.ndarray, region: LungRegion, spacing_kji: tuple[flo
         filled, widest = _filled(comp, reach, seed, spacing), _widest_tube(comp, reach, spacing)
         if filled >= 1.3 * widest or (not vessels and filled >= MIN_BALL_MM):
             cut = True
-            core = _nodule_core(comp & bright, bright, reach, seed, filled, vessels, spacing)
+            core, opened = _nodule_core(comp & bright, bright, reach, seed, filled, vessels, spacing)
             if core is None:
                 comp = _cut_to_ball(comp, reach, seed, spacing)
             else:  # nearer the core than the vessels or wall; with vessels, within the blur of its edge
                 own = _own_share(core, bright, reach, inreg, spacing)
                 comp &= own
-                if vessels:
+                if opened:
                     comp &= ndimage.distance_transform_edt(~core, sampling=spacing) <= OPEN_MARGIN_MM
                 comp = _component_at(comp, seed, np.maximum(0.5 * r / spacing, 1.0))
                 if comp is None:
