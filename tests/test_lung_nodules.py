@@ -34,8 +34,8 @@ VARIANTS = {
     "part_solid": dict(seed=6, part_solid_fraction=0.5, ground_glass_fraction=0.2, nodule_diameter_mm=(8.0, 16.0)),
     "pleural": dict(seed=7, pleural_nodules=4, nodules=4),  # solid nodules touching the pleura
     "vessels": dict(seed=8, nodules=6, vessels=True),  # a vessel tree with blob-like branch points
-    # the lung bases, 6-9 mm nodules against the pleura, the heart and the diaphragm (cut to a ball
-    # with a sliver of the wall, three measured +6..+13 %)
+    # the lung bases: 6-9 mm nodules against the chest wall and the heart (cut to a ball with a
+    # sliver of the wall, three measured +6..+13 %)
     "bases": dict(seed=24, z_center_mm=-62.0, nodules=2, pleural_nodules=4, nodule_diameter_mm=(6.0, 9.0),
                   ground_glass_fraction=0.3),
 }
