@@ -35,7 +35,7 @@ MIN_FLATNESS = 0.45  # shortest / longest ellipsoid axis: below is a vessel, fis
 # tell these apart, as the vessels leave both alike.
 MIN_SHAPE_ON_VESSELS = 0.7
 _INSIDE_VOXELS = 2  # vessels leave a blob this far inside the closed lungs, not along their border
-# A blob that runs on along the wall is cut to the full ball it leaves from only where that ball is
+# A blob that runs on along the wall has the wall cut away (_nodule_core) only where its full ball is
 # a nodule's (4 mm across at least): a candidate on the border of the heart or the chest wall, where
 # the closed lungs take in a sliver of that tissue, leaves a ball of 1 mm or less (a 4-5 mm false
 # positive once cut, with a dense-tissue detector proposing such places).
@@ -43,7 +43,7 @@ MIN_BALL_MM = 2.0
 # A blob kept whole though something runs out of reach (neither cut nor refused by its exits) must be
 # rounder than a blob without exits: a vessel stretch or a wall sliver that passes is elongated.
 MIN_FLATNESS_KEPT_WHOLE = 0.7
-CUT_MARGIN_MM = 1.5  # beyond the full ball a blob is cut to: the blur of its edge
+CUT_MARGIN_MM = 1.5  # beyond the full ball a blob is cut to where no core remains: the blur of its edge
 # A nodule vessels leave (or pass along) is opened on its half-way mask (where a vessel has its own
 # calibre) by a ball this many times the widest vessel's radius by its exit's area, then the second
 # times its radius by the exit's short semi-axis (where the area overstates a vessel crossing the
