@@ -34,6 +34,10 @@ VARIANTS = {
     "part_solid": dict(seed=6, part_solid_fraction=0.5, ground_glass_fraction=0.2, nodule_diameter_mm=(8.0, 16.0)),
     "pleural": dict(seed=7, pleural_nodules=4, nodules=4),  # solid nodules touching the pleura
     "vessels": dict(seed=8, nodules=6, vessels=True),  # a vessel tree with blob-like branch points
+    # the lung bases: 6-9 mm nodules against the chest wall and the heart (cut to a ball with a
+    # sliver of the wall, three measured +6..+13 %)
+    "bases": dict(seed=24, z_center_mm=-62.0, nodules=2, pleural_nodules=4, nodule_diameter_mm=(6.0, 9.0),
+                  ground_glass_fraction=0.3),
 }
 NODULES = dict(nodules=8, nodule_diameter_mm=(4.5, 14.0), ground_glass_fraction=0.35)
 
@@ -170,10 +174,10 @@ def _juxtavascular_specs() -> list[dict]:
 def test_nodules_on_vessels_and_branch_points(tmp_path):
     """Juxtavascular nodules: on vessel branch points and against a vessel's side, with the whole vessel
     tree's bare branch points (blob-like bulbs) around them. Every nodule on a branch point is found and
-    measured within the issue's 10 % / 1 mm; against a vessel's side all but one are found; no bulb is
-    taken for a nodule. Measured: branch points -4..+7 %, vessel sides +24..+36 % but one (the known
-    limit, docs/handlers.md: the vessel runs within the nodule's edge margin all along it) - asserted
-    as a bound so that a change either way shows."""
+    measured within the issue's 10 % / 1 mm; against a vessel's side all but one are found, within
+    15 % and 1 mm; no bulb is taken for a nodule. Measured: branch points -5..+5 %, vessel sides
+    -12..+14 % (the vessel and its blur shared out by distance; within a margin around the nodule
+    only, they measured +24..+36 %: docs/lung-nodules.md)."""
     specs = _juxtavascular_specs()
     assert len(specs) == 16
     study = generate_ct(tmp_path / "ct", seed=9, **THIN, z_center_mm=3.0, vessels=True,
@@ -195,8 +199,10 @@ def test_nodules_on_vessels_and_branch_points(tmp_path):
         assert n.type == "solid"
     for t in side:
         if t["id"] in hits:
-            assert -0.10 <= hits[t["id"]].volume_mm3 / t["volume_mm3"] - 1 <= 0.45, (t, hits[t["id"]].volume_mm3)
-            assert hits[t["id"]].type == "solid"
+            n = hits[t["id"]]
+            assert abs(n.volume_mm3 / t["volume_mm3"] - 1) <= 0.15, (t, n.volume_mm3)
+            assert abs(n.mean_diameter_mm - t["diameter_mm"]) <= 1.0, (t, n.mean_diameter_mm)
+            assert n.type == "solid"
 
 
 def test_size_class_follows_the_thresholds():
