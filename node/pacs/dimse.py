@@ -210,10 +210,10 @@ class DimseClient:
         assoc = self._open(GET_MODEL, [(uid, STORE_SYNTAXES) for uid in classes])
         unrequested: list[str] = []
 
-        def on_store(sop_class: str, sop_instance: str, ts: str, dataset: bytearray) -> int:
+        def on_store(sop_class: str, sop_instance: str, ts: str, dataset: list[memoryview]) -> int:
             # The file meta written from the C-STORE request, as the node's SCP does for a push.
-            raw = ul.part10_header(sop_class, sop_instance, ts, self.cfg.ae_title, IMPLEMENTATION_UID,
-                                   IMPLEMENTATION_VERSION) + dataset
+            raw = b"".join((ul.part10_header(sop_class, sop_instance, ts, self.cfg.ae_title, IMPLEMENTATION_UID,
+                                             IMPLEMENTATION_VERSION), *dataset))
             header = read_header(raw)  # read once: the ingest reuses it
             study, sop = _uids(header, raw)
             if study != study_uid:

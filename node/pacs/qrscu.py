@@ -155,7 +155,7 @@ class QrAssociation:
                 self.sock.sendall(pdu)
 
     # -- the C-GET ----------------------------------------------------------------------------
-    def get(self, identifier: Dataset, on_store: Callable[[str, str, str, bytearray], int],
+    def get(self, identifier: Dataset, on_store: Callable[[str, str, str, list[memoryview]], int],
             message_id: int = 1) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
         """Send the C-GET; yield (status, identifier or None) for each C-GET response, pending ones
         included, until the final one. Each C-STORE in between goes to ``on_store(sop_class,
@@ -173,7 +173,7 @@ class QrAssociation:
                 if cmd.message_id != message_id and cmd.message_id != 0:
                     self.abort()
                     raise PacsError(f"a C-GET response to message {cmd.message_id}, not {message_id}")
-                ident = _identifier(data) if data else None
+                ident = _identifier(b"".join(data)) if data else None
                 yield _status(cmd), ident
                 if cmd.status not in PENDING:
                     return
@@ -204,15 +204,16 @@ class QrAssociation:
             if cmd.message_id != message_id and cmd.message_id != 0:
                 self.abort()
                 raise PacsError(f"a {what} response to message {cmd.message_id}, not {message_id}")
-            yield _status(cmd), (_identifier(data) if data else None)
+            yield _status(cmd), (_identifier(b"".join(data)) if data else None)
             if cmd.status not in PENDING:
                 return
         raise PacsError(f"the association ended without a final {what} status")
 
-    def _messages(self) -> Iterator[tuple[ul.Command, int, bytearray | None]]:
-        """(command, context id, data set or None) of each message the PACS sends, reassembled from
-        its PDVs; ends when the PACS releases or aborts."""
-        command, dataset = bytearray(), bytearray()
+    def _messages(self) -> Iterator[tuple[ul.Command, int, list[memoryview] | None]]:
+        """(command, context id, data set or None) of each message the PACS sends, the data set as its
+        fragments (joined once by the caller: growing one buffer PDV by PDV copied it over and over);
+        ends when the PACS releases or aborts."""
+        command, dataset, size = bytearray(), [], 0
         cmd: ul.Command | None = None
         cmd_cid = 0
         try:
@@ -247,11 +248,12 @@ class QrAssociation:
                     else:
                         if cmd is None or cid != cmd_cid:
                             raise ul.ProtocolError("a data set fragment without its command")
-                        dataset += data
-                        if len(dataset) > MAX_INSTANCE:
+                        dataset.append(ul.keepable(data))
+                        size += len(data)
+                        if size > MAX_INSTANCE:
                             raise ul.ProtocolError(f"a data set over {MAX_INSTANCE} bytes")
                         if mch & 2:
-                            done, dataset = dataset, bytearray()
+                            done, dataset, size = dataset, [], 0
                             yield cmd, cid, done
                             cmd = None
         except ul.ProtocolError as exc:
@@ -272,7 +274,7 @@ def _status(cmd: ul.Command) -> SimpleNamespace:
                            NumberOfFailedSuboperations=s.get("failed"), NumberOfWarningSuboperations=s.get("warning"))
 
 
-def _identifier(data: bytearray) -> Dataset | None:
+def _identifier(data: bytes) -> Dataset | None:
     """The identifier of a response (a C-FIND answer; a C-GET / C-MOVE's Failed SOP Instance UID
     List), or None if undecodable."""
     try:

@@ -111,12 +111,9 @@ class Retriever:
                 retrieve_audit(self.audit, row, outcome="failed", error=str(exc))
             return status
         self.ingest.writer.flush(30)
-        self.store.attribute(rid)
-        held = self.store.held_instances(study, series)
         detail = {"failed_uids": out.failed_uids[:200], "note": out.note} if out.failed_uids or out.note else {}
         if client.warnings:  # the source's queries were cut short (e.g. a QIDO-RS archive ignoring offset)
             detail["warnings"] = client.warnings[:20]
-        self.store.progress(rid, received=held, completed=out.completed, failed=out.failed, warning=out.warning)
         if out.failed == 0:
             status, error = "done", None
         elif out.completed > 0:
@@ -124,7 +121,8 @@ class Retriever:
                 + (f": {out.note}" if out.note else "")
         else:
             status, error = "failed", f"all {out.failed} sub-operations failed" + (f": {out.note}" if out.note else "")
-        self.store.finish(rid, status, error, detail)
+        # Attributed, counted and ended in one transaction (node/store/retrieves.py).
+        held = self.store.finish(rid, status, error, detail, counts=(out.completed, out.failed, out.warning))
         retrieve_audit(self.audit, row, outcome=status, error=error, counts=out, held=held)
         return status
 

@@ -16,6 +16,7 @@ reserved range may hold nothing; ``scan`` steps over such holes by probing 4 KiB
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -175,6 +176,29 @@ def _pwrite_all(fd: int, views: list[memoryview], pos: int) -> None:
 _IOV_MAX = 512  # well under Linux's 1024 buffers per call
 
 
+def _writeback_call():
+    """Linux's sync_file_range(2), or None where the C library lacks it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+    return fn
+
+
+_sync_file_range = _writeback_call()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing a deferred append to disk now, without waiting for it: the
+    ``sync()`` that makes it durable then finds it written or under way, instead of writing a whole
+    retrieve at its end (about 0.1 s for 160 MB here) while the retrieve waits. Only a hint: the
+    sync is what guarantees durability, so a failure here changes nothing."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 class _Segment:
     def __init__(self, number: int, fd: int, fill_fd: int, prepared: int) -> None:
         self.number = number
@@ -230,6 +254,8 @@ class SegmentWriter:
             if sum(len(v) for v in views) != length:
                 raise ValueError(f"envelope is {sum(len(v) for v in views)} bytes, {length} reserved")
             _pwrite_all(seg.fd if durable else seg.fill_fd, views, off)
+            if not durable:
+                _start_writeback(seg.fill_fd, off, length)
         finally:
             with self._cond:
                 self._inflight[seg.number] -= 1
