@@ -26,6 +26,7 @@ from node.receive.ingest import Ingest, Origin
 from node.store.retrieves import RetrieveStore
 
 log = logging.getLogger("hilum.pacs")
+REPORT_S = 0.25  # a running retrieve's progress reports (a sync of its batch, its counts into the index)
 
 
 class Retriever:
@@ -167,8 +168,10 @@ class Retriever:
         last = [0.0]
 
         def progress(out: RetrieveOutcome, remaining: int) -> bool:
+            # Every REPORT_S what arrived is synced and indexed, off this thread: what is left for the
+            # end of the retrieve (a sync, index rows) stays short.
             now = time.monotonic()
-            if now - last[0] >= 0.5:
+            if now - last[0] >= REPORT_S:
                 last[0] = now
                 reporter.report(out)
             return reporter.ok and not self._stop.is_set()
