@@ -359,8 +359,9 @@ def test_instances_arriving_while_a_retrieve_runs_are_not_called_pushed(tmp_path
         [(rid, "queued", "rule", "nightly")]
     assert origin_lines(o)[-1] == f"retrieve {rid} from pacs by pull rule nightly still queued: " \
                                   "1 instance(s) not yet attributed"
-    node.store.finish(rid, "done")
-    assert node.store.attribute(rid) == 1
+    # Ended with its counts: attributed and counted in the same transaction (the node holds 3 of the study).
+    assert node.store.finish(rid, "done", counts=(1, 0, 0)) == 3
+    assert node.store.get(rid)["received"] == 3 and node.store.get(rid)["completed"] == 1
     o = series_origins(node.index, st.study_uid)[series]
     assert o["pushed"]["instances"] == 2 and o["unattributed"] == 0 and o["arriving"] == []
     assert [(r["retrieve"], r["instances"], r["by"]) for r in o["retrieved"]] == [(rid, 1, "rule")]

@@ -142,3 +142,54 @@ def test_an_instance_answered_early_but_not_stored_makes_the_retrieve_partial_na
         assert node.held(st.study_uid) == st.sop_uids - {bad.SOPInstanceUID}
         assert node.index.stat("quarantined") == 1
         assert 1 <= spy.syncs < 3  # the three stored instances were made durable together
+
+
+def test_the_store_queue_is_bounded_in_bytes_and_takes_one_instance_whatever_its_size():
+    """The SCP's store thread holds at most ``max_bytes`` of answered instances (the receiving thread
+    waits beyond it), always at least one; a failed store is named in its batch, its SOP UID read
+    only then."""
+    import threading
+
+    from node.receive.batch import RetrieveBatch, StoreThread
+
+    gate, stored = threading.Event(), []
+
+    def store(i: int):
+        def run():
+            gate.wait(10)
+            stored.append(i)
+            return 0, "stored"
+        return run
+
+    def never() -> str:
+        raise AssertionError("the SOP UID of a stored instance is not read")
+
+    batch, queue = RetrieveBatch(), StoreThread(max_bytes=100)
+    for _ in range(4):
+        assert batch.begin()
+    queue.put(150, never, batch, store(0))  # over the bound, but the queue is empty: taken
+    second = threading.Thread(target=queue.put, args=(60, "1.2", batch, store(1)))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # 150 + 60 bytes would be over the bound: the receiving thread waits
+    gate.set()
+    second.join(5)
+    assert not second.is_alive()
+    queue.put(30, lambda: "1.3", batch, lambda: (0xA700, "disk full"))
+    queue.put(30, "1.4", batch, lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    queue.close()
+    assert stored == [0, 1] and batch.wait_idle(1)
+    assert batch.failures == [("1.3", "disk full"), ("1.4", "internal error: boom")]
+
+
+def test_relaxed_commits_are_not_synced_and_the_level_comes_back(tmp_path):
+    index = Index(tmp_path / "index.db")
+    c = index.conn()
+    assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with index.relaxed():
+        assert c.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert c.execute("PRAGMA synchronous").fetchone()[0] == 2
+    c.execute("PRAGMA synchronous=NORMAL")  # a connection that is NORMAL already (the index writer's) stays so
+    with index.relaxed():
+        pass
+    assert c.execute("PRAGMA synchronous").fetchone()[0] == 1

@@ -149,3 +149,16 @@ def test_a_store_split_into_many_small_pdus_is_reassembled(node_scp, tmp_path):
     row = index.instances_of_study(ds.StudyInstanceUID)[0]
     stored = pydicom.dcmread(BytesIO(Vault(settings.data_dir, None).read(row["path"])))
     assert stored.PixelData == ds.PixelData and stored.file_meta.SourceApplicationEntityTitle == "FRAGMENTS"
+
+
+def test_a_small_fragment_of_a_large_pdu_is_copied_not_kept_with_its_pdu():
+    """A data set is kept as views of the PDUs it came in (joined once); a fragment that is a small part
+    of its PDU is copied instead, so that a peer sending large PDUs with a few bytes of data each cannot
+    make the node hold far more than the data set limit counts."""
+    from node.receive import ul
+
+    body = bytes(16 + 2 * 65536)
+    big, small = memoryview(body)[16:], memoryview(body)[16:20]
+    assert ul.keepable(big) is big  # most of its PDU: no copy
+    kept = ul.keepable(small)
+    assert kept.obj is not body and len(kept.obj) == 4 and kept == small

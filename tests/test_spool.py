@@ -406,3 +406,31 @@ def test_index_rows_lost_to_a_power_cut_come_back_from_the_log(ct, tmp_path):
         (ae,) = {r[0] for r in db.execute("SELECT calling_ae FROM series")}
         assert ae == "CTSCANNER"
         assert "indexed 10 instance(s) found in the spool log" in node.log_tail()
+
+
+def test_deferred_appends_have_segments_of_their_own_that_are_never_zero_filled(tmp_path):
+    """A retrieve's instances (appended durable=False, synced per batch) go to a segment that just grows
+    as it is written, never through the pushes' zero-filled space; both share one numbering, which a
+    restart continues; every record reads back and a scan of the log finds them all."""
+    from node.store.segments import parse_locator
+
+    v = Vault(tmp_path, None, writer=True)
+    push = v.append(b"P" * 5000, {"calling_ae": "CT"})
+    retrieved = [v.append(bytes([i]) * 70001, {"calling_ae": "PACS"}, durable=False) for i in range(3)]
+    v.sync()
+    push_seg = parse_locator(push)[0]
+    where = [parse_locator(loc) for loc in retrieved]
+    assert {seg for seg, _, _ in where} == {push_seg + 1}
+    last_seg, last_off, last_len = where[-1]
+    assert os.path.getsize(v.log.path(last_seg)) == last_off + last_len  # no space written ahead
+    assert os.path.getsize(v.log.path(push_seg)) > parse_locator(push)[1] + parse_locator(push)[2]  # prepared ahead
+    assert v.read(push) == b"P" * 5000 and [v.read(loc) for loc in retrieved] == [bytes([i]) * 70001 for i in range(3)]
+    with pytest.raises(ValueError, match="deferred appends only"):
+        v.deferred.append(10, lambda seg, off: b"x" * 10, durable=True)
+    assert {r.locator for s in v.log.segments() for r in v.log.scan(s)} == {push, *retrieved}
+    v.close()
+    again = Vault(tmp_path, None, writer=True)  # a restart: new segments, numbers never reused
+    loc = again.append(b"Q" * 10, {}, durable=False)
+    again.sync()
+    assert parse_locator(loc)[0] == push_seg + 2 and again.read(loc) == b"Q" * 10
+    again.close()

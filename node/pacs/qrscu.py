@@ -10,8 +10,9 @@ socket itself, as the node's SCP does for a push: a PDU is a header and one read
 appended to one buffer, and command sets are bytes. A C-MOVE's association carries one pending
 response per sub-operation while the instances reach the node's SCP in the same process: through
 pynetdicom each was decoded by pydicom in a reader thread that took the GIL from the SCP's thread
-(about 1 ms of CPU per instance). A C-FIND's answers are decoded once, by pydicom, and nothing is
-formatted for a log nobody reads (pynetdicom formats every identifier whatever the log level).
+(about 1 ms of CPU per instance). A C-FIND's answers are decoded once, by the caller's decoder (study
+answers: node/pacs/answers.py, from the bytes; others by pydicom), and nothing is formatted for a log
+nobody reads (pynetdicom formats every identifier whatever the log level).
 
 What it does: A-ASSOCIATE-RQ with the one Q/R context (for C-GET also the storage classes, with SCP
 role selection), one request, then the responses (yielded to ``DimseClient``, which decides what
@@ -155,7 +156,7 @@ class QrAssociation:
                 self.sock.sendall(pdu)
 
     # -- the C-GET ----------------------------------------------------------------------------
-    def get(self, identifier: Dataset, on_store: Callable[[str, str, str, bytearray], int],
+    def get(self, identifier: Dataset, on_store: Callable[[str, str, str, list[memoryview]], int],
             message_id: int = 1) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
         """Send the C-GET; yield (status, identifier or None) for each C-GET response, pending ones
         included, until the final one. Each C-STORE in between goes to ``on_store(sop_class,
@@ -173,7 +174,7 @@ class QrAssociation:
                 if cmd.message_id != message_id and cmd.message_id != 0:
                     self.abort()
                     raise PacsError(f"a C-GET response to message {cmd.message_id}, not {message_id}")
-                ident = _identifier(data) if data else None
+                ident = decode_identifier(b"".join(data)) if data else None
                 yield _status(cmd), ident
                 if cmd.status not in PENDING:
                     return
@@ -190,13 +191,17 @@ class QrAssociation:
                    encode(identifier, True, True))
         yield from self._responses(ul.C_MOVE_RSP, message_id, "C-MOVE")
 
-    def find(self, identifier: Dataset, message_id: int = 1) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
-        """Send the C-FIND; yield (status, answer or None if undecodable) per response until the
-        final one. Closing the generator early (a caller's limit) aborts the association."""
+    def find(self, identifier: Dataset, message_id: int = 1,
+             decode: Callable[[bytes], object] | None = None) -> Iterator[tuple[SimpleNamespace, object]]:
+        """Send the C-FIND; yield (status, answer) per response until the final one: the answer
+        decoded by ``decode`` from its bytes (implicit VR little endian), by default a pydicom Dataset,
+        None if undecodable. Closing the generator early (a caller's limit) aborts the association."""
         self._send(1, ul.request(ul.C_FIND_RQ, message_id, FIND_MODEL), encode(identifier, True, True))
-        yield from self._responses(ul.C_FIND_RSP, message_id, "C-FIND")
+        yield from self._responses(ul.C_FIND_RSP, message_id, "C-FIND", decode or decode_identifier)
 
-    def _responses(self, field: int, message_id: int, what: str) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
+    def _responses(self, field: int, message_id: int, what: str,
+                   decode: Callable[[bytes], object] | None = None) -> Iterator[tuple[SimpleNamespace, object]]:
+        decode = decode or decode_identifier
         for cmd, cid, data in self._messages():
             if cmd.field != field or cid != 1 or cmd.status is None:
                 self.abort()
@@ -204,15 +209,16 @@ class QrAssociation:
             if cmd.message_id != message_id and cmd.message_id != 0:
                 self.abort()
                 raise PacsError(f"a {what} response to message {cmd.message_id}, not {message_id}")
-            yield _status(cmd), (_identifier(data) if data else None)
+            yield _status(cmd), (decode(b"".join(data)) if data else None)
             if cmd.status not in PENDING:
                 return
         raise PacsError(f"the association ended without a final {what} status")
 
-    def _messages(self) -> Iterator[tuple[ul.Command, int, bytearray | None]]:
-        """(command, context id, data set or None) of each message the PACS sends, reassembled from
-        its PDVs; ends when the PACS releases or aborts."""
-        command, dataset = bytearray(), bytearray()
+    def _messages(self) -> Iterator[tuple[ul.Command, int, list[memoryview] | None]]:
+        """(command, context id, data set or None) of each message the PACS sends, the data set as its
+        fragments (joined once by the caller: growing one buffer PDV by PDV copied it over and over);
+        ends when the PACS releases or aborts."""
+        command, dataset, size = bytearray(), [], 0
         cmd: ul.Command | None = None
         cmd_cid = 0
         try:
@@ -247,11 +253,12 @@ class QrAssociation:
                     else:
                         if cmd is None or cid != cmd_cid:
                             raise ul.ProtocolError("a data set fragment without its command")
-                        dataset += data
-                        if len(dataset) > MAX_INSTANCE:
+                        dataset.append(ul.keepable(data))
+                        size += len(data)
+                        if size > MAX_INSTANCE:
                             raise ul.ProtocolError(f"a data set over {MAX_INSTANCE} bytes")
                         if mch & 2:
-                            done, dataset = dataset, bytearray()
+                            done, dataset, size = dataset, [], 0
                             yield cmd, cid, done
                             cmd = None
         except ul.ProtocolError as exc:
@@ -272,7 +279,7 @@ def _status(cmd: ul.Command) -> SimpleNamespace:
                            NumberOfFailedSuboperations=s.get("failed"), NumberOfWarningSuboperations=s.get("warning"))
 
 
-def _identifier(data: bytearray) -> Dataset | None:
+def decode_identifier(data: bytes) -> Dataset | None:
     """The identifier of a response (a C-FIND answer; a C-GET / C-MOVE's Failed SOP Instance UID
     List), or None if undecodable."""
     try:

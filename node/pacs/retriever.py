@@ -26,6 +26,7 @@ from node.receive.ingest import Ingest, Origin
 from node.store.retrieves import RetrieveStore
 
 log = logging.getLogger("hilum.pacs")
+REPORT_S = 0.25  # a running retrieve's progress reports (a sync of its batch, its counts into the index)
 
 
 class Retriever:
@@ -111,12 +112,9 @@ class Retriever:
                 retrieve_audit(self.audit, row, outcome="failed", error=str(exc))
             return status
         self.ingest.writer.flush(30)
-        self.store.attribute(rid)
-        held = self.store.held_instances(study, series)
         detail = {"failed_uids": out.failed_uids[:200], "note": out.note} if out.failed_uids or out.note else {}
         if client.warnings:  # the source's queries were cut short (e.g. a QIDO-RS archive ignoring offset)
             detail["warnings"] = client.warnings[:20]
-        self.store.progress(rid, received=held, completed=out.completed, failed=out.failed, warning=out.warning)
         if out.failed == 0:
             status, error = "done", None
         elif out.completed > 0:
@@ -124,7 +122,8 @@ class Retriever:
                 + (f": {out.note}" if out.note else "")
         else:
             status, error = "failed", f"all {out.failed} sub-operations failed" + (f": {out.note}" if out.note else "")
-        self.store.finish(rid, status, error, detail)
+        # Attributed, counted and ended in one transaction (node/store/retrieves.py).
+        held = self.store.finish(rid, status, error, detail, counts=(out.completed, out.failed, out.warning))
         retrieve_audit(self.audit, row, outcome=status, error=error, counts=out, held=held)
         return status
 
@@ -169,8 +168,10 @@ class Retriever:
         last = [0.0]
 
         def progress(out: RetrieveOutcome, remaining: int) -> bool:
+            # Every REPORT_S what arrived is synced and indexed, off this thread: what is left for the
+            # end of the retrieve (a sync, index rows) stays short.
             now = time.monotonic()
-            if now - last[0] >= 0.5:
+            if now - last[0] >= REPORT_S:
                 last[0] = now
                 reporter.report(out)
             return reporter.ok and not self._stop.is_set()

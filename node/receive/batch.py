@@ -10,7 +10,7 @@ committed, so for a retrieve two things are safe that are not for a push:
   retrieve running in the index, and the next start retrieves again what did not become durable
   (the rest is deduplicated);
 - its C-STORE is answered as soon as it has arrived, and it is stored while the PACS sends the next
-  one (``begin``/``end`` around the store, in a ``StoreThread``: the SCP's for C-MOVE, a
+  ones (``begin``/``end`` around the store, in a ``StoreThread``: the SCP's for C-MOVE, a
   ``Pipeline``'s for C-GET). A store that fails after its
   Success went out is kept in ``failures``, and the retrieve counts it as a failed sub-operation
   with the reason (partial or failed), never as done.
@@ -18,14 +18,15 @@ committed, so for a retrieve two things are safe that are not for a push:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from typing import Callable
 
 from node.receive.header import read_header
 from node.store.index import InstanceRow
 
 Header = tuple[str, dict[str, str]]  # what read_header returns: (transfer syntax, attributes)
+SopUid = str | Callable[[], str]  # an instance's SOP Instance UID, or how to read it (only if its store fails)
 
 log = logging.getLogger("hilum.ingest")
 
@@ -64,11 +65,11 @@ class RetrieveBatch:
             self._busy += 1
             return True
 
-    def end(self, raw: bytes, status: int, reason: str) -> None:
+    def end(self, sop_uid: str, status: int, reason: str) -> None:
         with self._cond:
             self._busy -= 1
             if status != 0x0000:
-                self.failures.append((_sop_of(raw), reason))
+                self.failures.append((sop_uid or "?", reason))
             self._cond.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
@@ -80,24 +81,43 @@ class RetrieveBatch:
 class StoreThread:
     """Stores instances that were already answered Success (each begun in its batch) in a thread of
     its own, so that the receiving thread reads the next one meanwhile; each ends in its batch with
-    the real status. At most ``depth`` wait (memory stays bounded: the receiving thread blocks)."""
+    the real status. What waits is bounded in bytes (``max_bytes``, and always at least one
+    instance): the receiving thread blocks beyond it. A count of 4 instances let a short stall of the
+    store (the spool's preparer catching up at the start of a segment, 5-15 ms) block the receiving
+    thread, and with it the PACS, several times per retrieve."""
 
-    def __init__(self, depth: int = 4) -> None:
-        self._q: queue.Queue[tuple[bytes, RetrieveBatch, Callable[[], tuple[int, str]]] | None] = queue.Queue(depth)
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._items: deque[tuple[int, SopUid, RetrieveBatch, Callable[[], tuple[int, str]]] | None] = deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="retrieve-store", daemon=True)
         self._thread.start()
 
-    def put(self, raw: bytes, batch: RetrieveBatch, store: Callable[[], tuple[int, str]]) -> None:
-        self._q.put((raw, batch, store))
+    def put(self, size: int, sop_uid: SopUid, batch: RetrieveBatch, store: Callable[[], tuple[int, str]]) -> None:
+        """Queue ``store`` (an instance of ``size`` bytes begun in ``batch``); ``sop_uid`` names it if
+        its store fails (a callable: read only then)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._bytes == 0 or self._bytes + size <= self.max_bytes)
+            self._bytes += size
+            self._items.append((size, sop_uid, batch, store))
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Store what is queued, then stop."""
-        self._q.put(None)
+        with self._cond:
+            self._items.append(None)
+            self._cond.notify_all()
         self._thread.join()
 
     def _run(self) -> None:
-        while (item := self._q.get()) is not None:
-            raw, batch, store = item
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._items))
+                item = self._items.popleft()
+            if item is None:
+                return
+            size, sop, batch, store = item
             status, reason = 0xA700, "not stored"
             try:
                 status, reason = store()
@@ -105,23 +125,28 @@ class StoreThread:
                 log.exception("storing a retrieved instance failed")
                 status, reason = 0xA700, f"internal error: {exc}"
             finally:
-                batch.end(raw, status, reason)
+                if status != 0x0000 and callable(sop):
+                    sop = sop()
+                batch.end(sop if isinstance(sop, str) else "", status, reason)
+                with self._cond:
+                    self._bytes -= size
+                    self._cond.notify_all()
 
 
 class Pipeline:
     """A C-GET's (or WADO-RS's) instances, answered once queued and stored in a ``StoreThread``."""
 
-    def __init__(self, batch: RetrieveBatch, store: Callable[[bytes, Header | None], tuple[int, str]],
-                 depth: int = 4) -> None:
+    def __init__(self, batch: RetrieveBatch, store: Callable[[bytes, Header | None], tuple[int, str]]) -> None:
         self.batch, self.store = batch, store
-        self._thread = StoreThread(depth)
+        self._thread = StoreThread()
 
     def submit(self, raw: bytes, header: Header | None = None) -> tuple[int, str]:
         """The status to answer now: Success once queued; the real one if the batch is closed.
         ``header``: ``read_header(raw)`` if the caller has read it (passed on, not read again)."""
         if not self.batch.begin():
             return self.store(raw, header)
-        self._thread.put(raw, self.batch, lambda: self.store(raw, header))
+        sop = (header[1].get("SOPInstanceUID") if header is not None else None) or (lambda: _sop_of(raw))
+        self._thread.put(len(raw), sop, self.batch, lambda: self.store(raw, header))
         return 0x0000, "queued"
 
     def close(self) -> None:

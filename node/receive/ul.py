@@ -179,6 +179,13 @@ def pdvs(body: bytes) -> list[tuple[int, int, memoryview]]:
     return out
 
 
+def keepable(fragment: memoryview) -> memoryview:
+    """A PDV's data to keep until its message is complete: the view itself (no copy) unless it is a
+    small part of its PDU, which it would keep in memory whole (a peer sending large PDUs that each
+    carry a few bytes of data set must not get past the size limits, which count the data)."""
+    return fragment if 2 * len(fragment) >= len(fragment.obj) else memoryview(bytes(fragment))
+
+
 def p_data(context_id: int, command: bool, data: bytes, max_pdu: int) -> list[bytes]:
     """P-DATA-TF PDUs carrying one message part, fragmented to the peer's maximum PDU."""
     room = (max_pdu - 6) if max_pdu else len(data) or 1

@@ -55,8 +55,7 @@ def _purge_originals(settings: Settings, index: Index, vault: Vault, audit: Audi
                      rep: PurgeReport) -> None:
     require_archive = settings.store_originals_in_orthanc
     for seg, sops in sorted(index.purgeable_segments(cutoff, require_archive).items()):
-        if vault.writer is not None:
-            vault.writer.close_segment(seg)  # nothing more goes into a segment about to be deleted
+        vault.close_segment(seg)  # nothing more goes into a segment about to be deleted
         if not _only_purgeable(vault, index, seg, set(sops)):
             continue
         studies = Counter(index.study_of_instances(sops))

@@ -120,9 +120,10 @@ class RetrieveStore:
 
     def claim(self, now: float, capacity: dict[str, int]) -> sqlite3.Row | None:
         """Take the oldest due queued retrieve whose source has a free slot (``capacity``: the
-        per-source limit); it becomes ``querying``."""
+        per-source limit); it becomes ``querying``. Not synced: a claim lost to a power cut leaves the
+        retrieve queued, and one found running at start-up is queued again either way."""
         c = self._c()
-        with self.index.tx(immediate=True):
+        with self.index.relaxed(), self.index.tx(immediate=True):
             running = dict(c.execute("SELECT source, COUNT(*) FROM retrieves WHERE status IN ('querying', "
                                      "'retrieving') GROUP BY source").fetchall())
             for row in c.execute("SELECT * FROM retrieves WHERE status='queued' AND next_at<=? ORDER BY next_at, id",
@@ -141,7 +142,8 @@ class RetrieveStore:
     def progress(self, rid: int, *, status: str | None = None, method: str | None = None,
                  expected: int | None = None, received: int | None = None, completed: int | None = None,
                  failed: int | None = None, warning: int | None = None, detail: dict | None = None) -> bool:
-        """Update what is given; False when a cancel was asked for (the caller stops)."""
+        """Update what is given; False when a cancel was asked for (the caller stops). Not synced (a
+        running retrieve's state and counts: redone or recounted if a power cut loses them)."""
         sets, args = [], []
         for col, val in (("status", status), ("method", method), ("expected", expected), ("received", received),
                          ("completed", completed), ("failed", failed), ("warning", warning)):
@@ -153,19 +155,31 @@ class RetrieveStore:
             args.append(json.dumps(detail))
         c = self._c()
         if sets:
-            c.execute(f"UPDATE retrieves SET {', '.join(sets)} WHERE id=?", (*args, rid))
+            with self.index.relaxed():
+                c.execute(f"UPDATE retrieves SET {', '.join(sets)} WHERE id=?", (*args, rid))
         row = c.execute("SELECT cancel_requested FROM retrieves WHERE id=?", (rid,)).fetchone()
         return not (row and row[0])
 
-    def finish(self, rid: int, status: str, error: str | None = None, detail: dict | None = None) -> None:
+    def finish(self, rid: int, status: str, error: str | None = None, detail: dict | None = None,
+               counts: tuple[int, int, int] | None = None) -> int | None:
+        """End a retrieve. With ``counts`` (its completed, failed and warning sub-operations) it ran to
+        its end: in the same transaction (one sync, not three) its instances are attributed to it
+        (``attribute``) and what the node holds of what it asked for is counted, and returned."""
         c = self._c()
+        held = None
         with self.index.tx(immediate=True):
             row = self.get(rid)
+            if counts is not None:
+                self._attribute(row)
+                held = self._held(row)
+                c.execute("UPDATE retrieves SET received=?, completed=?, failed=?, warning=? WHERE id=?",
+                          (held, *counts, rid))
             c.execute("UPDATE retrieves SET status=?, error=?, finished_at=?, detail_json=?, history_json=? "
                       "WHERE id=?",
                       (status, error, time.time(), json.dumps(detail if detail is not None else
                                                                json.loads(row["detail_json"])),
                        self._hist(row, {"event": status, **({"error": error[:500]} if error else {})}), rid))
+        return held
 
     def backoff(self, rid: int, error: str, max_attempts: int, base: float, cap: float) -> str:
         """A failure a retry may fix: queued again after base·2^(n-1) s, or failed after max_attempts."""
@@ -228,21 +242,22 @@ class RetrieveStore:
         return c.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND purged_at IS NULL",
                          (study_uid,)).fetchone()[0]
 
-    def attribute(self, rid: int) -> int:
+    def _held(self, row: sqlite3.Row) -> int:
+        return self.held_instances(row["study_uid"], json.loads(row["series_json"]) if row["series_json"] else None)
+
+    def _attribute(self, row: sqlite3.Row) -> int:
         """Record this retrieve as the provenance of the instances of its study (or series) that arrived
-        since it was queued and that no earlier retrieve brought: done once when it ends, so the receive
-        path pays nothing. An instance the node already held is not attributed (the retrieve did not
-        bring it); one pushed by a modality into the same study while the retrieve ran would be."""
-        row = self.get(rid)
+        since it was queued and that no earlier retrieve brought: done once when it ends (``finish``), so
+        the receive path pays nothing. An instance the node already held is not attributed (the retrieve
+        did not bring it); one pushed by a modality into the same study while the retrieve ran would be."""
         series = json.loads(row["series_json"]) if row["series_json"] else None
         q = ("INSERT OR IGNORE INTO retrieve_instances(sop_uid, retrieve_id) SELECT sop_uid, ? FROM instances "
              "WHERE study_uid=? AND received_at>=?")
-        args: list = [rid, row["study_uid"], row["created_at"]]
+        args: list = [row["id"], row["study_uid"], row["created_at"]]
         if series:
             q += f" AND series_uid IN ({','.join('?' * len(series))})"
             args += series
-        with self.index.tx(immediate=True):
-            return self._c().execute(q, args).rowcount
+        return self._c().execute(q, args).rowcount
 
     def provenance(self, study_uid: str) -> list[dict]:
         """Per retrieve that brought instances of this study in: who asked (user, ``rule:NAME``,
@@ -410,7 +425,7 @@ def series_origins(index: Index, study_uid: str) -> dict[str, dict]:
     "pushed": {instances, calling AE, called AE, source IP, first/last arrival} or None, "arriving":
     [retrieves still running that may be bringing it]}}.
 
-    Instances are attributed to a retrieve when it ends (RetrieveStore.attribute), so while one runs
+    Instances are attributed to a retrieve when it ends (RetrieveStore.finish), so while one runs
     the instances that arrived since it was queued are counted under ``unattributed`` with the
     running retrieve named, never shown as pushed. The calling AE is kept per series (from its first
     instance), not per instance: a series whose first instance was retrieved and that also holds

@@ -49,8 +49,7 @@ def _objects(vault: Vault) -> Iterator[tuple[Path, list[int]]]:
 def rewrap_all(vault: Vault, drop_old: bool = False) -> RewrapReport:
     """Bring every sealed object under the active key; with ``drop_old``, clear the old wraps."""
     rep = RewrapReport()
-    if vault.writer is not None:
-        vault.writer.quiesce()  # appends sealed under the previous key are on disk (else: next pass)
+    vault.quiesce()  # appends sealed under the previous key are on disk (else: next pass)
     for path, offsets in _objects(vault):
         try:
             fd = os.open(path, os.O_RDWR)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from node.receive.spool import write_durable
 from node.store.envelope import MAGIC, IntegrityError, Keyring, Sealer, new_salt
-from node.store.segments import SegmentReader, SegmentWriter, locator_context, parse_locator, payload_parts
+from node.store.segments import (SegmentNumbers, SegmentReader, SegmentWriter, locator_context, parse_locator,
+                                  payload_parts)
 
 __all__ = ["IntegrityError", "Vault", "VaultSpec"]
 
@@ -40,7 +41,17 @@ class Vault:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.sealer = Sealer(_spool_salt(self.root / "identity"), keyring)
         self.log = SegmentReader(self.root / "log", self.sealer)
-        self.writer = SegmentWriter(self.log, max_segment=segment_mb << 20) if writer else None
+        self.writer = self.deferred = None
+        if writer:
+            # Two writers, one numbering: pushes go to segments with space zero-filled ahead (one
+            # O_DSYNC write each); a retrieve's deferred appends to segments of their own that just
+            # grow (synced per batch), never through the zero-filled space (node/store/segments.py).
+            numbers = SegmentNumbers(self.log)
+            self.writer = SegmentWriter(self.log, max_segment=segment_mb << 20, numbers=numbers)
+            self.deferred = SegmentWriter(self.log, max_segment=segment_mb << 20, numbers=numbers, prepare=False)
+
+    def writers(self) -> list[SegmentWriter]:
+        return [w for w in (self.writer, self.deferred) if w is not None]
 
     @property
     def keyring(self) -> Keyring | None:
@@ -56,8 +67,18 @@ class Vault:
         return VaultSpec(str(self.data_dir), ring.to_json() if ring else None)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for w in self.writers():
+            w.close()
+
+    def close_segment(self, number: int) -> None:
+        """No more appends into segment ``number``; returns once those already reserved are written."""
+        for w in self.writers():
+            w.close_segment(number)
+
+    def quiesce(self) -> None:
+        """Returns once no append is under way (or after a minute)."""
+        for w in self.writers():
+            w.quiesce()
 
     # -- received instances ---------------------------------------------------------------
     def append(self, data: bytes | memoryview, meta: dict, durable: bool = True) -> str:
@@ -66,13 +87,14 @@ class Vault:
         if self.writer is None:
             raise RuntimeError("this vault is read-only")
         parts = payload_parts(meta, data)
-        return self.writer.append(self.sealer.sealed_length(sum(len(p) for p in parts)),
-                                  lambda seg, off: self.sealer.seal_parts(parts, locator_context(seg, off)), durable)
+        return (self.writer if durable else self.deferred).append(
+            self.sealer.sealed_length(sum(len(p) for p in parts)),
+            lambda seg, off: self.sealer.seal_parts(parts, locator_context(seg, off)), durable)
 
     def sync(self) -> None:
         """Make every ``durable=False`` append so far durable."""
-        if self.writer is not None:
-            self.writer.sync()
+        if self.deferred is not None:
+            self.deferred.sync()
 
     # -- files ----------------------------------------------------------------------------
     def write_file(self, path: Path, data: bytes | memoryview) -> None:
