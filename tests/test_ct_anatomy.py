@@ -13,6 +13,7 @@ contrast-filled veins).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import highdicom as hd
@@ -347,25 +348,36 @@ def test_results_encode_as_valid_seg_rtstruct_and_sr(phantom, segmented, tmp_pat
     study, series = phantom("default")
     label_map, report, _ = segmented("default")
     ctx = context(handler=CTAnatomy.name, handler_version=CTAnatomy.version, model_name=None, model_version=None)
-    seg, rtstruct, sr = encode_all([label_map, report], {series.series_uid: series}, ctx)
-    paths = [save_valid(ds, tmp_path) for ds in (seg, rtstruct, sr)]  # dciodvfy: no errors
-    assert {str(ds.StudyInstanceUID) for ds in (seg, rtstruct, sr)} == {study.study_uid}
+    organs_seg, body_seg, rtstruct, sr = encode_all([label_map, report], {series.series_uid: series}, ctx)
+    objects = (organs_seg, body_seg, rtstruct, sr)
+    organs_path, body_path, *paths = [save_valid(ds, tmp_path) for ds in objects]  # dciodvfy: no errors
+    assert {str(ds.StudyInstanceUID) for ds in objects} == {study.study_uid}
+    uids = [d.SOPInstanceUID for d in series.datasets]
 
-    segments = pydicom.dcmread(paths[0]).SegmentSequence
-    assert [s.SegmentLabel for s in segments] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
-    # The SEG's External is the entire body, as its code says: the organs inside it included.
-    seg_read = hd.seg.segread(paths[0])
-    assert seg_read.SegmentsOverlap == "YES"
-    stack = seg_read.get_pixels_by_source_instance(
-        source_sop_instance_uids=[ds.SOPInstanceUID for ds in series.datasets], segment_numbers=[1, 2, 3, 4, 5],
-        combine_segments=False)
+    # The organs: one Label Map SEG (the default seg_format), JPEG-LS, exactly the label map's organs.
+    organs = pydicom.dcmread(organs_path)
+    assert organs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    assert organs.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    numbered = {s.SegmentLabel: int(s.SegmentNumber) for s in organs.SegmentSequence if int(s.SegmentNumber)}
+    assert list(numbered) == ["Lung_L", "Lung_R", "Airway", "Bone"]
+    back = hd.seg.segread(organs_path).get_pixels_by_source_instance(source_sop_instance_uids=uids,
+                                                                     combine_segments=True)
+    for name, label in (("Lung_L", LUNG_L), ("Lung_R", LUNG_R), ("Airway", AIRWAY), ("Bone", BONE)):
+        assert np.array_equal(back == numbered[name], label_map.labels == label), name
+    assert np.array_equal(back == 0, ~np.isin(label_map.labels, (LUNG_L, LUNG_R, AIRWAY, BONE)))
+    # The External is the entire body, as its code says: the organs inside it included, in a
+    # binary SEG of its own (a label map cannot overlap).
+    body = hd.seg.segread(body_path)
+    assert body.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert [s.SegmentLabel for s in body.SegmentSequence] == ["External"]
+    stack = body.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1],
+                                               combine_segments=False)
     assert np.array_equal(stack[..., 0] > 0, label_map.labels > 0)
-    for number, label in enumerate((LUNG_L, LUNG_R, AIRWAY, BONE), start=2):
-        assert np.array_equal(stack[..., number - 1] > 0, label_map.labels == label)
-    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in segments] == \
-        ["38266002", "44029006", "3341006", "110726009", "272673000"]
+    codes = [s.SegmentedPropertyTypeCodeSequence[0].CodeValue
+             for s in (*body.SegmentSequence, *(s for s in organs.SegmentSequence if int(s.SegmentNumber)))]
+    assert codes == ["38266002", "44029006", "3341006", "110726009", "272673000"]
 
-    rt = pydicom.dcmread(paths[1])
+    rt = pydicom.dcmread(paths[0])
     assert [r.ROIName for r in rt.StructureSetROISequence] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
     assert [o.RTROIInterpretedType for o in rt.RTROIObservationsSequence] == \
         ["EXTERNAL", "ORGAN", "ORGAN", "ORGAN", "ORGAN"]
@@ -375,9 +387,32 @@ def test_results_encode_as_valid_seg_rtstruct_and_sr(phantom, segmented, tmp_pat
     external = rt.ROIContourSequence[0].ContourSequence
     assert sum(c.ContourImageSequence[0].ReferencedSOPInstanceUID == mid for c in external) == 1
 
-    groups = hd.sr.srread(paths[2]).content.get_volumetric_roi_measurement_groups()
+    groups = hd.sr.srread(paths[1]).content.get_volumetric_roi_measurement_groups()
     expected = {g.tracking_id: g.measurements[0].value for g in report.groups if g.segment_label is not None}
     assert {g.tracking_identifier: g.get_measurements()[0].value for g in groups} == pytest.approx(expected)
+    seg_of = {g.tracking_identifier: g.referenced_segment.referenced_sop_instance_uid for g in groups}
+    assert seg_of == {name: (body_seg if name == "External" else organs_seg).SOPInstanceUID for name in expected}
+
+
+def test_seg_format_binary_gives_one_binary_seg(phantom, segmented, tmp_path):
+    """For viewers and PACS without Label Map SEG: seg_format binary, every structure in one SEG."""
+    study, series = phantom("default")
+    label_map, report, _ = segmented("default")
+    binary = dataclasses.replace(label_map, seg_format="binary")
+    ctx = context(handler=CTAnatomy.name, handler_version=CTAnatomy.version, model_name=None, model_version=None)
+    seg, rtstruct, sr = encode_all([binary, report], {series.series_uid: series}, ctx)
+    path = save_valid(seg, tmp_path)
+    seg_read = hd.seg.segread(path)
+    assert seg_read.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg_read.SegmentsOverlap == "YES"
+    assert [s.SegmentLabel for s in seg_read.SegmentSequence] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
+    stack = seg_read.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in series.datasets], segment_numbers=[1, 2, 3, 4, 5],
+        combine_segments=False)
+    assert np.array_equal(stack[..., 0] > 0, label_map.labels > 0)
+    for number, label in enumerate((LUNG_L, LUNG_R, AIRWAY, BONE), start=2):
+        assert np.array_equal(stack[..., number - 1] > 0, label_map.labels == label)
+    groups = hd.sr.srread(save_valid(sr, tmp_path)).content.get_volumetric_roi_measurement_groups()
+    assert {g.referenced_segment.referenced_sop_instance_uid for g in groups} == {seg.SOPInstanceUID}
 
 
 def test_airway_and_bone_can_be_switched_off(phantom):
@@ -394,6 +429,9 @@ def test_params_are_validated():
         CTAnatomy({"working_resolution_mm": 0.1})
     with pytest.raises(ValidationError, match="bogus"):
         CTAnatomy({"bogus": 1})
+    with pytest.raises(ValidationError, match="seg_format"):
+        CTAnatomy({"seg_format": "rle"})
+    assert CTAnatomy({}).params.seg_format == "labelmap" and CTAnatomy({"seg_format": "binary"}).params.seg_format
 
 
 def _refusal(series: SeriesData, study_uid: str = "1.2.3") -> str:

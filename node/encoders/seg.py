@@ -255,6 +255,14 @@ def _add_placeholder_frames(seg: hd.seg.Segmentation, empty: list[int]) -> None:
     seg.NumberOfFrames = total
 
 
+def _drop_background_segment(seg: hd.seg.Segmentation) -> None:
+    """Remove the "Background" item (Segment Number 0) highdicom puts first in a Label Map SEG's
+    Segment Sequence. The standard does not require it (pixel value 0 is background either way),
+    and OHIF 3.12 takes the sequence's items in order as segments 1, 2, ...: with it, each label
+    was drawn in the next segment's colour and the first segment not at all (the browser test)."""
+    seg.SegmentSequence = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != 0]
+
+
 def encode_seg(
     labelmap: LabelMap,
     sources: dict[str, SeriesData],
@@ -338,6 +346,8 @@ def encode_seg(
         item.DimensionOrganizationUID = dimension_uid
     if any(present) and not all(present):
         _add_placeholder_frames(seg, [n for n, p in enumerate(present, start=1) if not p])
+    if part.kind == "LABELMAP":
+        _drop_background_segment(seg)
     copy_patient_study(seg, series.first, choose_charset(series.first, texts))
     job_time(seg, ctx)
     reference = None if fractional else seg_reference(labelmap, sources, ctx, series_number=series_number, part=part)
