@@ -508,9 +508,12 @@ def test_end_to_end_through_the_node_to_orthanc_and_a_tps(tmp_path):
         - name: ct-anatomy
           level: series
           match: {Modality: CT, is_volume: true}
-          handler: ct-anatomy
+          handler: {name: ct-anatomy, params: {seg_format: binary}}
           destinations: [orthanc, tps]
         """))
+    # The planning system here is DCMTK 3.6.7's storescp, which predates Label Map Segmentation
+    # Storage and refuses it (no presentation context): a site with such a peer sets seg_format
+    # binary, as here, and gets the one binary SEG (ct-anatomy's default is a Label Map SEG).
 
     def delivered(node):
         jobs = node.study(ct.study_uid).get("jobs", [])
