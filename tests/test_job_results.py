@@ -52,10 +52,11 @@ def test_each_result_is_handed_over_when_durable_and_the_job_reports_its_phases(
 
     meta, _, figures = run_job(spec, lambda f, m: None, on_result)
     # Listed in the plan's order; handed over as each lane made them (the SR after the SEG it cites).
-    assert [m["modality"] for m in meta] == ["SEG", "RTSTRUCT", "SR"]
+    # ct-anatomy's SEGs: the organs' Label Map SEG and the External's binary SEG.
+    assert [m["modality"] for m in meta] == ["SEG", "SEG", "RTSTRUCT", "SR"]
     assert sorted(m["modality"] for m, _ in handed) == sorted(m["modality"] for m in meta)
     assert sorted(m["sop_instance_uid"] for m, _ in handed) == sorted(m["sop_instance_uid"] for m in meta)
-    assert [len(files) for _, files in handed] == [1, 2, 3]
+    assert [len(files) for _, files in handed] == [1, 2, 3, 4]
     seconds = figures["seconds"]
     for phase in ("load", "handler", "encode SEG", "write SEG", "encode RTSTRUCT", "write RTSTRUCT",
                   "encode SR", "write SR"):
