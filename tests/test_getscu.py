@@ -1,4 +1,4 @@
-"""The node's own C-GET requestor (node/pacs/getscu.py) against a PACS that misbehaves at the byte
+"""The node's own C-GET requestor (node/pacs/qrscu.py) against a PACS that misbehaves at the byte
 level: a scripted peer on a raw socket (no DICOM toolkit would send these bytes), so that each way a
 PACS can go wrong ends in a clear PacsError, never a hang or a crash, and what arrived before is
 kept. Interoperability with real peers (Orthanc, DCMTK dcmqrscp, pynetdicom; over TLS) is tested in
@@ -263,7 +263,7 @@ def test_a_silent_pacs_times_out_and_a_closed_port_cannot_connect():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    with pytest.raises(PacsError, match=f"cannot connect to 127.0.0.1:{port}"):
+    with pytest.raises(PacsError, match=f"cannot connect to [A-Z]+@127.0.0.1:{port}: .*is the PACS up"):
         _client(port).get("1.2.3", None, [CT], lambda raw, h: (0, "ok"), lambda o, r: True)
 
 
@@ -286,3 +286,110 @@ def test_a_pacs_not_accepting_c_get_or_sending_an_unexpected_message():
 
     err, peer, _ = _fails(echoes)
     assert "unexpected DIMSE message 0x0030" in str(err) and peer.aborted
+
+
+def _response(field: int, model: bytes, msg_id: int, status: int, data: bool = False, **subops: int) -> bytes:
+    els = [_el(0x0002, model), _el(0x0100, _us(field)), _el(0x0120, _us(msg_id)),
+           _el(0x0800, _us(0x0000 if data else ul.NO_DATASET)), _el(0x0900, _us(status))]
+    els += [_el(elem, _us(subops[name])) for elem, name in ((0x1020, "remaining"), (0x1021, "completed"),
+                                                             (0x1022, "failed"), (0x1023, "warning")) if name in subops]
+    return _command(*els)
+
+
+def test_c_move_names_its_destination_counts_pending_responses_and_refuses_other_messages():
+    """The C-MOVE on the node's own upper layer: Move Destination in the request, the counts of each
+    pending response reported, the final one's; a message that is no C-MOVE response aborts."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    move_model = b"1.2.840.10008.5.1.4.1.2.2.2"
+    seen: dict = {}
+
+    def moves(p: ScriptedPacs) -> None:
+        ids = p.accept()
+        seen["contexts"] = [a for _c, a, _t in p.rq.contexts]
+        cmd, data = p.read_message()
+        seen["request"] = (cmd.field, cmd.message_id, data)
+        cid = ids[move_model.decode()]
+        for done in (1, 2):
+            p.send(cid, _response(ul.C_MOVE_RSP, move_model, cmd.message_id, 0xFF00, remaining=3 - done,
+                                  completed=done, failed=0, warning=0))
+        failed = Dataset()
+        failed.FailedSOPInstanceUIDList = "1.2.3.9"
+        p.send(cid, _response(ul.C_MOVE_RSP, move_model, cmd.message_id, 0xB000, data=True, remaining=0,
+                              completed=2, failed=1, warning=0), encode(failed, True, True))
+        seen["after"] = p.read()[0]  # A-RELEASE-RQ
+        p.sock.sendall(ul.release_rp())
+
+    peer = ScriptedPacs(moves)
+    reports = []
+    out = _client(peer.port).move("1.2.3", None, lambda o, r: reports.append((o.completed, r)) or True, message_id=77)
+    peer.close()
+    assert seen["contexts"] == [move_model.decode()]  # one context: no storage classes for a C-MOVE
+    field, msg_id, ident = seen["request"]
+    assert (field, msg_id) == (ul.C_MOVE_RQ, 77) and b"1.2.3" in ident
+    raw = next(body for kind, body in peer.received if kind == ul.P_DATA_TF)
+    assert b"HILUM" in raw  # the Move Destination (the node's AE title, the default) in the command
+    assert reports == [(1, 2), (2, 1)]
+    assert (out.completed, out.failed, out.failed_uids) == (2, 1, ["1.2.3.9"]) and seen["after"] == ul.RELEASE_RQ
+
+    def stores_instead(p: ScriptedPacs) -> None:
+        ids = p.accept()
+        p.read_message()
+        p.store_rq(ids[move_model.decode()], 5, "1.2.3.4", b"\0" * 8)
+        p.aborted = p.read()[0] == ul.ABORT
+
+    peer = ScriptedPacs(stores_instead)
+    with pytest.raises(PacsError, match="unexpected DIMSE message 0x0001 on context 1 during C-MOVE"):
+        _client(peer.port).move("1.2.3", None, lambda o, r: True)
+    peer.close()
+    assert peer.aborted
+
+
+def test_c_find_answers_an_undecodable_one_and_a_limit_that_aborts():
+    """C-FIND answers are decoded once; one that cannot be is counted as malformed; a caller's limit
+    ends the C-FIND with an A-ABORT while the PACS is still answering (no wait for the rest)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    from node.pacs.model import StudyQuery
+
+    find_model = b"1.2.840.10008.5.1.4.1.2.2.1"
+
+    def answer(uid: str) -> bytes:
+        d = Dataset()
+        d.QueryRetrieveLevel, d.StudyInstanceUID, d.PatientID, d.NumberOfStudyRelatedInstances = "STUDY", uid, "P", "3"
+        return encode(d, True, True)
+
+    def finds(p: ScriptedPacs) -> None:
+        ids = p.accept()
+        cmd, data = p.read_message()
+        p.ident = data
+        cid = ids[find_model.decode()]
+        for body in (answer("1.2.3.1"), b"\x08\x00\x52\x00\xff\xff\xff\x7f", answer("1.2.3.2")):  # a bad length
+            p.send(cid, _response(ul.C_FIND_RSP, find_model, cmd.message_id, 0xFF00, data=True), body)
+        p.send(cid, _response(ul.C_FIND_RSP, find_model, cmd.message_id, 0x0000))
+        p.last = p.read()[0]
+        p.sock.sendall(ul.release_rp())
+
+    peer = ScriptedPacs(finds)
+    found, bad = _client(peer.port).find_studies(StudyQuery(patient_id="P"))
+    peer.close()
+    assert [m.study_uid for m in found] == ["1.2.3.1", "1.2.3.2"] and bad == 1 and found[0].instances == 3
+    assert b"P " in peer.ident and peer.last == ul.RELEASE_RQ
+
+    def many(p: ScriptedPacs) -> None:
+        ids = p.accept()
+        cmd, _ = p.read_message()
+        for i in range(50):
+            p.send(ids[find_model.decode()], _response(ul.C_FIND_RSP, find_model, cmd.message_id, 0xFF00, data=True),
+                   answer(f"1.2.3.{i + 1}"))
+        while (kind := p.read()[0]) == ul.P_DATA_TF:
+            pass
+        p.last = kind
+
+    peer = ScriptedPacs(many)
+    client = _client(peer.port)
+    found, _ = client.find_studies(StudyQuery(patient_id="P"), limit=5)
+    peer.close()
+    assert len(found) == 5 and peer.last == ul.ABORT and client.warnings == []

@@ -102,9 +102,9 @@ def test_volume_and_diameter_accuracy(evaluation):
     rows, _ = evaluation
     checked = 0
     for variant, t, n in rows:
-        # A nodule on a vessel branch keeps the vessel stubs within a voxel or two of its ball (in the
-        # vessels variant one is measured +21 %): volumes are checked away from vessels only.
-        if n is None or variant == "vessels":
+        # The vessels variant counts too: its 7.6 mm nodule where three vessels meet measures +8 %
+        # with the vessels opened away (cut to a ball around the candidate it measured +50 %).
+        if n is None:
             continue
         if t["type"] == "solid" and t["diameter_mm"] >= 6.0:
             assert abs(n.volume_mm3 / t["volume_mm3"] - 1) <= 0.10, (variant, t, n.volume_mm3)
@@ -114,7 +114,7 @@ def test_volume_and_diameter_accuracy(evaluation):
             assert abs(n.mean_diameter_mm - t["diameter_mm"]) <= 1.0, (variant, t, n.mean_diameter_mm)
             assert abs(n.long_axis_mm - t["diameter_mm"]) <= 1.5, (variant, t, n.long_axis_mm)
             assert abs(n.max_diameter_3d_mm - t["diameter_mm"]) <= 1.5, (variant, t, n.max_diameter_3d_mm)
-    assert checked >= 6
+    assert checked >= 20
 
 
 def test_part_solid_and_pleural_nodules(detected):
@@ -143,6 +143,60 @@ def test_type_side_and_hu(evaluation):
     assert all(n.side == t["side"] for t, n in big)
     for t, n in big:  # mean HU of the segmentation is near the nodule's intended HU
         assert (n.hu_mean > -300) == (t["type"] == "solid"), (t, n.hu_mean)
+
+
+
+def _juxtavascular_specs() -> list[dict]:
+    """Solid nodules placed on the phantom's vessel tree (its baseline pose is the identity): a 9 mm
+    one engulfing each point where a 1.8 mm vessel splits in two 1.3 mm ones, and a 7 mm one touching
+    the side of each such 1.8 mm vessel half-way along it (overlapping it by 0.5 mm), on both sides
+    within the test phantom's slab."""
+    from node.phantom.chest import vessel_tree
+
+    specs = []
+    for a, b, r in vessel_tree():
+        mid = (a + b) / 2
+        if abs(r - 1.8) > 0.01 or not (-10 <= b[2] <= 22 and -10 <= mid[2] <= 22):
+            continue
+        u = (b - a) / np.linalg.norm(b - a)
+        side = np.cross(u, (0.0, 0.0, 1.0))
+        side /= np.linalg.norm(side)
+        specs.append(dict(center_mm=[float(v) for v in b], diameter_mm=9.0, type="solid", on="branch"))
+        specs.append(dict(center_mm=[float(v) for v in mid + side * (3.5 + r - 0.5)], diameter_mm=7.0,
+                          type="solid", on="side"))
+    return specs
+
+
+def test_nodules_on_vessels_and_branch_points(tmp_path):
+    """Juxtavascular nodules: on vessel branch points and against a vessel's side, with the whole vessel
+    tree's bare branch points (blob-like bulbs) around them. Every nodule on a branch point is found and
+    measured within the issue's 10 % / 1 mm; against a vessel's side all but one are found; no bulb is
+    taken for a nodule. Measured: branch points -4..+7 %, vessel sides +24..+36 % but one (the known
+    limit, docs/handlers.md: the vessel runs within the nodule's edge margin all along it) - asserted
+    as a bound so that a change either way shows."""
+    specs = _juxtavascular_specs()
+    assert len(specs) == 16
+    study = generate_ct(tmp_path / "ct", seed=9, **THIN, z_center_mm=3.0, vessels=True,
+                        nodule_specs=[{k: v for k, v in s.items() if k != "on"} for s in specs])
+    series = load_series(study.series_files())
+    det = detect_nodules(series.volume, segment_anatomy(series.volume, bone=False).labels)
+    hits, fps = _pair(study.nodules, det.nodules)
+    assert not fps, [n.center_mm for n in fps]
+    on = {t["id"]: s["on"] for t, s in zip(study.nodules, specs)}
+    assert all(np.allclose(t["center_mm"], s["center_mm"], atol=0.01) for t, s in zip(study.nodules, specs))
+    branch = [t for t in study.nodules if on[t["id"]] == "branch"]
+    side = [t for t in study.nodules if on[t["id"]] == "side"]
+    assert all(t["id"] in hits for t in branch)
+    assert sum(t["id"] in hits for t in side) >= len(side) - 1
+    for t in branch:
+        n = hits[t["id"]]
+        assert abs(n.volume_mm3 / t["volume_mm3"] - 1) <= 0.10, (t, n.volume_mm3)
+        assert abs(n.mean_diameter_mm - t["diameter_mm"]) <= 1.0, (t, n.mean_diameter_mm)
+        assert n.type == "solid"
+    for t in side:
+        if t["id"] in hits:
+            assert -0.10 <= hits[t["id"]].volume_mm3 / t["volume_mm3"] - 1 <= 0.45, (t, hits[t["id"]].volume_mm3)
+            assert hits[t["id"]].type == "solid"
 
 
 def test_size_class_follows_the_thresholds():

@@ -253,7 +253,8 @@ def test_pacs_down_fails_retries_then_completes(tmp_path, local):
     wait_for(lambda: node.store.get(rid)["attempts"] >= 2, 30, "two failed attempts")
     r = node.store.get(rid)
     errors = [h.get("error", "") for h in json.loads(r["history_json"])]
-    assert any("connection refused or aborted) (is the PACS up" in e for e in errors), errors
+    assert any("cannot connect to PACS@127.0.0.1" in e and "Connection refused (is the PACS up?)" in e
+               for e in errors), errors
     # Hold the next attempt until the study is on the PACS: one between its start and the upload
     # would rightly fail for good (0 matches). Only a queued record is held, never one in flight.
     park = "UPDATE retrieves SET next_at=? WHERE id=? AND status='queued'"
@@ -454,7 +455,7 @@ def test_pull_rule_series_filter_watch_growth_limits_and_restart(tmp_path, local
         assert any(e["event"] == "pacs-query" and e["user"] == "rule:thin-ct" for e in audit)
     # The PACS gone: the run records the error and the next run time, nothing crashes.
     res = sched.run(rule)
-    assert res["error"] and "connection refused" in res["error"]
+    assert res["error"] and "connection refused (is the pacs up?)" in res["error"].lower()
     assert node.store.pull_state("thin-ct")["last_error"] == res["error"]
 
 
@@ -802,15 +803,35 @@ def test_priors_timeline_sr_lists_priors_with_intervals_and_is_a_valid_iod(tmp_p
     assert pydicom.dcmread(path).StudyInstanceUID == current.study_uid
 
 
+def _scripted_pacs(title: str, on_find, *, on_get=None, on_move=None):
+    """A pynetdicom PACS answering C-FIND and either C-GET (CT storage in the SCP role) or C-MOVE with the
+    test's own generators: (port, server)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    ae = AE(ae_title=title)
+    ae.add_supported_context(FIND)
+    handlers = [(evt.EVT_C_FIND, on_find)]
+    if on_get is not None:
+        ae.add_supported_context(GET)
+        ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+        handlers.append((evt.EVT_C_GET, on_get))
+    if on_move is not None:
+        ae.add_supported_context(MOVE)
+        ae.add_requested_context(CTImageStorage)
+        handlers.append((evt.EVT_C_MOVE, on_move))
+    port = free_port()
+    return port, ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+
+
 @pytest.fixture
 def odd_pacs(tmp_path):
     """A PACS that misbehaves (pynetdicom as the peer): malformed C-FIND answers, 5 000 matches,
     and a C-GET that also pushes an instance of a study nobody asked for."""
     from pydicom.dataset import Dataset
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
     wanted = tiny_study(tmp_path / "w", patient_id="ODD", series=(("AX", 1.0, 2),))
     stray = tiny_study(tmp_path / "x", patient_id="ODD")
@@ -845,18 +866,12 @@ def odd_pacs(tmp_path):
         for ds in files:
             yield 0xFF00, ds
 
-    ae = AE(ae_title="ODDPACS")
-    ae.add_supported_context(FIND)
-    ae.add_supported_context(GET)
-    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    port, server = _scripted_pacs("ODDPACS", on_find, on_get=on_get)
     yield port, wanted, stray
     server.shutdown()
 
 
-def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs):
+def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs, monkeypatch):
     from node.pacs.scheduler import PullScheduler
     from node.pacs.sources import source_client
     from node.pacs.model import StudyQuery
@@ -879,6 +894,55 @@ def test_misbehaving_pacs_gives_clear_outcomes(tmp_path, local, odd_pacs):
     sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=lambda: None)
     res = sched.run(rules.pull_rules[0])
     assert (res["matches"], res["queued"], res["left"], res["error"]) == (5000, 10, 4990, None)
+    assert "warnings" not in res
+    # Past the node's own cap on matches (lowered here from 10 000): the first ones are kept, the
+    # C-FIND is ended there (the association released: the next query works) with a warning.
+    monkeypatch.setattr("node.pacs.dimse.MAX_MATCHES", 3000)
+    client = source_client(node.settings, "odd")
+    assert len(client.find_studies(StudyQuery(patient_id="MANY"))[0]) == 3000
+    assert client.warnings == ["source odd: C-FIND: 3000 matches or more: the first 3000 kept (narrow the query)"]
+    assert [m.study_uid for m in client.find_studies(StudyQuery(patient_id="ODD"))[0]] == [wanted.study_uid]
+
+
+def test_a_c_move_that_also_sends_another_study_stores_only_what_was_asked_for(tmp_path, local):
+    """A PACS (pynetdicom) whose C-MOVE sends, besides the study, an instance of a study nobody asked
+    for to the node's SCP. The sub-operations are answered before they are read; the stray instance is
+    then not stored, and the retrieve is partial, saying why. pynetdicom names its own AE title as
+    the sub-operations' Move Originator (the standard says: the C-MOVE's requestor), so this PACS is
+    called HILUM, the node's calling AE, for the node to know them as its retrieve's."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    wanted = tiny_study(tmp_path / "w", patient_id="ODD", series=(("AX", 1.0, 2),))
+    stray = tiny_study(tmp_path / "x", patient_id="ODD")
+    dest: dict[str, int] = {}
+
+    def on_find(event):
+        d = Dataset()
+        d.QueryRetrieveLevel, d.StudyInstanceUID, d.NumberOfStudyRelatedInstances = "STUDY", wanted.study_uid, "2"
+        yield 0xFF00, d
+
+    def on_move(event):
+        yield "127.0.0.1", dest["port"]
+        files = [pydicom.dcmread(f) for f in wanted.files] + [pydicom.dcmread(stray.files[0])]
+        yield len(files)
+        for ds in files:
+            yield 0xFF00, ds
+
+    port, server = _scripted_pacs("HILUM", on_find, on_move=on_move)
+    try:
+        node = local({"odd": dimse(port, "HILUM", retrieve="move")})
+        dest["port"] = node.settings.dicom_port
+        node.retriever.start()
+        rid, _ = node.store.add("odd", wanted.study_uid, None, "test")
+        node.retriever.wake()
+        r = node.wait(rid)
+    finally:
+        server.shutdown()
+    assert r["status"] == "partial" and (r["completed"], r["failed"]) == (2, 1), r
+    assert "1 received but not stored: instance of another study, not asked for" in r["error"]
+    assert json.loads(r["detail_json"])["failed_uids"] == [pydicom.dcmread(stray.files[0]).SOPInstanceUID]
+    assert node.held(wanted.study_uid) == wanted.sop_uids and node.held(stray.study_uid) == set()
 
 
 @pytest.fixture
@@ -945,6 +1009,113 @@ def test_a_broken_dicomweb_answer_fails_the_retrieve_clearly_keeping_what_came_b
     assert node.held(st.study_uid) == {pydicom.dcmread(st.files[0]).SOPInstanceUID}  # the good part is kept
 
 
+@pytest.fixture
+def paging_dicomweb(tmp_path):
+    """A DICOMweb archive (a real HTTP server) with 1 500 studies, the first a real one (WADO-RS serves
+    it). It ignores every search key. ``mode``: ``ignore-offset`` answers the first ``limit`` studies
+    whatever the offset (dicomweb-client's ``get_remaining`` asks again for ever); ``capped`` answers
+    at most 300 per request with PS3.18's Warning header while more remain, and honours offset."""
+    import http.server
+    from urllib.parse import parse_qs, urlparse
+
+    st = tiny_study(tmp_path / "w", patient_id="PAGE", series=(("AX", 1.0, 2),))
+    uids = [st.study_uid] + [f"1.2.826.0.1.3680043.10.1{i:05d}" for i in range(1, 1500)]
+    state = {"mode": "ignore-offset", "requests": []}
+
+    def answer(uid: str) -> dict:
+        return {"0020000D": {"vr": "UI", "Value": [uid]}, "00100020": {"vr": "LO", "Value": ["PAGE"]},
+                "00080020": {"vr": "DA", "Value": ["20240101"]},
+                "00201208": {"vr": "IS", "Value": [2 if uid == st.study_uid else 1]}}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            url = urlparse(self.path)
+            if url.path == "/studies":
+                q = {k: int(v[0]) for k, v in parse_qs(url.query).items() if k in ("limit", "offset")}
+                state["requests"].append(q)
+                limit = q.get("limit", len(uids))
+                if state["mode"] == "ignore-offset":
+                    page, more = uids[:limit], False
+                else:
+                    start = q.get("offset", 0)
+                    page = uids[start:start + min(limit, 300)]
+                    more = start + len(page) < len(uids) and len(page) < limit
+                body = json.dumps([answer(u) for u in page]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                if more:
+                    self.send_header("Warning", "299 archive: The number of results exceeded the maximum "
+                                                "supported by the server. Additional results can be requested.")
+            elif url.path.startswith(f"/studies/{st.study_uid}"):
+                b = b"hilumboundary"
+                body = b"".join(b"--" + b + b"\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes()
+                                + b"\r\n" for f in st.files) + b"--" + b + b"--"
+                self.send_response(200)
+                self.send_header("Content-Type", f'multipart/related; type="application/dicom"; boundary={b.decode()}')
+            else:
+                return self.send_error(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", st, uids, state
+    srv.shutdown()
+
+
+def test_a_dicomweb_archive_ignoring_offset_gives_what_it_sent_and_a_warning_never_a_hang(tmp_path, local,
+                                                                                       paging_dicomweb):
+    from node.pacs.model import StudyQuery
+    from node.pacs.scheduler import PullScheduler
+    from node.pacs.sources import source_client
+
+    url, st, uids, state = paging_dicomweb
+    node = local({"web": {"qido_url": url}})
+    client = source_client(node.settings, "web")
+    t0 = time.monotonic()
+    found, bad = client.find_studies(StudyQuery(patient_id="PAGE"))
+    # The first page (1 000 asked for), then the same page again: the search stops there.
+    assert [m.study_uid for m in found] == uids[:1000] and bad == 0 and time.monotonic() - t0 < 30
+    assert [q.get("offset") for q in state["requests"]] == [0, 1000]
+    [warning] = client.warnings
+    assert "ignores 'offset'" in warning and "1000 result(s) kept, more may exist" in warning
+    # A caller's own limit is a limit, not a warning; a short page is the last one.
+    client = source_client(node.settings, "web")
+    assert len(client.find_studies(StudyQuery(patient_id="PAGE"), 10)[0]) == 10 and client.warnings == []
+
+    # A pull rule's run keeps what came, says so in its record, and leaves its high-water mark alone.
+    rules = _pull_rules(tmp_path, "kind: pull\nname: web\nsource: web\nquery: {PatientID: PAGE}\nwatch: true\n"
+                                  "limits: {studies_per_run: 2}\n", sources=("web",))
+    sched = PullScheduler(node.settings, lambda: rules, node.store, on_queued=lambda: None, audit=node.audit)
+    node.store.ensure_pull_state("web", time.time())
+    res = sched.run(rules.pull_rules[0])
+    assert (res["matches"], res["queued"], res["error"]) == (1000, 2, None)
+    assert "ignores 'offset'" in res["warnings"][0]
+    row = node.store.pull_state("web")
+    assert "ignores 'offset'" in json.loads(row["last_result_json"])["warnings"][0] and row["high_water"] is None
+
+    # A retrieve whose study search met the same archive (it ignores the StudyInstanceUID key too):
+    # done, with the warning in its record.
+    other = local({"web": {"qido_url": url}}, name="other")
+    other.retriever.start()
+    rid, _ = other.store.add("web", st.study_uid, None, "test")
+    other.retriever.wake()
+    r = other.wait(rid)
+    assert r["status"] == "done" and other.held(st.study_uid) == st.sop_uids
+    assert "ignores 'offset'" in json.loads(r["detail_json"])["warnings"][0]
+
+    # An archive that pages itself (300 a request, Warning header while more remain): every study, no warning.
+    state["mode"], state["requests"] = "capped", []
+    client = source_client(node.settings, "web")
+    found, _ = client.find_studies(StudyQuery(patient_id="PAGE"))
+    assert [m.study_uid for m in found] == uids[:1500] and client.warnings == []
+    assert [q["offset"] for q in state["requests"]] == [0, 300, 600, 900, 1200]
+
+
 def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -999,10 +1170,7 @@ def paused_pacs(tmp_path):
     reliably catch it in the middle (the node's C-GET takes well under a second for 50 MB)."""
     import pydicom
     from pydicom.dataset import Dataset
-    from pynetdicom import AE, evt
     from pynetdicom.sop_class import CTImageStorage
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
     import threading
 
     st = tiny_study(tmp_path / "big", rows=64, series=(("AX", 1.0, 60),))
@@ -1025,13 +1193,7 @@ def paused_pacs(tmp_path):
                 resume.wait(60)  # the node is killed meanwhile
             yield 0xFF00, pydicom.dcmread(f)
 
-    ae = AE(ae_title="PAUSED")
-    ae.add_supported_context(FIND)
-    ae.add_supported_context(GET)
-    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    port, server = _scripted_pacs("PAUSED", on_find, on_get=on_get)
     yield port, st, paused, resume, gets
     resume.set()
     server.shutdown()

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from node.nodules.region import LungRegion
 
-__all__ = ["Candidate", "find_candidates", "SCALES_MM"]
+__all__ = ["Candidate", "find_candidates", "hessian_shape", "SCALES_MM"]
 
 SCALES_MM = (1.4, 2.0, 2.8, 4.0, 5.6)  # ball radii ~2.4 .. 9.7 mm: nodules of ~4 .. 20 mm and more
 HU_RANGE = (-1000.0, 100.0)
@@ -139,6 +139,35 @@ def find_candidates(hu: np.ndarray, spacing_kji: tuple[float, float, float], reg
             kji = origin + (p + 0.5) / factors - 0.5  # working-grid voxel centre -> source index
             found.append(Candidate(tuple(float(v) for v in kji), scale, float(b[tuple(p)])))
     return _merge(found, spacing, max_count)
+
+
+def hessian_shape(hu: np.ndarray, kji, scale_mm: float, spacing_kji) -> float:
+    """l3 / l1 of the Hessian at ``kji`` at scale ``scale_mm`` (eigenvalues l1 <= l2 <= l3, HU clipped
+    as for the blob measure): about 1 at the centre of a ball, near 0 on a tube, and in between
+    (0.5 and less on the phantoms) where vessels meet or cross; 0 where the image does not curve
+    down in every direction. Gaussian derivatives evaluated at that one point."""
+    spacing = np.asarray(spacing_kji, float)
+    centre = np.rint(np.asarray(kji, float)).astype(int)
+    reach = np.ceil(4 * scale_mm / spacing).astype(int)
+    offsets = [np.arange(-r, r + 1) for r in reach]
+    idx = [np.clip(c + o, 0, n - 1) for c, o, n in zip(centre, offsets, hu.shape)]
+    sub = np.clip(hu[np.ix_(*idx)], *HU_RANGE).astype(np.float64)
+    kernels = []
+    for o, s in zip(offsets, spacing):
+        x = o * s  # mm
+        g = np.exp(-0.5 * (x / scale_mm) ** 2)
+        g /= g.sum()
+        kernels.append((g, -x / scale_mm ** 2 * g, (x ** 2 / scale_mm ** 4 - 1 / scale_mm ** 2) * g))
+    h = np.empty((3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            order = [0, 0, 0]
+            order[a] += 1
+            order[b] += 1
+            k0, k1, k2 = (kernels[axis][n] for axis, n in enumerate(order))
+            h[a, b] = h[b, a] = np.einsum("kji,k,j,i->", sub, k0, k1, k2)
+    ev = np.linalg.eigvalsh(h)
+    return float(ev[2] / ev[0]) if ev[2] < 0 else 0.0
 
 
 def _merge(found: list[Candidate], spacing: np.ndarray, max_count: int) -> list[Candidate]:

@@ -8,10 +8,11 @@ QUERY = ("110112", "DCM", "Query")  # PS3.15 A.5.3.x, CID 400
 
 
 def query_audit(audit: AuditTrail, *, who: str, source: str, keys: dict, matches: int,
-                error: str | None = None) -> dict:
+                error: str | None = None, warnings: list[str] | None = None) -> dict:
+    detail = {"keys": keys, "matches": matches} | ({"warnings": warnings[-5:]} if warnings else {})
     return audit.record("pacs-query", QUERY, action=v.EXECUTE, outcome=v.SUCCESS if error is None else
                         v.SERIOUS_FAILURE, outcome_description=error[:500] if error else None, user=who,
-                        user_is_requestor=True, destination=source, detail={"keys": keys, "matches": matches})
+                        user_is_requestor=True, destination=source, detail=detail)
 
 
 def retrieve_audit(audit: AuditTrail, row, *, outcome: str, error: str | None = None, counts=None,

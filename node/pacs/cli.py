@@ -95,7 +95,8 @@ def cmd_query(args) -> int:
     except PacsError as exc:
         query_audit(_audit(settings), who=who, source=args.source, keys=q.keys(), matches=0, error=str(exc))
         raise
-    query_audit(_audit(settings), who=who, source=args.source, keys=q.keys(), matches=len(matches))
+    query_audit(_audit(settings), who=who, source=args.source, keys=q.keys(), matches=len(matches),
+                warnings=client.warnings)
     held = _store(settings).held_studies([m.study_uid for m in matches])
     rows = []
     for m in matches:
@@ -104,7 +105,7 @@ def cmd_query(args) -> int:
             d["series"] = [s.as_dict() for s in client.find_series(m.study_uid)[0]]
         rows.append(d)
     if args.json:
-        print(json.dumps({"matches": rows, "malformed": bad}, indent=1))
+        print(json.dumps({"matches": rows, "malformed": bad, "warnings": client.warnings}, indent=1))
         return 0
     print(f"{'':1} {'date':<8} {'patient':<12} {'accession':<12} {'mod':<6} {'n':>5}  {'description':<24} study")
     for d in rows:
@@ -117,6 +118,8 @@ def cmd_query(args) -> int:
                   f"{s['description'][:30]:<30} {s['series_uid']}")
     print(f"{len(rows)} stud{'y' if len(rows) == 1 else 'ies'} (* already in Hilum)"
           + (f"; {bad} malformed answer(s) skipped" if bad else ""))
+    for w in client.warnings:
+        print(f"warning: {w}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """DIMSE source: C-ECHO, C-FIND (Study Root, study and series level), C-MOVE, C-GET.
 
-Everything here is the SCU side: pynetdicom for C-ECHO, C-FIND and C-MOVE (small messages), the
-node's own upper layer for C-GET (node/pacs/getscu.py), which receives a whole study. C-GET's
+Everything here is the SCU side: pynetdicom for C-ECHO, the node's own upper layer for C-FIND,
+C-MOVE and C-GET (node/pacs/qrscu.py). C-GET's
 sub-operation C-STOREs come back on that association and go to ``store`` (the node's durable
 ingest); C-MOVE's arrive at the node's SCP like any push.
 """
@@ -16,15 +16,11 @@ from typing import Callable, Iterator
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import (
-    StudyRootQueryRetrieveInformationModelFind as FIND,
-    StudyRootQueryRetrieveInformationModelMove as MOVE,
-    Verification,
-)
+from pynetdicom.sop_class import Verification
 
 from node.config_pacs import DimseSource
-from node.pacs.getscu import GetAssociation
-from node.pacs.model import NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
+from node.pacs.qrscu import FIND_MODEL, GET_MODEL, MOVE_MODEL, PENDING, QrAssociation
+from node.pacs.model import MAX_MATCHES, NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
 from node.receive import ul
 from node.receive.header import read_header
 from node.receive.scp import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
@@ -47,8 +43,6 @@ DEFAULT_STORAGE_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.6.1",
     "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.104.1",
 ]
-PENDING = (0xFF00, 0xFF01)
-MOVE_POLL_S = 0.02
 MOVE_DESTINATION_UNKNOWN = 0xA801
 # What the sub-operation status of a C-STORE handler means to the PACS.
 STORE_REFUSED = 0xC000
@@ -66,6 +60,7 @@ class DimseClient:
         self.calling = cfg.calling_ae_title or local_ae
         self.move_destination = cfg.move_destination or local_ae
         self.tls_args = client_tls_args(cfg.tls, cfg.host, f"sources.{name}.tls") if cfg.tls else None
+        self.warnings: list[str] = []  # what this client's queries could not do in full (results kept)
 
     # -- associations ------------------------------------------------------------------------
     def _ae(self) -> AE:
@@ -116,24 +111,29 @@ class DimseClient:
 
     # -- C-FIND ------------------------------------------------------------------------------
     def _find(self, ident: Dataset) -> Iterator[Dataset | None]:
-        ae = self._ae()
-        ae.add_requested_context(FIND)
-        assoc = self._associate(ae)
+        assoc = self._open(FIND_MODEL)
+        complete = False
         try:
-            for status, answer in assoc.send_c_find(ident, FIND):
+            for status, answer in assoc.find(ident):
                 code = getattr(status, "Status", None)
                 if code in PENDING:
-                    yield answer  # None: an answer pynetdicom could not decode
+                    yield answer  # None: an answer that could not be decoded
                 elif code == 0x0000:
+                    complete = True
                     return
                 else:
                     raise PacsError(f"source {self.name}: C-FIND failed ({_status_text(status)})")
         finally:
-            if assoc.is_established:
+            # Left early (a limit, an error): the PACS may still be sending answers; an A-ABORT
+            # ends them at once, where an A-RELEASE would wait for the rest.
+            if complete:
                 assoc.release()
+            elif assoc.is_established:
+                assoc.abort()
 
     def find_studies(self, q: StudyQuery, limit: int = 0) -> tuple[list[StudyMatch], int]:
-        """Matching studies (at most ``limit`` when > 0) and the number of undecodable answers."""
+        """Matching studies (at most ``limit`` when > 0, else at most ``MAX_MATCHES``, with a warning)
+        and the number of undecodable answers."""
         ident = Dataset()
         ident.QueryRetrieveLevel = "STUDY"
         for k in STUDY_RETURN_KEYS:
@@ -143,14 +143,23 @@ class DimseClient:
         for k, v in q.keys().items():
             setattr(ident, k, v)
         out, bad = [], 0
-        for ans in self._find(ident):
-            m = _study(ans)
-            if m is None:
-                bad += 1
-                continue
-            out.append(m)
-            if limit and len(out) >= limit:
-                break
+        answers = self._find(ident)
+        try:
+            for ans in answers:
+                m = _study(ans)
+                if m is None:
+                    bad += 1
+                    continue
+                out.append(m)
+                if len(out) >= (limit or MAX_MATCHES):
+                    break
+            else:
+                return out, bad
+        finally:
+            answers.close()  # left early: the association is aborted, the PACS stops answering
+        if not limit:
+            self.warnings.append(f"source {self.name}: C-FIND: {MAX_MATCHES} matches or more: the first "
+                                 f"{MAX_MATCHES} kept (narrow the query)")
         return out, bad
 
     def find_series(self, study_uid: str) -> tuple[list[SeriesMatch], int]:
@@ -183,31 +192,22 @@ class DimseClient:
         """C-MOVE to the node's own SCP. ``progress(outcome, remaining)`` is called on every pending
         response; returning False cancels (the association is aborted). The PACS names ``message_id``
         (and our calling AE) in every sub-operation's C-STORE, as Move Originator."""
-        ae = self._ae()
-        ae.add_requested_context(MOVE)
-        assoc = self._associate(ae)
-        # The instances reach the node's SCP in this same process; this association only carries one
-        # small pending response per sub-operation. pynetdicom's reader polls every 1 ms when idle,
-        # which takes the GIL from the SCP thousands of times a second: poll every 20 ms instead.
-        assoc.dul._run_loop_delay = MOVE_POLL_S
+        assoc = self._open(MOVE_MODEL)
         try:
-            return self._drain(assoc, assoc.send_c_move(self._identifier(study_uid, series_uids),
-                                                        self.move_destination, MOVE, msg_id=message_id),
-                               progress, "C-MOVE")
+            return self._drain(assoc, assoc.move(self._identifier(study_uid, series_uids), self.move_destination,
+                                                 message_id), progress, "C-MOVE")
         finally:
-            if assoc.is_established:
-                assoc.release()
+            assoc.release()
 
     def get(self, study_uid: str, series_uids: list[str] | None, sop_classes: list[str],
             store: Callable[[bytes, tuple | None], tuple[int, str]],
             progress: Callable[[RetrieveOutcome, int], bool]) -> RetrieveOutcome:
         """C-GET with SCP role selection for ``sop_classes``; each sub-operation's instance goes to
         ``store`` (Part 10 bytes and what ``read_header`` read of them, or None), whose DIMSE status
-        is answered to the PACS. On the node's own upper layer (node/pacs/getscu.py: pynetdicom's
+        is answered to the PACS. On the node's own upper layer (node/pacs/qrscu.py: pynetdicom's
         per-PDU work made a retrieve 2-3x slower than DCMTK's getscu)."""
         classes = list(dict.fromkeys(sop_classes or self.cfg.storage_classes or DEFAULT_STORAGE_CLASSES))[:120]
-        assoc = GetAssociation(self.cfg.host, self.cfg.port, self.cfg.ae_title, self.calling, self.cfg.timeout_s,
-                               self.tls_args, (IMPLEMENTATION_UID, IMPLEMENTATION_VERSION))
+        assoc = self._open(GET_MODEL, [(uid, STORE_SYNTAXES) for uid in classes])
         unrequested: list[str] = []
 
         def on_store(sop_class: str, sop_instance: str, ts: str, dataset: bytearray) -> int:
@@ -223,16 +223,6 @@ class DimseClient:
             return status
 
         try:
-            assoc.open([(uid, STORE_SYNTAXES) for uid in classes])
-        except (OSError, ssl.SSLError) as exc:
-            if self.tls_args:
-                self._not_established(False)
-            raise PacsError(f"source {self.name}: cannot connect to {self.cfg.host}:{self.cfg.port}: {exc}") from exc
-        except ul.ProtocolError as exc:
-            raise PacsError(f"source {self.name}: malformed association answer from the PACS: {exc}") from exc
-        if not assoc.is_established:
-            self._not_established(assoc.rejected)
-        try:
             out = self._drain(assoc, assoc.get(self._identifier(study_uid, series_uids), on_store), progress, "C-GET")
         finally:
             assoc.release()
@@ -240,6 +230,23 @@ class DimseClient:
             out.note = (out.note + "; " if out.note else "") + \
                 f"{len(unrequested)} instance(s) of other studies refused (not asked for)"
         return out
+
+    def _open(self, model: str, storage: list[tuple[str, list[str]]] | None = None) -> QrAssociation:
+        """An established association for one C-FIND, C-MOVE or C-GET (``storage``: C-GET's classes)."""
+        assoc = QrAssociation(self.cfg.host, self.cfg.port, self.cfg.ae_title, self.calling, self.cfg.timeout_s,
+                              self.tls_args, (IMPLEMENTATION_UID, IMPLEMENTATION_VERSION))
+        try:
+            assoc.open(storage or [], model)
+        except (OSError, ssl.SSLError) as exc:
+            if self.tls_args:
+                self._not_established(False)
+            raise PacsError(f"source {self.name}: cannot connect to {self.cfg.ae_title}@{self.cfg.host}:"
+                            f"{self.cfg.port}: {exc} (is the PACS up?)") from exc
+        except ul.ProtocolError as exc:
+            raise PacsError(f"source {self.name}: malformed association answer from the PACS: {exc}") from exc
+        if not assoc.is_established:
+            self._not_established(assoc.rejected)
+        return assoc
 
     def _configure_hint(self) -> str:
         return (f"Configure AE title {self.move_destination!r} on the PACS, pointing at this node's DICOM host and "

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# The most matches one query takes from a source when its caller sets no limit (a pull rule, priors):
+# a query that matches more is cut here, with a warning, rather than filling memory and the index.
+MAX_MATCHES = 10_000
+
+
 class PacsError(Exception):
     """A source could not be reached or answered with an error; the message says which and why."""
 

@@ -121,7 +121,8 @@ class PriorsCoordinator:
         note = None
         if spec.source is not None:
             try:
-                self._from_source(spec, st, issuer, since, current, candidates, other_issuer)
+                warnings = self._from_source(spec, st, issuer, since, current, candidates, other_issuer)
+                note = "; ".join(warnings) or None  # e.g. an archive that ignores QIDO-RS paging
             except PacsError as exc:
                 note = f"source {spec.source} not searched: {exc}"
         if other_issuer:
@@ -145,7 +146,8 @@ class PriorsCoordinator:
             self.on_retrieves()
 
     def _from_source(self, spec: PriorsSpec, st, issuer: str, since: str, current: dt.datetime, candidates: dict,
-                     other_issuer: dict[str, str]) -> None:
+                     other_issuer: dict[str, str]) -> list[str]:
+        """Adds the source's matching studies to ``candidates``; returns the queries' warnings."""
         client = source_client(self.settings, spec.source)
         before = (current - dt.timedelta(days=1)).strftime("%Y%m%d")
         sm = spec.study_match()
@@ -172,6 +174,7 @@ class PriorsCoordinator:
                 entry["series"] = [s.series_uid for s in keep]
                 entry["instances"] = sum(s.instances or 0 for s in keep) or None
             candidates[m.study_uid] = entry
+        return client.warnings
 
     def _node_study_matches(self, study_uid: str, spec: PriorsSpec) -> bool:
         sm, series_match = spec.study_match(), spec.series_match()

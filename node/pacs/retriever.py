@@ -13,6 +13,7 @@ import logging
 import secrets
 import threading
 import time
+from typing import Callable
 
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
@@ -113,6 +114,8 @@ class Retriever:
         self.store.attribute(rid)
         held = self.store.held_instances(study, series)
         detail = {"failed_uids": out.failed_uids[:200], "note": out.note} if out.failed_uids or out.note else {}
+        if client.warnings:  # the source's queries were cut short (e.g. a QIDO-RS archive ignoring offset)
+            detail["warnings"] = client.warnings[:20]
         self.store.progress(rid, received=held, completed=out.completed, failed=out.failed, warning=out.warning)
         if out.failed == 0:
             status, error = "done", None
@@ -147,7 +150,7 @@ class Retriever:
         # random ID keeps concurrent retrieves, and anyone guessing, apart.
         move = (client.calling, secrets.randbelow(0xFFFE) + 1) if method == "move" else None
         try:
-            with self.ingest.retrieve_batch(move) as batch:
+            with self.ingest.retrieve_batch(move, study) as batch:
                 out = self._run_retrieve(rid, client, method, study, series, classes, batch, move)
                 batch.wait_idle(60)
                 _count_failed_stores(out, batch.failures)
@@ -157,31 +160,81 @@ class Retriever:
 
     def _run_retrieve(self, rid: int, client, method: str, study: str, series: list[str] | None,
                       classes: list[str], batch: RetrieveBatch, move: tuple[str, int] | None) -> RetrieveOutcome:
+        def report(out: RetrieveOutcome) -> bool:
+            self.ingest.commit(batch)  # what arrived so far becomes durable and counted
+            return self.store.progress(rid, received=self.store.held_instances(study, series),
+                                       completed=out.completed, failed=out.failed, warning=out.warning)
+
+        reporter = Reporter(report)
         last = [0.0]
 
         def progress(out: RetrieveOutcome, remaining: int) -> bool:
             now = time.monotonic()
-            if now - last[0] < 0.5:
-                return not self._stop.is_set()
-            last[0] = now
-            self.ingest.commit(batch)  # what arrived so far becomes durable and counted
-            ok = self.store.progress(rid, received=self.store.held_instances(study, series),
-                                     completed=out.completed, failed=out.failed, warning=out.warning)
-            return ok and not self._stop.is_set()
+            if now - last[0] >= 0.5:
+                last[0] = now
+                reporter.report(out)
+            return reporter.ok and not self._stop.is_set()
 
-        if move is not None:
-            return client.move(study, series, progress, message_id=move[1])
-        origin = Origin(calling_ae=getattr(client.cfg, "ae_title", client.name), called_ae=self.settings.ae_title,
-                        source_ip=getattr(client.cfg, "host", ""), assoc_id=f"retrieve:{rid}")
-
-        # Each instance is answered once queued and stored in the pipeline's thread meanwhile.
-        pipeline = Pipeline(batch, lambda raw, header: self.ingest.store(raw, origin, batch, header))
         try:
-            if method == "get":
-                return client.get(study, series, classes, pipeline.submit, progress)
-            return client.get(study, series, pipeline.submit, progress)
+            if move is not None:
+                return client.move(study, series, progress, message_id=move[1])
+            origin = Origin(calling_ae=getattr(client.cfg, "ae_title", client.name), called_ae=self.settings.ae_title,
+                            source_ip=getattr(client.cfg, "host", ""), assoc_id=f"retrieve:{rid}")
+            # Each instance is answered once queued and stored in the pipeline's thread meanwhile.
+            pipeline = Pipeline(batch, lambda raw, header: self.ingest.store(raw, origin, batch, header))
+            try:
+                if method == "get":
+                    return client.get(study, series, classes, pipeline.submit, progress)
+                return client.get(study, series, pipeline.submit, progress)
+            finally:
+                pipeline.close()
         finally:
-            pipeline.close()
+            reporter.close()
+            if reporter.error is not None:  # a sync failed: nothing of the batch so far is indexed
+                raise reporter.error
+
+
+class Reporter:
+    """A retrieve's progress reports (a sync of what arrived so far, the counts into the index) in a
+    thread of their own. On the thread that receives the instances, each report's fdatasync and
+    index writes (the index syncs its own WAL) held back the C-STORE response the PACS waits for
+    before it sends the next instance. ``ok`` turns False when the report asks to stop (a cancel)
+    or fails; ``error`` is then the failure (an OSError from the sync), raised by the retrieve."""
+
+    def __init__(self, fn: Callable[[RetrieveOutcome], bool]) -> None:
+        self.fn = fn
+        self.ok = True
+        self.error: OSError | None = None
+        self._latest: RetrieveOutcome | None = None
+        self._wake = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="retrieve-progress", daemon=True)
+        self._thread.start()
+
+    def report(self, out: RetrieveOutcome) -> None:
+        """Report these counts soon (a report still running is not waited for; the latest counts win)."""
+        self._latest = RetrieveOutcome(out.completed, out.failed, out.warning)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._done = True
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            out, self._latest = self._latest, None
+            if out is not None and self.ok:
+                try:
+                    self.ok = self.fn(out)
+                except OSError as exc:
+                    self.ok, self.error = False, exc
+                except Exception:  # noqa: BLE001 - a report that failed must not end the retrieve
+                    log.exception("a retrieve's progress report failed")
+            if self._done:
+                return
 
 
 def _count_failed_stores(out: RetrieveOutcome, failures: list[tuple[str, str]]) -> None:

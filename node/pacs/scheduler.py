@@ -77,27 +77,34 @@ class PullScheduler:
         state = self.store.pull_state(rule.name)
         result = {"matches": 0, "queued": 0, "rechecked": 0, "stable": 0, "skipped_series": 0, "left": 0,
                   "malformed": 0}
-        error, high_water = None, None
+        error, high_water, client = None, None, None
         try:
             client = source_client(self.settings, spec.source)
             matches: dict[str, StudyMatch] = {}
             for q in rule_queries(rule, poll_date(rule, now, state), self.settings.rules_dir):
+                n0 = len(client.warnings)
                 try:
                     found, bad = client.find_studies(q)
                 except PacsError as exc:
                     query_audit(self.audit, who=who, source=spec.source, keys=q.keys(), matches=0, error=str(exc))
                     raise
-                query_audit(self.audit, who=who, source=spec.source, keys=q.keys(), matches=len(found))
+                query_audit(self.audit, who=who, source=spec.source, keys=q.keys(), matches=len(found),
+                            warnings=client.warnings[n0:])
                 result["malformed"] += bad
                 matches.update({m.study_uid: m for m in found})
             result["matches"] = len(matches)
             ordered = sorted(matches.values(), key=lambda m: (m.study_date, m.study_time, m.study_uid))
             left_from = self._queue(rule, client, ordered, result)
-            if spec.watch:
+            # A query cut short (an archive ignoring QIDO-RS paging, too many matches) may have left
+            # out studies of any date: the high-water mark stays where it was, so none is skipped.
+            if spec.watch and not client.warnings:
                 high_water = self._high_water(rule, now, left_from, matches)
         except (PacsError, OSError, ValueError, KeyError) as exc:
             error = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
             log.warning("pull rule %s: %s", rule.name, error)
+        if client is not None and client.warnings:  # results kept, but perhaps not all of them: say so
+            result["warnings"] = client.warnings[:20]
+            log.warning("pull rule %s: %s", rule.name, "; ".join(client.warnings[:3]))
         next_at = spec.schedule.next_run(now).timestamp()
         self.store.pull_ran(rule.name, next_at=next_at, result=result, error=error, high_water=high_water)
         if result["queued"] or result["rechecked"]:

@@ -2,6 +2,11 @@
 
 WADO-RS instances are taken one at a time from the multipart stream (``iter_study``/``iter_series``)
 and handed to the node's ingest as they arrive: a study is never held in memory whole.
+
+QIDO-RS searches are paged here (``limit``/``offset``), not by dicomweb-client's ``get_remaining``,
+which asks for the next page until one is empty: against an archive that ignores ``offset`` (it
+answers the same page again) that never ends. Here a page that repeats what was already received
+ends the search with a warning (``warnings``), as does the cap on matches.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from node.config_pacs import DicomwebSource
-from node.pacs.model import PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
+from node.pacs.model import MAX_MATCHES, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
 
 log = logging.getLogger("hilum.pacs")
 
@@ -23,14 +28,18 @@ STUDY_FIELDS = ["PatientName", "PatientID", "StudyDate", "StudyTime", "Accession
                 "ModalitiesInStudy", "NumberOfStudyRelatedInstances"]
 SERIES_FIELDS = ["Modality", "SeriesDescription", "SeriesNumber", "BodyPartExamined",
                  "NumberOfSeriesRelatedInstances", "SliceThickness", "ImageType", "ProtocolName"]
+QIDO_PAGE = 1000  # results asked for per QIDO-RS request
 
 
 class DicomwebSourceClient:
     def __init__(self, name: str, cfg: DicomwebSource) -> None:
         self.name, self.cfg = name, cfg
+        self.warnings: list[str] = []  # what this client's searches could not do in full (results kept)
+        self._more = False  # the last QIDO-RS answer's Warning header said more results exist
 
     def _client(self, url: str) -> DICOMwebClient:
         session = requests.Session()
+        session.hooks["response"].append(self._note_warning)
         if self.cfg.auth is not None:
             secret = self.cfg.auth.secret()
             if self.cfg.auth.is_token:
@@ -49,6 +58,45 @@ class DicomwebSourceClient:
         except ValueError as exc:  # a body that is not the JSON/multipart DICOMweb promises
             raise PacsError(f"source {self.name}: {what}: malformed answer: {exc}") from exc
 
+    def _note_warning(self, response, *args, **kwargs) -> None:
+        # PS3.18 6.7.1.2: an archive that returns fewer results than matched says so in a Warning
+        # header ("299 ...: The number of results exceeded the maximum supported by the server.
+        # Additional results can be requested."): then a short page is not the last one.
+        text = response.headers.get("Warning", "")
+        self._more = "additional results" in text.lower() or "exceeded" in text.lower()
+
+    def _search(self, what: str, key: str, limit: int, fn) -> list[dict]:
+        """All the answers of one QIDO-RS search, page by page: ``fn(limit=, offset=)`` asks one page.
+        Ends at a page shorter than asked for (unless the archive's Warning header says more exist),
+        at ``limit`` (0: ``MAX_MATCHES``), or at a page that repeats ``key`` values already received
+        (an archive that ignores ``offset``): then with a warning in ``warnings``, never a hang."""
+        cap = limit or MAX_MATCHES
+        out: list[dict] = []
+        seen: set[str] = set()
+        while len(out) < cap:
+            ask = min(QIDO_PAGE, cap - len(out))
+            self._more = False
+            page = self._call(what, lambda: fn(limit=ask, offset=len(out)))
+            if not isinstance(page, list):
+                raise PacsError(f"source {self.name}: {what}: malformed answer: not a JSON array")
+            keys = [_key(a, key) for a in page]
+            repeated = sum(1 for k in keys if k and k in seen)
+            if repeated:
+                self.warnings.append(
+                    f"source {self.name}: {what}: the archive ignores 'offset' (the page at offset {len(out)} "
+                    f"repeated {repeated} result(s) already received): {len(out)} result(s) kept, "
+                    "more may exist")
+                out += [a for a, k in zip(page, keys) if not k or k not in seen][: cap - len(out)]
+                return out
+            seen.update(k for k in keys if k)
+            out += page[: cap - len(out)]
+            if len(page) < ask and not self._more or not page:
+                return out
+        if not limit:  # the node's own cap, not one the caller asked for: say so
+            self.warnings.append(f"source {self.name}: {what}: {MAX_MATCHES} matches or more: the first "
+                                 f"{MAX_MATCHES} kept (narrow the query)")
+        return out
+
     def echo(self) -> float:
         """A QIDO-RS search for one study: the archive answers and the credentials work."""
         t0 = time.perf_counter()
@@ -56,9 +104,10 @@ class DicomwebSourceClient:
         return time.perf_counter() - t0
 
     def find_studies(self, q: StudyQuery, limit: int = 0) -> tuple[list[StudyMatch], int]:
-        answers = self._call("QIDO-RS study search", lambda: self._client(self.cfg.qido_url).search_for_studies(
-            fields=STUDY_FIELDS + (["IssuerOfPatientID"] if q.issuer else []), search_filters=q.keys(),
-            limit=limit or None, get_remaining=not limit))
+        client = self._client(self.cfg.qido_url)
+        fields = STUDY_FIELDS + (["IssuerOfPatientID"] if q.issuer else [])
+        answers = self._search("QIDO-RS study search", "StudyInstanceUID", limit, lambda **page:
+                               client.search_for_studies(fields=fields, search_filters=q.keys(), **page))
         out, bad = [], 0
         for a in answers:
             m = _study(a)
@@ -69,8 +118,9 @@ class DicomwebSourceClient:
         return out, bad
 
     def find_series(self, study_uid: str) -> tuple[list[SeriesMatch], int]:
-        answers = self._call("QIDO-RS series search", lambda: self._client(self.cfg.qido_url).search_for_series(
-            study_uid, fields=SERIES_FIELDS, get_remaining=True))
+        client = self._client(self.cfg.qido_url)
+        answers = self._search("QIDO-RS series search", "SeriesInstanceUID", 0, lambda **page:
+                               client.search_for_series(study_uid, fields=SERIES_FIELDS, **page))
         out, bad = [], 0
         for a in answers:
             m = _series(a, study_uid)
@@ -129,6 +179,14 @@ def _part10(ds: pydicom.Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _key(a, keyword: str) -> str:
+    """A UID of one answer, to tell pages apart ("" if the answer is malformed: _study skips it)."""
+    try:
+        return _value(a, keyword)
+    except (AttributeError, TypeError, ValueError):
+        return ""
 
 
 def _value(a: dict, keyword: str) -> str:

@@ -31,7 +31,10 @@ log = logging.getLogger("hilum.ingest")
 
 
 class RetrieveBatch:
-    def __init__(self) -> None:
+    def __init__(self, study_uid: str | None = None) -> None:
+        # The study the retrieve asked for: an instance of another one is not stored (a C-MOVE's
+        # sub-operations are answered before they are read, so this is where they are checked).
+        self.study_uid = study_uid
         self._cond = threading.Condition()
         self._rows: list[InstanceRow] = []
         self._busy = 0  # stores answered but not finished

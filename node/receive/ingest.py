@@ -207,10 +207,12 @@ class Ingest:
         self.writer.close()
 
     @contextmanager
-    def retrieve_batch(self, move: tuple[str, int] | None = None) -> Iterator[RetrieveBatch]:
+    def retrieve_batch(self, move: tuple[str, int] | None = None,
+                       study_uid: str | None = None) -> Iterator[RetrieveBatch]:
         """A batch for one retrieve (``move``: the C-MOVE's calling AE and message ID, so that the SCP
-        routes its sub-operations here); committed and closed on the way out, whatever happened."""
-        batch = RetrieveBatch()
+        routes its sub-operations here; ``study_uid``: the study asked for, the only one stored);
+        committed and closed on the way out, whatever happened."""
+        batch = RetrieveBatch(study_uid)
         if move is not None:
             with self._moves_lock:
                 self._moves[move] = batch
@@ -253,6 +255,10 @@ class Ingest:
         except Exception as exc:  # noqa: BLE001 - hostile input must never kill the association thread
             return self._reject(raw, origin, f"unparseable dataset ({type(exc).__name__}): {exc}", CANNOT_UNDERSTAND)
         sop, series = facts["SOPInstanceUID"], facts["SeriesInstanceUID"]
+        if batch is not None and batch.study_uid and facts["StudyInstanceUID"] != batch.study_uid:
+            log.warning("a retrieve received an instance of another study: not stored",
+                        extra={"sop_uid": sop, "assoc": origin.assoc_id})
+            return CANNOT_UNDERSTAND, "instance of another study, not asked for: not stored"
         if (failure := self.writer.failure) is not None:
             return OUT_OF_RESOURCES, f"index unavailable: {failure}"[:64]
 

@@ -1,9 +1,9 @@
 """The DICOM Upper Layer (PS3.8) and DIMSE command sets (PS3.7), as bytes.
 
 Only what the node's receivers need. As acceptor (the SCP): A-ASSOCIATE-RQ in, -AC/-RJ out,
-P-DATA-TF both ways, release and abort; C-ECHO and C-STORE command sets. As requestor of a C-GET
-(node/pacs/getscu.py, which receives a whole study): A-ASSOCIATE-RQ with SCP role selection out,
--AC/-RJ in, the C-GET request, its responses and the C-STOREs of its sub-operations. Every parser
+P-DATA-TF both ways, release and abort; C-ECHO and C-STORE command sets. As requestor
+(node/pacs/qrscu.py): A-ASSOCIATE-RQ (with SCP role selection for a C-GET) out, -AC/-RJ in, the
+C-GET / C-MOVE / C-FIND request, its responses and a C-GET's sub-operation C-STOREs. Every parser
 checks lengths before it reads and raises ``ProtocolError`` on anything malformed, so hostile bytes
 end an association with an A-ABORT, never an exception elsewhere.
 """
@@ -20,6 +20,8 @@ PC_ACCEPT, PC_ABSTRACT_REJECTED, PC_TS_REJECTED = 0, 3, 4
 # DIMSE command fields and statuses
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 C_GET_RQ, C_GET_RSP = 0x0010, 0x8010
+C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
+C_MOVE_RQ, C_MOVE_RSP = 0x0021, 0x8021
 NO_DATASET = 0x0101
 CANNOT_UNDERSTAND = 0xC000
 
@@ -266,10 +268,11 @@ def response(field: int, message_id: int, status: int, sop_class: str, sop_insta
     return _element(0x0000, struct.pack("<I", len(payload))) + payload
 
 
-def request(field: int, message_id: int, sop_class: str, priority: int = 0) -> bytes:
-    """The command set of a request that carries a data set (a C-GET's identifier)."""
+def request(field: int, message_id: int, sop_class: str, priority: int = 0, move_destination: str = "") -> bytes:
+    """The command set of a request that carries a data set (a C-GET / C-MOVE / C-FIND identifier)."""
+    dest = (_element(0x0600, move_destination.encode("ascii"), b" "),) if move_destination else ()
     payload = b"".join((_element(0x0002, sop_class.encode()), _element(0x0100, struct.pack("<H", field)),
-                        _element(0x0110, struct.pack("<H", message_id)),
+                        _element(0x0110, struct.pack("<H", message_id)), *dest,
                         _element(0x0700, struct.pack("<H", priority)), _element(0x0800, struct.pack("<H", 0x0000))))
     return _element(0x0000, struct.pack("<I", len(payload))) + payload
 

@@ -78,9 +78,10 @@ def query(name: str, body: QueryBody, request: Request, p: Principal = Depends(r
     except PacsError as exc:
         query_audit(node.audit, who=who(p), source=name, keys=q.keys(), matches=0, error=str(exc))
         raise HTTPException(502, str(exc)) from None
-    query_audit(node.audit, who=who(p), source=name, keys=q.keys(), matches=len(matches))
+    query_audit(node.audit, who=who(p), source=name, keys=q.keys(), matches=len(matches), warnings=client.warnings)
     held = node.retrieves.held_studies([m.study_uid for m in matches])
-    return {"matches": [m.as_dict() | {"in_hilum": m.study_uid in held} for m in matches], "malformed": bad}
+    return {"matches": [m.as_dict() | {"in_hilum": m.study_uid in held} for m in matches], "malformed": bad,
+            "warnings": client.warnings}
 
 
 class RetrieveBody(BaseModel):

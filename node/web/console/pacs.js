@@ -50,7 +50,8 @@ async function query(event) {
       el('td', {}, m.in_hilum ? 'yes' : ''))));
     document.getElementById('retrieve-selected').disabled = r.matches.length === 0;
     flash(status, `${r.matches.length} stud${r.matches.length === 1 ? 'y' : 'ies'}` +
-      (r.malformed ? `, ${r.malformed} malformed answer(s) skipped` : ''), true);
+      (r.malformed ? `, ${r.malformed} malformed answer(s) skipped` : '') +
+      (r.warnings && r.warnings.length ? `; warning: ${r.warnings.join('; ')}` : ''), !(r.warnings && r.warnings.length));
   } catch (e) {
     flash(status, e.message, false);
   }
@@ -85,7 +86,9 @@ async function loadRetrieves() {
       el('td', {}, r.study_uid + (r.series ? ` (${r.series.length} series)` : '')),
       el('td', {}, `${r.received}/${r.expected ?? '?'}${pct}`),
       el('td', {}, `ok ${r.completed} · failed ${r.failed} · warning ${r.warning}`),
-      el('td', {}, r.requested_by), el('td', {class: r.error ? 'error' : null}, r.error || ''),
+      el('td', {}, r.requested_by),
+      el('td', {class: r.error || (r.detail && r.detail.warnings) ? 'error' : null},
+        [r.error, ...((r.detail && r.detail.warnings) || [])].filter(Boolean).join('; ')),
       el('td', {}, act, result));
   }));
 }
@@ -96,7 +99,8 @@ async function loadPullRules() {
     const result = el('span', {});
     const outcome = p.last_error ? p.last_error : p.last_result
       ? `${p.last_result.matches} matches, ${p.last_result.queued} queued, ${p.last_result.rechecked} re-checked` +
-        (p.last_result.left ? `, ${p.last_result.left} left for later` : '') : '';
+        (p.last_result.left ? `, ${p.last_result.left} left for later` : '') +
+        (p.last_result.warnings ? `; warning: ${p.last_result.warnings.join('; ')}` : '') : '';
     return el('tr', {'data-rule': p.name}, el('td', {}, p.name), el('td', {}, p.source),
       el('td', {}, `every ${p.every_s} s` + (p.window ? ` in ${p.window}` : '') + (p.watch ? ', watch' : '')),
       el('td', {}, time(p.last_run_at)), el('td', {class: p.last_error ? 'error' : null}, outcome),

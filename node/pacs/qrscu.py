@@ -1,4 +1,5 @@
-"""C-GET as the requestor, on the node's own upper layer (node/receive/ul.py), not pynetdicom's.
+"""C-GET, C-MOVE and C-FIND as the requestor, on the node's own upper layer (node/receive/ul.py),
+not pynetdicom's.
 
 A C-GET receives a whole study on the association it opened: a PACS sends each instance as PDUs of
 its own maximum size (Orthanc: 16 KB, 35 per 512x512 slice) and waits for the C-STORE response
@@ -6,13 +7,17 @@ before it sends the next. pynetdicom spends Python time on every PDU (a reader t
 socket, a PDU object, a state-machine event, DIMSE reassembly) and builds every command set
 through pydicom: with it a retrieve took 2-3x DCMTK's getscu. Here the calling thread reads the
 socket itself, as the node's SCP does for a push: a PDU is a header and one read, its PDVs are
-appended to one buffer, and command sets are bytes.
+appended to one buffer, and command sets are bytes. A C-MOVE's association carries one pending
+response per sub-operation while the instances reach the node's SCP in the same process: through
+pynetdicom each was decoded by pydicom in a reader thread that took the GIL from the SCP's thread
+(about 1 ms of CPU per instance). A C-FIND's answers are decoded once, by pydicom, and nothing is
+formatted for a log nobody reads (pynetdicom formats every identifier whatever the log level).
 
-What it does: A-ASSOCIATE-RQ with the C-GET context and the storage classes (SCP role selection),
-one C-GET request, then C-STOREs (each handed to ``on_store``, answered with its status) and C-GET
-responses (yielded to ``DimseClient._drain``, which decides what they mean) until the final one,
-then A-RELEASE. Anything malformed or unexpected aborts the association with a ``PacsError``;
-pynetdicom stays the C-ECHO / C-FIND / C-MOVE client and the independent peer in the tests.
+What it does: A-ASSOCIATE-RQ with the one Q/R context (for C-GET also the storage classes, with SCP
+role selection), one request, then the responses (yielded to ``DimseClient``, which decides what
+they mean) until the final one, then A-RELEASE; during a C-GET, C-STOREs (each handed to
+``on_store``, answered with its status). Anything malformed or unexpected aborts the association
+with a ``PacsError``; pynetdicom stays the C-ECHO client and the independent peer in the tests.
 """
 from __future__ import annotations
 
@@ -31,14 +36,18 @@ from node.receive import ul
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
+MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"  # - MOVE
+FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"  # - FIND
+PENDING = (0xFF00, 0xFF01)
 MAX_PDU = 16 << 20  # what we accept; a PACS sends PDUs up to min(this, its own limit)
 MAX_COMMAND = 64 << 10
 MAX_INSTANCE = (1 << 31) - (2 << 20)  # what the spool seals in one piece (node/store/envelope.py)
 
 
-class GetAssociation:
-    """One association with a PACS that carries one C-GET. ``open`` raises ``PacsError`` (or returns
-    the A-ASSOCIATE-RJ's reason via ``rejected``); ``get`` yields (status, identifier) per C-GET response."""
+class QrAssociation:
+    """One association with a PACS that carries one C-GET, C-MOVE or C-FIND (``model``). ``open``
+    raises ``PacsError`` (or says the A-ASSOCIATE-RJ via ``rejected``); ``get``, ``move`` and ``find``
+    yield (status, identifier) per response."""
 
     def __init__(self, host: str, port: int, called_ae: str, calling_ae: str, timeout_s: float,
                  tls: tuple[ssl.SSLContext, str] | None, implementation: tuple[str, str]) -> None:
@@ -52,9 +61,10 @@ class GetAssociation:
         self.rejected = False
 
     # -- association --------------------------------------------------------------------------
-    def open(self, storage: list[tuple[str, list[str]]]) -> None:
-        """Connect and associate; False in ``is_established`` (and ``rejected``) when the PACS said no.
-        OSError / ssl.SSLError when the connection or the TLS handshake fails."""
+    def open(self, storage: list[tuple[str, list[str]]], model: str = GET_MODEL) -> None:
+        """Connect and associate for ``model`` (and, for C-GET, the ``storage`` classes as SCP);
+        False in ``is_established`` (and ``rejected``) when the PACS said no. OSError /
+        ssl.SSLError when the connection or the TLS handshake fails."""
         sock = socket.create_connection((self.host, self.port), timeout=min(self.timeout_s, 10.0))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -67,7 +77,7 @@ class GetAssociation:
             raise
         self.sock = sock
         self.reader = sock.makefile("rb", buffering=256 << 10)
-        proposed = [(1, GET_MODEL, [IMPLICIT_LE])]
+        proposed = [(1, model, [IMPLICIT_LE])]
         proposed += [(3 + 2 * i, uid, tss) for i, (uid, tss) in enumerate(storage)]  # odd ids, PS3.8 9.3.2.2
         by_id = {cid: (abstract, tss) for cid, abstract, tss in proposed}
         uid, version = self.implementation
@@ -88,7 +98,8 @@ class GetAssociation:
         self.is_established = True
         if 1 not in self.contexts:
             self.abort()
-            raise PacsError("the PACS did not accept Study Root C-GET")
+            what = {GET_MODEL: "C-GET", MOVE_MODEL: "C-MOVE", FIND_MODEL: "C-FIND"}.get(model, model)
+            raise PacsError(f"the PACS did not accept Study Root {what}")
 
     def release(self) -> None:
         """A-RELEASE; a peer that does not answer within the timeout is simply disconnected."""
@@ -164,12 +175,39 @@ class GetAssociation:
                     raise PacsError(f"a C-GET response to message {cmd.message_id}, not {message_id}")
                 ident = _identifier(data) if data else None
                 yield _status(cmd), ident
-                if cmd.status not in (0xFF00, 0xFF01):
+                if cmd.status not in PENDING:
                     return
             else:
                 self.abort()
                 raise PacsError(f"unexpected DIMSE message 0x{cmd.field:04X} on context {cid} during C-GET")
         raise PacsError("the association ended without a final C-GET status")
+
+    def move(self, identifier: Dataset, destination: str,
+             message_id: int = 1) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
+        """Send the C-MOVE; yield (status, identifier or None) for each C-MOVE response, pending ones
+        included, until the final one. The instances go to ``destination``'s own association."""
+        self._send(1, ul.request(ul.C_MOVE_RQ, message_id, MOVE_MODEL, move_destination=destination),
+                   encode(identifier, True, True))
+        yield from self._responses(ul.C_MOVE_RSP, message_id, "C-MOVE")
+
+    def find(self, identifier: Dataset, message_id: int = 1) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
+        """Send the C-FIND; yield (status, answer or None if undecodable) per response until the
+        final one. Closing the generator early (a caller's limit) aborts the association."""
+        self._send(1, ul.request(ul.C_FIND_RQ, message_id, FIND_MODEL), encode(identifier, True, True))
+        yield from self._responses(ul.C_FIND_RSP, message_id, "C-FIND")
+
+    def _responses(self, field: int, message_id: int, what: str) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
+        for cmd, cid, data in self._messages():
+            if cmd.field != field or cid != 1 or cmd.status is None:
+                self.abort()
+                raise PacsError(f"unexpected DIMSE message 0x{cmd.field:04X} on context {cid} during {what}")
+            if cmd.message_id != message_id and cmd.message_id != 0:
+                self.abort()
+                raise PacsError(f"a {what} response to message {cmd.message_id}, not {message_id}")
+            yield _status(cmd), (_identifier(data) if data else None)
+            if cmd.status not in PENDING:
+                return
+        raise PacsError(f"the association ended without a final {what} status")
 
     def _messages(self) -> Iterator[tuple[ul.Command, int, bytearray | None]]:
         """(command, context id, data set or None) of each message the PACS sends, reassembled from
@@ -226,7 +264,7 @@ class GetAssociation:
 
 
 def _status(cmd: ul.Command) -> SimpleNamespace:
-    """A C-GET response as the attributes ``DimseClient._drain`` reads (pynetdicom's names)."""
+    """A C-GET / C-MOVE / C-FIND response as the attributes ``DimseClient._drain`` reads (pynetdicom's names)."""
     s = cmd.subops
     return SimpleNamespace(Status=cmd.status, ErrorComment=cmd.comment or None,
                            NumberOfRemainingSuboperations=s.get("remaining"),
@@ -235,7 +273,8 @@ def _status(cmd: ul.Command) -> SimpleNamespace:
 
 
 def _identifier(data: bytearray) -> Dataset | None:
-    """The identifier of a C-GET response (Failed SOP Instance UID List), or None if undecodable."""
+    """The identifier of a response (a C-FIND answer; a C-GET / C-MOVE's Failed SOP Instance UID
+    List), or None if undecodable."""
     try:
         return decode(BytesIO(data), True, True)
     except Exception:  # noqa: BLE001 - a malformed identifier: the counts still say what failed
