@@ -493,8 +493,9 @@ def test_refuses_pixels_that_are_not_hounsfield_units(phantom):
 
 @pytest.mark.slow
 def test_end_to_end_through_the_node_to_orthanc_and_a_tps(tmp_path):
-    """storescu sends a phantom chest CT; the node runs ct-anatomy and delivers SEG, RTSTRUCT and SR
-    into the same study in Orthanc, and to a DCMTK storescp playing the planning system."""
+    """storescu sends a phantom chest CT; the node runs ct-anatomy and delivers its two SEGs, RTSTRUCT
+    and SR into the same study in Orthanc, and the RTSTRUCT to a DCMTK storescp playing the planning
+    system, configured as the shipped hilum.yaml's tps (modalities: CT and RTSTRUCT)."""
     import textwrap
 
     from tests.iod import assert_valid_iod
@@ -508,35 +509,36 @@ def test_end_to_end_through_the_node_to_orthanc_and_a_tps(tmp_path):
         - name: ct-anatomy
           level: series
           match: {Modality: CT, is_volume: true}
-          handler: {name: ct-anatomy, params: {seg_format: binary}}
+          handler: ct-anatomy
           destinations: [orthanc, tps]
         """))
-    # The planning system here is DCMTK 3.6.7's storescp, which predates Label Map Segmentation
-    # Storage and refuses it (no presentation context): a site with such a peer sets seg_format
-    # binary, as here, and gets the one binary SEG (ct-anatomy's default is a Label Map SEG).
 
     def delivered(node):
         jobs = node.study(ct.study_uid).get("jobs", [])
         if not jobs or any(j["status"] not in ("done", "failed") for j in jobs):
             return None
         results = [r for j in jobs for r in j["results"]]
-        done = all(r["deliveries"].get(d) == "delivered" for r in results for d in ("orthanc", "tps"))
-        return jobs if done else None
+        wanted = [(r, d) for r in results for d in ("orthanc", "tps") if d == "orthanc" or r["modality"] == "RTSTRUCT"]
+        return jobs if all(r["deliveries"].get(d) == "delivered" for r, d in wanted) else None
 
     with storescp(tmp_path / "tps") as tps_port:
-        tps = {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}}
+        tps = {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps_port, "modalities": ["CT", "RTSTRUCT"]}}
         with running_node(tmp_path / "data", rules, destinations=tps) as node:
             assert storescu(node.dicom_port, ct.dicom_dir).returncode == 0
             (job,) = wait_for(lambda: delivered(node), 180, "ct-anatomy results delivered", interval=0.5)
             assert job["status"] == "done", job
-            assert sorted(r["modality"] for r in job["results"]) == ["RTSTRUCT", "SEG", "SR"]
+            assert sorted(r["modality"] for r in job["results"]) == ["RTSTRUCT", "SEG", "SEG", "SR"]
+            # Only the RTSTRUCT is queued for the planning system: no SEG or SR delivery to it at all.
+            assert {r["modality"]: sorted(r["deliveries"]) for r in job["results"]} == \
+                {"RTSTRUCT": ["orthanc", "tps"], "SEG": ["orthanc"], "SR": ["orthanc"]}
             with node.orthanc() as orthanc:
                 found = orthanc.post("/tools/find", json={"Level": "Instance", "Expand": True,
                                                           "Query": {"StudyInstanceUID": ct.study_uid}}).json()
             in_orthanc = {i["MainDicomTags"]["SOPInstanceUID"] for i in found}
             assert {r["sop_instance_uid"] for r in job["results"]} <= in_orthanc
-    received = {str(d.Modality): d for d in (pydicom.dcmread(p) for p in (tmp_path / "tps").iterdir())}
-    rt = received["RTSTRUCT"]
+    received = [pydicom.dcmread(p) for p in (tmp_path / "tps").iterdir()]
+    assert [str(d.Modality) for d in received] == ["RTSTRUCT"]
+    rt = received[0]
     assert rt.StudyInstanceUID == ct.study_uid
     assert [r.ROIName for r in rt.StructureSetROISequence] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
     path = tmp_path / "rtstruct.dcm"
