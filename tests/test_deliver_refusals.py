@@ -26,7 +26,7 @@ def objects(tmp_path_factory):
     """Part 10 files of one small CT's results: {"labelmap": Label Map SEG, "binary": binary SEG,
     "rtstruct": RTSTRUCT}, made by the node's encoders."""
     out = tmp_path_factory.mktemp("results")
-    series = ct_series(out / "ct", rows=32, cols=32, slices=4, seed="refusals")
+    series = ct_series(out / "ct", rows=32, cols=32, slices=10, seed="refusals")
     g = series.volume.geometry
     lm = LabelMap(series.series_uid, g, anatomy_labels(g.shape), segment_table(), description="CT anatomy",
                   seg_format="labelmap")
