@@ -170,7 +170,7 @@ class DimseStoreDestination(Destination):
         ae = AE(ae_title=self.local_ae)
         assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title, tls_args=self.tls_args,
                              contexts=[build_context(sop, [ts]) for sop, ts in requested])
-        refusals = self._refusals(assoc, requested)
+        refusals = self._refusals(assoc)
         refused = {it.sop_uid: refusals[key] for it, ds in datasets
                    if (key := (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))) in refusals}
         for why in sorted(set(refused.values())):
@@ -198,12 +198,14 @@ class DimseStoreDestination(Destination):
                 assoc.release()
         return Accepted(ok, refused)
 
-    def _refusals(self, assoc, requested: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    def _refusals(self, assoc) -> dict[tuple[str, str], str]:
         """(SOP class, transfer syntax) -> why, for each requested presentation context the peer
-        rejected. pynetdicom numbers the requested contexts 1, 3, 5, ... in the order given."""
+        rejected (a rejected context carries no transfer syntax of ours: found by its ID)."""
+        asked = {cx.context_id: (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                 for cx in assoc.requestor.requested_contexts}
         out = {}
         for cx in assoc.rejected_contexts:
-            sop, ts = requested[(cx.context_id - 1) // 2]
+            sop, ts = asked[cx.context_id]
             what = _uid_name(sop) + (f" in {_uid_name(ts)}" if cx.result == 4 else "")
             out[(sop, ts)] = (f"{self.peer} does not accept {what} (presentation context rejected: "
                               f"{_CONTEXT_REFUSALS.get(cx.result, f'result {cx.result}')})")
