@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-APT_PKGS := libdeflate0 orthanc orthanc-dicomweb orthanc-postgresql postgresql redis-server dcmtk dicom3tools chromium libegl1 libegl-mesa0 libgl1-mesa-dri
+APT_PKGS := libdeflate0 orthanc orthanc-dicomweb orthanc-postgresql postgresql redis-server dcmtk chromium libegl1 libegl-mesa0 libgl1-mesa-dri
 OHIF_VERSION := 3.12.10
 OHIF_DIR := build/ohif
 export TCP_NODELAY := 1
@@ -22,9 +22,10 @@ bench: deps venv-dev
 
 deps: apt venv ohif
 
-# Debian packages: the archive (Orthanc + DICOMweb), the DICOM peers (DCMTK), an independent IOD validator
-# (dciodvfy), the headless browser of the web tests (chromium, driven by Python playwright) and EGL on
-# Mesa for VTK's offscreen rendering (the same code path uses the GPU's EGL where there is one).
+# Debian packages: the archive (Orthanc + DICOMweb), the DICOM peers (DCMTK), the headless browser of the
+# web tests (chromium, driven by Python playwright) and EGL on Mesa for VTK's offscreen rendering (the same
+# code path uses the GPU's EGL where there is one). The IOD validator (dciodvfy) is a dev extra from PyPI:
+# Debian's predates Label Map Segmentation.
 apt:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -76,12 +76,12 @@ def _variant(series, lm, segmentation_type, pixels, syntax, ctx, stow_url: str |
             "stow_s": _stow(stow_url, seg) if stow_url else None}
 
 
-def _node_seg(series, lm, ctx, stow_url: str | None, number: int):
+def _node_seg(series, lm, ctx, stow_url: str | None, number: int, part=None):
     """The node's own SEG encoder (node/encoders/seg.py), as a job runs it: encode, write, STOW."""
     from node.encoders.seg import encode_seg
 
     t0, c0 = time.perf_counter(), time.process_time()
-    seg, _ = encode_seg(lm, {series.series_uid: series}, ctx, series_number=number)
+    seg, _ = encode_seg(lm, {series.series_uid: series}, ctx, series_number=number, part=part)
     encode_s, encode_cpu = time.perf_counter() - t0, time.process_time() - c0
     t1 = time.perf_counter()
     buf = BytesIO()
@@ -133,7 +133,10 @@ def main() -> None:
 
 
 def run(args, stow_url: str | None) -> None:
+    import dataclasses
+
     from node.encoders.context import EncodeContext
+    from node.encoders.seg import seg_parts
 
     series, lm = _inputs(args.slices, args.size)
     ctx = EncodeContext(job_key="bench", rule="bench", handler="ct-anatomy", handler_version="1")
@@ -144,7 +147,7 @@ def run(args, stow_url: str | None) -> None:
         exclusive[lm.labels == label] = n
     binary, labelmap = hd.seg.SegmentationTypeValues.BINARY, hd.seg.SegmentationTypeValues.LABELMAP
     variants = [
-        ("BINARY, overlapping (in use)", binary, stack, ExplicitVRLittleEndian),
+        ("BINARY, overlapping (highdicom)", binary, stack, ExplicitVRLittleEndian),
         ("BINARY, overlapping, RLE", binary, stack, RLELossless),
         ("BINARY, overlapping, JPEG 2000 lossless", binary, stack, JPEG2000Lossless),
         ("LABELMAP, exclusive", labelmap, exclusive, ExplicitVRLittleEndian),
@@ -155,12 +158,16 @@ def run(args, stow_url: str | None) -> None:
           f"{len(lm.segments)} segments (External includes the others)")
     print(f"{'representation':<42}{'MB':>8}{'frames':>8}{'encode s':>10}{'cpu s':>8}{'write s':>9}{'stow s':>8}")
     organ_map, body_map = _split(lm)
+    labelmap_lm = dataclasses.replace(lm, seg_format="labelmap")
     organ_numbers = {s.label: n for n, s in enumerate(organ_map.segments, start=1)}
     organ_pixels = np.zeros_like(lm.labels)
     for label, n in organ_numbers.items():
         organ_pixels[organ_map.labels == label] = n
     combined = [
-        ("node's BINARY SEG encoder (in use)", lambda: _node_seg(series, lm, ctx, stow_url, 9100)),
+        ("node's encoder, seg_format binary", lambda: _node_seg(
+            series, dataclasses.replace(lm, seg_format="binary"), ctx, stow_url, 9100)),
+        ("node's encoder, labelmap (in use)", lambda: _sum(*(
+            _node_seg(series, labelmap_lm, ctx, stow_url, 9110 + i, part) for i, part in enumerate(seg_parts(labelmap_lm))))),
         ("LABELMAP organs + BINARY External: 2 SEGs", lambda: _sum(
             _variant(series, organ_map, labelmap, organ_pixels, ExplicitVRLittleEndian, ctx, stow_url, "o1"),
             _node_seg(series, body_map, ctx, stow_url, 9101))),

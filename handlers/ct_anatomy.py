@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,6 +61,12 @@ class CTAnatomyParams(BaseModel):
     bone: bool = Field(True, description="segment the skeleton")
     working_resolution_mm: float = Field(2.0, ge=1.0, le=4.0,
                                          description="voxel size (mm) of the grid the topology is decided on")
+    # A Label Map SEG is a quarter of the binary one's size for ct-anatomy and quicker to make and
+    # store (docs/benchmarks.md seg-formats); "binary" is for viewers and PACS that predate
+    # Label Map Segmentation Storage (DICOM 2024; OHIF 3.11+ shows it, DCMTK 3.6.7 does not know it).
+    seg_format: Literal["labelmap", "binary"] = Field(
+        "labelmap", description="SEG format: 'labelmap' (organs as one Label Map SEG, JPEG-LS, plus a binary SEG of "
+                                "the External) or 'binary' (one binary SEG of every structure)")
 
 
 def lung_artefact(working_resolution_mm: float = 2.0, airway: bool = True) -> ArtefactKey:
@@ -162,7 +169,7 @@ class CTAnatomy(Handler):
             organs = tuple(lab for lab in present if lab != EXTERNAL)
             segments[present.index(EXTERNAL)] = dataclasses.replace(SEGMENTS[EXTERNAL][0], includes=organs)
         label_map = LabelMap(series.series_uid, series.volume.geometry, anatomy.labels, tuple(segments),
-                             description="CT anatomy")
+                             description="CT anatomy", seg_format=p.seg_format)
         groups = [_group(lab, anatomy) for lab in present]
         left, right = anatomy.stats[LUNG_L].volume_ml, anatomy.stats[LUNG_R].volume_ml
         if left > 0 and right > 0:

@@ -67,8 +67,23 @@ class DimseDestination(Strict):
     calling_ae_title: str | None = None  # defaults to the node's AE title
     tls: ClientTls | None = None  # DICOM TLS to this peer
     deidentify: Deidentify | None = None  # send de-identified copies (PS3.15 Annex E profile)
+    # Only instances of these modalities go to this peer (e.g. [CT, RTSTRUCT] for a planning system,
+    # which reads contours, not SEG or SR); None: every instance a rule sends it.
+    modalities: list[str] | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty list sends nothing to this destination; leave it out to send everything")
+        bad = [m for m in v if not isinstance(m, str) or not re.fullmatch(r"[A-Z0-9_]{1,16}", m)]
+        if bad:
+            raise ValueError(f"{bad} are not DICOM Modality values (upper case, e.g. CT, RTSTRUCT, SEG, SR)")
+        return v
 
     @model_validator(mode="after")
     def _hilum_peer(self) -> "DimseDestination":
@@ -175,6 +190,16 @@ class Settings(Strict):
     @property
     def destination_names(self) -> set[str]:
         return {"orthanc", *self.destinations}
+
+    def takes(self, destination: str, modality: str | None) -> bool:
+        """Whether ``destination`` is sent instances of ``modality`` (its ``modalities``). The archive
+        and a name not configured take everything: the delivery loop reports the latter."""
+        cfg = self.destinations.get(destination)
+        return cfg is None or cfg.modalities is None or modality in cfg.modalities
+
+    def result_deliveries(self, results: list[dict], destinations: list[str]) -> list[tuple[str, str]]:
+        """(SOP Instance UID, destination) for each result and each of ``destinations`` that takes it."""
+        return [(r["sop_instance_uid"], d) for r in results for d in destinations if self.takes(d, r["modality"])]
 
 
 class ConfigError(ValueError):

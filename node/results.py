@@ -19,6 +19,7 @@ __all__ = [
     "Code",
     "Segment",
     "LabelMap",
+    "SEG_FORMATS",
     "Measurement",
     "MeasurementGroup",
     "MeasurementReport",
@@ -58,6 +59,7 @@ class Code:
 
 
 # RT ROI Interpreted Types (PS3.3 C.8.8.8) a handler may ask for.
+SEG_FORMATS = ("binary", "labelmap")  # LabelMap.seg_format
 RT_ROI_TYPES = frozenset(
     {"EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "BOLUS", "AVOIDANCE",
      "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER", "CONTRAST_AGENT", "CAVITY", "SUPPORT",
@@ -133,6 +135,11 @@ class LabelMap:
     encodings: tuple[str, ...] = ("SEG", "RTSTRUCT")
     # Fractional (probability) maps: optional (segments, slices, rows, cols) float in [0, 1].
     fractions: np.ndarray | None = None
+    # How the SEG carries the labels (SEG_FORMATS): "binary", one bit-packed frame per segment and
+    # slice, which every SEG reader takes; or "labelmap", the exclusive segments as one Label Map
+    # Segmentation (a label per pixel, lossless JPEG-LS frames: a fraction of the size and time)
+    # plus a binary SEG of the segments that include others (an External around the organs).
+    seg_format: str = "binary"
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, np.ndarray) or self.labels.ndim != 3:
@@ -161,6 +168,8 @@ class LabelMap:
         bad = set(self.encodings) - {"SEG", "RTSTRUCT"}
         if bad:
             raise ValueError(f"LabelMap.encodings has unknown entries {sorted(bad)}")
+        if self.seg_format not in SEG_FORMATS:
+            raise ValueError(f"LabelMap.seg_format must be one of {list(SEG_FORMATS)}, got {self.seg_format!r}")
         if self.fractions is not None:
             f = self.fractions
             if f.shape != (len(self.segments), *self.labels.shape):

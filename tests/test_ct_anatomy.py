@@ -13,6 +13,7 @@ contrast-filled veins).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import highdicom as hd
@@ -347,25 +348,36 @@ def test_results_encode_as_valid_seg_rtstruct_and_sr(phantom, segmented, tmp_pat
     study, series = phantom("default")
     label_map, report, _ = segmented("default")
     ctx = context(handler=CTAnatomy.name, handler_version=CTAnatomy.version, model_name=None, model_version=None)
-    seg, rtstruct, sr = encode_all([label_map, report], {series.series_uid: series}, ctx)
-    paths = [save_valid(ds, tmp_path) for ds in (seg, rtstruct, sr)]  # dciodvfy: no errors
-    assert {str(ds.StudyInstanceUID) for ds in (seg, rtstruct, sr)} == {study.study_uid}
+    organs_seg, body_seg, rtstruct, sr = encode_all([label_map, report], {series.series_uid: series}, ctx)
+    objects = (organs_seg, body_seg, rtstruct, sr)
+    organs_path, body_path, *paths = [save_valid(ds, tmp_path) for ds in objects]  # dciodvfy: no errors
+    assert {str(ds.StudyInstanceUID) for ds in objects} == {study.study_uid}
+    uids = [d.SOPInstanceUID for d in series.datasets]
 
-    segments = pydicom.dcmread(paths[0]).SegmentSequence
-    assert [s.SegmentLabel for s in segments] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
-    # The SEG's External is the entire body, as its code says: the organs inside it included.
-    seg_read = hd.seg.segread(paths[0])
-    assert seg_read.SegmentsOverlap == "YES"
-    stack = seg_read.get_pixels_by_source_instance(
-        source_sop_instance_uids=[ds.SOPInstanceUID for ds in series.datasets], segment_numbers=[1, 2, 3, 4, 5],
-        combine_segments=False)
+    # The organs: one Label Map SEG (the default seg_format), JPEG-LS, exactly the label map's organs.
+    organs = pydicom.dcmread(organs_path)
+    assert organs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    assert organs.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    numbered = {s.SegmentLabel: int(s.SegmentNumber) for s in organs.SegmentSequence if int(s.SegmentNumber)}
+    assert list(numbered) == ["Lung_L", "Lung_R", "Airway", "Bone"]
+    back = hd.seg.segread(organs_path).get_pixels_by_source_instance(source_sop_instance_uids=uids,
+                                                                     combine_segments=True)
+    for name, label in (("Lung_L", LUNG_L), ("Lung_R", LUNG_R), ("Airway", AIRWAY), ("Bone", BONE)):
+        assert np.array_equal(back == numbered[name], label_map.labels == label), name
+    assert np.array_equal(back == 0, ~np.isin(label_map.labels, (LUNG_L, LUNG_R, AIRWAY, BONE)))
+    # The External is the entire body, as its code says: the organs inside it included, in a
+    # binary SEG of its own (a label map cannot overlap).
+    body = hd.seg.segread(body_path)
+    assert body.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert [s.SegmentLabel for s in body.SegmentSequence] == ["External"]
+    stack = body.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1],
+                                               combine_segments=False)
     assert np.array_equal(stack[..., 0] > 0, label_map.labels > 0)
-    for number, label in enumerate((LUNG_L, LUNG_R, AIRWAY, BONE), start=2):
-        assert np.array_equal(stack[..., number - 1] > 0, label_map.labels == label)
-    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in segments] == \
-        ["38266002", "44029006", "3341006", "110726009", "272673000"]
+    codes = [s.SegmentedPropertyTypeCodeSequence[0].CodeValue
+             for s in (*body.SegmentSequence, *(s for s in organs.SegmentSequence if int(s.SegmentNumber)))]
+    assert codes == ["38266002", "44029006", "3341006", "110726009", "272673000"]
 
-    rt = pydicom.dcmread(paths[1])
+    rt = pydicom.dcmread(paths[0])
     assert [r.ROIName for r in rt.StructureSetROISequence] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
     assert [o.RTROIInterpretedType for o in rt.RTROIObservationsSequence] == \
         ["EXTERNAL", "ORGAN", "ORGAN", "ORGAN", "ORGAN"]
@@ -375,9 +387,32 @@ def test_results_encode_as_valid_seg_rtstruct_and_sr(phantom, segmented, tmp_pat
     external = rt.ROIContourSequence[0].ContourSequence
     assert sum(c.ContourImageSequence[0].ReferencedSOPInstanceUID == mid for c in external) == 1
 
-    groups = hd.sr.srread(paths[2]).content.get_volumetric_roi_measurement_groups()
+    groups = hd.sr.srread(paths[1]).content.get_volumetric_roi_measurement_groups()
     expected = {g.tracking_id: g.measurements[0].value for g in report.groups if g.segment_label is not None}
     assert {g.tracking_identifier: g.get_measurements()[0].value for g in groups} == pytest.approx(expected)
+    seg_of = {g.tracking_identifier: g.referenced_segment.referenced_sop_instance_uid for g in groups}
+    assert seg_of == {name: (body_seg if name == "External" else organs_seg).SOPInstanceUID for name in expected}
+
+
+def test_seg_format_binary_gives_one_binary_seg(phantom, segmented, tmp_path):
+    """For viewers and PACS without Label Map SEG: seg_format binary, every structure in one SEG."""
+    study, series = phantom("default")
+    label_map, report, _ = segmented("default")
+    binary = dataclasses.replace(label_map, seg_format="binary")
+    ctx = context(handler=CTAnatomy.name, handler_version=CTAnatomy.version, model_name=None, model_version=None)
+    seg, rtstruct, sr = encode_all([binary, report], {series.series_uid: series}, ctx)
+    path = save_valid(seg, tmp_path)
+    seg_read = hd.seg.segread(path)
+    assert seg_read.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg_read.SegmentsOverlap == "YES"
+    assert [s.SegmentLabel for s in seg_read.SegmentSequence] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
+    stack = seg_read.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in series.datasets], segment_numbers=[1, 2, 3, 4, 5],
+        combine_segments=False)
+    assert np.array_equal(stack[..., 0] > 0, label_map.labels > 0)
+    for number, label in enumerate((LUNG_L, LUNG_R, AIRWAY, BONE), start=2):
+        assert np.array_equal(stack[..., number - 1] > 0, label_map.labels == label)
+    groups = hd.sr.srread(save_valid(sr, tmp_path)).content.get_volumetric_roi_measurement_groups()
+    assert {g.referenced_segment.referenced_sop_instance_uid for g in groups} == {seg.SOPInstanceUID}
 
 
 def test_airway_and_bone_can_be_switched_off(phantom):
@@ -394,6 +429,9 @@ def test_params_are_validated():
         CTAnatomy({"working_resolution_mm": 0.1})
     with pytest.raises(ValidationError, match="bogus"):
         CTAnatomy({"bogus": 1})
+    with pytest.raises(ValidationError, match="seg_format"):
+        CTAnatomy({"seg_format": "rle"})
+    assert CTAnatomy({}).params.seg_format == "labelmap" and CTAnatomy({"seg_format": "binary"}).params.seg_format
 
 
 def _refusal(series: SeriesData, study_uid: str = "1.2.3") -> str:
@@ -455,8 +493,9 @@ def test_refuses_pixels_that_are_not_hounsfield_units(phantom):
 
 @pytest.mark.slow
 def test_end_to_end_through_the_node_to_orthanc_and_a_tps(tmp_path):
-    """storescu sends a phantom chest CT; the node runs ct-anatomy and delivers SEG, RTSTRUCT and SR
-    into the same study in Orthanc, and to a DCMTK storescp playing the planning system."""
+    """storescu sends a phantom chest CT; the node runs ct-anatomy and delivers its two SEGs, RTSTRUCT
+    and SR into the same study in Orthanc, and the RTSTRUCT to a DCMTK storescp playing the planning
+    system, configured as the shipped hilum.yaml's tps (modalities: CT and RTSTRUCT)."""
     import textwrap
 
     from tests.iod import assert_valid_iod
@@ -479,23 +518,27 @@ def test_end_to_end_through_the_node_to_orthanc_and_a_tps(tmp_path):
         if not jobs or any(j["status"] not in ("done", "failed") for j in jobs):
             return None
         results = [r for j in jobs for r in j["results"]]
-        done = all(r["deliveries"].get(d) == "delivered" for r in results for d in ("orthanc", "tps"))
-        return jobs if done else None
+        wanted = [(r, d) for r in results for d in ("orthanc", "tps") if d == "orthanc" or r["modality"] == "RTSTRUCT"]
+        return jobs if all(r["deliveries"].get(d) == "delivered" for r, d in wanted) else None
 
     with storescp(tmp_path / "tps") as tps_port:
-        tps = {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps_port}}
+        tps = {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": tps_port, "modalities": ["CT", "RTSTRUCT"]}}
         with running_node(tmp_path / "data", rules, destinations=tps) as node:
             assert storescu(node.dicom_port, ct.dicom_dir).returncode == 0
             (job,) = wait_for(lambda: delivered(node), 180, "ct-anatomy results delivered", interval=0.5)
             assert job["status"] == "done", job
-            assert sorted(r["modality"] for r in job["results"]) == ["RTSTRUCT", "SEG", "SR"]
+            assert sorted(r["modality"] for r in job["results"]) == ["RTSTRUCT", "SEG", "SEG", "SR"]
+            # Only the RTSTRUCT is queued for the planning system: no SEG or SR delivery to it at all.
+            assert {r["modality"]: sorted(r["deliveries"]) for r in job["results"]} == \
+                {"RTSTRUCT": ["orthanc", "tps"], "SEG": ["orthanc"], "SR": ["orthanc"]}
             with node.orthanc() as orthanc:
                 found = orthanc.post("/tools/find", json={"Level": "Instance", "Expand": True,
                                                           "Query": {"StudyInstanceUID": ct.study_uid}}).json()
             in_orthanc = {i["MainDicomTags"]["SOPInstanceUID"] for i in found}
             assert {r["sop_instance_uid"] for r in job["results"]} <= in_orthanc
-    received = {str(d.Modality): d for d in (pydicom.dcmread(p) for p in (tmp_path / "tps").iterdir())}
-    rt = received["RTSTRUCT"]
+    received = [pydicom.dcmread(p) for p in (tmp_path / "tps").iterdir()]
+    assert [str(d.Modality) for d in received] == ["RTSTRUCT"]
+    rt = received[0]
     assert rt.StudyInstanceUID == ct.study_uid
     assert [r.ROIName for r in rt.StructureSetROISequence] == ["External", "Lung_L", "Lung_R", "Airway", "Bone"]
     path = tmp_path / "rtstruct.dcm"

@@ -201,14 +201,15 @@ def test_through_a_node_a_refused_job_delivers_nothing_and_a_warned_one_says_why
         assert "airway_too_large" in strict["error"] and "nothing delivered" in strict["error"], strict["error"]
         assert strict["results"] == []
         assert warned["status"] == "done", warned
-        assert sorted(r["modality"] for r in warned["results"]) == ["RTSTRUCT", "SEG", "SR"]
+        # The organs' Label Map SEG and the External's binary SEG (seg_format labelmap, the default).
+        assert sorted(r["modality"] for r in warned["results"]) == ["RTSTRUCT", "SEG", "SEG", "SR"]
         assert any("airway_too_large" in w for w in warned["quality_warnings"]), warned["quality_warnings"]
         with node.orthanc() as orthanc:
             found = orthanc.post("/tools/find", json={"Level": "Series", "Expand": True,
                                                       "Query": {"StudyInstanceUID": study.study_uid}}).json()
         descriptions = [s["MainDicomTags"].get("SeriesDescription", "") for s in found
                         if s["MainDicomTags"].get("Modality") in ("SEG", "RTSTRUCT", "SR")]
-        assert len(descriptions) == 3 and all(d.startswith("AI WARNING") for d in descriptions), descriptions
+        assert len(descriptions) == 4 and all(d.startswith("AI WARNING") for d in descriptions), descriptions
 
 
 def test_min_cut_parts_two_regions_at_their_junction_not_by_size():

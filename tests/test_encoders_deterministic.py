@@ -30,6 +30,7 @@ from tests.encoder_sources import anatomy_labels, context, ct_series, segment_ta
 JOB_CREATED = dt.datetime(2021, 3, 4, 5, 6, 7, 890123)
 KINDS = {  # SOP Class UID -> object kind, every one of which must appear
     "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map SEG",
     "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
     "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR",
     "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
@@ -61,6 +62,10 @@ def build_job(root: Path):
     frames = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16).astype(np.uint8)
     results = [
         LabelMap(fixed.series_uid, g, labels, segment_table(), description="CT anatomy", fractions=fractions),
+        # As ct-anatomy delivers it: the organs as a Label Map SEG (JPEG-LS), the body as a binary SEG.
+        LabelMap(moving.series_uid, moving.volume.geometry, anatomy_labels(moving.volume.geometry.shape),
+                 (dataclasses.replace(segment_table()[0], includes=(4, 9)), *segment_table()[1:]),
+                 description="CT anatomy", encodings=("SEG",), seg_format="labelmap"),
         MeasurementReport(fixed.series_uid, "ct-anatomy", (
             MeasurementGroup("Lung_L", "lung_left", (Measurement("volume", 12.5, "ml"),), segment_label=4),)),
         TextFinding("the moving series was read too", moving.series_uid),

@@ -29,7 +29,7 @@ def _labelmap(source, labels=None, includes=(4, 9)) -> LabelMap:
     return LabelMap(source.series_uid, g, anatomy_labels(g.shape) if labels is None else labels, segments)
 
 
-def _highdicom_by_itself(overlap: bool, members: dict[int, tuple[int, ...]]) -> type:
+def _highdicom_by_itself(overlap: bool, members: dict[int, tuple[int, ...]], everything: tuple[int, ...]) -> type:
     """Plain highdicom, given overlapping segments as it documents them: a (..., segments) bool
     stack built from the segment-numbered label map; it finds the overlap itself."""
 

@@ -232,3 +232,80 @@ def test_label_values_without_a_segment_are_refused_by_name(source, dtype):
         bad[0, 0, 0] = stray
         with pytest.raises(ValueError, match=rf"without a segment: \[{stray}\]"):
             LabelMap(source.series_uid, g, bad, segment_table())
+
+
+# -- seg_format "labelmap": the exclusive segments as a Label Map SEG, the including ones as a binary SEG --
+
+def _as_labelmap_format(lm: LabelMap) -> LabelMap:
+    import dataclasses
+
+    return dataclasses.replace(lm, seg_format="labelmap")
+
+
+def _decode_label_map_seg(path, series) -> np.ndarray:
+    """The pixel values of a Label Map SEG on the source slices (its segment numbers, 0 background)."""
+    r = hd.seg.segread(path)
+    return r.get_pixels_by_source_instance(source_sop_instance_uids=[d.SOPInstanceUID for d in series.datasets],
+                                           combine_segments=True)
+
+
+def test_labelmap_format_round_trips_as_a_label_map_seg_and_a_binary_body(source, tmp_path):
+    from node.encoders.seg import seg_parts
+
+    lm = _as_labelmap_format(_overlapping(source))
+    organs, body = seg_parts(lm)
+    assert (organs.kind, organs.labels, body.kind, body.labels) == ("LABELMAP", (4, 9), "BINARY", (1,))
+    sources = {source.series_uid: source}
+    ds, ref = encode_seg(lm, sources, context(), series_number=9000, part=organs)
+    path = save_valid(ds, tmp_path, "labelmap.dcm")  # dciodvfy: no errors
+    r = pydicom.dcmread(path)
+    assert r.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7" == ref.sop_class_uid
+    assert r.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless
+    assert r.SegmentationType == "LABELMAP"
+    assert int(r.NumberOfFrames) == int(np.count_nonzero(np.isin(lm.labels, (4, 9)).any(axis=(1, 2))))
+    described = {int(s.SegmentNumber): s.SegmentLabel for s in r.SegmentSequence if int(s.SegmentNumber)}
+    assert described == {1: "Left lung", 2: "Bone"} and ref.segment_numbers == {4: 1, 9: 2}
+    # Exact: each organ voxel holds its segment number, the body's own voxels are background.
+    expected = np.select([lm.labels == 4, lm.labels == 9], [1, 2], 0)
+    assert np.array_equal(_decode_label_map_seg(path, source), expected)
+
+    ds, ref = encode_seg(lm, sources, context(), series_number=9001, part=body)
+    path = save_valid(ds, tmp_path, "body.dcm")
+    r = hd.seg.segread(path)
+    assert r.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and r.SegmentationType == "BINARY"
+    assert [s.SegmentLabel for s in r.SegmentSequence] == ["Body"] and ref.segment_numbers == {1: 1}
+    stack = r.get_pixels_by_source_instance(source_sop_instance_uids=[d.SOPInstanceUID for d in source.datasets],
+                                            segment_numbers=[1], combine_segments=False)
+    assert np.array_equal(stack[..., 0] > 0, lm.labels > 0)  # the whole body, organs included
+
+
+def test_labelmap_format_without_including_segments_is_one_label_map_seg(source, tmp_path):
+    from node.encoders.seg import seg_parts
+
+    lm = _as_labelmap_format(_labelmap(source))
+    (part,) = seg_parts(lm)
+    assert (part.kind, part.labels) == ("LABELMAP", (1, 4, 9))
+    ds, _ = encode_seg(lm, {source.series_uid: source}, context(), series_number=9000)
+    path = save_valid(ds, tmp_path)
+    assert np.array_equal(_decode_label_map_seg(path, source), np.select([lm.labels == v for v in (1, 4, 9)],
+                                                                         [1, 2, 3], 0))
+
+
+def test_labelmap_format_with_an_absent_organ_and_an_empty_map(source, tmp_path):
+    labels = anatomy_labels(source.volume.geometry.shape)
+    labels[labels == 4] = 0  # the lung is absent: still described, no frame needed in a label map
+    lm = _as_labelmap_format(_labelmap(source, labels))
+    ds, _ = encode_seg(lm, {source.series_uid: source}, context(), series_number=9000)
+    path = save_valid(ds, tmp_path, "absent.dcm")
+    assert [s.SegmentLabel for s in pydicom.dcmread(path).SegmentSequence if int(s.SegmentNumber)] == \
+        ["Body", "Left lung", "Bone"]
+    assert np.array_equal(_decode_label_map_seg(path, source), np.select([labels == 1, labels == 9], [1, 3], 0))
+    empty = _as_labelmap_format(_labelmap(source, np.zeros(source.volume.geometry.shape, dtype=np.uint8)))
+    ds, _ = encode_seg(empty, {source.series_uid: source}, context(), series_number=9000)
+    path = save_valid(ds, tmp_path, "empty.dcm")
+    assert not np.any(_decode_label_map_seg(path, source))
+
+
+def test_unknown_seg_format_is_refused_naming_the_field(source):
+    with pytest.raises(ValueError, match="seg_format"):
+        _labelmap(source, seg_format="rle")

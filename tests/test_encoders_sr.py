@@ -281,3 +281,33 @@ def test_pixels_per_slice_counts_every_label_on_every_slice():
             assert per_slice.tolist() == [(plane == v).sum() for plane in labels], (top, v)
     flags = rng.random((4, 5, 6)) < 0.3
     assert _pixels_per_slice(flags)[1].tolist() == flags.sum(axis=(1, 2)).tolist()
+
+
+def test_references_point_into_the_label_map_seg_and_the_body_seg(source, tmp_path):
+    """seg_format "labelmap": the organs' groups reference the Label Map SEG, the External's the
+    binary SEG of the body; each by the segment number it has there, with its tracking UID, and
+    both SEGs are in the evidence. The key-slice outline of the External is the whole body."""
+    import dataclasses
+
+    body, lung, bone = segment_table()
+    g = source.volume.geometry
+    lm = LabelMap(source.series_uid, g, anatomy_labels(g.shape), (dataclasses.replace(body, includes=(4, 9)), lung, bone),
+                  description="CT anatomy", encodings=("SEG",), seg_format="labelmap")
+    organs_seg, body_seg, sr = encode_all([lm, _report(source)], {source.series_uid: source}, context())
+    assert (organs_seg.SOPClassUID, body_seg.SOPClassUID) == ("1.2.840.10008.5.1.4.1.1.66.7",
+                                                              "1.2.840.10008.5.1.4.1.1.66.4")
+    path = save_valid(sr, tmp_path)  # dciodvfy: no errors (its Label Map SEG gap aside: tests/iod.py)
+    doc = hd.sr.srread(path)
+    refs = {g.tracking_identifier: g for g in doc.content.get_volumetric_roi_measurement_groups()}
+    assert refs["External"].referenced_segment.referenced_sop_instance_uid == body_seg.SOPInstanceUID
+    assert refs["External"].referenced_segment.referenced_segment_numbers == [1]
+    assert refs["External"].tracking_uid == body_seg.SegmentSequence[0].TrackingUID
+    assert refs["Lung_L"].referenced_segment.referenced_sop_instance_uid == organs_seg.SOPInstanceUID
+    assert refs["Lung_L"].referenced_segment.referenced_sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.7"
+    lung_item = next(s for s in organs_seg.SegmentSequence if s.SegmentLabel == lung.name)
+    assert refs["Lung_L"].referenced_segment.referenced_segment_numbers == [int(lung_item.SegmentNumber)]
+    assert refs["Lung_L"].tracking_uid == lung_item.TrackingUID
+    raw = pydicom.dcmread(path)
+    evidence = {i.ReferencedSOPInstanceUID for s in raw.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert {organs_seg.SOPInstanceUID, body_seg.SOPInstanceUID} <= evidence

@@ -52,10 +52,11 @@ def test_each_result_is_handed_over_when_durable_and_the_job_reports_its_phases(
 
     meta, _, figures = run_job(spec, lambda f, m: None, on_result)
     # Listed in the plan's order; handed over as each lane made them (the SR after the SEG it cites).
-    assert [m["modality"] for m in meta] == ["SEG", "RTSTRUCT", "SR"]
+    # ct-anatomy's SEGs: the organs' Label Map SEG and the External's binary SEG.
+    assert [m["modality"] for m in meta] == ["SEG", "SEG", "RTSTRUCT", "SR"]
     assert sorted(m["modality"] for m, _ in handed) == sorted(m["modality"] for m in meta)
     assert sorted(m["sop_instance_uid"] for m, _ in handed) == sorted(m["sop_instance_uid"] for m in meta)
-    assert [len(files) for _, files in handed] == [1, 2, 3]
+    assert [len(files) for _, files in handed] == [1, 2, 3, 4]
     seconds = figures["seconds"]
     for phase in ("load", "handler", "encode SEG", "write SEG", "encode RTSTRUCT", "write RTSTRUCT",
                   "encode SR", "write SR"):
@@ -156,18 +157,20 @@ def test_the_report_is_made_without_waiting_for_the_seg_it_cites(ct):
     results = get_handler("ct-anatomy")({}).run(HandlerInput(ct.study_uid, [series]), lambda f, m: None)
     ctx = EncodeContext(job_key="lanes", rule="r", handler="ct-anatomy", handler_version="1")
     tasks = encode_plan(results, {series.series_uid: series}, ctx)
-    assert [(t.kind, t.lane) for t in tasks] == [("SEG", SEG_LANE), ("RTSTRUCT", OTHER_LANE), ("SR", REPORT_LANE)]
-    (sr,) = tasks[2].make()  # before any SEG exists
-    (seg,) = tasks[0].make()
+    # The organs' Label Map SEG and the External's binary SEG, each a task of the SEG lane.
+    assert [(t.kind, t.lane) for t in tasks] == [("SEG", SEG_LANE), ("SEG", SEG_LANE), ("RTSTRUCT", OTHER_LANE),
+                                                 ("SR", REPORT_LANE)]
+    (sr,) = tasks[3].make()  # before any SEG exists
+    segs = [tasks[0].make()[0], tasks[1].make()[0]]
     cited = {str(r.ReferencedSOPInstanceUID) for item in sr.CurrentRequestedProcedureEvidenceSequence
              for s in item.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
-    assert str(seg.SOPInstanceUID) in cited
-    tracking = {str(s.TrackingUID) for s in seg.SegmentSequence}
+    assert {str(seg.SOPInstanceUID) for seg in segs} <= cited
+    tracking = {str(s.TrackingUID) for seg in segs for s in seg.SegmentSequence}
     in_report = {str(i.UID) for i in _walk(sr) if "UID" in i and i.get("ConceptNameCodeSequence")
                  and i.ConceptNameCodeSequence[0].CodeValue == "112040"}  # Tracking Unique Identifier
     assert tracking <= in_report
     # The same report as a sequential encode_all makes (the order the tasks ran in changes nothing).
-    in_order = encode_all(results, {series.series_uid: series}, ctx)[2]
+    in_order = encode_all(results, {series.series_uid: series}, ctx)[3]
     assert sr.ContentSequence == in_order.ContentSequence
 
 

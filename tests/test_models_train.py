@@ -374,3 +374,30 @@ def test_fine_tuning_starts_from_the_checkpoint_and_refuses_another_network(tmp_
     renamed = [lab.model_copy(update={"name": "Right lung"}) if lab.value == 1 else lab for lab in cfg.labels]
     refused(ckpt, "was trained for labels ['Left lung', 'Heart'], this configuration has ['Right lung', 'Heart']",
             labels=renamed)
+
+
+def test_dicom_seg_source_reads_the_nodes_label_map_seg(tmp_path):
+    """The node's own SEGs as training labels: a Label Map SEG (seg_format labelmap, as ct-anatomy
+    delivers its organs; JPEG-LS frames, a label per pixel) gives the same truth as the phantom."""
+    from node.encoders import EncodeContext
+    from node.encoders.seg import encode_seg
+    from node.results import Code, LabelMap, Segment
+
+    cfg = TrainConfig.model_validate(tiny_config(tmp_path))
+    case = phantom_cases(cfg.data.phantom, cfg.labels, tmp_path / "phantoms")[0]
+    study_dir = next((tmp_path / "phantoms").iterdir())
+    folder = tmp_path / "node-results"
+    folder.mkdir()
+    for p in sorted((study_dir / "dicom").iterdir()):
+        (folder / p.name).write_bytes(p.read_bytes())
+    series = load_series(sorted(folder.iterdir()))
+    assert series.volume.geometry == case.volumes[0].geometry
+    anatomy = Code("91723000", "SCT", "Anatomical Structure")
+    segments = tuple(Segment(lab.value, lab.source[0], anatomy, Code("39607008", "SCT", "Lung")) for lab in cfg.labels)
+    lm = LabelMap(series.series_uid, series.volume.geometry, case.truth, segments, seg_format="labelmap")
+    ctx = EncodeContext(job_key="train-from-node", rule="r", handler="ct-anatomy", handler_version="1")
+    ds, _ = encode_seg(lm, {series.series_uid: series}, ctx, series_number=9000)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    ds.save_as(folder / "seg.dcm", enforce_file_format=True)
+    (got,) = dicom_seg_cases(folder, cfg.labels)
+    assert np.array_equal(got.truth, case.truth) and set(np.unique(case.truth)) == {0, 1, 2}

@@ -108,8 +108,8 @@ class LungStudy:
 
 
 def lung_study(out: Path) -> LungStudy:
-    """A small chest CT phantom; SEG + RTSTRUCT + SR of its true lungs and a cine Secondary Capture,
-    made by the node's encoders as a handler's results would be."""
+    """A small chest CT phantom; SEG (a Label Map SEG, JPEG-LS) + RTSTRUCT + SR of its true lungs and a
+    cine Secondary Capture, made by the node's encoders as a handler's results would be."""
     from node.encoders import EncodeContext, encode_all
     from node.phantom import generate_ct
     from node.results import Code, ImageSeries, LabelMap, Measurement, MeasurementGroup, MeasurementReport, Segment
@@ -125,7 +125,7 @@ def lung_study(out: Path) -> LungStudy:
     label_map = LabelMap(source.series_uid, source.volume.geometry, labels, (
         Segment(1, "Left lung", anatomy, Code("44029006", "SCT", "Left lung"), tg263="Lung_L", color=LUNG_LEFT_COLOR),
         Segment(2, "Right lung", anatomy, Code("3341006", "SCT", "Right lung"), tg263="Lung_R",
-                color=LUNG_RIGHT_COLOR)))
+                color=LUNG_RIGHT_COLOR)), seg_format="labelmap")  # as ct-anatomy delivers the organs
     voxel_ml = float(np.prod(source.volume.geometry.spacing)) / 1000
     volumes = {"Lung_L": round(float(left.sum()) * voxel_ml, 2), "Lung_R": round(float(right.sum()) * voxel_ml, 2)}
     findings = {"Lung_L": "lung_left", "Lung_R": "lung_right"}

@@ -1,7 +1,9 @@
 """Destinations: where instances go. One class per destination type, registered by config type.
 
 Each ``send`` takes a batch of Part 10 files and returns the set of SOP Instance UIDs the peer
-accepted; anything else raises or is left out, and the delivery loop retries it with backoff.
+accepted; anything else raises or is left out, and the delivery loop retries it with backoff -
+except what the returned ``Accepted`` names as refused for good (a DICOM peer that rejects the
+presentation context of an item's SOP class: a configuration fact, which no retry changes).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Callable, ClassVar
 
 import pydicom
 import requests
+from pydicom.uid import UID
 from dicomweb_client.api import DICOMwebClient
 from pynetdicom import AE, build_context
 
@@ -49,13 +52,36 @@ class DeliveryError(Exception):
     pass
 
 
+class Accepted(set):
+    """What ``send`` returns: the SOP Instance UIDs the peer accepted, and in ``refused`` those it
+    will never accept (SOP Instance UID -> why), which the loop fails at once instead of retrying."""
+
+    def __init__(self, accepted=(), refused: dict[str, str] | None = None) -> None:
+        super().__init__(accepted)
+        self.refused: dict[str, str] = dict(refused or {})
+
+
+# SOP classes newer than pydicom's UID dictionary (3.0), named in refusals.
+_SOP_CLASS_NAMES = {"1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage"}
+
+# Presentation context results (PS3.8 9.3.3.2) other than acceptance.
+_CONTEXT_REFUSALS = {1: "user rejection", 2: "no reason given", 3: "abstract syntax not supported",
+                     4: "transfer syntax not supported"}
+
+
+def _uid_name(uid: str) -> str:
+    name = _SOP_CLASS_NAMES.get(uid) or UID(uid).name
+    return name if name != uid else f"SOP class {uid}"
+
+
 class Destination(ABC):
     type: ClassVar[str]
     deidentifies: bool = False  # sends de-identified copies (an Export in the audit trail)
 
     @abstractmethod
     def send(self, items: list[Item]) -> set[str]:
-        """Send the batch; return the SOP Instance UIDs the peer accepted."""
+        """Send the batch; return the SOP Instance UIDs the peer accepted (an ``Accepted`` where the
+        peer refused some for good)."""
 
 
 _TYPES: dict[str, type[Destination]] = {}
@@ -128,24 +154,38 @@ class DimseStoreDestination(Destination):
         self.deid = from_config(cfg.deidentify) if cfg.deidentify else None
         self.deidentifies = self.deid is not None
 
-    def send(self, items: list[Item]) -> set[str]:
+    @property
+    def peer(self) -> str:
+        return f"{self.cfg.ae_title}@{self.cfg.host}:{self.cfg.port}"
+
+    def send(self, items: list[Item]) -> Accepted:
         datasets = [(it, it.dataset()) for it in items]
         if self.deid is not None:
             datasets = deidentify_batch(self.deid, datasets)
             if not datasets:
-                return set()
-        contexts: dict[tuple[str, str], None] = {}
-        for _, ds in datasets:
-            contexts[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))] = None
-        ae = AE(ae_title=self.local_ae)
+                return Accepted()
         # One context per (SOP class, transfer syntax): files go as stored, never transcoded.
-        ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in list(contexts)[:128]]
-        assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title, tls_args=self.tls_args)
+        pairs = list(dict.fromkeys((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets))
+        requested = pairs[:128]  # PS3.8's limit; the rest wait for the next batch
+        ae = AE(ae_title=self.local_ae)
+        assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title, tls_args=self.tls_args,
+                             contexts=[build_context(sop, [ts]) for sop, ts in requested])
+        refusals = self._refusals(assoc)
+        refused = {it.sop_uid: refusals[key] for it, ds in datasets
+                   if (key := (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))) in refusals}
+        for why in sorted(set(refused.values())):
+            log.error("%s (%d instance(s) not sent)", why, sum(w == why for w in refused.values()))
         if not assoc.is_established:
-            raise DeliveryError(f"association to {self.cfg.ae_title}@{self.cfg.host}:{self.cfg.port} failed")
+            if refusals and len(refusals) == len(requested):
+                # Every context refused: pynetdicom aborts the association, which is the peer's answer.
+                return Accepted(refused=refused)
+            raise DeliveryError(f"association to {self.peer} failed")
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         ok: set[str] = set()
         try:
             for it, ds in datasets:
+                if (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) not in accepted:
+                    continue  # refused (above), or beyond the contexts one association may ask for
                 status = assoc.send_c_store(ds)
                 code = getattr(status, "Status", None)
                 if code in (0x0000, 0xB000, 0xB007, 0xB006):
@@ -156,7 +196,20 @@ class DimseStoreDestination(Destination):
         finally:
             if assoc.is_established:
                 assoc.release()
-        return ok
+        return Accepted(ok, refused)
+
+    def _refusals(self, assoc) -> dict[tuple[str, str], str]:
+        """(SOP class, transfer syntax) -> why, for each requested presentation context the peer
+        rejected (a rejected context carries no transfer syntax of ours: found by its ID)."""
+        asked = {cx.context_id: (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                 for cx in assoc.requestor.requested_contexts}
+        out = {}
+        for cx in assoc.rejected_contexts:
+            sop, ts = asked[cx.context_id]
+            what = _uid_name(sop) + (f" in {_uid_name(ts)}" if cx.result == 4 else "")
+            out[(sop, ts)] = (f"{self.peer} does not accept {what} (presentation context rejected: "
+                              f"{_CONTEXT_REFUSALS.get(cx.result, f'result {cx.result}')})")
+        return out
 
 
 @destination_type("hilum")

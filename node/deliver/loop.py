@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
-from node.deliver.destinations import Destination, Item
+from node.deliver.destinations import Accepted, Destination, Item
 from node.store.index import Index
 from node.store.vault import IntegrityError, Vault
 
@@ -96,8 +96,10 @@ class DeliveryLoop:
                 self.audit.delivery(dest_name, rows, error=str(exc) or type(exc).__name__, deidentified=dest.deidentifies)
                 self._failed(ids, str(exc) or type(exc).__name__)
                 continue
+            refused = ok.refused if isinstance(ok, Accepted) else {}
+            self._refused(dest_name, dest, [r for r in rows if r["sop_uid"] in refused], refused)
             done = [r["id"] for r in rows if r["sop_uid"] in ok]
-            missing = [r["id"] for r in rows if r["sop_uid"] not in ok]
+            missing = [r["id"] for r in rows if r["sop_uid"] not in ok and r["sop_uid"] not in refused]
             if done:
                 self.index.delivered(done)
                 self.audit.delivery(dest_name, [r for r in rows if r["sop_uid"] in ok], deidentified=dest.deidentifies)
@@ -107,6 +109,19 @@ class DeliveryLoop:
             if missing:
                 self._failed(missing, f"{dest_name} did not accept the instance")
         return sent
+
+    def _refused(self, dest_name: str, dest: Destination, rows: list, why: dict[str, str]) -> None:
+        """Deliveries the peer refuses for good (its presentation contexts): failed at once, not
+        retried - the same batch would be refused the same way until the peer's configuration
+        changes, after which an admin retries them (console, API). The job and the console show
+        them failed, with the reason."""
+        by_reason: dict[str, list] = defaultdict(list)
+        for r in rows:
+            by_reason[why[r["sop_uid"]]].append(r)
+        for reason, group in by_reason.items():
+            self.audit.delivery(dest_name, group, error=reason, deidentified=dest.deidentifies)
+            self.index.delivery_failed([r["id"] for r in group], reason, 1, self.settings.delivery_backoff_s,
+                                       self.settings.delivery_backoff_max_s)
 
     def _failed(self, ids: list[int], error: str) -> None:
         s = self.settings

@@ -9,8 +9,9 @@ series number, so encoding the same job again gives the same objects' UIDs.
 ``encode_plan`` gives the same work as tasks in three independent lanes (SEGs, reports, the
 rest), so a worker can run the lanes side by side and hand each object on as soon as it is made.
 
-    LabelMap          -> SEG (binary; plus a fractional SEG when it has fractions) and/or RTSTRUCT,
-                         per LabelMap.encodings
+    LabelMap          -> SEG (per LabelMap.seg_format: one binary SEG, or a Label Map SEG of the
+                         exclusive segments plus a binary SEG of those that include others; and a
+                         fractional SEG when it has fractions) and/or RTSTRUCT, per LabelMap.encodings
     MeasurementReport -> TID 1500 Comprehensive 3D SR (text findings of its series included)
     ImageSeries       -> Secondary Capture (one instance per frame, or one multi-frame instance)
     TextFinding       -> Comprehensive SR, or the measurement report of the same series
@@ -30,7 +31,7 @@ from pydicom.dataset import Dataset
 from node.encoders.context import EncodeContext
 from node.encoders.rtstruct import encode_rtstruct
 from node.encoders.sc import encode_sc
-from node.encoders.seg import SegReference, encode_seg, seg_reference
+from node.encoders.seg import SegPart, SegReference, encode_seg, seg_parts, seg_reference
 from node.encoders.sr import encode_measurement_sr, encode_text_sr
 from node.encoders.registration import encode_deformable_registration, encode_spatial_registration
 from node.encoders.resampled import encode_resampled
@@ -61,8 +62,9 @@ def _series_numbers(ctx: EncodeContext, sources: dict[str, SeriesData], offset: 
 def series_count(result) -> int:
     """How many series ``encode`` makes for ``result`` (its share of the series offsets)."""
     if isinstance(result, LabelMap):
-        seg = "SEG" in result.encodings
-        return int(seg) + int(seg and result.fractions is not None) + int("RTSTRUCT" in result.encodings)
+        if "SEG" not in result.encodings:
+            return int("RTSTRUCT" in result.encodings)
+        return len(seg_parts(result)) + int(result.fractions is not None) + int("RTSTRUCT" in result.encodings)
     if isinstance(result, (MeasurementReport, ImageSeries, TextFinding, SpatialRegistration,
                            DeformableRegistration, ResampledSeries, QuantityMap)):
         return 1
@@ -73,9 +75,10 @@ def _encode_labelmap(lm: LabelMap, sources, ctx, numbers: Iterator[int],
                      refs: list[SegReference]) -> Iterator[Dataset]:
     """The label map's objects one by one; each SEG's reference is appended to ``refs`` as it is made."""
     if "SEG" in lm.encodings:
-        seg, ref = encode_seg(lm, sources, ctx, series_number=next(numbers))
-        refs.append(ref)
-        yield seg
+        for part in seg_parts(lm):
+            seg, ref = encode_seg(lm, sources, ctx, series_number=next(numbers), part=part)
+            refs.append(ref)
+            yield seg
         if lm.fractions is not None:
             yield encode_seg(lm, sources, ctx, series_number=next(numbers), fractional=True)[0]
     if "RTSTRUCT" in lm.encodings:
@@ -149,8 +152,8 @@ def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
     segs: list[SegReference] = []  # known before any SEG is made: a report need not wait for one
     tasks: list[EncodeTask] = []
 
-    def seg(lm: LabelMap, number: int) -> list[Dataset]:
-        return [encode_seg(lm, sources, ctx, series_number=number)[0]]
+    def seg(lm: LabelMap, number: int, part: SegPart) -> list[Dataset]:
+        return [encode_seg(lm, sources, ctx, series_number=number, part=part)[0]]
 
     def fractional_seg(lm: LabelMap, number: int) -> list[Dataset]:
         return [encode_seg(lm, sources, ctx, series_number=number, fractional=True)[0]]
@@ -179,9 +182,10 @@ def encode_plan(results: list, sources: dict[str, SeriesData], ctx: EncodeContex
 
     for lm in (r for r in results if isinstance(r, LabelMap)):
         if "SEG" in lm.encodings:
-            number = next(numbers)
-            segs.append(seg_reference(lm, sources, ctx, series_number=number))
-            tasks.append(EncodeTask(SEG_LANE, "SEG", partial(seg, lm, number)))
+            for part in seg_parts(lm):
+                number = next(numbers)
+                segs.append(seg_reference(lm, sources, ctx, series_number=number, part=part))
+                tasks.append(EncodeTask(SEG_LANE, "SEG", partial(seg, lm, number, part)))
             if lm.fractions is not None:
                 tasks.append(EncodeTask(SEG_LANE, "FSEG", partial(fractional_seg, lm, next(numbers))))
         if "RTSTRUCT" in lm.encodings:

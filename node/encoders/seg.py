@@ -1,8 +1,16 @@
-"""DICOM Segmentation (highdicom): one segment per label, binary or fractional.
+"""DICOM Segmentation (highdicom): one segment per label, binary, label map or fractional.
 
-A label map whose segments overlap (``Segment.includes``: an External holding the organs it
-contains) is written as one binary mask per segment, SegmentsOverlap YES; otherwise the label
-map goes to highdicom as it is, which needs no per-segment copy of the volume.
+``LabelMap.seg_format`` chooses the SEG objects (``seg_parts``):
+
+- "binary": one SEG of every segment, a bit-packed frame per segment and slice. A label map whose
+  segments overlap (``Segment.includes``: an External holding the organs it contains) is written
+  as one mask per segment, SegmentsOverlap YES.
+- "labelmap": the exclusive segments (those that include no other) as one Label Map
+  Segmentation (SOP class 1.2.840.10008.5.1.4.1.1.66.7): one frame per slice holding each
+  pixel's segment number, JPEG-LS lossless. For ct-anatomy at 512x512x300 that is 1 MB instead
+  of 32 MB of bit frames, and less CPU to make (docs/benchmarks.md seg-formats). A label map
+  cannot overlap, so the segments that include others (the External) go in a second, binary SEG
+  of their own, whole: the External stays the entire body, as its code says.
 
 Empty slices are left out (omit_empty_frames), which keeps a 10-structure SEG of a 300-slice
 CT small. A segment that is empty everywhere would then have no frame at all, which older OHIF
@@ -11,12 +19,13 @@ releases cannot load (OHIF/Viewers#3991, the loader hangs): such a segment gets 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import SegmentationStorage
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SegmentationStorage
 
 from node.encoders.common import (
     MODEL_NAME,
@@ -36,7 +45,33 @@ from node.encoders.context import EncodeContext
 from node.results import LabelMap
 from node.volume import SeriesData
 
-__all__ = ["SegReference", "encode_seg", "seg_reference"]
+__all__ = ["LABELMAP_SEGMENTATION_STORAGE", "SegPart", "SegReference", "encode_seg", "seg_parts", "seg_reference"]
+
+LABELMAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
+
+
+@dataclass(frozen=True)
+class SegPart:
+    """One SEG object of a label map: its type (BINARY or LABELMAP) and the labels of its segments,
+    numbered 1.. in that order."""
+
+    kind: str
+    labels: tuple[int, ...]
+
+    @property
+    def sop_class_uid(self) -> str:
+        return LABELMAP_SEGMENTATION_STORAGE if self.kind == "LABELMAP" else str(SegmentationStorage)
+
+
+def seg_parts(labelmap: LabelMap) -> tuple[SegPart, ...]:
+    """The SEG objects ``labelmap`` is written as, per its ``seg_format`` (module docstring)."""
+    every = tuple(s.label for s in labelmap.segments)
+    if labelmap.seg_format == "binary":
+        return (SegPart("BINARY", every),)
+    # Never empty: a segment's includes are segments that include nothing themselves.
+    exclusive = tuple(s.label for s in labelmap.segments if not s.includes)
+    covering = tuple(s.label for s in labelmap.segments if s.includes)
+    return (SegPart("LABELMAP", exclusive),) + ((SegPart("BINARY", covering),) if covering else ())
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,15 +104,19 @@ class SegReference:
 
 
 def seg_reference(labelmap: LabelMap, sources: dict[str, SeriesData], ctx: EncodeContext, *,
-                  series_number: int) -> SegReference:
-    """The reference to the binary SEG ``encode_seg`` makes of ``labelmap`` with ``series_number``."""
+                  series_number: int, part: SegPart | None = None) -> SegReference:
+    """The reference to the SEG ``encode_seg`` makes of ``labelmap`` (its ``part``, the first of
+    ``seg_parts`` by default) with ``series_number``."""
     series = source_series(sources, labelmap.source_series_uid, "LabelMap")
+    part = part or seg_parts(labelmap)[0]
     uid_key = ("SEG", series_number)
     return SegReference(
         labelmap=labelmap, source_series_uid=series.series_uid, study_uid=str(series.first.StudyInstanceUID),
         series_instance_uid=ctx.uid(*uid_key, "series"), sop_instance_uid=ctx.uid(*uid_key, "instance", 1),
-        segment_numbers={s.label: n for n, s in enumerate(labelmap.segments, start=1)},
-        tracking_uids={s.label: s.tracking_uid or ctx.uid(*uid_key, "segment", s.label) for s in labelmap.segments},
+        segment_numbers={label: n for n, label in enumerate(part.labels, start=1)},
+        tracking_uids={label: labelmap.segment(label).tracking_uid or ctx.uid(*uid_key, "segment", label)
+                       for label in part.labels},
+        sop_class_uid=part.sop_class_uid,
     )
 
 
@@ -87,9 +126,11 @@ def _content_label(handler: str) -> str:
     return label if label and label[0].isalpha() else "HILUM_SEG"
 
 
-def _segment_descriptions(labelmap: LabelMap, ctx: EncodeContext,
-                          uid_key: tuple) -> list[hd.seg.SegmentDescription]:
+def _segment_descriptions(labelmap: LabelMap, ctx: EncodeContext, uid_key: tuple,
+                          labels: tuple[int, ...] | None = None) -> list[hd.seg.SegmentDescription]:
+    """The descriptions of the segments ``labels`` (all by default), numbered 1.. in that order."""
     algorithm = algorithm_identification(ctx)
+    chosen = labelmap.segments if labels is None else [labelmap.segment(label) for label in labels]
     return [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -102,7 +143,7 @@ def _segment_descriptions(labelmap: LabelMap, ctx: EncodeContext,
             tracking_id=(s.tg263 or s.name)[:64],
             display_color=hd.color.CIELabColor.from_rgb(*s.color),
         )
-        for number, s in enumerate(labelmap.segments, start=1)
+        for number, s in enumerate(chosen, start=1)
     ]
 
 
@@ -142,16 +183,28 @@ def _segment_members(labelmap: LabelMap, numbers: dict[int, int]) -> dict[int, t
             for s in labelmap.segments}
 
 
-def _with_known_overlap(overlap: bool, members: dict[int, tuple[int, ...]]) -> type[hd.seg.Segmentation]:
+def _label_map_pixels(labels: np.ndarray, numbers: dict[int, int]) -> np.ndarray:
+    """Label values -> the LABELMAP SEG's segment numbers, 0 for every other value (the External's
+    own label, body outside the organs, is background there)."""
+    lut = np.zeros(max(256, int(labels.max(initial=0)) + 1), dtype=np.uint8)
+    for label, number in numbers.items():
+        lut[label] = number
+    return lut[labels]  # one pass, one uint8 volume: no per-segment masks
+
+
+def _with_known_overlap(overlap: bool, members: dict[int, tuple[int, ...]],
+                        everything: tuple[int, ...]) -> type[hd.seg.Segmentation]:
     """highdicom's Segmentation taking the segment-numbered label map of overlapping segments.
 
     highdicom wants overlapping segments as a (slices, rows, cols, segments) bool stack: 5 bytes a
     voxel for a five-structure CT (390 MB at 512x512x300, and a second to fill), then sums it into
     an int64 volume to learn whether the segments overlap. Here it keeps the label map, told the
     overlap up front, and each frame's mask is made from the label map's plane as highdicom
-    encodes that frame: the same frames, bit for bit, with no volume-sized copy."""
+    encodes that frame: the same frames, bit for bit, with no volume-sized copy.
+
+    ``members``: SEG segment number -> the pixel values it covers; ``everything``: every nonzero
+    pixel value (a segment covering all of them is the label map's nonzero pixels)."""
     value = hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
-    everything = tuple(sorted(members))
 
     class KnownOverlap(hd.seg.Segmentation):
         @classmethod
@@ -202,6 +255,14 @@ def _add_placeholder_frames(seg: hd.seg.Segmentation, empty: list[int]) -> None:
     seg.NumberOfFrames = total
 
 
+def _drop_background_segment(seg: hd.seg.Segmentation) -> None:
+    """Remove the "Background" item (Segment Number 0) highdicom puts first in a Label Map SEG's
+    Segment Sequence. The standard does not require it (pixel value 0 is background either way),
+    and OHIF 3.12 takes the sequence's items in order as segments 1, 2, ...: with it, each label
+    was drawn in the next segment's colour and the first segment not at all (the browser test)."""
+    seg.SegmentSequence = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != 0]
+
+
 def encode_seg(
     labelmap: LabelMap,
     sources: dict[str, SeriesData],
@@ -209,8 +270,11 @@ def encode_seg(
     *,
     series_number: int,
     fractional: bool = False,
-) -> tuple[Dataset, SegReference]:
-    """A binary SEG of ``labelmap`` (or a fractional one of ``labelmap.fractions``) on its source series."""
+    part: SegPart | None = None,
+) -> tuple[Dataset, SegReference | None]:
+    """The SEG ``part`` (``seg_parts``; the first by default) of ``labelmap``, or a fractional SEG of
+    every segment of ``labelmap.fractions``, on its source series; and the reference an SR cites
+    (None for a fractional SEG, which a report does not point at)."""
     what = "LabelMap"
     series = source_series(sources, labelmap.source_series_uid, what)
     source_grid(series, labelmap, what)
@@ -218,8 +282,12 @@ def encode_seg(
         raise ValueError(f"{what}: source series {series.series_uid} has patient positions but no FrameOfReferenceUID")
     kind = "FSEG" if fractional else "SEG"
     uid_key = (kind, series_number)
-    numbers = {s.label: n for n, s in enumerate(labelmap.segments, start=1)}
+    every = tuple(s.label for s in labelmap.segments)
+    part = SegPart("FRACTIONAL", every) if fractional else (part or seg_parts(labelmap)[0])
+    numbers = {label: n for n, label in enumerate(part.labels, start=1)}  # label -> this SEG's segment number
     segmentation_class = hd.seg.Segmentation
+    syntax = ExplicitVRLittleEndian
+    present: list[bool] = []  # BINARY only: which segments have a frame (the others get a placeholder)
     if fractional:
         if labelmap.fractions is None:
             raise ValueError("LabelMap.fractions is None: no fractional SEG to encode")
@@ -228,23 +296,32 @@ def encode_seg(
         pixels = np.moveaxis(labelmap.fractions, 0, -1)  # (slices, rows, cols, segments), a view
         present = [bool(np.any(labelmap.fractions[i])) for i in range(len(labelmap.segments))]
         seg_type = hd.seg.SegmentationTypeValues.FRACTIONAL
+    elif part.kind == "LABELMAP":
+        # Frames per slice, not per segment: a segment with no pixel needs no frame of its own.
+        pixels = _label_map_pixels(labelmap.labels, numbers)
+        seg_type = hd.seg.SegmentationTypeValues.LABELMAP
+        syntax = JPEGLSLossless
     else:
-        pixels = _segment_number_array(labelmap.labels, numbers)
-        counts = _value_counts(pixels, len(numbers) + 1)
+        # Pixel values number every label of the map; each segment of this SEG covers some of them.
+        values = {label: n for n, label in enumerate(every, start=1)}
+        pixels = _segment_number_array(labelmap.labels, values)
+        counts = _value_counts(pixels, len(values) + 1)
         seg_type = hd.seg.SegmentationTypeValues.BINARY
-        members = _segment_members(labelmap, numbers)
+        covered = _segment_members(labelmap, values)
+        members = {numbers[label]: covered[values[label]] for label in part.labels}
         present = [any(counts[m] for m in members[n]) for n in range(1, len(numbers) + 1)]
-        if labelmap.overlapping:
-            # Two segments share a voxel when one includes a label that is present.
-            overlap = any(counts[m] for n, covered in members.items() for m in covered if m != n)
-            segmentation_class = _with_known_overlap(overlap, members)
+        if labelmap.overlapping or part.labels != every:
+            # Two segments share a voxel when a present value is covered by both.
+            shared = Counter(m for ms in members.values() for m in ms if counts[m])
+            overlap = any(c > 1 for c in shared.values())
+            segmentation_class = _with_known_overlap(overlap, members, tuple(range(1, len(values) + 1)))
     description = series_description(labelmap.description, "SEG" if not fractional else "SEG probability")
-    texts = [description, labelmap.description] + [s.name for s in labelmap.segments]
+    texts = [description, labelmap.description] + [labelmap.segment(label).name for label in part.labels]
     seg = segmentation_class(
         source_images=[header_view(ds) for ds in series.datasets],
         pixel_array=pixels,
         segmentation_type=seg_type,
-        segment_descriptions=_segment_descriptions(labelmap, ctx, uid_key),
+        segment_descriptions=_segment_descriptions(labelmap, ctx, uid_key, part.labels),
         series_instance_uid=ctx.uid(*uid_key, "series"),
         series_number=series_number,
         sop_instance_uid=ctx.uid(*uid_key, "instance", 1),
@@ -259,6 +336,7 @@ def encode_seg(
         series_description=description,
         contributing_equipment=[contributing_equipment(ctx)],
         omit_empty_frames=True,
+        transfer_syntax_uid=syntax,
         specific_character_set=None,  # set by copy_patient_study
     )
     # highdicom draws a random Dimension Organization UID; one derived from the job keeps a
@@ -268,6 +346,9 @@ def encode_seg(
         item.DimensionOrganizationUID = dimension_uid
     if any(present) and not all(present):
         _add_placeholder_frames(seg, [n for n, p in enumerate(present, start=1) if not p])
+    if part.kind == "LABELMAP":
+        _drop_background_segment(seg)
     copy_patient_study(seg, series.first, choose_charset(series.first, texts))
     job_time(seg, ctx)
-    return settle_encoding(seg), seg_reference(labelmap, sources, ctx, series_number=series_number)
+    reference = None if fractional else seg_reference(labelmap, sources, ctx, series_number=series_number, part=part)
+    return settle_encoding(seg), reference

@@ -238,14 +238,13 @@ class LocalProcessExecutor(Executor):
         """Durable result objects of a running job: recorded and due for delivery now, so they are
         on their way while the worker encodes the next ones."""
         dests = json.loads(job["destinations_json"])
-        self.index.add_results(job["id"], results, [(r["sop_instance_uid"], d) for r in results for d in dests])
+        self.index.add_results(job["id"], results, self.settings.result_deliveries(results, dests))
         self.on_done()
 
     def _finish(self, job, results: list[dict], handed: set[str], provenance: dict, figures: dict) -> None:
         dests = json.loads(job["destinations_json"])
-        self.index.finish_job(job["id"], results, [(r["sop_instance_uid"], d) for r in results
-                                                  if r["sop_instance_uid"] not in handed for d in dests],
-                              provenance, figures)
+        fresh = [r for r in results if r["sop_instance_uid"] not in handed]
+        self.index.finish_job(job["id"], results, self.settings.result_deliveries(fresh, dests), provenance, figures)
         log.info("job %d done: %d result(s) → %s", job["id"], len(results), ", ".join(dests) or "nowhere",
                  extra={"study_uid": job["study_uid"], "job": job["id"]})
         self.on_done()

@@ -20,7 +20,7 @@ from node.projects.store import Project, ProjectStore
 
 __all__ = ["CaseLabel", "multipart_parts", "seg_parts", "vet", "note_prediction", "complete_studies"]
 
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # binary/fractional, Label Map
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def seg_parts(parts: list[bytes]) -> list[pydicom.Dataset]:
             ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - not DICOM: the archive will answer for it
             continue
-        if str(ds.get("SOPClassUID", "")) == SEG_CLASS or ds.get("Modality") == "SEG":
+        if str(ds.get("SOPClassUID", "")) in SEG_CLASSES or ds.get("Modality") == "SEG":
             out.append(ds)
     return out
 

@@ -160,7 +160,8 @@ class Router:
                     if dest == "orthanc" and self.settings.store_originals_in_orthanc:
                         continue
                     for row in series_rows:
-                        if series_uid is None or row["series_uid"] == series_uid:
+                        if (series_uid is None or row["series_uid"] == series_uid) and \
+                                self.settings.takes(dest, row["modality"]):
                             self.index.add_original_deliveries(study_uid, row["series_uid"], [dest])
             if a.handler is None:
                 continue

@@ -354,7 +354,7 @@ def done(job_id: int, body: Done, request: Request, name: str = Depends(require_
         raise HTTPException(409, "the attempt ended meanwhile: results not taken")
     job = node.index.job(job_id)
     dests = json.loads(job["destinations_json"])
-    node.index.finish_job(job_id, results, [(r["sop_instance_uid"], d) for r in results for d in dests],
+    node.index.finish_job(job_id, results, node.settings.result_deliveries(results, dests),
                           {**body.provenance, "worker": name, "attempt": a["attempt"]}, body.figures)
     node.audit.worker_access(f"worker {name}", request.client.host if request.client else None, job_id=job_id,
                              study_uid=job["study_uid"], what="results", ok=True, objects=len(results))
