@@ -133,7 +133,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                                                                if j["quality_warnings"] else "")
                           for j in s["jobs"]] + [
             f"{p['handler'] or p['rule']}:waiting until {time.strftime('%H:%M:%S', time.localtime(p['fires_at']))}"
-            for p in s["pending_rules"]]) or "-"
+            for p in s["pending_rules"]]) or s.get("route_note") or "-"
         print(f"{s['study_uid'][:48]:<48} {s['instances_received']:>5} {str(s['stable']).lower():<6} {jobs}")
     print(f"duplicates {index.stat('duplicates')}, quarantined {index.stat('quarantined')}")
     if settings.executor.kind == "celery":

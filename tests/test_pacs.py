@@ -687,6 +687,10 @@ def test_priors_are_found_retrieved_and_handed_to_the_handler(tmp_path):
   match: {Modality: MR, calling_ae: MODALITY}
   handler: priors-timeline
   priors: {source: down, max: 2}
+- name: every-other-ct      # matches the priors too: a fetched prior must not run it, a pushed study must
+  level: study
+  match: {Modality: CT, not: {calling_ae: MODALITY}}
+  handler: priors-timeline
 """)
     mr_now = ct("mrnow", "20240610", modality="MR", patient="P9")
     with pacs_orthanc(tmp_path / "pacs") as pacs:
@@ -704,6 +708,17 @@ def test_priors_are_found_retrieved_and_handed_to_the_handler(tmp_path):
 
             [job] = wait_for(lambda: finished(current.study_uid), 120, "the job with priors")
             [mr_job] = wait_for(lambda: finished(mr_now.study_uid), 60, "the MR job")
+            # The study the node held because OLDPACS pushed it is ordinary work: the other rule runs on it.
+            [held_job] = wait_for(lambda: finished(held.study_uid), 60, "the pushed older study's job")
+            assert held_job["rule"] == "every-other-ct"
+            # The prior fetched for the job is that job's context: looked at, not routed, and it says why.
+            fetched = wait_for(lambda: (lambda s: s if s.get("route_note") else None)(
+                node.api("GET", f"/api/studies/{p2023.study_uid}").json()), 30, "the fetched prior's routing")
+            assert fetched["jobs"] == [] and fetched["pending_rules"] == []
+            assert fetched["route_note"] == (f"not routed: retrieved only as a prior (job {job['id']}); "
+                                             "a prior is context for that job, not new work")
+            assert [o["origin"]["retrieved"][0]["requested_by"] for o in fetched["series"]] == [f"priors:job {job['id']}"]
+            assert node.api("GET", f"/api/studies/{current.study_uid}").json()["route_note"] is None
         finally:
             node.stop()
             node._kill_orthanc()

@@ -26,6 +26,7 @@ from node.models.versions import ModelRegistry
 from node.projects.store import ProjectStore
 from node.rules.facts import SeriesFacts, StudyFacts
 from node.store.index import Index
+from node.store.retrieves import PRIORS_ARRIVING, prior_context
 
 log = logging.getLogger("hilum.route")
 
@@ -129,6 +130,10 @@ class Router:
         now = time.time() if now is None else now
         quiet = now - st["last_at"]
         study_uid, gen = st["study_uid"], st["generation"]
+        context = prior_context(self.index, study_uid)
+        if context == PRIORS_ARRIVING:  # attributed when the retrieve ends: look again shortly
+            self.index.recheck_later(study_uid, now + min(1.0, self.settings.stable_after))
+            return 0
         ruleset = self.rules()
         series_rows = self.index.series_of_study(study_uid)
         note = "study complete" if gen == 0 else f"re-run: instances arrived after processing (generation {gen})"
@@ -138,6 +143,11 @@ class Router:
             facts[row["series_uid"]] = series_facts(row)
             if self.settings.store_originals_in_orthanc:
                 self.index.add_original_deliveries(study_uid, row["series_uid"], ["orthanc"])
+        if context is not None:  # a prior: stored for the reader like any study, but no rule runs on it
+            log.info("study %s", context, extra={"study_uid": study_uid})
+            self.index.mark_routed(study_uid, gen, context)
+            self.on_deliveries()
+            return 0
         actions = []
         for row in series_rows:
             for a in ruleset.match_series(facts[row["series_uid"]]):

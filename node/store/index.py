@@ -138,6 +138,11 @@ MIGRATIONS: list[str] = [
         started_at REAL NOT NULL, last_seen REAL NOT NULL
     )
     """,
+    # 8: why a stable study made no jobs although it was looked at (a prior fetched for another
+    # study's job is that job's context, not routed): the study view says so
+    """
+    ALTER TABLE studies ADD COLUMN route_note TEXT
+    """,
 ]
 
 TERMINAL_JOB = ("done", "failed")
@@ -368,9 +373,11 @@ class Index:
         self.conn().execute("UPDATE studies SET recheck_at=?, pending_json=? WHERE study_uid=?",
                             (at, json.dumps(list(pending)) if pending else None, study_uid))
 
-    def mark_routed(self, study_uid: str, generation: int) -> None:
-        self.conn().execute("UPDATE studies SET routed_generation=?, recheck_at=NULL, pending_json=NULL "
-                            "WHERE study_uid=? AND routed_generation < ?", (generation, study_uid, generation))
+    def mark_routed(self, study_uid: str, generation: int, note: str | None = None) -> None:
+        """``note``: why routing made no jobs where one would expect them (the study view shows it)."""
+        self.conn().execute("UPDATE studies SET routed_generation=?, recheck_at=NULL, pending_json=NULL, "
+                            "route_note=? WHERE study_uid=? AND routed_generation < ?",
+                            (generation, note, study_uid, generation))
 
     def force_complete(self, study_uid: str) -> bool:
         cur = self.conn().execute("UPDATE studies SET force_complete=1 WHERE study_uid=?", (study_uid,))

@@ -399,6 +399,36 @@ def priors_of_job(index: Index, job_id: int) -> dict:
     return {"priors": priors, "priors_note": row["note"]}
 
 
+PRIORS_ARRIVING = "priors still arriving"
+
+
+def prior_context(index: Index, study_uid: str) -> str | None:
+    """Whether a study is only another job's prior: every instance of it came in by retrieves that
+    fetched priors (``priors:job N``). Such a study is that job's context, not new work: routing it
+    would run handlers on an old study and deliver their results (to the archive, to a planning
+    system) that nobody asked for. Returns why it is not routed, ``PRIORS_ARRIVING`` while a priors
+    retrieve of it still runs (its instances are attributed only when it ends), or None: route it."""
+    c = index.conn()
+    try:
+        active = c.execute(f"SELECT requested_by FROM retrieves WHERE study_uid=? AND status IN "
+                           f"({','.join('?' * len(ACTIVE))})", (study_uid, *ACTIVE)).fetchall()
+        if any(r["requested_by"].startswith("priors:") for r in active):
+            return PRIORS_ARRIVING
+        total = c.execute("SELECT COUNT(*) FROM instances WHERE study_uid=? AND purged_at IS NULL",
+                          (study_uid,)).fetchone()[0]
+        askers = c.execute(
+            "SELECT r.requested_by, COUNT(*) AS n FROM instances i JOIN retrieve_instances ri ON ri.sop_uid=i.sop_uid "
+            "JOIN retrieves r ON r.id=ri.retrieve_id WHERE i.study_uid=? AND i.purged_at IS NULL "
+            "GROUP BY r.requested_by", (study_uid,)).fetchall()
+    except sqlite3.OperationalError:  # no PACS tables in this index: nothing was ever retrieved
+        return None
+    if not total or any(not r["requested_by"].startswith("priors:") for r in askers) \
+            or sum(r["n"] for r in askers) < total:
+        return None  # pushed, pulled by a rule or a user, or empty: ordinary routing
+    jobs = ", ".join(sorted({r["requested_by"][len("priors:"):] for r in askers}))
+    return f"not routed: retrieved only as a prior ({jobs}); a prior is context for that job, not new work"
+
+
 def who_asked(requested_by: str) -> dict:
     """A retrieve's requester split into what a reader wants: a pull rule (``rule:NAME``), the
     priors of a job (``priors:job N``) or a user through the CLI or the API (``cli alice``)."""

@@ -14,6 +14,7 @@ def study_summary(row) -> dict:
         "instances_received": row["instances"], "stable": row["state"] == "stable", "stable_at": row["stable_at"],
         "first_received": row["first_at"], "last_received": row["last_at"], "generation": row["generation"],
         "pending_rules": pending_rules(row),
+        "route_note": row["route_note"],  # why no rule ran (a prior fetched for another study's job)
     }
 
 

@@ -73,7 +73,9 @@ function studyRows(s) {
     el('td', {class: s.stable ? 'status-done' : 'status-receiving'}, s.stable ? 'stable' : 'receiving'),
     el('td', {}, el('a', {href: `/viewer?StudyInstanceUIDs=${uid}`, class: 'ohif'}, 'OHIF'), view3d),
     el('td', {}, complete));
-  return [row, originRow(s), ...s.jobs.map(jobRow), ...s.pending_rules.map(pendingRow)];
+  const note = s.route_note
+    ? [el('tr', {class: 'route-note', 'data-study': s.study_uid}, el('td', {colspan: 8}, s.route_note))] : [];
+  return [row, originRow(s), ...note, ...s.jobs.map(jobRow), ...s.pending_rules.map(pendingRow)];
 }
 
 const METHODS = {move: 'C-MOVE', get: 'C-GET', wado: 'WADO-RS'};
