@@ -11,11 +11,12 @@ to the nearest vessel branch point), and the volume / mean-diameter errors.
 A detection is true when its centre lies within max(3 mm, the nodule's radius) of a true nodule's
 centre (as the tests pair them). Not timed: ``bench_nodules.py`` times the handler.
 
-    .venv/bin/python bench/bench_nodules_accuracy.py [--size 512] [--slices 300] [--only vessels,...]
+    .venv/bin/python bench/bench_nodules_accuracy.py [--size 512] [--slices 300] [--only vessels,...] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--only", help="comma-separated variant names")
+    ap.add_argument("--json", type=Path, help="write every true nodule's result here (to compare two runs)")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(VARIANTS)
     branches = branch_points()
@@ -136,6 +138,14 @@ def main() -> None:
                   f"{t['diameter_mm']:.1f} mm")
     print(f"solid >= 6 mm |volume error| median {np.median(vol):.1%} max {np.max(vol):.1%} (<= 10 %); "
           f"|mean-diameter error| max {np.max(diam):.2f} mm (<= 1); type right {sum(typed)}/{len(typed)} (>= 90 %)")
+
+
+    if args.json:
+        args.json.write_text(json.dumps([
+            dict(variant=name, id=t["id"], type=t["type"], pleural=t["pleural"], diameter_mm=t["diameter_mm"],
+                 found=n is not None, volume_error=None if n is None else n.volume_mm3 / t["volume_mm3"] - 1,
+                 diameter_error=None if n is None else n.mean_diameter_mm - t["diameter_mm"],
+                 found_type=None if n is None else n.type) for name, t, n in rows], indent=1))
 
 
 if __name__ == "__main__":

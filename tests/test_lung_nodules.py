@@ -174,10 +174,11 @@ def _juxtavascular_specs() -> list[dict]:
 def test_nodules_on_vessels_and_branch_points(tmp_path):
     """Juxtavascular nodules: on vessel branch points and against a vessel's side, with the whole vessel
     tree's bare branch points (blob-like bulbs) around them. Every nodule on a branch point is found and
-    measured within the issue's 10 % / 1 mm; against a vessel's side all but one are found, within
-    15 % and 1 mm; no bulb is taken for a nodule. Measured: branch points -5..+5 %, vessel sides
-    -12..+14 % (the vessel and its blur shared out by distance; within a margin around the nodule
-    only, they measured +24..+36 %: docs/lung-nodules.md)."""
+    measured within the issue's 10 % / 1 mm; against a vessel's side all but one are found, also within
+    10 % and 1 mm; no bulb is taken for a nodule. Measured: branch points +1..+5 %, vessel sides
+    -5..+8 % (the vessel opened away by a ball between its calibre and the nodule's, and its blur
+    shared out by distance; opened by a ball that barely fit the nodule they measured -12..+14 %,
+    within a margin around the nodule only +24..+36 %: docs/lung-nodules.md)."""
     specs = _juxtavascular_specs()
     assert len(specs) == 16
     study = generate_ct(tmp_path / "ct", seed=9, **THIN, z_center_mm=3.0, vessels=True,
@@ -200,7 +201,7 @@ def test_nodules_on_vessels_and_branch_points(tmp_path):
     for t in side:
         if t["id"] in hits:
             n = hits[t["id"]]
-            assert abs(n.volume_mm3 / t["volume_mm3"] - 1) <= 0.15, (t, n.volume_mm3)
+            assert abs(n.volume_mm3 / t["volume_mm3"] - 1) <= 0.10, (t, n.volume_mm3)
             assert abs(n.mean_diameter_mm - t["diameter_mm"]) <= 1.0, (t, n.mean_diameter_mm)
             assert n.type == "solid"
 
