@@ -206,6 +206,32 @@ def test_nodules_on_vessels_and_branch_points(tmp_path):
             assert n.type == "solid"
 
 
+def test_juxtapleural_nodules_on_the_curving_pleura(tmp_path):
+    """Solid nodules against the pleura where it curves (the back wall, the lung's edges), on 1.4 mm
+    pixels (the benchmark's reduced-size pleural variant): the closed lungs take in a sliver of the
+    wall there, and the blob leaves the reach ball along it deep inside them. Those exits are the
+    wall (it holds a ball wider than the nodule), not vessels: taken for vessels wider than the
+    nodule, they refused the 13.0 mm nodule N8 on the back wall. Every nodule is found, with no
+    false positive; the juxtapleural ones within 10 % but the smallest (N7, 6.1 mm: +11.8 %, see
+    docs/lung-nodules.md's limits), the mean diameter within 1 mm."""
+    study = generate_ct(tmp_path / "ct", seed=34, rows=256, cols=256, slices=150, pixel_spacing=1.4,
+                        slice_thickness=1.0, nodules=6, pleural_nodules=6, nodule_diameter_mm=(4.5, 16.0),
+                        ground_glass_fraction=0.3)
+    series = load_series(study.series_files())
+    det = detect_nodules(series.volume, segment_anatomy(series.volume, bone=False).labels)
+    hits, fps = _pair(study.nodules, det.nodules)
+    assert not fps, [n.center_mm for n in fps]
+    assert set(hits) == {t["id"] for t in study.nodules}
+    back = next(t for t in study.nodules if t["id"] == "N8")
+    assert back["pleural"] and back["diameter_mm"] == pytest.approx(13.0, abs=0.05)  # the one refused before
+    for t in study.nodules:
+        if t["pleural"]:
+            n = hits[t["id"]]
+            bound = 0.15 if t["diameter_mm"] < 6.5 else 0.10
+            assert abs(n.volume_mm3 / t["volume_mm3"] - 1) <= bound, (t, n.volume_mm3)
+            assert abs(n.mean_diameter_mm - t["diameter_mm"]) <= 1.0, (t, n.mean_diameter_mm)
+
+
 def test_size_class_follows_the_thresholds():
     from node.nodules.categories import size_category, volume_class
 

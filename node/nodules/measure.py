@@ -201,24 +201,31 @@ def _wall(bright: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarr
     return wall[tuple(slice(a, a + n) for (a, _), n in zip(pad, bright.shape))]
 
 
-def _nodule_core(dense: np.ndarray, bright: np.ndarray, reach: np.ndarray, seed: np.ndarray,
+def _wall_of(bright: np.ndarray, filled_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """The wall a blob with a full ball of ``filled_mm`` runs on along: what of ``bright`` (the
+    half-way mask of the whole box, beyond the lungs too) holds a ball WALL_BALL_FACTOR times that
+    full ball (plus 0.5 mm), which the nodule cannot hold and the chest wall, the diaphragm or the
+    mediastinum can; a vessel cannot either."""
+    return _wall(bright, WALL_BALL_FACTOR * filled_mm + 0.5, spacing)
+
+
+def _nodule_core(dense: np.ndarray, wall: np.ndarray, reach: np.ndarray, seed: np.ndarray,
                  filled_mm: float, tubes: bool, spacing: np.ndarray) -> tuple[np.ndarray | None, bool]:
     """The nodule's own part of ``dense`` (its half-way mask in the closed lungs, where a vessel has its
     own calibre, not widened by the blur), or None where nothing of it remains at the seed; and
     whether tubes were opened away from it.
 
-    - The wall (chest wall, diaphragm, mediastinum) is wider than the nodule: what of ``bright`` (the
-      half-way mask of the whole box, beyond the lungs too) holds a ball WALL_BALL_FACTOR times the
-      nodule's full ball, which the nodule cannot hold. A ball cut around the candidate instead kept
-      the sliver of diaphragm inside the closed lungs under it (+37 % for a 6.3 mm nodule).
-    - Tubes (``tubes``: vessels leave the blob) are narrower: opened away by a ball between the
-      widest of them that leave the reach ball and the nodule's full ball (a ball wider than a tube
-      survives an opening whole). Without tubes, what a sliver of wall left is opened away at half
-      the nodule's full ball."""
+    - The ``wall`` (chest wall, diaphragm, mediastinum: see _wall_of) is wider than the nodule and
+      is taken away. A ball cut around the candidate instead kept the sliver of diaphragm inside
+      the closed lungs under it (+37 % for a 6.3 mm nodule).
+    - Tubes (``tubes``: vessels leave the blob) are narrower: opened away by the largest ball that
+      leaves something at the seed (see OPEN_FACTORS; a ball wider than a tube survives an opening
+      whole). Without tubes, what a sliver of wall left is opened away at half the nodule's full
+      ball."""
     shell = ~ndimage.binary_erosion(reach)
     if tubes and not (dense & shell).any():
         return None, False  # the vessels leave its outline only (a ground-glass rim): cut to its ball
-    own = dense & ~_wall(bright, WALL_BALL_FACTOR * filled_mm + 0.5, spacing)
+    own = dense & ~wall
     if tubes and (own & shell).any():
         area, short = _widest_tube(own, reach, spacing, slant=False), _widest_tube(own, reach, spacing)
         smallest = OPEN_FACTORS[1] * short
@@ -341,13 +348,23 @@ def measure_candidate(hu: np.ndarray, region: LungRegion, spacing_kji: tuple[flo
         # nodule ball-like (the Hessian shape) and clearly wider than themselves, and the nodule is
         # what remains with the vessels opened away; a vessel branch point's bulb is hardly wider
         # than its tubes. Along the wall, the nodule is the ball the sliver of wall leaves from.
-        vessels = bool((exits & ndimage.binary_erosion(inreg, iterations=_INSIDE_VOXELS)).any())
-        if vessels and hessian_shape(hu, cand.kji, cand.scale_mm, spacing) < MIN_SHAPE_ON_VESSELS:
+        deep = exits & ndimage.binary_erosion(inreg, iterations=_INSIDE_VOXELS)
+        if deep.any() and hessian_shape(hu, cand.kji, cand.scale_mm, spacing) < MIN_SHAPE_ON_VESSELS:
             return None
-        filled, widest = _filled(comp, reach, seed, spacing), _widest_tube(comp, reach, spacing)
+        # Where the pleura curves, the closed lungs take in a sliver of the wall, and the blob leaves
+        # the reach ball along it deep inside them: what leaves through the wall (see _wall_of) is
+        # not a vessel. Taken for vessels, such exits were wider than the nodule and refused it
+        # (a 13.0 mm nodule on the back wall and an 8.7 mm one at 1.4 mm pixels). The Hessian shape
+        # above still applies: a bulge of the aorta or the heart into the closed lungs leaves through
+        # the wall too.
+        filled = _filled(comp, reach, seed, spacing)
+        wall = _wall_of(bright, filled, spacing)
+        tubes = comp & ~ndimage.binary_dilation(wall)
+        vessels = bool((deep & tubes).any())
+        widest = _widest_tube(tubes if vessels else comp, reach, spacing)
         if filled >= 1.3 * widest or (not vessels and filled >= MIN_BALL_MM):
             cut = True
-            core, opened = _nodule_core(comp & bright, bright, reach, seed, filled, vessels, spacing)
+            core, opened = _nodule_core(comp & bright, wall, reach, seed, filled, vessels, spacing)
             if core is None:
                 comp = _cut_to_ball(comp, reach, seed, spacing)
             else:  # nearer the core than the vessels or wall; with vessels, within the blur of its edge
