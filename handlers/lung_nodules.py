@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -121,15 +122,38 @@ def _change_measurements(prior: Nodule, c: Change) -> list[Measurement]:
     return out
 
 
-class _Followup:
-    """The prior's nodules, their identities and their registered positions in the current scan."""
+def _to_prior(outcome) -> Callable[[np.ndarray], np.ndarray]:
+    """Current (fixed) positions -> where they lie in the prior (moving): (n, 3) -> (k, n, 3), by the
+    registration (rigid, or rigid then deformable) and, where it deformed, by its rigid stage alone."""
+    def rigid(p: np.ndarray) -> np.ndarray:
+        return p @ outcome.linear[:3, :3].T + outcome.linear[:3, 3]
 
-    def __init__(self, prior: PriorStudy, series: SeriesData, detection: Detection, mapped: np.ndarray,
-                 interval_days: float | None, note: str | None, acquired: dt.datetime | None) -> None:
+    def both(p: np.ndarray) -> np.ndarray:
+        p = np.asarray(p, float).reshape(-1, 3)
+        if outcome.deformation is None:
+            return rigid(p)[None]
+        return np.stack([outcome.fixed_to_moving(p), rigid(p)])
+
+    return both
+
+
+class _Followup:
+    """The prior's nodules, their identities, and the registration's mappings of current positions into
+    the prior (``to_prior``: (n, 3) mm -> (k, n, 3) mm: deformably and by the rigid stage, see
+    node.nodules.followup.match).
+
+    Matching happens in the prior's frame: the registration maps the current (fixed) scan into the
+    prior (moving) directly, and the way back needs the deformation inverted by iteration, which does
+    not always converge where the field is steep (3.8 mm off after 50 iterations on a breathing
+    follow-up: the job failed)."""
+
+    def __init__(self, prior: PriorStudy, series: SeriesData, detection: Detection,
+                 to_prior: Callable[[np.ndarray], np.ndarray], interval_days: float | None, note: str | None,
+                 acquired: dt.datetime | None) -> None:
         self.prior, self.series, self.detection = prior, series, detection
         self.note = note  # how the registration fell short, when it did
         self.acquired = acquired
-        self.mapped = mapped
+        self.to_prior = to_prior
         self.interval_days = interval_days
         self.ids, self.uids = _identities(prior, series, detection)
         self.names = {i.tracking_id for i in prior_identities(prior.series, series)} | set(self.ids)
@@ -245,11 +269,9 @@ class LungNodules(Handler):
                 flags.append(QualityFlag("followup_registration_failed",
                                          f"prior study {prior.study_uid} could not be registered: {exc}"))
                 return None
-        centres = np.array([n.center_mm for n in detection.nodules]).reshape(-1, 3)
-        mapped = outcome.moving_to_fixed(centres) if len(centres) else centres
         now, then = _acquired(inp.primary), prior.acquired or _acquired(series)
         interval = (now - then).total_seconds() / 86400 if now and then else None
-        return _Followup(prior, series, detection, mapped, interval, note, then)
+        return _Followup(prior, series, detection, _to_prior(outcome), interval, note, then)
 
     def run(self, inp: HandlerInput, progress) -> list:
         p: LungNodulesParams = self.params
@@ -282,7 +304,9 @@ class LungNodules(Handler):
         if fu is not None:
             diam = lambda ns: np.array([n.mean_diameter_mm for n in ns])  # noqa: E731
             cur = np.array([n.center_mm for n in nodules]).reshape(-1, 3)
-            pairs = {j: i for i, j in match(fu.mapped, diam(fu.detection.nodules), cur, diam(nodules))}
+            before = np.array([n.center_mm for n in fu.detection.nodules]).reshape(-1, 3)
+            cur_in_prior = fu.to_prior(cur) if len(cur) else cur
+            pairs = {j: i for i, j in match(before, diam(fu.detection.nodules), cur_in_prior, diam(nodules))}
         taken = fu.names if fu else set()
         next_number = 1
         labels = np.zeros(geom.shape, np.uint8)

@@ -253,6 +253,13 @@ def test_matching_gate_and_vdt():
     current = np.array([[31.0, 0, 0], [2, 1, 0], [100, 0, 0]])
     pairs = match(prior, np.array([6.0, 6, 6]), current, np.array([6.0, 6, 6]))
     assert sorted(pairs) == [(0, 1), (1, 0)]  # the third prior is 40 mm from anything: resolved; 100 mm: new
+    # two mappings of the current nodules (deformable, rigid): a pair's distance is the lesser one
+    deformed = np.array([[31.0, 0, 0], [2, 1, 0], [80, 0, 0]])  # the third misplaced by 20 mm
+    rigid = np.array([[45.0, 0, 0], [1, 0, 0], [61, 0, 0]])
+    pairs = match(prior, np.array([6.0, 6, 6]), np.stack([deformed, rigid]), np.array([6.0, 6, 6]))
+    assert sorted(pairs) == [(0, 1), (1, 0), (2, 2)]
+    assert match(prior, np.array([6.0, 6, 6]), deformed[None], np.array([6.0, 6, 6])) == \
+        match(prior, np.array([6.0, 6, 6]), deformed, np.array([6.0, 6, 6]))
     c = change(100.0, 5.76, 200.0, 7.26, 90.0)
     assert c.vdt_days == pytest.approx(90.0) and c.call == "indeterminate"  # diameter up 1.5 mm: not > 1.5
     assert change(100.0, 5.76, 300.0, 8.31, 180.0).call == "growing"
@@ -348,23 +355,51 @@ BASES_Z_MM = -30.0  # the follow-up phantoms span z -70..10 mm: the lower lungs,
 BREATHING_MM = 15.0  # node.phantom.breathing's amplitude, as the registration pairs use it
 
 
-@pytest.fixture(scope="module")
-def followup(tmp_path_factory):
-    """A baseline with 6-14 mm nodules of the lower lungs and its follow-up 120 days later (moved,
-    rotated and breathing in: the nodules move 1-7 mm against each other besides the rigid move; each
-    grown, shrunk, vanished or stable, plus a new one), both run through the handler with its default
-    (deformable) registration."""
-    root = tmp_path_factory.mktemp("followup")
-    base = generate_ct(root / "base", seed=11, **{**THIN, "z_center_mm": BASES_Z_MM}, nodules=6,
-                       nodule_diameter_mm=(6.0, 14.0), ground_glass_fraction=0.3)
-    later = generate_followup(base, root / "later", interval_days=120, rotation_deg=(1.0, -1.0, 3.0),
-                              shift_mm=(5.0, -3.0, 6.0), new_nodules=1, breathing_mm=BREATHING_MM)
+def _followup_pair(root, base_options: dict, **followup_options):
+    """A baseline and its follow-up, both run through the handler with its default (deformable)
+    registration: (baseline, follow-up, (baseline series, its results), (follow-up series, its results))."""
+    base = generate_ct(root / "base", **{**THIN, **base_options})
+    later = generate_followup(base, root / "later", **followup_options)
     base_series, later_series = load_series(base.series_files()), load_series(later.series_files())
+    # The phantom's premise: every follow-up nodule lies in the scan with its whole sphere (breathing
+    # moves a nodule with its tissue after it is placed, which can carry it out of the scanned slab).
+    zs = sorted(later_series.volume.geometry.index_to_patient((k, 0, 0))[2]
+                for k in (0, later_series.volume.array.shape[0] - 1))
+    for c in later.changes["nodules"]:
+        if c["followup"]:
+            z, r = c["followup"]["center_mm"][2], c["followup"]["diameter_mm"] / 2
+            assert zs[0] + r <= z <= zs[1] - r, (c["id"], z, zs)
     first = get_handler("lung-nodules")().run(HandlerInput(base.study_uid, [base_series]), lambda f, m: None)
     prior = PriorStudy(base.study_uid, None, [base_series])
     second = get_handler("lung-nodules")().run(
         HandlerInput(later.study_uid, [later_series], priors=[prior]), lambda f, m: None)
     return base, later, (base_series, first), (later_series, second)
+
+
+@pytest.fixture(scope="module")
+def followup(tmp_path_factory):
+    """A baseline with 6-14 mm nodules of the lower lungs and its follow-up 120 days later (moved,
+    rotated and breathing in: the nodules move 1-7 mm against each other besides the rigid move; each
+    grown, shrunk, vanished or stable, plus a new one)."""
+    return _followup_pair(tmp_path_factory.mktemp("followup"),
+                          dict(seed=11, z_center_mm=BASES_Z_MM, nodules=6, nodule_diameter_mm=(6.0, 14.0),
+                               ground_glass_fraction=0.3),
+                          interval_days=120, rotation_deg=(1.0, -1.0, 3.0), shift_mm=(5.0, -3.0, 6.0),
+                          new_nodules=1, breathing_mm=BREATHING_MM)
+
+
+@pytest.fixture(scope="module")
+def followup_upper(tmp_path_factory):
+    """A second, different pair: the upper and middle lungs (z -25..55 mm), seven 6-13 mm nodules, a
+    year later, turned 4 degrees and shifted 13 mm, breathing 10 mm, growth x1.4 / shrinkage x0.6 in
+    diameter (a shrunk one ends at 4.7 mm), two new nodules and two vanished. Its deformable
+    registration misplaces the shrunk nodule by 12 mm where the rigid stage is within 1 mm: matched
+    by the deformable mapping alone it was reported new, its prior resolved."""
+    return _followup_pair(tmp_path_factory.mktemp("followup_upper"),
+                          dict(seed=13, z_center_mm=15.0, nodules=7, nodule_diameter_mm=(6.0, 13.0),
+                               ground_glass_fraction=0.25),
+                          interval_days=365, rotation_deg=(-2.0, 1.5, -4.0), shift_mm=(-8.0, 4.0, 8.0),
+                          new_nodules=2, growth=1.4, shrinkage=0.6, breathing_mm=10.0)
 
 
 def _groups(results) -> dict:
@@ -376,8 +411,12 @@ def _value(group, name):
     return next((m.value for m in group.measurements if m.name == name), None)
 
 
-def test_followup_matches_and_reports_change(followup):
-    base, later, (base_series, first), (later_series, second) = followup
+@pytest.mark.parametrize("pair", ["followup", "followup_upper"])
+def test_followup_matches_and_reports_change(pair, request):
+    """Every persistent nodule matched to its prior (the right one, keeping its Tracking UID), no false
+    match, the new and the vanished ones found, the VDT within 15 % where the volume changed by 25 % or
+    more, "stable" below."""
+    base, later, (base_series, first), (later_series, second) = request.getfixturevalue(pair)
     assert not ResultSet(second).flags
     texts = " ".join(r.text for r in second if isinstance(r, TextFinding))
     assert "Compared with the prior study" in texts and "registered rigidly" not in texts  # deformable, no fallback
@@ -411,7 +450,7 @@ def test_followup_matches_and_reports_change(followup):
         assert seg.tracking_uid == before.tracking_uid  # one lesion, one Tracking UID over time
         # it is the right nodule: the segment lies where the truth puts the follow-up nodule
         assert np.linalg.norm(_centre(second_lm, seg.label, later_series) - c["followup"]["center_mm"]) < 2.0
-        assert _value(group, "interval") == pytest.approx(120.0)
+        assert _value(group, "interval") == pytest.approx(later.changes["interval_days"])
         pct = 100 * (c["volume_ratio"] - 1)
         if abs(pct) >= 25:
             assert _value(group, "volume_doubling_time") == pytest.approx(c["vdt_days"], rel=0.15), truth_id
@@ -420,7 +459,11 @@ def test_followup_matches_and_reports_change(followup):
         else:
             assert dict(group.qualitative)["change"] == "stable"
             assert _value(group, "volume_doubling_time") is None
-    assert sum(v == "new" for v in status.values()) == 1
+    # nothing else: as many persistent, resolved and new as the truth has (no false match, no extra)
+    counts = {k: sum(v == k for v in status.values()) for k in ("persistent", "resolved", "new")}
+    truth = [c["status"] for c in changes.values()]
+    assert counts == {"persistent": sum(t in ("grown", "shrunk", "stable") for t in truth),
+                      "resolved": truth.count("vanished"), "new": truth.count("new")}, counts
 
 
 def test_followup_results_are_valid_dicom(followup, tmp_path):
