@@ -51,7 +51,7 @@ CUT_MARGIN_MM = 1.5  # beyond the full ball a blob is cut to where no core remai
 # overstates a vessel crossing the reach ball at a slant). It keeps what of it lies within
 # OPEN_MARGIN_MM of what remains and nearer that than the vessels (_own_share). Why the largest
 # ball: a smaller one keeps the fillets where vessels meet the nodule, and on voxels of 1 mm an
-# opening of a 7 mm ball loses an erratic part of its rim (10-40 %) whatever the ball, so the split
+# opening of a 7 mm ball loses an erratic part of its rim (10-50 %) whatever the ball, so the split
 # of the blur by distance is off by as much. Trying only 1.6 and 1.2 times the radius by the area,
 # then 1.2 times the short semi-axis, 7 mm nodules touching a 1.8 mm vessel mostly fell through to
 # the smallest ball and measured -12..+14 %; now -6..+8 % (tests, 1.1 mm pixels). A 7.6 mm nodule
