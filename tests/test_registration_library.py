@@ -160,3 +160,12 @@ def test_working_grid_keeps_patient_coordinates():
     x, middle = centres[..., 0], np.median(xyz[..., 0])
     assert coarse[x < middle - 2].all() and not coarse[x > middle + 2].any()
     assert np.array_equal(working_mask(coarse, work.geometry), coarse)
+
+
+def test_the_demons_finest_level_is_a_checked_choice(pair):
+    """A caller may stop the demons at a coarser finest level (nodule follow-up does, for speed);
+    a level that is not finer than the one before it, or below 1 mm, is refused naming the field."""
+    fixed, moving, _ = pair
+    for bad in (4.0, 0.5):
+        with pytest.raises(ValueError, match="finest_mm"):
+            register(fixed.volume, moving.volume, "deformable", finest_mm=bad)
