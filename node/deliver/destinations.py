@@ -77,6 +77,10 @@ def _uid_name(uid: str) -> str:
 class Destination(ABC):
     type: ClassVar[str]
     deidentifies: bool = False  # sends de-identified copies (an Export in the audit trail)
+    # Batches of results sent to it at the same time (node/deliver/loop.py): a small result need
+    # not wait while a large one is stored. One for a DICOM peer (a planning system may take one
+    # association at a time).
+    result_lanes: int = 1
 
     @abstractmethod
     def send(self, items: list[Item]) -> set[str]:
@@ -102,6 +106,8 @@ def destination_type(name: str) -> Callable[[type[Destination]], type[Destinatio
 class OrthancDestination(Destination):
     """The node's archive. Originals: raw bytes to Orthanc's REST API (no re-encoding).
     Results: DICOMweb STOW-RS into their study."""
+
+    result_lanes = 2  # STOW-RS requests side by side: Orthanc stores each in a thread of its own
 
     def __init__(self, endpoint: ArchiveEndpoint) -> None:
         self.endpoint = endpoint
