@@ -28,7 +28,7 @@ log = logging.getLogger("hilum.deliver")
 
 # Originals per batch (and per pass of the loop). A destination's originals go one batch at a time
 # in a lane of their own: a batch of a whole study (300 instances, 158 MB to Orthanc: seconds, more
-# on a busy machine) would hold it until the end; a result becomes due meanwhile goes in a result
+# on a busy machine) would hold it until the end; a result that becomes due meanwhile goes in a result
 # lane. A batch of 32 lasts a fraction of a second.
 ORIGINALS_PER_PASS = 32
 
