@@ -195,6 +195,10 @@ def test_prepared_contour_data_survives_implicit_vr(source, tmp_path):
     points = lambda rt: [[float(v) for v in c.ContourData] for r in rt.ROIContourSequence  # noqa: E731
                          for c in r.get("ContourSequence", [])]
     assert points(implicit) == points(explicit) and len(points(explicit)) > 10
+    # The series' list of images is prepared the same way
+    images = lambda rt: [i.ReferencedSOPInstanceUID for i in rt.ReferencedFrameOfReferenceSequence[0]  # noqa: E731
+                         .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence]
+    assert images(implicit) == images(explicit) == [d.SOPInstanceUID for d in source.datasets]
 
 
 def test_labels_and_masks_traced_together_as_each_alone():

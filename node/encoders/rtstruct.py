@@ -41,6 +41,7 @@ __all__ = ["encode_rtstruct", "format_ds_runs", "format_ds_values"]
 # universally used) SOP Class: Detached Study Management.
 STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 _CONTOUR_SEQUENCE = Tag(0x3006, 0x0040)
+_CONTOUR_IMAGE_SEQUENCE = Tag(0x3006, 0x0016)
 # DS text in 32-bit words of ASCII (little-endian: the first character in the lowest byte):
 # "0000".."9999", ".000"..".999", and a last decimal with the separator after it ("0\\".."9\\").
 _FOUR_DIGITS = np.frombuffer(b"".join(b"%04d" % n for n in range(10000)), dtype="<u4").astype(np.uint32)
@@ -127,9 +128,8 @@ def _text(value: str, pad: bytes = b" ") -> bytes:
 
 
 def _image_item(sop_class: str, sop_uid: str) -> bytes:
-    """A Contour Image Sequence of one item referencing one image, encoded."""
-    return _element(0x30060016, b"SQ", _item(_element(0x00081150, b"UI", _text(sop_class, b"\0")) +
-                                            _element(0x00081155, b"UI", _text(sop_uid, b"\0"))))
+    """A Contour Image Sequence item referencing one image, encoded."""
+    return _item(_element(0x00081150, b"UI", _text(sop_class, b"\0")) + _element(0x00081155, b"UI", _text(sop_uid, b"\0")))
 
 
 def _contour_sequence(images: list[bytes], contours: Contours, points: np.ndarray) -> RawDataElement:
@@ -181,11 +181,6 @@ def _dataset(**attrs) -> Dataset:
     for keyword, value in attrs.items():
         setattr(ds, keyword, value)
     return ds
-
-
-def _image_refs(series: SeriesData) -> list[Dataset]:
-    return [_dataset(ReferencedSOPClassUID=d.SOPClassUID, ReferencedSOPInstanceUID=d.SOPInstanceUID)
-            for d in series.datasets]
 
 
 def _plane_axes(series: SeriesData, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -247,20 +242,24 @@ def encode_rtstruct(
     ds.StructureSetDescription = f"{MODEL_NAME}: rule {ctx.rule}, handler {ctx.handler} {ctx.handler_version}"[:1024]
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    # Every image of the series, each as a Contour Image Sequence item, encoded once: the series'
+    # list below and each contour's own reference take them as they are.
+    image_items = [_image_item(d.SOPClassUID, d.SOPInstanceUID) for d in series.datasets]
+    referenced_series = _dataset(SeriesInstanceUID=series.series_uid)
+    every_image = b"".join(image_items)
+    referenced_series[_CONTOUR_IMAGE_SEQUENCE] = RawDataElement(_CONTOUR_IMAGE_SEQUENCE, "SQ", len(every_image),
+                                                                every_image, 0, False, True)
     ds.ReferencedFrameOfReferenceSequence = [_dataset(
         FrameOfReferenceUID=frame_uid,
         RTReferencedStudySequence=[_dataset(
             ReferencedSOPClassUID=STUDY_SOP_CLASS,
             ReferencedSOPInstanceUID=first.StudyInstanceUID,
-            RTReferencedSeriesSequence=[_dataset(
-                SeriesInstanceUID=series.series_uid,
-                ContourImageSequence=_image_refs(series),
-            )],
+            RTReferencedSeriesSequence=[referenced_series],
         )],
     )]
 
     origins, row_step, col_step = _plane_axes(series, geometry)
-    images = [_image_item(d.SOPClassUID, d.SOPInstanceUID) for d in series.datasets]
+    images = [_element(0x30060016, b"SQ", item) for item in image_items]
     roi_seq, contour_seq, obs_seq = Sequence(), Sequence(), Sequence()
     # Every structure traced in one pass over the label map; an EXTERNAL one from its outline.
     external = {s.label for s in labelmap.segments if s.rt_roi_type == "EXTERNAL"}
@@ -303,7 +302,7 @@ def encode_rtstruct(
     # The structure set itself too: a dataset of unknown encoding is walked whole before writing
     # (pydicom's ambiguous-VR correction), which would decode every prepared contour again. It
     # has no ambiguous VRs (none of its attributes is US-or-SS or OB-or-OW).
-    for roi_contour in contour_seq:
-        roi_contour.set_original_encoding(False, True, roi_contour._character_set)
+    for prepared in (*contour_seq, referenced_series):
+        prepared.set_original_encoding(False, True, prepared._character_set)
     ds.set_original_encoding(False, True, ds._character_set)
     return ds
