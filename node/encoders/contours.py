@@ -148,14 +148,18 @@ def _trace(code: np.ndarray, label_bits: int, skip: frozenset[int], mask_keys: l
     if label_bits:
         lab = corners & corners.dtype.type((1 << label_bits) - 1)
         # Each label of a cell once, at the first corner holding it, with its case (the corners holding it).
-        case = np.zeros(lab.shape, dtype=np.uint8)
+        columns = [np.ascontiguousarray(lab[:, i]) for i in range(4)]
+        case = np.empty(lab.shape, dtype=np.uint8)
+        for j in range(4):
+            case[:, j] = 1 << j
         first = lab != 0
         for j in range(4):
-            for i in range(4):
-                same = lab[:, i] == lab[:, j]
-                case[:, j] |= same.view(np.uint8) << np.uint8(i)
-                if i < j:
-                    first[:, j] &= ~same
+            for i in range(j):  # each pair of corners compared once
+                same = columns[i] == columns[j]
+                bits = same.view(np.uint8)
+                case[:, j] |= bits << np.uint8(i)
+                case[:, i] |= bits << np.uint8(j)
+                first[:, j] &= ~same
         first &= case != 15
         for value in skip:
             first &= lab != value
@@ -201,12 +205,13 @@ def _cycles(cell: np.ndarray, case: np.ndarray, k: np.ndarray, y: np.ndarray, x:
     pts = np.stack([2 * y[at] + _EDGE_ROW2[starts[chain]], 2 * x[at] + _EDGE_COL2[starts[chain]]], axis=1)  # doubled
     # Drop vertices in the middle of straight runs (same step in and out): same polygon, fewer points.
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    first = np.repeat(bounds[:-1], lengths)
-    length = np.repeat(lengths, lengths)
-    local = np.arange(chain.size) - first
-    prev = first + (local - 1) % length
-    after = first + (local + 1) % length
-    keep = np.any((pts - pts[prev]) != (pts[after] - pts), axis=1)
+    step = np.empty_like(pts)  # from the previous vertex of the same polygon (the last one, for its first)
+    step[1:] = pts[1:] - pts[:-1]
+    step[bounds[:-1]] = pts[bounds[:-1]] - pts[bounds[1:] - 1]
+    following = np.empty_like(step)  # to the next vertex: the next one's step, the first one's for the last
+    following[:-1] = step[1:]
+    following[bounds[1:] - 1] = step[bounds[:-1]]
+    keep = np.any(step != following, axis=1)
     slices = k[at[bounds[:-1]]]
     counts = np.add.reduceat(keep.astype(np.int64), bounds[:-1])
     points = pts[keep] / 2.0 - 1.0  # doubled padded coordinates -> pixel indices of the original mask
