@@ -225,3 +225,5 @@ def test_labels_and_masks_traced_together_as_each_alone():
             assert all(np.array_equal(p, q) for (_, p), (_, q) in zip(both[key], polygons)), (n, key)
         packed = packed_contours(labels, skip=skip, masks={1000: outline})
         assert {key: c.polygons() for key, c in packed.items()}.keys() == both.keys()
+    with pytest.raises(ValueError, match="mask keys"):  # a mask under a label's key would mix the two
+        packed_contours(np.ones((1, 3, 3), np.uint8), masks={1: np.ones((1, 3, 3), bool)})

@@ -105,11 +105,15 @@ def packed_contours(labels: np.ndarray, chunk: int = 32, skip: frozenset[int] = 
     # One code per pixel: the label in the low bits, one bit per mask above it. A cell (2x2 pixel
     # centres) whose four codes are equal is inside or outside every label and mask at once, so
     # only the cells with differing codes are looked at any further (a few percent of a CT's).
-    label_bits = int(labels.max()).bit_length() if labels.size else 0
+    top = int(labels.max()) if labels.size else 0
+    clash = sorted(key for key in masks if key not in skip and 0 < key <= top)
+    if clash:
+        raise ValueError(f"mask keys {clash} may also be labels of the volume: skip those labels")
+    label_bits = top.bit_length()
     bits = label_bits + len(masks)
     dtype = next((t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(t).bits >= bits), None)
     if dtype is None:
-        raise ValueError(f"labels up to {int(labels.max())} with {len(masks)} masks do not fit 64 bits")
+        raise ValueError(f"labels up to {top} with {len(masks)} masks do not fit 64 bits")
     parts: dict[int, list[Contours]] = {}
     for k0 in range(0, labels.shape[0], chunk):
         k1 = min(k0 + chunk, labels.shape[0])
