@@ -95,7 +95,7 @@ def report(out: list[dict], args, instances: int, mb: float) -> None:
     print("  job       = job created -> finished: queue, load series, handler, encode, durable write")
     print("              (or -> its last result in Orthanc, when that came first: each result is delivered")
     print("              as soon as it is durable)")
-    print("  deliver   = job finished -> its last result stored in Orthanc (STOW-RS); 0 if already there")
+    print("  deliver   = job finished -> its last result stored in Orthanc (POST /instances); 0 if already there")
     print("  total     = last instance acknowledged -> last result in Orthanc (all results checked there)")
     print("  cold      = total for a fresh node's first study (worker start, imports, model load)")
     print("  (the originals are forwarded to Orthanc at the same time: store_originals_in_orthanc)")

@@ -7,9 +7,9 @@ includes the lungs, airway and bone (the body outline), so its segments overlap;
 holds one label per pixel and can only carry the exclusive labels (External = body less organs),
 a different meaning, listed here for its size and speed.
 
-Each object is then stored by STOW-RS (the node's delivery path: dicomweb-client's
-store_instances) into a real Orthanc with its DICOMweb plugin (tests/pacs_peers.py), one object
-per request as delivery sends a job's SEG; "stow s" is that request's wall time, until Orthanc
+Each object is then stored by STOW-RS (dicomweb-client's store_instances: the node's delivery
+path until session 9, which now posts the file to Orthanc's /instances) into a real Orthanc with
+its DICOMweb plugin (tests/pacs_peers.py), one object per request; "stow s" is that request's wall time, until Orthanc
 answered that it stored the object (one measurement per representation, each its own instance).
 
     .venv/bin/python bench/bench_seg_formats.py [--slices 300] [--size 512] [--no-stow]
@@ -39,7 +39,7 @@ def _inputs(slices: int, size: int):
 
 
 def _stow(url: str, seg) -> float:
-    """Seconds to store ``seg`` by STOW-RS, as node/deliver/destinations.py does; raises if refused."""
+    """Seconds to store ``seg`` by STOW-RS; raises if refused."""
     import requests
     from dicomweb_client.api import DICOMwebClient
 

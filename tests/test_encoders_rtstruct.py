@@ -195,25 +195,35 @@ def test_prepared_contour_data_survives_implicit_vr(source, tmp_path):
     points = lambda rt: [[float(v) for v in c.ContourData] for r in rt.ROIContourSequence  # noqa: E731
                          for c in r.get("ContourSequence", [])]
     assert points(implicit) == points(explicit) and len(points(explicit)) > 10
+    # The series' list of images is prepared the same way
+    images = lambda rt: [i.ReferencedSOPInstanceUID for i in rt.ReferencedFrameOfReferenceSequence[0]  # noqa: E731
+                         .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence]
+    assert images(implicit) == images(explicit) == [d.SOPInstanceUID for d in source.datasets]
 
 
-def test_label_boxes_are_find_objects_boxes():
-    """The plane-by-plane boxes of a few-label map (and find_objects' own for many labels) are the
-    boxes the contours are traced in: the same as ndimage.find_objects, skipped labels left out."""
-    import numpy as np
-    from scipy import ndimage
-
-    from node.encoders.contours import _label_boxes
+def test_labels_and_masks_traced_together_as_each_alone():
+    """One pass traces every label and mask of a volume (packed_contours): each one's polygons,
+    vertex for vertex and in the same order, are those of its own mask traced alone, whatever
+    the label type, the labels skipped or the slices per chunk."""
+    from node.encoders.contours import packed_contours
 
     rng = np.random.default_rng(4)
-    for n in range(40):
-        top = 5 if n % 4 else 30  # 30: find_objects' own path
-        labels = (rng.integers(0, top, size=(6, 9, 11)) * (rng.random((6, 9, 11)) < 0.15)).astype(np.uint8)
-        if n % 3 == 0:
-            labels[:] = 0
-            labels[2, 3, 4] = 3  # one voxel
-        skip = frozenset({n % 5})
-        expected = {i + 1: box for i, box in enumerate(ndimage.find_objects(labels))
-                    if box is not None and i + 1 not in skip}
-        assert _label_boxes(labels, skip) == expected, n
-    assert _label_boxes(np.zeros((2, 3, 4), np.uint8), frozenset()) == {}
+    for n in range(30):
+        shape = (int(rng.integers(1, 6)), int(rng.integers(1, 25)), int(rng.integers(1, 25)))
+        top = 40 if n % 5 == 0 else 6
+        dtype = (np.uint8, np.uint16, np.int32)[n % 3]
+        labels = (rng.integers(0, top + 1, size=shape) * (rng.random(shape) < rng.uniform(0.2, 0.95))).astype(dtype)
+        outline = rng.random(shape) < rng.uniform(0.1, 0.9)
+        skip = frozenset({int(rng.integers(0, 5))})
+        both = label_contours(labels, chunk=int(rng.integers(1, 4)), skip=skip, masks={1000: outline})
+        alone = {int(v): mask_contours(labels == v) for v in np.unique(labels) if v and int(v) not in skip}
+        alone[1000] = mask_contours(outline)
+        alone = {key: polygons for key, polygons in alone.items() if polygons}
+        assert sorted(both) == sorted(alone), n
+        for key, polygons in alone.items():
+            assert [k for k, _ in both[key]] == [k for k, _ in polygons], (n, key)
+            assert all(np.array_equal(p, q) for (_, p), (_, q) in zip(both[key], polygons)), (n, key)
+        packed = packed_contours(labels, skip=skip, masks={1000: outline})
+        assert {key: c.polygons() for key, c in packed.items()}.keys() == both.keys()
+    with pytest.raises(ValueError, match="mask keys"):  # a mask under a label's key would mix the two
+        packed_contours(np.ones((1, 3, 3), np.uint8), masks={1: np.ones((1, 3, 3), bool)})

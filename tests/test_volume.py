@@ -84,3 +84,30 @@ def test_released_pixels_keep_the_grid_and_refuse_to_be_read(ct):
     for read in (lambda a: a[3], lambda a: np.asarray(a), lambda a: list(a)):
         with pytest.raises(RuntimeError, match="released"):
             read(gone.array)
+
+
+def test_native_pixels_are_pydicoms(ct):
+    """Uncompressed little-endian slices are read straight from their Pixel Data (the load's fast
+    path): the same values and type as pydicom's pixel_array, bits above Bits Stored cleared or
+    the sign extended from them; anything else is left to pydicom."""
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, RLELossless
+
+    from node.volume import _native_pixels
+
+    rng = np.random.default_rng(3)
+    template = pydicom.dcmread(ct.series_files()[0])
+    assert np.array_equal(_native_pixels(template), template.pixel_array)
+    shape = (int(template.Rows), int(template.Columns))
+    for signed in (0, 1):
+        for allocated, stored in ((16, 16), (16, 12), (16, 10), (8, 8), (8, 6)):
+            ds = pydicom.dcmread(ct.series_files()[0])
+            raw = rng.integers(0, 1 << allocated, size=shape, dtype=np.uint16 if allocated == 16 else np.uint8)
+            ds.PixelData, ds.BitsAllocated, ds.BitsStored = raw.tobytes(), allocated, stored
+            ds.HighBit, ds.PixelRepresentation = stored - 1, signed
+            ours, theirs = _native_pixels(ds), ds.pixel_array
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), (signed, allocated, stored)
+    for syntax in (ExplicitVRBigEndian, RLELossless):
+        ds = pydicom.dcmread(ct.series_files()[0])
+        ds.file_meta.TransferSyntaxUID = syntax
+        assert _native_pixels(ds) is None

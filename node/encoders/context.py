@@ -29,6 +29,9 @@ class EncodeContext:
     # The node's device serial, also when a remote worker encodes: the objects name the node that
     # answers for them, and a job's bytes do not depend on which host ran it.
     device_serial: str = NODE_DEVICE_SERIAL
+    # The job's views of its source headers (common.header_views), made once and shared by its
+    # encoders: what one SEG decoded of 300 headers, the next need not decode again.
+    header_views: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def date(self) -> str:

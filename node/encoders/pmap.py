@@ -18,7 +18,7 @@ from node.encoders.common import (
     coded,
     contributing_equipment,
     copy_patient_study,
-    header_view,
+    header_views,
     series_description,
     source_series,
 )
@@ -56,7 +56,7 @@ def encode_quantity_map(qmap: QuantityMap, sources: dict[str, SeriesData], ctx: 
     description = series_description(qmap.description, "MAP")
     uid_key = ("PMAP", series_number)
     pm = hd.pm.ParametricMap(
-        source_images=[header_view(ds) for ds in series.datasets],
+        source_images=header_views(series, ctx),
         pixel_array=volume,
         series_instance_uid=ctx.uid(*uid_key, "series"),
         series_number=series_number,

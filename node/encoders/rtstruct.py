@@ -31,7 +31,7 @@ from node.encoders.common import (
     source_series,
 )
 from node.encoders.context import EncodeContext
-from node.encoders.contours import label_contours, mask_contours
+from node.encoders.contours import Contours, packed_contours
 from node.results import LabelMap
 from node.volume import Geometry, SeriesData
 
@@ -41,6 +41,12 @@ __all__ = ["encode_rtstruct", "format_ds_runs", "format_ds_values"]
 # universally used) SOP Class: Detached Study Management.
 STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 _CONTOUR_SEQUENCE = Tag(0x3006, 0x0040)
+_CONTOUR_IMAGE_SEQUENCE = Tag(0x3006, 0x0016)
+# DS text in 32-bit words of ASCII (little-endian: the first character in the lowest byte):
+# "0000".."9999", ".000"..".999", and a last decimal with the separator after it ("0\\".."9\\").
+_FOUR_DIGITS = np.frombuffer(b"".join(b"%04d" % n for n in range(10000)), dtype="<u4").astype(np.uint32)
+_POINT_AND_3 = np.frombuffer(b"".join(b".%03d" % n for n in range(1000)), dtype="<u4").astype(np.uint32)
+_LAST_AND_BACKSLASH = np.frombuffer(b"".join(b"%d\\\0\0" % n for n in range(10)), dtype="<u4").astype(np.uint32)
 
 
 def format_ds_values(values: np.ndarray) -> bytes:
@@ -48,20 +54,58 @@ def format_ds_values(values: np.ndarray) -> bytes:
     return format_ds_runs(values, [np.asarray(values).size])[0]
 
 
-def format_ds_runs(values: np.ndarray, counts: list[int]) -> list[bytes]:
-    """``format_ds_values`` of consecutive runs of ``values`` (``counts`` values each), rounded and
-    range-checked in one pass: a structure set has tens of thousands of contours, and the NumPy
-    calls per contour cost as much as the formatting itself."""
-    flat = np.round(np.asarray(values, dtype=float).ravel(), 4) + 0.0  # + 0.0 turns -0.0 into 0.0
-    if flat.size and np.max(np.abs(flat)) >= 1e10:
-        raise ValueError("contour coordinate beyond 1e10 mm: cannot be written as DS")
-    numbers = flat.tolist()
+def format_ds_runs(values: np.ndarray, counts) -> list[bytes]:
+    """``format_ds_values`` of consecutive runs of ``values`` (``counts`` values each), each run's
+    text padded to an even length. A structure set has millions of coordinates in tens of
+    thousands of contours, so the text is made for all of them at once, digit by digit, in NumPy
+    (Python's "%.4f" on each number took a fifth of the whole encoder's time): each value's
+    characters right-aligned in a row of a byte matrix with a backslash after it, the rows'
+    used characters read out in one go, then cut per run. The bytes are "%.4f" of the value
+    rounded to 4 decimals, without a minus sign on a value that rounds to zero."""
+    flat = np.asarray(values, dtype=float).ravel()
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() != flat.size:
+        raise ValueError(f"format_ds_runs: runs of {int(counts.sum())} values given {flat.size}")
+    # The value in units of 0.1 µm, rounded as np.round(value, 4) rounds; "%.4f" of that rounded
+    # value is exactly these digits (a double is far closer to q / 10^4 than 0.5 of the last digit).
+    tenths = np.rint(flat * 1e4)
+    if flat.size and not (np.all(np.isfinite(tenths)) and np.max(np.abs(tenths)) < 1e14):
+        raise ValueError("contour coordinate beyond 1e10 mm or not a number: cannot be written as DS")
+    q = tenths.astype(np.int64)
+    negative = q < 0
+    whole, tail = np.divmod(np.abs(q), 10000)
+    top = int(whole.max()) if flat.size else 0
+    digits = np.ones(q.shape, dtype=np.int64)  # of the whole part
+    power = 10
+    while power <= top:
+        digits += whole >= power
+        power *= 10
+    width = negative + digits + 5  # sign, whole part, point, 4 decimals: at most 16
+    # Each value a row of 4-byte words (whole groups of 4 digits, ".ddd", "d\\" and 2 unused
+    # bytes), so every piece is one aligned 32-bit store from a table.
+    groups = len(str(top)) // 4 + 1  # with room for the sign
+    words = np.empty((flat.size, groups + 2), dtype=np.uint32)
+    words[:, -2] = _POINT_AND_3[tail // 10]
+    words[:, -1] = _LAST_AND_BACKSLASH[tail % 10]
+    for group in range(groups):  # the whole part, four digits at a time from the units up
+        whole, part = np.divmod(whole, 10000)
+        words[:, -3 - group] = _FOUR_DIGITS[part]
+    text = words.view(np.uint8)  # (values, 4 * (groups + 2)) characters
+    end = text.shape[1] - 2  # the backslash's column + 1
+    first = end - 1 - width  # the value's first column
+    text[np.flatnonzero(negative), first[negative]] = ord("-")
+    used = np.arange(text.shape[1], dtype=np.int64)[None, :end] >= first[:, None]
+    blob = text[:, :end][used].tobytes()
+    ends = np.cumsum(width + 1)[np.cumsum(counts) - 1].tolist() if flat.size else []
     out, start = [], 0
-    for count in counts:
-        text = ("\\".join(["%.4f"] * count) % tuple(numbers[start:start + count])).encode("ascii")
-        out.append(text + b" " if len(text) % 2 else text)
-        start += count
-    return out
+    for n, end in zip(counts.tolist(), ends):
+        if n == 0:
+            out.append(b"")
+            continue
+        piece = blob[start:end - 1]  # without the run's last backslash
+        out.append(piece + b" " if len(piece) % 2 else piece)
+        start = end
+    return out + [b""] * (counts.size - len(out))
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -83,24 +127,26 @@ def _text(value: str, pad: bytes = b" ") -> bytes:
     return data + pad if len(data) % 2 else data
 
 
-def _contour_sequence(images: list[tuple[str, str]], points: np.ndarray, counts: list[int]) -> RawDataElement:
+def _image_item(sop_class: str, sop_uid: str) -> bytes:
+    """A Contour Image Sequence item referencing one image, encoded."""
+    return _item(_element(0x00081150, b"UI", _text(sop_class, b"\0")) + _element(0x00081155, b"UI", _text(sop_uid, b"\0")))
+
+
+def _contour_sequence(images: list[bytes], contours: Contours, points: np.ndarray) -> RawDataElement:
     """The Contour Sequence of one ROI, encoded here: a big structure set has tens of thousands of
     contours and millions of coordinates, and building them as pydicom items (then serialising
-    them element by element) took most of the encoder's time. Contour i lies on ``images[i]``
-    and has the next ``counts[i]`` rows of ``points`` (x, y, z). Every value is ASCII, so the
-    bytes are the same in any character set."""
-    items = []
-    data = format_ds_runs(points, [3 * n for n in counts])
-    for number, ((sop_class, sop_uid), n, xyz) in enumerate(zip(images, counts, data), start=1):
-        image = _item(_element(0x00081150, b"UI", _text(sop_class, b"\0")) +
-                      _element(0x00081155, b"UI", _text(sop_uid, b"\0")))
-        items.append(_item(
-            _element(0x30060016, b"SQ", image)
-            + _element(0x30060042, b"CS", b"CLOSED_PLANAR ")
-            + _element(0x30060046, b"IS", _text(str(n)))
-            + _element(0x30060048, b"IS", _text(str(number)))
-            + _element(0x30060050, b"DS", xyz)
-        ))
+    them element by element) took most of the encoder's time. Contour i lies on the image whose
+    encoded Contour Image Sequence is ``images[contours.slices[i]]`` and has the next
+    ``contours.counts[i]`` rows of ``points`` (x, y, z). Every value is ASCII, so the bytes are
+    the same in any character set."""
+    closed = _element(0x30060042, b"CS", b"CLOSED_PLANAR ")
+    counts = contours.counts.tolist()
+    data = format_ds_runs(points, contours.counts * 3)
+    items = [
+        _item(b"".join((images[k], closed, _element(0x30060046, b"IS", _text(str(n))),
+                        _element(0x30060048, b"IS", _text(str(number))), _element(0x30060050, b"DS", xyz))))
+        for number, (k, n, xyz) in enumerate(zip(contours.slices.tolist(), counts, data), start=1)
+    ]
     value = b"".join(items)
     return RawDataElement(_CONTOUR_SEQUENCE, "SQ", len(value), value, 0, False, True)
 
@@ -135,11 +181,6 @@ def _dataset(**attrs) -> Dataset:
     for keyword, value in attrs.items():
         setattr(ds, keyword, value)
     return ds
-
-
-def _image_refs(series: SeriesData) -> list[Dataset]:
-    return [_dataset(ReferencedSOPClassUID=d.SOPClassUID, ReferencedSOPInstanceUID=d.SOPInstanceUID)
-            for d in series.datasets]
 
 
 def _plane_axes(series: SeriesData, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -201,25 +242,29 @@ def encode_rtstruct(
     ds.StructureSetDescription = f"{MODEL_NAME}: rule {ctx.rule}, handler {ctx.handler} {ctx.handler_version}"[:1024]
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    # Every image of the series, each as a Contour Image Sequence item, encoded once: the series'
+    # list below and each contour's own reference take them as they are.
+    image_items = [_image_item(d.SOPClassUID, d.SOPInstanceUID) for d in series.datasets]
+    referenced_series = _dataset(SeriesInstanceUID=series.series_uid)
+    every_image = b"".join(image_items)
+    referenced_series[_CONTOUR_IMAGE_SEQUENCE] = RawDataElement(_CONTOUR_IMAGE_SEQUENCE, "SQ", len(every_image),
+                                                                every_image, 0, False, True)
     ds.ReferencedFrameOfReferenceSequence = [_dataset(
         FrameOfReferenceUID=frame_uid,
         RTReferencedStudySequence=[_dataset(
             ReferencedSOPClassUID=STUDY_SOP_CLASS,
             ReferencedSOPInstanceUID=first.StudyInstanceUID,
-            RTReferencedSeriesSequence=[_dataset(
-                SeriesInstanceUID=series.series_uid,
-                ContourImageSequence=_image_refs(series),
-            )],
+            RTReferencedSeriesSequence=[referenced_series],
         )],
     )]
 
     origins, row_step, col_step = _plane_axes(series, geometry)
-    image_uids = [(d.SOPClassUID, d.SOPInstanceUID) for d in series.datasets]
+    images = [_element(0x30060016, b"SQ", item) for item in image_items]
     roi_seq, contour_seq, obs_seq = Sequence(), Sequence(), Sequence()
+    # Every structure traced in one pass over the label map; an EXTERNAL one from its outline.
     external = {s.label for s in labelmap.segments if s.rt_roi_type == "EXTERNAL"}
-    polygons = label_contours(labelmap.labels, skip=frozenset(external))
-    for label in external:
-        polygons[label] = mask_contours(external_mask(labelmap.labels, label))
+    traced = packed_contours(labelmap.labels, skip=frozenset(external),
+                             masks={label: external_mask(labelmap.labels, label) for label in external})
     for number, (segment, name) in enumerate(zip(labelmap.segments, names), start=1):
         roi_seq.append(_dataset(
             ROINumber=number,
@@ -229,14 +274,13 @@ def encode_rtstruct(
             ROIGenerationAlgorithm="AUTOMATIC",
             ROIGenerationDescription=f"{ctx.handler} {ctx.handler_version}"[:64],
         ))
-        mine = polygons.get(segment.label, [])
+        mine = traced.get(segment.label)
         roi_contour = _dataset(ROIDisplayColor=list(segment.color), ReferencedROINumber=number)
-        if mine:  # an empty structure is an ROI without contours (TPS show it as empty)
-            counts = [len(polygon) for _, polygon in mine]
-            slices = np.repeat([k for k, _ in mine], counts)
-            pixels = np.concatenate([polygon for _, polygon in mine])  # (row, col) pixel indices
+        if mine is not None:  # an empty structure is an ROI without contours (TPS show it as empty)
+            slices = np.repeat(mine.slices, mine.counts)
+            pixels = mine.points  # (row, col) pixel indices
             points = origins[slices] + pixels[:, 1:2] * row_step + pixels[:, 0:1] * col_step
-            roi_contour[_CONTOUR_SEQUENCE] = _contour_sequence([image_uids[k] for k, _ in mine], points, counts)
+            roi_contour[_CONTOUR_SEQUENCE] = _contour_sequence(images, mine, points)
         contour_seq.append(roi_contour)
         obs_seq.append(_dataset(
             ObservationNumber=number,
@@ -258,7 +302,7 @@ def encode_rtstruct(
     # The structure set itself too: a dataset of unknown encoding is walked whole before writing
     # (pydicom's ambiguous-VR correction), which would decode every prepared contour again. It
     # has no ambiguous VRs (none of its attributes is US-or-SS or OB-or-OW).
-    for roi_contour in contour_seq:
-        roi_contour.set_original_encoding(False, True, roi_contour._character_set)
+    for prepared in (*contour_seq, referenced_series):
+        prepared.set_original_encoding(False, True, prepared._character_set)
     ds.set_original_encoding(False, True, ds._character_set)
     return ds

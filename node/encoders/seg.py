@@ -34,7 +34,7 @@ from node.encoders.common import (
     coded,
     contributing_equipment,
     copy_patient_study,
-    header_view,
+    header_views,
     job_time,
     series_description,
     settle_encoding,
@@ -189,7 +189,12 @@ def _label_map_pixels(labels: np.ndarray, numbers: dict[int, int]) -> np.ndarray
     lut = np.zeros(max(256, int(labels.max(initial=0)) + 1), dtype=np.uint8)
     for label, number in numbers.items():
         lut[label] = number
-    return lut[labels]  # one pass, one uint8 volume: no per-segment masks
+    # One pass, one uint8 volume, no per-segment masks; a slice at a time (half the time of one
+    # gather over the volume, whose index stream leaves the cache).
+    out = np.empty(labels.shape, dtype=np.uint8)
+    for k in range(labels.shape[0]):
+        np.take(lut, labels[k], out=out[k])
+    return out
 
 
 def _with_known_overlap(overlap: bool, members: dict[int, tuple[int, ...]],
@@ -318,7 +323,7 @@ def encode_seg(
     description = series_description(labelmap.description, "SEG" if not fractional else "SEG probability")
     texts = [description, labelmap.description] + [labelmap.segment(label).name for label in part.labels]
     seg = segmentation_class(
-        source_images=[header_view(ds) for ds in series.datasets],
+        source_images=header_views(series, ctx),
         pixel_array=pixels,
         segmentation_type=seg_type,
         segment_descriptions=_segment_descriptions(labelmap, ctx, uid_key, part.labels),

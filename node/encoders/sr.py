@@ -33,7 +33,7 @@ from node.encoders.common import (
     coded,
     contributing_equipment,
     copy_patient_study,
-    header_view,
+    header_views,
     job_time,
     series_description,
     source_series,
@@ -265,7 +265,7 @@ def _text_container(findings: list[TextFinding]) -> hd.sr.ContainerContentItem:
 def _document(cls, content, series: SeriesData, ctx: EncodeContext, *, uid_key: tuple, series_number: int,
               description: str, texts: list[str], evidence: list[Dataset]) -> Dataset:
     sr = cls(
-        evidence=[header_view(ds) for ds in series.datasets] + evidence,
+        evidence=header_views(series, ctx) + evidence,
         content=content,
         series_instance_uid=ctx.uid(*uid_key, "series"),
         series_number=series_number,

@@ -708,9 +708,12 @@ class Index:
             (now, limit),
         ).fetchall()
 
-    def next_delivery_at(self) -> float | None:
-        row = self.conn().execute("SELECT MIN(next_at) FROM deliveries WHERE status='pending'").fetchone()
-        return row[0]
+    def next_delivery_at(self, after: float | None = None) -> float | None:
+        """When the next pending delivery is due (``after``: the first due later than that)."""
+        if after is None:
+            return self.conn().execute("SELECT MIN(next_at) FROM deliveries WHERE status='pending'").fetchone()[0]
+        return self.conn().execute("SELECT MIN(next_at) FROM deliveries WHERE status='pending' AND next_at > ?",
+                                   (after,)).fetchone()[0]
 
     def delivered(self, ids: list[int]) -> None:
         now = time.time()
