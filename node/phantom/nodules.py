@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
 
+from node.phantom.breathing import breathing_displacement
 from node.phantom.canvas import Canvas
 from node.phantom.chest import LUNG_LEFT, LUNG_RIGHT, PART_SOLID_CORE, ChestAnatomy, ChestPainter
 
@@ -207,3 +209,67 @@ def evolve(rng: np.random.Generator, baseline: list[Nodule], room: LungRoom, new
     for nod in place_nodules(rng, room, new_count, diameter_range, ground_glass_fraction, baseline, first):
         changes.append(NoduleChange(nod.id, "new", None, nod))
     return changes
+
+
+_SETTLE_STEP = 0.25  # mm, the local grid a follow-up nodule is settled on
+_SETTLE_TOL = 0.35  # mm: a nodule this close to its goal stays where it is (its truth unchanged)
+_SETTLE_REACH = 12.0  # mm, the farthest a nodule is moved (beyond its radius, the local grid's half width)
+
+
+def drawn_clearance(room: LungRoom, center, half_mm: float, amplitude_mm: float,
+                    in_scan: Callable[[np.ndarray], np.ndarray], step: float = _SETTLE_STEP):
+    """Distance (mm) from each point of a local grid around ``center`` (anatomical mm, the frame the
+    follow-up draws its spheres in) to the nearest point that is not lung *as the study draws it*:
+    the anatomy deformed by breathing (at u the anatomy of u + d(u)), and nothing beyond the scanned
+    slab (``in_scan``: (..., 3) anatomical points -> bool). Returns (distance, points (z, y, x, 3)).
+    The distance runs to the nearest non-lung sample's centre, less half a step: about the distance
+    to the boundary itself."""
+    n = int(round(half_mm / step))
+    axes = [c + step * np.arange(-n, n + 1) for c in center]  # the middle sample is ``center`` itself
+    zz, yy, xx = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    pts = np.stack([xx, yy, zz], axis=-1)
+    seen = pts + breathing_displacement(pts, amplitude_mm) if amplitude_mm > 0 else pts
+    lo, hi = seen.reshape(-1, 3).min(axis=0) - step, seen.reshape(-1, 3).max(axis=0) + step
+    xs, ys, zs = (np.arange(a, b + 1e-6, step) for a, b in zip(lo, hi))
+    painter = ChestPainter(room.bare, Canvas(xs, ys))
+    codes = np.zeros((len(zs), len(ys), len(xs)), np.uint8)
+    for k, z in enumerate(zs):
+        painter.paint(z, codes[k], False)
+    idx = np.rint((seen - lo) / step).astype(np.intp)
+    drawn = codes[idx[..., 2], idx[..., 1], idx[..., 0]]  # nearest sample, as the study's drawing does
+    lung = ((drawn == LUNG_LEFT) | (drawn == LUNG_RIGHT)) & in_scan(pts)
+    if lung.all():  # nothing but lung: farther than the grid reaches
+        return np.full(lung.shape, np.inf), pts
+    return np.where(lung, ndimage.distance_transform_edt(lung, sampling=step) - step / 2, 0.0), pts
+
+
+def settle(nod: Nodule, room: LungRoom, amplitude_mm: float, in_scan: Callable[[np.ndarray], np.ndarray]) -> Nodule:
+    """``nod`` (a follow-up nodule, centred where its tissue moved to) placed so that the truth
+    describes the image: its sphere inside the lungs as drawn (breathing included) and inside the
+    scanned slab, and a juxtapleural nodule touching the pleura, neither sunk into it nor off it.
+
+    Spheres are painted over the anatomy, so the part of one that sinks into the chest wall or
+    diaphragm (a pleural nodule grown about its centre, or one that breathing moved against the
+    wall) is wall-coloured and not seen, and a part beyond the slab is not imaged. A nodule already
+    within ``_SETTLE_TOL`` of its goal is left where it is; otherwise it moves to the nearest place
+    that meets it: a pleural one that grew, into the lung; one that shrank, back onto the pleura."""
+    r = nod.radius
+    dist, _ = drawn_clearance(room, nod.center, r + 2 * _SETTLE_TOL, amplitude_mm, in_scan)  # the check: a small grid
+    m = dist.shape[0] // 2
+    here = dist[m, m, m]
+    if (abs(here - r) <= _SETTLE_TOL) if nod.pleural else (here >= r - _SETTLE_TOL):
+        return nod
+    dist, pts = drawn_clearance(room, nod.center, r + _SETTLE_REACH, amplitude_mm, in_scan)
+    # Only points whose clearance the local grid can tell (their sphere and its reach inside it).
+    inner = np.zeros(dist.shape, bool)
+    b = int(np.ceil((r + 1.0) / _SETTLE_STEP))
+    inner[b:-b, b:-b, b:-b] = True
+    fits = inner & ((np.abs(dist - r) <= _SETTLE_STEP) if nod.pleural else (dist >= r))
+    if not fits.any():
+        where = "against the pleura" if nod.pleural else "inside the lungs"
+        raise ValueError(f"generate_followup: nodule {nod.id} ({nod.diameter_mm} mm) has no place {where} within "
+                         f"{_SETTLE_REACH:g} mm of where its tissue is drawn (breathing or the scanned slab carried "
+                         "it off); use less breathing_mm or scan more of the chest")
+    cand = pts[fits]
+    best = cand[np.argmin(np.linalg.norm(cand - np.asarray(nod.center), axis=1))]
+    return replace(nod, center=tuple(float(round(v, 3)) for v in best))
