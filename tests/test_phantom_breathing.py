@@ -112,6 +112,18 @@ def test_juxtapleural_nodules_grow_into_the_lung(tmp_path, amplitude):
                               breathing_mm=amplitude)
     codes = {e["name"]: int(e["value"]) for e in base.label_table["labels"]}
     seen_ok = [codes[n] for n in ("lung_left", "lung_right", "nodule_solid", "pulmonary_vessel")]
+    # The baseline's pleural nodules touch the pleura (until session 9 the end of the scanned range
+    # counted as pleura: the tests' "pleural" variant had all four there, touching nothing).
+    labels, _ = base.label_volume()
+    geom = load_series(base.series_files()).volume.geometry
+    for t in base.nodules:
+        c = np.rint(t["center_voxel_kji"]).astype(int)
+        reach = np.ceil((t["radius_mm"] + 2) / np.asarray(geom.spacing[::-1])).astype(int)
+        lo, hi = np.maximum(c - reach, 0), np.minimum(c + reach + 1, labels.shape)
+        kji = lo + np.indices(hi - lo).reshape(3, -1).T
+        d = np.linalg.norm(geom.index_to_patient(kji) - t["center_mm"], axis=1)
+        shell = kji[(d > t["radius_mm"]) & (d <= t["radius_mm"] + 1.5)]
+        assert (~np.isin(labels[tuple(shell.T)], seen_ok)).any(), t
     statuses = set()
     for t in later.nodules:
         assert t["pleural"]
@@ -126,3 +138,18 @@ def test_juxtapleural_nodules_grow_into_the_lung(tmp_path, amplitude):
         assert wall[d <= r].mean() < 0.03, (t["id"], t["change"], wall[d <= r].mean())
         assert wall[(d > r) & (d <= r + 1.0)].any(), (t["id"], t["change"])  # still on the pleura
     assert {"grown", "shrunk"} <= statuses
+
+
+def test_a_nodule_breathing_carries_out_of_the_scan_is_refused_by_name(tmp_path):
+    """A juxtapleural nodule on the diaphragm of a slab ending just below it: breathing in carries its
+    tissue ~10 mm down, out of the slab, and no place on the pleura inside the slab is near. The study
+    is refused naming the nodule, not written with a truth that lists a nodule the scan does not show."""
+    base = generate_ct(tmp_path / "base", seed=21, rows=320, cols=320, slices=70, pixel_spacing=1.1,
+                       slice_thickness=1.0, z_center_mm=-30.0, nodules=0, pleural_nodules=3,
+                       nodule_diameter_mm=(7.0, 10.0))
+    with pytest.raises(ValueError, match=r"nodule N2 \(12.28 mm\) has no place against the pleura"):
+        generate_followup(base, tmp_path / "later", seed=4, interval_days=90, new_nodules=0, growth=1.4,
+                          shrinkage=0.6, rotation_deg=(0.0, 0.0, 2.0), shift_mm=(2.0, -1.0, 3.0),
+                          breathing_mm=AMPLITUDE_MM)
+    generate_followup(base, tmp_path / "still", seed=4, interval_days=90, new_nodules=0, growth=1.4,
+                      shrinkage=0.6, rotation_deg=(0.0, 0.0, 2.0), shift_mm=(2.0, -1.0, 3.0))  # without breathing: fine

@@ -216,7 +216,7 @@ def evolve(rng: np.random.Generator, baseline: list[Nodule], room: LungRoom, new
 
 _SETTLE_STEP = 0.25  # mm, the local grid a follow-up nodule is settled on
 _SETTLE_TOL = 0.35  # mm: a nodule this close to its goal stays where it is (its truth unchanged)
-_SETTLE_REACH = 12.0  # mm, the farthest a nodule is moved (beyond its radius, the local grid's half width)
+_SETTLE_REACH = 12.0  # mm, the local grid's half width beyond the radius: a nodule moves up to 1 mm less
 
 
 def drawn_clearance(room: LungRoom, center, half_mm: float, amplitude_mm: float,
@@ -278,7 +278,7 @@ def settle(nod: Nodule, room: LungRoom, amplitude_mm: float, in_scan: Callable[[
     if not fits.any():
         where = "against the pleura" if nod.pleural else "inside the lungs"
         raise ValueError(f"generate_followup: nodule {nod.id} ({nod.diameter_mm} mm) has no place {where} and in the "
-                         f"scanned slab within {_SETTLE_REACH:g} mm of where its tissue is drawn (breathing or the "
+                         f"scanned slab within {_SETTLE_REACH - 1:g} mm of where its tissue is drawn (breathing or the "
                          "slab carried it off); use less breathing_mm or scan more of the chest")
     cand = pts[fits]
     best = cand[np.argmin(np.linalg.norm(cand - np.asarray(nod.center), axis=1))]
