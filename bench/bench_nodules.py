@@ -34,7 +34,9 @@ BREATHING_MM = 15.0  # the follow-up's deformation (node.phantom.breathing), as 
 def phantoms(size: int, slices: int):
     from node.phantom import PhantomStudy, generate_ct, generate_followup
 
-    where = Path(tempfile.gettempdir()) / f"hilum-bench-nodules-{size}x{slices}-breathing{BREATHING_MM:g}"
+    # "-settled": since session 9 the follow-up's nodules are settled where the image shows them
+    # (node.phantom.nodules.settle); a cache from before has a grown pleural nodule sunk into the wall.
+    where = Path(tempfile.gettempdir()) / f"hilum-bench-nodules-{size}x{slices}-breathing{BREATHING_MM:g}-settled"
     if (where / "later" / "phantom.json").is_file():
         return PhantomStudy.open(where / "base"), PhantomStudy.open(where / "later")
     spacing = SPACING_MM.get(size, round(0.7 * 512 / size, 3))

@@ -255,12 +255,10 @@ def test_a_job_names_the_detector_in_every_object(tmp_path, phantom):
 # Phantoms the shipped detector never saw (other seeds than its training set's 1900..1913), with the
 # cases that make nodule detection hard: against the pleura, beside a vessel tree whose branch points
 # look blob-like, part-solid, small ones near the apex with more noise.
-# Measured (threshold 0.2): solid >= 5 mm 21/24, ground glass >= 8 mm 5/5, no false positive (the blob
-# measure on the same scans: 22/24, 5/5, 0.75 per scan - the vessel branch points the detector has learnt
-# to leave). Short of the issue's 0.95 for solid nodules: two juxtapleural nodules near the top of the
-# pleural_vessels scan, which the handler's measurement rejects whoever proposes them (the blob measure
-# misses them too: the bright part runs along the curving pleura, _cut_fraction > 0.45), and one 6.2 mm
-# nodule beside the vessel tree the detector does not fire on.
+# Measured (threshold 0.2, session 9): solid >= 5 mm 22/24, ground glass >= 8 mm 5/5, no false positive
+# (the blob measure on the same scans: 24/24, 5/5, none). Short of the issue's 0.95 for solid nodules: a
+# 10.6 mm juxtapleural nodule of pleural_vessels and a 6.2 mm one beside the vessel tree, which the detector
+# does not fire on. (Until session 9 pleural_vessels' N7 sat on the scan's end, not the pleura: 21/24.)
 SHIPPED_MIN_SOLID_SENSITIVITY = 0.85
 SHIPPED_MIN_GGN_SENSITIVITY = 0.85
 SHIPPED_MAX_FP_PER_SCAN = 0.25
@@ -351,7 +349,14 @@ def test_the_shipped_detectors_nodules_are_measured_like_the_blob_measures(shipp
             near = [v for c, v in found if np.linalg.norm(np.subtract(c, t["center_mm"])) <= 3.0]
             near_blob = [v for c, v in blob if np.linalg.norm(np.subtract(c, t["center_mm"])) <= 3.0]
             if near and near_blob:
-                assert near[0] == pytest.approx(near_blob[0], rel=0.02), (name, t, near[0], near_blob[0])
+                # Against the pleura the wall cut away depends on the candidate's scale and place (the
+                # reach ball, the ball the wall holds): pleural_vessels' 11.6 mm N7 measures -1.1 % from
+                # the detector's candidate, +3.8 % from the blob measure's. Elsewhere the same volume.
+                if t["pleural"]:
+                    assert near[0] == pytest.approx(near_blob[0], rel=0.06), (name, t, near[0], near_blob[0])
+                    assert abs(near[0] / t["volume_mm3"] - 1) <= 0.10, (name, t, near[0])
+                else:
+                    assert near[0] == pytest.approx(near_blob[0], rel=0.02), (name, t, near[0], near_blob[0])
                 same += 1
             # apex_small (25 HU noise at the apex): two 7.5 mm nodules measure +11 % and +17 % on either
             # path; pleural_vessels: vessel stubs (see test_lung_nodules' volume test)

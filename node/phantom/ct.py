@@ -53,6 +53,7 @@ from node.phantom.nodules import (
     lung_room,
     place_nodules,
     place_pleural,
+    settle,
 )
 from node.phantom.study import MANIFEST, PhantomStudy, geometry_json, prepare_out_dir, write_json, write_labels
 from node.uids import derived_uid
@@ -612,6 +613,14 @@ def generate_followup(baseline: PhantomStudy | str | Path, out_dir: str | Path, 
         changes = [replace(c, followup=c.followup and replace(
             c.followup, center=tuple(float(round(v, 3)) for v in moved_to(c.followup.center, breathing_mm))))
             for c in changes]
+
+    def in_scan(points: np.ndarray) -> np.ndarray:
+        kji = geom.patient_to_index(pose.to_patient(points))
+        return np.all((kji > -0.5) & (kji < np.asarray(geom.shape) - 0.5), axis=-1)
+
+    # The truth must describe the image: each follow-up nodule inside the lungs and the slab as drawn,
+    # a juxtapleural one on the pleura (grown into the lung, not into the wall; see settle()).
+    changes = [replace(c, followup=c.followup and settle(c.followup, room, breathing_mm, in_scan)) for c in changes]
 
     def where(nod: Nodule | None, p: Pose) -> dict | None:
         if nod is None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
 
+from node.phantom.breathing import breathing_displacement
 from node.phantom.canvas import Canvas
 from node.phantom.chest import LUNG_LEFT, LUNG_RIGHT, PART_SOLID_CORE, ChestAnatomy, ChestPainter
 
@@ -70,15 +72,15 @@ class LungRoom:
         self.bare = bare
 
     def fine_distance(self, center: np.ndarray, half_mm: float, step: float = 0.5):
-        """(distance map, xs, ys, zs) to the nearest non-lung point on a fine grid around ``center``;
-        beyond the scanned range counts as non-lung, as on the coarse grid."""
+        """(distance map, xs, ys, zs) to the nearest non-lung point of the anatomy on a fine grid
+        around ``center``. Unlike the coarse grid, the end of the scanned range is no wall here: a
+        nodule one radius from it touches nothing (see place_pleural)."""
         xs, ys, zs = (np.arange(c - half_mm, c + half_mm + 1e-6, step) for c in center)
         painter = ChestPainter(self.bare, Canvas(xs, ys))
         codes = np.zeros((len(zs), len(ys), len(xs)), np.uint8)
         for k, z in enumerate(zs):
             painter.paint(z, codes[k], False)
-        lung = ((codes == LUNG_LEFT) | (codes == LUNG_RIGHT)) & \
-            ((zs > self.zs[0]) & (zs < self.zs[-1]))[:, None, None]
+        lung = (codes == LUNG_LEFT) | (codes == LUNG_RIGHT)
         return ndimage.distance_transform_edt(lung, sampling=step), xs, ys, zs
 
     def at(self, point) -> float:
@@ -153,7 +155,10 @@ def place_pleural(rng: np.random.Generator, room: LungRoom, count: int, diameter
             if not _clear_of(p, r, [*existing, *placed]):
                 continue
             dist, xs, ys, zs = room.fine_distance(p, r + 3 * _STEP)
-            kk, jj, ii = np.nonzero(np.abs(dist - r) <= 0.25)
+            # One radius from the pleura, and the whole sphere within the scanned range. Until session 9
+            # the range's end counted as the pleura: a "pleural" nodule could touch nothing but it.
+            in_range = ((zs - r > room.zs[0]) & (zs + r < room.zs[-1]))[:, None, None]
+            kk, jj, ii = np.nonzero((np.abs(dist - r) <= 0.25) & in_range)
             if len(kk) == 0:
                 continue
             cand = np.column_stack([xs[ii], ys[jj], zs[kk]])
@@ -207,3 +212,74 @@ def evolve(rng: np.random.Generator, baseline: list[Nodule], room: LungRoom, new
     for nod in place_nodules(rng, room, new_count, diameter_range, ground_glass_fraction, baseline, first):
         changes.append(NoduleChange(nod.id, "new", None, nod))
     return changes
+
+
+_SETTLE_STEP = 0.25  # mm, the local grid a follow-up nodule is settled on
+_SETTLE_TOL = 0.35  # mm: a nodule this close to its goal stays where it is (its truth unchanged)
+_SETTLE_REACH = 12.0  # mm, the local grid's half width beyond the radius: a nodule moves up to 1 mm less
+
+
+def drawn_clearance(room: LungRoom, center, half_mm: float, amplitude_mm: float,
+                    in_scan: Callable[[np.ndarray], np.ndarray], step: float = _SETTLE_STEP):
+    """Distances (mm) from each point of a local grid around ``center`` (anatomical mm, the frame the
+    follow-up draws its spheres in) to the nearest point that is not lung *as the study draws it*
+    (the anatomy deformed by breathing: at u the anatomy of u + d(u)), and to the nearest point
+    beyond the scanned slab (``in_scan``: (..., 3) anatomical points -> bool). Each runs to the
+    nearest such sample's centre, less half a step: about the distance to the boundary itself
+    (inf: none on the grid). Returns (to the pleura, to the slab's end, points (z, y, x, 3))."""
+    n = int(round(half_mm / step))
+    axes = [c + step * np.arange(-n, n + 1) for c in center]  # the middle sample is ``center`` itself
+    zz, yy, xx = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    pts = np.stack([xx, yy, zz], axis=-1)
+    seen = pts + breathing_displacement(pts, amplitude_mm) if amplitude_mm > 0 else pts
+    lo, hi = seen.reshape(-1, 3).min(axis=0) - step, seen.reshape(-1, 3).max(axis=0) + step
+    xs, ys, zs = (np.arange(a, b + 1e-6, step) for a, b in zip(lo, hi))
+    painter = ChestPainter(room.bare, Canvas(xs, ys))
+    codes = np.zeros((len(zs), len(ys), len(xs)), np.uint8)
+    for k, z in enumerate(zs):
+        painter.paint(z, codes[k], False)
+    idx = np.rint((seen - lo) / step).astype(np.intp)
+    drawn = codes[idx[..., 2], idx[..., 1], idx[..., 0]]  # nearest sample, as the study's drawing does
+
+    def clearance(inside: np.ndarray) -> np.ndarray:
+        if inside.all():
+            return np.full(inside.shape, np.inf)
+        return np.where(inside, ndimage.distance_transform_edt(inside, sampling=step) - step / 2, 0.0)
+
+    return clearance((drawn == LUNG_LEFT) | (drawn == LUNG_RIGHT)), clearance(in_scan(pts)), pts
+
+
+def settle(nod: Nodule, room: LungRoom, amplitude_mm: float, in_scan: Callable[[np.ndarray], np.ndarray]) -> Nodule:
+    """``nod`` (a follow-up nodule, centred where its tissue moved to) placed so that the truth
+    describes the image: its sphere inside the lungs as drawn (breathing included) and inside the
+    scanned slab, and a juxtapleural nodule touching the pleura, neither sunk into it nor off it.
+
+    Spheres are painted over the anatomy, so the part of one that sinks into the chest wall or
+    diaphragm (a pleural nodule grown about its centre, or one that breathing moved against the
+    wall) is wall-coloured and not seen, and a part beyond the slab is not imaged. A nodule already
+    within ``_SETTLE_TOL`` of its goal is left where it is; otherwise it moves to the nearest place
+    that meets it: a pleural one that grew, into the lung; one that shrank, back onto the pleura;
+    one that breathing carried partly out of the slab, back into it."""
+    r = nod.radius
+
+    def meets(pleura: np.ndarray, slab: np.ndarray, tol: float) -> np.ndarray:
+        return (np.abs(pleura - r) <= tol if nod.pleural else pleura >= r - tol) & (slab >= r - tol)
+
+    pleura, slab, _ = drawn_clearance(room, nod.center, r + 2 * _SETTLE_TOL, amplitude_mm, in_scan)  # a small grid
+    m = pleura.shape[0] // 2
+    if meets(pleura[m, m, m], slab[m, m, m], _SETTLE_TOL):
+        return nod
+    pleura, slab, pts = drawn_clearance(room, nod.center, r + _SETTLE_REACH, amplitude_mm, in_scan)
+    # Only points whose clearance the local grid can tell (their sphere and its reach inside it).
+    inner = np.zeros(pleura.shape, bool)
+    b = int(np.ceil((r + 1.0) / _SETTLE_STEP))
+    inner[b:-b, b:-b, b:-b] = True
+    fits = inner & meets(pleura, slab - _SETTLE_STEP, _SETTLE_STEP)  # wholly in the slab
+    if not fits.any():
+        where = "against the pleura" if nod.pleural else "inside the lungs"
+        raise ValueError(f"generate_followup: nodule {nod.id} ({nod.diameter_mm} mm) has no place {where} and in the "
+                         f"scanned slab within {_SETTLE_REACH - 1:g} mm of where its tissue is drawn (breathing or the "
+                         "slab carried it off); use less breathing_mm or scan more of the chest")
+    cand = pts[fits]
+    best = cand[np.argmin(np.linalg.norm(cand - np.asarray(nod.center), axis=1))]
+    return replace(nod, center=tuple(float(round(v, 3)) for v in best))
