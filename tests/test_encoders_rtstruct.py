@@ -116,7 +116,9 @@ def test_ds_values_fit_16_characters(written):
     values = [str(v) for v in raw.value]
     assert values and all(len(v) <= 16 for v in values)
     assert max(len(v) for v in format_ds_values(np.array([-98765.432109, 1e-9, -0.0])).decode().split("\\")) <= 16
-    assert format_ds_values(np.array([-0.00001])) == b"0.0000"
+    assert format_ds_values(np.array([-0.00001])) == b"0 "  # no "-0": it rounds to zero
+    # To 4 decimals, without trailing zeros (nor a point with nothing after it):
+    assert format_ds_values(np.array([-150.0, 12.35, 12.34567, -88.5501, 0.5])) == b"-150\\12.35\\12.3457\\-88.5501\\0.5 "
 
 
 def test_provenance_and_study_placement(source, written):

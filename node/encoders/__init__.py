@@ -7,7 +7,8 @@ upwards, skipping numbers the source series already use; UIDs derive from the jo
 series number, so encoding the same job again gives the same objects' UIDs.
 
 ``encode_plan`` gives the same work as tasks in three independent lanes (SEGs, reports, the
-rest), so a worker can run the lanes side by side and hand each object on as soon as it is made.
+rest), so a worker can make them in the order that suits delivery (node/jobs/lanes.py) and hand
+each object on as soon as it is made.
 
     LabelMap          -> SEG (per LabelMap.seg_format: one binary SEG, or a Label Map SEG of the
                          exclusive segments plus a binary SEG of those that include others; and a
@@ -135,8 +136,8 @@ SEG_LANE, REPORT_LANE, OTHER_LANE = 0, 1, 2
 @dataclass(frozen=True)
 class EncodeTask:
     """One encoder run; ``make()`` gives its objects. Lanes do not depend on each other (a report
-    names the segments of a SEG by UIDs known before the SEG is made), so a worker may run them
-    side by side: the SEGs, the reports (small, so first in the archive), and the rest."""
+    names the segments of a SEG by UIDs known before the SEG is made), so a worker may make them
+    in any order: the SEGs, the reports (small, so first in the archive), and the rest."""
 
     lane: int
     kind: str  # what it makes, for timings: SEG, FSEG, RTSTRUCT, SR, SC, REG, PMAP

@@ -50,7 +50,8 @@ _LAST_AND_BACKSLASH = np.frombuffer(b"".join(b"%d\\\0\0" % n for n in range(10))
 
 
 def format_ds_values(values: np.ndarray) -> bytes:
-    """Backslash-separated DS text with 4 decimals (0.1 µm), at most 16 characters per value."""
+    """Backslash-separated DS text to 4 decimals (0.1 µm) without trailing zeros, at most 16
+    characters per value."""
     return format_ds_runs(values, [np.asarray(values).size])[0]
 
 
@@ -61,7 +62,8 @@ def format_ds_runs(values: np.ndarray, counts) -> list[bytes]:
     (Python's "%.4f" on each number took a fifth of the whole encoder's time): each value's
     characters right-aligned in a row of a byte matrix with a backslash after it, the rows'
     used characters read out in one go, then cut per run. The bytes are "%.4f" of the value
-    rounded to 4 decimals, without a minus sign on a value that rounds to zero."""
+    rounded to 4 decimals, less its trailing zeros (and its point when nothing is left after it),
+    without a minus sign on a value that rounds to zero."""
     flat = np.asarray(values, dtype=float).ravel()
     counts = np.asarray(counts, dtype=np.int64)
     if counts.sum() != flat.size:
@@ -94,8 +96,15 @@ def format_ds_runs(values: np.ndarray, counts) -> list[bytes]:
     end = text.shape[1] - 2  # the backslash's column + 1
     first = end - 1 - width  # the value's first column
     text[np.flatnonzero(negative), first[negative]] = ord("-")
-    used = np.arange(text.shape[1], dtype=np.int64)[None, :end] >= first[:, None]
+    # Trailing zeros of the decimals are left out, and the point with them when all four are zero:
+    # "-150" and "12.35", not "-150.0000" and "12.3500" (the same numbers; a quarter of the bytes
+    # of a CT's contours, which the archive and the viewer parse).
+    zeros = (tail % 10 == 0).astype(np.int64) + (tail % 100 == 0) + (tail % 1000 == 0)
+    cut = np.where(tail == 0, 5, zeros)  # characters left out before the backslash
+    column = np.arange(text.shape[1], dtype=np.int64)[None, :end]
+    used = (column >= first[:, None]) & ((column < (end - 1 - cut)[:, None]) | (column == end - 1))
     blob = text[:, :end][used].tobytes()
+    width = width - cut
     ends = np.cumsum(width + 1)[np.cumsum(counts) - 1].tolist() if flat.size else []
     out, start = [], 0
     for n, end in zip(counts.tolist(), ends):

@@ -1,93 +1,90 @@
-"""Run a job's encoder tasks lane by lane, the lanes side by side, and hand over each object as it
-is made.
+"""Make a job's encoder tasks one after the other, in the order that gets every object into the
+archive soonest, and hand over each object as it is made.
 
-The lanes (``node.encoders.encode_plan``) do not depend on each other: a big SEG and the
-RTSTRUCT of the same label map encode at the same time, and whichever is ready first is written
-and delivered first. Threads, not processes: the heavy parts (NumPy, SciPy, zlib, bit packing)
-release the GIL, and the objects stay in this process for the worker to write.
+The order is by lane (``node.encoders.encode_plan``): the reports first (small, and what a reader
+looks at first), then the rest (an RTSTRUCT, images, registrations), then the SEGs. The lanes do
+not depend on each other, so any order gives the same objects. The RTSTRUCT goes before the SEGs
+because the archive takes longest to store it: Orthanc parses a CT's structure set of 16 000
+contours for 1.5-2 s, a Label Map SEG in 0.05 s; made first, it is being stored while the SEGs are
+made.
 
-One lane may go first (``first``): the others start once it has made its objects. The worker puts
-the reports there: they are small and what a reader looks at first, and on a two-core machine,
-sharing the cores and the GIL with a big SEG and RTSTRUCT, the SR took three times its own CPU
-time to be made (measured: 0.7 CPU s over 2.0 s of wall time); alone it is made in its CPU time
-and is on its way to the archive while the others encode.
+One task at a time, on a thread of its own: the job's thread meanwhile writes the object just
+made and hands it to delivery. Encoders side by side were slower on the two-core machines the
+goals are set for: the encoders are mostly Python (highdicom, pydicom) and share the GIL, and
+the archive and the delivery of the originals need the other core. Measured on ct-anatomy
+(512x512x300, bench_latency, alternated runs): one at a time, the last result was in Orthanc
+0.7 s sooner and the encoders took 0.4 CPU s less (docs/benchmarks.md, latency).
 """
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from node.encoders import EncodeTask
+from node.encoders import OTHER_LANE, REPORT_LANE, SEG_LANE, EncodeTask
+
+__all__ = ["LANE_ORDER", "Made", "run_lanes"]
+
+LANE_ORDER = (REPORT_LANE, OTHER_LANE, SEG_LANE)
 
 
 @dataclass(frozen=True)
 class Made:
-    index: int  # the task's place in the plan: results are listed in plan order, however they finish
+    index: int  # the task's place in the plan: results are listed in plan order, however they are made
     kind: str
     datasets: list[Dataset]
-    seconds: float  # wall time of the encoder, in its lane
-    cpu_seconds: float  # CPU time of its lane's thread
+    seconds: float  # wall time of the encoder
+    cpu_seconds: float  # CPU time of the encoding thread
 
 
-_LANE_DONE = object()
+_DONE = object()
 
 
-def run_lanes(tasks: list[EncodeTask], first: int | None = None) -> Iterator[Made]:
-    """Each task's objects as soon as they are made; lane ``first`` (when it has tasks) before the
-    others start. The first failure stops the other lanes at their next task and is raised here
-    once every lane has stopped (no thread outlives the job)."""
-    lanes: dict[int, list[tuple[int, EncodeTask]]] = {}
-    for i, task in enumerate(tasks):
-        lanes.setdefault(task.lane, []).append((i, task))
-    out: queue.Queue = queue.Queue()
+def run_lanes(tasks: list[EncodeTask], order: Sequence[int] = LANE_ORDER) -> Iterator[Made]:
+    """Each task's objects as soon as they are made, lane by lane in ``order`` (a lane not named
+    there last), in plan order within a lane. The first failure stops the tasks not yet started
+    and is raised here; the encoding thread never outlives the call."""
+    rank = {lane: n for n, lane in enumerate(order)}
+    ordered = sorted(enumerate(tasks), key=lambda it: (rank.get(it[1].lane, len(rank)), it[0]))
+    out: queue.Queue = queue.Queue(maxsize=1)  # at most one made object waits for the job's thread
     stop = threading.Event()
-    first_done = threading.Event()
-    if first not in lanes:
-        first_done.set()
 
-    def run(lane: list[tuple[int, EncodeTask]], n: int) -> None:
+    def run() -> None:
         try:
-            if n != first:
-                first_done.wait()
-            for i, task in lane:
+            for i, task in ordered:
                 if stop.is_set():
                     return
                 t0, c0 = time.perf_counter(), time.thread_time()
                 datasets = task.make()
-                out.put(Made(i, task.kind, datasets, time.perf_counter() - t0, time.thread_time() - c0))
+                _put(Made(i, task.kind, datasets, time.perf_counter() - t0, time.thread_time() - c0))
         except BaseException as exc:  # noqa: BLE001 - handed to the job's thread, which reports it
-            stop.set()
-            out.put(exc)
+            _put(exc)
         finally:
-            if n == first:
-                first_done.set()  # also when it failed: the others then see ``stop`` and end
-            out.put(_LANE_DONE)
+            _put(_DONE)
 
-    threads = [threading.Thread(target=run, args=(lane, n), name=f"encode-lane-{n}", daemon=True)
-               for n, lane in lanes.items()]
-    for t in threads:
-        t.start()
-    failure: BaseException | None = None
-    running = len(threads)
+    def _put(item) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=run, name="encode", daemon=True)
+    thread.start()
     try:
-        while running:
+        while True:
             item = out.get()
-            if item is _LANE_DONE:
-                running -= 1
-            elif isinstance(item, BaseException):
-                failure = failure or item
-            elif failure is None:
-                yield item
-                item = None  # not held while the next lane's object is awaited
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            item = None  # not held while the next object is awaited
     finally:
         stop.set()  # also when the consumer stops early (a write failed)
-        first_done.set()
-        for t in threads:
-            t.join()
-    if failure is not None:
-        raise failure
+        thread.join()

@@ -281,17 +281,17 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None
     reports_left = sum(task.lane == REPORT_LANE for task in plan)
     if not reports_left:
         _release_pixels(sources)
-    for made in run_lanes(plan, first=REPORT_LANE):  # the reports first: small, and read first
+    for made in run_lanes(plan):  # the reports first, the SEGs last (node/jobs/lanes.py)
         if plan[made.index].lane == REPORT_LANE:
             reports_left -= 1
             if not reports_left:
                 _release_pixels(sources)
         clock.add(f"encode {made.kind}", made.seconds, made.cpu_seconds)
-        with clock(f"write {made.kind}", cpu_clock=time.thread_time):  # the lanes run meanwhile
+        with clock(f"write {made.kind}", cpu_clock=time.thread_time):  # the next encoder runs meanwhile
             mark_warnings(made.datasets, warnings)
             written[made.index] = [_write_result(ds, out_dir, vault) for ds in made.datasets]
             fsync_dirs({out_dir})  # durable: now it may leave the node
-        # Written: a SEG's frames (tens of MB) need not wait in memory for the next lane to finish.
+        # Written: a SEG's frames (tens of MB) need not wait in memory for the next encoder to finish.
         made.datasets.clear()
         on_result(written[made.index])
     meta = [m for i in sorted(written) for m in written[i]]  # the plan's order, whichever lane finished first
