@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchlib import REPO, files_of, phantom_ct
 
-HANDLERS = ("ct-anatomy", "lung-nodules")
+HANDLERS = ("ct-anatomy", "lung-nodules", "model:hilum-ct-chest")
 
 
 def _rss_mb() -> float:

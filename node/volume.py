@@ -15,7 +15,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-__all__ = ["Geometry", "Volume", "SeriesData", "GeometryError", "ReleasedPixels", "sort_by_geometry", "load_series"]
+__all__ = ["Geometry", "Volume", "SeriesData", "GeometryError", "ReleasedPixels", "sort_by_geometry", "load_series",
+           "value_counts"]
 
 
 class GeometryError(ValueError):
@@ -318,3 +319,18 @@ def load_series(paths: Sequence[str | Path], with_pixels: bool = True,
         headers.append(ds)
     return SeriesData(series_uid=uid, modality=modality, datasets=headers, volume=volume, images=images,
                       volume_error=error)
+
+
+def value_counts(values: np.ndarray, minlength: int = 0, chunk: int = 16) -> np.ndarray:
+    """``np.bincount(values.ravel(), minlength=minlength)`` of an array of non-negative integers,
+    a few slices (first axis) at a time: bincount takes its input as 8-byte integers, so a
+    512x512x300 uint8 label map counted in one go was a 630 MB copy (a model job's peak, 6x its
+    input volume)."""
+    values = np.atleast_1d(np.asarray(values))
+    counts = np.zeros(minlength, dtype=np.int64)
+    for k in range(0, len(values), chunk):
+        part = np.bincount(values[k:k + chunk].ravel(), minlength=minlength)
+        if part.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(part.size - counts.size, dtype=np.int64)])
+        counts[:part.size] += part
+    return counts

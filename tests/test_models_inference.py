@@ -15,6 +15,7 @@ import onnx
 import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
+from scipy import ndimage
 
 from node.handler_api import HandlerInput, HandlerRefusal
 from node.models.card import InferenceSpec, LabelSpec, load_card
@@ -192,6 +193,25 @@ def test_postprocess_keeps_largest_component_removes_small_ones_and_fills_holes(
     assert kept[25:28, 25:28, 25:28].min() == 1 and kept[10:13, 10:13, 10:13].max() == 0
     gone = postprocess(labels.copy(), [_spec(min_size_ml=0.03)], voxel_ml=0.001)
     assert gone[25:28, 25:28, 25:28].max() == 0 and (gone == 1).sum() == 15 ** 3 - 27
+
+
+def test_postprocess_with_more_components_than_a_byte_or_two_can_number():
+    """The components are numbered in the smallest integer type their count fits (memory); past
+    255 and past 65 535 of them, the answer is still binary_fill_holes' and the largest component."""
+    for step in (4, 2):  # 14 x 28 x 28 = 10 976 and 28 x 56 x 56 = 87 808 one-voxel specks
+        labels = np.zeros((56, 112, 112), np.uint8)
+        labels[::step, ::step, ::step] = 1
+        labels[:, 60:100, 60:100] = 1  # the largest component: a slab with a hole in it
+        labels[20:30, 70:80, 70:80] = 0
+        out = postprocess(labels.copy(), [_spec(largest_component=True, fill_holes=True)], voxel_ml=0.001)
+        comp, n = ndimage.label(labels == 1, structure=np.ones((3, 3, 3), bool))
+        assert n > 255 * (step == 4) + 65535 * (step == 2)
+        largest = comp == 1 + int(np.argmax(np.bincount(comp.ravel())[1:]))
+        assert np.array_equal(out == 1, ndimage.binary_fill_holes(largest))
+        assert out[25, 75, 75] == 1 and out[::step, ::step, ::step][:, :10, :10].max() == 0
+        # Specks kept by size: nothing changes but the hole (enclosed by the slab) being filled.
+        kept = postprocess(labels.copy(), [_spec(min_size_ml=0.001, fill_holes=True)], voxel_ml=0.001)
+        assert np.array_equal(kept == 1, ndimage.binary_fill_holes(labels == 1))
 
 
 def test_session_is_cached_and_reloaded_when_the_model_changes(tmp_path):

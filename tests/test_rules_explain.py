@@ -128,6 +128,10 @@ def test_text_rendering(rules):
     assert "  => 1 action:" in lines
     assert any(ln.startswith("Study rules for study 1.2.826.0.1.3680043.10.1.1 (1 series)") for ln in lines)
     assert "  [match]    both  (rules.yaml:34, order 100)" in lines
+    # A destination limited to some modalities says so: a TPS taking CT and RTSTRUCT gets no SEG.
+    limited = render_text([rules.explain_study(study(facts(ct_header())))], only={"tps": ["CT", "RTSTRUCT"]})
+    assert "               -> run test-seg; results to tps (CT, RTSTRUCT only)" in limited.splitlines()
+    assert "results to tps\n" in render_text([rules.explain_study(study(facts(ct_header())))])
 
 
 def test_explanation_serialises(rules):

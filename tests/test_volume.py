@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from node.phantom import generate_ct
-from node.volume import GeometryError, load_series, sort_by_geometry
+from node.volume import GeometryError, load_series, sort_by_geometry, value_counts
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,12 @@ def test_native_pixels_are_pydicoms(ct):
         ds = pydicom.dcmread(ct.series_files()[0])
         ds.file_meta.TransferSyntaxUID = syntax
         assert _native_pixels(ds) is None
+
+
+def test_value_counts_are_bincounts_taken_a_few_slices_at_a_time():
+    rng = np.random.default_rng(3)
+    for values in (rng.integers(0, 6, (37, 9, 11)).astype(np.uint8), rng.integers(0, 70000, (20, 5)).astype(np.uint32),
+                   np.array([4, 0, 4], np.uint8), np.zeros((0, 4), np.uint8)):
+        for minlength in (0, 3, 256):
+            assert np.array_equal(value_counts(values, minlength, chunk=4), np.bincount(values.ravel(), minlength=minlength))
+

@@ -15,6 +15,7 @@ from node.models.plausibility import output_flags
 from node.models.uncertainty import (UncertaintyParams, dropout_masks, masked_runner, passes_for,
                                      predict_with_uncertainty)
 from node.results import Code, LabelMap, Measurement, MeasurementGroup, MeasurementReport, QuantityMap
+from node.volume import value_counts
 
 __all__ = ["ModelHandler", "SR_TEMPLATE", "VOLUME_MEASUREMENT"]
 
@@ -98,7 +99,7 @@ class ModelHandler(Handler):
                            "confidence": None if confidence is None else round(confidence, 4)}
         if uncertainty is not None:
             self.provenance["uncertainty"] = uncertainty
-        counts = np.bincount(labels.ravel(), minlength=256)
+        counts = value_counts(labels, 256)
         present = [lab for lab in card.labels if counts[lab.value]]
         if not present:
             raise HandlerRefusal(f"{self.name} found none of its structures "

@@ -13,6 +13,7 @@ from node.models.card import LabelPlausibility, ModelCard, Plausibility, Range
 from node.models.inference import Confidence
 from node.quality_checks import slice_gaps
 from node.results import QualityFlag
+from node.volume import value_counts
 
 __all__ = ["output_flags", "plausibility_from_truth", "VOLUME_MARGIN", "CONFIDENCE_MARGIN"]
 
@@ -26,7 +27,7 @@ def output_flags(card: ModelCard, labels: np.ndarray, voxel_ml: float, score: Co
     if p is None:
         return []
     flags = []
-    counts = np.bincount(labels.ravel(), minlength=256)
+    counts = value_counts(labels, 256)
     for lab in card.labels:
         rule: LabelPlausibility | None = p.labels.get(lab.name)
         if rule is None:

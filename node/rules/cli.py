@@ -105,7 +105,8 @@ def cli(argv: list[str]) -> int:
             if args.json:
                 print(json.dumps([e.to_dict() for e in explanations], indent=1, default=str))
             else:
-                print(render_text(explanations))
+                print(render_text(explanations, only={name: d.modalities for name, d in settings.destinations.items()
+                                                      if d.modalities}))
             return 0
         proposed = _load(args.rules, settings)
         report = simulate(active, proposed, _index_studies(settings, since_s=args.since))

@@ -7,7 +7,7 @@ or shadowed rule *would* have matched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from node.rules.conditions import Failure
 from node.rules.rule import Action, Rule
@@ -94,8 +94,9 @@ def _pass(rules: Sequence[Rule], facts, skip_reason: str | None) -> tuple[list[R
 _MARK = {"matched": "[match]   ", "not_matched": "[no match]", "disabled": "[disabled]", "skipped": "[skipped] "}
 
 
-def render_text(explanations: Sequence[Explanation]) -> str:
-    """Plain text for a terminal: one block per series or study."""
+def render_text(explanations: Sequence[Explanation], only: Mapping[str, Sequence[str]] | None = None) -> str:
+    """Plain text for a terminal: one block per series or study. ``only``: the modalities each
+    destination limited to some takes (``Action.describe``)."""
     lines: list[str] = []
     for ex in explanations:
         lines.append(f"{ex.level.capitalize()} rules for {ex.subject}")
@@ -106,10 +107,10 @@ def render_text(explanations: Sequence[Explanation]) -> str:
             lines.append(f"  {_MARK[o.status]} {o.rule}  ({o.where}, order {o.order}{flags})")
             lines.append(f"               {o.reason}")
             if o.status == "matched":
-                lines.append(f"               -> {o.action.describe()}")
+                lines.append(f"               -> {o.action.describe(only)}")
         if ex.actions:
             lines.append(f"  => {len(ex.actions)} action{'s' if len(ex.actions) != 1 else ''}:")
-            lines.extend(f"     {a.rule}: {a.describe()}" for a in ex.actions)
+            lines.extend(f"     {a.rule}: {a.describe(only)}" for a in ex.actions)
         else:
             lines.append("  => nothing to do")
         lines.append("")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from node.rules.conditions import Condition
@@ -26,15 +27,19 @@ class Action:
     priors: dict | None = field(default=None, hash=False)  # PriorsSpec as a dict (node/rules/priors.py)
     queue: str | None = None  # the Celery queue its jobs go to (default: by handler, executor.queues)
 
-    def describe(self) -> str:
+    def describe(self, only: Mapping[str, Sequence[str]] | None = None) -> str:
+        """In words. ``only``: the modalities a destination is limited to (its config's
+        ``modalities``), named beside it: "results to tps" would say a SEG goes where it does not."""
+        only = only or {}
+        names = ", ".join(f"{d} ({', '.join(only[d])} only)" if only.get(d) else d for d in self.destinations)
         parts = []
         if self.handler:
             params = json.dumps(self.params, sort_keys=True, separators=(", ", ": ")) if self.params else ""
             parts.append(f"run {self.handler}{' ' + params if params else ''}")
             if self.destinations:
-                parts.append("results to " + ", ".join(self.destinations))
+                parts.append("results to " + names)
         if self.forward_originals:
-            parts.append("forward originals to " + ", ".join(self.destinations))
+            parts.append("forward originals to " + names)
         extras = [f"priority {self.priority}"] if self.priority != "normal" else []
         if self.timeout:
             extras.append(f"timeout {self.timeout:g} s")

@@ -45,10 +45,15 @@ def _refused(errors) -> HTTPException:
     return HTTPException(422, {"message": "the rules were refused", "errors": [e.to_dict() for e in errors]})
 
 
-def _rule_view(rule) -> dict:
+def _limited(request: Request) -> dict[str, list[str]]:
+    """The modalities of each destination that takes only some (its config's ``modalities``)."""
+    return {name: d.modalities for name, d in request.app.state.node.settings.destinations.items() if d.modalities}
+
+
+def _rule_view(rule, only: dict[str, list[str]]) -> dict:
     return {"name": rule.name, "description": rule.description, "file": rule.file, "line": rule.line,
             "level": rule.level, "order": rule.order, "enabled": rule.enabled, "exclusive": rule.exclusive,
-            "fallback": rule.fallback, "action": rule.action.describe(),
+            "fallback": rule.fallback, "action": rule.action.describe(only),
             "handler": rule.action.handler, "destinations": list(rule.action.destinations)}
 
 
@@ -82,7 +87,7 @@ def overview(request: Request, _: Principal = Depends(require_viewer)) -> dict:
     active = service.current()
     latest = service.store.latest()
     return {"version": latest.version if latest else None, "files": sorted(active.files),
-            "rules": [_rule_view(r) for r in active.rules],
+            "rules": [_rule_view(r, _limited(request)) for r in active.rules],
             "directory_errors": [e.to_dict() for e in service.errors]}
 
 
