@@ -111,7 +111,7 @@ def report(out: list[dict], args, instances: int, mb: float) -> None:
     print()
     print("inside the job (the worker's own figures from the job history, medians, s): load = read and decode the")
     print("series once; check = the handler's refusals; encode X / write X = each encoder / its sealed durable file;")
-    print("wall s, and cpu s (the phase's own thread for encoders and writes, which run side by side; steadier")
+    print("wall s, and cpu s (the phase's own thread: a write runs beside the next encoder; steadier")
     print("than wall time on a shared machine);")
     print("in Orthanc = each kind of result stored there, s after the last instance was acknowledged (each result is")
     print("handed to delivery as soon as it is durable); peak = the worker's peak RSS during the job (VmHWM, reset per")
