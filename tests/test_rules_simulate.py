@@ -89,3 +89,7 @@ def test_report_text(proposed):
            "[rule fallback-overview]" in lines
     assert f"  ~ dest  ct-anatomy on series {CT_VOLUME} (CT, Thorax 1.0 B31f, 240 instances): orthanc, tps -> orthanc" \
         in lines
+    # A destination limited to some modalities says so (hilum rules simulate passes the config's).
+    limited = simulate(shipped(), proposed, past_series()).text({"tps": ["CT", "RTSTRUCT"]}).splitlines()
+    assert f"  ~ dest  ct-anatomy on series {CT_VOLUME} (CT, Thorax 1.0 B31f, 240 instances): orthanc, " \
+           "tps (CT, RTSTRUCT only) -> orthanc" in limited

@@ -25,6 +25,11 @@ def _duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+def _limited(settings) -> dict[str, list[str]]:
+    """The modalities of each destination that takes only some (its config's ``modalities``)."""
+    return {name: d.modalities for name, d in settings.destinations.items() if d.modalities}
+
+
 def _load(rules_dir: Path, settings) -> RuleSet:
     return RuleSet.load(rules_dir, handlers=get_handler, destinations=settings.destination_names,
                         sources=settings.sources)
@@ -105,12 +110,11 @@ def cli(argv: list[str]) -> int:
             if args.json:
                 print(json.dumps([e.to_dict() for e in explanations], indent=1, default=str))
             else:
-                print(render_text(explanations, only={name: d.modalities for name, d in settings.destinations.items()
-                                                      if d.modalities}))
+                print(render_text(explanations, only=_limited(settings)))
             return 0
         proposed = _load(args.rules, settings)
         report = simulate(active, proposed, _index_studies(settings, since_s=args.since))
-        print(json.dumps(report.to_dict(), indent=1) if args.json else report.text())
+        print(json.dumps(report.to_dict(), indent=1) if args.json else report.text(_limited(settings)))
         return 0
     except RuleErrors as exc:
         print(exc.text(), file=sys.stderr)

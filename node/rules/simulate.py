@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from node.rules.facts import SeriesFacts, StudyFacts
 from node.rules.rule import Action
@@ -33,14 +33,15 @@ class Change:
     old_rules: tuple[str, ...]
     new_rules: tuple[str, ...]
 
-    def text(self) -> str:
+    def text(self, only: Mapping[str, Sequence[str]] | None = None) -> str:
+        """One line; ``only``: the modalities each destination limited to some takes."""
         mark = {"new": "+ new ", "lost": "- lost", "changed_destinations": "~ dest"}[self.kind]
         if self.kind == "new":
-            what = f"to {_names(self.new_destinations)}  [rule {', '.join(self.new_rules)}]"
+            what = f"to {_names(self.new_destinations, only)}  [rule {', '.join(self.new_rules)}]"
         elif self.kind == "lost":
-            what = f"was to {_names(self.old_destinations)}  [rule {', '.join(self.old_rules)}]"
+            what = f"was to {_names(self.old_destinations, only)}  [rule {', '.join(self.old_rules)}]"
         else:
-            what = f"{_names(self.old_destinations)} -> {_names(self.new_destinations)}"
+            what = f"{_names(self.old_destinations, only)} -> {_names(self.new_destinations, only)}"
         return f"{mark}  {self.job} on {self.subject}: {what}"
 
 
@@ -69,11 +70,11 @@ class SimulationReport:
                 "changed_destinations": len(self.changed_destinations),
                 "changes": [asdict(c) for c in self.changes]}
 
-    def text(self) -> str:
+    def text(self, only: Mapping[str, Sequence[str]] | None = None) -> str:
         head = (f"Simulated {self.studies} stud{'y' if self.studies == 1 else 'ies'} ({self.series} series): "
                 f"{len(self.new_jobs)} new jobs, {len(self.lost_jobs)} lost jobs, "
                 f"{len(self.changed_destinations)} with changed destinations, {self.unchanged_jobs} unchanged")
-        return "\n".join([head, *("  " + c.text() for c in self.changes)]) + "\n"
+        return "\n".join([head, *("  " + c.text(only) for c in self.changes)]) + "\n"
 
 
 def simulate(old, new, facts_iterable: Iterable[SeriesFacts | StudyFacts]) -> SimulationReport:
@@ -139,5 +140,7 @@ def _job_name(key: tuple) -> str:
     return handler if params == "{}" else f"{handler} {params}"
 
 
-def _names(dests: tuple[str, ...]) -> str:
-    return ", ".join(dests) if dests else "(kept on the node)"
+def _names(dests: tuple[str, ...], only: Mapping[str, Sequence[str]] | None = None) -> str:
+    only = only or {}
+    named = (f"{d} ({', '.join(only[d])} only)" if only.get(d) else d for d in dests)
+    return ", ".join(named) if dests else "(kept on the node)"
