@@ -49,7 +49,7 @@ def test_quick_job_memory_reports_each_phase_against_the_volume(tmp_path):
         phases = dict(r["phases"])
         assert "loading series" in phases and "encoding DICOM" in phases, phases
         assert all(mb >= 0 for mb in phases.values())
-        assert f"{r['handler']:<16}volume" in stdout
+        assert f"{r['handler']:<21}volume" in stdout
 
 
 def test_quick_latency_follows_each_builtin_handler_to_orthanc(tmp_path):
