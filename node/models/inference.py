@@ -354,7 +354,8 @@ def probabilities_to_labels(probs: np.ndarray, grid: Geometry, source: Geometry,
     # Each channel's probabilities made an image once; the source box sampled a slab of slices at a
     # time: the best-so-far and each channel's values on the whole box were two or three times the
     # source volume in float32 (the job's peak: 6.7x its input volume).
-    images = {ch: grid.to_sitk(probs[ch]) for ch in ([0] if softmax else []) + list(boxes)}
+    images = {ch: grid.to_sitk(np.asarray(probs[ch], dtype=np.float32))  # as resample() casts them
+              for ch in ([0] if softmax else []) + list(boxes)}
     for z0 in range(union[0].start, union[0].stop, _SLAB):
         slab = (slice(z0, min(z0 + _SLAB, union[0].stop)), union[1], union[2])
         if softmax:
