@@ -140,7 +140,11 @@ def children(pid: int) -> list[tuple[int, str]]:
     """Direct children of ``pid``: (pid, command line)."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            kids = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile (a node's delivery lane, a worker's thread)
+        for child in kids:
             try:
                 cmd = (Path("/proc") / child / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except FileNotFoundError:
