@@ -252,7 +252,9 @@ def test_train_button_draws_the_runs_curves(loop):
         assert f"epoch {k}/{EPOCHS}" in page.inner_text("#runs")
         screenshot(page, "project-run-curves-live")
         # ... and the dashboard shows the run going, with its last epoch's loss and validation Dice
-        row = dashboard.locator(f'#training tr.training-run[data-run="{run_id}"][data-state="running"]')
+        # (the dashboard may have polled between the run starting and its first epoch: wait for epoch k)
+        row = dashboard.locator(
+            f'#training tr.training-run[data-run="{run_id}"][data-state="running"][data-epoch="{k}"]')
         row.wait_for(timeout=30_000)
         (live,) = node.api("GET", "/api/dashboard").json()["training"]
         assert live["last_epoch"]["epoch"] == k and row.locator("td.epoch").inner_text() == f"{k}/{EPOCHS}"

@@ -147,7 +147,9 @@ const fixed = (v, digits) => (v === null || v === undefined ? '–' : Number(v).
 function trainingRow(r) {
   const e = r.last_epoch;
   const outcome = r.state === 'done' ? `version ${r.version}` : r.state === 'failed' ? r.error : '';
-  return el('tr', {class: 'training-run', 'data-project': r.project, 'data-run': r.run, 'data-state': r.state},
+  // data-epoch: the epochs done so far, so a script (and the browser test) can wait for a given one
+  return el('tr', {class: 'training-run', 'data-project': r.project, 'data-run': r.run, 'data-state': r.state,
+                   'data-epoch': e ? e.epoch : 0},
     el('td', {}, el('a', {href: `/console/projects#${encodeURIComponent(r.project)}`}, r.project)),
     el('td', {class: 'uid'}, r.run),
     el('td', {class: `status-${r.state}`}, r.state),
