@@ -38,11 +38,12 @@ from node.anatomy import segment_anatomy
 from node.handler_api import Handler, HandlerInput, PriorStudy, register
 from node.nodules.categories import volume_class
 from node.models.domain import domain_flags, measure_input
-from node.nodules.detect import CandidateSource, Detection, Nodule, detect_nodules
+from node.nodules.detect import CandidateSource, Detection, Nodule, detect_in_region, spacing_kji
 from node.nodules.followup import Change, change, match
 from node.nodules.keyimage import key_image
 from node.nodules.model_candidates import Detector, load_detector
 from node.nodules.priorsr import prior_identities
+from node.nodules.region import lung_region
 from node.results import (SCT, Code, ImageSeries, LabelMap, Measurement, MeasurementGroup, MeasurementReport,
                           QualityFlag, Segment, TextFinding)
 from node.uids import derived_uid
@@ -238,10 +239,14 @@ class LungNodules(Handler):
 
     def _detect(self, series: SeriesData, lungs: np.ndarray | None = None) -> Detection:
         p: LungNodulesParams = self.params
+        spacing = spacing_kji(series.volume)
         if lungs is None:  # nothing kept from a ct-anatomy job (the same segmentation: lung_artefact())
-            lungs = segment_anatomy(series.volume, airway=True, bone=False).labels
-        return detect_nodules(series.volume, lungs, min_diameter_mm=p.min_diameter_mm,
-                              max_candidates=10 * p.max_nodules + 50, source=self._source)
+            # the label volume is not kept past the closed lungs (a byte per voxel of the whole CT)
+            region = lung_region(segment_anatomy(series.volume, airway=True, bone=False).labels, spacing)
+        else:
+            region = lung_region(lungs, spacing)
+        return detect_in_region(series.volume, region, min_diameter_mm=p.min_diameter_mm,
+                                max_candidates=10 * p.max_nodules + 50, source=self._source)
 
     def _followup(self, inp: HandlerInput, current: Detection, progress, flags: list) -> _Followup | None:
         from node.registration import RegistrationRefusal, register as register_images  # SimpleITK: when needed

@@ -9,6 +9,7 @@ that SeriesDescription "AI: MIP axial 10 mm (SC)"). Every series in the input is
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import numpy as np
@@ -28,6 +29,7 @@ WindowName = Literal["auto", "soft_tissue", "mediastinum", "lung", "bone", "vasc
 _NORMAL_AXIS = {"axial": "z", "coronal": "y", "sagittal": "x"}
 # Window used when a rule names none: per output kind for CT, from the data for MR.
 _CT_DEFAULT_WINDOW = {"mip": "vascular", "minip": "lung", "mpr": "soft_tissue"}
+_CHUNK = 16  # slabs resampled and windowed at a time
 
 
 class WindowLevel(BaseModel):
@@ -99,14 +101,20 @@ class Renders(Handler):
         out: list[ImageSeries] = []
         for series, steps in plans:
             aligned = align_to_patient_axes(series.volume)
-            for step in steps:
+            made: dict[int, ImageSeries] = {}
+            # Volume renderings first: the CPU ray caster's gradient tables (3 bytes a voxel) are
+            # the most a job of this handler holds, and before the slab stacks exist it holds
+            # nothing else (issue #15: a job's peak within 3x its volume). Results stay in plan order.
+            for i in sorted(range(len(steps)), key=lambda i: steps[i][0] != "vr"):
+                step = steps[i]
                 if step[0] == "vr":
-                    out.append(self._vr_series(series, aligned, *step[1:]))
+                    made[i] = self._vr_series(series, aligned, *step[1:])
                 else:
                     _, name, plane, mode, thickness, spacing, window = step
                     stack = slab_stack(aligned, plane, mode, thickness, spacing)
-                    out.append(self._stack_series(series, stack, window, name, thickness))
-                progress(len(out) / total, out[-1].description)
+                    made[i] = self._stack_series(series, stack, window, name, thickness)
+                progress((len(out) + len(made)) / total, made[i].description)
+            out.extend(made[i] for i in range(len(steps)))
         return out
 
     def _plan(self, series: SeriesData) -> list[tuple]:
@@ -147,18 +155,27 @@ class Renders(Handler):
 
     def _stack_series(self, series: SeriesData, stack: PlaneStack, window: Window, name: str,
                       mm: float) -> ImageSeries:
-        square = to_square_pixels(stack, self.params.max_image_side)
-        spacing = square.pixel_spacing_mm[0]
-        caption = f"{name.upper()} {stack.plane.upper()} {_mm(mm)} mm"
-        marks = overlay(*square.images.shape[1:], square.labels, spacing, caption)
-        frames = marks.burn(apply_window(square.images, window))
+        # A chunk of slabs at a time from float HU to burned-in uint8: the square-pixel resampling
+        # and the windowing make float copies of what they get, and of a whole 3 mm MPR stack of a
+        # 512x512x300 CT that is several hundred MB (issue #15: a job's peak within 3x its volume).
+        # Both act on each image alone, so the frames are the same as the whole stack's.
+        frames = marks = None
+        for start in range(0, len(stack.images), _CHUNK):
+            part = to_square_pixels(dataclasses.replace(stack, images=stack.images[start:start + _CHUNK]),
+                                    self.params.max_image_side)
+            if frames is None:
+                spacing = part.pixel_spacing_mm[0]
+                caption = f"{name.upper()} {stack.plane.upper()} {_mm(mm)} mm"
+                marks = overlay(*part.images.shape[1:], part.labels, spacing, caption)
+                frames = np.empty((len(stack.images), *part.images.shape[1:]), np.uint8)
+            frames[start:start + len(part.images)] = marks.burn(apply_window(part.images, window))
         axis = _NORMAL_AXIS[stack.plane]
         return ImageSeries(
             source_series_uid=series.series_uid,
             description=f"{name} {stack.plane} {_mm(mm)} mm",
             frames=frames,
-            pixel_spacing_mm=square.pixel_spacing_mm,
-            frame_labels=tuple(f"{axis} {pos:.1f} mm" for pos in square.positions_mm),
+            pixel_spacing_mm=(spacing, spacing),
+            frame_labels=tuple(f"{axis} {pos:.1f} mm" for pos in stack.positions_mm),
         )
 
     def _vr_series(self, series: SeriesData, aligned: Volume, spec: VrOutput, preset: str) -> ImageSeries:
@@ -166,22 +183,24 @@ class Renders(Handler):
 
         size = (spec.size, spec.size)
         scene = VolumeScene(aligned, series.modality, size)
+        # filled in place: a list of frames then np.stack would hold them twice
+        frames = np.empty((spec.frames, *size, 3), np.uint8)
         try:
-            frames, labels = [], []
+            labels = []
             for n in range(spec.frames):
                 angle = (n * spec.step_deg) % 360
                 cam = Camera(azimuth_deg=angle)
                 _, right, up = cam.basis()
                 rgb = scene.render(cam, preset=preset, mode="vr", quality="full", size=size)
                 spacing = scene.pixel_spacing_mm(cam, size)
-                frames.append(annotate(rgb, edge_labels(right, -up), spacing, f"VR {preset.upper()} {angle:g}°"))
+                frames[n] = annotate(rgb, edge_labels(right, -up), spacing, f"VR {preset.upper()} {angle:g}°")
                 labels.append(f"azimuth {angle:g} deg")
         finally:
             scene.close()
         return ImageSeries(
             source_series_uid=series.series_uid,
             description=f"VR {preset} {spec.frames}x{_mm(spec.step_deg)} deg",
-            frames=np.stack(frames),
+            frames=frames,
             multiframe=True,
             pixel_spacing_mm=(spacing, spacing),
             frame_labels=tuple(labels),

@@ -42,7 +42,7 @@ def test_run_all_includes_the_latency_and_memory_benchmarks():
 
 def test_quick_job_memory_reports_each_phase_against_the_volume(tmp_path):
     stdout, report = _quick("bench_job_memory.py", tmp_path / "memory.json")
-    assert [r["handler"] for r in report] == ["ct-anatomy", "lung-nodules"]
+    assert [r["handler"] for r in report] == ["ct-anatomy", "lung-nodules", "renders"]
     for r in report:
         f = r["figures"]
         assert f["input_volume_mb"] > 0 and f["peak_rss_mb"] >= f["start_rss_mb"] > 0

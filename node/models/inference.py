@@ -19,8 +19,9 @@ from scipy import ndimage
 
 from node.models.card import (CardError, CTWindow, InferenceSpec, InputSpec, LabelSpec, ModelCard, Percentile,
                               Preprocessing, ZScore, orientation_matrix)
+from node.models.components import components_to_drop, label_small
 from node.models.digest import file_sha256
-from node.volume import Geometry, Volume, value_counts
+from node.volume import Geometry, Volume
 
 __all__ = ["LoadedModel", "load_model", "network_grid", "resample", "normalise", "prepare_input",
            "sliding_window", "probabilities_to_labels", "postprocess", "segment", "onnx_runner",
@@ -94,6 +95,10 @@ def load_model(model_dir: str | Path, card: ModelCard, provider: str = "auto", *
         opts.log_severity_level = 3  # ORT warns about unused initializers of exported graphs
         # No busy-waiting worker threads: the node shares its cores with receivers and encoders.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No CPU memory arena: it keeps the largest patch's activations for the life of the worker,
+        # ~100 MB held through every later stage of the job (and every other job); freed tensors
+        # go back to the system instead (issue #15: a job's peak within 3x its volume).
+        opts.enable_cpu_mem_arena = False
         providers = choose_providers(provider)
         try:
             session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -380,23 +385,10 @@ def probabilities_to_labels(probs: np.ndarray, grid: Geometry, source: Geometry,
 _SLAB = 32  # source slices sampled at a time by probabilities_to_labels
 
 
-def _label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """``ndimage.label`` in the smallest integer type its count fits: a body-sized box labelled as
-    int32 is four times the mask (315 MB at 512x512x300), and a model's post-processing held two
-    such arrays beside the label map and the source volume (the job's peak, 6x its input)."""
-    for dtype in (np.uint8, np.uint16):
-        out = np.empty(mask.shape, dtype=dtype)
-        try:
-            return out, int(ndimage.label(mask, structure=structure, output=out))
-        except RuntimeError:  # more components than the type holds
-            del out
-    return ndimage.label(mask, structure=structure)
-
-
 def _fill_holes(mask: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
     """Background pockets not connected to the box border (binary_fill_holes, without its slow
     dilation), and only where ``where`` is true when it is given."""
-    pockets, n = _label(~mask)
+    pockets, n = label_small(~mask)
     if n == 0:
         return np.zeros_like(mask)
     inside = np.ones(n + 1, dtype=bool)
@@ -412,7 +404,6 @@ def _fill_holes(mask: np.ndarray, where: np.ndarray | None = None) -> np.ndarray
 
 def postprocess(labels: np.ndarray, specs: Sequence[LabelSpec], voxel_ml: float) -> np.ndarray:
     """Per-label clean-up on the source grid, each label inside its own bounding box."""
-    full = np.ones((3, 3, 3), dtype=bool)
     boxes = ndimage.find_objects(labels)
     for spec in specs:
         pp = spec.postprocess
@@ -425,19 +416,9 @@ def postprocess(labels: np.ndarray, specs: Sequence[LabelSpec], voxel_ml: float)
         region = labels[box]
         mask = region == spec.value
         if pp.min_size_ml or pp.largest_component:
-            comp, n = _label(mask, structure=full)
-            if n:
-                sizes = value_counts(comp, n + 1)[1:]
-                keep = sizes >= pp.min_size_ml / voxel_ml
-                if pp.largest_component:
-                    keep &= np.arange(n) == int(np.argmax(sizes))
-                drop = np.concatenate([[False], ~keep])[comp]  # voxels of the components let go
-                del comp
-                region[drop] = 0
-                mask[drop] = False
-                del drop
-            else:
-                del comp
+            for slab, drop in components_to_drop(mask, pp.min_size_ml / voxel_ml, pp.largest_component):
+                region[slab][drop] = 0  # the voxels of the components let go
+                mask[slab][drop] = False
         if pp.fill_holes:
             holes = _fill_holes(mask, where=region == 0)  # never overwrite another label
             region[holes] = spec.value
@@ -499,6 +480,7 @@ def segment_scored(volumes: Sequence[Volume], card: ModelCard, run_patch: PatchR
     source = volumes[0].geometry
     labels = probabilities_to_labels(probs, grid, source, card.labels, card.inference.activation,
                                      card.inference.threshold)
+    del probs  # K float channels of the network grid: not held beside post-processing's component labels
     report(0.95, "post-processing")
     voxel_ml = float(np.prod(source.spacing)) / 1000.0
     return postprocess(labels, card.labels, voxel_ml), score

@@ -64,23 +64,27 @@ def _second(smooth: np.ndarray, pts: tuple[np.ndarray, ...], a: int, b: int) -> 
 
 
 _D2 = np.array([0.25, 0.0, -0.5, 0.0, 0.25], np.float32)  # np.gradient twice along one axis
+_SLAB = 16  # working-grid slices per step where a filter along the other two axes runs
 
 
 def _blob_measure(image: np.ndarray, voxel_mm: float, scale_mm: float, where: np.ndarray,
                   min_strength: float) -> np.ndarray:
     """s^2 |l3| on ``image`` (isotropic ``voxel_mm``; smoothed in place), computed only at ``where``.
 
-    Memory: three float32 arrays of the working grid at most (the smoothed image, the Hessian's
-    trace, one second derivative), where holding the six Hessian components and three first
+    Memory: two float32 arrays of the working grid at most (the smoothed image, the Hessian's
+    trace; the second derivatives a slab at a time), where holding the six Hessian components and three first
     derivatives took ten. The trace picks the voxels that can reach ``min_strength``, and the
     components are computed at those voxels only."""
     sigma = scale_mm / voxel_mm
     smooth = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=3.0, output=image)
     norm = np.float32(sigma ** 2)  # derivatives per voxel: times sigma^2 (in voxels) is scale-normalised
     trace = ndimage.correlate1d(smooth, _D2, axis=0, mode="nearest", output=np.float32)
-    part = np.empty_like(trace)
-    for axis in (1, 2):
-        trace += ndimage.correlate1d(smooth, _D2, axis=axis, mode="nearest", output=part)
+    # The other two along axes that each slab holds whole: a slab's worth of temporary, not a grid's.
+    part = np.empty((_SLAB, *trace.shape[1:]), np.float32)
+    for k0 in range(0, trace.shape[0], _SLAB):
+        k1 = min(k0 + _SLAB, trace.shape[0])
+        for axis in (1, 2):
+            trace[k0:k1] += ndimage.correlate1d(smooth[k0:k1], _D2, axis=axis, mode="nearest", output=part[:k1 - k0])
     del part
     # l3 <= trace / 3: a voxel can reach min_strength only where the trace is at least 3 times it.
     sel = np.nonzero(where & (trace <= np.float32(-3 * min_strength / norm)))

@@ -17,7 +17,7 @@ from node.nodules.measure import NoduleMeasurement, measure_candidate
 from node.nodules.region import LungRegion, lung_region
 from node.volume import Volume
 
-__all__ = ["Nodule", "Detection", "detect_nodules", "MIN_STRENGTH_HU", "CandidateSource"]
+__all__ = ["Nodule", "Detection", "detect_nodules", "detect_in_region", "spacing_kji", "MIN_STRENGTH_HU", "CandidateSource"]
 
 # (volume in HU, the closed lungs) -> candidates, strongest first
 CandidateSource = Callable[[Volume, "LungRegion"], list[Candidate]]
@@ -65,12 +65,23 @@ def _overlap(m: NoduleMeasurement, box: tuple[slice, ...], mask) -> bool:
     return bool((mine & mask[tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(common, box))]).any())
 
 
+def spacing_kji(volume: Volume) -> tuple[float, float, float]:
+    return tuple(float(s) for s in volume.geometry.spacing[::-1])
+
+
 def detect_nodules(volume: Volume, anatomy_labels: np.ndarray, *, min_diameter_mm: float = 4.0,
                    max_candidates: int = 200, source: CandidateSource | None = None) -> Detection:
     """Nodules of ``volume`` (HU) within the lungs of ct-anatomy's ``anatomy_labels``, from the
     candidates of ``source`` (default: the blob measure)."""
-    spacing = tuple(float(s) for s in volume.geometry.spacing[::-1])  # (k, j, i)
-    region = lung_region(anatomy_labels, spacing)
+    return detect_in_region(volume, lung_region(anatomy_labels, spacing_kji(volume)), min_diameter_mm=min_diameter_mm,
+                            max_candidates=max_candidates, source=source)
+
+
+def detect_in_region(volume: Volume, region: LungRegion, *, min_diameter_mm: float = 4.0,
+                     max_candidates: int = 200, source: CandidateSource | None = None) -> Detection:
+    """``detect_nodules`` in the closed lungs already found: the caller can let the label volume
+    (a byte per voxel of the whole CT) go before the candidates' working grids are made."""
+    spacing = spacing_kji(volume)
     if source is None:
         candidates = find_candidates(volume.array, spacing, region, MIN_STRENGTH_HU, max_candidates)
     else:
