@@ -69,7 +69,8 @@ _SLAB = 16  # working-grid slices per step where a filter along the other two ax
 
 def _blob_measure(image: np.ndarray, voxel_mm: float, scale_mm: float, where: np.ndarray,
                   min_strength: float) -> np.ndarray:
-    """s^2 |l3| on ``image`` (isotropic ``voxel_mm``; smoothed in place), computed only at ``where``.
+    """s^2 |l3| on ``image`` (isotropic ``voxel_mm``; smoothed in place and let go: pass it without
+    keeping a reference), computed only at ``where``.
 
     Memory: two float32 arrays of the working grid at most (the smoothed image, the Hessian's
     trace; the second derivatives a slab at a time), where holding the six Hessian components and three first
@@ -91,10 +92,17 @@ def _blob_measure(image: np.ndarray, voxel_mm: float, scale_mm: float, where: np
     del trace
     h = [_second(smooth, sel, a, b) for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))] \
         if len(sel[0]) else None
-    out = np.zeros(image.shape, np.float32)
+    shape = image.shape
+    del smooth, image  # the caller holds no reference: the grid is freed before the result's is made
+    out = np.zeros(shape, np.float32)
     if h is not None:
         out[sel] = norm * _eig_min_abs(h)
     return out
+
+
+def _zoomed_shape(shape: tuple[int, ...], factors: np.ndarray) -> tuple[int, ...]:
+    """The shape ``ndimage.zoom`` gives (its own rounding), known before the array is made."""
+    return tuple(int(round(n * f)) for n, f in zip(shape, factors))
 
 
 def _resample(a: np.ndarray, factors: np.ndarray) -> np.ndarray:
@@ -102,23 +110,24 @@ def _resample(a: np.ndarray, factors: np.ndarray) -> np.ndarray:
     return ndimage.zoom(a, factors, order=1, mode="nearest", grid_mode=True, output=np.float32)
 
 
-def _nearest(inside: np.ndarray, at: tuple[slice, ...], shape: tuple[int, ...], grid: tuple[int, ...]) -> np.ndarray:
-    """``inside`` (bool on the box ``at`` of a ``shape`` array) on ``grid``, the whole array resampled
+def _nearest(region: LungRegion, at: tuple[slice, ...], shape: tuple[int, ...], grid: tuple[int, ...]) -> np.ndarray:
+    """The closed lungs (``region``, on the box ``at`` of a ``shape`` array) on ``grid``, the whole array resampled
     to that many voxels per axis: what ndimage.zoom(order=0, grid_mode=True) gives, without the
     whole array's copy."""
     idx = [np.minimum(np.floor((np.arange(m) + 0.5) * n / m).astype(np.intp), n - 1) - b.start
            for n, m, b in zip(shape, grid, at)]
     keep = [(i >= 0) & (i < b.stop - b.start) for i, b in zip(idx, at)]
     out = np.zeros(grid, bool)
-    out[np.ix_(*keep)] = inside[np.ix_(*(i[k] for i, k in zip(idx, keep)))]
+    out[np.ix_(*keep)] = region.closed_at(*(i[k] for i, k in zip(idx, keep)))
     return out
 
 
 def find_candidates(hu: np.ndarray, spacing_kji: tuple[float, float, float], region: LungRegion,
                     min_strength: float, max_count: int) -> list[Candidate]:
     """Blob centres inside the closed lungs of ``region``, strongest first, at most ``max_count``."""
-    inside = region.inside
-    if not inside.any():
+    # Read from the region's sides, not its ``inside``: a byte per voxel of the box held through the
+    # finest scale's working grids, the largest moment of a nodule job (issue #15).
+    if not region.closed_found:
         return []
     # The image around the region's box, by enough for the largest scale's smoothing.
     pad = [int(np.ceil(2 * SCALES_MM[-1] * 3 ** 0.5 / s)) for s in spacing_kji]
@@ -133,10 +142,10 @@ def find_candidates(hu: np.ndarray, spacing_kji: tuple[float, float, float], reg
     for scale in SCALES_MM:
         voxel = float(np.clip(scale / 1.2, spacing.min(), 3.0))  # >= 1.2 voxels per sigma
         factors = spacing / voxel
-        img = _resample(image, factors)
-        where = _nearest(inside, at, image.shape, img.shape)
-        b = _blob_measure(img, voxel, scale, where, min_strength)
-        del img, where
+        grid = _zoomed_shape(image.shape, factors)
+        where = _nearest(region, at, image.shape, grid)
+        b = _blob_measure(_resample(image, factors), voxel, scale, where, min_strength)  # handed over, not kept
+        del where
         peaks = b >= min_strength
         peaks &= b == ndimage.maximum_filter(b, size=3)
         for p in np.argwhere(peaks):

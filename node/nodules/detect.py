@@ -85,7 +85,7 @@ def detect_in_region(volume: Volume, region: LungRegion, *, min_diameter_mm: flo
     if source is None:
         candidates = find_candidates(volume.array, spacing, region, MIN_STRENGTH_HU, max_candidates)
     else:
-        candidates = source(volume, region)[:max_candidates] if region.inside.any() else []
+        candidates = source(volume, region)[:max_candidates] if region.closed_found else []
     found: list[Nodule] = []
     taken: list[NoduleMeasurement] = []  # each on its own box: no full-size mask
     for cand in candidates:

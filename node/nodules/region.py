@@ -50,6 +50,16 @@ class LungRegion:
         """ct-anatomy found any lung at all."""
         return self.sides.size > 0
 
+    @property
+    def closed_found(self) -> bool:
+        """Either closed lung has a voxel (``inside.any()`` without keeping ``inside``)."""
+        return bool(np.any(self.sides & (_LEFT | _RIGHT)))
+
+    def closed_at(self, *index: np.ndarray) -> np.ndarray:
+        """Either closed lung at the open mesh ``np.ix_(*index)`` of box indices, read from ``sides``
+        without making (and keeping) ``inside``, a byte per voxel of the box."""
+        return (self.sides[np.ix_(*index)] & (_LEFT | _RIGHT)) != 0
+
     @cached_property
     def inside(self) -> np.ndarray:
         """Either closed lung, on ``box``."""
