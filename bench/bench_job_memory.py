@@ -40,7 +40,7 @@ def _warm_renderer() -> None:
     library and ~100 MB of Mesa's llvmpipe, paid once per process, not per job or volume."""
     from node.render.offscreen import offscreen_window
 
-    window = offscreen_window(64, 64)
+    window = offscreen_window(512, 512)
     window.Render()
     window.Finalize()
 
