@@ -6,7 +6,8 @@ phantom CT from bench/out/), its libraries imported first, so the RSS it starts 
 worker's and the rest is the job's own. A thread samples the RSS every 5 ms; each sample is
 counted against the phase the job last announced (its progress messages: loading, the handler's
 steps, encoding). A handler's lazily loaded libraries (``_WARM``: VTK and the GL driver for
-renders) are loaded first, as in a worker that has run it before. The job's own figures (VmHWM, reset at the job's start) are reported beside them.
+renders) are loaded first, as in a worker that has run it before. The job's own figures (VmHWM,
+reset at the job's start) are reported beside them.
 
     .venv/bin/python bench/bench_job_memory.py [--slices 300] [--handlers ct-anatomy,lung-nodules]
     .venv/bin/python bench/bench_job_memory.py --quick     # a 128x128x40 CT

@@ -73,8 +73,8 @@ def _blob_measure(image: np.ndarray, voxel_mm: float, scale_mm: float, where: np
     keeping a reference), computed only at ``where``.
 
     Memory: two float32 arrays of the working grid at most (the smoothed image, the Hessian's
-    trace; the second derivatives a slab at a time), where holding the six Hessian components and three first
-    derivatives took ten. The trace picks the voxels that can reach ``min_strength``, and the
+    trace; the second derivatives a slab at a time), where holding the six Hessian components and
+    three first derivatives took ten. The trace picks the voxels that can reach ``min_strength``, and the
     components are computed at those voxels only."""
     sigma = scale_mm / voxel_mm
     smooth = ndimage.gaussian_filter(image, sigma, mode="nearest", truncate=3.0, output=image)

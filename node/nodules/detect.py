@@ -17,7 +17,8 @@ from node.nodules.measure import NoduleMeasurement, measure_candidate
 from node.nodules.region import LungRegion, lung_region
 from node.volume import Volume
 
-__all__ = ["Nodule", "Detection", "detect_nodules", "detect_in_region", "spacing_kji", "MIN_STRENGTH_HU", "CandidateSource"]
+__all__ = ["Nodule", "Detection", "detect_nodules", "detect_in_region", "spacing_kji", "MIN_STRENGTH_HU",
+           "CandidateSource"]
 
 # (volume in HU, the closed lungs) -> candidates, strongest first
 CandidateSource = Callable[[Volume, "LungRegion"], list[Candidate]]
