@@ -36,6 +36,7 @@ from node.encoders.common import (
     header_views,
     job_time,
     series_description,
+    settle_encoding,
     source_series,
 )
 from node.encoders.context import EncodeContext
@@ -153,14 +154,15 @@ class KeySlice:
     mask: np.ndarray  # (rows, cols) bool
 
 
-def _key_slices(seg: SegReference, sources: dict[str, SeriesData]) -> dict[int, KeySlice]:
+def _key_slices(seg: SegReference, sources: dict[str, SeriesData],
+                counts: dict[int, np.ndarray]) -> dict[int, KeySlice]:
     """Segment number -> the slice with the most pixels of it (the first on a tie), as the SEG
-    has it: found in the label map, so the report does not wait for the SEG to be encoded."""
+    has it: found in the label map (``counts``: its ``_pixels_per_slice``), so the report does not
+    wait for the SEG to be encoded."""
     series = sources.get(seg.source_series_uid)
     if series is None:
         return {}
     labelmap = seg.labelmap
-    counts = _pixels_per_slice(labelmap.labels)
     # A slice of the volume only when each dataset is one slice (not frames of one instance).
     one_per_slice = series.volume is not None and len(series.datasets) == series.volume.array.shape[0]
     out = {}
@@ -283,7 +285,9 @@ def _document(cls, content, series: SeriesData, ctx: EncodeContext, *, uid_key: 
     )
     copy_patient_study(sr, series.first, choose_charset(series.first, [description, *texts]))
     job_time(sr, ctx)
-    return sr
+    # Settled, pydicom writes the content tree without walking it for ambiguous VRs once per
+    # level, and node.encoders.fastwrite can serialise its sequences (0.08 -> 0.03 CPU s).
+    return settle_encoding(sr)
 
 
 def encode_measurement_sr(
@@ -300,12 +304,15 @@ def encode_measurement_sr(
     template = load_template(report.template)
     template.check(report)  # every name mapped before anything is built: one clear error
     uid_key = ("SR", series_number)
-    groups, used, key_slices = [], [], {}
+    groups, used, key_slices, counts = [], [], {}, {}
     for g in report.groups:
         seg = _find_segment(g, report, list(segs))
         if seg is not None and seg not in used:
             used.append(seg)
-            key_slices[id(seg)] = _key_slices(seg, sources)
+            # Counted once per label map: a Label Map SEG and the binary SEG of its External share it.
+            if id(seg.labelmap) not in counts:
+                counts[id(seg.labelmap)] = _pixels_per_slice(seg.labelmap.labels)
+            key_slices[id(seg)] = _key_slices(seg, sources, counts[id(seg.labelmap)])
         key = key_slices[id(seg)].get(seg.segment_numbers[g.segment_label]) if seg is not None else None
         if key is not None:
             groups.append(_key_slice_group(g, template.finding(g.finding), ctx, seg, key,

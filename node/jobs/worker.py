@@ -19,6 +19,7 @@ from io import BytesIO
 from pathlib import Path
 
 from node.encoders.context import EncodeContext
+from node.encoders.fastwrite import presize_sequences
 from node.encoders.warnings import mark_warnings
 from node.handler_api import HandlerInput, HandlerRefusal, ModelRef, get_handler
 from node.jobs.artefacts import ArtefactCache, instance_set_key
@@ -172,6 +173,7 @@ def _load_priors(spec: JobSpec, needs_pixels: bool, vault: Vault) -> list:
 def _write_result(ds, out_dir: Path, vault: Vault) -> dict:
     """One result object sealed (file fsync'ed; the caller fsyncs the directory); its metadata."""
     path = out_dir / f"{ds.SOPInstanceUID}.dcm"
+    presize_sequences(ds)  # the same bytes, a SEG's thousands of per-frame items written in one pass
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     with buf.getbuffer() as view:  # not getvalue(): a large SEG is not copied once more to be sealed
