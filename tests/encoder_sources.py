@@ -187,6 +187,17 @@ def rasterise_even_odd(polygons: list[np.ndarray], shape: tuple[int, int]) -> np
     return (np.cumsum(toggles, axis=1)[:, :cols] % 2).astype(bool)
 
 
+def external_truth(labels: np.ndarray, segment) -> np.ndarray:
+    """What an RTSTRUCT's EXTERNAL structure outlines: the segment's region (its label and those
+    it includes) with, slice by slice, every hole filled, a hole being background that does not
+    reach the slice's edge, diagonal steps included (8-connected, as the contours have it)."""
+    from scipy import ndimage
+
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = True
+    return ndimage.binary_fill_holes(np.isin(labels, (segment.label, *segment.includes)), structure=in_plane)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total

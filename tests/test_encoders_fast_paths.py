@@ -1,6 +1,6 @@
 """The encoders' fast paths give what the slow, general ones gave: the SEG's overlap (told to
-highdicom instead of computed by it), the RTSTRUCT's filled External (labelling instead of
-repeated dilation); and a re-encoded job gives the same SEG identity."""
+highdicom instead of computed by it), the RTSTRUCT's filled External (its outermost contours
+instead of a filled mask traced); and a re-encoded job gives the same SEG identity."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,8 @@ import pytest
 from scipy import ndimage
 
 import node.encoders.seg as seg_module
-from node.encoders.rtstruct import external_mask
+from node.encoders.contours import Contours, outermost, packed_contours
+from node.encoders.rtstruct import encode_rtstruct
 from node.encoders.seg import encode_seg
 from node.results import LabelMap
 from tests.encoder_sources import anatomy_labels, context, ct_series, segment_table
@@ -57,14 +58,48 @@ def test_known_overlap_seg_is_the_seg_highdicom_makes_by_itself(source, monkeypa
     assert fast.DimensionOrganizationSequence == slow.DimensionOrganizationSequence
 
 
-def test_external_filled_by_labelling_equals_binary_fill_holes():
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+def _same(a: Contours, b: Contours) -> bool:
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("slices", "counts", "points"))
+
+
+def test_external_outline_is_the_outline_of_the_mask_with_its_holes_filled():
+    """``outermost`` keeps the contours of the mask with every hole filled, islands in holes gone:
+    exactly what tracing the filled mask gives (background 8-connected, as the tracing has it)."""
+    eight = np.zeros((3, 3, 3), dtype=bool)
+    eight[1] = True
     rng = np.random.default_rng(15)
     for density in (0.3, 0.5, 0.6, 0.7):
-        labels = (rng.random((5, 24, 31)) < density).astype(np.uint8)
-        expected = ndimage.binary_fill_holes(labels == 1, structure=in_plane)
-        assert np.array_equal(external_mask(labels, 1), expected)
-    ring = np.zeros((1, 9, 9), dtype=np.uint8)
-    ring[0, 2:7, 2:7], ring[0, 3:6, 3:6] = 1, 0  # a closed ring: its inside is filled, the outside not
-    assert external_mask(ring, 1)[0, 4, 4] and not external_mask(ring, 1)[0, 0, 0]
+        mask = ndimage.binary_opening(rng.random((6, 40, 47)) < density, structure=eight[1:2]) if density > 0.6 \
+            else rng.random((6, 40, 47)) < density
+        filled = ndimage.binary_fill_holes(mask, structure=eight)
+        expected = packed_contours(filled.view(np.uint8))[1]
+        got = outermost(packed_contours(mask.view(np.uint8))[1])
+        assert _same(got, expected), density
+    rings = np.zeros((1, 15, 15), dtype=np.uint8)
+    rings[0, 1:14, 1:14], rings[0, 3:12, 3:12] = 1, 0  # a ring with a ring inside it, and an island
+    rings[0, 5:10, 5:10], rings[0, 6:9, 6:9], rings[0, 7, 7] = 1, 0, 1
+    traced = packed_contours(rings)[1]
+    assert traced.counts.size == 5
+    outline = outermost(traced)
+    assert outline.counts.size == 1  # the outer ring's outline only
+    assert (outline.points.min(axis=0).tolist(), outline.points.max(axis=0).tolist()) == ([0.5, 0.5], [13.5, 13.5])
+
+
+def _external_points(source, labels) -> np.ndarray:
+    ds = encode_rtstruct(_labelmap(source, labels), {source.series_uid: source}, context(), series_number=9001)
+    names = {roi.ROINumber: roi.ROIName for roi in ds.StructureSetROISequence}
+    external = next(c for c in ds.ROIContourSequence if names[c.ReferencedROINumber] == "External")
+    return np.concatenate([np.asarray(c.ContourData, dtype=float) for c in external.ContourSequence])
+
+
+def test_the_rtstruct_external_encloses_what_its_segment_includes_even_at_the_surface(source):
+    """An organ reaching the body's surface (a lung cut by the field of view) stays inside the
+    External, as in its SEG: the External is its own label and those it includes, holes filled."""
+    labels = anatomy_labels(source.volume.geometry.shape)
+    outline = _external_points(source, labels)
+    labels = labels.copy()  # a LabelMap makes its array read-only
+    organ = 4  # included by the body (see _labelmap)
+    top = int(np.flatnonzero((labels == 1).any(axis=(0, 2)))[0])
+    band = labels[:, top:top + 3, :]
+    band[band == 1] = organ  # the body's first three rows become the organ: it now forms the surface
+    assert np.array_equal(_external_points(source, labels), outline)

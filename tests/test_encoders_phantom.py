@@ -10,11 +10,10 @@ import pytest
 import SimpleITK as sitk
 
 from node.encoders import encode_all
-from node.encoders.rtstruct import external_mask
 from node.phantom import generate_ct
 from node.results import Code, LabelMap, Measurement, MeasurementGroup, MeasurementReport, Segment
 from node.volume import load_series
-from tests.encoder_sources import context, dice, rasterise_even_odd, save_valid
+from tests.encoder_sources import context, dice, external_truth, rasterise_even_odd, save_valid
 
 ANAT = Code("91723000", "SCT", "Anatomical Structure")
 STRUCTURES = (  # label, phantom truth names, segment
@@ -74,7 +73,7 @@ def test_phantom_anatomy_encodes_and_round_trips(phantom, tmp_path):
         back = np.zeros(g.shape, dtype=bool)
         for k, polys in per_slice.items():
             back[k] = rasterise_even_odd(polys, g.shape[1:])
-        truth = (external_mask(lm.labels, segment.label) if segment.rt_roi_type == "EXTERNAL"
+        truth = (external_truth(lm.labels, segment) if segment.rt_roi_type == "EXTERNAL"
                  else lm.labels == segment.label)
         assert dice(back, truth) >= 0.98, segment.name
 

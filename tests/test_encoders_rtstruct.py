@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from node.encoders.contours import label_contours, mask_contours
-from node.encoders.rtstruct import STUDY_SOP_CLASS, encode_rtstruct, external_mask, format_ds_values
+from node.encoders.rtstruct import STUDY_SOP_CLASS, encode_rtstruct, format_ds_values
 from node.results import LabelMap
 from node.volume import Geometry
 from tests.encoder_sources import (
@@ -16,6 +16,7 @@ from tests.encoder_sources import (
     context,
     ct_series,
     dice,
+    external_truth,
     oblique_orientation,
     rasterise_even_odd,
     save_valid,
@@ -63,7 +64,7 @@ def test_contours_fill_back_to_the_mask(source, written):
     for number, segment in enumerate(lm.segments, start=1):
         truth = lm.labels == segment.label
         if segment.rt_roi_type == "EXTERNAL":
-            truth = external_mask(lm.labels, segment.label)
+            truth = external_truth(lm.labels, segment)
         back = _mask_from_file(rt, number, source)
         assert dice(back, truth) >= 0.98, segment.name
         # The construction is exact at pixel centres, not merely close.

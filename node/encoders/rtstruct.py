@@ -2,7 +2,7 @@
 places and writes DS values longer than 16 characters, which dciodvfy and some TPS reject).
 
 One ROI per segment, named by its TG-263 name where it has one; an EXTERNAL structure is the
-body outline with what it encloses filled in (``external_mask``). Contours are CLOSED_PLANAR
+body outline with what it encloses filled in (``contours.outermost``). Contours are CLOSED_PLANAR
 polygons in patient coordinates on the source slices; a hole is a further contour inside its
 island on the same plane, which planning systems combine with the even-odd rule. Each contour
 references its image, and the structure set carries the full chain Frame of Reference → study →
@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-from scipy import ndimage
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -31,7 +30,7 @@ from node.encoders.common import (
     source_series,
 )
 from node.encoders.context import EncodeContext
-from node.encoders.contours import Contours, packed_contours
+from node.encoders.contours import Contours, outermost, packed_contours
 from node.results import LabelMap
 from node.volume import Geometry, SeriesData
 
@@ -160,31 +159,6 @@ def _contour_sequence(images: list[bytes], contours: Contours, points: np.ndarra
     return RawDataElement(_CONTOUR_SEQUENCE, "SQ", len(value), value, 0, False, True)
 
 
-def external_mask(labels: np.ndarray, label: int) -> np.ndarray:
-    """The body outline of an EXTERNAL structure: its label with, slice by slice, everything it
-    encloses filled in. A label map is exclusive, so the body label has holes where the lungs,
-    bones or bowel gas are; a planning system takes EXTERNAL as the patient's outer surface, and
-    those holes would count as outside the patient."""
-    # Slice by slice, a hole is a piece of background that does not reach the edge of its slice:
-    # one labelling pass per slice finds them all (binary_fill_holes gets there by repeated
-    # dilation, about three times slower on a 512x512x300 volume, with the same result). Only
-    # the body's bounding box is labelled, with a ring of background around it: everything
-    # outside the box is background joined to the image's edge, and the ring joins whatever
-    # reaches the box's edge to it, so the piece holding the ring's corner is all that is outside.
-    four_connected = ndimage.generate_binary_structure(2, 1)
-    out = np.zeros(labels.shape, dtype=bool)
-    for k, plane in enumerate(labels):
-        body = plane == label
-        rows = np.flatnonzero(body.any(axis=1))
-        if rows.size == 0:
-            continue
-        cols = np.flatnonzero(body.any(axis=0))
-        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        background, _ = ndimage.label(np.pad(~body[box], 1, constant_values=True), structure=four_connected)
-        out[k][box] = background[1:-1, 1:-1] != background[0, 0]
-    return out
-
-
 def _dataset(**attrs) -> Dataset:
     ds = Dataset()
     for keyword, value in attrs.items():
@@ -270,10 +244,16 @@ def encode_rtstruct(
     origins, row_step, col_step = _plane_axes(series, geometry)
     images = [_element(0x30060016, b"SQ", item) for item in image_items]
     roi_seq, contour_seq, obs_seq = Sequence(), Sequence(), Sequence()
-    # Every structure traced in one pass over the label map; an EXTERNAL one from its outline.
-    external = {s.label for s in labelmap.segments if s.rt_roi_type == "EXTERNAL"}
-    traced = packed_contours(labelmap.labels, skip=frozenset(external),
-                             masks={label: external_mask(labelmap.labels, label) for label in external})
+    # Every structure traced in one pass over the label map. An EXTERNAL one is the region its
+    # segment covers (its own label and those it includes, as its SEG has it) with, slice by
+    # slice, everything it encloses filled in: a label map is exclusive, so the body label has
+    # holes where the lungs, bones or bowel gas are, and a planning system takes EXTERNAL as the
+    # patient's outer surface, on which those holes would count as outside the patient. Its
+    # outermost contours are that outline (filling the holes first, by a labelling of every
+    # slice, took three times as long as tracing the structure).
+    external = {s.label: (s.label, *s.includes) for s in labelmap.segments if s.rt_roi_type == "EXTERNAL"}
+    traced = packed_contours(labelmap.labels, skip=frozenset(external), masks=external)
+    traced.update({label: outermost(traced[label]) for label in external if label in traced})
     for number, (segment, name) in enumerate(zip(labelmap.segments, names), start=1):
         roi_seq.append(_dataset(
             ROINumber=number,
