@@ -80,3 +80,27 @@ def test_ct_anatomy_keeps_only_the_lungs_under_its_version_and_parameters():
     object.__setattr__(lm, "labels", labels)
     (lungs,) = CTAnatomy({}).artefacts(None, [lm]).values()
     assert lungs.tolist() == [[[0, 0, LUNG_L], [LUNG_R, 0, 0]]]
+
+
+def test_an_entry_holds_the_box_of_its_non_zero_values_and_gives_back_the_whole_array():
+    from node.jobs.artefacts import check_packed, pack, unpack
+
+    lungs = np.zeros((12, 40, 50), dtype=np.uint8)
+    lungs[3:9, 10:30, 5:20], lungs[4:8, 12:28, 30:44] = LUNG_L, LUNG_R
+    packed = pack(lungs)
+    assert b'"box": [[3, 9], [10, 30], [5, 44]]' in packed.partition(b"\n")[0]
+    for array in (lungs, np.zeros((4, 5, 6), np.uint8), np.ones((2, 3), np.float32), lungs[:, :, ::-1]):
+        back = unpack(pack(array))
+        assert back.dtype == array.dtype and np.array_equal(back, array)
+        check_packed(pack(array))
+    # An entry of before the box (the whole array) still reads; one whose box or size lies does not.
+    import json
+    import zlib
+    old = json.dumps({"dtype": "|u1", "shape": [12, 40, 50]}).encode() + b"\n" + zlib.compress(lungs.tobytes())
+    assert np.array_equal(unpack(old), lungs)
+    head, _, body = packed.partition(b"\n")
+    for bad_head in (head.replace(b"[5, 44]", b"[5, 60]"), head.replace(b"[5, 44]", b"[5, 43]")):
+        with pytest.raises(ValueError):
+            unpack(bad_head + b"\n" + body)
+        with pytest.raises(ValueError):
+            check_packed(bad_head + b"\n" + body)

@@ -51,47 +51,73 @@ def set_key(series_uid: str, sop_uids) -> str:
     return h.hexdigest()
 
 
+def _nonzero_box(array: np.ndarray) -> list[list[int]]:
+    """[start, stop) per axis of the box holding every non-zero value (empty: a zero-sized box)."""
+    if array.ndim == 0:
+        return []
+    box = []
+    for axis in range(array.ndim):
+        others = tuple(a for a in range(array.ndim) if a != axis)
+        where = np.flatnonzero(array.any(axis=others) if others else array != 0)
+        box.append([int(where[0]), int(where[-1]) + 1] if where.size else [0, 0])
+    return box
+
+
 def pack(array: np.ndarray, chunk: int = 16) -> bytes:
-    """An array as an entry's bytes: a JSON head (dtype, shape), a newline, the zlib-compressed
-    data. Compressed a few slices at a time (level 1: a label map is mostly runs of zeros, and a
-    higher level costs the producing job time), so keeping a volume costs no copy of it."""
+    """An array as an entry's bytes: a JSON head (dtype, shape, and the box that holds its
+    non-zero values), a newline, the zlib-compressed values inside the box. Only the box is
+    compressed (zlib takes the same time for a run of zeros as for anything else: the lungs'
+    box is a third of a CT's volume), a few slices at a time (level 1: a higher level costs the
+    producing job time), so keeping a volume costs no copy of it."""
     array = np.asarray(array)
-    head = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape)}).encode()
+    box = _nonzero_box(array)
+    inside = array[tuple(slice(lo, hi) for lo, hi in box)]
+    head = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape), "box": box}).encode()
     packer = zlib.compressobj(1)
     parts = [head, b"\n"]
-    for k in range(0, max(len(array), 1), chunk):
-        parts.append(packer.compress(np.ascontiguousarray(array[k:k + chunk]).tobytes()))
+    for k in range(0, max(len(inside), 1), chunk):
+        parts.append(packer.compress(np.ascontiguousarray(inside[k:k + chunk]).tobytes()))
     parts.append(packer.flush())
     return b"".join(parts)
 
 
-def _head(data: bytes) -> tuple[np.dtype, list[int], bytes]:
+def _head(data: bytes) -> tuple[np.dtype, list[int], list[list[int]], bytes]:
+    """(dtype, shape, box, compressed values) of an entry; an entry without a box holds it all."""
     head, _, body = data.partition(b"\n")
     meta = json.loads(head)
     dtype = np.dtype(meta["dtype"])
     if dtype.kind not in "biuf":
         raise ValueError(f"artefact dtype {dtype} is not numeric")
-    return dtype, [int(n) for n in meta["shape"]], body
+    shape = [int(n) for n in meta["shape"]]
+    box = [[int(lo), int(hi)] for lo, hi in meta.get("box", [[0, n] for n in shape])]
+    if len(box) != len(shape) or not all(0 <= lo <= hi <= n for (lo, hi), n in zip(box, shape)):
+        raise ValueError(f"artefact box {box} does not fit its shape {shape}")
+    return dtype, shape, box, body
 
 
-def _check_length(raw: int, dtype: np.dtype, shape: list[int]) -> None:
-    if raw != dtype.itemsize * int(np.prod(shape)):
-        raise ValueError(f"artefact holds {raw} bytes, not the {shape} {dtype} its head says")
+def _check_length(raw: int, dtype: np.dtype, box: list[list[int]]) -> None:
+    if raw != dtype.itemsize * int(np.prod([hi - lo for lo, hi in box])):
+        raise ValueError(f"artefact holds {raw} bytes, not the {box} box of {dtype} its head says")
 
 
 def unpack(data: bytes) -> np.ndarray:
     """The array of ``pack``'s bytes; ValueError (or zlib.error, KeyError, TypeError) when they are
     not one: numbers only, and exactly as many bytes as the head says."""
-    dtype, shape, body = _head(data)
+    dtype, shape, box, body = _head(data)
     raw = zlib.decompress(body)
-    _check_length(len(raw), dtype, shape)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    _check_length(len(raw), dtype, box)
+    inside = np.frombuffer(raw, dtype=dtype).reshape([hi - lo for lo, hi in box])
+    if [hi - lo for lo, hi in box] == shape:
+        return inside
+    out = np.zeros(shape, dtype=dtype)
+    out[tuple(slice(lo, hi) for lo, hi in box)] = inside
+    return out
 
 
 def check_packed(data: bytes, chunk: int = 1 << 22) -> None:
     """``unpack``'s checks without the array: the node takes a worker's entry without holding a
     volume's worth of memory for it."""
-    dtype, shape, body = _head(data)
+    dtype, _, box, body = _head(data)
     inflate, raw = zlib.decompressobj(), 0
     while body:
         raw += len(inflate.decompress(body, chunk))
@@ -99,7 +125,7 @@ def check_packed(data: bytes, chunk: int = 1 << 22) -> None:
     raw += len(inflate.flush())
     if not inflate.eof:
         raise ValueError("artefact data is truncated")
-    _check_length(raw, dtype, shape)
+    _check_length(raw, dtype, box)
 
 
 UNUSABLE = (IntegrityError, OSError, ValueError, KeyError, TypeError, zlib.error)
