@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
+import gc
 import logging
 import os
 import resource
@@ -146,6 +147,14 @@ def _map_big_allocations() -> None:
         pass  # not glibc: nothing to do
 
 
+def _collect_less_often() -> None:
+    """Run Python's cycle collector every 20 000 net allocations instead of every 700. A job makes
+    millions of short-lived objects (the series' headers, highdicom's and pydicom's items) and
+    almost no cycles: at the default, 200 collections of the young objects and a full one took
+    0.16 CPU s of a CT's ct-anatomy job, at this threshold 0.03 s, for the same peak memory."""
+    gc.set_threshold(20_000, 20, 20)
+
+
 @contextmanager
 def _verified_reads(vault: Vault):
     """Never hand a tampered or truncated instance to a handler: quarantine it and fail the job."""
@@ -232,6 +241,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None
     from node.jobs.lanes import run_lanes
 
     _map_big_allocations()
+    _collect_less_often()
     start_rss = _reset_peak_rss()
     clock = PhaseClock()
     cls = _handler_class(spec)
