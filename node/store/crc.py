@@ -5,7 +5,7 @@ Every received instance is checksummed when it is sealed and again whenever it i
 the system zlib (1.2.13, no carry-less multiply) that is 0.2-0.75 ms per 512x512 slice, the largest
 part of storing one, while libdeflate's is about a tenth of that. libdeflate is only used if it gives
 zlib's values on a probe at import (a library that did not would make every record unreadable), and
-a buffer it cannot be handed without a copy goes to zlib. Either way the bytes on disk are the same.
+a buffer it cannot be handed without a copy (not contiguous) goes to zlib. Either way the bytes on disk are the same.
 """
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     if isinstance(data, bytes):
         return _fn(value, data, len(data))
     view = memoryview(data)
-    if view.readonly or not view.c_contiguous:
+    if not view.c_contiguous:
         return zlib.crc32(data, value)  # no pointer without a copy
+    if view.readonly:  # a view into bytes (a record read back): NumPy gives its address, ctypes will not
+        import numpy as np
+
+        return _fn(value, np.frombuffer(view, dtype=np.uint8).ctypes.data, view.nbytes)
     return _fn(value, ctypes.addressof(ctypes.c_char.from_buffer(view)), view.nbytes)

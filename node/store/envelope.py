@@ -204,11 +204,16 @@ class Sealer:
 
     def open(self, blob: bytes | memoryview, context: bytes = b"") -> bytes:
         """The payload of a whole envelope, verified (and decrypted); ``context`` as when sealed."""
+        return bytes(self.open_view(blob, context))
+
+    def open_view(self, blob: bytes | memoryview, context: bytes = b"") -> bytes | memoryview:
+        """``open``, with a payload stored plain left as a view into ``blob``: a reader that takes
+        a part of it (a log record's DICOM after its metadata) copies that part once, not twice."""
         blob = memoryview(blob)
         h = self.header(bytes(blob[:HEADER_SIZE]))
         return self.open_payload(h, blob[HEADER_SIZE:], context)
 
-    def open_payload(self, h: Header, payload: bytes | memoryview, context: bytes = b"") -> bytes:
+    def open_payload(self, h: Header, payload: bytes | memoryview, context: bytes = b"") -> bytes | memoryview:
         if len(payload) != h.length:
             raise IntegrityError(f"payload is {len(payload)} bytes, header says {h.length}")
         if h.mode == MODE_PLAIN:
@@ -216,10 +221,9 @@ class Sealer:
                 # A CRC protects against accidents, not against whoever can write the disk: in an
                 # encrypted spool an unencrypted envelope is refused, never trusted.
                 raise IntegrityError("unencrypted object in an encrypted spool")
-            data = bytes(payload)
-            if crc32(data, zlib.crc32(context)) != h.crc:
+            if crc32(payload, zlib.crc32(context)) != h.crc:
                 raise IntegrityError("payload checksum mismatch (damaged, or not where it was written)")
-            return data
+            return payload
         dek = self._unwrap(h)
         try:
             return AESGCM(dek).decrypt(h.nonce, bytes(payload),

@@ -100,7 +100,7 @@ class SegmentReader:
             os.close(fd)
         if len(blob) != length:
             raise IntegrityError(f"{locator}: truncated ({len(blob)} of {length} bytes)")
-        return split_payload(self.sealer.open(blob, locator_context(segment, offset)))
+        return split_payload(self.sealer.open_view(blob, locator_context(segment, offset)))
 
     def segments(self) -> list[int]:
         return sorted(int(p.stem) for p in self.root.glob("*.seg") if p.stem.isdigit())
@@ -147,10 +147,10 @@ def locator_context(segment: int, offset: int) -> bytes:
     return f"log:{segment}:{offset}".encode()
 
 
-def split_payload(payload: bytes) -> tuple[dict, bytes]:
+def split_payload(payload: bytes | memoryview) -> tuple[dict, bytes]:
     (n,) = _META_LEN.unpack_from(payload)
-    meta = json.loads(payload[4: 4 + n]) if n else {}
-    return meta, payload[4 + n:]
+    meta = json.loads(bytes(payload[4: 4 + n])) if n else {}
+    return meta, bytes(payload[4 + n:])  # one copy: a view's slice is not one, a bytes' slice is
 
 
 def payload_parts(meta: dict, data: bytes | bytearray | memoryview) -> list:
