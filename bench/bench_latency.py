@@ -8,7 +8,7 @@ finished (results and originals delivered) before the next is sent. Times come f
 API (job created/finished, delivery timestamps) on the same clock as the sender; the result
 objects are then looked up in Orthanc.
 
-    .venv/bin/python bench/bench_latency.py [--runs 3] [--slices 300] [--stable-after 2]
+    .venv/bin/python bench/bench_latency.py [--runs 5] [--slices 300] [--stable-after 2]
     .venv/bin/python bench/bench_latency.py --quick      # one run, small CT, no warm-up
 """
 from __future__ import annotations
@@ -140,7 +140,8 @@ def report(out: list[dict], args, instances: int, mb: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
+    # A phase's CPU seconds swing by up to a third from run to run on a shared VM: five give a steadier median.
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512, help="rows and columns")
     ap.add_argument("--stable-after", type=float, default=2.0, help="the node's quiet period, s")
