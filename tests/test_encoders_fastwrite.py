@@ -85,6 +85,16 @@ def test_what_it_does_not_write_itself_is_left_to_pydicom():
     assert _same_bytes(ds) == 1 and isinstance(ds.get_item("ReferencedImageSequence"), RawDataElement)
 
 
+def test_a_value_it_cannot_encode_is_left_to_pydicom_to_write_or_refuse():
+    item = Dataset()
+    item.ReferencedSegmentNumber = 1
+    ds = _settled_item_holder(item)
+    ds.ReferencedImageSequence[0]["ReferencedSegmentNumber"].value = 70_000  # beyond US
+    assert presize_sequences(ds) == 0
+    with pytest.raises(Exception):
+        _written(ds)  # pydicom's own error, as without presizing
+
+
 def test_an_implicit_vr_or_unsettled_data_set_is_not_touched():
     item = Dataset()
     item.ReferencedSOPInstanceUID = "1.2.3"

@@ -143,8 +143,8 @@ def presize_sequences(ds: Dataset, min_items: int = 1) -> int:
             continue
         try:
             value = _value(elem, "SQ")
-        except _Unsupported:
-            continue
+        except Exception:  # noqa: BLE001 - _Unsupported, or a value pydicom reports better (a US of 70 000):
+            continue  # pydicom writes the sequence, or raises, exactly as it did without this module
         ds[tag] = RawDataElement(elem.tag, "SQ", len(value), value, 0, False, True)
         done += 1
     return done
