@@ -93,8 +93,8 @@ def _element(elem) -> bytes:
     if vr is None or len(vr) != 2:
         raise _Unsupported  # implicit or ambiguous: pydicom decides it
     if isinstance(elem, RawDataElement):
-        if elem.length == 0xFFFFFFFF:
-            raise _Unsupported
+        if elem.length == 0xFFFFFFFF or (elem.value is None and elem.length):
+            raise _Unsupported  # undefined length, or a value not read yet (deferred)
         value = elem.value or b""
     else:
         if elem.is_undefined_length or getattr(elem, "is_buffered", False):
