@@ -3,11 +3,14 @@ object Hilum makes, in every character set, with text it cannot take (non-ASCII)
 from __future__ import annotations
 
 import copy
+import struct
 from io import BytesIO
 
 import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -93,6 +96,25 @@ def test_a_value_it_cannot_encode_is_left_to_pydicom_to_write_or_refuse():
     assert presize_sequences(ds) == 0
     with pytest.raises(Exception):
         _written(ds)  # pydicom's own error, as without presizing
+
+
+def test_raw_bytes_under_an_item_pydicom_decodes_are_left_to_pydicom():
+    """pydicom decodes everything under an item whose encoding is not settled and writes it anew
+    (a group length inside is dropped): copying those raw bytes would give another file."""
+    def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    body = element(0x0020, 0x0000, b"UL", struct.pack("<I", 14)) + element(0x0020, 0x000E, b"UI", b"1.2.3\0")
+    items = b"\xfe\xff\x00\xe0" + struct.pack("<I", len(body)) + body
+    read = struct.pack("<HH", 0x0008, 0x1115) + b"SQ\0\0" + struct.pack("<I", len(items)) + items
+    source = read_dataset(DicomBytesIO(read), False, True)  # settled, its sequence still raw
+    ds = _settled_item_holder(Dataset())
+    middle = Dataset()  # an item added after the whole was settled: its encoding is not
+    middle.ReferencedStudySequence = [source]
+    ds.ReferencedImageSequence = [middle]
+    assert _same_bytes(ds) == 0
+    settle_encoding(ds)  # settled all through: pydicom keeps the raw bytes, so may this module
+    assert _same_bytes(ds) == 1
 
 
 def test_an_implicit_vr_or_unsettled_data_set_is_not_touched():

@@ -136,7 +136,7 @@ def _union(labels: np.ndarray, members: tuple[int, ...], top: int) -> np.ndarray
     """Where ``labels`` is one of ``members`` (``top``: the volume's largest label). A table
     lookup, or a comparison when the members are every label: np.isin compared the chunk with
     each member in turn, five times slower."""
-    if set(range(1, top + 1)) <= set(members):
+    if 0 not in members and set(range(1, top + 1)) <= set(members):
         return labels != 0
     table = np.zeros(top + 1, dtype=bool)
     table[[m for m in members if 0 <= m <= top]] = True

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import _LUT_DESCRIPTOR_TAGS as _LUT_DESCRIPTORS
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
@@ -36,7 +39,8 @@ class _Unsupported(Exception):
 
 
 def _multi(value) -> bool:
-    return isinstance(value, (list, tuple)) or hasattr(value, "append")
+    """Multi-valued as pydicom's text writers take it (a NumPy array too: DS/IS read as arrays)."""
+    return isinstance(value, (list, tuple, MultiValue, np.ndarray))
 
 
 def _ascii(text: str) -> bytes:
@@ -66,13 +70,15 @@ def _number_string(value) -> bytes:
     return out + b" " if len(out) % 2 else out
 
 
-def _value(elem: DataElement, vr: str) -> bytes:
+def _value(elem: DataElement, vr: str, decoded: bool = False) -> bytes:
     value = elem.value
     if vr == "SQ":
-        return b"".join(_item(ds) for ds in value)
+        return b"".join(_item(ds, decoded) for ds in value)
     if vr in _NUMBERS:
+        if isinstance(value, np.ndarray) or elem.tag in _LUT_DESCRIPTORS:
+            raise _Unsupported  # pydicom packs an array as one value (and fails), a descriptor's first as US
         fmt = _NUMBERS[vr]
-        if _multi(value):
+        if hasattr(value, "append"):  # pydicom's test for several numbers
             return struct.pack(f"<{len(value)}{fmt}", *value)
         return struct.pack(f"<{fmt}", value)
     if vr == "UI":
@@ -86,7 +92,7 @@ def _value(elem: DataElement, vr: str) -> bytes:
     raise _Unsupported
 
 
-def _element(elem) -> bytes:
+def _element(elem, decoded: bool) -> bytes:
     if elem.tag.element == 0 and elem.tag.group > 6:
         return b""  # group lengths are not written (PS3.5 7.2)
     vr = elem.VR
@@ -99,7 +105,7 @@ def _element(elem) -> bytes:
     else:
         if elem.is_undefined_length or getattr(elem, "is_buffered", False):
             raise _Unsupported
-        value = b"" if elem.is_empty else _value(elem, vr)
+        value = b"" if elem.is_empty else _value(elem, vr, decoded)
     tag = struct.pack("<HH", elem.tag.group, elem.tag.element)
     if vr in _LONG:
         return tag + vr.encode() + struct.pack("<HI", 0, len(value)) + value
@@ -108,14 +114,17 @@ def _element(elem) -> bytes:
     return tag + vr.encode() + struct.pack("<H", len(value)) + value
 
 
-def _item(ds: Dataset) -> bytes:
+def _item(ds: Dataset, decoded: bool) -> bytes:
+    """One item; ``decoded``: pydicom decodes every raw element in it (an item above it is not
+    settled: its ambiguous-VR pass decodes the whole subtree, and the subtree is written anew)."""
     if not isinstance(ds, Dataset) or getattr(ds, "is_undefined_length_sequence_item", False):
         raise _Unsupported
     if "SpecificCharacterSet" in ds:
         raise _Unsupported  # an item with a character set of its own
-    if not _settled(ds) and any(isinstance(e, RawDataElement) for e in ds._dict.values()):
+    decoded = decoded or not _settled(ds)
+    if decoded and any(isinstance(e, RawDataElement) for e in ds._dict.values()):
         raise _Unsupported  # pydicom decodes and re-encodes those first
-    body = b"".join(_element(ds.get_item(tag)) for tag in sorted(ds.keys()))
+    body = b"".join(_element(ds.get_item(tag), decoded) for tag in sorted(ds.keys()))
     return _ITEM + struct.pack("<I", len(body)) + body
 
 
