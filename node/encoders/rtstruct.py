@@ -290,8 +290,11 @@ def encode_rtstruct(
     # C-STORE) decodes them first.
     # The structure set itself too: a dataset of unknown encoding is walked whole before writing
     # (pydicom's ambiguous-VR correction), which would decode every prepared contour again. It
-    # has no ambiguous VRs (none of its attributes is US-or-SS or OB-or-OW).
-    for prepared in (*contour_seq, referenced_series):
+    # has no ambiguous VRs (none of its attributes is US-or-SS or OB-or-OW). So too the items the
+    # series' image list hangs from (frame of reference, study): one of unknown encoding above it
+    # has the list decoded and written anew.
+    frame_item = ds.ReferencedFrameOfReferenceSequence[0]
+    for prepared in (*contour_seq, referenced_series, frame_item, frame_item.RTReferencedStudySequence[0]):
         prepared.set_original_encoding(False, True, prepared._character_set)
     ds.set_original_encoding(False, True, ds._character_set)
     return ds
