@@ -147,6 +147,39 @@ def _map_big_allocations() -> None:
         pass  # not glibc: nothing to do
 
 
+def _one_heap_for_all_threads() -> None:
+    """Let every thread allocate from the main heap (glibc's M_ARENA_MAX 1). A job's encoders run on
+    a thread of their own (node/jobs/lanes.py), and a thread's own heap is a set of mappings that
+    glibc hands back to the system page by page as blocks are freed there and maps afresh when
+    they are taken again: the RTSTRUCT's contour tracing, chunk after chunk of few-hundred-KB
+    arrays, took 100 000 page faults and 0.25 CPU s of system time on its thread, 7 000 and
+    0.05 s on the main heap (512x512x300 CT, measured in the worker's path). Effective for the
+    threads that first allocate after it, so it is set before a job starts any; Python's GIL
+    serialises the threads' allocations anyway, and ONNX Runtime's threads (the model handler)
+    took as long with it."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
+def _small_pages_for_arrays() -> None:
+    """Keep NumPy from asking for transparent huge pages (its madvise on every array of 4 MB or
+    more), unless NumPy's own switch, NUMPY_MADVISE_HUGEPAGE, says otherwise. A worker hands its
+    memory back between jobs, so every job fills fresh pages: on the virtual machines the 2-core
+    figures come from (Firecracker, freed memory reported back to the host), a fresh huge page
+    costs about five times the system time of the same memory in 4 KB pages (0.4-0.6 s against
+    0.09 s for a CT volume's 158 MB), and over whole ct-anatomy jobs the load and the handler each
+    took about a sixth less CPU without them (docs/benchmarks.md, latency)."""
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return
+    from numpy._core import multiarray  # where NumPy's switch sets the same flag at import
+
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
+
+
 def _collect_less_often() -> None:
     """Run Python's cycle collector every 20 000 net allocations instead of every 700. A job makes
     millions of short-lived objects (the series' headers, highdicom's and pydicom's items) and
@@ -241,6 +274,8 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None
     from node.jobs.lanes import run_lanes
 
     _map_big_allocations()
+    _one_heap_for_all_threads()
+    _small_pages_for_arrays()
     _collect_less_often()
     start_rss = _reset_peak_rss()
     clock = PhaseClock()
@@ -326,6 +361,7 @@ def run_job(spec: JobSpec, progress, on_result=lambda meta: None, artefacts=None
 
 def worker_main(conn, memory_mb: int) -> None:
     """Process entry point: serve jobs from the parent over ``conn`` until it closes."""
+    _one_heap_for_all_threads()  # before any thread (a handler's libraries start theirs on import)
     limit = memory_mb * 1024 * 1024
     # A memory cap per worker: a runaway handler gets MemoryError (or is killed), the node lives.
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
