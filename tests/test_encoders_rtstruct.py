@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from node.encoders.contours import label_contours, mask_contours
-from node.encoders.rtstruct import STUDY_SOP_CLASS, encode_rtstruct, format_ds_values
+from node.encoders.rtstruct import STUDY_SOP_CLASS, encode_rtstruct, format_ds_runs, format_ds_values
 from node.results import LabelMap
 from node.volume import Geometry
 from tests.encoder_sources import (
@@ -120,6 +120,32 @@ def test_ds_values_fit_16_characters(written):
     assert format_ds_values(np.array([-0.00001])) == b"0 "  # no "-0": it rounds to zero
     # To 4 decimals, without trailing zeros (nor a point with nothing after it):
     assert format_ds_values(np.array([-150.0, 12.35, 12.34567, -88.5501, 0.5])) == b"-150\\12.35\\12.3457\\-88.5501\\0.5 "
+
+
+def _python_ds(value: float) -> str:
+    text = ("%.4f" % round(float(value), 4)).rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 300.0, 5e3, 1e5])
+def test_ds_runs_are_python_formatting_of_every_value(scale):
+    """The table-driven DS text is Python's "%.4f" of each value rounded to 4 decimals, less
+    trailing zeros, value for value and run for run (empty runs too), whatever the magnitudes."""
+    rng = np.random.default_rng(int(scale * 10))
+    values = rng.normal(0, scale, 20_000)
+    values[::7] = np.round(values[::7], rng.integers(0, 5))  # fewer decimals, exact zeros after them
+    values[::11] *= -1e-7  # rounds to (minus) zero
+    values[::13] = np.round(values[::13] / 100) * 100  # whole numbers: no point
+    counts = rng.multinomial(values.size, np.ones(40) / 40)
+    counts[1] += counts[0]
+    counts[0] = 0
+    runs = format_ds_runs(values, counts)
+    assert len(runs) == counts.size and runs[0] == b""
+    start = 0
+    for n, text in zip(counts, runs):
+        expected = "\\".join(_python_ds(v) for v in values[start:start + n]).encode("ascii")
+        assert text == expected + b" " * (len(expected) % 2)
+        start += n
 
 
 def test_provenance_and_study_placement(source, written):

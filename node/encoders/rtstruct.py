@@ -42,10 +42,14 @@ STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 _CONTOUR_SEQUENCE = Tag(0x3006, 0x0040)
 _CONTOUR_IMAGE_SEQUENCE = Tag(0x3006, 0x0016)
 # DS text in 32-bit words of ASCII (little-endian: the first character in the lowest byte):
-# "0000".."9999", ".000"..".999", and a last decimal with the separator after it ("0\\".."9\\").
+# "0000".."9999" for the whole part; the four decimals t (0..9999) with the point before and the
+# separator after, ".dddd\\" and two unused bytes, as one 64-bit word; how many characters of
+# ".dddd" a value leaves out (its trailing zeros, and the point with them when t is 0); and how
+# many digits a whole part below 10 000 has.
 _FOUR_DIGITS = np.frombuffer(b"".join(b"%04d" % n for n in range(10000)), dtype="<u4").astype(np.uint32)
-_POINT_AND_3 = np.frombuffer(b"".join(b".%03d" % n for n in range(1000)), dtype="<u4").astype(np.uint32)
-_LAST_AND_BACKSLASH = np.frombuffer(b"".join(b"%d\\\0\0" % n for n in range(10)), dtype="<u4").astype(np.uint32)
+_TAIL_TEXT = np.frombuffer(b"".join(b".%04d\\\0\0" % t for t in range(10000)), dtype="<u8").astype(np.uint64)
+_TAIL_CUT = np.array([5 if t == 0 else 4 - len((b"%04d" % t).rstrip(b"0")) for t in range(10000)], dtype=np.int64)
+_WHOLE_DIGITS = np.array([len(str(n)) for n in range(10000)], dtype=np.int64)
 
 
 def format_ds_values(values: np.ndarray) -> bytes:
@@ -57,63 +61,75 @@ def format_ds_values(values: np.ndarray) -> bytes:
 def format_ds_runs(values: np.ndarray, counts) -> list[bytes]:
     """``format_ds_values`` of consecutive runs of ``values`` (``counts`` values each), each run's
     text padded to an even length. A structure set has millions of coordinates in tens of
-    thousands of contours, so the text is made for all of them at once, digit by digit, in NumPy
-    (Python's "%.4f" on each number took a fifth of the whole encoder's time): each value's
-    characters right-aligned in a row of a byte matrix with a backslash after it, the rows'
-    used characters read out in one go, then cut per run. The bytes are "%.4f" of the value
-    rounded to 4 decimals, less its trailing zeros (and its point when nothing is left after it),
-    without a minus sign on a value that rounds to zero."""
+    thousands of contours, so the text is made for all of them at once in NumPy (Python's "%.4f"
+    on each number took a fifth of the whole encoder's time): each value a row of a byte matrix,
+    its characters ending at a fixed column, filled from tables a 32- or 64-bit word at a time;
+    its separator moved up to its last character; the rows' used characters read out in one go,
+    then cut per run. The bytes are "%.4f" of the value rounded to 4 decimals, less its trailing
+    zeros (and its point when nothing is left after it), without a minus sign on a value that
+    rounds to zero."""
     flat = np.asarray(values, dtype=float).ravel()
     counts = np.asarray(counts, dtype=np.int64)
     if counts.sum() != flat.size:
         raise ValueError(f"format_ds_runs: runs of {int(counts.sum())} values given {flat.size}")
+    if flat.size == 0:
+        return [b""] * counts.size
     # The value in units of 0.1 µm, rounded as np.round(value, 4) rounds; "%.4f" of that rounded
     # value is exactly these digits (a double is far closer to q / 10^4 than 0.5 of the last digit).
     tenths = np.rint(flat * 1e4)
-    if flat.size and not (np.all(np.isfinite(tenths)) and np.max(np.abs(tenths)) < 1e14):
+    if not (np.all(np.isfinite(tenths)) and np.max(np.abs(tenths)) < 1e14):
         raise ValueError("contour coordinate beyond 1e10 mm or not a number: cannot be written as DS")
     q = tenths.astype(np.int64)
     negative = q < 0
     whole, tail = np.divmod(np.abs(q), 10000)
-    top = int(whole.max()) if flat.size else 0
-    digits = np.ones(q.shape, dtype=np.int64)  # of the whole part
-    power = 10
-    while power <= top:
-        digits += whole >= power
-        power *= 10
-    width = negative + digits + 5  # sign, whole part, point, 4 decimals: at most 16
-    # Each value a row of 4-byte words (whole groups of 4 digits, ".ddd", "d\\" and 2 unused
-    # bytes), so every piece is one aligned 32-bit store from a table.
-    groups = len(str(top)) // 4 + 1  # with room for the sign
-    words = np.empty((flat.size, groups + 2), dtype=np.uint32)
-    words[:, -2] = _POINT_AND_3[tail // 10]
-    words[:, -1] = _LAST_AND_BACKSLASH[tail % 10]
+    top = int(whole.max())
+    if top < 10000:
+        digits = _WHOLE_DIGITS[whole]
+    else:
+        digits = np.ones(q.shape, dtype=np.int64)
+        power = 10
+        while power <= top:
+            digits += whole >= power
+            power *= 10
+    # Each value a row of 4-byte words: the whole part's groups of four digits (with room for a
+    # sign before them, and an even count of words so the decimals' 8 bytes are one aligned word),
+    # then ".dddd\\" and two unused bytes. Columns before a value's first character stay unset.
+    groups = len(str(top)) // 4 + 1
+    words = np.empty((flat.size, groups + groups % 2 + 2), dtype=np.uint32)
+    point = 4 * (words.shape[1] - 2)  # the point's column
+    words.view(np.uint64)[:, -1] = _TAIL_TEXT[tail]
+    rest = whole
     for group in range(groups):  # the whole part, four digits at a time from the units up
-        whole, part = np.divmod(whole, 10000)
-        words[:, -3 - group] = _FOUR_DIGITS[part]
-    text = words.view(np.uint8)  # (values, 4 * (groups + 2)) characters
-    end = text.shape[1] - 2  # the backslash's column + 1
-    first = end - 1 - width  # the value's first column
+        last = top < 10000 ** (group + 1)  # no value has digits beyond these
+        words[:, -3 - group] = _FOUR_DIGITS[rest if last else rest % 10000]
+        if last:
+            break
+        rest = rest // 10000
+    text = words.view(np.uint8)  # (values, 4 * words) characters
+    first = point - digits - negative  # the value's first column
     text[np.flatnonzero(negative), first[negative]] = ord("-")
     # Trailing zeros of the decimals are left out, and the point with them when all four are zero:
     # "-150" and "12.35", not "-150.0000" and "12.3500" (the same numbers; a quarter of the bytes
-    # of a CT's contours, which the archive and the viewer parse).
-    zeros = (tail % 10 == 0).astype(np.int64) + (tail % 100 == 0) + (tail % 1000 == 0)
-    cut = np.where(tail == 0, 5, zeros)  # characters left out before the backslash
-    column = np.arange(text.shape[1], dtype=np.int64)[None, :end]
-    used = (column >= first[:, None]) & ((column < (end - 1 - cut)[:, None]) | (column == end - 1))
-    blob = text[:, :end][used].tobytes()
-    width = width - cut
-    ends = np.cumsum(width + 1)[np.cumsum(counts) - 1].tolist() if flat.size else []
+    # of a CT's contours, which the archive and the viewer parse). The separator moves up to the
+    # last character kept, so each row's text is one run of columns: first .. first + length - 1.
+    cut = _TAIL_CUT[tail]
+    row_starts = np.arange(0, text.size, text.shape[1], dtype=np.int64)
+    text.reshape(-1)[row_starts + (point + 5 - cut)] = ord("\\")
+    length = negative + digits + 6 - cut  # with the separator
+    column = np.arange(text.shape[1], dtype=np.uint8)
+    # column - first wraps below 0 in 8 bits, so one comparison tells first <= column < first + length.
+    used = (column[None, :] - first.astype(np.uint8)[:, None]) < length.astype(np.uint8)[:, None]
+    blob = text[used].tobytes()
+    ends = np.cumsum(length)[np.cumsum(counts) - 1].tolist()
     out, start = [], 0
     for n, end in zip(counts.tolist(), ends):
         if n == 0:
             out.append(b"")
             continue
-        piece = blob[start:end - 1]  # without the run's last backslash
+        piece = blob[start:end - 1]  # without the run's last separator
         out.append(piece + b" " if len(piece) % 2 else piece)
         start = end
-    return out + [b""] * (counts.size - len(out))
+    return out
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
