@@ -246,9 +246,10 @@ def test_an_airway_cut_off_from_the_lungs_is_flagged(family):
 
 
 def test_the_unlabelled_lung_check_holds_no_volume_sized_copies(family):
-    """The check that found the issue's failure labels the candidate regions once (4 bytes a sampled
-    voxel) and takes sizes and medians from the candidates alone: np.bincount and scipy's median over
-    the whole label volume cost three times that again (a 512x512x300 CT: 244 MB, now 94 MB)."""
+    """The check that found the issue's failure labels the candidate regions once (2 bytes a sampled
+    voxel while they number under 65 536) and takes sizes and medians from the candidates alone:
+    np.bincount and scipy's median over the whole label volume cost several times that again (a
+    512x512x300 CT: 244 MB, then 113 MB with 4-byte labels, now 75 MB)."""
     import tracemalloc
 
     study, series, label_map, flags, _ = family(0)
@@ -267,4 +268,17 @@ def test_the_unlabelled_lung_check_holds_no_volume_sized_copies(family):
     finally:
         tracemalloc.stop()
     assert "lung_unlabelled" in {f.check for f in found}  # the check ran through to its flag
-    assert peak < 12 * sampled, f"{peak / sampled:.1f} bytes a sampled voxel"  # 28 before, 8 now
+    assert peak < 6 * sampled, f"{peak / sampled:.1f} bytes a sampled voxel"  # 28, then 8 (int32 labels)
+
+
+def test_region_labels_take_32_bits_when_16_do_not_hold_them():
+    from node.anatomy.plausibility import _label
+
+    few = np.zeros((2, 40, 40), dtype=bool)
+    few[:, 5:9, 5:9] = few[:, 20:30, 20:30] = True
+    regions, n = _label(few)
+    assert n == 2 and regions.dtype == np.uint16
+    many = np.zeros((2, 400, 400), dtype=bool)
+    many[0, ::2, ::2] = many[1, 1::2, 1::2] = True  # 80 000 single voxels, none facing another
+    regions, n = _label(many)
+    assert n == 80_000 and regions.max() == 80_000 and regions.dtype.itemsize >= 4

@@ -108,10 +108,20 @@ def _either(labels: np.ndarray, values: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """``ndimage.label`` in 16 bits when the regions fit, else in 32: its default int32 output at
+    the checks' grid of a 512x512x300 CT is 79 MB, the largest thing the checks hold (a ct-anatomy
+    job's peak memory is reached here)."""
+    try:
+        return ndimage.label(mask, output=np.uint16)
+    except RuntimeError:  # more than 65 535 regions
+        return ndimage.label(mask)
+
+
 def _unlabelled(labels: np.ndarray, hu: np.ndarray, external_label: int, voxel_ml: float,
                 lungs_ml: float) -> list[QualityFlag]:
     candidate = (labels == external_label) & (hu < LUNG_HU_BELOW)
-    regions, n = ndimage.label(candidate)
+    regions, n = _label(candidate)
     if n == 0:
         return []
     # Sizes and medians from the candidate voxels alone (every one of them is in a region): given
