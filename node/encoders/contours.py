@@ -120,16 +120,39 @@ def packed_contours(labels: np.ndarray, chunk: int = 32, skip: frozenset[int] = 
     parts: dict[int, list[Contours]] = {}
     for k0 in range(0, labels.shape[0], chunk):
         k1 = min(k0 + chunk, labels.shape[0])
-        code = np.zeros((k1 - k0, labels.shape[1] + 2, labels.shape[2] + 2), dtype=dtype)  # a background ring
+        box = _chunk_box(labels[k0:k1], masks, k0, k1)
+        if box is None:
+            continue  # nothing in these slices
+        r0, r1, c0, c1 = box
+        # Only the rows and columns holding a label or mask, with a background ring: a body
+        # leaves a third of a CT's field of view or more empty, and every step below is per pixel.
+        code = np.zeros((k1 - k0, r1 - r0 + 2, c1 - c0 + 2), dtype=dtype)
         inner = code[:, 1:-1, 1:-1]
-        inner[...] = labels[k0:k1]
+        inner[...] = labels[k0:k1, r0:r1, c0:c1]
         for bit, mask in enumerate(masks.values(), start=label_bits):
-            part = _union(labels[k0:k1], mask, top) if isinstance(mask, tuple) else np.asarray(mask[k0:k1], dtype=bool)
+            cut = labels[k0:k1, r0:r1, c0:c1]
+            part = _union(cut, mask, top) if isinstance(mask, tuple) else np.asarray(mask[k0:k1, r0:r1, c0:c1], dtype=bool)
             inner |= part.view(np.uint8).astype(dtype, copy=False) << dtype(bit)
         for key, found in _trace(code, label_bits, skip, list(masks)):
-            parts.setdefault(key, []).append(Contours(found.slices + k0, found.counts, found.points))
+            parts.setdefault(key, []).append(Contours(found.slices + k0, found.counts,
+                                                      found.points + np.array([r0, c0], dtype=float)))
     return {key: Contours(*(np.concatenate([getattr(p, f) for p in parts[key]]) for f in ("slices", "counts", "points")))
             for key in sorted(parts)}
+
+
+def _chunk_box(labels: np.ndarray, masks: dict, k0: int, k1: int) -> tuple[int, int, int, int] | None:
+    """The rows r0:r1 and columns c0:c1 of slices k0:k1 that hold a non-zero label or a mask's
+    pixel (a union holding 0 covers everything), or None when there is none."""
+    if any(isinstance(m, tuple) and 0 in m for m in masks.values()):
+        return 0, labels.shape[1], 0, labels.shape[2]
+    plane = np.any(labels, axis=0)
+    for mask in masks.values():
+        if not isinstance(mask, tuple):
+            plane |= np.any(mask[k0:k1], axis=0)
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def _union(labels: np.ndarray, members: tuple[int, ...], top: int) -> np.ndarray:
