@@ -63,6 +63,7 @@ def test_a_seg_made_without_highdicoms_frame_index_is_the_same_object(source, mo
     """The encoder's SEGs skip the frame index highdicom builds for queries: every part written is
     byte for byte the SEG highdicom's own class makes, and it copies like a data set."""
     import copy
+    import datetime
     from io import BytesIO
 
     lm = dataclasses.replace(_labelmap(source), seg_format=seg_format)
@@ -72,8 +73,9 @@ def test_a_seg_made_without_highdicoms_frame_index_is_the_same_object(source, mo
         ds.save_as(buf, enforce_file_format=True)
         return buf.getvalue()
 
-    def every_part() -> list:
-        return [encode_seg(lm, {source.series_uid: source}, context(), series_number=9000, part=part)[0]
+    def every_part() -> list:  # a job's time fixed, or the two runs may fall in different seconds
+        ctx = context(created=datetime.datetime(2026, 12, 6, 10, 0, 0))
+        return [encode_seg(lm, {source.series_uid: source}, ctx, series_number=9000, part=part)[0]
                 for part in seg_module.seg_parts(lm)]
 
     fast = every_part()
