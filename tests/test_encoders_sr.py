@@ -266,21 +266,26 @@ def test_single_image_segmentation_is_referenced(tmp_path):
 
 
 def test_pixels_per_slice_counts_every_label_on_every_slice():
-    """The key slices come from these counts: the few-label path (a count per label and plane) and
-    the many-label one (bincounts) agree with a direct count."""
+    """The key slices and a SEG's present segments come from these counts: the few-label path (a
+    count per label and plane) and the many-label one (bincounts) agree with a direct count."""
     import numpy as np
 
-    from node.encoders.sr import _pixels_per_slice
+    from node.encoders.common import count_per_slice, pixels_per_slice
+    from tests.encoder_sources import context
 
     rng = np.random.default_rng(3)
     for top in (2, 6, 17, 40):
         labels = rng.integers(0, top, size=(7, 19, 23), dtype=np.uint8)
-        counts = _pixels_per_slice(labels)
+        counts = count_per_slice(labels)
         assert set(counts) == set(range(1, top))
         for v, per_slice in counts.items():
             assert per_slice.tolist() == [(plane == v).sum() for plane in labels], (top, v)
     flags = rng.random((4, 5, 6)) < 0.3
-    assert _pixels_per_slice(flags)[1].tolist() == flags.sum(axis=(1, 2)).tolist()
+    assert count_per_slice(flags)[1].tolist() == flags.sum(axis=(1, 2)).tolist()
+    # Counted once per job: a second encoder of the same job reads the first one's counts.
+    ctx = context()
+    assert pixels_per_slice(labels, ctx) is pixels_per_slice(labels, ctx)
+    assert pixels_per_slice(labels.copy(), ctx) is not pixels_per_slice(labels, ctx)
 
 
 def test_references_point_into_the_label_map_seg_and_the_body_seg(source, tmp_path):

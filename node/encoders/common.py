@@ -106,6 +106,40 @@ def header_views(series: SeriesData, ctx: EncodeContext) -> list[Dataset]:
         return list(made[1])
 
 
+_COUNTS_LOCK = threading.Lock()
+
+
+def pixels_per_slice(labels: np.ndarray, ctx: EncodeContext) -> dict[int, np.ndarray]:
+    """Label value -> its pixel count on each slice of ``labels``, counted once per job (``ctx``):
+    the report's key slices and a SEG's present segments read the same counts (counting took
+    0.03-0.04 CPU s a 512x512x300 label map each). Read only."""
+    with _COUNTS_LOCK:
+        made = ctx.label_counts.get(id(labels))
+        if made is None or made[0] is not labels:
+            made = ctx.label_counts[id(labels)] = (labels, count_per_slice(labels))
+        return made[1]
+
+
+def count_per_slice(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Label value -> its pixel count on each slice, in one pass over the volume."""
+    if labels.dtype.kind in "ub" or (labels.dtype.kind == "i" and labels.min() >= 0):
+        top = int(labels.max()) + 1
+        if top <= 17:
+            # A few labels: a comparison and a count per label and plane, six times faster than a
+            # bincount, which copies each plane to 8-byte integers first (0.05 vs 0.3 CPU s at
+            # 512x512x300), and this is on the way to the first result in the archive.
+            table = np.zeros((len(labels), top), dtype=np.int64)
+            same = np.empty(labels.shape[1:], dtype=bool)
+            for k, plane in enumerate(labels):
+                for v in range(1, top):
+                    table[k, v] = np.count_nonzero(np.equal(plane, v, out=same))
+        else:
+            table = np.stack([np.bincount(plane.ravel(), minlength=top) for plane in labels])
+        return {v: table[:, v] for v in range(1, top)}
+    return {int(v): np.count_nonzero((labels == v).reshape(len(labels), -1), axis=1)
+            for v in np.unique(labels).tolist() if v}
+
+
 def _remember_iod_lookups() -> None:
     """Make highdicom remember whether an IOD holds an attribute. It asks for every source image
     of a SEG (is the image multi-frame, does it have pixels), each time walking the standard's

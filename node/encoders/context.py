@@ -32,6 +32,9 @@ class EncodeContext:
     # The job's views of its source headers (common.header_views), made once and shared by its
     # encoders: what one SEG decoded of 300 headers, the next need not decode again.
     header_views: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # A label map's pixel counts per value and slice (common.pixels_per_slice), counted once per job:
+    # the report's key slices and each SEG's present segments read the same counts.
+    label_counts: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def date(self) -> str:
