@@ -268,7 +268,14 @@ def _fill(arr: np.ndarray, ordered: list[Dataset]) -> None:
     for k, ds in enumerate(ordered):
         slope, intercept = _rescale_params(ds)
         native = _native_pixels(ds)
-        arr[k] = ds.pixel_array if native is None else native
+        stored = ds.pixel_array if native is None else native
+        if slope == 1 and intercept != 0 and arr.dtype == np.int16:
+            # A CT's usual rescale in one pass: the int16 volume holds every rescaled value
+            # (``_fits_int16``), so the sum computed in the stored type's promotion is the same.
+            np.add(stored, arr.dtype.type(intercept), out=arr[k], casting="unsafe")
+            del ds.PixelData
+            continue
+        arr[k] = stored
         del ds.PixelData
         if slope != 1:
             arr[k] *= arr.dtype.type(slope)

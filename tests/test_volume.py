@@ -48,6 +48,26 @@ def test_non_integral_rescale_gives_float(ct, tmp_path):
     assert np.allclose(s.volume.array, raw * 0.5 - 1024)
 
 
+def test_unsigned_stored_values_rescale_exactly_in_one_pass(ct, tmp_path):
+    """Unsigned stored values (15 bits) with a large negative intercept: the int16 volume holds the
+    rescaled values exactly (the sum made in the stored type's promotion, in one pass)."""
+    import pydicom
+
+    ref = load_series(ct.series_files())
+    files = []
+    for i, p in enumerate(ct.series_files()):
+        ds = pydicom.dcmread(p)
+        hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit, ds.RescaleIntercept = 0, 15, 14, -16384
+        ds.PixelData = (hu + 16384).astype("<u2").tobytes()
+        f = tmp_path / f"{i}.dcm"
+        ds.save_as(f)
+        files.append(f)
+    s = load_series(files)
+    assert s.volume.array.dtype == np.int16
+    assert np.array_equal(s.volume.array, ref.volume.array)
+
+
 def test_irregular_spacing_is_not_a_volume(ct):
     import pydicom
 
