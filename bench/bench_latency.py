@@ -72,6 +72,13 @@ def _median_of(runs: list[dict], key: str) -> dict[str, float]:
     return {n: statistics.median(r[key].get(n, 0.0) for r in runs) for n in names}
 
 
+def _outside_ratio(cpu: dict[str, float]) -> float:
+    """One job's CPU seconds outside its handler over the handler's (the machine's speed, which
+    swings from run to run, cancels out of each run's ratio)."""
+    handler = cpu.get("handler", 0.0)
+    return sum(v for k, v in cpu.items() if k != "handler") / handler if handler else float("nan")
+
+
 def bench_handler(handler: str, studies: list[Path], stable_after: float, warmup: bool, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-latency-", ignore_cleanup_errors=True) as d:
         rules = series_rule(Path(d) / "rules", handler)
@@ -130,8 +137,10 @@ def report(out: list[dict], args, instances: int, mb: float) -> None:
         cpu_outside = sum(v for k, v in h["phases_cpu"].items() if k != "handler")
         print(f"{h['handler']:<22}wall: {phases}")
         print(f"{'':<22}cpu:  {cpu}")
+        per_run = sorted(_outside_ratio(r["phases_cpu_s"]) for r in h["runs"])
         print(f"{'':<22}outside the handler, cpu: {cpu_outside:.2f} s = "
-              f"{cpu_outside / cpu_handler if cpu_handler else float('nan'):.2f}x the handler's")
+              f"{cpu_outside / cpu_handler if cpu_handler else float('nan'):.2f}x the handler's "
+              f"(run by run {per_run[0]:.2f}-{per_run[-1]:.2f}x, median {statistics.median(per_run):.2f}x)")
         print(f"{'':<22}outside the handler, wall (encoders overlap) {outside:.2f} s = "
               f"{outside / handler_s if handler_s else float('nan'):.2f}x "
               f"the handler; in Orthanc: {arrivals}; first result {h['median']['first_s']:.1f}; "

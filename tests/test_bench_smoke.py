@@ -73,6 +73,7 @@ def test_quick_latency_follows_each_builtin_handler_to_orthanc(tmp_path):
     assert {"load", "handler", "encode SEG", "write SEG", "encode RTSTRUCT", "encode SR"} <= set(ct["phases_s"])
     assert set(ct["in_orthanc_s"]) == {"SEG", "RTSTRUCT", "SR"}
     assert max(ct["in_orthanc_s"].values()) == pytest.approx(ct["total_s"])
+    assert stdout.count("(run by run ") == len(report)  # each handler's CPU ratio with its spread over runs
     assert ct["peak_rss_mb"] > 0 and ct["input_volume_mb"] > 0
     assert report[2]["runs"][0]["results"] == {"OT": 1}  # overview: one mosaic
 
