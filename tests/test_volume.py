@@ -133,10 +133,29 @@ def test_native_pixels_are_pydicoms(ct):
         assert _native_pixels(ds) is None
 
 
-def test_value_counts_are_bincounts_taken_a_few_slices_at_a_time():
+def _block_cases(rng):
+    """Arrays of every rank, within and across the 64 Ki blocks, contiguous or not."""
+    big = rng.integers(0, 6, (3, 300, 301)).astype(np.uint8)  # slices of 90 300 values: two blocks each
+    return (rng.integers(0, 6, (37, 9, 11)).astype(np.uint8), rng.integers(0, 70000, (20, 5)).astype(np.uint32),
+            np.array([4, 0, 4], np.uint8), np.zeros((0, 4), np.uint8), big, big[:, ::3, 1::2], big.transpose(2, 0, 1),
+            rng.integers(0, 6, 200_000).astype(np.uint16), np.array(3, np.uint8))
+
+
+def test_value_counts_are_bincounts_taken_a_block_at_a_time():
     rng = np.random.default_rng(3)
-    for values in (rng.integers(0, 6, (37, 9, 11)).astype(np.uint8), rng.integers(0, 70000, (20, 5)).astype(np.uint32),
-                   np.array([4, 0, 4], np.uint8), np.zeros((0, 4), np.uint8)):
+    for values in _block_cases(rng):
         for minlength in (0, 3, 256):
-            assert np.array_equal(value_counts(values, minlength, chunk=4), np.bincount(values.ravel(), minlength=minlength))
+            assert np.array_equal(value_counts(values, minlength), np.bincount(values.ravel(), minlength=minlength))
+
+
+def test_lookup_is_fancy_indexing_a_block_at_a_time():
+    from node.volume import lookup
+
+    rng = np.random.default_rng(4)
+    for values in _block_cases(rng):
+        table = rng.integers(0, 250, int(values.max(initial=0)) + 1).astype(np.uint8)
+        got = lookup(table, values)
+        assert got.shape == values.shape and got.dtype == table.dtype and np.array_equal(got, table[values])
+    with pytest.raises(IndexError):
+        lookup(np.zeros(3, bool), np.array([[0, 1], [2, 3]], np.uint8))
 

@@ -21,6 +21,8 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import depth_first_order
 
+from node.volume import lookup
+
 __all__ = ["Contours", "label_contours", "mask_contours", "outermost", "packed_contours"]
 
 # Cell corners in clockwise order (rows grow downwards): a=(y, x) b=(y, x+1) c=(y+1, x+1) d=(y+1, x);
@@ -163,7 +165,7 @@ def _union(labels: np.ndarray, members: tuple[int, ...], top: int) -> np.ndarray
         return labels != 0
     table = np.zeros(top + 1, dtype=bool)
     table[[m for m in members if 0 <= m <= top]] = True
-    return np.take(table, labels)
+    return lookup(table, labels)
 
 
 def _trace(code: np.ndarray, label_bits: int, skip: frozenset[int], mask_keys: list[int]) -> list[tuple[int, Contours]]:
