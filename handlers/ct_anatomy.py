@@ -28,7 +28,7 @@ from node.anatomy import AIRWAY, BONE, EXTERNAL, LUNG_L, LUNG_R, Anatomy, segmen
 from node.anatomy.plausibility import check_anatomy
 from node.handler_api import ArtefactKey, Handler, HandlerInput, HandlerRefusal, register
 from node.results import SCT, Code, LabelMap, Measurement, MeasurementGroup, MeasurementReport, Segment
-from node.volume import SeriesData
+from node.volume import SeriesData, lookup
 
 ANATOMICAL_STRUCTURE = Code("123037004", SCT, "Anatomical Structure")
 TISSUE = Code("85756007", SCT, "Tissue")
@@ -145,11 +145,9 @@ class CTAnatomy(Handler):
         label_map = next((o for o in outputs if isinstance(o, LabelMap)), None)
         if label_map is None:
             return {}
-        lungs = np.zeros(label_map.labels.shape, dtype=np.uint8)
-        for k in range(0, len(lungs), 16):  # a few slices at a time: no volume-sized temporaries
-            part = label_map.labels[k:k + 16]
-            np.copyto(lungs[k:k + 16], part, where=(part == LUNG_L) | (part == LUNG_R), casting="unsafe")
-        return {lung_artefact(p.working_resolution_mm, p.airway): lungs}
+        keep = np.zeros(max(int(label_map.labels.max(initial=0)), LUNG_L, LUNG_R) + 1, dtype=np.uint8)
+        keep[LUNG_L], keep[LUNG_R] = LUNG_L, LUNG_R  # the lungs' labels, every other label 0
+        return {lung_artefact(p.working_resolution_mm, p.airway): lookup(keep, label_map.labels)}
 
     def run(self, inp: HandlerInput, progress) -> list:
         p: CTAnatomyParams = self.params
