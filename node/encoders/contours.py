@@ -120,6 +120,7 @@ def packed_contours(labels: np.ndarray, chunk: int = 32, skip: frozenset[int] = 
     if dtype is None:
         raise ValueError(f"labels up to {top} with {len(masks)} masks do not fit 64 bits")
     parts: dict[int, list[Contours]] = {}
+    scratch = _Scratch()
     for k0 in range(0, labels.shape[0], chunk):
         k1 = min(k0 + chunk, labels.shape[0])
         box = _chunk_box(labels[k0:k1], masks, k0, k1)
@@ -128,14 +129,17 @@ def packed_contours(labels: np.ndarray, chunk: int = 32, skip: frozenset[int] = 
         r0, r1, c0, c1 = box
         # Only the rows and columns holding a label or mask, with a background ring: a body
         # leaves a third of a CT's field of view or more empty, and every step below is per pixel.
-        code = np.zeros((k1 - k0, r1 - r0 + 2, c1 - c0 + 2), dtype=dtype)
+        code = scratch.array("code", (k1 - k0, r1 - r0 + 2, c1 - c0 + 2), dtype)
+        code.fill(0)
         inner = code[:, 1:-1, 1:-1]
         inner[...] = labels[k0:k1, r0:r1, c0:c1]
         for bit, mask in enumerate(masks.values(), start=label_bits):
             cut = labels[k0:k1, r0:r1, c0:c1]
-            part = _union(cut, mask, top) if isinstance(mask, tuple) else np.asarray(mask[k0:k1, r0:r1, c0:c1], dtype=bool)
-            inner |= part.view(np.uint8).astype(dtype, copy=False) << dtype(bit)
-        for key, found in _trace(code, label_bits, skip, list(masks)):
+            part = _union(cut, mask, top, scratch) if isinstance(mask, tuple) else np.asarray(mask[k0:k1, r0:r1, c0:c1], dtype=bool)
+            shifted = scratch.array("shifted", inner.shape, dtype)
+            np.left_shift(part.view(np.uint8), dtype(bit), out=shifted)
+            inner |= shifted
+        for key, found in _trace(code, label_bits, skip, list(masks), scratch):
             parts.setdefault(key, []).append(Contours(found.slices + k0, found.counts,
                                                       found.points + np.array([r0, c0], dtype=float)))
     return {key: Contours(*(np.concatenate([getattr(p, f) for p in parts[key]]) for f in ("slices", "counts", "points")))
@@ -157,28 +161,46 @@ def _chunk_box(labels: np.ndarray, masks: dict, k0: int, k1: int) -> tuple[int, 
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _union(labels: np.ndarray, members: tuple[int, ...], top: int) -> np.ndarray:
+class _Scratch:
+    """Arrays reused from chunk to chunk, each the largest any chunk has asked for: a job worker
+    maps every array of 1 MB or more afresh and hands it back when freed (node/jobs/worker.py),
+    and a CT's chunks asked for some 30 MB each (60 000 page faults over a 512x512x300 label map)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype``, in the buffer kept under ``name``."""
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[name] = np.empty(size, dtype=np.uint8)
+        return buffer[:size].view(dtype).reshape(shape)
+
+
+def _union(labels: np.ndarray, members: tuple[int, ...], top: int, scratch: _Scratch) -> np.ndarray:
     """Where ``labels`` is one of ``members`` (``top``: the volume's largest label). A table
     lookup, or a comparison when the members are every label: np.isin compared the chunk with
     each member in turn, five times slower."""
     if 0 not in members and set(range(1, top + 1)) <= set(members):
-        return labels != 0
+        return np.not_equal(labels, 0, out=scratch.array("union", labels.shape, bool))
     table = np.zeros(top + 1, dtype=bool)
     table[[m for m in members if 0 <= m <= top]] = True
     return lookup(table, labels)
 
 
-def _trace(code: np.ndarray, label_bits: int, skip: frozenset[int], mask_keys: list[int]) -> list[tuple[int, Contours]]:
+def _trace(code: np.ndarray, label_bits: int, skip: frozenset[int], mask_keys: list[int],
+           scratch: _Scratch) -> list[tuple[int, Contours]]:
     """The contours of every label (the low ``label_bits`` of ``code``) and mask (one bit each
     above them) of a padded chunk."""
     s, hp, wp = code.shape
     ch, cw = hp - 1, wp - 1  # the cell grid: cell (y, x) has pixel (y, x) as its top-left corner
     # Not all four corners equal: a != b, or b != c, or c != d.
-    mixed = code[:, :-1, :-1] != code[:, :-1, 1:]
-    mixed |= code[:, :-1, 1:] != code[:, 1:, 1:]
-    mixed |= code[:, 1:, 1:] != code[:, 1:, :-1]
+    mixed, pair = scratch.array("mixed", (s, ch, cw), bool), scratch.array("pair", (s, ch, cw), bool)
+    np.not_equal(code[:, :-1, :-1], code[:, :-1, 1:], out=mixed)
+    mixed |= np.not_equal(code[:, :-1, 1:], code[:, 1:, 1:], out=pair)
+    mixed |= np.not_equal(code[:, 1:, 1:], code[:, 1:, :-1], out=pair)
     cells = np.flatnonzero(mixed)  # raster order: slice, row, column
-    del mixed
     if cells.size == 0:
         return []
     k, rest = np.divmod(cells, ch * cw)
