@@ -148,6 +148,22 @@ def test_ds_runs_are_python_formatting_of_every_value(scale):
         start += n
 
 
+def test_ds_runs_across_blocks_are_each_runs_own_text():
+    """Runs are made in blocks of whole runs (some 64 Ki values; a longer run alone): every run's
+    text is the same whichever block it falls in, runs of no values included."""
+    rng = np.random.default_rng(11)
+    counts = [int(n) for n in rng.integers(0, 300, 600)] + [100_000, 0, 65_536, 1]
+    rng.shuffle(counts)
+    values = rng.normal(0, 300, sum(counts))
+    runs = format_ds_runs(values, counts)
+    assert len(runs) == len(counts)
+    start = 0
+    for n, text in zip(counts, runs):
+        assert text == format_ds_values(values[start:start + n]) if n else text == b""
+        start += n
+    assert runs[counts.index(100_000)].count(b"\\") == 100_000 - 1
+
+
 def test_provenance_and_study_placement(source, written):
     _, rt = written
     assert rt.Modality == "RTSTRUCT" and rt.SeriesNumber == 9002

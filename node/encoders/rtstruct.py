@@ -67,11 +67,31 @@ def format_ds_runs(values: np.ndarray, counts) -> list[bytes]:
     its separator moved up to its last character; the rows' used characters read out in one go,
     then cut per run. The bytes are "%.4f" of the value rounded to 4 decimals, less its trailing
     zeros (and its point when nothing is left after it), without a minus sign on a value that
-    rounds to zero."""
+    rounds to zero.
+
+    The runs are made a block of whole runs at a time, some 64 Ki values (a longer run alone):
+    each block's arrays stay under 1 MB, which a job worker takes from its heap again and again,
+    where a whole ROI's were tens of MB mapped afresh (node/jobs/worker.py)."""
     flat = np.asarray(values, dtype=float).ravel()
     counts = np.asarray(counts, dtype=np.int64)
     if counts.sum() != flat.size:
         raise ValueError(f"format_ds_runs: runs of {int(counts.sum())} values given {flat.size}")
+    ends = np.cumsum(counts)
+    out: list[bytes] = []
+    first_run = 0
+    while first_run < counts.size:
+        start = int(ends[first_run - 1]) if first_run else 0
+        stop_run = max(first_run + 1, int(np.searchsorted(ends, start + _DS_BLOCK, side="right")))
+        out += _format_block(flat[start:int(ends[stop_run - 1])], counts[first_run:stop_run])
+        first_run = stop_run
+    return out
+
+
+_DS_BLOCK = 1 << 16
+
+
+def _format_block(flat: np.ndarray, counts: np.ndarray) -> list[bytes]:
+    """``format_ds_runs`` of one block of runs (``counts`` summing to ``flat.size``)."""
     if flat.size == 0:
         return [b""] * counts.size
     # The value in units of 0.1 µm, rounded as np.round(value, 4) rounds; "%.4f" of that rounded
