@@ -87,6 +87,21 @@ def test_a_seg_made_without_highdicoms_frame_index_is_the_same_object(source, mo
     assert [written(ds) for ds in fast] == [written(ds) for ds in plain]
 
 
+def test_a_label_map_is_checked_as_highdicom_checks_it_without_a_copy():
+    labelmap_type = hd.seg.SegmentationTypeValues.LABELMAP
+    check = seg_module._WrittenSegmentation._check_and_cast_pixel_array
+    pixels = np.array([[[0, 1], [2, 2]]], dtype=np.uint8)
+    same, overlap = check(pixels, np.array([1, 2]), labelmap_type, np.uint8)
+    assert same is pixels and overlap == hd.seg.SegmentsOverlapValues.NO  # no 79 MB copy of a CT's
+    for numbers in ([1], np.array([1])):  # a value no segment describes: refused, as highdicom refuses it
+        with pytest.raises(ValueError, match="lack descriptions"):
+            check(pixels, numbers, labelmap_type, np.uint8)
+    with pytest.raises(ValueError, match="lack descriptions"):  # numbers not 1..n: highdicom's own check
+        hd.seg.Segmentation._check_and_cast_pixel_array(pixels, np.array([1, 3]), labelmap_type, np.uint8)
+    with pytest.raises(ValueError, match="lack descriptions"):
+        check(pixels, np.array([1, 3]), labelmap_type, np.uint8)
+
+
 def _same(a: Contours, b: Contours) -> bool:
     return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("slices", "counts", "points"))
 

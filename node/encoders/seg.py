@@ -186,6 +186,21 @@ class _WrittenSegmentation(hd.seg.Segmentation):
         self._file_reader = None
         self._coordinate_system = get_image_coordinate_system(self)
 
+    @classmethod
+    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type, dtype):
+        """highdicom's checks of a label map already in the SEG's type, without its copy of it
+        (``astype`` copies even to the same type: 79 MB for a 512x512x300 CT, the largest thing
+        a ct-anatomy job then held). Segments numbered 1..n, as every node SEG has them, need only
+        the largest value checked; anything else goes to highdicom."""
+        numbers = np.asarray(segment_numbers)
+        if (segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP and isinstance(pixel_array, np.ndarray)
+                and pixel_array.ndim == 3 and pixel_array.dtype == np.dtype(dtype)
+                and np.array_equal(np.sort(numbers), np.arange(1, numbers.size + 1))):
+            if int(pixel_array.max(initial=0)) > numbers.size:
+                raise ValueError("Pixel array contains segments that lack descriptions.")
+            return pixel_array, hd.seg.SegmentsOverlapValues.NO
+        return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
+
     # Copied and pickled as any data set: highdicom's own state methods carry the index (an
     # in-memory SQLite database) this class does not build.
     def __getstate__(self) -> dict:
