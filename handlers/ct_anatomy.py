@@ -145,7 +145,8 @@ class CTAnatomy(Handler):
         label_map = next((o for o in outputs if isinstance(o, LabelMap)), None)
         if label_map is None:
             return {}
-        keep = np.zeros(max(int(label_map.labels.max(initial=0)), LUNG_L, LUNG_R) + 1, dtype=np.uint8)
+        # every byte value (256 at least): a byte label map is then looked up two values at a time
+        keep = np.zeros(max(int(label_map.labels.max(initial=0)) + 1, LUNG_L + 1, LUNG_R + 1, 256), dtype=np.uint8)
         keep[LUNG_L], keep[LUNG_R] = LUNG_L, LUNG_R  # the lungs' labels, every other label 0
         return {lung_artefact(p.working_resolution_mm, p.airway): lookup(keep, label_map.labels)}
 

@@ -159,3 +159,21 @@ def test_lookup_is_fancy_indexing_a_block_at_a_time():
     with pytest.raises(IndexError):
         lookup(np.zeros(3, bool), np.array([[0, 1], [2, 3]], np.uint8))
 
+
+def test_lookup_of_bytes_two_at_a_time_is_the_same_lookup():
+    """A byte table of every byte value takes a byte label map two values at a time: the same
+    result for planes of even and odd size, at odd addresses, strided or not, any byte table."""
+    from node.volume import lookup
+
+    rng = np.random.default_rng(5)
+    odd = rng.integers(0, 256, (3, 257, 257)).astype(np.uint8)  # 66 049 values a plane: odd
+    flat = rng.integers(0, 256, 200_001).astype(np.uint8)
+    cases = (*_block_cases(rng), odd, odd[:, :, 1:], flat, flat[1:], rng.integers(0, 256, (4, 512, 512)).astype(np.uint8))
+    tables = (rng.integers(0, 256, 256).astype(np.uint8), rng.integers(0, 2, 300).astype(bool),
+              rng.integers(-128, 128, 256).astype(np.int8))
+    for values in cases:
+        for table in tables:
+            if values.dtype == np.uint8:
+                got = lookup(table, values)
+                assert got.dtype == table.dtype and np.array_equal(got, table[values])
+

@@ -184,7 +184,7 @@ def _union(labels: np.ndarray, members: tuple[int, ...], top: int, scratch: _Scr
     each member in turn, five times slower."""
     if 0 not in members and set(range(1, top + 1)) <= set(members):
         return np.not_equal(labels, 0, out=scratch.array("union", labels.shape, bool))
-    table = np.zeros(top + 1, dtype=bool)
+    table = np.zeros(max(top + 1, 256), dtype=bool)  # every byte value: looked up two at a time
     table[[m for m in members if 0 <= m <= top]] = True
     return lookup(table, labels)
 
