@@ -26,7 +26,7 @@ from pydicom import dcmread
 from benchlib import confirm_in_orthanc, files_of, finished_study, phantom_ct, send, series_rule
 from tests.nodeproc import running_node, wait_for
 
-HANDLERS = ("ct-anatomy", "renders", "overview", "model:hilum-ct-chest")
+HANDLERS = ("ct-anatomy", "lung-nodules", "renders", "overview", "model:hilum-ct-chest")
 PHASES = ("send_s", "stability_s", "job_s", "deliver_s", "total_s")
 
 

@@ -41,6 +41,7 @@ SUITE = [
     ("latency", "bench_latency.py", [], ["--quick"]),
     ("receiver-memory", "bench_receiver_memory.py", [], ["--quick"]),
     ("job-memory", "bench_job_memory.py", [], ["--quick"]),
+    ("job-cpu", "bench_job_cpu.py", [], ["--quick"]),
     ("retrieve", "bench_retrieve.py", ["--runs", "3"], ["--quick"]),
     ("scaleout", "bench_scaleout.py", [], ["--quick"]),
     ("registration", "bench_registration.py", [], ["--quick", "--no-elastix", "--cases", "rigid"]),

@@ -38,6 +38,27 @@ def test_run_all_includes_the_latency_and_memory_benchmarks():
     assert suite["latency"] == ("bench_latency.py", ["--quick"])
     assert suite["receiver-memory"] == ("bench_receiver_memory.py", ["--quick"])
     assert suite["job-memory"] == ("bench_job_memory.py", ["--quick"])
+    assert suite["job-cpu"] == ("bench_job_cpu.py", ["--quick"])
+
+
+def test_quick_job_cpu_measures_jobs_with_and_without_a_prior(tmp_path):
+    """The second of two runs of each job, its CPU outside the handler, a prior handed over where
+    the case takes one (registration registers the follow-up onto it, the timeline lists it)."""
+    out = subprocess.run([sys.executable, "bench/bench_job_cpu.py", "--quick", "--cases",
+                          "ct-anatomy,registration rigid,priors-timeline", "--json", str(tmp_path / "cpu.json")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    report = {r["case"]: r for r in json.loads((tmp_path / "cpu.json").read_text())}
+    assert list(report) == ["ct-anatomy", "registration rigid", "priors-timeline"]
+    assert set(report["ct-anatomy"]["results"]) == {"SEG", "RTSTRUCT", "SR"}
+    assert "REG" in report["registration rigid"]["results"]  # only made with the prior in hand
+    assert report["priors-timeline"]["results"] == ["SR"]
+    for r in report.values():
+        cpu = r["cpu_seconds"]
+        assert {"load", "handler"} <= set(cpu) and any(k.startswith("encode ") for k in cpu)
+        assert r["warm-up"]["objects"] == r["objects"]  # the same job twice
+    row = next(line for line in out.stdout.splitlines() if line.startswith("registration rigid "))
+    assert row.split()[6].endswith("x")  # its ratio printed
 
 
 def test_quick_job_memory_reports_each_phase_against_the_volume(tmp_path):
@@ -54,7 +75,8 @@ def test_quick_job_memory_reports_each_phase_against_the_volume(tmp_path):
 
 def test_quick_latency_follows_each_builtin_handler_to_orthanc(tmp_path):
     stdout, report = _quick("bench_latency.py", tmp_path / "latency.json")
-    assert [h["handler"] for h in report] == ["ct-anatomy", "renders", "overview", "model:hilum-ct-chest"]
+    assert [h["handler"] for h in report] == ["ct-anatomy", "lung-nodules", "renders", "overview",
+                                              "model:hilum-ct-chest"]
     for h in report:
         (run,) = h["runs"]
         assert h["cold"] is None  # quick mode: no warm-up study
@@ -75,7 +97,7 @@ def test_quick_latency_follows_each_builtin_handler_to_orthanc(tmp_path):
     assert max(ct["in_orthanc_s"].values()) == pytest.approx(ct["total_s"])
     assert stdout.count("(run by run ") == len(report)  # each handler's CPU ratio with its spread over runs
     assert ct["peak_rss_mb"] > 0 and ct["input_volume_mb"] > 0
-    assert report[2]["runs"][0]["results"] == {"OT": 1}  # overview: one mosaic
+    assert report[3]["runs"][0]["results"] == {"OT": 1}  # overview: one mosaic
 
 
 def test_quick_receiver_memory_samples_every_study(tmp_path):
