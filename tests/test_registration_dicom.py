@@ -79,6 +79,34 @@ def test_mr_on_ct_objects_are_valid(mr_on_ct, head):
                        [[float(v) for v in d.ImagePositionPatient] for d in ct.datasets], atol=1e-3)
 
 
+def test_resampled_images_share_no_element_a_later_step_changes(head, tmp_path):
+    """The resampled images are made from parts built once for the series (node/encoders/resampled.py):
+    marked with a quality warning as a worker marks a delivered-with-warning job, each image gets
+    its warning once, and each written image reads back as itself."""
+    from node.encoders.warnings import mark_warnings
+    from node.encoders.fastwrite import presize_sequences
+
+    _, ct, mr = head
+    handler = get_handler("registration")({"pair": "study", "fixed_modality": "CT", "moving_modality": "MR",
+                                           "fixed_mask": "none", "moving_mask": "none"})
+    results = handler.run(HandlerInput(ct.first.StudyInstanceUID, [ct, mr]), lambda f, m: None)
+    images = [ds for ds in encode_all(results, {ct.series_uid: ct, mr.series_uid: mr}, _ctx("shared"))
+              if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4"]
+    assert len(images) == len(ct.datasets) > 2
+    description = str(images[0].SeriesDescription)
+    mark_warnings(images, ["a check failed"])
+    for ds in images:
+        presize_sequences(ds)  # as the worker writes them
+    for k, path in enumerate(_write(images, tmp_path)):
+        back = pydicom.dcmread(path)
+        assert back.SeriesDescription == f"AI WARNING: {description.removeprefix('AI: ')}"[:64]
+        assert back.InstanceNumber == k + 1 and back.SOPInstanceUID == images[k].SOPInstanceUID
+        assert back.PatientID == ct.first.PatientID and back.StudyInstanceUID == ct.first.StudyInstanceUID
+        assert len(back.ContributingEquipmentSequence) == 1
+        assert [float(v) for v in back.ImagePositionPatient] == pytest.approx(
+            [float(v) for v in ct.datasets[k].ImagePositionPatient], abs=1e-3)
+
+
 def test_independent_reader_applies_the_spatial_registration(mr_on_ct, head):
     root, ct, mr = head
     datasets, _ = mr_on_ct
