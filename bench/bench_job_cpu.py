@@ -60,6 +60,15 @@ def _series(dicom_dir: Path) -> tuple[str, dict, str, str]:
             str(first.get("StudyTime", "")))
 
 
+def _volume_mb(dicom_dir: Path) -> float:
+    """A CT series' volume as a job holds it (int16, one plane per instance)."""
+    import pydicom
+
+    paths = files_of(dicom_dir)
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    return len(paths) * int(first.Rows) * int(first.Columns) * 2 / 2**20
+
+
 def child(case: str, prior_dir: Path, current_dir: Path) -> dict:
     """The case's job twice in this process; the second run's figures."""
     from node.handler_api import discover
@@ -82,7 +91,8 @@ def child(case: str, prior_dir: Path, current_dir: Path) -> dict:
                            vault=VaultSpec(d, None), extra=extra)
             meta, _, f = run_job(spec, lambda fraction, message: None)
             figures.append({**f, "results": sorted({m["modality"] for m in meta}), "objects": len(meta)})
-    return {"case": case, "handler": handler, "warm-up": figures[0], **figures[1]}
+    inputs = figures[1]["input_volume_mb"] + (_volume_mb(prior_dir) if with_prior else 0.0)
+    return {"case": case, "handler": handler, "warm-up": figures[0], **figures[1], "inputs_mb": inputs}
 
 
 def outside(cpu: dict[str, float]) -> float:
@@ -119,15 +129,18 @@ def main() -> None:
     print(f"CPU outside the handler, each built-in handler's job in a process of its own (run_job, as a worker "
           f"runs it), the second of two runs on a {args.size}x{args.size}x{args.slices} phantom CT; "
           f"the baseline as the prior where a case takes one")
-    print("outside = load + check + encode + write (+ kept arrays); CPU s, each phase on its own thread")
-    print(f"{'case':<26}{'load':>6}{'handler':>9}{'encode+write':>14}{'outside':>9}{'ratio':>8}  results")
+    print("outside = load + check + encode + write (+ kept arrays); CPU s, each phase on its own thread;")
+    print("peak = the job's own (the worker's VmHWM less its RSS at the job's start), x its input volumes (priors too)")
+    print(f"{'case':<26}{'load':>6}{'handler':>9}{'encode+write':>14}{'outside':>9}{'ratio':>8}{'peak':>14}  results")
     for r in out:
         cpu = r["cpu_seconds"]
         made = sum(v for k, v in cpu.items() if k.startswith(("encode ", "write ")))
         handler = cpu.get("handler", 0.0)
         ratio = f"{outside(cpu) / handler:.2f}x" if handler >= 0.005 else "-"
-        print(f"{r['case']:<26}{cpu.get('load', 0.0):6.2f}{handler:9.2f}{made:14.2f}{outside(cpu):9.2f}{ratio:>8}  "
-              f"{r['objects']} ({', '.join(r['results'])})")
+        own = r["peak_rss_mb"] - r["start_rss_mb"]
+        peak = f"{own:.0f} MB {own / r['inputs_mb']:.1f}x" if r["inputs_mb"] else f"{own:.0f} MB"
+        print(f"{r['case']:<26}{cpu.get('load', 0.0):6.2f}{handler:9.2f}{made:14.2f}{outside(cpu):9.2f}{ratio:>8}"
+              f"{peak:>14}  {r['objects']} ({', '.join(r['results'])})")
     for r in out:
         print(f"{r['case']:<26}cpu: " + "  ".join(f"{k} {v:.2f}" for k, v in r["cpu_seconds"].items()))
     if args.json:

@@ -57,6 +57,9 @@ def test_quick_job_cpu_measures_jobs_with_and_without_a_prior(tmp_path):
         cpu = r["cpu_seconds"]
         assert {"load", "handler"} <= set(cpu) and any(k.startswith("encode ") for k in cpu)
         assert r["warm-up"]["objects"] == r["objects"]  # the same job twice
+        assert r["peak_rss_mb"] >= r["start_rss_mb"] > 0 and r["inputs_mb"] > 0
+    # the prior's volume counts among a registration's inputs
+    assert report["registration rigid"]["inputs_mb"] > report["registration rigid"]["input_volume_mb"]
     row = next(line for line in out.stdout.splitlines() if line.startswith("registration rigid "))
     assert row.split()[6].endswith("x")  # its ratio printed
 
