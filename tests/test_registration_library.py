@@ -55,6 +55,36 @@ def test_resample_puts_the_moving_image_on_the_fixed_grid(pair):
     assert after < 0.5 * before, (before, after)
 
 
+def test_resampling_a_slab_at_a_time_gives_the_whole_grid_values(pair, monkeypatch):
+    """RegistrationOutcome.resample makes the output a few slices at a time (its memory): the
+    values are those of one SimpleITK call over the whole grid, rounded as HU, float or labels."""
+    import SimpleITK as sitk
+
+    from node.registration import outcome as outcome_module
+    from node.volume import Volume
+
+    fixed, moving, _ = pair
+    out = register(fixed.volume, moving.volume, "rigid", fixed_mask=ct_mask(fixed.volume, "body"),
+                   moving_mask=ct_mask(moving.volume, "body"))
+
+    def whole(volume, labels=False):
+        src = volume.geometry.to_sitk(np.ascontiguousarray(volume.array))
+        img = sitk.Resample(src, outcome_module.reference_image(fixed.volume.geometry), out.transform,
+                            sitk.sitkNearestNeighbor if labels else sitk.sitkLinear, float(volume.array.min()),
+                            src.GetPixelID() if labels else sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(img)
+
+    hu = moving.volume
+    floats = Volume(hu.array.astype(np.float32) * 0.37, hu.geometry)
+    labels = Volume((hu.array > -300).astype(np.uint8) + (hu.array > 300), hu.geometry)
+    monkeypatch.setattr(outcome_module, "_SLAB", 7)  # 60 slices: eight slabs and a part
+    assert np.array_equal(out.resample(hu).array,
+                          np.clip(np.rint(whole(hu)), -32768, 32767).astype(hu.array.dtype))
+    assert np.array_equal(out.resample(floats).array, whole(floats))
+    got = out.resample(labels, labels=True).array
+    assert got.dtype == np.uint8 and np.array_equal(got, whole(labels, labels=True))
+
+
 def test_refusals_name_the_problem(pair, phantom_mr, phantom_cr):
     fixed, moving, _ = pair
     mr = load_series(phantom_mr.series_files())

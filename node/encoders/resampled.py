@@ -55,6 +55,8 @@ def _ds(v: float) -> str:
 
 def _storage(array: np.ndarray) -> tuple[np.ndarray, float, float]:
     """(int16 stored values, slope, intercept) holding ``array``."""
+    if array.dtype == np.int16:
+        return array, 1.0, 0.0  # as it is: a copy would be a second volume while the images are made
     if np.issubdtype(array.dtype, np.integer) and array.min() >= -32768 and array.max() <= 32767:
         return array.astype(np.int16), 1.0, 0.0
     lo, hi = float(array.min()), float(array.max())

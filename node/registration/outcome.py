@@ -50,6 +50,9 @@ def affine_to_matrix(tx: sitk.Transform) -> np.ndarray:
     return m
 
 
+_SLAB = 32  # output slices per resampling call (RegistrationOutcome.resample)
+
+
 def reference_image(geom: Geometry) -> sitk.Image:
     """An empty image on ``geom``: what resampling takes as its output grid."""
     img = sitk.Image([int(v) for v in geom.shape[::-1]], sitk.sitkUInt8)
@@ -160,13 +163,24 @@ class RegistrationOutcome:
         src = moving.geometry.to_sitk(np.ascontiguousarray(moving.array))
         fill = float(moving.array.min()) if default is None else float(default)
         interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
-        out = sitk.Resample(src, reference_image(geom), self.transform, interp, fill,
-                            src.GetPixelID() if labels else sitk.sitkFloat32)
-        arr = sitk.GetArrayFromImage(out)
-        if not labels and np.issubdtype(moving.array.dtype, np.integer):
-            info = np.iinfo(moving.array.dtype)
-            arr = np.clip(np.rint(arr), info.min, info.max).astype(moving.array.dtype)
-        return Volume(arr, geom)
+        rounded = not labels and np.issubdtype(moving.array.dtype, np.integer)
+        out = np.empty(geom.shape, dtype=moving.array.dtype if labels or rounded else np.float32)
+        # A slab of output slices at a time: each voxel is interpolated at its own point, so the
+        # values are those of one call over the whole grid, while the float copies made on the way
+        # (SimpleITK's image, the rounding) stay a slab's size. Whole, a CT registration's
+        # full-size resampling peaked at 1.3 GB above its two 150 MB input volumes.
+        size = [int(geom.shape[2]), int(geom.shape[1])]
+        for k0 in range(0, geom.shape[0], _SLAB):
+            k1 = min(k0 + _SLAB, geom.shape[0])
+            slab = sitk.Resample(src, [*size, k1 - k0], self.transform, interp,
+                                 tuple(float(v) for v in geom.index_to_patient((k0, 0, 0))), geom.spacing,
+                                 geom.direction, fill, src.GetPixelID() if labels else sitk.sitkFloat32)
+            values = sitk.GetArrayViewFromImage(slab)
+            if rounded:
+                info = np.iinfo(moving.array.dtype)
+                values = np.clip(np.rint(values), info.min, info.max)
+            out[k0:k1] = values
+        return Volume(out, geom)
 
     def displacement_field(self, geom: Geometry | None = None) -> np.ndarray:
         """(slices, rows, cols, 3) mm of the deformation alone at the voxel centres of ``geom``
