@@ -113,6 +113,47 @@ def test_duplicate_is_stored_once_and_counted(scp, tmp_path):
     assert _log_records(tmp_path / "d") == 2
 
 
+def test_a_duplicate_arriving_while_the_first_copy_is_committed_is_still_a_duplicate(tmp_path, monkeypatch):
+    """The index writer commits the first copy's row between ingest's two looks (is it waiting? is it
+    indexed?) for the second: whichever order those looks take, one of them must see it."""
+    import threading
+    from node.receive.ingest import Origin
+    data_dir = tmp_path / "d"
+    data_dir.mkdir()
+    index = Index(data_dir / "index.db")
+    ingest = Ingest(index, Vault(data_dir, None, writer=True))
+    try:
+        commit_may_run = threading.Event()
+        add_instances = index.add_instances
+
+        def held_commit(rows):  # the writer's commit waits until the second copy is being looked at
+            commit_may_run.wait(10)
+            return add_instances(rows)
+
+        instance_state = index.instance_state
+
+        def commit_in_between(sop):  # ingest's look at the index, with the commit landing right after it
+            state = instance_state(sop)
+            commit_may_run.set()
+            assert ingest.writer.flush(10)
+            return state
+
+        monkeypatch.setattr(index, "add_instances", held_commit)
+        buf = BytesIO()
+        ds = make_ct(None)
+        ds.save_as(buf, enforce_file_format=True)
+        origin = Origin("MOD1", "HILUM", "127.0.0.1")
+        assert ingest.store(buf.getvalue(), origin) == (0, "stored")
+        monkeypatch.setattr(index, "instance_state", commit_in_between)
+        assert ingest.store(buf.getvalue(), origin) == (0, "duplicate")
+        assert ingest.writer.flush(10)
+        assert len(index.instances_of_study(ds.StudyInstanceUID)) == 1 and index.stat("duplicates") == 1
+    finally:
+        ingest.close()
+        ingest.vault.close()
+    assert _log_records(data_dir) == 1
+
+
 def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(scp, tmp_path):
     settings, index = scp(tmp_path / "d", allowed_callers=[{"ae_title": "CT1"}])
     f = tmp_path / "a.dcm"

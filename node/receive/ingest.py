@@ -262,8 +262,11 @@ class Ingest:
         if (failure := self.writer.failure) is not None:
             return OUT_OF_RESOURCES, f"index unavailable: {failure}"[:64]
 
+        # Pending first, then the index: the writer forgets a row only after committing it, so one of
+        # the two sees an instance stored a moment ago (the other order misses a commit in between).
+        pending = self.writer.pending(sop)
         state = self.index.instance_state(sop)
-        if state == "held" or self.writer.pending(sop):
+        if pending or state == "held":
             self.index.bump("duplicates")
             log.info("duplicate instance ignored", extra={"sop_uid": sop, "assoc": origin.assoc_id})
             return SUCCESS, "duplicate"
