@@ -192,6 +192,36 @@ def test_working_grid_keeps_patient_coordinates():
     assert np.array_equal(working_mask(coarse, work.geometry), coarse)
 
 
+def test_a_mask_given_by_its_box_carries_over_like_the_whole_mask():
+    """working_mask(sub, geom, box=...) (a lung's box, not a byte per voxel of the whole volume) is
+    working_mask of the whole mask, for boxes at every offset against the blocks, at the edges, and
+    past the partial blocks the working grid drops; a mask that does not fill its box is refused."""
+    from node.registration import working_mask
+    from node.volume import Geometry
+
+    geom = Geometry(shape=(43, 70, 65), origin=(0.0, 0.0, 0.0), spacing=(0.7, 0.7, 1.0),
+                    direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    rng = np.random.default_rng(3)
+    whole = rng.random(geom.shape) < 0.5
+    boxes = [(slice(0, 43), slice(0, 70), slice(0, 65)), (slice(5, 20), slice(7, 40), slice(1, 64)),
+             (slice(1, 2), slice(3, 4), slice(5, 6)), (slice(40, 43), slice(66, 70), slice(0, 65)),
+             (slice(0, 1), slice(0, 70), slice(63, 65))]
+    boxes += [tuple(slice(a, a + int(rng.integers(1, n - a + 1))) for a, n in
+                    zip((int(rng.integers(0, n)) for n in geom.shape), geom.shape)) for _ in range(20)]
+    for box in boxes:
+        mask = np.zeros(geom.shape, bool)
+        mask[box] = whole[box]
+        assert np.array_equal(working_mask(whole[box], geom, box=box), working_mask(mask, geom)), box
+    coarse_geom = Geometry(shape=(20, 23, 21), origin=(0.0, 0.0, 0.0), spacing=(2.1, 2.1, 2.0),
+                           direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    box = (slice(2, 9), slice(0, 23), slice(4, 5))
+    mask = np.zeros(coarse_geom.shape, bool)
+    mask[box] = True
+    assert np.array_equal(working_mask(np.ones((7, 23, 1), bool), coarse_geom, box=box), mask)
+    with pytest.raises(ValueError, match="box"):
+        working_mask(np.ones((3, 3, 3), bool), geom, box=(slice(0, 4), slice(0, 3), slice(0, 3)))
+
+
 def test_the_demons_finest_level_is_a_checked_choice(pair):
     """A caller may stop the demons at a coarser finest level (nodule follow-up does, for speed);
     a level that is not finer than the one before it, or below 1 mm, is refused naming the field."""

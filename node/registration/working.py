@@ -70,10 +70,30 @@ def working_volume(volume: Volume, mm: float = WORKING_MM) -> Volume:
     return Volume(_block_mean(volume.array, f), working_geometry(volume.geometry, mm))
 
 
-def working_mask(mask: np.ndarray, geom: Geometry, mm: float = WORKING_MM) -> np.ndarray:
+def working_mask(mask: np.ndarray, geom: Geometry, mm: float = WORKING_MM,
+                 box: tuple[slice, slice, slice] | None = None) -> np.ndarray:
     """A boolean mask on ``geom`` carried onto ``working_volume``'s grid: a block is in when at
-    least half of it is."""
+    least half of it is. ``box``: ``mask`` covers only that box of ``geom``'s grid (the rest is
+    out), so that a caller holding a lung's box need not make a byte per voxel of the whole volume."""
+    if box is None:
+        box = tuple(slice(0, n) for n in geom.shape)
+    mask = np.asarray(mask, bool)
+    if mask.shape != tuple(b.stop - b.start for b in box):
+        raise ValueError(f"working_mask: mask {mask.shape} does not fill its box {box}")
     f = _factors(geom, mm)
     if f is None:
-        return np.asarray(mask, bool)
-    return _block_mean(np.asarray(mask, np.uint8), f) >= 0.5
+        out = np.zeros(geom.shape, bool)
+        out[box] = mask
+        return out
+    out = np.zeros(tuple(n // b for n, b in zip(geom.shape, f)), bool)
+    # The blocks the box touches (whole ones only: _block_mean drops a partial block at the far edge).
+    lo = [b.start // fb for b, fb in zip(box, f)]
+    hi = [min(-(-b.stop // fb), n) for b, fb, n in zip(box, f, out.shape)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return out
+    blocks = np.zeros(tuple((h - l) * fb for l, h, fb in zip(lo, hi, f)), np.uint8)
+    src = tuple(slice(0, min(b.stop, h * fb) - b.start) for b, h, fb in zip(box, hi, f))
+    dst = tuple(slice(b.start - l * fb, min(b.stop, h * fb) - l * fb) for b, l, h, fb in zip(box, lo, hi, f))
+    blocks[dst] = mask[src]
+    out[tuple(slice(l, h) for l, h in zip(lo, hi))] = _block_mean(blocks, f) >= 0.5
+    return out
