@@ -1,7 +1,7 @@
 """The job stage: durable job records → handler runs in separate worker processes.
 
 ``LocalProcessExecutor`` is the embedded default: ``workers`` long-lived processes (spawned,
-never forked from a threaded parent), each with a memory cap. Workers are reused so a model
+never forked from a threaded parent, started with the node), each with a memory cap. Workers are reused so a model
 session loads once per worker, not once per study. A job that raises fails with the reason;
 one that exceeds its timeout or kills its worker fails too, the worker is replaced, and the
 SCP keeps serving. A distributed backend implements the same ``Executor`` interface.
@@ -96,6 +96,9 @@ class LocalProcessExecutor(Executor):
             t.join(timeout=10)
 
     def _slot(self, slot: int) -> None:
+        # The worker starts with the node and warms up while idle (worker.warm_up): a fresh node's
+        # first study would otherwise wait ~2 s for the worker's start and imports.
+        self._worker(slot)
         while not self._stop.is_set():
             job = self.index.claim_job()
             if job is None:

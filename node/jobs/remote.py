@@ -30,7 +30,7 @@ import httpx
 
 from node.jobs.broker import TASK, make_celery
 from node.jobs.remote_models import model_folder
-from node.jobs.worker import JobSpec, SpoolIntegrityError, run_job
+from node.jobs.worker import JobSpec, SpoolIntegrityError, run_job, warm_up
 from node.store.vault import Vault, VaultSpec
 from node.jobs.wire import FRAME, TICKET, WORKER
 
@@ -313,9 +313,7 @@ def serve(node_url: str, token: str, queues: list[str], name: str, work_dir: Pat
     # Heavy imports now, not inside the first job: they hold the interpreter for seconds, which would
     # starve the heartbeat thread and could make the node take this worker for lost.
     import node.encoders  # noqa: F401
-    from node.handler_api import discover
-
-    discover()
+    warm_up()  # the handlers' modules and highdicom's tables of the standard
     worker.start_heartbeat()
     app.worker_main(["worker", "-Q", ",".join(queues), "-c", "1", "-P", "solo", "-n", f"{name}@%h",
                      "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"])
