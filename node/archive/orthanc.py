@@ -103,7 +103,8 @@ class ManagedOrthanc:
         self.pid_file = self.root / "orthanc.pid"
         arch = settings.archive
         # The index in PostgreSQL: the node's own cluster, unless the site names one (dsn).
-        self.pg = ManagedPostgres(settings.data_dir) if arch.index == "postgresql" and arch.dsn is None else None
+        self.pg = (ManagedPostgres(settings.data_dir, on_restarted=self._reconnect_index)
+                   if arch.index == "postgresql" and arch.dsn is None else None)
         self._proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
@@ -171,6 +172,24 @@ class ManagedOrthanc:
                     self.wait_ready(60)
                 except Exception as exc:  # noqa: BLE001 - keep supervising; deliveries retry meanwhile
                     log.error("Orthanc restart failed: %s", exc)
+
+    def _reconnect_index(self, tries: int = 10) -> None:
+        """After its PostgreSQL restarted: Orthanc's one connection to the index died with the old
+        postmaster, and Orthanc finds that out on its next index call, which it answers 503 ("the
+        database is currently not available") before it reconnects. Make that call this read of
+        the statistics (they come from the index), not the next study's store."""
+        for _ in range(tries):
+            if self._stop.is_set():
+                return
+            try:
+                with self.endpoint.client(timeout=10) as c:
+                    if c.get("/statistics").status_code == 200:
+                        log.info("Orthanc's index reconnected after the PostgreSQL restart")
+                        return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        log.warning("Orthanc's index did not answer after the PostgreSQL restart; deliveries retry meanwhile")
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stop.set()

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from node.lifeline import die_with_parent, take_down_stale
@@ -62,7 +63,8 @@ def _credentials(path: Path) -> str:
 
 
 class ManagedPostgres:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, on_restarted: Callable[[], None] | None = None) -> None:
+        self.on_restarted = on_restarted  # the index's client, told that its connection died with the old one
         self.root = data_dir / "orthanc" / "pg"
         self.data = self.root / "data"
         self.socket_dir = self.root / "run"
@@ -183,6 +185,12 @@ class ManagedPostgres:
                 log.warning("managed PostgreSQL restarted (pid %d, restart %d)", self._proc.pid, self.restarts)
             except Exception as exc:  # noqa: BLE001 - keep supervising: the next try waits longer
                 log.error("PostgreSQL restart %d failed: %s", self.restarts, (str(exc).splitlines() or [exc])[0])
+                continue
+            if self.on_restarted is not None:
+                try:
+                    self.on_restarted()
+                except Exception:  # noqa: BLE001 - the supervisor outlives its listener
+                    log.exception("after the PostgreSQL restart")
 
     def _ready(self) -> bool:
         return subprocess.run([pg_bin("pg_isready"), "-q", "-h", str(self.socket_dir), "-p", str(PG_PORT)],
