@@ -153,6 +153,51 @@ def test_a_duplicate_arriving_while_the_first_copy_is_committed_is_still_a_dupli
     assert _log_records(data_dir) == 1
 
 
+def test_caught_up_waits_for_what_was_acknowledged_before_it_not_after(tmp_path, monkeypatch):
+    """The study view and an admin's "complete" wait for the rows of the instances acknowledged
+    before them (``IndexWriter.caught_up``), not for a stream that keeps arriving."""
+    import threading
+    from node.receive.ingest import Origin
+    data_dir = tmp_path / "d"
+    data_dir.mkdir()
+    index = Index(data_dir / "index.db")
+    ingest = Ingest(index, Vault(data_dir, None, writer=True))
+    try:
+        gates = [threading.Event(), threading.Event()]
+        commits = iter(gates)
+        add_instances = index.add_instances
+
+        def gated_commit(rows):
+            next(commits).wait(10)
+            return add_instances(rows)
+
+        monkeypatch.setattr(index, "add_instances", gated_commit)
+        origin, study = Origin("MOD1", "HILUM", "127.0.0.1"), generate_uid()
+
+        def store():
+            buf = BytesIO()
+            make_ct(None, study=study).save_as(buf, enforce_file_format=True)
+            assert ingest.store(buf.getvalue(), origin) == (0, "stored")
+
+        store()  # acknowledged; its row waits at the first gate
+        assert ingest.writer.caught_up(timeout=0.3) is False  # its row is not committed
+        answer = []
+        waiter = threading.Thread(target=lambda: answer.append(ingest.writer.caught_up(timeout=10)))
+        waiter.start()
+        store()  # acknowledged after the call began: not waited for
+        gates[0].set()
+        waiter.join(10)
+        assert answer == [True]
+        assert len(index.instances_of_study(study)) == 1  # the second row still waits at its gate
+        gates[1].set()
+        assert ingest.writer.flush(10) and len(index.instances_of_study(study)) == 2
+    finally:
+        for g in gates:
+            g.set()
+        ingest.close()
+        ingest.vault.close()
+
+
 def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(scp, tmp_path):
     settings, index = scp(tmp_path / "d", allowed_callers=[{"ae_title": "CT1"}])
     f = tmp_path / "a.dcm"

@@ -149,6 +149,14 @@ class IndexWriter:
         with self._cond:
             return self._cond.wait_for(lambda: len(self._pending) == len(self._held), timeout)
 
+    def caught_up(self, timeout: float = 5.0) -> bool:
+        """Wait until the rows queued now are committed, not those queued after: every instance
+        acknowledged before the call is in the index (a study view or an admin's "complete" right
+        after a sender finished counts them all). False at once while commits fail, or on timeout."""
+        with self._cond:
+            waiting = self._pending - self._held
+            return self.failure is None and self._cond.wait_for(lambda: not waiting & self._pending, timeout)
+
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(timeout=30)

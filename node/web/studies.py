@@ -23,7 +23,11 @@ def list_studies(request: Request, limit: int = Query(50, ge=1, le=500), offset:
 
 @router.get("/{study_uid}")
 def get_study(study_uid: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
-    index = request.app.state.node.index
+    node = request.app.state.node
+    # An instance's row follows its C-STORE response by milliseconds (node/receive/ingest.py): a
+    # script that asks as soon as its sender returns sees every instance the node acknowledged.
+    node.ingest.writer.caught_up(timeout=2.0)
+    index = node.index
     row = index.study(study_uid)
     if row is None:
         raise HTTPException(404, f"study {study_uid} not found")
@@ -36,6 +40,9 @@ def get_study(study_uid: str, request: Request, _: Principal = Depends(require_v
 @router.post("/{study_uid}/complete")
 def force_complete(study_uid: str, request: Request, _: Principal = Depends(require_admin)) -> dict:
     node = request.app.state.node
+    # The instances acknowledged before the admin's word belong to what is completed: a row committed
+    # after it would reopen the study (a late instance) and undo the completion.
+    node.ingest.writer.caught_up(timeout=10.0)
     if not node.index.force_complete(study_uid):
         raise HTTPException(404, f"study {study_uid} not found")
     return {"study_uid": study_uid, "force_complete": True}
