@@ -13,7 +13,7 @@ import pytest
 from node.archive.postgres import PG_PORT, SUPERUSER, pg_bin
 from node.phantom import generate_ct
 from tests.nodeproc import NodeProcess, storescu, wait_for
-from tests.test_e2e import _done, _orthanc_instances, write_rules
+from tests.test_e2e import _done, _in_orthanc, write_rules
 from tests.test_lifeline import processes_with
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def test_core_path_with_the_archive_index_in_postgresql(tmp_path, ct):
         (result,) = st["jobs"][0]["results"]
         with node.orthanc() as c:
             assert "PostgreSQL" in c.get("/system").json()["DatabaseBackendPlugin"]
-        sops = {i["MainDicomTags"]["SOPInstanceUID"] for i in _orthanc_instances(node, ct.study_uid)}
+        sops = _in_orthanc(node, ct.study_uid, 13)  # the originals' batch may land after the result
         assert result["sop_instance_uid"] in sops and len(sops) == 13
         # The index really is in PostgreSQL: Orthanc's resources table holds the 13 instances (type 3).
         assert psql(node.data_dir, "SELECT count(*) FROM resources WHERE resourcetype = 3") == "13"
@@ -160,10 +160,8 @@ def test_a_killed_postgresql_is_restarted_and_the_archive_takes_a_new_study(tmp_
         st = wait_for(lambda: _done(node, ct.study_uid, ("orthanc",)), 180, "overview delivered", interval=0.5)
         (result,) = st["jobs"][0]["results"]
         # The originals are a delivery batch of their own: they may land a moment after the result.
-        sops = wait_for(lambda: len(s := {i["MainDicomTags"]["SOPInstanceUID"]
-                                          for i in _orthanc_instances(node, ct.study_uid)}) == 13 and s,
-                        60, "the originals and the result in Orthanc", interval=0.5)
-        assert result["sop_instance_uid"] in sops
+        sops = _in_orthanc(node, ct.study_uid, 13)
+        assert result["sop_instance_uid"] in sops and len(sops) == 13
         assert "delivery to orthanc failed" not in node.log_tail(50000)  # not one store refused
         assert psql(node.data_dir, "SELECT count(*) FROM resources WHERE resourcetype = 3") == "13"
         assert _postmaster(node.data_dir) == second  # one restart, no restart loop

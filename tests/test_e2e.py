@@ -57,6 +57,14 @@ def _orthanc_instances(node: NodeProcess, study_uid: str) -> list[dict]:
                                            "Expand": True}).json()
 
 
+def _in_orthanc(node: NodeProcess, study_uid: str, n: int, timeout: float = 60) -> set[str]:
+    """The study's SOP Instance UIDs in Orthanc once there are at least ``n`` of them."""
+    def found():
+        sops = {i["MainDicomTags"]["SOPInstanceUID"] for i in _orthanc_instances(node, study_uid)}
+        return sops if len(sops) >= n else None
+    return wait_for(found, timeout, f"{n} instances of the study in Orthanc", interval=0.5)
+
+
 def test_study_in_results_out_to_orthanc_and_tps(ct, tmp_path):
     tps_dir = tmp_path / "tps"
     with storescp(tps_dir) as tps_port:
@@ -71,9 +79,9 @@ def test_study_in_results_out_to_orthanc_and_tps(ct, tmp_path):
             assert job["handler"] == "overview" and job["rule"] == "ct-overview"
             (result,) = job["results"]
             assert result["sop_class_uid"] == SC_CLASS and result["modality"] == "OT"
-            # Orthanc holds the originals and the result, in the same study.
-            in_orthanc = _orthanc_instances(node, ct.study_uid)
-            sops = {i["MainDicomTags"]["SOPInstanceUID"] for i in in_orthanc}
+            # Orthanc holds the originals and the result, in the same study (the originals are a
+            # delivery batch of their own: they may land a moment after the result).
+            sops = _in_orthanc(node, ct.study_uid, 25)
             assert result["sop_instance_uid"] in sops and len(sops) == 25
             # The gateway serves the archive to token holders only.
             qido = node.api("GET", f"/dicom-web/studies/{ct.study_uid}/series")
@@ -129,6 +137,7 @@ def test_sigkill_mid_study_loses_nothing_and_delivers_once(ct, tmp_path):
         st = wait_for(lambda: _done(node, ct.study_uid, ("orthanc",)), 120, "results delivered", interval=0.5)
         assert st["instances_received"] == len(files)
         (job,) = st["jobs"]
+        _in_orthanc(node, ct.study_uid, len(files) + 1)
         sops = [i["MainDicomTags"]["SOPInstanceUID"] for i in _orthanc_instances(node, ct.study_uid)]
         assert len(sops) == len(set(sops)) == len(files) + 1
         assert job["results"][0]["sop_instance_uid"] in sops
@@ -180,8 +189,9 @@ def test_failed_delivery_is_retried_by_an_admin(ct, tmp_path):
 
         def tps_failed():
             jobs = node.study(ct.study_uid).get("jobs", [])
-            return jobs and jobs[0]["results"] and jobs[0]["results"][0]["deliveries"].get("tps") == "failed" \
-                and jobs[0]
+            deliveries = jobs[0]["results"][0]["deliveries"] if jobs and jobs[0]["results"] else {}
+            # The archive's delivery is a lane of its own: waited for too, not assumed ahead.
+            return deliveries.get("tps") == "failed" and deliveries.get("orthanc") == "delivered" and jobs[0]
         job = wait_for(tps_failed, 90, "TPS delivery to fail", interval=0.5)
         assert job["results"][0]["deliveries"]["orthanc"] == "delivered"
         viewer = node.hilum("token", "create", "--role", "viewer", "--config", str(node.config_path)).stdout.strip()

@@ -184,8 +184,10 @@ def test_two_workers_process_a_batch_like_the_local_executor(cluster, studies, t
             for d in index.deliveries_of_job(job["id"]):
                 assert d["status"] == "delivered" and d["attempts"] == 1
             study = next(s for s in studies if s.study_uid == job["study_uid"])
-            in_orthanc = _orthanc_files(node, study.study_uid)
             local = _local_run(node, job["id"], study, tmp_path / f"local-{job['id']}")
+            # The originals are a delivery batch of their own, beside the results'.
+            in_orthanc = wait_for(lambda: len(f := _orthanc_files(node, study.study_uid)) >= 12 + len(local) and f,
+                                  60, "the originals and the results in Orthanc", interval=0.5)
             remote = {u: b for u, b in in_orthanc.items() if u in local}
             assert set(remote) == set(local) == {r["sop_instance_uid"] for r in job["results"]}
             assert len(in_orthanc) == 12 + len(local)  # the originals and each result once
@@ -232,7 +234,8 @@ def test_a_worker_killed_mid_job_loses_it_to_the_other(cluster, studies, tmp_pat
         events = [(h["event"], h.get("worker")) for h in job["history"]]
         assert events[1:] == [("started", victim), ("attempt lost", victim), ("started", other), ("done", None)]
         assert job["attempts"] == 2
-        in_orthanc = _orthanc_files(node, study.study_uid)
+        in_orthanc = wait_for(lambda: len(f := _orthanc_files(node, study.study_uid)) >= 12 + 1 and f, 60,
+                              "the originals and the result in Orthanc", interval=0.5)
         assert len(in_orthanc) == 12 + 1  # the originals and the one result: no duplicate
 
 
@@ -251,6 +254,8 @@ def test_a_node_restarted_mid_job_takes_the_running_attempt_back(cluster, studie
         # It finished where it ran; it was not also queued again.
         assert job["attempts"] == 1 and [a["state"] for a in index.attempts_of_job(job["id"])] == ["done"]
         assert [h["event"] for h in job["history"]] == ["created", "started", "done"]
+        wait_for(lambda: len(_orthanc_files(node, studies[0].study_uid)) >= 12 + 1, 60,
+                 "the originals and the result in Orthanc", interval=0.5)
         assert len(_orthanc_files(node, studies[0].study_uid)) == 12 + 1
 
 
@@ -264,9 +269,12 @@ def test_jobs_queued_across_a_redis_restart_are_not_lost(cluster, studies, tmp_p
         for s in studies[:2]:
             assert storescu(node.dicom_port, s.dicom_dir).returncode == 0
         index = node.index()
+        def queued_in_the_broker():  # the attempts' rows are committed just before their tasks are sent
+            with redis.client() as c:
+                return _waiting(c) == 2
         wait_for(lambda: len(index.jobs()) == 2 and all(
-            [a["state"] for a in index.attempts_of_job(j["id"])] == ["queued"] for j in index.jobs()),
-            60, "two jobs queued in the broker")
+            [a["state"] for a in index.attempts_of_job(j["id"])] == ["queued"] for j in index.jobs())
+            and queued_in_the_broker(), 60, "two jobs queued in the broker")
         with redis.client() as c:
             assert _waiting(c) == 2
         redis.stop()

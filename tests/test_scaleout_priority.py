@@ -14,12 +14,14 @@ from tests.test_scaleout import ClusterNode, Worker, _jobs_done
 
 
 def _rules(node: ClusterNode) -> None:
-    """Head-first CTs are bulk work (offpeak, slow), feet-first ones a stat read (urgent)."""
+    """Head-first CTs are bulk work (offpeak, slow), feet-first ones a stat read (urgent). A bulk job
+    lasts long enough (10 s) for the stat study to be received, routed and queued while the first runs,
+    on a slow machine too."""
     (node.tmp / "rules" / "ct.yaml").write_text(textwrap.dedent("""\
         - name: bulk
           level: series
           match: {Modality: CT, PatientPosition: HFS}
-          handler: {name: test-slow-overview, params: {sleep_s: 5, tiles: 4, tile_size: 64}}
+          handler: {name: test-slow-overview, params: {sleep_s: 10, tiles: 4, tile_size: 64}}
           priority: offpeak
         - name: stat
           level: series
