@@ -218,7 +218,9 @@ class QrAssociation:
         """(command, context id, data set or None) of each message the PACS sends, the data set as its
         fragments (joined once by the caller: growing one buffer PDV by PDV copied it over and over);
         ends when the PACS releases or aborts."""
-        command, dataset, size = bytearray(), [], 0
+        # Fragments: a PACS sending millions of empty or tiny PDVs reaches the size limit, not the
+        # node's memory (node/receive/ul.py).
+        command, dataset = bytearray(), ul.Fragments(MAX_INSTANCE)
         cmd: ul.Command | None = None
         cmd_cid = 0
         try:
@@ -235,7 +237,7 @@ class QrAssociation:
                     return
                 if kind != ul.P_DATA_TF:
                     raise ul.ProtocolError(f"unexpected PDU type {kind}")
-                for cid, mch, data in ul.pdvs(body):
+                for cid, mch, data in ul.iter_pdvs(body):
                     if cid not in self.contexts:
                         raise ul.ProtocolError(f"a PDV on presentation context {cid}, which was not accepted")
                     if mch & 1:  # a command fragment
@@ -253,12 +255,9 @@ class QrAssociation:
                     else:
                         if cmd is None or cid != cmd_cid:
                             raise ul.ProtocolError("a data set fragment without its command")
-                        dataset.append(ul.keepable(data))
-                        size += len(data)
-                        if size > MAX_INSTANCE:
-                            raise ul.ProtocolError(f"a data set over {MAX_INSTANCE} bytes")
+                        dataset.add(data, bool(mch & 2))
                         if mch & 2:
-                            done, dataset, size = dataset, [], 0
+                            done, dataset = dataset.take(), ul.Fragments(MAX_INSTANCE)
                             yield cmd, cid, done
                             cmd = None
         except ul.ProtocolError as exc:

@@ -47,6 +47,15 @@ def read_header(raw: bytes) -> tuple[str, dict[str, str]] | None:
         return None
 
 
+def read_inflated(data: bytes) -> dict[str, str] | None:
+    """{keyword: text} of the WANTED attributes of a bare data set in explicit VR little endian (an
+    inflated deflated one: node/receive/ingest.py's ``inflate``), or None (use pydicom)."""
+    try:
+        return _dataset(data, 0, False)
+    except (_Unsure, struct.error, IndexError, UnicodeDecodeError):
+        return None
+
+
 def _read(raw: bytes) -> tuple[str, dict[str, str]]:
     if len(raw) < 144 or raw[128:132] != b"DICM":
         raise _Unsure
@@ -63,9 +72,13 @@ def _read(raw: bytes) -> tuple[str, dict[str, str]]:
             meta_end = pos + struct.unpack("<I", value)[0]
     if meta_end is not None and meta_end != pos:
         raise _Unsure
-    if not (ts in (EXPLICIT_LE, IMPLICIT_LE, RLE) or ts.startswith(ENCAPSULATED)):
-        raise _Unsure  # big endian, deflate, or a syntax we do not know
-    implicit = ts == IMPLICIT_LE
+    if ts is None or not (ts in (EXPLICIT_LE, IMPLICIT_LE, RLE) or ts.startswith(ENCAPSULATED)):
+        raise _Unsure  # none named, big endian, deflate, or a syntax we do not know
+    return ts, _dataset(raw, pos, ts == IMPLICIT_LE)
+
+
+def _dataset(raw: bytes, pos: int, implicit: bool) -> dict[str, str]:
+    """The WANTED attributes of the data set that starts at ``pos``."""
     found: dict[int, bytes] = {}
     # The loop below runs for every element of every received instance (the hot path of ingest):
     # element headers are unpacked inline with precompiled structs rather than through
@@ -109,7 +122,7 @@ def _read(raw: bytes) -> tuple[str, dict[str, str]]:
         if "\\" in text:
             raise _Unsure  # multi-valued: pydicom's rendering is the reference
         out[WANTED[tag]] = text.strip(" ") if tag == 0x00200011 else text  # IS: both ends, like pydicom
-    return ts, out
+    return out
 
 
 def _explicit_element(raw: bytes, pos: int) -> tuple[int, bytes]:

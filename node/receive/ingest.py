@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
@@ -28,9 +30,10 @@ from typing import Iterator
 import pydicom
 import pydicom.config
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 
 from node.receive.batch import RetrieveBatch
-from node.receive.header import WANTED, read_header
+from node.receive.header import WANTED, read_header, read_inflated
 from node.receive.spool import Quarantine, valid_uid
 from node.store.index import Index, InstanceRow
 from node.store.vault import Vault
@@ -41,6 +44,69 @@ log = logging.getLogger("hilum.ingest")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+
+MAX_INSTANCE = (1 << 31) - (2 << 20)  # what the spool seals in one piece (node/store/envelope.py)
+# A deflated data set is inflated (once, bounded) before anything reads it: pydicom would inflate it
+# whole in one call, and a few hundred KiB of deflate can hold gigabytes of zeros.
+MAX_INFLATED = MAX_INSTANCE
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+class InflatedTooLarge(ValueError):
+    """A deflated data set that inflates to more than the node keeps."""
+
+
+def inflate(raw: bytes, limit: int | None = None) -> bytes | None:
+    """The data set of a Part 10 instance in the deflated transfer syntax, inflated; None for any other
+    syntax. ``InflatedTooLarge`` past ``limit`` (default MAX_INFLATED) bytes; ``ValueError`` if the
+    deflate stream is corrupt or cut short. A bomb costs the time to inflate up to ``limit``, never the
+    memory: what is kept is bounded by _INFLATE_KEEP until the whole size is known to be within
+    ``limit`` (then a second pass keeps it all). Read the result with ``header.read_inflated`` or
+    ``read_dataset`` (explicit VR little endian), never the raw bytes with pydicom."""
+    limit = MAX_INFLATED if limit is None else limit
+    fp = BytesIO(raw)
+    read_preamble(fp, False)  # what pydicom.dcmread reads first, so that both see the same syntax
+    meta = _read_file_meta_info(fp)
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return None
+    deflated = memoryview(raw)[fp.tell():]
+    chunks = _inflate_pass(deflated, limit, min(limit, _INFLATE_KEEP))
+    if chunks is None:  # more than the first pass keeps, and known now to be within the limit
+        chunks = _inflate_pass(deflated, limit, limit)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_INFLATE_CHUNK = 16 << 20
+_INFLATE_KEEP = 64 << 20
+
+
+def _inflate_pass(deflated: memoryview, limit: int, keep: int) -> list[bytes] | None:
+    """The inflated data in chunks; None (with the size checked) once it is more than ``keep`` bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    chunks: list[bytes] | None = []
+    total, data = 0, deflated
+    while True:
+        try:
+            out = inflater.decompress(data, min(_INFLATE_CHUNK, limit + 1 - total))
+        except zlib.error as exc:
+            raise ValueError(f"corrupt deflated data set: {exc}") from None
+        total += len(out)
+        if total > limit:
+            raise InflatedTooLarge(f"inflated size over {limit / (1 << 20):g} MB")
+        if chunks is not None:
+            if total > keep:
+                chunks = None
+            else:
+                chunks.append(out)
+        if inflater.eof:
+            return chunks
+        if not out:
+            raise ValueError("deflated data set cut short")
+        data, out = inflater.unconsumed_tail, None
+
+
+def _read_inflated(data: bytes) -> pydicom.Dataset:
+    return read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixel_data)
 
 
 @dataclass(frozen=True)
@@ -58,16 +124,32 @@ def header_json(ds: pydicom.Dataset) -> str:
     return json.dumps(ds.to_json_dict(bulk_data_threshold=4096, bulk_data_element_handler=lambda el: ""))
 
 
-def _facts(raw: bytes, header: tuple[str, dict[str, str]] | None = None) -> dict[str, str]:
+def instance_facts(raw: bytes, header: tuple[str, dict[str, str]] | None = None) -> dict[str, str]:
     """The attributes the index keeps, and the transfer syntax; the three UIDs checked (they name things).
+    ``InflatedTooLarge`` for a deflated instance over MAX_INFLATED (see ``_read_facts``); the C-GET
+    SCU reads its sub-operations' UIDs with this too (never pydicom's unbounded inflate)."""
+    return _read_facts(raw, header)[0]
+
+
+def _read_facts(raw: bytes, header: tuple[str, dict[str, str]] | None = None) -> tuple[dict[str, str], bytes | None]:
+    """(the attributes the index keeps and the transfer syntax, the inflated data set of a deflated
+    instance or None); the three UIDs checked (they name things).
 
     Read from the bytes directly (node/receive/header.py) when the encoding allows, else by pydicom
-    (header only: pixel data is never decoded on receive). ``header``: ``read_header(raw)`` when the
-    caller has it already (a C-GET's handler reads it to check the study), not read twice."""
+    (header only: pixel data is never decoded on receive); a deflated data set is inflated first, bounded
+    (``inflate``), and read from that. ``header``: ``read_header(raw)`` when the caller has it already (a
+    C-GET's handler reads it to check the study), not read twice."""
     fast = header if header is not None else read_header(raw)
+    inflated = None
     if fast is not None:
         ts, facts = fast
         facts["TransferSyntaxUID"] = ts
+    elif (inflated := inflate(raw)) is not None:
+        facts = read_inflated(inflated)
+        if facts is None:
+            ds = _read_inflated(inflated)
+            facts = {k: _text(ds, k) for k in WANTED.values()}
+        facts["TransferSyntaxUID"] = DEFLATED
     else:
         ds = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True)
         facts = {k: _text(ds, k) for k in WANTED.values()}
@@ -75,12 +157,17 @@ def _facts(raw: bytes, header: tuple[str, dict[str, str]] | None = None) -> dict
     bad = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not valid_uid(facts.get(k))]
     if bad:
         raise ValueError(f"missing or invalid {', '.join(bad)}")
-    return facts
+    return facts, inflated
 
 
-def _header_json_of(raw: bytes, sop: str) -> str:
-    """DICOM JSON of the header (the first instance of each series: what rules read later)."""
+def _header_json_of(raw: bytes, sop: str, inflated: bytes | None = None) -> str:
+    """DICOM JSON of the header (the first instance of each series: what rules read later).
+    ``inflated``: ``inflate(raw)``, for a deflated instance."""
     try:
+        if inflated is None:
+            inflated = inflate(raw)  # never pydicom's own unbounded inflate
+        if inflated is not None:
+            return header_json(_read_inflated(inflated))
         return header_json(pydicom.dcmread(BytesIO(raw), stop_before_pixels=True))
     except Exception as exc:  # noqa: BLE001 - a header pydicom cannot express as JSON
         log.warning("header not representable as DICOM JSON: %s", exc, extra={"sop_uid": sop})
@@ -257,7 +344,9 @@ class Ingest:
         durable at the batch's next commit rather than before returning. ``header``: what
         ``read_header(raw)`` returned, if the caller read it already."""
         try:
-            facts = _facts(raw, header)
+            facts, inflated = _read_facts(raw, header)
+        except InflatedTooLarge as exc:
+            return self._reject(raw, origin, str(exc), OUT_OF_RESOURCES)
         except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError, OSError) as exc:
             return self._reject(raw, origin, f"unparseable or incomplete dataset: {exc}", CANNOT_UNDERSTAND)
         except Exception as exc:  # noqa: BLE001 - hostile input must never kill the association thread
@@ -273,13 +362,17 @@ class Ingest:
         # Pending first, then the index: the writer forgets a row only after committing it, so one of
         # the two sees an instance stored a moment ago (the other order misses a commit in between).
         pending = self.writer.pending(sop)
-        state = self.index.instance_state(sop)
+        try:
+            state = self.index.instance_state(sop)
+            if state == "purged" and not pending:
+                self.index.forget_purged(sop)  # sent again after retention deleted our copy: keep it anew
+        except sqlite3.Error as exc:  # disk full, locked: refused, and the peer may send it again later
+            log.error("index unavailable, instance refused: %s", exc, extra={"sop_uid": sop, "assoc": origin.assoc_id})
+            return OUT_OF_RESOURCES, f"index unavailable: {exc}"[:64]
         if pending or state == "held":
-            self.index.bump("duplicates")
+            self._bump("duplicates")
             log.info("duplicate instance ignored", extra={"sop_uid": sop, "assoc": origin.assoc_id})
             return SUCCESS, "duplicate"
-        if state == "purged":
-            self.index.forget_purged(sop)  # sent again after retention deleted our copy: keep it anew
 
         received_at = time.time()
         try:
@@ -290,7 +383,7 @@ class Ingest:
             log.error("cannot persist instance: %s", exc, extra={"sop_uid": sop, "assoc": origin.assoc_id})
             return OUT_OF_RESOURCES, f"cannot persist: {exc.strerror or exc}"
 
-        hdr = "{}" if series in self._known_series else _header_json_of(raw, sop)
+        hdr = "{}" if series in self._known_series else _header_json_of(raw, sop, inflated)
         row = self._row(facts, locator, len(raw), received_at, origin, hdr)
         if not self.writer.add(row, hold=batch is not None):
             return SUCCESS, "duplicate"  # a concurrent association stored it first; this record stays unreferenced
@@ -330,7 +423,7 @@ class Ingest:
                     continue
                 try:
                     meta, raw = self.vault.log.read(rec.locator)
-                    facts = _facts(raw)
+                    facts, inflated = _read_facts(raw)
                 except Exception as exc:  # noqa: BLE001 - one bad record must not keep the node from starting
                     log.error("spool record %s cannot be read back: %s", rec.locator, exc)
                     continue
@@ -339,7 +432,7 @@ class Ingest:
                 origin = Origin(str(meta.get("calling_ae", "")), str(meta.get("called_ae", "")),
                                 str(meta.get("source_ip", "")), "recovered")
                 rows.append(self._row(facts, rec.locator, len(raw), float(meta.get("received_at", time.time())),
-                                      origin, _header_json_of(raw, facts["SOPInstanceUID"])))
+                                      origin, _header_json_of(raw, facts["SOPInstanceUID"], inflated)))
         for i in range(0, len(rows), 256):
             self.index.add_instances(rows[i: i + 256])
         if rows:
@@ -352,5 +445,12 @@ class Ingest:
             "at": time.time()})
         log.warning("instance quarantined: %s", reason,
                     extra={"assoc": origin.assoc_id, "quarantine": str(where) if where else "FAILED"})
-        self.index.bump("quarantined")
+        self._bump("quarantined")
         return status, reason
+
+    def _bump(self, key: str) -> None:
+        """Count, best effort: a counter the index cannot bump (disk full, locked) never fails a store."""
+        try:
+            self.index.bump(key)
+        except sqlite3.Error as exc:
+            log.warning("counter %r not bumped: %s", key, exc)

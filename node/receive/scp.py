@@ -13,6 +13,7 @@ so a refused peer gets a proper A-ASSOCIATE-RJ with a reason, not a dropped conn
 """
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import socket
@@ -29,7 +30,7 @@ from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.receive import ul
 from node.receive.batch import StoreThread
-from node.receive.ingest import Ingest, Origin
+from node.receive.ingest import MAX_INSTANCE, OUT_OF_RESOURCES, Ingest, Origin
 from node.tls import binding_violation, peer_identity, server_context
 from node.uids import derived_uid
 
@@ -66,12 +67,13 @@ IMPLEMENTATION_UID = derived_uid("hilum", "implementation-class")
 IMPLEMENTATION_VERSION = f"HILUM_{__version__}"[:16]
 MAX_ASSOCIATIONS = 32
 MAX_CONNECTIONS = 2 * MAX_ASSOCIATIONS  # beyond this a connection is closed before a byte is read
-NETWORK_TIMEOUT_S = 60.0  # silence from the peer in the middle of an association
-ACSE_TIMEOUT_S = 30.0  # from connect to the A-ASSOCIATE-RQ
+# Deadlines, not per-recv timeouts: a peer trickling a byte now and then must not hold a connection.
+NETWORK_TIMEOUT_S = 60.0  # for the next PDU to arrive whole in an association (plus MIN_PDU_RATE below)
+MIN_PDU_RATE = 32 << 10  # bytes/s: a PDU of n bytes gets n / MIN_PDU_RATE seconds more (slow links)
+ACSE_TIMEOUT_S = 30.0  # from connect to the whole A-ASSOCIATE-RQ (the TLS handshake included)
 MAX_PDU = 16 << 20  # advertised in the A-ASSOCIATE-AC and enforced
 MAX_RQ_PDU = 64 << 10  # an A-ASSOCIATE-RQ is a few hundred bytes to a few KiB
 MAX_COMMAND = 64 << 10
-MAX_INSTANCE = (1 << 31) - (2 << 20)  # what the spool seals in one piece (node/store/envelope.py)
 
 
 class AssociationPolicy:
@@ -100,6 +102,31 @@ class AssociationPolicy:
 
 class _Aborted(Exception):
     """The association ends now (peer abort, protocol error, timeout, node stopping)."""
+
+
+def _timed_out(ip: str, why: str) -> _Aborted:
+    log.warning("closing the connection from %s: %s", ip, why, extra={"source_ip": ip})
+    return _Aborted(f"timed out: {why}")
+
+
+class _DeadlineIO(io.RawIOBase):
+    """The socket for a BufferedReader, each recv bounded by the time left to ``deadline`` (a
+    monotonic time): a socket timeout alone bounds one recv, which a peer sending a byte now and
+    then never lets expire."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = 0.0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(b)
 
 
 class StoreSCP:
@@ -146,7 +173,8 @@ class StoreSCP:
                 log.warning("connection from %s closed: %d connections open already", addr[0], MAX_CONNECTIONS)
                 sock.close()
                 continue
-            t = threading.Thread(target=self._serve, args=(sock, addr[0], ctx), name="dicom-assoc", daemon=True)
+            t = threading.Thread(target=self._serve, args=(sock, addr[0], ctx, time.monotonic()), name="dicom-assoc",
+                                 daemon=True)
             with self._lock:
                 self._threads.add(t)
                 self._sockets[t] = sock
@@ -175,16 +203,21 @@ class StoreSCP:
             t.join(max(0.0, deadline - time.monotonic()))
 
     # -- one association -------------------------------------------------------------------
-    def _serve(self, sock: socket.socket, ip: str, ctx: ssl.SSLContext | None) -> None:
+    def _serve(self, sock: socket.socket, ip: str, ctx: ssl.SSLContext | None, accepted_at: float) -> None:
         assoc_id = uuid.uuid4().hex[:12]
         has_slot = self._slots.acquire(blocking=False)
+        acse_deadline = accepted_at + ACSE_TIMEOUT_S
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(ACSE_TIMEOUT_S)
+            # For a handshake the timeout bounds it whole (Python >= 3.5), not each recv.
+            sock.settimeout(max(acse_deadline - time.monotonic(), 0.001))
             if ctx is not None:
                 sock = ctx.wrap_socket(sock, server_side=True)
-                sock.do_handshake()  # the node's context defers it to this thread (node/tls)
-            _Association(self, sock, ip, assoc_id, has_slot).run()
+                try:
+                    sock.do_handshake()  # the node's context defers it to this thread (node/tls)
+                except TimeoutError:
+                    raise _timed_out(ip, f"no TLS handshake within {ACSE_TIMEOUT_S:g} s of connecting") from None
+            _Association(self, sock, ip, assoc_id, has_slot).run(acse_deadline)
         except (OSError, ssl.SSLError, _Aborted, ul.ProtocolError) as exc:
             log.info("association ended: %s", exc or type(exc).__name__, extra={"assoc": assoc_id, "source_ip": ip})
         except Exception:  # noqa: BLE001 - nothing a peer sends may take the receiver down
@@ -209,7 +242,8 @@ class _Association:
         self.ip = ip
         self.assoc_id = assoc_id
         self.has_slot = has_slot
-        self.reader = sock.makefile("rb", buffering=256 << 10)
+        self.raw = _DeadlineIO(sock)
+        self.reader = io.BufferedReader(self.raw, 256 << 10)
         self.peer_max_pdu = 0
         self.contexts: dict[int, tuple[str, str]] = {}  # accepted id → (abstract syntax, transfer syntax)
         self.origin: Origin | None = None
@@ -217,21 +251,40 @@ class _Association:
         # at the first; drained and stopped when the association ends, whichever way).
         self.later: StoreThread | None = None
 
-    def _read_pdu(self, limit: int = MAX_PDU + 6) -> tuple[int, bytes]:
-        head = self.reader.read(6)
-        if len(head) < 6:
-            raise _Aborted("connection closed by the peer")
-        kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
-        if length > limit:
-            self._abort(f"PDU of {length} bytes (the limit is {limit})")
-        body = self.reader.read(length)
+    def _read_pdu(self, limit: int = MAX_PDU + 6, deadline: float | None = None) -> tuple[int, bytes]:
+        """The next PDU, whole by ``deadline`` (default: NETWORK_TIMEOUT_S from now, plus the time its
+        length allows at MIN_PDU_RATE), else the connection is closed."""
+        raw = self.raw
+        if deadline is None:
+            raw.deadline = time.monotonic() + NETWORK_TIMEOUT_S
+            what = f"no complete PDU within {NETWORK_TIMEOUT_S:g} s"
+        else:
+            raw.deadline = deadline
+            what = f"no complete A-ASSOCIATE-RQ within {ACSE_TIMEOUT_S:g} s of connecting"
+        try:
+            head = self.reader.read(6)
+            if len(head) < 6:
+                raise _Aborted("connection closed by the peer")
+            kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
+            if length > limit:
+                self._abort(f"PDU of {length} bytes (the limit is {limit})")
+            if deadline is None:
+                raw.deadline += length / MIN_PDU_RATE
+            body = self.reader.read(length)
+        except TimeoutError:
+            raise _timed_out(self.ip, what) from None
         if len(body) < length:
             raise _Aborted("connection closed in the middle of a PDU")
         return kind, body
 
-    def _abort(self, why: str) -> None:
+    def _send(self, data: bytes) -> None:
+        self.sock.settimeout(NETWORK_TIMEOUT_S)  # all of it (sendall), whatever a read left
+        self.sock.sendall(data)
+
+    def _abort(self, why: str, level: int = logging.WARNING) -> None:
+        log.log(level, "A-ABORT to %s: %s", self.ip, why, extra={"assoc": self.assoc_id, "source_ip": self.ip})
         try:
-            self.sock.sendall(ul.abort())
+            self._send(ul.abort())
         except OSError:
             pass
         self._linger()
@@ -239,18 +292,21 @@ class _Association:
 
     def _linger(self, artim_s: float = 5.0) -> None:
         """Let the peer close first (PS3.8 ARTIM): closing at once could reset the connection and
-        destroy the last PDU (an RJ, an RP, an A-ABORT) before the peer has read it."""
+        destroy the last PDU (an RJ, an RP, an A-ABORT) before the peer has read it. ``artim_s`` in
+        all, however the peer trickles its bytes."""
+        deadline = time.monotonic() + artim_s
         try:
-            self.sock.settimeout(artim_s)
             if not isinstance(self.sock, ssl.SSLSocket):
                 self.sock.shutdown(socket.SHUT_WR)
-            while self.sock.recv(65536):
-                pass
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(65536):
+                    break
         except (OSError, ValueError):
             pass
 
-    def run(self) -> None:
-        kind, body = self._read_pdu(MAX_RQ_PDU)
+    def run(self, acse_deadline: float) -> None:
+        kind, body = self._read_pdu(MAX_RQ_PDU, acse_deadline)
         if kind != ul.ASSOCIATE_RQ:
             self._abort(f"expected A-ASSOCIATE-RQ, got PDU type {kind}")
         try:
@@ -259,7 +315,6 @@ class _Association:
             self._abort(f"malformed A-ASSOCIATE-RQ: {exc}")
         if not self._accept(rq):
             return
-        self.sock.settimeout(NETWORK_TIMEOUT_S)
         try:
             self._messages()
         finally:
@@ -277,7 +332,7 @@ class _Association:
         if verdict is not None:
             (result, source, reason), why = verdict
             log.warning("association rejected: %s", why, extra={"calling_ae": rq.calling_ae, "source_ip": self.ip})
-            self.sock.sendall(ul.associate_rj(result, source, reason))
+            self._send(ul.associate_rj(result, source, reason))
             self._linger()
             return False
         results = []
@@ -294,45 +349,51 @@ class _Association:
         self.peer_max_pdu = rq.max_pdu
         self.origin = Origin(calling_ae=rq.calling_ae, called_ae=rq.called_ae, source_ip=self.ip,
                              assoc_id=self.assoc_id)
-        self.sock.sendall(ul.associate_ac(rq, results, MAX_PDU, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION))
+        self._send(ul.associate_ac(rq, results, MAX_PDU, IMPLEMENTATION_UID, IMPLEMENTATION_VERSION))
         return True
 
     def _messages(self) -> None:
         command = bytearray()
-        # The data set's fragments as they came (views into the PDUs read), joined once with the Part 10
-        # header: growing one buffer PDV by PDV reallocated and copied it over and over (about a third
-        # of this thread's time per 512x512 slice), and the header was then prepended with a copy more.
-        dataset: list[memoryview] = []
-        size = 0
+        command_cost = 0  # its bytes, and PDV_COST per fragment (a peer may send millions of tiny ones)
+        # The data set's fragments as they came (views into the PDUs read, small ones copied together),
+        # joined once with the Part 10 header: growing one buffer PDV by PDV reallocated and copied it over
+        # and over (about a third of this thread's time per 512x512 slice), and the header was then
+        # prepended with a copy more.
+        dataset = ul.Fragments(MAX_INSTANCE)
         cmd: ul.Command | None = None
         cmd_context = 0
         while True:
             if self.scp._stopping.is_set() and cmd is None and not command:
-                self._abort("the node is stopping")
+                self._abort("the node is stopping", logging.INFO)
             kind, body = self._read_pdu()
             if kind == ul.RELEASE_RQ:
-                self.sock.sendall(ul.release_rp())
+                self._send(ul.release_rp())
                 self._linger()
                 return
             if kind == ul.ABORT:
                 raise _Aborted("aborted by the peer")
             if kind != ul.P_DATA_TF:
                 self._abort(f"unexpected PDU type {kind}")
-            for cid, mch, data in ul.pdvs(body):
+            for cid, mch, data in ul.iter_pdvs(body):
                 if cid not in self.contexts:
                     self._abort(f"PDV on presentation context {cid}, which was not accepted")
                 if mch & 1:  # command fragment
                     if cmd is not None:
                         self._abort("a command arrived before the previous data set was complete")
+                    if not data and not mch & 2:
+                        self._abort("an empty command PDV that is not the last fragment")
                     command += data
-                    if len(command) > MAX_COMMAND:
-                        self._abort(f"a command set over {MAX_COMMAND} bytes")
+                    command_cost += len(data) + ul.PDV_COST
+                    if command_cost > MAX_COMMAND:
+                        self._abort(f"a command set over {MAX_COMMAND} bytes (with {ul.PDV_COST} bytes counted "
+                                    "per PDV)")
                     if mch & 2:
                         try:
                             cmd = ul.parse_command(bytes(command))
                         except ul.ProtocolError as exc:
                             self._abort(f"malformed command: {exc}")
                         command.clear()
+                        command_cost = 0
                         cmd_context = cid
                         if not cmd.has_dataset:
                             self._dispatch(cmd, cid, None, 0)
@@ -340,16 +401,16 @@ class _Association:
                 else:  # data set fragment
                     if cmd is None or cid != cmd_context:
                         self._abort("a data set fragment without its command")
-                    dataset.append(ul.keepable(data))
-                    size += len(data)
-                    if size > MAX_INSTANCE:
-                        self._abort(f"a data set over {MAX_INSTANCE} bytes")
+                    try:
+                        dataset.add(data, mch & 2)
+                    except ul.ProtocolError as exc:
+                        self._abort(str(exc))
                     if mch & 2:
-                        self._dispatch(cmd, cid, dataset, size)
-                        dataset, size = [], 0
+                        self._dispatch(cmd, cid, dataset.take(), dataset.size)
+                        dataset = ul.Fragments(MAX_INSTANCE)
                         cmd = None
 
-    def _dispatch(self, cmd: ul.Command, cid: int, dataset: list[memoryview] | None, size: int) -> None:
+    def _dispatch(self, cmd: ul.Command, cid: int, dataset: list | None, size: int) -> None:
         abstract, ts = self.contexts[cid]
         if cmd.field == ul.C_ECHO_RQ:
             rsp = ul.response(ul.C_ECHO_RSP, cmd.message_id, 0x0000, cmd.sop_class or abstract)
@@ -376,7 +437,12 @@ class _Association:
                                lambda: self._store(self._part10(cmd, ts, dataset), batch))
                 return
             else:
-                status, reason = self._store(self._part10(cmd, ts, dataset), None)
+                try:
+                    status, reason = self._store(self._part10(cmd, ts, dataset), None)
+                except Exception as exc:  # noqa: BLE001 - one instance failed: answer it, keep the association
+                    log.exception("storing an instance failed", extra={"assoc": self.assoc_id,
+                                                                        "sop_uid": cmd.sop_instance})
+                    status, reason = OUT_OF_RESOURCES, f"internal error: {type(exc).__name__}"
             rsp = ul.response(ul.C_STORE_RSP, cmd.message_id, status, cmd.sop_class, cmd.sop_instance,
                               comment=reason if status else "")
         else:
@@ -385,6 +451,7 @@ class _Association:
         self._respond(cid, rsp)
 
     def _respond(self, cid: int, rsp: bytes) -> None:
+        self.sock.settimeout(NETWORK_TIMEOUT_S)  # all of it (sendall), whatever a read left
         for pdu in ul.p_data(cid, True, rsp, self.peer_max_pdu):
             self.sock.sendall(pdu)
 
@@ -396,7 +463,7 @@ class _Association:
         batch = self.scp.ingest.move_batch(*cmd.move_originator)
         return batch if batch is not None and batch.begin() else None
 
-    def _part10(self, cmd: ul.Command, ts: str, dataset: list[memoryview]) -> bytes:
+    def _part10(self, cmd: ul.Command, ts: str, dataset: list) -> bytes:
         return b"".join((ul.part10_header(cmd.sop_class, cmd.sop_instance, ts, self.origin.calling_ae,
                                           IMPLEMENTATION_UID, IMPLEMENTATION_VERSION), *dataset))
 

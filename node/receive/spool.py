@@ -14,12 +14,13 @@ import secrets
 import time
 from pathlib import Path
 
-UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 def valid_uid(uid: object) -> bool:
-    # A UID also becomes a path component: the grammar (digits and dots) keeps it safe.
-    return isinstance(uid, str) and 0 < len(uid) <= 64 and UID_RE.match(uid) is not None
+    # A UID also becomes a path component: the grammar (digits and dots) keeps it safe. fullmatch, not
+    # match with "$", which also accepts a trailing newline.
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and UID_RE.fullmatch(uid) is not None
 
 
 def write_durable(path: Path, data: bytes | memoryview) -> None:

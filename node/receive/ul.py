@@ -165,25 +165,76 @@ def parse_associate_ac(body: bytes) -> tuple[dict[int, tuple[int, str]], int]:
     return results, max_pdu
 
 
+_U32 = struct.Struct(">I")
+
+
+def iter_pdvs(body: bytes):
+    """(context id, message control header, data) of each PDV in a P-DATA-TF body, one at a time: a
+    PDU may hold millions of tiny PDVs, and a list of them all would cost far more than the PDU."""
+    pos, end, view = 0, len(body), memoryview(body)
+    unpack = _U32.unpack_from
+    while pos < end:
+        if pos + 6 > end:
+            raise ProtocolError("truncated PDV")
+        length = unpack(body, pos)[0]
+        if length < 2 or pos + 4 + length > end:
+            raise ProtocolError("PDV length does not fit its PDU")
+        yield body[pos + 4], body[pos + 5], view[pos + 6: pos + 4 + length]
+        pos += 4 + length
+
+
 def pdvs(body: bytes) -> list[tuple[int, int, memoryview]]:
     """(context id, message control header, data) of each PDV in a P-DATA-TF body."""
-    out, pos, view = [], 0, memoryview(body)
-    while pos < len(body):
-        if pos + 6 > len(body):
-            raise ProtocolError("truncated PDV")
-        length = struct.unpack_from(">I", body, pos)[0]
-        if length < 2 or pos + 4 + length > len(body):
-            raise ProtocolError("PDV length does not fit its PDU")
-        out.append((body[pos + 4], body[pos + 5], view[pos + 6: pos + 4 + length]))
-        pos += 4 + length
-    return out
+    return list(iter_pdvs(body))
 
 
-def keepable(fragment: memoryview) -> memoryview:
-    """A PDV's data to keep until its message is complete: the view itself (no copy) unless it is a
-    small part of its PDU, which it would keep in memory whole (a peer sending large PDUs that each
-    carry a few bytes of data set must not get past the size limits, which count the data)."""
-    return fragment if 2 * len(fragment) >= len(fragment.obj) else memoryview(bytes(fragment))
+# A message's fragments, as ``Fragments`` keeps them: one of at least MIN_VIEW bytes that is most of its
+# PDU stays a view of that PDU (no copy: the hot path); a smaller one is copied onto the bytes kept so
+# far, and counts PDV_COST bytes more than its data against the size limit, so that a peer sending
+# millions of empty or 1-byte PDVs reaches the limit long before they cost the node memory or time.
+MIN_VIEW = 1024
+PDV_COST = 1024
+
+
+class Fragments:
+    """One message's data set as its PDVs bring it, with what it costs counted against ``limit``.
+
+    ``add`` raises ``ProtocolError`` on an empty PDV that is not the last fragment (it carries
+    nothing: only a hostile peer sends one) and once the data set, with PDV_COST per small
+    fragment, is over ``limit``. ``take`` gives the parts to join, in order: views of the PDUs
+    for the large fragments, bytearrays for runs of small ones (never an object per PDV)."""
+
+    __slots__ = ("limit", "parts", "small", "size", "cost")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[memoryview | bytearray] = []
+        self.small = bytearray()
+        self.size = 0  # bytes of data
+        self.cost = 0  # what the small fragments count besides their bytes
+
+    def add(self, data: memoryview, last: bool) -> None:
+        n = len(data)
+        if n >= MIN_VIEW and 2 * n >= len(data.obj):
+            if self.small:
+                self.parts.append(self.small)
+                self.small = bytearray()
+            self.parts.append(data)
+        elif n or last:
+            self.small += data
+            self.cost += PDV_COST
+        else:
+            raise ProtocolError("an empty PDV that is not the last fragment of its message")
+        self.size += n
+        if self.size + self.cost > self.limit:
+            raise ProtocolError(f"a data set over {self.limit} bytes (with {PDV_COST} bytes counted per small PDV)")
+
+    def take(self) -> list[memoryview | bytearray]:
+        if self.small:
+            self.parts.append(self.small)
+            self.small = bytearray()
+        parts, self.parts = self.parts, []
+        return parts
 
 
 def p_data(context_id: int, command: bool, data: bytes, max_pdu: int) -> list[bytes]:

@@ -12,7 +12,6 @@ Inputs are one stream of frames: ``>IQ`` (series position, length) then the inst
 from __future__ import annotations
 
 import json
-import re
 from io import BytesIO
 from pathlib import Path
 
@@ -29,14 +28,13 @@ from node.jobs.worker import job_created
 from node.jobs.wire import FRAME, TICKET, WORKER
 from node.models.card import CardError
 from node.models.versions import ModelRegistry
-from node.receive.spool import fsync_dirs
+from node.receive.spool import fsync_dirs, valid_uid
 from node.store.retrieves import priors_of_job, retrieved_by
 from node.store.vault import IntegrityError
 from node.web.auth import WORKER_ROLE, Principal, hash_token, require_viewer
 from node.web.views import cluster_summary
 
 router = APIRouter(prefix="/api/worker", tags=["worker"])
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class _Body(BaseModel):
@@ -316,7 +314,7 @@ def _result_path(node, job_id: int, sop_uid: str) -> Path:
 async def put_result(job_id: int, sop_uid: str, request: Request, name: str = Depends(require_worker)) -> dict:
     node = request.app.state.node
     a = await run_in_threadpool(_attempt, request, job_id)
-    if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
+    if not valid_uid(sop_uid):
         raise HTTPException(422, "sop_uid: not a DICOM UID")
     data = await request.body()
     if len(data) > node.settings.stow_max_mb << 20:
