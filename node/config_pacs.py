@@ -43,6 +43,11 @@ class DimseSource(_Strict):
     tls: ClientTls | None = None  # DICOM TLS to the PACS (same settings as a TLS destination)
     max_concurrent: int = Field(2, ge=1, le=16)  # retrieves running at once against this source
     timeout_s: float = Field(60.0, gt=0, le=3600)  # network and DIMSE timeout
+    # A PACS answering every response within timeout_s can still answer forever: a C-FIND taking
+    # longer than find_timeout_s in all, and a C-MOVE / C-GET whose pending responses show no change
+    # in their sub-operation counts for stall_timeout_s, are aborted and fail (PacsError, retried).
+    find_timeout_s: float = Field(600.0, gt=0, le=86400)
+    stall_timeout_s: float = Field(600.0, gt=0, le=86400)
     # C-GET needs a presentation context per storage class; used when the PACS does not answer
     # SOPClassesInStudy (empty: a built-in list of common image and result classes).
     storage_classes: list[str] = []

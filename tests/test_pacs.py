@@ -960,6 +960,53 @@ def test_a_c_move_that_also_sends_another_study_stores_only_what_was_asked_for(t
     assert node.held(wanted.study_uid) == wanted.sop_uids and node.held(stray.study_uid) == set()
 
 
+def test_a_retrieve_the_pacs_calls_a_success_is_judged_by_what_arrived(tmp_path, local):
+    """A PACS (pynetdicom) that lists 3 instances, answers the C-MOVE with success and sends nothing
+    (its entry for the node's AE title names another host, say): the retrieve fails, saying so,
+    rather than 'done' with nothing held (a job would get no prior and no word why). A C-GET that
+    brings 2 of the 3 listed is partial, naming the count."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    st = tiny_study(tmp_path / "w", patient_id="ODD", series=(("AX", 1.0, 2),))
+
+    def on_find(event):
+        d = Dataset()
+        d.QueryRetrieveLevel, d.StudyInstanceUID, d.NumberOfStudyRelatedInstances = "STUDY", st.study_uid, "3"
+        yield 0xFF00, d
+
+    def on_move(event):
+        yield "127.0.0.1", free_port()  # not the node: nothing reaches it
+        yield 0
+
+    def on_get(event):
+        files = [pydicom.dcmread(f) for f in st.files]
+        yield len(files)
+        for ds in files:
+            yield 0xFF00, ds
+
+    move_port, move_server = _scripted_pacs("HILUM", on_find, on_move=on_move)
+    get_port, get_server = _scripted_pacs("GETPACS", on_find, on_get=on_get)
+    try:
+        node = local({"moving": dimse(move_port, "HILUM", retrieve="move"),
+                      "getting": dimse(get_port, "GETPACS", retrieve="get")})
+        node.retriever.start()
+        moved, _ = node.store.add("moving", st.study_uid, None, "test")
+        node.retriever.wake()
+        r = node.wait(moved)
+        assert r["status"] == "failed" and r["received"] == 0, r
+        assert "none of the 3 instance(s) the PACS listed arrived" in r["error"]
+        assert "C-MOVE" in r["error"] and "'HILUM'" in r["error"]
+        got, _ = node.store.add("getting", st.study_uid, None, "test")
+        node.retriever.wake()
+        r = node.wait(got)
+    finally:
+        move_server.shutdown()
+        get_server.shutdown()
+    assert r["status"] == "partial" and r["received"] == 2 and r["error"] == "2 of 3 instance(s) arrived", r
+    assert node.held(st.study_uid) == st.sop_uids
+
+
 @pytest.fixture
 def broken_dicomweb(tmp_path):
     """A DICOMweb archive (a real HTTP server) whose WADO-RS multipart answer holds one instance of

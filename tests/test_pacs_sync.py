@@ -360,8 +360,43 @@ def test_instances_arriving_while_a_retrieve_runs_are_not_called_pushed(tmp_path
     assert origin_lines(o)[-1] == f"retrieve {rid} from pacs by pull rule nightly still queued: " \
                                   "1 instance(s) not yet attributed"
     # Ended with its counts: attributed and counted in the same transaction (the node holds 3 of the study).
-    assert node.store.finish(rid, "done", counts=(1, 0, 0)) == 3
+    assert node.store.finish(rid, "done", counts=(1, 0, 0)) == (3, "done", None)
     assert node.store.get(rid)["received"] == 3 and node.store.get(rid)["completed"] == 1
     o = series_origins(node.index, st.study_uid)[series]
     assert o["pushed"]["instances"] == 2 and o["unattributed"] == 0 and o["arriving"] == []
     assert [(r["retrieve"], r["instances"], r["by"]) for r in o["retrieved"]] == [(rid, 1, "rule")]
+
+
+def test_priors_from_a_pacs_that_ignores_the_date_and_modality_keys_are_the_ones_asked_for(tmp_path, local):
+    """A PACS (pynetdicom) that answers the patient's every study whatever the query: a later MR, a
+    study of the same day, one older than ``within``, one without a date, and the one real CT prior.
+    Only the real prior is chosen (a later study handed over as 'the most recent prior' would be a
+    wrong comparison, and it would push the real one out of ``max``); the note names the rest."""
+    from pydicom.dataset import Dataset
+
+    from tests.test_pacs import _scripted_pacs
+
+    cur = tiny_study(tmp_path / "cur", patient_id="P9", study_date="20240301")
+    answers = [("1.2.826.0.1.3680043.8.498.91", "20250601", "MR"), ("1.2.826.0.1.3680043.8.498.92", "20240301", "CT"),
+               ("1.2.826.0.1.3680043.8.498.93", "20150101", "CT"), ("1.2.826.0.1.3680043.8.498.94", "", "CT"),
+               ("1.2.826.0.1.3680043.8.498.95", "20230101", "CT"), ("1.2.826.0.1.3680043.8.498.96", "20230601", "MR")]
+
+    def on_find(event):
+        for uid, date, modality in answers:
+            d = Dataset()
+            d.QueryRetrieveLevel, d.StudyInstanceUID, d.PatientID = "STUDY", uid, "P9"
+            d.StudyDate, d.ModalitiesInStudy, d.NumberOfStudyRelatedInstances = date, modality, "2"
+            yield 0xFF00, d
+
+    port, server = _scripted_pacs("LAXPACS", on_find)
+    try:
+        node = local({"lax": dimse(port, "LAXPACS", retrieve="move")})
+        chosen, note = _priors_of(node, cur, {"source": "lax", "max": 2, "within": "5y", "match": {"Modality": "CT"}},
+                                  "k1")
+    finally:
+        server.shutdown()
+    assert chosen == [("1.2.826.0.1.3680043.8.498.95", "lax")]
+    assert note.startswith("source lax answered 5 studies outside what was asked (")
+    for uid in ("91", "92", "93", "94", "96"):
+        assert f"1.2.826.0.1.3680043.8.498.{uid} (" in note
+    assert "(MR, not CT)" in note and "(dated nothing)" in note

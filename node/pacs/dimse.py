@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from io import BytesIO
 from typing import Callable, Iterator
 
-import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -24,6 +22,7 @@ from node.pacs.qrscu import FIND_MODEL, GET_MODEL, MOVE_MODEL, PENDING, QrAssoci
 from node.pacs.model import MAX_MATCHES, NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
 from node.receive import ul
 from node.receive.header import read_header
+from node.receive.ingest import instance_facts
 from node.receive.scp import IMPLEMENTATION_UID, IMPLEMENTATION_VERSION
 from node.tls import client_tls_args
 from node.tls.contexts import handshake_problem
@@ -116,10 +115,16 @@ class DimseClient:
         undecodable)."""
         assoc = self._open(FIND_MODEL)
         complete = False
+        started = time.monotonic()
         try:
             for status, answer in assoc.find(ident, decode=decode):
                 code = getattr(status, "Status", None)
                 if code in PENDING:
+                    # Each answer within timeout_s, but answers forever: an overall deadline too.
+                    if (spent := time.monotonic() - started) > self.cfg.find_timeout_s:
+                        raise PacsError(f"source {self.name}: C-FIND: the PACS sent pending responses for "
+                                        f"{spent:.0f} s without a final status; aborted "
+                                        f"(sources.{self.name}.find_timeout_s: {self.cfg.find_timeout_s:g})")
                     yield answer  # None: an answer that could not be decoded
                 elif code == 0x0000:
                     complete = True
@@ -145,12 +150,34 @@ class DimseClient:
             ident.SOPClassesInStudy = ""
         for k, v in q.keys().items():
             setattr(ident, k, v)
+        return self._collect(self._find(ident, _study_answer), lambda m: m, limit, "C-FIND")
+
+    def find_series(self, study_uid: str) -> tuple[list[SeriesMatch], int]:
+        """The series of one study (at most ``MAX_MATCHES``, with a warning) and the number of
+        undecodable answers."""
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        for k in SERIES_RETURN_KEYS:
+            setattr(ident, k, "")
+        ident.StudyInstanceUID = study_uid
+        return self._collect(self._find(ident), lambda ans: _series(ans, study_uid), 0,
+                             f"C-FIND (series of study {study_uid})")
+
+    def _collect(self, answers: Iterator[object], parse: Callable[[object], object], limit: int,
+                 what: str) -> tuple[list, int]:
+        """The parsed answers of one C-FIND (at most ``limit`` when > 0, else at most ``MAX_MATCHES``,
+        with a warning) and the number of malformed ones (``parse`` gave None). Malformed answers are
+        capped too (at ``MAX_MATCHES``, with a warning): a PACS sending them forever ends there."""
         out, bad = [], 0
-        answers = self._find(ident, _study_answer)
         try:
-            for m in answers:
+            for ans in answers:
+                m = parse(ans)
                 if m is None:
                     bad += 1
+                    if bad >= MAX_MATCHES:
+                        self.warnings.append(f"source {self.name}: {what}: {bad} malformed answers: stopped there, "
+                                             f"{len(out)} match(es) kept (more may exist)")
+                        return out, bad
                     continue
                 out.append(m)
                 if len(out) >= (limit or MAX_MATCHES):
@@ -160,23 +187,8 @@ class DimseClient:
         finally:
             answers.close()  # left early: the association is aborted, the PACS stops answering
         if not limit:
-            self.warnings.append(f"source {self.name}: C-FIND: {MAX_MATCHES} matches or more: the first "
+            self.warnings.append(f"source {self.name}: {what}: {MAX_MATCHES} matches or more: the first "
                                  f"{MAX_MATCHES} kept (narrow the query)")
-        return out, bad
-
-    def find_series(self, study_uid: str) -> tuple[list[SeriesMatch], int]:
-        ident = Dataset()
-        ident.QueryRetrieveLevel = "SERIES"
-        for k in SERIES_RETURN_KEYS:
-            setattr(ident, k, "")
-        ident.StudyInstanceUID = study_uid
-        out, bad = [], 0
-        for ans in self._find(ident):
-            m = _series(ans, study_uid)
-            if m is None:
-                bad += 1
-            else:
-                out.append(m)
         return out, bad
 
     # -- C-MOVE / C-GET ----------------------------------------------------------------------
@@ -198,6 +210,11 @@ class DimseClient:
         try:
             return self._drain(assoc, assoc.move(self._identifier(study_uid, series_uids), self.move_destination,
                                                  message_id), progress, "C-MOVE")
+        except PacsError:
+            raise
+        except BaseException:
+            _abort(assoc)
+            raise
         finally:
             assoc.release()
 
@@ -226,6 +243,11 @@ class DimseClient:
 
         try:
             out = self._drain(assoc, assoc.get(self._identifier(study_uid, series_uids), on_store), progress, "C-GET")
+        except PacsError:
+            raise
+        except BaseException:
+            _abort(assoc)
+            raise
         finally:
             assoc.release()
         if unrequested:
@@ -257,11 +279,23 @@ class DimseClient:
 
     def _drain(self, assoc, responses, progress, what: str) -> RetrieveOutcome:
         out = RetrieveOutcome()
+        # Each response within timeout_s, but pending ones forever with the same counts: the retrieve
+        # fails after stall_timeout_s without progress (a change in any sub-operation count).
+        last, since = None, time.monotonic()
         for status, ident in responses:
             code = getattr(status, "Status", None)
             _counts(out, status)
             if code in PENDING:
                 remaining = int(getattr(status, "NumberOfRemainingSuboperations", 0) or 0)
+                now, counts = time.monotonic(), (out.completed, out.failed, out.warning, remaining)
+                if counts != last:
+                    last, since = counts, now
+                elif now - since > self.cfg.stall_timeout_s:
+                    assoc.abort()
+                    raise PacsError(f"source {self.name}: {what}: the PACS sent pending responses for "
+                                    f"{now - since:.0f} s without progress ({out.completed} completed, {out.failed} failed, "
+                                    f"{remaining} remaining); aborted "
+                                    f"(sources.{self.name}.stall_timeout_s: {self.cfg.stall_timeout_s:g})")
                 if not progress(out, remaining):
                     assoc.abort()
                     raise PacsError(f"{what} cancelled")
@@ -287,16 +321,22 @@ class DimseClient:
         raise PacsError(f"source {self.name}: {what}: the association ended without a final status")
 
 
+def _abort(assoc) -> None:
+    """Left mid-retrieve by an unexpected error (the progress callback's, an interrupt): the PACS may
+    still be sending responses, and an A-RELEASE would wait behind them, for ever if it never stops."""
+    if assoc.is_established:
+        assoc.abort()
+
+
 def _uids(fast, raw: bytes) -> tuple[str | None, str]:
     """(StudyInstanceUID, SOPInstanceUID) of a C-GET sub-operation's instance, from ``read_header``'s
     answer (``fast``) rather than by decoding the whole dataset, pixel data included."""
     if fast is not None:
         facts = fast[1]
     else:
-        try:
-            ds = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True)
-            facts = {k: str(ds.get(k, "")) for k in ("StudyInstanceUID", "SOPInstanceUID")}
-        except Exception:  # noqa: BLE001 - unreadable: the ingest refuses and quarantines it
+        try:  # as the ingest reads it: a deflated one inflated within bounds, not by pydicom at once
+            facts = instance_facts(raw)
+        except Exception:  # noqa: BLE001 - unreadable, or a deflate bomb: the ingest refuses and quarantines it
             return None, "?"
     return facts.get("StudyInstanceUID") or None, facts.get("SOPInstanceUID") or "?"
 

@@ -156,12 +156,23 @@ class PriorsCoordinator:
         matches, _bad = client.find_studies(q)
         query_audit(self.audit, who="priors", source=spec.source, keys=q.keys(), matches=len(matches))
         series_match = spec.series_match()
+        modality = sm.get("ModalitiesInStudy", "").upper()
+        outside: list[str] = []
         for m in matches:
             if m.study_uid in candidates or m.study_uid in other_issuer or m.study_uid == st["study_uid"] \
                     or m.patient_id != st["patient_id"]:
                 continue  # already in the node (taken or left out), the study itself, or someone else's
             if issuer and m.issuer and m.issuer != issuer:  # a PACS that ignored the issuer key
                 other_issuer[m.study_uid] = _other_patient(m.study_uid, spec.source, m.issuer, issuer)
+                continue
+            # A PACS that ignored the date or modality keys answers the patient's every study: a later
+            # study (or one of another modality) handed over as the most recent prior would be a wrong
+            # comparison, and it would push the real priors out of ``max``.
+            if not since <= (m.study_date or "")[:8] <= before:
+                outside.append(f"{m.study_uid} (dated {m.study_date or 'nothing'})")
+                continue
+            if modality and m.modalities and modality not in {x.upper() for x in m.modalities}:
+                outside.append(f"{m.study_uid} ({'/'.join(m.modalities)}, not {modality})")
                 continue
             entry = {"study_uid": m.study_uid, "date": m.study_date, "time": m.study_time, "source": spec.source,
                      "instances": m.instances}
@@ -174,6 +185,10 @@ class PriorsCoordinator:
                 entry["series"] = [s.series_uid for s in keep]
                 entry["instances"] = sum(s.instances or 0 for s in keep) or None
             candidates[m.study_uid] = entry
+        if outside:
+            client.warnings.append(f"source {spec.source} answered {len(outside)} stud{'y' if len(outside) == 1 else 'ies'} "
+                                   f"outside what was asked ({since}-{before}{', ' + modality if modality else ''}), "
+                                   f"left out: {', '.join(outside[:5])}{' ...' if len(outside) > 5 else ''}")
         return client.warnings
 
     def _node_study_matches(self, study_uid: str, spec: PriorsSpec) -> bool:

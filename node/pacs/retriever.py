@@ -122,8 +122,10 @@ class Retriever:
                 + (f": {out.note}" if out.note else "")
         else:
             status, error = "failed", f"all {out.failed} sub-operations failed" + (f": {out.note}" if out.note else "")
-        # Attributed, counted and ended in one transaction (node/store/retrieves.py).
-        held = self.store.finish(rid, status, error, detail, counts=(out.completed, out.failed, out.warning))
+        # Attributed, counted, judged and ended in one transaction (node/store/retrieves.py).
+        held, status, error = self.store.finish(
+            rid, status, error, detail, counts=(out.completed, out.failed, out.warning),
+            judge=lambda held: _judge_arrivals(status, error, held, expected, out, client, method))
         retrieve_audit(self.audit, row, outcome=status, error=error, counts=out, held=held)
         return status
 
@@ -248,3 +250,26 @@ def _count_failed_stores(out: RetrieveOutcome, failures: list[tuple[str, str]]) 
     out.failed_uids = [*out.failed_uids, *(sop for sop, _ in failures)]
     reasons = "; ".join(sorted({reason for _, reason in failures}))
     out.note = (out.note + "; " if out.note else "") + f"{len(failures)} received but not stored: {reasons}"[:300]
+
+
+def _judge_arrivals(status: str, error: str | None, held: int, expected: int | None, out: RetrieveOutcome,
+                    client, method: str) -> tuple[str, str | None]:
+    """The status by what arrived, not only by what the PACS reported: a PACS may answer a C-MOVE
+    with success while its sub-operations went elsewhere (its entry for our AE title names another
+    host), or a DICOMweb archive may answer an empty multipart. Done with nothing held would hand a
+    job no prior and say nothing."""
+    if status == "failed":
+        return status, error
+    reported = out.completed + out.warning
+    want = expected or reported
+    if held == 0 and want:
+        why = (f"the PACS reported {reported} instance(s) sent, but none arrived" if reported
+               else f"none of the {want} instance(s) the PACS listed arrived")
+        if method == "move":
+            why += (f" (C-MOVE: the PACS sends to the host and port it has for AE title "
+                    f"{client.move_destination!r}: check that they are this node's)")
+        return "failed", why
+    if expected and held < expected:
+        short = f"{held} of {expected} instance(s) arrived"
+        return "partial", f"{short}; {error}" if error else short
+    return status, error

@@ -78,6 +78,7 @@ class PullScheduler:
         result = {"matches": 0, "queued": 0, "rechecked": 0, "stable": 0, "skipped_series": 0, "left": 0,
                   "malformed": 0}
         error, high_water, client = None, None, None
+        notes: list[str] = []  # the run's own warnings (the client's are its queries')
         try:
             client = source_client(self.settings, spec.source)
             matches: dict[str, StudyMatch] = {}
@@ -94,25 +95,28 @@ class PullScheduler:
                 matches.update({m.study_uid: m for m in found})
             result["matches"] = len(matches)
             ordered = sorted(matches.values(), key=lambda m: (m.study_date, m.study_time, m.study_uid))
-            left_from = self._queue(rule, client, ordered, result)
+            left_from = self._queue(rule, client, ordered, result, notes)
             # A query cut short (an archive ignoring QIDO-RS paging, too many matches) may have left
             # out studies of any date: the high-water mark stays where it was, so none is skipped.
-            if spec.watch and not client.warnings:
+            # So does a run whose leftovers are all without a StudyDate (HOLD).
+            if spec.watch and not client.warnings and left_from is not HOLD:
                 high_water = self._high_water(rule, now, left_from, matches)
         except (PacsError, OSError, ValueError, KeyError) as exc:
             error = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
             log.warning("pull rule %s: %s", rule.name, error)
-        if client is not None and client.warnings:  # results kept, but perhaps not all of them: say so
-            result["warnings"] = client.warnings[:20]
-            log.warning("pull rule %s: %s", rule.name, "; ".join(client.warnings[:3]))
+        warnings = (client.warnings if client is not None else []) + notes
+        if warnings:  # results kept, but perhaps not all of them: say so
+            result["warnings"] = warnings[:20]
+            log.warning("pull rule %s: %s", rule.name, "; ".join(warnings[:3]))
         next_at = spec.schedule.next_run(now).timestamp()
         self.store.pull_ran(rule.name, next_at=next_at, result=result, error=error, high_water=high_water)
         if result["queued"] or result["rechecked"]:
             self.on_queued()
         return result | {"error": error}
 
-    def _queue(self, rule: PullRule, client, ordered: list[StudyMatch], result: dict) -> str | None:
-        """Queue what is new or still growing; returns the StudyDate of the first study left for a later run."""
+    def _queue(self, rule: PullRule, client, ordered: list[StudyMatch], result: dict, notes: list[str]) -> str | None:
+        """Queue what is new or still growing; returns the earliest StudyDate of the studies left for a
+        later run (None: none left; ``HOLD``: only undated ones left, the high-water mark must stay)."""
         spec, who = rule.spec, f"rule:{rule.name}"
         hour_used = self.store.expected_since(who, time.time() - 3600)
         for i, m in enumerate(ordered):
@@ -128,7 +132,7 @@ class PullScheduler:
             if result["queued"] + result["rechecked"] >= spec.limits.studies_per_run or \
                     (per_hour is not None and hour_used > 0 and hour_used + (m.instances or 0) > per_hour):
                 result["left"] = sum(1 for x in ordered[i:] if self._changed(rule.name, x))
-                return m.study_date or None
+                return _left_from(rule, ordered[i:], notes)
             series = None
             if rule.series_filter is not None:
                 answers, bad = client.find_series(m.study_uid)
@@ -162,6 +166,26 @@ class PullScheduler:
         growing = set(self.store.unstable_dates(rule.name))
         marks += [m.study_date for uid, m in matches.items() if uid in growing and m.study_date]
         return min(marks)
+
+
+HOLD = "hold"  # _queue: the high-water mark stays where it was
+
+
+def _left_from(rule: PullRule, left: list[StudyMatch], notes: list[str]) -> str | None:
+    """The earliest StudyDate of the studies ``left`` for a later run. Studies without a StudyDate sort
+    first: one of them must not move the mark to yesterday past the dated ones left behind it (which a
+    narrowed poll would then never see again). With only undated ones left the mark stays (``HOLD``);
+    either way a warning names them, as a date-narrowed poll may not find them again."""
+    dated = [m.study_date for m in left if m.study_date]
+    undated = [m.study_uid for m in left if not m.study_date]
+    if undated and rule.spec.watch:
+        mark = f"held at {min(dated)}" if dated else "kept where it was"
+        notes.append(f"{len(undated)} study(ies) left for a later run have no StudyDate "
+                     f"({', '.join(undated[:5])}{', ...' if len(undated) > 5 else ''}): the high-water mark is "
+                     f"{mark}; a poll narrowed by date may not find them again")
+    if dated:
+        return min(dated)
+    return HOLD if undated else None
 
 
 def poll_date(rule: PullRule, now: dt.datetime, state) -> str:

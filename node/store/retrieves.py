@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from typing import Callable
 
 from node.store.index import Index
 
@@ -161,10 +162,13 @@ class RetrieveStore:
         return not (row and row[0])
 
     def finish(self, rid: int, status: str, error: str | None = None, detail: dict | None = None,
-               counts: tuple[int, int, int] | None = None) -> int | None:
+               counts: tuple[int, int, int] | None = None,
+               judge: Callable[[int], tuple[str, str | None]] | None = None) -> tuple[int | None, str, str | None]:
         """End a retrieve. With ``counts`` (its completed, failed and warning sub-operations) it ran to
         its end: in the same transaction (one sync, not three) its instances are attributed to it
-        (``attribute``) and what the node holds of what it asked for is counted, and returned."""
+        (``attribute``) and what the node holds of what it asked for is counted. ``judge`` may then
+        change the status from that count (a PACS that reports success and sends nothing). Returns
+        (held, status, error) as recorded."""
         c = self._c()
         held = None
         with self.index.tx(immediate=True):
@@ -172,6 +176,8 @@ class RetrieveStore:
             if counts is not None:
                 self._attribute(row)
                 held = self._held(row)
+                if judge is not None:
+                    status, error = judge(held)
                 c.execute("UPDATE retrieves SET received=?, completed=?, failed=?, warning=? WHERE id=?",
                           (held, *counts, rid))
             c.execute("UPDATE retrieves SET status=?, error=?, finished_at=?, detail_json=?, history_json=? "
@@ -179,7 +185,7 @@ class RetrieveStore:
                       (status, error, time.time(), json.dumps(detail if detail is not None else
                                                                json.loads(row["detail_json"])),
                        self._hist(row, {"event": status, **({"error": error[:500]} if error else {})}), rid))
-        return held
+        return held, status, error
 
     def backoff(self, rid: int, error: str, max_attempts: int, base: float, cap: float) -> str:
         """A failure a retry may fix: queued again after base·2^(n-1) s, or failed after max_attempts."""
