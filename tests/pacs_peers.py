@@ -83,7 +83,8 @@ class PacsOrthanc:
     """A second Orthanc, independent of any node: the hospital PACS."""
 
     def __init__(self, root: Path, node_ae: str = "HILUM", node_port: int | None = None,
-                 users: dict[str, str] | None = None, tls: dict[str, Path] | None = None) -> None:
+                 users: dict[str, str] | None = None, tls: dict[str, Path] | None = None,
+                 lua: str | None = None) -> None:
         self.root = root
         self.http_port, self.dicom_port = free_port(), free_port()
         self.ae_title = "PACS"
@@ -103,6 +104,9 @@ class PacsOrthanc:
                         "DicomTlsPrivateKey": str(tls["key"]), "DicomTlsTrustedCertificates": str(tls["trusted"]),
                         "DicomTlsRemoteCertificateRequired": tls.get("client_cert_required", True)})
         root.mkdir(parents=True, exist_ok=True)
+        if lua:  # e.g. a ReceivedInstanceFilter: an archive that refuses some instances
+            (root / "filter.lua").write_text(lua)
+            cfg["LuaScripts"] = [str(root / "filter.lua")]
         self.config_path = root / "pacs.json"
         self.config_path.write_text(json.dumps(cfg))
         self.proc: subprocess.Popen | None = None

@@ -375,6 +375,10 @@ def test_deidentifying_tls_destination_delivers_to_storescp(phantom_with_results
         assert dest.deidentifies
         sent = dest.send(items)
     assert sent == {it.sop_uid for it in items[:3]}  # the burned-in one is held back
+    # ... and failed at once with the profile's reason (the peer never saw it: not a retry's matter)
+    assert list(sent.refused) == [items[3].sop_uid]
+    assert sent.refused[items[3].sop_uid].startswith("not sent: de-identification refused it: ")
+    assert "BurnedInAnnotation is YES" in sent.refused[items[3].sop_uid]
     received = [pydicom.dcmread(p) for p in (tmp_path / "central").iterdir()]
     assert len(received) == 3
     by_new = {uid_pseudonym(str(pydicom.dcmread(f).SOPInstanceUID)): f for f in files}

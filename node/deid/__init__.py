@@ -24,13 +24,16 @@ def from_config(cfg) -> Deidentifier:
     return Deidentifier(profile, key, frozenset(cfg.allow_burned_in))
 
 
-def deidentify_batch(deid: Deidentifier, pairs: list) -> list:
-    """De-identify (item, dataset) pairs in place; refused ones are logged and left out, so the
-    delivery loop records them as not accepted (with retries, then failed)."""
-    out = []
+def deidentify_batch(deid: Deidentifier, pairs: list) -> tuple[list, dict[str, str]]:
+    """De-identify (item, dataset) pairs in place: (the de-identified pairs, SOP Instance UID -> why
+    for those the profile refused). The delivery loop fails the refused ones at once with that
+    reason (retrying cannot change the profile's answer)."""
+    out, refused = [], {}
     for item, ds in pairs:
         try:
             out.append((item, deid.apply(ds)))
         except Refused as exc:
-            log.error("not sent de-identified: %s", exc, extra={"sop_uid": getattr(item, "sop_uid", "")})
-    return out
+            uid = getattr(item, "sop_uid", "")
+            log.error("not sent de-identified: %s", exc, extra={"sop_uid": uid})
+            refused[uid] = f"not sent: de-identification refused it: {exc}"
+    return out, refused

@@ -14,6 +14,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Callable, ClassVar
 
+import httpx
 import pydicom
 from pydicom.uid import UID
 from pynetdicom import AE, build_context
@@ -52,11 +53,13 @@ class DeliveryError(Exception):
 
 class Accepted(set):
     """What ``send`` returns: the SOP Instance UIDs the peer accepted, and in ``refused`` those it
-    will never accept (SOP Instance UID -> why), which the loop fails at once instead of retrying."""
+    will never accept (SOP Instance UID -> why), which the loop fails at once instead of retrying.
+    ``missing_reason`` says why the rest were not accepted (retried), when the peer said."""
 
-    def __init__(self, accepted=(), refused: dict[str, str] | None = None) -> None:
+    def __init__(self, accepted=(), refused: dict[str, str] | None = None, missing_reason: str | None = None) -> None:
         super().__init__(accepted)
         self.refused: dict[str, str] = dict(refused or {})
+        self.missing_reason = missing_reason
 
 
 # SOP classes newer than pydicom's UID dictionary (3.0), named in refusals.
@@ -115,15 +118,51 @@ class OrthancDestination(Destination):
     def __init__(self, endpoint: ArchiveEndpoint) -> None:
         self.endpoint = endpoint
 
-    def send(self, items: list[Item]) -> set[str]:
+    def send(self, items: list[Item]) -> Accepted:
+        """Each instance's own outcome: what Orthanc stored stays delivered when a later one of the
+        batch fails (else it would be sent again and again, and failed with its batch-mates)."""
         ok: set[str] = set()
+        refused: dict[str, str] = {}
         with self.endpoint.client(timeout=120) as c:
             for it in items:
-                r = c.post("/instances", content=it.data(), headers={"Content-Type": "application/dicom"})
-                if r.status_code != 200:
-                    raise DeliveryError(f"Orthanc refused {it.sop_uid}: HTTP {r.status_code} {r.text[:200]}")
-                ok.add(it.sop_uid)
-        return ok
+                try:
+                    r = c.post("/instances", content=it.data(), headers={"Content-Type": "application/dicom"})
+                except httpx.HTTPError as exc:
+                    if not ok and not refused:
+                        raise  # nothing of the batch got there: the loop records the error for all
+                    return Accepted(ok, refused, f"Orthanc did not answer: {exc or type(exc).__name__}")
+                outcome = _orthanc_outcome(r)
+                if outcome is None:
+                    ok.add(it.sop_uid)
+                elif r.status_code in _ORTHANC_FOR_GOOD or r.status_code == 200:
+                    refused[it.sop_uid] = outcome  # the same bytes get the same answer: not retried
+                elif not ok and not refused:
+                    raise DeliveryError(outcome)
+                else:  # e.g. 503 while its database reconnects: the rest of the batch is retried
+                    return Accepted(ok, refused, outcome)
+        return Accepted(ok, refused)
+
+
+# Orthanc's answers to POST /instances that no retry of the same bytes changes: 400 (not a DICOM
+# file it can parse), 415, 422. Others (401/403: credentials an admin fixes; 5xx) are retried.
+_ORTHANC_FOR_GOOD = frozenset({400, 415, 422})
+
+
+def _orthanc_outcome(r: httpx.Response) -> str | None:
+    """None when Orthanc stored the instance (or already held it), else why not. Orthanc answers
+    200 with {"Status": "FilteredOut"} when a filter of its configuration (Lua, a plugin) drops an
+    instance: not stored, so not delivered."""
+    if r.status_code != 200:
+        return f"Orthanc refused the instance: HTTP {r.status_code} {r.text[:200]}"
+    try:
+        status = r.json().get("Status")
+    except (ValueError, AttributeError):
+        return f"Orthanc answered HTTP 200 with no store status: {r.text[:200]!r}"
+    if status in ("Success", "AlreadyStored"):
+        return None
+    if status == "FilteredOut":
+        return "Orthanc filtered the instance out (a filter of its configuration refused to store it)"
+    return f"Orthanc did not store the instance: status {status!r}"
 
 
 @destination_type("dimse")
@@ -143,10 +182,13 @@ class DimseStoreDestination(Destination):
 
     def send(self, items: list[Item]) -> Accepted:
         datasets = [(it, it.dataset()) for it in items]
+        not_deidentified: dict[str, str] = {}
         if self.deid is not None:
-            datasets = deidentify_batch(self.deid, datasets)
+            # Refused by the profile (e.g. burned-in annotation): failed at once with that reason,
+            # not retried as if the peer had not answered - the peer never saw them.
+            datasets, not_deidentified = deidentify_batch(self.deid, datasets)
             if not datasets:
-                return Accepted()
+                return Accepted(refused=not_deidentified)
         # One context per (SOP class, transfer syntax): files go as stored, never transcoded.
         pairs = list(dict.fromkeys((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets))
         requested = pairs[:128]  # PS3.8's limit; the rest wait for the next batch
@@ -158,6 +200,7 @@ class DimseStoreDestination(Destination):
                    if (key := (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))) in refusals}
         for why in sorted(set(refused.values())):
             log.error("%s (%d instance(s) not sent)", why, sum(w == why for w in refused.values()))
+        refused.update(not_deidentified)
         if not assoc.is_established:
             if refusals and len(refusals) == len(requested):
                 # Every context refused: pynetdicom aborts the association, which is the peer's answer.

@@ -157,7 +157,10 @@ class DeliveryLoop:
             self.audit.delivery(dest_name, [r for r in rows if r["sop_uid"] in ok], deidentified=dest.deidentifies)
             log.info("delivered %d instance(s) to %s", len(done), dest_name, extra={"study_uid": rows[0]["study_uid"]})
         if missing:
-            self._failed(missing, f"{dest_name} did not accept the instance")
+            why = ok.missing_reason if isinstance(ok, Accepted) and ok.missing_reason else None
+            if why:
+                log.warning("delivery to %s: %d of %d item(s) not accepted: %s", dest_name, len(missing), len(rows), why)
+            self._failed(missing, why or f"{dest_name} did not accept the instance")
         return len(done)
 
     def _refused(self, dest_name: str, dest: Destination, rows: list, why: dict[str, str]) -> None:
