@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from node.handler_api import Handler, HandlerInput, HandlerRefusal, register
 from node.render.font import glyph, text_mask
-from node.results import ImageSeries
+from node.results import ImageSeries, safe_text
 from node.volume import SeriesData
 
 
@@ -117,7 +117,7 @@ class Overview(Handler):
             draw_text(montage, f"{title}  W{width:.0f} L{center:.0f}", 4, 6, value=255)
             out.append(ImageSeries(
                 source_series_uid=series.series_uid,
-                description=f"AI: overview {series.description or series.modality}"[:64],
+                description=safe_text(f"AI: overview {series.description or series.modality}"),
                 frames=montage[None], burned_in_annotation=True,
             ))
             progress((n + 1) / len(inp.series), f"series {n + 1}/{len(inp.series)}")

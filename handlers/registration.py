@@ -27,6 +27,7 @@ from node.results import (
     SeriesRef,
     SpatialRegistration,
     TextFinding,
+    safe_text,
 )
 from node.volume import SeriesData, Volume
 
@@ -176,19 +177,19 @@ class Registration(Handler):
         text = f"{moving.modality} {'prior ' if p.pair == 'prior' else ''}on {fixed.modality} ({p.method})"
         if outcome.deformation is None:
             reg = SpatialRegistration(fixed_ref, moving_ref, outcome.matrix_moving_to_fixed, p.method,
-                                      f"Registration {text}"[:64])
+                                      safe_text(f"Registration {text}"))
         else:
             reg = DeformableRegistration(fixed_ref, moving_ref, outcome.matrix_moving_to_fixed,
                                          outcome.deformation_grid, outcome.deformation,
-                                         f"Deformable registration {text}"[:64])
+                                         safe_text(f"Deformable registration {text}"))
         warped = outcome.resample(moving.volume, onto=fixed.volume.geometry)  # at full size
         window = _window(moving)
         results: list = [reg, ResampledSeries(
             source_series_uid=fixed.series_uid, moving=moving_ref, volume=warped,
-            description=f"{moving.description or moving.modality} registered"[:64], window=window,
+            description=safe_text(f"{moving.description or moving.modality} registered"), window=window,
             method=p.method, source_slices=_source_slices(outcome, fixed, moving))]
         if p.checkerboard_slices:
-            results.append(ImageSeries(fixed.series_uid, f"Checkerboard {text}"[:64],
+            results.append(ImageSeries(fixed.series_uid, safe_text(f"Checkerboard {text}"),
                                        _checkerboard(fixed, warped.array, window, p.checkerboard_slices),
                                        pixel_spacing_mm=(fixed.volume.geometry.spacing[1],
                                                          fixed.volume.geometry.spacing[0])))

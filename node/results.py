@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,11 +35,71 @@ __all__ = [
     "DeformableRegistration",
     "ResampledSeries",
     "QuantityMap",
+    "check_text",
+    "clip_text",
 ]
 
 SCT = "SCT"
 _UCUM_SIMPLE = re.compile(r"^[A-Za-z0-9%\[\]{}/.*^\-]+$")
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+# The value lengths of the string VRs a result's text lands in (PS3.5 6.2), in characters; dciodvfy
+# counts the encoded bytes, so a value must fit in both, in UTF-8 (ISO_IR 192, what the encoders
+# switch to for text the source's character set cannot hold).
+TEXT_LIMITS = {"LO": 64, "SH": 16}
+# Control characters UT/ST/LT text may hold (PS3.5 6.1.3; ESC only inside ISO 2022 encoded bytes,
+# never in a decoded Python string).
+_TEXT_CONTROLS = frozenset("\r\n\t\f")
+
+
+def _controls(value: str, allowed: frozenset[str] = frozenset()) -> list[str]:
+    return sorted({ch for ch in value if unicodedata.category(ch) == "Cc" and ch not in allowed})
+
+
+def check_text(value: object, what: str, vr: str = "LO", *, required: bool = True) -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``value`` is one valid DICOM ``vr`` (LO or SH) value.
+
+    One value: no backslash (DICOM's value separator: "a\\b" would be two values, or shift the
+    values of a multi-valued attribute such as Frame Label Vector) and no control character (LO and
+    SH allow none). At most 64 (LO) or 16 (SH) characters, and as many bytes in UTF-8: a value in
+    another script is written in UTF-8 and must still fit the VR's length."""
+    limit = TEXT_LIMITS[vr]
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r}")
+    if required and not value.strip():
+        raise ValueError(f"{what} is empty")
+    if "\\" in value:
+        raise ValueError(f"{what} holds a backslash, which DICOM reads as a value separator ({vr}): {value!r}")
+    bad = _controls(value)
+    if bad:
+        raise ValueError(f"{what} holds control characters {bad!r}, which {vr} does not allow: {value!r}")
+    if len(value) > limit:
+        raise ValueError(f"{what} must be at most {limit} characters ({vr}), got {len(value)}: {value!r}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not encodable text (a lone surrogate): {value!r}") from None
+    if size > limit:
+        raise ValueError(f"{what} is {size} bytes in UTF-8, more than {vr} holds ({limit}): {value!r}")
+
+
+def safe_text(text: str, limit: int = 64) -> str:
+    """Text made from what a source holds (its series description) as one valid LO/SH value: a
+    backslash or control character becomes a space, then ``clip_text``. Handlers building a
+    description from the source use this, so an odd source string never fails their result."""
+    cleaned = "".join(" " if ch == "\\" or unicodedata.category(ch) == "Cc" else ch for ch in text)
+    return clip_text(cleaned, limit)
+
+
+def clip_text(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters and ``limit`` UTF-8 bytes, never inside a
+    character: where the node shortens a value to its VR's length (a series description to 64),
+    the bytes dciodvfy counts must fit too."""
+    text = text[:limit]
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore")
 
 
 @dataclass(frozen=True)
@@ -56,6 +117,8 @@ class Code:
                 raise ValueError(f"Code.{name} must be a non-empty string, got {v!r}")
         if len(self.value) > 64:
             raise ValueError(f"Code.value longer than 64 characters: {self.value!r}")
+        check_text(self.value, "Code.value")
+        check_text(self.meaning, "Code.meaning")  # Code Meaning is LO
 
 
 # RT ROI Interpreted Types (PS3.3 C.8.8.8) a handler may ask for.
@@ -92,6 +155,7 @@ class Segment:
             raise ValueError(f"Segment.label must be an int in 1..255, got {self.label!r}")
         if not self.name or len(self.name) > 64:
             raise ValueError(f"Segment.name must be 1..64 characters, got {self.name!r}")
+        check_text(self.name, "Segment.name")  # Segment Label (LO)
         if len(self.color) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.color):
             raise ValueError(f"Segment.color must be three ints 0..255, got {self.color!r}")
         if self.rt_roi_type not in RT_ROI_TYPES:
@@ -148,6 +212,7 @@ class LabelMap:
             raise ValueError(
                 f"LabelMap.labels shape {self.labels.shape} differs from the source grid {self.geometry.shape}"
             )
+        check_text(self.description, "LabelMap.description")
         if not self.segments:
             raise ValueError("LabelMap.segments is empty")
         seen = [s.label for s in self.segments]
@@ -231,6 +296,7 @@ class MeasurementGroup:
             raise ValueError(f"MeasurementGroup.tracking_uid {self.tracking_uid!r} is not a DICOM UID")
         if not self.tracking_id or len(self.tracking_id) > 64:
             raise ValueError(f"MeasurementGroup.tracking_id must be 1..64 characters, got {self.tracking_id!r}")
+        check_text(self.tracking_id, "MeasurementGroup.tracking_id")
         if not self.measurements and not self.qualitative:
             raise ValueError(f"MeasurementGroup {self.tracking_id!r} has nothing to report")
 
@@ -245,6 +311,7 @@ class MeasurementReport:
     title: str = "Imaging Measurement Report"
 
     def __post_init__(self) -> None:
+        check_text(self.title, "MeasurementReport.title")  # the series description
         if not self.groups:
             raise ValueError("MeasurementReport.groups is empty")
         ids = [g.tracking_id for g in self.groups]
@@ -278,8 +345,12 @@ class ImageSeries:
             raise ValueError("ImageSeries.frames holds no frame")
         if not self.description or len(self.description) > 64:
             raise ValueError(f"ImageSeries.description must be 1..64 characters, got {self.description!r}")
+        check_text(self.description, "ImageSeries.description")
         if self.frame_labels and len(self.frame_labels) != f.shape[0]:
             raise ValueError("ImageSeries.frame_labels must have one entry per frame")
+        # Each label is one value of the Frame Label Vector (SH, cut to 16 there) or an image's comment.
+        for n, label in enumerate(self.frame_labels):
+            check_text(label, f"ImageSeries.frame_labels[{n}]", required=False)
 
     @property
     def rgb(self) -> bool:
@@ -294,8 +365,18 @@ class TextFinding:
     source_series_uid: str
 
     def __post_init__(self) -> None:
-        if not self.text.strip():
+        if not isinstance(self.text, str) or not self.text.strip():
             raise ValueError("TextFinding.text is empty")
+        # A TEXT content item's value is UT: of the control characters only CR, LF, TAB and FF
+        # (and ESC, which only ISO 2022 encoded bytes hold).
+        bad = _controls(self.text, _TEXT_CONTROLS)
+        if bad:
+            raise ValueError(f"TextFinding.text holds control characters {bad!r}; UT text allows only CR, LF, "
+                             f"TAB and FF: {self.text!r}")
+        try:
+            self.text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"TextFinding.text is not encodable text (a lone surrogate): {self.text!r}") from None
 
 
 # What a quality flag is about: the output failed a plausibility check, the input lies outside the
@@ -428,6 +509,7 @@ class SpatialRegistration:
         _check_matrix(self.matrix, "SpatialRegistration.matrix", self.method == "rigid")
         if not self.description or len(self.description) > 64:
             raise ValueError("SpatialRegistration.description must be 1..64 characters")
+        check_text(self.description, "SpatialRegistration.description")
 
 
 @dataclass(frozen=True, eq=False)
@@ -457,6 +539,7 @@ class DeformableRegistration:
             raise ValueError("DeformableRegistration.vectors holds non-finite values")
         if not self.description or len(self.description) > 64:
             raise ValueError("DeformableRegistration.description must be 1..64 characters")
+        check_text(self.description, "DeformableRegistration.description")
 
 
 @dataclass(frozen=True, eq=False)
@@ -484,8 +567,11 @@ class ResampledSeries:
 
         if not isinstance(self.volume, Volume):
             raise ValueError("ResampledSeries.volume must be a node.volume.Volume")
-        if self.moving.modality not in ("CT", "MR", "PT", "NM"):
-            raise ValueError(f"ResampledSeries.moving.modality {self.moving.modality!r}: only CT, MR, PT, NM")
+        # The series is written as CT or MR Image Storage (node/encoders/resampled.py): a PET or NM
+        # series needs its own IOD (units, decay correction, radiopharmaceutical), not yet written.
+        if self.moving.modality not in ("CT", "MR"):
+            raise ValueError(f"ResampledSeries.moving.modality {self.moving.modality!r}: only CT or MR can be "
+                             "resampled; PET/NM resampling is not supported yet")
         if not np.all(np.isfinite(self.volume.array)):
             raise ValueError("ResampledSeries.volume holds non-finite values")
         if len(self.window) != 2 or not self.window[1] > 0:
@@ -494,6 +580,7 @@ class ResampledSeries:
             raise ValueError(f"ResampledSeries.method {self.method!r} is not one of {REGISTRATION_METHODS}")
         if not self.description or len(self.description) > 64:
             raise ValueError("ResampledSeries.description must be 1..64 characters")
+        check_text(self.description, "ResampledSeries.description")
         if self.source_slices:
             n = len(self.moving.instances)
             if len(self.source_slices) != self.volume.array.shape[0]:
@@ -543,3 +630,4 @@ class QuantityMap:
             raise ValueError(f"QuantityMap.unit must be a UCUM code, got scheme {self.unit.scheme!r}")
         if not self.description or len(self.description) > 64:
             raise ValueError("QuantityMap.description must be 1..64 characters")
+        check_text(self.description, "QuantityMap.description")

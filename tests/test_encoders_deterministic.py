@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from node.encoders import encode_all
-from node.results import (DeformableRegistration, ImageSeries, LabelMap, Measurement, MeasurementGroup,
-                          MeasurementReport, ResampledSeries, SeriesRef, SpatialRegistration, TextFinding)
+from node.results import (Code, DeformableRegistration, ImageSeries, LabelMap, Measurement, MeasurementGroup,
+                          MeasurementReport, QuantityMap, ResampledSeries, SeriesRef, SpatialRegistration,
+                          TextFinding)
 from node.volume import Geometry, Volume
 from tests.encoder_sources import anatomy_labels, context, ct_series, segment_table
 
@@ -39,6 +40,7 @@ KINDS = {  # SOP Class UID -> object kind, every one of which must appear
     "1.2.840.10008.5.1.4.1.1.66.1": "Spatial Registration",
     "1.2.840.10008.5.1.4.1.1.66.3": "Deformable Spatial Registration",
     "1.2.840.10008.5.1.4.1.1.2": "resampled CT",
+    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",
 }
 
 
@@ -76,6 +78,10 @@ def build_job(root: Path):
                                np.random.default_rng(1).normal(0, 1, (*grid.shape, 3)).astype(np.float32)),
         ResampledSeries(fixed.series_uid, ref(moving), Volume(moving.volume.array.copy(), g), "Moving on fixed",
                         (40.0, 400.0), "rigid"),
+        # A model's uncertainty on its own coarser grid (highdicom's Parametric Map stamps the clock).
+        QuantityMap(fixed.series_uid, grid, np.linspace(0.0, 1.0, int(np.prod(grid.shape)), dtype=np.float32)
+                    .reshape(grid.shape), Code("ENTROPY", "99HILUM", "Normalized predictive entropy"),
+                    Code("1", "UCUM", "no units"), "Uncertainty", (0.0, 1.0)),
     ]
     return results, {fixed.series_uid: fixed, moving.series_uid: moving}
 

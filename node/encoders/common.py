@@ -7,24 +7,26 @@ what the standard asks for (PS3.3 C.7.1.1, C.7.2.1).
 """
 from __future__ import annotations
 
+import codecs
 import copy
 import functools
+import re
 import threading
 from functools import lru_cache
 
 import highdicom as hd
 import numpy as np
 from highdicom._standard_utils import get_module_attribute_map
-from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.charset import STAND_ALONE_ENCODINGS, default_encoding, python_encoding
+from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.sr.codedict import codes
 
 from node.encoders.context import EncodeContext
-from node.results import Code, LabelMap
+from node.results import Code, LabelMap, clip_text
 from node.volume import Geometry, GeometryError, SeriesData, sort_by_geometry
 
 __all__ = [
@@ -38,6 +40,11 @@ __all__ = [
     "coded",
     "series_description",
     "choose_charset",
+    "charset_fits",
+    "context_texts",
+    "code_texts",
+    "labelmap_texts",
+    "clip_text",
     "source_grid",
     "job_time",
     "settle_encoding",
@@ -87,7 +94,21 @@ def header_view(ds: Dataset) -> Dataset:
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in view:
             view.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)
+    for tag in _SINGLE_NAMES:
+        # highdicom takes these names from the source as they are and refuses a multi-valued one
+        # (check_person_name: TypeError): the view shows the first name, as the object will carry
+        # it (``copy_patient_study``). Only a value holding a backslash is decoded to find out.
+        elem = view._dict.get(tag)
+        if elem is None or (isinstance(elem, RawDataElement) and b"\\" not in (elem.value or b"")):
+            continue
+        elem = view[tag]  # decoded into the view's own dictionary, never the source's
+        if elem.VM > 1:
+            view[tag] = DataElement(tag, elem.VR, elem.value[0])
     return view
+
+
+# The person names (VM 1) highdicom reads from a source header.
+_SINGLE_NAMES = tuple(tag_for_keyword(k) for k in ("PatientName", "ReferringPhysicianName"))
 
 
 _VIEWS_LOCK = threading.Lock()
@@ -193,7 +214,13 @@ def copy_patient_study(dst: Dataset, src: Dataset, charset: str | list[str] | No
     for keyword in _copied_keywords():
         tag = tag_for_keyword(keyword)
         if tag in src:
-            dst[tag] = copy.deepcopy(src[tag])
+            elem = copy.deepcopy(src[tag])
+            if elem.VR != "SQ" and elem.VM > 1 and dictionary_VM(tag) == "1":
+                # A source breaking VM 1, e.g. a PatientName "DOE^JOHN\\SMITH^J" (two names), would
+                # make every object invalid (dciodvfy: VM 2) and highdicom refuses it outright: the
+                # object carries the first value, the name the source gives first.
+                elem.value = elem.value[0]
+            dst[tag] = elem
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in dst:
             dst.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)
@@ -221,19 +248,19 @@ def job_time(ds: Dataset, ctx: EncodeContext) -> None:
 def contributing_equipment(ctx: EncodeContext) -> hd.ContributingEquipment:
     """Provenance: which node, rule, handler and model produced the object."""
     model = f"; model {ctx.model_name} {ctx.model_version or ''}".rstrip() if ctx.model_name else ""
-    versions = [f"{MODEL_NAME} {ctx.software_version}", f"{ctx.handler} {ctx.handler_version}"[:64]]
+    versions = [clip_text(f"{MODEL_NAME} {ctx.software_version}", 64),
+                clip_text(f"{ctx.handler} {ctx.handler_version}", 64)]
     if ctx.model_name:
-        versions.append(f"{ctx.model_name} {ctx.model_version or ''}".strip()[:64])
+        versions.append(clip_text(f"{ctx.model_name} {ctx.model_version or ''}".strip(), 64))
     return hd.ContributingEquipment(
-        manufacturer=ctx.manufacturer,
+        manufacturer=clip_text(ctx.manufacturer, 64),
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=MODEL_NAME,
         software_versions=versions,
         device_serial_number=ctx.device_serial,
-        contribution_description=(
+        contribution_description=clip_text(
             f"{MODEL_NAME} {ctx.software_version}: rule {ctx.rule!r} ran handler {ctx.handler} "
-            f"{ctx.handler_version}{model}"
-        )[:1024],
+            f"{ctx.handler_version}{model}", 1024),
     )
 
 
@@ -243,8 +270,8 @@ def algorithm_identification(ctx: EncodeContext) -> hd.AlgorithmIdentificationSe
     if ctx.model_name:
         parameters["model"] = f"{ctx.model_name} {ctx.model_version or ''}".strip()
     return hd.AlgorithmIdentificationSequence(
-        name=ctx.handler[:64], family=family, version=ctx.handler_version[:64],
-        source=f"{ctx.manufacturer} {ctx.software_version}"[:64], parameters=parameters,
+        name=clip_text(ctx.handler, 64), family=family, version=clip_text(ctx.handler_version, 64),
+        source=clip_text(f"{ctx.manufacturer} {ctx.software_version}", 64), parameters=parameters,
     )
 
 
@@ -253,9 +280,9 @@ def coded(code: Code) -> hd.sr.CodedConcept:
 
 
 def series_description(text: str, kind: str) -> str:
-    """'AI: <text> (<kind>)', shortened to fit LO (64 characters)."""
+    """'AI: <text> (<kind>)', shortened to fit LO (64 characters, and bytes in UTF-8)."""
     suffix = f" ({kind})"
-    return "AI: " + text[: 64 - 4 - len(suffix)] + suffix
+    return "AI: " + clip_text(text, 64 - 4 - len(suffix.encode("utf-8"))) + suffix
 
 
 def _encodable(char: str, encoding: str) -> bool:
@@ -266,19 +293,90 @@ def _encodable(char: str, encoding: str) -> bool:
     return True
 
 
-def choose_charset(src: Dataset, texts: list[str]) -> str | list[str] | None:
-    """The source's Specific Character Set if it can encode ``texts``, else ISO_IR 192 (UTF-8).
+_ASCII_TERMS = ("", "ISO_IR 6", "ISO 2022 IR 6")  # the default repertoire
+
+
+def _defined_term(term: str, extensions: bool) -> str:
+    """The Specific Character Set Defined Term pydicom decoded a source's ``term`` as.
+
+    A valid term is itself. A misspelt one ("ISO IR 100", "ISO_2022_IR_87") pydicom corrects, with
+    a warning, and decodes by the correction; a Python codec name ("latin_1") it takes as that
+    codec; anything else it decodes as its default (Latin-1). The object declares the term of
+    what the values were decoded with, so a reader decodes them as the node did (a term copied as
+    it is would be an invalid Specific Character Set, and a warning at every write)."""
+    if term in python_encoding:
+        return term
+    patched = None
+    if re.match("^ISO[^_]IR", term) is not None:  # pydicom.charset's corrections
+        patched = "ISO_IR" + term[6:]
+    elif re.match("^(?=ISO.2022.IR.)(?!ISO 2022 IR )", term) is not None:
+        patched = "ISO 2022 IR " + term[12:]
+    if patched in python_encoding:
+        return patched
+    try:
+        codec = codecs.lookup(term if patched is None else default_encoding).name
+    except LookupError:
+        codec = codecs.lookup(default_encoding).name
+    same = [t for t, c in python_encoding.items() if t not in _ASCII_TERMS and codecs.lookup(c).name == codec]
+    same.sort(key=lambda t: t.startswith("ISO 2022") != extensions)  # code extensions keep ISO 2022 terms
+    return same[0] if same else "ISO_IR 192"  # a codec DICOM has no term for: UTF-8 holds any text
+
+
+def _declared(charset) -> list[str]:
+    """The terms of a Specific Character Set value, each as the Defined Term it stands for."""
+    terms = [charset] if isinstance(charset, str) else [str(t) for t in charset or []]
+    terms = [_defined_term(t, len(terms) > 1) for t in terms]
+    if len(terms) > 1:
+        # As pydicom decodes it: a stand-alone character set (UTF-8, GB18030, GBK) takes no code
+        # extensions, so it is the only one when first and ignored after.
+        terms = terms[:1] + ([] if terms[0] in STAND_ALONE_ENCODINGS
+                             else [t for t in terms[1:] if t not in STAND_ALONE_ENCODINGS])
+    return terms
+
+
+def charset_fits(charset, texts: list[str]) -> bool:
+    """Whether a Specific Character Set value (None: the default repertoire) can encode ``texts``."""
+    # An empty term (or IR 6) is the default repertoire: ASCII, whatever pydicom decodes it as.
+    codecs_ = ["ascii" if t in _ASCII_TERMS else python_encoding[t] for t in _declared(charset)] or ["ascii"]
+    return all(any(_encodable(ch, c) for c in codecs_) for ch in set("".join(t for t in texts if t)))
+
+
+def context_texts(ctx: EncodeContext | None) -> list[str]:
+    """Every string of the job context an encoder writes: provenance (contributing equipment,
+    algorithm identification, descriptions) names the rule, handler and model."""
+    if ctx is None:
+        return []
+    return [ctx.rule, ctx.handler, ctx.handler_version, ctx.model_name or "", ctx.model_version or "",
+            ctx.manufacturer, ctx.software_version, ctx.device_serial]
+
+
+def code_texts(*codes_: Code | None) -> list[str]:
+    return [t for c in codes_ if c is not None for t in (c.value, c.scheme, c.meaning)]
+
+
+def labelmap_texts(labelmap: LabelMap) -> list[str]:
+    """Every string of a label map its SEG or RTSTRUCT writes: the description, the segments'
+    names (label, ROI name and description, tracking id) and their codes."""
+    out = [labelmap.description]
+    for s in labelmap.segments:
+        out += [s.name, s.tg263 or "", *code_texts(s.category, s.type)]
+    return out
+
+
+def choose_charset(src: Dataset, texts: list[str], ctx: EncodeContext | None) -> str | list[str] | None:
+    """The source's Specific Character Set if it can encode ``texts`` and the job context's
+    strings (``context_texts``), else ISO_IR 192 (UTF-8). ``texts`` must hold every other string
+    the encoder writes.
 
     Copied values are held decoded by pydicom, so switching to UTF-8 re-encodes them correctly.
+    A misspelt source term is declared as the term pydicom decoded it with (``_defined_term``).
     """
-    charset = src.get("SpecificCharacterSet")
-    terms = [charset] if isinstance(charset, str) else list(charset or [])
-    # An empty term (or IR 6) is the default repertoire: ASCII, whatever pydicom decodes it as.
-    codecs = ["ascii" if t in ("", "ISO_IR 6", "ISO 2022 IR 6") else convert_encodings([t])[0] for t in terms]
-    codecs = codecs or ["ascii"]
-    if all(any(_encodable(ch, c) for c in codecs) for ch in set("".join(texts))):
-        return charset or None
-    return "ISO_IR 192"
+    terms = _declared(src.get("SpecificCharacterSet"))
+    if not charset_fits(terms, [*texts, *context_texts(ctx)]):
+        return "ISO_IR 192"
+    if not any(terms):
+        return None
+    return terms[0] if len(terms) == 1 else terms
 
 
 def _single_image_grid(ds: Dataset, claimed: Geometry) -> Geometry:

@@ -15,11 +15,15 @@ from pydicom.dataset import Dataset
 from node.encoders.common import (
     MODEL_NAME,
     choose_charset,
+    clip_text,
+    code_texts,
     coded,
     contributing_equipment,
     copy_patient_study,
     header_views,
+    job_time,
     series_description,
+    settle_encoding,
     source_series,
 )
 from node.encoders.context import EncodeContext
@@ -51,7 +55,8 @@ def encode_quantity_map(qmap: QuantityMap, sources: dict[str, SeriesData], ctx: 
     volume = hd.Volume(qmap.values, _affine(qmap.geometry), "PATIENT", frame_of_reference_uid=src.FrameOfReferenceUID)
     lo, hi = (float(v) for v in qmap.value_range)
     mapping = hd.pm.RealWorldValueMapping(
-        lut_label=qmap.quantity.value[:16], lut_explanation=qmap.quantity.meaning[:64], unit=coded(qmap.unit),
+        lut_label=clip_text(qmap.quantity.value, 16), lut_explanation=clip_text(qmap.quantity.meaning, 64),
+        unit=coded(qmap.unit),
         value_range=(lo, hi), slope=1.0, intercept=0.0, quantity_definition=coded(qmap.quantity))
     description = series_description(qmap.description, "MAP")
     uid_key = ("PMAP", series_number)
@@ -70,7 +75,7 @@ def encode_quantity_map(qmap: QuantityMap, sources: dict[str, SeriesData], ctx: 
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2, window_width=hi - lo,
                                                          window_explanation="full range")],
-        content_description=qmap.description[:64],
+        content_description=clip_text(qmap.description, 64),
         content_label="UNCERTAINTY" if "ntropy" in qmap.quantity.meaning else "MAP",
         contributing_equipment=[contributing_equipment(ctx)],
         specific_character_set=None,  # set by copy_patient_study
@@ -81,9 +86,11 @@ def encode_quantity_map(qmap: QuantityMap, sources: dict[str, SeriesData], ctx: 
     dimension_uid = ctx.uid(*uid_key, "dimension-organization")
     for item in (*pm.DimensionOrganizationSequence, *pm.DimensionIndexSequence):
         item.DimensionOrganizationUID = dimension_uid
-    copy_patient_study(pm, src, choose_charset(src, [description, qmap.description]))
+    copy_patient_study(pm, src, choose_charset(src, [description, qmap.description,
+                                                     *code_texts(qmap.quantity, qmap.unit)], ctx))
+    job_time(pm, ctx)  # highdicom stamps the clock: the job's time keeps a re-encoded job the same bytes
     _frames_along_the_normal(pm)
-    return pm
+    return settle_encoding(pm)
 
 
 def _frames_along_the_normal(pm: Dataset) -> None:

@@ -24,6 +24,7 @@ from pydicom.valuerep import format_number_as_ds
 from node.encoders.common import (
     MODEL_NAME,
     choose_charset,
+    clip_text,
     contributing_equipment,
     copy_patient_study,
     new_instance,
@@ -99,7 +100,8 @@ def _base(sop_class: str, fixed: SeriesRef, moving: SeriesRef, sources: dict[str
     ds = new_instance(sop_class, ctx.uid(*uid_key, "instance", 1))
     now = ctx.created
     description = series_description(text, "REG")
-    copy_patient_study(ds, src, choose_charset(src, [description]))
+    content = clip_text(f"{text}: series {moving.series_uid} onto {fixed.series_uid}", 64)
+    copy_patient_study(ds, src, choose_charset(src, [description, content, fixed.modality, moving.modality], ctx))
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.Modality = "REG"
     ds.SeriesInstanceUID = ctx.uid(*uid_key, "series")
@@ -116,7 +118,7 @@ def _base(sop_class: str, fixed: SeriesRef, moving: SeriesRef, sources: dict[str
     ds.InstanceNumber = 1
     ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.ContentLabel = "REGISTRATION"
-    ds.ContentDescription = f"{text}: series {moving.series_uid} onto {fixed.series_uid}"[:64]
+    ds.ContentDescription = content
     ds.ContentCreatorName = ""
     _common_instance_reference(ds, str(src.StudyInstanceUID), [fixed, moving])
     return ds

@@ -19,6 +19,7 @@ from pydicom.valuerep import format_number_as_ds
 from node.encoders.common import (
     MODEL_NAME,
     choose_charset,
+    clip_text,
     contributing_equipment,
     copy_patient_study,
     new_instance,
@@ -41,6 +42,7 @@ _MR_ACQUISITION = ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcqu
                    "EchoTime", "EchoTrainLength", "InversionTime", "MagneticFieldStrength", "ImagedNucleus",
                    "SequenceName", "FlipAngle")
 _CT_ACQUISITION = ("KVP", "ConvolutionKernel")
+_SOP_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}  # what a resampled series is written as
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -89,19 +91,20 @@ def encode_resampled(res: ResampledSeries, sources: dict[str, SeriesData], ctx: 
         raise ValueError(f"ResampledSeries: fixed series {fixed.series_uid} has no Frame of Reference")
     moving_header = sources[res.moving.series_uid].first if res.moving.series_uid in sources else None
     modality = res.moving.modality
-    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
+    if modality not in _SOP_CLASSES:  # ResampledSeries refuses it already; never write PET as MR
+        raise ValueError(f"ResampledSeries.moving.modality {modality!r}: only CT or MR can be resampled; "
+                         "PET/NM resampling is not supported yet")
+    sop_class = _SOP_CLASSES[modality]
     stored, slope, intercept = _storage(res.volume.array)
     description = series_description(res.description, "REG")
-    charset = choose_charset(src, [description])
     uid_key = ("RESAMPLED", series_number)
     now = ctx.created
     date, time_ = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    patient_study = _patient_study(src, charset)
     equipment = contributing_equipment(ctx)
     resampling = _code(*SPATIAL_RESAMPLING)
     source_purpose = _code(*SOURCE_FOR_PROCESSING)
-    derivation = (f"{modality} series {res.moving.series_uid} resampled onto series "
-                  f"{fixed.series_uid} by a {res.method} registration ({ctx.handler})")[:1024]
+    derivation = clip_text(f"{modality} series {res.moving.series_uid} resampled onto series "
+                           f"{fixed.series_uid} by a {res.method} registration ({ctx.handler})", 1024)
     reference = None
     if registration is not None:
         reference = Dataset()
@@ -123,6 +126,11 @@ def encode_resampled(res: ResampledSeries, sources: dict[str, SeriesData], ctx: 
     thickness = _ds(geom.spacing[2])
     acquisition = [moving_header[k] for k in (_CT_ACQUISITION if modality == "CT" else _MR_ACQUISITION)
                    if moving_header is not None and k in moving_header]
+    # The moving series' acquisition text (a sequence name) is written in this object's charset too.
+    copied = [str(v) for e in acquisition if e.VR in ("SH", "LO", "ST", "LT", "UT", "UC")
+              for v in (e.value if e.VM > 1 else [e.value]) if v is not None]
+    charset = choose_charset(src, [description, derivation, *copied], ctx)
+    patient_study = _patient_study(src, charset)
     rescale = (_ds(intercept), _ds(slope))
     window = (_ds(res.window[0]), _ds(res.window[1]))
     out = []

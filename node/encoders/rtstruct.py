@@ -22,8 +22,10 @@ from pydicom.uid import RTStructureSetStorage
 from node.encoders.common import (
     MODEL_NAME,
     choose_charset,
+    clip_text,
     contributing_equipment,
     copy_patient_study,
+    labelmap_texts,
     new_instance,
     series_description,
     source_grid,
@@ -238,7 +240,9 @@ def encode_rtstruct(
     names = [(s.tg263 or s.name) for s in labelmap.segments]
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
-    copy_patient_study(ds, first, choose_charset(first, [description, labelmap.description, *names]))
+    # Every string written below: the label map's (ROI names and descriptions, code meanings), the
+    # job's (rule, handler: structure set and ROI generation descriptions).
+    copy_patient_study(ds, first, choose_charset(first, [description, *labelmap_texts(labelmap)], ctx))
     # RT Series
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = ctx.uid(*uid_key, "series")
@@ -256,9 +260,10 @@ def encode_rtstruct(
     ds.SoftwareVersions = ctx.software_version
     ds.ContributingEquipmentSequence = [contributing_equipment(ctx)]
     # Structure Set
-    ds.StructureSetLabel = (labelmap.description or "AI")[:16]
-    ds.StructureSetName = labelmap.description[:64]
-    ds.StructureSetDescription = f"{MODEL_NAME}: rule {ctx.rule}, handler {ctx.handler} {ctx.handler_version}"[:1024]
+    ds.StructureSetLabel = clip_text(labelmap.description or "AI", 16)
+    ds.StructureSetName = clip_text(labelmap.description, 64)
+    ds.StructureSetDescription = clip_text(f"{MODEL_NAME}: rule {ctx.rule}, handler {ctx.handler} {ctx.handler_version}",
+                                           1024)
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     # Every image of the series, each as a Contour Image Sequence item, encoded once: the series'
@@ -297,7 +302,7 @@ def encode_rtstruct(
             ROIName=name,
             ROIDescription=segment.name,
             ROIGenerationAlgorithm="AUTOMATIC",
-            ROIGenerationDescription=f"{ctx.handler} {ctx.handler_version}"[:64],
+            ROIGenerationDescription=clip_text(f"{ctx.handler} {ctx.handler_version}", 64),
         ))
         mine = traced.get(segment.label)
         roi_contour = _dataset(ROIDisplayColor=list(segment.color), ReferencedROINumber=number)
@@ -310,7 +315,7 @@ def encode_rtstruct(
         obs_seq.append(_dataset(
             ObservationNumber=number,
             ReferencedROINumber=number,
-            ROIObservationLabel=name[:16],
+            ROIObservationLabel=clip_text(name, 16),
             RTROIIdentificationCodeSequence=[_dataset(
                 CodeValue=segment.type.value, CodingSchemeDesignator=segment.type.scheme,
                 CodeMeaning=segment.type.meaning)],

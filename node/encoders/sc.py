@@ -21,6 +21,7 @@ from pydicom.uid import (
 from node.encoders.common import (
     MODEL_NAME,
     choose_charset,
+    clip_text,
     contributing_equipment,
     copy_patient_study,
     job_time,
@@ -59,9 +60,9 @@ def _common(ds: Dataset, images: ImageSeries, source: Dataset, ctx: EncodeContex
     ds.BurnedInAnnotation = "YES" if images.burned_in_annotation else "NO"
     ds.PatientOrientation = ""
     ds.Laterality = source.get("Laterality", "")  # Type 2C: dciodvfy cannot know the body part is unpaired
-    ds.DerivationDescription = (
-        f"Rendered by {ctx.handler} {ctx.handler_version} (rule {ctx.rule}) from series {images.source_series_uid}"
-    )[:1024]
+    ds.DerivationDescription = clip_text(
+        f"Rendered by {ctx.handler} {ctx.handler_version} (rule {ctx.rule}) from series {images.source_series_uid}",
+        1024)
     ds.ContributingEquipmentSequence = [contributing_equipment(ctx)]
     job_time(ds, ctx)  # highdicom's SCImage stamps the clock
 
@@ -125,7 +126,7 @@ def _multiframe(images: ImageSeries, source: Dataset, ctx: EncodeContext, series
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
     # Frame Increment Pointer: the frames are labelled (FrameLabelVector) or simply pages.
     if images.frame_labels:
-        ds.FrameLabelVector = [label[:16] for label in images.frame_labels]
+        ds.FrameLabelVector = [clip_text(label, 16) for label in images.frame_labels]  # SH
         ds.FrameIncrementPointer = Tag("FrameLabelVector")
     else:
         ds.PageNumberVector = list(range(1, n + 1))
@@ -142,7 +143,7 @@ def encode_sc(images: ImageSeries, sources: dict[str, SeriesData], ctx: EncodeCo
               series_number: int) -> list[Dataset]:
     series = source_series(sources, images.source_series_uid, "ImageSeries")
     description = series_description(images.description, "SC")
-    charset = choose_charset(series.first, [description, *images.frame_labels])
+    charset = choose_charset(series.first, [description, *images.frame_labels], ctx)
     if images.multiframe:
         return [_multiframe(images, series.first, ctx, series_number, description, charset)]
     return _single_frames(images, series.first, ctx, series_number, description, charset)

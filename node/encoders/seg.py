@@ -32,11 +32,13 @@ from node.encoders.common import (
     MODEL_NAME,
     algorithm_identification,
     choose_charset,
+    clip_text,
     coded,
     contributing_equipment,
     copy_patient_study,
     header_views,
     job_time,
+    labelmap_texts,
     pixels_per_slice,
     series_description,
     settle_encoding,
@@ -142,7 +144,7 @@ def _segment_descriptions(labelmap: LabelMap, ctx: EncodeContext, uid_key: tuple
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             tracking_uid=s.tracking_uid or ctx.uid(*uid_key, "segment", s.label),
-            tracking_id=(s.tg263 or s.name)[:64],
+            tracking_id=clip_text(s.tg263 or s.name, 64),
             display_color=hd.color.CIELabColor.from_rgb(*s.color),
         )
         for number, s in enumerate(chosen, start=1)
@@ -338,7 +340,7 @@ def encode_seg(
             overlap = any(c > 1 for c in shared.values())
             segmentation_class = _with_known_overlap(overlap, members, tuple(range(1, len(values) + 1)))
     description = series_description(labelmap.description, "SEG" if not fractional else "SEG probability")
-    texts = [description, labelmap.description] + [labelmap.segment(label).name for label in part.labels]
+    texts = [description, *labelmap_texts(labelmap)]
     seg = segmentation_class(
         source_images=header_views(series, ctx),
         pixel_array=pixels,
@@ -353,7 +355,7 @@ def encode_seg(
         software_versions=ctx.software_version,
         device_serial_number=ctx.device_serial,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
-        content_description=labelmap.description[:64],
+        content_description=clip_text(labelmap.description, 64),
         content_label=_content_label(ctx.handler),
         series_description=description,
         contributing_equipment=[contributing_equipment(ctx)],
@@ -370,7 +372,7 @@ def encode_seg(
         _add_placeholder_frames(seg, [n for n, p in enumerate(present, start=1) if not p])
     if part.kind == "LABELMAP":
         _drop_background_segment(seg)
-    copy_patient_study(seg, series.first, choose_charset(series.first, texts))
+    copy_patient_study(seg, series.first, choose_charset(series.first, texts, ctx))
     job_time(seg, ctx)
     reference = None if fractional else seg_reference(labelmap, sources, ctx, series_number=series_number, part=part)
     return settle_encoding(seg), reference

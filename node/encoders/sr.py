@@ -30,6 +30,8 @@ from pydicom.sr.codedict import codes
 from node.encoders.common import (
     MODEL_NAME,
     choose_charset,
+    clip_text,
+    code_texts,
     coded,
     contributing_equipment,
     copy_patient_study,
@@ -71,7 +73,7 @@ def _observation_context(ctx: EncodeContext) -> hd.sr.ObservationContext:
         uid=derived_uid(MODEL_NAME, "device", ctx.device_serial),
         name=MODEL_NAME,
         manufacturer_name=ctx.manufacturer,
-        model_name=f"{ctx.handler} {ctx.handler_version}"[:64],
+        model_name=clip_text(f"{ctx.handler} {ctx.handler_version}", 64),
         serial_number=ctx.device_serial,
     )
     return hd.sr.ObservationContext(
@@ -264,11 +266,25 @@ def _document(cls, content, series: SeriesData, ctx: EncodeContext, *, uid_key: 
         contributing_equipment=[contributing_equipment(ctx)],
         specific_character_set=None,  # set by copy_patient_study
     )
-    copy_patient_study(sr, series.first, choose_charset(series.first, [description, *texts]))
+    copy_patient_study(sr, series.first, choose_charset(series.first, [description, *texts], ctx))
     job_time(sr, ctx)
     # Settled, pydicom writes the content tree without walking it for ambiguous VRs once per
     # level, and node.encoders.fastwrite can serialise its sequences (0.08 -> 0.03 CPU s).
     return settle_encoding(sr)
+
+
+def _template_texts(template: SRTemplate, report: MeasurementReport) -> list[str]:
+    """The strings the template puts in the report for ``report``'s groups: its codes' meanings."""
+    out = code_texts(template.procedure)
+    for g in report.groups:
+        finding = template.finding(g.finding)
+        out += code_texts(finding.type, finding.site, finding.category)
+        for m in g.measurements:
+            mc = template.measurement(m)
+            out += [mc.unit, mc.unit_meaning, *code_texts(mc.concept, mc.derivation)]
+        for concept, value in g.qualitative:
+            out += code_texts(*template.qualitative(concept, value))
+    return out
 
 
 def encode_measurement_sr(
@@ -310,7 +326,8 @@ def encode_measurement_sr(
     )
     if findings:
         content[0].ContentSequence.append(_text_container(list(findings)))
-    texts = [report.title, *(g.tracking_id for g in report.groups), *(f.text for f in findings)]
+    texts = [report.title, *(g.tracking_id for g in report.groups), *(f.text for f in findings),
+             *_template_texts(template, report)]
     return _document(
         hd.sr.Comprehensive3DSR, content, series, ctx, uid_key=uid_key, series_number=series_number,
         description=series_description(report.title, "SR"), texts=texts, evidence=[s.evidence() for s in used],

@@ -14,7 +14,7 @@ from node.models.inference import Confidence, load_model, onnx_runner, resample,
 from node.models.plausibility import output_flags
 from node.models.uncertainty import (UncertaintyParams, dropout_masks, masked_runner, passes_for,
                                      predict_with_uncertainty)
-from node.results import Code, LabelMap, Measurement, MeasurementGroup, MeasurementReport, QuantityMap
+from node.results import Code, LabelMap, Measurement, MeasurementGroup, MeasurementReport, QuantityMap, safe_text
 from node.volume import value_counts
 
 __all__ = ["ModelHandler", "SR_TEMPLATE", "VOLUME_MEASUREMENT"]
@@ -110,7 +110,7 @@ class ModelHandler(Handler):
             geometry=source.volume.geometry,
             labels=labels,
             segments=tuple(lab.segment() for lab in present),
-            description=f"{card.name} {self.model_version} {providers[0]}"[:64],
+            description=safe_text(f"{card.name} {self.model_version} {providers[0]}"),
             encodings=tuple(e for e in emit if e in ("SEG", "RTSTRUCT")),
         )
         voxel_ml = float(np.prod(source.volume.geometry.spacing)) / 1000.0
@@ -122,7 +122,7 @@ class ModelHandler(Handler):
                 entropy = np.clip(resample(uncertain.entropy, uncertain.grid, grid, linear=True), 0.0, 1.0)
             results.append(QuantityMap(source_series_uid=source.series_uid, geometry=grid,
                                        values=entropy, quantity=ENTROPY, unit=NO_UNITS,
-                                       description=f"{card.name} {self.model_version} uncertainty"[:64],
+                                       description=safe_text(f"{card.name} {self.model_version} uncertainty"),
                                        value_range=(0.0, 1.0)))
         if "SR" in emit:
             groups = tuple(
