@@ -346,10 +346,10 @@ def test_an_unexpected_error_storing_one_instance_is_answered_out_of_resources(n
     ds_a, ds_b = make_ct(a), make_ct(b)
     store = ingest.store
 
-    def broken(raw, origin, batch=None, header=None):
+    def broken(raw, origin, batch=None, header=None, sop_uid=None):
         if ds_a.SOPInstanceUID.encode() in raw[:4096]:
             raise RuntimeError("a bug")
-        return store(raw, origin, batch, header)
+        return store(raw, origin, batch, header, sop_uid=sop_uid)
 
     monkeypatch.setattr(ingest, "store", broken)
     assert _statuses(settings.dicom_port, [a, b]) == {"a.dcm": "Refused: OutOfResources", "b.dcm": "Success"}
@@ -379,6 +379,25 @@ def test_a_study_uid_ending_in_a_newline_is_quarantined_not_indexed(node, tmp_pa
     [q] = _quarantined(settings.data_dir)
     assert "StudyInstanceUID" in q["reason"]
     assert index.count_studies() == 0 and not index.has_instance(ds.SOPInstanceUID)
+
+
+def test_a_data_set_naming_another_instance_than_its_request_is_quarantined(node, tmp_path):
+    """PS3.7: the request's Affected SOP Instance UID is the data set's. Before, the node answered
+    (and wrote into the file meta) the request's UID and indexed the data set's: two names for one
+    file, and the sender told 'stored' for an instance it did not send."""
+    settings, index, _, _ = node
+    ds = make_ct(None)
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    other = ds.SOPInstanceUID[:-1] + ("1" if ds.SOPInstanceUID[-1] != "1" else "2")
+    rsp = _c_store(settings.dicom_port, ds.SOPClassUID, other, buf.getvalue())
+    assert rsp.status == ul.CANNOT_UNDERSTAND and "SOP Instance UID" in rsp.comment, (rsp.status, rsp.comment)
+    [q] = _quarantined(settings.data_dir)
+    assert q["reason"] == f"the data set's SOP Instance UID {ds.SOPInstanceUID} is not the request's {other}"
+    assert not index.has_instance(ds.SOPInstanceUID) and not index.has_instance(other)
+    rsp = _c_store(settings.dicom_port, ds.SOPClassUID, ds.SOPInstanceUID, buf.getvalue())  # the same, named right
+    assert rsp.status == 0 and index.has_instance(ds.SOPInstanceUID)
 
 
 def test_the_worker_api_refuses_a_result_uid_ending_in_a_newline(monkeypatch):

@@ -339,10 +339,11 @@ class Ingest:
         self.writer.release(rows)
 
     def store(self, raw: bytes, origin: Origin, batch: RetrieveBatch | None = None,
-              header: tuple[str, dict[str, str]] | None = None) -> tuple[int, str]:
+              header: tuple[str, dict[str, str]] | None = None, sop_uid: str | None = None) -> tuple[int, str]:
         """Persist one Part 10 byte string. Returns (DIMSE status, reason). With ``batch`` (a retrieve),
         durable at the batch's next commit rather than before returning. ``header``: what
-        ``read_header(raw)`` returned, if the caller read it already."""
+        ``read_header(raw)`` returned, if the caller read it already. ``sop_uid``: the C-STORE
+        request's Affected SOP Instance UID, which the data set's must equal (PS3.7 9.1.1)."""
         try:
             facts, inflated = _read_facts(raw, header)
         except InflatedTooLarge as exc:
@@ -352,6 +353,11 @@ class Ingest:
         except Exception as exc:  # noqa: BLE001 - hostile input must never kill the association thread
             return self._reject(raw, origin, f"unparseable dataset ({type(exc).__name__}): {exc}", CANNOT_UNDERSTAND)
         sop, series = facts["SOPInstanceUID"], facts["SeriesInstanceUID"]
+        if sop_uid is not None and sop != sop_uid:
+            # The file meta (written from the request) and the index (from the data set) would name
+            # different instances, and the sender was answered for one it did not send.
+            return self._reject(raw, origin, f"the data set's SOP Instance UID {sop} is not the request's {sop_uid}",
+                                CANNOT_UNDERSTAND)
         if batch is not None and batch.study_uid and facts["StudyInstanceUID"] != batch.study_uid:
             log.warning("a retrieve received an instance of another study: not stored",
                         extra={"sop_uid": sop, "assoc": origin.assoc_id})

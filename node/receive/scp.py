@@ -434,11 +434,11 @@ class _Association:
                     self.later = StoreThread()
                 # Joined in the store thread too: this one goes back to reading the next instance.
                 self.later.put(size, cmd.sop_instance, batch,
-                               lambda: self._store(self._part10(cmd, ts, dataset), batch))
+                               lambda: self._store(self._part10(cmd, ts, dataset), batch, cmd.sop_instance))
                 return
             else:
                 try:
-                    status, reason = self._store(self._part10(cmd, ts, dataset), None)
+                    status, reason = self._store(self._part10(cmd, ts, dataset), None, cmd.sop_instance)
                 except Exception as exc:  # noqa: BLE001 - one instance failed: answer it, keep the association
                     log.exception("storing an instance failed", extra={"assoc": self.assoc_id,
                                                                         "sop_uid": cmd.sop_instance})
@@ -467,8 +467,8 @@ class _Association:
         return b"".join((ul.part10_header(cmd.sop_class, cmd.sop_instance, ts, self.origin.calling_ae,
                                           IMPLEMENTATION_UID, IMPLEMENTATION_VERSION), *dataset))
 
-    def _store(self, raw: bytes, batch) -> tuple[int, str]:
-        status, reason = self.scp.ingest.store(raw, self.origin, batch)
+    def _store(self, raw: bytes, batch, sop_uid: str) -> tuple[int, str]:
+        status, reason = self.scp.ingest.store(raw, self.origin, batch, sop_uid=sop_uid)
         if status != 0:
             log.warning("C-STORE failed 0x%04X: %s", status, reason, extra={"assoc": self.assoc_id})
         return status, reason
