@@ -80,7 +80,8 @@ TO_MARKER = """async ([ctSeries, mrSeries, marker, windows]) => {
     await new Promise(r => setTimeout(r, 1000));
     const rect = vp.canvas.getBoundingClientRect();
     const onPage = w => { const c = vp.worldToCanvas(w); return [rect.left + c[0], rect.top + c[1]]; };
-    out[key] = {distance, marker: onPage(marker), beside: onPage([marker[0] + 10, marker[1], marker[2]]),
+    // The slice shown when measured: OHIF may still set up the stack after the layout change.
+    out[key] = {distance, best, index: vp.getCurrentImageIdIndex(), marker: onPage(marker), beside: onPage([marker[0] + 10, marker[1], marker[2]]),
                 rect: [rect.left, rect.top, rect.width, rect.height]};
   }
   return out;
@@ -149,14 +150,22 @@ def test_resampled_mr_lands_on_the_ct_in_ohif(registered):
             page.wait_for_timeout(1000)
         assert want <= {(uid, k) for _, k, uid in shown}, (shown, errors,
                                                             screenshot(page, "ohif-registration-failed")[:0])
-        shown = page.evaluate(TO_MARKER, [ct.series_uid, resampled_uid, list(MARKER_MM), [CT_WINDOW, MR_WINDOW]])
-        img = screenshot(page, "ohif-registration-side-by-side")
+        # Rendering is asynchronous (images stream, OHIF finishes setting up each stack after the
+        # layout change): measure again until both viewports show the marker's slice and something
+        # bright near it. Where the spots are is judged only after, once.
+        for _ in range(15):
+            shown = page.evaluate(TO_MARKER, [ct.series_uid, resampled_uid, list(MARKER_MM), [CT_WINDOW, MR_WINDOW]])
+            img = screenshot(page, "ohif-registration-side-by-side")
+            if all(shown[k]["index"] == shown[k]["best"] and bright_pixels(img, shown[k]).sum() for k in ("ct", "mr")):
+                break
+            page.wait_for_timeout(2000)
         browser.close()
 
     spots = {}
     for key in ("ct", "mr"):
         s = shown[key]
         assert s["distance"] < 2.0, f"{key}: no slice near the marker (z {MARKER_MM[2]})"
+        assert s["index"] == s["best"], f"{key}: the viewport shows image {s['index']}, not the marker's {s['best']}"
         centre, px_per_mm = bright_spot(img, s)
         x, y, w, h = s["rect"]
         # Relative to its own viewport: the two viewports are the same size, side by side.
@@ -220,17 +229,27 @@ FUSED_LAYER = """async ([marker, windows, layer]) => {
 }"""
 
 
-def bright_spot(img: np.ndarray, shown: dict) -> tuple[np.ndarray, float]:
-    """The centre (page px) of the bright spot near where the marker should be, and px per mm."""
-    px_per_mm = float(np.hypot(*np.subtract(shown["beside"], shown["marker"]))) / 10.0
+def px_per_mm(shown: dict) -> float:
+    return float(np.hypot(*np.subtract(shown["beside"], shown["marker"]))) / 10.0
+
+
+def bright_pixels(img: np.ndarray, shown: dict) -> np.ndarray:
+    """A mask of the bright pixels within 30 mm of where the marker should be, in its viewport."""
     x, y, w, h = shown["rect"]
-    r = 30 * px_per_mm  # the viewport's corner texts are white too: look only near the marker
+    r = 30 * px_per_mm(shown)  # the viewport's corner texts are white too: look only near the marker
     ys, xs = np.mgrid[0:img.shape[0], 0:img.shape[1]]
     near = ((xs + 0.5 - shown["marker"][0]) ** 2 + (ys + 0.5 - shown["marker"][1]) ** 2 < r * r) \
         & (xs >= x) & (xs < x + w) & (ys >= y) & (ys < y + h)
-    bright = near & (img.mean(axis=2) > 128)
-    assert bright.sum() > 4 * px_per_mm ** 2, f"no bright marker on screen near {shown['marker']}"
-    return np.array([xs[bright].mean() + 0.5, ys[bright].mean() + 0.5]), px_per_mm
+    return near & (img.mean(axis=2) > 128)
+
+
+def bright_spot(img: np.ndarray, shown: dict) -> tuple[np.ndarray, float]:
+    """The centre (page px) of the bright spot near where the marker should be, and px per mm."""
+    scale = px_per_mm(shown)
+    bright = bright_pixels(img, shown)
+    assert bright.sum() > 4 * scale ** 2, f"no bright marker on screen near {shown['marker']}"
+    ys, xs = np.nonzero(bright)
+    return np.array([xs.mean() + 0.5, ys.mean() + 0.5]), scale
 
 
 def test_resampled_mr_fused_over_the_ct_in_ohif(registered):
@@ -256,8 +275,13 @@ def test_resampled_mr_fused_over_the_ct_in_ohif(registered):
         screenshot(page, "ohif-registration-fused")
         layers = []
         for layer in (0, 1):
-            shown = page.evaluate(FUSED_LAYER, [list(MARKER_MM), [CT_WINDOW, MR_WINDOW], layer])
-            layers.append((shown, screenshot(page, f"ohif-registration-fused-layer{layer}")))
+            for _ in range(15):  # until the layer's volume has streamed in far enough to show the marker
+                shown = page.evaluate(FUSED_LAYER, [list(MARKER_MM), [CT_WINDOW, MR_WINDOW], layer])
+                img = screenshot(page, f"ohif-registration-fused-layer{layer}")
+                if bright_pixels(img, shown).sum():
+                    break
+                page.wait_for_timeout(2000)
+            layers.append((shown, img))
         browser.close()
     (ct_shown, ct_img), (mr_shown, mr_img) = layers
     # Each screenshot shows the layer it should: the CT's volume, then the resampled MR's.
