@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Callable
 
 import pydicom
 
 from node.projects.labels import LabelRefused, check_seg
+from node.receive.ingest import InflatedTooLarge, read_header_dataset
 from node.projects.store import Project, ProjectStore
 
 __all__ = ["CaseLabel", "multipart_parts", "seg_parts", "vet", "note_prediction", "complete_studies"]
@@ -48,12 +48,16 @@ def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
     return parts
 
 
-def seg_parts(parts: list[bytes]) -> list[pydicom.Dataset]:
-    """The SEG instances among the parts (headers and segment descriptions; no pixel data read)."""
+def seg_parts(parts: list[bytes], limit: int | None = None) -> list[pydicom.Dataset]:
+    """The SEG instances among the parts (headers and segment descriptions; no pixel data read). A
+    deflated part is inflated within ``limit`` bytes (the request's own limit), never whole by pydicom:
+    ``InflatedTooLarge`` past it."""
     out = []
     for data in parts:
         try:
-            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+            ds = read_header_dataset(data, limit)
+        except InflatedTooLarge:
+            raise
         except Exception:  # noqa: BLE001 - not DICOM: the archive will answer for it
             continue
         if str(ds.get("SOPClassUID", "")) in SEG_CLASSES or ds.get("Modality") == "SEG":

@@ -109,6 +109,17 @@ def _read_inflated(data: bytes) -> pydicom.Dataset:
     return read_dataset(BytesIO(data), is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixel_data)
 
 
+def read_header_dataset(raw: bytes, limit: int | None = None) -> pydicom.Dataset:
+    """The header (everything before the pixel data) of a Part 10 instance as a pydicom Dataset, a
+    deflated one inflated within ``limit`` (``inflate``; pydicom would inflate it whole). For data that
+    did not come through C-STORE (STOW-RS label uploads, a worker's results): pydicom's errors, or
+    ``InflatedTooLarge``."""
+    inflated = inflate(raw, limit)
+    if inflated is not None:
+        return _read_inflated(inflated)
+    return pydicom.dcmread(BytesIO(raw), stop_before_pixels=True)
+
+
 @dataclass(frozen=True)
 class Origin:
     """Who sent an instance; carried into the index for rules and audit."""
@@ -164,11 +175,9 @@ def _header_json_of(raw: bytes, sop: str, inflated: bytes | None = None) -> str:
     """DICOM JSON of the header (the first instance of each series: what rules read later).
     ``inflated``: ``inflate(raw)``, for a deflated instance."""
     try:
-        if inflated is None:
-            inflated = inflate(raw)  # never pydicom's own unbounded inflate
         if inflated is not None:
             return header_json(_read_inflated(inflated))
-        return header_json(pydicom.dcmread(BytesIO(raw), stop_before_pixels=True))
+        return header_json(read_header_dataset(raw))  # never pydicom's own unbounded inflate
     except Exception as exc:  # noqa: BLE001 - a header pydicom cannot express as JSON
         log.warning("header not representable as DICOM JSON: %s", exc, extra={"sop_uid": sop})
         return "{}"

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from node.models.uncertainty import STRATEGIES, CaseScore, rank_cases
 from node.projects.intake import CaseLabel, multipart_parts, seg_parts, vet
 from node.projects.labels import LabelRefused
+from node.receive.ingest import InflatedTooLarge
 from node.projects.store import Project, ProjectError, ProjectStore
 from node.projects.trainrun import run_status, start_run
 from node.web.auth import Principal, require_admin, require_viewer, who
@@ -134,7 +135,12 @@ async def stow_labels(request: Request, body: bytes, p: Principal) -> list[CaseL
     """The project-case labels among the SEGs of a STOW-RS body, checked; 409 (reason) or 403 if refused."""
     node = request.app.state.node
     store = _store(request)
-    segs = await asyncio.to_thread(lambda: seg_parts(multipart_parts(body, request.headers.get("content-type", ""))))
+    limit = node.settings.stow_max_mb << 20
+    try:
+        segs = await asyncio.to_thread(
+            lambda: seg_parts(multipart_parts(body, request.headers.get("content-type", "")), limit))
+    except InflatedTooLarge as exc:  # a deflated part (a few KiB can inflate to gigabytes)
+        raise HTTPException(413, f"a deflated part of the STOW-RS request: {exc} (stow_max_mb)") from None
     if not segs:
         return []
     series: dict[tuple[str, str], list[str]] = {}

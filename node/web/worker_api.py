@@ -12,10 +12,8 @@ Inputs are one stream of frames: ``>IQ`` (series position, length) then the inst
 from __future__ import annotations
 
 import json
-from io import BytesIO
 from pathlib import Path
 
-import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
@@ -28,6 +26,7 @@ from node.jobs.worker import job_created
 from node.jobs.wire import FRAME, TICKET, WORKER
 from node.models.card import CardError
 from node.models.versions import ModelRegistry
+from node.receive.ingest import InflatedTooLarge, instance_facts
 from node.receive.spool import fsync_dirs, valid_uid
 from node.store.retrieves import priors_of_job, retrieved_by
 from node.store.vault import IntegrityError
@@ -325,8 +324,10 @@ async def put_result(job_id: int, sop_uid: str, request: Request, name: str = De
 
 def _store_result(node, job_id: int, attempt, sop_uid: str, data: bytes) -> None:
     try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-        uid, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+        facts = instance_facts(data)  # a deflated result inflated within bounds, never whole by pydicom
+        uid, study = facts["SOPInstanceUID"], facts["StudyInstanceUID"]
+    except InflatedTooLarge as exc:
+        raise HTTPException(413, f"result: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any parse failure is the worker's error, named
         raise HTTPException(422, f"result is not a DICOM file: {exc}") from None
     job = node.index.job(job_id)
