@@ -65,6 +65,12 @@ BROKEN = [
     (lambda c: c["labels"][0].update(tg263="Much_Too_Long_Name_X"), "labels.0.tg263"),
     (lambda c: c["labels"][0].update(rt_roi_type="TUMOUR"), "labels.0.rt_roi_type"),
     (lambda c: c.update(model_file="missing.onnx"), "model_file"),
+    # Written as Segment Label / ROI Name / SR tracking id and Code Meaning (LO): refused when the card
+    # loads (before, only each job that built results failed on them).
+    (lambda c: c["labels"][0].update(name="Lung\\left"), "labels.0.name: the value holds a backslash"),
+    (lambda c: c["labels"][0].update(name="Lung\nleft"), "labels.0.name: the value holds control characters"),
+    (lambda c: c["labels"][0].update(name="肺" * 30), "labels.0.name: the value is 90 bytes in UTF-8"),
+    (lambda c: c["labels"][0]["category"].update(meaning="Organ\\Tissue"), "labels.0.category.meaning"),
 ]
 
 

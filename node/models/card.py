@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.results import RT_ROI_TYPES, Code, Segment
+from node.results import RT_ROI_TYPES, Code, Segment, check_text
 
 __all__ = ["CardError", "ModelCard", "LabelSpec", "load_card", "orientation_matrix", "format_validation_error",
            "CARD_FILE", "ValidatedDomain", "Range", "IntensityProfile", "OrientationDomain", "Plausibility",
@@ -41,6 +41,12 @@ class CodeSpec(_Strict):
     value: str = Field(min_length=1, max_length=64)
     scheme: str = "SCT"
     meaning: str = Field(min_length=1, max_length=64)
+
+    @field_validator("value", "meaning")
+    @classmethod
+    def _one_lo_value(cls, v: str) -> str:
+        check_text(v, "the value")  # written as Code Value / Code Meaning (LO): checked when the card loads, not per job
+        return v
 
     @model_validator(mode="after")
     def _sct_is_numeric(self) -> "CodeSpec":
@@ -70,6 +76,14 @@ class LabelSpec(_Strict):
     rt_roi_type: str = "ORGAN"
     finding: str | None = Field(None, pattern=r"^[a-z0-9_]{1,64}$")  # SR template key; default from name
     postprocess: PostProcess = PostProcess()
+
+    @field_validator("name")
+    @classmethod
+    def _one_lo_name(cls, v: str) -> str:
+        # The Segment Label, ROI Name and SR tracking identifier (LO) of every result: a backslash or
+        # control character failed each job that built results, long after the card was accepted.
+        check_text(v, "the value")
+        return v
 
     @field_validator("color")
     @classmethod
