@@ -77,6 +77,31 @@ def test_a_retrieve_batch_is_indexed_only_after_one_sync_and_reads_back(tmp_path
     assert spy.syncs == 2 and _held(ingest, pushed.study_uid) == pushed.sop_uids
 
 
+def test_a_push_of_an_instance_a_retrieve_holds_unsynced_is_made_durable_before_it_is_answered(tmp_path, ingest):
+    """Before: answered "duplicate" at once, with the retrieve's copy not yet synced; the modality
+    could delete its own, and a failing retrieve sync then lost the instance."""
+    st = tiny_study(tmp_path / "s", series=(("AX", 1.0, 2),))
+    raws = [f.read_bytes() for f in st.files]
+    spy = Counted(ingest.vault)
+    modality = Origin("CT1", "HILUM", "10.0.0.9")
+    with ingest.retrieve_batch() as batch:
+        assert ingest.store(raws[0], PACS, batch) == (0, "stored")
+        assert spy.syncs == 0
+        assert ingest.store(raws[0], modality) == (0, "duplicate")
+        assert spy.syncs == 1  # the held copy is durable before the push is answered
+
+        def broken() -> None:
+            raise OSError(5, "Input/output error")
+
+        ingest.vault.sync = broken
+        assert ingest.store(raws[0], modality) == (0xA700, "cannot persist: Input/output error")
+        ingest.vault.sync = lambda: None
+    # A push of an instance no retrieve holds does not sync for it.
+    before = spy.syncs
+    assert ingest.store(raws[0], modality) == (0, "duplicate")
+    assert spy.syncs == before
+
+
 def test_leaving_a_retrieve_batch_commits_it_even_when_the_retrieve_failed(tmp_path, ingest):
     st = tiny_study(tmp_path / "s", series=(("AX", 1.0, 3),))
     with pytest.raises(RuntimeError, match="PACS gone"):

@@ -240,6 +240,11 @@ class IndexWriter:
         with self._cond:
             return sop_uid in self._pending
 
+    def held(self, sop_uid: str) -> bool:
+        """Waiting for its retrieve's sync (its bytes may not be durable yet)."""
+        with self._cond:
+            return sop_uid in self._held
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every queued row is committed (tests, shutdown); held rows are not queued yet."""
         with self._cond:
@@ -384,6 +389,15 @@ class Ingest:
         except sqlite3.Error as exc:  # disk full, locked: refused, and the peer may send it again later
             log.error("index unavailable, instance refused: %s", exc, extra={"sop_uid": sop, "assoc": origin.assoc_id})
             return OUT_OF_RESOURCES, f"index unavailable: {exc}"[:64]
+        if pending and batch is None and self.writer.held(sop):
+            # A push of an instance a retrieve holds, not yet synced: once answered, the sender may
+            # delete its copy, and the held one would be lost if the retrieve's sync then failed. Make
+            # it durable now, as the push's own store would have been.
+            try:
+                self.vault.sync()
+            except OSError as exc:
+                log.error("cannot persist instance: %s", exc, extra={"sop_uid": sop, "assoc": origin.assoc_id})
+                return OUT_OF_RESOURCES, f"cannot persist: {exc.strerror or exc}"
         if pending or state == "held":
             self._bump("duplicates")
             log.info("duplicate instance ignored", extra={"sop_uid": sop, "assoc": origin.assoc_id})
