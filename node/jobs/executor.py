@@ -51,6 +51,18 @@ class _Worker:
         self.conn.close()
 
 
+def superseded(index: Index, job) -> str | None:
+    """Why a job must not run, if instances of its study arrived after it was routed: its input
+    would be a mix of the routed set and part of what is arriving, delivered beside the results of
+    the job the next generation routes (on the whole study). None if it may run."""
+    study = index.study(job["study_uid"])
+    if study is None or study["generation"] <= job["generation"]:
+        return None
+    return (f"superseded: instances of the study arrived after this job was routed (generation "
+            f"{job['generation']}, now {study['generation']}); the rules run again on the whole study once it is "
+            f"complete")
+
+
 class PurgedInput(Exception):
     """The job's input is no longer in the spool (retention)."""
 
@@ -98,9 +110,19 @@ class LocalProcessExecutor(Executor):
     def _slot(self, slot: int) -> None:
         # The worker starts with the node and warms up while idle (worker.warm_up): a fresh node's
         # first study would otherwise wait ~2 s for the worker's start and imports.
-        self._worker(slot)
+        try:
+            self._worker(slot)
+        except Exception:  # noqa: BLE001 - started again when a job needs it
+            log.exception("job slot %d: worker did not start", slot)
         while not self._stop.is_set():
-            job = self.index.claim_job()
+            # Every pass is guarded: an index error (disk full, locked) must not end the slot's
+            # thread, which would leave every later job pending with nothing saying why.
+            try:
+                job = self.index.claim_job()
+            except Exception:  # noqa: BLE001
+                log.exception("job slot %d: cannot take a job; trying again", slot)
+                self._stop.wait(2.0)
+                continue
             if job is None:
                 self._wake.wait(2.0)
                 self._wake.clear()
@@ -109,8 +131,31 @@ class LocalProcessExecutor(Executor):
                 self._run(slot, job)
             except Exception as exc:  # noqa: BLE001 - a bookkeeping error fails the job, not the slot
                 log.exception("job %s: executor error", job["id"])
-                self.index.fail_job(job["id"], f"executor error: {exc}")
-            self.audit.job_finished(self.index.job(job["id"]))  # records done/failed; a job left running is not
+                # The worker may still be running this job: its results and "done" must never be
+                # read as the next job's, so it is replaced.
+                self._retire(slot)
+                self._fail_when_possible(job["id"], f"executor error: {exc}")
+            try:
+                self.audit.job_finished(self.index.job(job["id"]))  # records done/failed; a job left running is not
+            except Exception:  # noqa: BLE001 - the audit trail reports its own failures
+                log.exception("job %s: audit record not written", job["id"])
+
+    def _retire(self, slot: int) -> None:
+        w, self._workers[slot] = self._workers[slot], None
+        if w is not None:
+            w.kill()
+
+    def _fail_when_possible(self, job_id: int, error: str) -> None:
+        """Fail the job, retrying while the index refuses (disk full): left 'running', it would wait
+        for the next start. The slot takes no other job meanwhile; it could not claim one anyway."""
+        while True:
+            try:
+                self.index.fail_job(job_id, error)
+                return
+            except Exception:  # noqa: BLE001
+                log.exception("job %s: cannot record its failure; trying again", job_id)
+                if self._stop.wait(2.0):
+                    return  # left 'running': re-queued at the next start
 
     def _worker(self, slot: int) -> _Worker:
         w = self._workers[slot]
@@ -182,6 +227,11 @@ class LocalProcessExecutor(Executor):
             return
         except KeyError as exc:  # a model with no runnable version (all retired, or removed)
             self.index.fail_job(job_id, f"refused: {exc.args[0]}")
+            return
+        # Read after the spec: if no instance arrived since routing, the spec holds exactly the
+        # routed set (an arrival after routing bumps the generation).
+        if (why := superseded(self.index, job)) is not None:
+            self.index.fail_job(job_id, why)
             return
         w = self._worker(slot)
         log.info("job %d: %s on %s (rule %s)", job_id, job["handler"], job["series_uid"] or "study",
