@@ -143,3 +143,60 @@ def test_a_job_taken_after_more_of_its_study_arrived_is_superseded_not_run_on_a_
     job = index.job(ja)
     assert job["status"] == "failed" and job["error"].startswith("superseded: instances of the study arrived")
     assert not index.results_of_job(ja)
+
+
+# -- the cluster executor's bookkeeping (no broker needed: it is never reached here) -------------------
+def _celery(settings_dir, index: Index, **executor):
+    from node.jobs.celery_executor import CeleryExecutor
+    s = load_settings(data_dir=settings_dir, executor={"kind": "celery", "broker_url": "redis://127.0.0.1:1/0",
+                                                        **executor})
+    return CeleryExecutor(s, index, on_done=lambda: None)
+
+
+def _queued_on(index: Index, queue: str, timeout_s: float, waited_s: float) -> int:
+    from node.jobs.broker import ticket_hash
+    jid = index.add_job(job_key=f"k{queue}{waited_s}", study_uid="1.2", series_uid="1.2.3", level="series", rule="r",
+                        handler="overview", params={}, destinations=[], priority="normal", timeout_s=timeout_s,
+                        generation=0, note="t")
+    job = index.claim_job()
+    index.add_attempt(jid, job["attempts"], ticket_hash(f"t{jid}"), f"task-{jid}", queue)
+    index.conn().execute("UPDATE job_attempts SET dispatched_at = dispatched_at - ? WHERE job_id=?", (waited_s, jid))
+    return jid
+
+
+def test_a_job_queued_where_no_worker_takes_it_is_said_at_once_and_failed_after_its_timeout(tmp_path):
+    index = Index(tmp_path / "i.db")
+    ex = _celery(tmp_path, index)
+    index.worker_seen("w1", "host1", ["cpu"], None, 1)  # a live worker, on another queue
+    stale = _queued_on(index, "gpu", timeout_s=60, waited_s=86400)
+    fresh = _queued_on(index, "gpu", timeout_s=60, waited_s=5)
+    busy = _queued_on(index, "cpu", timeout_s=60, waited_s=86400)
+    ex._reconcile()
+    job = index.job(stale)
+    assert job["status"] == "failed" and "no worker took it from queue 'gpu' within its timeout (60 s)" in job["error"]
+    assert [a["state"] for a in index.attempts_of_job(stale)] == ["timeout"]
+    assert index.job(fresh)["status"] == "running"
+    assert index.job(fresh)["message"] == "queued on gpu: no live worker takes this queue"
+    # A queue with a live worker is only busy: its job waits, whatever the time.
+    assert index.job(busy)["status"] == "running"
+
+
+def test_the_cluster_executor_supersedes_a_job_whose_study_grew_before_dispatch(node, tmp_path):
+    settings, index, vault, ingest = node
+    a = tiny_study(tmp_path / "a", series=(("AX", 1.0, 2),))
+    [series] = a.series
+    assert ingest.store(a.files[0].read_bytes(), CT1)[0] == 0
+    assert ingest.writer.flush(10)
+    gen = index.study(a.study_uid)["generation"]
+    assert index.mark_stable(a.study_uid, gen, time.time())
+    ja = index.add_job(job_key="g0", study_uid=a.study_uid, series_uid=series, level="series", rule="r",
+                       handler="overview", params={}, destinations=[], priority="normal", timeout_s=None,
+                       generation=gen, note="study complete")
+    index.mark_routed(a.study_uid, gen)
+    assert ingest.store(a.files[1].read_bytes(), CT1)[0] == 0
+    assert ingest.writer.flush(10)
+    ex = _celery(tmp_path / "c", index)
+    ex._dispatch_pending()
+    job = index.job(ja)
+    assert job["status"] == "failed" and job["error"].startswith("superseded:")
+    assert index.attempts_of_job(ja) == []  # never published

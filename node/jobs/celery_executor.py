@@ -24,7 +24,7 @@ from typing import Callable
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.jobs.broker import TASK, BrokerView, broker_priority, make_celery, ticket_hash
-from node.jobs.executor import Executor
+from node.jobs.executor import Executor, superseded
 from node.store.index import Index
 
 log = logging.getLogger("hilum.jobs.celery")
@@ -98,6 +98,10 @@ class CeleryExecutor(Executor):
             job = self.index.claim_job()  # running, attempts + 1
             if job is None:
                 return
+            if (why := superseded(self.index, job)) is not None:
+                self.index.fail_job(job["id"], why)
+                self.job_ended(job["id"])
+                continue
             queue = self.cfg.queue_for(job["handler"], self.rule_queue(job["rule"]))
             self._publish(job["id"], job["attempts"], queue, job["priority"])
 
@@ -114,12 +118,41 @@ class CeleryExecutor(Executor):
         except Exception as exc:  # noqa: BLE001 - broker down: the reconciler publishes it again later
             log.warning("job %d: broker unreachable (%s); it is published again once the broker is back", job_id, exc)
 
+    def _served_queues(self, now: float) -> set[str]:
+        """Queues some worker seen within worker_lost_s takes."""
+        return {q for w in self.index.workers() if now - w["last_seen"] <= self.cfg.worker_lost_s
+                for q in json.loads(w["queues"])}
+
+    def _unserved(self, a, now: float, served: set[str]) -> bool:
+        """A queued attempt whose queue no live worker takes: said in the job's message at once, and
+        failed once it has waited the job's timeout (a rule's queue with no worker for it left the
+        job 'running' for ever). A queue that has workers is only busy: its jobs wait."""
+        if a["queue"] in served:
+            return False
+        timeout = a["timeout_s"] or self.settings.handler_timeout_s
+        waited = now - a["dispatched_at"]
+        job_id = a["job_id"]
+        if waited <= timeout:
+            self.index.job_progress(job_id, 0.0, f"queued on {a['queue']}: no live worker takes this queue")
+            return False
+        if self.index.expire_queued_attempt(job_id, a["attempt"]):
+            self.index.fail_job(job_id, f"no worker took it from queue {a['queue']!r} within its timeout "
+                                        f"({timeout:.0f} s): no live worker takes that queue; start one for it, "
+                                        f"or change the rule's queue, then retry the job")
+            self.job_ended(job_id)
+        return True
+
     def _reconcile(self) -> None:
         now = time.time()
         known: set[str] | None = None
         asked = False
+        served: set[str] | None = None
         for a in self.index.open_attempts():
             job_id, attempt = a["job_id"], a["attempt"]
+            if a["state"] == "queued":
+                served = self._served_queues(now) if served is None else served
+                if self._unserved(a, now, served):
+                    continue
             if a["state"] == "claimed":
                 timeout = a["timeout_s"] or self.settings.handler_timeout_s
                 if now - a["claimed_at"] > timeout:

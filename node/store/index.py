@@ -612,6 +612,13 @@ class Index:
             "UPDATE job_attempts SET state=?, ended_at=? WHERE job_id=? AND attempt=? AND state='claimed'",
             (state, time.time(), job_id, attempt)).rowcount == 1
 
+    def expire_queued_attempt(self, job_id: int, attempt: int) -> bool:
+        """Close an attempt no worker claimed (state 'timeout'); False if a worker claimed it meanwhile
+        (a claim needs it 'queued', so exactly one of the two wins)."""
+        return self.conn().execute(
+            "UPDATE job_attempts SET state='timeout', ended_at=? WHERE job_id=? AND attempt=? AND state='queued'",
+            (time.time(), job_id, attempt)).rowcount == 1
+
     def open_attempts(self) -> list[sqlite3.Row]:
         """Current attempts of running jobs still queued or claimed, with their job's timeout."""
         return self.conn().execute(
