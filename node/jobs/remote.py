@@ -114,6 +114,12 @@ class NodeClient:
                         want = FRAME.unpack_from(buf)
                         del buf[:FRAME.size]
                     pos, length = want
+                    # A stream that is not what the claim announced is a failure that says so (never
+                    # a KeyError), found before more of it is written to disk.
+                    if pos not in paths or len(paths[pos]) >= series[pos]["instances"]:
+                        raise RuntimeError(f"{path.rsplit('/', 1)[-1]} stream does not match the claim: "
+                                           f"more instances at series position {pos} than the "
+                                           f"{len(uids)} series announced ({[s['instances'] for s in series]})")
                     if len(buf) < length:
                         break
                     p = into / str(pos) / f"{len(paths[pos]):06d}.dcm"
@@ -272,15 +278,18 @@ class RemoteWorker:
                 meta, provenance, figures = run_job(spec, lambda f, m: self.client.progress(job_id, ticket, float(f),
                                                                                               str(m)),
                                                     artefacts=RemoteArtefacts(self.client, job_id, ticket))
+                # Uploading and reporting belong in here too: a result the node refuses (413, 422, a
+                # 5xx) must reach it as this attempt's failure with that reason, not leave the
+                # attempt open until the node takes it for lost with its worker.
+                vault = Vault(d, None)  # the keyless local vault run_job sealed the results with (CRC only)
+                for m in meta:
+                    self.client.put_result(job_id, ticket, m["sop_instance_uid"], vault.read_file(Path(m["path"])))
+                self.client.done(job_id, ticket, meta, provenance, figures)
             except AttemptEnded:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure goes to the node with its reason
                 self.client.fail(job_id, ticket, failure_text(exc))
                 return f"job {job_id}: failed"
-            vault = Vault(d, None)  # the keyless local vault run_job sealed the results with (CRC only)
-            for m in meta:
-                self.client.put_result(job_id, ticket, m["sop_instance_uid"], vault.read_file(Path(m["path"])))
-            self.client.done(job_id, ticket, meta, provenance, figures)
         return f"job {job_id}: {len(meta)} result(s)"
 
     def _model(self, job: dict, ticket: str) -> dict:

@@ -11,6 +11,8 @@ No CORS headers are ever sent: the browser keeps other origins out.
 """
 from __future__ import annotations
 
+import re
+
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,6 +20,9 @@ STRICT_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 
               "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 NODE_PREFIXES = ("/api", "/dicom-web/", "/console", "/login", "/view3d")
 MAX_API_BODY = 1024 * 1024  # JSON requests; STOW-RS has its own limit in the gateway
+# A remote worker's result objects and artefacts (a SEG is many MB): node/web/worker_api.py reads them
+# in chunks against stow_max_mb, behind the worker token and the attempt's ticket. Exactly these two.
+WORKER_UPLOAD = re.compile(r"/api/worker/jobs/[0-9]+/(results|artefacts)/[^/]+")
 
 
 def ohif_csp(script_hashes: list[str]) -> str:
@@ -57,7 +62,8 @@ class SecurityHeaders:
                     h["Strict-Transport-Security"] = "max-age=31536000"
             await send(message)
 
-        if path.startswith("/api") and scope["method"] not in ("GET", "HEAD"):
+        if path.startswith("/api") and scope["method"] not in ("GET", "HEAD") \
+                and not (scope["method"] == "PUT" and WORKER_UPLOAD.fullmatch(path)):
             size = Headers(scope=scope).get("content-length")
             if size is not None and size.isdigit() and int(size) > MAX_API_BODY:
                 await _plain(with_headers, 413, b"request body too large")

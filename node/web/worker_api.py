@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from node.encoders.context import NODE_DEVICE_SERIAL
 from node.jobs.broker import ticket_hash
@@ -59,6 +59,15 @@ class ResultMeta(_Body):
     series_instance_uid: str
     modality: str
 
+    @field_validator("sop_instance_uid", "sop_class_uid", "series_instance_uid")
+    @classmethod
+    def _uid(cls, v: str) -> str:
+        # The SOP Instance UID names the result's file (results/<job>/<uid>.dcm): anything but a UID
+        # ('../1/<uid>', '../../tmp/x') would hand another job's file, or any file, to delivery.
+        if not valid_uid(v):
+            raise ValueError("not a DICOM UID")
+        return v
+
 
 class Done(_Body):
     results: list[ResultMeta]
@@ -94,10 +103,17 @@ def require_worker(request: Request) -> str:
 
 
 def _attempt(request: Request, job_id: int):
+    index = request.app.state.node.index
     ticket = request.headers.get(TICKET, "")
-    a = request.app.state.node.index.live_attempt(job_id, ticket_hash(ticket)) if ticket else None
+    a = index.live_attempt(job_id, ticket_hash(ticket)) if ticket else None
     if a is None:
-        _refuse(request, 403, f"no running attempt of job {job_id} for this ticket", job_id)
+        # A ticket of one of this job's attempts that the node has given up (lost, timed out, ended)
+        # gets 409 as documented: the worker (node/jobs/remote.py) takes 409 for AttemptEnded and drops
+        # the attempt; any other ticket is no grant at all (403).
+        stale = bool(ticket) and any(r["ticket_hash"] == ticket_hash(ticket) for r in index.attempts_of_job(job_id))
+        _refuse(request, 409 if stale else 403,
+                f"attempt of job {job_id} ended: the node no longer wants it" if stale
+                else f"no running attempt of job {job_id} for this ticket", job_id)
     return a
 
 
@@ -148,14 +164,17 @@ def claim(job_id: int, request: Request, name: str = Depends(require_worker)) ->
                             + " were deleted from the spool by retention; send the study again to reprocess it")
         node.executor.job_ended(job_id)
         raise HTTPException(409, "inputs purged by retention: job failed")
-    series = [{"uid": u, "instances": len(node.index.instance_paths(u))} for u in uids]
+    paths = [node.index.instance_paths(u) for u in uids]
+    series = [{"uid": u, "instances": len(p)} for u, p in zip(uids, paths)]
     model = _claim_model(request, job)
+    priors, prior_locators = _priors_claim(node.index, job_id, uids)
+    _announce(request, job_id, job["attempts"], _locators(paths), prior_locators)
     node.audit.worker_access(f"worker {name}", request.client.host if request.client else None, job_id=job_id,
                              study_uid=job["study_uid"], what="inputs", ok=True,
                              objects=sum(s["instances"] for s in series))
     return {"job_id": job_id, "job_key": job["job_key"], "study_uid": job["study_uid"], "rule": job["rule"],
             "handler": job["handler"], "params": json.loads(job["params_json"]), "series": series,
-            "options": json.loads(job["options_json"]), **_priors_claim(node.index, job_id, uids),
+            "options": json.loads(job["options_json"]), **priors,
             "timeout_s": job["timeout_s"] or node.settings.handler_timeout_s,
             "created": job_created(job["created_at"]),  # the time the results carry: the same bytes as a local run
             "model": model, "device_serial": NODE_DEVICE_SERIAL}  # the objects name the node, not the worker's host
@@ -176,26 +195,64 @@ def _claim_model(request: Request, job) -> dict | None:
         raise HTTPException(409, f"model: {reason}: job failed") from None
 
 
-def _priors_claim(index, job_id: int, uids: list[str]) -> dict:
+def _priors_claim(index, job_id: int, uids: list[str]) -> tuple[dict, list[tuple[int, str]]]:
     """What the worker needs to fetch the job's priors (GET .../priors) and hand them to the handler
     as the local executor would: each prior study's date, time, source and series with their
     instance counts, in the order of the stream; the note on what is missing; and which retrieves
-    brought the job's own series (its provenance's ``retrieved_by``)."""
+    brought the job's own series (its provenance's ``retrieved_by``). With it, the stream's frames."""
     extra = priors_of_job(index, job_id)
     priors = [{"study_uid": p["study_uid"], "source": p["source"], "study_date": p["study_date"],
                "study_time": p["study_time"],
                "series": [{"uid": u, "instances": len(v)} for u, v in p["series"].items()]}
               for p in extra.get("priors", [])]
-    return {"priors": priors, "priors_note": extra.get("priors_note"), **retrieved_by(index, uids)}
+    locators = _locators([paths for p in extra.get("priors", []) for paths in p["series"].values()])
+    return {"priors": priors, "priors_note": extra.get("priors_note"), **retrieved_by(index, uids)}, locators
+
+
+def _locators(series_paths: list[list[str]]) -> list[tuple[int, str]]:
+    return [(i, loc) for i, paths in enumerate(series_paths) for loc in paths]
+
+
+def _announced(request: Request) -> dict:
+    """(job, attempt) -> the frames its claim announced: {"inputs": [...], "priors": [...]}.
+
+    The claim tells the worker how many instances each series has; /inputs and /priors come later,
+    when more may have arrived (a late series, a resent study), and the worker checks the stream
+    against the claim. So the streams are exactly the locators counted at the claim, kept here (per
+    app, in memory: the worker fetches them right after its claim). Entries of attempts no longer
+    open are dropped at each claim, so this holds about one entry per running remote job."""
+    state = request.app.state
+    if not hasattr(state, "worker_announced"):
+        state.worker_announced = {}
+    return state.worker_announced
+
+
+def _announce(request: Request, job_id: int, attempt: int, inputs: list, priors: list) -> None:
+    saved = _announced(request)
+    open_now = {(r["job_id"], r["attempt"]) for r in request.app.state.node.index.open_attempts()}
+    for key in list(saved):  # a copy: another claim may add its entry meanwhile (threadpool)
+        if key not in open_now:
+            saved.pop(key, None)
+    saved[(job_id, attempt)] = {"inputs": inputs, "priors": priors}
+
+
+def _announced_frames(request: Request, job_id: int, attempt: int, which: str) -> list[tuple[int, str]] | None:
+    """The frames announced at this attempt's claim; None when the node restarted since (the caller
+    reads the index again, and the worker's check against its claim names any difference)."""
+    entry = _announced(request).get((job_id, attempt))
+    return None if entry is None else entry[which]
 
 
 @router.get("/jobs/{job_id}/inputs")
 def inputs(job_id: int, request: Request, _: str = Depends(require_worker)) -> StreamingResponse:
     node = request.app.state.node
     attempt = _attempt(request, job_id)["attempt"]
-    job = node.index.job(job_id)
-    uids = [job["series_uid"]] if job["series_uid"] else [s["series_uid"] for s in node.index.series_of_study(job["study_uid"])]
-    locators = [(i, loc) for i, u in enumerate(uids) for loc in node.index.instance_paths(u)]
+    locators = _announced_frames(request, job_id, attempt, "inputs")
+    if locators is None:
+        job = node.index.job(job_id)
+        uids = [job["series_uid"]] if job["series_uid"] else \
+            [s["series_uid"] for s in node.index.series_of_study(job["study_uid"])]
+        locators = _locators([node.index.instance_paths(u) for u in uids])
     return StreamingResponse(_stream(node, job_id, attempt, locators), media_type="application/octet-stream")
 
 
@@ -206,8 +263,9 @@ def _stream(node, job_id: int, attempt: int, locators: list[tuple[int, str]]):
             data = node.vault.read(loc)
         except IntegrityError as exc:  # never hand a tampered instance out; the short stream fails the job
             node.vault.quarantine_damaged(exc.locator, str(exc))
-            node.index.end_attempt(job_id, attempt, "failed")
-            node.index.fail_job(job_id, f"spool integrity check failed for {loc}: {exc}")
+            if node.index.end_attempt(job_id, attempt, "failed"):
+                node.index.fail_job(job_id, f"spool integrity check failed for {loc}: {exc}")
+                node.executor.job_ended(job_id)  # as every other end of a job: audited, deliveries woken
             return
         yield FRAME.pack(i, len(data))
         yield data
@@ -220,8 +278,10 @@ def priors(job_id: int, request: Request, name: str = Depends(require_worker)) -
     node = request.app.state.node
     attempt = _attempt(request, job_id)["attempt"]
     job = node.index.job(job_id)
-    series = [paths for p in priors_of_job(node.index, job_id).get("priors", []) for paths in p["series"].values()]
-    locators = [(i, loc) for i, paths in enumerate(series) for loc in paths]
+    locators = _announced_frames(request, job_id, attempt, "priors")
+    if locators is None:
+        locators = _locators([paths for p in priors_of_job(node.index, job_id).get("priors", [])
+                              for paths in p["series"].values()])
     node.audit.worker_access(f"worker {name}", request.client.host if request.client else None, job_id=job_id,
                              study_uid=job["study_uid"], what="priors", ok=True, objects=len(locators))
     return StreamingResponse(_stream(node, job_id, attempt, locators), media_type="application/octet-stream")
@@ -284,15 +344,13 @@ async def put_artefact(job_id: int, series_key: str, request: Request, producer:
         _artefact_entry, request, job_id, series_key, producer, version, name, variant)
     if producer != job["handler"]:
         raise HTTPException(422, f"producer: job {job_id} runs {job['handler']}, not {producer}")
-    data = await request.body()
-    if len(data) > node.settings.stow_max_mb << 20:
-        raise HTTPException(413, f"artefact larger than stow_max_mb ({node.settings.stow_max_mb} MB)")
+    data = await _bounded_body(request, node.settings.stow_max_mb, "artefact")
     try:
         await run_in_threadpool(check_packed, data)
     except UNUSABLE as exc:
         raise HTTPException(422, f"artefact: not an array entry ({exc})") from None
     await run_in_threadpool(cache.save_packed, series_key, key, data)
-    node.index.attempt_heartbeat(job_id, attempt["attempt"])
+    await run_in_threadpool(node.index.attempt_heartbeat, job_id, attempt["attempt"])  # sqlite: not on the loop
     return {"kept": name}
 
 
@@ -309,15 +367,30 @@ def _result_path(node, job_id: int, sop_uid: str) -> Path:
     return node.settings.data_dir / "results" / str(job_id) / f"{sop_uid}.dcm"
 
 
+async def _bounded_body(request: Request, limit_mb: int, what: str) -> bytes:
+    """The request's body, read chunk by chunk and refused (413) as soon as it passes ``limit_mb``:
+    ``request.body()`` would hold a chunked (length-less) body of any size before a size check.
+    At most twice the limit is held (the buffer and its bytes, which the parsers and the vault need)."""
+    limit = limit_mb << 20
+    too_large = HTTPException(413, f"{what} larger than stow_max_mb ({limit_mb} MB)")
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise too_large
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_large
+    return bytes(data)
+
+
 @router.put("/jobs/{job_id}/results/{sop_uid}")
 async def put_result(job_id: int, sop_uid: str, request: Request, name: str = Depends(require_worker)) -> dict:
     node = request.app.state.node
     a = await run_in_threadpool(_attempt, request, job_id)
     if not valid_uid(sop_uid):
         raise HTTPException(422, "sop_uid: not a DICOM UID")
-    data = await request.body()
-    if len(data) > node.settings.stow_max_mb << 20:
-        raise HTTPException(413, f"result larger than stow_max_mb ({node.settings.stow_max_mb} MB)")
+    data = await _bounded_body(request, node.settings.stow_max_mb, "result")
     await run_in_threadpool(_store_result, node, job_id, a, sop_uid, data)
     return {"stored": sop_uid}
 
@@ -345,8 +418,11 @@ def done(job_id: int, body: Done, request: Request, name: str = Depends(require_
     node = request.app.state.node
     ex = _executor(request)
     a = _attempt(request, job_id)
+    uids = [r.sop_instance_uid for r in body.results]
+    if len(set(uids)) != len(uids):
+        raise HTTPException(422, "results: a sop_instance_uid is listed twice")
     results = [{**r.model_dump(), "path": str(_result_path(node, job_id, r.sop_instance_uid))} for r in body.results]
-    missing = [r["sop_instance_uid"] for r in results if not Path(r["path"]).exists()]
+    missing = [r["sop_instance_uid"] for r in results if not _uploaded(node, job_id, Path(r["path"]))]
     if missing:
         raise HTTPException(422, f"results not uploaded: {', '.join(missing)}")
     if not node.index.end_attempt(job_id, a["attempt"], "done"):
@@ -359,6 +435,14 @@ def done(job_id: int, body: Done, request: Request, name: str = Depends(require_
                              study_uid=job["study_uid"], what="results", ok=True, objects=len(results))
     ex.job_ended(job_id)
     return {"job": job_id, "results": len(results)}
+
+
+def _uploaded(node, job_id: int, path: Path) -> bool:
+    """Whether ``path`` is a file put_result stored for this job: a regular file (no link planted
+    there) whose resolved path lies in this job's results folder (the UID check already keeps
+    '..' out; this keeps it so should the names change)."""
+    folder = (node.settings.data_dir / "results" / str(job_id)).resolve()
+    return not path.is_symlink() and path.is_file() and path.resolve().parent == folder
 
 
 @router.post("/jobs/{job_id}/fail")
