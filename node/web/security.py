@@ -68,7 +68,34 @@ class SecurityHeaders:
             if size is not None and size.isdigit() and int(size) > MAX_API_BODY:
                 await _plain(with_headers, 413, b"request body too large")
                 return
+            # A chunked body has no Content-Length: read it here, up to the limit, and hand the app
+            # what was read (the endpoints would otherwise hold a body of any size, sign-in included).
+            head = await _body_within(receive, MAX_API_BODY)
+            if head is None:
+                await _plain(with_headers, 413, b"request body too large")
+                return
+
+            async def replay() -> Message:
+                return head.pop(0) if head else await receive()
+
+            await self.app(scope, replay, with_headers)
+            return
         await self.app(scope, receive, with_headers)
+
+
+async def _body_within(receive: Receive, limit: int) -> list[Message] | None:
+    """The request's body messages, or None once they pass ``limit`` bytes."""
+    messages, total = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages  # the client went away: the app sees that as it would have
+        total += len(message.get("body", b""))
+        if total > limit:
+            return None
+        if not message.get("more_body", False):
+            return messages
 
 
 async def _plain(send: Send, status: int, body: bytes) -> None:
