@@ -30,6 +30,7 @@ from node.store.retrieves import RetrieveStore
 log = logging.getLogger("hilum.pacs")
 
 RULE_CHECK_S = 5.0  # a new or edited pull rule is scheduled within this time
+RULE_ERROR_RETRY_S = 300.0  # a rule whose scheduling failed is tried again after this
 
 
 class PullScheduler:
@@ -58,16 +59,37 @@ class PullScheduler:
         while not self._stop.is_set():
             now = time.time()
             nearest = now + RULE_CHECK_S
-            for rule in self.rules().pull_rules:
-                state = self.store.ensure_pull_state(rule.name, first_run(rule, now))
-                if state["next_at"] <= now:
-                    self.run(rule)
-                    state = self.store.pull_state(rule.name)
-                nearest = min(nearest, state["next_at"])
+            try:
+                rules = self.rules().pull_rules
+            except Exception:  # noqa: BLE001 - the thread must outlive a bad reload; it retries shortly
+                log.exception("pull scheduler: cannot read the pull rules")
+                rules = []
+            for rule in rules:
+                # One rule that fails to schedule (a bad value, a store error) must not end this thread:
+                # it runs every pull rule, and its death is silent. Log it, record it, go on.
+                try:
+                    state = self.store.ensure_pull_state(rule.name, first_run(rule, now))
+                    if state["next_at"] <= now:
+                        self.run(rule)
+                        state = self.store.pull_state(rule.name)
+                    nearest = min(nearest, state["next_at"])
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("pull rule %s: scheduling failed; retried in %.0f s", rule.name, RULE_ERROR_RETRY_S)
+                    self._record_failure(rule, exc, now)
                 if self._stop.is_set():
                     return
             self._wake.wait(max(0.05, nearest - time.time()))
             self._wake.clear()
+
+    def _record_failure(self, rule: PullRule, exc: Exception, now: float) -> None:
+        """The error goes where a run's errors go (pull_state.last_error, shown with the rule's
+        status), and the next try is pushed back so a rule that always fails does not spin."""
+        try:
+            self.store.ensure_pull_state(rule.name, now + RULE_ERROR_RETRY_S)
+            self.store.pull_ran(rule.name, next_at=now + RULE_ERROR_RETRY_S, result={},
+                                error=f"scheduling failed: {type(exc).__name__}: {exc}", high_water=None)
+        except Exception:  # noqa: BLE001 - the store itself is failing: the log line above must do
+            log.exception("pull rule %s: cannot record the failure", rule.name)
 
     # -- one run -----------------------------------------------------------------------------
     def run(self, rule: PullRule) -> dict:

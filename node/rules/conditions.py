@@ -19,6 +19,7 @@ from datetime import date, datetime
 from typing import Any, Callable
 
 import regex
+from pydicom.datadict import get_entry
 
 from node.rules.attributes import AttrRef, resolve_attribute
 from node.rules.errors import format_path
@@ -429,7 +430,7 @@ def _leaf(ref: AttrRef, op: str, operand: Any, exact: bool, every: bool, path: t
         value = _scalar_operand(ref, op, operand, bad, check_choices=op == "equals")
         if len(problems) > n0:
             return None
-        eq = _equals_pred(value, exact)
+        eq = _time_pred(value) if ref.kind == "time" and op == "equals" else _equals_pred(value, exact)
         if op == "equals":
             return Leaf(path, ref, f"{ref.name} equals {_show(value)}{opts}", eq, every)
         return Contains(path, ref, f"{ref.name} contains {_show(value)}{opts}", eq, _substring_pred(value, exact), every)
@@ -442,7 +443,7 @@ def _leaf(ref: AttrRef, op: str, operand: Any, exact: bool, every: bool, path: t
                   for i, v in enumerate(operand)]
         if len(problems) > n0:
             return None
-        preds = [_equals_pred(v, exact) for v in values]
+        preds = [_time_pred(v) if ref.kind == "time" else _equals_pred(v, exact) for v in values]
         return Leaf(path, ref, f"{ref.name} in {_show(values)}{opts}", lambda v: any(p(v) for p in preds), every)
 
     if op == "matches":
@@ -506,9 +507,44 @@ def _scalar_operand(ref: AttrRef, op: str, v: Any, bad: Callable[[str], None], c
         return v
     if ref.kind == "number" and op != "contains" and to_number(v) is None:
         bad(f"{ref.name} is a number; {_show(v)} is not a number")
+    vr = _vr(ref)
+    if isinstance(v, str) and "\\" in v and vr not in _FREE_TEXT_VRS:
+        # DICOM stores 'ORIGINAL\\PRIMARY' as separate values and each is compared on its own,
+        # so a backslash-joined operand can never match.
+        parts = [x for x in v.split("\\") if x]
+        one = parts[0] if parts else "VALUE"
+        bad(f"{_show(v)} joins several values with '\\', but each value of {ref.name} is compared on its "
+            f"own, so it never matches: to require them all write "
+            f"all: [{{{ref.name}: {{contains: {one}}}}}, ...] (one per value); for any of them, "
+            f"a list: {ref.name}: [{', '.join(parts) or 'A, B'}]")
+    if ref.kind == "text" and isinstance(v, (int, float)) and vr not in _DATE_VRS and \
+            (ref.derived or ref.multi is not None):
+        # A number operand compares numerically: AccessionNumber 12345 would match '012345' and
+        # '12345.0'. Text attributes compare as text (private tags, VR unknown, keep numbers).
+        bad(f"{ref.name} is text, not a number: quote it: '{format_value(v)}'")
+    if ref.kind == "time" and op != "contains" and parse_time_of_day(v) is None:
+        # DICOM writes TM as HHMMSS: '18:00' compared as text would never equal '180000'.
+        bad(f"{ref.name} is a time of day: write it quoted as 'HH:MM' or 'HH:MM:SS', e.g. '18:00'")
     if check_choices and ref.choices and str(v).casefold() not in {c.casefold() for c in ref.choices}:
         bad(f"{ref.name} is one of {', '.join(ref.choices)}; {_show(v)} is not")
     return v
+
+
+_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})  # single-valued: a backslash is just a character
+_DATE_VRS = frozenset({"DA", "DT"})  # compared as numbers YYYYMMDD (docs/rules.md, "Dates")
+
+
+def _vr(ref: AttrRef) -> str | None:
+    """The dictionary VR of a DICOM attribute; None for derived names and unknown (private) tags."""
+    if ref.derived or ref.multi is None:
+        return None
+    return get_entry(int(ref.key, 16))[0]
+
+
+def _time_pred(operand: str) -> Callable[[Any], bool]:
+    """equals on a time attribute: the same time of day, whether written '18:00' or TM '180000'."""
+    t = parse_time_of_day(operand)
+    return lambda v: (x := parse_time_of_day(v)) is not None and abs(x - t) < 1e-6
 
 
 def _numeric_operand(ref: AttrRef, v: Any, bad: Callable[[str], None]) -> float:

@@ -1,6 +1,7 @@
 """The schema of one rule as an admin writes it (the condition itself is compiled by conditions.py)."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -8,13 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from node.rules.priors import PriorsSpec
 
-__all__ = ["RuleSpec", "HandlerSpec", "parse_duration", "RULE_FIELDS"]
+__all__ = ["RuleSpec", "HandlerSpec", "parse_duration", "MAX_DURATION_S", "RULE_FIELDS"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$")
 _UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
-def parse_duration(v: Any) -> float:
+MAX_DURATION_S = 7 * 86400  # timeout, stable_after: a week is already far past any real job or series
+
+
+def parse_duration(v: Any, max_s: float = MAX_DURATION_S) -> float:
     """Seconds from 90, 2.5, '90s', '5m', '1h'; ValueError with the accepted forms otherwise."""
     if isinstance(v, bool):
         raise ValueError("expected a duration like 90, '90s', '5m' or '1h', not true/false")
@@ -25,9 +29,20 @@ def parse_duration(v: Any) -> float:
         if not m:
             raise ValueError(f"expected a duration like 90, '90s', '5m' or '1h', got {v!r}")
         seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    # YAML reads .nan and .inf as floats: NaN passes every `<=` check and later crashes whatever
+    # turns it into a date or timer (the pull scheduler's thread died of it), so refuse it here.
+    if not math.isfinite(seconds):
+        raise ValueError(f"expected a duration like 90, '90s', '5m' or '1h', not {v!r}")
     if seconds <= 0:
         raise ValueError("a duration must be more than zero seconds")
+    if seconds > max_s:
+        raise ValueError(f"a duration must be at most {_words(max_s)} ({max_s:g} s), got {seconds:g} s")
     return seconds
+
+
+def _words(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:g} day{'s' if days != 1 else ''}" if days >= 1 else f"{seconds / 3600:g} h"
 
 
 class HandlerSpec(BaseModel):

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from node.rules.attributes import resolve_attribute
 from node.rules.spans import parse_span_s
 
 STUDY_KEYS = ("Modality", "ModalitiesInStudy", "StudyDescription")
@@ -30,6 +31,28 @@ class PriorsSpec(BaseModel):
     @classmethod
     def _within(cls, v: Any) -> float:
         return parse_span_s(v)
+
+    @field_validator("match")
+    @classmethod
+    def _match_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        # Each key is looked up in the PACS answers / stored headers (node/pacs/priors.py): a misspelt
+        # one is never there, so every prior would silently be filtered out. Only DICOM keywords
+        # work there: a tag, a derived name or a sequence is refused too.
+        bad = []
+        for k in v:
+            try:
+                ref = resolve_attribute(k, level="series")
+            except ValueError as exc:
+                bad.append(str(exc))  # names the key, suggests the likely keyword
+                continue
+            if ref.derived or not k.isidentifier():  # a tag such as '0018,0050' is not an identifier
+                bad.append(f"match key '{k}': priors match on DICOM keywords (e.g. BodyPartExamined), "
+                           "not tags or derived attributes")
+            elif ref.kind == "sequence":
+                bad.append(f"match key '{k}': {k} is a sequence; priors match single values")
+        if bad:
+            raise ValueError("; ".join(bad))
+        return v
 
     @field_validator("wait", mode="before")
     @classmethod

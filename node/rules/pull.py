@@ -33,6 +33,9 @@ from node.rules.spans import parse_span_s
 _DATE = r"\d{8}"
 _DATE_RANGE = re.compile(rf"^({_DATE})?(-({_DATE})?)?$")
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+MAX_EVERY_S = 31 * 86400  # a monthly pull at most: a longer gap is a typo (and .inf/.nan never run)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -81,13 +84,16 @@ class Schedule(_Strict):
     @field_validator("every", mode="before")
     @classmethod
     def _every(cls, v: Any) -> float:
-        return parse_duration(v)
+        return parse_duration(v, max_s=MAX_EVERY_S)
 
     @field_validator("window")
     @classmethod
     def _window(cls, v: str | None) -> str | None:
         if v is not None and not _WINDOW.match(v):
             raise ValueError(f"{v!r}: a local time window like '01:00-05:00'")
+        if v is not None and v[:5] == v[6:]:  # in_window(): start <= t < end is never true
+            raise ValueError(f"{v!r}: the window starts and ends at the same time, so it never opens; "
+                             "leave out 'window' to run at any time")
         return v
 
     def next_run(self, after: dt.datetime) -> dt.datetime:
