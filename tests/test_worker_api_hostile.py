@@ -368,3 +368,18 @@ def test_a_stale_ticket_gets_409_and_the_worker_drops_the_attempt_an_unknown_one
     sop, data = _dicom(STUDY)
     with pytest.raises(AttemptEnded):
         nc.put_result(job, "T1", sop, data)
+
+
+def test_a_claim_for_a_job_whose_study_grew_after_routing_supersedes_it(tmp_path):
+    """Before: the worker was handed the routed set mixed with what had arrived since."""
+    node, client = _node(tmp_path)
+    study, series = "1.2.826.8", "1.2.826.8.1"
+    _arrive(node, study, series, ["1.2.826.8.1.1"])
+    assert node.index.mark_stable(study, 0, time.time())
+    job = _job(node, study=study, key="g0", ticket="T")  # routed at generation 0
+    _arrive(node, study, series, ["1.2.826.8.1.2"])  # a late instance: generation 1
+    r = client.post(f"/api/worker/jobs/{job}/claim", headers=_hdr("T"))
+    assert r.status_code == 409 and "superseded" in r.json()["detail"]
+    row = node.index.job(job)
+    assert row["status"] == "failed" and row["error"].startswith("superseded:") and node.executor.ended == [job]
+    assert [a["state"] for a in node.index.attempts_of_job(job)] == ["failed"]

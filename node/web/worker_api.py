@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from node.encoders.context import NODE_DEVICE_SERIAL
 from node.jobs.broker import ticket_hash
+from node.jobs.executor import superseded
 from node.jobs.remote_models import ModelIntegrityError, claim_model, served_file
 from node.jobs.worker import job_created
 from node.jobs.wire import FRAME, TICKET, WORKER
@@ -165,6 +166,13 @@ def claim(job_id: int, request: Request, name: str = Depends(require_worker)) ->
         node.executor.job_ended(job_id)
         raise HTTPException(409, "inputs purged by retention: job failed")
     paths = [node.index.instance_paths(u) for u in uids]
+    # After the paths: an arrival since routing bumped the generation, so this sees it (as the local executor).
+    if (why := superseded(node.index, job)) is not None:
+        a = _attempt(request, job_id)
+        if node.index.end_attempt(job_id, a["attempt"], "failed"):
+            node.index.fail_job(job_id, why)
+            node.executor.job_ended(job_id)
+        raise HTTPException(409, f"{why}: job failed")
     series = [{"uid": u, "instances": len(p)} for u, p in zip(uids, paths)]
     model = _claim_model(request, job)
     priors, prior_locators = _priors_claim(node.index, job_id, uids)
