@@ -79,12 +79,21 @@ def cmd_status(args) -> int:
 
 
 def cmd_retire(args) -> int:
-    from node.store.rewrap import drop_key, keys_in_use
+    from node.store.rewrap import drop_key, jobs_holding_old_keys, keys_in_use
 
     settings = _settings(args)
     vault = _vault(settings)
     if args.key_id == vault.keyring.active:
         print(f"hilum: {args.key_id} is the active key; rotate first", file=sys.stderr)
+        return 1
+    # Checked before the objects: a job dispatched before the rotation still holds the old keyring and
+    # seals its results under the old key when it finishes, after keys_in_use counted nothing.
+    busy = jobs_holding_old_keys(_index(settings))
+    if busy:
+        ids = ", ".join(f"{j['id']} ({j['status']})" for j in busy[:20]) + (" …" if len(busy) > 20 else "")
+        print(f"hilum: job(s) {ids} started before the last re-wrap and may still seal results under "
+              f"{args.key_id}; wait until they are done or failed, run `hilum keys rewrap --wait`, then retire",
+              file=sys.stderr)
         return 1
     used = keys_in_use(vault).get(args.key_id, 0)
     if used:

@@ -826,11 +826,26 @@ class Index:
 
     # -- retention ------------------------------------------------------------------------
     @staticmethod
-    def _purgeable_sql(require_archive: bool) -> str:
-        """1 when an instance's spooled copy may go (see ``purgeable_segments``)."""
+    def _purgeable_sql(require_archive: bool, priors: bool) -> str:
+        """1 when an instance's spooled copy may go (see ``purgeable_segments``).
+
+        A study's originals are still needed while any of its jobs is not terminal (pending, running,
+        retrying, waiting-for-priors, ...), while a result of its jobs is not delivered (pending, or
+        failed: an admin may retry it, and a retried job re-reads the originals), and while it is a
+        chosen prior of a non-terminal job of another study (that job reads it when it runs). The
+        study-level blocks are one uncorrelated subquery, which SQLite evaluates once per statement
+        (not once per instance). Original deliveries are checked per instance below: a segment goes
+        only when every one of its instances passes, so that covers the study's originals too."""
+        terminal = ",".join(f"'{s}'" for s in TERMINAL_JOB)
+        prior_of = (f"""UNION SELECT json_extract(p.value, '$.study_uid') FROM prior_waits w
+                        JOIN jobs pj ON pj.id = w.job_id, json_each(w.chosen_json) p
+                        WHERE pj.status NOT IN ({terminal}) AND json_extract(p.value, '$.study_uid') IS NOT NULL"""
+                    if priors else "")
         return f"""(i.purged_at IS NULL
-            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = i.study_uid
-                            AND j.status IN ('pending','running','retrying'))
+            AND i.study_uid NOT IN (
+                SELECT study_uid FROM jobs WHERE status NOT IN ({terminal})
+                UNION SELECT study_uid FROM deliveries WHERE kind='result' AND status != 'delivered'
+                {prior_of})
             AND EXISTS (SELECT 1 FROM studies s WHERE s.study_uid = i.study_uid AND s.state = 'stable'
                         AND s.routed_generation >= s.generation AND s.recheck_at IS NULL)
             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='original' AND d.sop_uid=i.sop_uid
@@ -838,13 +853,18 @@ class Index:
             AND {"EXISTS (SELECT 1 FROM deliveries d WHERE d.kind='original' AND d.sop_uid=i.sop_uid "
                  "AND d.destination='orthanc')" if require_archive else "i.received_at <= :cut"})"""
 
+    def _has_priors_table(self) -> bool:
+        """prior_waits is created by RetrieveStore (node/store/retrieves.py), only where PACS is used."""
+        return self.conn().execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='prior_waits'").fetchone() is not None
+
     def purgeable_segments(self, cutoff: float, require_archive: bool) -> dict[int, list[str]]:
         """Log segments every referenced instance of which may go: its study routed and idle (no job
-        pending or running, no rule still waiting), every original delivery done at or before
-        ``cutoff`` and the archive among them (or, without archive delivery, received before it).
-        Returns {segment: [sop_uid, …]}."""
+        that is not done or failed, no result undelivered, not a prior another study's job waits for,
+        no rule still waiting), every original delivery done at or before ``cutoff`` and the archive
+        among them (or, without archive delivery, received before it). Returns {segment: [sop_uid, …]}."""
         rows = self.conn().execute(
-            f"SELECT i.sop_uid, i.path, {self._purgeable_sql(require_archive)} AS ok "
+            f"SELECT i.sop_uid, i.path, {self._purgeable_sql(require_archive, self._has_priors_table())} AS ok "
             "FROM instances i WHERE i.path LIKE 'log:%' AND i.purged_at IS NULL", {"cut": cutoff}).fetchall()
         by_seg: dict[int, list[str]] = {}
         blocked: set[int] = set()
@@ -860,16 +880,42 @@ class Index:
         c = self.conn()
         return [r[0] for u in sop_uids for r in c.execute("SELECT study_uid FROM instances WHERE sop_uid=?", (u,))]
 
+    def instance_locator(self, sop_uid: str) -> str | None:
+        """Where the held (not purged) copy of an instance is, or None: retention uses it to tell a
+        duplicate record (its instance held elsewhere) from one not yet indexed."""
+        row = self.conn().execute("SELECT path FROM instances WHERE sop_uid=? AND purged_at IS NULL",
+                                  (sop_uid,)).fetchone()
+        return row[0] if row else None
+
     def mark_instances_purged(self, sop_uids: list[str], now: float, cutoff: float, require_archive: bool) -> bool:
         """Mark them purged if, checked again under the write lock, every one still may go (a job or a
-        retry may have come since ``purgeable_segments``); False, and nothing marked, otherwise."""
+        retry may have come since ``purgeable_segments``); False, and nothing marked, otherwise.
+        One statement for all of them: the study-level subquery then runs once, not once per instance."""
         c = self.conn()
+        wanted = sorted(set(sop_uids))
         with self.tx(immediate=True):
-            q = f"SELECT count(*) FROM instances i WHERE i.sop_uid=:u AND {self._purgeable_sql(require_archive)}"
-            if any(c.execute(q, {"u": u, "cut": cutoff}).fetchone()[0] != 1 for u in sop_uids):
+            q = (f"SELECT count(*) FROM instances i WHERE i.sop_uid IN (SELECT value FROM json_each(:u)) "
+                 f"AND {self._purgeable_sql(require_archive, self._has_priors_table())}")
+            if c.execute(q, {"u": json.dumps(wanted), "cut": cutoff}).fetchone()[0] != len(wanted):
                 return False
-            c.executemany("UPDATE instances SET purged_at=? WHERE sop_uid=?", [(now, u) for u in sop_uids])
+            c.executemany("UPDATE instances SET purged_at=? WHERE sop_uid=?", [(now, u) for u in wanted])
         return True
+
+    def fully_purged_segments(self) -> dict[int, list[str]]:
+        """Segments with indexed instances all of which are marked purged: {segment: [sop_uid, …]}.
+        Retention normally deletes such a segment right after marking it; one still on disk was left
+        by a crash in between (retention.py deletes it at the start of its next pass)."""
+        rows = self.conn().execute(
+            "SELECT sop_uid, path, purged_at IS NOT NULL AS gone FROM instances WHERE path LIKE 'log:%'").fetchall()
+        by_seg: dict[int, list[str]] = {}
+        held: set[int] = set()
+        for r in rows:
+            seg = int(r["path"].split(":")[1])
+            if r["gone"]:
+                by_seg.setdefault(seg, []).append(r["sop_uid"])
+            else:
+                held.add(seg)
+        return {k: v for k, v in by_seg.items() if k not in held}
 
     def purgeable_results(self, cutoff: float) -> list[sqlite3.Row]:
         """Result files of jobs finished at or before ``cutoff`` every delivery of which succeeded by then."""

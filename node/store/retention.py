@@ -3,7 +3,9 @@
 Originals live in log segments, so a segment goes only when every instance in it may go (see
 ``Index.purgeable_segments``); results are files and go one by one. The index is marked first
 and the data deleted second: a crash in between leaves an orphan file, never a reference to
-data that is gone. Every deletion is logged and audited, one entry per study.
+data that is gone; the next pass deletes such a segment first (``_purge_orphans``). Every
+deletion is logged and audited, one entry per study. A segment that cannot be handled (an
+error) is logged and reported in the pass's ``errors``; the pass goes on with the next one.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -31,9 +33,12 @@ class PurgeReport:
     segments: int = 0
     instances: int = 0
     results: int = 0
+    orphans: int = 0  # segments marked purged by an interrupted pass, deleted by this one
+    errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"segments": self.segments, "instances": self.instances, "results": self.results}
+        return {"segments": self.segments, "instances": self.instances, "results": self.results,
+                "orphans": self.orphans, "errors": self.errors[:20]}
 
 
 def purge_due(settings: Settings, index: Index, vault: Vault, audit: AuditTrail = NULL_AUDIT,
@@ -42,12 +47,13 @@ def purge_due(settings: Settings, index: Index, vault: Vault, audit: AuditTrail 
     r = settings.retention
     rep = PurgeReport()
     if r.originals_days is not None:
+        _purge_orphans(settings, index, vault, audit, rep)
         _purge_originals(settings, index, vault, audit, now - r.originals_days * DAY, now, rep)
     if r.results_days is not None:
         _purge_results(index, audit, now - r.results_days * DAY, now, rep)
-    if rep.segments or rep.results:
-        log.info("retention: deleted %d segment(s) (%d original(s)) and %d result file(s)",
-                 rep.segments, rep.instances, rep.results)
+    if rep.segments or rep.results or rep.orphans:
+        log.info("retention: deleted %d segment(s) (%d original(s)), %d left by an interrupted pass, and %d "
+                 "result file(s)", rep.segments, rep.instances, rep.orphans, rep.results)
     return rep
 
 
@@ -55,20 +61,61 @@ def _purge_originals(settings: Settings, index: Index, vault: Vault, audit: Audi
                      rep: PurgeReport) -> None:
     require_archive = settings.store_originals_in_orthanc
     for seg, sops in sorted(index.purgeable_segments(cutoff, require_archive).items()):
-        vault.close_segment(seg)  # nothing more goes into a segment about to be deleted
-        if not _only_purgeable(vault, index, seg, set(sops)):
-            continue
-        studies = Counter(index.study_of_instances(sops))
-        if not index.mark_instances_purged(sops, now, cutoff, require_archive):
-            continue  # something needs them again since the first look
+        # One segment's failure (unreadable, index busy, ...) must not end the pass: every segment
+        # after it would then be kept past its retention for ever.
         try:
-            vault.log.path(seg).unlink()
-        except FileNotFoundError:
-            pass
-        _fsync_dir(vault.log.root)
+            vault.close_segment(seg)  # nothing more goes into a segment about to be deleted
+            if not _only_purgeable(vault, index, seg, set(sops)):
+                continue
+            studies = Counter(index.study_of_instances(sops))
+            if not index.mark_instances_purged(sops, now, cutoff, require_archive):
+                continue  # something needs them again since the first look
+            _delete_segment(vault, seg)
+        except Exception as exc:  # noqa: BLE001 - reported in the pass result, the next segment goes on
+            log.exception("retention: segment %d not purged", seg)
+            rep.errors.append(f"segment {seg}: {type(exc).__name__}: {exc}")
+            continue
         rep.segments += 1
         rep.instances += len(sops)
         audit.spool_purged("original", dict(studies), {"segment": seg, "policy_days": settings.retention.originals_days})
+
+
+def _delete_segment(vault: Vault, seg: int) -> None:
+    try:
+        vault.log.path(seg).unlink()
+    except FileNotFoundError:
+        pass
+    _fsync_dir(vault.log.root)
+
+
+def _purge_orphans(settings: Settings, index: Index, vault: Vault, audit: AuditTrail, rep: PurgeReport) -> None:
+    """Segments still on disk although every indexed record in them is marked purged: a pass was
+    killed between ``mark_instances_purged`` and the unlink, and no later pass would look at them
+    again (``purgeable_segments`` only sees unpurged rows). Deleted here, unless the segment is one
+    a writer still uses or holds a record the index does not account for (not yet indexed)."""
+    active = vault.active_segments()
+    on_disk = [s for s in vault.log.segments() if s not in active]
+    if not on_disk:
+        return
+    purged = index.fully_purged_segments()
+    for seg in on_disk:
+        sops = purged.get(seg)
+        if not sops:
+            continue
+        try:
+            vault.close_segment(seg)  # no writer appends to it (it is not active): a no-op, for safety
+            if not _only_purgeable(vault, index, seg, set(sops)):
+                continue
+            studies = Counter(index.study_of_instances(sops))
+            _delete_segment(vault, seg)
+        except Exception as exc:  # noqa: BLE001 - as in _purge_originals
+            log.exception("retention: leftover segment %d not deleted", seg)
+            rep.errors.append(f"segment {seg}: {type(exc).__name__}: {exc}")
+            continue
+        log.warning("retention: deleted segment %d, marked purged by an interrupted pass", seg)
+        rep.orphans += 1
+        audit.spool_purged("original", dict(studies), {"segment": seg, "policy_days": settings.retention.originals_days,
+                                                      "after_interrupted_pass": True})
 
 
 def _only_purgeable(vault: Vault, index: Index, seg: int, sops: set[str]) -> bool:

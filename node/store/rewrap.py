@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from node.store.envelope import HEADER_SIZE, MAGIC, IntegrityError
+from node.store.index import TERMINAL_JOB, Index
 from node.store.vault import Vault
 
 log = logging.getLogger("hilum.keys")
@@ -150,3 +152,24 @@ def drop_key(vault: Vault, kid: str) -> int:
         finally:
             os.close(fd)
     return dropped
+
+
+def jobs_holding_old_keys(index: Index, now: float | None = None) -> list[dict]:
+    """Jobs that may still seal results under a key a rotation replaced: a worker gets the node's
+    keyring when its job is dispatched (``Vault.spec``) and keeps it to the end, so a job that started
+    before the last re-wrap finished may still write objects wrapped only under the old active key,
+    which ``keys_in_use`` cannot see yet. Retiring that key would make those results unreadable.
+    While a re-wrap is queued or running, every started job counts (the rotation is under way).
+    Returns [{"id", "status", "started_at"}] of such jobs not yet done or failed."""
+    c = index.conn()
+    rewraps = c.execute("SELECT status, finished_at FROM maintenance WHERE kind='rewrap'").fetchall()
+    if not rewraps:
+        return []  # no rotation through the node: every job started with the keyring it has now
+    if any(r["status"] not in ("done", "failed") for r in rewraps):
+        cutoff = time.time() if now is None else now
+    else:
+        cutoff = max(r["finished_at"] or 0.0 for r in rewraps)
+    terminal = ",".join("?" * len(TERMINAL_JOB))
+    rows = c.execute(f"SELECT id, status, started_at FROM jobs WHERE status NOT IN ({terminal}) "
+                     "AND started_at IS NOT NULL AND started_at <= ? ORDER BY id", (*TERMINAL_JOB, cutoff)).fetchall()
+    return [dict(r) for r in rows]

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
 import threading
 import time
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from node.receive.spool import write_durable
+from node.receive.spool import has_room, write_durable
 from node.store.envelope import HEADER_SIZE, MAGIC, Header, IntegrityError, Sealer
 
 log = logging.getLogger("hilum.spool")
@@ -263,6 +262,7 @@ class SegmentWriter:
         self._inflight: dict[int, int] = {}  # segment → appends reserved but not yet written
         self._unsynced: dict[int, _Segment] = {}  # segments with durable=False appends not yet synced
         self._sync_lock = threading.Lock()
+        self._broken: OSError | None = None  # a sync failed: see sync()
         self._preparer = threading.Thread(target=self._prepare_loop, name="spool-preparer", daemon=True)
         if prepare:
             self._preparer.start()
@@ -275,6 +275,8 @@ class SegmentWriter:
         next ``sync()`` (a retrieve's instances, one sync for many)."""
         if durable and not self.prepare:
             raise ValueError("this writer takes deferred appends only")
+        if not durable:
+            self._raise_if_broken()  # it could never be made durable (see sync())
         seg, off = self._reserve(length)
         try:
             sealed = build(seg.number, off)
@@ -296,12 +298,44 @@ class SegmentWriter:
         """Every ``durable=False`` append that returned before this call is on disk when it returns.
         The space was allocated and synced beforehand, so one fdatasync per segment is enough (no
         metadata changes). Serialised: a caller that finds another sync under way waits for it, as
-        that sync may be the one covering its writes."""
+        that sync may be the one covering its writes.
+
+        A failed fdatasync breaks this writer until the process restarts: this and every later
+        ``sync()`` and deferred append raise OSError naming that failure. Why not retry: after a
+        failed writeback Linux may mark the pages clean, so a second fdatasync can succeed with the
+        data lost, and a caller whose appends went into the same segment (another retrieve, which
+        has not synced yet) would be told they are durable. Nothing tells us which callers those
+        are, so every later one fails: their rows are never indexed and their retrieves retried
+        after a restart. Pushes (O_DSYNC appends of the other writer) are not affected."""
         with self._sync_lock:
+            self._raise_if_broken()
             with self._cond:
                 segs, self._unsynced = list(self._unsynced.values()), {}
-            for seg in segs:
-                os.fdatasync(seg.fill_fd)
+            try:
+                for seg in segs:
+                    os.fdatasync(seg.fill_fd)
+            except OSError as exc:
+                with self._cond:
+                    # Kept unsynced: none of them is known durable (the rest of the list was not synced).
+                    for seg in segs:
+                        self._unsynced.setdefault(seg.number, seg)
+                    self._broken = exc
+                log.error("spool sync failed (%s): deferred appends refused until the node restarts", exc)
+                raise
+
+    def _raise_if_broken(self) -> None:
+        exc = self._broken
+        if exc is not None:
+            raise OSError(exc.errno or errno.EIO, f"an earlier spool sync failed ({exc.strerror or exc}); "
+                                                  "deferred appends cannot be made durable until the node restarts")
+
+    def active(self) -> set[int]:
+        """Segments this writer may still write or sync: never to be deleted (retention)."""
+        with self._cond:
+            nums = {n for n, k in self._inflight.items() if k} | set(self._unsynced)
+            if self._cur is not None:
+                nums.add(self._cur.number)
+            return nums
 
     def _reserve(self, n: int, wait_s: float = 30.0) -> tuple[_Segment, int]:
         need = _align(n)
@@ -367,8 +401,14 @@ class SegmentWriter:
             while self._inflight.get(seg.number, 0) or seg.filling:
                 self._cond.wait(1.0)
             self._inflight.pop(seg.number, None)
-        self.sync()  # its deferred appends are made durable before its descriptors close
-        _close(seg)
+        try:
+            self.sync()  # its deferred appends are made durable before its descriptors close
+        except OSError as exc:
+            # On this daemon thread nobody else would see it; the writer is broken now (sync()), so the
+            # next commit of a retrieve fails with it. The descriptors are closed either way.
+            log.error("spool segment %d retired without a successful sync: %s", seg.number, exc)
+        finally:
+            _close(seg)
 
     def close_segment(self, number: int) -> None:
         """No more appends into segment ``number`` (the next append starts a new one); returns once
@@ -420,8 +460,7 @@ class SegmentWriter:
 
     def _room_for(self, n: int) -> bool:
         """Never take the last free space: the index and the logs need it more than the spool."""
-        usage = shutil.disk_usage(self.root)
-        return usage.free - n >= min(self.headroom, usage.total // 10)
+        return has_room(self.root, n, self.headroom)
 
     def _ahead_ok(self, seg: _Segment) -> bool:
         if seg.prepared - seg.alloc < self._want:
@@ -440,7 +479,10 @@ class SegmentWriter:
         with self._cond:
             while self._cur is not None and self._cur.filling:
                 self._cond.wait(1.0)
-        self.sync()
+        try:
+            self.sync()
+        except OSError as exc:  # every commit since the failure was told so; shutting down goes on
+            log.error("spool closed with deferred appends not durable: %s", exc)
         if self._cur is not None:
             _close(self._cur)
             self._cur = None

@@ -21,6 +21,10 @@ from node.store.segments import (SegmentNumbers, SegmentReader, SegmentWriter, l
 
 __all__ = ["IntegrityError", "Vault", "VaultSpec"]
 
+# Folders of the data directory holding only files sealed by ``Vault.write_file`` (artefacts: the
+# per-series cache of node/jobs/artefacts.py, sealed the same way).
+SEALED_DIRS = ("spool", "results", "quarantine", "artefacts")
+
 
 @dataclass(frozen=True)
 class VaultSpec:
@@ -74,6 +78,10 @@ class Vault:
         """No more appends into segment ``number``; returns once those already reserved are written."""
         for w in self.writers():
             w.close_segment(number)
+
+    def active_segments(self) -> set[int]:
+        """Log segments a writer of this vault is still writing or syncing (retention never deletes them)."""
+        return set().union(*(w.active() for w in self.writers()))
 
     def quiesce(self) -> None:
         """Returns once no append is under way (or after a minute)."""
@@ -141,6 +149,12 @@ class Vault:
         return qdir / f"{stem}.bin"
 
     def read_file(self, path: Path) -> bytes:
+        """A sealed file's bytes, verified. Everything the node writes under ``SEALED_DIRS`` of its
+        data directory is an envelope (``write_file``; envelopes date from before encryption, see
+        node/store/envelope.py, so no legitimate raw file exists there): anything else there - a
+        damaged magic, a file truncated to under 8 bytes or to nothing - is IntegrityError, never
+        data. Elsewhere a file without the magic is returned as it is: a remote worker's inputs,
+        fetched as plain DICOM into its own temporary directory (node/jobs/remote.py), are read so."""
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
@@ -151,7 +165,17 @@ class Vault:
             # An unsealed file where only sealed ones are written: planted or left from before
             # encryption was turned on. Never hand it out as if it were ours.
             raise IntegrityError(f"{path} is not sealed, but the spool is encrypted")
+        if self._in_sealed_dir(path):
+            raise IntegrityError(f"{path} is not a sealed envelope ({len(blob)} bytes, magic "
+                                 f"{bytes(blob[: len(MAGIC)])!r}): damaged or truncated")
         return blob
+
+    def _in_sealed_dir(self, path: Path) -> bool:
+        try:
+            rel = Path(path).absolute().relative_to(self.data_dir.absolute())
+        except ValueError:
+            return False
+        return bool(rel.parts) and rel.parts[0] in SEALED_DIRS
 
 
 def _spool_salt(path: Path) -> bytes:

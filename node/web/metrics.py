@@ -38,6 +38,12 @@ def render(node) -> str:
            [({"status": s}, index.count_jobs((s,))) for s in JOB_STATUSES])
     metric("hilum_deliveries", "gauge", "Deliveries waiting or failed.",
            [({"status": s}, index.count_deliveries(s)) for s in ("pending", "failed")])
+    quarantine = getattr(getattr(node, "ingest", None), "quarantine", None)
+    if quarantine is not None:  # bounded (node/receive/spool.py): how close it is to its cap
+        used = quarantine.usage()
+        metric("hilum_quarantine_files", "gauge", "Files in the quarantine folder (rejected instances, reasons).",
+               [({}, used["files"])])
+        metric("hilum_quarantine_bytes", "gauge", "Bytes in the quarantine folder.", [({}, used["bytes"])])
     cl = cluster_view(node)
     if cl["queues"] is not None:
         metric("hilum_queue_length", "gauge", "Tasks waiting in the broker queue.",
