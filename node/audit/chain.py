@@ -16,14 +16,20 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
 GENESIS = "0" * 64  # ``prev`` of the first entry
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def canonical(entry: dict) -> bytes:
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # A lone surrogate (valid JSON "\ud800" in a request) cannot be encoded as UTF-8: it is written as
+    # its JSON escape, as ensure_ascii would, so the entry is still recorded and reads back to the same
+    # bytes; every other character stays as before, so existing entries keep their MACs.
+    text = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode()
 
 
 def entry_mac(key: bytes, entry: dict) -> str:

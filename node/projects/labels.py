@@ -49,6 +49,9 @@ def check_seg(project: Project, ds: pydicom.Dataset, study_uid: str, input_serie
     """
     if ds.get("Modality") != "SEG":
         raise LabelRefused(f"not a segmentation: Modality is {ds.get('Modality')!r}, not SEG")
+    for attr in ("SOPInstanceUID", "SeriesInstanceUID"):  # a label version is recorded by these two
+        if not str(ds.get(attr, "")).strip():
+            raise LabelRefused(f"the SEG has no {attr}: a label version must name its instance and series")
     if study_uid not in (project.study_uids if cases is None else cases):
         raise LabelRefused(f"study {study_uid} is not a case of project {project.name!r}")
     if str(ds.get("StudyInstanceUID", "")) != study_uid:

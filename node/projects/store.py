@@ -13,7 +13,7 @@ view it. Case states:
 ``predicted``: a model version segmented it (the job and its uncertainty are kept);
 ``in_review``: an annotator saved a SEG for it (a label version: who, when, from which prediction);
 ``labeled``: the label was accepted as final. A new SEG for a case adds a version; earlier ones are
-kept, and the case goes back to ``in_review``.
+kept, and the case goes back to ``in_review`` (the same SEG stored again is no new version).
 """
 from __future__ import annotations
 
@@ -248,9 +248,16 @@ class ProjectStore:
 
     def add_label(self, name: str, study_uid: str, *, sop_uid: str, series_uid: str, segments: dict[str, int],
                   by: str) -> dict:
-        """A SEG accepted as this case's label: a new version (earlier ones kept), state in_review."""
+        """A SEG accepted as this case's label: a new version (earlier ones kept), state in_review.
+
+        The same SEG again (its SOP Instance UID is a version already: a client's retry, OHIF saving twice)
+        is that version, not a new one: the case keeps its state (an accepted label stays accepted).
+        """
         with self._cases_locked(name) as cases:
             case = self._case(cases, name, study_uid)
+            known = next((lab for lab in case["labels"] if lab["sop_uid"] == sop_uid), None)
+            if known is not None:
+                return known
             pred = case.get("prediction") or {}
             version = {"version": len(case["labels"]) + 1, "sop_uid": sop_uid, "series_uid": series_uid,
                        "segments": segments, "by": by, "at": time.time(),

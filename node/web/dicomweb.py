@@ -21,6 +21,7 @@ Three more things are normalised on the way:
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import AsyncIterator
 
@@ -189,7 +190,8 @@ async def proxy(path: str, request: Request, p: Principal = Depends(current_prin
         if int(request.headers.get("content-length") or 0) > limit:
             raise HTTPException(413, f"STOW-RS request larger than {node.settings.stow_max_mb} MB")
         body = _limited(request.stream(), limit)
-        if ProjectStore.for_data_dir(node.settings.data_dir).names():
+        # A directory listing: off the event loop, which serves every other request meanwhile.
+        if await asyncio.to_thread(ProjectStore.for_data_dir(node.settings.data_dir).names):
             # A SEG for a project case is checked before the archive stores it: read the body whole.
             try:
                 body = b"".join([chunk async for chunk in body])

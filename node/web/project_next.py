@@ -11,14 +11,15 @@ instance (the job's result), and the archive is the one place that knows where i
 """
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import urlencode
 
 import httpx
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from node.models.uncertainty import STRATEGIES, CaseScore, rank_cases
-from node.projects.store import ProjectStore
 from node.web.auth import Principal, require_viewer
+from node.web.projects_api import _store, _visible
 
 router = APIRouter(prefix="/api/projects", tags=["projects"])
 SERIES_UID = "0020000E"
@@ -61,18 +62,25 @@ async def prediction_series(request: Request, study_uid: str, sop_uid: str) -> s
 
 @router.get("/{name}/next")
 async def next_case(name: str, request: Request, strategy: str = Query("uncertainty"), seed: int = Query(0),
-                    _: Principal = Depends(require_viewer)) -> dict:
+                    p: Principal = Depends(require_viewer)) -> dict:
     """The next case to annotate with the OHIF address that opens it, the prediction pre-loaded."""
     if strategy not in STRATEGIES:
         raise HTTPException(422, f"strategy: must be one of {', '.join(STRATEGIES)}")
-    store = ProjectStore.for_data_dir(request.app.state.node.settings.data_dir)
-    if name not in store.names():
-        raise HTTPException(404, f"no project {name!r}")
-    picked = pick_next(store.cases(name), strategy, seed)
+    store = _store(request)
+
+    def visible_cases() -> dict[str, dict]:
+        # The check of every other project endpoint (404, or 403 with the refusal audited): a user left
+        # off a restricted project must not be handed its cases here either.
+        _visible(request, store, name, p)
+        return store.cases(name)
+
+    # This endpoint is async (it awaits the archive): file reads go to a thread, not the event loop.
+    cases = await asyncio.to_thread(visible_cases)
+    picked = pick_next(cases, strategy, seed)
     if picked is None:
         return {"project": name, "case": None, "reason": "every case is labeled or in review"}
     study_uid, reason = picked
-    case = store.cases(name)[study_uid]
+    case = cases[study_uid]
     prediction = case.get("prediction") or {}
     query = {"StudyInstanceUIDs": study_uid}
     series = None

@@ -28,8 +28,10 @@ def _store(request: Request) -> ProjectStore:
 def _project(store: ProjectStore, name: str) -> Project:
     try:
         return store.get(name)
-    except KeyError as exc:
-        raise HTTPException(404, str(exc.args[0])) from None
+    except KeyError:
+        # Not the store's message: it lists every project, and a user is not told the names of those
+        # they may not see (the list endpoint leaves them out too).
+        raise HTTPException(404, f"no project {name!r}") from None
 
 
 def _refused(request: Request, p: Principal, project: str | None, what: str, reason: str) -> NoReturn:

@@ -7,12 +7,13 @@ found, each naming its file, line and field, so the editor can show them next to
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from node.route.router import series_facts
-from node.rules.errors import RuleErrors
+from node.rules.errors import RuleError, RuleErrors
 from node.rules.facts import StudyFacts
 from node.rules.loader import is_rule_file_name, read_rule_files
 from node.rules.ruleset import RuleSet
@@ -21,6 +22,7 @@ from node.web.auth import Principal, require_admin, require_viewer, who
 
 router = APIRouter(prefix="/api/rules", tags=["rules"])
 MAX_RULE_FILE_CHARS = 256 * 1024
+NOT_UTF8 = "the file is not UTF-8 text"  # the loader's words for it
 
 
 class FileText(BaseModel):
@@ -91,13 +93,33 @@ def overview(request: Request, _: Principal = Depends(require_viewer)) -> dict:
             "directory_errors": [e.to_dict() for e in service.errors]}
 
 
+def _read(path: Path) -> tuple[str | None, RuleError | None]:
+    """The rule file's text, or why it cannot be read (in the loader's words)."""
+    try:
+        return path.read_text(encoding="utf-8"), None
+    except UnicodeDecodeError:
+        return None, RuleError(path.name, None, None, NOT_UTF8)
+    except OSError as exc:
+        return None, RuleError(path.name, None, None, f"cannot read the file: {exc.strerror or exc}")
+
+
+def _latest(service) -> dict | None:
+    latest = service.store.latest()
+    return latest and {"version": latest.version, "digest": latest.digest}
+
+
 @router.get("/files/{name}")
 def get_file(name: str, request: Request, _: Principal = Depends(require_viewer)) -> dict:
     _check_name(name)
-    files = read_rule_files(_service(request).rules_dir)
-    if name not in files:
+    # This one file, not the whole directory: one unreadable file (say latin-1, saved by another editor)
+    # must not make every file unreadable here, and is itself answered 422 naming it, not 500.
+    path = _service(request).rules_dir / name
+    if not path.is_file():
         raise HTTPException(404, f"no rule file {name!r}")
-    return {"name": name, "text": files[name]}
+    text, problem = _read(path)
+    if problem is not None:
+        raise HTTPException(422, {"message": f"rule file {name!r} cannot be read", "errors": [problem.to_dict()]})
+    return {"name": name, "text": text}
 
 
 @router.put("/files/{name}")
@@ -113,8 +135,22 @@ def put_file(name: str, body: FileText, request: Request, p: Principal = Depends
 @router.delete("/files/{name}")
 def delete_file(name: str, request: Request, p: Principal = Depends(require_admin)) -> dict:
     _check_name(name)
+    service = _service(request)
+    path = service.rules_dir / name
+    if path.is_file() and (problem := _read(path)[1]) is not None and problem.message == NOT_UTF8:
+        # The service lays a change over the directory's content and cannot read this file, so without this
+        # a file that is not UTF-8 could not be removed through the API at all. Removing it is what the
+        # admin would do by hand: its text is in no rules version (the directory is refused whole while it
+        # is there), and reload() loads the rest as the directory watcher would (validated; the active
+        # rules stay if it is refused). The deletion itself is audited, as every admin change of the rules.
+        before = _latest(service)
+        path.unlink()
+        service.reload()
+        after = _latest(service)
+        service.audit.rules_changed(who(p), f"deleted {name} ({problem.message})", before=before, after=after)
+        return {"name": name, "deleted": True, "version": after and after["version"]}
     try:
-        version = _service(request).apply_change({name: None}, who(p), f"deleted {name}")
+        version = service.apply_change({name: None}, who(p), f"deleted {name}")
     except RuleErrors as exc:
         raise _refused(exc.errors) from None
     return {"name": name, "deleted": True, "version": version}

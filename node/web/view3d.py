@@ -53,7 +53,8 @@ from node.render.live_session import LiveSession, parse_request
 from node.render.volume_cache import ViewerBusy, VolumeCache
 from node.store.vault import IntegrityError
 from node.volume import load_series
-from node.web.auth import Principal, current_principal, hash_token, require_admin, require_viewer, session_principal
+from node.web.auth import (Principal, _known_role, current_principal, hash_token, require_admin, require_viewer,
+                           session_principal)
 
 STATIC_DIR = Path(__file__).resolve().parent / "view3d"
 ASSETS = {"view3d.js": "text/javascript", "view3d.css": "text/css"}
@@ -154,8 +155,17 @@ def ws_principal(ws: WebSocket) -> Principal | None:
     if header:
         scheme, _, token = header.partition(" ")
         role = ws.app.state.node.index.token_role(hash_token(token.strip())) if scheme.lower() == "bearer" else None
-        return Principal("token", role, "token") if role else None
-    return session_principal(ws)
+        p = Principal("token", role, "token") if role else None
+    else:
+        p = session_principal(ws)
+    if p is None:
+        return None
+    # The HTTP routes' role check: a worker token (it opens only /api/worker) or a role this code does
+    # not know gets no view, as it gets no page or API read.
+    try:
+        return _known_role(p)
+    except HTTPException:
+        return None
 
 
 @router.websocket("/view3d/{study_uid}/{series_uid}/ws")

@@ -1,8 +1,18 @@
 'use strict';
-// Where to go after signing in: only a path on this node (never another site, never "//host").
+// Where to go after signing in: only a page of this node, never another site. The address is resolved
+// as the browser will resolve it (a pattern test on the text is not enough: the URL parser drops tabs
+// and newlines, so "/\t/evil.example" becomes "//evil.example"), and only this origin's is kept
+// ("javascript:..." and other sites have another origin).
 function nextPath() {
-  const next = new URLSearchParams(location.search).get('next') || '';
-  return /^\/(?![\/\\])/.test(next) ? next : '/console/';
+  const next = new URLSearchParams(location.search).get('next');
+  if (!next) return '/console/';
+  let url;
+  try {
+    url = new URL(next, location.origin);
+  } catch (e) {
+    return '/console/';
+  }
+  return url.origin === location.origin ? url.pathname + url.search + url.hash : '/console/';
 }
 
 document.getElementById('login-form').addEventListener('submit', async (event) => {
