@@ -26,7 +26,8 @@ def audit_paths(settings) -> tuple[Path, Path]:
 def open_log(settings, create_key: bool = False) -> ChainedLog:
     """The chained log; its key must exist unless ``create_key`` (KeyFileError names ``audit.key_file``)."""
     log_file, key_file = audit_paths(settings)
-    return ChainedLog(log_file, read_key(key_file, "audit.key_file", create=create_key))
+    return ChainedLog(log_file, read_key(key_file, "audit.key_file", create=create_key),
+                      marker=key_file.with_name(key_file.name + ".used"))
 
 
 def open_audit(settings) -> AuditTrail:

@@ -10,6 +10,8 @@ import json
 import socket
 from typing import Iterable
 
+from node.audit.chain import escape_surrogates
+
 FACILITY_AUTHPRIV = 10
 SEVERITY_NOTICE, SEVERITY_WARNING = 5, 4
 APP_NAME = "hilum"
@@ -25,7 +27,7 @@ def format_rfc5424(entry: dict, hostname: str | None = None) -> bytes:
     sd = f'[meta sequenceId="{seq}"]' if isinstance(seq, int) else "-"
     header = f"<{pri}>1 {entry.get('time', '-')} {host} {APP_NAME} - {msgid} {sd} "
     # BOM: the message is UTF-8 (RFC 5424 6.4).
-    return header.encode("ascii", "replace") + b"\xef\xbb\xbf" + json.dumps(entry, ensure_ascii=False).encode()
+    return header.encode("ascii", "replace") + b"\xef\xbb\xbf" + escape_surrogates(json.dumps(entry, ensure_ascii=False)).encode()
 
 
 def parse_target(text: str) -> tuple[str, int]:

@@ -13,20 +13,12 @@ transfers, and ``detail`` for the rest.
 from __future__ import annotations
 
 import logging
-import time
-from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from node.audit import vocabulary as v
-from node.audit.chain import ChainedLog
+from node.audit.chain import ChainedLog, utc_stamp
 
 log = logging.getLogger("hilum.audit")
-
-
-def utc_stamp(t: float | None = None) -> str:
-    """ISO 8601 UTC with milliseconds: sorts as text in time order."""
-    dt = datetime.fromtimestamp(time.time() if t is None else t, timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
 class AuditTrail:

@@ -76,6 +76,9 @@ def _check_head(log: ChainedLog, out: Verdict, last: int, by_seq: dict[int, dict
     if head is None:
         if last:
             out.problems.append(Problem(None, None, "head file missing: removal of the last entries cannot be ruled out"))
+        elif log.marker is not None and log.marker.exists():
+            out.problems.append(Problem(None, None, f"the log and its head file are gone, although its key wrote "
+                                                    f"to them before ({log.marker})"))
         return
     seq, mac = head.get("seq"), head.get("mac")
     if not isinstance(seq, int) or not isinstance(mac, str) or not hmac.compare_digest(
