@@ -39,7 +39,9 @@ def _is_loopback(host: str) -> bool:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML reads .nan / .inf as floats, and NaN passes every gt/le bound (each
+    # comparison is False), so a NaN or infinite timeout would otherwise be accepted.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AllowedCaller(Strict):
@@ -206,6 +208,35 @@ class ConfigError(ValueError):
     pass
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key written twice in one mapping. PyYAML silently keeps
+    the last one, so a second ``destinations:`` drops the first block (its de-identification
+    included) without a word. Also used for model cards (node.models.card)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` merges; keys written beside it override, as YAML intends
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is written twice (lines {seen[key]} and {line})",
+                            key_node.start_mark)
+                    seen[key] = line
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader's own error follows
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """Like ``yaml.safe_load``, but a duplicate mapping key is a yaml.YAMLError naming key and line."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 _ENV_PREFIX = "HILUM_"
 
 
@@ -217,7 +248,7 @@ def _env_values() -> dict[str, Any]:
             continue
         # Structured fields come as YAML/JSON in the variable; scalars as plain strings
         # (pydantic parses "true"/"false", so no string booleans leak into the code).
-        out[key] = yaml.safe_load(raw) if field.annotation not in (str, Path) else raw
+        out[key] = safe_load_unique(raw) if field.annotation not in (str, Path) else raw
     return out
 
 
@@ -226,7 +257,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     values: dict[str, Any] = {}
     if config_file:
         try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            loaded = safe_load_unique(Path(config_file).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"config file {config_file}: {exc}") from exc
         if not isinstance(loaded, dict):

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class ArchiveSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # as every settings model
 
     index: Literal["sqlite", "postgresql"] = "sqlite"
     dsn: str | None = None  # postgresql://user:password@host:5432/orthanc (external PostgreSQL)

@@ -20,7 +20,7 @@ def _queue_name(v: str) -> str:
 
 
 class ExecutorSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN/inf timeouts
 
     kind: Literal["local", "celery"] = "local"
     broker_url: str | None = None  # redis://host:6379/0 (or amqp://… for RabbitMQ)

@@ -20,7 +20,8 @@ SOURCE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN passes every gt/le bound (each comparison is False) and inf passes gt=0: refuse both.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _ae(v: str | None) -> str | None:

@@ -16,7 +16,8 @@ PROFILES_DIR = Path(__file__).resolve().parent / "deid" / "profiles"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN passes every gt/le bound (each comparison is False) and inf passes gt=0: refuse both.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _existing_file(v: Path | None) -> Path | None:
@@ -90,6 +91,19 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.tsv"))
 
 
+def _check_table(name: str) -> None:
+    """Read a profile file as node.deid will: a bad action or tag must stop the node at start-up,
+    naming the field, not only when the destinations are built (or, for tools that load the
+    settings without building them, never)."""
+    # Imported here: node.deid imports node.keyfile, which imports node.config, which imports us.
+    from node.deid.profile import Profile, ProfileError, profile_path, read_table
+
+    try:
+        read_table(profile_path(name), Profile())
+    except ProfileError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class Deidentify(_Strict):
     """PS3.15 Annex E de-identification applied to everything a destination sends."""
 
@@ -105,6 +119,7 @@ class Deidentify(_Strict):
     def _profile(cls, v: str) -> str:
         if v not in profile_names() and not Path(v).is_file():
             raise ValueError(f"{v!r} is neither a built-in profile ({', '.join(profile_names())}) nor a file")
+        _check_table(v)
         return v
 
     @field_validator("options")
@@ -113,6 +128,7 @@ class Deidentify(_Strict):
         for name in v:
             if name not in profile_names() and not Path(name).is_file():
                 raise ValueError(f"{name!r} is neither a built-in option ({', '.join(profile_names())}) nor a file")
+            _check_table(name)
         return v
 
     @field_validator("allow_burned_in")

@@ -50,6 +50,11 @@ class Profile:
         return None
 
 
+def profile_path(name: str) -> Path:
+    """The file of a built-in profile or option, or ``name`` itself when it is a file."""
+    return _path(name)
+
+
 def _path(name: str) -> Path:
     builtin = PROFILES_DIR / f"{name}.tsv"
     if builtin.is_file():
@@ -70,6 +75,9 @@ def _mask(group: str, element: str) -> tuple[int, int]:
 
 def read_table(path: Path, into: Profile) -> None:
     """Lay one profile file over ``into``; errors name the file and line."""
+    # Within one file a tag written twice is a mistake (the later line silently won); across files
+    # a later overlay replacing an earlier file's action is the point of overlays.
+    seen: dict[object, int] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
@@ -86,6 +94,7 @@ def read_table(path: Path, into: Profile) -> None:
         if resolved not in ACTIONS or any(resolve(a) not in ACTIONS for a in action.split("/")):
             raise ProfileError(f"{path}:{n}: action {action!r} is not one of D Z X K C U P (or X/Z, X/Z/D...)")
         if tag == "private":
+            _once(seen, "private", tag, path, n)
             into.private = resolved
             continue
         m = _TAG.match(tag)
@@ -93,10 +102,24 @@ def read_table(path: Path, into: Profile) -> None:
             raise ProfileError(f"{path}:{n}: tag {tag!r} is not (gggg,eeee) or 'private'")
         if "x" in tag.lower():
             mask, value = _mask(m.group(1), m.group(2))
+            if mask & value & 0x10000:
+                # Profile.action answers every odd (private) group with the 'private' line before
+                # it looks at masks, so this line would load and never apply. Keeping a private
+                # element also needs its private creator, which a tag pattern cannot say.
+                raise ProfileError(f"{path}:{n}: tag {tag!r} is in an odd (private) group; private attributes "
+                                   "follow the 'private' line only")
+            _once(seen, (mask, value), tag, path, n)
             into.masks = [t for t in into.masks if (t[0], t[1]) != (mask, value)] + [(mask, value, resolved)]
         else:
             t = int(m.group(1) + m.group(2), 16)
+            _once(seen, t, tag, path, n)
             into.exact[t] = resolved
+
+
+def _once(seen: dict[object, int], key: object, tag: str, path: Path, n: int) -> None:
+    if key in seen:
+        raise ProfileError(f"{path}:{n}: tag {tag} is already on line {seen[key]} of this file")
+    seen[key] = n
 
 
 def load_profile(base: str = "basic", options: list[str] | tuple[str, ...] = ()) -> Profile:

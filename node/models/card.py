@@ -18,11 +18,13 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.config import safe_load_unique
 from node.results import RT_ROI_TYPES, Code, Segment, check_text
 
 __all__ = ["CardError", "ModelCard", "LabelSpec", "load_card", "orientation_matrix", "format_validation_error",
            "CARD_FILE", "ValidatedDomain", "Range", "IntensityProfile", "OrientationDomain", "Plausibility",
-           "LabelPlausibility", "HeldOutKind", "PLANES", "DetectionSpec", "TASKS", "MCDropout"]
+           "LabelPlausibility", "HeldOutKind", "PLANES", "DetectionSpec", "TASKS", "MCDropout",
+           "MEASURED_PERCENTILES"]
 
 CARD_FILE = "card.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
@@ -34,7 +36,9 @@ class CardError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML reads .nan / .inf as floats; NaN passes every bound (each comparison
+    # is False), so a NaN spacing, window or range would be accepted here and corrupt or skip a job.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CodeSpec(_Strict):
@@ -160,7 +164,7 @@ class InputSpec(_Strict):
     @field_validator("target_spacing")
     @classmethod
     def _positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(v) <= 0 or max(v) > 20:
+        if not all(0 < s <= 20 for s in v):  # written so that NaN fails too (min/max skip it)
             raise ValueError(f"target_spacing must be three values in (0, 20] mm, got {list(v)}")
         return v
 
@@ -231,6 +235,9 @@ class Validation(_Strict):
 # ---------------------------------------------------------------- the model's limits
 
 PLANES = ("axial", "coronal", "sagittal")
+# The body-intensity percentiles node.models.domain measures on every input: a card range for any
+# other percentile would be accepted and never compared.
+MEASURED_PERCENTILES = (5, 25, 50, 75, 95)
 
 
 class Range(_Strict):
@@ -278,14 +285,15 @@ class IntensityProfile(_Strict):
     # Measured on the image resampled (anti-aliased) to this isotropic grid: body-edge partial volume,
     # and so the low percentiles, would otherwise depend on the input's resolution.
     grid_mm: float = Field(4.0, gt=0, le=20)
-    percentiles: dict[int, Range] = Field(min_length=1)  # percentile (1..99) -> accepted range
+    percentiles: dict[int, Range] = Field(min_length=1)  # percentile (one of MEASURED_PERCENTILES) -> range
 
     @field_validator("percentiles")
     @classmethod
     def _levels(cls, v: dict[int, Range]) -> dict[int, Range]:
-        bad = [p for p in v if not 1 <= p <= 99]
+        bad = sorted(p for p in v if p not in MEASURED_PERCENTILES)
         if bad:
-            raise ValueError(f"percentiles must be 1..99, got {bad}")
+            raise ValueError(f"percentiles {bad} are not measured on inputs; use "
+                             f"{', '.join(map(str, MEASURED_PERCENTILES))}")
         return v
 
 
@@ -304,6 +312,15 @@ class ValidatedDomain(_Strict):
     intensity: IntensityProfile | None = None
     trained_on: list[str] = []  # phantom families or data sets, for people (not checked)
     validated_on: list[str] = []
+
+    @field_validator("body_regions")
+    @classmethod
+    def _regions(cls, v: list[str]) -> list[str]:
+        # Inputs' BodyPartExamined is compared upper-cased (DICOM writes it so): `Chest` here
+        # would flag every input.
+        if any(not r.strip() for r in v):
+            raise ValueError(f"empty body region in {v}")
+        return [r.strip().upper() for r in v]
 
 
 class LabelPlausibility(_Strict):
@@ -438,7 +455,7 @@ def load_card(path: str | Path) -> ModelCard:
     if path.is_dir():
         path = path / CARD_FILE
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load_unique(path.read_text())  # a key written twice is an error, not last-wins
     except OSError as exc:
         raise CardError(f"{path}: cannot read the card: {exc.strerror}") from None
     except yaml.YAMLError as exc:

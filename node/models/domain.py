@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from node.models.card import PLANES, IntensityProfile, ModelCard, OrientationDomain, Range, ValidatedDomain
+from node.models.card import MEASURED_PERCENTILES, PLANES, IntensityProfile, ModelCard, OrientationDomain, Range, ValidatedDomain
 from node.models.inference import network_grid, resample
 from node.results import QualityFlag
 from node.volume import Volume
@@ -22,7 +22,7 @@ from node.volume import Volume
 __all__ = ["InputFacts", "measure_input", "domain_flags", "domain_from_facts", "PERCENTILES",
            "GEOMETRY_MARGIN", "INTENSITY_MARGIN_HU"]
 
-PERCENTILES = (5, 25, 50, 75, 95)
+PERCENTILES = MEASURED_PERCENTILES  # a card may only state ranges for these (card.IntensityProfile)
 GEOMETRY_MARGIN = 0.1  # ranges of spacing, thickness, FOV and coverage widened by 10 % each way
 INTENSITY_MARGIN_HU = 40.0  # plus a quarter of the observed spread
 _MAX_SAMPLES = 1_000_000  # body percentiles from a strided subsample: the same answer, a fraction of the time
@@ -90,9 +90,13 @@ def domain_flags(card: ModelCard, facts: InputFacts) -> list[QualityFlag]:
     flags = []
     if d.modality and facts.modality and facts.modality != d.modality:
         flags.append(_flag("modality_out_of_domain", f"modality {facts.modality}, validated {d.modality}"))
-    if d.body_regions and facts.body_region and facts.body_region not in d.body_regions:
+    # No validated regions listed: the card's input.body_region is still what the model was made
+    # for, so a head CT given to a chest model is flagged either way. Both are compared upper-cased,
+    # as _header_value reads BodyPartExamined; an input without one is not flagged.
+    regions = d.body_regions or [card.input.body_region.strip().upper()]
+    if facts.body_region and facts.body_region not in regions:
         flags.append(_flag("body_region_out_of_domain",
-                           f"body part {facts.body_region}, validated {', '.join(d.body_regions)}"))
+                           f"body part {facts.body_region}, validated {', '.join(regions)}"))
     if d.pixel_spacing_mm and not all(s in d.pixel_spacing_mm for s in facts.pixel_spacing_mm):
         flags.append(_flag("pixel_spacing_out_of_domain", "pixel spacing "
                            + " x ".join(f"{s:.2f}" for s in facts.pixel_spacing_mm)
