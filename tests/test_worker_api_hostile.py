@@ -293,6 +293,12 @@ def test_inputs_stream_exactly_what_the_claim_announced_while_more_arrives(tmp_p
     got = nc.fetch_inputs(claim, "T", tmp_path / "in")
     assert list(got) == [first]
     assert [str(pydicom.dcmread(p).SOPInstanceUID) for p in got[first]] == claimed
+    # The announcement is kept with the attempt in the index: a restarted node streams the same.
+    restarted = TestClient(create_app(node))
+    restarted.headers.update({"Authorization": "Bearer hlm_worker", "X-Hilum-Worker": "w"})
+    nc.http = restarted
+    again = nc.fetch_inputs(claim, "T", tmp_path / "in2")
+    assert [str(pydicom.dcmread(p).SOPInstanceUID) for p in again[first]] == claimed
 
 
 def _stream_client(frames: list[tuple[int, bytes]]) -> NodeClient:

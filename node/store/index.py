@@ -143,6 +143,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE studies ADD COLUMN route_note TEXT
     """,
+    # 9: what a remote worker's claim announced (the instances of its inputs and priors), so that
+    # /inputs and /priors stream exactly that, also after a restart of the node
+    """
+    ALTER TABLE job_attempts ADD COLUMN announced_json TEXT
+    """,
 ]
 
 TERMINAL_JOB = ("done", "failed")
@@ -611,6 +616,16 @@ class Index:
         return self.conn().execute(
             "UPDATE job_attempts SET state=?, ended_at=? WHERE job_id=? AND attempt=? AND state='claimed'",
             (state, time.time(), job_id, attempt)).rowcount == 1
+
+    def announce(self, job_id: int, attempt: int, frames: dict) -> None:
+        """Record what an attempt's claim announced: {"inputs": [[pos, locator], ...], "priors": [...]}."""
+        self.conn().execute("UPDATE job_attempts SET announced_json=? WHERE job_id=? AND attempt=?",
+                            (json.dumps(frames), job_id, attempt))
+
+    def announced(self, job_id: int, attempt: int) -> dict | None:
+        row = self.conn().execute("SELECT announced_json FROM job_attempts WHERE job_id=? AND attempt=?",
+                                  (job_id, attempt)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
 
     def expire_queued_attempt(self, job_id: int, attempt: int) -> bool:
         """Close an attempt no worker claimed (state 'timeout'); False if a worker claimed it meanwhile

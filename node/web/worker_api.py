@@ -176,7 +176,7 @@ def claim(job_id: int, request: Request, name: str = Depends(require_worker)) ->
     series = [{"uid": u, "instances": len(p)} for u, p in zip(uids, paths)]
     model = _claim_model(request, job)
     priors, prior_locators = _priors_claim(node.index, job_id, uids)
-    _announce(request, job_id, job["attempts"], _locators(paths), prior_locators)
+    node.index.announce(job_id, job["attempts"], {"inputs": _locators(paths), "priors": prior_locators})
     node.audit.worker_access(f"worker {name}", request.client.host if request.client else None, job_id=job_id,
                              study_uid=job["study_uid"], what="inputs", ok=True,
                              objects=sum(s["instances"] for s in series))
@@ -221,34 +221,13 @@ def _locators(series_paths: list[list[str]]) -> list[tuple[int, str]]:
     return [(i, loc) for i, paths in enumerate(series_paths) for loc in paths]
 
 
-def _announced(request: Request) -> dict:
-    """(job, attempt) -> the frames its claim announced: {"inputs": [...], "priors": [...]}.
-
-    The claim tells the worker how many instances each series has; /inputs and /priors come later,
-    when more may have arrived (a late series, a resent study), and the worker checks the stream
-    against the claim. So the streams are exactly the locators counted at the claim, kept here (per
-    app, in memory: the worker fetches them right after its claim). Entries of attempts no longer
-    open are dropped at each claim, so this holds about one entry per running remote job."""
-    state = request.app.state
-    if not hasattr(state, "worker_announced"):
-        state.worker_announced = {}
-    return state.worker_announced
-
-
-def _announce(request: Request, job_id: int, attempt: int, inputs: list, priors: list) -> None:
-    saved = _announced(request)
-    open_now = {(r["job_id"], r["attempt"]) for r in request.app.state.node.index.open_attempts()}
-    for key in list(saved):  # a copy: another claim may add its entry meanwhile (threadpool)
-        if key not in open_now:
-            saved.pop(key, None)
-    saved[(job_id, attempt)] = {"inputs": inputs, "priors": priors}
-
-
 def _announced_frames(request: Request, job_id: int, attempt: int, which: str) -> list[tuple[int, str]] | None:
-    """The frames announced at this attempt's claim; None when the node restarted since (the caller
-    reads the index again, and the worker's check against its claim names any difference)."""
-    entry = _announced(request).get((job_id, attempt))
-    return None if entry is None else entry[which]
+    """The frames (series position, locator) this attempt's claim announced: the claim tells the
+    worker how many instances each series has, and /inputs and /priors come later, when more may
+    have arrived (a late series, a resent study); so they stream exactly what was counted then,
+    kept in the index with the attempt. None for an attempt claimed before the node kept them."""
+    entry = request.app.state.node.index.announced(job_id, attempt)
+    return None if entry is None else [(int(i), str(loc)) for i, loc in entry[which]]
 
 
 @router.get("/jobs/{job_id}/inputs")
