@@ -5,7 +5,11 @@ Which pair: ``pair: study`` takes a ``moving_modality`` series of the job's stud
 onto a ``fixed_modality`` series (e.g. the planning CT); ``pair: prior`` takes the same kind of
 series from the patient's most recent prior study (``HandlerInput.priors``, filled when the rule
 asks for priors) onto the current one. No partner, a localizer, a 2-D image, another patient or no
-overlap: the job is refused with the reason, and nothing is delivered.
+overlap: the job is refused with the reason, and nothing is delivered. So is a result that fails a
+plausibility check: a folded deformation, or (CT-CT) images that do not match after registration
+(another anatomy, a mirrored image: ``node.registration.engine.MATCH_REFUSE_RMS_HU``). A poor but not
+impossible match, or series sharing little of their z-extent, comes back as a QualityFlag: the rule's
+``on_quality_failure`` refuses the job or delivers it with the warning in every object.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from node.results import (
     Measurement,
     MeasurementGroup,
     MeasurementReport,
+    QualityFlag,
     ResampledSeries,
     SeriesRef,
     SpatialRegistration,
@@ -172,6 +177,8 @@ class Registration(Handler):
         if outcome.warnings:
             raise HandlerRefusal("registration: " + "; ".join(outcome.warnings) + " - not delivered")
         self.provenance.update({"method": p.method, "metric": outcome.metric, "elapsed_s": round(outcome.elapsed_s, 2)})
+        if outcome.match_rms_hu is not None:
+            self.provenance["match_rms_hu"] = round(outcome.match_rms_hu, 1)
         progress(0.8, "resampling")
         fixed_ref, moving_ref = _ref(fixed), _ref(moving)
         text = f"{moving.modality} {'prior ' if p.pair == 'prior' else ''}on {fixed.modality} ({p.method})"
@@ -218,9 +225,14 @@ class Registration(Handler):
         results.append(TextFinding(
             f"{p.method} registration of {moving.modality} series {moving.series_uid} onto {fixed.modality} series "
             f"{fixed.series_uid}: metric {outcome.metric}, {sum(outcome.iterations)} iterations"
+            + (f"; RMS difference after registration {outcome.match_rms_hu:.0f} HU within the {p.fixed_mask} mask"
+               if outcome.match_rms_hu is not None else "")
             + (f"; Jacobian determinant min {outcome.jacobian.minimum:.3f}" if outcome.jacobian else "")
             + (f"; residual distance between the {p.fixed_mask} mask surfaces (no landmarks): mean "
                f"{residual.mean_mm:.2f} mm, 95th percentile {residual.p95_mm:.2f} mm" if residual else ""),
             fixed.series_uid))
+        # Borderline plausibility (a poor match, little z-extent in common): delivered only as the
+        # rule's on_quality_failure says, with the warning in every object.
+        results += [QualityFlag(check, reason) for check, reason in outcome.cautions]
         progress(1.0, "done")
         return results

@@ -150,6 +150,18 @@ def _plane(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return iop, ipp
 
 
+def _pixel_spacing(ds: Dataset) -> np.ndarray:
+    """(row spacing, column spacing) mm of one slice."""
+    try:
+        ps = np.asarray([float(v) for v in ds.PixelSpacing], dtype=float)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise GeometryError(f"instance {ds.get('SOPInstanceUID', '?')} lacks a usable PixelSpacing: {exc}")
+    if ps.shape != (2,) or not np.all(ps > 0):
+        raise GeometryError(f"instance {ds.get('SOPInstanceUID', '?')} has PixelSpacing {list(ps)}: "
+                            "not two positive values")
+    return ps
+
+
 def sort_by_geometry(datasets: Sequence[Dataset], tolerance: float = 0.05) -> tuple[list[Dataset], Geometry]:
     """Sort single-frame slices along their normal and derive the grid.
 
@@ -164,6 +176,7 @@ def sort_by_geometry(datasets: Sequence[Dataset], tolerance: float = 0.05) -> tu
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
         raise GeometryError("ImageOrientationPatient is not two orthonormal vectors")
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    ps0 = _pixel_spacing(datasets[0])
     keyed = []
     for ds in datasets:
         iop, ipp = _plane(ds)
@@ -171,6 +184,13 @@ def sort_by_geometry(datasets: Sequence[Dataset], tolerance: float = 0.05) -> tu
             raise GeometryError("slices have different orientations")
         if int(ds.Rows) != rows or int(ds.Columns) != cols:
             raise GeometryError("slices have different matrix sizes")
+        # The grid takes the first slice's spacing: a slice of another field of view (same matrix)
+        # stacked on it would be scaled silently (volumes wrong by tens of %). Checked here, before
+        # the shear test, which such a slice (its corner elsewhere) would fail for the wrong reason.
+        ps = _pixel_spacing(ds)
+        if not np.allclose(ps, ps0, rtol=1e-4, atol=0.0):
+            raise GeometryError(f"slices have different PixelSpacing: {ps0[0]:g}\\{ps0[1]:g} mm and "
+                                f"{ps[0]:g}\\{ps[1]:g} mm (instance {ds.get('SOPInstanceUID', '?')}): not one volume")
         if int(ds.get("NumberOfFrames", 1) or 1) != 1:
             raise GeometryError("multi-frame instances are not supported as slices")
         keyed.append((float(ipp @ normal), ipp, ds))
@@ -190,7 +210,7 @@ def sort_by_geometry(datasets: Sequence[Dataset], tolerance: float = 0.05) -> tu
         off = (ipp - first_ipp) - normal * (p - keyed[0][0])
         if np.linalg.norm(off) > max(0.01, tolerance * dz):
             raise GeometryError("slice positions are sheared (gantry tilt): not a regular volume")
-    ps = [float(v) for v in datasets[0].PixelSpacing]  # (row spacing, column spacing)
+    ps = [float(v) for v in ps0]  # (row spacing, column spacing), the same in every slice (checked above)
     direction = np.column_stack([row, col, normal])
     geom = Geometry(
         shape=(len(keyed), rows, cols),

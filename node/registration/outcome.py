@@ -76,6 +76,11 @@ class RegistrationOutcome:
     deformation_grid: Geometry | None = None
     jacobian: JacobianStats | None = None
     overlap: float = 1.0  # fraction of the fixed foreground that maps inside the moving image
+    # CT-CT: RMS difference (HU) of fixed and registered moving within the fixed mask (None otherwise)
+    match_rms_hu: float | None = None
+    # Plausibility checks the result failed without being refused: (check id, reason) pairs, which
+    # the registration handler delivers as QualityFlags (``warnings`` are refused outright).
+    cautions: tuple[tuple[str, str], ...] = field(default=())
     iterations: tuple[int, ...] = ()  # per stage
     elapsed_s: float = 0.0
     warnings: tuple[str, ...] = field(default=())
