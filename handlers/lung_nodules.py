@@ -17,7 +17,11 @@ identifier, so the prior's own report (made by this handler) used the same ones.
 Results: one SEG (a segment per nodule), a TID 1500 SR (``sr_templates/lung-nodules.yaml``, with a
 key-slice outline per nodule that OHIF lists) and a key-image Secondary Capture per nodule (prior
 and current side by side at follow-up). Quality flags: no lungs found; more nodules than
-``max_nodules`` (reported: the largest ones; such a count means diffuse disease or a wrong input).
+``max_nodules`` (reported: the largest ones; such a count means diffuse disease or a wrong input);
+slices thicker than THICK_SLICE_MM (``thick_slices``); nodule-like candidates none of which could be
+measured (``candidates_unmeasured``: "no nodule" is then not said silently); at follow-up, a prior
+acquired differently (``followup_acquisition_mismatch``) or an interval under a week or negative
+(``followup_interval``): both scans' measurements are reported, but no change call or doubling time.
 
 ``detector: <model>`` replaces the blob measure by a site's detection model (card ``task: detection``,
 resolved through the model registry like a ``model:`` rule): its detections in the lungs are the
@@ -39,7 +43,7 @@ from node.handler_api import Handler, HandlerInput, PriorStudy, register
 from node.nodules.categories import volume_class
 from node.models.domain import domain_flags, measure_input
 from node.nodules.detect import CandidateSource, Detection, Nodule, detect_in_region, spacing_kji
-from node.nodules.followup import Change, change, match
+from node.nodules.followup import Acquisition, Change, change, comparison_problems, interval_problem, match
 from node.nodules.keyimage import key_image
 from node.nodules.model_candidates import Detector, load_detector
 from node.nodules.priorsr import prior_identities
@@ -64,6 +68,12 @@ _FOLLOWUP_FINEST_MM = 2.5
 # error against the phantom's truth 1.50 -> 1.71 mm mean (each nodule within 1.1 mm of before; the
 # match gate is 8 mm plus the nodule's size). At 20 mm one nodule moved by 2 mm.
 _FOLLOWUP_DEFORM_MARGIN_MM = 40.0
+# Slices beyond this (spacing or thickness) are too thick for nodule detection and volumetry:
+# Fleischner 2017 (MacMahon et al., Radiology 284:228) asks for contiguous thin sections, <= 1.5 mm
+# (ideally 1 mm), for nodule size and volume; the ACR Lung-RADS v2022 / lung screening CT protocol
+# for <= 2.5 mm. Observed on the phantom (5 solid 5-9 mm nodules): all 5 found at 1, 2.5 and 3 mm,
+# none at 5 mm (4 candidates seen, none measurable).
+THICK_SLICE_MM = 2.5
 
 
 class LungNodulesParams(BaseModel):
@@ -85,9 +95,12 @@ def tracking_uid(first_series_uid: str, tracking_id: str) -> str:
 
 
 def _acquired(series: SeriesData) -> dt.datetime | None:
+    """The study's date and time, in the order the node dates a prior (node.jobs.priors_input: StudyDate
+    first, then AcquisitionDate, SeriesDate): an interval from two different tags (one study's
+    acquisition, the other's study date) is off by the time between them."""
     ds = series.first
-    for date_tag, time_tag in (("AcquisitionDate", "AcquisitionTime"), ("SeriesDate", "SeriesTime"),
-                               ("StudyDate", "StudyTime")):
+    for date_tag, time_tag in (("StudyDate", "StudyTime"), ("AcquisitionDate", "AcquisitionTime"),
+                               ("SeriesDate", "SeriesTime")):
         d = str(ds.get(date_tag, "") or "")
         if len(d) == 8:
             t = (str(ds.get(time_tag, "") or "").split(".")[0] + "000000")[:6]
@@ -96,6 +109,32 @@ def _acquired(series: SeriesData) -> dt.datetime | None:
             except ValueError:
                 continue
     return None
+
+
+def _acquisition(series: SeriesData) -> Acquisition:
+    """Slice spacing (the volume's), SliceThickness and ConvolutionKernel of a series, as volumetry
+    depends on them."""
+    ds = series.first
+    try:
+        thickness = float(ds.get("SliceThickness") or 0) or None
+    except (TypeError, ValueError):
+        thickness = None
+    kernel = ds.get("ConvolutionKernel")
+    if kernel is not None and not isinstance(kernel, str):  # multi-valued (VM 1-n)
+        kernel = "\\".join(str(k) for k in kernel)
+    kernel = str(kernel or "").strip().upper() or None
+    return Acquisition(float(series.volume.geometry.spacing[2]), thickness, kernel)
+
+
+def _thick_slices(series: SeriesData) -> QualityFlag | None:
+    a = _acquisition(series)
+    thickest = max(a.spacing_mm, a.thickness_mm or 0.0)
+    if thickest <= THICK_SLICE_MM:
+        return None
+    return QualityFlag("thick_slices", f"slices {a.spacing_mm:g} mm apart"
+                       + (f", {a.thickness_mm:g} mm thick" if a.thickness_mm else "")
+                       + f": nodule detection and volumetry need <= {THICK_SLICE_MM:g} mm (Fleischner 2017, "
+                       "Lung-RADS); small nodules may be missed and volumes are unreliable")
 
 
 def _prior_ct(priors: list[PriorStudy]) -> tuple[PriorStudy, SeriesData] | None:
@@ -122,15 +161,18 @@ def _measurements(n: Nodule) -> list[Measurement]:
     return out
 
 
-def _change_measurements(prior: Nodule, c: Change) -> list[Measurement]:
+def _change_measurements(prior: Nodule, c: Change | None, interval_days: float | None) -> list[Measurement]:
+    """The prior's measurements, and with ``c`` the change; the interval where it is a real one."""
     out = [
         Measurement("prior_volume", round(prior.volume_mm3, 1), "mm3"),
         Measurement("prior_mean_diameter", round(prior.mean_diameter_mm, 1), "mm"),
-        Measurement("volume_change", round(c.volume_change_pct, 1), "%"),
-        Measurement("diameter_change", round(c.diameter_change_mm, 1), "mm"),
-        Measurement("interval", round(c.interval_days, 1), "d"),
     ]
-    if c.vdt_days is not None:
+    if c is not None:
+        out += [Measurement("volume_change", round(c.volume_change_pct, 1), "%"),
+                Measurement("diameter_change", round(c.diameter_change_mm, 1), "mm")]
+    if interval_days is not None and interval_days > 0:
+        out.append(Measurement("interval", round(interval_days, 1), "d"))
+    if c is not None and c.vdt_days is not None:
         out.append(Measurement("volume_doubling_time", round(c.vdt_days, 0), "d"))
     return out
 
@@ -168,6 +210,7 @@ class _Followup:
         self.acquired = acquired
         self.to_prior = to_prior
         self.interval_days = interval_days
+        self.no_change: list[str] = []  # why volumes are not compared (then no change call, no VDT)
         self.ids, self.uids = _identities(prior, series, detection)
         self.names = {i.tracking_id for i in prior_identities(prior.series, series)} | set(self.ids)
 
@@ -294,7 +337,20 @@ class LungNodules(Handler):
                 return None
         now, then = _acquired(inp.primary), prior.acquired or _acquired(series)
         interval = (now - then).total_seconds() / 86400 if now and then else None
-        return _Followup(prior, series, detection, _to_prior(outcome), interval, note, then)
+        fu = _Followup(prior, series, detection, _to_prior(outcome), interval, note, then)
+        mismatch = comparison_problems(_acquisition(inp.primary), _acquisition(series))
+        if mismatch:
+            fu.no_change += mismatch
+            flags.append(QualityFlag("followup_acquisition_mismatch", f"prior study {prior.study_uid} was acquired "
+                                     f"differently ({'; '.join(mismatch)}): nodule volumes are not comparable, so no "
+                                     "change or doubling time is reported, and a nodule called new or resolved may "
+                                     "only be unseen on the other scan"))
+        bad = interval_problem(interval) if interval is not None else None
+        if bad:
+            fu.no_change.append(bad)
+            flags.append(QualityFlag("followup_interval", f"prior study {prior.study_uid}: {bad}; no change or "
+                                     "doubling time is reported"))
+        return fu
 
     def run(self, inp: HandlerInput, progress) -> list:
         p: LungNodulesParams = self.params
@@ -312,6 +368,15 @@ class LungNodules(Handler):
                     QualityFlag("no_lungs", f"ct-anatomy found no lung in series {series.series_uid}",
                                 structure="lungs")]
         nodules = detection.nodules
+        thick = _thick_slices(series)
+        if thick is not None:
+            flags.append(thick)
+        if not nodules and detection.unmeasured:
+            # the detector saw nodule-like blobs the measurement could not size (thick slices, a
+            # nodule in a region the measurement refuses): "no nodule found" would be a false all-clear
+            flags.append(QualityFlag("candidates_unmeasured", f"{detection.unmeasured} nodule-like candidate(s) "
+                                     f"of {detection.candidates} could not be measured, so none is reported; "
+                                     "nodules may be present"))
         if len(nodules) > p.max_nodules:
             flags.append(QualityFlag("too_many_nodules", f"{len(nodules)} nodules found, more than max_nodules "
                                      f"{p.max_nodules}; the {p.max_nodules} largest are reported"))
@@ -358,11 +423,13 @@ class LungNodules(Handler):
                 if j in pairs:
                     prior = fu.detection.nodules[pairs[j]]
                     qualitative.append(("status", "persistent"))
-                    if fu.interval_days is not None:
+                    if fu.no_change:  # each scan's measurements, no comparison (see the flags)
+                        measurements += _change_measurements(prior, None, fu.interval_days)
+                    elif fu.interval_days is not None:
                         c = change(prior.volume_mm3, prior.mean_diameter_mm, n.volume_mm3, n.mean_diameter_mm,
                                    fu.interval_days)
                         qualitative.append(("change", c.call))
-                        measurements += _change_measurements(prior, c)
+                        measurements += _change_measurements(prior, c, c.interval_days)
                     before = key_image(fu.series.volume, prior.center_kji, prior.mean_diameter_mm,
                                        f"prior {prior.mean_diameter_mm:.1f} mm")
                 else:
@@ -401,7 +468,10 @@ class LungNodules(Handler):
             when = fu.acquired.strftime("%Y-%m-%d") if fu.acquired else "unknown date"
             note += (f" Compared with the prior study of {when}: volume changes below "
                      "25 % are reported as stable (within repeat-scan variability), without a doubling time.")
-            if fu.interval_days is None:
+            if fu.no_change:
+                note += (" No volume change, growth call or doubling time: " + "; ".join(fu.no_change)
+                         + ". The prior's measurements are given for reading, not as a comparison.")
+            elif fu.interval_days is None:
                 note += " The studies' acquisition dates are missing: no volume change rate or doubling time."
             if fu.note:
                 note += f" Note: {fu.note}."

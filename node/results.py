@@ -381,7 +381,9 @@ class TextFinding:
 
 # What a quality flag is about: the output failed a plausibility check, the input lies outside the
 # domain the method was validated on, or the method's own confidence is below its threshold.
-QUALITY_KINDS = frozenset({"plausibility", "domain", "confidence"})
+# "coverage": the result is right for what was scanned, but the scan holds only part of what it
+# measures (a lung cut by the scan range): never grounds to refuse, always delivered with the warning.
+QUALITY_KINDS = frozenset({"plausibility", "domain", "confidence", "coverage"})
 
 
 @dataclass(frozen=True)

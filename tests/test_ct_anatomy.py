@@ -90,7 +90,12 @@ def segmented(phantom):
         (label_map,) = [r for r in results if isinstance(r, LabelMap)]
         (report,) = [r for r in results if isinstance(r, MeasurementReport)]
         flags = [r for r in results if isinstance(r, QualityFlag)]
-        # Every variant here meets its targets: a plausibility check that fails on one is a false alarm.
+        # Every variant is a 160 mm slab of the chest (64 x 2.5 mm): both lungs run off its first or
+        # last slice, so their volumes are the slab's, and lung_truncated says so (before that check
+        # this asserted no flag at all). Within the slab every variant meets its targets: any other
+        # failed check is a false alarm.
+        assert sorted(f.structure for f in flags if f.check == "lung_truncated") == ["Lung_L", "Lung_R"], variant
+        flags = [f for f in flags if f.check != "lung_truncated"]
         assert not flags, f"{variant}: {[f.text for f in flags]}"
         return label_map, report, truth(study, series.volume.geometry)
 
@@ -270,7 +275,7 @@ def test_lungs_touching_at_the_anterior_junction_are_split(phantom):
     array = series.volume.array.copy()
     array[bridge] = np.random.default_rng(0).normal(-850, 15, int(bridge.sum())).astype(array.dtype)
     touching = SeriesData(series.series_uid, "CT", series.datasets, Volume(array, g))
-    (label_map, _) = CTAnatomy().run(HandlerInput(study.study_uid, [touching]), lambda f, m: None)
+    label_map, _, *_ = CTAnatomy().run(HandlerInput(study.study_uid, [touching]), lambda f, m: None)  # + lung_truncated
     left = want["Lung_L"] | (bridge & (p[..., 0] > 0))
     right = want["Lung_R"] | (bridge & (p[..., 0] <= 0))
     assert bridge.sum() > 1000
@@ -311,7 +316,7 @@ def test_blanket_and_bowel_gas(phantom):
     # Both substantial: the blanket 2 % of the body, over 5 ml of gas.
     assert blanket.sum() > 0.02 * body.sum() and gas.sum() * np.prod(g.spacing) > 5_000
     altered = SeriesData(series.series_uid, "CT", series.datasets, Volume(array, g))
-    (label_map, _) = CTAnatomy().run(HandlerInput(study.study_uid, [altered]), lambda f, m: None)
+    label_map, _, *_ = CTAnatomy().run(HandlerInput(study.study_uid, [altered]), lambda f, m: None)  # + lung_truncated
     external = label_map.labels > 0
     assert dice(external, body) >= TARGET_DICE["External"]
     assert abs(external.sum() / body.sum() - 1) <= VOLUME_TOLERANCE["External"]
@@ -419,7 +424,8 @@ def test_airway_and_bone_can_be_switched_off(phantom):
     study, series = phantom("default")
     handler = get_handler("ct-anatomy")({"airway": False, "bone": False})
     label_map, report, *flags = handler.run(HandlerInput(study.study_uid, [series]), lambda f, m: None)
-    assert not flags  # the trachea left in no structure is not taken for a dropped lung
+    # the trachea left in no structure is not taken for a dropped lung (the slab cuts both lungs: see segmented)
+    assert [f.check for f in flags] == ["lung_truncated", "lung_truncated"]
     assert [s.name for s in label_map.segments] == ["External", "Lung_L", "Lung_R"]
     assert [g.tracking_id for g in report.groups] == ["External", "Lung_L", "Lung_R", "Lungs"]
 

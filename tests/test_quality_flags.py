@@ -43,6 +43,7 @@ class FlaggingHandler(Handler):
         model_config = ConfigDict(extra="forbid")
         flag: bool = False
         domain: bool = False
+        coverage: bool = False
 
     def run(self, inp, progress):
         vol = inp.primary.volume
@@ -57,6 +58,9 @@ class FlaggingHandler(Handler):
         if self.params.flag:
             out.append(QualityFlag("lung_slice_gap", "Lung_L absent on 12 of 24 slices between present ones "
                                    "(threshold 0)", structure="Lung_L"))
+        if self.params.coverage:
+            out.append(QualityFlag("lung_truncated", "Lung_L is cut by the scan: its volume is that of the part "
+                                   "scanned", kind="coverage", structure="Lung_L"))
         return out
 
 
@@ -117,6 +121,18 @@ def test_deliver_with_warnings_marks_every_object(ct, tmp_path):
     assert sum("QUALITY WARNING" in t for t in texts) == 2
     sc = next(o for o in objs if o.SOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.7"))
     assert "lung_slice_gap" in sc.ImageComments
+
+
+def test_a_coverage_flag_never_refuses_and_is_written_into_every_object(ct, tmp_path):
+    """A lung cut by the scan range is measured right for what was scanned: delivered under the
+    default policy (refuse), with the warning in every object; a failed check beside it still refuses."""
+    meta, provenance, _ = run_job(_spec(ct, tmp_path, {"coverage": True}, {}), lambda f, m: None)
+    assert [w for w in provenance["quality_warnings"] if "lung_truncated" in w]
+    for o in _read(meta, tmp_path):
+        assert o.SeriesDescription.startswith("AI WARNING:"), o.SeriesDescription
+    with pytest.raises(HandlerRefusal) as exc:
+        run_job(_spec(ct, tmp_path / "2", {"coverage": True, "flag": True}, {}), lambda f, m: None)
+    assert "failed 1 quality check(s)" in str(exc.value) and "lung_truncated" not in str(exc.value)
 
 
 def test_without_flags_nothing_is_marked(ct, tmp_path):

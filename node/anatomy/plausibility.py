@@ -24,12 +24,19 @@ no hole in the External (``outline_holes``). Chest-specific (thresholds below):
 - ``airway_too_large``: airway volume over ``MAX_AIRWAY_FRACTION`` of the lungs' (it is 1-3 %),
   or a cross-section of it in one slice wider than ``MAX_AIRWAY_SECTION_MM2`` (an adult trachea's
   largest): the airway grew into a lung.
+- ``lung_truncated`` (kind ``coverage``: never refuses, always delivered with the warning in every
+  object): a lung cut by the scan's coverage or field of view, so its volume is that of the part
+  scanned, not the lung's: its area on the first or last slice is at least
+  ``TRUNCATED_END_FRACTION`` of its largest axial section, or where it meets the in-plane edge of
+  the reconstructed field (image edge or reconstruction circle) the cut surface is at least
+  ``TRUNCATED_SIDE_FRACTION`` of that section.
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
+from node.anatomy.grid import PADDING_HU
 from node.quality.slices import continuity, outline_holes, slice_gap
 from node.results import QualityFlag
 from node.volume import Geometry
@@ -48,6 +55,16 @@ MIN_BONE_ML = 20.0
 AIRWAY_OVERLAP_MM = 40.0
 MAX_AIRWAY_FRACTION = 0.04
 MAX_AIRWAY_SECTION_MM2 = 1000.0
+# A lung ends in a dome (apex) and a thin costophrenic recess: a scan that starts right at the apex
+# shows a little of it on its first slice and misses next to nothing. A quarter of the lung's
+# largest section on an end slice is cut about 0.13 of a dome's radius deep (missing ~1 % of an
+# adult lung); a real truncation is far above (phantom, 3 mm slices: a 300 mm chest 0.03-0.07 at the
+# apex and 0 at the bases; 60 mm slabs 0.73-1.0; a 160 mm slab 0.17-0.97).
+TRUNCATED_END_FRACTION = 0.25
+# The lungs lie inside the chest wall: they never touch the in-plane edge of a field that holds the
+# chest. Cut surface there (edge length x slice spacing) against the largest section: a 200 mm field
+# 2.0, a 260 mm padded reconstruction circle 0.53-0.55, every field holding the chest 0.
+TRUNCATED_SIDE_FRACTION = 0.1
 
 
 def check_anatomy(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, names: dict[int, str],
@@ -72,6 +89,7 @@ def check_anatomy(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, names:
     ml = {lab: float((labels == lab).sum()) * voxel_ml for lab in (left, right)}
     lungs_ml = ml[left] + ml[right]
     flags += _unlabelled(labels, hu, external_label, voxel_ml, lungs_ml)
+    flags += _truncated(labels, hu, lungs, names, (sx, sy, sz), ml)
     for lab, other in ((left, right), (right, left)):
         if ml[lab] == 0 and ml[other] >= MIN_LUNG_ML:
             flags.append(QualityFlag("lung_missing", f"{names[lab]} is empty while {names[other]} holds "
@@ -98,6 +116,37 @@ def check_anatomy(labels: np.ndarray, hu: np.ndarray, geometry: Geometry, names:
                                          structure=names[bone]))
     if airway is not None and lungs_ml >= MIN_LUNG_ML:
         flags += _airway(labels, airway, lungs, (sx, sy, sz), voxel_ml, lungs_ml, names[airway])
+    return flags
+
+
+def _truncated(labels: np.ndarray, hu: np.ndarray, lungs: tuple[int, int], names: dict[int, str],
+               spacing: tuple[float, float, float], ml: dict[int, float]) -> list[QualityFlag]:
+    """``lung_truncated`` for each lung the scan cuts (see the module's notes)."""
+    sx, sy, sz = spacing
+    n = labels.shape[0]
+    # The reconstructed field: not padding (on the first, middle and last slice, as node.anatomy.grid
+    # finds the reconstruction circle); its edge ring is where data ends in-plane.
+    field = ~np.logical_and.reduce([hu[k] < PADDING_HU for k in {0, n // 2, n - 1}])
+    ring = field & ~ndimage.binary_erosion(field, border_value=0)
+    flags = []
+    for lab in lungs:
+        if ml[lab] == 0:
+            continue
+        lung = labels == lab
+        largest = float(lung.sum(axis=(1, 2)).max()) * sx * sy  # mm2
+        ends = [float(lung[k].sum()) * sx * sy / largest for k in (0, n - 1)]
+        side = float(lung[:, ring].sum()) * (sx + sy) / 2 * sz / largest
+        cut = []
+        if max(ends) >= TRUNCATED_END_FRACTION:
+            cut.append(f"{max(ends):.0%} of its largest axial section lies on the "
+                       f"{'first' if ends[0] >= ends[1] else 'last'} slice (threshold: {TRUNCATED_END_FRACTION:.0%})")
+        if side >= TRUNCATED_SIDE_FRACTION:
+            cut.append(f"it meets the edge of the reconstructed field over {side:.2f} times its largest axial "
+                       f"section (threshold: {TRUNCATED_SIDE_FRACTION:g})")
+        if cut:
+            flags.append(QualityFlag("lung_truncated", f"{names[lab]} is cut by the scan: {'; '.join(cut)}; its "
+                                     f"volume ({ml[lab]:.0f} ml) is that of the part scanned, not of the whole lung",
+                                     kind="coverage", structure=names[lab]))
     return flags
 
 

@@ -26,10 +26,13 @@ class QualityPolicy:
         self.deliver_with_warnings = value == "deliver_with_warnings"
 
     def enforce(self, flags: list[QualityFlag], stage: str) -> None:
-        """Raise HandlerRefusal naming every failed check, unless the rule delivers with warnings."""
-        if flags and not self.deliver_with_warnings:
-            listed = "; ".join(f.text for f in flags)
-            raise HandlerRefusal(f"{stage} failed {len(flags)} quality check(s), nothing delivered: {listed}")
+        """Raise HandlerRefusal naming every failed check, unless the rule delivers with warnings.
+        Coverage flags (a structure only partly scanned) never refuse: what was scanned is measured
+        right, and the warning is written into every object either way."""
+        failed = [f for f in flags if f.kind != "coverage"]
+        if failed and not self.deliver_with_warnings:
+            listed = "; ".join(f.text for f in failed)
+            raise HandlerRefusal(f"{stage} failed {len(failed)} quality check(s), nothing delivered: {listed}")
 
 
 def warning_findings(flags: list[QualityFlag], series_uid: str) -> list[TextFinding]:
