@@ -53,6 +53,16 @@ def _job(index: Index, study, key: str, generation: int = 0) -> int:
                          generation=generation, note="test")
 
 
+def _run_until_ended(settings, index: Index, vault: Vault, ids: list[int]) -> None:
+    """A local executor with real worker processes, run until the jobs ``ids`` are done or failed."""
+    executor = LocalProcessExecutor(settings, index, vault, on_done=lambda: None)
+    executor.start()
+    try:
+        _wait_ended(index, ids)
+    finally:
+        executor.stop()
+
+
 def _wait_ended(index: Index, ids: list[int], timeout: float = 90) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -77,12 +87,7 @@ def test_an_index_error_mid_job_fails_that_job_and_never_hands_its_results_to_th
         return real(*args)
 
     index.job_progress = full_once
-    executor = LocalProcessExecutor(settings, index, vault, on_done=lambda: None)
-    executor.start()
-    try:
-        _wait_ended(index, [ja, jb])
-    finally:
-        executor.stop()
+    _run_until_ended(settings, index, vault, [ja, jb])
     assert index.job(ja)["status"] == "failed" and "database or disk is full" in index.job(ja)["error"]
     assert index.job(jb)["status"] == "done", index.job(jb)["error"]
     results = index.results_of_job(jb)
@@ -107,12 +112,7 @@ def test_an_index_error_taking_a_job_does_not_end_the_slot(node, tmp_path):
         return real()
 
     index.claim_job = locked_once
-    executor = LocalProcessExecutor(settings, index, vault, on_done=lambda: None)
-    executor.start()
-    try:
-        _wait_ended(index, [ja])
-    finally:
-        executor.stop()
+    _run_until_ended(settings, index, vault, [ja])
     assert len(calls) >= 2 and index.job(ja)["status"] == "done", index.job(ja)["error"]
 
 
@@ -134,12 +134,7 @@ def test_a_job_taken_after_more_of_its_study_arrived_is_superseded_not_run_on_a_
         assert ingest.store(f.read_bytes(), CT1)[0] == 0
     assert ingest.writer.flush(10)
     assert index.study(a.study_uid)["generation"] == study["generation"] + 1
-    executor = LocalProcessExecutor(settings, index, vault, on_done=lambda: None)
-    executor.start()
-    try:
-        _wait_ended(index, [ja])
-    finally:
-        executor.stop()
+    _run_until_ended(settings, index, vault, [ja])
     job = index.job(ja)
     assert job["status"] == "failed" and job["error"].startswith("superseded: instances of the study arrived")
     assert not index.results_of_job(ja)
