@@ -117,7 +117,7 @@ class Node:
         self.ingest.recover()  # rows a power cut took from the index come back from the spool log
         if self.managed:
             self.managed.start()
-        self.http_client = httpx.AsyncClient(auth=self.archive.auth, timeout=httpx.Timeout(120, connect=5))
+        self.http_client = self.archive.async_client()
         self.delivery.start()
         self.executor.start()
         self.router.start()

@@ -28,6 +28,11 @@ log = logging.getLogger("hilum.orthanc")
 
 DICOMWEB_PLUGIN_DIRS = ["/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins"]
 
+# Orthanc closes an idle keep-alive connection after KeepAliveTimeout (default 1 s); httpx would reuse
+# one for 5 s, and a request sent as Orthanc closes it fails ("server disconnected": a 502 in the
+# viewer). Idle connections are dropped here first.
+ARCHIVE_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=0.5)
+
 
 @dataclass(frozen=True)
 class ArchiveEndpoint:
@@ -44,7 +49,11 @@ class ArchiveEndpoint:
         return self.url.rstrip("/") + "/dicom-web"
 
     def client(self, timeout: float = 30.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, auth=self.auth, timeout=timeout)
+        return httpx.Client(base_url=self.url, auth=self.auth, timeout=timeout, limits=ARCHIVE_LIMITS)
+
+    def async_client(self) -> httpx.AsyncClient:
+        """The web gateway's client: long reads (a study's frames), a short connect."""
+        return httpx.AsyncClient(auth=self.auth, timeout=httpx.Timeout(120, connect=5), limits=ARCHIVE_LIMITS)
 
     def alive(self) -> bool:
         """Orthanc answers its REST API with these credentials."""

@@ -22,6 +22,7 @@ Three more things are normalised on the way:
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import AsyncIterator
 
@@ -35,6 +36,7 @@ from node.web.auth import Principal, current_principal, require_store
 from node.web.projects_api import record_labels, stow_labels
 
 router = APIRouter(tags=["dicomweb"])
+log = logging.getLogger("hilum.web")
 
 # Request headers worth passing on; everything else (cookies, the user's Authorization) stays here.
 FORWARD_REQUEST = ("accept", "content-type", "content-length", "accept-encoding")
@@ -205,7 +207,15 @@ async def proxy(path: str, request: Request, p: Principal = Depends(current_prin
     client: httpx.AsyncClient = node.http_client
     upstream = client.build_request(request.method, url, headers=headers, content=body)
     try:
-        resp = await client.send(upstream, stream=True)
+        try:
+            resp = await client.send(upstream, stream=True)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            # A kept-alive connection the archive closed as the request went out: a read is safe to
+            # send again, once, on a fresh connection (a STOW is not: it may have been stored).
+            if request.method not in ("GET", "HEAD"):
+                raise
+            log.info("archive dropped a kept-alive connection (%s); sending the request again", type(exc).__name__)
+            resp = await client.send(client.build_request(request.method, url, headers=headers), stream=True)
     except TooLarge:
         raise HTTPException(413, f"STOW-RS request larger than {node.settings.stow_max_mb} MB") from None
     except httpx.HTTPError as exc:
