@@ -87,13 +87,20 @@ def wait_for_frames(page, at_least: dict, full_3d: int | None = None, timeout: f
     return wait_for(done, timeout, f"frames {at_least}" + (f", {full_3d} full" if full_3d else ""), interval=0.1)
 
 
-def settle(page, timeout: float = 60) -> dict:
-    """Wait until every pane shows the latest request (the server says "idle"), in full quality."""
+def settle(page, since: int | None = None, timeout: float = 60) -> dict:
+    """Wait until every pane shows the latest request (the server says "idle"), in full quality.
+
+    `since`: the request number before an action that changes the 3D pane. The page sends the
+    request on its next animation frame, which a busy machine can delay past any fixed pause;
+    until then the page is idle on the previous view, and a frame can still be decoding when the
+    server's "idle" arrives. So the 3D pane's frame must answer a request newer than `since`."""
     page.wait_for_timeout(100)  # requests go out on the next animation frame
 
     def done():
         s = stats(page)
         last = s["last"].get("3d", {})
+        if since is not None and not (s["seq"] > since and last.get("seq", -1) > since):
+            return None
         return s if s["idle"] == s["seq"] and last.get("quality") == "full" else None
 
     return wait_for(done, timeout, "the full-quality 3D frame of the latest request", interval=0.1)
@@ -178,7 +185,7 @@ def test_page_loads_and_a_drag_rotates_the_view(site, open_view):
         page.mouse.move(x + 12 * i, y, steps=1)  # 180 px: 90 degrees of azimuth
         page.wait_for_timeout(40)
     page.mouse.up()
-    after = settle(page)
+    after = settle(page, since=first_stats["seq"])
     assert after["interactive"] >= 1, "no reduced-quality frame while dragging"
     assert after["full"] > first_stats["full"], "no full-quality frame on release"
     rotated = canvas(page, "3d", "view3d-rotated")
@@ -192,12 +199,13 @@ def test_preset_and_mode_change_the_image(site, open_view):
     page, errors = open_view()
     settle(page)
     bone = canvas(page, "3d", "view3d-bone")
+    before = stats(page)["seq"]
     page.click("button[data-preset=soft_tissue]")
-    settle(page)
+    s = settle(page, since=before)
     soft = canvas(page, "3d", "view3d-soft-tissue")
     assert differs(bone, soft) > 3
     page.click("button[data-mode=minip]")
-    s = settle(page)
+    s = settle(page, since=s["seq"])
     assert s["last"]["3d"]["mode"] == "minip"
     assert s["ready"]["windows"]["lung"] == [-600, 1500]
     minip = canvas(page, "3d", "view3d-minip")
@@ -233,7 +241,8 @@ def test_clicking_an_mpr_pane_moves_the_crosshair_in_the_others(site, open_view)
 
 def test_pinch_zooms_on_a_touch_screen(site, open_view):
     page, errors = open_view(has_touch=True)
-    start = settle(page)["last"]["3d"]["mm_per_px"]
+    started = settle(page)
+    start = started["last"]["3d"]["mm_per_px"]
     box = page.locator("#pane-3d").bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     cdp = page.context.new_cdp_session(page)
@@ -247,7 +256,7 @@ def test_pinch_zooms_on_a_touch_screen(site, open_view):
         touch("touchMove", spread)
         page.wait_for_timeout(30)
     touch("touchEnd", 0)
-    end = settle(page)["last"]["3d"]["mm_per_px"]
+    end = settle(page, since=started["seq"])["last"]["3d"]["mm_per_px"]
     assert end < start / 2, f"pinching apart 80 -> 240 px should zoom in about 3x: {start} -> {end} mm/px"
     assert errors.errors == []
 
@@ -264,8 +273,9 @@ def test_two_sessions_share_the_series_and_closing_frees_it(site, open_view):
     b_before = canvas(b, "3d", "view3d-session-b")
     a_before = canvas(a, "3d", "view3d-session-a")
     b_frames = stats(b)["frames"]["3d"]
+    a_seq = stats(a)["seq"]
     a.click("button[data-mode=mip]")  # one user's change is theirs alone
-    settle(a)
+    settle(a, since=a_seq)
     assert differs(a_before, canvas(a, "3d", "view3d-session-a-mip")) > 3
     assert stats(b)["frames"]["3d"] == b_frames
     assert differs(b_before, canvas(b, "3d", "view3d-session-b-after")) < 1
