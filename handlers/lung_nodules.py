@@ -26,7 +26,8 @@ acquired differently (``followup_acquisition_mismatch``) or an interval under a 
 ``detector: <model>`` replaces the blob measure by a site's detection model (card ``task: detection``,
 resolved through the model registry like a ``model:`` rule): its detections in the lungs are the
 candidates, measured, followed up and encoded the same way, and every result names the model and
-version (``node.nodules.model_candidates``); input outside the detector's validated domain is flagged.
+version (``node.nodules.model_candidates``); input outside the detector's validated domain is flagged,
+the prior's too (then no change call: its nodules came from the detector outside what it was validated on).
 """
 from __future__ import annotations
 
@@ -278,9 +279,11 @@ class LungNodules(Handler):
         """The detector's validated domain (none without a detector: the blob measure has no training data)."""
         if self._candidate_source(inp) is None:
             return []
+        return self._domain_flags(inp.primary)
+
+    def _domain_flags(self, source: SeriesData) -> list[QualityFlag]:
         card = self._detector.card
         profile = card.validated_domain.intensity if card.validated_domain else None
-        source = inp.primary
         facts = measure_input(source.volume, source.datasets[0] if source.datasets else None, source.modality,
                               *((profile.body_above, profile.grid_mm) if profile else ()))
         return [replace(f, reason=f"detector {card.name} {self._detector.version}: {f.reason}")
@@ -304,6 +307,11 @@ class LungNodules(Handler):
         if found is None:
             return None
         prior, series = found
+        # The prior's nodules come from the same detector: a prior outside its validated domain (a
+        # 5 mm scan, another body part) gives candidates nobody validated, and every change, "new"
+        # and "resolved" is read against them. The current scan was checked before the job ran.
+        prior_domain = ([replace(f, check=f"prior_{f.check}", reason=f"prior study {prior.study_uid}: {f.reason}")
+                         for f in self._domain_flags(series)] if self._detector is not None else [])
         progress(0.45, "detecting in the prior")
         detection = self._detect(series)
         progress(0.6, "registering prior to current")
@@ -345,6 +353,9 @@ class LungNodules(Handler):
                                      f"differently ({'; '.join(mismatch)}): nodule volumes are not comparable, so no "
                                      "change or doubling time is reported, and a nodule called new or resolved may "
                                      "only be unseen on the other scan"))
+        if prior_domain:
+            fu.no_change.append("the prior study is outside the detector's validated domain")
+            flags += prior_domain
         bad = interval_problem(interval) if interval is not None else None
         if bad:
             fu.no_change.append(bad)

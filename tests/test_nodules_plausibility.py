@@ -3,7 +3,8 @@
 - lung-nodules on thick slices (``thick_slices``), candidates seen but none measured
   (``candidates_unmeasured``), a prior acquired differently (``followup_acquisition_mismatch``: no
   change call, no doubling time), a follow-up interval under a week or negative (``followup_interval``),
-  and the same date source for the current study and the prior;
+  and the same date source for the current study and the prior; with a detector, a prior outside its
+  validated domain (``prior_<check>_out_of_domain``: no change call either);
 - ct-anatomy lungs cut by the scan's coverage or field of view (``lung_truncated``).
 
 The same phantom patient (5 solid 5-9 mm nodules) at 1, 2.5, 3 and 5 mm slices; small grids so each
@@ -199,3 +200,44 @@ def test_lungs_cut_by_the_scan_are_flagged(case, tmp_path):
     else:
         assert truncated == ["Lung_L", "Lung_R"]
         assert all("is that of the part scanned" in f.reason for f in flags if f.check == "lung_truncated")
+
+
+def test_a_prior_outside_the_detectors_domain_gives_no_change_call(ct, later, tmp_path):
+    """With a detector (a model card), the prior's nodules come from that model too: a prior outside
+    its validated domain (here another body part) is flagged ``prior_body_region_out_of_domain`` and
+    gets no change call or doubling time; the same prior inside the domain is not flagged."""
+    from dataclasses import replace
+
+    from node.handler_api import ModelRef
+    from tests.test_nodule_detector import _dense
+
+    folder = _dense(tmp_path, validated_domain={"modality": "CT", "body_regions": ["CHEST"]})
+    ref = ModelRef("dense", "7", str(folder))
+    base, base_series = ct(1.0)
+    _, series = later
+    header = copy.deepcopy(base_series.datasets[0])
+    header.BodyPartExamined = "ABDOMEN"
+    abdomen = replace(base_series, datasets=[header, *base_series.datasets[1:]])
+
+    def run(prior_series):
+        handler = get_handler("lung-nodules")({"registration": "rigid", "detector": "dense"})
+        inp = HandlerInput(series.series_uid, [series], priors=[PriorStudy(base.study_uid, None, [prior_series])],
+                           models={"detector": ref})
+        assert handler.assess_input(inp) == []  # the current scan is inside the domain
+        return handler.run(inp, lambda f, m: None)
+
+    inside = run(base_series)
+    assert _checks(inside) == []
+    assert any("volume_change" in _values(g) for g in _groups(inside).values())
+    outside = run(abdomen)
+    flags = {f.check: f for f in ResultSet(outside).flags}
+    assert set(flags) == {"prior_body_region_out_of_domain"}
+    reason = flags["prior_body_region_out_of_domain"].reason
+    assert f"prior study {base.study_uid}" in reason and "body part ABDOMEN" in reason and "detector dense 7" in reason
+    assert flags["prior_body_region_out_of_domain"].kind == "domain"
+    persistent = [g for g in _groups(outside).values() if dict(g.qualitative)["status"] == "persistent"]
+    assert persistent
+    for g in persistent:
+        assert not {"volume_change", "diameter_change", "volume_doubling_time"} & set(_values(g))
+    texts = " ".join(r.text for r in outside if isinstance(r, TextFinding))
+    assert "outside the detector's validated domain" in texts
