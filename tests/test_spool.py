@@ -12,11 +12,14 @@ import threading
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
 from node.config import ConfigError, load_settings
 from node.config_security import SpoolEncryption
+from node.handler_api import ArtefactKey
+from node.jobs.artefacts import ArtefactCache
 from node.phantom import generate_ct
 from node.store.envelope import HEADER_SIZE, IntegrityError, Keyring, Sealer, new_salt
 from node.store.keys import KeyringError, load_keyring
@@ -183,20 +186,27 @@ def test_rewrap_brings_every_object_under_the_new_key_and_the_old_key_can_go(tmp
     locs = [vault.append(os.urandom(3000), {"calling_ae": "CT"}) for _ in range(20)]
     result = tmp_path / "results" / "1" / "r.dcm"
     vault.write_file(result, b"result bytes")
-    assert keys_in_use(vault) == {"k0": 21}
+    # the artefact cache (a series' lungs, derived from its images) is sealed under the same keys
+    lungs = np.zeros((4, 8, 8), np.uint8)
+    lungs[1:3, 2:6, 2:6] = 1
+    series_key, artefact = "s" * 16, ArtefactKey("ct-anatomy", "1", "lungs")
+    ArtefactCache(tmp_path / "artefacts", vault).save(series_key, artefact, lungs)
+    assert keys_in_use(vault) == {"k0": 22}
     new = RING.with_new_active()
     vault.use_keyring(new)
     locs.append(vault.append(b"after the switch", {}))
     rep = rewrap_all(vault)
-    assert rep.errors == [] and rep.rewrapped == 21
-    assert keys_in_use(vault) == {new.active: 22}
+    assert rep.errors == [] and rep.rewrapped == 22
+    assert keys_in_use(vault) == {new.active: 23}
     only_new = Keyring(active=new.active, keys={new.active: new.keys[new.active]})
     reader = Vault(tmp_path, only_new)
     assert all(reader.read(loc) for loc in locs) and reader.read(str(result)) == b"result bytes"
+    assert np.array_equal(ArtefactCache(tmp_path / "artefacts", reader).load(series_key, artefact), lungs)
     assert Vault(tmp_path, RING).read(locs[0])  # a job started before the rotation still reads
-    assert drop_key(vault, "k0") == 21  # retiring k0
+    assert drop_key(vault, "k0") == 22  # retiring k0
     with pytest.raises(IntegrityError):
         Vault(tmp_path, RING).read(locs[0])  # the old key alone no longer opens anything
+    assert ArtefactCache(tmp_path / "artefacts", Vault(tmp_path, RING)).load(series_key, artefact) is None
     assert reader.read(locs[0])
     vault.close()
 

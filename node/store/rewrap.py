@@ -37,15 +37,25 @@ class RewrapReport:
                 "errors": self.errors[:20], "keys_in_use": dict(self.keys_in_use)}
 
 
+# Sealed files besides the log: results, quarantined payloads, and the artefact cache (a handler's
+# lungs of a series: derived from the images, so under the same keys; node.jobs.artefacts).
+_SEALED_FILES = (("results", "*.dcm"), ("quarantine", "*.dcm"), ("artefacts", "*.z"))
+
+
 def _objects(vault: Vault) -> Iterator[tuple[Path, list[int]]]:
-    """(file, header offsets) for every sealed object: log segments, then result and quarantine files."""
+    """(file, header offsets) for every sealed object: log segments, then the sealed files."""
     for seg in vault.log.segments():
         yield vault.log.path(seg), [r.offset for r in vault.log.scan(seg)]
-    for d in (vault.data_dir / "results", vault.data_dir / "quarantine"):
-        for p in sorted(d.rglob("*.dcm")) if d.exists() else []:
-            with open(p, "rb") as f:
-                if f.read(len(MAGIC)) == MAGIC:
-                    yield p, [0]
+    for folder, pattern in _SEALED_FILES:
+        d = vault.data_dir / folder
+        for p in sorted(d.rglob(pattern)) if d.exists() else []:
+            try:
+                with open(p, "rb") as f:
+                    sealed = f.read(len(MAGIC)) == MAGIC
+            except FileNotFoundError:
+                continue  # purged or pruned meanwhile
+            if sealed:
+                yield p, [0]
 
 
 def rewrap_all(vault: Vault, drop_old: bool = False) -> RewrapReport:
@@ -118,7 +128,11 @@ def keys_in_use(vault: Vault) -> Counter:
     `hilum keys retire` checks, and what a rotation should bring down to zero for the old key."""
     used: Counter = Counter()
     for path, offsets in _objects(vault):
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            continue  # purged or pruned meanwhile
+        with f:
             for off in offsets:
                 f.seek(off)
                 try:
