@@ -1201,7 +1201,8 @@ def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tm
                 errors = BrowserErrors(page)
                 sign_in(page, node.web, "ada", next_path="/console/pacs")
                 page.click("tr[data-source=pacs] button.echo")
-                page.wait_for_selector("tr[data-source=pacs] .echo-result .ok")
+                # not the "…" shown while it waits, which has the same class
+                page.wait_for_selector("tr[data-source=pacs] .echo-result .ok:has-text('ok (')", timeout=30_000)
                 page.fill("#query input[name=patient_id]", "WEB1")
                 page.click("#query button[type=submit]")
                 page.wait_for_selector(f"#matches tr[data-study='{s1.study_uid}']")
@@ -1216,6 +1217,7 @@ def test_console_pacs_page_query_retrieve_selected_and_viewer_sees_no_buttons(tm
                 viewer = browser.new_page()
                 sign_in(viewer, node.web, "val", next_path="/console/pacs")
                 viewer.wait_for_selector("#retrieves tr.status-done")
+                viewer.wait_for_selector("tr[data-source=pacs]")  # the rows are there, their buttons hidden
                 assert not viewer.is_visible("tr[data-source=pacs] button.echo")
                 assert not viewer.is_visible("#query")  # viewers read; querying the PACS is an admin's act
                 browser.close()

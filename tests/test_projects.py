@@ -3,7 +3,11 @@ and the checks that decide whether a saved SEG is a case's label (real SEGs made
 from __future__ import annotations
 
 import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import highdicom as hd
 import numpy as np
@@ -194,6 +198,57 @@ def test_training_runs_in_its_own_process_and_registers_a_candidate(tmp_path):
         "checkpoint": checkpoint, "epoch": first["best_epoch"]}
     assert json.loads((v3 / "version.json").read_text())["fine_tuned_from"] == {
         "run": run_id, "version": "0.1.r1", "checkpoint": checkpoint}
+
+
+def _runnable_project(tmp_path: Path) -> Path:
+    card, train = _model_and_config(tmp_path)
+    store = ProjectStore(tmp_path / "data" / "projects")
+    store.create("lungs", model_card=card, train_config=train, study_uids=["1.2.3"], annotators=[], by="t")
+    return store.root / "lungs"
+
+
+def test_a_run_being_started_is_running_not_failed(tmp_path, monkeypatch):
+    """run.json is written before the process starts (the process reads it) and gets the pid after: a poll
+    in between sees the run running; one whose process never came (the web process died) fails in time."""
+    from node.projects import trainrun
+
+    project = _runnable_project(tmp_path)
+    seen = []
+
+    def popen(args: list[str], **kwargs) -> SimpleNamespace:
+        seen.append(trainrun.run_status(Path(args[-1]))["state"])
+        return SimpleNamespace(pid=os.getpid())
+
+    monkeypatch.setattr(trainrun.subprocess, "Popen", popen)
+    run = project / "runs" / trainrun.start_run(project, tmp_path / "data", memory_mb=400, by="t")
+    assert seen == ["running"]
+    assert trainrun.run_status(run)["state"] == "running"
+    meta = json.loads((run / "run.json").read_text())
+    del meta["pid"]
+    meta["started_at"] -= trainrun.STARTING_S + 1
+    (run / "run.json").write_text(json.dumps(meta))
+    status = trainrun.run_status(run)
+    assert status["state"] == "failed" and "ended without a result" in status["error"], status
+
+
+def test_runs_started_at_once_get_their_own_numbers(tmp_path, monkeypatch):
+    """Two starts at once (a double click on Train; the endpoint runs in a thread pool) are two runs with
+    their own numbers and model versions, not a FileExistsError or one version twice."""
+    from node.projects import trainrun
+
+    project = _runnable_project(tmp_path)
+    monkeypatch.setattr(trainrun.subprocess, "Popen", lambda args, **kwargs: SimpleNamespace(pid=os.getpid()))
+    load = yaml.safe_load
+
+    def slow_load(text: str) -> dict:  # both starts read the configuration at the same time
+        time.sleep(0.5)
+        return load(text)
+
+    monkeypatch.setattr(yaml, "safe_load", slow_load)
+    with ThreadPoolExecutor(2) as pool:
+        ids = list(pool.map(lambda _: trainrun.start_run(project, tmp_path / "data", memory_mb=400, by="t"), range(2)))
+    versions = sorted(json.loads((project / "runs" / i / "run.json").read_text())["version"] for i in ids)
+    assert versions == ["0.1.r1", "0.1.r2"]
 
 
 def test_gateway_intake_finds_project_segs_in_a_stow_body_and_passes_the_rest(tmp_path, study):

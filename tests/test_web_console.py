@@ -6,8 +6,10 @@ browser is Debian's chromium driven by playwright; screenshots stay under test-a
 """
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,46 @@ def test_dashboard_shows_the_study_its_job_and_the_failed_delivery(site, new_pag
     assert page.errors == []
 
 
+def test_a_click_survives_the_dashboard_poll(site, new_page):
+    """The dashboard polls every 2 s; an unchanged answer leaves the rows alone, so a button pressed
+    before a poll and released after it is still clicked (a rebuilt row would lose the click)."""
+    page = new_page("ada")
+    button = page.locator("#failed-deliveries button.retry-delivery").first
+    expect(button).to_be_visible(timeout=30_000)
+    page.evaluate("""() => document.addEventListener('click', (e) => {
+        if (e.target.matches('button.retry-delivery')) { window.retryClicked = true; e.stopPropagation(); }
+      }, true)""")  # noted, and kept from the button: the delivery stays failed for the tests below
+    page.evaluate("""() => { window.polls = 0;
+        new MutationObserver(() => window.polls++).observe(document.getElementById('updated'), {childList: true}); }""")
+    button.hover()
+    page.mouse.down()
+    page.wait_for_function("() => window.polls >= 1", timeout=10_000)  # a poll was answered meanwhile
+    page.mouse.up()
+    assert page.evaluate("window.retryClicked === true")
+    assert page.errors == []
+
+
+def test_an_older_answer_is_not_drawn_over_a_newer_one(site, new_page):
+    """A poll and the refresh after a click overlap; the older answer may arrive last and is dropped."""
+    page = new_page("vic")
+    expect(study_row(page, site.study_uid)).to_be_visible(timeout=30_000)
+    drawn = page.evaluate("""async () => {
+        const answers = [], drawn = [];
+        const view = Hilum.polled(() => new Promise((resolve) => answers.push(resolve)),
+                                  (answer, changed) => drawn.push([answer, changed]));
+        const older = view(), newer = view();
+        answers[1]('new');
+        await newer;
+        answers[0]('old');
+        await older;
+        const again = view();
+        answers[2]('new');
+        await again;
+        return drawn;
+    }""")
+    assert drawn == [["new", True], ["new", False]]
+
+
 def test_hostile_patient_name_is_text_in_ohif_too(site, new_page):
     page = new_page("vic", next_path="/")
     page.get_by_text(XSS_NAME).first.wait_for(timeout=90_000)
@@ -179,7 +221,7 @@ def test_admin_edits_a_rule_with_inline_validation(site, new_page):
     text.fill(edited)
     page.fill("#change-message", "clearer description")
     page.click("#save-button")
-    expect(page.locator("#save-result")).to_contain_text("saved: version")
+    expect(page.locator("#save-result")).to_contain_text("saved: version", timeout=30_000)  # validate, PUT, reload
     expect(page.locator("#rule-errors li")).to_have_count(0)
     assert (Path(site.node.config["rules_dir"]) / "ct.yaml").read_text() == edited
     latest = page.locator("#history tbody tr").first
@@ -189,7 +231,7 @@ def test_admin_edits_a_rule_with_inline_validation(site, new_page):
     expect(page.locator("#diff")).to_contain_text("+description: Overview of every CT series")
     page.select_option("#explain-study", site.study_uid)
     page.click("#explain-button")
-    expect(page.locator("#explain-result")).to_contain_text("matched")
+    expect(page.locator("#explain-result")).to_contain_text("matched", timeout=30_000)
     expect(page.locator("#explain-result")).to_contain_text("ct-overview")
     screenshot(page, "console-rules")
     assert page.errors == []
@@ -207,10 +249,10 @@ def test_admin_retries_the_failed_delivery_once_the_tps_is_up(site, new_page):
         page.goto(site.node.web + "/console/destinations")
         tps_row = page.locator('tr[data-destination="tps"]')
         tps_row.locator("button.echo").click()
-        expect(tps_row.locator(".echo-result")).to_contain_text("C-ECHO success", timeout=20_000)
+        expect(tps_row.locator(".echo-result")).to_contain_text("C-ECHO success", timeout=30_000)
         archive = page.locator('tr[data-destination="orthanc"]')
         archive.locator("button.echo").click()
-        expect(archive.locator(".echo-result")).to_contain_text("archive answers")
+        expect(archive.locator(".echo-result")).to_contain_text("archive answers", timeout=30_000)
         page.goto(site.node.web + "/console/")
         page.locator("#failed-deliveries tbody tr", has_text="tps").first.locator("button.retry-delivery").click()
         # Live update, no reload: the failed list empties and the job shows the delivery done.
@@ -226,9 +268,23 @@ def test_admin_retries_the_failed_delivery_once_the_tps_is_up(site, new_page):
     assert page.errors == []
 
 
+def login_page(url: str) -> bool:
+    return url.endswith("/login")
+
+
+def held_login(route) -> None:
+    time.sleep(2.5)  # longer than a dashboard poll: one is answered 401 while the page leaves
+    route.continue_()
+
+
 def test_sign_out(site, new_page):
     page = new_page("vic")
+    expect(study_row(page, site.study_uid)).to_be_visible(timeout=30_000)  # the dashboard polls
+    page.route(login_page, held_login)
     page.click("#logout")
-    page.wait_for_url("**/login")
+    page.wait_for_url(re.compile(r"/login(\?|$)"), timeout=30_000)
+    # The poll's 401 did not turn the sign-out's /login into /login?next=/console/.
+    assert page.url == site.node.web + "/login"
+    page.unroute(login_page)
     page.goto(site.node.web + "/console/")
     page.wait_for_url("**/login?next=%2Fconsole%2F")

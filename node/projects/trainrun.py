@@ -11,6 +11,7 @@ a run that outgrows it fails on its own, with "out of memory", and the node is u
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -26,6 +27,9 @@ from node.models.train_config import BASELINE_PREFIX
 __all__ = ["start_run", "run_status", "recent_runs", "main"]
 
 EPOCH = re.compile(r"epoch (\d+)/(\d+) .*?loss ([0-9.]+)(?: val Dice ([0-9.]+))?")
+# run.json is written before the process starts (it reads it) and gets the pid once started: a run
+# without a pid this young is starting, an older one never got its process.
+STARTING_S = 60
 
 
 def _write(path: Path, data: dict) -> None:
@@ -48,7 +52,6 @@ def start_run(project_dir: Path, data_dir: Path, memory_mb: int, by: str, archiv
 
     runs = project_dir / "runs"
     runs.mkdir(exist_ok=True)
-    number = len(list(runs.iterdir())) + 1
     cfg = yaml.safe_load((project_dir / "train.yaml").read_text())
     init_from = None
     if cfg.get("init_from") == "previous":  # carry on from the latest finished run, or start afresh
@@ -57,9 +60,7 @@ def start_run(project_dir: Path, data_dir: Path, memory_mb: int, by: str, archiv
             cfg.pop("init_from")
         else:
             cfg["init_from"] = init_from["checkpoint"]
-    run_id = time.strftime("%Y%m%dT%H%M%S") + f"-{number}"
-    run = runs / run_id
-    run.mkdir()
+    number, run = _new_run_dir(runs)
     cfg.update(output_dir=str(run / "output"), work_dir=str(run / "work"))
     env = dict(os.environ)
     if labels:
@@ -83,16 +84,28 @@ def start_run(project_dir: Path, data_dir: Path, memory_mb: int, by: str, archiv
         proc = subprocess.Popen([sys.executable, "-m", "node.projects.trainrun", str(run)], stdout=subprocess.DEVNULL,
                                 stderr=log, start_new_session=True, cwd=Path(__file__).resolve().parents[2], env=env)
     _write(run / "run.json", {**meta, "pid": proc.pid})
-    return run_id
+    return run.name
+
+
+def _run_number(run: Path) -> int:
+    tail = run.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def _new_run_dir(runs: Path) -> tuple[int, Path]:
+    """The next run number and its new folder. Starts at once (a double click: the endpoint runs in a thread
+    pool) take turns, so each gets its own number, and so its own model version."""
+    with open(runs / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        number = max([0, *(_run_number(r) for r in runs.iterdir())]) + 1
+        run = runs / (time.strftime("%Y%m%dT%H%M%S") + f"-{number}")
+        run.mkdir()
+        return number, run
 
 
 def _previous_run(runs: Path, model_name: str) -> dict | None:
     """The project's latest finished run (by run number): its best checkpoint and registered version."""
-    def number(run: Path) -> int:
-        tail = run.name.rsplit("-", 1)[-1]
-        return int(tail) if tail.isdigit() else -1
-
-    for run in sorted(runs.iterdir(), key=number, reverse=True):
+    for run in sorted(runs.iterdir(), key=_run_number, reverse=True):
         checkpoint = run / "work" / model_name / "best.pt"
         try:
             status = json.loads((run / "status.json").read_text())
@@ -103,12 +116,19 @@ def _previous_run(runs: Path, model_name: str) -> dict | None:
     return None
 
 
-def _alive(pid: int | None) -> bool:
+def _alive(pid: int) -> bool:
     """The run's process exists and is not a zombie (it may have been killed, e.g. by the kernel)."""
     try:
-        return pid is not None and Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] not in ("Z", "X")
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] not in ("Z", "X")
     except OSError:
         return False
+
+
+def _started(meta: dict) -> bool:
+    """The run's process is alive, or being started (its pid not recorded yet)."""
+    if "pid" not in meta:
+        return time.time() - meta["started_at"] < STARTING_S
+    return _alive(meta["pid"])
 
 
 def run_status(run: Path) -> dict:
@@ -124,7 +144,7 @@ def run_status(run: Path) -> dict:
                                "val_mean_dice": float(m[4]) if m[4] else None})
     if (run / "status.json").is_file():
         status = json.loads((run / "status.json").read_text())
-    elif _alive(json.loads((run / "run.json").read_text()).get("pid")):
+    elif _started(json.loads((run / "run.json").read_text())):
         status = {"state": "running"}
     else:
         tail = (run / "stderr.log").read_text(errors="replace")[-500:] if (run / "stderr.log").is_file() else ""

@@ -3,6 +3,7 @@
 // only ever puts data into the page as text, and the page header.
 const Hilum = (() => {
   let session = null;
+  let signingOut = false;  // a poll answered 401 after the sign-out must not turn its /login into /login?next=
 
   function errorText(data, status) {
     if (data && typeof data.detail === 'string') return data.detail;
@@ -24,7 +25,7 @@ const Hilum = (() => {
     }
     const r = await fetch(path, init);
     if (r.status === 401) {
-      location.assign('/login?next=' + encodeURIComponent(location.pathname + location.search));
+      if (!signingOut) location.assign('/login?next=' + encodeURIComponent(location.pathname + location.search));
       throw new Error('signed out');
     }
     const data = await r.json().catch(() => null);
@@ -35,6 +36,22 @@ const Hilum = (() => {
       throw e;
     }
     return data;
+  }
+
+  // A view both polled and reloaded after a click. The two requests overlap, so an answer older than
+  // one already drawn is dropped. draw(answer, changed): `changed` is false when key(answer) equals the
+  // last drawn, so unchanged rows are left alone (a rebuild between mousedown and mouseup loses the click).
+  function polled(load, draw, key = JSON.stringify) {
+    let asked = 0, drawn = 0, last = null;
+    return async () => {
+      const mine = ++asked;
+      const answer = await load();
+      if (mine < drawn) return;
+      drawn = mine;
+      const now = key(answer);
+      draw(answer, now !== last);
+      last = now;
+    };
   }
 
   // el('td', {class: 'x', onclick: fn}, 'text', otherNode): strings always become text nodes.
@@ -74,6 +91,7 @@ const Hilum = (() => {
     const nav = el('nav', {}, links.map(([href, text]) =>
       el('a', {href, class: href === active ? 'active' : null}, text)));
     const logout = el('button', {id: 'logout', onclick: async () => {
+      signingOut = true;
       await api('DELETE', '/api/session').catch(() => null);
       location.assign('/login');
     }}, 'Sign out');
@@ -93,5 +111,5 @@ const Hilum = (() => {
     clear(target, el('span', {class: ok ? 'ok' : 'error', role: 'status'}, text));
   }
 
-  return {api, el, clear, time, start, isAdmin, flash};
+  return {api, el, clear, time, start, isAdmin, flash, polled};
 })();

@@ -1,7 +1,7 @@
 'use strict';
 // The dashboard: queue depth, throughput, training runs going (or just ended), studies with their jobs
 // and deliveries, failed deliveries; polled every POLL_MS. Admin buttons call the API, which checks the role itself.
-const {api, el, clear, time, flash} = Hilum;
+const {api, el, clear, time, flash, polled} = Hilum;
 const POLL_MS = 2000;
 
 function tile(label, value, id) {
@@ -165,7 +165,10 @@ function renderTraining(runs) {
   clear(document.querySelector('#training-runs tbody'), runs.map(trainingRow));
 }
 
-function render(data) {
+function render(data, changed) {
+  renderCluster(data.cluster, data.now);  // "N s ago" moves with the clock
+  document.getElementById('updated').textContent = new Date().toLocaleTimeString();
+  if (!changed) return;
   const q = data.queue;
   const h = data.last_hour;
   clear(document.getElementById('queue'),
@@ -176,7 +179,6 @@ function render(data) {
     tile('jobs done / last hour', h.jobs_done, 'h-jobs-done'),
     tile('deliveries / last hour', h.deliveries_done, 'h-deliveries'),
     ...Object.entries(data.cluster.queues || {}).map(([name, n]) => tile(`queue ${name}`, n, `q-broker-${name}`)));
-  renderCluster(data.cluster, data.now);
   renderTraining(data.training);
   document.getElementById('studies-total').textContent = `(${data.studies_total})`;
   clear(document.querySelector('#studies tbody'), data.studies.flatMap(studyRows));
@@ -188,12 +190,15 @@ function render(data) {
     const job = data.studies.flatMap((s) => s.jobs).find((j) => String(j.id) === row.dataset.job);
     row.querySelector('.progress > span').style.width = `${Math.round((job.progress || 0) * 100)}%`;
   }
-  document.getElementById('updated').textContent = new Date().toLocaleTimeString();
 }
+
+// What changes with the clock alone (the server's time, the workers' heartbeats) redraws no row.
+const steady = (data) => JSON.stringify({...data, now: 0, cluster: {...data.cluster, workers: 0}});
+const poll = polled(() => api('GET', '/api/dashboard', undefined, {background: true}), render, steady);
 
 async function refresh() {
   try {
-    render(await api('GET', '/api/dashboard', undefined, {background: true}));
+    await poll();
   } catch (e) {
     document.getElementById('updated').textContent = `failed: ${e.message}`;
   }

@@ -1,7 +1,7 @@
 'use strict';
 // PACS sources (echo), a study query with "retrieve selected", the retrieve queue with live
 // progress, and the pull rules with their last run and high-water mark. Viewers see; admins act.
-const {api, el, clear, flash, time} = Hilum;
+const {api, el, clear, flash, time, polled} = Hilum;
 
 function adminButton(cls, text, action, result) {
   return el('button', {class: `admin-only ${cls}`, onclick: async () => {
@@ -71,9 +71,8 @@ async function retrieveSelected() {
   }
 }
 
-async function loadRetrieves() {
-  const d = await api('GET', '/api/pacs/retrieves?limit=100', undefined, {background: true});
-  clear(document.querySelector('#retrieves tbody'), d.retrieves.map((r) => {
+const loadRetrieves = polled(() => api('GET', '/api/pacs/retrieves?limit=100', undefined, {background: true}),
+  (d, changed) => changed && clear(document.querySelector('#retrieves tbody'), d.retrieves.map((r) => {
     const result = el('span', {});
     const act = ['queued', 'querying', 'retrieving'].includes(r.status)
       ? adminButton('cancel-retrieve', 'Cancel', async () => (await api('POST', `/api/pacs/retrieves/${r.id}/cancel`)).action, result)
@@ -90,12 +89,10 @@ async function loadRetrieves() {
       el('td', {class: r.error || (r.detail && r.detail.warnings) ? 'error' : null},
         [r.error, ...((r.detail && r.detail.warnings) || [])].filter(Boolean).join('; ')),
       el('td', {}, act, result));
-  }));
-}
+  })));
 
-async function loadPullRules() {
-  const d = await api('GET', '/api/pacs/pull-rules', undefined, {background: true});
-  clear(document.querySelector('#pull-rules tbody'), d.pull_rules.map((p) => {
+const loadPullRules = polled(() => api('GET', '/api/pacs/pull-rules', undefined, {background: true}),
+  (d, changed) => changed && clear(document.querySelector('#pull-rules tbody'), d.pull_rules.map((p) => {
     const result = el('span', {});
     const outcome = p.last_error ? p.last_error : p.last_result
       ? `${p.last_result.matches} matches, ${p.last_result.queued} queued, ${p.last_result.rechecked} re-checked` +
@@ -109,8 +106,7 @@ async function loadPullRules() {
         await api('POST', `/api/pacs/pull-rules/${encodeURIComponent(p.name)}/run`);
         return 'requested';
       }, result), result));
-  }));
-}
+  })));
 
 Hilum.start('/console/pacs').then(async () => {
   document.getElementById('query').addEventListener('submit', query);

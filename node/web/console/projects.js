@@ -5,7 +5,8 @@
 const {api, el, clear, time, flash} = Hilum;
 const SVG = 'http://www.w3.org/2000/svg';
 const STATES = ['unlabeled', 'predicted', 'in_review', 'labeled'];
-let current = null;
+let generation = 0;  // showProject calls: an answer for a project clicked before the latest is dropped
+let polls = 0;  // showRuns calls: a poll and the reload after Train overlap, and the older may answer last
 let timer = null;
 
 function svg(tag, attrs, ...children) {
@@ -63,9 +64,9 @@ function caseRows(cases) {
   });
 }
 
-async function openNext(strategy, result) {
+async function openNext(name, strategy, result) {
   try {
-    const next = await api('GET', `/api/projects/${encodeURIComponent(current)}/next?strategy=${strategy}`);
+    const next = await api('GET', `/api/projects/${encodeURIComponent(name)}/next?strategy=${strategy}`);
     if (!next.case) {
       flash(result, next.reason, true);
       return;
@@ -77,38 +78,57 @@ async function openNext(strategy, result) {
   }
 }
 
-async function train(result) {
+async function train(name, shown, button, result) {
+  button.disabled = true;  // a double click would start two runs
   try {
-    const r = await api('POST', `/api/projects/${encodeURIComponent(current)}/runs`);
+    const r = await api('POST', `/api/projects/${encodeURIComponent(name)}/runs`);
     flash(result, `run ${r.run} started on ${r.labeled_cases} labeled case(s)`, true);
-    await showRuns();
+    await showRuns(name, shown);
   } catch (e) {
     flash(result, e.message, false);
+  } finally {
+    button.disabled = false;
   }
 }
 
-async function showRuns() {
-  const runs = await api('GET', `/api/projects/${encodeURIComponent(current)}/runs`, undefined, {background: true});
-  const box = document.getElementById('runs');
-  if (!box) return;
-  clear(box, runs.runs.length ? runs.runs.slice().reverse().map(runRow) : el('p', {class: 'muted'}, 'no run yet'));
+// Polls while a run goes; a failed poll (a network blip, a 502) is shown and polled again.
+async function showRuns(name, shown) {
+  const mine = ++polls;
   clearTimeout(timer);
-  if (runs.runs.some((r) => r.state === 'running')) timer = setTimeout(showRuns, 2000);
+  let runs;
+  try {
+    runs = await api('GET', `/api/projects/${encodeURIComponent(name)}/runs`, undefined, {background: true});
+  } catch (e) {
+    runs = {error: e.message};
+  }
+  if (shown !== generation || mine !== polls) return;
+  if (runs.error) {
+    flash(document.getElementById('runs-status'), `not updated: ${runs.error}`, false);
+  } else {
+    clear(document.getElementById('runs-status'));
+    clear(document.getElementById('runs'),
+      runs.runs.length ? runs.runs.slice().reverse().map(runRow) : el('p', {class: 'muted'}, 'no run yet'));
+  }
+  if (runs.error || runs.runs.some((r) => r.state === 'running')) timer = setTimeout(() => showRuns(name, shown), 2000);
 }
 
 async function showProject(name) {
-  current = name;
+  const shown = ++generation;
+  clearTimeout(timer);
   for (const li of document.querySelectorAll('#project-list li')) li.classList.toggle('active', li.dataset.project === name);
   const [p, q] = await Promise.all([api('GET', `/api/projects/${encodeURIComponent(name)}`),
     api('GET', `/api/projects/${encodeURIComponent(name)}/queue?n=10`)]);
+  if (shown !== generation) return;
   const strategy = el('select', {id: 'strategy'}, ['uncertainty', 'diverse', 'random'].map((s) => el('option', {value: s}, s)));
   const result = el('span', {id: 'project-result'});
   clear(document.getElementById('project'),
     el('h2', {}, `${name} — model ${p.project.model}`),
     el('div', {class: 'tiles', id: 'counts'}, STATES.map((s) =>
       el('div', {class: 'tile', 'data-count': s}, el('b', {}, p.counts[s]), s.replace('_', ' ')))),
-    el('p', {}, el('button', {id: 'open-next', onclick: () => openNext(strategy.value, result)}, 'Open next case in OHIF'),
-      ' by ', strategy, ' ', el('button', {id: 'train', class: 'admin-only', onclick: () => train(result)}, 'Train'),
+    el('p', {},
+      el('button', {id: 'open-next', onclick: () => openNext(name, strategy.value, result)}, 'Open next case in OHIF'),
+      ' by ', strategy, ' ',
+      el('button', {id: 'train', class: 'admin-only', onclick: (e) => train(name, shown, e.currentTarget, result)}, 'Train'),
       ' ', result),
     el('h2', {}, 'Annotation queue'),
     q.queue.length ? el('ol', {id: 'queue'}, q.queue.map((e) =>
@@ -117,8 +137,8 @@ async function showProject(name) {
     el('h2', {}, 'Cases'),
     el('table', {id: 'cases'}, el('thead', {}, el('tr', {}, ['Study', 'State', 'Prediction', 'Label', 'Last change']
       .map((h) => el('th', {}, h)))), el('tbody', {}, caseRows(p.cases))),
-    el('h2', {}, 'Training runs'), el('div', {id: 'runs'}));
-  await showRuns();
+    el('h2', {}, 'Training runs ', el('span', {id: 'runs-status'})), el('div', {id: 'runs'}));
+  await showRuns(name, shown);
 }
 
 async function load() {

@@ -313,7 +313,12 @@
     let resizeTimer = null;
     new ResizeObserver(() => {
       clearTimeout(resizeTimer);
-      resizeTimer = setTimeout(() => state && change({sizes: paneSizes()}), 150);
+      resizeTimer = setTimeout(() => {
+        if (!state) return;
+        // The observer fires once on observe() too: an unchanged size would only cost a second render.
+        const sizes = paneSizes();
+        if (JSON.stringify(sizes) !== JSON.stringify(state.sizes)) change({sizes});
+      }, 150);
     }).observe($('panes'));
   }
 
