@@ -13,6 +13,7 @@ marker point. Screenshots stay under test-artifacts/web/.
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -68,21 +69,44 @@ TO_MARKER = """async ([ctSeries, mrSeries, marker, windows]) => {
   for (const [key, uid, win] of [['ct', ctSeries, windows[0]], ['mr', mrSeries, windows[1]]]) {
     const vp = vps.find(v => v.getImageIds && v.getImageIds().length > 1
       && cs.metaData.get('generalSeriesModule', v.getImageIds()[0]).seriesInstanceUID === uid);
+    if (!vp) return null;
     const ids = vp.getImageIds();
     let best = -1, distance = Infinity;
     ids.forEach((id, i) => {
       const d = Math.abs(cs.metaData.get('imagePlaneModule', id).imagePositionPatient[2] - marker[2]);
       if (d < distance) { distance = d; best = i; }
     });
-    await vp.setImageIdIndex(best);
-    vp.setProperties({voiRange: {lower: win[0], upper: win[1]}});
-    vp.render();
+    try {
+      await vp.setImageIdIndex(best);
+      vp.setProperties({voiRange: {lower: win[0], upper: win[1]}});
+      vp.render();
+    } catch (e) {
+      if (cs.getRenderingEngines()[0].getViewport(vp.id) !== vp) return null;  // OHIF replaced it: again
+      throw e;
+    }
     await new Promise(r => setTimeout(r, 1000));
+    const voi = vp.getProperties().voiRange;
     const rect = vp.canvas.getBoundingClientRect();
     const onPage = w => { const c = vp.worldToCanvas(w); return [rect.left + c[0], rect.top + c[1]]; };
     // The slice shown when measured: OHIF may still set up the stack after the layout change.
     out[key] = {distance, best, index: vp.getCurrentImageIdIndex(), marker: onPage(marker), beside: onPage([marker[0] + 10, marker[1], marker[2]]),
-                rect: [rect.left, rect.top, rect.width, rect.height]};
+                rect: [rect.left, rect.top, rect.width, rect.height], voi: voi ? [voi.lower, voi.upper] : null};
+  }
+  return out;
+}"""
+
+STILL = """([ctSeries, mrSeries]) => {
+  // Each viewport's image index and window now (read after the screenshot): OHIF finishing a stack's
+  // set-up may have moved it or reset its window since TO_MARKER measured.
+  const cs = window.cornerstone;
+  const vps = cs.getRenderingEngines()[0].getViewports();
+  const out = {};
+  for (const [key, uid] of [['ct', ctSeries], ['mr', mrSeries]]) {
+    const vp = vps.find(v => v.getImageIds && v.getImageIds().length > 1
+      && cs.metaData.get('generalSeriesModule', v.getImageIds()[0]).seriesInstanceUID === uid);
+    if (!vp) return null;
+    const voi = vp.getProperties().voiRange;
+    out[key] = {index: vp.getCurrentImageIdIndex(), voi: voi ? [voi.lower, voi.upper] : null};
   }
   return out;
 }"""
@@ -151,16 +175,26 @@ def test_resampled_mr_lands_on_the_ct_in_ohif(registered):
         assert want <= {(uid, k) for _, k, uid in shown}, (shown, errors,
                                                             screenshot(page, "ohif-registration-failed")[:0])
         # Rendering is asynchronous (images stream, OHIF finishes setting up each stack after the
-        # layout change): measure again until both viewports show the marker's slice and something
-        # bright near it. Where the spots are is judged only after, once.
-        for _ in range(15):
+        # layout change): measure again until both viewports show the marker's slice and a marker-sized
+        # spot (not the head lit up by a window reset), and still show that slice under that window
+        # once the screenshot is taken. Where the spots are is judged only after, once.
+        deadline = time.monotonic() + 90
+        while True:
             shown = page.evaluate(TO_MARKER, [ct.series_uid, resampled_uid, list(MARKER_MM), [CT_WINDOW, MR_WINDOW]])
-            img = screenshot(page, "ohif-registration-side-by-side")
-            if all(shown[k]["index"] == shown[k]["best"] and bright_pixels(img, shown[k]).sum() for k in ("ct", "mr")):
+            if shown:
+                img = screenshot(page, "ohif-registration-side-by-side")
+                still = page.evaluate(STILL, [ct.series_uid, resampled_uid])
+                if still and all(shown[k]["index"] == shown[k]["best"] == still[k]["index"]
+                                 and shown[k]["voi"] is not None and still[k]["voi"] is not None
+                                 and np.allclose(shown[k]["voi"], still[k]["voi"]) and marker_sized(img, shown[k])
+                                 for k in ("ct", "mr")):
+                    break
+            if time.monotonic() > deadline:
                 break
             page.wait_for_timeout(2000)
         browser.close()
 
+    assert shown, f"no CT and resampled MR viewports to measure: {errors}"
     spots = {}
     for key in ("ct", "mr"):
         s = shown[key]
@@ -209,6 +243,16 @@ FUSED_READY = """() => {
   return vp ? 2 : 0;
 }"""
 
+FUSED_LOADED = """() => {
+  // Both layers' volumes streamed in whole: a half-loaded volume may show part of the marker only.
+  const cs = window.cornerstone;
+  const vp = cs.getRenderingEngines()[0].getViewports().find(v => v.getActors().length === 2);
+  return !!vp && vp.getActors().every(a => {
+    const volume = cs.cache.getVolume(a.referencedId);
+    return !!volume && !!volume.loadStatus && volume.loadStatus.loaded;
+  });
+}"""
+
 FUSED_LAYER = """async ([marker, windows, layer]) => {
   // The fused viewport on the marker's plane; only one of its two layers (0: CT, 1: MR) visible,
   // windowed so that only the marker is bright. Where cornerstone draws the marker on the page.
@@ -246,6 +290,13 @@ def bright_pixels(img: np.ndarray, shown: dict) -> np.ndarray:
     return near & (img.mean(axis=2) > 128)
 
 
+def marker_sized(img: np.ndarray, shown: dict) -> bool:
+    """Whether the bright area near the marker is about the marker's cut: more than bright_spot asks,
+    at most twice the disc through its centre (not the head lit up by a window OHIF reset)."""
+    scale = px_per_mm(shown)
+    return 4 * scale ** 2 < bright_pixels(img, shown).sum() < 2 * np.pi * MARKER_RADIUS_MM ** 2 * scale ** 2
+
+
 def bright_spot(img: np.ndarray, shown: dict) -> tuple[np.ndarray, float]:
     """The centre (page px) of the bright spot near where the marker should be, and px per mm."""
     scale = px_per_mm(shown)
@@ -274,14 +325,14 @@ def test_resampled_mr_fused_over_the_ct_in_ohif(registered):
                                arg=[ct.series_uid, resampled_uid], timeout=90_000)
         display_sets = page.evaluate(FUSED, [ct.series_uid, resampled_uid])
         page.wait_for_function(FUSED_READY, timeout=90_000)
-        page.wait_for_timeout(3000)  # the two volumes stream in
+        page.wait_for_function(FUSED_LOADED, timeout=120_000)  # the two volumes stream in
         screenshot(page, "ohif-registration-fused")
         layers = []
         for layer in (0, 1):
-            for _ in range(15):  # until the layer's volume has streamed in far enough to show the marker
+            for _ in range(15):  # until the layer shows a marker-sized spot (rendering is asynchronous)
                 shown = page.evaluate(FUSED_LAYER, [list(MARKER_MM), [CT_WINDOW, MR_WINDOW], layer])
                 img = screenshot(page, f"ohif-registration-fused-layer{layer}")
-                if bright_pixels(img, shown).sum():
+                if marker_sized(img, shown):
                     break
                 page.wait_for_timeout(2000)
             layers.append((shown, img))

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import signal
+import time
 
 import pydicom
 import pytest
@@ -25,7 +26,16 @@ from tests.nodeproc import running_node, storescu, wait_for
 from tests.test_models_train import TINY_PHANTOM, tiny_config
 from tests.test_projects import _seg
 from tests.test_projects_node import _stow
-from tests.web_support import BrowserErrors, add_user, api_session, launch, screenshot, sign_in
+from tests.web_support import (
+    BrowserErrors,
+    add_user,
+    api_session,
+    launch,
+    screenshot,
+    sign_in,
+    wait_brush_ready,
+    wait_hydrated,
+)
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.slow
@@ -149,12 +159,22 @@ def test_project_page_opens_the_next_case_in_ohif_with_the_prediction_preloaded_
     ohif.wait_for_url(f"**/segmentation?StudyInstanceUIDs={head}*", timeout=60_000)
     # The prediction is pre-loaded: OHIF shows the SEG first and offers to load it for editing.
     ohif.get_by_role("button", name="Yes").click(timeout=120_000)
-    segs = wait_for(lambda: (ohif.evaluate(SEGMENTATIONS) or None), 90, "the prediction hydrated", interval=1)
-    assert any(s["label"].startswith("AI: tiny 0.1") and {"Left lung", "Heart"} <= set(s["segments"]) for s in segs), segs
+
+    def has_the_prediction(segs) -> bool:
+        return any(s["label"].startswith("AI: tiny 0.1") and {"Left lung", "Heart"} <= set(s["segments"])
+                   for s in segs)
+
+    # Wait for what is asserted, not for any list: it may be read before the prediction's segments are in it.
+    deadline = time.monotonic() + 90
+    while not has_the_prediction(segs := ohif.evaluate(SEGMENTATIONS) or []) and time.monotonic() < deadline:
+        ohif.wait_for_timeout(1000)
+    assert has_the_prediction(segs), segs
+    wait_hydrated(ohif)  # OHIF reloads the viewport with the SEG: paint only into the new one
     screenshot(ohif, "project-next-case-preloaded")
     # Correct it: a brush stroke across the middle of the viewport (mediastinum and the lung beside it, which
     # the model left out), then export the SEG into the study as a new series (STOW through the gateway).
     ohif.click('[data-cy="Brush-btn"]')
+    wait_brush_ready(ohif)  # else the stroke may start before the brush is the active tool
     box = ohif.locator('[data-cy="viewport-pane"]').first.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     ohif.mouse.move(x - 120, y)
@@ -215,7 +235,8 @@ def _first_epochs_of_a_stopped_run(node, project: str) -> tuple[str, int, int]:
             return None
         return json.loads((run_dir / "run.json").read_text())["pid"]
 
-    pid = wait_for(one_epoch, 120, "the run's first epoch", interval=0.02)
+    # the run's process starts, imports torch and fetches the cases first: slow on a busy machine
+    pid = wait_for(one_epoch, 300, "the run's first epoch", interval=0.02)
     os.kill(pid, signal.SIGSTOP)
     (run,) = node.api("GET", f"/api/projects/{project}/runs").json()["runs"]
     assert run["state"] == "running" and 1 <= len(run["epochs"]) < run["epochs"][0]["of"], run

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tests.iod import assert_valid_iod
-from tests.nodeproc import REPO, NodeProcess
+from tests.nodeproc import REPO, NodeProcess, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -80,6 +81,21 @@ def screenshot(page, name: str) -> np.ndarray:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     png = page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def stable_listing(page, panel, script: str, timeout: float = 30) -> tuple[list[dict], str]:
+    """OHIF's measurements (``script``: a list of dicts with the lines ``shown`` in the panel) and the
+    measurement panel's text, read at one moment: the list is the same before and after the text is
+    read, and the text has every line it shows. After ``timeout``, the last reading, for the asserts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = page.evaluate(script)
+        text = panel.inner_text()
+        after = page.evaluate(script)
+        if before == after and all(line in text for m in after for line in m["shown"]) \
+                or time.monotonic() > deadline:
+            return after, text
+        page.wait_for_timeout(500)
 
 
 # -- a CT phantom with lung results, as a handler would have made them ------------------------------
@@ -150,17 +166,27 @@ def lung_study(out: Path) -> LungStudy:
 
 GO_TO_SLICE = """async ([z, corners]) => {
   // Show the CT slice at patient z and say where three voxel centres of that slice are on the page.
+  // null: no such viewport yet, or OHIF replaced or moved it meanwhile (hydrating an overlay re-enables
+  // the viewport and restores the slice it stored): the caller asks again.
   const cs = window.cornerstone;
-  const vp = cs.getRenderingEngines()[0].getViewports().find(v => v.getImageIds && v.getImageIds().length > 1);
+  const engine = cs && cs.getRenderingEngines()[0];
+  const vp = engine && engine.getViewports().find(v => v.getImageIds && v.getImageIds().length > 1);
+  if (!vp) return null;
   const ids = vp.getImageIds();
   let best = -1, distance = Infinity;
   ids.forEach((id, i) => {
     const d = Math.abs(cs.metaData.get('imagePlaneModule', id).imagePositionPatient[2] - z);
     if (d < distance) { distance = d; best = i; }
   });
-  await vp.setImageIdIndex(best);
-  vp.render();
+  try {
+    await vp.setImageIdIndex(best);
+    vp.render();
+  } catch (e) {
+    if (engine.getViewport(vp.id) !== vp) return null;  // our reference went stale mid-way
+    throw e;
+  }
   await new Promise(r => setTimeout(r, 1000));
+  if (engine.getViewport(vp.id) !== vp || vp.getCurrentImageIdIndex() !== best) return null;
   const rect = vp.canvas.getBoundingClientRect();
   const onPage = (w) => { const c = vp.worldToCanvas(w); return [rect.left + c[0], rect.top + c[1]]; };
   return {distance, corners: corners.map(onPage), rect: [rect.left, rect.top, rect.width, rect.height]};
@@ -172,12 +198,50 @@ def slice_on_screen(page, geometry, k: int) -> tuple[np.ndarray, tuple[int, int,
     rows, cols = geometry.shape[1:]
     corners = [geometry.index_to_patient((k, 0, 0)).tolist(), geometry.index_to_patient((k, 0, cols - 1)).tolist(),
                geometry.index_to_patient((k, rows - 1, 0)).tolist()]
-    r = page.evaluate(GO_TO_SLICE, [corners[0][2], corners])
+    r = wait_for(lambda: page.evaluate(GO_TO_SLICE, [corners[0][2], corners]), 60,
+                 f"a CT viewport that stays on slice {k}", interval=0.5)
     assert r["distance"] < 0.01, f"no CT image at z={corners[0][2]} in the viewport"
     src = np.array([[0, 0, 1], [cols - 1, 0, 1], [0, rows - 1, 1]], float)
     affine = np.linalg.solve(src, np.array(r["corners"], float))
     x, y, w, h = (int(round(v)) for v in r["rect"])
     return affine, (x, y, w, h)
+
+
+# After "Yes" to OHIF's offer to load a SEG/RTSTRUCT, OHIF puts the CT alone back into the viewport
+# (a new cornerstone viewport, at the slice it stored), then adds the segmentation to it. Measuring
+# before that ends measures a viewport about to go away.
+HYDRATED = """() => {
+  const s = window.services, cs = window.cornerstone;
+  if (!s || !cs || !cs.getRenderingEngines().length) return false;
+  const id = s.viewportGridService.getActiveViewportId();
+  const sets = s.cornerstoneViewportService.getViewportDisplaySets(id);
+  const vp = cs.getRenderingEngines()[0].getViewport(id);
+  return sets.length > 0 && sets.every(d => d.Modality !== 'SEG' && d.Modality !== 'RTSTRUCT')
+    && !!vp && !!vp.getImageIds && vp.getImageIds().length > 1
+    && s.segmentationService.getSegmentationRepresentations(id).length > 0;
+}"""
+
+
+def wait_hydrated(page, timeout_ms: int = 90_000) -> None:
+    page.wait_for_function(HYDRATED, timeout=timeout_ms)
+
+
+# A stroke only paints once there is a segmentation on the viewport and the brush is its tool group's
+# active left-button tool; a stroke made earlier is lost (or pans the image).
+BRUSH_READY = """() => {
+  const s = window.services, tools = window.cornerstoneTools;
+  if (!s || !tools || !s.segmentationService.getSegmentations().length) return false;
+  const id = s.viewportGridService.getActiveViewportId();
+  if (!s.segmentationService.getActiveSegmentation(id)
+      || !s.segmentationService.getSegmentationRepresentations(id).length) return false;
+  const group = tools.ToolGroupManager.getToolGroupForViewport(id);
+  const tool = group && group.getActivePrimaryMouseButtonTool();
+  return !!tool && tool.includes('Brush');
+}"""
+
+
+def wait_brush_ready(page, timeout_ms: int = 30_000) -> None:
+    page.wait_for_function(BRUSH_READY, timeout=timeout_ms)
 
 
 def mask_on_screen(mask2d: np.ndarray, affine: np.ndarray, box: tuple[int, int, int, int],
