@@ -231,6 +231,22 @@ def test_a_run_being_started_is_running_not_failed(tmp_path, monkeypatch):
     assert status["state"] == "failed" and "ended without a result" in status["error"], status
 
 
+def test_a_progress_line_being_written_or_torn_by_a_kill_is_not_read(tmp_path, monkeypatch):
+    """The run appends progress.jsonl while the node reads it (every dashboard poll): a line half written,
+    or cut by a kill, is skipped; before, it made the runs list and the dashboard answer 500."""
+    from node.projects import trainrun
+
+    project = _runnable_project(tmp_path)
+    monkeypatch.setattr(trainrun.subprocess, "Popen", lambda args, **kwargs: SimpleNamespace(pid=os.getpid()))
+    run = project / "runs" / trainrun.start_run(project, tmp_path / "data", memory_mb=400, by="t")
+    epoch = json.dumps({"at": 1.0, "msg": "epoch 1/3 loss 0.5000 val Dice 0.700"})
+    (run / "progress.jsonl").write_text(epoch + "\n" + '{"at": 2.0, "msg": "epoch 2/3 lo\n' + epoch[:20])
+    status = trainrun.run_status(run)
+    assert status["state"] == "running"
+    assert status["epochs"] == [{"epoch": 1, "of": 3, "loss": 0.5, "val_mean_dice": 0.7}]
+    assert status["log_tail"] == ["epoch 1/3 loss 0.5000 val Dice 0.700"]
+
+
 def test_runs_started_at_once_get_their_own_numbers(tmp_path, monkeypatch):
     """Two starts at once (a double click on Train; the endpoint runs in a thread pool) are two runs with
     their own numbers and model versions, not a FileExistsError or one version twice."""

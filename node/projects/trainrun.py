@@ -135,10 +135,16 @@ def run_status(run: Path) -> dict:
     """What a run is doing: its epochs so far, and its outcome once it has one."""
     epochs, lines = [], []
     if (run / "progress.jsonl").is_file():
-        for line in (run / "progress.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            lines.append(entry["msg"])
-            m = None if entry["msg"].startswith(BASELINE_PREFIX) else EPOCH.search(entry["msg"])
+        text = (run / "progress.jsonl").read_text(errors="replace")
+        # Only whole lines: the run may be writing its last one now, or was killed while it did.
+        for line in text[:text.rfind("\n") + 1].splitlines():
+            try:
+                entry = json.loads(line)
+                msg = str(entry["msg"])
+            except (ValueError, TypeError, KeyError):
+                continue  # a line torn by a kill: the rest of the log still tells the run's story
+            lines.append(msg)
+            m = None if msg.startswith(BASELINE_PREFIX) else EPOCH.search(msg)
             if m:
                 epochs.append({"epoch": int(m[1]), "of": int(m[2]), "loss": float(m[3]),
                                "val_mean_dice": float(m[4]) if m[4] else None})
