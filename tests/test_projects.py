@@ -231,6 +231,22 @@ def test_a_run_being_started_is_running_not_failed(tmp_path, monkeypatch):
     assert status["state"] == "failed" and "ended without a result" in status["error"], status
 
 
+def test_a_run_whose_process_cannot_start_is_failed_at_once(tmp_path, monkeypatch):
+    from node.projects import trainrun
+
+    project = _runnable_project(tmp_path)
+
+    def popen(args: list[str], **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(trainrun.subprocess, "Popen", popen)
+    with pytest.raises(OSError):
+        trainrun.start_run(project, tmp_path / "data", memory_mb=400, by="t")
+    [run] = (project / "runs").glob("*-1")
+    status = trainrun.run_status(run)
+    assert status["state"] == "failed" and "could not be started: [Errno 12] Cannot allocate memory" in status["error"]
+
+
 def test_a_progress_line_being_written_or_torn_by_a_kill_is_not_read(tmp_path, monkeypatch):
     """The run appends progress.jsonl while the node reads it (every dashboard poll): a line half written,
     or cut by a kill, is skipped; before, it made the runs list and the dashboard answer 500."""

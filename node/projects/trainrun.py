@@ -80,9 +80,15 @@ def start_run(project_dir: Path, data_dir: Path, memory_mb: int, by: str, archiv
             "label_versions": labels or None, "version": version if len(version) <= 16 else f"r{number}",
             "init_from": init_from}
     _write(run / "run.json", meta)
-    with open(run / "stderr.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "node.projects.trainrun", str(run)], stdout=subprocess.DEVNULL,
-                                stderr=log, start_new_session=True, cwd=Path(__file__).resolve().parents[2], env=env)
+    try:
+        with open(run / "stderr.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "node.projects.trainrun", str(run)],
+                                    stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                                    cwd=Path(__file__).resolve().parents[2], env=env)
+    except OSError as exc:  # no process (no memory, no file descriptors): the run failed now, and says why
+        _write(run / "status.json", {"state": "failed", "finished_at": time.time(),
+                                     "error": f"the run's process could not be started: {exc}"})
+        raise
     _write(run / "run.json", {**meta, "pid": proc.pid})
     return run.name
 

@@ -103,8 +103,11 @@ def start_training(name: str, request: Request, p: Principal = Depends(require_a
     _project(store, name)
     labels = {uid: {"version": c["labels"][-1]["version"], "sop_uid": c["labels"][-1]["sop_uid"]}
               for uid, c in store.cases(name).items() if c["state"] == "labeled"}
-    run_id = start_run(store.root / name, node.settings.data_dir, node.settings.handler_memory_mb, who(p),
-                       archive=node.archive, labels=labels)
+    try:
+        run_id = start_run(store.root / name, node.settings.data_dir, node.settings.handler_memory_mb, who(p),
+                           archive=node.archive, labels=labels)
+    except OSError as exc:  # the run is listed as failed with the same reason
+        raise HTTPException(503, f"the training run could not be started: {exc}") from None
     return {"project": name, "run": run_id, "labeled_cases": len(labels)}
 
 
