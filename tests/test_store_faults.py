@@ -281,6 +281,29 @@ def test_a_segment_left_by_an_interrupted_pass_is_deleted_by_the_next(spool):
     assert rep.orphans == 1 and rep.errors == [] and not vault.log.path(seg).exists()
 
 
+def test_a_result_file_left_by_an_interrupted_pass_is_deleted_by_the_next(spool):
+    """Results are marked purged, then unlinked: a kill in between left files (derived from patient
+    images) on disk for good, as no later pass looked at purged rows. The next pass deletes them first;
+    a result not yet due stays."""
+    settings, index, vault = spool
+    study, _, _ = _study(index, vault)
+    c = index.conn()
+    files = {}
+    for key, sop in (("j1", "1.2.3.4"), ("j2", "1.2.3.5")):
+        jid = _job(index, study, key)
+        [meta] = _result(vault, jid, sop)
+        files[sop] = vault.data_dir / "results" / str(jid) / f"{sop}.dcm"
+        files[sop].parent.mkdir(parents=True)
+        vault.write_file(files[sop], b"result bytes")
+        index.finish_job(jid, [meta], [(sop, "pacs")])
+    c.execute("UPDATE deliveries SET status='delivered', delivered_at=? WHERE kind='result'", (time.time() - 5,))
+    c.execute("UPDATE deliveries SET status='pending' WHERE kind='result' AND sop_uid='1.2.3.5'")
+    index.mark_results_purged(["1.2.3.4"], time.time() - 1)  # what a kill -9 before the unlink leaves behind
+    rep = purge_due(settings, index, vault)
+    assert rep.errors == [] and rep.orphans == 1 and rep.results == 0
+    assert not files["1.2.3.4"].exists() and files["1.2.3.5"].exists()
+
+
 def test_the_active_segment_and_one_with_an_unindexed_record_are_never_deleted_as_leftovers(spool):
     settings, index, vault = spool
     study, series, sops = _study(index, vault)

@@ -941,6 +941,13 @@ class Index:
                                  AND (d.status != 'delivered' OR d.delivered_at > :cut))""",
             {"cut": cutoff}).fetchall()
 
+    def last_purged_results(self) -> list[sqlite3.Row]:
+        """The result files the latest retention pass marked purged (one ``purged_at`` per pass): where a
+        pass was killed between marking and unlinking, their files are still on disk."""
+        return self.conn().execute(
+            """SELECT r.sop_uid, r.path FROM results r
+               WHERE r.purged_at = (SELECT MAX(purged_at) FROM results)""").fetchall()
+
     def mark_results_purged(self, sop_uids: list[str], now: float) -> None:
         with self.tx(immediate=True):
             self.conn().executemany("UPDATE results SET purged_at=? WHERE sop_uid=?", [(now, u) for u in sop_uids])

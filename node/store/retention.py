@@ -3,7 +3,7 @@
 Originals live in log segments, so a segment goes only when every instance in it may go (see
 ``Index.purgeable_segments``); results are files and go one by one. The index is marked first
 and the data deleted second: a crash in between leaves an orphan file, never a reference to
-data that is gone; the next pass deletes such a segment first (``_purge_orphans``). Every
+data that is gone; the next pass deletes such a segment or result file first. Every
 deletion is logged and audited, one entry per study. A segment that cannot be handled (an
 error) is logged and reported in the pass's ``errors``; the pass goes on with the next one.
 """
@@ -33,7 +33,7 @@ class PurgeReport:
     segments: int = 0
     instances: int = 0
     results: int = 0
-    orphans: int = 0  # segments marked purged by an interrupted pass, deleted by this one
+    orphans: int = 0  # segments and result files marked purged by an interrupted pass, deleted by this one
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -52,7 +52,7 @@ def purge_due(settings: Settings, index: Index, vault: Vault, audit: AuditTrail 
     if r.results_days is not None:
         _purge_results(index, audit, now - r.results_days * DAY, now, rep)
     if rep.segments or rep.results or rep.orphans:
-        log.info("retention: deleted %d segment(s) (%d original(s)), %d left by an interrupted pass, and %d "
+        log.info("retention: deleted %d segment(s) (%d original(s)), %d file(s) left by an interrupted pass, and %d "
                  "result file(s)", rep.segments, rep.instances, rep.orphans, rep.results)
     return rep
 
@@ -138,6 +138,13 @@ def _only_purgeable(vault: Vault, index: Index, seg: int, sops: set[str]) -> boo
 
 
 def _purge_results(index: Index, audit: AuditTrail, cutoff: float, now: float, rep: PurgeReport) -> None:
+    # A pass killed between marking and unlinking left files no later pass would look at: the last
+    # pass's files go first, before this pass marks any (so a kill now leaves the same set behind).
+    for row in index.last_purged_results():
+        p = Path(row["path"])
+        if p.exists():
+            p.unlink(missing_ok=True)
+            rep.orphans += 1
     rows = index.purgeable_results(cutoff)
     if not rows:
         return
