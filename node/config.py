@@ -72,6 +72,10 @@ class DimseDestination(Strict):
     # Only instances of these modalities go to this peer (e.g. [CT, RTSTRUCT] for a planning system,
     # which reads contours, not SEG or SR); None: every instance a rule sends it.
     modalities: list[str] | None = None
+    # Seconds to wait for each C-STORE response. pynetdicom's default (30 s) aborts the association
+    # while a planning system is still storing a large RTSTRUCT; the instances it had stored stay
+    # delivered, the rest is retried.
+    dimse_timeout_s: float = Field(120.0, gt=0, le=3600)
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae(v)))
 

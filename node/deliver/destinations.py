@@ -7,7 +7,9 @@ presentation context of an item's SOP class: a configuration fact, which no retr
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from io import BytesIO
@@ -18,6 +20,7 @@ import httpx
 import pydicom
 from pydicom.uid import UID
 from pynetdicom import AE, build_context
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from node.archive.orthanc import ArchiveEndpoint
 from node.config import DimseDestination
@@ -54,12 +57,15 @@ class DeliveryError(Exception):
 class Accepted(set):
     """What ``send`` returns: the SOP Instance UIDs the peer accepted, and in ``refused`` those it
     will never accept (SOP Instance UID -> why), which the loop fails at once instead of retrying.
-    ``missing_reason`` says why the rest were not accepted (retried), when the peer said."""
+    Of the rest (retried), ``failed`` says why for those the peer answered with a failure (e.g. a
+    C-STORE status), and ``missing_reason`` why the others were not accepted, when that is known."""
 
-    def __init__(self, accepted=(), refused: dict[str, str] | None = None, missing_reason: str | None = None) -> None:
+    def __init__(self, accepted=(), refused: dict[str, str] | None = None, missing_reason: str | None = None,
+                 failed: dict[str, str] | None = None) -> None:
         super().__init__(accepted)
         self.refused: dict[str, str] = dict(refused or {})
         self.missing_reason = missing_reason
+        self.failed: dict[str, str] = dict(failed or {})
 
 
 # SOP classes newer than pydicom's UID dictionary (3.0), named in refusals.
@@ -125,13 +131,16 @@ class OrthancDestination(Destination):
         refused: dict[str, str] = {}
         with self.endpoint.client(timeout=120) as c:
             for it in items:
+                data = it.data()
                 try:
-                    r = c.post("/instances", content=it.data(), headers={"Content-Type": "application/dicom"})
+                    r = c.post("/instances", content=data, headers={"Content-Type": "application/dicom"})
+                    outcome = _orthanc_outcome(r)
+                    if outcome is None and it.kind == "result":
+                        outcome = _older_result_kept(c, r, data)
                 except httpx.HTTPError as exc:
                     if not ok and not refused:
                         raise  # nothing of the batch got there: the loop records the error for all
                     return Accepted(ok, refused, f"Orthanc did not answer: {exc or type(exc).__name__}")
-                outcome = _orthanc_outcome(r)
                 if outcome is None:
                     ok.add(it.sop_uid)
                 elif r.status_code in _ORTHANC_FOR_GOOD or r.status_code == 200:
@@ -165,6 +174,32 @@ def _orthanc_outcome(r: httpx.Response) -> str | None:
     return f"Orthanc did not store the instance: status {status!r}"
 
 
+def _older_result_kept(c: httpx.Client, r: httpx.Response, data: bytes) -> str | None:
+    """None unless Orthanc answered "AlreadyStored" to a result and holds other bytes under its UID.
+
+    Result UIDs are deterministic (node/uids.py): a re-run job's result replaces the old one only in
+    an Orthanc with OverwriteInstances (the managed one sets it; Orthanc's default does not), else
+    Orthanc keeps the old version and still answers "AlreadyStored". Orthanc stores the bytes as
+    received, so their MD5 tells the two apart. An original answered "AlreadyStored" is the same
+    instance and is not checked."""
+    answer = r.json()
+    if answer.get("Status") != "AlreadyStored":
+        return None
+    instance = f"/instances/{answer['ID']}"
+    held = c.get(f"{instance}/attachments/dicom/md5")
+    if held.status_code == 404:  # no MD5 kept (StoreMD5ForAttachments: false): the stored file's
+        held = c.get(f"{instance}/file")
+        held.raise_for_status()
+        md5 = hashlib.md5(held.content).hexdigest()
+    else:
+        held.raise_for_status()
+        md5 = held.text.strip()
+    if md5 == hashlib.md5(data).hexdigest():
+        return None
+    return ("the archive kept an older version of this result (Orthanc answered AlreadyStored and holds other "
+            "bytes under its SOP Instance UID); set OverwriteInstances: true on it")
+
+
 @destination_type("dimse")
 class DimseStoreDestination(Destination):
     """A DICOM peer (e.g. a TPS) by C-STORE, one association per batch, files sent as stored."""
@@ -193,6 +228,7 @@ class DimseStoreDestination(Destination):
         pairs = list(dict.fromkeys((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets))
         requested = pairs[:128]  # PS3.8's limit; the rest wait for the next batch
         ae = AE(ae_title=self.local_ae)
+        ae.dimse_timeout = self.cfg.dimse_timeout_s  # a planning system may take minutes to store a large RTSTRUCT
         assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title, tls_args=self.tls_args,
                              contexts=[build_context(sop, [ts]) for sop, ts in requested])
         refusals = self._refusals(assoc)
@@ -208,21 +244,46 @@ class DimseStoreDestination(Destination):
             raise DeliveryError(f"association to {self.peer} failed")
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         ok: set[str] = set()
+        failed: dict[str, str] = {}  # answered with a failure status: retried, with the status in the record
+        answered = 0
+        lost: str | None = None
         try:
             for it, ds in datasets:
                 if (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) not in accepted:
                     continue  # refused (above), or beyond the contexts one association may ask for
-                status = assoc.send_c_store(ds)
-                code = getattr(status, "Status", None)
-                if code in (0x0000, 0xB000, 0xB007, 0xB006):
+                started = time.monotonic()
+                try:
+                    code = getattr(assoc.send_c_store(ds), "Status", None)
+                except RuntimeError:  # pynetdicom: the association ended (the peer aborted) since the last response
+                    code = None
+                if code is None:  # no response: aborted by the peer, or by pynetdicom at dimse_timeout_s
+                    lost = self._lost(answered, time.monotonic() - started)
+                    break
+                answered += 1
+                category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure", "unknown status"))
+                if category in ("Success", "Warning"):  # a warning status: stored (PS3.4 B.2.3), with a remark
                     ok.add(it.sop_uid)
+                    if category == "Warning":
+                        log.warning("C-STORE of %s to %s: stored with warning status 0x%04X (%s)", it.sop_uid,
+                                    self.peer, code, meaning)
                 else:
-                    log.error("C-STORE of %s to %s: status %s", it.sop_uid, self.cfg.ae_title,
-                              f"0x{code:04X}" if code is not None else "none (connection lost)")
+                    failed[it.sop_uid] = (f"{self.peer} did not store the instance: "
+                                          f"C-STORE status 0x{code:04X} ({meaning})")
+                    log.error("C-STORE of %s: %s", it.sop_uid, failed[it.sop_uid])
         finally:
             if assoc.is_established:
                 assoc.release()
-        return Accepted(ok, refused)
+        if lost is not None:
+            log.error("%s (%d stored)", lost, len(ok))
+            if not answered and not refused:
+                raise DeliveryError(lost)  # nothing of the batch got there: the loop records the error for all
+        return Accepted(ok, refused, lost, failed)
+
+    def _lost(self, answered: int, waited: float) -> str:
+        timeout = self.cfg.dimse_timeout_s
+        why = (f"no C-STORE response within dimse_timeout_s ({timeout:g} s)" if waited >= timeout
+               else "aborted by the peer or the connection dropped")
+        return f"association to {self.peer} lost after {answered} instance(s): {why}"
 
     def _refusals(self, assoc) -> dict[tuple[str, str], str]:
         """(SOP class, transfer syntax) -> why, for each requested presentation context the peer

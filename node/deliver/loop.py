@@ -151,16 +151,23 @@ class DeliveryLoop:
         refused = ok.refused if isinstance(ok, Accepted) else {}
         self._refused(dest_name, dest, [r for r in rows if r["sop_uid"] in refused], refused)
         done = [r["id"] for r in rows if r["sop_uid"] in ok]
-        missing = [r["id"] for r in rows if r["sop_uid"] not in ok and r["sop_uid"] not in refused]
+        missing = [r for r in rows if r["sop_uid"] not in ok and r["sop_uid"] not in refused]
         if done:
             self.index.delivered(done)
             self.audit.delivery(dest_name, [r for r in rows if r["sop_uid"] in ok], deidentified=dest.deidentifies)
             log.info("delivered %d instance(s) to %s", len(done), dest_name, extra={"study_uid": rows[0]["study_uid"]})
-        if missing:
-            why = ok.missing_reason if isinstance(ok, Accepted) and ok.missing_reason else None
-            if why:
-                log.warning("delivery to %s: %d of %d item(s) not accepted: %s", dest_name, len(missing), len(rows), why)
-            self._failed(missing, why or f"{dest_name} did not accept the instance")
+        # Retried, each with its own reason where the peer gave one (e.g. its C-STORE status), else the
+        # batch's (e.g. the association was lost): what the job and the console show.
+        failed = ok.failed if isinstance(ok, Accepted) else {}
+        rest = ok.missing_reason if isinstance(ok, Accepted) else None
+        by_reason: dict[str, list[int]] = defaultdict(list)
+        for r in missing:
+            by_reason[failed.get(r["sop_uid"]) or rest or f"{dest_name} did not accept the instance"].append(r["id"])
+        if rest in by_reason:
+            log.warning("delivery to %s: %d of %d item(s) not accepted: %s", dest_name, len(by_reason[rest]), len(rows),
+                        rest)
+        for why, failed_ids in by_reason.items():
+            self._failed(failed_ids, why)
         return len(done)
 
     def _refused(self, dest_name: str, dest: Destination, rows: list, why: dict[str, str]) -> None:
