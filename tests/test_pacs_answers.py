@@ -54,6 +54,7 @@ UNSURE_ONES = [
     answer(charset=b"ISO_IR 192", name=b"\xff\xfe"),  # not UTF-8
     answer(pid=b"P1\\P2"), answer(name=b"A^B\\C^D"), answer(date=b"20240101\\20240102"),  # multi-valued
     answer(count=b"1.0"), answer(count=b"abc"), answer(count=b"12\\13"), answer(count=b"--1"),
+    answer(count=b"99999999999999999999"), answer(count=b"-5"),  # out of range: pydicom's path drops them
     answer() + el(0x00100020, b"P2"),  # the same tag twice
     answer() + struct.pack("<HHI", 0x0040, 0x0275, 0xFFFFFFFF) + b"\xfe\xff\xdd\xe0\0\0\0\0",  # undefined length
     answer()[:-3],  # truncated
@@ -76,3 +77,10 @@ def test_what_the_byte_reader_is_not_sure_of_goes_to_pydicom(raw):
 def test_an_answer_without_a_study_uid_is_malformed_either_way():
     for raw in (answer(uid=None), answer(uid=b""), answer(uid=b"\0")):
         assert study_answer(raw) is None and _study(decode_identifier(raw)) is None
+
+
+@pytest.mark.parametrize("count", [b"99999999999999999999", b"-5", b"2147483648"])
+def test_a_count_out_of_range_is_taken_as_not_given(count):
+    m = _study_answer(answer(count=count))
+    assert m.study_uid == UID.decode() and m.instances is None
+    assert _study_answer(answer(count=b"2147483647")).instances == 2147483647

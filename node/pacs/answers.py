@@ -10,14 +10,14 @@ the two over varied answers).
 
 Anything it is not sure about (an undefined length, a tag twice, a character set other than the
 default, Latin-1 or UTF-8, bytes the character set cannot decode, a multi-valued field that is not
-multi-valued by definition, a count that is not a plain integer) returns ``UNSURE``, and the caller
+multi-valued by definition, a count that is not a plain integer in 0..MAX_COUNT) returns ``UNSURE``, and the caller
 decodes that answer with pydicom instead. It never guesses.
 """
 from __future__ import annotations
 
 import struct
 
-from node.pacs.model import StudyMatch
+from node.pacs.model import MAX_COUNT, StudyMatch
 
 UNSURE = object()
 
@@ -109,4 +109,6 @@ def _value(raw: bytes, kind: str, encoding: str) -> object:
     digits = text.strip(" ")
     if not digits.lstrip("+-").isdigit() or digits[:1] in "+-" and digits[1:2] in "+-":
         raise _Unsure
-    return int(digits)
+    if not 0 <= (n := int(digits)) <= MAX_COUNT:
+        raise _Unsure  # pydicom's path drops it with a warning naming the study (model.answered_count)
+    return n

@@ -19,7 +19,8 @@ from pynetdicom.sop_class import Verification
 from node.config_pacs import DimseSource
 from node.pacs.answers import UNSURE, study_answer
 from node.pacs.qrscu import FIND_MODEL, GET_MODEL, MOVE_MODEL, PENDING, QrAssociation, decode_identifier
-from node.pacs.model import MAX_MATCHES, NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
+from node.pacs.model import (MAX_MATCHES, NotRetryable, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery,
+                             answered_count)
 from node.receive import ul
 from node.receive.header import read_header
 from node.receive.ingest import instance_facts
@@ -242,7 +243,9 @@ class DimseClient:
             return status
 
         try:
-            out = self._drain(assoc, assoc.get(self._identifier(study_uid, series_uids), on_store), progress, "C-GET")
+            stall = (self.cfg.stall_timeout_s, f"sources.{self.name}.stall_timeout_s")
+            out = self._drain(assoc, assoc.get(self._identifier(study_uid, series_uids), on_store, stall=stall),
+                              progress, "C-GET")
         except PacsError:
             raise
         except BaseException:
@@ -383,7 +386,8 @@ def _study(ds: Dataset | None) -> StudyMatch | None:
         return StudyMatch(study_uid=uid, patient_id=_str(ds, "PatientID"), patient_name=_str(ds, "PatientName"),
                           study_date=_str(ds, "StudyDate"), study_time=_str(ds, "StudyTime"),
                           accession=_str(ds, "AccessionNumber"), description=_str(ds, "StudyDescription"),
-                          modalities=_multi(mods), instances=int(n) if n not in (None, "") else None,
+                          modalities=_multi(mods),
+                          instances=answered_count(int(n), f"study {uid}") if n not in (None, "") else None,
                           sop_classes=_multi(classes), issuer=_str(ds, "IssuerOfPatientID"))
     except Exception as exc:  # noqa: BLE001 - a value pydicom cannot parse: the answer is malformed
         log.warning("malformed C-FIND study answer skipped: %s", exc)
@@ -399,7 +403,8 @@ def _series(ds: Dataset | None, study_uid: str) -> SeriesMatch | None:
         return SeriesMatch(series_uid=uid, study_uid=_str(ds, "StudyInstanceUID") or study_uid,
                            modality=_str(ds, "Modality"), description=_str(ds, "SeriesDescription"),
                            number=_str(ds, "SeriesNumber"), body_part=_str(ds, "BodyPartExamined"),
-                           instances=int(n) if n not in (None, "") else None, answer=ds)
+                           instances=answered_count(int(n), f"series {uid}") if n not in (None, "") else None,
+                           answer=ds)
     except Exception as exc:  # noqa: BLE001
         log.warning("malformed C-FIND series answer skipped: %s", exc)
         return None

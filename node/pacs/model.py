@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+
+log = logging.getLogger("hilum.pacs")
 
 # The most matches one query takes from a source when its caller sets no limit (a pull rule, priors):
 # a query that matches more is cut here, with a warning, rather than filling memory and the index.
@@ -39,6 +42,37 @@ def date_range(since: dt.timedelta | None, now: dt.datetime | None = None) -> st
         return None
     start = (now or dt.datetime.now()) - since
     return start.strftime("%Y%m%d") + "-"
+
+
+# An instance count a PACS answers is taken only in 0..MAX_COUNT: one past it (pydicom reads "1e+20" as IS)
+# overflowed SQLite's INTEGER where the count is stored, and a negative one defeated instances_per_hour.
+MAX_COUNT = (1 << 31) - 1
+_ACR_NEMA_DA = re.compile(r"^([0-9]{4})\.([0-9]{2})\.([0-9]{2})$")
+
+
+def answered_count(n: int | None, what: str) -> int | None:
+    """A PACS's NumberOf...RelatedInstances, or None (not given) when outside 0..MAX_COUNT, with a
+    warning naming ``what`` (the study or series)."""
+    if n is None or 0 <= n <= MAX_COUNT:
+        return n
+    log.warning("%s: the PACS answered an instance count of %d, taken as not given (not 0..%d)", what, n, MAX_COUNT)
+    return None
+
+
+def answered_date(text: str) -> str | None:
+    """A StudyDate a PACS answered as YYYYMMDD, or None when it is no date. The ACR-NEMA form
+    YYYY.MM.DD (still sent by old archives) is normalised; anything else is refused rather than
+    compared as a string, where "2023.01.05" or "2024" falls inside a date window by accident."""
+    text = text.strip()
+    if m := _ACR_NEMA_DA.match(text):
+        text = "".join(m.groups())
+    if len(text) != 8 or not (text.isascii() and text.isdigit()):
+        return None
+    try:
+        dt.datetime.strptime(text, "%Y%m%d")
+    except ValueError:  # 20230230
+        return None
+    return text
 
 
 @dataclass(frozen=True)

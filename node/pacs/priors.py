@@ -26,7 +26,7 @@ from pydicom import Dataset
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.pacs.audit import query_audit
-from node.pacs.model import PacsError, StudyQuery
+from node.pacs.model import PacsError, StudyQuery, answered_date
 from node.pacs.sources import source_client
 from node.rules.priors import PriorsSpec
 from node.store.index import Index
@@ -106,18 +106,25 @@ class PriorsCoordinator:
         if st is None or not st["patient_id"] or not st["study_date"]:
             self._release(w["job_id"], "no priors: the study has no PatientID or StudyDate to search by")
             return
-        current = dt.datetime.strptime(st["study_date"][:8], "%Y%m%d")
+        if (today := answered_date(st["study_date"])) is None:
+            self._release(w["job_id"], f"no priors: the study's StudyDate {st['study_date']!r} is not a date "
+                                       "(YYYYMMDD) to search back from")
+            return
+        current = dt.datetime.strptime(today, "%Y%m%d")
         since = (current - dt.timedelta(seconds=spec.within)).strftime("%Y%m%d")
         issuer = study_issuer(self.index, w["study_uid"])
         candidates: dict[str, dict] = {}
         other_issuer: dict[str, str] = {}  # study -> why, though its PatientID is the same (the job's note)
-        for row in self.store.prior_studies(st["patient_id"], st["study_date"][:8], since, w["study_uid"]):
+        for row in self.store.prior_studies(st["patient_id"], today, since, w["study_uid"]):
             theirs = study_issuer(self.index, row["study_uid"])
             if issuer and theirs and theirs != issuer:
                 other_issuer[row["study_uid"]] = _other_patient(row["study_uid"], "node", theirs, issuer)
+            elif answered_date(row["study_date"] or "") is None:
+                continue  # matched [since, today) as a string only ("2023.1.5"): its date is unknown
             elif self._node_study_matches(row["study_uid"], spec):
-                candidates[row["study_uid"]] = {"study_uid": row["study_uid"], "date": row["study_date"],
-                                                "time": "", "source": "node"}
+                candidates[row["study_uid"]] = {"study_uid": row["study_uid"],
+                                                "date": answered_date(row["study_date"]), "time": "",
+                                                "source": "node"}
         note = None
         if spec.source is not None:
             try:
@@ -133,8 +140,12 @@ class PriorsCoordinator:
         for c in best:
             entry = {"study_uid": c["study_uid"], "source": c["source"], "series": c.get("series"),
                      "study_time": c["time"]}
-            held = self.store.held_instances(c["study_uid"], c.get("series"))
-            if c["source"] != "node" and not held:
+            # The node may hold part of a PACS's prior (its SR, pushed earlier; a retrieve cut short): what
+            # the PACS counts and the node lacks is retrieved (the ingest stores only the new instances).
+            # With no count to compare, a held part is not enough either: had it matched the priors'
+            # criteria, the study would have been the node's own candidate.
+            held, listed = self.store.held_instances(c["study_uid"], c.get("series")), c.get("instances")
+            if c["source"] != "node" and (not held or listed is None or held < listed):
                 rid, _ = self.store.add(c["source"], c["study_uid"], c.get("series"), f"priors:job {w['job_id']}",
                                         c.get("instances"))
                 entry["retrieve"] = rid
@@ -158,6 +169,7 @@ class PriorsCoordinator:
         series_match = spec.series_match()
         modality = sm.get("ModalitiesInStudy", "").upper()
         outside: list[str] = []
+        undated: list[str] = []
         for m in matches:
             if m.study_uid in candidates or m.study_uid in other_issuer or m.study_uid == st["study_uid"] \
                     or m.patient_id != st["patient_id"]:
@@ -168,13 +180,17 @@ class PriorsCoordinator:
             # A PACS that ignored the date or modality keys answers the patient's every study: a later
             # study (or one of another modality) handed over as the most recent prior would be a wrong
             # comparison, and it would push the real priors out of ``max``.
-            if not since <= (m.study_date or "")[:8] <= before:
+            date = answered_date(m.study_date)
+            if m.study_date and date is None:  # compared as a string, "2023.1.5" could pass the window
+                undated.append(f"{m.study_uid} ({m.study_date!r})")
+                continue
+            if not since <= (date or "") <= before:
                 outside.append(f"{m.study_uid} (dated {m.study_date or 'nothing'})")
                 continue
             if modality and m.modalities and modality not in {x.upper() for x in m.modalities}:
                 outside.append(f"{m.study_uid} ({'/'.join(m.modalities)}, not {modality})")
                 continue
-            entry = {"study_uid": m.study_uid, "date": m.study_date, "time": m.study_time, "source": spec.source,
+            entry = {"study_uid": m.study_uid, "date": date, "time": m.study_time, "source": spec.source,
                      "instances": m.instances}
             if series_match:
                 series, _ = client.find_series(m.study_uid)
@@ -189,6 +205,10 @@ class PriorsCoordinator:
             client.warnings.append(f"source {spec.source} answered {len(outside)} stud{'y' if len(outside) == 1 else 'ies'} "
                                    f"outside what was asked ({since}-{before}{', ' + modality if modality else ''}), "
                                    f"left out: {', '.join(outside[:5])}{' ...' if len(outside) > 5 else ''}")
+        if undated:
+            client.warnings.append(f"source {spec.source} answered {len(undated)} stud"
+                                   f"{'y' if len(undated) == 1 else 'ies'} whose StudyDate is not a date (YYYYMMDD), "
+                                   f"not taken as priors: {', '.join(undated[:5])}{' ...' if len(undated) > 5 else ''}")
         return client.warnings
 
     def _node_study_matches(self, study_uid: str, spec: PriorsSpec) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 from io import BytesIO
 from types import SimpleNamespace
 from typing import Callable, Iterator
@@ -43,6 +44,9 @@ PENDING = (0xFF00, 0xFF01)
 MAX_PDU = 16 << 20  # what we accept; a PACS sends PDUs up to min(this, its own limit)
 MAX_COMMAND = 64 << 10
 MAX_INSTANCE = (1 << 31) - (2 << 20)  # what the spool seals in one piece (node/store/envelope.py)
+# A response's identifier (a C-FIND answer, a Failed SOP Instance UID List) is a few short elements: a
+# PACS sending one larger than this is not answering, and it is not gathered up to MAX_INSTANCE.
+MAX_IDENTIFIER = 1 << 20
 
 
 class QrAssociation:
@@ -157,11 +161,16 @@ class QrAssociation:
 
     # -- the C-GET ----------------------------------------------------------------------------
     def get(self, identifier: Dataset, on_store: Callable[[str, str, str, list[memoryview]], int],
-            message_id: int = 1) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
+            message_id: int = 1, stall: tuple[float, str] = (float("inf"), "")
+            ) -> Iterator[tuple[SimpleNamespace, Dataset | None]]:
         """Send the C-GET; yield (status, identifier or None) for each C-GET response, pending ones
         included, until the final one. Each C-STORE in between goes to ``on_store(sop_class,
-        sop_instance, transfer_syntax, dataset)``, whose status is answered at once."""
+        sop_instance, transfer_syntax, dataset)``, whose status is answered at once. ``stall``:
+        (seconds, the setting's name): C-STOREs that keep coming with none stored for longer abort."""
         self._send(1, ul.request(ul.C_GET_RQ, message_id, GET_MODEL), encode(identifier, True, True))
+        # The caller's stall check sees only C-GET responses, whose counts refused C-STOREs change (and a
+        # PACS need send none): refused C-STOREs without end would hold the retrieve for ever.
+        stored_at, refused = time.monotonic(), 0
         for cmd, cid, data in self._messages():
             if cmd.field == ul.C_STORE_RQ and data is not None and cid != 1:
                 abstract, ts = self.contexts[cid]
@@ -169,6 +178,14 @@ class QrAssociation:
                     status = 0x0122 if cmd.sop_class != abstract else ul.CANNOT_UNDERSTAND
                 else:
                     status = on_store(cmd.sop_class, cmd.sop_instance, ts, data)
+                if status == 0x0000 or status >> 12 == 0xB:  # stored (a warning is stored too)
+                    stored_at, refused = time.monotonic(), 0
+                elif (idle := time.monotonic() - stored_at) > stall[0]:
+                    self.abort()
+                    raise PacsError(f"C-GET: the PACS sent {refused + 1} instance(s) in {idle:.0f} s and none could "
+                                    f"be stored (not asked for, or refused); aborted ({stall[1]}: {stall[0]:g})")
+                else:
+                    refused += 1
                 self._send(cid, ul.response(ul.C_STORE_RSP, cmd.message_id, status, cmd.sop_class, cmd.sop_instance))
             elif cmd.field == ul.C_GET_RSP and cid == 1 and cmd.status is not None:
                 if cmd.message_id != message_id and cmd.message_id != 0:
@@ -220,7 +237,7 @@ class QrAssociation:
         ends when the PACS releases or aborts."""
         # Fragments: a PACS sending millions of empty or tiny PDVs reaches the size limit, not the
         # node's memory (node/receive/ul.py).
-        command, dataset = bytearray(), ul.Fragments(MAX_INSTANCE)
+        command, dataset = bytearray(), ul.Fragments(MAX_IDENTIFIER)
         cmd: ul.Command | None = None
         cmd_cid = 0
         try:
@@ -249,15 +266,24 @@ class QrAssociation:
                         if mch & 2:
                             cmd, cmd_cid = ul.parse_command(bytes(command)), cid
                             command.clear()
+                            # Only a C-STORE's data set is an instance; any other is an identifier.
+                            dataset.limit = MAX_INSTANCE if cmd.field == ul.C_STORE_RQ else MAX_IDENTIFIER
                             if not cmd.has_dataset:
                                 yield cmd, cid, None
                                 cmd = None
                     else:
                         if cmd is None or cid != cmd_cid:
                             raise ul.ProtocolError("a data set fragment without its command")
-                        dataset.add(data, bool(mch & 2))
+                        try:
+                            dataset.add(data, bool(mch & 2))
+                        except ul.ProtocolError as exc:
+                            if dataset.limit != MAX_IDENTIFIER or dataset.size + dataset.cost <= dataset.limit:
+                                raise
+                            raise ul.ProtocolError(f"the data set of a 0x{cmd.field:04X} message (not a C-STORE: an "
+                                                   f"identifier of a few short elements) over {MAX_IDENTIFIER} "
+                                                   "bytes") from exc
                         if mch & 2:
-                            done, dataset = dataset.take(), ul.Fragments(MAX_INSTANCE)
+                            done, dataset = dataset.take(), ul.Fragments(MAX_IDENTIFIER)
                             yield cmd, cid, done
                             cmd = None
         except ul.ProtocolError as exc:

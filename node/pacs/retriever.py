@@ -261,7 +261,9 @@ def _judge_arrivals(status: str, error: str | None, held: int, expected: int | N
     if status == "failed":
         return status, error
     reported = out.completed + out.warning
-    want = expected or reported
+    # What the PACS listed, or what it says it sent when more (or when it listed no count): a PACS that
+    # gave no study count and reports 300 sent, of which 150 arrived, did not bring the study.
+    want = max(expected or 0, reported)
     if held == 0 and want:
         why = (f"the PACS reported {reported} instance(s) sent, but none arrived" if reported
                else f"none of the {want} instance(s) the PACS listed arrived")
@@ -269,7 +271,8 @@ def _judge_arrivals(status: str, error: str | None, held: int, expected: int | N
             why += (f" (C-MOVE: the PACS sends to the host and port it has for AE title "
                     f"{client.move_destination!r}: check that they are this node's)")
         return "failed", why
-    if expected and held < expected:
-        short = f"{held} of {expected} instance(s) arrived"
+    if held < want:
+        short = f"{held} of {want} instance(s) arrived" + \
+            ("" if want == expected else f" (the PACS reported {reported} sent)")
         return "partial", f"{short}; {error}" if error else short
     return status, error

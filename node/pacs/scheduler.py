@@ -21,7 +21,7 @@ from typing import Callable
 from node.audit import NULL_AUDIT, AuditTrail
 from node.config import Settings
 from node.pacs.audit import query_audit
-from node.pacs.model import PacsError, StudyMatch, StudyQuery
+from node.pacs.model import PacsError, StudyMatch, StudyQuery, answered_date
 from node.pacs.sources import source_client
 from node.rules.facts import SeriesFacts
 from node.rules.pull import PullRule, read_cohort
@@ -104,6 +104,7 @@ class PullScheduler:
         try:
             client = source_client(self.settings, spec.source)
             matches: dict[str, StudyMatch] = {}
+            key = cohort_key(rule)
             for q in rule_queries(rule, poll_date(rule, now, state), self.settings.rules_dir):
                 n0 = len(client.warnings)
                 try:
@@ -114,9 +115,12 @@ class PullScheduler:
                 query_audit(self.audit, who=who, source=spec.source, keys=q.keys(), matches=len(found),
                             warnings=client.warnings[n0:])
                 result["malformed"] += bad
+                if key is not None:
+                    found = _exact(found, key, getattr(q, key), notes)
                 matches.update({m.study_uid: m for m in found})
             result["matches"] = len(matches)
-            ordered = sorted(matches.values(), key=lambda m: (m.study_date, m.study_time, m.study_uid))
+            ordered = sorted(matches.values(),
+                             key=lambda m: (answered_date(m.study_date) or "", m.study_time, m.study_uid))
             left_from = self._queue(rule, client, ordered, result, notes)
             # A query cut short (an archive ignoring QIDO-RS paging, too many matches) may have left
             # out studies of any date: the high-water mark stays where it was, so none is skipped.
@@ -141,6 +145,7 @@ class PullScheduler:
         later run (None: none left; ``HOLD``: only undated ones left, the high-water mark must stay)."""
         spec, who = rule.spec, f"rule:{rule.name}"
         hour_used = self.store.expected_since(who, time.time() - 3600)
+        failed: list[StudyMatch] = []  # not queued by an error of their own: left for a later run
         for i, m in enumerate(ordered):
             seen = self.store.seen(rule.name, m.study_uid)
             if seen is not None and (m.instances is None or seen["instances"] == m.instances):
@@ -154,25 +159,41 @@ class PullScheduler:
             if result["queued"] + result["rechecked"] >= spec.limits.studies_per_run or \
                     (per_hour is not None and hour_used > 0 and hour_used + (m.instances or 0) > per_hour):
                 result["left"] = sum(1 for x in ordered[i:] if self._changed(rule.name, x))
-                return _left_from(rule, ordered[i:], notes)
-            series = None
-            if rule.series_filter is not None:
-                answers, bad = client.find_series(m.study_uid)
-                result["malformed"] += bad
-                chosen = [s for s in answers if rule.series_filter.test(_facts(s))]
-                result["skipped_series"] += len(answers) - len(chosen)
-                if not chosen:
-                    self.store.mark_seen(rule.name, m.study_uid, m.instances, stable=True, retrieved=False)
-                    continue
-                series = [s.series_uid for s in chosen]
-                expected = sum(s.instances or 0 for s in chosen) or None
-            else:
-                expected = m.instances
-            self.store.add(spec.source, m.study_uid, series, who, expected)
-            self.store.mark_seen(rule.name, m.study_uid, m.instances, stable=False, retrieved=True)
+                return _left_from(rule, ordered[i:] + failed, notes)
+            try:
+                queued, expected = self._queue_one(rule, client, m, result)
+            except PacsError:
+                raise  # the source failed: the run ends with its error, as it always did
+            except Exception as exc:  # noqa: BLE001 - one study's bad value must not hold back the rule's others
+                log.exception("pull rule %s: study %s not queued", rule.name, m.study_uid)
+                notes.append(f"study {m.study_uid} not queued: {type(exc).__name__}: {exc}")
+                failed.append(m)
+                continue
+            if not queued:
+                continue
             hour_used += expected or 0
             result["rechecked" if seen is not None else "queued"] += 1
-        return None
+        return _left_from(rule, failed, notes)
+
+    def _queue_one(self, rule: PullRule, client, m: StudyMatch, result: dict) -> tuple[bool, int | None]:
+        """Queue one study (its series that pass the filter): (False, None) when no series passed,
+        else (True, the instances it expects or None when not known)."""
+        series = None
+        if rule.series_filter is not None:
+            answers, bad = client.find_series(m.study_uid)
+            result["malformed"] += bad
+            chosen = [s for s in answers if rule.series_filter.test(_facts(s))]
+            result["skipped_series"] += len(answers) - len(chosen)
+            if not chosen:
+                self.store.mark_seen(rule.name, m.study_uid, m.instances, stable=True, retrieved=False)
+                return False, None
+            series = [s.series_uid for s in chosen]
+            expected = sum(s.instances or 0 for s in chosen) or None
+        else:
+            expected = m.instances
+        self.store.add(rule.spec.source, m.study_uid, series, f"rule:{rule.name}", expected)
+        self.store.mark_seen(rule.name, m.study_uid, m.instances, stable=False, retrieved=True)
+        return True, expected
 
     def _changed(self, rule: str, m: StudyMatch) -> bool:
         seen = self.store.seen(rule, m.study_uid)
@@ -186,7 +207,8 @@ class PullScheduler:
         if left_from:
             marks.append(left_from)
         growing = set(self.store.unstable_dates(rule.name))
-        marks += [m.study_date for uid, m in matches.items() if uid in growing and m.study_date]
+        # Only real dates: a malformed one ("2023/01/05") compared as a string would move the mark anywhere.
+        marks += [d for uid, m in matches.items() if uid in growing and (d := answered_date(m.study_date))]
         return min(marks)
 
 
@@ -198,8 +220,10 @@ def _left_from(rule: PullRule, left: list[StudyMatch], notes: list[str]) -> str 
     first: one of them must not move the mark to yesterday past the dated ones left behind it (which a
     narrowed poll would then never see again). With only undated ones left the mark stays (``HOLD``);
     either way a warning names them, as a date-narrowed poll may not find them again."""
-    dated = [m.study_date for m in left if m.study_date]
-    undated = [m.study_uid for m in left if not m.study_date]
+    # A StudyDate that is no date counts as none: as a string it could sort before every real one.
+    dated = [d for m in left if (d := answered_date(m.study_date))]
+    undated = [m.study_uid + (f" (StudyDate {m.study_date!r} is not a date)" if m.study_date else "")
+               for m in left if not answered_date(m.study_date)]
     if undated and rule.spec.watch:
         mark = f"held at {min(dated)}" if dated else "kept where it was"
         notes.append(f"{len(undated)} study(ies) left for a later run have no StudyDate "
@@ -230,8 +254,26 @@ def rule_queries(rule: PullRule, date: str, rules_dir: Path) -> list[StudyQuery]
         values = read_cohort(q.csv, rules_dir)
     except ValueError as exc:  # changed on disk since the rule was loaded
         raise ValueError(f"pull rule {rule.name}: cohort {exc}") from exc
-    key = "patient_id" if q.csv.column == "PatientID" else "accession"
-    return [StudyQuery(**{**base.__dict__, key: v}) for v in values]
+    return [StudyQuery(**{**base.__dict__, cohort_key(rule): v}) for v in values]
+
+
+def cohort_key(rule: PullRule) -> str | None:
+    """The StudyQuery field a cohort rule's values go in (None: no cohort)."""
+    c = rule.spec.query.csv
+    return None if c is None else "patient_id" if c.column == "PatientID" else "accession"
+
+
+def _exact(found: list[StudyMatch], key: str, value: str, notes: list[str]) -> list[StudyMatch]:
+    """The answers to one cohort value that carry exactly that value. A PACS matching loosely (case
+    folded, ignoring the key, a prefix) would otherwise pull other patients' studies into a research
+    cohort; the rest are left out with a warning naming their count."""
+    keep = [m for m in found if getattr(m, key) == value]
+    if other := [m.study_uid for m in found if getattr(m, key) != value]:
+        field = "PatientID" if key == "patient_id" else "AccessionNumber"
+        notes.append(f"cohort {field} {value!r}: the source answered {len(other)} stud"
+                     f"{'y' if len(other) == 1 else 'ies'} with another {field}, left out: "
+                     f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
+    return keep
 
 
 def first_run(rule: PullRule, now: float) -> float:

@@ -20,7 +20,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from node.config_pacs import DicomwebSource
-from node.pacs.model import MAX_MATCHES, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery
+from node.pacs.model import (MAX_MATCHES, PacsError, RetrieveOutcome, SeriesMatch, StudyMatch, StudyQuery,
+                             answered_count)
 
 log = logging.getLogger("hilum.pacs")
 
@@ -212,7 +213,7 @@ def _study(a: dict) -> StudyMatch | None:
                           study_date=_value(a, "StudyDate"), study_time=_value(a, "StudyTime"),
                           accession=_value(a, "AccessionNumber"), description=_value(a, "StudyDescription"),
                           modalities=[m for m in _value(a, "ModalitiesInStudy").split("\\") if m],
-                          instances=int(n) if n else None, issuer=_value(a, "IssuerOfPatientID"))
+                          instances=answered_count(int(n), f"study {uid}") if n else None, issuer=_value(a, "IssuerOfPatientID"))
     except (AttributeError, TypeError, ValueError) as exc:
         log.warning("malformed QIDO-RS study answer skipped: %s", exc)
         return None
@@ -226,7 +227,8 @@ def _series(a: dict, study_uid: str) -> SeriesMatch | None:
         n = _value(a, "NumberOfSeriesRelatedInstances")
         return SeriesMatch(series_uid=uid, study_uid=study_uid, modality=_value(a, "Modality"),
                            description=_value(a, "SeriesDescription"), number=_value(a, "SeriesNumber"),
-                           body_part=_value(a, "BodyPartExamined"), instances=int(n) if n else None,
+                           body_part=_value(a, "BodyPartExamined"),
+                           instances=answered_count(int(n), f"series {uid}") if n else None,
                            answer=pydicom.Dataset.from_json(a))
     except (AttributeError, TypeError, ValueError) as exc:
         log.warning("malformed QIDO-RS series answer skipped: %s", exc)

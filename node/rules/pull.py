@@ -184,18 +184,32 @@ def read_cohort(c: CsvList, base_dir: Path) -> list[str]:
         if c.column not in (reader.fieldnames or []):
             have = ", ".join(reader.fieldnames or []) or "none (empty file)"
             raise ValueError(f"{path} has no column {c.column!r} (columns: {have})")
+        values: dict[str, None] = {}  # distinct, in file order
         try:
-            values = list(dict.fromkeys((r.get(c.column) or "").strip() for r in reader))
+            for r in reader:
+                if v := (r.get(c.column) or "").strip():
+                    _exact_value(v, c.column, f"{path} line {reader.line_num}")
+                    values[v] = None
         except csv.Error as exc:
             raise ValueError(f"{path}: not a readable CSV: {exc}") from exc
-    values = [v for v in values if v]
     if not values:
         raise ValueError(f"{path}: no {c.column} values under the header")
-    return values
+    return list(values)
+
+
+def _exact_value(v: str, column: str, where: str) -> None:
+    """A cohort value goes out as a C-FIND / QIDO-RS matching key, where '*' and '?' are wildcards and
+    '\\' separates values, with no escape for either (PS3.4 C.2.2.2): 'AB*1' would pull every
+    patient whose ID matches it. Such a value is refused, naming its line."""
+    if bad := sorted({ch for ch in v if ch in "*?\\"}):
+        raise ValueError(f"{where}: {column} {v!r} contains {' and '.join(repr(ch) for ch in bad)}, which DICOM "
+                         "matching reads as a wildcard or value separator (it has no escape): other patients' "
+                         "studies would match")
 
 
 def cohort_problem(c: CsvList, base_dir: Path) -> str | None:
-    """Why a cohort CSV cannot be used (missing, unreadable, not UTF-8, no such column, empty), or None."""
+    """Why a cohort CSV cannot be used (missing, unreadable, not UTF-8, no such column, empty, a value with
+    a wildcard), or None."""
     try:
         read_cohort(c, base_dir)
     except FileNotFoundError:
