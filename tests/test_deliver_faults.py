@@ -117,7 +117,8 @@ def _loop_over(tmp_path, items: list[Item], destination: dict):
 
 def test_the_delivery_loop_delivers_what_was_stored_before_the_abort(files, tmp_path):
     """Exactly the two the peer stored are delivered (and audited as transferred, not as an error);
-    the other three are retried with the reason, and the retry sends those three only."""
+    the other three are audited as a failed attempt and retried with the reason, and the retry sends
+    those three only."""
     items = files[:5]
     with scripted_scp([0x0000, 0x0000, ABORT]) as (port, stored):  # past the script: stored
         loop, index, job, audit = _loop_over(tmp_path, items, _peer(port))
@@ -128,8 +129,9 @@ def test_the_delivery_loop_delivers_what_was_stored_before_the_abort(files, tmp_
                 "aborted by the peer or the connection dropped")
         assert [(r["status"], r["attempts"], r["last_error"]) for u, r in rows.items() if u not in stored] == [
             ("pending", 1, lost)] * 3
-        (entry,) = [e for e in audit.log.entries() if e["event"] == "delivery"]
-        assert (entry["outcome"], entry["objects"]) == (0, 2)
+        sent, failed = [e for e in audit.log.entries() if e["event"] == "delivery"]
+        assert (sent["outcome"], sent["objects"]) == (0, 2)  # transferred, not an error
+        assert (failed["outcome"], failed["objects"], failed["outcome_description"]) == (8, 3, lost)  # the attempt
         time.sleep(0.2)  # past the retry's backoff
         assert loop.run_once() == 3
     assert sorted(stored) == sorted(it.sop_uid for it in items)  # each once: the first two never again
@@ -137,9 +139,9 @@ def test_the_delivery_loop_delivers_what_was_stored_before_the_abort(files, tmp_
 
 
 def test_failure_statuses_are_named_and_warning_statuses_are_stored(files, tmp_path, caplog):
-    """PS3.4 B.2.3: a C-STORE warning (0xB000, 0xB006, 0xB007; 0x0107, 0x0116 of PS3.7) means the
-    peer stored the instance, with a remark that is logged; a failure is retried with its code."""
-    script = [0xA700, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116, 0x0000]
+    """PS3.4 B.2.3: a C-STORE warning (0xB000, 0xB006, 0xB007, any 0xBxxx; 0x0107, 0x0116 of PS3.7)
+    means the peer stored the instance, with a remark that is logged; a failure is retried with its code."""
+    script = [0xA700, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116, 0xB123]
     with scripted_scp(script) as (port, stored), caplog.at_level(logging.WARNING, "hilum.deliver"):
         loop, index, job, _ = _loop_over(tmp_path, files, _peer(port))
         assert loop.run_once() == 6
@@ -150,7 +152,7 @@ def test_failure_statuses_are_named_and_warning_statuses_are_stored(files, tmp_p
         "pending", 1,
         f"TPS@127.0.0.1:{port} did not store the instance: C-STORE status 0xA700 (Refused: Out of Resources)")
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    for code in ("0xB000", "0xB006", "0xB007", "0x0107", "0x0116"):
+    for code in ("0xB000", "0xB006", "0xB007", "0x0107", "0x0116", "0xB123"):
         assert f"stored with warning status {code}" in warned
 
 

@@ -393,3 +393,36 @@ def test_c_find_answers_an_undecodable_one_and_a_limit_that_aborts():
     found, _ = client.find_studies(StudyQuery(patient_id="P"), limit=5)
     peer.close()
     assert len(found) == 5 and peer.last == ul.ABORT and client.warnings == []
+
+
+def test_a_failed_sop_instance_uid_list_of_a_large_study_is_read_not_called_malformed(tmp_path):
+    """A C-GET of a large study refused as a whole lists every instance in its final response (~65 bytes
+    a UID): 40 000 of them (1.7 MB) are the PACS's honest answer, read as the refusal it is, while a
+    C-FIND answer that size is not (test_pacs_faults)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    st = tiny_study(tmp_path / "s", patient_id="ODD", series=(("AX", 1.0, 1),))
+
+    def script(p: ScriptedPacs) -> None:
+        ids = p.accept()
+        cmd, _ = p.read_message()
+        failed = Dataset()
+        failed.FailedSOPInstanceUIDList = [f"1.2.826.0.1.3680043.10.1234.{i}.{i * 7919}" for i in range(40_000)]
+        identifier = encode(failed, True, True)
+        assert len(identifier) > 1 << 20  # over the C-FIND answer limit
+        p.get_response(ids["1.2.840.10008.5.1.4.1.2.2.3"], cmd.message_id, 0xA702, failed=40_000,
+                       identifier=identifier)
+        kind, _ = p.read()
+        if kind == ul.RELEASE_RQ:
+            p.sock.sendall(ul.release_rp())
+
+    peer = ScriptedPacs(script)
+    try:
+        with pytest.raises(PacsError) as refused:
+            _client(peer.port).get(st.study_uid, None, [CT], lambda raw, header: (0x0000, "stored"),
+                                   lambda o, r: True)
+    finally:
+        peer.close()
+    assert "malformed" not in str(refused.value) and "identifier of a few short elements" not in str(refused.value)
+    assert "0xA702" in str(refused.value) or "40000" in str(refused.value), refused.value

@@ -270,6 +270,16 @@ def test_a_study_whose_own_date_is_no_date_is_released_saying_so_not_as_an_inter
         "no priors: the study's StudyDate '2024/03/01' is not a date (YYYYMMDD) to search back from"
 
 
+def test_a_study_dated_with_a_date_time_still_searches_back_from_its_day(tmp_path, local, pacs):
+    """A modality that wrote a date-time into StudyDate ('20240301120000') still dates its study."""
+    cur = tiny_study(tmp_path / "cur", patient_id="P8", study_date="20240301120000")
+    asked = []
+    port = pacs(lambda q: asked.append(str(q.StudyDate)) or [])
+    node = local({"lax": dimse(port, "LOOSE", retrieve="get")})
+    _priors_of(node, cur, {"source": "lax", "max": 2}, "k1")
+    assert asked and all(a.endswith("-20240301") or a.endswith("-20240229") for a in asked), asked
+
+
 def test_a_malformed_study_date_never_moves_the_high_water_mark(tmp_path, pacs):
     """A watch rule (one study per run): the study left for later is dated '2023.1.5'. As a string it
     became the mark (it sorts before yesterday), and the next poll asked the PACS for StudyDate '2023.1.5-'."""

@@ -240,7 +240,7 @@ def test_a_run_whose_process_cannot_start_is_failed_at_once(tmp_path, monkeypatc
         raise OSError(12, "Cannot allocate memory")
 
     monkeypatch.setattr(trainrun.subprocess, "Popen", popen)
-    with pytest.raises(OSError):
+    with pytest.raises(trainrun.RunNotStarted, match="could not be started: .*Cannot allocate memory"):
         trainrun.start_run(project, tmp_path / "data", memory_mb=400, by="t")
     [run] = (project / "runs").glob("*-1")
     status = trainrun.run_status(run)

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import node.store.segments as segments
+from node.audit import AuditTrail, ChainedLog
 from node.config import load_settings
 from node.receive.spool import Quarantine
 from node.store.envelope import IntegrityError, Keyring
@@ -299,9 +300,30 @@ def test_a_result_file_left_by_an_interrupted_pass_is_deleted_by_the_next(spool)
     c.execute("UPDATE deliveries SET status='delivered', delivered_at=? WHERE kind='result'", (time.time() - 5,))
     c.execute("UPDATE deliveries SET status='pending' WHERE kind='result' AND sop_uid='1.2.3.5'")
     index.mark_results_purged(["1.2.3.4"], time.time() - 1)  # what a kill -9 before the unlink leaves behind
-    rep = purge_due(settings, index, vault)
+    os.utime(files["1.2.3.4"], (time.time() - 60, time.time() - 60))  # written before it was marked
+    audit = AuditTrail(ChainedLog(settings.data_dir / "audit.jsonl", bytes(range(32))), "HILUM")
+    rep = purge_due(settings, index, vault, audit)
     assert rep.errors == [] and rep.orphans == 1 and rep.results == 0
     assert not files["1.2.3.4"].exists() and files["1.2.3.5"].exists()
+    [entry] = [e for e in audit.log.entries() if e["event"] == "retention-purge" and e["detail"]["kind"] == "result"]
+    assert entry["detail"]["after_interrupted_pass"] and entry["objects"] == 1
+
+
+def test_a_retried_jobs_new_result_under_a_purged_path_is_not_taken_for_a_leftover(spool):
+    """A retried job runs under its id again and writes its result where the purged one was before the
+    index records it: that new file is not a leftover of the last pass, and stays."""
+    settings, index, vault = spool
+    study, _, _ = _study(index, vault)
+    jid = _job(index, study, "j1")
+    [meta] = _result(vault, jid, "1.2.3.4")
+    path = vault.data_dir / "results" / str(jid) / "1.2.3.4.dcm"
+    index.finish_job(jid, [meta], [("1.2.3.4", "pacs")])
+    index.mark_results_purged(["1.2.3.4"], time.time() - 5)  # purged by the last pass, file gone
+    path.parent.mkdir(parents=True)
+    vault.write_file(path, b"the retried job's result")  # the retry, before the job is recorded again
+    rep = purge_due(settings, index, vault)
+    assert rep.errors == [] and rep.orphans == 0
+    assert vault.read_file(path) == b"the retried job's result"
 
 
 def test_the_active_segment_and_one_with_an_unindexed_record_are_never_deleted_as_leftovers(spool):

@@ -136,7 +136,7 @@ class OrthancDestination(Destination):
                     r = c.post("/instances", content=data, headers={"Content-Type": "application/dicom"})
                     outcome = _orthanc_outcome(r)
                     if outcome is None and it.kind == "result":
-                        outcome = _older_result_kept(c, r, data)
+                        outcome = _checked_older_result_kept(c, r, data, it.sop_uid)
                 except httpx.HTTPError as exc:
                     if not ok and not refused:
                         raise  # nothing of the batch got there: the loop records the error for all
@@ -172,6 +172,17 @@ def _orthanc_outcome(r: httpx.Response) -> str | None:
     if status == "FilteredOut":
         return "Orthanc filtered the instance out (a filter of its configuration refused to store it)"
     return f"Orthanc did not store the instance: status {status!r}"
+
+
+def _checked_older_result_kept(c: httpx.Client, r: httpx.Response, data: bytes, sop_uid: str) -> str | None:
+    """``_older_result_kept``, where a check that cannot be made (the archive account may not read,
+    an answer without its ID) leaves the result stored as Orthanc said, with a warning in the log."""
+    try:
+        return _older_result_kept(c, r, data)
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        log.warning("result %s: Orthanc answered AlreadyStored and its stored version could not be compared "
+                    "(%s); taken as stored", sop_uid, exc or type(exc).__name__)
+        return None
 
 
 def _older_result_kept(c: httpx.Client, r: httpx.Response, data: bytes) -> str | None:
@@ -228,7 +239,9 @@ class DimseStoreDestination(Destination):
         pairs = list(dict.fromkeys((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets))
         requested = pairs[:128]  # PS3.8's limit; the rest wait for the next batch
         ae = AE(ae_title=self.local_ae)
-        ae.dimse_timeout = self.cfg.dimse_timeout_s  # a planning system may take minutes to store a large RTSTRUCT
+        # A planning system may take minutes to store a large RTSTRUCT. (pynetdicom's network_timeout is
+        # not checked while a C-STORE waits for its response: the reactor is paused then.)
+        ae.dimse_timeout = self.cfg.dimse_timeout_s
         assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title, tls_args=self.tls_args,
                              contexts=[build_context(sop, [ts]) for sop, ts in requested])
         refusals = self._refusals(assoc)
@@ -260,7 +273,9 @@ class DimseStoreDestination(Destination):
                     lost = self._lost(answered, time.monotonic() - started)
                     break
                 answered += 1
-                category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure", "unknown status"))
+                # PS3.4 B.2.3: every 0xBxxx is a warning (stored), as the retrieve side reads it (node.pacs.qrscu)
+                category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(
+                    code, ("Warning" if code >> 12 == 0xB else "Failure", "unknown status"))
                 if category in ("Success", "Warning"):  # a warning status: stored (PS3.4 B.2.3), with a remark
                     ok.add(it.sop_uid)
                     if category == "Warning":

@@ -160,14 +160,16 @@ class DeliveryLoop:
         # batch's (e.g. the association was lost): what the job and the console show.
         failed = ok.failed if isinstance(ok, Accepted) else {}
         rest = ok.missing_reason if isinstance(ok, Accepted) else None
-        by_reason: dict[str, list[int]] = defaultdict(list)
+        by_reason: dict[str, list] = defaultdict(list)
         for r in missing:
-            by_reason[failed.get(r["sop_uid"]) or rest or f"{dest_name} did not accept the instance"].append(r["id"])
+            by_reason[failed.get(r["sop_uid"]) or rest or f"{dest_name} did not accept the instance"].append(r)
         if rest in by_reason:
             log.warning("delivery to %s: %d of %d item(s) not accepted: %s", dest_name, len(by_reason[rest]), len(rows),
                         rest)
-        for why, failed_ids in by_reason.items():
-            self._failed(failed_ids, why)
+        for why, group in by_reason.items():
+            # a failed attempt is audited like a whole batch's: the trail shows what did not leave, and why
+            self.audit.delivery(dest_name, group, error=why, deidentified=dest.deidentifies)
+            self._failed([r["id"] for r in group], why)
         return len(done)
 
     def _refused(self, dest_name: str, dest: Destination, rows: list, why: dict[str, str]) -> None:

@@ -106,7 +106,8 @@ class PriorsCoordinator:
         if st is None or not st["patient_id"] or not st["study_date"]:
             self._release(w["job_id"], "no priors: the study has no PatientID or StudyDate to search by")
             return
-        if (today := answered_date(st["study_date"])) is None:
+        # A modality that wrote a date-time into StudyDate ("20230105120000") still dates its study.
+        if (today := answered_date(st["study_date"]) or answered_date(st["study_date"][:8])) is None:
             self._release(w["job_id"], f"no priors: the study's StudyDate {st['study_date']!r} is not a date "
                                        "(YYYYMMDD) to search back from")
             return

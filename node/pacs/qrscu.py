@@ -44,9 +44,11 @@ PENDING = (0xFF00, 0xFF01)
 MAX_PDU = 16 << 20  # what we accept; a PACS sends PDUs up to min(this, its own limit)
 MAX_COMMAND = 64 << 10
 MAX_INSTANCE = (1 << 31) - (2 << 20)  # what the spool seals in one piece (node/store/envelope.py)
-# A response's identifier (a C-FIND answer, a Failed SOP Instance UID List) is a few short elements: a
-# PACS sending one larger than this is not answering, and it is not gathered up to MAX_INSTANCE.
+# A C-FIND answer is a few short elements: a PACS sending one larger than this is not answering, and
+# it is not gathered up to MAX_INSTANCE. A C-MOVE/C-GET response's Failed SOP Instance UID List grows
+# with the study (~65 bytes a UID: a moved study of 100 000 instances to a wrong destination).
 MAX_IDENTIFIER = 1 << 20
+MAX_FAILED_LIST = 16 << 20
 
 
 class QrAssociation:
@@ -170,9 +172,11 @@ class QrAssociation:
         self._send(1, ul.request(ul.C_GET_RQ, message_id, GET_MODEL), encode(identifier, True, True))
         # The caller's stall check sees only C-GET responses, whose counts refused C-STOREs change (and a
         # PACS need send none): refused C-STOREs without end would hold the retrieve for ever.
-        stored_at, refused = time.monotonic(), 0
+        stored_at: float | None = None  # from the first C-STORE: a nearline PACS may take a while to start
+        refused = 0
         for cmd, cid, data in self._messages():
             if cmd.field == ul.C_STORE_RQ and data is not None and cid != 1:
+                stored_at = time.monotonic() if stored_at is None else stored_at
                 abstract, ts = self.contexts[cid]
                 if cmd.sop_class != abstract or not (0 < len(cmd.sop_instance) <= 64):
                     status = 0x0122 if cmd.sop_class != abstract else ul.CANNOT_UNDERSTAND
@@ -267,7 +271,8 @@ class QrAssociation:
                             cmd, cmd_cid = ul.parse_command(bytes(command)), cid
                             command.clear()
                             # Only a C-STORE's data set is an instance; any other is an identifier.
-                            dataset.limit = MAX_INSTANCE if cmd.field == ul.C_STORE_RQ else MAX_IDENTIFIER
+                            dataset.limit = (MAX_INSTANCE if cmd.field == ul.C_STORE_RQ else MAX_FAILED_LIST
+                                             if cmd.field in (ul.C_MOVE_RSP, ul.C_GET_RSP) else MAX_IDENTIFIER)
                             if not cmd.has_dataset:
                                 yield cmd, cid, None
                                 cmd = None
@@ -277,10 +282,10 @@ class QrAssociation:
                         try:
                             dataset.add(data, bool(mch & 2))
                         except ul.ProtocolError as exc:
-                            if dataset.limit != MAX_IDENTIFIER or dataset.size + dataset.cost <= dataset.limit:
+                            if dataset.limit == MAX_INSTANCE or dataset.size + dataset.cost <= dataset.limit:
                                 raise
                             raise ul.ProtocolError(f"the data set of a 0x{cmd.field:04X} message (not a C-STORE: an "
-                                                   f"identifier of a few short elements) over {MAX_IDENTIFIER} "
+                                                   f"identifier of a few short elements) over {dataset.limit} "
                                                    "bytes") from exc
                         if mch & 2:
                             done, dataset = dataset.take(), ul.Fragments(MAX_IDENTIFIER)

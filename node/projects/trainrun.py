@@ -24,12 +24,16 @@ from pathlib import Path
 
 from node.models.train_config import BASELINE_PREFIX
 
-__all__ = ["start_run", "run_status", "recent_runs", "main"]
+__all__ = ["RunNotStarted", "start_run", "run_status", "recent_runs", "main"]
 
 EPOCH = re.compile(r"epoch (\d+)/(\d+) .*?loss ([0-9.]+)(?: val Dice ([0-9.]+))?")
 # run.json is written before the process starts (it reads it) and gets the pid once started: a run
 # without a pid this young is starting, an older one never got its process.
 STARTING_S = 60
+
+
+class RunNotStarted(RuntimeError):
+    """The run's folder is there, listed as failed, but its process could not be started."""
 
 
 def _write(path: Path, data: dict) -> None:
@@ -86,9 +90,9 @@ def start_run(project_dir: Path, data_dir: Path, memory_mb: int, by: str, archiv
                                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
                                     cwd=Path(__file__).resolve().parents[2], env=env)
     except OSError as exc:  # no process (no memory, no file descriptors): the run failed now, and says why
-        _write(run / "status.json", {"state": "failed", "finished_at": time.time(),
-                                     "error": f"the run's process could not be started: {exc}"})
-        raise
+        error = f"the run's process could not be started: {exc}"
+        _write(run / "status.json", {"state": "failed", "finished_at": time.time(), "error": error})
+        raise RunNotStarted(f"run {run.name}: {error}") from exc
     _write(run / "run.json", {**meta, "pid": proc.pid})
     return run.name
 

@@ -945,7 +945,7 @@ class Index:
         """The result files the latest retention pass marked purged (one ``purged_at`` per pass): where a
         pass was killed between marking and unlinking, their files are still on disk."""
         return self.conn().execute(
-            """SELECT r.sop_uid, r.path FROM results r
+            """SELECT r.sop_uid, r.path, r.purged_at, j.study_uid FROM results r JOIN jobs j ON j.id = r.job_id
                WHERE r.purged_at = (SELECT MAX(purged_at) FROM results)""").fetchall()
 
     def mark_results_purged(self, sop_uids: list[str], now: float) -> None:

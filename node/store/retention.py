@@ -138,13 +138,7 @@ def _only_purgeable(vault: Vault, index: Index, seg: int, sops: set[str]) -> boo
 
 
 def _purge_results(index: Index, audit: AuditTrail, cutoff: float, now: float, rep: PurgeReport) -> None:
-    # A pass killed between marking and unlinking left files no later pass would look at: the last
-    # pass's files go first, before this pass marks any (so a kill now leaves the same set behind).
-    for row in index.last_purged_results():
-        p = Path(row["path"])
-        if p.exists():
-            p.unlink(missing_ok=True)
-            rep.orphans += 1
+    _purge_result_orphans(index, audit, rep)
     rows = index.purgeable_results(cutoff)
     if not rows:
         return
@@ -169,6 +163,29 @@ def _purge_results(index: Index, audit: AuditTrail, cutoff: float, now: float, r
         _fsync_dir(next(iter(dirs)).parent)
     rep.results += len(rows)
     audit.spool_purged("result", dict(studies), {})
+
+
+def _purge_result_orphans(index: Index, audit: AuditTrail, rep: PurgeReport) -> None:
+    """A pass killed between marking results purged and unlinking them left files no later pass would
+    look at: the last pass's go first, before this pass marks any (a kill now leaves the same set).
+    A file written after its row was marked is a retried job's new result under the same path (the
+    row is recorded again when the job ends): it stays."""
+    studies: Counter = Counter()
+    for row in index.last_purged_results():
+        p = Path(row["path"])
+        try:
+            if p.stat().st_mtime > row["purged_at"]:
+                continue
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # reported; the pass goes on (this runs first on every pass)
+            rep.errors.append(f"result {row['sop_uid']} left by an interrupted pass: {exc}")
+            continue
+        rep.orphans += 1
+        studies[row["study_uid"]] += 1
+    if studies:
+        audit.spool_purged("result", dict(studies), {"after_interrupted_pass": True})
 
 
 def _fsync_dir(d: Path) -> None:

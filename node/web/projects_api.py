@@ -14,7 +14,7 @@ from node.projects.intake import CaseLabel, multipart_parts, seg_parts, vet
 from node.projects.labels import LabelRefused
 from node.receive.ingest import InflatedTooLarge
 from node.projects.store import Project, ProjectError, ProjectStore
-from node.projects.trainrun import run_status, start_run
+from node.projects.trainrun import RunNotStarted, run_status, start_run
 from node.web.auth import Principal, require_admin, require_viewer, who
 
 router = APIRouter(prefix="/api/projects", tags=["projects"])
@@ -106,8 +106,8 @@ def start_training(name: str, request: Request, p: Principal = Depends(require_a
     try:
         run_id = start_run(store.root / name, node.settings.data_dir, node.settings.handler_memory_mb, who(p),
                            archive=node.archive, labels=labels)
-    except OSError as exc:  # the run is listed as failed with the same reason
-        raise HTTPException(503, f"the training run could not be started: {exc}") from None
+    except RunNotStarted as exc:  # the run is listed as failed with the same reason
+        raise HTTPException(503, str(exc)) from None
     return {"project": name, "run": run_id, "labeled_cases": len(labels)}
 
 
